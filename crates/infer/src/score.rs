@@ -1,0 +1,45 @@
+//! Scoring: the log-probability of each token given the ones before it, in one forward pass.
+
+use tessera_comm::Communicator;
+use tessera_model::{LlamaModel, Logits};
+use tessera_tensor::{ops, DType};
+
+use crate::{run_tp, InferError, OpenModel};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoreOutput {
+    /// `token_logprobs[i] = log p(tokens[i + 1] | tokens[..=i])`.
+    pub token_logprobs: Vec<f64>,
+    pub sum_logprob: f64,
+}
+
+/// Scores `tokens` with the model split over `tp` ranks.
+pub fn score(model: &OpenModel, tokens: &[u32], tp: usize, dtype: DType) -> Result<ScoreOutput, InferError> {
+    if tokens.is_empty() {
+        return Err(InferError::Request("score needs at least one token".into()));
+    }
+    tessera_model::validate_tp(&model.config, tp)?;
+    run_tp(tp, |comm, rank| {
+        let m = LlamaModel::from_checkpoint(&model.checkpoint, model.config.clone(), rank, dtype)?;
+        score_on_rank(&m, tokens, comm)
+    })
+}
+
+/// One rank's part of scoring (every rank computes the same result).
+pub fn score_on_rank(
+    m: &LlamaModel,
+    tokens: &[u32],
+    comm: &dyn Communicator,
+) -> Result<ScoreOutput, InferError> {
+    let mut cache = m.new_cache(tokens.len());
+    let logits = m.forward(tokens, &mut cache, Logits::All, comm)?;
+    let v = m.cfg.vocab_size;
+    let token_logprobs: Vec<f64> = (0..tokens.len() - 1)
+        .map(|i| ops::log_softmax(&logits[i * v..(i + 1) * v])[tokens[i + 1] as usize])
+        .collect();
+    let sum_logprob = token_logprobs.iter().sum();
+    Ok(ScoreOutput {
+        token_logprobs,
+        sum_logprob,
+    })
+}

@@ -1,0 +1,86 @@
+//! Where a model comes from (an HF directory, or the one built into the binary), opened once and
+//! shared by every rank thread.
+
+use std::path::PathBuf;
+
+use tessera_model::{Checkpoint, ModelConfig};
+use tokenizers::Tokenizer;
+
+use crate::{default_model, InferError};
+
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    Dir(PathBuf),
+    Embedded,
+}
+
+/// A model's config, checkpoint and tokenizer (if it has one).
+pub struct OpenModel {
+    pub config: ModelConfig,
+    pub checkpoint: Checkpoint,
+    pub tokenizer: Option<Tokenizer>,
+}
+
+impl ModelSource {
+    pub fn open(src: &ModelSource) -> Result<OpenModel, InferError> {
+        match src {
+            ModelSource::Dir(dir) => {
+                if !dir.is_dir() {
+                    return Err(InferError::Request(format!(
+                        "model directory {} does not exist",
+                        dir.display()
+                    )));
+                }
+                let config = ModelConfig::from_dir(dir)?;
+                let checkpoint = Checkpoint::open(dir)?;
+                let tk = dir.join("tokenizer.json");
+                let tokenizer = if tk.exists() {
+                    Some(Tokenizer::from_file(&tk).map_err(|e| {
+                        InferError::Tokenizer(format!("{}: {e}", tk.display()))
+                    })?)
+                } else {
+                    None
+                };
+                Ok(OpenModel {
+                    config,
+                    checkpoint,
+                    tokenizer,
+                })
+            }
+            ModelSource::Embedded => Ok(OpenModel {
+                config: ModelConfig::from_json_str(default_model::CONFIG)?,
+                checkpoint: Checkpoint::from_static("<built-in model>", default_model::WEIGHTS)?,
+                tokenizer: Some(
+                    Tokenizer::from_bytes(default_model::TOKENIZER)
+                        .map_err(|e| InferError::Tokenizer(e.to_string()))?,
+                ),
+            }),
+        }
+    }
+}
+
+impl OpenModel {
+    fn tokenizer(&self) -> Result<&Tokenizer, InferError> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            InferError::Tokenizer(
+                "this model has no tokenizer.json; pass token ids instead of text".into(),
+            )
+        })
+    }
+
+    /// Token ids of `text`, with the tokenizer's special tokens (BOS) as HF adds them by default.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, InferError> {
+        let enc = self
+            .tokenizer()?
+            .encode(text, true)
+            .map_err(|e| InferError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, InferError> {
+        self.tokenizer()?
+            .decode(ids, true)
+            .map_err(|e| InferError::Tokenizer(e.to_string()))
+    }
+}

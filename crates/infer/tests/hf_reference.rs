@@ -1,0 +1,128 @@
+//! Every model path against HF transformers' own numbers (`scripts/make_hf_fixtures.py` made the
+//! checkpoints and `reference.json`): f32 log-probs within 1e-4 of HF's float64 ones at every
+//! valid tp in 1..=8, greedy tokens identical, bf16 within a stated tolerance, and the tps the heads
+//! do not allow refused with the numbers named.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use tessera_infer::{generate, score, GenerateParams, ModelSource, OpenModel};
+use tessera_tensor::{DType, SamplingParams};
+
+#[derive(Deserialize)]
+struct Reference {
+    score: Vec<ScoreCase>,
+    text: Vec<TextCase>,
+    greedy: Vec<GreedyCase>,
+}
+
+#[derive(Deserialize)]
+struct ScoreCase {
+    tokens: Vec<u32>,
+    token_logprobs: Vec<f64>,
+    bf16_token_logprobs: Vec<f64>,
+}
+
+#[derive(Deserialize)]
+struct TextCase {
+    text: String,
+    tokens: Vec<u32>,
+    token_logprobs: Vec<f64>,
+}
+
+#[derive(Deserialize)]
+struct GreedyCase {
+    prompt_tokens: Vec<u32>,
+    max_new_tokens: usize,
+    tokens: Vec<u32>,
+}
+
+fn fixture(name: &str) -> (OpenModel, Reference) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf").join(name);
+    let model = ModelSource::open(&ModelSource::Dir(dir.clone())).unwrap();
+    let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
+    (model, serde_json::from_str(&text).unwrap())
+}
+
+fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}
+
+/// f32 tolerance of the issue: 1e-4 per token log-prob.
+const F32_TOL: f64 = 1e-4;
+
+/// bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.002 per op). HF's own bf16 run
+/// differs from its float64 run by up to 0.105 on these fixtures (recorded in reference.json), and
+/// our bf16 rounds at the same op boundaries but not bit-identically, so we require our bf16
+/// log-probs to sit within 0.15 of the float64 reference and, on average over all cases, no
+/// further from it than 2x HF's own bf16 error plus 0.01.
+const BF16_TOL: f64 = 0.15;
+
+fn check_model(name: &str, valid: &[usize]) {
+    let (model, reference) = fixture(name);
+    for tp in 1..=8 {
+        let allowed = valid.contains(&tp);
+        let first = &reference.score[0].tokens;
+        let r = score(&model, first, tp, DType::F32);
+        if !allowed {
+            let e = r.expect_err("tp should be refused").to_string();
+            assert!(e.contains(&format!("tp {tp}")), "{name} tp {tp}: {e}");
+            continue;
+        }
+        r.unwrap();
+        for case in &reference.score {
+            let got = score(&model, &case.tokens, tp, DType::F32).unwrap();
+            let d = max_abs_diff(&got.token_logprobs, &case.token_logprobs);
+            assert!(d < F32_TOL, "{name} tp {tp} len {}: f32 max diff {d}", case.tokens.len());
+        }
+        for case in &reference.greedy {
+            let params = GenerateParams {
+                max_tokens: case.max_new_tokens,
+                sampling: SamplingParams::default(),
+                stop_at_eos: true,
+            };
+            let got = generate(&model, &case.prompt_tokens, &params, tp, DType::F32).unwrap();
+            assert_eq!(got, case.tokens, "{name} tp {tp}: greedy tokens differ");
+        }
+    }
+    for case in &reference.text {
+        let ids = model.encode(&case.text).unwrap();
+        assert_eq!(ids, case.tokens, "{name}: tokenizer differs from HF's");
+        let got = score(&model, &ids, 1, DType::F32).unwrap();
+        let d = max_abs_diff(&got.token_logprobs, &case.token_logprobs);
+        assert!(d < F32_TOL, "{name} text: f32 max diff {d}");
+    }
+    for &tp in &[1, *valid.last().unwrap()] {
+        let (mut ours, mut hf, mut n) = (0.0, 0.0, 0.0);
+        for case in &reference.score {
+            let got = score(&model, &case.tokens, tp, DType::BF16).unwrap();
+            let d = max_abs_diff(&got.token_logprobs, &case.token_logprobs);
+            assert!(d < BF16_TOL, "{name} tp {tp} bf16 max diff {d}");
+            ours += got.token_logprobs.iter().zip(&case.token_logprobs).map(|(a, b)| (a - b).abs()).sum::<f64>();
+            hf += case.bf16_token_logprobs.iter().zip(&case.token_logprobs).map(|(a, b)| (a - b).abs()).sum::<f64>();
+            n += case.token_logprobs.len() as f64;
+        }
+        let (ours, hf) = (ours / n, hf / n);
+        eprintln!("{name} tp {tp}: bf16 mean |error| {ours:.4} (HF's own bf16: {hf:.4})");
+        assert!(ours <= 2.0 * hf + 0.01, "{name} tp {tp} bf16 mean error {ours} vs HF's own {hf}");
+    }
+}
+
+#[test]
+fn llama_gqa_llama3_rope_matches_hf() {
+    // 8 heads, 2 kv heads: tp 8 replicates kv heads; 3, 5, 6, 7 do not divide the heads.
+    check_model("llama", &[1, 2, 4, 8]);
+}
+
+#[test]
+fn mistral_bf16_weights_sliding_window_matches_hf() {
+    // 12 heads, 4 kv heads: tp 3 and 6 divide the heads but not the kv heads (nor the reverse).
+    check_model("mistral", &[1, 2, 4]);
+}
+
+#[test]
+fn qwen2_bias_tied_sharded_matches_hf() {
+    // 4 heads, 1 kv head: replicated at tp 2 and 4.
+    check_model("qwen2", &[1, 2, 4]);
+}

@@ -1,0 +1,467 @@
+//! HF `config.json` for the Llama family (Llama, Mistral, Qwen2), read into one validated
+//! [`ModelConfig`].
+//!
+//! Both config styles seen on the hub are accepted: transformers-4's top-level `rope_theta` +
+//! `rope_scaling`, and transformers-5's `rope_parameters`. Validation happens once, here, so the
+//! layers can trust every field.
+//!
+//! ```
+//! let json = r#"{"architectures":["LlamaForCausalLM"],"model_type":"llama","vocab_size":320,
+//!   "hidden_size":64,"intermediate_size":160,"num_hidden_layers":2,"num_attention_heads":8,
+//!   "num_key_value_heads":2,"rms_norm_eps":1e-5,"rope_theta":10000.0}"#;
+//! let cfg = tessera_model::ModelConfig::from_json_str(json).unwrap();
+//! assert_eq!(cfg.head_dim, 8);
+//! ```
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::ModelError;
+
+/// The architectures tessera runs. All three share one layer structure; they differ in flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+impl Arch {
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Mistral => "mistral",
+            Arch::Qwen2 => "qwen2",
+        }
+    }
+}
+
+/// How rotary frequencies are scaled (HF `rope_type`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    Default,
+    /// Position interpolation: every frequency divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1's wavelength-dependent scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+}
+
+/// One model's shape and flags, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope: RopeConfig,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// q/k/v projections carry a bias (Qwen2, or `attention_bias: true`).
+    pub qkv_bias: bool,
+    /// o_proj carries a bias (`attention_bias: true` on Llama).
+    pub o_bias: bool,
+    /// gate/up/down carry a bias (`mlp_bias: true`).
+    pub mlp_bias: bool,
+    /// Per layer: `Some(w)` when the layer attends to the last `w` positions only.
+    pub sliding_window: Vec<Option<usize>>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    /// The dtype the checkpoint was saved in, as named by the config (`torch_dtype` or `dtype`).
+    pub saved_dtype: Option<String>,
+}
+
+impl ModelConfig {
+    /// Reads `DIR/config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        Self::from_json_str(&text).map_err(|e| match e {
+            ModelError::Config(msg) => ModelError::Config(format!("{}: {msg}", path.display())),
+            other => other,
+        })
+    }
+
+    pub fn from_json_str(text: &str) -> Result<Self, ModelError> {
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| ModelError::Config(format!("not valid JSON: {e}")))?;
+        Self::from_json(&v)
+    }
+
+    pub fn from_json(v: &Value) -> Result<Self, ModelError> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| cfg_err("config.json must hold a JSON object"))?;
+        let arch = arch_of(v)?;
+        let hidden_size = req_usize(v, "hidden_size")?;
+        let num_heads = req_usize(v, "num_attention_heads")?;
+        let num_kv_heads = opt_usize(v, "num_key_value_heads")?.unwrap_or(num_heads);
+        let num_layers = req_usize(v, "num_hidden_layers")?;
+        if num_heads == 0 || num_kv_heads == 0 {
+            return Err(cfg_err("num_attention_heads and num_key_value_heads must be > 0"));
+        }
+        let head_dim = match opt_usize(v, "head_dim")? {
+            Some(d) => d,
+            None => {
+                if hidden_size % num_heads != 0 {
+                    return Err(cfg_err(format!(
+                        "hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads} and no head_dim is given"
+                    )));
+                }
+                hidden_size / num_heads
+            }
+        };
+        if num_heads % num_kv_heads != 0 {
+            return Err(cfg_err(format!(
+                "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
+            )));
+        }
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(cfg_err(format!("head_dim {head_dim} must be even and > 0 for RoPE")));
+        }
+        let rope = rope_of(v)?;
+        let attention_bias = opt_bool(v, "attention_bias")?.unwrap_or(false);
+        let qkv_bias = attention_bias || arch == Arch::Qwen2;
+        let sliding_window = sliding_of(v, arch, num_layers)?;
+        let eos_token_ids = match obj.get("eos_token_id") {
+            None | Some(Value::Null) => vec![],
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| token_id(x, "eos_token_id"))
+                .collect::<Result<_, _>>()?,
+            Some(x) => vec![token_id(x, "eos_token_id")?],
+        };
+        let bos_token_id = match obj.get("bos_token_id") {
+            None | Some(Value::Null) => None,
+            Some(x) => Some(token_id(x, "bos_token_id")?),
+        };
+        let cfg = ModelConfig {
+            arch,
+            vocab_size: req_usize(v, "vocab_size")?,
+            hidden_size,
+            intermediate_size: req_usize(v, "intermediate_size")?,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: opt_f64(v, "rms_norm_eps")?.unwrap_or(1e-6),
+            rope,
+            max_position_embeddings: opt_usize(v, "max_position_embeddings")?.unwrap_or(4096),
+            tie_word_embeddings: opt_bool(v, "tie_word_embeddings")?.unwrap_or(false),
+            qkv_bias,
+            o_bias: attention_bias,
+            mlp_bias: opt_bool(v, "mlp_bias")?.unwrap_or(false),
+            sliding_window,
+            bos_token_id,
+            eos_token_ids,
+            saved_dtype: obj
+                .get("torch_dtype")
+                .or_else(|| obj.get("dtype"))
+                .and_then(|d| d.as_str())
+                .map(str::to_string),
+        };
+        for (name, x) in [
+            ("vocab_size", cfg.vocab_size),
+            ("hidden_size", cfg.hidden_size),
+            ("intermediate_size", cfg.intermediate_size),
+            ("num_hidden_layers", cfg.num_layers),
+        ] {
+            if x == 0 {
+                return Err(cfg_err(format!("{name} must be > 0")));
+            }
+        }
+        if !(cfg.rms_norm_eps > 0.0) {
+            return Err(cfg_err("rms_norm_eps must be > 0"));
+        }
+        Ok(cfg)
+    }
+
+    /// Total parameter count (embedding and, when untied, the LM head included).
+    pub fn num_params(&self) -> u64 {
+        let h = self.hidden_size as u64;
+        let q = (self.num_heads * self.head_dim) as u64;
+        let kv = (self.num_kv_heads * self.head_dim) as u64;
+        let i = self.intermediate_size as u64;
+        let mut attn = h * q + 2 * h * kv + q * h;
+        if self.qkv_bias {
+            attn += q + 2 * kv;
+        }
+        if self.o_bias {
+            attn += h;
+        }
+        let mut mlp = 3 * h * i;
+        if self.mlp_bias {
+            mlp += 2 * i + h;
+        }
+        let layer = attn + mlp + 2 * h;
+        let embed = self.vocab_size as u64 * h;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        self.num_layers as u64 * layer + embed + head + h
+    }
+
+    /// Bytes of K and V for one token across all layers, at `bytes_per_elem`.
+    pub fn kv_bytes_per_token(&self, bytes_per_elem: usize) -> usize {
+        2 * self.num_layers * self.num_kv_heads * self.head_dim * bytes_per_elem
+    }
+}
+
+fn cfg_err(msg: impl Into<String>) -> ModelError {
+    ModelError::Config(msg.into())
+}
+
+fn arch_of(v: &Value) -> Result<Arch, ModelError> {
+    let from_name = |s: &str| -> Option<Arch> {
+        match s {
+            "llama" | "LlamaForCausalLM" => Some(Arch::Llama),
+            "mistral" | "MistralForCausalLM" => Some(Arch::Mistral),
+            "qwen2" | "Qwen2ForCausalLM" => Some(Arch::Qwen2),
+            _ => None,
+        }
+    };
+    if let Some(archs) = v.get("architectures").and_then(|a| a.as_array()) {
+        if let Some(first) = archs.first().and_then(|a| a.as_str()) {
+            return from_name(first).ok_or_else(|| {
+                cfg_err(format!(
+                    "unsupported architecture {first:?} (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)"
+                ))
+            });
+        }
+    }
+    match v.get("model_type").and_then(|m| m.as_str()) {
+        Some(m) => from_name(m).ok_or_else(|| {
+            cfg_err(format!(
+                "unsupported model_type {m:?} (supported: llama, mistral, qwen2)"
+            ))
+        }),
+        None => Err(cfg_err("config.json names no `architectures` nor `model_type`")),
+    }
+}
+
+fn rope_of(v: &Value) -> Result<RopeConfig, ModelError> {
+    // transformers 5 nests everything under `rope_parameters`; older configs keep `rope_theta` at the
+    // top and the scaling in `rope_scaling`.
+    let params = v.get("rope_parameters").filter(|p| !p.is_null());
+    let scaling = params.or_else(|| v.get("rope_scaling").filter(|p| !p.is_null()));
+    let theta = params
+        .and_then(|p| p.get("rope_theta"))
+        .or_else(|| v.get("rope_theta"))
+        .map(|t| {
+            t.as_f64()
+                .ok_or_else(|| cfg_err(format!("rope_theta must be a number, got {t}")))
+        })
+        .transpose()?
+        .unwrap_or(10000.0);
+    if !(theta > 0.0) {
+        return Err(cfg_err(format!("rope_theta must be > 0, got {theta}")));
+    }
+    let scaling = match scaling {
+        None => RopeScaling::Default,
+        Some(s) => {
+            let kind = s
+                .get("rope_type")
+                .or_else(|| s.get("type"))
+                .and_then(|t| t.as_str())
+                .unwrap_or("default");
+            let num = |key: &str| -> Result<f64, ModelError> {
+                s.get(key).and_then(|x| x.as_f64()).ok_or_else(|| {
+                    cfg_err(format!("rope scaling {kind:?} needs a numeric `{key}`"))
+                })
+            };
+            match kind {
+                "default" => RopeScaling::Default,
+                "linear" => RopeScaling::Linear {
+                    factor: num("factor")?,
+                },
+                "llama3" => RopeScaling::Llama3 {
+                    factor: num("factor")?,
+                    low_freq_factor: num("low_freq_factor")?,
+                    high_freq_factor: num("high_freq_factor")?,
+                    original_max_position_embeddings: num("original_max_position_embeddings")?,
+                },
+                other => {
+                    return Err(cfg_err(format!(
+                        "unsupported rope type {other:?} (supported: default, linear, llama3)"
+                    )))
+                }
+            }
+        }
+    };
+    if let RopeScaling::Llama3 {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max_position_embeddings,
+    } = scaling
+    {
+        if !(factor > 0.0
+            && low_freq_factor > 0.0
+            && high_freq_factor > low_freq_factor
+            && original_max_position_embeddings > 0.0)
+        {
+            return Err(cfg_err(
+                "llama3 rope scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor and original_max_position_embeddings > 0",
+            ));
+        }
+    }
+    if let RopeScaling::Linear { factor } = scaling {
+        if !(factor > 0.0) {
+            return Err(cfg_err("linear rope scaling needs factor > 0"));
+        }
+    }
+    Ok(RopeConfig { theta, scaling })
+}
+
+fn sliding_of(v: &Value, arch: Arch, layers: usize) -> Result<Vec<Option<usize>>, ModelError> {
+    let window = opt_usize(v, "sliding_window")?;
+    if let Some(types) = v.get("layer_types").and_then(|t| t.as_array()) {
+        if types.len() != layers {
+            return Err(cfg_err(format!(
+                "layer_types has {} entries for {layers} layers",
+                types.len()
+            )));
+        }
+        return types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("full_attention") => Ok(None),
+                Some("sliding_attention") => window.map(Some).ok_or_else(|| {
+                    cfg_err("layer_types names sliding_attention but sliding_window is not set")
+                }),
+                _ => Err(cfg_err(format!("unsupported layer type {t}"))),
+            })
+            .collect();
+    }
+    let per_layer = match arch {
+        Arch::Mistral => vec![window; layers],
+        Arch::Qwen2 => {
+            let used = opt_bool(v, "use_sliding_window")?.unwrap_or(false);
+            let from = opt_usize(v, "max_window_layers")?.unwrap_or(layers);
+            (0..layers)
+                .map(|i| if used && i >= from { window } else { None })
+                .collect()
+        }
+        Arch::Llama => vec![None; layers],
+    };
+    Ok(per_layer)
+}
+
+fn token_id(x: &Value, key: &str) -> Result<u32, ModelError> {
+    x.as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| cfg_err(format!("{key} must be a non-negative integer, got {x}")))
+}
+
+fn req_usize(v: &Value, key: &str) -> Result<usize, ModelError> {
+    opt_usize(v, key)?.ok_or_else(|| cfg_err(format!("missing `{key}`")))
+}
+
+fn opt_usize(v: &Value, key: &str) -> Result<Option<usize>, ModelError> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x
+            .as_u64()
+            .map(|n| Some(n as usize))
+            .ok_or_else(|| cfg_err(format!("`{key}` must be a non-negative integer, got {x}"))),
+    }
+}
+
+fn opt_f64(v: &Value, key: &str) -> Result<Option<f64>, ModelError> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| cfg_err(format!("`{key}` must be a number, got {x}"))),
+    }
+}
+
+fn opt_bool(v: &Value, key: &str) -> Result<Option<bool>, ModelError> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x
+            .as_bool()
+            .map(Some)
+            .ok_or_else(|| cfg_err(format!("`{key}` must be true or false, got {x}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"{"architectures":["LlamaForCausalLM"],"vocab_size":320,"hidden_size":64,
+        "intermediate_size":160,"num_hidden_layers":2,"num_attention_heads":8,"num_key_value_heads":2}"#;
+
+    fn with(extra: &str) -> Result<ModelConfig, ModelError> {
+        let mut v: Value = serde_json::from_str(BASE).unwrap();
+        let e: Value = serde_json::from_str(extra).unwrap();
+        for (k, x) in e.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        ModelConfig::from_json(&v)
+    }
+
+    #[test]
+    fn both_rope_styles_read_the_same() {
+        let old = with(r#"{"rope_theta":500000.0,"rope_scaling":{"rope_type":"llama3","factor":8.0,
+            "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#)
+        .unwrap();
+        let new = with(r#"{"rope_parameters":{"rope_type":"llama3","rope_theta":500000.0,"factor":8.0,
+            "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#)
+        .unwrap();
+        assert_eq!(old.rope, new.rope);
+        assert_eq!(old.rope.theta, 500000.0);
+        assert!(matches!(old.rope.scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+    }
+
+    #[test]
+    fn refuses_unknown_architecture_and_rope() {
+        let e = with(r#"{"architectures":["GPT2LMHeadModel"]}"#).unwrap_err();
+        assert!(e.to_string().contains("GPT2LMHeadModel"), "{e}");
+        let e = with(r#"{"rope_scaling":{"type":"yarn","factor":4.0}}"#).unwrap_err();
+        assert!(e.to_string().contains("yarn"), "{e}");
+        let e = with(r#"{"num_key_value_heads":3}"#).unwrap_err();
+        assert!(e.to_string().contains("num_key_value_heads 3"), "{e}");
+        let e = with(r#"{"hidden_size":"big"}"#).unwrap_err();
+        assert!(e.to_string().contains("hidden_size"), "{e}");
+    }
+
+    #[test]
+    fn qwen2_has_qkv_bias_and_mistral_slides() {
+        let q = with(r#"{"architectures":["Qwen2ForCausalLM"],"tie_word_embeddings":true}"#).unwrap();
+        assert!(q.qkv_bias && q.tie_word_embeddings && !q.o_bias);
+        assert_eq!(q.sliding_window, vec![None, None]);
+        let m = with(r#"{"architectures":["MistralForCausalLM"],"sliding_window":4096,"head_dim":16}"#)
+            .unwrap();
+        assert_eq!(m.sliding_window, vec![Some(4096), Some(4096)]);
+        assert_eq!(m.head_dim, 16);
+    }
+
+    #[test]
+    fn counts_llama3_8b_parameters() {
+        let c = with(r#"{"vocab_size":128256,"hidden_size":4096,"intermediate_size":14336,
+            "num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8}"#)
+        .unwrap();
+        assert_eq!(c.num_params(), 8_030_261_248);
+    }
+}

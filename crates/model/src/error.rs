@@ -1,0 +1,23 @@
+//! Errors of model loading and running: each one a single line a user can act on.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ModelError {
+    #[error("invalid model config: {0}")]
+    Config(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("checkpoint {path}: {msg}")]
+    Checkpoint { path: String, msg: String },
+    #[error("layout not allowed: {0}")]
+    Layout(String),
+    #[error(transparent)]
+    Tensor(#[from] tessera_tensor::TensorError),
+    #[error(transparent)]
+    Comm(#[from] tessera_comm::CommError),
+}

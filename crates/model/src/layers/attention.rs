@@ -1,0 +1,103 @@
+//! Self-attention with RoPE and grouped KV heads: q/k/v column-parallel over heads, o_proj
+//! row-parallel with one all-reduce. Each rank's KV cache holds only its own KV heads.
+
+use std::sync::Arc;
+
+use tessera_comm::Communicator;
+use tessera_tensor::ops::{self, AttentionShape};
+use tessera_tensor::{DType, Tensor};
+
+use super::{ColumnParallelLinear, RowParallelLinear};
+use crate::checkpoint::Checkpoint;
+use crate::kv_cache::LayerKv;
+use crate::tp::TpShard;
+use crate::{ModelConfig, ModelError};
+
+pub struct Attention {
+    pub q: ColumnParallelLinear,
+    pub k: ColumnParallelLinear,
+    pub v: ColumnParallelLinear,
+    pub o: RowParallelLinear,
+    pub shape: AttentionShape,
+    pub window: Option<usize>,
+    pub inv_freq: Arc<Vec<f32>>,
+}
+
+impl Attention {
+    pub fn load(
+        ck: &Checkpoint,
+        prefix: &str,
+        cfg: &ModelConfig,
+        layer: usize,
+        shard: &TpShard,
+        inv_freq: Arc<Vec<f32>>,
+        dtype: DType,
+    ) -> Result<Self, ModelError> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let (qh, kvh) = (cfg.num_heads * d, cfg.num_kv_heads * d);
+        let q_rows = shard.q_heads.start * d..shard.q_heads.end * d;
+        let kv_rows = shard.kv_heads.start * d..shard.kv_heads.end * d;
+        let b = cfg.qkv_bias;
+        Ok(Attention {
+            q: ColumnParallelLinear::load(ck, &format!("{prefix}.q_proj"), [qh, h], q_rows.clone(), b, dtype)?,
+            k: ColumnParallelLinear::load(ck, &format!("{prefix}.k_proj"), [kvh, h], kv_rows.clone(), b, dtype)?,
+            v: ColumnParallelLinear::load(ck, &format!("{prefix}.v_proj"), [kvh, h], kv_rows, b, dtype)?,
+            o: RowParallelLinear::load(
+                ck,
+                &format!("{prefix}.o_proj"),
+                [h, qh],
+                q_rows,
+                cfg.o_bias,
+                shard.tp.rank,
+                dtype,
+            )?,
+            shape: AttentionShape {
+                num_heads: shard.q_heads.len(),
+                num_kv_heads: shard.kv_heads.len(),
+                head_dim: d,
+            },
+            window: cfg.sliding_window[layer],
+            inv_freq,
+        })
+    }
+
+    /// `x`: `[tokens, hidden]` at positions `start..start + tokens`; appends their K/V to `cache`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        start: usize,
+        cache: &mut LayerKv,
+        comm: &dyn Communicator,
+    ) -> Result<Tensor, ModelError> {
+        let t = x.dim(0);
+        let AttentionShape {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+        } = self.shape;
+        let positions: Vec<usize> = (start..start + t).collect();
+        let mut q = self.q.forward(x)?.reshape(vec![t, num_heads, head_dim])?;
+        let mut k = self.k.forward(x)?.reshape(vec![t, num_kv_heads, head_dim])?;
+        let v = self.v.forward(x)?;
+        ops::apply_rope(&mut q, &positions, &self.inv_freq)?;
+        ops::apply_rope(&mut k, &positions, &self.inv_freq)?;
+        cache.write(start, &k, &v);
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let a = ops::causal_attention(
+            &q,
+            &cache.k,
+            &cache.v,
+            start + t,
+            self.shape,
+            &positions,
+            self.window,
+            scale,
+        )?
+        .reshape(vec![t, num_heads * head_dim])?;
+        self.o.forward(&a, comm)
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.q.weight_bytes() + self.k.weight_bytes() + self.v.weight_bytes() + self.o.weight_bytes()
+    }
+}

@@ -1,0 +1,107 @@
+//! Vocab-parallel embedding and LM head (Megatron): each rank owns a contiguous range of vocab rows.
+//! The embedding looks up the tokens it owns and an all-reduce fills in the rest; the head computes
+//! the logits of its rows and an all-gather assembles the full vocabulary on every rank.
+
+use std::sync::Arc;
+
+use tessera_comm::{CommExt, Communicator};
+use tessera_tensor::{ops, DType, Tensor};
+
+use super::all_reduce_tensor;
+use crate::checkpoint::Checkpoint;
+use crate::tp::TpShard;
+use crate::ModelError;
+
+pub struct VocabParallelEmbedding {
+    /// Rows `vocab_start..vocab_start + rows` of the table (shared with a tied LM head).
+    pub table: Arc<Tensor>,
+    pub vocab_start: usize,
+}
+
+impl VocabParallelEmbedding {
+    pub fn load(
+        ck: &Checkpoint,
+        name: &str,
+        vocab: usize,
+        hidden: usize,
+        shard: &TpShard,
+        dtype: DType,
+    ) -> Result<Self, ModelError> {
+        let table = ck.read_rows(name, &[vocab, hidden], shard.vocab.start, shard.vocab.end, dtype)?;
+        Ok(VocabParallelEmbedding {
+            table: Arc::new(table),
+            vocab_start: shard.vocab.start,
+        })
+    }
+
+    pub fn forward(&self, tokens: &[u32], comm: &dyn Communicator) -> Result<Tensor, ModelError> {
+        let mut x = ops::embedding(&self.table, tokens, self.vocab_start, self.table.dtype())?;
+        if comm.world_size() > 1 {
+            all_reduce_tensor(comm, &mut x)?;
+        }
+        Ok(x)
+    }
+}
+
+pub struct ParallelLmHead {
+    pub weight: Arc<Tensor>,
+    pub vocab: usize,
+    /// Rows every rank pads its logits to before the gather.
+    pub padded: usize,
+    pub tp_size: usize,
+}
+
+impl ParallelLmHead {
+    pub fn load(
+        ck: &Checkpoint,
+        vocab: usize,
+        hidden: usize,
+        shard: &TpShard,
+        tied: Option<&VocabParallelEmbedding>,
+        dtype: DType,
+    ) -> Result<Self, ModelError> {
+        let weight = match tied {
+            Some(e) => e.table.clone(),
+            None => Arc::new(ck.read_rows(
+                "lm_head.weight",
+                &[vocab, hidden],
+                shard.vocab.start,
+                shard.vocab.end,
+                dtype,
+            )?),
+        };
+        Ok(ParallelLmHead {
+            weight,
+            vocab,
+            padded: shard.vocab_padded,
+            tp_size: shard.tp.size,
+        })
+    }
+
+    /// Logits `[tokens, vocab]` as f32 (rounded to the compute dtype first, as HF's are).
+    pub fn forward(&self, x: &Tensor, comm: &dyn Communicator) -> Result<Vec<f32>, ModelError> {
+        let t = x.dim(0);
+        let local = ops::matmul_t(x, &self.weight, None)?.to_f32_vec();
+        if self.tp_size == 1 {
+            return Ok(local);
+        }
+        let rows = self.weight.dim(0);
+        let p = self.padded;
+        let mut send = vec![0.0f32; t * p];
+        for i in 0..t {
+            send[i * p..i * p + rows].copy_from_slice(&local[i * rows..(i + 1) * rows]);
+        }
+        let mut recv = vec![0.0f32; t * p * self.tp_size];
+        comm.all_gather(&send, &mut recv)?;
+        let mut out = vec![0.0f32; t * self.vocab];
+        for r in 0..self.tp_size {
+            let range = crate::tp::split_range(self.vocab, self.tp_size, r);
+            let n = range.len();
+            for i in 0..t {
+                let src = &recv[r * t * p + i * p..r * t * p + i * p + n];
+                out[i * self.vocab + range.start..i * self.vocab + range.end].copy_from_slice(src);
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,93 @@
+//! Column- and row-parallel linear layers (Megatron): a column-parallel layer owns a slice of the
+//! output features and needs no communication; a row-parallel layer owns a slice of the input
+//! features, and its partial products are summed by one all-reduce.
+
+use std::ops::Range;
+
+use tessera_comm::{CommExt, Communicator, ReduceOp};
+use tessera_tensor::{ops, DType, Storage, Tensor};
+
+use crate::checkpoint::Checkpoint;
+use crate::ModelError;
+
+/// `y = x W[rows]^T + b[rows]`: this rank's output features `rows` of a `[out, in]` weight.
+pub struct ColumnParallelLinear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl ColumnParallelLinear {
+    pub fn load(
+        ck: &Checkpoint,
+        prefix: &str,
+        shape: [usize; 2],
+        rows: Range<usize>,
+        bias: bool,
+        dtype: DType,
+    ) -> Result<Self, ModelError> {
+        let weight = ck.read_rows(&format!("{prefix}.weight"), &shape, rows.start, rows.end, dtype)?;
+        let bias = bias
+            .then(|| ck.read_rows(&format!("{prefix}.bias"), &shape[..1], rows.start, rows.end, dtype))
+            .transpose()?;
+        Ok(ColumnParallelLinear { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(ops::matmul_t(x, &self.weight, self.bias.as_ref())?)
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.weight.size_in_bytes() + self.bias.as_ref().map_or(0, |b| b.size_in_bytes())
+    }
+}
+
+/// `y = all_reduce(x[:, cols] W[:, cols]^T) + b`: this rank's input features `cols`.
+pub struct RowParallelLinear {
+    pub weight: Tensor,
+    /// Held by rank 0 only, so that it is added once.
+    pub bias: Option<Tensor>,
+}
+
+impl RowParallelLinear {
+    pub fn load(
+        ck: &Checkpoint,
+        prefix: &str,
+        shape: [usize; 2],
+        cols: Range<usize>,
+        bias: bool,
+        rank: usize,
+        dtype: DType,
+    ) -> Result<Self, ModelError> {
+        let weight = ck.read_cols(&format!("{prefix}.weight"), &shape, cols.start, cols.end, dtype)?;
+        let name = format!("{prefix}.bias");
+        let bias = if bias {
+            ck.expect_shape(&name, &shape[..1])?;
+            (rank == 0)
+                .then(|| ck.read_rows(&name, &shape[..1], 0, shape[0], dtype))
+                .transpose()?
+        } else {
+            None
+        };
+        Ok(RowParallelLinear { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor, comm: &dyn Communicator) -> Result<Tensor, ModelError> {
+        let mut y = ops::matmul_t(x, &self.weight, self.bias.as_ref())?;
+        all_reduce_tensor(comm, &mut y)?;
+        Ok(y)
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        self.weight.size_in_bytes() + self.bias.as_ref().map_or(0, |b| b.size_in_bytes())
+    }
+}
+
+/// Sums `t` across the group, in its own dtype (as vLLM all-reduces bf16 activations).
+pub fn all_reduce_tensor(comm: &dyn Communicator, t: &mut Tensor) -> Result<(), ModelError> {
+    match t.storage_mut() {
+        Storage::F32(v) => comm.all_reduce(v, ReduceOp::Sum)?,
+        Storage::BF16(v) => comm.all_reduce(v, ReduceOp::Sum)?,
+        Storage::F16(v) => comm.all_reduce(v, ReduceOp::Sum)?,
+    }
+    Ok(())
+}

@@ -1,0 +1,15 @@
+//! The Llama family's layers, each with an explicit forward and its tensor-parallel split.
+
+mod attention;
+mod decoder;
+mod embedding;
+mod linear;
+mod mlp;
+mod norm;
+
+pub use attention::Attention;
+pub use decoder::DecoderLayer;
+pub use embedding::{ParallelLmHead, VocabParallelEmbedding};
+pub use linear::{all_reduce_tensor, ColumnParallelLinear, RowParallelLinear};
+pub use mlp::Mlp;
+pub use norm::RmsNorm;

@@ -1,0 +1,18 @@
+//! Models of the Llama family: HF configs, safetensors checkpoints read shard by shard, and layers with
+//! explicit forward passes and their tensor-parallel split.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod kv_cache;
+pub mod layers;
+pub mod llama;
+pub mod rope;
+pub mod tp;
+
+pub use checkpoint::Checkpoint;
+pub use config::{Arch, ModelConfig, RopeConfig, RopeScaling};
+pub use error::ModelError;
+pub use kv_cache::KvCache;
+pub use llama::{LlamaModel, Logits};
+pub use tp::{validate_tp, TpRank, TpShard};

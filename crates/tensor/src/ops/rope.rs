@@ -1,0 +1,67 @@
+//! Rotary position embedding in HF's "rotate half" layout: the first and second halves of each head
+//! are the two coordinates of each rotated pair.
+
+use rayon::prelude::*;
+
+use crate::error::shape_err;
+use crate::{Tensor, TensorError};
+
+/// Rotates `x` of shape `[tokens, heads, head_dim]` in place; token `t` sits at `positions[t]`.
+/// `inv_freq` has `head_dim / 2` entries.
+pub fn apply_rope(x: &mut Tensor, positions: &[usize], inv_freq: &[f32]) -> Result<(), TensorError> {
+    let s = x.shape().to_vec();
+    if s.len() != 3 || s[0] != positions.len() || s[2] != 2 * inv_freq.len() {
+        return Err(shape_err(
+            "rope",
+            format!(
+                "x {s:?}, {} positions, {} frequencies",
+                positions.len(),
+                inv_freq.len()
+            ),
+        ));
+    }
+    let (heads, hd) = (s[1], s[2]);
+    let half = hd / 2;
+    let dt = x.dtype();
+    let mut v = x.to_f32_vec();
+    v.par_chunks_mut(heads * hd)
+        .zip(positions.par_iter())
+        .for_each(|(tok, &pos)| {
+            // Angles as HF forms them: f32 inverse frequencies times the position.
+            let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
+                .iter()
+                .map(|&f| {
+                    let a = (f as f64) * pos as f64;
+                    (a.cos() as f32, a.sin() as f32)
+                })
+                .unzip();
+            for head in tok.chunks_mut(hd) {
+                for i in 0..half {
+                    let (a, b) = (head[i], head[i + half]);
+                    head[i] = a * cos[i] - b * sin[i];
+                    head[i + half] = b * cos[i] + a * sin[i];
+                }
+            }
+        });
+    *x = Tensor::from_f32(s, v, dt)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DType;
+
+    #[test]
+    fn rotation_keeps_norm_and_position_zero_is_identity() {
+        let v: Vec<f32> = (0..2 * 3 * 4).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut x = Tensor::from_f32(vec![2, 3, 4], v.clone(), DType::F32).unwrap();
+        apply_rope(&mut x, &[0, 5], &[1.0, 0.01]).unwrap();
+        let y = x.to_f32_vec();
+        assert_eq!(&y[..12], &v[..12]);
+        let n0: f32 = v[12..].iter().map(|a| a * a).sum();
+        let n1: f32 = y[12..].iter().map(|a| a * a).sum();
+        assert!((n0 - n1).abs() < 1e-5);
+        assert_ne!(&y[12..], &v[12..]);
+    }
+}

@@ -1,0 +1,235 @@
+//! The CPU tensor: a row-major shape over typed storage.
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::error::shape_err;
+use crate::{DType, TensorError};
+
+/// Typed, contiguous, row-major host storage.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Storage {
+    F32(Vec<f32>),
+    BF16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+impl Storage {
+    pub fn len(&self) -> usize {
+        match self {
+            Storage::F32(v) => v.len(),
+            Storage::BF16(v) => v.len(),
+            Storage::F16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            Storage::F32(_) => DType::F32,
+            Storage::BF16(_) => DType::BF16,
+            Storage::F16(_) => DType::F16,
+        }
+    }
+
+    pub fn zeros(dtype: DType, n: usize) -> Self {
+        match dtype {
+            DType::F32 => Storage::F32(vec![0.0; n]),
+            DType::BF16 => Storage::BF16(vec![bf16::ZERO; n]),
+            DType::F16 => Storage::F16(vec![f16::ZERO; n]),
+        }
+    }
+
+    /// Converts f32 values into storage of `dtype` (round-to-nearest-even).
+    pub fn from_f32(dtype: DType, v: Vec<f32>) -> Self {
+        match dtype {
+            DType::F32 => Storage::F32(v),
+            DType::BF16 => Storage::BF16(v.par_iter().map(|&x| bf16::from_f32(x)).collect()),
+            DType::F16 => Storage::F16(v.par_iter().map(|&x| f16::from_f32(x)).collect()),
+        }
+    }
+
+    /// Element `i` as f32.
+    #[inline]
+    pub fn get_f32(&self, i: usize) -> f32 {
+        match self {
+            Storage::F32(v) => v[i],
+            Storage::BF16(v) => v[i].to_f32(),
+            Storage::F16(v) => v[i].to_f32(),
+        }
+    }
+
+    /// Writes `src` (f32) into elements `offset..offset + src.len()`, rounding to the dtype.
+    pub fn write_f32(&mut self, offset: usize, src: &[f32]) {
+        match self {
+            Storage::F32(v) => v[offset..offset + src.len()].copy_from_slice(src),
+            Storage::BF16(v) => {
+                for (d, &s) in v[offset..offset + src.len()].iter_mut().zip(src) {
+                    *d = bf16::from_f32(s);
+                }
+            }
+            Storage::F16(v) => {
+                for (d, &s) in v[offset..offset + src.len()].iter_mut().zip(src) {
+                    *d = f16::from_f32(s);
+                }
+            }
+        }
+    }
+
+    /// Reads elements `offset..offset + dst.len()` into `dst` as f32.
+    pub fn read_f32(&self, offset: usize, dst: &mut [f32]) {
+        match self {
+            Storage::F32(v) => dst.copy_from_slice(&v[offset..offset + dst.len()]),
+            Storage::BF16(v) => {
+                for (d, s) in dst.iter_mut().zip(&v[offset..]) {
+                    *d = s.to_f32();
+                }
+            }
+            Storage::F16(v) => {
+                for (d, s) in dst.iter_mut().zip(&v[offset..]) {
+                    *d = s.to_f32();
+                }
+            }
+        }
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        self.len() * self.dtype().size_in_bytes()
+    }
+}
+
+/// A dense row-major tensor on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    storage: Storage,
+}
+
+impl Tensor {
+    pub fn new(shape: Vec<usize>, storage: Storage) -> Result<Self, TensorError> {
+        let n: usize = shape.iter().product();
+        if n != storage.len() {
+            return Err(shape_err(
+                "Tensor::new",
+                format!("shape {shape:?} holds {n} elements, storage has {}", storage.len()),
+            ));
+        }
+        Ok(Tensor { shape, storage })
+    }
+
+    /// A tensor of `dtype` from f32 values (rounded when `dtype` is 16-bit).
+    pub fn from_f32(shape: Vec<usize>, v: Vec<f32>, dtype: DType) -> Result<Self, TensorError> {
+        Self::new(shape, Storage::from_f32(dtype, v))
+    }
+
+    pub fn zeros(shape: Vec<usize>, dtype: DType) -> Self {
+        let n = shape.iter().product();
+        Tensor {
+            shape,
+            storage: Storage::zeros(dtype, n),
+        }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.storage.dtype()
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    pub fn storage_mut(&mut self) -> &mut Storage {
+        &mut self.storage
+    }
+
+    pub fn elem_count(&self) -> usize {
+        self.storage.len()
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        self.storage.size_in_bytes()
+    }
+
+    /// Size of dimension `d`.
+    pub fn dim(&self, d: usize) -> usize {
+        self.shape[d]
+    }
+
+    /// All elements as f32 (a copy for 16-bit storage).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        match &self.storage {
+            Storage::F32(v) => v.clone(),
+            Storage::BF16(v) => v.par_iter().map(|x| x.to_f32()).collect(),
+            Storage::F16(v) => v.par_iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+
+    /// The f32 values when stored as f32, without a copy.
+    pub fn as_f32_slice(&self) -> Option<&[f32]> {
+        match &self.storage {
+            Storage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn to_dtype(&self, dtype: DType) -> Tensor {
+        if dtype == self.dtype() {
+            return self.clone();
+        }
+        Tensor {
+            shape: self.shape.clone(),
+            storage: Storage::from_f32(dtype, self.to_f32_vec()),
+        }
+    }
+
+    /// Same data, another shape with the same number of elements.
+    pub fn reshape(mut self, shape: Vec<usize>) -> Result<Self, TensorError> {
+        let n: usize = shape.iter().product();
+        if n != self.elem_count() {
+            return Err(shape_err(
+                "reshape",
+                format!("{:?} -> {shape:?} changes the element count", self.shape),
+            ));
+        }
+        self.shape = shape;
+        Ok(self)
+    }
+
+    /// Rows `r0..r1` of a 2-D tensor.
+    pub fn rows(&self, r0: usize, r1: usize) -> Result<Tensor, TensorError> {
+        if self.shape.len() != 2 || r0 > r1 || r1 > self.shape[0] {
+            return Err(shape_err(
+                "rows",
+                format!("rows {r0}..{r1} of {:?}", self.shape),
+            ));
+        }
+        let c = self.shape[1];
+        let mut out = vec![0.0; (r1 - r0) * c];
+        self.storage.read_f32(r0 * c, &mut out);
+        Tensor::from_f32(vec![r1 - r0, c], out, self.dtype())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_storage_rounds_and_reads_back() {
+        let t = Tensor::from_f32(vec![2, 2], vec![1.0, 1.00390625, 3.0e38, -0.1], DType::BF16)
+            .unwrap();
+        let v = t.to_f32_vec();
+        assert_eq!(v[0], 1.0);
+        assert_eq!(v[1], 1.0); // 1 + 2^-8 ties to even
+        assert!((v[3] + 0.1).abs() < 1e-3);
+        assert_eq!(t.size_in_bytes(), 8);
+        assert!(Tensor::from_f32(vec![3], vec![1.0], DType::F32).is_err());
+    }
+}

@@ -1,0 +1,507 @@
+#!/usr/bin/env python3
+"""Build tiny random HuggingFace checkpoints plus HF's own reference outputs.
+
+What it makes (all deterministic: fixed seeds, CPU only):
+
+  <out>/<model>/tokenizer.json, tokenizer_config.json
+      A byte-level BPE (vocab 300, special tokens ``<s>`` = bos and ``</s>`` = eos)
+      trained with the python ``tokenizers`` library on data/shakespeare/slice.txt,
+      with a TemplateProcessing post-processor that prepends ``<s>``.  The same
+      files are copied into every model directory.
+
+  <out>/llama/    LlamaForCausalLM, f32, GQA (8 heads / 2 kv heads), llama3 rope
+                  scaling, untied lm_head, vocab 320 (> tokenizer's 300), single
+                  model.safetensors.  Its config.json is REWRITTEN into the old
+                  (transformers-4 / Llama-3 hub) style: top-level ``rope_theta`` +
+                  ``rope_scaling``, no ``rope_parameters``; the model is reloaded
+                  from disk and the references come from the reloaded model.
+  <out>/mistral/  MistralForCausalLM, weights stored as bfloat16, explicit
+                  head_dim 16 (12*16 = 192 != hidden 96), 4 kv heads,
+                  sliding_window 8, 3 layers.
+  <out>/qwen2/    Qwen2ForCausalLM, f32, tied embeddings, q/k/v biases, 1 kv head,
+                  rope theta 1e6, saved SHARDED (model.safetensors.index.json +
+                  several model-0000x-of-0000y.safetensors).
+
+  <out>/<model>/reference.json
+      {"versions": {"torch", "transformers", "tokenizers"},
+       "score":  [{"tokens", "token_logprobs", "sum_logprob", "bf16_token_logprobs"}],
+       "text":   [{"text", "tokens", "token_logprobs", "sum_logprob"}],
+       "greedy": [{"prompt_tokens", "max_new_tokens", "tokens", "min_margin"}],
+       "rope":   {...}   (llama only: HF's inv_freq, plus a llama3 probe)}
+      token_logprobs[i] = log p(tokens[i+1] | tokens[0..=i]).
+      References are computed on CPU in float64 (model.to(torch.float64),
+      eager attention, no_grad) from the model as RELOADED from disk.  Note that
+      HF's eager attention still does its softmax in float32 and its rotary
+      cos/sin in float32 even for a float64 model; the script logs how much
+      that changes the log-probs versus a fully float64 softmax.
+      bf16_token_logprobs come from from_pretrained(dtype=torch.bfloat16) on CPU,
+      log_softmax taken in float64 of the bf16 logits.
+
+Every Linear/Embedding weight is re-drawn N(0, 0.15), every RMSNorm weight
+1 + 0.1*N(0,1), every bias 0.1*N(0,1) (peaky logits -> robust greedy decoding).
+
+Requirements: torch, transformers (5.x), tokenizers, safetensors.
+Run (from the repo root):
+
+    python3 scripts/make_hf_fixtures.py --out tests/fixtures/hf
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+
+import torch
+
+import tokenizers
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORPUS = os.path.join(REPO, "data", "shakespeare", "slice.txt")
+TOKENIZER_VOCAB = 300
+TEXT = "To be, or not to be, that is the question:"
+MAX_NEW_TOKENS = 12
+MIN_MARGIN = 1e-3
+SCORE_LENGTHS = [2, 9, 33]
+GREEDY_LENGTHS = [5, 11]
+
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer(tmpdir):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        min_frequency=2,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train([CORPUS], trainer)
+    bos_id = tok.token_to_id("<s>")
+    eos_id = tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A",
+        pair="<s> $A <s> $B",
+        special_tokens=[("<s>", bos_id)],
+    )
+    assert tok.get_vocab_size() == TOKENIZER_VOCAB, tok.get_vocab_size()
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        add_bos_token=True,
+        add_eos_token=False,
+    )
+    tokdir = os.path.join(tmpdir, "tokenizer")
+    fast.save_pretrained(tokdir)
+
+    # Sanity: the raw tokenizers library and transformers agree and add BOS.
+    raw = Tokenizer.from_file(os.path.join(tokdir, "tokenizer.json"))
+    raw_ids = raw.encode(TEXT).ids
+    hf = AutoTokenizer.from_pretrained(tokdir)
+    hf_ids = hf(TEXT)["input_ids"]
+    assert raw_ids == hf_ids, (raw_ids, hf_ids)
+    assert hf_ids[0] == bos_id, hf_ids
+    assert raw.decode(raw_ids, skip_special_tokens=True) == TEXT
+    log(f"tokenizer: vocab {raw.get_vocab_size()} bos <s>={bos_id} eos </s>={eos_id}; "
+        f"files {sorted(os.listdir(tokdir))}; '{TEXT}' -> {len(hf_ids)} ids")
+    return tokdir, bos_id, eos_id
+
+
+# --------------------------------------------------------------------------- models
+
+
+def randomize(model, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for _name, m in model.named_modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                m.weight.normal_(0.0, 0.15)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.copy_(0.1 * torch.randn_like(m.bias))
+            elif "RMSNorm" in type(m).__name__:
+                m.weight.copy_(1.0 + 0.1 * torch.randn_like(m.weight))
+                if getattr(m, "bias", None) is not None:
+                    m.bias.copy_(0.1 * torch.randn_like(m.bias))
+
+
+def load(cls, path, dtype):
+    m = cls.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+    m.eval()
+    return m
+
+
+def inv_freq_of(model):
+    return model.model.rotary_emb.inv_freq.detach().clone()
+
+
+def state_equal(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys(), (sorted(set(sa) ^ set(sb)))
+    for k in sa:
+        assert torch.equal(sa[k].to(torch.float64), sb[k].to(torch.float64)), k
+
+
+# --------------------------------------------------------------------------- references
+
+
+@contextlib.contextmanager
+def full_f64_softmax():
+    """Make HF's `softmax(..., dtype=torch.float32)` stay float64 for float64 inputs.
+    Only used to MEASURE the effect of HF's internal float32 softmax (not stored)."""
+    orig = torch.nn.functional.softmax
+
+    def sm(input, dim=None, _stacklevel=3, dtype=None):
+        if dtype is torch.float32 and input.dtype == torch.float64:
+            dtype = torch.float64
+        return orig(input, dim=dim, _stacklevel=_stacklevel, dtype=dtype)
+
+    torch.nn.functional.softmax = sm
+    try:
+        yield
+    finally:
+        torch.nn.functional.softmax = orig
+
+
+def token_logprobs(model, tokens):
+    ids = torch.tensor([tokens], dtype=torch.long)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+    lp = torch.log_softmax(logits.to(torch.float64), dim=-1)
+    out = [lp[i, tokens[i + 1]].item() for i in range(len(tokens) - 1)]
+    return out, logits
+
+
+def greedy(model, prompt, eos_id):
+    ids = torch.tensor([prompt], dtype=torch.long)
+    with torch.no_grad():
+        res = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=MAX_NEW_TOKENS,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=eos_id,
+        )
+    gen = res.sequences[0, len(prompt):].tolist()
+    margins = []
+    for step, lg in enumerate(res.logits):
+        top2 = torch.topk(lg[0].to(torch.float64), 2).values
+        margins.append((top2[0] - top2[1]).item())
+        assert int(lg[0].argmax()) == gen[step], (step, gen)
+    # Cross-check the KV-cached generation against a single full forward.
+    full = prompt + gen
+    _, logits = token_logprobs(model, full)
+    for step in range(len(gen)):
+        pos = len(prompt) - 1 + step
+        assert int(logits[pos].argmax()) == gen[step], ("full-forward argmax differs", step)
+    return gen, min(margins)
+
+
+def make_reference(name, cls, path, vocab, eos_id, seed, extra_score_lengths=()):
+    rng = random.Random(seed)
+    m64 = load(cls, path, torch.float32).to(torch.float64)
+    mbf = load(cls, path, torch.bfloat16)
+    log(f"[{name}] reloaded: f64 inv_freq dtype {m64.model.rotary_emb.inv_freq.dtype}, "
+        f"bf16-model inv_freq dtype {mbf.model.rotary_emb.inv_freq.dtype}")
+    tok = AutoTokenizer.from_pretrained(path)
+
+    ref = {
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+        },
+        "score": [],
+        "text": [],
+        "greedy": [],
+    }
+
+    max_f32_softmax_effect = 0.0
+    max_bf16_diff = 0.0
+    for n in list(SCORE_LENGTHS) + list(extra_score_lengths):
+        toks = [rng.randrange(vocab) for _ in range(n)]
+        lps, _ = token_logprobs(m64, toks)
+        bf, _ = token_logprobs(mbf, toks)
+        with full_f64_softmax():
+            lps_full, _ = token_logprobs(m64, toks)
+        max_f32_softmax_effect = max([max_f32_softmax_effect] + [abs(a - b) for a, b in zip(lps, lps_full)])
+        max_bf16_diff = max([max_bf16_diff] + [abs(a - b) for a, b in zip(lps, bf)])
+        ref["score"].append({
+            "tokens": toks,
+            "token_logprobs": lps,
+            "sum_logprob": math.fsum(lps),
+            "bf16_token_logprobs": bf,
+        })
+
+    ids = tok(TEXT)["input_ids"]
+    lps, _ = token_logprobs(m64, ids)
+    ref["text"].append({"text": TEXT, "tokens": ids, "token_logprobs": lps, "sum_logprob": math.fsum(lps)})
+
+    for n in GREEDY_LENGTHS:
+        for attempt in range(100):
+            prompt = [rng.randrange(vocab) for _ in range(n)]
+            gen, margin = greedy(m64, prompt, eos_id)
+            if margin >= MIN_MARGIN:
+                break
+            log(f"[{name}] greedy prompt len {n}: margin {margin:.3g} < {MIN_MARGIN}, redrawing")
+        else:
+            raise RuntimeError("no prompt with a safe greedy margin")
+        ref["greedy"].append({
+            "prompt_tokens": prompt,
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "tokens": gen,
+            "min_margin": margin,
+        })
+        log(f"[{name}] greedy len {n}: generated {len(gen)} tokens, min_margin {margin:.4f}")
+
+    log(f"[{name}] max |logprob(HF f64) - logprob(f64 softmax)| = {max_f32_softmax_effect:.3g}; "
+        f"max |logprob f64 - bf16| = {max_bf16_diff:.3g}")
+    return ref, m64
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+
+
+def copy_tokenizer(tokdir, dst):
+    for fn in os.listdir(tokdir):
+        shutil.copy(os.path.join(tokdir, fn), os.path.join(dst, fn))
+
+
+# --------------------------------------------------------------------------- per model
+
+
+def make_llama(out, tokdir, bos, eos):
+    name, cls = "llama", LlamaForCausalLM
+    d = os.path.join(out, name)
+    cfg = LlamaConfig(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        rope_parameters=dict(rope_theta=10000.0, **LLAMA3_SCALING),
+        tie_word_embeddings=False,
+        bos_token_id=bos,
+        eos_token_id=eos,
+    )
+    model = cls(cfg)
+    model.set_attn_implementation("eager")
+    randomize(model, 1001)
+    model.eval()
+    inv0 = inv_freq_of(model)
+    model.save_pretrained(d)
+    copy_tokenizer(tokdir, d)
+
+    cpath = os.path.join(d, "config.json")
+    with open(cpath) as f:
+        written = json.load(f)
+    log(f"[llama] config.json as written by transformers:\n{json.dumps(written, indent=1)}")
+    old = {}
+    for k, v in written.items():
+        if k == "rope_parameters":
+            old["rope_scaling"] = dict(LLAMA3_SCALING)
+            old["rope_theta"] = 10000.0
+        else:
+            old[k] = v
+    assert "rope_parameters" not in old and "rope_scaling" in old
+    write_json(cpath, old)
+
+    re = load(cls, d, torch.float32)
+    inv1 = inv_freq_of(re)
+    assert torch.equal(inv0, inv1), (inv0, inv1)
+    state_equal(model, re)
+    log(f"[llama] reloaded old-style config -> rope_parameters {re.config.rope_parameters}; inv_freq equal: {inv1.tolist()}")
+
+    # default-rope inv_freq, to show that llama3 scaling really changed something
+    head_dim = cfg.head_dim
+    plain = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    assert not torch.equal(plain, inv1)
+
+    ref, _ = make_reference(name, cls, d, 320, eos, 2001, extra_score_lengths=(64,))
+
+    # A llama3 rope probe with a larger head_dim so that all three frequency bands
+    # (unchanged / smoothed / divided by factor) occur; head_dim 8 at theta 1e4 has no
+    # wavelength inside the smoothed band (8, 32).
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    probe_cfg = LlamaConfig(
+        hidden_size=64 * 4, num_attention_heads=4, head_dim=64,
+        rope_parameters=dict(rope_theta=10000.0, **LLAMA3_SCALING),
+    )
+    probe_inv, probe_scale = ROPE_INIT_FUNCTIONS["llama3"](probe_cfg, "cpu")
+    wl = 2 * math.pi / plain
+    ref["rope"] = {
+        "note": "inv_freq as HF computes it (float32), for this model and for a llama3 probe config",
+        "inv_freq": inv1.tolist(),
+        "default_inv_freq": plain.tolist(),
+        "wavelengths": wl.tolist(),
+        "probe": {
+            "head_dim": 64,
+            "rope_theta": 10000.0,
+            **{k: v for k, v in LLAMA3_SCALING.items()},
+            "inv_freq": probe_inv.tolist(),
+            "attention_scaling": float(probe_scale),
+        },
+    }
+    write_json(os.path.join(d, "reference.json"), ref)
+
+
+def make_mistral(out, tokdir, bos, eos):
+    name, cls = "mistral", MistralForCausalLM
+    d = os.path.join(out, name)
+    cfg = MistralConfig(
+        vocab_size=300,
+        hidden_size=96,
+        intermediate_size=200,
+        num_hidden_layers=3,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        sliding_window=8,
+        tie_word_embeddings=False,
+        bos_token_id=bos,
+        eos_token_id=eos,
+    )
+    model = cls(cfg)
+    model.set_attn_implementation("eager")
+    randomize(model, 1002)
+    model.eval()
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(d)
+    copy_tokenizer(tokdir, d)
+    with open(os.path.join(d, "config.json")) as f:
+        log(f"[mistral] config.json:\n{f.read()}")
+    ref, m64 = make_reference(name, cls, d, 300, eos, 2002)
+    state_equal(model, m64)  # bf16 weights upcast exactly
+    # The window must matter: query position q sees keys q-7..=q (8 keys, HF's
+    # `kv_idx > q_idx - sliding_window`), so positions 0..=7 match full attention
+    # and positions >= 8 must differ.
+    long = next(c for c in ref["score"] if len(c["tokens"]) == 33)
+    m64.config.sliding_window = None
+    nowin, _ = token_logprobs(m64, long["tokens"])
+    m64.config.sliding_window = 8
+    diffs = [abs(a - b) for a, b in zip(long["token_logprobs"], nowin)]
+    assert max(diffs[:8]) < 1e-12, diffs[:8]
+    assert min(diffs[8:]) > 1e-6, diffs[8:]
+    log(f"[mistral] sliding window matters: positions 0..7 identical, 8.. differ by >= {min(diffs[8:]):.3g}")
+    write_json(os.path.join(d, "reference.json"), ref)
+
+
+def make_qwen2(out, tokdir, bos, eos):
+    name, cls = "qwen2", Qwen2ForCausalLM
+    d = os.path.join(out, name)
+    cfg = Qwen2Config(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=136,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        use_sliding_window=False,
+        tie_word_embeddings=True,
+        bos_token_id=bos,
+        eos_token_id=eos,
+    )
+    model = cls(cfg)
+    model.set_attn_implementation("eager")
+    randomize(model, 1003)
+    model.eval()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    model.save_pretrained(d, max_shard_size="100KB")
+    copy_tokenizer(tokdir, d)
+    shards = [f for f in os.listdir(d) if f.endswith(".safetensors")]
+    assert os.path.exists(os.path.join(d, "model.safetensors.index.json")) and len(shards) >= 2, shards
+    with open(os.path.join(d, "config.json")) as f:
+        log(f"[qwen2] config.json:\n{f.read()}")
+    ref, m64 = make_reference(name, cls, d, 320, eos, 2003)
+    state_equal(model, m64)
+    write_json(os.path.join(d, "reference.json"), ref)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output directory, e.g. tests/fixtures/hf")
+    args = ap.parse_args()
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(min(8, os.cpu_count() or 1))
+    log(f"torch {torch.__version__} transformers {transformers.__version__} tokenizers {tokenizers.__version__} "
+        f"python {sys.version.split()[0]}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokdir, bos, eos = build_tokenizer(tmp)
+        for name in ("llama", "mistral", "qwen2"):
+            d = os.path.join(out, name)
+            if os.path.isdir(d):
+                shutil.rmtree(d)
+            os.makedirs(d)
+        make_llama(out, tokdir, bos, eos)
+        make_mistral(out, tokdir, bos, eos)
+        make_qwen2(out, tokdir, bos, eos)
+
+    total = 0
+    log("files:")
+    for root, _dirs, files in sorted(os.walk(out)):
+        for fn in sorted(files):
+            p = os.path.join(root, fn)
+            sz = os.path.getsize(p)
+            total += sz
+            log(f"  {os.path.relpath(p, out):45s} {sz:>9d}")
+    log(f"total {total} bytes")
+    assert total < 3_000_000, total
+
+
+if __name__ == "__main__":
+    main()
