@@ -18,8 +18,12 @@ pub trait Communicator: Send + Sync {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
     /// Reduces `buf` (elements of `kind`) across ranks; every rank gets the result.
-    fn all_reduce_bytes(&self, buf: &mut [u8], kind: ElemKind, op: ReduceOp)
-        -> Result<(), CommError>;
+    fn all_reduce_bytes(
+        &self,
+        buf: &mut [u8],
+        kind: ElemKind,
+        op: ReduceOp,
+    ) -> Result<(), CommError>;
     /// Concatenates every rank's `send` in rank order into `recv` (`world_size` times as long).
     fn all_gather_bytes(&self, send: &[u8], recv: &mut [u8]) -> Result<(), CommError>;
     /// Copies `root`'s `buf` into every rank's `buf`.

@@ -182,7 +182,10 @@ impl LocalComm {
         if root >= self.shared.size {
             return Err(CommError::Invalid {
                 rank: self.rank,
-                msg: format!("root {root} is not a rank of a group of {}", self.shared.size),
+                msg: format!(
+                    "root {root} is not a rank of a group of {}",
+                    self.shared.size
+                ),
             });
         }
         Ok(())
@@ -318,7 +321,7 @@ impl Communicator for LocalComm {
         op: ReduceOp,
     ) -> Result<(), CommError> {
         let n = self.shared.size;
-        if send.len() != recv.len() * n || recv.len() % kind.size() != 0 {
+        if send.len() != recv.len() * n || !recv.len().is_multiple_of(kind.size()) {
             return Err(CommError::Invalid {
                 rank: self.rank,
                 msg: format!(
@@ -337,7 +340,14 @@ impl Communicator for LocalComm {
         };
         let slots = self.rendezvous(desc, send.to_vec())?;
         let per = recv.len() / kind.size();
-        reduce_into(&slots, kind, op, self.rank * per, (self.rank + 1) * per, recv);
+        reduce_into(
+            &slots,
+            kind,
+            op,
+            self.rank * per,
+            (self.rank + 1) * per,
+            recv,
+        );
         Ok(())
     }
 
@@ -409,7 +419,11 @@ mod tests {
             let mut v = vec![0.0f32; 2 + c.rank()];
             c.all_reduce(&mut v, ReduceOp::Sum).unwrap_err().to_string()
         });
-        assert!(out[0].contains("rank 1 issued all_reduce of 12 bytes"), "{}", out[0]);
+        assert!(
+            out[0].contains("rank 1 issued all_reduce of 12 bytes"),
+            "{}",
+            out[0]
+        );
     }
 
     #[test]
@@ -423,7 +437,11 @@ mod tests {
             let mut v = vec![1.0f32];
             c.all_reduce(&mut v, ReduceOp::Sum).unwrap_err().to_string()
         });
-        assert!(out[0].contains("rank(s) [2]") || out[0].contains("waiting for rank(s) [2]"), "{}", out[0]);
+        assert!(
+            out[0].contains("rank(s) [2]") || out[0].contains("waiting for rank(s) [2]"),
+            "{}",
+            out[0]
+        );
         assert!(out[1].contains("[2]"), "{}", out[1]);
     }
 

@@ -25,7 +25,9 @@ pub fn generate(
     dtype: DType,
 ) -> Result<Vec<u32>, InferError> {
     if prompt.is_empty() {
-        return Err(InferError::Request("the prompt must hold at least one token".into()));
+        return Err(InferError::Request(
+            "the prompt must hold at least one token".into(),
+        ));
     }
     tessera_model::validate_tp(&model.config, tp)?;
     run_tp(tp, |comm, rank| {

@@ -14,7 +14,12 @@ pub struct ScoreOutput {
 }
 
 /// Scores `tokens` with the model split over `tp` ranks.
-pub fn score(model: &OpenModel, tokens: &[u32], tp: usize, dtype: DType) -> Result<ScoreOutput, InferError> {
+pub fn score(
+    model: &OpenModel,
+    tokens: &[u32],
+    tp: usize,
+    dtype: DType,
+) -> Result<ScoreOutput, InferError> {
     if tokens.is_empty() {
         return Err(InferError::Request("score needs at least one token".into()));
     }

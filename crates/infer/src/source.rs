@@ -35,9 +35,10 @@ impl ModelSource {
                 let checkpoint = Checkpoint::open(dir)?;
                 let tk = dir.join("tokenizer.json");
                 let tokenizer = if tk.exists() {
-                    Some(Tokenizer::from_file(&tk).map_err(|e| {
-                        InferError::Tokenizer(format!("{}: {e}", tk.display()))
-                    })?)
+                    Some(
+                        Tokenizer::from_file(&tk)
+                            .map_err(|e| InferError::Tokenizer(format!("{}: {e}", tk.display())))?,
+                    )
                 } else {
                     None
                 };

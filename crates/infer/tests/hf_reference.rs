@@ -38,7 +38,9 @@ struct GreedyCase {
 }
 
 fn fixture(name: &str) -> (OpenModel, Reference) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf").join(name);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/hf")
+        .join(name);
     let model = ModelSource::open(&ModelSource::Dir(dir.clone())).unwrap();
     let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
     (model, serde_json::from_str(&text).unwrap())
@@ -46,7 +48,10 @@ fn fixture(name: &str) -> (OpenModel, Reference) {
 
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 /// f32 tolerance of the issue: 1e-4 per token log-prob.
@@ -74,7 +79,11 @@ fn check_model(name: &str, valid: &[usize]) {
         for case in &reference.score {
             let got = score(&model, &case.tokens, tp, DType::F32).unwrap();
             let d = max_abs_diff(&got.token_logprobs, &case.token_logprobs);
-            assert!(d < F32_TOL, "{name} tp {tp} len {}: f32 max diff {d}", case.tokens.len());
+            assert!(
+                d < F32_TOL,
+                "{name} tp {tp} len {}: f32 max diff {d}",
+                case.tokens.len()
+            );
         }
         for case in &reference.greedy {
             let params = GenerateParams {
@@ -99,13 +108,26 @@ fn check_model(name: &str, valid: &[usize]) {
             let got = score(&model, &case.tokens, tp, DType::BF16).unwrap();
             let d = max_abs_diff(&got.token_logprobs, &case.token_logprobs);
             assert!(d < BF16_TOL, "{name} tp {tp} bf16 max diff {d}");
-            ours += got.token_logprobs.iter().zip(&case.token_logprobs).map(|(a, b)| (a - b).abs()).sum::<f64>();
-            hf += case.bf16_token_logprobs.iter().zip(&case.token_logprobs).map(|(a, b)| (a - b).abs()).sum::<f64>();
+            ours += got
+                .token_logprobs
+                .iter()
+                .zip(&case.token_logprobs)
+                .map(|(a, b)| (a - b).abs())
+                .sum::<f64>();
+            hf += case
+                .bf16_token_logprobs
+                .iter()
+                .zip(&case.token_logprobs)
+                .map(|(a, b)| (a - b).abs())
+                .sum::<f64>();
             n += case.token_logprobs.len() as f64;
         }
         let (ours, hf) = (ours / n, hf / n);
         eprintln!("{name} tp {tp}: bf16 mean |error| {ours:.4} (HF's own bf16: {hf:.4})");
-        assert!(ours <= 2.0 * hf + 0.01, "{name} tp {tp} bf16 mean error {ours} vs HF's own {hf}");
+        assert!(
+            ours <= 2.0 * hf + 0.01,
+            "{name} tp {tp} bf16 mean error {ours} vs HF's own {hf}"
+        );
     }
 }
 

@@ -64,7 +64,10 @@ impl Checkpoint {
                     .as_str()
                     .ok_or_else(|| ck_err(&index, "weight_map values must be file names"))?;
                 if f.contains('/') || f.contains("..") {
-                    return Err(ck_err(&index, format!("shard name {f:?} leaves the directory")));
+                    return Err(ck_err(
+                        &index,
+                        format!("shard name {f:?} leaves the directory"),
+                    ));
                 }
                 if !files.iter().any(|x| x == f) {
                     files.push(f.to_string());
@@ -107,19 +110,22 @@ impl Checkpoint {
         for (fi, (path, data)) in files.iter().enumerate() {
             let path = path.as_path();
             let (header, meta) = SafeTensors::read_metadata(data).map_err(|e| {
-                ck_err(path, format!("not a valid safetensors file (truncated?): {e}"))
+                ck_err(
+                    path,
+                    format!("not a valid safetensors file (truncated?): {e}"),
+                )
             })?;
             for (name, info) in meta.tensors() {
                 let dtype = match info.dtype {
                     StDtype::F32 => DType::F32,
                     StDtype::BF16 => DType::BF16,
                     StDtype::F16 => DType::F16,
-                    other => {
-                        return Err(ck_err(
-                            path,
-                            format!("tensor {name} has dtype {other:?}; tessera reads F32, BF16 and F16"),
-                        ))
-                    }
+                    other => return Err(ck_err(
+                        path,
+                        format!(
+                            "tensor {name} has dtype {other:?}; tessera reads F32, BF16 and F16"
+                        ),
+                    )),
                 };
                 let entry = Entry {
                     file: fi,
@@ -140,14 +146,16 @@ impl Checkpoint {
     }
 
     fn entry(&self, name: &str) -> Result<&Entry, ModelError> {
-        self.entries.get(name).ok_or_else(|| ModelError::Checkpoint {
-            path: self
-                .files
-                .first()
-                .map(|f| f.0.parent().unwrap_or(&f.0).display().to_string())
-                .unwrap_or_default(),
-            msg: format!("tensor {name} is missing"),
-        })
+        self.entries
+            .get(name)
+            .ok_or_else(|| ModelError::Checkpoint {
+                path: self
+                    .files
+                    .first()
+                    .map(|f| f.0.parent().unwrap_or(&f.0).display().to_string())
+                    .unwrap_or_default(),
+                msg: format!("tensor {name} is missing"),
+            })
     }
 
     /// The tensor's shape, checked against what the config implies.

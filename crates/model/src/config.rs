@@ -118,7 +118,9 @@ impl ModelConfig {
         let num_kv_heads = opt_usize(v, "num_key_value_heads")?.unwrap_or(num_heads);
         let num_layers = req_usize(v, "num_hidden_layers")?;
         if num_heads == 0 || num_kv_heads == 0 {
-            return Err(cfg_err("num_attention_heads and num_key_value_heads must be > 0"));
+            return Err(cfg_err(
+                "num_attention_heads and num_key_value_heads must be > 0",
+            ));
         }
         let head_dim = match opt_usize(v, "head_dim")? {
             Some(d) => d,
@@ -137,7 +139,9 @@ impl ModelConfig {
             )));
         }
         if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(cfg_err(format!("head_dim {head_dim} must be even and > 0 for RoPE")));
+            return Err(cfg_err(format!(
+                "head_dim {head_dim} must be even and > 0 for RoPE"
+            )));
         }
         let rope = rope_of(v)?;
         let attention_bias = opt_bool(v, "attention_bias")?.unwrap_or(false);
@@ -190,7 +194,7 @@ impl ModelConfig {
                 return Err(cfg_err(format!("{name} must be > 0")));
             }
         }
-        if !(cfg.rms_norm_eps > 0.0) {
+        if !positive(cfg.rms_norm_eps) {
             return Err(cfg_err("rms_norm_eps must be > 0"));
         }
         Ok(cfg)
@@ -225,6 +229,11 @@ impl ModelConfig {
     }
 }
 
+/// True for numbers > 0 (false for NaN).
+fn positive(x: f64) -> bool {
+    x > 0.0
+}
+
 fn cfg_err(msg: impl Into<String>) -> ModelError {
     ModelError::Config(msg.into())
 }
@@ -253,7 +262,9 @@ fn arch_of(v: &Value) -> Result<Arch, ModelError> {
                 "unsupported model_type {m:?} (supported: llama, mistral, qwen2)"
             ))
         }),
-        None => Err(cfg_err("config.json names no `architectures` nor `model_type`")),
+        None => Err(cfg_err(
+            "config.json names no `architectures` nor `model_type`",
+        )),
     }
 }
 
@@ -271,7 +282,7 @@ fn rope_of(v: &Value) -> Result<RopeConfig, ModelError> {
         })
         .transpose()?
         .unwrap_or(10000.0);
-    if !(theta > 0.0) {
+    if !positive(theta) {
         return Err(cfg_err(format!("rope_theta must be > 0, got {theta}")));
     }
     let scaling = match scaling {
@@ -324,7 +335,7 @@ fn rope_of(v: &Value) -> Result<RopeConfig, ModelError> {
         }
     }
     if let RopeScaling::Linear { factor } = scaling {
-        if !(factor > 0.0) {
+        if !positive(factor) {
             return Err(cfg_err("linear rope scaling needs factor > 0"));
         }
     }
@@ -448,19 +459,23 @@ mod tests {
 
     #[test]
     fn qwen2_has_qkv_bias_and_mistral_slides() {
-        let q = with(r#"{"architectures":["Qwen2ForCausalLM"],"tie_word_embeddings":true}"#).unwrap();
+        let q =
+            with(r#"{"architectures":["Qwen2ForCausalLM"],"tie_word_embeddings":true}"#).unwrap();
         assert!(q.qkv_bias && q.tie_word_embeddings && !q.o_bias);
         assert_eq!(q.sliding_window, vec![None, None]);
-        let m = with(r#"{"architectures":["MistralForCausalLM"],"sliding_window":4096,"head_dim":16}"#)
-            .unwrap();
+        let m =
+            with(r#"{"architectures":["MistralForCausalLM"],"sliding_window":4096,"head_dim":16}"#)
+                .unwrap();
         assert_eq!(m.sliding_window, vec![Some(4096), Some(4096)]);
         assert_eq!(m.head_dim, 16);
     }
 
     #[test]
     fn counts_llama3_8b_parameters() {
-        let c = with(r#"{"vocab_size":128256,"hidden_size":4096,"intermediate_size":14336,
-            "num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8}"#)
+        let c = with(
+            r#"{"vocab_size":128256,"hidden_size":4096,"intermediate_size":14336,
+            "num_hidden_layers":32,"num_attention_heads":32,"num_key_value_heads":8}"#,
+        )
         .unwrap();
         assert_eq!(c.num_params(), 8_030_261_248);
     }

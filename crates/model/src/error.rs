@@ -14,6 +14,8 @@ pub enum ModelError {
     },
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: String, msg: String },
+    #[error("invalid input: {0}")]
+    Input(String),
     #[error("layout not allowed: {0}")]
     Layout(String),
     #[error(transparent)]

@@ -8,6 +8,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod llama;
 pub mod rope;
+pub mod synthetic;
 pub mod tp;
 
 pub use checkpoint::Checkpoint;

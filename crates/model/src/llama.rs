@@ -48,7 +48,8 @@ impl LlamaModel {
         let shard = TpShard::new(&cfg, tp)?;
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let inv_freq = Arc::new(crate::rope::inv_freq(&cfg.rope, cfg.head_dim));
-        let embed = VocabParallelEmbedding::load(ck, "model.embed_tokens.weight", v, h, &shard, dtype)?;
+        let embed =
+            VocabParallelEmbedding::load(ck, "model.embed_tokens.weight", v, h, &shard, dtype)?;
         let layers = (0..cfg.num_layers)
             .map(|l| DecoderLayer::load(ck, &cfg, l, &shard, inv_freq.clone(), dtype))
             .collect::<Result<Vec<_>, _>>()?;
@@ -83,10 +84,10 @@ impl LlamaModel {
         comm: &dyn Communicator,
     ) -> Result<Vec<f32>, ModelError> {
         if tokens.is_empty() {
-            return Err(ModelError::Layout("forward needs at least one token".into()));
+            return Err(ModelError::Input("forward needs at least one token".into()));
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::Config(format!(
+            return Err(ModelError::Input(format!(
                 "token id {bad} is outside the vocabulary of {}",
                 self.cfg.vocab_size
             )));
@@ -112,7 +113,11 @@ impl LlamaModel {
             self.head.weight.size_in_bytes()
         };
         self.embed.table.size_in_bytes()
-            + self.layers.iter().map(DecoderLayer::weight_bytes).sum::<usize>()
+            + self
+                .layers
+                .iter()
+                .map(DecoderLayer::weight_bytes)
+                .sum::<usize>()
             + self.norm.weight.size_in_bytes()
             + head
     }

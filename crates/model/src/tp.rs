@@ -42,7 +42,7 @@ pub fn validate_tp(cfg: &ModelConfig, tp: usize) -> Result<(), ModelError> {
             "tp {tp} does not divide num_attention_heads {h}"
         )));
     }
-    if kv % tp != 0 && tp % kv != 0 {
+    if !kv.is_multiple_of(tp) && !tp.is_multiple_of(kv) {
         return Err(ModelError::Layout(format!(
             "tp {tp} and num_key_value_heads {kv}: one must divide the other (KV heads are split when tp divides them, replicated when tp is a multiple of them)"
         )));
@@ -131,7 +131,10 @@ mod tests {
             .collect();
         assert!(kv[0].contains("intermediate_size 7"), "{}", kv[0]);
         let e = validate_tp(&c, 3).unwrap_err().to_string();
-        assert!(e.contains("tp 3 does not divide num_attention_heads 8"), "{e}");
+        assert!(
+            e.contains("tp 3 does not divide num_attention_heads 8"),
+            "{e}"
+        );
         let e = validate_tp(&cfg(12, 4), 6).unwrap_err().to_string();
         assert!(e.contains("num_key_value_heads 4"), "{e}");
         let c = cfg(4, 1);

@@ -6,7 +6,8 @@ use crate::TensorError;
 
 pub fn ensure_device(ordinal: usize) -> Result<(), TensorError> {
     let name = format!("cuda:{ordinal}");
-    if !cudarc::driver::sys::is_culib_present() {
+    // SAFETY: only probes whether the driver library can be loaded.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(TensorError::Device(
             name,
             "the CUDA driver library (libcuda.so) was not found on this machine".into(),

@@ -22,7 +22,8 @@ impl Device {
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => Err(TensorError::Device(
                 self.to_string(),
-                "this tessera was built without CUDA support (rebuild with `--features cuda`)".into(),
+                "this tessera was built without CUDA support (rebuild with `--features cuda`)"
+                    .into(),
             )),
         }
     }

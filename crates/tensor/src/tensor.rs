@@ -114,7 +114,10 @@ impl Tensor {
         if n != storage.len() {
             return Err(shape_err(
                 "Tensor::new",
-                format!("shape {shape:?} holds {n} elements, storage has {}", storage.len()),
+                format!(
+                    "shape {shape:?} holds {n} elements, storage has {}",
+                    storage.len()
+                ),
             ));
         }
         Ok(Tensor { shape, storage })
@@ -223,8 +226,8 @@ mod tests {
 
     #[test]
     fn bf16_storage_rounds_and_reads_back() {
-        let t = Tensor::from_f32(vec![2, 2], vec![1.0, 1.00390625, 3.0e38, -0.1], DType::BF16)
-            .unwrap();
+        let t =
+            Tensor::from_f32(vec![2, 2], vec![1.0, 1.003_906_2, 3.0e38, -0.1], DType::BF16).unwrap();
         let v = t.to_f32_vec();
         assert_eq!(v[0], 1.0);
         assert_eq!(v[1], 1.0); // 1 + 2^-8 ties to even

@@ -39,9 +39,30 @@ impl Attention {
         let kv_rows = shard.kv_heads.start * d..shard.kv_heads.end * d;
         let b = cfg.qkv_bias;
         Ok(Attention {
-            q: ColumnParallelLinear::load(ck, &format!("{prefix}.q_proj"), [qh, h], q_rows.clone(), b, dtype)?,
-            k: ColumnParallelLinear::load(ck, &format!("{prefix}.k_proj"), [kvh, h], kv_rows.clone(), b, dtype)?,
-            v: ColumnParallelLinear::load(ck, &format!("{prefix}.v_proj"), [kvh, h], kv_rows, b, dtype)?,
+            q: ColumnParallelLinear::load(
+                ck,
+                &format!("{prefix}.q_proj"),
+                [qh, h],
+                q_rows.clone(),
+                b,
+                dtype,
+            )?,
+            k: ColumnParallelLinear::load(
+                ck,
+                &format!("{prefix}.k_proj"),
+                [kvh, h],
+                kv_rows.clone(),
+                b,
+                dtype,
+            )?,
+            v: ColumnParallelLinear::load(
+                ck,
+                &format!("{prefix}.v_proj"),
+                [kvh, h],
+                kv_rows,
+                b,
+                dtype,
+            )?,
             o: RowParallelLinear::load(
                 ck,
                 &format!("{prefix}.o_proj"),
@@ -77,7 +98,10 @@ impl Attention {
         } = self.shape;
         let positions: Vec<usize> = (start..start + t).collect();
         let mut q = self.q.forward(x)?.reshape(vec![t, num_heads, head_dim])?;
-        let mut k = self.k.forward(x)?.reshape(vec![t, num_kv_heads, head_dim])?;
+        let mut k = self
+            .k
+            .forward(x)?
+            .reshape(vec![t, num_kv_heads, head_dim])?;
         let v = self.v.forward(x)?;
         ops::apply_rope(&mut q, &positions, &self.inv_freq)?;
         ops::apply_rope(&mut k, &positions, &self.inv_freq)?;
@@ -98,6 +122,9 @@ impl Attention {
     }
 
     pub fn weight_bytes(&self) -> usize {
-        self.q.weight_bytes() + self.k.weight_bytes() + self.v.weight_bytes() + self.o.weight_bytes()
+        self.q.weight_bytes()
+            + self.k.weight_bytes()
+            + self.v.weight_bytes()
+            + self.o.weight_bytes()
     }
 }

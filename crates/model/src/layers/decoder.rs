@@ -31,9 +31,30 @@ impl DecoderLayer {
         let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         Ok(DecoderLayer {
             input_norm: RmsNorm::load(ck, &format!("{p}.input_layernorm.weight"), h, eps, dtype)?,
-            attn: Attention::load(ck, &format!("{p}.self_attn"), cfg, layer, shard, inv_freq, dtype)?,
-            post_attn_norm: RmsNorm::load(ck, &format!("{p}.post_attention_layernorm.weight"), h, eps, dtype)?,
-            mlp: Mlp::load(ck, &format!("{p}.mlp"), cfg, shard.intermediate.clone(), shard.tp.rank, dtype)?,
+            attn: Attention::load(
+                ck,
+                &format!("{p}.self_attn"),
+                cfg,
+                layer,
+                shard,
+                inv_freq,
+                dtype,
+            )?,
+            post_attn_norm: RmsNorm::load(
+                ck,
+                &format!("{p}.post_attention_layernorm.weight"),
+                h,
+                eps,
+                dtype,
+            )?,
+            mlp: Mlp::load(
+                ck,
+                &format!("{p}.mlp"),
+                cfg,
+                shard.intermediate.clone(),
+                shard.tp.rank,
+                dtype,
+            )?,
         })
     }
 
@@ -45,7 +66,9 @@ impl DecoderLayer {
         comm: &dyn Communicator,
     ) -> Result<Tensor, ModelError> {
         let mut h = x.clone();
-        let a = self.attn.forward(&self.input_norm.forward(x)?, start, cache, comm)?;
+        let a = self
+            .attn
+            .forward(&self.input_norm.forward(x)?, start, cache, comm)?;
         ops::add_inplace(&mut h, &a)?;
         let m = self.mlp.forward(&self.post_attn_norm.forward(&h)?, comm)?;
         ops::add_inplace(&mut h, &m)?;

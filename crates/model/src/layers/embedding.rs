@@ -27,7 +27,13 @@ impl VocabParallelEmbedding {
         shard: &TpShard,
         dtype: DType,
     ) -> Result<Self, ModelError> {
-        let table = ck.read_rows(name, &[vocab, hidden], shard.vocab.start, shard.vocab.end, dtype)?;
+        let table = ck.read_rows(
+            name,
+            &[vocab, hidden],
+            shard.vocab.start,
+            shard.vocab.end,
+            dtype,
+        )?;
         Ok(VocabParallelEmbedding {
             table: Arc::new(table),
             vocab_start: shard.vocab.start,

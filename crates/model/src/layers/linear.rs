@@ -25,9 +25,23 @@ impl ColumnParallelLinear {
         bias: bool,
         dtype: DType,
     ) -> Result<Self, ModelError> {
-        let weight = ck.read_rows(&format!("{prefix}.weight"), &shape, rows.start, rows.end, dtype)?;
+        let weight = ck.read_rows(
+            &format!("{prefix}.weight"),
+            &shape,
+            rows.start,
+            rows.end,
+            dtype,
+        )?;
         let bias = bias
-            .then(|| ck.read_rows(&format!("{prefix}.bias"), &shape[..1], rows.start, rows.end, dtype))
+            .then(|| {
+                ck.read_rows(
+                    &format!("{prefix}.bias"),
+                    &shape[..1],
+                    rows.start,
+                    rows.end,
+                    dtype,
+                )
+            })
             .transpose()?;
         Ok(ColumnParallelLinear { weight, bias })
     }
@@ -58,7 +72,13 @@ impl RowParallelLinear {
         rank: usize,
         dtype: DType,
     ) -> Result<Self, ModelError> {
-        let weight = ck.read_cols(&format!("{prefix}.weight"), &shape, cols.start, cols.end, dtype)?;
+        let weight = ck.read_cols(
+            &format!("{prefix}.weight"),
+            &shape,
+            cols.start,
+            cols.end,
+            dtype,
+        )?;
         let name = format!("{prefix}.bias");
         let bias = if bias {
             ck.expect_shape(&name, &shape[..1])?;

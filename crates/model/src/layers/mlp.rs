@@ -28,9 +28,31 @@ impl Mlp {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let b = cfg.mlp_bias;
         Ok(Mlp {
-            gate: ColumnParallelLinear::load(ck, &format!("{prefix}.gate_proj"), [i, h], part.clone(), b, dtype)?,
-            up: ColumnParallelLinear::load(ck, &format!("{prefix}.up_proj"), [i, h], part.clone(), b, dtype)?,
-            down: RowParallelLinear::load(ck, &format!("{prefix}.down_proj"), [h, i], part, b, rank, dtype)?,
+            gate: ColumnParallelLinear::load(
+                ck,
+                &format!("{prefix}.gate_proj"),
+                [i, h],
+                part.clone(),
+                b,
+                dtype,
+            )?,
+            up: ColumnParallelLinear::load(
+                ck,
+                &format!("{prefix}.up_proj"),
+                [i, h],
+                part.clone(),
+                b,
+                dtype,
+            )?,
+            down: RowParallelLinear::load(
+                ck,
+                &format!("{prefix}.down_proj"),
+                [h, i],
+                part,
+                b,
+                rank,
+                dtype,
+            )?,
         })
     }
 

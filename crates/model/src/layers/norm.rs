@@ -11,7 +11,13 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    pub fn load(ck: &Checkpoint, name: &str, hidden: usize, eps: f64, dtype: DType) -> Result<Self, ModelError> {
+    pub fn load(
+        ck: &Checkpoint,
+        name: &str,
+        hidden: usize,
+        eps: f64,
+        dtype: DType,
+    ) -> Result<Self, ModelError> {
         Ok(RmsNorm {
             weight: ck.read_rows(name, &[hidden], 0, hidden, dtype)?,
             eps,

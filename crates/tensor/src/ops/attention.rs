@@ -39,14 +39,20 @@ pub fn causal_attention(
     if q.shape() != [t, hq, hd] || hkv == 0 || hq % hkv != 0 {
         return Err(shape_err(
             "attention",
-            format!("q {:?} for {t} positions, {hq} heads / {hkv} kv heads of {hd}", q.shape()),
+            format!(
+                "q {:?} for {t} positions, {hq} heads / {hkv} kv heads of {hd}",
+                q.shape()
+            ),
         ));
     }
     let row = hkv * hd;
     if k.len() < kv_len * row || v.len() < kv_len * row {
         return Err(shape_err(
             "attention",
-            format!("cache holds {} positions, {kv_len} asked", k.len() / row.max(1)),
+            format!(
+                "cache holds {} positions, {kv_len} asked",
+                k.len() / row.max(1)
+            ),
         ));
     }
     if let Some(&p) = q_pos.iter().max() {

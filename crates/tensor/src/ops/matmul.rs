@@ -15,11 +15,18 @@ const GEMV_MAX_ROWS: usize = 16;
 
 /// `x[.., k] @ w[n, k]^T + bias[n]`, output in x's dtype with shape `[.., n]`.
 pub fn matmul_t(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor, TensorError> {
-    let k = *x.shape().last().ok_or_else(|| shape_err("matmul", "x is a scalar"))?;
+    let k = *x
+        .shape()
+        .last()
+        .ok_or_else(|| shape_err("matmul", "x is a scalar"))?;
     if w.shape().len() != 2 || w.dim(1) != k {
         return Err(shape_err(
             "matmul",
-            format!("x {:?} @ w {:?}^T: inner sizes differ", x.shape(), w.shape()),
+            format!(
+                "x {:?} @ w {:?}^T: inner sizes differ",
+                x.shape(),
+                w.shape()
+            ),
         ));
     }
     let n = w.dim(0);
@@ -177,7 +184,9 @@ mod tests {
         let mut o = vec![0.0f64; m * n];
         for i in 0..m {
             for j in 0..n {
-                o[i * n + j] = (0..k).map(|l| x[i * k + l] as f64 * w[j * k + l] as f64).sum();
+                o[i * n + j] = (0..k)
+                    .map(|l| x[i * k + l] as f64 * w[j * k + l] as f64)
+                    .sum();
             }
         }
         o
@@ -196,7 +205,10 @@ mod tests {
                 let xt = Tensor::from_f32(vec![m, k], x.clone(), DType::F32).unwrap();
                 let got = matmul_t(&xt, &w, None).unwrap().to_f32_vec();
                 for (g, w) in got.iter().zip(&want) {
-                    assert!((*g as f64 - w).abs() < 1e-4 * (k as f64).sqrt(), "{m}x{k}x{n} {dt}: {g} vs {w}");
+                    assert!(
+                        (*g as f64 - w).abs() < 1e-4 * (k as f64).sqrt(),
+                        "{m}x{k}x{n} {dt}: {g} vs {w}"
+                    );
                 }
             }
         }

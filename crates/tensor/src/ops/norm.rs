@@ -7,7 +7,10 @@ use crate::error::shape_err;
 use crate::{Tensor, TensorError};
 
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor, TensorError> {
-    let h = *x.shape().last().ok_or_else(|| shape_err("rms_norm", "x is a scalar"))?;
+    let h = *x
+        .shape()
+        .last()
+        .ok_or_else(|| shape_err("rms_norm", "x is a scalar"))?;
     if weight.elem_count() != h {
         return Err(shape_err(
             "rms_norm",

@@ -8,7 +8,11 @@ use crate::{Tensor, TensorError};
 
 /// Rotates `x` of shape `[tokens, heads, head_dim]` in place; token `t` sits at `positions[t]`.
 /// `inv_freq` has `head_dim / 2` entries.
-pub fn apply_rope(x: &mut Tensor, positions: &[usize], inv_freq: &[f32]) -> Result<(), TensorError> {
+pub fn apply_rope(
+    x: &mut Tensor,
+    positions: &[usize],
+    inv_freq: &[f32],
+) -> Result<(), TensorError> {
     let s = x.shape().to_vec();
     if s.len() != 3 || s[0] != positions.len() || s[2] != 2 * inv_freq.len() {
         return Err(shape_err(

@@ -20,7 +20,12 @@ pub fn softmax_inplace(row: &mut [f32]) {
 /// `log_softmax(row)` in f64, for exact log-probabilities.
 pub fn log_softmax(row: &[f32]) -> Vec<f64> {
     let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+    let lse = max
+        + row
+            .iter()
+            .map(|&x| (x as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
     row.iter().map(|&x| x as f64 - lse).collect()
 }
 

@@ -1,0 +1,46 @@
+//! `tessera bench`: measured speed beside a measured ceiling, never a timed assertion.
+
+mod ceiling;
+mod comm;
+mod decode;
+mod matmul;
+
+use anyhow::Result;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub which: BenchCmd,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchCmd {
+    /// CPU matmul GFLOP/s against the machine's measured FMA peak.
+    Matmul(matmul::MatmulArgs),
+    /// Collective bandwidth (nccl-tests style) against memcpy / loopback TCP.
+    Comm(comm::CommArgs),
+    /// Decode tokens/s of a random-weight model at several tp, against the memory-bandwidth roofline.
+    Decode(decode::DecodeArgs),
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    match a.which {
+        BenchCmd::Matmul(m) => matmul::run(m),
+        BenchCmd::Decode(d) => decode::run(d),
+        BenchCmd::Comm(c) => comm::run(c),
+    }
+}
+
+/// Median of `runs` timings of `f`, in seconds, after one warm-up.
+pub fn median_secs(runs: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..runs.max(1))
+        .map(|_| {
+            let s = std::time::Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}

@@ -1,0 +1,85 @@
+//! `tessera generate`: continue a prompt, greedy or sampled.
+
+use anyhow::{bail, Result};
+use tessera_infer::{generate, GenerateParams};
+use tessera_tensor::SamplingParams;
+
+use crate::model_args::{parse_tokens, ModelArgs};
+
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompt_tokens"])))]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt text.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Prompt as token ids, comma separated.
+    #[arg(long)]
+    pub prompt_tokens: Option<String>,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: usize,
+    /// 0 means greedy.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print one JSON object: {"tokens": [...], "text": "..."} (the generated part only).
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    if !(a.temperature.is_finite() && a.temperature >= 0.0) {
+        bail!("--temperature must be a number >= 0, got {}", a.temperature);
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1], got {}", a.top_p);
+    }
+    if a.max_tokens == 0 {
+        bail!("--max-tokens must be at least 1");
+    }
+    let (model, dtype) = a.model.open()?;
+    let prompt = match (&a.prompt_tokens, &a.prompt) {
+        (Some(t), _) => parse_tokens(t, "--prompt-tokens")?,
+        (None, Some(text)) => model.encode(text)?,
+        (None, None) => unreachable!("clap requires one"),
+    };
+    if prompt.is_empty() {
+        bail!("the prompt holds no tokens");
+    }
+    let params = GenerateParams {
+        max_tokens: a.max_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
+        stop_at_eos: !a.ignore_eos,
+    };
+    let tokens = generate(&model, &prompt, &params, a.model.tp, dtype)?;
+    let text = if model.tokenizer.is_some() {
+        Some(model.decode(&tokens)?)
+    } else {
+        None
+    };
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({ "tokens": tokens, "text": text.unwrap_or_default() })
+        );
+    } else {
+        match text {
+            Some(t) => println!("{}{t}", a.prompt.as_deref().unwrap_or("")),
+            None => println!("{tokens:?}"),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,66 @@
+//! `tessera`: split large language models across devices to serve and train them.
+
+mod bench;
+mod generate_cmd;
+mod launch_cmd;
+mod model_args;
+mod plan_cmd;
+mod score_cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "tessera",
+    version,
+    about = "Split large language models across devices"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Per-token log-probabilities of a text or token sequence.
+    Score(score_cmd::ScoreArgs),
+    /// Continue a prompt (greedy, or sampled with temperature / top-p).
+    Generate(generate_cmd::GenerateArgs),
+    /// Memory, communication and time for a parallel layout, and the best layouts for a job.
+    Plan(plan_cmd::PlanArgs),
+    /// Start and supervise the ranks of a multi-process job: `tessera launch --nproc-per-node N -- tessera ...`.
+    Launch(launch_cmd::LaunchArgs),
+    /// Benchmarks against measured ceilings.
+    Bench(bench::BenchArgs),
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind::*;
+            if matches!(
+                e.kind(),
+                DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            // One line, as for every other user mistake; `--help` has the rest.
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or("invalid arguments").trim();
+            eprintln!("{first} (see --help)");
+            std::process::exit(2);
+        }
+    };
+    let result = match cli.cmd {
+        Cmd::Score(a) => score_cmd::run(a),
+        Cmd::Generate(a) => generate_cmd::run(a),
+        Cmd::Plan(a) => plan_cmd::run(a),
+        Cmd::Launch(a) => launch_cmd::run(a),
+        Cmd::Bench(a) => bench::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,53 @@
+//! `tessera score`: per-token log-probabilities of a text or token sequence.
+
+use anyhow::{bail, Result};
+use tessera_infer::score;
+
+use crate::model_args::{parse_tokens, ModelArgs};
+
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["tokens", "text"])))]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Token ids, comma separated.
+    #[arg(long)]
+    pub tokens: Option<String>,
+    /// Text, tokenized with the model's tokenizer (BOS added as HF adds it).
+    #[arg(long)]
+    pub text: Option<String>,
+    /// Print one JSON object: {"token_logprobs": [...], "sum_logprob": x}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: ScoreArgs) -> Result<()> {
+    let (model, dtype) = a.model.open()?;
+    let tokens = match (&a.tokens, &a.text) {
+        (Some(t), _) => parse_tokens(t, "--tokens")?,
+        (None, Some(text)) => model.encode(text)?,
+        (None, None) => unreachable!("clap requires one"),
+    };
+    if tokens.is_empty() {
+        bail!("nothing to score: the input holds no tokens");
+    }
+    let out = score(&model, &tokens, a.model.tp, dtype)?;
+    if a.json {
+        let v = serde_json::json!({
+            "token_logprobs": out.token_logprobs,
+            "sum_logprob": out.sum_logprob,
+        });
+        println!("{v}");
+    } else {
+        println!("{:>6} {:>8} {:>12}", "pos", "token", "logprob");
+        for (i, lp) in out.token_logprobs.iter().enumerate() {
+            println!("{:>6} {:>8} {:>12.6}", i + 1, tokens[i + 1], lp);
+        }
+        println!(
+            "sum_logprob {:.6} over {} tokens",
+            out.sum_logprob,
+            out.token_logprobs.len()
+        );
+    }
+    Ok(())
+}

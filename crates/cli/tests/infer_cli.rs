@@ -1,0 +1,239 @@
+//! The `tessera` binary end to end: score and generate print what HF computes, and every bad input
+//! ends with one clear line on stderr and a non-zero exit, never a panic.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn tessera(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/hf")
+        .join(name)
+}
+
+fn reference(name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).unwrap())
+        .unwrap()
+}
+
+fn join(v: &serde_json::Value) -> String {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A failing command: non-zero exit, one line on stderr, naming `needle`.
+fn fails_with(args: &[&str], needle: &str) {
+    let (code, _, err) = tessera(args);
+    assert_ne!(code, 0, "{args:?} should fail");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{args:?}: not one line: {err}"
+    );
+    assert!(
+        err.contains(needle),
+        "{args:?}: {err:?} does not name {needle:?}"
+    );
+}
+
+#[test]
+fn score_json_matches_hf_at_tp_2() {
+    let r = reference("qwen2");
+    let case = &r["score"][1];
+    let dir = fixture("qwen2");
+    let (code, out, err) = tessera(&[
+        "score",
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        &join(&case["tokens"]),
+        "--tp",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let got = v["token_logprobs"].as_array().unwrap();
+    let want = case["token_logprobs"].as_array().unwrap();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        assert!((g.as_f64().unwrap() - w.as_f64().unwrap()).abs() < 1e-4);
+    }
+    let sum: f64 = want.iter().map(|w| w.as_f64().unwrap()).sum();
+    assert!((v["sum_logprob"].as_f64().unwrap() - sum).abs() < 1e-3);
+}
+
+#[test]
+fn generate_json_matches_hf_greedy_and_text_prompts_work() {
+    let r = reference("mistral");
+    let case = &r["greedy"][0];
+    let dir = fixture("mistral");
+    let (code, out, err) = tessera(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-tokens",
+        &join(&case["prompt_tokens"]),
+        "--max-tokens",
+        "12",
+        "--tp",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["tokens"], case["tokens"]);
+    assert!(v["text"].is_string());
+    // The built-in model, sampled, is reproducible from its seed.
+    let args = [
+        "generate",
+        "--prompt",
+        "To be",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "5",
+        "--json",
+    ];
+    let (c1, o1, _) = tessera(&args);
+    let (c2, o2, _) = tessera(&args);
+    assert_eq!((c1, c2), (0, 0));
+    assert_eq!(o1, o2);
+}
+
+fn copy_model(from: &Path, to: &Path) {
+    for f in std::fs::read_dir(from).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn bad_input_is_one_line_and_non_zero() {
+    let llama = fixture("llama");
+    let m = llama.to_str().unwrap();
+    fails_with(
+        &["score", "--model", m, "--tokens", "1,2", "--tp", "3"],
+        "tp 3 does not divide num_attention_heads 8",
+    );
+    fails_with(
+        &["score", "--model", m, "--tokens", "1,2", "--tp", "0"],
+        "tp must be at least 1",
+    );
+    fails_with(&["score", "--bogus"], "--bogus");
+    fails_with(
+        &["score", "--model", m, "--tokens", "1,x"],
+        "\"x\" is not a token id",
+    );
+    fails_with(
+        &["score", "--model", m, "--tokens", "1,5000"],
+        "token id 5000 is outside the vocabulary of 320",
+    );
+    fails_with(
+        &["score", "--model", m, "--tokens", "1", "--dtype", "f8"],
+        "unknown dtype \"f8\"",
+    );
+    fails_with(
+        &["score", "--model", "/no/such/dir", "--tokens", "1"],
+        "does not exist",
+    );
+    fails_with(
+        &["generate", "--model", m, "--prompt", "hi", "--top-p", "0"],
+        "--top-p must be in (0, 1]",
+    );
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            m,
+            "--prompt",
+            "hi",
+            "--temperature",
+            "-1",
+        ],
+        "--temperature",
+    );
+    fails_with(
+        &[
+            "generate", "--model", m, "--prompt", "hi", "--device", "cuda:0",
+        ],
+        "cuda:0",
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    copy_model(&llama, dir.path());
+    // Truncated weights.
+    let w = std::fs::read(llama.join("model.safetensors")).unwrap();
+    std::fs::write(dir.path().join("model.safetensors"), &w[..w.len() / 2]).unwrap();
+    fails_with(&["score", "--model", d, "--tokens", "1,2"], "truncated");
+    // Missing weights.
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    fails_with(
+        &["score", "--model", d, "--tokens", "1,2"],
+        "neither model.safetensors",
+    );
+    std::fs::write(dir.path().join("model.safetensors"), &w).unwrap();
+    // A config whose shapes disagree with the weights.
+    let cfg = std::fs::read_to_string(llama.join("config.json")).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        cfg.replace("\"intermediate_size\": 160", "\"intermediate_size\": 128"),
+    )
+    .unwrap();
+    fails_with(
+        &["score", "--model", d, "--tokens", "1,2"],
+        "the config implies [128, 64]",
+    );
+    // Unknown architecture.
+    std::fs::write(
+        dir.path().join("config.json"),
+        cfg.replace("LlamaForCausalLM", "GPTNeoXForCausalLM"),
+    )
+    .unwrap();
+    fails_with(
+        &["score", "--model", d, "--tokens", "1,2"],
+        "GPTNeoXForCausalLM",
+    );
+    // Missing config.
+    std::fs::remove_file(dir.path().join("config.json")).unwrap();
+    fails_with(&["score", "--model", d, "--tokens", "1,2"], "config.json");
+    // A tensor of the wrong name: rename one in the safetensors header (same length).
+    std::fs::write(dir.path().join("config.json"), &cfg).unwrap();
+    let mut renamed = w.clone();
+    let pat = b"model.norm.weight";
+    let at = renamed.windows(pat.len()).position(|x| x == pat).unwrap();
+    renamed[at..at + pat.len()].copy_from_slice(b"model.norx.weight");
+    std::fs::write(dir.path().join("model.safetensors"), &renamed).unwrap();
+    fails_with(
+        &["score", "--model", d, "--tokens", "1,2"],
+        "tensor model.norm.weight is missing",
+    );
+    // Text without a tokenizer.
+    std::fs::write(dir.path().join("model.safetensors"), &w).unwrap();
+    std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
+    fails_with(
+        &["score", "--model", d, "--text", "hello"],
+        "no tokenizer.json",
+    );
+}

@@ -1,0 +1,169 @@
+//! Checkpoint loading: RoPE frequencies against HF's, sharded reads that hold 1/tp of the weights,
+//! and bad checkpoints refused with a message that names the problem.
+
+use std::path::{Path, PathBuf};
+
+use tessera_model::synthetic::{llama_config_json, random_safetensors};
+use tessera_model::{Checkpoint, LlamaModel, ModelConfig, RopeConfig, RopeScaling, TpRank};
+use tessera_tensor::DType;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf")
+}
+
+#[test]
+fn rope_frequencies_match_transformers() {
+    let text = std::fs::read_to_string(fixtures().join("llama/reference.json")).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let probe = &r["rope"]["probe"];
+    let f = |k: &str| probe[k].as_f64().unwrap();
+    let rope = RopeConfig {
+        theta: f("rope_theta"),
+        scaling: RopeScaling::Llama3 {
+            factor: f("factor"),
+            low_freq_factor: f("low_freq_factor"),
+            high_freq_factor: f("high_freq_factor"),
+            original_max_position_embeddings: f("original_max_position_embeddings"),
+        },
+    };
+    let ours = tessera_model::rope::inv_freq(&rope, probe["head_dim"].as_u64().unwrap() as usize);
+    let want: Vec<f64> = probe["inv_freq"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(ours.len(), want.len());
+    for (i, (a, b)) in ours.iter().zip(&want).enumerate() {
+        assert!(
+            ((*a as f64) - b).abs() <= 2e-6 * b.abs(),
+            "inv_freq[{i}]: {a} vs {b}"
+        );
+    }
+    let cfg = ModelConfig::from_dir(&fixtures().join("llama")).unwrap();
+    let ours = tessera_model::rope::inv_freq(&cfg.rope, cfg.head_dim);
+    let want = r["rope"]["inv_freq"].as_array().unwrap();
+    for (a, b) in ours.iter().zip(want) {
+        assert!(((*a as f64) - b.as_f64().unwrap()).abs() <= 1e-6 * b.as_f64().unwrap());
+    }
+}
+
+fn write_model(dir: &Path, cfg_json: &str, weights: &[u8]) {
+    std::fs::write(dir.join("config.json"), cfg_json).unwrap();
+    std::fs::write(dir.join("model.safetensors"), weights).unwrap();
+}
+
+#[test]
+fn a_rank_holds_one_tp_th_of_the_weights() {
+    let json = llama_config_json(1000, 256, 688, 2, 8, 4, false);
+    let cfg = ModelConfig::from_json_str(&json).unwrap();
+    let bytes: &'static [u8] =
+        Box::leak(random_safetensors(&cfg, DType::BF16, 1).into_boxed_slice());
+    let ck = Checkpoint::from_static("mem", bytes).unwrap();
+    let full = cfg.num_params() as f64 * 2.0;
+    for tp in [1, 2, 4] {
+        for rank in 0..tp {
+            let m = LlamaModel::from_checkpoint(
+                &ck,
+                cfg.clone(),
+                TpRank { rank, size: tp },
+                DType::BF16,
+            )
+            .unwrap();
+            let share = m.weight_bytes() as f64 / full;
+            // Norms are replicated (0.3% here), everything else is split.
+            assert!(
+                (share - 1.0 / tp as f64).abs() < 0.01,
+                "tp {tp} rank {rank}: {share}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_checkpoints_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = llama_config_json(64, 32, 48, 1, 4, 2, false);
+    let cfg = ModelConfig::from_json_str(&json).unwrap();
+    let good = random_safetensors(&cfg, DType::F32, 2);
+    let load = |d: &Path| {
+        LlamaModel::load(d, TpRank::single(), DType::F32)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+
+    // No weights at all.
+    std::fs::write(dir.path().join("config.json"), &json).unwrap();
+    assert!(
+        load(dir.path()).contains("neither model.safetensors"),
+        "{}",
+        load(dir.path())
+    );
+
+    // Truncated file.
+    write_model(dir.path(), &json, &good[..good.len() - 10]);
+    let e = load(dir.path());
+    assert!(
+        e.contains("model.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
+
+    // Config disagrees with the weights' shapes.
+    write_model(
+        dir.path(),
+        &json.replace("\"intermediate_size\":48", "\"intermediate_size\":40"),
+        &good,
+    );
+    let e = load(dir.path());
+    assert!(
+        e.contains("mlp.gate_proj.weight has shape [48, 32], the config implies [40, 32]"),
+        "{e}"
+    );
+
+    // A tensor missing (a tied checkpoint read as untied).
+    let tied_json = llama_config_json(64, 32, 48, 1, 4, 2, true);
+    let tied = random_safetensors(
+        &ModelConfig::from_json_str(&tied_json).unwrap(),
+        DType::F32,
+        3,
+    );
+    write_model(dir.path(), &json, &tied);
+    let e = load(dir.path());
+    assert!(e.contains("tensor lm_head.weight is missing"), "{e}");
+
+    // Unknown architecture, broken JSON.
+    write_model(
+        dir.path(),
+        &json.replace("LlamaForCausalLM", "FalconForCausalLM"),
+        &good,
+    );
+    assert!(load(dir.path()).contains("unsupported architecture \"FalconForCausalLM\""));
+    write_model(dir.path(), "{\"vocab_size\": 3", &good);
+    assert!(load(dir.path()).contains("not valid JSON"));
+
+    // A sharded index naming a missing shard.
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    write_model(dir.path(), &json, &good);
+    std::fs::rename(
+        dir.path().join("model.safetensors"),
+        dir.path().join("a.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        r#"{"weight_map": {"model.norm.weight": "b.safetensors"}}"#,
+    )
+    .unwrap();
+    let e = load(dir.path());
+    assert!(e.contains("b.safetensors"), "{e}");
+
+    // And the good one loads.
+    std::fs::remove_file(dir.path().join("model.safetensors.index.json")).unwrap();
+    std::fs::rename(
+        dir.path().join("a.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    LlamaModel::load(dir.path(), TpRank::single(), DType::F32).unwrap();
+}
