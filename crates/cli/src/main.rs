@@ -1,11 +1,14 @@
 //! `tessera`: split large language models across devices to serve and train them.
 
 mod bench;
+mod data_cmd;
+mod export_cmd;
 mod generate_cmd;
 mod launch_cmd;
 mod model_args;
 mod plan_cmd;
 mod score_cmd;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +31,12 @@ enum Cmd {
     Generate(generate_cmd::GenerateArgs),
     /// Memory, communication and time for a parallel layout, and the best layouts for a job.
     Plan(plan_cmd::PlanArgs),
+    /// Train a model (ZeRO 0-3 over data-parallel ranks) from a DeepSpeed-style JSON config.
+    Train(train_cmd::TrainArgs),
+    /// Prepare training data: `tessera data prepare` tokenizes text into binary token shards.
+    Data(data_cmd::DataArgs),
+    /// Export a training checkpoint as an HF model directory (safetensors + config.json).
+    Export(export_cmd::ExportArgs),
     /// Start and supervise the ranks of a multi-process job: `tessera launch --nproc-per-node N -- tessera ...`.
     Launch(launch_cmd::LaunchArgs),
     /// Benchmarks against measured ceilings.
@@ -56,6 +65,9 @@ fn main() {
         Cmd::Score(a) => score_cmd::run(a),
         Cmd::Generate(a) => generate_cmd::run(a),
         Cmd::Plan(a) => plan_cmd::run(a),
+        Cmd::Train(a) => train_cmd::run(a),
+        Cmd::Data(a) => data_cmd::run(a),
+        Cmd::Export(a) => export_cmd::run(a),
         Cmd::Launch(a) => launch_cmd::run(a),
         Cmd::Bench(a) => bench::run(a),
     };

@@ -1,16 +1,15 @@
 //! `y = x @ w^T (+ b)`: the linear layer's GEMM, with HF's `[out, in]` weight layout.
 //!
-//! f32 weights go straight to the `gemm` crate (rayon-parallel). 16-bit weights are widened on the
-//! fly: for a few rows of `x` (decode) by a GEMV that converts each weight once while streaming it
-//! (decode is bound by memory bandwidth, so the weights are read once, at their stored width); for
-//! many rows (prefill) by widening the weight once and calling `gemm`.
+//! For a few rows of `x` (decode) a GEMV streams each weight row once at its stored width, widening
+//! 16-bit values in L1 (decode is bound by memory bandwidth). For many rows (prefill) f32 weights go
+//! straight to the `gemm` crate (rayon-parallel) and 16-bit weights are widened once first.
 
 use rayon::prelude::*;
 
 use crate::error::shape_err;
 use crate::{Storage, Tensor, TensorError};
 
-/// Rows of `x` up to which 16-bit weights take the streaming GEMV path.
+/// Rows of `x` up to which the streaming GEMV is used.
 const GEMV_MAX_ROWS: usize = 16;
 
 /// `x[.., k] @ w[n, k]^T + bias[n]`, output in x's dtype with shape `[.., n]`.
@@ -73,8 +72,8 @@ pub fn matmul_t_into(x: &[f32], m: usize, k: usize, w: &Storage, n: usize, out: 
         return;
     }
     match w {
+        _ if m <= GEMV_MAX_ROWS => gemv(x, m, k, w, n, out),
         Storage::F32(wf) => gemm_f32(x, m, k, wf, n, out),
-        _ if m <= GEMV_MAX_ROWS => gemv_16(x, m, k, w, n, out),
         _ => {
             let mut wf = vec![0.0f32; n * k];
             wf.par_chunks_mut(k)
@@ -125,7 +124,7 @@ const GEMV_BLOCK: usize = 16;
 /// Weight elements widened at a time (stays in L1).
 const K_CHUNK: usize = 512;
 
-fn gemv_16(x: &[f32], m: usize, k: usize, w: &Storage, n: usize, out: &mut [f32]) {
+fn gemv(x: &[f32], m: usize, k: usize, w: &Storage, n: usize, out: &mut [f32]) {
     // Work on out^T [n, m] so that each task owns a contiguous block, then transpose.
     let mut out_t = vec![0.0f32; n * m];
     out_t
@@ -140,9 +139,15 @@ fn gemv_16(x: &[f32], m: usize, k: usize, w: &Storage, n: usize, out: &mut [f32]
                 let mut k0 = 0;
                 while k0 < k {
                     let len = K_CHUNK.min(k - k0);
-                    w.read_f32(j * k + k0, &mut wbuf[..len]);
+                    let wrow: &[f32] = match w {
+                        Storage::F32(wf) => &wf[j * k + k0..j * k + k0 + len],
+                        _ => {
+                            w.read_f32(j * k + k0, &mut wbuf[..len]);
+                            &wbuf[..len]
+                        }
+                    };
                     for (i, a) in acc.iter_mut().enumerate().take(m) {
-                        *a += dot(&x[i * k + k0..i * k + k0 + len], &wbuf[..len]);
+                        *a += dot(&x[i * k + k0..i * k + k0 + len], wrow);
                     }
                     k0 += len;
                 }
