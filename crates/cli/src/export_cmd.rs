@@ -1,8 +1,27 @@
-//! `tessera export` (owned by the training work).
+//! `tessera export`: a training checkpoint as an HF model directory (model.safetensors,
+//! config.json, tokenizer.json) that `tessera score` / `generate` and transformers load.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use tessera_tensor::DType;
 
 #[derive(clap::Args, Debug)]
-pub struct ExportArgs {}
+pub struct ExportArgs {
+    /// A checkpoint root (with `latest`) or one step directory, as `tessera train --save` writes.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Output HF model directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Dtype of the exported weights: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
 
-pub fn run(_a: ExportArgs) -> anyhow::Result<()> {
-    anyhow::bail!("tessera export is not built yet")
+pub fn run(a: ExportArgs) -> Result<()> {
+    let dtype: DType = a.dtype.parse()?;
+    let out = tessera_train::checkpoint::export(&a.checkpoint, &a.out, dtype)?;
+    eprintln!("exported {} to {}", a.checkpoint.display(), out.display());
+    Ok(())
 }

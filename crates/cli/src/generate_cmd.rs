@@ -65,6 +65,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         stop_at_eos: !a.ignore_eos,
     };
     let tokens = generate(&model, &prompt, &params, a.model.tp, dtype)?;
+    if tessera_comm::process_rank() != 0 {
+        return Ok(()); // under a multi-process launch only rank 0 prints
+    }
     let text = if model.tokenizer.is_some() {
         Some(model.decode(&tokens)?)
     } else {

@@ -1,8 +1,324 @@
-//! `tessera launch` (owned by the parallel-runtime work).
+//! `tessera launch`: starts the ranks of a multi-process job on this node and supervises them.
+//!
+//! Each rank is a child process with `TESSERA_RANK`, `TESSERA_WORLD_SIZE`, `TESSERA_LOCAL_RANK`,
+//! `TESSERA_MASTER_ADDR`, `TESSERA_MASTER_PORT` and `TESSERA_JOB_TOKEN` set (and torchrun's names
+//! for programs that read those). Rank 0 hosts the rendezvous store. The children's stderr comes
+//! through with a `[rank i]` prefix; stdout is passed through untouched (only rank 0 prints
+//! results). When a rank fails (non-zero exit or killed by a signal), the others get a few seconds
+//! to notice and exit with their own message, then are killed; the launcher exits non-zero naming
+//! the rank that failed first.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
 
 #[derive(clap::Args, Debug)]
-pub struct LaunchArgs {}
+pub struct LaunchArgs {
+    /// Ranks (processes) to start on this node.
+    #[arg(long)]
+    pub nproc_per_node: usize,
+    /// Nodes in the job; start `tessera launch` on each, with its --node-rank.
+    #[arg(long, default_value_t = 1)]
+    pub nnodes: usize,
+    /// This node's index, 0..nnodes; node 0 runs rank 0, which hosts the rendezvous store.
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: usize,
+    /// Host of node 0 as every node sees it. Default on one node: 127.0.0.1.
+    #[arg(long)]
+    pub master_addr: Option<String>,
+    /// Port of the rendezvous store on node 0. Default: a free port on one node, 29500 across nodes.
+    #[arg(long)]
+    pub master_port: Option<u16>,
+    /// Deadline in seconds of every rendezvous and collective wait (sets TESSERA_COMM_TIMEOUT_S).
+    #[arg(long, allow_negative_numbers = true)]
+    pub timeout: Option<f64>,
+    /// Check that all ranks issue the same collectives with the same sizes, naming the first
+    /// mismatch (sets TESSERA_COMM_CHECK=1).
+    #[arg(long)]
+    pub comm_check: bool,
+    /// Secret shared by the ranks of this job (the same on every node). Default: TESSERA_JOB_TOKEN,
+    /// else random on one node, else derived from the master address.
+    #[arg(long)]
+    pub job_token: Option<String>,
+    /// The command every rank runs, after `--`; `tessera` means this binary.
+    #[arg(last = true, required = true)]
+    pub cmd: Vec<String>,
+}
 
-pub fn run(_a: LaunchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("tessera launch is not built yet")
+/// A job to start on this node.
+pub struct JobSpec {
+    pub nproc_per_node: usize,
+    pub nnodes: usize,
+    pub node_rank: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+    pub job_token: String,
+    pub extra_env: Vec<(String, String)>,
+    pub cmd: Vec<String>,
+}
+
+pub fn run(a: LaunchArgs) -> Result<()> {
+    if a.nproc_per_node == 0 {
+        bail!("--nproc-per-node must be at least 1");
+    }
+    if a.nnodes == 0 {
+        bail!("--nnodes must be at least 1");
+    }
+    if a.node_rank >= a.nnodes {
+        bail!(
+            "--node-rank {} is not below --nnodes {}",
+            a.node_rank,
+            a.nnodes
+        );
+    }
+    let master_addr = match (&a.master_addr, a.nnodes) {
+        (Some(h), _) if h.trim().is_empty() => bail!("--master-addr is empty"),
+        (Some(h), _) => h.trim().to_string(),
+        (None, 1) => "127.0.0.1".to_string(),
+        (None, _) => bail!("a job of several nodes needs --master-addr (the host of node 0)"),
+    };
+    let master_port = match (a.master_port, a.nnodes) {
+        (Some(0), _) => bail!("--master-port must be a port number from 1 to 65535"),
+        (Some(p), _) => p,
+        (None, 1) => free_port()?,
+        (None, _) => 29500,
+    };
+    let mut extra_env = Vec::new();
+    if let Some(t) = a.timeout {
+        if !(t.is_finite() && t > 0.0) {
+            bail!("--timeout must be a number of seconds > 0, got {t}");
+        }
+        extra_env.push(("TESSERA_COMM_TIMEOUT_S".into(), t.to_string()));
+    }
+    if a.comm_check {
+        extra_env.push(("TESSERA_COMM_CHECK".into(), "1".into()));
+    }
+    let job_token = match (
+        a.job_token,
+        std::env::var("TESSERA_JOB_TOKEN").ok(),
+        a.nnodes,
+    ) {
+        (Some(t), _, _) | (None, Some(t), _) => t,
+        (None, None, 1) => format!("{:016x}", rand::random::<u64>()),
+        (None, None, _) => format!("tessera-{master_addr}:{master_port}"),
+    };
+    run_job(JobSpec {
+        nproc_per_node: a.nproc_per_node,
+        nnodes: a.nnodes,
+        node_rank: a.node_rank,
+        master_addr,
+        master_port,
+        job_token,
+        extra_env,
+        cmd: a.cmd,
+    })
+}
+
+/// A free TCP port on this host (for a one-node job's rendezvous store).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("cannot find a free port for the rendezvous store")?
+        .port())
+}
+
+struct Rank {
+    rank: usize,
+    pid: u32,
+    child: Child,
+    status: Option<ExitStatus>,
+    last_line: Arc<Mutex<String>>,
+    forward: Option<JoinHandle<()>>,
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        1 => " (SIGHUP)",
+        2 => " (SIGINT)",
+        6 => " (SIGABRT)",
+        9 => " (SIGKILL)",
+        11 => " (SIGSEGV)",
+        15 => " (SIGTERM)",
+        _ => "",
+    }
+}
+
+/// Why a rank's exit is a failure, or `None` if it succeeded.
+fn failure(r: &Rank, status: ExitStatus) -> Option<(bool, String)> {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(sig) = status.signal() {
+        return Some((
+            true,
+            format!(
+                "rank {} (pid {}) was killed by signal {sig}{}",
+                r.rank,
+                r.pid,
+                signal_name(sig)
+            ),
+        ));
+    }
+    match status.code() {
+        Some(0) => None,
+        code => {
+            let code = code.map(|c| c.to_string()).unwrap_or_else(|| "?".into());
+            let last = r.last_line.lock().map(|l| l.clone()).unwrap_or_default();
+            let why = if last.is_empty() {
+                String::new()
+            } else {
+                format!(": {last}")
+            };
+            Some((
+                false,
+                format!(
+                    "rank {} (pid {}) exited with status {code}{why}",
+                    r.rank, r.pid
+                ),
+            ))
+        }
+    }
+}
+
+/// Starts this node's ranks of `spec` and waits for them; an error names the rank that failed.
+pub fn run_job(spec: JobSpec) -> Result<()> {
+    let world = spec.nproc_per_node * spec.nnodes;
+    let Some(program) = spec.cmd.first() else {
+        bail!("nothing to launch: give the command after `--`");
+    };
+    let program = if program == "tessera" {
+        std::env::current_exe().context("cannot find the tessera binary")?
+    } else {
+        program.into()
+    };
+    let mut ranks: Vec<Rank> = Vec::new();
+    for local in 0..spec.nproc_per_node {
+        let rank = spec.node_rank * spec.nproc_per_node + local;
+        let mut cmd = Command::new(&program);
+        cmd.args(&spec.cmd[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::piped());
+        let vars = [
+            ("RANK", rank.to_string()),
+            ("WORLD_SIZE", world.to_string()),
+            ("LOCAL_RANK", local.to_string()),
+            ("LOCAL_WORLD_SIZE", spec.nproc_per_node.to_string()),
+            ("MASTER_ADDR", spec.master_addr.clone()),
+            ("MASTER_PORT", spec.master_port.to_string()),
+            ("JOB_TOKEN", spec.job_token.clone()),
+        ];
+        for (k, v) in &vars {
+            cmd.env(format!("TESSERA_{k}"), v);
+            if *k != "JOB_TOKEN" {
+                cmd.env(k, v);
+            }
+        }
+        for (k, v) in &spec.extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                for r in &mut ranks {
+                    let _ = r.child.kill();
+                    let _ = r.child.wait();
+                }
+                bail!("cannot start rank {rank} ({}): {e}", program.display());
+            }
+        };
+        let last_line = Arc::new(Mutex::new(String::new()));
+        let forward = child.stderr.take().map(|err| {
+            let last = last_line.clone();
+            std::thread::spawn(move || forward_stderr(rank, err, &last))
+        });
+        ranks.push(Rank {
+            rank,
+            pid: child.id(),
+            child,
+            status: None,
+            last_line,
+            forward,
+        });
+    }
+    supervise(ranks)
+}
+
+fn forward_stderr(rank: usize, err: impl std::io::Read, last: &Mutex<String>) {
+    let mut r = BufReader::new(err);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match r.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&line);
+                let text = text.trim_end();
+                let _ = writeln!(std::io::stderr().lock(), "[rank {rank}] {text}");
+                if !text.trim().is_empty() {
+                    if let Ok(mut l) = last.lock() {
+                        *l = text.to_string();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How long the other ranks get to exit on their own (with their own message) after one fails.
+const GRACE: Duration = Duration::from_secs(3);
+
+fn supervise(mut ranks: Vec<Rank>) -> Result<()> {
+    let mut first_failure: Option<(Instant, bool, String)> = None;
+    let mut killed = 0;
+    loop {
+        let mut failures_now = Vec::new();
+        for r in ranks.iter_mut().filter(|r| r.status.is_none()) {
+            if let Ok(Some(st)) = r.child.try_wait() {
+                r.status = Some(st);
+                if let Some(f) = failure(r, st) {
+                    failures_now.push(f);
+                }
+            }
+        }
+        // A rank killed by a signal is the root cause of the others' errors seen at the same time.
+        failures_now.sort_by_key(|(by_signal, _)| !by_signal);
+        if first_failure.is_none() {
+            if let Some((sig, msg)) = failures_now.into_iter().next() {
+                first_failure = Some((Instant::now(), sig, msg));
+            }
+        }
+        if ranks.iter().all(|r| r.status.is_some()) {
+            break;
+        }
+        if let Some((t, _, _)) = &first_failure {
+            if t.elapsed() > GRACE {
+                for r in ranks.iter_mut().filter(|r| r.status.is_none()) {
+                    let _ = r.child.kill();
+                    r.status = r.child.wait().ok();
+                    killed += 1;
+                }
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for r in &mut ranks {
+        if let Some(h) = r.forward.take() {
+            let _ = h.join();
+        }
+    }
+    match first_failure {
+        None => Ok(()),
+        Some((_, _, msg)) => {
+            let others = if killed > 0 {
+                format!("; killed {killed} rank(s) that were still running")
+            } else {
+                String::new()
+            };
+            bail!("{msg}{others}")
+        }
+    }
 }

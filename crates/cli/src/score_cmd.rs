@@ -32,6 +32,9 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         bail!("nothing to score: the input holds no tokens");
     }
     let out = score(&model, &tokens, a.model.tp, dtype)?;
+    if tessera_comm::process_rank() != 0 {
+        return Ok(()); // under a multi-process launch only rank 0 prints
+    }
     if a.json {
         let v = serde_json::json!({
             "token_logprobs": out.token_logprobs,

@@ -1,7 +1,10 @@
 //! The `Communicator` trait: the collectives every backend provides, on raw bytes (object safe), and
-//! typed wrappers over them (`CommExt`).
+//! typed wrappers over them (`CommExt`), blocking and asynchronous.
+
+use std::marker::PhantomData;
 
 use crate::element::{as_bytes, as_bytes_mut};
+use crate::work::{run_op, AsyncOp, Work};
 use crate::{CommError, ElemKind, Element};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,7 +16,9 @@ pub enum ReduceOp {
 
 /// One rank's handle on a group. Every rank of the group must issue the same collectives in the
 /// same order with the same sizes; backends check this and fail with [`CommError::Mismatch`].
-/// Every wait has a deadline ([`crate::default_timeout`]).
+/// Every wait has a deadline ([`crate::default_timeout`]). One thread at a time issues operations
+/// on a communicator (as with NCCL); asynchronous operations run in issue order, before any
+/// operation issued after them.
 pub trait Communicator: Send + Sync {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
@@ -37,6 +42,48 @@ pub trait Communicator: Send + Sync {
         op: ReduceOp,
     ) -> Result<(), CommError>;
     fn barrier(&self) -> Result<(), CommError>;
+    /// Sends `buf` to rank `dst` of this group. Eager: returns once the transport holds the bytes,
+    /// without waiting for the matching [`Communicator::recv_bytes`].
+    fn send_bytes(&self, buf: &[u8], dst: usize) -> Result<(), CommError>;
+    /// Receives the next message rank `src` sent to this rank; it must be `buf.len()` bytes.
+    fn recv_bytes(&self, buf: &mut [u8], src: usize) -> Result<(), CommError>;
+    /// Starts `op` and returns at once; [`Work::wait`] gives the output buffer back. The default
+    /// runs `op` before returning (a valid, if not overlapping, schedule); the backends override
+    /// it with their comm stream ([`crate::CommStream`]).
+    fn issue(&self, op: AsyncOp) -> Result<Work, CommError> {
+        Ok(Work::ready(run_op(self, op)))
+    }
+    /// A communicator over `ranks` (ranks of this group; position i becomes rank i of the new
+    /// group). Not a collective: every member calls it with the same list, in the same order as
+    /// its other `sub_group` calls; a rank that is not in `ranks` gets an error.
+    fn sub_group(&self, ranks: &[usize]) -> Result<Box<dyn Communicator>, CommError>;
+    /// Fails every pending and future operation of this group, on every rank, with `reason`.
+    /// Called by a rank that gives up (its own error), so the others stop at once.
+    fn abort(&self, reason: &str);
+}
+
+/// An asynchronous typed collective in flight; [`Pending::wait`] returns its output.
+#[must_use = "a collective in flight must be waited on to see its result or error"]
+pub struct Pending<T: Element> {
+    work: Work,
+    rank: usize,
+    _t: PhantomData<T>,
+}
+
+impl<T: Element> Pending<T> {
+    /// Whether the operation has finished (waiting would not block).
+    pub fn is_complete(&self) -> bool {
+        self.work.is_complete()
+    }
+
+    /// Blocks until the operation is done (within the deadline) and returns its output buffer.
+    pub fn wait(self) -> Result<Vec<T>, CommError> {
+        let buf = self.work.wait()?;
+        T::from_buf(buf).map_err(|b| CommError::Invalid {
+            rank: self.rank,
+            msg: format!("backend returned a {:?} buffer for {:?}", b.kind(), T::KIND),
+        })
+    }
 }
 
 /// Typed collectives over any [`Communicator`].
@@ -63,6 +110,83 @@ pub trait CommExt: Communicator {
         op: ReduceOp,
     ) -> Result<(), CommError> {
         self.reduce_scatter_bytes(as_bytes(send), as_bytes_mut(recv), T::KIND, op)
+    }
+    fn send<T: Element>(&self, buf: &[T], dst: usize) -> Result<(), CommError> {
+        self.send_bytes(as_bytes(buf), dst)
+    }
+    fn recv<T: Element>(&self, buf: &mut [T], src: usize) -> Result<(), CommError> {
+        self.recv_bytes(as_bytes_mut(buf), src)
+    }
+
+    /// Starts an all-reduce of `buf`; `wait` gives back the reduced buffer.
+    fn all_reduce_async<T: Element>(
+        &self,
+        buf: Vec<T>,
+        op: ReduceOp,
+    ) -> Result<Pending<T>, CommError> {
+        self.pending(AsyncOp::AllReduce {
+            buf: T::into_buf(buf),
+            op,
+        })
+    }
+    /// Starts an all-gather of `send` into `recv` (`world_size` times as long); `wait` gives `recv`.
+    fn all_gather_async<T: Element>(
+        &self,
+        send: Vec<T>,
+        recv: Vec<T>,
+    ) -> Result<Pending<T>, CommError> {
+        self.pending(AsyncOp::AllGather {
+            send: T::into_buf(send),
+            recv: T::into_buf(recv),
+        })
+    }
+    /// Starts a reduce-scatter of `send` into `recv`; `wait` gives back `recv`.
+    fn reduce_scatter_async<T: Element>(
+        &self,
+        send: Vec<T>,
+        recv: Vec<T>,
+        op: ReduceOp,
+    ) -> Result<Pending<T>, CommError> {
+        self.pending(AsyncOp::ReduceScatter {
+            send: T::into_buf(send),
+            recv: T::into_buf(recv),
+            op,
+        })
+    }
+    fn broadcast_async<T: Element>(
+        &self,
+        buf: Vec<T>,
+        root: usize,
+    ) -> Result<Pending<T>, CommError> {
+        self.pending(AsyncOp::Broadcast {
+            buf: T::into_buf(buf),
+            root,
+        })
+    }
+    /// Starts a send; `wait` gives the buffer back for reuse.
+    fn send_async<T: Element>(&self, buf: Vec<T>, dst: usize) -> Result<Pending<T>, CommError> {
+        self.pending(AsyncOp::Send {
+            buf: T::into_buf(buf),
+            dst,
+        })
+    }
+    fn recv_async<T: Element>(&self, buf: Vec<T>, src: usize) -> Result<Pending<T>, CommError> {
+        self.pending(AsyncOp::Recv {
+            buf: T::into_buf(buf),
+            src,
+        })
+    }
+    fn barrier_async(&self) -> Result<Work, CommError> {
+        self.issue(AsyncOp::Barrier)
+    }
+
+    #[doc(hidden)]
+    fn pending<T: Element>(&self, op: AsyncOp) -> Result<Pending<T>, CommError> {
+        Ok(Pending {
+            work: self.issue(op)?,
+            rank: self.rank(),
+            _t: PhantomData,
+        })
     }
 }
 

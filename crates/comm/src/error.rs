@@ -17,4 +17,14 @@ pub enum CommError {
     Aborted { rank: usize, reason: String },
     #[error("rank {rank}: invalid collective: {msg}")]
     Invalid { rank: usize, msg: String },
+    /// A peer process went away (its connection closed or broke) while this rank needed it.
+    #[error("rank {rank}: lost rank {peer}: {msg}")]
+    PeerLost {
+        rank: usize,
+        peer: usize,
+        msg: String,
+    },
+    /// Launch environment, rendezvous or configuration: the job could not be set up.
+    #[error("{0}")]
+    Setup(String),
 }

@@ -1,5 +1,12 @@
-//! The parallel runtime's collectives: the [`Communicator`] trait that every rank talks through, and
-//! its backends. Code above this crate cannot tell whether its peers are threads or processes.
+//! The parallel runtime's collectives: the [`Communicator`] trait that every rank talks through,
+//! its backends, the dp × pp × tp [`Mesh`], rendezvous and the launch environment. Code above this
+//! crate cannot tell whether its peers are threads or processes.
+//!
+//! - [`LocalComm`]: one thread per rank, shared memory ([`LocalGroup`]).
+//! - [`TcpComm`]: one process per rank, ring collectives over TCP ([`TcpComm::connect`], or
+//!   [`process_world`] for a process started by `tessera launch`, torchrun, srun or mpirun).
+//! - Both run asynchronous operations on a comm stream ([`CommStream`]), as NCCL does on a CUDA
+//!   stream; see `docs/COMM.md`.
 //!
 //! ```
 //! use tessera_comm::{CommExt, Communicator, LocalGroup, ReduceOp};
@@ -8,32 +15,91 @@
 //!     let hs: Vec<_> = comms.into_iter().map(|c| s.spawn(move || {
 //!         let mut v = vec![c.rank() as f32 + 1.0; 3];
 //!         c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
-//!         v
+//!         // Asynchronous: the buffer is owned by the operation until `wait` gives it back.
+//!         let pending = c.all_reduce_async(v, ReduceOp::Max).unwrap();
+//!         pending.wait().unwrap()
 //!     })).collect();
 //!     hs.into_iter().map(|h| h.join().unwrap()).collect()
 //! });
 //! assert_eq!(out, vec![vec![3.0; 3], vec![3.0; 3]]);
 //! ```
 
+mod check;
 mod communicator;
 mod element;
 mod error;
+pub mod launch_env;
 mod local;
+mod mesh;
+mod reduce;
+pub mod rendezvous;
+mod stream;
+mod tcp;
+mod work;
 
-pub use communicator::{CommExt, Communicator, ReduceOp};
-pub use element::{ElemKind, Element};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+pub use check::check_mode_from_env;
+pub use communicator::{CommExt, Communicator, Pending, ReduceOp};
+pub use element::{ElemKind, Element, OwnedBuf};
 pub use error::CommError;
-pub use local::{LocalComm, LocalGroup};
+pub use launch_env::{LaunchEnv, Launcher};
+pub use local::{LocalComm, LocalGroup, LocalRank};
+pub use mesh::{Coord, Mesh, MeshShape};
+pub use stream::CommStream;
+pub use tcp::{TcpComm, TcpConfig, TcpRank, DEFAULT_CHUNK_BYTES};
+pub use work::{AsyncOp, Work, WorkHandle};
 
 /// Default deadline of every wait, overridable with `TESSERA_COMM_TIMEOUT_S`.
 pub const DEFAULT_TIMEOUT_S: f64 = 300.0;
 
-/// The deadline of every collective wait: `TESSERA_COMM_TIMEOUT_S` seconds, else the default.
-pub fn default_timeout() -> std::time::Duration {
-    let secs = std::env::var("TESSERA_COMM_TIMEOUT_S")
+/// The deadline of every collective wait: `TESSERA_COMM_TIMEOUT_S` seconds, else the default
+/// (also when the variable is malformed; [`timeout_from_env`] reports that instead).
+pub fn default_timeout() -> Duration {
+    timeout_from_env().unwrap_or(Duration::from_secs_f64(DEFAULT_TIMEOUT_S))
+}
+
+/// The deadline of every wait from `TESSERA_COMM_TIMEOUT_S` (seconds, > 0), else the default.
+pub fn timeout_from_env() -> Result<Duration, CommError> {
+    match std::env::var("TESSERA_COMM_TIMEOUT_S") {
+        Err(_) => Ok(Duration::from_secs_f64(DEFAULT_TIMEOUT_S)),
+        Ok(s) => s
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|t| t.is_finite() && *t > 0.0 && *t < 1e9)
+            .map(Duration::from_secs_f64)
+            .ok_or_else(|| {
+                CommError::Setup(format!(
+                    "TESSERA_COMM_TIMEOUT_S must be a number of seconds > 0, got {s:?}"
+                ))
+            }),
+    }
+}
+
+static WORLD: OnceLock<Result<Option<Arc<TcpComm>>, CommError>> = OnceLock::new();
+
+/// This process's world when it was started as one rank of a multi-process job (see
+/// [`launch_env`]); `None` when it runs alone (or as the only rank). The first call joins the job
+/// (rendezvous, connections); later calls return the same communicator.
+pub fn process_world() -> Result<Option<Arc<TcpComm>>, CommError> {
+    WORLD
+        .get_or_init(|| match LaunchEnv::from_env()? {
+            Some(env) if env.world_size > 1 => {
+                let cfg = TcpConfig::from_launch_env(&env)?;
+                Ok(Some(Arc::new(TcpComm::connect(&cfg)?)))
+            }
+            _ => Ok(None),
+        })
+        .clone()
+}
+
+/// This process's rank in its multi-process job, 0 when it runs alone. Only rank 0 prints results.
+pub fn process_rank() -> usize {
+    LaunchEnv::from_env()
         .ok()
-        .and_then(|s| s.parse::<f64>().ok())
-        .filter(|s| *s > 0.0)
-        .unwrap_or(DEFAULT_TIMEOUT_S);
-    std::time::Duration::from_secs_f64(secs)
+        .flatten()
+        .map(|e| e.rank)
+        .unwrap_or(0)
 }

@@ -2,24 +2,19 @@
 //!
 //! Each collective is a rendezvous: every rank deposits its contribution and its description (op,
 //! element kind, sizes, root); the last to arrive checks that the descriptions agree and publishes
-//! the deposits; each rank then computes its own result from them outside the lock. A rank that
-//! leaves the group (its handle dropped, e.g. after an error) aborts everyone still waiting, and
-//! every wait has a deadline, so no rank can hang the others.
+//! the deposits; each rank then computes its own result from them outside the lock, reducing in
+//! the same order as the TCP ring ([`crate::reduce`]) so both backends give the same bits. A rank
+//! that leaves the group (its handle dropped, e.g. after an error) aborts everyone still waiting,
+//! and every wait has a deadline, so no rank can hang the others. Point-to-point messages go
+//! through per-pair mailboxes; sub-groups are found in a registry shared by the whole world.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::element::{load, store};
-use crate::{CommError, Communicator, ElemKind, ReduceOp};
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct OpDesc {
-    name: &'static str,
-    kind: Option<ElemKind>,
-    op: Option<ReduceOp>,
-    bytes: usize,
-    root: Option<usize>,
-}
+use crate::check::{OpCode, OpDesc};
+use crate::reduce::{ring_reduce_segment, segment};
+use crate::{CommError, CommStream, Communicator, ElemKind, ReduceOp};
 
 #[derive(Default)]
 struct State {
@@ -31,12 +26,37 @@ struct State {
     /// The deposits of the last completed collective, or why it failed.
     published: Option<Result<Arc<Vec<Vec<u8>>>, String>>,
     aborted: Option<String>,
+    /// Point-to-point messages in flight, by (source, destination).
+    mail: HashMap<(usize, usize), VecDeque<Vec<u8>>>,
 }
 
 struct Shared {
     size: usize,
     state: Mutex<State>,
     cv: Condvar,
+}
+
+impl Shared {
+    fn new(size: usize) -> Arc<Self> {
+        Arc::new(Shared {
+            size,
+            state: Mutex::new(State {
+                arrived: vec![false; size],
+                slots: vec![Vec::new(); size],
+                descs: vec![None; size],
+                ..State::default()
+            }),
+            cv: Condvar::new(),
+        })
+    }
+}
+
+/// The sub-groups of one world: `(world ranks, nth group over them)` -> its shared state.
+#[derive(Default)]
+struct Registry {
+    groups: HashMap<(Vec<usize>, u64), Arc<Shared>>,
+    /// How many groups over these world ranks each world rank has created.
+    created: HashMap<(Vec<usize>, usize), u64>,
 }
 
 /// A group of in-process ranks; hand one [`LocalComm`] to each rank's thread.
@@ -51,21 +71,17 @@ impl LocalGroup {
 
     pub fn with_timeout(size: usize, timeout: Duration) -> Self {
         assert!(size > 0, "a group needs at least one rank");
-        let shared = Arc::new(Shared {
-            size,
-            state: Mutex::new(State {
-                arrived: vec![false; size],
-                slots: vec![Vec::new(); size],
-                descs: vec![None; size],
-                ..State::default()
-            }),
-            cv: Condvar::new(),
-        });
+        let shared = Shared::new(size);
+        let registry = Arc::new(Mutex::new(Registry::default()));
         let comms = (0..size)
-            .map(|rank| LocalComm {
-                rank,
-                shared: shared.clone(),
-                timeout,
+            .map(|rank| {
+                CommStream::new(LocalRank {
+                    rank,
+                    world_ranks: (0..size).collect(),
+                    shared: shared.clone(),
+                    registry: registry.clone(),
+                    timeout,
+                })
             })
             .collect();
         LocalGroup { comms }
@@ -76,14 +92,20 @@ impl LocalGroup {
     }
 }
 
-/// One rank's handle of a [`LocalGroup`].
-pub struct LocalComm {
+/// One rank's handle of a [`LocalGroup`] (or of one of its sub-groups).
+pub type LocalComm = CommStream<LocalRank>;
+
+/// The in-process backend's blocking collectives for one rank; use it as [`LocalComm`].
+pub struct LocalRank {
     rank: usize,
+    /// World rank of each rank of this group.
+    world_ranks: Vec<usize>,
     shared: Arc<Shared>,
+    registry: Arc<Mutex<Registry>>,
     timeout: Duration,
 }
 
-impl Drop for LocalComm {
+impl Drop for LocalRank {
     fn drop(&mut self) {
         let mut st = self.lock();
         if st.aborted.is_none() {
@@ -93,11 +115,18 @@ impl Drop for LocalComm {
     }
 }
 
-impl LocalComm {
+impl LocalRank {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A poisoned lock means a rank panicked mid-collective; the state is still consistent
         // enough to report an abort, which is all that is left to do.
         self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn aborted(&self, reason: &str) -> CommError {
+        CommError::Aborted {
+            rank: self.rank,
+            reason: reason.to_string(),
+        }
     }
 
     /// Deposits `data` with `desc`, waits for every rank, and returns all deposits in rank order.
@@ -105,26 +134,20 @@ impl LocalComm {
         let n = self.shared.size;
         let mut st = self.lock();
         if let Some(reason) = &st.aborted {
-            return Err(CommError::Aborted {
-                rank: self.rank,
-                reason: reason.clone(),
-            });
+            return Err(self.aborted(reason));
         }
         let my_gen = st.generation;
         st.arrived[self.rank] = true;
         st.slots[self.rank] = data;
-        st.descs[self.rank] = Some(desc.clone());
+        st.descs[self.rank] = Some(desc);
         if st.arrived.iter().all(|a| *a) {
-            let first = st.descs[0].clone();
-            let mismatch = st.descs.iter().enumerate().find_map(|(r, d)| {
-                (d != &first).then(|| {
-                    format!(
-                        "collective #{my_gen}: rank 0 issued {} but rank {r} issued {}",
-                        describe(first.as_ref()),
-                        describe(d.as_ref())
-                    )
-                })
-            });
+            let descs: Vec<(usize, OpDesc)> = st
+                .descs
+                .iter()
+                .enumerate()
+                .filter_map(|(r, d)| d.map(|d| (r, d)))
+                .collect();
+            let mismatch = crate::check::first_mismatch(my_gen, &descs);
             let slots = std::mem::replace(&mut st.slots, vec![Vec::new(); n]);
             st.published = Some(match mismatch {
                 None => Ok(Arc::new(slots)),
@@ -138,23 +161,21 @@ impl LocalComm {
             let deadline = Instant::now() + self.timeout;
             while st.generation == my_gen {
                 if let Some(reason) = &st.aborted {
-                    return Err(CommError::Aborted {
-                        rank: self.rank,
-                        reason: reason.clone(),
-                    });
+                    return Err(self.aborted(reason));
                 }
                 let now = Instant::now();
                 if now >= deadline {
                     let missing: Vec<usize> = (0..n).filter(|&r| !st.arrived[r]).collect();
                     let err = CommError::Timeout {
                         rank: self.rank,
-                        op: format!("{} (collective #{my_gen})", desc.name),
+                        op: format!("{} (collective #{my_gen})", desc.code.name()),
                         secs: self.timeout.as_secs_f64(),
                         missing: missing.clone(),
                     };
                     st.aborted = Some(format!(
                         "rank {} timed out in {} waiting for rank(s) {missing:?}",
-                        self.rank, desc.name
+                        self.rank,
+                        desc.code.name()
                     ));
                     self.shared.cv.notify_all();
                     return Err(err);
@@ -169,21 +190,22 @@ impl LocalComm {
         }
         // A later collective cannot complete before this rank joins it, so `published` still
         // holds this one's deposits.
-        match st.published.clone().expect("published after completion") {
-            Ok(slots) => Ok(slots),
-            Err(msg) => Err(CommError::Mismatch {
+        match st.published.clone() {
+            Some(Ok(slots)) => Ok(slots),
+            Some(Err(msg)) => Err(CommError::Mismatch {
                 rank: self.rank,
                 msg,
             }),
+            None => Err(self.aborted("collective completed without a result")),
         }
     }
 
-    fn check_root(&self, root: usize) -> Result<(), CommError> {
-        if root >= self.shared.size {
+    fn check_rank(&self, what: &str, r: usize) -> Result<(), CommError> {
+        if r >= self.shared.size {
             return Err(CommError::Invalid {
                 rank: self.rank,
                 msg: format!(
-                    "root {root} is not a rank of a group of {}",
+                    "{what} {r} is not a rank of a group of {}",
                     self.shared.size
                 ),
             });
@@ -192,54 +214,7 @@ impl LocalComm {
     }
 }
 
-fn describe(d: Option<&OpDesc>) -> String {
-    match d {
-        None => "nothing".into(),
-        Some(d) => {
-            let mut s = format!("{} of {} bytes", d.name, d.bytes);
-            if let Some(k) = d.kind {
-                s += &format!(" ({k:?}");
-                if let Some(op) = d.op {
-                    s += &format!(", {op:?}");
-                }
-                s += ")";
-            }
-            if let Some(r) = d.root {
-                s += &format!(" from root {r}");
-            }
-            s
-        }
-    }
-}
-
-/// Reduces element range `lo..hi` of every deposit into `out` (which holds `hi - lo` elements).
-fn reduce_into(
-    slots: &[Vec<u8>],
-    kind: ElemKind,
-    op: ReduceOp,
-    lo: usize,
-    hi: usize,
-    out: &mut [u8],
-) {
-    let n = slots.len() as f64;
-    for i in lo..hi {
-        // Always in rank order, so every rank computes bit-identical results.
-        let mut acc = load(kind, &slots[0], i);
-        for s in &slots[1..] {
-            let x = load(kind, s, i);
-            acc = match op {
-                ReduceOp::Sum | ReduceOp::Avg => acc + x,
-                ReduceOp::Max => acc.max(x),
-            };
-        }
-        if op == ReduceOp::Avg {
-            acc /= n;
-        }
-        store(kind, out, i - lo, acc);
-    }
-}
-
-impl Communicator for LocalComm {
+impl Communicator for LocalRank {
     fn rank(&self) -> usize {
         self.rank
     }
@@ -254,15 +229,21 @@ impl Communicator for LocalComm {
         kind: ElemKind,
         op: ReduceOp,
     ) -> Result<(), CommError> {
-        let desc = OpDesc {
-            name: "all_reduce",
-            kind: Some(kind),
-            op: Some(op),
-            bytes: buf.len(),
-            root: None,
-        };
+        if !buf.len().is_multiple_of(kind.size()) {
+            return Err(CommError::Invalid {
+                rank: self.rank,
+                msg: format!("all_reduce of {} bytes of {kind:?}", buf.len()),
+            });
+        }
+        let desc = OpDesc::new(OpCode::AllReduce, buf.len()).reduce(kind, op);
         let slots = self.rendezvous(desc, buf.to_vec())?;
-        reduce_into(&slots, kind, op, 0, buf.len() / kind.size(), buf);
+        let (n, es) = (self.shared.size, kind.size());
+        let elems = buf.len() / es;
+        for k in 0..n {
+            let r = segment(elems, n, k);
+            let bytes = r.start * es..r.end * es;
+            ring_reduce_segment(&slots, kind, op, k, bytes.clone(), &mut buf[bytes]);
+        }
         Ok(())
     }
 
@@ -278,13 +259,7 @@ impl Communicator for LocalComm {
                 ),
             });
         }
-        let desc = OpDesc {
-            name: "all_gather",
-            kind: None,
-            op: None,
-            bytes: send.len(),
-            root: None,
-        };
+        let desc = OpDesc::new(OpCode::AllGather, send.len());
         let slots = self.rendezvous(desc, send.to_vec())?;
         for (chunk, s) in recv.chunks_mut(send.len().max(1)).zip(slots.iter()) {
             chunk.copy_from_slice(s);
@@ -293,14 +268,8 @@ impl Communicator for LocalComm {
     }
 
     fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<(), CommError> {
-        self.check_root(root)?;
-        let desc = OpDesc {
-            name: "broadcast",
-            kind: None,
-            op: None,
-            bytes: buf.len(),
-            root: Some(root),
-        };
+        self.check_rank("root", root)?;
+        let desc = OpDesc::new(OpCode::Broadcast, buf.len()).root(root);
         let data = if self.rank == root {
             buf.to_vec()
         } else {
@@ -331,35 +300,110 @@ impl Communicator for LocalComm {
                 ),
             });
         }
-        let desc = OpDesc {
-            name: "reduce_scatter",
-            kind: Some(kind),
-            op: Some(op),
-            bytes: send.len(),
-            root: None,
-        };
+        let desc = OpDesc::new(OpCode::ReduceScatter, send.len()).reduce(kind, op);
         let slots = self.rendezvous(desc, send.to_vec())?;
-        let per = recv.len() / kind.size();
-        reduce_into(
-            &slots,
-            kind,
-            op,
-            self.rank * per,
-            (self.rank + 1) * per,
-            recv,
-        );
+        let per = recv.len();
+        let range = self.rank * per..(self.rank + 1) * per;
+        ring_reduce_segment(&slots, kind, op, self.rank, range, recv);
         Ok(())
     }
 
     fn barrier(&self) -> Result<(), CommError> {
-        let desc = OpDesc {
-            name: "barrier",
-            kind: None,
-            op: None,
-            bytes: 0,
-            root: None,
+        self.rendezvous(OpDesc::new(OpCode::Barrier, 0), Vec::new())
+            .map(|_| ())
+    }
+
+    fn send_bytes(&self, buf: &[u8], dst: usize) -> Result<(), CommError> {
+        self.check_rank("destination", dst)?;
+        let mut st = self.lock();
+        if let Some(reason) = &st.aborted {
+            return Err(self.aborted(reason));
+        }
+        st.mail
+            .entry((self.rank, dst))
+            .or_default()
+            .push_back(buf.to_vec());
+        self.shared.cv.notify_all();
+        Ok(())
+    }
+
+    fn recv_bytes(&self, buf: &mut [u8], src: usize) -> Result<(), CommError> {
+        self.check_rank("source", src)?;
+        let deadline = Instant::now() + self.timeout;
+        let mut st = self.lock();
+        loop {
+            if let Some(msg) = st
+                .mail
+                .get_mut(&(src, self.rank))
+                .and_then(|q| q.pop_front())
+            {
+                if msg.len() != buf.len() {
+                    return Err(CommError::Mismatch {
+                        rank: self.rank,
+                        msg: format!(
+                            "rank {} receives {} bytes but rank {src} sent {}",
+                            self.rank,
+                            buf.len(),
+                            msg.len()
+                        ),
+                    });
+                }
+                buf.copy_from_slice(&msg);
+                return Ok(());
+            }
+            if let Some(reason) = &st.aborted {
+                return Err(self.aborted(reason));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(CommError::Timeout {
+                    rank: self.rank,
+                    op: "recv".into(),
+                    secs: self.timeout.as_secs_f64(),
+                    missing: vec![src],
+                });
+            }
+            st = self
+                .shared
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn sub_group(&self, ranks: &[usize]) -> Result<Box<dyn Communicator>, CommError> {
+        let me = crate::mesh::check_sub_group(self.rank, self.shared.size, ranks)?;
+        let world_ranks: Vec<usize> = ranks.iter().map(|&r| self.world_ranks[r]).collect();
+        let my_world = self.world_ranks[self.rank];
+        let shared = {
+            let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+            let nth = reg
+                .created
+                .entry((world_ranks.clone(), my_world))
+                .or_insert(0);
+            let key = (world_ranks.clone(), *nth);
+            *nth += 1;
+            reg.groups
+                .entry(key)
+                .or_insert_with(|| Shared::new(ranks.len()))
+                .clone()
         };
-        self.rendezvous(desc, Vec::new()).map(|_| ())
+        Ok(Box::new(CommStream::new(LocalRank {
+            rank: me,
+            world_ranks,
+            shared,
+            registry: self.registry.clone(),
+            timeout: self.timeout,
+        })))
+    }
+
+    fn abort(&self, reason: &str) {
+        let mut st = self.lock();
+        if st.aborted.is_none() {
+            st.aborted = Some(reason.to_string());
+        }
+        self.shared.cv.notify_all();
     }
 }
 

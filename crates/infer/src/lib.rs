@@ -17,7 +17,29 @@ mod source;
 mod spmd;
 
 pub use error::InferError;
-pub use generate::{generate, GenerateParams};
-pub use score::{score, ScoreOutput};
+pub use generate::{generate, generate_on, GenerateParams};
+pub use score::{score, score_on, ScoreOutput};
 pub use source::{ModelSource, OpenModel};
 pub use spmd::run_tp;
+
+/// The device of tensor-parallel rank `rank` when the job runs on `base`: GPUs are numbered from
+/// `base`, one per rank.
+pub fn rank_device(base: tessera_tensor::Device, rank: usize) -> tessera_tensor::Device {
+    match base {
+        tessera_tensor::Device::Cpu => tessera_tensor::Device::Cpu,
+        tessera_tensor::Device::Cuda(i) => tessera_tensor::Device::Cuda(i + rank),
+    }
+}
+
+/// Readies the devices of a `tp`-rank job on `base`: on CUDA with tp > 1, one NCCL communicator
+/// per GPU, so that the ranks all-reduce activations on the devices.
+pub fn prepare_devices(base: tessera_tensor::Device, tp: usize) -> Result<(), InferError> {
+    #[cfg(feature = "cuda")]
+    if let tessera_tensor::Device::Cuda(i) = base {
+        let ordinals: Vec<usize> = (i..i + tp).collect();
+        tessera_tensor::cuda::nccl::init_group(&ordinals)
+            .map_err(tessera_model::ModelError::from)?;
+    }
+    let _ = (base, tp);
+    Ok(())
+}

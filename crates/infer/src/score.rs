@@ -2,7 +2,7 @@
 
 use tessera_comm::Communicator;
 use tessera_model::{LlamaModel, Logits};
-use tessera_tensor::{ops, DType};
+use tessera_tensor::{ops, DType, Device};
 
 use crate::{run_tp, InferError, OpenModel};
 
@@ -13,19 +13,38 @@ pub struct ScoreOutput {
     pub sum_logprob: f64,
 }
 
-/// Scores `tokens` with the model split over `tp` ranks.
+/// Scores `tokens` with the model split over `tp` ranks on the CPU.
 pub fn score(
     model: &OpenModel,
     tokens: &[u32],
     tp: usize,
     dtype: DType,
 ) -> Result<ScoreOutput, InferError> {
+    score_on(model, tokens, tp, dtype, Device::Cpu)
+}
+
+/// Scores `tokens` with the model split over `tp` ranks; on CUDA, rank r uses device `base + r`.
+pub fn score_on(
+    model: &OpenModel,
+    tokens: &[u32],
+    tp: usize,
+    dtype: DType,
+    device: Device,
+) -> Result<ScoreOutput, InferError> {
     if tokens.is_empty() {
         return Err(InferError::Request("score needs at least one token".into()));
     }
     tessera_model::validate_tp(&model.config, tp)?;
+    crate::prepare_devices(device, tp)?;
     run_tp(tp, |comm, rank| {
-        let m = LlamaModel::from_checkpoint(&model.checkpoint, model.config.clone(), rank, dtype)?;
+        let dev = crate::rank_device(device, rank.rank);
+        let m = LlamaModel::from_checkpoint_on(
+            &model.checkpoint,
+            model.config.clone(),
+            rank,
+            dtype,
+            dev,
+        )?;
         score_on_rank(&m, tokens, comm)
     })
 }
@@ -36,7 +55,7 @@ pub fn score_on_rank(
     tokens: &[u32],
     comm: &dyn Communicator,
 ) -> Result<ScoreOutput, InferError> {
-    let mut cache = m.new_cache(tokens.len());
+    let mut cache = m.new_cache(tokens.len())?;
     let logits = m.forward(tokens, &mut cache, Logits::All, comm)?;
     let v = m.cfg.vocab_size;
     let token_logprobs: Vec<f64> = (0..tokens.len() - 1)

@@ -1,21 +1,88 @@
-//! Runs one closure per tensor-parallel rank, each on its own thread with its own communicator,
-//! and returns rank 0's result. If a rank fails, the others are aborted by the communicator, and
-//! the error reported is the root cause rather than the aborts it caused.
+//! Runs one closure per tensor-parallel rank and returns rank 0's result.
+//!
+//! Two ways, the closure cannot tell which:
+//! - **threads** (default): one thread per rank in this process, over the in-process backend;
+//! - **one rank of a multi-process job**: when this process was started by `tessera launch`,
+//!   torchrun, srun or mpirun ([`tessera_comm::process_world`]), it runs the closure once, as its
+//!   own rank, over the TCP backend. Every rank returns its own result (score and generate compute
+//!   the same result on every rank; rank 0's is the one printed).
+//!
+//! If a rank fails, the others are aborted by the communicator, and the error reported is the root
+//! cause rather than the aborts it caused.
 
-use tessera_comm::{CommError, LocalComm, LocalGroup};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use tessera_comm::{CommError, Communicator, LocalGroup};
 use tessera_model::TpRank;
 
 use crate::InferError;
 
+fn is_abort(e: &InferError) -> bool {
+    matches!(
+        e,
+        InferError::Comm(CommError::Aborted { .. })
+            | InferError::Model(tessera_model::ModelError::Comm(CommError::Aborted { .. }))
+    )
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
 pub fn run_tp<R, F>(tp: usize, f: F) -> Result<R, InferError>
 where
     R: Send,
-    F: Fn(&LocalComm, TpRank) -> Result<R, InferError> + Sync,
+    F: Fn(&dyn Communicator, TpRank) -> Result<R, InferError> + Sync,
 {
     if tp == 0 {
         return Err(InferError::Request("tp must be at least 1".into()));
     }
-    let comms = LocalGroup::new(tp).into_comms();
+    let timeout = tessera_comm::timeout_from_env()?;
+    match tessera_comm::process_world()? {
+        Some(world) => run_as_process_rank(&*world, tp, f),
+        None => run_as_threads(tp, timeout, f),
+    }
+}
+
+/// This process is one rank of a multi-process job: run `f` once, as that rank.
+fn run_as_process_rank<R, F>(world: &dyn Communicator, tp: usize, f: F) -> Result<R, InferError>
+where
+    F: Fn(&dyn Communicator, TpRank) -> Result<R, InferError>,
+{
+    let (rank, size) = (world.rank(), world.world_size());
+    if size != tp {
+        let msg = format!(
+            "this process is rank {rank} of a {size}-process job but tp is {tp}: launch with \
+             --nproc-per-node {tp} (× nodes) or pass --tp {size}"
+        );
+        world.abort(&format!("rank {rank}: {msg}"));
+        return Err(InferError::Request(msg));
+    }
+    let r =
+        catch_unwind(AssertUnwindSafe(|| f(world, TpRank { rank, size }))).unwrap_or_else(|p| {
+            Err(InferError::Panic {
+                rank,
+                msg: panic_message(p),
+            })
+        });
+    if let Err(e) = &r {
+        // Tell the other ranks now, with the cause, instead of letting them wait out the deadline.
+        if !is_abort(e) {
+            world.abort(&format!("rank {rank} failed: {e}"));
+        }
+    }
+    r
+}
+
+fn run_as_threads<R, F>(tp: usize, timeout: std::time::Duration, f: F) -> Result<R, InferError>
+where
+    R: Send,
+    F: Fn(&dyn Communicator, TpRank) -> Result<R, InferError> + Sync,
+{
+    let comms = LocalGroup::with_timeout(tp, timeout).into_comms();
     let results: Vec<Result<R, InferError>> = std::thread::scope(|s| {
         let handles: Vec<_> = comms
             .into_iter()
@@ -34,23 +101,14 @@ where
             .enumerate()
             .map(|(rank, h)| {
                 h.join().unwrap_or_else(|p| {
-                    let msg = p
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_default();
-                    Err(InferError::Panic { rank, msg })
+                    Err(InferError::Panic {
+                        rank,
+                        msg: panic_message(p),
+                    })
                 })
             })
             .collect()
     });
-    let is_abort = |e: &InferError| {
-        matches!(
-            e,
-            InferError::Comm(CommError::Aborted { .. })
-                | InferError::Model(tessera_model::ModelError::Comm(CommError::Aborted { .. }))
-        )
-    };
     let mut errors = Vec::new();
     let mut rank0 = None;
     for (rank, r) in results.into_iter().enumerate() {
@@ -60,10 +118,15 @@ where
             Err(e) => errors.push(e),
         }
     }
-    if errors.is_empty() {
-        return Ok(rank0.expect("rank 0 returned"));
+    match rank0 {
+        Some(v) if errors.is_empty() => Ok(v),
+        _ => {
+            // Prefer the root cause over the aborts it caused on the other ranks.
+            let idx = errors.iter().position(|e| !is_abort(e)).unwrap_or(0);
+            if errors.is_empty() {
+                return Err(InferError::Request("rank 0 returned no result".into()));
+            }
+            Err(errors.swap_remove(idx))
+        }
     }
-    // Prefer the root cause over the aborts it caused on the other ranks.
-    let idx = errors.iter().position(|e| !is_abort(e)).unwrap_or(0);
-    Err(errors.swap_remove(idx))
 }

@@ -6,8 +6,8 @@
 use std::path::PathBuf;
 
 use serde::Deserialize;
-use tessera_infer::{generate, score, GenerateParams, ModelSource, OpenModel};
-use tessera_tensor::{DType, SamplingParams};
+use tessera_infer::{generate_on, score_on, GenerateParams, ModelSource, OpenModel};
+use tessera_tensor::{DType, Device, SamplingParams};
 
 #[derive(Deserialize)]
 struct Reference {
@@ -38,9 +38,13 @@ struct GreedyCase {
 }
 
 fn fixture(name: &str) -> (OpenModel, Reference) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/hf")
-        .join(name);
+    // TESSERA_FIXTURES lets a test binary built elsewhere (the GPU machine's) find the fixtures.
+    let root = std::env::var_os("TESSERA_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf")
+        });
+    let dir = root.join(name);
     let model = ModelSource::open(&ModelSource::Dir(dir.clone())).unwrap();
     let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
     (model, serde_json::from_str(&text).unwrap())
@@ -65,8 +69,17 @@ const F32_TOL: f64 = 1e-4;
 const BF16_TOL: f64 = 0.15;
 
 fn check_model(name: &str, valid: &[usize]) {
+    check_model_on(name, valid, Device::Cpu, 8);
+}
+
+/// Checks every tp in `1..=max_tp` on `device` (CUDA: rank r on GPU r).
+fn check_model_on(name: &str, valid: &[usize], device: Device, max_tp: usize) {
     let (model, reference) = fixture(name);
-    for tp in 1..=8 {
+    let score = |m: &OpenModel, t: &[u32], tp, dt| score_on(m, t, tp, dt, device);
+    let generate =
+        |m: &OpenModel, p: &[u32], g: &GenerateParams, tp, dt| generate_on(m, p, g, tp, dt, device);
+    let valid: Vec<usize> = valid.iter().copied().filter(|&t| t <= max_tp).collect();
+    for tp in 1..=max_tp {
         let allowed = valid.contains(&tp);
         let first = &reference.score[0].tokens;
         let r = score(&model, first, tp, DType::F32);
@@ -103,6 +116,7 @@ fn check_model(name: &str, valid: &[usize]) {
         assert!(d < F32_TOL, "{name} text: f32 max diff {d}");
     }
     for &tp in &[1, *valid.last().unwrap()] {
+        let tp: usize = tp;
         let (mut ours, mut hf, mut n) = (0.0, 0.0, 0.0);
         for case in &reference.score {
             let got = score(&model, &case.tokens, tp, DType::BF16).unwrap();
@@ -147,4 +161,47 @@ fn mistral_bf16_weights_sliding_window_matches_hf() {
 fn qwen2_bias_tied_sharded_matches_hf() {
     // 4 heads, 1 kv head: replicated at tp 2 and 4.
     check_model("qwen2", &[1, 2, 4]);
+}
+
+/// The same checks on GPUs (built with `--features cuda`, run by `scripts/gpu_check.sh`): tp 1 and,
+/// where the machine has two GPUs, tp 2.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+
+    fn gpus() -> usize {
+        let mut n = 0;
+        while n < 8 && Device::Cuda(n).ensure_available().is_ok() {
+            n += 1;
+        }
+        if n == 0 {
+            assert!(std::env::var("TESSERA_REQUIRE_GPU").is_err(), "no GPU");
+            eprintln!("skipped: no GPU");
+        }
+        n.min(2)
+    }
+
+    #[test]
+    fn llama_on_gpu_matches_hf() {
+        let n = gpus();
+        if n > 0 {
+            check_model_on("llama", &[1, 2, 4, 8], Device::Cuda(0), n);
+        }
+    }
+
+    #[test]
+    fn mistral_on_gpu_matches_hf() {
+        let n = gpus();
+        if n > 0 {
+            check_model_on("mistral", &[1, 2, 4], Device::Cuda(0), n);
+        }
+    }
+
+    #[test]
+    fn qwen2_on_gpu_matches_hf() {
+        let n = gpus();
+        if n > 0 {
+            check_model_on("qwen2", &[1, 2, 4], Device::Cuda(0), n);
+        }
+    }
 }

@@ -120,12 +120,14 @@ impl Checkpoint {
                     StDtype::F32 => DType::F32,
                     StDtype::BF16 => DType::BF16,
                     StDtype::F16 => DType::F16,
-                    other => return Err(ck_err(
-                        path,
-                        format!(
+                    other => {
+                        return Err(ck_err(
+                            path,
+                            format!(
                             "tensor {name} has dtype {other:?}; tessera reads F32, BF16 and F16"
                         ),
-                    )),
+                        ))
+                    }
                 };
                 let entry = Entry {
                     file: fi,

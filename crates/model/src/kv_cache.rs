@@ -2,7 +2,7 @@
 //! head_dim]` for this rank's KV heads only, in the compute dtype. (Paged blocks come with the
 //! serving engine; the layers only need `write` and the two buffers.)
 
-use tessera_tensor::{DType, Storage, Tensor};
+use tessera_tensor::{DType, Device, Storage, Tensor, TensorError};
 
 pub struct LayerKv {
     pub k: Storage,
@@ -12,25 +12,25 @@ pub struct LayerKv {
 }
 
 impl LayerKv {
-    fn new(row: usize, capacity: usize, dtype: DType) -> Self {
-        LayerKv {
-            k: Storage::zeros(dtype, row * capacity),
-            v: Storage::zeros(dtype, row * capacity),
+    fn new(row: usize, capacity: usize, dtype: DType, device: Device) -> Result<Self, TensorError> {
+        Ok(LayerKv {
+            k: Storage::zeros_on(dtype, row * capacity, device)?,
+            v: Storage::zeros_on(dtype, row * capacity, device)?,
             row,
-        }
+        })
     }
 
     /// Stores K and V of positions `start..start + k.dim(0)`.
-    pub fn write(&mut self, start: usize, k: &Tensor, v: &Tensor) {
+    pub fn write(&mut self, start: usize, k: &Tensor, v: &Tensor) -> Result<(), TensorError> {
         let n = k.elem_count();
         let need = start * self.row + n;
         if need > self.k.len() {
             let cap = need.max(2 * self.k.len());
-            grow(&mut self.k, cap);
-            grow(&mut self.v, cap);
+            grow(&mut self.k, cap)?;
+            grow(&mut self.v, cap)?;
         }
-        self.k.write_f32(start * self.row, &k.to_f32_vec());
-        self.v.write_f32(start * self.row, &v.to_f32_vec());
+        self.k.append_rows(start, self.row, k.storage())?;
+        self.v.append_rows(start, self.row, v.storage())
     }
 
     pub fn size_in_bytes(&self) -> usize {
@@ -38,28 +38,36 @@ impl LayerKv {
     }
 }
 
-fn grow(s: &mut Storage, cap: usize) {
-    let mut old = vec![0.0f32; s.len()];
-    s.read_f32(0, &mut old);
-    let mut new = Storage::zeros(s.dtype(), cap);
-    new.write_f32(0, &old);
+fn grow(s: &mut Storage, cap: usize) -> Result<(), TensorError> {
+    let mut new = Storage::zeros_on(s.dtype(), cap, s.device())?;
+    new.copy_from(0, s)?;
     *s = new;
+    Ok(())
 }
 
 /// One sequence's cache over all layers.
 pub struct KvCache {
     pub layers: Vec<LayerKv>,
     len: usize,
+    /// Sequences decoded in lockstep (each position holds a row of K/V per sequence).
+    pub(crate) batch: usize,
 }
 
 impl KvCache {
-    pub fn new(num_layers: usize, row: usize, capacity: usize, dtype: DType) -> Self {
-        KvCache {
+    pub fn new(
+        num_layers: usize,
+        row: usize,
+        capacity: usize,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Self, TensorError> {
+        Ok(KvCache {
             layers: (0..num_layers)
-                .map(|_| LayerKv::new(row, capacity, dtype))
-                .collect(),
+                .map(|_| LayerKv::new(row, capacity, dtype, device))
+                .collect::<Result<_, _>>()?,
             len: 0,
-        }
+            batch: 1,
+        })
     }
 
     /// Positions cached so far.
@@ -73,6 +81,16 @@ impl KvCache {
 
     pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(crate) fn set_len(&mut self, n: usize) {
+        self.len = n;
+    }
+
+    /// Positions the cache holds without growing.
+    pub fn capacity(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.k.len() / l.row.max(1))
     }
 
     pub fn size_in_bytes(&self) -> usize {

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod grad;
 pub mod kv_cache;
 pub mod layers;
 pub mod llama;
@@ -14,6 +15,9 @@ pub mod tp;
 pub use checkpoint::Checkpoint;
 pub use config::{Arch, ModelConfig, RopeConfig, RopeScaling};
 pub use error::ModelError;
+pub use grad::{BatchDims, ParamLayout, TrainModel, TrainOptions, UnitSource};
 pub use kv_cache::KvCache;
+#[cfg(feature = "cuda")]
+pub use llama::LockstepGraph;
 pub use llama::{LlamaModel, Logits};
 pub use tp::{validate_tp, TpRank, TpShard};

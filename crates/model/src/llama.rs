@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tessera_comm::Communicator;
-use tessera_tensor::DType;
+use tessera_tensor::{DType, Device, Tensor, TensorError};
 
 use crate::checkpoint::Checkpoint;
 use crate::kv_cache::KvCache;
@@ -18,6 +18,7 @@ pub struct LlamaModel {
     pub cfg: ModelConfig,
     pub shard: TpShard,
     pub dtype: DType,
+    pub device: Device,
     embed: VocabParallelEmbedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
@@ -45,22 +46,48 @@ impl LlamaModel {
         tp: TpRank,
         dtype: DType,
     ) -> Result<Self, ModelError> {
+        Self::from_checkpoint_on(ck, cfg, tp, dtype, Device::Cpu)
+    }
+
+    /// Loads rank `tp.rank`'s shard onto `device`, one layer at a time (host memory holds at most
+    /// one layer's shard beyond what is already on the device).
+    pub fn from_checkpoint_on(
+        ck: &Checkpoint,
+        cfg: ModelConfig,
+        tp: TpRank,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Self, ModelError> {
+        device.ensure_available()?;
         let shard = TpShard::new(&cfg, tp)?;
         let (v, h) = (cfg.vocab_size, cfg.hidden_size);
         let inv_freq = Arc::new(crate::rope::inv_freq(&cfg.rope, cfg.head_dim));
-        let embed =
+        let mut embed =
             VocabParallelEmbedding::load(ck, "model.embed_tokens.weight", v, h, &shard, dtype)?;
+        embed.table = Arc::new(embed.table.to_device(device)?);
         let layers = (0..cfg.num_layers)
-            .map(|l| DecoderLayer::load(ck, &cfg, l, &shard, inv_freq.clone(), dtype))
-            .collect::<Result<Vec<_>, _>>()?;
-        let norm = RmsNorm::load(ck, "model.norm.weight", h, cfg.rms_norm_eps, dtype)?;
+            .map(|l| {
+                let mut layer = DecoderLayer::load(ck, &cfg, l, &shard, inv_freq.clone(), dtype)?;
+                layer.visit_tensors(&mut |t| {
+                    *t = t.to_device(device)?;
+                    Ok(())
+                })?;
+                Ok(layer)
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        let mut norm = RmsNorm::load(ck, "model.norm.weight", h, cfg.rms_norm_eps, dtype)?;
+        norm.weight = norm.weight.to_device(device)?;
         // Some tied checkpoints still carry lm_head.weight; the tie decides.
         let tied = cfg.tie_word_embeddings.then_some(&embed);
-        let head = ParallelLmHead::load(ck, v, h, &shard, tied, dtype)?;
+        let mut head = ParallelLmHead::load(ck, v, h, &shard, tied, dtype)?;
+        if !cfg.tie_word_embeddings {
+            head.weight = Arc::new(head.weight.to_device(device)?);
+        }
         Ok(LlamaModel {
             cfg,
             shard,
             dtype,
+            device,
             embed,
             layers,
             norm,
@@ -69,9 +96,129 @@ impl LlamaModel {
     }
 
     /// An empty KV cache for one sequence, with room for `capacity` positions (it grows).
-    pub fn new_cache(&self, capacity: usize) -> KvCache {
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache, ModelError> {
         let row = self.shard.kv_heads.len() * self.cfg.head_dim;
-        KvCache::new(self.cfg.num_layers, row, capacity, self.dtype)
+        Ok(KvCache::new(
+            self.cfg.num_layers,
+            row,
+            capacity,
+            self.dtype,
+            self.device,
+        )?)
+    }
+
+    /// Rank `tp.rank`'s shard of a model with random weights made directly on `device` (no
+    /// checkpoint: for benchmarks of shapes too large to ship). Weights are uniform with variance
+    /// 1/fan_in; norms near 1.
+    pub fn random(
+        cfg: ModelConfig,
+        tp: TpRank,
+        dtype: DType,
+        device: Device,
+        seed: u64,
+    ) -> Result<Self, ModelError> {
+        let shard = TpShard::new(&cfg, tp)?;
+        let mut next = seed
+            .wrapping_mul(1_000_003)
+            .wrapping_add(tp.rank as u64 * 7919);
+        let mut rand = |shape: Vec<usize>| -> Result<Tensor, TensorError> {
+            next = next.wrapping_add(0x9E37_79B9);
+            let (scale, offset) = match shape.len() {
+                2 => ((3.0 / shape[1] as f32).sqrt(), 0.0),
+                _ => (0.1, 1.0),
+            };
+            Tensor::random_on(shape, dtype, device, next, scale, offset)
+        };
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let (ql, kvl) = (shard.q_heads.len() * d, shard.kv_heads.len() * d);
+        let il = shard.intermediate.len();
+        let vl = shard.vocab.len();
+        let inv_freq = Arc::new(crate::rope::inv_freq(&cfg.rope, d));
+        use crate::layers::{
+            Attention, ColumnParallelLinear as Col, Mlp, RowParallelLinear as Row,
+        };
+        let col = |rows: usize,
+                   bias: bool,
+                   rand: &mut dyn FnMut(Vec<usize>) -> Result<Tensor, TensorError>|
+         -> Result<Col, TensorError> {
+            Ok(Col {
+                weight: rand(vec![rows, h])?,
+                bias: if bias {
+                    Some(rand(vec![rows])?.to_device(device)?)
+                } else {
+                    None
+                },
+            })
+        };
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let attn = Attention {
+                q: col(ql, cfg.qkv_bias, &mut rand)?,
+                k: col(kvl, cfg.qkv_bias, &mut rand)?,
+                v: col(kvl, cfg.qkv_bias, &mut rand)?,
+                o: Row {
+                    weight: rand(vec![h, ql])?,
+                    bias: None,
+                },
+                shape: tessera_tensor::ops::AttentionShape {
+                    num_heads: shard.q_heads.len(),
+                    num_kv_heads: shard.kv_heads.len(),
+                    head_dim: d,
+                },
+                window: cfg.sliding_window[l],
+                inv_freq: inv_freq.clone(),
+            };
+            let mlp = Mlp {
+                gate: col(il, false, &mut rand)?,
+                up: col(il, false, &mut rand)?,
+                down: Row {
+                    weight: rand(vec![h, il])?,
+                    bias: None,
+                },
+            };
+            let eps = cfg.rms_norm_eps;
+            layers.push(DecoderLayer {
+                input_norm: RmsNorm {
+                    weight: rand(vec![h])?,
+                    eps,
+                },
+                attn,
+                post_attn_norm: RmsNorm {
+                    weight: rand(vec![h])?,
+                    eps,
+                },
+                mlp,
+            });
+        }
+        let embed = VocabParallelEmbedding {
+            table: Arc::new(rand(vec![vl, h])?),
+            vocab_start: shard.vocab.start,
+        };
+        let head_w = if cfg.tie_word_embeddings {
+            embed.table.clone()
+        } else {
+            Arc::new(rand(vec![vl, h])?)
+        };
+        let head = ParallelLmHead {
+            weight: head_w,
+            vocab: cfg.vocab_size,
+            padded: shard.vocab_padded,
+            tp_size: tp.size,
+        };
+        let norm = RmsNorm {
+            weight: rand(vec![h])?,
+            eps: cfg.rms_norm_eps,
+        };
+        Ok(LlamaModel {
+            cfg,
+            shard,
+            dtype,
+            device,
+            embed,
+            layers,
+            norm,
+            head,
+        })
     }
 
     /// Runs `tokens` at the positions after those in `cache`, appends their K/V, and returns the
@@ -83,6 +230,92 @@ impl LlamaModel {
         logits: Logits,
         comm: &dyn Communicator,
     ) -> Result<Vec<f32>, ModelError> {
+        if cache.batch != 1 {
+            return Err(ModelError::Input(
+                "this cache holds a lockstep batch: use forward_lockstep".into(),
+            ));
+        }
+        self.run(tokens, 1, cache, logits, comm)
+    }
+
+    /// An empty cache for `batch` sequences decoded in lockstep (all at the same position).
+    pub fn new_cache_batch(&self, capacity: usize, batch: usize) -> Result<KvCache, ModelError> {
+        let row = batch * self.shard.kv_heads.len() * self.cfg.head_dim;
+        let mut c = KvCache::new(self.cfg.num_layers, row, capacity, self.dtype, self.device)?;
+        c.batch = batch;
+        Ok(c)
+    }
+
+    /// One step of `tokens.len()` sequences decoded in lockstep (one token each, all at the
+    /// position `cache.len()`): static batching, as HF `generate` batches equal-length prompts.
+    /// Returns `[batch, vocab]` logits.
+    pub fn forward_lockstep(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        comm: &dyn Communicator,
+    ) -> Result<Vec<f32>, ModelError> {
+        if tokens.len() != cache.batch {
+            return Err(ModelError::Input(format!(
+                "{} tokens for a cache of {} sequences",
+                tokens.len(),
+                cache.batch
+            )));
+        }
+        self.run(tokens, cache.batch, cache, Logits::All, comm)
+    }
+
+    /// As [`Self::forward_lockstep`], returning each sequence's greedy next token instead of logits
+    /// (the logits never leave the device).
+    pub fn forward_lockstep_greedy(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        comm: &dyn Communicator,
+    ) -> Result<Vec<u32>, ModelError> {
+        if tokens.len() != cache.batch {
+            return Err(ModelError::Input(format!(
+                "{} tokens for a cache of {} sequences",
+                tokens.len(),
+                cache.batch
+            )));
+        }
+        let x = self.hidden(tokens, cache.batch, cache, Logits::All, comm)?;
+        self.head.greedy(&x, comm, self.shard.vocab.start)
+    }
+
+    /// The greedy next token after `tokens` (appended to `cache`).
+    pub fn forward_greedy(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        comm: &dyn Communicator,
+    ) -> Result<u32, ModelError> {
+        let x = self.hidden(tokens, 1, cache, Logits::Last, comm)?;
+        Ok(self.head.greedy(&x, comm, self.shard.vocab.start)?[0])
+    }
+
+    fn run(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        cache: &mut KvCache,
+        logits: Logits,
+        comm: &dyn Communicator,
+    ) -> Result<Vec<f32>, ModelError> {
+        let x = self.hidden(tokens, batch, cache, logits, comm)?;
+        self.head.forward(&x, comm)
+    }
+
+    /// The final-norm hidden states of the rows `logits` asks for.
+    fn hidden(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        cache: &mut KvCache,
+        logits: Logits,
+        comm: &dyn Communicator,
+    ) -> Result<Tensor, ModelError> {
         if tokens.is_empty() {
             return Err(ModelError::Input("forward needs at least one token".into()));
         }
@@ -95,14 +328,13 @@ impl LlamaModel {
         let start = cache.len();
         let mut x = self.embed.forward(tokens, comm)?;
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, start, kv, comm)?;
+            x = layer.forward(&x, batch, start, kv, comm)?;
         }
-        cache.advance(tokens.len());
+        cache.advance(tokens.len() / batch);
         if logits == Logits::Last {
             x = x.rows(tokens.len() - 1, tokens.len())?;
         }
-        let x = self.norm.forward(&x)?;
-        self.head.forward(&x, comm)
+        self.norm.forward(&x)
     }
 
     /// Bytes of weights this rank holds.
@@ -120,5 +352,65 @@ impl LlamaModel {
                 .sum::<usize>()
             + self.norm.weight.size_in_bytes()
             + head
+    }
+}
+
+/// A decode step of a lockstep batch captured as a CUDA graph (see `tessera_tensor::cuda::graph`).
+#[cfg(feature = "cuda")]
+pub struct LockstepGraph {
+    graph: tessera_tensor::cuda::graph::DecodeGraph,
+}
+
+#[cfg(feature = "cuda")]
+impl LlamaModel {
+    /// Captures one greedy decode step of `cache`'s lockstep batch. Run at least one eager step
+    /// first (kernels compiled, tables uploaded, cuBLAS initialised). The cache must not grow while
+    /// the graph is in use: give it the capacity of the whole run.
+    pub fn capture_lockstep_greedy(
+        &self,
+        cache: &mut KvCache,
+        comm: &dyn Communicator,
+    ) -> Result<LockstepGraph, ModelError> {
+        let Device::Cuda(ordinal) = self.device else {
+            return Err(ModelError::Input(
+                "CUDA graphs need a model on a CUDA device".into(),
+            ));
+        };
+        let len = cache.len();
+        let batch = cache.batch;
+        let tokens = vec![0u32; batch];
+        let graph = tessera_tensor::cuda::graph::DecodeGraph::capture(ordinal, batch, || {
+            let x = self.hidden(&tokens, batch, cache, Logits::All, comm)?;
+            self.head.local_argmax(&x).map(|_| ())
+        });
+        // Capturing records the step without running it.
+        cache.set_len(len);
+        Ok(LockstepGraph { graph: graph? })
+    }
+
+    /// One greedy decode step through a captured graph: the same tokens as
+    /// [`Self::forward_lockstep_greedy`], with one launch instead of hundreds.
+    pub fn step_lockstep_graph(
+        &self,
+        g: &mut LockstepGraph,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        comm: &dyn Communicator,
+    ) -> Result<Vec<u32>, ModelError> {
+        if cache.len() >= cache.capacity() {
+            return Err(ModelError::Input(format!(
+                "the KV cache is full ({} positions): a captured step cannot grow it",
+                cache.capacity()
+            )));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            )));
+        }
+        let local = g.graph.replay(tokens, cache.len())?;
+        cache.advance(1);
+        self.head.pick(local, comm, self.shard.vocab.start)
     }
 }

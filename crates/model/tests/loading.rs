@@ -167,3 +167,52 @@ fn bad_checkpoints_are_refused_by_name() {
     .unwrap();
     LlamaModel::load(dir.path(), TpRank::single(), DType::F32).unwrap();
 }
+
+#[test]
+fn lockstep_batch_decode_equals_one_sequence_at_a_time() {
+    use tessera_comm::LocalGroup;
+    use tessera_model::Logits;
+    let json = llama_config_json(97, 48, 80, 2, 6, 2, false);
+    let cfg = ModelConfig::from_json_str(&json).unwrap();
+    let bytes: &'static [u8] =
+        Box::leak(random_safetensors(&cfg, DType::F32, 4).into_boxed_slice());
+    let ck = Checkpoint::from_static("mem", bytes).unwrap();
+    let m = LlamaModel::from_checkpoint(&ck, cfg, TpRank::single(), DType::F32).unwrap();
+    let comm = LocalGroup::new(1).into_comms().pop().unwrap();
+    let seqs: [[u32; 5]; 3] = [[1, 5, 9, 2, 7], [3, 3, 3, 3, 3], [96, 0, 41, 8, 13]];
+    // One at a time.
+    let mut want = Vec::new();
+    for s in &seqs {
+        let mut c = m.new_cache(8).unwrap();
+        want.push(m.forward(s, &mut c, Logits::All, &comm).unwrap());
+    }
+    // In lockstep: step t feeds token t of every sequence.
+    let mut c = m.new_cache_batch(2, 3).unwrap();
+    for t in 0..5 {
+        let toks: Vec<u32> = seqs.iter().map(|s| s[t]).collect();
+        let got = m.forward_lockstep(&toks, &mut c, &comm).unwrap();
+        for (b, w) in want.iter().enumerate() {
+            let (g, w) = (&got[b * 97..(b + 1) * 97], &w[t * 97..(t + 1) * 97]);
+            let d = g
+                .iter()
+                .zip(w)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            assert!(d < 1e-4, "step {t} sequence {b}: {d}");
+        }
+    }
+    assert!(m.forward_lockstep(&[1, 2], &mut c, &comm).is_err());
+    // Greedy on the device picks each row's argmax of the same logits.
+    let mut c1 = m.new_cache_batch(5, 3).unwrap();
+    let mut c2 = m.new_cache_batch(5, 3).unwrap();
+    let logits = m.forward_lockstep(&[4, 5, 6], &mut c1, &comm).unwrap();
+    let toks = m
+        .forward_lockstep_greedy(&[4, 5, 6], &mut c2, &comm)
+        .unwrap();
+    for (b, t) in toks.iter().enumerate() {
+        assert_eq!(
+            *t,
+            tessera_tensor::sample::argmax(&logits[b * 97..(b + 1) * 97])
+        );
+    }
+}

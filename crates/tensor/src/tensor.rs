@@ -4,14 +4,16 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::error::shape_err;
-use crate::{DType, TensorError};
+use crate::{DType, Device, TensorError};
 
-/// Typed, contiguous, row-major host storage.
+/// Typed, contiguous, row-major storage: on the host, or (feature `cuda`) on a GPU.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Storage {
     F32(Vec<f32>),
     BF16(Vec<bf16>),
     F16(Vec<f16>),
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::CudaBuf),
 }
 
 impl Storage {
@@ -20,6 +22,8 @@ impl Storage {
             Storage::F32(v) => v.len(),
             Storage::BF16(v) => v.len(),
             Storage::F16(v) => v.len(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => b.len(),
         }
     }
 
@@ -32,7 +36,81 @@ impl Storage {
             Storage::F32(_) => DType::F32,
             Storage::BF16(_) => DType::BF16,
             Storage::F16(_) => DType::F16,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => b.dtype(),
         }
+    }
+
+    pub fn device(&self) -> Device {
+        match self {
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => Device::Cuda(b.dev.ordinal),
+            _ => Device::Cpu,
+        }
+    }
+
+    /// Zeros of `dtype` on `device`.
+    pub fn zeros_on(dtype: DType, n: usize, device: Device) -> Result<Self, TensorError> {
+        match device {
+            Device::Cpu => Ok(Self::zeros(dtype, n)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => Ok(Storage::Cuda(crate::cuda::CudaBuf::zeros(
+                &crate::cuda::GpuDevice::get(i)?,
+                dtype,
+                n,
+            )?)),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => device.ensure_available().map(|_| unreachable!()),
+        }
+    }
+
+    /// Sums this device buffer in place across the NCCL group attached to its GPU (see
+    /// `cuda::nccl::init_group`). `None` for host storage or a GPU in no group: the caller then
+    /// reduces through its host communicator.
+    pub fn device_all_reduce_sum(&mut self) -> Option<Result<(), TensorError>> {
+        match self {
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => crate::cuda::nccl::all_reduce_sum(b),
+            _ => None,
+        }
+    }
+
+    /// Writes `src` into positions `start..` of a cache whose positions hold `row` elements each.
+    /// Same as `copy_from(start * row, src)`, except that on a GPU it is a kernel that, inside a
+    /// captured decode step, reads the position from the graph's input (see `cuda::graph`).
+    pub fn append_rows(
+        &mut self,
+        start: usize,
+        row: usize,
+        src: &Storage,
+    ) -> Result<(), TensorError> {
+        #[cfg(feature = "cuda")]
+        if let (Storage::Cuda(d), Storage::Cuda(s)) = (&*self, src) {
+            if d.dtype() == s.dtype() {
+                return crate::cuda::kv_append(d, s, row, start);
+            }
+        }
+        self.copy_from(start * row, src)
+    }
+
+    /// Copies `src` into elements `offset..offset + src.len()` (device to device when both are on
+    /// the same GPU).
+    pub fn copy_from(&mut self, offset: usize, src: &Storage) -> Result<(), TensorError> {
+        match (&mut *self, src) {
+            (Storage::F32(d), Storage::F32(s)) => d[offset..offset + s.len()].copy_from_slice(s),
+            (Storage::BF16(d), Storage::BF16(s)) => d[offset..offset + s.len()].copy_from_slice(s),
+            (Storage::F16(d), Storage::F16(s)) => d[offset..offset + s.len()].copy_from_slice(s),
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(d), Storage::Cuda(s)) if d.dtype() == s.dtype() => {
+                d.copy_from(offset, s)?
+            }
+            _ => {
+                let mut tmp = vec![0.0f32; src.len()];
+                src.read_f32(0, &mut tmp);
+                self.write_f32(offset, &tmp);
+            }
+        }
+        Ok(())
     }
 
     pub fn zeros(dtype: DType, n: usize) -> Self {
@@ -52,16 +130,6 @@ impl Storage {
         }
     }
 
-    /// Element `i` as f32.
-    #[inline]
-    pub fn get_f32(&self, i: usize) -> f32 {
-        match self {
-            Storage::F32(v) => v[i],
-            Storage::BF16(v) => v[i].to_f32(),
-            Storage::F16(v) => v[i].to_f32(),
-        }
-    }
-
     /// Writes `src` (f32) into elements `offset..offset + src.len()`, rounding to the dtype.
     pub fn write_f32(&mut self, offset: usize, src: &[f32]) {
         match self {
@@ -76,6 +144,8 @@ impl Storage {
                     *d = f16::from_f32(s);
                 }
             }
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => b.write_f32(offset, src).expect("host-to-device copy"),
         }
     }
 
@@ -94,6 +164,8 @@ impl Storage {
                     *d = s.to_f32();
                 }
             }
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => b.read_f32(offset, dst).expect("device-to-host copy"),
         }
     }
 
@@ -172,6 +244,62 @@ impl Tensor {
             Storage::F32(v) => v.clone(),
             Storage::BF16(v) => v.par_iter().map(|x| x.to_f32()).collect(),
             Storage::F16(v) => v.par_iter().map(|x| x.to_f32()).collect(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => b.to_f32_vec().expect("device-to-host copy"),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.storage.device()
+    }
+
+    /// The same tensor on `device` (a copy; converted through f32 when the dtype must change).
+    pub fn to_device(&self, device: Device) -> Result<Tensor, TensorError> {
+        if device == self.device() {
+            return Ok(self.clone());
+        }
+        let v = self.to_f32_vec();
+        let storage = match device {
+            Device::Cpu => Storage::from_f32(self.dtype(), v),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => Storage::Cuda(crate::cuda::CudaBuf::from_f32(
+                &crate::cuda::GpuDevice::get(i)?,
+                self.dtype(),
+                &v,
+            )?),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => return device.ensure_available().map(|_| unreachable!()),
+        };
+        Tensor::new(self.shape.clone(), storage)
+    }
+
+    /// A tensor of `offset + uniform(-scale, scale)` values made from `seed` on `device`
+    /// (random weights for benchmarks, without a checkpoint).
+    pub fn random_on(
+        shape: Vec<usize>,
+        dtype: DType,
+        device: Device,
+        seed: u64,
+        scale: f32,
+        offset: f32,
+    ) -> Result<Tensor, TensorError> {
+        let n: usize = shape.iter().product();
+        match device {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => {
+                let dev = crate::cuda::GpuDevice::get(i)?;
+                let b = crate::cuda::random(&dev, dtype, n, seed, scale, offset)?;
+                Tensor::new(shape, Storage::Cuda(b))
+            }
+            _ => {
+                device.ensure_available()?;
+                use rand::{Rng, SeedableRng};
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+                let v = (0..n)
+                    .map(|_| offset + rng.random_range(-scale..=scale))
+                    .collect();
+                Tensor::from_f32(shape, v, dtype)
+            }
         }
     }
 
@@ -183,6 +311,7 @@ impl Tensor {
         }
     }
 
+    /// The same values in `dtype`, on the host.
     pub fn to_dtype(&self, dtype: DType) -> Tensor {
         if dtype == self.dtype() {
             return self.clone();
@@ -215,6 +344,13 @@ impl Tensor {
             ));
         }
         let c = self.shape[1];
+        #[cfg(feature = "cuda")]
+        if let Storage::Cuda(b) = &self.storage {
+            return Tensor::new(
+                vec![r1 - r0, c],
+                Storage::Cuda(b.slice_copy(r0 * c, r1 * c)?),
+            );
+        }
         let mut out = vec![0.0; (r1 - r0) * c];
         self.storage.read_f32(r0 * c, &mut out);
         Tensor::from_f32(vec![r1 - r0, c], out, self.dtype())
@@ -227,8 +363,12 @@ mod tests {
 
     #[test]
     fn bf16_storage_rounds_and_reads_back() {
-        let t =
-            Tensor::from_f32(vec![2, 2], vec![1.0, 1.003_906_2, 3.0e38, -0.1], DType::BF16).unwrap();
+        let t = Tensor::from_f32(
+            vec![2, 2],
+            vec![1.0, 1.003_906_2, 3.0e38, -0.1],
+            DType::BF16,
+        )
+        .unwrap();
         let v = t.to_f32_vec();
         assert_eq!(v[0], 1.0);
         assert_eq!(v[1], 1.0); // 1 + 2^-8 ties to even

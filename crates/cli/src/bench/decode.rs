@@ -1,16 +1,16 @@
-//! `tessera bench decode`: batch-1 decode tokens/s of a random-weight Llama at several tp, beside the
-//! memory roofline (every step reads every weight once: the bytes of all ranks' weights over the
-//! measured read bandwidth; the ranks share this machine's memory).
+//! `tessera bench decode`: decode tokens/s of a random-weight Llama at several tp, beside the memory
+//! roofline. Each step reads every weight of a rank once, so a step takes at least (bytes of a
+//! rank's weights + its KV cache) / bandwidth: the measured device-to-device copy bandwidth of one
+//! GPU (ranks on separate GPUs run in parallel), or on the CPU the measured read bandwidth shared by
+//! all ranks (so there the bytes of every rank count).
 
 use std::time::Instant;
 
-use anyhow::Result;
-use tessera_comm::{CommExt, Communicator};
-
-use tessera_infer::run_tp;
-use tessera_model::synthetic::{llama_config_json, random_safetensors};
-use tessera_model::{Checkpoint, LlamaModel, Logits, ModelConfig};
-use tessera_tensor::{sample::argmax, DType};
+use anyhow::{bail, Result};
+use tessera_infer::{rank_device, run_tp};
+use tessera_model::synthetic::llama_config_json;
+use tessera_model::{LlamaModel, ModelConfig};
+use tessera_tensor::{DType, Device};
 
 use super::ceiling;
 
@@ -18,9 +18,21 @@ use super::ceiling;
 pub struct DecodeArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     pub tp: Vec<usize>,
+    /// Replay each decode step as a captured CUDA graph (cuda only).
+    #[arg(long)]
+    pub graph: bool,
+    /// Sequences decoded in lockstep (static batching of equal-length prompts).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub batch: Vec<usize>,
     /// Weight and activation dtype.
     #[arg(long, default_value = "bf16")]
     pub dtype: String,
+    /// cpu, or cuda (rank r on GPU r).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// A published shape (llama-3-8b, llama-3-70b) instead of the shape flags below.
+    #[arg(long)]
+    pub preset: Option<String>,
     /// Decode steps timed (after a prefill of --prompt-len tokens).
     #[arg(long, default_value_t = 32)]
     pub steps: usize,
@@ -40,73 +52,127 @@ pub struct DecodeArgs {
     pub kv_heads: usize,
 }
 
+fn shape_json(a: &DecodeArgs) -> Result<String> {
+    let (v, h, i, l, heads, kv) = match a.preset.as_deref() {
+        None => (
+            a.vocab,
+            a.hidden,
+            a.intermediate,
+            a.layers,
+            a.heads,
+            a.kv_heads,
+        ),
+        Some("llama-3-8b") => (128256, 4096, 14336, 32, 32, 8),
+        Some("llama-3-70b") => (128256, 8192, 28672, 80, 64, 8),
+        Some(p) => bail!("unknown preset {p:?} (expected llama-3-8b or llama-3-70b)"),
+    };
+    Ok(llama_config_json(v, h, i, l, heads, kv, false))
+}
+
 pub fn run(a: DecodeArgs) -> Result<()> {
     let dtype: DType = a.dtype.parse()?;
-    let json = llama_config_json(
-        a.vocab,
-        a.hidden,
-        a.intermediate,
-        a.layers,
-        a.heads,
-        a.kv_heads,
-        false,
-    );
-    let cfg = ModelConfig::from_json_str(&json)?;
+    let device: Device = a.device.parse()?;
+    let cfg = ModelConfig::from_json_str(&shape_json(&a)?)?;
+    if a.graph && device == Device::Cpu {
+        bail!("--graph needs --device cuda");
+    }
     for &tp in &a.tp {
         tessera_model::validate_tp(&cfg, tp)?;
+        for r in 0..tp {
+            rank_device(device, r).ensure_available()?;
+        }
     }
-    let bytes = random_safetensors(&cfg, dtype, 0);
     println!(
-        "model: {} layers, hidden {}, {} heads / {} kv, vocab {}: {:.1}M params, {:.0} MB of {dtype} weights",
-        a.layers, a.hidden, a.heads, a.kv_heads, a.vocab,
-        cfg.num_params() as f64 / 1e6,
-        bytes.len() as f64 / 1e6
+        "model: {} layers, hidden {}, {} heads / {} kv, vocab {}: {:.2}B params, {:.1} GB of {dtype} weights, random, on {device}",
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.vocab_size,
+        cfg.num_params() as f64 / 1e9,
+        cfg.num_params() as f64 * dtype.size_in_bytes() as f64 / 1e9
     );
-    // The benchmark's checkpoint lives as long as the process.
-    let ck = Checkpoint::from_static("<random weights>", Box::leak(bytes.into_boxed_slice()))?;
-    let bw = ceiling::read_bandwidth();
+    let (bw, shared) = match device {
+        Device::Cpu => (ceiling::read_bandwidth(), true),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => (tessera_tensor::cuda::copy_bandwidth(i)?, false),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => unreachable!("ensure_available refused it"),
+    };
     println!(
-        "measured memory read bandwidth: {:.1} GB/s; threads: {}",
+        "ceiling: {:.1} GB/s measured ({}); threads: {}",
         bw / 1e9,
+        if shared {
+            "host memory read, shared by all ranks"
+        } else {
+            "device-to-device copy of one GPU"
+        },
         rayon::current_num_threads()
     );
     println!(
-        "\n{:>3} {:>10} {:>10} {:>14} {:>16} {:>11}",
-        "tp", "ms/step", "tok/s", "MB/rank", "roofline tok/s", "% roofline"
+        "\n{:>3} {:>6} {:>10} {:>10} {:>12} {:>16} {:>11}",
+        "tp", "batch", "ms/step", "tok/s", "GB/rank", "roofline tok/s", "% roofline"
     );
     let prompt: Vec<u32> = (0..a.prompt_len as u32)
-        .map(|i| (i * 7919) % a.vocab as u32)
+        .map(|i| (i * 7919) % cfg.vocab_size as u32)
         .collect();
     for &tp in &a.tp {
-        let (secs, rank_bytes) = run_tp(tp, |comm, rank| {
-            let m = LlamaModel::from_checkpoint(&ck, cfg.clone(), rank, dtype)?;
-            let mut cache = m.new_cache(prompt.len() + a.steps + 1);
-            let logits = m.forward(&prompt, &mut cache, Logits::Last, comm)?;
-            let mut tok = [argmax(&logits) as i32];
-            comm.barrier()?;
-            let start = Instant::now();
-            for _ in 0..a.steps {
-                let logits = m.forward(&[tok[0] as u32], &mut cache, Logits::Last, comm)?;
-                if comm.rank() == 0 {
-                    tok[0] = argmax(&logits) as i32;
+        tessera_infer::prepare_devices(device, tp)?;
+        let rows = run_tp(tp, |comm, rank| {
+            let dev = rank_device(device, rank.rank);
+            let m = LlamaModel::random(cfg.clone(), rank, dtype, dev, 7)?;
+            let mut rows = Vec::new();
+            for &batch in &a.batch {
+                let mut cache = m.new_cache_batch(prompt.len() + a.steps + 2, batch)?;
+                // The prompt, fed in lockstep (untimed), then one untimed step so that lazy
+                // initialisation stays out of the figures.
+                let mut toks = vec![0u32; batch];
+                for &p in &prompt {
+                    toks = m.forward_lockstep_greedy(&vec![p; batch], &mut cache, comm)?;
                 }
-                comm.broadcast(&mut tok, 0)?;
+                toks = m.forward_lockstep_greedy(&toks, &mut cache, comm)?;
+                #[cfg(feature = "cuda")]
+                let mut graph = if a.graph {
+                    Some(m.capture_lockstep_greedy(&mut cache, comm)?)
+                } else {
+                    None
+                };
+                comm.barrier()?;
+                let start = Instant::now();
+                for _ in 0..a.steps {
+                    // Greedy on the device: only the chosen tokens come back to the host, and
+                    // every rank gets the same ones from the gathered (value, index) pairs.
+                    #[cfg(feature = "cuda")]
+                    if let Some(g) = graph.as_mut() {
+                        toks = m.step_lockstep_graph(g, &toks, &mut cache, comm)?;
+                        continue;
+                    }
+                    toks = m.forward_lockstep_greedy(&toks, &mut cache, comm)?;
+                }
+                let secs = start.elapsed().as_secs_f64();
+                let kv = cache.size_in_bytes();
+                rows.push((batch, secs, m.weight_bytes(), kv));
             }
-            Ok((start.elapsed().as_secs_f64(), m.weight_bytes()))
+            Ok(rows)
         })?;
-        let step = secs / a.steps as f64;
-        // Every rank's weights are read once per step through the one shared memory system.
-        let total_bytes = rank_bytes as f64 * tp as f64;
-        let roof = bw / total_bytes;
-        println!(
-            "{:>3} {:>10.2} {:>10.1} {:>14.1} {:>16.1} {:>11.1}",
-            tp,
-            step * 1e3,
-            1.0 / step,
-            rank_bytes as f64 / 1e6,
-            roof,
-            100.0 / step / roof
-        );
+        for (batch, secs, weights, kv) in rows {
+            let step = secs / a.steps as f64;
+            // Per step every weight is read once and the cache up to the current length (the
+            // cache is allocated for the whole run, so this slightly overcounts its bytes).
+            let rank_bytes = (weights + kv) as f64;
+            let bytes = rank_bytes * if shared { tp as f64 } else { 1.0 };
+            let roof = bw / bytes;
+            println!(
+                "{:>3} {:>6} {:>10.2} {:>10.1} {:>12.2} {:>16.1} {:>11.1}",
+                tp,
+                batch,
+                step * 1e3,
+                batch as f64 / step,
+                rank_bytes / 1e9,
+                roof * batch as f64,
+                100.0 / step / roof
+            );
+        }
     }
     Ok(())
 }

@@ -82,20 +82,40 @@ impl Attention {
         })
     }
 
-    /// `x`: `[tokens, hidden]` at positions `start..start + tokens`; appends their K/V to `cache`.
+    /// `x`: `[tokens, hidden]` of `batch` sequences in lockstep: one sequence of `tokens` tokens at
+    /// positions `start..start + tokens`, or `batch` sequences of one token each, all at position
+    /// `start` (static batching). Appends their K/V to `cache`.
+    ///
+    /// Lockstep sequences need no kernel of their own: with the cache laid out `[position,
+    /// sequence, kv_head, head_dim]`, `batch` sequences of `h` query heads over `g` KV heads are one
+    /// sequence of `batch * h` query heads over `batch * g` KV heads (query head `b * h + i` maps to
+    /// KV head `b * g + i / (h / g)`, exactly GQA's grouping).
     pub fn forward(
         &self,
         x: &Tensor,
+        batch: usize,
         start: usize,
         cache: &mut LayerKv,
         comm: &dyn Communicator,
     ) -> Result<Tensor, ModelError> {
-        let t = x.dim(0);
+        let rows = x.dim(0);
+        if batch > 1 && rows != batch {
+            return Err(ModelError::Input(format!(
+                "a lockstep batch of {batch} sequences takes one token each, got {rows} rows"
+            )));
+        }
+        let t = rows / batch;
         let AttentionShape {
+            num_heads: heads_per_seq,
+            num_kv_heads: kv_per_seq,
+            head_dim,
+        } = self.shape;
+        let (num_heads, num_kv_heads) = (heads_per_seq * batch, kv_per_seq * batch);
+        let shape = AttentionShape {
             num_heads,
             num_kv_heads,
             head_dim,
-        } = self.shape;
+        };
         let positions: Vec<usize> = (start..start + t).collect();
         let mut q = self.q.forward(x)?.reshape(vec![t, num_heads, head_dim])?;
         let mut k = self
@@ -105,19 +125,19 @@ impl Attention {
         let v = self.v.forward(x)?;
         ops::apply_rope(&mut q, &positions, &self.inv_freq)?;
         ops::apply_rope(&mut k, &positions, &self.inv_freq)?;
-        cache.write(start, &k, &v);
+        cache.write(start, &k, &v)?;
         let scale = 1.0 / (head_dim as f32).sqrt();
         let a = ops::causal_attention(
             &q,
             &cache.k,
             &cache.v,
             start + t,
-            self.shape,
+            shape,
             &positions,
             self.window,
             scale,
         )?
-        .reshape(vec![t, num_heads * head_dim])?;
+        .reshape(vec![rows, heads_per_seq * head_dim])?;
         self.o.forward(&a, comm)
     }
 

@@ -61,6 +61,7 @@ impl DecoderLayer {
     pub fn forward(
         &self,
         x: &Tensor,
+        batch: usize,
         start: usize,
         cache: &mut LayerKv,
         comm: &dyn Communicator,
@@ -68,11 +69,41 @@ impl DecoderLayer {
         let mut h = x.clone();
         let a = self
             .attn
-            .forward(&self.input_norm.forward(x)?, start, cache, comm)?;
+            .forward(&self.input_norm.forward(x)?, batch, start, cache, comm)?;
         ops::add_inplace(&mut h, &a)?;
         let m = self.mlp.forward(&self.post_attn_norm.forward(&h)?, comm)?;
         ops::add_inplace(&mut h, &m)?;
         Ok(h)
+    }
+
+    /// Calls `f` on every weight tensor of the layer (e.g. to move it to a device).
+    pub fn visit_tensors(
+        &mut self,
+        f: &mut dyn FnMut(&mut Tensor) -> Result<(), tessera_tensor::TensorError>,
+    ) -> Result<(), ModelError> {
+        let a = &mut self.attn;
+        let linears = [
+            &mut a.q,
+            &mut a.k,
+            &mut a.v,
+            &mut self.mlp.gate,
+            &mut self.mlp.up,
+        ];
+        for l in linears {
+            f(&mut l.weight)?;
+            if let Some(b) = l.bias.as_mut() {
+                f(b)?;
+            }
+        }
+        for l in [&mut a.o, &mut self.mlp.down] {
+            f(&mut l.weight)?;
+            if let Some(b) = l.bias.as_mut() {
+                f(b)?;
+            }
+        }
+        f(&mut self.input_norm.weight)?;
+        f(&mut self.post_attn_norm.weight)?;
+        Ok(())
     }
 
     pub fn weight_bytes(&self) -> usize {

@@ -110,4 +110,54 @@ impl ParallelLmHead {
         }
         Ok(out)
     }
+
+    /// The greedy token of each row of `x`: each rank takes the argmax of its own vocab rows on its
+    /// device, and the ranks exchange one (value, index) pair per row instead of the logits.
+    pub fn greedy(
+        &self,
+        x: &Tensor,
+        comm: &dyn Communicator,
+        vocab_start: usize,
+    ) -> Result<Vec<u32>, ModelError> {
+        let local = self.local_argmax(x)?;
+        self.pick(local, comm, vocab_start)
+    }
+
+    /// Each row's (largest logit, index) among this rank's vocab rows.
+    pub fn local_argmax(&self, x: &Tensor) -> Result<Vec<(f32, u32)>, ModelError> {
+        Ok(ops::argmax_rows(&ops::matmul_t(x, &self.weight, None)?)?)
+    }
+
+    /// The global greedy tokens from every rank's local (value, index) pairs.
+    pub fn pick(
+        &self,
+        local: Vec<(f32, u32)>,
+        comm: &dyn Communicator,
+        vocab_start: usize,
+    ) -> Result<Vec<u32>, ModelError> {
+        if self.tp_size == 1 {
+            return Ok(local.into_iter().map(|(_, i)| i).collect());
+        }
+        // Indices travel as f32: exact below 2^24, far above any vocabulary.
+        let send: Vec<f32> = local
+            .iter()
+            .flat_map(|&(v, i)| [v, (i as usize + vocab_start) as f32])
+            .collect();
+        let mut recv = vec![0.0f32; send.len() * self.tp_size];
+        comm.all_gather(&send, &mut recv)?;
+        let rows = local.len();
+        Ok((0..rows)
+            .map(|r| {
+                // Ranks hold ascending vocab ranges, so the first maximum is the lowest index.
+                let mut best = (f32::NEG_INFINITY, 0u32);
+                for k in 0..self.tp_size {
+                    let (v, i) = (recv[k * 2 * rows + 2 * r], recv[k * 2 * rows + 2 * r + 1]);
+                    if v > best.0 {
+                        best = (v, i as u32);
+                    }
+                }
+                best.1
+            })
+            .collect())
+    }
 }

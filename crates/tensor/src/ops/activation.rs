@@ -18,6 +18,11 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor, TensorError> {
             format!("gate {:?} vs up {:?}", gate.shape(), up.shape()),
         ));
     }
+    #[cfg(feature = "cuda")]
+    if let (crate::Storage::Cuda(g), crate::Storage::Cuda(u)) = (gate.storage(), up.storage()) {
+        let out = crate::cuda::silu_mul(g, u)?;
+        return Tensor::new(gate.shape().to_vec(), crate::Storage::Cuda(out));
+    }
     let dt = gate.dtype();
     let mut g = gate.to_f32_vec();
     let u = up.to_f32_vec();

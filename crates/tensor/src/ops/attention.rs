@@ -63,6 +63,18 @@ pub fn causal_attention(
             ));
         }
     }
+    #[cfg(feature = "cuda")]
+    if let (Storage::Cuda(qb), Storage::Cuda(kb), Storage::Cuda(vb)) = (q.storage(), k, v) {
+        let start = q_pos.first().copied().unwrap_or(0);
+        if q_pos.iter().enumerate().any(|(i, &p)| p != start + i) || start + t != kv_len {
+            return Err(shape_err(
+                "attention",
+                "the CUDA kernel takes the queries at the end of the cache, in order",
+            ));
+        }
+        let out = crate::cuda::attention(qb, kb, vb, t, hq, hkv, hd, start, window, scale)?;
+        return Tensor::new(vec![t, hq, hd], Storage::Cuda(out));
+    }
     let group = hq / hkv;
     let mut kf = vec![0.0f32; kv_len * row];
     let mut vf = vec![0.0f32; kv_len * row];

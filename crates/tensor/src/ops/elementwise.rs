@@ -11,6 +11,10 @@ pub fn add_inplace(a: &mut Tensor, b: &Tensor) -> Result<(), TensorError> {
             format!("{:?} + {:?}", a.shape(), b.shape()),
         ));
     }
+    #[cfg(feature = "cuda")]
+    if let (crate::Storage::Cuda(x), crate::Storage::Cuda(y)) = (a.storage(), b.storage()) {
+        return crate::cuda::add_inplace(x, y);
+    }
     let mut v = a.to_f32_vec();
     let w = b.to_f32_vec();
     for (x, y) in v.iter_mut().zip(&w) {

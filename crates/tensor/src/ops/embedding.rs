@@ -14,6 +14,17 @@ pub fn embedding(
         return Err(shape_err("embedding", format!("table {:?}", table.shape())));
     }
     let (rows, h) = (table.dim(0), table.dim(1));
+    #[cfg(feature = "cuda")]
+    if let crate::Storage::Cuda(b) = table.storage() {
+        if out_dtype != table.dtype() {
+            return Err(shape_err(
+                "embedding",
+                "the CUDA kernel keeps the table's dtype",
+            ));
+        }
+        let out = crate::cuda::embedding(b, rows, h, tokens, vocab_start)?;
+        return Tensor::new(vec![tokens.len(), h], crate::Storage::Cuda(out));
+    }
     let mut out = vec![0.0f32; tokens.len() * h];
     for (t, &tok) in tokens.iter().enumerate() {
         let tok = tok as usize;

@@ -30,6 +30,18 @@ pub fn matmul_t(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor,
     }
     let n = w.dim(0);
     let m = x.elem_count() / k.max(1);
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = n;
+    #[cfg(feature = "cuda")]
+    if let (Storage::Cuda(xb), Storage::Cuda(wb)) = (x.storage(), w.storage()) {
+        let b = match bias.map(|b| b.storage()) {
+            Some(Storage::Cuda(bb)) => Some(bb),
+            Some(_) => return Err(shape_err("matmul", "bias is not on the GPU")),
+            None => None,
+        };
+        let y = crate::cuda::matmul_t(xb, m, k, wb, n, b)?;
+        return Tensor::new(shape, Storage::Cuda(y));
+    }
     let xf;
     let xs = match x.as_f32_slice() {
         Some(s) => s,
@@ -54,8 +66,6 @@ pub fn matmul_t(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor,
             }
         });
     }
-    let mut shape = x.shape().to_vec();
-    *shape.last_mut().unwrap() = n;
     Tensor::from_f32(shape, out, x.dtype())
 }
 

@@ -17,6 +17,11 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor, TensorE
             format!("weight of {} for rows of {h}", weight.elem_count()),
         ));
     }
+    #[cfg(feature = "cuda")]
+    if let (crate::Storage::Cuda(xb), crate::Storage::Cuda(wb)) = (x.storage(), weight.storage()) {
+        let y = crate::cuda::rms_norm(xb, wb, x.elem_count() / h, h, eps as f32)?;
+        return Tensor::new(x.shape().to_vec(), crate::Storage::Cuda(y));
+    }
     let dt = x.dtype();
     let w = weight.to_f32_vec();
     let mut v = x.to_f32_vec();

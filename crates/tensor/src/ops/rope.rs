@@ -25,6 +25,18 @@ pub fn apply_rope(
         ));
     }
     let (heads, hd) = (s[1], s[2]);
+    #[cfg(feature = "cuda")]
+    if let crate::Storage::Cuda(b) = x.storage() {
+        // Positions are consecutive here (a prefill chunk or one decode step).
+        let start = positions.first().copied().unwrap_or(0);
+        if positions.iter().enumerate().any(|(i, &p)| p != start + i) {
+            return Err(shape_err(
+                "rope",
+                "the CUDA kernel takes consecutive positions",
+            ));
+        }
+        return crate::cuda::rope(b, s[0], heads, hd, start, inv_freq);
+    }
     let half = hd / 2;
     let dt = x.dtype();
     let mut v = x.to_f32_vec();

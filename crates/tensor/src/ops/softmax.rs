@@ -1,5 +1,29 @@
 //! Softmax and log-softmax over a row, with the max subtracted first for stability.
 
+/// Per row of the 2-D `x`: (largest value, its index), the lowest index winning a tie. On a GPU
+/// only these pairs leave the device.
+pub fn argmax_rows(x: &crate::Tensor) -> Result<Vec<(f32, u32)>, crate::TensorError> {
+    if x.shape().len() != 2 {
+        return Err(crate::error::shape_err(
+            "argmax_rows",
+            format!("x {:?}", x.shape()),
+        ));
+    }
+    let (rows, n) = (x.dim(0), x.dim(1));
+    #[cfg(feature = "cuda")]
+    if let crate::Storage::Cuda(b) = x.storage() {
+        return crate::cuda::argmax_rows(b, rows, n);
+    }
+    let v = x.to_f32_vec();
+    Ok((0..rows)
+        .map(|r| {
+            let row = &v[r * n..(r + 1) * n];
+            let i = crate::sample::argmax(row);
+            (row[i as usize], i)
+        })
+        .collect())
+}
+
 /// In place, in f32 (sums in f64).
 pub fn softmax_inplace(row: &mut [f32]) {
     let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);

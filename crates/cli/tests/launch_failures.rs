@@ -1,0 +1,336 @@
+//! A multi-process job never hangs: a rank killed with SIGKILL in the middle of an all-reduce, a
+//! rank that never joins and a mismatched collective each end the whole job with a non-zero exit
+//! and a message naming the rank at fault, long before the deadline. Bad launch input is one clear
+//! line, never a panic.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits for `child` at most `limit` (killing it after), returning its exit code and stderr.
+fn finish(mut child: Child, limit: Duration) -> (Option<i32>, String, Duration) {
+    let start = Instant::now();
+    let mut err = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let elapsed = start.elapsed();
+    let stderr = reader.join().unwrap();
+    assert!(
+        status.is_some(),
+        "the job hung for {limit:?}; stderr:\n{stderr}"
+    );
+    (status.and_then(|s| s.code()), stderr, elapsed)
+}
+
+/// The pid of the child of `parent` whose environment says `TESSERA_RANK=rank`.
+fn rank_pid(parent: u32, rank: usize) -> Option<u32> {
+    let want = format!("TESSERA_RANK={rank}");
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the ")" that closes the command name: state, ppid, ...
+        let Some(rest) = stat.rsplit(')').next() else {
+            continue;
+        };
+        let ppid: Option<u32> = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+        if ppid != Some(parent) {
+            continue;
+        }
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if env.split(|b| *b == 0).any(|v| v == want.as_bytes()) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[test]
+fn kill_9_of_a_rank_mid_all_reduce_ends_the_job_naming_it() {
+    let mut child = bin()
+        .args([
+            "launch",
+            "--nproc-per-node",
+            "3",
+            "--timeout",
+            "120",
+            "--",
+            "tessera",
+            "bench",
+            "comm",
+            "--backend",
+            "tcp",
+            "--sizes",
+            "4M",
+            "--iters",
+            "100000000",
+            "--warmup",
+            "0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Rank 0 prints the table header once every rank is connected; then all-reduces run back to
+    // back, so a kill lands inside one.
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while out.read_line(&mut line).unwrap() > 0 && !line.contains("size(B)") {
+        line.clear();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = rank_pid(child.id(), 1).expect("rank 1 is running");
+    assert!(Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let (code, err, elapsed) = finish(child, Duration::from_secs(60));
+    assert_ne!(code, Some(0), "{err}");
+    // The launcher names the killed rank; the survivors name it too, each in its own words.
+    assert!(
+        err.contains(&format!("rank 1 (pid {pid}) was killed by signal 9")),
+        "{err}"
+    );
+    for r in [0, 2] {
+        let lines: Vec<&str> = err
+            .lines()
+            .filter(|l| l.starts_with(&format!("[rank {r}] error")))
+            .collect();
+        assert!(
+            lines.iter().any(|l| l.contains("rank 1")),
+            "rank {r} does not name rank 1:\n{err}"
+        );
+    }
+    // Detected from the closed connection, not by waiting out the 120 s deadline.
+    assert!(elapsed < Duration::from_secs(60), "{elapsed:?}");
+}
+
+#[test]
+fn a_rank_that_never_joins_is_named() {
+    // Two nodes of one rank each; node 1 is never started.
+    let port = free_port().to_string();
+    let child = bin()
+        .args([
+            "launch",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            "0",
+            "--nproc-per-node",
+            "1",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            &port,
+            "--timeout",
+            "2",
+            "--",
+            "tessera",
+            "bench",
+            "comm",
+            "--backend",
+            "tcp",
+            "--sizes",
+            "1K",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, err, _) = finish(child, Duration::from_secs(60));
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("rank(s) [1] never joined"), "{err}");
+    assert!(
+        err.lines()
+            .last()
+            .unwrap_or("")
+            .starts_with("error: rank 0"),
+        "{err}"
+    );
+}
+
+fn mismatched_job(check: bool) -> String {
+    let mut args = vec!["launch", "--nproc-per-node", "3", "--timeout", "60"];
+    if check {
+        args.push("--comm-check");
+    }
+    args.extend([
+        "--",
+        "tessera",
+        "bench",
+        "comm",
+        "--backend",
+        "tcp",
+        "--sizes",
+        "4K",
+        "--fault-mismatch-rank",
+        "2",
+    ]);
+    let child = bin()
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, err, elapsed) = finish(child, Duration::from_secs(60));
+    assert_ne!(code, Some(0), "{err}");
+    assert!(elapsed < Duration::from_secs(30), "{elapsed:?}");
+    err
+}
+
+#[test]
+fn a_mismatched_collective_is_named() {
+    let err = mismatched_job(false);
+    assert!(err.contains("collective mismatch"), "{err}");
+    assert!(
+        err.contains("rank 2 issued all_reduce of 4100 bytes"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_mode_names_the_first_mismatch_on_every_rank() {
+    let err = mismatched_job(true);
+    let want = "collective #0: rank 0 issued all_reduce of 4096 bytes (F32, Sum) but rank 2 issued all_reduce of 4100 bytes (F32, Sum)";
+    for r in 0..3 {
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with(&format!("[rank {r}]")) && l.contains(want)),
+            "rank {r}:\n{err}"
+        );
+    }
+}
+
+/// One line on stderr, a non-zero exit, naming `needle`.
+fn fails_with(mut cmd: Command, needle: &str) {
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(err.contains(needle), "{err:?} does not name {needle:?}");
+}
+
+#[test]
+fn bad_launch_input_is_one_clear_line() {
+    let mut c = bin();
+    c.args([
+        "launch",
+        "--nproc-per-node",
+        "0",
+        "--",
+        "tessera",
+        "bench",
+        "comm",
+    ]);
+    fails_with(c, "--nproc-per-node must be at least 1");
+    let mut c = bin();
+    c.args([
+        "launch",
+        "--nproc-per-node",
+        "1",
+        "--nnodes",
+        "2",
+        "--",
+        "tessera",
+        "bench",
+        "comm",
+    ]);
+    fails_with(c, "needs --master-addr");
+    let mut c = bin();
+    c.args(["launch", "--nproc-per-node", "2", "--", "/no/such/program"]);
+    fails_with(c, "cannot start rank 0");
+    let mut c = bin();
+    c.args([
+        "launch",
+        "--nproc-per-node",
+        "1",
+        "--timeout",
+        "-3",
+        "--",
+        "tessera",
+        "bench",
+        "comm",
+    ]);
+    fails_with(c, "--timeout");
+}
+
+fn as_rank(rank: usize, world: usize, port: u16) -> Command {
+    let mut c = bin();
+    c.args(["bench", "comm", "--backend", "tcp", "--sizes", "1K"])
+        .env("TESSERA_RANK", rank.to_string())
+        .env("TESSERA_WORLD_SIZE", world.to_string())
+        .env("TESSERA_MASTER_ADDR", "127.0.0.1")
+        .env("TESSERA_MASTER_PORT", port.to_string())
+        .env("TESSERA_JOB_TOKEN", "job-a")
+        .env("TESSERA_COMM_TIMEOUT_S", "1");
+    c
+}
+
+#[test]
+fn bad_rank_environment_is_one_clear_line() {
+    let mut c = as_rank(0, 2, free_port());
+    c.env("TESSERA_RANK", "abc");
+    fails_with(c, "TESSERA_RANK=\"abc\" is not a non-negative integer");
+    let mut c = as_rank(0, 2, free_port());
+    c.env("TESSERA_RANK", "5");
+    fails_with(c, "rank 5 is not a rank of a job of 2");
+    let mut c = as_rank(0, 2, free_port());
+    c.env("TESSERA_COMM_TIMEOUT_S", "soon");
+    fails_with(c, "TESSERA_COMM_TIMEOUT_S must be a number");
+    // Rank 1 alone: nobody hosts the store.
+    fails_with(
+        as_rank(1, 2, free_port()),
+        "cannot reach the rendezvous store",
+    );
+    let mut c = as_rank(1, 2, free_port());
+    c.env("TESSERA_MASTER_ADDR", "no-such-host.invalid");
+    fails_with(c, "cannot resolve master address");
+}
+
+#[test]
+fn a_rank_with_another_jobs_token_is_turned_away() {
+    let port = free_port();
+    let mut r0 = as_rank(0, 2, port);
+    r0.env("TESSERA_COMM_TIMEOUT_S", "10")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let r0 = r0.spawn().unwrap();
+    let mut r1 = as_rank(1, 2, port);
+    r1.env("TESSERA_JOB_TOKEN", "job-b")
+        .env("TESSERA_COMM_TIMEOUT_S", "10");
+    fails_with(r1, "wrong job token");
+    let mut r0 = r0;
+    let _ = r0.kill();
+    let _ = r0.wait();
+}

@@ -1,0 +1,267 @@
+//! `tessera data prepare`, `train`, `export` end to end on a slice of Shakespeare: JSON lines on
+//! stdout, a killed save that leaves the previous checkpoint resumable at another layout with the
+//! same losses, an export that `score` and `generate` load, and one clear line for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn tessera_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn tessera(args: &[&str]) -> (i32, String, String) {
+    tessera_env(args, &[])
+}
+
+fn repo(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(p)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A dataset from the first 60 KB of the Shakespeare slice, a tiny model and a config.
+fn setup(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let text = std::fs::read_to_string(repo("data/shakespeare/slice.txt")).unwrap();
+    let cut = text.char_indices().nth(60_000).unwrap().0;
+    let input = dir.join("in.txt");
+    std::fs::write(&input, &text[..cut]).unwrap();
+    let data = dir.join("data");
+    let tok = repo("tests/fixtures/hf/llama/tokenizer.json");
+    let (code, _, err) = tessera(&[
+        "data",
+        "prepare",
+        "--input",
+        s(&input),
+        "--tokenizer",
+        s(&tok),
+        "--out",
+        s(&data),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::write(
+        model.join("config.json"),
+        r#"{"architectures":["LlamaForCausalLM"],"model_type":"llama","vocab_size":300,
+        "hidden_size":32,"intermediate_size":64,"num_hidden_layers":2,"num_attention_heads":4,
+        "num_key_value_heads":2,"rms_norm_eps":1e-5,"rope_theta":10000.0,
+        "max_position_embeddings":128,"tie_word_embeddings":true,"bos_token_id":0,"eos_token_id":1}"#,
+    )
+    .unwrap();
+    let cfg = dir.join("ds.json");
+    std::fs::write(
+        &cfg,
+        r#"{"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "weight_decay": 0.0}},
+        "zero_optimization": {"stage": 2}, "wall_clock_breakdown": false, "mystery": 1}"#,
+    )
+    .unwrap();
+    (data, model, cfg)
+}
+
+fn losses(stdout: &str) -> Vec<(u64, f64)> {
+    stdout
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"));
+            for k in ["step", "loss", "lr", "grad_norm", "tokens_per_s"] {
+                assert!(v.get(k).is_some(), "{l} lacks {k}");
+            }
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn train_json_crash_resume_at_another_layout_and_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, model, cfg) = setup(dir.path());
+    let curve = dir.path().join("curve.svg");
+    let common = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "train",
+            "--config",
+            s(&cfg),
+            "--model-config",
+            s(&model),
+            "--data",
+            s(&data),
+            "--seq-len",
+            "16",
+            "--steps",
+            "6",
+            "--json",
+            "--curve",
+            s(&curve),
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        v.extend(extra.iter().map(|x| x.to_string()));
+        v
+    };
+    let run = |extra: &[&str], env: &[(&str, &str)]| {
+        let args = common(extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        tessera_env(&refs, env)
+    };
+    // The uninterrupted run, at dp 2.
+    let (code, out, err) = run(&["--dp", "2"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let whole = losses(&out);
+    assert_eq!(
+        whole.iter().map(|x| x.0).collect::<Vec<_>>(),
+        (1..=6).collect::<Vec<_>>()
+    );
+    assert!(whole[5].1 < whole[0].1, "{whole:?}");
+    assert!(err.contains("unknown config key `mystery`"), "{err}");
+    assert!(std::fs::read_to_string(&curve).unwrap().starts_with("<svg"));
+
+    // Saves every 2 steps; the second save is killed halfway.
+    let ck = dir.path().join("ck");
+    let (code, _, _) = run(
+        &["--dp", "2", "--save", s(&ck), "--save-every", "2"],
+        &[("TESSERA_CRASH_DURING_SAVE", "2")],
+    );
+    assert_ne!(code, 0);
+    assert_eq!(
+        std::fs::read_to_string(ck.join("latest")).unwrap().trim(),
+        "step_00000002"
+    );
+
+    // Resume from step 2 at dp 1, ZeRO-3: steps 3..6 as in the uninterrupted run.
+    let (code, out, err) = run(
+        &[
+            "--dp",
+            "1",
+            "--zero-stage",
+            "3",
+            "--resume",
+            s(&ck),
+            "--save",
+            s(&ck),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let resumed = losses(&out);
+    assert_eq!(resumed.len(), 4);
+    for (a, b) in whole[2..].iter().zip(&resumed) {
+        assert_eq!(a.0, b.0);
+        assert!((a.1 - b.1).abs() / a.1 < 1e-5, "{a:?} vs {b:?}");
+    }
+
+    // Export, then score and generate with the exported model.
+    let hf = dir.path().join("hf");
+    let (code, _, err) = tessera(&["export", "--checkpoint", s(&ck), "--out", s(&hf)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(hf.join("tokenizer.json").exists());
+    let (code, out, err) = tessera(&[
+        "score",
+        "--model",
+        s(&hf),
+        "--text",
+        "To be, or not",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("sum_logprob"));
+    let (code, _, err) = tessera(&[
+        "generate",
+        "--model",
+        s(&hf),
+        "--prompt",
+        "KING",
+        "--max-tokens",
+        "5",
+    ]);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, model, cfg) = setup(dir.path());
+    let bad_cfg = dir.path().join("bad.json");
+    std::fs::write(&bad_cfg, r#"{"zero_optimization": {"stage": 7}}"#).unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--config", s(&bad_cfg)], "zero_optimization.stage"),
+        (vec!["--config", "/nonexistent.json"], "nonexistent"),
+        (vec!["--config", s(&cfg), "--dp", "0"], "--dp"),
+        (vec!["--config", s(&cfg), "--dp", "3"], "divisible"),
+        (
+            vec!["--config", s(&cfg), "--data", "/nonexistent"],
+            "dataset",
+        ),
+        (
+            vec!["--config", s(&cfg), "--resume", "/nonexistent"],
+            "checkpoint",
+        ),
+        (
+            vec!["--config", s(&cfg), "--seq-len", "100000"],
+            "max_position_embeddings",
+        ),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec![
+            "train",
+            "--model-config",
+            s(&model),
+            "--data",
+            s(&data),
+            "--steps",
+            "1",
+            "--curve",
+        ];
+        let curve = dir.path().join("c.svg");
+        args.push(s(&curve));
+        let mut full: Vec<&str> = args.clone();
+        if extra.contains(&"--data") {
+            let i = full.iter().position(|a| *a == "--data").unwrap();
+            full.drain(i..i + 2);
+        }
+        full.extend(extra);
+        let (code, _, err) = tessera(&full);
+        assert_ne!(code, 0, "{full:?}");
+        assert!(err.contains(needle), "{full:?}: {err}");
+        // One error line (warnings about the config may come before it).
+        let errors: Vec<&str> = err.lines().filter(|l| !l.starts_with("warning:")).collect();
+        assert_eq!(errors.len(), 1, "{full:?}: {err}");
+        assert!(!err.contains("panicked"));
+    }
+    let (code, _, err) = tessera(&[
+        "export",
+        "--checkpoint",
+        "/nonexistent",
+        "--out",
+        s(&dir.path().join("x")),
+    ]);
+    assert_ne!(code, 0);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let (code, _, err) = tessera(&[
+        "data",
+        "prepare",
+        "--input",
+        "/nonexistent.txt",
+        "--tokenizer",
+        "/x.json",
+        "--out",
+        s(&dir.path().join("d")),
+    ]);
+    assert_ne!(code, 0);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

@@ -1,0 +1,121 @@
+//! The TCP backend never hangs: a rank that leaves, one that never joins, a mismatched collective
+//! and a wrong job token each end in an error that names the rank at fault, well before the
+//! deadline where the fault can be seen directly.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{config, free_port, on_each, tcp_job};
+use tessera_comm::{CommExt, Communicator, ReduceOp, TcpComm};
+
+#[test]
+fn a_rank_that_leaves_mid_job_is_named_at_once() {
+    let long = Duration::from_secs(60);
+    let start = Instant::now();
+    let out = on_each(tcp_job(3, long, |_| {}), |c| {
+        let mut v = vec![1.0f32; 100_000];
+        c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+        if c.rank() == 1 {
+            drop(c); // closes its connections, as a killed process would
+            return String::new();
+        }
+        loop {
+            if let Err(e) = c.all_reduce(&mut v, ReduceOp::Sum) {
+                return e.to_string();
+            }
+        }
+    });
+    assert!(start.elapsed() < long / 2, "took {:?}", start.elapsed());
+    for r in [0, 2] {
+        assert!(out[r].contains("rank 1"), "rank {r}: {}", out[r]);
+    }
+}
+
+#[test]
+fn a_rank_that_never_joins_is_named() {
+    let port = free_port();
+    let cfgs: Vec<_> = (0..2)
+        .map(|r| config(r, 3, port, Duration::from_millis(800)))
+        .collect();
+    let out = on_each(cfgs, |cfg| {
+        TcpComm::connect(&cfg).err().unwrap().to_string()
+    });
+    for e in &out {
+        assert!(e.contains("rank(s) [2] never joined"), "{e}");
+    }
+}
+
+#[test]
+fn a_mismatched_collective_is_named() {
+    let out = on_each(tcp_job(3, Duration::from_secs(20), |_| {}), |c| {
+        let mut v = vec![0.0f32; if c.rank() == 2 { 9 } else { 8 }];
+        c.all_reduce(&mut v, ReduceOp::Sum).unwrap_err().to_string()
+    });
+    // The neighbour that sees it names both sizes; the others are aborted with that message.
+    for e in &out {
+        assert!(e.contains("all_reduce of 36 bytes"), "{e}");
+        assert!(e.contains("all_reduce of 32 bytes"), "{e}");
+    }
+}
+
+#[test]
+fn check_mode_names_the_first_mismatch_on_every_rank() {
+    let out = on_each(
+        tcp_job(4, Duration::from_secs(20), |c| c.check = true),
+        |c| {
+            let mut v = vec![0.0f32; 4];
+            c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+            let r = if c.rank() == 3 {
+                c.broadcast(&mut v, 0)
+            } else {
+                c.all_reduce(&mut v, ReduceOp::Sum)
+            };
+            r.unwrap_err().to_string()
+        },
+    );
+    for e in &out {
+        assert!(
+            e.contains("collective #1: rank 0 issued all_reduce of 16 bytes (F32, Sum) but rank 3 issued broadcast of 16 bytes from root 0"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn check_mode_names_a_rank_that_never_issues_the_collective() {
+    let out = on_each(
+        tcp_job(3, Duration::from_millis(1500), |c| c.check = true),
+        |c| {
+            if c.rank() == 1 {
+                std::thread::sleep(Duration::from_millis(2500));
+                return String::new();
+            }
+            c.barrier().unwrap_err().to_string()
+        },
+    );
+    assert!(out[0].contains("[1]"), "{}", out[0]);
+    assert!(out[2].contains("[1]"), "{}", out[2]);
+}
+
+#[test]
+fn a_wrong_job_token_is_turned_away() {
+    let port = free_port();
+    let mut cfgs: Vec<_> = (0..2)
+        .map(|r| config(r, 2, port, Duration::from_secs(2)))
+        .collect();
+    cfgs[1].job_token = "another-job".into();
+    let out = on_each(cfgs, |cfg| {
+        TcpComm::connect(&cfg).err().map(|e| e.to_string())
+    });
+    let e = out[1].clone().unwrap();
+    assert!(e.contains("wrong job token"), "{e}");
+}
+
+#[test]
+fn send_to_a_rank_that_is_not_there_is_an_error_not_a_panic() {
+    let out = on_each(tcp_job(2, Duration::from_secs(5), |_| {}), |c| {
+        c.send(&[1u8], 5).unwrap_err().to_string()
+    });
+    assert!(out[0].contains("destination 5"), "{}", out[0]);
+}

@@ -1,0 +1,398 @@
+//! The CUDA backend: devices, device storage and the GPU kernel of every op.
+//!
+//! GEMMs go through cuBLAS (bf16 or f32 in, f32 accumulate); every other op is a kernel of
+//! `kernels.cu`, compiled once per process and device with NVRTC for the device's architecture.
+//! cudarc loads the CUDA libraries at run time, so this builds on machines without CUDA; where the
+//! driver is missing, [`GpuDevice::get`] returns a clear error instead of panicking.
+
+pub mod graph;
+pub mod nccl;
+mod ops;
+
+pub use ops::*;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream};
+use half::bf16;
+
+use crate::{DType, TensorError};
+
+const KERNELS: &str = include_str!("kernels.cu");
+const KERNEL_NAMES: [&str; 10] = [
+    "rms_norm",
+    "rope",
+    "silu_mul",
+    "add_inplace",
+    "add_bias",
+    "embedding",
+    "attention",
+    "fill_random",
+    "argmax_rows",
+    "kv_append",
+];
+
+/// Rows of `x` up to which bf16 matmuls use the decode GEMV kernel instead of cuBLAS (see
+/// `kernels.cu` for the measurement behind the limit).
+pub const GEMV_MAX_ROWS: usize = 1;
+
+/// One GPU: its context, the stream every op of this process runs on, cuBLAS and the kernels.
+pub struct GpuDevice {
+    pub ordinal: usize,
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub(crate) blas: Mutex<CudaBlas>,
+    funcs: HashMap<(&'static str, DType), CudaFunction>,
+    /// The decode GEMV kernels, by number of rows (index m - 1).
+    gemv: Vec<CudaFunction>,
+    /// Small constant tables (RoPE inverse frequencies) uploaded once, keyed by their contents.
+    tables: Mutex<HashMap<Vec<u32>, Arc<CudaSlice<f32>>>>,
+    /// The NCCL communicator of the tensor-parallel group this GPU is in, if any.
+    pub(crate) nccl: Mutex<Option<nccl::NcclSlot>>,
+    /// While a decode step is being captured: the device buffers its kernels read their inputs
+    /// from and write their outputs to.
+    pub(crate) capture: Mutex<Option<Arc<graph::GraphIo>>>,
+}
+
+impl std::fmt::Debug for GpuDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cuda:{}", self.ordinal)
+    }
+}
+
+pub(crate) fn dev_err(ordinal: usize, e: impl std::fmt::Display) -> TensorError {
+    TensorError::Device(format!("cuda:{ordinal}"), e.to_string())
+}
+
+static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<GpuDevice>>>> = OnceLock::new();
+
+impl GpuDevice {
+    /// The device `ordinal`, initialised (kernels compiled) on first use and shared afterwards.
+    pub fn get(ordinal: usize) -> Result<Arc<GpuDevice>, TensorError> {
+        let map = DEVICES.get_or_init(|| Mutex::new(HashMap::new()));
+        let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = map.get(&ordinal) {
+            return Ok(d.clone());
+        }
+        let d = Arc::new(Self::init(ordinal)?);
+        map.insert(ordinal, d.clone());
+        Ok(d)
+    }
+
+    fn init(ordinal: usize) -> Result<Self, TensorError> {
+        let err = |e: &dyn std::fmt::Display| dev_err(ordinal, e);
+        // SAFETY: only probes whether the driver library can be loaded.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(err(
+                &"the CUDA driver library (libcuda.so) was not found on this machine",
+            ));
+        }
+        let n =
+            CudaContext::device_count().map_err(|e| err(&format!("cannot count devices: {e}")))?;
+        if ordinal >= n as usize {
+            return Err(err(&format!("this machine has {n} CUDA device(s)")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| err(&e))?;
+        // One stream per device: ordering comes from the stream, so per-buffer events are waste.
+        // SAFETY: all work of this process on this device is issued on `stream` below.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| err(&e))?;
+        let (major, minor) = ctx.compute_capability().map_err(|e| err(&e))?;
+        let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+        let opts = cudarc::nvrtc::CompileOptions {
+            arch: Some(arch),
+            options: vec!["--std=c++17".into()],
+            ..Default::default()
+        };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts)
+            .map_err(|e| err(&format!("NVRTC could not compile the kernels: {e}")))?;
+        let module = ctx.load_module(ptx).map_err(|e| err(&e))?;
+        let mut funcs = HashMap::new();
+        for name in KERNEL_NAMES {
+            for dtype in [DType::F32, DType::BF16] {
+                let full = format!("{name}_{}", dtype.name());
+                let f = module
+                    .load_function(&full)
+                    .map_err(|e| err(&format!("{full}: {e}")))?;
+                funcs.insert((name, dtype), f);
+            }
+        }
+        let gemv = (1..=GEMV_MAX_ROWS)
+            .map(|m| {
+                let name = format!("gemv_bf16_m{m}");
+                module
+                    .load_function(&name)
+                    .map_err(|e| err(&format!("{name}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| err(&e))?;
+        Ok(GpuDevice {
+            ordinal,
+            ctx,
+            stream,
+            blas: Mutex::new(blas),
+            funcs,
+            gemv,
+            tables: Mutex::new(HashMap::new()),
+            nccl: Mutex::new(None),
+            capture: Mutex::new(None),
+        })
+    }
+
+    pub(crate) fn func(&self, name: &'static str, dtype: DType) -> &CudaFunction {
+        self.funcs
+            .get(&(name, dtype))
+            .unwrap_or_else(|| panic!("kernel {name} ({dtype}) is compiled at init"))
+    }
+
+    /// The decode GEMV kernel for `m` rows (1..=GEMV_MAX_ROWS).
+    pub(crate) fn gemv(&self, m: usize) -> &CudaFunction {
+        &self.gemv[m - 1]
+    }
+
+    /// The capture in progress on this device, if any.
+    pub(crate) fn capturing(&self) -> Option<Arc<graph::GraphIo>> {
+        self.capture
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// `v` on the device, uploaded on first use only.
+    pub(crate) fn table(&self, v: &[f32]) -> Result<Arc<CudaSlice<f32>>, TensorError> {
+        let key: Vec<u32> = v.iter().map(|x| x.to_bits()).collect();
+        let mut t = self.tables.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = t.get(&key) {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(
+            self.stream
+                .clone_htod(v)
+                .map_err(|e| dev_err(self.ordinal, e))?,
+        );
+        t.insert(key, s.clone());
+        Ok(s)
+    }
+
+    pub fn synchronize(&self) -> Result<(), TensorError> {
+        self.stream
+            .synchronize()
+            .map_err(|e| dev_err(self.ordinal, e))
+    }
+}
+
+/// Typed device memory.
+pub enum CudaData {
+    F32(CudaSlice<f32>),
+    BF16(CudaSlice<bf16>),
+}
+
+/// A buffer on a GPU.
+pub struct CudaBuf {
+    pub data: CudaData,
+    pub dev: Arc<GpuDevice>,
+}
+
+impl std::fmt::Debug for CudaBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CudaBuf({:?}, {} x {})",
+            self.dev,
+            self.len(),
+            self.dtype()
+        )
+    }
+}
+
+impl Clone for CudaBuf {
+    fn clone(&self) -> Self {
+        let data = match &self.data {
+            CudaData::F32(s) => CudaData::F32(self.dev.stream.clone_dtod(s).expect("device copy")),
+            CudaData::BF16(s) => {
+                CudaData::BF16(self.dev.stream.clone_dtod(s).expect("device copy"))
+            }
+        };
+        CudaBuf {
+            data,
+            dev: self.dev.clone(),
+        }
+    }
+}
+
+impl PartialEq for CudaBuf {
+    fn eq(&self, other: &Self) -> bool {
+        self.dtype() == other.dtype() && self.to_f32_vec().ok() == other.to_f32_vec().ok()
+    }
+}
+
+impl CudaBuf {
+    pub fn len(&self) -> usize {
+        match &self.data {
+            CudaData::F32(s) => s.len(),
+            CudaData::BF16(s) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn dtype(&self) -> DType {
+        match &self.data {
+            CudaData::F32(_) => DType::F32,
+            CudaData::BF16(_) => DType::BF16,
+        }
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> TensorError {
+        dev_err(self.dev.ordinal, e)
+    }
+
+    pub fn zeros(dev: &Arc<GpuDevice>, dtype: DType, n: usize) -> Result<Self, TensorError> {
+        let e = |e| dev_err(dev.ordinal, e);
+        let data = match dtype {
+            DType::F32 => CudaData::F32(dev.stream.alloc_zeros(n).map_err(e)?),
+            DType::BF16 => CudaData::BF16(dev.stream.alloc_zeros(n).map_err(e)?),
+            DType::F16 => {
+                return Err(dev_err(
+                    dev.ordinal,
+                    "f16 is not supported on CUDA yet; use bf16 or f32",
+                ))
+            }
+        };
+        Ok(CudaBuf {
+            data,
+            dev: dev.clone(),
+        })
+    }
+
+    /// Uninitialised memory, for outputs every element of which a kernel writes.
+    pub(crate) fn alloc(dev: &Arc<GpuDevice>, dtype: DType, n: usize) -> Result<Self, TensorError> {
+        let e = |e| dev_err(dev.ordinal, e);
+        // SAFETY: callers write every element before it is read.
+        let data = unsafe {
+            match dtype {
+                DType::F32 => CudaData::F32(dev.stream.alloc(n).map_err(e)?),
+                DType::BF16 => CudaData::BF16(dev.stream.alloc(n).map_err(e)?),
+                DType::F16 => {
+                    return Err(dev_err(
+                        dev.ordinal,
+                        "f16 is not supported on CUDA yet; use bf16 or f32",
+                    ))
+                }
+            }
+        };
+        Ok(CudaBuf {
+            data,
+            dev: dev.clone(),
+        })
+    }
+
+    /// Uploads f32 values, converted on the host to `dtype`.
+    pub fn from_f32(dev: &Arc<GpuDevice>, dtype: DType, v: &[f32]) -> Result<Self, TensorError> {
+        let mut b = Self::alloc(dev, dtype, v.len())?;
+        b.write_f32(0, v)?;
+        Ok(b)
+    }
+
+    pub fn write_f32(&mut self, offset: usize, src: &[f32]) -> Result<(), TensorError> {
+        let n = src.len();
+        let stream = self.dev.stream.clone();
+        let r = match &mut self.data {
+            CudaData::F32(s) => stream.memcpy_htod(src, &mut s.slice_mut(offset..offset + n)),
+            CudaData::BF16(s) => {
+                let h: Vec<bf16> = src.iter().map(|&x| bf16::from_f32(x)).collect();
+                stream.memcpy_htod(&h, &mut s.slice_mut(offset..offset + n))
+            }
+        };
+        r.map_err(|e| self.err(e))
+    }
+
+    pub fn read_f32(&self, offset: usize, dst: &mut [f32]) -> Result<(), TensorError> {
+        let n = dst.len();
+        let stream = &self.dev.stream;
+        match &self.data {
+            CudaData::F32(s) => stream.memcpy_dtoh(&s.slice(offset..offset + n), dst),
+            CudaData::BF16(s) => {
+                let mut h = vec![bf16::ZERO; n];
+                stream
+                    .memcpy_dtoh(&s.slice(offset..offset + n), &mut h)
+                    .and_then(|_| stream.synchronize())
+                    .map(|_| {
+                        for (d, x) in dst.iter_mut().zip(&h) {
+                            *d = x.to_f32();
+                        }
+                    })
+            }
+        }
+        .and_then(|_| stream.synchronize())
+        .map_err(|e| self.err(e))
+    }
+
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>, TensorError> {
+        let mut v = vec![0.0; self.len()];
+        self.read_f32(0, &mut v)?;
+        Ok(v)
+    }
+
+    /// Copies `src` (same dtype and device) into elements `offset..`.
+    pub fn copy_from(&mut self, offset: usize, src: &CudaBuf) -> Result<(), TensorError> {
+        let n = src.len();
+        let stream = self.dev.stream.clone();
+        match (&mut self.data, &src.data) {
+            (CudaData::F32(d), CudaData::F32(s)) => {
+                stream.memcpy_dtod(s, &mut d.slice_mut(offset..offset + n))
+            }
+            (CudaData::BF16(d), CudaData::BF16(s)) => {
+                stream.memcpy_dtod(s, &mut d.slice_mut(offset..offset + n))
+            }
+            _ => return Err(self.err("copy between device buffers of different dtypes")),
+        }
+        .map_err(|e| self.err(e))
+    }
+
+    /// Elements `lo..hi` as a new buffer.
+    pub fn slice_copy(&self, lo: usize, hi: usize) -> Result<CudaBuf, TensorError> {
+        let mut out = Self::alloc(&self.dev, self.dtype(), hi - lo)?;
+        let stream = self.dev.stream.clone();
+        match (&mut out.data, &self.data) {
+            (CudaData::F32(d), CudaData::F32(s)) => stream.memcpy_dtod(&s.slice(lo..hi), d),
+            (CudaData::BF16(d), CudaData::BF16(s)) => stream.memcpy_dtod(&s.slice(lo..hi), d),
+            _ => unreachable!("same dtype"),
+        }
+        .map_err(|e| self.err(e))?;
+        Ok(out)
+    }
+}
+
+/// Checks that `cuda:ordinal` can be used.
+pub fn ensure_device(ordinal: usize) -> Result<(), TensorError> {
+    GpuDevice::get(ordinal).map(|_| ())
+}
+
+/// Device-to-device copy bandwidth of `ordinal` in bytes/s (bytes read + written), median of 10
+/// copies of 1 GiB after a warm-up: the ceiling of memory-bound kernels.
+pub fn copy_bandwidth(ordinal: usize) -> Result<f64, TensorError> {
+    let dev = GpuDevice::get(ordinal)?;
+    let e = |x| dev_err(ordinal, x);
+    let n = 1usize << 28; // f32 elements: 1 GiB
+    let src: CudaSlice<f32> = dev.stream.alloc_zeros(n).map_err(e)?;
+    let mut dst: CudaSlice<f32> = dev.stream.alloc_zeros(n).map_err(e)?;
+    dev.stream.memcpy_dtod(&src, &mut dst).map_err(e)?;
+    let mut times = Vec::new();
+    for _ in 0..10 {
+        let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = dev.ctx.new_event(timed).map_err(e)?;
+        let end = dev.ctx.new_event(timed).map_err(e)?;
+        start.record(&dev.stream).map_err(e)?;
+        dev.stream.memcpy_dtod(&src, &mut dst).map_err(e)?;
+        end.record(&dev.stream).map_err(e)?;
+        end.synchronize().map_err(e)?;
+        times.push(start.elapsed_ms(&end).map_err(e)? as f64 / 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(2.0 * (n * 4) as f64 / times[times.len() / 2])
+}

@@ -1,0 +1,347 @@
+//! Training checkpoints, independent of the parallel layout: one entry per full parameter (its HF
+//! name) for the fp32 master weight and both Adam moments, plus the progress (step, data position,
+//! loss scaler), the seed and the model's `config.json`. A run saved at one dp / ZeRO stage
+//! resumes at any other, and `export` turns a checkpoint into an HF model directory.
+//!
+//! Saves are atomic: a step's files go to a temporary directory, are fsynced, and the directory is
+//! renamed into place; only then is `latest` (a one-line pointer) replaced, atomically too. A crash
+//! at any point leaves the previous `latest` and what it names intact.
+//!
+//! ```text
+//! CKPT/latest                      "step_00000200"
+//! CKPT/step_00000200/state.safetensors   NAME, NAME.exp_avg, NAME.exp_avg_sq (f32)
+//! CKPT/step_00000200/trainer.json        progress, seed, seq, model config
+//! CKPT/step_00000200/tokenizer.json      when the data had one
+//! ```
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use safetensors::tensor::{Dtype as StDtype, TensorView};
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+use tessera_model::grad::ParamLayout;
+use tessera_tensor::DType;
+
+use crate::trainer::{Progress, Trainer};
+use crate::TrainError;
+
+pub const FORMAT: &str = "tessera-train-checkpoint-v1";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub format: String,
+    pub progress: Progress,
+    pub seed: u64,
+    pub seq: usize,
+    /// The HF `config.json` of the model, verbatim.
+    pub model_config: serde_json::Value,
+    /// The layout it was saved from (informative: any layout can load it).
+    pub saved_dp: usize,
+    pub saved_zero_stage: u8,
+}
+
+fn ck_err(path: &Path, msg: impl Into<String>) -> TrainError {
+    TrainError::Checkpoint {
+        path: path.display().to_string(),
+        msg: msg.into(),
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let mut f = File::create(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| TrainError::io(&tmp, e))?;
+    f.sync_all().map_err(|e| TrainError::io(&tmp, e))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))?;
+    sync_dir(dir);
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) {
+    // Makes the rename durable; not every platform lets a directory be opened, hence best effort.
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Saves started in this process, for the crash test hook below.
+static SAVES: AtomicUsize = AtomicUsize::new(0);
+
+/// Test hook: `TESSERA_CRASH_DURING_SAVE=N` aborts the process halfway through writing the Nth
+/// save's state file, as a kill would.
+fn maybe_crash(file: &mut File, bytes: &[u8]) {
+    let n = SAVES.load(Ordering::SeqCst);
+    let crash_at = std::env::var("TESSERA_CRASH_DURING_SAVE")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
+    if crash_at == Some(n) {
+        let _ = file.write_all(&bytes[..bytes.len() / 2]);
+        let _ = file.sync_all();
+        std::process::abort();
+    }
+}
+
+/// Saves the trainer's state under `root` (a collective: every rank calls it; rank 0 writes).
+/// Returns the step directory.
+pub fn save(
+    trainer: &mut Trainer,
+    root: &Path,
+    seed: u64,
+    model_config: &serde_json::Value,
+    tokenizer: Option<&Path>,
+) -> Result<PathBuf, TrainError> {
+    let (master, m, v) = trainer.engine.gather_full()?;
+    let name = format!("step_{:08}", trainer.progress.step);
+    let final_dir = root.join(&name);
+    if trainer.rank() != 0 {
+        return Ok(final_dir);
+    }
+    SAVES.fetch_add(1, Ordering::SeqCst);
+    std::fs::create_dir_all(root).map_err(|e| TrainError::io(root, e))?;
+    let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+
+    let layout = &trainer.model.layout;
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = vec![];
+    for (u, unit) in layout.units.iter().enumerate() {
+        for p in &unit.params {
+            for (suffix, src) in [("", &master), (".exp_avg", &m), (".exp_avg_sq", &v)] {
+                let vals = &src[u][p.offset..p.offset + p.len];
+                let bytes: Vec<u8> = vals.iter().flat_map(|x| x.to_le_bytes()).collect();
+                tensors.push((format!("{}{suffix}", p.name), p.shape.clone(), bytes));
+            }
+        }
+    }
+    let bytes = serialize(&tensors, &tmp)?;
+    let state = tmp.join("state.safetensors");
+    let mut f = File::create(&state).map_err(|e| TrainError::io(&state, e))?;
+    maybe_crash(&mut f, &bytes);
+    f.write_all(&bytes).map_err(|e| TrainError::io(&state, e))?;
+    f.sync_all().map_err(|e| TrainError::io(&state, e))?;
+    drop(f);
+
+    let meta = CheckpointMeta {
+        format: FORMAT.into(),
+        progress: trainer.progress.clone(),
+        seed,
+        seq: trainer.seq,
+        model_config: model_config.clone(),
+        saved_dp: trainer.dp(),
+        saved_zero_stage: trainer.engine.stage,
+    };
+    let json = serde_json::to_vec_pretty(&meta).expect("meta serialises");
+    write_atomic(&tmp.join("trainer.json"), &json)?;
+    if let Some(t) = tokenizer {
+        let b = std::fs::read(t).map_err(|e| TrainError::io(t, e))?;
+        write_atomic(&tmp.join("tokenizer.json"), &b)?;
+    }
+    sync_dir(&tmp);
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
+    sync_dir(root);
+    write_atomic(&root.join("latest"), name.as_bytes())?;
+    Ok(final_dir)
+}
+
+fn serialize(tensors: &[(String, Vec<usize>, Vec<u8>)], at: &Path) -> Result<Vec<u8>, TrainError> {
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            TensorView::new(StDtype::F32, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| ck_err(at, format!("tensor {n}: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    safetensors::serialize(views, None).map_err(|e| ck_err(at, e.to_string()))
+}
+
+/// The step directory a path names: a step directory itself, or a root with `latest`.
+pub fn resolve(path: &Path) -> Result<PathBuf, TrainError> {
+    if path.join("trainer.json").exists() {
+        return Ok(path.to_path_buf());
+    }
+    let latest = path.join("latest");
+    let name = std::fs::read_to_string(&latest).map_err(|_| {
+        ck_err(
+            path,
+            "is neither a checkpoint step directory nor a root with a `latest` file",
+        )
+    })?;
+    let name = name.trim();
+    if name.is_empty() || name.contains('/') || name.contains("..") {
+        return Err(ck_err(
+            &latest,
+            format!("names {name:?}, not a step directory"),
+        ));
+    }
+    Ok(path.join(name))
+}
+
+/// A loaded checkpoint: its metadata and per-unit full master weights and moments.
+pub struct LoadedCheckpoint {
+    pub dir: PathBuf,
+    pub meta: CheckpointMeta,
+    pub master: Vec<Vec<f32>>,
+    pub exp_avg: Vec<Vec<f32>>,
+    pub exp_avg_sq: Vec<Vec<f32>>,
+}
+
+/// Reads `path` (see [`resolve`]) into `layout`'s units; every tensor must be there with its shape.
+pub fn load(path: &Path, layout: &ParamLayout) -> Result<LoadedCheckpoint, TrainError> {
+    let dir = resolve(path)?;
+    let meta = read_meta(&dir)?;
+    let state = dir.join("state.safetensors");
+    let bytes = std::fs::read(&state).map_err(|e| TrainError::io(&state, e))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+        ck_err(
+            &state,
+            format!("not a valid safetensors file (truncated?): {e}"),
+        )
+    })?;
+    let mut out = [vec![], vec![], vec![]];
+    for unit in &layout.units {
+        let mut bufs = [
+            vec![0.0f32; unit.len],
+            vec![0.0f32; unit.len],
+            vec![0.0f32; unit.len],
+        ];
+        for p in &unit.params {
+            for (k, suffix) in ["", ".exp_avg", ".exp_avg_sq"].iter().enumerate() {
+                let name = format!("{}{suffix}", p.name);
+                let t = st.tensor(&name).map_err(|_| {
+                    ck_err(&state, format!("has no tensor {name} (another model?)"))
+                })?;
+                if t.dtype() != StDtype::F32 || t.shape() != p.shape.as_slice() {
+                    return Err(ck_err(
+                        &state,
+                        format!(
+                            "{name} is {:?} {:?}, the model needs F32 {:?}",
+                            t.dtype(),
+                            t.shape(),
+                            p.shape
+                        ),
+                    ));
+                }
+                for (d, c) in bufs[k][p.offset..p.offset + p.len]
+                    .iter_mut()
+                    .zip(t.data().chunks_exact(4))
+                {
+                    *d = f32::from_le_bytes(c.try_into().unwrap());
+                }
+            }
+        }
+        for (o, b) in out.iter_mut().zip(bufs) {
+            o.push(b);
+        }
+    }
+    let [master, exp_avg, exp_avg_sq] = out;
+    Ok(LoadedCheckpoint {
+        dir,
+        meta,
+        master,
+        exp_avg,
+        exp_avg_sq,
+    })
+}
+
+pub fn read_meta(dir: &Path) -> Result<CheckpointMeta, TrainError> {
+    let p = dir.join("trainer.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| TrainError::io(&p, e))?;
+    let meta: CheckpointMeta = serde_json::from_str(&text)
+        .map_err(|e| ck_err(&p, format!("invalid trainer.json: {e}")))?;
+    if meta.format != FORMAT {
+        return Err(ck_err(
+            &p,
+            format!("format {:?} is not {FORMAT}", meta.format),
+        ));
+    }
+    Ok(meta)
+}
+
+/// Restores a trainer (any dp, any ZeRO stage) from a loaded checkpoint.
+pub fn restore(trainer: &mut Trainer, ck: LoadedCheckpoint) {
+    trainer
+        .engine
+        .load_full(ck.master, ck.exp_avg, ck.exp_avg_sq);
+    trainer.progress = ck.meta.progress;
+}
+
+/// Writes an HF model directory from a checkpoint: `model.safetensors` (weights in `dtype`),
+/// `config.json`, and `tokenizer.json` when the checkpoint has one.
+pub fn export(path: &Path, out: &Path, dtype: DType) -> Result<PathBuf, TrainError> {
+    let dir = resolve(path)?;
+    let meta = read_meta(&dir)?;
+    let cfg = tessera_model::ModelConfig::from_json(&meta.model_config)?;
+    let layout = ParamLayout::new(&cfg);
+    let ck = load(&dir, &layout)?;
+    let st_dtype = match dtype {
+        DType::F32 => StDtype::F32,
+        DType::BF16 => StDtype::BF16,
+        DType::F16 => StDtype::F16,
+    };
+    let mut tensors = vec![];
+    for (u, unit) in layout.units.iter().enumerate() {
+        for p in &unit.params {
+            let vals = &ck.master[u][p.offset..p.offset + p.len];
+            let bytes: Vec<u8> = match dtype {
+                DType::F32 => vals.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                DType::BF16 => vals
+                    .iter()
+                    .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                    .collect(),
+                DType::F16 => vals
+                    .iter()
+                    .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                    .collect(),
+            };
+            tensors.push((p.name.clone(), p.shape.clone(), bytes));
+        }
+    }
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(st_dtype, s.clone(), b).expect("sizes agree"),
+            )
+        })
+        .collect();
+    let mut md = std::collections::HashMap::new();
+    md.insert("format".to_string(), "pt".to_string());
+    let bytes = safetensors::serialize(views, Some(md)).map_err(|e| ck_err(out, e.to_string()))?;
+    std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
+    write_atomic(&out.join("model.safetensors"), &bytes)?;
+    let mut config = meta.model_config.clone();
+    if let Some(o) = config.as_object_mut() {
+        let name = match dtype {
+            DType::F32 => "float32",
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+        };
+        o.insert("torch_dtype".into(), name.into());
+        o.remove("dtype");
+    }
+    let json = serde_json::to_vec_pretty(&config).expect("config serialises");
+    write_atomic(&out.join("config.json"), &json)?;
+    let tok = dir.join("tokenizer.json");
+    if tok.exists() {
+        let b = std::fs::read(&tok).map_err(|e| TrainError::io(&tok, e))?;
+        write_atomic(&out.join("tokenizer.json"), &b)?;
+    }
+    Ok(out.to_path_buf())
+}

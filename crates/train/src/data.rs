@@ -1,0 +1,332 @@
+//! Training data: token shards on disk (written by `tessera data prepare`) and the loader that
+//! gives each data-parallel rank distinct, deterministic micro-batches.
+//!
+//! A dataset directory holds `meta.json` and little-endian token shards (`train_00000.bin`,
+//! `val_00000.bin`, ...; u16 when the vocabulary fits, else u32). Samples are non-overlapping
+//! windows of `seq + 1` tokens; each epoch visits them in an order drawn from the seed and the
+//! epoch. Global sample `i` of the run is a pure function of `(seed, seq, i)`, so the loader's
+//! whole state is the number of samples consumed: a resumed run continues exactly, at any dp.
+
+use std::path::{Path, PathBuf};
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::write_atomic;
+use crate::TrainError;
+
+/// Tokens per shard file.
+pub const SHARD_TOKENS: usize = 1 << 24;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SplitMeta {
+    pub shards: Vec<String>,
+    pub tokens: u64,
+}
+
+/// `meta.json` of a dataset directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetMeta {
+    pub format: String,
+    /// `u16` or `u32`.
+    pub dtype: String,
+    pub vocab_size: usize,
+    pub train: SplitMeta,
+    pub val: SplitMeta,
+    /// The tokenizer file in the directory, when there is one.
+    pub tokenizer: Option<String>,
+}
+
+pub const FORMAT: &str = "tessera-tokens-v1";
+
+fn data_err(msg: impl Into<String>) -> TrainError {
+    TrainError::Data(msg.into())
+}
+
+/// Writes a dataset directory: shards of both splits, then `meta.json` (last, atomically, so a
+/// directory with a `meta.json` is complete).
+pub fn write_dataset(
+    dir: &Path,
+    train: &[u32],
+    val: &[u32],
+    vocab_size: usize,
+    tokenizer: Option<&Path>,
+) -> Result<DatasetMeta, TrainError> {
+    std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+    let wide = vocab_size > u16::MAX as usize + 1;
+    let write_split = |name: &str, toks: &[u32]| -> Result<SplitMeta, TrainError> {
+        let mut shards = vec![];
+        for (i, chunk) in toks.chunks(SHARD_TOKENS).enumerate() {
+            let file = format!("{name}_{i:05}.bin");
+            let mut bytes = Vec::with_capacity(chunk.len() * 4);
+            for &t in chunk {
+                if wide {
+                    bytes.extend_from_slice(&t.to_le_bytes());
+                } else {
+                    bytes.extend_from_slice(&(t as u16).to_le_bytes());
+                }
+            }
+            write_atomic(&dir.join(&file), &bytes)?;
+            shards.push(file);
+        }
+        Ok(SplitMeta {
+            shards,
+            tokens: toks.len() as u64,
+        })
+    };
+    let train = write_split("train", train)?;
+    let val = write_split("val", val)?;
+    let tokenizer = match tokenizer {
+        Some(p) => {
+            let bytes = std::fs::read(p).map_err(|e| TrainError::io(p, e))?;
+            write_atomic(&dir.join("tokenizer.json"), &bytes)?;
+            Some("tokenizer.json".to_string())
+        }
+        None => None,
+    };
+    let meta = DatasetMeta {
+        format: FORMAT.into(),
+        dtype: if wide { "u32" } else { "u16" }.into(),
+        vocab_size,
+        train,
+        val,
+        tokenizer,
+    };
+    let json = serde_json::to_vec_pretty(&meta).expect("meta serialises");
+    write_atomic(&dir.join("meta.json"), &json)?;
+    Ok(meta)
+}
+
+/// A dataset directory, opened and checked.
+pub struct Dataset {
+    pub dir: PathBuf,
+    pub meta: DatasetMeta,
+}
+
+impl Dataset {
+    pub fn open(dir: &Path) -> Result<Self, TrainError> {
+        let path = dir.join("meta.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            data_err(format!(
+                "{} is not a dataset directory (no readable meta.json: {e}); make one with `tessera data prepare`",
+                dir.display()
+            ))
+        })?;
+        let meta: DatasetMeta = serde_json::from_str(&text)
+            .map_err(|e| data_err(format!("{}: invalid meta.json: {e}", dir.display())))?;
+        if meta.format != FORMAT {
+            return Err(data_err(format!(
+                "{}: format {:?} is not {FORMAT}",
+                dir.display(),
+                meta.format
+            )));
+        }
+        if meta.dtype != "u16" && meta.dtype != "u32" {
+            return Err(data_err(format!(
+                "{}: dtype must be u16 or u32",
+                dir.display()
+            )));
+        }
+        Ok(Dataset {
+            dir: dir.to_path_buf(),
+            meta,
+        })
+    }
+
+    /// All tokens of a split (`"train"` or `"val"`), checked against the vocabulary.
+    pub fn tokens(&self, split: &str) -> Result<Vec<u32>, TrainError> {
+        let s = match split {
+            "train" => &self.meta.train,
+            "val" => &self.meta.val,
+            _ => return Err(data_err(format!("no split {split:?}"))),
+        };
+        let width = if self.meta.dtype == "u32" { 4 } else { 2 };
+        let mut out = Vec::with_capacity(s.tokens as usize);
+        for f in &s.shards {
+            if f.contains('/') || f.contains("..") {
+                return Err(data_err(format!("shard name {f:?} leaves the directory")));
+            }
+            let p = self.dir.join(f);
+            let bytes = std::fs::read(&p).map_err(|e| TrainError::io(&p, e))?;
+            if bytes.len() % width != 0 {
+                return Err(data_err(format!("{}: truncated shard", p.display())));
+            }
+            out.extend(bytes.chunks(width).map(|c| {
+                if width == 4 {
+                    u32::from_le_bytes(c.try_into().unwrap())
+                } else {
+                    u16::from_le_bytes(c.try_into().unwrap()) as u32
+                }
+            }));
+        }
+        if out.len() as u64 != s.tokens {
+            return Err(data_err(format!(
+                "{}: {split} holds {} tokens, meta.json says {}",
+                self.dir.display(),
+                out.len(),
+                s.tokens
+            )));
+        }
+        if let Some(&bad) = out.iter().find(|&&t| t as usize >= self.meta.vocab_size) {
+            return Err(data_err(format!(
+                "{}: token {bad} is outside the vocabulary of {}",
+                self.dir.display(),
+                self.meta.vocab_size
+            )));
+        }
+        Ok(out)
+    }
+}
+
+/// Deterministic samples of `seq + 1` tokens, shuffled per epoch.
+pub struct Loader {
+    tokens: Vec<u32>,
+    seq: usize,
+    seed: u64,
+    samples: usize,
+    epoch_order: Option<(u64, Vec<u32>)>,
+}
+
+impl Loader {
+    pub fn new(tokens: Vec<u32>, seq: usize, seed: u64) -> Result<Self, TrainError> {
+        let samples = tokens.len().saturating_sub(1) / seq.max(1);
+        if seq == 0 || samples == 0 {
+            return Err(data_err(format!(
+                "{} tokens hold no sample of {} tokens (sequence length + 1)",
+                tokens.len(),
+                seq + 1
+            )));
+        }
+        Ok(Loader {
+            tokens,
+            seq,
+            seed,
+            samples,
+            epoch_order: None,
+        })
+    }
+
+    pub fn samples_per_epoch(&self) -> usize {
+        self.samples
+    }
+
+    /// The tokens of global sample `i` (`seq + 1` of them).
+    pub fn sample(&mut self, i: u64) -> &[u32] {
+        let epoch = i / self.samples as u64;
+        if self.epoch_order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let mut order: Vec<u32> = (0..self.samples as u32).collect();
+            let mut rng =
+                ChaCha8Rng::seed_from_u64(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            order.shuffle(&mut rng);
+            self.epoch_order = Some((epoch, order));
+        }
+        let order = &self.epoch_order.as_ref().expect("set above").1;
+        let s = order[(i % self.samples as u64) as usize] as usize;
+        &self.tokens[s * self.seq..s * self.seq + self.seq + 1]
+    }
+
+    /// Rank `rank`'s `grad_accum` micro-batches of the global batch that starts at sample `start`
+    /// (`micro * grad_accum * dp` samples: rank r takes micro-batches `r*grad_accum ..`).
+    pub fn rank_batches(
+        &mut self,
+        start: u64,
+        micro: usize,
+        grad_accum: usize,
+        dp: usize,
+        rank: usize,
+    ) -> Vec<Vec<u32>> {
+        debug_assert!(rank < dp);
+        (0..grad_accum)
+            .map(|j| {
+                let first = start + ((rank * grad_accum + j) * micro) as u64;
+                let mut mb = Vec::with_capacity(micro * (self.seq + 1));
+                for k in 0..micro as u64 {
+                    mb.extend_from_slice(self.sample(first + k));
+                }
+                mb
+            })
+            .collect()
+    }
+
+    /// Evaluation micro-batches in order (no shuffle): rank `rank`'s share of the first
+    /// `max_batches` batches of `micro` samples. Every rank gets the same number of batches (ZeRO-3
+    /// gathers are collectives): a multiple of dp is used, or, with fewer batches than ranks, each
+    /// rank evaluates one of them.
+    pub fn eval_batches(
+        &self,
+        micro: usize,
+        max_batches: usize,
+        dp: usize,
+        rank: usize,
+    ) -> Vec<Vec<u32>> {
+        let n = (self.samples / micro.max(1)).min(max_batches);
+        let mine: Vec<usize> = match n {
+            0 => vec![],
+            n if n < dp => vec![rank % n],
+            n => (0..n / dp * dp).filter(|b| b % dp == rank).collect(),
+        };
+        mine.into_iter()
+            .map(|b| {
+                let mut mb = Vec::with_capacity(micro * (self.seq + 1));
+                for k in 0..micro {
+                    let s = b * micro + k;
+                    mb.extend_from_slice(&self.tokens[s * self.seq..s * self.seq + self.seq + 1]);
+                }
+                mb
+            })
+            .collect()
+    }
+}
+
+/// Unigram cross-entropy (nats per token) of `eval` under the token frequencies of `train` with
+/// add-one smoothing: the baseline a trained model must beat.
+pub fn unigram_loss(train: &[u32], eval: &[u32], vocab: usize) -> f64 {
+    let mut counts = vec![1.0f64; vocab];
+    for &t in train {
+        counts[t as usize] += 1.0;
+    }
+    let total: f64 = counts.iter().sum();
+    let nll: f64 = eval
+        .iter()
+        .map(|&t| -(counts[t as usize] / total).ln())
+        .sum();
+    nll / eval.len().max(1) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_get_distinct_samples_that_cover_the_global_batch() {
+        let toks: Vec<u32> = (0..1000).collect();
+        let mut l = Loader::new(toks, 9, 7).unwrap();
+        let one = l.rank_batches(40, 2, 4, 1, 0).concat();
+        let mut two = l.rank_batches(40, 2, 2, 2, 0).concat();
+        two.extend(l.rank_batches(40, 2, 2, 2, 1).concat());
+        assert_eq!(one, two);
+        let r0 = l.rank_batches(0, 3, 1, 2, 0).concat();
+        let r1 = l.rank_batches(0, 3, 1, 2, 1).concat();
+        assert_ne!(r0, r1);
+        // Every sample once per epoch.
+        let n = l.samples_per_epoch() as u64;
+        let mut firsts: Vec<u32> = (0..n).map(|i| l.sample(i)[0]).collect();
+        firsts.sort();
+        assert_eq!(firsts, (0..n as u32).map(|s| s * 9).collect::<Vec<_>>());
+        assert!(Loader::new(vec![1, 2], 4, 0).is_err());
+    }
+
+    #[test]
+    fn dataset_round_trips_and_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        write_dataset(dir.path(), &[1, 2, 3, 299], &[4, 5], 300, None).unwrap();
+        let d = Dataset::open(dir.path()).unwrap();
+        assert_eq!(d.tokens("train").unwrap(), vec![1, 2, 3, 299]);
+        assert_eq!(d.tokens("val").unwrap(), vec![4, 5]);
+        std::fs::write(dir.path().join("val_00000.bin"), [1u8, 0, 2]).unwrap();
+        assert!(d.tokens("val").is_err());
+        assert!(Dataset::open(&dir.path().join("nope")).is_err());
+    }
+}

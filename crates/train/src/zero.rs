@@ -1,0 +1,432 @@
+//! ZeRO stages 0-3 over the data-parallel group (DeepSpeed's partitioning), one engine for all:
+//!
+//! | stage | 16-bit weights | gradients | fp32 master + Adam moments |
+//! |-------|----------------|-----------|----------------------------|
+//! | 0     | full           | full, all-reduced at the step | full (every rank updates all) |
+//! | 1     | full           | full, reduce-scattered at the step | shard |
+//! | 2     | full           | shard: reduce-scattered as each unit's backward ends | shard |
+//! | 3     | shard: all-gathered before each use, freed after | shard | shard |
+//!
+//! Stages 1-2 all-gather the updated 16-bit weights after the step. Under stage 3 with
+//! `overlap_comm`, the gather of the next unit runs on a helper thread while this one computes;
+//! at most one collective is in flight, and it is always joined before the next is issued, so every
+//! rank issues the same collectives in the same order.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tessera_comm::{CommError, CommExt, Communicator, ReduceOp};
+use tessera_model::grad::ParamLayout;
+use tessera_model::{ModelError, UnitSource};
+use tessera_tensor::{ops, DType, Storage};
+
+use crate::adamw::{adamw_update, AdamWParams};
+use crate::flat_buffer::{all_gather_storage, padded, to_storage, widen, Bucket};
+
+/// Bytes and seconds spent in each kind of collective.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CommStats {
+    pub all_reduce_bytes: u64,
+    pub reduce_scatter_bytes: u64,
+    pub all_gather_bytes: u64,
+    pub calls: u64,
+    /// Seconds the compute thread waited on collectives.
+    pub wait_s: f64,
+}
+
+/// Bytes this rank holds, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Resident compute-dtype weights (a shard under stage 3).
+    pub weights: usize,
+    /// Most stage-3 gathered weight bytes alive at once.
+    pub gathered_peak: usize,
+    pub grads: usize,
+    /// fp32 master weights and both Adam moments.
+    pub optimizer: usize,
+}
+
+/// The result of one optimizer step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOutcome {
+    /// Global gradient norm before clipping (unscaled).
+    pub grad_norm: f32,
+    /// An inf or nan was found in some rank's gradients; the update was skipped.
+    pub overflow: bool,
+}
+
+pub struct ZeroEngine {
+    comm: Arc<dyn Communicator>,
+    pub stage: u8,
+    pub dp: usize,
+    pub rank: usize,
+    pub dtype: DType,
+    pub buckets: Vec<Bucket>,
+    overlap: bool,
+    /// Compute-dtype weights: padded full units (stage 0-2) or shards (stage 3).
+    weights: Vec<Storage>,
+    /// fp32 master weights and Adam moments: full padded units (stage 0) or shards.
+    master: Vec<Vec<f32>>,
+    exp_avg: Vec<Vec<f32>>,
+    exp_avg_sq: Vec<Vec<f32>>,
+    /// f32 gradient accumulators: full padded (stage 0-1) or shards (stage 2-3).
+    grads: Vec<Vec<f32>>,
+    pending: Option<(usize, JoinHandle<Result<Storage, CommError>>)>,
+    ready: Option<(usize, Storage)>,
+    live_gathered: usize,
+    pub memory: MemoryStats,
+    pub comm_stats: CommStats,
+}
+
+fn comm_err(e: CommError) -> ModelError {
+    ModelError::Comm(e)
+}
+
+impl ZeroEngine {
+    /// `init`: every unit's full f32 weights (the same on every rank).
+    pub fn new(
+        comm: Arc<dyn Communicator>,
+        layout: &ParamLayout,
+        stage: u8,
+        dtype: DType,
+        overlap: bool,
+        init: Vec<Vec<f32>>,
+    ) -> Self {
+        let (dp, rank) = (comm.world_size(), comm.rank());
+        let buckets: Vec<Bucket> = layout
+            .units
+            .iter()
+            .map(|u| Bucket::new(u.len, dp))
+            .collect();
+        let mut e = ZeroEngine {
+            comm,
+            stage,
+            dp,
+            rank,
+            dtype,
+            buckets,
+            overlap,
+            weights: vec![],
+            master: vec![],
+            exp_avg: vec![],
+            exp_avg_sq: vec![],
+            grads: vec![],
+            pending: None,
+            ready: None,
+            live_gathered: 0,
+            memory: MemoryStats::default(),
+            comm_stats: CommStats::default(),
+        };
+        let zeros: Vec<Vec<f32>> = init.iter().map(|u| vec![0.0; u.len()]).collect();
+        e.load_full(init, zeros.clone(), zeros);
+        e
+    }
+
+    fn full_master(&self) -> bool {
+        self.stage == 0
+    }
+
+    /// Replaces the whole optimizer state with full (unpadded) per-unit values; each rank keeps
+    /// what its stage says it owns. Used at start and when resuming from a checkpoint.
+    pub fn load_full(&mut self, master: Vec<Vec<f32>>, m: Vec<Vec<f32>>, v: Vec<Vec<f32>>) {
+        let keep = |full: Vec<f32>, b: &Bucket, full_master: bool, rank: usize| {
+            let p = padded(full, b.padded);
+            if full_master {
+                p
+            } else {
+                p[b.range(rank)].to_vec()
+            }
+        };
+        let fm = self.full_master();
+        let bs = self.buckets.clone();
+        let rank = self.rank;
+        self.weights = master
+            .iter()
+            .zip(&bs)
+            .map(|(w, b)| {
+                let p = padded(w.clone(), b.padded);
+                if self.stage == 3 {
+                    to_storage(self.dtype, &p[b.range(rank)])
+                } else {
+                    to_storage(self.dtype, &p)
+                }
+            })
+            .collect();
+        self.master = master
+            .into_iter()
+            .zip(&bs)
+            .map(|(x, b)| keep(x, b, fm, rank))
+            .collect();
+        self.exp_avg = m
+            .into_iter()
+            .zip(&bs)
+            .map(|(x, b)| keep(x, b, fm, rank))
+            .collect();
+        self.exp_avg_sq = v
+            .into_iter()
+            .zip(&bs)
+            .map(|(x, b)| keep(x, b, fm, rank))
+            .collect();
+        self.grads = bs
+            .iter()
+            .map(|b| vec![0.0; if self.stage >= 2 { b.shard } else { b.padded }])
+            .collect();
+        let bytes = |vs: &[Vec<f32>]| vs.iter().map(|v| v.len() * 4).sum::<usize>();
+        self.memory = MemoryStats {
+            weights: self.weights.iter().map(Storage::size_in_bytes).sum(),
+            gathered_peak: 0,
+            grads: bytes(&self.grads),
+            optimizer: bytes(&self.master) + bytes(&self.exp_avg) + bytes(&self.exp_avg_sq),
+        };
+    }
+
+    /// Full (unpadded) master weights and moments of every unit, on every rank (a collective).
+    #[allow(clippy::type_complexity)]
+    pub fn gather_full(
+        &mut self,
+    ) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<Vec<f32>>), CommError> {
+        self.join_pending()?;
+        let mut out = (vec![], vec![], vec![]);
+        for u in 0..self.buckets.len() {
+            let b = self.buckets[u];
+            let get = |x: &Vec<f32>| -> Result<Vec<f32>, CommError> {
+                let mut full = if self.full_master() {
+                    x.clone()
+                } else {
+                    let mut full = vec![0.0f32; b.padded];
+                    self.comm.all_gather(x, &mut full)?;
+                    full
+                };
+                full.truncate(b.len);
+                Ok(full)
+            };
+            out.0.push(get(&self.master[u])?);
+            out.1.push(get(&self.exp_avg[u])?);
+            out.2.push(get(&self.exp_avg_sq[u])?);
+        }
+        Ok(out)
+    }
+
+    fn timed<R>(&mut self, f: impl FnOnce(&dyn Communicator) -> R) -> R {
+        let t = Instant::now();
+        let r = f(self.comm.as_ref());
+        self.comm_stats.wait_s += t.elapsed().as_secs_f64();
+        self.comm_stats.calls += 1;
+        r
+    }
+
+    /// Waits for an in-flight prefetch and keeps its result.
+    fn join_pending(&mut self) -> Result<(), CommError> {
+        if let Some((u, h)) = self.pending.take() {
+            let t = Instant::now();
+            let s = h.join().unwrap_or_else(|_| {
+                Err(CommError::Invalid {
+                    rank: self.rank,
+                    msg: "prefetch thread panicked".into(),
+                })
+            })?;
+            self.comm_stats.wait_s += t.elapsed().as_secs_f64();
+            self.ready = Some((u, s));
+        }
+        Ok(())
+    }
+
+    fn gathered(&mut self, unit: usize) -> Result<Storage, CommError> {
+        self.join_pending()?;
+        if let Some((u, s)) = self.ready.take() {
+            if u == unit {
+                return Ok(s);
+            }
+        }
+        let shard = &self.weights[unit];
+        if self.dp > 1 {
+            self.comm_stats.all_gather_bytes += (shard.size_in_bytes() * self.dp) as u64;
+        }
+        let shard = shard.clone();
+        self.timed(|c| all_gather_storage(c, &shard))
+    }
+
+    fn grads_dtype_round(&self, g: &mut [f32]) {
+        // The gradients a 16-bit kernel would write: rounded, and inf past fp16's range.
+        ops::round_slice(self.dtype, g);
+    }
+
+    /// Adds `a` into `b` elementwise.
+    fn add(b: &mut [f32], a: &[f32]) {
+        for (x, y) in b.iter_mut().zip(a) {
+            *x += y;
+        }
+    }
+
+    /// Reduces the accumulated gradients (stages 0-1), checks for overflow, clips by the global
+    /// norm, runs AdamW on this rank's part and refreshes the compute weights. `loss_scale`
+    /// divides the gradients first.
+    pub fn step(
+        &mut self,
+        lr: f32,
+        adam_step: u64,
+        hp: &AdamWParams,
+        clip: f32,
+        loss_scale: f32,
+        apply: impl FnOnce(bool) -> bool,
+    ) -> Result<StepOutcome, CommError> {
+        self.join_pending()?;
+        self.ready = None;
+        let n_units = self.buckets.len();
+        // This rank's gradients, aligned with its master weights.
+        let mut local: Vec<Vec<f32>> = Vec::with_capacity(n_units);
+        for u in 0..n_units {
+            let b = self.buckets[u];
+            match self.stage {
+                0 => {
+                    let mut g = std::mem::take(&mut self.grads[u]);
+                    if self.dp > 1 {
+                        self.comm_stats.all_reduce_bytes += (g.len() * 4) as u64;
+                        self.timed(|c| c.all_reduce(&mut g, ReduceOp::Sum))?;
+                    }
+                    local.push(g);
+                }
+                1 => {
+                    let mut shard = vec![0.0f32; b.shard];
+                    let full = std::mem::take(&mut self.grads[u]);
+                    if self.dp > 1 {
+                        self.comm_stats.reduce_scatter_bytes += (full.len() * 4) as u64;
+                    }
+                    self.timed(|c| c.reduce_scatter(&full, &mut shard, ReduceOp::Sum))?;
+                    self.grads[u] = full;
+                    local.push(shard);
+                }
+                _ => local.push(std::mem::take(&mut self.grads[u])),
+            }
+        }
+        let mut sq = 0.0f64;
+        let mut bad = false;
+        for g in &local {
+            for &x in g {
+                if !x.is_finite() {
+                    bad = true;
+                }
+                sq += (x as f64) * (x as f64);
+            }
+        }
+        if self.stage > 0 && self.dp > 1 {
+            // f64 through an f32 collective: a high and a low part.
+            let hi = sq as f32;
+            let lo = (sq - hi as f64) as f32;
+            let mut buf = [hi, lo, if bad { 1.0 } else { 0.0 }];
+            self.timed(|c| c.all_reduce(&mut buf, ReduceOp::Sum))?;
+            sq = buf[0] as f64 + buf[1] as f64;
+            bad = buf[2] > 0.0;
+        }
+        let grad_norm = (sq.sqrt() / loss_scale as f64) as f32;
+        let proceed = apply(bad);
+        if proceed {
+            let mut mult = 1.0 / loss_scale;
+            if clip > 0.0 && grad_norm > clip {
+                mult *= clip / (grad_norm + 1e-6);
+            }
+            for (u, g) in local.iter_mut().enumerate() {
+                g.iter_mut().for_each(|x| *x *= mult);
+                adamw_update(
+                    &mut self.master[u],
+                    g,
+                    &mut self.exp_avg[u],
+                    &mut self.exp_avg_sq[u],
+                    lr,
+                    adam_step,
+                    hp,
+                );
+            }
+            self.refresh_weights()?;
+        }
+        // Fresh zeroed accumulators (stage 0 and 2-3 moved theirs out).
+        for u in 0..n_units {
+            let b = self.buckets[u];
+            let n = if self.stage >= 2 { b.shard } else { b.padded };
+            if self.grads[u].len() != n {
+                self.grads[u] = vec![0.0; n];
+            } else {
+                self.grads[u].fill(0.0);
+            }
+        }
+        Ok(StepOutcome {
+            grad_norm,
+            overflow: bad,
+        })
+    }
+
+    fn refresh_weights(&mut self) -> Result<(), CommError> {
+        for u in 0..self.buckets.len() {
+            let own = to_storage(self.dtype, &self.master[u]);
+            self.weights[u] = match self.stage {
+                0 | 3 => own,
+                _ => {
+                    if self.dp > 1 {
+                        self.comm_stats.all_gather_bytes += (own.size_in_bytes() * self.dp) as u64;
+                    }
+                    self.timed(|c| all_gather_storage(c, &own))?
+                }
+            };
+        }
+        Ok(())
+    }
+}
+
+impl UnitSource for ZeroEngine {
+    fn fetch(&mut self, unit: usize) -> Result<Vec<f32>, ModelError> {
+        let len = self.buckets[unit].len;
+        if self.stage < 3 {
+            return Ok(widen(&self.weights[unit], len));
+        }
+        let full = self.gathered(unit).map_err(comm_err)?;
+        self.live_gathered += full.size_in_bytes();
+        self.memory.gathered_peak = self.memory.gathered_peak.max(self.live_gathered);
+        Ok(widen(&full, len))
+    }
+
+    fn prefetch(&mut self, unit: usize) -> Result<(), ModelError> {
+        if self.stage < 3 || !self.overlap || unit >= self.buckets.len() || self.dp == 1 {
+            return Ok(());
+        }
+        self.join_pending().map_err(comm_err)?;
+        if self.ready.as_ref().is_some_and(|(u, _)| *u == unit) {
+            return Ok(());
+        }
+        self.ready = None;
+        let comm = self.comm.clone();
+        let shard = self.weights[unit].clone();
+        self.comm_stats.all_gather_bytes += (shard.size_in_bytes() * self.dp) as u64;
+        self.comm_stats.calls += 1;
+        let h = std::thread::spawn(move || all_gather_storage(comm.as_ref(), &shard));
+        self.pending = Some((unit, h));
+        Ok(())
+    }
+
+    fn release(&mut self, unit: usize) {
+        if self.stage == 3 {
+            let b = self.buckets[unit];
+            let bytes = b.padded * self.dtype.size_in_bytes();
+            self.live_gathered = self.live_gathered.saturating_sub(bytes);
+        }
+    }
+
+    fn grads_done(&mut self, unit: usize, mut grads: Vec<f32>) -> Result<(), ModelError> {
+        self.grads_dtype_round(&mut grads);
+        let b = self.buckets[unit];
+        if self.stage < 2 {
+            Self::add(&mut self.grads[unit][..b.len], &grads);
+            return Ok(());
+        }
+        self.join_pending().map_err(comm_err)?;
+        let full = padded(grads, b.padded);
+        let mut shard = vec![0.0f32; b.shard];
+        if self.dp > 1 {
+            self.comm_stats.reduce_scatter_bytes += (full.len() * 4) as u64;
+        }
+        self.timed(|c| c.reduce_scatter(&full, &mut shard, ReduceOp::Sum))
+            .map_err(comm_err)?;
+        Self::add(&mut self.grads[unit], &shard);
+        Ok(())
+    }
+}
