@@ -17,11 +17,41 @@ STEPS=${STEPS:-all}
     done
   fi
   if [[ $STEPS == all || $STEPS == *bench* ]]; then
-    echo "== tessera bench decode (8B shape)"
-    .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp ${TP:-1} --steps 32 2>&1
+    echo "== tessera bench decode, Llama-3-8B shape, eager"
+    .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp ${TP:-1,2} --batch 1,8,32,64 --steps 32 2>&1
+    echo "== tessera bench decode, Llama-3-8B shape, CUDA graphs"
+    .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp ${TP:-1,2} --batch 1,8,32,64 --steps 32 --graph 2>&1
+    echo "== tessera bench decode, Llama-3-70B shape, tp 2, CUDA graphs"
+    .gpu/tessera bench decode --device cuda --preset llama-3-70b --tp 2 --batch 1,32 --steps 16 --graph 2>&1
   fi
   if [[ $STEPS == all || $STEPS == *hf* ]]; then
     echo "== HF transformers baseline"
-    PYTHONUNBUFFERED=1 python3 scripts/bench_hf_decode.py --batch ${HF_BATCH:-1,32} --steps 16 2>&1 | grep -v Warning
+    PYTHONUNBUFFERED=1 python3 scripts/bench_hf_decode.py --batch ${HF_BATCH:-1,32,64} --steps 16 2>&1 | grep -v Warning
   fi
 } 2>&1 | tee "$REPORT"
+if [[ $STEPS == all || $STEPS == *cli* ]]; then
+  # CLI on the GPU against the CPU: f32 log-probs within 1e-4, greedy tokens identical, in-process
+  # and under `tessera launch` (one process per GPU, NCCL through the rendezvous).
+  M=tests/fixtures/hf/llama; TOK=0,5,9,77,300,2,18,41,41,7,200,3
+  {
+    echo "== CLI: score / generate on cuda vs cpu"
+    .gpu/tessera score --model $M --tokens $TOK --json > $OUTDIR/score_cpu.json
+    .gpu/tessera score --model $M --tokens $TOK --json --device cuda --tp 2 > $OUTDIR/score_cuda_tp2.json
+    .gpu/tessera launch --nproc-per-node 2 -- .gpu/tessera score --model $M --tokens $TOK --json --device cuda --tp 2 > $OUTDIR/score_cuda_launch.json
+    python3 - "$OUTDIR" <<'PY'
+import json, sys
+d = sys.argv[1]
+cpu = json.load(open(f"{d}/score_cpu.json"))["token_logprobs"]
+for name in ["score_cuda_tp2", "score_cuda_launch"]:
+    got = json.load(open(f"{d}/{name}.json"))["token_logprobs"]
+    diff = max(abs(a - b) for a, b in zip(cpu, got))
+    print(f"{name}: max |logprob - cpu| = {diff:.2e}", "OK" if diff < 1e-4 and len(got) == len(cpu) else "FAIL")
+PY
+    for how in "" "launch"; do
+      if [ -n "$how" ]; then L=".gpu/tessera launch --nproc-per-node 2 --"; else L=""; fi
+      a=$(.gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 12 --json)
+      b=$($L .gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 12 --json --device cuda --tp 2)
+      [ "$a" == "$b" ] && echo "generate cuda tp2 ${how:-in-process}: identical to cpu OK" || echo "generate cuda tp2 ${how:-in-process}: FAIL: $a vs $b"
+    done
+  } 2>&1 | tee -a "$REPORT"
+fi

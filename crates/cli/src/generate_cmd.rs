@@ -1,7 +1,7 @@
 //! `tessera generate`: continue a prompt, greedy or sampled.
 
 use anyhow::{bail, Result};
-use tessera_infer::{generate, GenerateParams};
+use tessera_infer::{generate_on, GenerateParams};
 use tessera_tensor::SamplingParams;
 
 use crate::model_args::{parse_tokens, ModelArgs};
@@ -46,7 +46,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if a.max_tokens == 0 {
         bail!("--max-tokens must be at least 1");
     }
-    let (model, dtype) = a.model.open()?;
+    let (model, dtype, device) = a.model.open()?;
     let prompt = match (&a.prompt_tokens, &a.prompt) {
         (Some(t), _) => parse_tokens(t, "--prompt-tokens")?,
         (None, Some(text)) => model.encode(text)?,
@@ -64,7 +64,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         },
         stop_at_eos: !a.ignore_eos,
     };
-    let tokens = generate(&model, &prompt, &params, a.model.tp, dtype)?;
+    let tokens = generate_on(&model, &prompt, &params, a.model.tp, dtype, device)?;
     if tessera_comm::process_rank() != 0 {
         return Ok(()); // under a multi-process launch only rank 0 prints
     }

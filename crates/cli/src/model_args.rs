@@ -25,7 +25,7 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     /// Opens the model and checks the flags against it.
-    pub fn open(&self) -> Result<(OpenModel, DType)> {
+    pub fn open(&self) -> Result<(OpenModel, DType, Device)> {
         let dtype: DType = self.dtype.parse()?;
         let device: Device = self.device.parse()?;
         device.ensure_available()?;
@@ -41,7 +41,7 @@ impl ModelArgs {
             bail!("--tp must be at least 1");
         }
         tessera_model::validate_tp(&model.config, self.tp)?;
-        Ok((model, dtype))
+        Ok((model, dtype, device))
     }
 }
 

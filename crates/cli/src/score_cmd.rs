@@ -1,7 +1,7 @@
 //! `tessera score`: per-token log-probabilities of a text or token sequence.
 
 use anyhow::{bail, Result};
-use tessera_infer::score;
+use tessera_infer::score_on;
 
 use crate::model_args::{parse_tokens, ModelArgs};
 
@@ -22,7 +22,7 @@ pub struct ScoreArgs {
 }
 
 pub fn run(a: ScoreArgs) -> Result<()> {
-    let (model, dtype) = a.model.open()?;
+    let (model, dtype, device) = a.model.open()?;
     let tokens = match (&a.tokens, &a.text) {
         (Some(t), _) => parse_tokens(t, "--tokens")?,
         (None, Some(text)) => model.encode(text)?,
@@ -31,7 +31,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     if tokens.is_empty() {
         bail!("nothing to score: the input holds no tokens");
     }
-    let out = score(&model, &tokens, a.model.tp, dtype)?;
+    let out = score_on(&model, &tokens, a.model.tp, dtype, device)?;
     if tessera_comm::process_rank() != 0 {
         return Ok(()); // under a multi-process launch only rank 0 prints
     }

@@ -21,7 +21,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -31,6 +31,9 @@ use crate::rendezvous::{read_bytes, read_u32, write_bytes, write_u32, StoreClien
 use crate::{CommError, CommStream, LaunchEnv};
 
 mod ring;
+mod writer;
+
+use writer::{Payload, Sends, WriteFailure, Writer};
 
 const HELLO: &[u8; 4] = b"TSD1";
 const HEADER: usize = 40;
@@ -191,10 +194,11 @@ impl Inbox {
             .unwrap_or_default()
     }
 
-    fn recycle(&self, mut b: Vec<u8>) {
+    /// Keeps `b` for a later frame. Its bytes stay initialized, so the reader can resize it to
+    /// a frame's length without zeroing it first.
+    fn recycle(&self, b: Vec<u8>) {
         if let Ok(mut p) = self.pool.lock() {
             if p.len() < 64 {
-                b.clear();
                 p.push(b);
             }
         }
@@ -216,7 +220,7 @@ struct Net {
     timeout: Duration,
     chunk: usize,
     check: bool,
-    writers: Vec<Option<Mutex<TcpStream>>>,
+    writers: Vec<Option<Arc<Writer>>>,
     inbox: Arc<Inbox>,
     /// Kept for the job's life: later setup steps (an NCCL unique id) go through the store.
     _store: Option<StoreServer>,
@@ -225,10 +229,9 @@ struct Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
-        // Ends the reader threads here and tells the peers this rank is gone.
+        // Ends the reader and writer threads here and tells the peers this rank is gone.
         for w in self.writers.iter().flatten() {
-            let s = w.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = s.shutdown(Shutdown::Both);
+            w.close();
         }
     }
 }
@@ -251,39 +254,9 @@ fn io_lost(rank: usize, peer: usize, what: &str, e: &std::io::Error) -> CommErro
 }
 
 impl Net {
-    fn send_frame(
-        &self,
-        peer: usize,
-        hdr: Header,
-        payload: &[u8],
-        what: &str,
-    ) -> Result<(), CommError> {
-        if peer == self.rank {
-            let mut st = self.inbox.lock();
-            st.queues[peer].push_back(Frame {
-                hdr,
-                payload: payload.to_vec(),
-            });
-            self.inbox.cv.notify_all();
-            return Ok(());
-        }
-        if let Some(reason) = &self.inbox.lock().aborted {
-            return Err(CommError::Aborted {
-                rank: self.rank,
-                reason: reason.clone(),
-            });
-        }
-        let Some(w) = &self.writers[peer] else {
-            return Err(CommError::Invalid {
-                rank: self.rank,
-                msg: format!("no connection to rank {peer}"),
-            });
-        };
-        let mut s = w.lock().unwrap_or_else(|e| e.into_inner());
-        let r = s
-            .write_all(&hdr.encode())
-            .and_then(|_| s.write_all(payload));
-        r.map_err(|e| match io_lost(self.rank, peer, what, &e) {
+    fn send_failed(&self, peer: usize, what: &str, f: &WriteFailure) -> CommError {
+        let e = std::io::Error::new(f.kind, f.msg.clone());
+        match io_lost(self.rank, peer, what, &e) {
             CommError::Timeout {
                 rank, op, missing, ..
             } => CommError::Timeout {
@@ -293,7 +266,74 @@ impl Net {
                 missing,
             },
             other => other,
-        })
+        }
+    }
+
+    /// The writer of the connection to `peer`, unless this rank was aborted.
+    fn writer(&self, peer: usize) -> Result<&Writer, CommError> {
+        if let Some(reason) = &self.inbox.lock().aborted {
+            return Err(CommError::Aborted {
+                rank: self.rank,
+                reason: reason.clone(),
+            });
+        }
+        self.writers[peer]
+            .as_deref()
+            .ok_or_else(|| CommError::Invalid {
+                rank: self.rank,
+                msg: format!("no connection to rank {peer}"),
+            })
+    }
+
+    /// Sends one frame and waits until it is written.
+    fn send_frame(
+        &self,
+        peer: usize,
+        hdr: Header,
+        payload: &[u8],
+        what: &str,
+    ) -> Result<(), CommError> {
+        if peer == self.rank {
+            self.push_self(hdr, payload);
+            return Ok(());
+        }
+        let mut sends = Sends::new();
+        // SAFETY: `sends` is finished (or dropped, which waits) before `payload` goes away.
+        let r = unsafe { sends.post(self.writer(peer)?, hdr.encode(), payload) }
+            .and_then(|_| sends.finish());
+        r.map_err(|f| self.send_failed(peer, what, &f))
+    }
+
+    fn push_self(&self, hdr: Header, payload: &[u8]) {
+        let mut b = self.inbox.buffer();
+        b.clear();
+        b.extend_from_slice(payload);
+        let mut st = self.inbox.lock();
+        st.queues[self.rank].push_back(Frame { hdr, payload: b });
+        self.inbox.cv.notify_all();
+    }
+
+    /// Queues one frame on `sends` without waiting for it (a frame to this rank itself is
+    /// delivered at once).
+    ///
+    /// # Safety
+    /// `payload` must stay valid and unmodified until `sends` is finished or dropped.
+    unsafe fn post_frame<'a>(
+        &'a self,
+        sends: &mut Sends<'a>,
+        peer: usize,
+        hdr: Header,
+        payload: &[u8],
+        what: &dyn Fn() -> String,
+    ) -> Result<(), CommError> {
+        if peer == self.rank {
+            self.push_self(hdr, payload);
+            return Ok(());
+        }
+        let w = self.writer(peer)?;
+        sends
+            .post(w, hdr.encode(), payload)
+            .map_err(|f| self.send_failed(peer, &what(), &f))
     }
 
     /// The next frame with `tag` from `peer`, waiting at most the deadline.
@@ -351,12 +391,17 @@ impl Net {
             total: 0,
             len: reason.len() as u64,
         };
+        let mut posted = Vec::new();
         for w in self.writers.iter().flatten() {
-            let mut s = w.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
-            let _ = s
-                .write_all(&hdr.encode())
-                .and_then(|_| s.write_all(reason.as_bytes()));
+            w.set_write_timeout(Duration::from_secs(1));
+            if let Ok(id) = w.post(hdr.encode(), Payload::Owned(reason.as_bytes().to_vec())) {
+                posted.push((w, id));
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        for (w, id) in posted {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let _ = w.wait(id, Some(left));
         }
     }
 }
@@ -377,11 +422,13 @@ fn reader(peer: usize, mut s: TcpStream, inbox: Arc<Inbox>) {
         if hdr.len > MAX_FRAME {
             break format!("rank {peer} sent a malformed frame");
         }
+        // A recycled buffer is already initialized up to its length: no zeroing, one read call
+        // per socket-buffer's worth straight into it.
         let mut payload = inbox.buffer();
-        payload.reserve(hdr.len as usize);
-        match (&mut s).take(hdr.len).read_to_end(&mut payload) {
-            Ok(n) if n as u64 == hdr.len => {}
-            _ => {
+        payload.resize(hdr.len as usize, 0);
+        match s.read_exact(&mut payload) {
+            Ok(()) => {}
+            Err(_) => {
                 break format!(
                 "rank {peer} closed its connection mid-message (the process exited or was killed)"
             )
@@ -577,7 +624,10 @@ impl TcpRank {
                 .map_err(|e| {
                     CommError::Setup(format!("rank {rank}: cannot start a thread: {e}"))
                 })?;
-            writers.push(Some(Mutex::new(s)));
+            let w = Writer::start(peer, s).map_err(|e| {
+                CommError::Setup(format!("rank {rank}: cannot start a thread: {e}"))
+            })?;
+            writers.push(Some(w));
         }
         let net = Arc::new(Net {
             rank,
@@ -767,6 +817,44 @@ impl TcpRank {
             data,
             &self.what(desc, seq),
         )
+    }
+
+    /// Queues one data frame to group rank `to` on `sends`.
+    ///
+    /// # Safety
+    /// `data` must stay valid and unmodified until `sends` is finished or dropped.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn post_data<'a>(
+        &'a self,
+        sends: &mut Sends<'a>,
+        to: usize,
+        tag: u64,
+        seq: u64,
+        desc: &OpDesc,
+        data: &[u8],
+    ) -> Result<(), CommError> {
+        let peer = self.ranks[to];
+        self.net.post_frame(
+            sends,
+            peer,
+            Header::new(DATA, desc, tag, seq, data.len()),
+            data,
+            &|| self.what(desc, seq),
+        )
+    }
+
+    /// Waits for everything `sends` holds to be written to group rank `to`.
+    fn finish_sends(
+        &self,
+        sends: Sends<'_>,
+        to: usize,
+        desc: &OpDesc,
+        seq: u64,
+    ) -> Result<(), CommError> {
+        sends.finish().map_err(|f| {
+            self.net
+                .send_failed(self.ranks[to], &self.what(desc, seq), &f)
+        })
     }
 
     /// The next data frame of this op from group rank `from`, checked against what this rank

@@ -77,3 +77,39 @@ pub fn all_reduce_sum(buf: &mut CudaBuf) -> Option<Result<(), TensorError>> {
             .map_err(|e| dev_err(dev.ordinal, format!("NCCL all_reduce: {e:?}"))),
     )
 }
+
+/// A fresh NCCL unique id (made by rank 0 of a multi-process group and sent to the others through
+/// the host communicator).
+pub fn unique_id() -> Result<[u8; 128], TensorError> {
+    // SAFETY: only probes whether libnccl can be loaded.
+    if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+        return Err(dev_err(
+            0,
+            "the NCCL library (libnccl.so) was not found on this machine",
+        ));
+    }
+    let id =
+        cudarc::nccl::safe::Id::new().map_err(|e| dev_err(0, format!("NCCL unique id: {e:?}")))?;
+    Ok(id.internal().map(|c| c as u8))
+}
+
+/// Joins this process's GPU `ordinal` to a group of `world` processes as `rank`, with the unique id
+/// rank 0 made (one process per GPU, as `tessera launch` or torchrun start them).
+pub fn init_rank(
+    ordinal: usize,
+    rank: usize,
+    world: usize,
+    id: [u8; 128],
+) -> Result<(), TensorError> {
+    let dev = GpuDevice::get(ordinal)?;
+    let members: Vec<usize> = (0..world).collect();
+    let id = cudarc::nccl::safe::Id::uninit(id.map(|b| b as ::core::ffi::c_char));
+    let comm = Comm::from_rank(dev.stream.clone(), rank, world, id).map_err(|e| {
+        dev_err(
+            ordinal,
+            format!("NCCL init of rank {rank} of {world}: {e:?}"),
+        )
+    })?;
+    *dev.nccl.lock().unwrap_or_else(|e| e.into_inner()) = Some(NcclSlot { comm, members });
+    Ok(())
+}
