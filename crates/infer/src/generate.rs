@@ -44,15 +44,7 @@ pub fn generate_on(
     tessera_model::validate_tp(&model.config, tp)?;
     crate::prepare_devices(device, tp)?;
     run_tp(tp, |comm, rank| {
-        let dev = crate::device_of_rank(device, rank.rank);
-        crate::join_device_group(device, comm)?;
-        let m = LlamaModel::from_checkpoint_on(
-            &model.checkpoint,
-            model.config.clone(),
-            rank,
-            dtype,
-            dev,
-        )?;
+        let m = model.load_rank(rank, dtype, device, comm)?;
         generate_on_rank(&m, prompt, params, comm)
     })
 }

@@ -50,7 +50,7 @@ impl Checkpoint {
         let paths: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| ModelError::Io {
                 path: index.display().to_string(),
-                source: e,
+                err: e,
             })?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| ck_err(&index, format!("not valid JSON: {e}")))?;
@@ -87,13 +87,13 @@ impl Checkpoint {
         for path in paths {
             let file = File::open(&path).map_err(|e| ModelError::Io {
                 path: path.display().to_string(),
-                source: e,
+                err: e,
             })?;
             // SAFETY: the file is opened read-only; a checkpoint rewritten while we read it would
             // be a user error that we cannot guard against with mmap or read alike.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::Io {
                 path: path.display().to_string(),
-                source: e,
+                err: e,
             })?;
             bytes.push((path, FileBytes::Mapped(mmap)));
         }

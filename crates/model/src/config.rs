@@ -94,7 +94,7 @@ impl ModelConfig {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| ModelError::Io {
             path: path.display().to_string(),
-            source: e,
+            err: e,
         })?;
         Self::from_json_str(&text).map_err(|e| match e {
             ModelError::Config(msg) => ModelError::Config(format!("{}: {msg}", path.display())),
@@ -200,27 +200,32 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    /// Total parameter count (embedding and, when untied, the LM head included).
+    /// Total parameter count (embedding and, when untied, the LM head included). Saturates rather
+    /// than overflowing on absurd configs.
     pub fn num_params(&self) -> u64 {
+        let m = |a: u64, b: u64| a.saturating_mul(b);
         let h = self.hidden_size as u64;
-        let q = (self.num_heads * self.head_dim) as u64;
-        let kv = (self.num_kv_heads * self.head_dim) as u64;
+        let q = m(self.num_heads as u64, self.head_dim as u64);
+        let kv = m(self.num_kv_heads as u64, self.head_dim as u64);
         let i = self.intermediate_size as u64;
-        let mut attn = h * q + 2 * h * kv + q * h;
+        let mut attn = m(h, q).saturating_add(m(2 * h, kv)).saturating_add(m(q, h));
         if self.qkv_bias {
-            attn += q + 2 * kv;
+            attn = attn.saturating_add(q).saturating_add(m(2, kv));
         }
         if self.o_bias {
-            attn += h;
+            attn = attn.saturating_add(h);
         }
-        let mut mlp = 3 * h * i;
+        let mut mlp = m(m(3, h), i);
         if self.mlp_bias {
-            mlp += 2 * i + h;
+            mlp = mlp.saturating_add(m(2, i)).saturating_add(h);
         }
-        let layer = attn + mlp + 2 * h;
-        let embed = self.vocab_size as u64 * h;
+        let layer = attn.saturating_add(mlp).saturating_add(m(2, h));
+        let embed = m(self.vocab_size as u64, h);
         let head = if self.tie_word_embeddings { 0 } else { embed };
-        self.num_layers as u64 * layer + embed + head + h
+        m(self.num_layers as u64, layer)
+            .saturating_add(embed)
+            .saturating_add(head)
+            .saturating_add(h)
     }
 
     /// Bytes of K and V for one token across all layers, at `bytes_per_elem`.

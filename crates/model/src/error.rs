@@ -6,12 +6,9 @@ use thiserror::Error;
 pub enum ModelError {
     #[error("invalid model config: {0}")]
     Config(String),
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The I/O error is part of the message (not a `source`), so that error chains print it once.
+    #[error("{path}: {err}")]
+    Io { path: String, err: std::io::Error },
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: String, msg: String },
     #[error("invalid input: {0}")]

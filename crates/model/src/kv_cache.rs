@@ -20,15 +20,20 @@ impl LayerKv {
         })
     }
 
-    /// Stores K and V of positions `start..start + k.dim(0)`.
-    pub fn write(&mut self, start: usize, k: &Tensor, v: &Tensor) -> Result<(), TensorError> {
-        let n = k.elem_count();
-        let need = start * self.row + n;
+    /// Grows the cache (doubling) to hold at least `positions` positions.
+    pub fn reserve(&mut self, positions: usize) -> Result<(), TensorError> {
+        let need = positions * self.row;
         if need > self.k.len() {
             let cap = need.max(2 * self.k.len());
             grow(&mut self.k, cap)?;
             grow(&mut self.v, cap)?;
         }
+        Ok(())
+    }
+
+    /// Stores K and V of positions `start..start + k.dim(0)`.
+    pub fn write(&mut self, start: usize, k: &Tensor, v: &Tensor) -> Result<(), TensorError> {
+        self.reserve(start + k.elem_count() / self.row)?;
         self.k.append_rows(start, self.row, k.storage())?;
         self.v.append_rows(start, self.row, v.storage())
     }

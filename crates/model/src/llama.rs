@@ -25,6 +25,18 @@ pub struct LlamaModel {
     head: ParallelLmHead,
 }
 
+/// A lockstep step takes one token per sequence of the cache.
+fn check_lockstep(tokens: &[u32], cache: &KvCache) -> Result<(), ModelError> {
+    if tokens.len() != cache.batch {
+        return Err(ModelError::Input(format!(
+            "{} tokens for a cache of {} sequences",
+            tokens.len(),
+            cache.batch
+        )));
+    }
+    Ok(())
+}
+
 /// Which logits `forward` returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -255,13 +267,7 @@ impl LlamaModel {
         cache: &mut KvCache,
         comm: &dyn Communicator,
     ) -> Result<Vec<f32>, ModelError> {
-        if tokens.len() != cache.batch {
-            return Err(ModelError::Input(format!(
-                "{} tokens for a cache of {} sequences",
-                tokens.len(),
-                cache.batch
-            )));
-        }
+        check_lockstep(tokens, cache)?;
         self.run(tokens, cache.batch, cache, Logits::All, comm)
     }
 
@@ -273,13 +279,7 @@ impl LlamaModel {
         cache: &mut KvCache,
         comm: &dyn Communicator,
     ) -> Result<Vec<u32>, ModelError> {
-        if tokens.len() != cache.batch {
-            return Err(ModelError::Input(format!(
-                "{} tokens for a cache of {} sequences",
-                tokens.len(),
-                cache.batch
-            )));
-        }
+        check_lockstep(tokens, cache)?;
         let x = self.hidden(tokens, cache.batch, cache, Logits::All, comm)?;
         self.head.greedy(&x, comm, self.shard.vocab.start)
     }
@@ -319,12 +319,7 @@ impl LlamaModel {
         if tokens.is_empty() {
             return Err(ModelError::Input("forward needs at least one token".into()));
         }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::Input(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                self.cfg.vocab_size
-            )));
-        }
+        self.check_tokens(tokens)?;
         let start = cache.len();
         let mut x = self.embed.forward(tokens, comm)?;
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
@@ -335,6 +330,17 @@ impl LlamaModel {
             x = x.rows(tokens.len() - 1, tokens.len())?;
         }
         self.norm.forward(&x)
+    }
+
+    /// Refuses token ids outside the vocabulary (a bad request, not a crash).
+    fn check_tokens(&self, tokens: &[u32]) -> Result<(), ModelError> {
+        match tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            Some(&bad) => Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Bytes of weights this rank holds.
@@ -403,12 +409,7 @@ impl LlamaModel {
                 cache.capacity()
             )));
         }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::Input(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                self.cfg.vocab_size
-            )));
-        }
+        self.check_tokens(tokens)?;
         let local = g.graph.replay(tokens, cache.len())?;
         cache.advance(1);
         self.head.pick(local, comm, self.shard.vocab.start)

@@ -162,6 +162,41 @@ fn every_op_matches_the_cpu() {
             .unwrap();
             close(&format!("attention window {window:?}"), &gpu, &cpu, tol(dt));
         }
+        // RoPE on q and k with K/V appended to caches, fused on the GPU.
+        let (q, k, v) = (
+            rand_t(vec![2, 4, 16], dt, 13),
+            rand_t(vec![2, 2, 16], dt, 14),
+            rand_t(vec![2, 2, 16], dt, 15),
+        );
+        let (mut qc, mut kcc, mut vcc) = (
+            q.clone(),
+            rand_t(vec![9, 2, 16], dt, 16),
+            rand_t(vec![9, 2, 16], dt, 17),
+        );
+        let (mut qg, mut kcg, mut vcg) = (g(&q), g(&kcc), g(&vcc));
+        ops::rope_append(
+            &mut qc,
+            &k,
+            &v,
+            kcc.storage_mut(),
+            vcc.storage_mut(),
+            &[5, 6],
+            &inv,
+        )
+        .unwrap();
+        ops::rope_append(
+            &mut qg,
+            &g(&k),
+            &g(&v),
+            kcg.storage_mut(),
+            vcg.storage_mut(),
+            &[5, 6],
+            &inv,
+        )
+        .unwrap();
+        close("rope_append q", &qg, &qc, tol(dt));
+        close("rope_append k cache", &kcg, &kcc, tol(dt));
+        close("rope_append v cache", &vcg, &vcc, tol(dt));
         // Rows of a device tensor stay on the device.
         close(
             "rows",

@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use tessera_infer::{rank_device, run_tp};
+use tessera_infer::{device_of_rank, run_tp};
 use tessera_model::synthetic::llama_config_json;
 use tessera_model::{LlamaModel, ModelConfig};
 use tessera_tensor::{DType, Device};
@@ -79,7 +79,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     for &tp in &a.tp {
         tessera_model::validate_tp(&cfg, tp)?;
         for r in 0..tp {
-            rank_device(device, r).ensure_available()?;
+            device_of_rank(device, r).ensure_available()?;
         }
     }
     println!(
@@ -119,7 +119,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     for &tp in &a.tp {
         tessera_infer::prepare_devices(device, tp)?;
         let rows = run_tp(tp, |comm, rank| {
-            let dev = rank_device(device, rank.rank);
+            let dev = device_of_rank(device, rank.rank);
             let m = LlamaModel::random(cfg.clone(), rank, dtype, dev, 7)?;
             let mut rows = Vec::new();
             for &batch in &a.batch {

@@ -118,14 +118,21 @@ impl Attention {
         };
         let positions: Vec<usize> = (start..start + t).collect();
         let mut q = self.q.forward(x)?.reshape(vec![t, num_heads, head_dim])?;
-        let mut k = self
+        let k = self
             .k
             .forward(x)?
             .reshape(vec![t, num_kv_heads, head_dim])?;
         let v = self.v.forward(x)?;
-        ops::apply_rope(&mut q, &positions, &self.inv_freq)?;
-        ops::apply_rope(&mut k, &positions, &self.inv_freq)?;
-        cache.write(start, &k, &v)?;
+        cache.reserve(start + t)?;
+        ops::rope_append(
+            &mut q,
+            &k,
+            &v,
+            &mut cache.k,
+            &mut cache.v,
+            &positions,
+            &self.inv_freq,
+        )?;
         let scale = 1.0 / (head_dim as f32).sqrt();
         let a = ops::causal_attention(
             &q,

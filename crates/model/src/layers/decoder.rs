@@ -66,14 +66,14 @@ impl DecoderLayer {
         cache: &mut LayerKv,
         comm: &dyn Communicator,
     ) -> Result<Tensor, ModelError> {
-        let mut h = x.clone();
-        let a = self
+        // Residuals added into the fresh outputs (a + x equals x + a exactly), so no copy of x.
+        let mut h = self
             .attn
             .forward(&self.input_norm.forward(x)?, batch, start, cache, comm)?;
-        ops::add_inplace(&mut h, &a)?;
-        let m = self.mlp.forward(&self.post_attn_norm.forward(&h)?, comm)?;
-        ops::add_inplace(&mut h, &m)?;
-        Ok(h)
+        ops::add_inplace(&mut h, x)?;
+        let mut y = self.mlp.forward(&self.post_attn_norm.forward(&h)?, comm)?;
+        ops::add_inplace(&mut y, &h)?;
+        Ok(y)
     }
 
     /// Calls `f` on every weight tensor of the layer (e.g. to move it to a device).

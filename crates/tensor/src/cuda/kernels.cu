@@ -166,6 +166,40 @@ __device__ void attention(const T* q, const T* k, const T* v, T* out, int hq, in
     }
 }
 
+// A step's attention inputs in one kernel: RoPE on q [t, hq, hd] in place; RoPE on k [t, hkv, hd]
+// written into the K cache and v copied into the V cache, at positions pos.. (pos_ptr[0] when not
+// null, else start). grid (t, hq + hkv).
+template <typename T>
+__device__ void rope_append(T* q, const T* k, const T* v, T* kc, T* vc, const float* inv_freq,
+                            int hq, int hkv, int hd, int start, const int* pos_ptr) {
+    if (pos_ptr) start = pos_ptr[0];
+    int ti = blockIdx.x, h = blockIdx.y, half = hd / 2;
+    double pos = (double)(start + ti);
+    if (h < hq) {
+        long base = ((long)ti * hq + h) * hd;
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {
+            double a = (double)inv_freq[i] * pos;
+            float c = (float)cos(a), s = (float)sin(a);
+            float x0 = ld(q, base + i), x1 = ld(q, base + i + half);
+            st(q, base + i, x0 * c - x1 * s);
+            st(q, base + i + half, x1 * c + x0 * s);
+        }
+    } else {
+        int kh = h - hq;
+        long src = ((long)ti * hkv + kh) * hd;
+        long dst = ((long)(start + ti) * hkv + kh) * hd;
+        for (int i = threadIdx.x; i < half; i += blockDim.x) {
+            double a = (double)inv_freq[i] * pos;
+            float c = (float)cos(a), s = (float)sin(a);
+            float x0 = ld(k, src + i), x1 = ld(k, src + i + half);
+            st(kc, dst + i, x0 * c - x1 * s);
+            st(kc, dst + i + half, x1 * c + x0 * s);
+            vc[dst + i] = v[src + i];
+            vc[dst + i + half] = v[src + i + half];
+        }
+    }
+}
+
 // dst[(pos + r) * row + i] = src[r * row + i]: append rows to a KV cache at position `pos`
 // (`pos_ptr[0]` when not null).
 template <typename T>
@@ -268,6 +302,7 @@ extern "C" __global__ void add_inplace_##S(T* a, const T* b, long n) { add_inpla
 extern "C" __global__ void add_bias_##S(T* y, const T* b, long rows, int n) { add_bias(y, b, rows, n); } \
 extern "C" __global__ void embedding_##S(const T* t, const unsigned* tok, T* o, int h, int vs, int rows) { embedding(t, tok, o, h, vs, rows); } \
 extern "C" __global__ void attention_##S(const T* q, const T* k, const T* v, T* o, int hq, int hkv, int hd, int start, int window, float scale, const int* pp) { attention(q, k, v, o, hq, hkv, hd, start, window, scale, pp); } \
+extern "C" __global__ void rope_append_##S(T* q, const T* k, const T* v, T* kc, T* vc, const float* f, int hq, int hkv, int hd, int start, const int* pp) { rope_append(q, k, v, kc, vc, f, hq, hkv, hd, start, pp); } \
 extern "C" __global__ void kv_append_##S(T* d, const T* s, long n, long row, int start, const int* pp) { kv_append(d, s, n, row, start, pp); } \
 extern "C" __global__ void argmax_rows_##S(const T* x, int n, float* v, int* i) { argmax_rows(x, n, v, i); } \
 extern "C" __global__ void fill_random_##S(T* x, long n, unsigned long long seed, float scale, float offset) { fill_random(x, n, seed, scale, offset); }

@@ -21,7 +21,7 @@ use half::bf16;
 use crate::{DType, TensorError};
 
 const KERNELS: &str = include_str!("kernels.cu");
-const KERNEL_NAMES: [&str; 10] = [
+const KERNEL_NAMES: [&str; 11] = [
     "rms_norm",
     "rope",
     "silu_mul",
@@ -32,6 +32,7 @@ const KERNEL_NAMES: [&str; 10] = [
     "fill_random",
     "argmax_rows",
     "kv_append",
+    "rope_append",
 ];
 
 /// Rows of `x` up to which bf16 matmuls use the decode GEMV kernel instead of cuBLAS (see

@@ -425,3 +425,46 @@ pub fn kv_append(
     };
     launched(&dev, unsafe { l.launch(grid_1d(src.len())) })
 }
+
+/// RoPE on `q` `[t, hq, hd]` in place, and on `k` `[t, hkv, hd]` into the K cache, `v` into the V
+/// cache, at positions `start..` (during a capture, at the graph's position): one kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_append(
+    q: &CudaBuf,
+    k: &CudaBuf,
+    v: &CudaBuf,
+    kc: &CudaBuf,
+    vc: &CudaBuf,
+    t: usize,
+    hq: usize,
+    hkv: usize,
+    hd: usize,
+    start: usize,
+    inv_freq: &[f32],
+) -> Result<(), TensorError> {
+    for b in [k, v, kc, vc] {
+        same_dev(q, b)?;
+    }
+    let dev = q.dev.clone();
+    let f = dev.table(inv_freq)?;
+    let io = dev.capturing();
+    let (a, b, c, s) = (hq as i32, hkv as i32, hd as i32, start as i32);
+    let null = 0u64;
+    let mut l = dev
+        .stream
+        .launch_builder(dev.func("rope_append", q.dtype()));
+    for buf in [q, k, v, kc, vc] {
+        push(&mut l, buf);
+    }
+    l.arg(f.as_ref()).arg(&a).arg(&b).arg(&c).arg(&s);
+    match &io {
+        Some(io) => l.arg(&io.pos),
+        None => l.arg(&null),
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (t as u32, (hq + hkv) as u32, 1),
+        block_dim: ((hd / 2).clamp(32, 256) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launched(&dev, unsafe { l.launch(cfg) })
+}

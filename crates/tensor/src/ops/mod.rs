@@ -29,6 +29,6 @@ pub use grad_rope::rope_rotate;
 pub use matmul::{matmul_t, matmul_t_into};
 pub use matmul_nn::{bias_backward, linear_backward_input, linear_backward_weight, linear_forward};
 pub use norm::rms_norm;
-pub use rope::apply_rope;
+pub use rope::{apply_rope, rope_append};
 pub use round::round_slice;
 pub use softmax::{argmax_rows, log_softmax, softmax_inplace};

@@ -63,6 +63,61 @@ pub fn apply_rope(
     Ok(())
 }
 
+/// A step's attention inputs: RoPE on `q` `[t, hq, hd]` in place, then K (rotated) and V appended
+/// to caches whose positions hold `hkv * hd` elements, at `positions` (consecutive from the first).
+/// On a GPU this is one kernel instead of four.
+pub fn rope_append(
+    q: &mut Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    k_cache: &mut crate::Storage,
+    v_cache: &mut crate::Storage,
+    positions: &[usize],
+    inv_freq: &[f32],
+) -> Result<(), TensorError> {
+    let (qs, ks) = (q.shape().to_vec(), k.shape().to_vec());
+    if ks.len() != 3
+        || qs.len() != 3
+        || qs[0] != ks[0]
+        || qs[2] != ks[2]
+        || v.elem_count() != k.elem_count()
+    {
+        return Err(shape_err(
+            "rope_append",
+            format!("q {qs:?}, k {ks:?}, v {:?}", v.shape()),
+        ));
+    }
+    let row = ks[1] * ks[2];
+    let start = positions.first().copied().unwrap_or(0);
+    if positions.iter().enumerate().any(|(i, &p)| p != start + i)
+        || k_cache.len() < (start + ks[0]) * row
+        || v_cache.len() < (start + ks[0]) * row
+    {
+        return Err(shape_err(
+            "rope_append",
+            "positions must be consecutive and fit the caches",
+        ));
+    }
+    #[cfg(feature = "cuda")]
+    if let (
+        crate::Storage::Cuda(qb),
+        crate::Storage::Cuda(kb),
+        crate::Storage::Cuda(vb),
+        crate::Storage::Cuda(kc),
+        crate::Storage::Cuda(vc),
+    ) = (q.storage(), k.storage(), v.storage(), &*k_cache, &*v_cache)
+    {
+        return crate::cuda::rope_append(
+            qb, kb, vb, kc, vc, qs[0], qs[1], ks[1], qs[2], start, inv_freq,
+        );
+    }
+    apply_rope(q, positions, inv_freq)?;
+    let mut k = k.clone();
+    apply_rope(&mut k, positions, inv_freq)?;
+    k_cache.append_rows(start, row, k.storage())?;
+    v_cache.append_rows(start, row, v.storage())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
