@@ -237,3 +237,34 @@ fn bad_input_is_one_line_and_non_zero() {
         "no tokenizer.json",
     );
 }
+
+#[test]
+fn generation_config_eos_stops_generation_as_hf_does() {
+    let r = reference("llama");
+    let case = &r["greedy"][0];
+    let first = case["tokens"][0].as_u64().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    copy_model(&fixture("llama"), dir.path());
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        format!(r#"{{"eos_token_id": [999, {first}]}}"#),
+    )
+    .unwrap();
+    let d = dir.path().to_str().unwrap();
+    let args = [
+        "generate",
+        "--model",
+        d,
+        "--prompt-tokens",
+        &join(&case["prompt_tokens"]),
+        "--max-tokens",
+        "12",
+        "--json",
+    ];
+    let (code, out, err) = tessera(&args);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["tokens"], serde_json::json!([first]));
+    std::fs::write(dir.path().join("generation_config.json"), "{oops").unwrap();
+    fails_with(&args, "generation_config.json");
+}

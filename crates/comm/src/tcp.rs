@@ -7,12 +7,14 @@
 //! - **Frames.** Every message is a 40-byte header (frame kind, op, element type, reduction, root,
 //!   group tag, sequence number, op size, payload length) and a payload. One reader thread per peer
 //!   drains its socket into a per-peer inbox, so sends never wait for the receiver's code and both
-//!   directions of a ring stream at once; groups (the world and its sub-groups) share connections
-//!   and are told apart by their tag.
+//!   directions of a ring stream at once; one writer thread per peer ([`writer`]) writes queued
+//!   frames, so a rank reduces while its sends stream. Groups (the world and its sub-groups)
+//!   share connections and are told apart by their tag.
 //! - **Algorithms.** all-reduce = ring reduce-scatter + ring all-gather; reduce-scatter and
 //!   all-gather are those rings alone; broadcast is a pipelined chain from the root; send/recv go
-//!   straight to the peer. Buffers move in chunks (`TESSERA_COMM_CHUNK_BYTES`, default 1 MiB), so
-//!   a rank forwards chunk i while chunk i+1 is still on the wire. Reductions follow
+//!   straight to the peer. Buffers move in chunks (`TESSERA_COMM_CHUNK_BYTES`, default 1 MiB),
+//!   a few queued ahead of the chunks received, so a rank reduces chunk i while later ones are
+//!   on the wire. Reductions follow
 //!   [`crate::reduce`], the same order as the in-process backend.
 //! - **Failure.** Each wait has the deadline (`TESSERA_COMM_TIMEOUT_S`). A peer whose connection
 //!   closes while this rank needs it fails the operation at once, naming it. A rank that fails
@@ -800,23 +802,6 @@ impl TcpRank {
                 msg,
             }),
         }
-    }
-
-    fn send_data(
-        &self,
-        to: usize,
-        tag: u64,
-        seq: u64,
-        desc: &OpDesc,
-        data: &[u8],
-    ) -> Result<(), CommError> {
-        let peer = self.ranks[to];
-        self.net.send_frame(
-            peer,
-            Header::new(DATA, desc, tag, seq, data.len()),
-            data,
-            &self.what(desc, seq),
-        )
     }
 
     /// Queues one data frame to group rank `to` on `sends`.

@@ -31,7 +31,34 @@ impl ModelSource {
                         dir.display()
                     )));
                 }
-                let config = ModelConfig::from_dir(dir)?;
+                let mut config = ModelConfig::from_dir(dir)?;
+                // HF's generate stops at generation_config.json's end-of-sequence ids, which may
+                // differ from config.json's (Llama 3 instruct lists several).
+                let gen = dir.join("generation_config.json");
+                if let Ok(text) = std::fs::read_to_string(&gen) {
+                    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                        InferError::Request(format!("{}: not valid JSON: {e}", gen.display()))
+                    })?;
+                    let ids: Option<Vec<Option<u64>>> = match v.get("eos_token_id") {
+                        Some(serde_json::Value::Array(a)) => {
+                            Some(a.iter().map(|x| x.as_u64()).collect())
+                        }
+                        Some(serde_json::Value::Null) | None => None,
+                        Some(x) => Some(vec![x.as_u64()]),
+                    };
+                    if let Some(ids) = ids {
+                        config.eos_token_ids = ids
+                            .into_iter()
+                            .map(|n| n.and_then(|n| u32::try_from(n).ok()))
+                            .collect::<Option<Vec<u32>>>()
+                            .ok_or_else(|| {
+                                InferError::Request(format!(
+                                    "{}: eos_token_id must hold token ids",
+                                    gen.display()
+                                ))
+                            })?;
+                    }
+                }
                 let checkpoint = Checkpoint::open(dir)?;
                 let tk = dir.join("tokenizer.json");
                 let tokenizer = if tk.exists() {

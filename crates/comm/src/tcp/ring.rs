@@ -3,17 +3,21 @@
 //! all-reduce = ring reduce-scatter + ring all-gather (each rank sends and receives 2(n-1)/n of
 //! the buffer, the bandwidth optimum); reduce-scatter and all-gather are those rings alone;
 //! broadcast is a pipelined chain from the root; send/recv go straight to the peer. Every step
-//! moves its segment in chunks, sending chunk i before receiving chunk i, so the wire stays busy
-//! in both directions while this rank reduces what already arrived. Segment `k` is reduced in ring
+//! moves its segment in chunks, queued to the connection's writer thread a few chunks ahead of
+//! those received, so the wire stays busy in both directions while this rank reduces what
+//! already arrived. Segment `k` is reduced in ring
 //! order starting at rank `k + 1` ([`crate::reduce`]), which the in-process backend reproduces.
 
 use std::ops::Range;
 use std::sync::atomic::Ordering;
 
-use super::{fnv, TcpRank, P2P};
+use super::{fnv, Sends, TcpRank, P2P};
 use crate::check::{OpCode, OpDesc};
 use crate::reduce::{combine, finish, segment};
 use crate::{CommError, CommStream, Communicator, ElemKind, ReduceOp};
+
+/// Chunks a ring step queues ahead of the chunks it has received.
+const WINDOW: usize = 4;
 
 fn frames(len: usize, chunk: usize) -> usize {
     len.div_ceil(chunk).max(1)
@@ -41,11 +45,16 @@ fn split2(buf: &mut [u8], a: Range<usize>, b: Range<usize>) -> (&[u8], &mut [u8]
 }
 
 impl TcpRank {
-    /// One ring step: streams `send` to group rank `to` while receiving `recv.len()` bytes from
-    /// `from`, applying each received chunk to its place in `recv`.
+    /// One ring step: queues `send` to group rank `to` (the connection's writer thread streams
+    /// it) while this thread receives `recv.len()` bytes from `from`, applying each received
+    /// chunk to its place in `recv` as it arrives.
+    ///
+    /// # Safety
+    /// `send` must stay valid and unmodified until `sends` is finished or dropped.
     #[allow(clippy::too_many_arguments)]
-    fn ring_step(
-        &self,
+    unsafe fn ring_step<'a>(
+        &'a self,
+        sends: &mut Sends<'a>,
         seq: u64,
         desc: &OpDesc,
         send: &[u8],
@@ -56,24 +65,27 @@ impl TcpRank {
     ) -> Result<(), CommError> {
         let c = self.net.chunk;
         let (ns, nr) = (frames(send.len(), c), frames(recv.len(), c));
-        for i in 0..ns.max(nr) {
-            if i < ns {
-                self.send_data(
-                    to,
-                    self.tag,
-                    seq,
-                    desc,
-                    &send[chunk_range(send.len(), c, i)],
-                )?;
+        // Up to WINDOW chunks queued ahead of what this rank has received: enough to keep the
+        // link busy while it reduces, few enough that no inbox grows without bound (every rank
+        // paces its sends by its receives, so a ring runs in step).
+        let mut posted = 0;
+        let mut post_upto = |upto: usize, sends: &mut Sends<'a>| -> Result<(), CommError> {
+            while posted < upto.min(ns) {
+                let r = chunk_range(send.len(), c, posted);
+                self.post_data(sends, to, self.tag, seq, desc, &send[r])?;
+                posted += 1;
             }
-            if i < nr {
-                let r = chunk_range(recv.len(), c, i);
-                let data = self.recv_data(from, self.tag, seq, desc, r.len())?;
-                apply(&mut recv[r], &data);
-                self.net.inbox.recycle(data);
-            }
+            Ok(())
+        };
+        post_upto(WINDOW, sends)?;
+        for i in 0..nr {
+            let r = chunk_range(recv.len(), c, i);
+            let data = self.recv_data(from, self.tag, seq, desc, r.len())?;
+            apply(&mut recv[r], &data);
+            self.net.inbox.recycle(data);
+            post_upto(i + 1 + WINDOW, sends)?;
         }
-        Ok(())
+        post_upto(ns, sends)
     }
 
     /// Ring reduce-scatter over `buf` cut into `n` segments (`seg(k)` bytes): afterwards this rank
@@ -89,13 +101,20 @@ impl TcpRank {
     ) -> Result<(), CommError> {
         let (n, me) = (self.n(), self.me);
         let (next, prev) = ((me + 1) % n, (me + n - 1) % n);
+        let mut sends = Sends::new();
         for s in 0..n - 1 {
             let (sk, rk) = ((me + 2 * n - 1 - s) % n, (me + 2 * n - 2 - s) % n);
             let (snd, rcv) = split2(buf, seg(sk), seg(rk));
-            self.ring_step(seq, desc, snd, next, rcv, prev, &|dst, src| {
-                combine(kind, op, dst, src)
-            })?;
+            // SAFETY: step s sends segment me-1-s and writes segment me-2-s, which it sends at
+            // step s+1; so no segment is written after it was queued, and `sends` is finished
+            // (or dropped, which waits) before `buf` is released.
+            unsafe {
+                self.ring_step(&mut sends, seq, desc, snd, next, rcv, prev, &|dst, src| {
+                    combine(kind, op, dst, src)
+                })?;
+            }
         }
+        self.finish_sends(sends, next, desc, seq)?;
         finish(kind, op, &mut buf[seg(me)], n);
         Ok(())
     }
@@ -110,14 +129,19 @@ impl TcpRank {
     ) -> Result<(), CommError> {
         let (n, me) = (self.n(), self.me);
         let (next, prev) = ((me + 1) % n, (me + n - 1) % n);
+        let mut sends = Sends::new();
         for s in 0..n - 1 {
             let (sk, rk) = ((me + n - s) % n, (me + 2 * n - 1 - s) % n);
             let (snd, rcv) = split2(buf, seg(sk), seg(rk));
-            self.ring_step(seq, desc, snd, next, rcv, prev, &|dst, src| {
-                dst.copy_from_slice(src)
-            })?;
+            // SAFETY: step s sends segment me-s and fills segment me-1-s, sent at step s+1:
+            // nothing queued is written again, and `sends` is waited for before returning.
+            unsafe {
+                self.ring_step(&mut sends, seq, desc, snd, next, rcv, prev, &|dst, src| {
+                    dst.copy_from_slice(src)
+                })?;
+            }
         }
-        Ok(())
+        self.finish_sends(sends, next, desc, seq)
     }
 
     fn all_reduce_impl(
@@ -203,6 +227,7 @@ impl Communicator for TcpRank {
             let pos = (self.me + n - root) % n;
             let (next, prev) = ((self.me + 1) % n, (self.me + n - 1) % n);
             let c = self.net.chunk;
+            let mut sends = Sends::new();
             for i in 0..frames(buf.len(), c) {
                 let r = chunk_range(buf.len(), c, i);
                 if pos > 0 {
@@ -211,10 +236,12 @@ impl Communicator for TcpRank {
                     self.net.inbox.recycle(data);
                 }
                 if pos < n - 1 {
-                    self.send_data(next, self.tag, seq, &desc, &buf[r])?;
+                    // SAFETY: chunk i is final before it is queued and never written again;
+                    // `sends` is waited for before returning.
+                    unsafe { self.post_data(&mut sends, next, self.tag, seq, &desc, &buf[r])? };
                 }
             }
-            Ok(())
+            self.finish_sends(sends, next, &desc, seq)
         })
     }
 
@@ -278,16 +305,13 @@ impl Communicator for TcpRank {
             };
             let desc = OpDesc::new(OpCode::Send, buf.len());
             let c = self.net.chunk;
+            let mut sends = Sends::new();
             for i in 0..frames(buf.len(), c) {
-                self.send_data(
-                    dst,
-                    self.tag | P2P,
-                    seq,
-                    &desc,
-                    &buf[chunk_range(buf.len(), c, i)],
-                )?;
+                let r = chunk_range(buf.len(), c, i);
+                // SAFETY: `buf` is borrowed for this call; `sends` is waited for before it ends.
+                unsafe { self.post_data(&mut sends, dst, self.tag | P2P, seq, &desc, &buf[r])? };
             }
-            Ok(())
+            self.finish_sends(sends, dst, &desc, seq)
         })
     }
 
