@@ -15,8 +15,9 @@ pub struct MatmulArgs {
     /// Weight dtype (x is f32; 16-bit weights are widened in the kernel).
     #[arg(long, value_delimiter = ',', default_value = "f32,bf16")]
     pub dtypes: Vec<String>,
-    /// Also time a GEMV (m = 1) with this k = n, the decode shape.
-    #[arg(long, default_value_t = 4096)]
+    /// Also time a GEMV (m = 1) with this k = n, the decode shape (the default's weights, 0.5-1 GiB,
+    /// are larger than the last-level cache, so they stream from memory).
+    #[arg(long, default_value_t = 16384)]
     pub gemv: usize,
 }
 
