@@ -39,17 +39,7 @@ fn segment(
             restore(&mut t, load(p, &layout)?);
         }
         let mut loader = Loader::new(data.clone(), SEQ, 0)?;
-        let mut stats = vec![];
-        for _ in 0..steps {
-            let b = loader.rank_batches(
-                t.progress.samples,
-                t.micro_batch,
-                t.grad_accum,
-                t.dp(),
-                t.rank(),
-            );
-            stats.push(t.train_step(&b)?);
-        }
+        let stats = train_steps(&mut t, &mut loader, steps)?;
         if let Some(p) = to {
             save(&mut t, p, 0, &model_json, None)?;
         }

@@ -29,17 +29,18 @@ __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
-// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
-__device__ float block_sum(float v) {
+// Sum (or max) over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+template <bool MAX>
+__device__ float block_reduce(float v) {
     __shared__ float part[32];
     __shared__ float total;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_sum(v);
+    v = MAX ? warp_max(v) : warp_sum(v);
     if (lane == 0) part[warp] = v;
     __syncthreads();
     if (warp == 0) {
-        float s = lane < (blockDim.x >> 5) ? part[lane] : 0.f;
-        s = warp_sum(s);
+        float s = lane < (blockDim.x >> 5) ? part[lane] : (MAX ? NEG_INF : 0.f);
+        s = MAX ? warp_max(s) : warp_sum(s);
         if (lane == 0) total = s;
     }
     __syncthreads();
@@ -47,22 +48,21 @@ __device__ float block_sum(float v) {
     __syncthreads();
     return r;
 }
-__device__ float block_max(float v) {
-    __shared__ float part[32];
-    __shared__ float total;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_max(v);
-    if (lane == 0) part[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        float s = lane < (blockDim.x >> 5) ? part[lane] : NEG_INF;
-        s = warp_max(s);
-        if (lane == 0) total = s;
+__device__ float block_sum(float v) { return block_reduce<false>(v); }
+__device__ float block_max(float v) { return block_reduce<true>(v); }
+
+// Rotate-half RoPE of one head at position `pos`: element i pairs with i + hd/2. Reads `src`, writes
+// `dst` (the same buffer for an in-place rotation); threads of the block stride over the pairs.
+template <typename T>
+__device__ void rotate_head(const T* src, long s0, T* dst, long d0, const float* inv_freq, int hd, double pos) {
+    int half = hd / 2;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        double a = (double)inv_freq[i] * pos;
+        float c = (float)cos(a), s = (float)sin(a);
+        float x0 = ld(src, s0 + i), x1 = ld(src, s0 + i + half);
+        st(dst, d0 + i, x0 * c - x1 * s);
+        st(dst, d0 + i + half, x1 * c + x0 * s);
     }
-    __syncthreads();
-    float r = total;
-    __syncthreads();
-    return r;
 }
 
 // y = w * round(x / rms(x)); one block per row.
@@ -84,16 +84,8 @@ __device__ void rms_norm(const T* x, const T* w, T* y, int h, float eps) {
 template <typename T>
 __device__ void rope(T* x, const float* inv_freq, int heads, int hd, int start, const int* pos_ptr) {
     if (pos_ptr) start = pos_ptr[0];
-    int half = hd / 2;
     long base = ((long)blockIdx.x * heads + blockIdx.y) * hd;
-    double pos = (double)(start + blockIdx.x);
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        double a = (double)inv_freq[i] * pos;
-        float c = (float)cos(a), s = (float)sin(a);
-        float x0 = ld(x, base + i), x1 = ld(x, base + i + half);
-        st(x, base + i, x0 * c - x1 * s);
-        st(x, base + i + half, x1 * c + x0 * s);
-    }
+    rotate_head(x, base, x, base, inv_freq, hd, (double)(start + blockIdx.x));
 }
 
 template <typename T>
@@ -173,30 +165,17 @@ template <typename T>
 __device__ void rope_append(T* q, const T* k, const T* v, T* kc, T* vc, const float* inv_freq,
                             int hq, int hkv, int hd, int start, const int* pos_ptr) {
     if (pos_ptr) start = pos_ptr[0];
-    int ti = blockIdx.x, h = blockIdx.y, half = hd / 2;
+    int ti = blockIdx.x, h = blockIdx.y;
     double pos = (double)(start + ti);
     if (h < hq) {
         long base = ((long)ti * hq + h) * hd;
-        for (int i = threadIdx.x; i < half; i += blockDim.x) {
-            double a = (double)inv_freq[i] * pos;
-            float c = (float)cos(a), s = (float)sin(a);
-            float x0 = ld(q, base + i), x1 = ld(q, base + i + half);
-            st(q, base + i, x0 * c - x1 * s);
-            st(q, base + i + half, x1 * c + x0 * s);
-        }
+        rotate_head(q, base, q, base, inv_freq, hd, pos);
     } else {
         int kh = h - hq;
         long src = ((long)ti * hkv + kh) * hd;
         long dst = ((long)(start + ti) * hkv + kh) * hd;
-        for (int i = threadIdx.x; i < half; i += blockDim.x) {
-            double a = (double)inv_freq[i] * pos;
-            float c = (float)cos(a), s = (float)sin(a);
-            float x0 = ld(k, src + i), x1 = ld(k, src + i + half);
-            st(kc, dst + i, x0 * c - x1 * s);
-            st(kc, dst + i + half, x1 * c + x0 * s);
-            vc[dst + i] = v[src + i];
-            vc[dst + i + half] = v[src + i + half];
-        }
+        rotate_head(k, src, kc, dst, inv_freq, hd, pos);
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) vc[dst + i] = v[src + i];
     }
 }
 

@@ -65,21 +65,31 @@ pub fn run(
         let init = random_init(&layout, 0);
         let mut t = Trainer::new(comm, model.clone(), cfg.clone(), SEQ, init)?;
         let mut loader = Loader::new(data.clone(), SEQ, 0)?;
-        let mut stats = vec![];
-        for _ in 0..steps {
-            let b = loader.rank_batches(
-                t.progress.samples,
-                t.micro_batch,
-                t.grad_accum,
-                t.dp(),
-                t.rank(),
-            );
-            stats.push(t.train_step(&b)?);
-        }
+        let stats = train_steps(&mut t, &mut loader, steps)?;
         let master = t.engine.gather_full()?.0;
         Ok(RunResult { stats, master })
     })?;
     Ok(out.swap_remove(0))
+}
+
+/// Runs `steps` optimizer steps of `t` on this rank's batches from `loader`.
+pub fn train_steps(
+    t: &mut Trainer,
+    loader: &mut Loader,
+    steps: usize,
+) -> Result<Vec<StepStats>, TrainError> {
+    let mut stats = vec![];
+    for _ in 0..steps {
+        let b = loader.rank_batches(
+            t.progress.samples,
+            t.micro_batch,
+            t.grad_accum,
+            t.dp(),
+            t.rank(),
+        );
+        stats.push(t.train_step(&b)?);
+    }
+    Ok(stats)
 }
 
 pub fn assert_same_run(a: &RunResult, b: &RunResult, what: &str) {
