@@ -229,8 +229,16 @@ struct Net {
     _client: Mutex<StoreClient>,
 }
 
+/// How long a rank that failed keeps its connections open before closing them, so that the peers
+/// read the reason the first failing rank sent them before they see this rank's end-of-file
+/// (frames on different connections are not ordered).
+const FAILED_LINGER: Duration = Duration::from_millis(300);
+
 impl Drop for Net {
     fn drop(&mut self) {
+        if self.inbox.lock().aborted.is_some() {
+            std::thread::sleep(FAILED_LINGER);
+        }
         // Ends the reader and writer threads here and tells the peers this rank is gone.
         for w in self.writers.iter().flatten() {
             w.close();

@@ -51,6 +51,9 @@ struct State {
     exited: bool,
 }
 
+/// How long closing a connection waits for its queued frames to be written.
+const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+
 pub(super) struct Writer {
     st: Mutex<State>,
     cv: Condvar,
@@ -205,10 +208,29 @@ impl Writer {
 
     /// Ends the thread once the queue is drained, and the connection (which ends the reader).
     pub(super) fn close(&self) {
-        let _ = self.sock.shutdown(Shutdown::Both);
+        // Frames already queued (an abort message telling the peer why this rank stops, say) go
+        // out before the connection closes, for at most `CLOSE_FLUSH`; a closed socket would
+        // otherwise reach the peer first and hide the reason.
+        let deadline = Instant::now() + CLOSE_FLUSH;
         let mut st = self.lock();
         st.closing = true;
         self.cv.notify_all();
+        while !st.exited && st.done < st.next_id {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            st = self
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        drop(st);
+        // Half-close: the peer reads everything sent, then end-of-file. (A full close with
+        // unread bytes in our receive buffer would send a reset, and the peer could lose the
+        // queued frames.)
+        let _ = self.sock.shutdown(Shutdown::Write);
     }
 }
 
