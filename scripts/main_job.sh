@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tessera's main job, end to end on one machine with nothing downloaded: tokenize the Shakespeare
 # slice kept in the repo, train a small Llama on it (ZeRO-1 over 2 data-parallel ranks), export the
-# checkpoint as an HF model directory, and generate from it. About 5 minutes on 2 cores, build
+# checkpoint as an HF model directory, and generate from it. 5-10 minutes on 2 cores, build
 # included. WORK=dir puts the outputs elsewhere (default target/main-job).
 set -euo pipefail
 cd "$(dirname "$0")/.."
