@@ -2,7 +2,7 @@
 //! head_dim]` for this rank's KV heads only, in the compute dtype. (Paged blocks come with the
 //! serving engine; the layers only need `write` and the two buffers.)
 
-use tessera_tensor::{DType, Device, Storage, Tensor, TensorError};
+use tessera_tensor::{DType, Device, Storage, TensorError};
 
 pub struct LayerKv {
     pub k: Storage,
@@ -29,13 +29,6 @@ impl LayerKv {
             grow(&mut self.v, cap)?;
         }
         Ok(())
-    }
-
-    /// Stores K and V of positions `start..start + k.dim(0)`.
-    pub fn write(&mut self, start: usize, k: &Tensor, v: &Tensor) -> Result<(), TensorError> {
-        self.reserve(start + k.elem_count() / self.row)?;
-        self.k.append_rows(start, self.row, k.storage())?;
-        self.v.append_rows(start, self.row, v.storage())
     }
 
     pub fn size_in_bytes(&self) -> usize {

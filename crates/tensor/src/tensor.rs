@@ -75,24 +75,6 @@ impl Storage {
         }
     }
 
-    /// Writes `src` into positions `start..` of a cache whose positions hold `row` elements each.
-    /// Same as `copy_from(start * row, src)`, except that on a GPU it is a kernel that, inside a
-    /// captured decode step, reads the position from the graph's input (see `cuda::graph`).
-    pub fn append_rows(
-        &mut self,
-        start: usize,
-        row: usize,
-        src: &Storage,
-    ) -> Result<(), TensorError> {
-        #[cfg(feature = "cuda")]
-        if let (Storage::Cuda(d), Storage::Cuda(s)) = (&*self, src) {
-            if d.dtype() == s.dtype() {
-                return crate::cuda::kv_append(d, s, row, start);
-            }
-        }
-        self.copy_from(start * row, src)
-    }
-
     /// Copies `src` into elements `offset..offset + src.len()` (device to device when both are on
     /// the same GPU).
     pub fn copy_from(&mut self, offset: usize, src: &Storage) -> Result<(), TensorError> {

@@ -179,15 +179,6 @@ __device__ void rope_append(T* q, const T* k, const T* v, T* kc, T* vc, const fl
     }
 }
 
-// dst[(pos + r) * row + i] = src[r * row + i]: append rows to a KV cache at position `pos`
-// (`pos_ptr[0]` when not null).
-template <typename T>
-__device__ void kv_append(T* dst, const T* src, long n, long row, int start, const int* pos_ptr) {
-    long base = (long)(pos_ptr ? pos_ptr[0] : start) * row;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        dst[base + i] = src[i];
-}
-
 // Deterministic uniform(-scale, scale) + offset from a hash of (seed, index): random weights made on
 // the device for benchmarks.
 template <typename T>
@@ -282,7 +273,6 @@ extern "C" __global__ void add_bias_##S(T* y, const T* b, long rows, int n) { ad
 extern "C" __global__ void embedding_##S(const T* t, const unsigned* tok, T* o, int h, int vs, int rows) { embedding(t, tok, o, h, vs, rows); } \
 extern "C" __global__ void attention_##S(const T* q, const T* k, const T* v, T* o, int hq, int hkv, int hd, int start, int window, float scale, const int* pp) { attention(q, k, v, o, hq, hkv, hd, start, window, scale, pp); } \
 extern "C" __global__ void rope_append_##S(T* q, const T* k, const T* v, T* kc, T* vc, const float* f, int hq, int hkv, int hd, int start, const int* pp) { rope_append(q, k, v, kc, vc, f, hq, hkv, hd, start, pp); } \
-extern "C" __global__ void kv_append_##S(T* d, const T* s, long n, long row, int start, const int* pp) { kv_append(d, s, n, row, start, pp); } \
 extern "C" __global__ void argmax_rows_##S(const T* x, int n, float* v, int* i) { argmax_rows(x, n, v, i); } \
 extern "C" __global__ void fill_random_##S(T* x, long n, unsigned long long seed, float scale, float offset) { fill_random(x, n, seed, scale, offset); }
 

@@ -400,32 +400,6 @@ pub fn argmax_rows(x: &CudaBuf, rows: usize, n: usize) -> Result<Vec<(f32, u32)>
     Ok(v.into_iter().zip(i).map(|(v, i)| (v, i as u32)).collect())
 }
 
-/// Appends `src` (whole rows of `row` elements) to the cache `dst` at position `start` (or, during
-/// a capture, at the position in the graph's input buffer).
-pub fn kv_append(
-    dst: &CudaBuf,
-    src: &CudaBuf,
-    row: usize,
-    start: usize,
-) -> Result<(), TensorError> {
-    same_dev(dst, src)?;
-    let dev = dst.dev.clone();
-    let io = dev.capturing();
-    let (n, r, s) = (src.len() as i64, row as i64, start as i32);
-    let null = 0u64;
-    let mut l = dev
-        .stream
-        .launch_builder(dev.func("kv_append", dst.dtype()));
-    push(&mut l, dst);
-    push(&mut l, src);
-    l.arg(&n).arg(&r).arg(&s);
-    match &io {
-        Some(io) => l.arg(&io.pos),
-        None => l.arg(&null),
-    };
-    launched(&dev, unsafe { l.launch(grid_1d(src.len())) })
-}
-
 /// RoPE on `q` `[t, hq, hd]` in place, and on `k` `[t, hkv, hd]` into the K cache, `v` into the V
 /// cache, at positions `start..` (during a capture, at the graph's position): one kernel.
 #[allow(clippy::too_many_arguments)]

@@ -114,8 +114,8 @@ pub fn rope_append(
     apply_rope(q, positions, inv_freq)?;
     let mut k = k.clone();
     apply_rope(&mut k, positions, inv_freq)?;
-    k_cache.append_rows(start, row, k.storage())?;
-    v_cache.append_rows(start, row, v.storage())
+    k_cache.copy_from(start * row, k.storage())?;
+    v_cache.copy_from(start * row, v.storage())
 }
 
 #[cfg(test)]
