@@ -9,6 +9,8 @@ export TESSERA_REQUIRE_GPU=1 TESSERA_FIXTURES=$PWD/tests/fixtures/hf NCCL_NVLS_E
 OUTDIR=${OUT:-.}
 REPORT=$OUTDIR/gpu_report.txt
 STEPS=${STEPS:-all}
+NGPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
+if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   if [[ $STEPS == all || $STEPS == *tests* ]]; then
@@ -21,15 +23,24 @@ STEPS=${STEPS:-all}
     .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp ${TP:-1,2} --batch 1,8,32,64 --steps 32 2>&1
     echo "== tessera bench decode, Llama-3-8B shape, CUDA graphs"
     .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp ${TP:-1,2} --batch 1,8,32,64 --steps 32 --graph 2>&1
-    echo "== tessera bench decode, Llama-3-70B shape, tp 2, CUDA graphs"
-    .gpu/tessera bench decode --device cuda --preset llama-3-70b --tp 2 --batch 1,32 --steps 16 --graph 2>&1
+    echo "== tessera bench gemv, Llama-3-8B shapes"
+    .gpu/tessera bench gemv 2>&1
+    if [ "$NGPU" -ge 2 ]; then
+      .gpu/tessera bench gemv --tp 2 2>&1
+      echo "== tessera bench decode, Llama-3-70B shape, tp 2, CUDA graphs"
+      .gpu/tessera bench decode --device cuda --preset llama-3-70b --tp 2 --batch 1,32 --steps 16 --graph 2>&1
+    else
+      echo "(one GPU: the tp 2 benchmarks are skipped)"
+    fi
   fi
   if [[ $STEPS == all || $STEPS == *hf* ]]; then
     echo "== HF transformers baseline"
     PYTHONUNBUFFERED=1 python3 scripts/bench_hf_decode.py --batch ${HF_BATCH:-1,32,64} --steps 16 2>&1 | grep -v Warning
   fi
 } 2>&1 | tee "$REPORT"
-if [[ $STEPS == all || $STEPS == *cli* ]]; then
+if [[ ($STEPS == all || $STEPS == *cli*) && $NGPU -lt 2 ]]; then
+  echo "(one GPU: the tp 2 CLI checks are skipped)" | tee -a "$REPORT"
+elif [[ $STEPS == all || $STEPS == *cli* ]]; then
   # CLI on the GPU against the CPU: f32 log-probs within 1e-4, greedy tokens identical, in-process
   # and under `tessera launch` (one process per GPU, NCCL through the rendezvous).
   M=tests/fixtures/hf/llama; TOK=0,5,9,77,300,2,18,41,41,7,200,3

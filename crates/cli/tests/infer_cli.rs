@@ -236,6 +236,11 @@ fn bad_input_is_one_line_and_non_zero() {
         &["score", "--model", d, "--text", "hello"],
         "no tokenizer.json",
     );
+    // The GEMV benchmark measures CUDA kernels only, at a tp that divides its shapes.
+    fails_with(&["bench", "gemv", "--device", "cpu"], "--device cuda");
+    fails_with(&["bench", "gemv", "--tp", "3"], "--tp 3");
+    #[cfg(not(feature = "cuda"))]
+    fails_with(&["bench", "gemv"], "without CUDA");
 }
 
 #[test]

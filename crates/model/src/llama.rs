@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tessera_comm::Communicator;
-use tessera_tensor::{DType, Device, Tensor, TensorError};
+use tessera_tensor::{ops, DType, Device, Tensor, TensorError};
 
 use crate::checkpoint::Checkpoint;
 use crate::kv_cache::KvCache;
@@ -165,9 +165,7 @@ impl LlamaModel {
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let attn = Attention {
-                q: col(ql, cfg.qkv_bias, &mut rand)?,
-                k: col(kvl, cfg.qkv_bias, &mut rand)?,
-                v: col(kvl, cfg.qkv_bias, &mut rand)?,
+                qkv: col(ql + 2 * kvl, cfg.qkv_bias, &mut rand)?,
                 o: Row {
                     weight: rand(vec![h, ql])?,
                     bias: None,
@@ -181,8 +179,7 @@ impl LlamaModel {
                 inv_freq: inv_freq.clone(),
             };
             let mlp = Mlp {
-                gate: col(il, false, &mut rand)?,
-                up: col(il, false, &mut rand)?,
+                gate_up: col(2 * il, false, &mut rand)?,
                 down: Row {
                     weight: rand(vec![h, il])?,
                     bias: None,
@@ -322,14 +319,23 @@ impl LlamaModel {
         self.check_tokens(tokens)?;
         let start = cache.len();
         let mut x = self.embed.forward(tokens, comm)?;
+        let mut delta = None;
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, batch, start, kv, comm)?;
+            delta = Some(layer.forward(&mut x, delta.as_ref(), batch, start, kv, comm)?);
         }
         cache.advance(tokens.len() / batch);
-        if logits == Logits::Last {
-            x = x.rows(tokens.len() - 1, tokens.len())?;
+        match (delta, logits) {
+            (Some(d), Logits::All) => self.norm.forward_add(&mut x, &d),
+            (d, _) => {
+                if let Some(d) = d {
+                    ops::add_inplace(&mut x, &d)?;
+                }
+                if logits == Logits::Last {
+                    x = x.rows(tokens.len() - 1, tokens.len())?;
+                }
+                self.norm.forward(&x)
+            }
         }
-        self.norm.forward(&x)
     }
 
     /// Refuses token ids outside the vocabulary (a bad request, not a crash).

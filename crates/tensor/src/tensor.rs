@@ -317,6 +317,30 @@ impl Tensor {
         Ok(self)
     }
 
+    /// Tensors of one dtype and the same trailing dimensions, one after another along the first
+    /// (e.g. the q, k and v weights of a layer as one fused weight). The result is on the host.
+    pub fn cat_rows(parts: &[&Tensor]) -> Result<Tensor, TensorError> {
+        let first = parts
+            .first()
+            .ok_or_else(|| shape_err("cat_rows", "no tensors"))?;
+        let (tail, dt) = (&first.shape[1.min(first.shape.len())..], first.dtype());
+        let mut rows = 0;
+        let mut v = Vec::with_capacity(parts.iter().map(|p| p.elem_count()).sum());
+        for p in parts {
+            if p.shape.is_empty() || &p.shape[1..] != tail || p.dtype() != dt {
+                return Err(shape_err(
+                    "cat_rows",
+                    format!("{:?} {} after {:?} {dt}", p.shape, p.dtype(), first.shape),
+                ));
+            }
+            rows += p.shape[0];
+            v.extend(p.to_f32_vec());
+        }
+        let mut shape = vec![rows];
+        shape.extend_from_slice(tail);
+        Tensor::from_f32(shape, v, dt)
+    }
+
     /// Rows `r0..r1` of a 2-D tensor.
     pub fn rows(&self, r0: usize, r1: usize) -> Result<Tensor, TensorError> {
         if self.shape.len() != 2 || r0 > r1 || r1 > self.shape[0] {

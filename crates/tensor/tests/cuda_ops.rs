@@ -162,41 +162,155 @@ fn every_op_matches_the_cpu() {
             .unwrap();
             close(&format!("attention window {window:?}"), &gpu, &cpu, tol(dt));
         }
-        // RoPE on q and k with K/V appended to caches, fused on the GPU.
-        let (q, k, v) = (
-            rand_t(vec![2, 4, 16], dt, 13),
-            rand_t(vec![2, 2, 16], dt, 14),
-            rand_t(vec![2, 2, 16], dt, 15),
+        // The fused q/k/v projection's RoPE and K/V append, one kernel on the GPU: a prefill of 3
+        // tokens of one sequence, and one step of 2 sequences in lockstep.
+        let shape = AttentionShape {
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+        };
+        for (rows, batch) in [(3, 1), (2, 2)] {
+            let qkv = rand_t(vec![rows, 8 * 16], dt, 13);
+            let (mut kcc, mut vcc) = (
+                rand_t(vec![9, batch * 2, 16], dt, 16),
+                rand_t(vec![9, batch * 2, 16], dt, 17),
+            );
+            let (mut kcg, mut vcg) = (g(&kcc), g(&vcc));
+            let qc = ops::qkv_rope_append(
+                &qkv,
+                batch,
+                shape,
+                kcc.storage_mut(),
+                vcc.storage_mut(),
+                5,
+                &inv,
+            )
+            .unwrap();
+            let qg = ops::qkv_rope_append(
+                &g(&qkv),
+                batch,
+                shape,
+                kcg.storage_mut(),
+                vcg.storage_mut(),
+                5,
+                &inv,
+            )
+            .unwrap();
+            close(
+                &format!("qkv_rope_append q, batch {batch}"),
+                &qg,
+                &qc,
+                tol(dt),
+            );
+            close(
+                &format!("qkv_rope_append k cache, batch {batch}"),
+                &kcg,
+                &kcc,
+                tol(dt),
+            );
+            close(
+                &format!("qkv_rope_append v cache, batch {batch}"),
+                &vcg,
+                &vcc,
+                tol(dt),
+            );
+        }
+        // A decode step's RoPE + K/V append + attention in one kernel, against the two CPU ops.
+        for (batch, window) in [(1, None), (2, Some(3))] {
+            let qkv = rand_t(vec![batch, 8 * 16], dt, 70);
+            let (mut kcc, mut vcc) = (
+                rand_t(vec![7, batch * 2, 16], dt, 71),
+                rand_t(vec![7, batch * 2, 16], dt, 72),
+            );
+            let (mut kcg, mut vcg) = (g(&kcc), g(&vcc));
+            let args = |k: &mut Tensor, v: &mut Tensor, x: &Tensor| {
+                ops::decode_attention(
+                    x,
+                    batch,
+                    shape,
+                    k.storage_mut(),
+                    v.storage_mut(),
+                    5,
+                    &inv,
+                    window,
+                    0.25,
+                )
+                .unwrap()
+            };
+            let oc = args(&mut kcc, &mut vcc, &qkv);
+            let og = args(&mut kcg, &mut vcg, &g(&qkv));
+            close(
+                &format!("decode_attention, batch {batch}"),
+                &og,
+                &oc,
+                tol(dt),
+            );
+            close(
+                &format!("decode_attention k cache, batch {batch}"),
+                &kcg,
+                &kcc,
+                tol(dt),
+            );
+            close(
+                &format!("decode_attention v cache, batch {batch}"),
+                &vcg,
+                &vcc,
+                tol(dt),
+            );
+        }
+        // Residual add + RMSNorm in one kernel: rows of 4096 (16-byte loads) and of 100 (one
+        // element at a time); the sum is written back to x.
+        for h in [4096, 100] {
+            let (x, d, w) = (
+                rand_t(vec![3, h], dt, 50),
+                rand_t(vec![3, h], dt, 51),
+                rand_t(vec![h], dt, 52),
+            );
+            let (mut xc, mut xg) = (x.clone(), g(&x));
+            let yc = ops::add_rms_norm(&mut xc, &d, &w, 1e-5).unwrap();
+            let yg = ops::add_rms_norm(&mut xg, &g(&d), &g(&w), 1e-5).unwrap();
+            close(&format!("add_rms_norm {h}"), &yg, &yc, tol(dt));
+            close(&format!("add_rms_norm {h}: x + delta"), &xg, &xc, tol(dt));
+            close(
+                &format!("rms_norm {h}"),
+                &ops::rms_norm(&g(&x), &g(&w), 1e-5).unwrap(),
+                &ops::rms_norm(&x, &w, 1e-5).unwrap(),
+                tol(dt),
+            );
+        }
+        // The gated MLP on fused gate/up weights: one row (the one-pass GEMV for bf16), 3 rows
+        // (GEMM + kernel), and a bias.
+        let wgu = rand_t(vec![2 * 72, 128], dt, 60);
+        for (m, bias) in [(1, false), (3, false), (1, true)] {
+            let xg = rand_t(vec![m, 128], dt, 61);
+            let b = bias.then(|| rand_t(vec![2 * 72], dt, 62));
+            let bg = b.as_ref().map(g);
+            close(
+                &format!("matmul_gated {m} rows, bias {bias}"),
+                &ops::matmul_t_gated(&g(&xg), &g(&wgu), bg.as_ref()).unwrap(),
+                &ops::matmul_t_gated(&xg, &wgu, b.as_ref()).unwrap(),
+                tol(dt),
+            );
+        }
+        for n in [40, 13] {
+            let gu = rand_t(vec![4, 2 * n], dt, 63);
+            close(
+                &format!("silu_mul_halves {n}"),
+                &ops::silu_mul_halves(&g(&gu)).unwrap(),
+                &ops::silu_mul_halves(&gu).unwrap(),
+                tol(dt),
+            );
+        }
+        // Greedy over a vocabulary row of many column slices, a tie included: indices exact.
+        let mut v = rand_t(vec![3, 70001], DType::F32, 64).to_f32_vec();
+        v[70001 + 123] = 5.0;
+        v[70001 + 60000] = 5.0;
+        let logits = Tensor::from_f32(vec![3, 70001], v, dt).unwrap();
+        assert_eq!(
+            ops::argmax_rows(&g(&logits)).unwrap(),
+            ops::argmax_rows(&logits).unwrap(),
+            "argmax_rows"
         );
-        let (mut qc, mut kcc, mut vcc) = (
-            q.clone(),
-            rand_t(vec![9, 2, 16], dt, 16),
-            rand_t(vec![9, 2, 16], dt, 17),
-        );
-        let (mut qg, mut kcg, mut vcg) = (g(&q), g(&kcc), g(&vcc));
-        ops::rope_append(
-            &mut qc,
-            &k,
-            &v,
-            kcc.storage_mut(),
-            vcc.storage_mut(),
-            &[5, 6],
-            &inv,
-        )
-        .unwrap();
-        ops::rope_append(
-            &mut qg,
-            &g(&k),
-            &g(&v),
-            kcg.storage_mut(),
-            vcg.storage_mut(),
-            &[5, 6],
-            &inv,
-        )
-        .unwrap();
-        close("rope_append q", &qg, &qc, tol(dt));
-        close("rope_append k cache", &kcg, &kcc, tol(dt));
-        close("rope_append v cache", &vcg, &vcc, tol(dt));
         // Rows of a device tensor stay on the device.
         close(
             "rows",

@@ -3,6 +3,7 @@
 mod ceiling;
 mod comm;
 mod decode;
+mod gemv;
 mod matmul;
 
 use anyhow::Result;
@@ -21,6 +22,8 @@ pub enum BenchCmd {
     Comm(comm::CommArgs),
     /// Decode tokens/s of a random-weight model at several tp, against the memory-bandwidth roofline.
     Decode(decode::DecodeArgs),
+    /// The CUDA decode GEMV kernels beside cuBLAS and the copy bandwidth.
+    Gemv(gemv::GemvArgs),
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -28,6 +31,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchCmd::Matmul(m) => matmul::run(m),
         BenchCmd::Decode(d) => decode::run(d),
         BenchCmd::Comm(c) => comm::run(c),
+        BenchCmd::Gemv(g) => gemv::run(g),
     }
 }
 

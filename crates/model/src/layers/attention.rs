@@ -14,9 +14,8 @@ use crate::tp::TpShard;
 use crate::{ModelConfig, ModelError};
 
 pub struct Attention {
-    pub q: ColumnParallelLinear,
-    pub k: ColumnParallelLinear,
-    pub v: ColumnParallelLinear,
+    /// q, k and v of this rank's heads as one column-parallel linear: q's rows, then k's, then v's.
+    pub qkv: ColumnParallelLinear,
     pub o: RowParallelLinear,
     pub shape: AttentionShape,
     pub window: Option<usize>,
@@ -38,31 +37,16 @@ impl Attention {
         let q_rows = shard.q_heads.start * d..shard.q_heads.end * d;
         let kv_rows = shard.kv_heads.start * d..shard.kv_heads.end * d;
         let b = cfg.qkv_bias;
+        let col = |name: &str, shape: [usize; 2], rows: std::ops::Range<usize>| {
+            ColumnParallelLinear::load(ck, &format!("{prefix}.{name}"), shape, rows, b, dtype)
+        };
+        let qkv = ColumnParallelLinear::fuse(&[
+            col("q_proj", [qh, h], q_rows.clone())?,
+            col("k_proj", [kvh, h], kv_rows.clone())?,
+            col("v_proj", [kvh, h], kv_rows)?,
+        ])?;
         Ok(Attention {
-            q: ColumnParallelLinear::load(
-                ck,
-                &format!("{prefix}.q_proj"),
-                [qh, h],
-                q_rows.clone(),
-                b,
-                dtype,
-            )?,
-            k: ColumnParallelLinear::load(
-                ck,
-                &format!("{prefix}.k_proj"),
-                [kvh, h],
-                kv_rows.clone(),
-                b,
-                dtype,
-            )?,
-            v: ColumnParallelLinear::load(
-                ck,
-                &format!("{prefix}.v_proj"),
-                [kvh, h],
-                kv_rows,
-                b,
-                dtype,
-            )?,
+            qkv,
             o: RowParallelLinear::load(
                 ck,
                 &format!("{prefix}.o_proj"),
@@ -116,42 +100,49 @@ impl Attention {
             num_kv_heads,
             head_dim,
         };
-        let positions: Vec<usize> = (start..start + t).collect();
-        let mut q = self.q.forward(x)?.reshape(vec![t, num_heads, head_dim])?;
-        let k = self
-            .k
-            .forward(x)?
-            .reshape(vec![t, num_kv_heads, head_dim])?;
-        let v = self.v.forward(x)?;
+        let qkv = self.qkv.forward(x)?;
         cache.reserve(start + t)?;
-        ops::rope_append(
-            &mut q,
-            &k,
-            &v,
-            &mut cache.k,
-            &mut cache.v,
-            &positions,
-            &self.inv_freq,
-        )?;
         let scale = 1.0 / (head_dim as f32).sqrt();
-        let a = ops::causal_attention(
-            &q,
-            &cache.k,
-            &cache.v,
-            start + t,
-            shape,
-            &positions,
-            self.window,
-            scale,
-        )?
+        let a = if t == 1 {
+            // A decode step: RoPE, the cache append and attention in one op.
+            ops::decode_attention(
+                &qkv,
+                batch,
+                self.shape,
+                &mut cache.k,
+                &mut cache.v,
+                start,
+                &self.inv_freq,
+                self.window,
+                scale,
+            )?
+        } else {
+            let q = ops::qkv_rope_append(
+                &qkv,
+                batch,
+                self.shape,
+                &mut cache.k,
+                &mut cache.v,
+                start,
+                &self.inv_freq,
+            )?;
+            let positions: Vec<usize> = (start..start + t).collect();
+            ops::causal_attention(
+                &q,
+                &cache.k,
+                &cache.v,
+                start + t,
+                shape,
+                &positions,
+                self.window,
+                scale,
+            )?
+        }
         .reshape(vec![rows, heads_per_seq * head_dim])?;
         self.o.forward(&a, comm)
     }
 
     pub fn weight_bytes(&self) -> usize {
-        self.q.weight_bytes()
-            + self.k.weight_bytes()
-            + self.v.weight_bytes()
-            + self.o.weight_bytes()
+        self.qkv.weight_bytes() + self.o.weight_bytes()
     }
 }

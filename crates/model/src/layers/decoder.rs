@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use tessera_comm::Communicator;
-use tessera_tensor::{ops, DType, Tensor};
+use tessera_tensor::{DType, Tensor};
 
 use super::{Attention, Mlp, RmsNorm};
 use crate::checkpoint::Checkpoint;
@@ -58,22 +58,26 @@ impl DecoderLayer {
         })
     }
 
+    /// One layer on the residual stream `x`, which still lacks `delta`, the previous layer's MLP
+    /// output (`None` for the first layer). Returns this layer's MLP output, again not added: each
+    /// residual add runs inside the next norm's kernel (`x + a` equals `a + x` exactly, so the
+    /// results are those of the unfused layer).
     pub fn forward(
         &self,
-        x: &Tensor,
+        x: &mut Tensor,
+        delta: Option<&Tensor>,
         batch: usize,
         start: usize,
         cache: &mut LayerKv,
         comm: &dyn Communicator,
     ) -> Result<Tensor, ModelError> {
-        // Residuals added into the fresh outputs (a + x equals x + a exactly), so no copy of x.
-        let mut h = self
-            .attn
-            .forward(&self.input_norm.forward(x)?, batch, start, cache, comm)?;
-        ops::add_inplace(&mut h, x)?;
-        let mut y = self.mlp.forward(&self.post_attn_norm.forward(&h)?, comm)?;
-        ops::add_inplace(&mut y, &h)?;
-        Ok(y)
+        let xn = match delta {
+            Some(d) => self.input_norm.forward_add(x, d)?,
+            None => self.input_norm.forward(x)?,
+        };
+        let a = self.attn.forward(&xn, batch, start, cache, comm)?;
+        let hn = self.post_attn_norm.forward_add(x, &a)?;
+        self.mlp.forward(&hn, comm)
     }
 
     /// Calls `f` on every weight tensor of the layer (e.g. to move it to a device).
@@ -82,13 +86,7 @@ impl DecoderLayer {
         f: &mut dyn FnMut(&mut Tensor) -> Result<(), tessera_tensor::TensorError>,
     ) -> Result<(), ModelError> {
         let a = &mut self.attn;
-        let linears = [
-            &mut a.q,
-            &mut a.k,
-            &mut a.v,
-            &mut self.mlp.gate,
-            &mut self.mlp.up,
-        ];
+        let linears = [&mut a.qkv, &mut self.mlp.gate_up];
         for l in linears {
             f(&mut l.weight)?;
             if let Some(b) = l.bias.as_mut() {

@@ -46,6 +46,22 @@ impl ColumnParallelLinear {
         Ok(ColumnParallelLinear { weight, bias })
     }
 
+    /// Several column-parallel layers over the same input as one (their output features one after
+    /// another): one GEMM instead of several, as vLLM fuses q/k/v and gate/up.
+    pub fn fuse(parts: &[ColumnParallelLinear]) -> Result<Self, ModelError> {
+        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+        let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias.as_ref()).collect();
+        if biases.is_none() && parts.iter().any(|p| p.bias.is_some()) {
+            return Err(ModelError::Input(
+                "fused linear layers must all have a bias or none".into(),
+            ));
+        }
+        Ok(ColumnParallelLinear {
+            weight: Tensor::cat_rows(&weights)?,
+            bias: biases.map(|b| Tensor::cat_rows(&b)).transpose()?,
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         Ok(ops::matmul_t(x, &self.weight, self.bias.as_ref())?)
     }

@@ -11,8 +11,8 @@ use crate::checkpoint::Checkpoint;
 use crate::{ModelConfig, ModelError};
 
 pub struct Mlp {
-    pub gate: ColumnParallelLinear,
-    pub up: ColumnParallelLinear,
+    /// gate and up as one column-parallel linear: this rank's gate rows, then its up rows.
+    pub gate_up: ColumnParallelLinear,
     pub down: RowParallelLinear,
 }
 
@@ -27,23 +27,24 @@ impl Mlp {
     ) -> Result<Self, ModelError> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let b = cfg.mlp_bias;
+        let gate = ColumnParallelLinear::load(
+            ck,
+            &format!("{prefix}.gate_proj"),
+            [i, h],
+            part.clone(),
+            b,
+            dtype,
+        )?;
+        let up = ColumnParallelLinear::load(
+            ck,
+            &format!("{prefix}.up_proj"),
+            [i, h],
+            part.clone(),
+            b,
+            dtype,
+        )?;
         Ok(Mlp {
-            gate: ColumnParallelLinear::load(
-                ck,
-                &format!("{prefix}.gate_proj"),
-                [i, h],
-                part.clone(),
-                b,
-                dtype,
-            )?,
-            up: ColumnParallelLinear::load(
-                ck,
-                &format!("{prefix}.up_proj"),
-                [i, h],
-                part.clone(),
-                b,
-                dtype,
-            )?,
+            gate_up: ColumnParallelLinear::fuse(&[gate, up])?,
             down: RowParallelLinear::load(
                 ck,
                 &format!("{prefix}.down_proj"),
@@ -57,13 +58,11 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor, comm: &dyn Communicator) -> Result<Tensor, ModelError> {
-        let g = self.gate.forward(x)?;
-        let u = self.up.forward(x)?;
-        let a = ops::silu_mul(&g, &u)?;
+        let a = ops::matmul_t_gated(x, &self.gate_up.weight, self.gate_up.bias.as_ref())?;
         self.down.forward(&a, comm)
     }
 
     pub fn weight_bytes(&self) -> usize {
-        self.gate.weight_bytes() + self.up.weight_bytes() + self.down.weight_bytes()
+        self.gate_up.weight_bytes() + self.down.weight_bytes()
     }
 }

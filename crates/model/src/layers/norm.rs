@@ -27,4 +27,9 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         Ok(ops::rms_norm(x, &self.weight, self.eps)?)
     }
+
+    /// `x += delta`, then the norm of the new `x` (one kernel on a GPU).
+    pub fn forward_add(&self, x: &mut Tensor, delta: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(ops::add_rms_norm(x, delta, &self.weight, self.eps)?)
+    }
 }

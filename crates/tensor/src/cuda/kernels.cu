@@ -21,6 +21,48 @@ __device__ __forceinline__ float rnd(float v, const bf16_t*) {
     bf16_t b; st(&b, 0, v); return ld(&b, 0);
 }
 
+// Eight consecutive elements (index a multiple of 8, so 16- or 32-byte aligned) to and from f32.
+__device__ __forceinline__ void unpack8(uint4 v, float* f) {
+    unsigned u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        f[2 * j] = __uint_as_float(u[j] << 16);
+        f[2 * j + 1] = __uint_as_float(u[j] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ void load8(const bf16_t* p, long i, float* f) { unpack8(*(const uint4*)(p + i), f); }
+__device__ __forceinline__ void load8(const float* p, long i, float* f) {
+    float4 a = *(const float4*)(p + i), b = *(const float4*)(p + i + 4);
+    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+__device__ __forceinline__ void store8(bf16_t* p, long i, const float* f) {
+    bf16_t b[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) st(b, j, f[j]);
+    uint4 v;
+    v.x = b[0] | ((unsigned)b[1] << 16); v.y = b[2] | ((unsigned)b[3] << 16);
+    v.z = b[4] | ((unsigned)b[5] << 16); v.w = b[6] | ((unsigned)b[7] << 16);
+    *(uint4*)(p + i) = v;
+}
+__device__ __forceinline__ void store8(float* p, long i, const float* f) {
+    *(float4*)(p + i) = make_float4(f[0], f[1], f[2], f[3]);
+    *(float4*)(p + i + 4) = make_float4(f[4], f[5], f[6], f[7]);
+}
+
+// Programmatic dependent launch (sm_90+): a kernel lets the next one start (`pdl_trigger`), and a
+// kernel launched with the PDL attribute waits for its predecessor's results (`pdl_wait`) only
+// where it first needs them. Both are no-ops otherwise.
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -65,16 +107,59 @@ __device__ void rotate_head(const T* src, long s0, T* dst, long d0, const float*
     }
 }
 
-// y = w * round(x / rms(x)); one block per row.
-template <typename T>
-__device__ void rms_norm(const T* x, const T* w, T* y, int h, float eps) {
+// y = w * round(x / rms(x)) per row, after x += delta (rounded, written back) when ADD; one block
+// per row. Rows of a multiple of 8 elements take 16-byte loads, at most 4 chunks of 8 a thread,
+// all issued before the first use (a row is latency-bound, not bandwidth-bound); others go
+// element by element.
+template <typename T, bool ADD>
+__device__ void add_rms_norm(T* x, const T* delta, const T* w, T* y, int h, float eps) {
+    pdl_trigger();
     long row = blockIdx.x;
-    const T* xr = x + row * h;
+    T* xr = x + row * h;
+    const T* dr = delta + row * h;
     T* yr = y + row * h;
     float ss = 0.f;
-    for (int i = threadIdx.x; i < h; i += blockDim.x) { float a = ld(xr, i); ss += a * a; }
+    if ((h & 7) == 0 && (h >> 3) <= 4 * (int)blockDim.x) {
+        int nc = h >> 3;
+        float v[4][8], g[4][8];
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            int ch = threadIdx.x + c * blockDim.x;
+            if (ch < nc) {
+                load8(xr, ch * 8, v[c]);
+                load8(w, ch * 8, g[c]);
+                if (ADD) {
+                    float d[8];
+                    load8(dr, ch * 8, d);
+#pragma unroll
+                    for (int j = 0; j < 8; j++) v[c][j] = rnd(v[c][j] + d[j], xr);
+                }
+#pragma unroll
+                for (int j = 0; j < 8; j++) ss += v[c][j] * v[c][j];
+            }
+        }
+        ss = block_sum(ss);
+        float inv = rsqrtf(ss / h + eps);
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            int ch = threadIdx.x + c * blockDim.x;
+            if (ch < nc) {
+                if (ADD) store8(xr, ch * 8, v[c]);
+#pragma unroll
+                for (int j = 0; j < 8; j++) v[c][j] = g[c][j] * rnd(v[c][j] * inv, yr);
+                store8(yr, ch * 8, v[c]);
+            }
+        }
+        return;
+    }
+    for (int i = threadIdx.x; i < h; i += blockDim.x) {
+        float a = ld(xr, i);
+        if (ADD) { a = rnd(a + ld(dr, i), xr); st(xr, i, a); }
+        ss += a * a;
+    }
     ss = block_sum(ss);
     float inv = rsqrtf(ss / h + eps);
+    // Each thread reads back only the elements it wrote.
     for (int i = threadIdx.x; i < h; i += blockDim.x)
         st(yr, i, ld(w, i) * rnd(ld(xr, i) * inv, yr));
 }
@@ -93,6 +178,30 @@ __device__ void silu_mul(const T* g, const T* u, T* out, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         float a = ld(g, i);
         st(out, i, rnd(a / (1.f + expf(-a)), out) * ld(u, i));
+    }
+}
+
+// out[r, c] = silu(gu[r, c]) * gu[r, n + c]: the gated MLP on fused gate/up outputs [rows, 2n].
+template <typename T>
+__device__ void silu_mul_halves(const T* gu, T* out, long rows, int n) {
+    long stride = (long)gridDim.x * blockDim.x;
+    if ((n & 7) == 0) {
+        int n8 = n >> 3;
+        for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < rows * n8; i += stride) {
+            long r = i / n8, c = (i % n8) * 8;
+            float g[8], u[8];
+            load8(gu, r * 2 * n + c, g);
+            load8(gu, r * 2 * n + n + c, u);
+#pragma unroll
+            for (int j = 0; j < 8; j++) g[j] = rnd(g[j] / (1.f + expf(-g[j])), out) * u[j];
+            store8(out, r * n + c, g);
+        }
+        return;
+    }
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < rows * n; i += stride) {
+        long r = i / n, c = i % n;
+        float a = ld(gu, r * 2 * n + c);
+        st(out, i, rnd(a / (1.f + expf(-a)), out) * ld(gu, r * 2 * n + n + c));
     }
 }
 
@@ -115,6 +224,16 @@ __device__ void embedding(const T* table, const unsigned* tokens, T* out, int h,
     long t = blockIdx.x;
     long r = (long)tokens[t] - vstart;
     bool mine = r >= 0 && r < rows;
+    if ((h & 7) == 0) {
+        float f[8];
+#pragma unroll 4
+        for (int c = threadIdx.x; c < (h >> 3); c += blockDim.x) {
+            if (mine) load8(table, r * h + c * 8, f);
+            else for (int j = 0; j < 8; j++) f[j] = 0.f;
+            store8(out, t * h + c * 8, f);
+        }
+        return;
+    }
     for (int i = threadIdx.x; i < h; i += blockDim.x) st(out, t * h + i, mine ? ld(table, r * h + i) : 0.f);
 }
 
@@ -125,6 +244,7 @@ template <typename T>
 __device__ void attention(const T* q, const T* k, const T* v, T* out, int hq, int hkv, int hd,
                           int start, int window, float scale, const int* pos_ptr) {
     extern __shared__ float scores[];
+    pdl_trigger();
     if (pos_ptr) start = pos_ptr[0];
     int ti = blockIdx.x, h = blockIdx.y;
     int kvh = h / (hq / hkv);
@@ -158,24 +278,97 @@ __device__ void attention(const T* q, const T* k, const T* v, T* out, int hq, in
     }
 }
 
-// A step's attention inputs in one kernel: RoPE on q [t, hq, hd] in place; RoPE on k [t, hkv, hd]
-// written into the K cache and v copied into the V cache, at positions pos.. (pos_ptr[0] when not
-// null, else start). grid (t, hq + hkv).
+// One decode step's attention straight from the fused projection qkv [batch, hq + 2 hkv, hd] at
+// position p (pos_ptr[0] when not null, else start): the block of query head H = b hq + i
+// rotates its q and its KV head's k (RoPE) and takes its v into shared memory, the first query
+// head of each KV group writes k and v into the caches ([position, batch, hkv, hd]), and the
+// scores over positions lo..p read position p from shared memory (no block waits for another's
+// cache write). Rounding and summation order are those of qkv_rope_append + attention, so the
+// results are identical. grid (1, batch hq); dynamic shared memory 3 hd + keys floats.
 template <typename T>
-__device__ void rope_append(T* q, const T* k, const T* v, T* kc, T* vc, const float* inv_freq,
-                            int hq, int hkv, int hd, int start, const int* pos_ptr) {
+__device__ void decode_attention(const T* qkv, T* kc, T* vc, T* out, const float* inv_freq, int batch,
+                                 int hq, int hkv, int hd, int start, int window, float scale,
+                                 const int* pos_ptr) {
+    extern __shared__ float sm[];
+    pdl_trigger();
+    int p = pos_ptr ? pos_ptr[0] : start;
+    int H = blockIdx.y, b = H / hq, i = H % hq, g = hq / hkv, kl = i / g;
+    long HKV = (long)batch * hkv, KVH = (long)b * hkv + kl;
+    float* qs = sm;
+    float* ks = sm + hd;
+    float* vs = sm + 2 * hd;
+    float* scores = sm + 3 * hd;
+    const T* row = qkv + (long)b * (hq + 2 * hkv) * hd;
+    int half = hd / 2;
+    for (int d = threadIdx.x; d < half; d += blockDim.x) {
+        double a = (double)inv_freq[d] * (double)p;
+        float c = (float)cos(a), s = (float)sin(a);
+        float q0 = ld(row, (long)i * hd + d), q1 = ld(row, (long)i * hd + d + half);
+        qs[d] = rnd(q0 * c - q1 * s, out);
+        qs[d + half] = rnd(q1 * c + q0 * s, out);
+        float k0 = ld(row, (long)(hq + kl) * hd + d), k1 = ld(row, (long)(hq + kl) * hd + d + half);
+        ks[d] = rnd(k0 * c - k1 * s, out);
+        ks[d + half] = rnd(k1 * c + k0 * s, out);
+    }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) vs[d] = ld(row, (long)(hq + hkv + kl) * hd + d);
+    __syncthreads();
+    long krow = HKV * hd;
+    if (i % g == 0) {
+        long dst = (long)p * krow + KVH * hd;
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) { st(kc, dst + d, ks[d]); st(vc, dst + d, vs[d]); }
+    }
+    int lo = window > 0 ? max(0, p + 1 - window) : 0;
+    int n = p + 1 - lo;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    for (int j = warp; j < n; j += nwarps) {
+        int pj = lo + j;
+        const T* kj = kc + (long)pj * krow + KVH * hd;
+        float s = 0.f;
+        if (pj == p) for (int d = lane; d < hd; d += 32) s += qs[d] * ks[d];
+        else for (int d = lane; d < hd; d += 32) s += qs[d] * ld(kj, d);
+        s = warp_sum(s);
+        if (lane == 0) scores[j] = s * scale;
+    }
+    __syncthreads();
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, scores[j]);
+    m = block_max(m);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) { float e = expf(scores[j] - m); scores[j] = e; sum += e; }
+    sum = block_sum(sum);
+    float inv = 1.f / sum;
+    T* o = out + (long)H * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float acc = 0.f;
+        for (int j = 0; j < n; j++) {
+            int pj = lo + j;
+            acc += scores[j] * (pj == p ? vs[d] : ld(vc + (long)pj * krow + KVH * hd, d));
+        }
+        st(o, d, acc * inv);
+    }
+}
+
+// A step's attention inputs in one kernel, from the fused projection qkv [rows, hq + 2 hkv, hd]
+// (per row: q heads, k heads, v heads). Row r is token r / batch of sequence r % batch, at
+// position start + r / batch (pos_ptr[0] when not null). RoPE on q into q_out [rows, hq, hd]; RoPE
+// on k into the K cache and v copied into the V cache, laid out [position, batch, hkv, hd].
+// grid (rows, hq + hkv).
+template <typename T>
+__device__ void qkv_rope_append(const T* qkv, T* q, T* kc, T* vc, const float* inv_freq, int batch,
+                                int hq, int hkv, int hd, int start, const int* pos_ptr) {
     if (pos_ptr) start = pos_ptr[0];
-    int ti = blockIdx.x, h = blockIdx.y;
+    int r = blockIdx.x, h = blockIdx.y;
+    int ti = r / batch, b = r % batch;
     double pos = (double)(start + ti);
+    long src = (long)r * (hq + 2 * hkv) * hd;
     if (h < hq) {
-        long base = ((long)ti * hq + h) * hd;
-        rotate_head(q, base, q, base, inv_freq, hd, pos);
+        rotate_head(qkv, src + (long)h * hd, q, ((long)r * hq + h) * hd, inv_freq, hd, pos);
     } else {
         int kh = h - hq;
-        long src = ((long)ti * hkv + kh) * hd;
-        long dst = ((long)(start + ti) * hkv + kh) * hd;
-        rotate_head(k, src, kc, dst, inv_freq, hd, pos);
-        for (int i = threadIdx.x; i < hd; i += blockDim.x) vc[dst + i] = v[src + i];
+        long dst = (((long)(start + ti) * batch + b) * hkv + kh) * hd;
+        rotate_head(qkv, src + (long)(hq + kh) * hd, kc, dst, inv_freq, hd, pos);
+        const T* vs = qkv + src + (long)(hq + hkv + kh) * hd;
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) vc[dst + i] = vs[i];
     }
 }
 
@@ -193,87 +386,173 @@ __device__ void fill_random(T* x, long n, unsigned long long seed, float scale, 
     }
 }
 
-// Per row of x [rows, n]: the largest value and its index (the lowest index wins a tie). grid rows.
+// (value, index) pairs: keep the larger value, the lower index on a tie.
+__device__ __forceinline__ void better(float& best, int& bi, float v, int i) {
+    if (v > best || (v == best && i < bi)) { best = v; bi = i; }
+}
+// Per row of x [rows, n], per column slice blockIdx.y of `per` columns: the largest value and its
+// index, written to out_val/out_idx [rows, gridDim.y]. With src_val/src_idx (not null) the inputs
+// are such pairs [rows, n] from a first pass instead of x. grid (rows, slices).
 template <typename T>
-__device__ void argmax_rows(const T* x, int n, float* out_val, int* out_idx) {
+__device__ void argmax_rows(const T* x, const float* src_val, const int* src_idx, int n, int per,
+                            float* out_val, int* out_idx) {
     __shared__ float sv[32];
     __shared__ int si[32];
     long row = blockIdx.x;
+    int lo = blockIdx.y * per, hi = min(n, lo + per);
     float best = NEG_INF;
     int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        float v = ld(x, row * n + i);
-        if (v > best || (v == best && i < bi)) { best = v; bi = i; }
+#pragma unroll 8
+    for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+        if (src_val) better(best, bi, src_val[row * n + i], src_idx[row * n + i]);
+        else better(best, bi, ld(x, row * n + i), i);
     }
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffffu, best, o);
-        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
-    }
+    for (int o = 16; o > 0; o >>= 1)
+        better(best, bi, __shfl_xor_sync(0xffffffffu, best, o), __shfl_xor_sync(0xffffffffu, bi, o));
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) { sv[warp] = best; si[warp] = bi; }
     __syncthreads();
     if (threadIdx.x == 0) {
-        for (int w = 1; w < (int)(blockDim.x >> 5); w++)
-            if (sv[w] > best || (sv[w] == best && si[w] < bi)) { best = sv[w]; bi = si[w]; }
-        out_val[row] = best;
-        out_idx[row] = bi;
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++) better(best, bi, sv[w], si[w]);
+        out_val[row * gridDim.y + blockIdx.y] = best;
+        out_idx[row * gridDim.y + blockIdx.y] = bi;
     }
 }
 
-// Decode GEMV, bf16: y[M, n] = x[M, k] @ w[n, k]^T for M rows and k a multiple of 8. One warp
-// per weight row, 16-byte loads, several in flight per lane; f32 accumulation. Memory-bound code
-// at small M, where a general GEMM wastes most of its tile.
-__device__ __forceinline__ void unpack8(uint4 v, float* f) {
-    unsigned u[4] = {v.x, v.y, v.z, v.w};
+// A 16-byte weight load that bypasses L1 (weights are read once; x stays cached).
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+// Decode GEMV, bf16, one row of x: y[n] = x[k] @ w[n, k]^T for k a multiple of 8. A warp takes R
+// weight rows; 16-byte loads that bypass L1 (NOL1), software-pipelined: the U loads per row of the
+// next step are issued before the current ones are used, and the first ones before waiting for
+// the previous kernel (PDL), so the weight stream starts while the kernel before still runs. f32
+// accumulation. Memory-bound code, where a general GEMM wastes most of its tile.
+// GATED (R = 2): w holds 2n rows (gate rows, then up rows), the warp takes gate row i and up row
+// i, and y[i] = silu(gate_i) * up_i, each product rounded as the unfused ops round it (the gated
+// MLP in one pass over its weights).
+// `tessera bench gemv` (H200, Llama-3-8B shapes) measured the variants kept below and others:
+// R = 2, U = 2 is the fastest at every shape (80-105% of the copy bandwidth), pipelining and
+// bypassing L1 gain 5-15% on short rows, more loads in flight per lane (U = 8, 16) lose.
+template <int R, int U, bool GATED, bool NOL1>
+__device__ void gemv1p(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k) {
+    pdl_trigger();
+    int warp = (int)((blockIdx.x * (long)blockDim.x + threadIdx.x) >> 5);
+    int lane = threadIdx.x & 31;
+    int row0 = GATED ? warp : warp * R;
+    if (row0 >= n) { pdl_wait(); return; }
+    const uint4* wr[R];
+    bool live[R];
 #pragma unroll
-    for (int j = 0; j < 4; j++) {
-        f[2 * j] = __uint_as_float(u[j] << 16);
-        f[2 * j + 1] = __uint_as_float(u[j] & 0xffff0000u);
+    for (int j = 0; j < R; j++) {
+        int rj = GATED ? warp + j * n : row0 + j;
+        live[j] = GATED || rj < n;
+        wr[j] = (const uint4*)(w + (long)(live[j] ? rj : row0) * k);
+    }
+    int k8 = k >> 3;
+    float acc[R];
+#pragma unroll
+    for (int j = 0; j < R; j++) acc[j] = 0.f;
+    uint4 nxt[R][U];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        int i = lane + u * 32;
+        if (i < k8) {
+#pragma unroll
+            for (int j = 0; j < R; j++) nxt[j][u] = NOL1 ? ld_stream(wr[j] + i) : __ldg(wr[j] + i);
+        }
+    }
+    pdl_wait();
+    for (int base = lane; base < k8; base += 32 * U) {
+        uint4 cur[R][U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+#pragma unroll
+            for (int j = 0; j < R; j++) cur[j][u] = nxt[j][u];
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int i = base + 32 * U + u * 32;
+            if (i < k8) {
+#pragma unroll
+                for (int j = 0; j < R; j++) nxt[j][u] = NOL1 ? ld_stream(wr[j] + i) : __ldg(wr[j] + i);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int i = base + u * 32;
+            if (i < k8) {
+                float xf[8], wf[8];
+                unpack8(__ldg((const uint4*)x + i), xf);
+#pragma unroll
+                for (int j = 0; j < R; j++) {
+                    unpack8(cur[j][u], wf);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc[j] += wf[e] * xf[e];
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < R; j++) acc[j] = warp_sum(acc[j]);
+    if (lane != 0) return;
+    if (GATED) {
+        float g = rnd(acc[0], y), u = rnd(acc[1], y);
+        st(y, warp, rnd(g / (1.f + expf(-g)), y) * u);
+    } else {
+#pragma unroll
+        for (int j = 0; j < R; j++)
+            if (live[j]) st(y, row0 + j, acc[j]);
     }
 }
-template <int M>
-__device__ void gemv_bf16(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k) {
+
+// The first GEMV (one warp a row, unroll 4, loads through L1), kept for the comparison in
+// `tessera bench gemv`.
+__device__ void gemv_legacy(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k) {
+    pdl_trigger();
+    pdl_wait();
     int row = (int)((blockIdx.x * (long)blockDim.x + threadIdx.x) >> 5);
     int lane = threadIdx.x & 31;
     if (row >= n) return;
     const uint4* wr = (const uint4*)(w + (long)row * k);
     int k8 = k >> 3;
-    float acc[M];
-#pragma unroll
-    for (int r = 0; r < M; r++) acc[r] = 0.f;
+    float acc = 0.f;
 #pragma unroll 4
     for (int i = lane; i < k8; i += 32) {
         float wf[8], xf[8];
         unpack8(__ldg(wr + i), wf);
+        unpack8(__ldg((const uint4*)x + i), xf);
 #pragma unroll
-        for (int r = 0; r < M; r++) {
-            unpack8(__ldg((const uint4*)(x + (long)r * k) + i), xf);
-#pragma unroll
-            for (int j = 0; j < 8; j++) acc[r] += wf[j] * xf[j];
-        }
+        for (int j = 0; j < 8; j++) acc += wf[j] * xf[j];
     }
-#pragma unroll
-    for (int r = 0; r < M; r++) {
-        float s = warp_sum(acc[r]);
-        if (lane == 0) st(y, (long)r * n + row, s);
-    }
+    acc = warp_sum(acc);
+    if (lane == 0) st(y, row, acc);
 }
-#define GEMV(M) extern "C" __global__ void gemv_bf16_m##M(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k) { gemv_bf16<M>(x, w, y, n, k); }
-// Measured on an H200 (8B shape): M = 1 beats cuBLAS (5.78 vs 5.99 ms a step), M = 8 loses
-// (11.7 vs 6.0 ms: x is re-read per weight row), so only M = 1 is built.
-GEMV(1)
+
+extern "C" __global__ void gemv_legacy_r1(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k) { gemv_legacy(x, w, y, n, k); }
+#define GEMV_PIPED(NAME, R, U, G, N) extern "C" __global__ void gemv_##NAME(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k) { gemv1p<R, U, G, N>(x, w, y, n, k); }
+GEMV_PIPED(r2u4, 2, 4, false, true)
+GEMV_PIPED(r2u2, 2, 2, false, true)
+GEMV_PIPED(gated_u4, 2, 4, true, true)
+GEMV_PIPED(gated_u2, 2, 2, true, true)
 
 #define INSTANTIATE(T, S)                                                                              \
-extern "C" __global__ void rms_norm_##S(const T* x, const T* w, T* y, int h, float eps) { rms_norm(x, w, y, h, eps); } \
+extern "C" __global__ void rms_norm_##S(const T* x, const T* w, T* y, int h, float eps) { add_rms_norm<T, false>((T*)x, x, w, y, h, eps); } \
+extern "C" __global__ void add_rms_norm_##S(T* x, const T* d, const T* w, T* y, int h, float eps) { add_rms_norm<T, true>(x, d, w, y, h, eps); } \
 extern "C" __global__ void rope_##S(T* x, const float* f, int heads, int hd, int start, const int* pp) { rope(x, f, heads, hd, start, pp); } \
 extern "C" __global__ void silu_mul_##S(const T* g, const T* u, T* o, long n) { silu_mul(g, u, o, n); } \
+extern "C" __global__ void silu_mul_halves_##S(const T* gu, T* o, long rows, int n) { silu_mul_halves(gu, o, rows, n); } \
 extern "C" __global__ void add_inplace_##S(T* a, const T* b, long n) { add_inplace(a, b, n); } \
 extern "C" __global__ void add_bias_##S(T* y, const T* b, long rows, int n) { add_bias(y, b, rows, n); } \
 extern "C" __global__ void embedding_##S(const T* t, const unsigned* tok, T* o, int h, int vs, int rows) { embedding(t, tok, o, h, vs, rows); } \
 extern "C" __global__ void attention_##S(const T* q, const T* k, const T* v, T* o, int hq, int hkv, int hd, int start, int window, float scale, const int* pp) { attention(q, k, v, o, hq, hkv, hd, start, window, scale, pp); } \
-extern "C" __global__ void rope_append_##S(T* q, const T* k, const T* v, T* kc, T* vc, const float* f, int hq, int hkv, int hd, int start, const int* pp) { rope_append(q, k, v, kc, vc, f, hq, hkv, hd, start, pp); } \
-extern "C" __global__ void argmax_rows_##S(const T* x, int n, float* v, int* i) { argmax_rows(x, n, v, i); } \
+extern "C" __global__ void decode_attention_##S(const T* qkv, T* kc, T* vc, T* o, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, const int* pp) { decode_attention(qkv, kc, vc, o, f, batch, hq, hkv, hd, start, window, scale, pp); } \
+extern "C" __global__ void qkv_rope_append_##S(const T* qkv, T* q, T* kc, T* vc, const float* f, int batch, int hq, int hkv, int hd, int start, const int* pp) { qkv_rope_append(qkv, q, kc, vc, f, batch, hq, hkv, hd, start, pp); } \
+extern "C" __global__ void argmax_rows_##S(const T* x, const float* sv, const int* si, int n, int per, float* v, int* i) { argmax_rows(x, sv, si, n, per, v, i); } \
 extern "C" __global__ void fill_random_##S(T* x, long n, unsigned long long seed, float scale, float offset) { fill_random(x, n, seed, scale, offset); }
 
 INSTANTIATE(float, f32)

@@ -5,10 +5,12 @@
 //! cudarc loads the CUDA libraries at run time, so this builds on machines without CUDA; where the
 //! driver is missing, [`GpuDevice::get`] returns a clear error instead of panicking.
 
+mod bench;
 pub mod graph;
 pub mod nccl;
 mod ops;
 
+pub use bench::{bench_gemv, GemvTiming};
 pub use ops::*;
 
 use std::collections::HashMap;
@@ -21,22 +23,57 @@ use half::bf16;
 use crate::{DType, TensorError};
 
 const KERNELS: &str = include_str!("kernels.cu");
-const KERNEL_NAMES: [&str; 10] = [
+const KERNEL_NAMES: [&str; 13] = [
     "rms_norm",
+    "add_rms_norm",
     "rope",
     "silu_mul",
+    "silu_mul_halves",
     "add_inplace",
     "add_bias",
     "embedding",
     "attention",
     "fill_random",
     "argmax_rows",
-    "rope_append",
+    "qkv_rope_append",
+    "decode_attention",
 ];
 
 /// Rows of `x` up to which bf16 matmuls use the decode GEMV kernel instead of cuBLAS (see
 /// `kernels.cu` for the measurement behind the limit).
 pub const GEMV_MAX_ROWS: usize = 1;
+
+/// The decode GEMV kernels of `kernels.cu`: (name, weight rows a warp takes, gated).
+pub const GEMV_VARIANTS: &[(&str, usize, bool)] = &[
+    ("legacy_r1", 1, false),
+    ("r2u4", 2, false),
+    ("r2u2", 2, false),
+    ("gated_u4", 2, true),
+    ("gated_u2", 2, true),
+];
+
+/// A decode GEMV kernel and its shape of work.
+pub(crate) struct Gemv {
+    pub(crate) f: CudaFunction,
+    rows_per_warp: usize,
+    gated: bool,
+}
+
+impl Gemv {
+    /// One warp per `rows_per_warp` outputs (gated: per output), 8 warps a block.
+    pub(crate) fn config(&self, n: usize) -> cudarc::driver::LaunchConfig {
+        let warps = if self.gated {
+            n
+        } else {
+            n.div_ceil(self.rows_per_warp)
+        };
+        cudarc::driver::LaunchConfig {
+            grid_dim: (warps.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
 
 /// One GPU: its context, the stream every op of this process runs on, cuBLAS and the kernels.
 pub struct GpuDevice {
@@ -45,8 +82,11 @@ pub struct GpuDevice {
     pub stream: Arc<CudaStream>,
     pub(crate) blas: Mutex<CudaBlas>,
     funcs: HashMap<(&'static str, DType), CudaFunction>,
-    /// The decode GEMV kernels, by number of rows (index m - 1).
-    gemv: Vec<CudaFunction>,
+    /// Every decode GEMV kernel of `GEMV_VARIANTS`, by name.
+    gemv: HashMap<&'static str, Gemv>,
+
+    /// GEMV launches use programmatic dependent launch (sm_90+).
+    pub(crate) pdl: bool,
     /// Small constant tables (RoPE inverse frequencies) uploaded once, keyed by their contents.
     tables: Mutex<HashMap<Vec<u32>, Arc<CudaSlice<f32>>>>,
     /// The NCCL communicator of the tensor-parallel group this GPU is in, if any.
@@ -119,14 +159,21 @@ impl GpuDevice {
                 funcs.insert((name, dtype), f);
             }
         }
-        let gemv = (1..=GEMV_MAX_ROWS)
-            .map(|m| {
-                let name = format!("gemv_bf16_m{m}");
-                module
-                    .load_function(&name)
-                    .map_err(|e| err(&format!("{name}: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut gemv = HashMap::new();
+        for &(name, rows_per_warp, gated) in GEMV_VARIANTS {
+            let full = format!("gemv_{name}");
+            let f = module
+                .load_function(&full)
+                .map_err(|e| err(&format!("{full}: {e}")))?;
+            gemv.insert(
+                name,
+                Gemv {
+                    f,
+                    rows_per_warp,
+                    gated,
+                },
+            );
+        }
         let blas = CudaBlas::new(stream.clone()).map_err(|e| err(&e))?;
         Ok(GpuDevice {
             ordinal,
@@ -135,6 +182,8 @@ impl GpuDevice {
             blas: Mutex::new(blas),
             funcs,
             gemv,
+            // TESSERA_PDL=0 turns programmatic dependent launch off (a debugging aid).
+            pdl: major >= 9 && std::env::var("TESSERA_PDL").map_or(true, |v| v != "0"),
             tables: Mutex::new(HashMap::new()),
             nccl: Mutex::new(None),
             capture: Mutex::new(None),
@@ -147,9 +196,9 @@ impl GpuDevice {
             .unwrap_or_else(|| panic!("kernel {name} ({dtype}) is compiled at init"))
     }
 
-    /// The decode GEMV kernel for `m` rows (1..=GEMV_MAX_ROWS).
-    pub(crate) fn gemv(&self, m: usize) -> &CudaFunction {
-        &self.gemv[m - 1]
+    /// The decode GEMV kernel used, plain or gated (`silu(x Wg^T) * (x Wu^T)` in one pass).
+    pub(crate) fn gemv(&self, gated: bool) -> &Gemv {
+        &self.gemv[if gated { "gated_u2" } else { "r2u2" }]
     }
 
     /// The capture in progress on this device, if any.

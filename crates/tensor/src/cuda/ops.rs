@@ -9,6 +9,10 @@ use half::bf16;
 use super::{dev_err, CudaBuf, CudaData, GpuDevice};
 use crate::TensorError;
 
+pub(crate) fn push_buf<'a>(b: &mut LaunchArgs<'a>, buf: &'a CudaBuf) {
+    push(b, buf)
+}
+
 fn push<'a>(b: &mut LaunchArgs<'a>, buf: &'a CudaBuf) {
     match &buf.data {
         CudaData::F32(s) => b.arg(s),
@@ -23,6 +27,80 @@ fn grid_1d(n: usize) -> LaunchConfig {
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// The raw device address of a buffer (for launches cudarc's builder cannot make).
+fn dptr(buf: &CudaBuf) -> u64 {
+    use cudarc::driver::DevicePtr;
+    let s = &buf.dev.stream;
+    match &buf.data {
+        CudaData::F32(x) => x.device_ptr(s).0,
+        CudaData::BF16(x) => x.device_ptr(s).0,
+    }
+}
+
+/// Launches a decode GEMV `y[n] = x[k] W^T` with programmatic dependent launch when the device
+/// has it on: the kernel starts streaming its weights while the kernel before it finishes.
+fn launch_gemv(
+    dev: &GpuDevice,
+    gated: bool,
+    x: &CudaBuf,
+    w: &CudaBuf,
+    y: &CudaBuf,
+    n: usize,
+    k: usize,
+) -> Result<(), TensorError> {
+    let g = dev.gemv(gated);
+    let (nn, kk) = (n as i32, k as i32);
+    let cfg = g.config(n);
+    if !dev.pdl {
+        let mut l = dev.stream.launch_builder(&g.f);
+        push(&mut l, x);
+        push(&mut l, w);
+        push(&mut l, y);
+        l.arg(&nn).arg(&kk);
+        return launched(dev, unsafe { l.launch(cfg) });
+    }
+    use cudarc::driver::sys;
+    let (mut px, mut pw, mut py, mut pn, mut pk) = (dptr(x), dptr(w), dptr(y), nn, kk);
+    let mut params: [*mut std::ffi::c_void; 5] = [
+        (&mut px as *mut u64).cast(),
+        (&mut pw as *mut u64).cast(),
+        (&mut py as *mut u64).cast(),
+        (&mut pn as *mut i32).cast(),
+        (&mut pk as *mut i32).cast(),
+    ];
+    // SAFETY: a zeroed attribute is valid; id and value are set below as the driver expects.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let conf = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: dev.stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    dev.ctx
+        .bind_to_thread()
+        .map_err(|e| dev_err(dev.ordinal, e))?;
+    // SAFETY: the parameters match the GEMV kernels' signature (x, w, y, n, k) and outlive the
+    // call; the buffers are live device memory of this context.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &conf,
+            g.f.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
+    .map_err(|e| dev_err(dev.ordinal, e))
 }
 
 fn launched(
@@ -67,19 +145,7 @@ pub fn matmul_t(
         && (1..=super::GEMV_MAX_ROWS).contains(&m)
         && k.is_multiple_of(8)
     {
-        let (nn, kk) = (n as i32, k as i32);
-        let mut l = dev.stream.launch_builder(dev.gemv(m));
-        push(&mut l, x);
-        push(&mut l, w);
-        push(&mut l, &y);
-        l.arg(&nn).arg(&kk);
-        // One warp per output feature, 8 warps a block.
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(8) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launched(&dev, unsafe { l.launch(cfg) })?;
+        launch_gemv(&dev, false, x, w, &y, n, k)?;
         if let Some(b) = bias {
             add_bias(&dev, &y, b, m, n)?;
         }
@@ -153,6 +219,11 @@ fn add_bias(
     launched(dev, unsafe { l.launch(grid_1d(m * n)) })
 }
 
+/// Threads for a norm block over rows of `h`: enough for at most 4 chunks of 8 each.
+fn norm_threads(h: usize) -> u32 {
+    (h.div_ceil(8).div_ceil(4).div_ceil(32) * 32).clamp(32, 1024) as u32
+}
+
 pub fn rms_norm(
     x: &CudaBuf,
     w: &CudaBuf,
@@ -171,7 +242,38 @@ pub fn rms_norm(
     l.arg(&hh).arg(&eps);
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        block_dim: (norm_threads(h), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launched(&dev, unsafe { l.launch(cfg) })?;
+    Ok(y)
+}
+
+/// `x += delta` (rounded to x's dtype), then the RMSNorm of the new `x`: one kernel.
+pub fn add_rms_norm(
+    x: &CudaBuf,
+    delta: &CudaBuf,
+    w: &CudaBuf,
+    rows: usize,
+    h: usize,
+    eps: f32,
+) -> Result<CudaBuf, TensorError> {
+    same_dev(x, w)?;
+    same_dev(x, delta)?;
+    let dev = x.dev.clone();
+    let y = CudaBuf::alloc(&dev, x.dtype(), rows * h)?;
+    let hh = h as i32;
+    let mut l = dev
+        .stream
+        .launch_builder(dev.func("add_rms_norm", x.dtype()));
+    push(&mut l, x);
+    push(&mut l, delta);
+    push(&mut l, w);
+    push(&mut l, &y);
+    l.arg(&hh).arg(&eps);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (norm_threads(h), 1, 1),
         shared_mem_bytes: 0,
     };
     launched(&dev, unsafe { l.launch(cfg) })?;
@@ -219,6 +321,43 @@ pub fn silu_mul(g: &CudaBuf, u: &CudaBuf) -> Result<CudaBuf, TensorError> {
     l.arg(&n);
     launched(&dev, unsafe { l.launch(grid_1d(g.len())) })?;
     Ok(out)
+}
+
+/// `out[r, c] = silu(gu[r, c]) * gu[r, n + c]` for `gu` `[rows, 2n]`.
+pub fn silu_mul_halves(gu: &CudaBuf, rows: usize, n: usize) -> Result<CudaBuf, TensorError> {
+    let dev = gu.dev.clone();
+    let out = CudaBuf::alloc(&dev, gu.dtype(), rows * n)?;
+    let (r, nn) = (rows as i64, n as i32);
+    let mut l = dev
+        .stream
+        .launch_builder(dev.func("silu_mul_halves", gu.dtype()));
+    push(&mut l, gu);
+    push(&mut l, &out);
+    l.arg(&r).arg(&nn);
+    launched(&dev, unsafe { l.launch(grid_1d((rows * n).div_ceil(8))) })?;
+    Ok(out)
+}
+
+/// The gated MLP's first half, `silu(x Wg^T + bg) * (x Wu^T + bu)`, for `w` `[2n, k]` (gate rows,
+/// then up rows): one pass over the weights for one bf16 row without bias, else a GEMM and a
+/// kernel.
+pub fn matmul_t_gated(
+    x: &CudaBuf,
+    m: usize,
+    k: usize,
+    w: &CudaBuf,
+    n: usize,
+    bias: Option<&CudaBuf>,
+) -> Result<CudaBuf, TensorError> {
+    same_dev(x, w)?;
+    if m == 1 && bias.is_none() && x.dtype() == crate::DType::BF16 && k.is_multiple_of(8) {
+        let dev = x.dev.clone();
+        let y = CudaBuf::alloc(&dev, x.dtype(), n)?;
+        launch_gemv(&dev, true, x, w, &y, n, k)?;
+        return Ok(y);
+    }
+    let gu = matmul_t(x, m, k, w, 2 * n, bias)?;
+    silu_mul_halves(&gu, m, n)
 }
 
 pub fn add_inplace(a: &CudaBuf, b: &CudaBuf) -> Result<(), TensorError> {
@@ -272,7 +411,7 @@ pub fn embedding(
     l.arg(&hh).arg(&vs).arg(&r);
     let cfg = LaunchConfig {
         grid_dim: (tokens.len() as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        block_dim: (norm_threads(h), 1, 1),
         shared_mem_bytes: 0,
     };
     launched(&dev, unsafe { l.launch(cfg) })?;
@@ -356,89 +495,186 @@ pub fn random(
 }
 
 /// Per row of `x` `[rows, n]`: (largest value, its index), the lowest index winning a tie.
+/// Two passes: blocks over column slices, then one block a row over their pairs (one block over a
+/// whole vocabulary row is latency-bound: 50 µs for 128k columns on an H200).
 /// While a step is captured, the pairs go to the graph's output buffers and this returns nothing.
 pub fn argmax_rows(x: &CudaBuf, rows: usize, n: usize) -> Result<Vec<(f32, u32)>, TensorError> {
     let dev = x.dev.clone();
     let e = |err| dev_err(dev.ordinal, err);
-    let nn = n as i32;
-    if let Some(io) = dev.capturing() {
-        if io.vals.len() != rows {
-            return Err(dev_err(
-                dev.ordinal,
-                "captured step got a different batch size",
-            ));
-        }
-        let mut l = dev
-            .stream
-            .launch_builder(dev.func("argmax_rows", x.dtype()));
-        push(&mut l, x);
-        l.arg(&nn).arg(&io.vals).arg(&io.idx);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launched(&dev, unsafe { l.launch(cfg) })?;
-        return Ok(Vec::new());
-    }
-    let vals = dev.stream.alloc_zeros::<f32>(rows).map_err(e)?;
-    let idx = dev.stream.alloc_zeros::<i32>(rows).map_err(e)?;
-    let mut l = dev
-        .stream
-        .launch_builder(dev.func("argmax_rows", x.dtype()));
+    let slices = n.div_ceil(2048).clamp(1, 128);
+    let per = n.div_ceil(slices) as i32;
+    let part_v = unsafe { dev.stream.alloc::<f32>(rows * slices) }.map_err(e)?;
+    let part_i = unsafe { dev.stream.alloc::<i32>(rows * slices) }.map_err(e)?;
+    let (nn, null) = (n as i32, 0u64);
+    let f = dev.func("argmax_rows", x.dtype());
+    let mut l = dev.stream.launch_builder(f);
     push(&mut l, x);
-    l.arg(&nn).arg(&vals).arg(&idx);
+    l.arg(&null).arg(&null).arg(&nn).arg(&per);
+    l.arg(&part_v).arg(&part_i);
     let cfg = LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (1024, 1, 1),
+        grid_dim: (rows as u32, slices as u32, 1),
+        block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
     launched(&dev, unsafe { l.launch(cfg) })?;
-    let v = dev.stream.clone_dtoh(&vals).map_err(e)?;
-    let i = dev.stream.clone_dtoh(&idx).map_err(e)?;
+    let captured = dev.capturing();
+    let owned;
+    let (vals, idx) = match &captured {
+        Some(io) => {
+            if io.vals.len() != rows {
+                return Err(dev_err(
+                    dev.ordinal,
+                    "captured step got a different batch size",
+                ));
+            }
+            (&io.vals, &io.idx)
+        }
+        None => {
+            owned = (
+                dev.stream.alloc_zeros::<f32>(rows).map_err(e)?,
+                dev.stream.alloc_zeros::<i32>(rows).map_err(e)?,
+            );
+            (&owned.0, &owned.1)
+        }
+    };
+    let ns = slices as i32;
+    let mut l = dev.stream.launch_builder(f);
+    push(&mut l, x);
+    l.arg(&part_v).arg(&part_i).arg(&ns).arg(&ns);
+    l.arg(vals).arg(idx);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (slices.next_multiple_of(32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launched(&dev, unsafe { l.launch(cfg) })?;
+    if captured.is_some() {
+        return Ok(Vec::new());
+    }
+    let v = dev.stream.clone_dtoh(vals).map_err(e)?;
+    let i = dev.stream.clone_dtoh(idx).map_err(e)?;
     dev.stream.synchronize().map_err(e)?;
     Ok(v.into_iter().zip(i).map(|(v, i)| (v, i as u32)).collect())
 }
 
-/// RoPE on `q` `[t, hq, hd]` in place, and on `k` `[t, hkv, hd]` into the K cache, `v` into the V
-/// cache, at positions `start..` (during a capture, at the graph's position): one kernel.
+/// The attention inputs of a step from the fused projection `qkv` `[rows, hq + 2 hkv, hd]` (row r:
+/// token r / batch of sequence r % batch): RoPE on q into a new `[rows, hq, hd]`, RoPE on k into the
+/// K cache and v into the V cache (`[position, batch, hkv, hd]`) at positions `start..` (during a
+/// capture, at the graph's position): one kernel.
 #[allow(clippy::too_many_arguments)]
-pub fn rope_append(
-    q: &CudaBuf,
-    k: &CudaBuf,
-    v: &CudaBuf,
+pub fn qkv_rope_append(
+    qkv: &CudaBuf,
     kc: &CudaBuf,
     vc: &CudaBuf,
-    t: usize,
+    rows: usize,
+    batch: usize,
     hq: usize,
     hkv: usize,
     hd: usize,
     start: usize,
     inv_freq: &[f32],
-) -> Result<(), TensorError> {
-    for b in [k, v, kc, vc] {
-        same_dev(q, b)?;
+) -> Result<CudaBuf, TensorError> {
+    for b in [kc, vc] {
+        same_dev(qkv, b)?;
     }
-    let dev = q.dev.clone();
+    let dev = qkv.dev.clone();
+    let q = CudaBuf::alloc(&dev, qkv.dtype(), rows * hq * hd)?;
     let f = dev.table(inv_freq)?;
     let io = dev.capturing();
-    let (a, b, c, s) = (hq as i32, hkv as i32, hd as i32, start as i32);
+    let (bb, a, b, c, s) = (batch as i32, hq as i32, hkv as i32, hd as i32, start as i32);
     let null = 0u64;
     let mut l = dev
         .stream
-        .launch_builder(dev.func("rope_append", q.dtype()));
-    for buf in [q, k, v, kc, vc] {
+        .launch_builder(dev.func("qkv_rope_append", qkv.dtype()));
+    for buf in [qkv, &q, kc, vc] {
         push(&mut l, buf);
     }
-    l.arg(f.as_ref()).arg(&a).arg(&b).arg(&c).arg(&s);
+    l.arg(f.as_ref()).arg(&bb).arg(&a).arg(&b).arg(&c).arg(&s);
     match &io {
         Some(io) => l.arg(&io.pos),
         None => l.arg(&null),
     };
     let cfg = LaunchConfig {
-        grid_dim: (t as u32, (hq + hkv) as u32, 1),
+        grid_dim: (rows as u32, (hq + hkv) as u32, 1),
         block_dim: ((hd / 2).clamp(32, 256) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    launched(&dev, unsafe { l.launch(cfg) })
+    launched(&dev, unsafe { l.launch(cfg) })?;
+    Ok(q)
+}
+
+/// One decode step's attention from the fused projection `qkv` `[batch, hq + 2 hkv, hd]` (`hq`,
+/// `hkv`: one sequence's heads) at position `start` (during a capture, the graph's position):
+/// RoPE, the K/V append and attention in one kernel. Returns `[batch hq, hd]`.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention(
+    qkv: &CudaBuf,
+    kc: &CudaBuf,
+    vc: &CudaBuf,
+    batch: usize,
+    hq: usize,
+    hkv: usize,
+    hd: usize,
+    start: usize,
+    inv_freq: &[f32],
+    window: Option<usize>,
+    scale: f32,
+) -> Result<CudaBuf, TensorError> {
+    for b in [kc, vc] {
+        same_dev(qkv, b)?;
+    }
+    let dev = qkv.dev.clone();
+    let io = dev.capturing();
+    // A captured step reads its position on the device: its scores must fit the whole cache.
+    let keys = if io.is_some() {
+        kc.len() / (batch * hkv * hd)
+    } else {
+        start + 1
+    };
+    let smem = (3 * hd + keys) * 4;
+    if smem > 48 * 1024 {
+        return Err(dev_err(
+            dev.ordinal,
+            format!(
+                "the CUDA decode attention kernel holds at most {} positions, {keys} asked",
+                12 * 1024 - 3 * hd
+            ),
+        ));
+    }
+    let out = CudaBuf::alloc(&dev, qkv.dtype(), batch * hq * hd)?;
+    let f = dev.table(inv_freq)?;
+    let (bb, a, b, c, s, w) = (
+        batch as i32,
+        hq as i32,
+        hkv as i32,
+        hd as i32,
+        start as i32,
+        window.unwrap_or(0) as i32,
+    );
+    let null = 0u64;
+    let mut l = dev
+        .stream
+        .launch_builder(dev.func("decode_attention", qkv.dtype()));
+    for buf in [qkv, kc, vc, &out] {
+        push(&mut l, buf);
+    }
+    l.arg(f.as_ref())
+        .arg(&bb)
+        .arg(&a)
+        .arg(&b)
+        .arg(&c)
+        .arg(&s)
+        .arg(&w)
+        .arg(&scale);
+    match &io {
+        Some(io) => l.arg(&io.pos),
+        None => l.arg(&null),
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (1, (batch * hq) as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    launched(&dev, unsafe { l.launch(cfg) })?;
+    Ok(out)
 }

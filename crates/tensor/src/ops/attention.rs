@@ -105,6 +105,72 @@ pub fn causal_attention(
     Tensor::from_f32(vec![t, hq, hd], out, q.dtype())
 }
 
+/// One decode step's attention straight from the fused projection `qkv` `[batch, (hq + 2 hkv) hd]`
+/// of `batch` sequences in lockstep at position `start` (`shape`: one sequence's heads): RoPE on q
+/// and k, k and v appended to the caches (`[position, batch, hkv, hd]`), then attention over
+/// positions `..=start`. Returns `[1, batch hq, hd]`, exactly what [`super::qkv_rope_append`]
+/// followed by [`causal_attention`] return; on a GPU it is one kernel instead of two.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention(
+    qkv: &Tensor,
+    batch: usize,
+    shape: AttentionShape,
+    k_cache: &mut Storage,
+    v_cache: &mut Storage,
+    start: usize,
+    inv_freq: &[f32],
+    window: Option<usize>,
+    scale: f32,
+) -> Result<Tensor, TensorError> {
+    let AttentionShape {
+        num_heads: hq,
+        num_kv_heads: hkv,
+        head_dim: hd,
+    } = shape;
+    let flat = AttentionShape {
+        num_heads: batch * hq,
+        num_kv_heads: batch * hkv,
+        head_dim: hd,
+    };
+    #[cfg(feature = "cuda")]
+    if let (Storage::Cuda(b), Storage::Cuda(kc), Storage::Cuda(vc)) =
+        (qkv.storage(), &*k_cache, &*v_cache)
+    {
+        let width = (hq + 2 * hkv) * hd;
+        let row = batch * hkv * hd;
+        if qkv.shape() != [batch, width]
+            || hkv == 0
+            || hq % hkv != 0
+            || hd != 2 * inv_freq.len()
+            || k_cache.len() < (start + 1) * row
+            || v_cache.len() < (start + 1) * row
+        {
+            return Err(shape_err(
+                "decode_attention",
+                format!(
+                    "qkv {:?} for {batch} sequences of {hq} + 2 x {hkv} heads of {hd} at position {start}",
+                    qkv.shape()
+                ),
+            ));
+        }
+        let out = crate::cuda::decode_attention(
+            b, kc, vc, batch, hq, hkv, hd, start, inv_freq, window, scale,
+        )?;
+        return Tensor::new(vec![1, batch * hq, hd], Storage::Cuda(out));
+    }
+    let q = super::qkv_rope_append(qkv, batch, shape, k_cache, v_cache, start, inv_freq)?;
+    causal_attention(
+        &q,
+        k_cache,
+        v_cache,
+        start + 1,
+        flat,
+        &[start],
+        window,
+        scale,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -69,6 +69,44 @@ pub fn matmul_t(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor,
     Tensor::from_f32(shape, out, x.dtype())
 }
 
+/// The gated MLP's first half on fused weights: `w` `[2n, k]` holds the gate rows, then the up
+/// rows (`bias` likewise); returns `silu(x Wg^T + bg) * (x Wu^T + bu)`, `[.., n]`. On a GPU at
+/// decode this is one pass over the weights.
+pub fn matmul_t_gated(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor, TensorError> {
+    if w.shape().len() != 2 || !w.dim(0).is_multiple_of(2) {
+        return Err(shape_err(
+            "matmul_gated",
+            format!("w {:?}: not [2n, k]", w.shape()),
+        ));
+    }
+    #[cfg(feature = "cuda")]
+    if let (Storage::Cuda(xb), Storage::Cuda(wb)) = (x.storage(), w.storage()) {
+        let k = w.dim(1);
+        if x.shape().last() != Some(&k) {
+            return Err(shape_err(
+                "matmul_gated",
+                format!("x {:?} @ w {:?}^T", x.shape(), w.shape()),
+            ));
+        }
+        let b = match bias.map(|b| b.storage()) {
+            Some(Storage::Cuda(bb)) => Some(bb),
+            Some(_) => return Err(shape_err("matmul_gated", "bias is not on the GPU")),
+            None => None,
+        };
+        let n = w.dim(0) / 2;
+        let m = x.elem_count() / k.max(1);
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().unwrap() = n;
+        let y = crate::cuda::matmul_t_gated(xb, m, k, wb, n, b)?;
+        return Tensor::new(shape, Storage::Cuda(y));
+    }
+    super::silu_mul_halves(&matmul_t(x, w, bias)?)
+}
+
 /// The raw kernel: `out[m, n] = x[m, k] @ w[n, k]^T` with `w` in any stored dtype.
 pub fn matmul_t_into(x: &[f32], m: usize, k: usize, w: &Storage, n: usize, out: &mut [f32]) {
     assert_eq!(x.len(), m * k);

@@ -35,6 +35,41 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor, TensorE
     Tensor::from_f32(x.shape().to_vec(), v, dt)
 }
 
+/// `x += delta` (rounded to x's dtype), then [`rms_norm`] of the new `x`: a decoder layer's
+/// residual add and the norm after it, one kernel on a GPU.
+pub fn add_rms_norm(
+    x: &mut Tensor,
+    delta: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<Tensor, TensorError> {
+    let h = *x
+        .shape()
+        .last()
+        .ok_or_else(|| shape_err("add_rms_norm", "x is a scalar"))?;
+    if x.shape() != delta.shape() || weight.elem_count() != h {
+        return Err(shape_err(
+            "add_rms_norm",
+            format!(
+                "x {:?} + {:?}, weight of {}",
+                x.shape(),
+                delta.shape(),
+                weight.elem_count()
+            ),
+        ));
+    }
+    #[cfg(feature = "cuda")]
+    if let (crate::Storage::Cuda(xb), crate::Storage::Cuda(db), crate::Storage::Cuda(wb)) =
+        (x.storage(), delta.storage(), weight.storage())
+    {
+        let rows = x.elem_count() / h.max(1);
+        let y = crate::cuda::add_rms_norm(xb, db, wb, rows, h, eps as f32)?;
+        return Tensor::new(x.shape().to_vec(), crate::Storage::Cuda(y));
+    }
+    super::add_inplace(x, delta)?;
+    rms_norm(x, weight, eps)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,5 +85,33 @@ mod tests {
         for (a, b) in y.iter().zip(want) {
             assert!((a - b).abs() < 1e-6);
         }
+    }
+
+    #[test]
+    fn add_then_norm_equals_the_two_ops() {
+        let v = |s: u32| {
+            (0..12)
+                .map(|i| ((i * s) as f32 * 0.61).sin())
+                .collect::<Vec<_>>()
+        };
+        for dt in [DType::F32, DType::BF16] {
+            let x = Tensor::from_f32(vec![3, 4], v(3), dt).unwrap();
+            let d = Tensor::from_f32(vec![3, 4], v(5), dt).unwrap();
+            let w = Tensor::from_f32(vec![4], vec![0.5, 1.0, 1.5, -2.0], dt).unwrap();
+            let mut fused = x.clone();
+            let y = add_rms_norm(&mut fused, &d, &w, 1e-5).unwrap();
+            let mut sum = x.clone();
+            crate::ops::add_inplace(&mut sum, &d).unwrap();
+            assert_eq!(fused.to_f32_vec(), sum.to_f32_vec());
+            assert_eq!(
+                y.to_f32_vec(),
+                rms_norm(&sum, &w, 1e-5).unwrap().to_f32_vec()
+            );
+            assert_ne!(fused.to_f32_vec(), x.to_f32_vec());
+        }
+        let mut x = Tensor::from_f32(vec![2, 2], vec![1.0; 4], DType::F32).unwrap();
+        let d = Tensor::from_f32(vec![4], vec![1.0; 4], DType::F32).unwrap();
+        let w = Tensor::from_f32(vec![2], vec![1.0; 2], DType::F32).unwrap();
+        assert!(add_rms_norm(&mut x, &d, &w, 1e-5).is_err());
     }
 }

@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 
+use super::AttentionShape;
 use crate::error::shape_err;
 use crate::{Tensor, TensorError};
 
@@ -63,59 +64,80 @@ pub fn apply_rope(
     Ok(())
 }
 
-/// A step's attention inputs: RoPE on `q` `[t, hq, hd]` in place, then K (rotated) and V appended
-/// to caches whose positions hold `hkv * hd` elements, at `positions` (consecutive from the first).
-/// On a GPU this is one kernel instead of four.
-pub fn rope_append(
-    q: &mut Tensor,
-    k: &Tensor,
-    v: &Tensor,
+/// A step's attention inputs from the fused projection `qkv` `[rows, (hq + 2 hkv) hd]` (each row:
+/// its q heads, k heads, v heads) of `batch` sequences in lockstep, row r being token r / batch of
+/// sequence r % batch, at positions `start..`. Returns q `[rows / batch, batch hq, hd]` rotated;
+/// writes k rotated and v into caches laid out `[position, batch, hkv, hd]`. On a GPU this is one
+/// kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_rope_append(
+    qkv: &Tensor,
+    batch: usize,
+    shape: AttentionShape,
     k_cache: &mut crate::Storage,
     v_cache: &mut crate::Storage,
-    positions: &[usize],
+    start: usize,
     inv_freq: &[f32],
-) -> Result<(), TensorError> {
-    let (qs, ks) = (q.shape().to_vec(), k.shape().to_vec());
-    if ks.len() != 3
-        || qs.len() != 3
-        || qs[0] != ks[0]
-        || qs[2] != ks[2]
-        || v.elem_count() != k.elem_count()
+) -> Result<Tensor, TensorError> {
+    let AttentionShape {
+        num_heads: hq,
+        num_kv_heads: hkv,
+        head_dim: hd,
+    } = shape;
+    let width = (hq + 2 * hkv) * hd;
+    let rows = qkv.elem_count() / width.max(1);
+    let row = batch * hkv * hd;
+    if qkv.shape().last() != Some(&width)
+        || batch == 0
+        || !rows.is_multiple_of(batch)
+        || hd != 2 * inv_freq.len()
     {
         return Err(shape_err(
-            "rope_append",
-            format!("q {qs:?}, k {ks:?}, v {:?}", v.shape()),
+            "qkv_rope_append",
+            format!(
+                "qkv {:?} for {batch} sequences of {hq} + 2 x {hkv} heads of {hd}, {} frequencies",
+                qkv.shape(),
+                inv_freq.len()
+            ),
         ));
     }
-    let row = ks[1] * ks[2];
-    let start = positions.first().copied().unwrap_or(0);
-    if positions.iter().enumerate().any(|(i, &p)| p != start + i)
-        || k_cache.len() < (start + ks[0]) * row
-        || v_cache.len() < (start + ks[0]) * row
-    {
+    let t = rows / batch;
+    if k_cache.len() < (start + t) * row || v_cache.len() < (start + t) * row {
         return Err(shape_err(
-            "rope_append",
-            "positions must be consecutive and fit the caches",
+            "qkv_rope_append",
+            "the positions do not fit the caches",
         ));
     }
     #[cfg(feature = "cuda")]
-    if let (
-        crate::Storage::Cuda(qb),
-        crate::Storage::Cuda(kb),
-        crate::Storage::Cuda(vb),
-        crate::Storage::Cuda(kc),
-        crate::Storage::Cuda(vc),
-    ) = (q.storage(), k.storage(), v.storage(), &*k_cache, &*v_cache)
+    if let (crate::Storage::Cuda(b), crate::Storage::Cuda(kc), crate::Storage::Cuda(vc)) =
+        (qkv.storage(), &*k_cache, &*v_cache)
     {
-        return crate::cuda::rope_append(
-            qb, kb, vb, kc, vc, qs[0], qs[1], ks[1], qs[2], start, inv_freq,
-        );
+        let q = crate::cuda::qkv_rope_append(b, kc, vc, rows, batch, hq, hkv, hd, start, inv_freq)?;
+        return Tensor::new(vec![t, batch * hq, hd], crate::Storage::Cuda(q));
     }
-    apply_rope(q, positions, inv_freq)?;
-    let mut k = k.clone();
-    apply_rope(&mut k, positions, inv_freq)?;
+    let dt = qkv.dtype();
+    let all = qkv.to_f32_vec();
+    let (mut q, mut k, mut v) = (
+        Vec::with_capacity(rows * hq * hd),
+        Vec::with_capacity(rows * hkv * hd),
+        Vec::with_capacity(rows * hkv * hd),
+    );
+    for r in all.chunks(width) {
+        q.extend_from_slice(&r[..hq * hd]);
+        k.extend_from_slice(&r[hq * hd..(hq + hkv) * hd]);
+        v.extend_from_slice(&r[(hq + hkv) * hd..]);
+    }
+    let mut q = Tensor::from_f32(vec![t, batch * hq, hd], q, dt)?;
+    let mut k = Tensor::from_f32(vec![t, batch * hkv, hd], k, dt)?;
+    let positions: Vec<usize> = (start..start + t).collect();
+    apply_rope(&mut q, &positions, inv_freq)?;
+    apply_rope(&mut k, &positions, inv_freq)?;
     k_cache.copy_from(start * row, k.storage())?;
-    v_cache.copy_from(start * row, v.storage())
+    v_cache.copy_from(
+        start * row,
+        Tensor::from_f32(vec![v.len()], v, dt)?.storage(),
+    )?;
+    Ok(q)
 }
 
 #[cfg(test)]
@@ -134,5 +156,50 @@ mod tests {
         let n1: f32 = y[12..].iter().map(|a| a * a).sum();
         assert!((n0 - n1).abs() < 1e-5);
         assert_ne!(&y[12..], &v[12..]);
+    }
+
+    #[test]
+    fn fused_qkv_equals_rope_on_the_split_heads() {
+        // 2 sequences in lockstep, 2 q heads over 1 kv head of 4, at position 3 of a 5-position cache.
+        let shape = AttentionShape {
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+        };
+        let inv = [1.0, 0.1];
+        let qkv: Vec<f32> = (0..2 * 16).map(|i| (i as f32 * 0.31).cos()).collect();
+        let t = Tensor::from_f32(vec![2, 16], qkv.clone(), DType::F32).unwrap();
+        let mut kc = crate::Storage::F32(vec![0.0; 5 * 2 * 4]);
+        let mut vc = crate::Storage::F32(vec![0.0; 5 * 2 * 4]);
+        let q = qkv_rope_append(&t, 2, shape, &mut kc, &mut vc, 3, &inv).unwrap();
+        assert_eq!(q.shape(), &[1, 4, 4]);
+        let pick = |r: usize, lo: usize, hi: usize| qkv[r * 16 + lo..r * 16 + hi].to_vec();
+        let mut want_q = Tensor::from_f32(
+            vec![1, 4, 4],
+            [pick(0, 0, 8), pick(1, 0, 8)].concat(),
+            DType::F32,
+        )
+        .unwrap();
+        apply_rope(&mut want_q, &[3], &inv).unwrap();
+        assert_eq!(q.to_f32_vec(), want_q.to_f32_vec());
+        let mut want_k = Tensor::from_f32(
+            vec![1, 2, 4],
+            [pick(0, 8, 12), pick(1, 8, 12)].concat(),
+            DType::F32,
+        )
+        .unwrap();
+        apply_rope(&mut want_k, &[3], &inv).unwrap();
+        let f32s = |s: &crate::Storage| match s {
+            crate::Storage::F32(v) => v.clone(),
+            _ => unreachable!("f32 caches"),
+        };
+        assert_eq!(f32s(&kc)[24..32], want_k.to_f32_vec()[..]);
+        assert_eq!(
+            f32s(&vc)[24..32],
+            [pick(0, 12, 16), pick(1, 12, 16)].concat()[..]
+        );
+        assert!(f32s(&kc)[..24].iter().all(|&x| x == 0.0));
+        // A cache too short for the position is refused.
+        assert!(qkv_rope_append(&t, 2, shape, &mut kc, &mut vc, 5, &inv).is_err());
     }
 }
