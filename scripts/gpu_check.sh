@@ -38,31 +38,34 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
     PYTHONUNBUFFERED=1 python3 scripts/bench_hf_decode.py --batch ${HF_BATCH:-1,32,64} --steps 16 2>&1 | grep -v Warning
   fi
 } 2>&1 | tee "$REPORT"
-if [[ ($STEPS == all || $STEPS == *cli*) && $NGPU -lt 2 ]]; then
-  echo "(one GPU: the tp 2 CLI checks are skipped)" | tee -a "$REPORT"
-elif [[ $STEPS == all || $STEPS == *cli* ]]; then
-  # CLI on the GPU against the CPU: f32 log-probs within 1e-4, greedy tokens identical, in-process
-  # and under `tessera launch` (one process per GPU, NCCL through the rendezvous).
+if [[ $STEPS == all || $STEPS == *cli* ]]; then
+  # CLI on the GPU against the CPU: f32 log-probs within 1e-4, greedy tokens identical (generate
+  # decodes through a captured CUDA graph), at tp 1 and, with two GPUs, tp 2 in-process and under
+  # `tessera launch` (one process per GPU, NCCL through the rendezvous).
   M=tests/fixtures/hf/llama; TOK=0,5,9,77,300,2,18,41,41,7,200,3
+  RUNS="tp1"; [ "$NGPU" -ge 2 ] && RUNS="tp1 tp2 launch"
   {
-    echo "== CLI: score / generate on cuda vs cpu"
+    echo "== CLI: score / generate on cuda vs cpu ($RUNS)"
     .gpu/tessera score --model $M --tokens $TOK --json > $OUTDIR/score_cpu.json
-    .gpu/tessera score --model $M --tokens $TOK --json --device cuda --tp 2 > $OUTDIR/score_cuda_tp2.json
-    .gpu/tessera launch --nproc-per-node 2 -- .gpu/tessera score --model $M --tokens $TOK --json --device cuda --tp 2 > $OUTDIR/score_cuda_launch.json
-    python3 - "$OUTDIR" <<'PY'
+    a=$(.gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json)
+    for run in $RUNS; do
+      case $run in
+        tp1) L=""; T=1 ;;
+        tp2) L=""; T=2 ;;
+        launch) L=".gpu/tessera launch --nproc-per-node 2 --"; T=2 ;;
+      esac
+      $L .gpu/tessera score --model $M --tokens $TOK --json --device cuda --tp $T > $OUTDIR/score_cuda_$run.json
+      b=$($L .gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json --device cuda --tp $T)
+      [ "$a" == "$b" ] && echo "generate cuda $run: identical to cpu OK" || echo "generate cuda $run: FAIL: $a vs $b"
+    done
+    python3 - "$OUTDIR" $RUNS <<'PY'
 import json, sys
 d = sys.argv[1]
 cpu = json.load(open(f"{d}/score_cpu.json"))["token_logprobs"]
-for name in ["score_cuda_tp2", "score_cuda_launch"]:
-    got = json.load(open(f"{d}/{name}.json"))["token_logprobs"]
+for run in sys.argv[2:]:
+    got = json.load(open(f"{d}/score_cuda_{run}.json"))["token_logprobs"]
     diff = max(abs(a - b) for a, b in zip(cpu, got))
-    print(f"{name}: max |logprob - cpu| = {diff:.2e}", "OK" if diff < 1e-4 and len(got) == len(cpu) else "FAIL")
+    print(f"score cuda {run}: max |logprob - cpu| = {diff:.2e}", "OK" if diff < 1e-4 and len(got) == len(cpu) else "FAIL")
 PY
-    for how in "" "launch"; do
-      if [ -n "$how" ]; then L=".gpu/tessera launch --nproc-per-node 2 --"; else L=""; fi
-      a=$(.gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 12 --json)
-      b=$($L .gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 12 --json --device cuda --tp 2)
-      [ "$a" == "$b" ] && echo "generate cuda tp2 ${how:-in-process}: identical to cpu OK" || echo "generate cuda tp2 ${how:-in-process}: FAIL: $a vs $b"
-    done
   } 2>&1 | tee -a "$REPORT"
 fi

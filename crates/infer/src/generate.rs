@@ -60,11 +60,12 @@ pub fn generate_on_rank(
     let mut out = Vec::with_capacity(params.max_tokens);
     let mut input = prompt.to_vec();
     let greedy = params.sampling.temperature <= 0.0;
+    let mut graph = DecodeGraphs::default();
     while out.len() < params.max_tokens {
         let tok = if greedy {
             // Every rank gets the same argmax from the gathered (value, index) pairs, and the
             // logits stay on the device.
-            m.forward_greedy(&input, &mut cache, comm)?
+            graph.greedy_step(m, &input, &mut cache, comm)?
         } else {
             let logits = m.forward(&input, &mut cache, Logits::Last, comm)?;
             let mut msg = [0i32; 1];
@@ -81,4 +82,46 @@ pub fn generate_on_rank(
         input = vec![tok];
     }
     Ok(out)
+}
+
+/// Greedy decode steps on a GPU replayed as one captured CUDA graph: the prompt and the first decode
+/// step run eager (kernels compiled, tables uploaded), the next step captures the graph, and every
+/// later step replays it (the same tokens as eager steps, one launch instead of hundreds). Where a
+/// capture is refused (e.g. a cache longer than the captured attention kernel holds), decode stays
+/// eager. On the CPU every step is eager.
+#[derive(Default)]
+struct DecodeGraphs {
+    eager_decode_steps: usize,
+    #[cfg(feature = "cuda")]
+    graph: Option<tessera_model::LockstepGraph>,
+    #[cfg(feature = "cuda")]
+    refused: bool,
+}
+
+impl DecodeGraphs {
+    fn greedy_step(
+        &mut self,
+        m: &LlamaModel,
+        input: &[u32],
+        cache: &mut tessera_model::KvCache,
+        comm: &dyn Communicator,
+    ) -> Result<u32, InferError> {
+        #[cfg(feature = "cuda")]
+        if input.len() == 1 && matches!(m.device, Device::Cuda(_)) && !self.refused {
+            if self.graph.is_none() && self.eager_decode_steps > 0 {
+                // A refused capture leaves the stream usable; decode goes on eager.
+                match m.capture_lockstep_greedy(cache, comm) {
+                    Ok(g) => self.graph = Some(g),
+                    Err(_) => self.refused = true,
+                }
+            }
+            if let Some(g) = self.graph.as_mut() {
+                return Ok(m.step_lockstep_graph(g, input, cache, comm)?[0]);
+            }
+        }
+        if input.len() == 1 {
+            self.eager_decode_steps += 1;
+        }
+        Ok(m.forward_greedy(input, cache, comm)?)
+    }
 }
