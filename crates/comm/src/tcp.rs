@@ -2,19 +2,21 @@
 //!
 //! - **Setup.** Rank 0 hosts the rendezvous store ([`crate::rendezvous`]); every rank listens on a
 //!   free port, publishes `ip:port` there, waits for every other rank's (naming the ranks that
-//!   never came), then connects to each lower rank and accepts each higher one. Every connection
-//!   opens with the job token, so a foreign process cannot join.
+//!   never came), then connects to each other rank and accepts a connection from each: one
+//!   connection per direction, as both directions of one socket would take turns in the kernel.
+//!   Every connection opens with the job token, so a foreign process cannot join.
 //! - **Frames.** Every message is a 40-byte header (frame kind, op, element type, reduction, root,
 //!   group tag, sequence number, op size, payload length) and a payload. One reader thread per peer
-//!   drains its socket into a per-peer inbox, so sends never wait for the receiver's code and both
+//!   drains its socket, reading a ring's chunks straight into their final place ([`direct`]) and
+//!   anything else into a per-peer inbox, so sends never wait for the receiver's code and both
 //!   directions of a ring stream at once; one writer thread per peer ([`writer`]) writes queued
 //!   frames, so a rank reduces while its sends stream. Groups (the world and its sub-groups)
 //!   share connections and are told apart by their tag.
 //! - **Algorithms.** all-reduce = ring reduce-scatter + ring all-gather; reduce-scatter and
 //!   all-gather are those rings alone; broadcast is a pipelined chain from the root; send/recv go
-//!   straight to the peer. Buffers move in chunks (`TESSERA_COMM_CHUNK_BYTES`, default 1 MiB),
-//!   a few queued ahead of the chunks received, so a rank reduces chunk i while later ones are
-//!   on the wire. Reductions follow
+//!   straight to the peer. Buffers move in chunks (`TESSERA_COMM_CHUNK_BYTES`, default 1 MiB,
+//!   rounded down to a multiple of 16 bytes), a few queued ahead of the chunks received, so a
+//!   rank reduces chunk i while later ones are on the wire. Reductions follow
 //!   [`crate::reduce`], the same order as the in-process backend.
 //! - **Failure.** Each wait has the deadline (`TESSERA_COMM_TIMEOUT_S`). A peer whose connection
 //!   closes while this rank needs it fails the operation at once, naming it. A rank that fails
@@ -32,6 +34,7 @@ use crate::check::{first_mismatch, OpDesc};
 use crate::rendezvous::{read_bytes, read_u32, write_bytes, write_u32, StoreClient, StoreServer};
 use crate::{CommError, CommStream, LaunchEnv};
 
+mod direct;
 mod ring;
 mod writer;
 
@@ -173,6 +176,8 @@ struct InboxState {
     /// Why each peer's connection ended, once it has.
     closed: Vec<Option<String>>,
     aborted: Option<String>,
+    /// Per peer, where the frames of the ring phases now running go ([`direct`]).
+    plans: Vec<Vec<direct::Plan>>,
 }
 
 struct Inbox {
@@ -181,6 +186,8 @@ struct Inbox {
     /// Payload buffers handed back after use, so streaming a large buffer does not allocate (and
     /// page-fault) a fresh chunk per frame.
     pool: Mutex<Vec<Vec<u8>>>,
+    /// Each peer's connection, to stop a reader stuck writing into a withdrawn plan's memory.
+    socks: Vec<Option<TcpStream>>,
 }
 
 impl Inbox {
@@ -432,6 +439,20 @@ fn reader(peer: usize, mut s: TcpStream, inbox: Arc<Inbox>) {
         if hdr.len > MAX_FRAME {
             break format!("rank {peer} sent a malformed frame");
         }
+        if hdr.kind == DATA {
+            if let Some(t) = inbox.claim(peer, &hdr) {
+                // SAFETY: the plan's poster keeps this place valid and untouched until the
+                // reader releases it (withdrawing the plan waits for that).
+                let r = unsafe { t.fill(&mut s) };
+                inbox.release(peer, hdr.tag, r.is_ok());
+                if r.is_err() {
+                    break format!(
+                        "rank {peer} closed its connection mid-message (the process exited or was killed)"
+                    );
+                }
+                continue;
+            }
+        }
         // A recycled buffer is already initialized up to its length: no zeroing, one read call
         // per socket-buffer's worth straight into it.
         let mut payload = inbox.buffer();
@@ -544,8 +565,13 @@ impl TcpRank {
                 )))
             }
         };
-        let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
-        for (peer, addr) in addrs.iter().enumerate().take(rank) {
+        // Two connections per pair, one per direction: this rank writes to a peer only on the
+        // connection it opened and reads only from the one it accepted. (Both directions on one
+        // socket serialize in the kernel, which takes the socket's lock to copy either way: a
+        // two-rank ring, whose peers are the same rank, would run at about half speed.)
+        let mut outgoing: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+        let mut incoming: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+        for (peer, addr) in addrs.iter().enumerate().filter(|&(p, _)| p != rank) {
             let mut s = TcpStream::connect_timeout(addr, left().max(Duration::from_millis(1)))
                 .map_err(|e| {
                     CommError::Setup(format!(
@@ -559,12 +585,17 @@ impl TcpRank {
                 write_bytes(&mut s, cfg.job_token.as_bytes())
             })();
             hello.map_err(|e| CommError::Setup(format!("rank {rank} -> rank {peer}: {e}")))?;
-            streams[peer] = Some(s);
+            outgoing[peer] = Some(s);
         }
         listener
             .set_nonblocking(true)
             .map_err(|e| CommError::Setup(format!("rank {rank}: {e}")))?;
-        while streams[rank + 1..].iter().any(|s| s.is_none()) {
+        let unconnected = |incoming: &[Option<TcpStream>]| -> Vec<usize> {
+            (0..world)
+                .filter(|&r| r != rank && incoming[r].is_none())
+                .collect()
+        };
+        while !unconnected(&incoming).is_empty() {
             match listener.accept() {
                 Ok((mut s, _)) => {
                     let _ = s.set_nonblocking(false);
@@ -582,21 +613,19 @@ impl TcpRank {
                     // Anything else (another job, a port scanner) is dropped without a word.
                     if let Ok((r, w, token)) = hello {
                         if w == world
-                            && r > rank
+                            && r != rank
                             && r < world
                             && token == cfg.job_token.as_bytes()
-                            && streams[r].is_none()
+                            && incoming[r].is_none()
                         {
                             let _ = s.set_read_timeout(None);
-                            streams[r] = Some(s);
+                            incoming[r] = Some(s);
                         }
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if Instant::now() >= deadline {
-                        let missing: Vec<usize> = (rank + 1..world)
-                            .filter(|&r| streams[r].is_none())
-                            .collect();
+                        let missing = unconnected(&incoming);
                         return Err(CommError::Setup(format!(
                             "rank {rank}: rank(s) {missing:?} did not connect within {:.1}s",
                             cfg.timeout.as_secs_f64()
@@ -607,26 +636,30 @@ impl TcpRank {
                 Err(e) => return Err(CommError::Setup(format!("rank {rank}: accept: {e}"))),
             }
         }
+        let socks = incoming
+            .iter()
+            .map(|s| s.as_ref().map(|s| s.try_clone()).transpose())
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| CommError::Setup(format!("rank {rank}: {e}")))?;
         let inbox = Arc::new(Inbox {
             st: Mutex::new(InboxState {
                 queues: (0..world).map(|_| VecDeque::new()).collect(),
                 closed: vec![None; world],
                 aborted: None,
+                plans: (0..world).map(|_| Vec::new()).collect(),
             }),
             cv: Condvar::new(),
             pool: Mutex::new(Vec::new()),
+            socks,
         });
         let mut writers = Vec::with_capacity(world);
-        for (peer, s) in streams.into_iter().enumerate() {
-            let Some(s) = s else {
+        for (peer, (s, r)) in outgoing.into_iter().zip(incoming).enumerate() {
+            let (Some(s), Some(r)) = (s, r) else {
                 writers.push(None);
                 continue;
             };
             let _ = s.set_nodelay(true);
             let _ = s.set_write_timeout(Some(cfg.timeout));
-            let r = s
-                .try_clone()
-                .map_err(|e| CommError::Setup(format!("rank {rank}: {e}")))?;
             let inbox = inbox.clone();
             std::thread::Builder::new()
                 .name(format!("comm-reader-{peer}"))
@@ -643,7 +676,8 @@ impl TcpRank {
             rank,
             world,
             timeout: cfg.timeout,
-            chunk: cfg.chunk_bytes.max(1),
+            // Whole elements of every type in each chunk, so that each chunk reduces on its own.
+            chunk: (cfg.chunk_bytes / 16 * 16).max(16),
             check: cfg.check,
             writers,
             inbox,
@@ -850,18 +884,17 @@ impl TcpRank {
         })
     }
 
-    /// The next data frame of this op from group rank `from`, checked against what this rank
-    /// issued, holding exactly `len` bytes.
-    fn recv_data(
+    /// Checks a data frame of this op from group rank `from` against what this rank issued: it
+    /// must hold exactly `len` bytes.
+    fn check_frame(
         &self,
+        f: &Frame,
         from: usize,
-        tag: u64,
         seq: u64,
         desc: &OpDesc,
         len: usize,
-    ) -> Result<Vec<u8>, CommError> {
+    ) -> Result<(), CommError> {
         let peer = self.ranks[from];
-        let f = self.net.take(peer, tag, &|| self.what(desc, seq))?;
         let me = self.world_rank();
         let mismatch = |msg: String| Err(CommError::Mismatch { rank: me, msg });
         if f.hdr.kind == CHECK {
@@ -892,6 +925,6 @@ impl TcpRank {
                 f.payload.len()
             ));
         }
-        Ok(f.payload)
+        Ok(())
     }
 }

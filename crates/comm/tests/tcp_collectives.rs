@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{data, on_each, tcp_job};
-use half::bf16;
+use half::{bf16, f16};
 use tessera_comm::{CommExt, Communicator, LocalGroup, Mesh, MeshShape, ReduceOp};
 
 const T: Duration = Duration::from_secs(20);
@@ -43,6 +43,36 @@ fn program(c: &dyn Communicator) -> Vec<Vec<u8>> {
     let mut rs = vec![0.0f32; 513];
     c.reduce_scatter(&send, &mut rs, ReduceOp::Sum).unwrap();
     out.push(bytes(&rs));
+
+    // Every element type and reduction, through both reduction paths of the ring (in place for
+    // all-reduce, into another buffer for reduce-scatter).
+    let d = data(r, 211 * n);
+    let le = |v: Vec<Vec<u8>>| v.concat();
+    let mut hf: Vec<f16> = d.iter().map(|&x| f16::from_f32(x)).collect();
+    c.all_reduce(&mut hf, ReduceOp::Avg).unwrap();
+    out.push(le(hf.iter().map(|x| x.to_le_bytes().to_vec()).collect()));
+    let mut rs_hf = vec![f16::ZERO; 211];
+    let hf: Vec<f16> = d.iter().map(|&x| f16::from_f32(x)).collect();
+    c.reduce_scatter(&hf, &mut rs_hf, ReduceOp::Max).unwrap();
+    out.push(le(rs_hf.iter().map(|x| x.to_le_bytes().to_vec()).collect()));
+    let bh: Vec<bf16> = d.iter().map(|&x| bf16::from_f32(x)).collect();
+    let mut rs_bh = vec![bf16::ZERO; 211];
+    c.reduce_scatter(&bh, &mut rs_bh, ReduceOp::Avg).unwrap();
+    out.push(le(rs_bh.iter().map(|x| x.to_le_bytes().to_vec()).collect()));
+    let iv: Vec<i32> = d.iter().map(|&x| (x * 1e8) as i32).collect();
+    let mut rs_i = vec![0i32; 211];
+    c.reduce_scatter(&iv, &mut rs_i, ReduceOp::Sum).unwrap();
+    out.push(le(rs_i.iter().map(|x| x.to_le_bytes().to_vec()).collect()));
+    let bv: Vec<u8> = d.iter().map(|&x| (x * 20.0).abs() as u8).collect();
+    let mut rs_u = vec![0u8; 211];
+    c.reduce_scatter(&bv, &mut rs_u, ReduceOp::Sum).unwrap();
+    out.push(rs_u);
+    let mut bv = bv;
+    c.all_reduce(&mut bv, ReduceOp::Avg).unwrap();
+    out.push(bv);
+    let mut fv = d.clone();
+    c.reduce_scatter(&d, &mut fv[..211], ReduceOp::Max).unwrap();
+    out.push(bytes(&fv[..211]));
 
     let mut b = data(r, 2000);
     c.broadcast(&mut b, n - 1).unwrap();
