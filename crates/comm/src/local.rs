@@ -26,6 +26,8 @@ struct State {
     /// The deposits of the last completed collective, or why it failed.
     published: Option<Result<Arc<Vec<Vec<u8>>>, String>>,
     aborted: Option<String>,
+    /// Ranks whose handle was dropped: they will issue nothing more.
+    left: Vec<bool>,
     /// Point-to-point messages in flight, by (source, destination).
     mail: HashMap<(usize, usize), VecDeque<Vec<u8>>>,
 }
@@ -44,6 +46,7 @@ impl Shared {
                 arrived: vec![false; size],
                 slots: vec![Vec::new(); size],
                 descs: vec![None; size],
+                left: vec![false; size],
                 ..State::default()
             }),
             cv: Condvar::new(),
@@ -106,11 +109,12 @@ pub struct LocalRank {
 }
 
 impl Drop for LocalRank {
+    /// A rank that drops its handle (finished, or unwinding from a panic) issues nothing more: an
+    /// operation that needs it fails at once, naming it; the others' operations go on (two ranks
+    /// can still exchange messages after a third has finished).
     fn drop(&mut self) {
         let mut st = self.lock();
-        if st.aborted.is_none() {
-            st.aborted = Some(format!("rank {} left the group", self.rank));
-        }
+        st.left[self.rank] = true;
         self.shared.cv.notify_all();
     }
 }
@@ -120,6 +124,22 @@ impl LocalRank {
         // A poisoned lock means a rank panicked mid-collective; the state is still consistent
         // enough to report an abort, which is all that is left to do.
         self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn left(&self, r: usize) -> CommError {
+        self.aborted(&format!("rank {r} left the group"))
+    }
+
+    /// The ranks that have left, named in one error (None when none has).
+    fn left_ranks(&self, st: &State, pending: impl Fn(usize) -> bool) -> Option<CommError> {
+        let gone: Vec<usize> = (0..self.shared.size)
+            .filter(|&r| st.left[r] && pending(r))
+            .collect();
+        match gone.as_slice() {
+            [] => None,
+            [r] => Some(self.left(*r)),
+            _ => Some(self.aborted(&format!("ranks {gone:?} left the group"))),
+        }
     }
 
     fn aborted(&self, reason: &str) -> CommError {
@@ -135,6 +155,9 @@ impl LocalRank {
         let mut st = self.lock();
         if let Some(reason) = &st.aborted {
             return Err(self.aborted(reason));
+        }
+        if let Some(e) = self.left_ranks(&st, |_| true) {
+            return Err(e);
         }
         let my_gen = st.generation;
         st.arrived[self.rank] = true;
@@ -162,6 +185,12 @@ impl LocalRank {
             while st.generation == my_gen {
                 if let Some(reason) = &st.aborted {
                     return Err(self.aborted(reason));
+                }
+                if let Some(e) = self.left_ranks(&st, |r| !st.arrived[r]) {
+                    // Withdraw this rank's deposit: the collective can never complete.
+                    st.arrived[self.rank] = false;
+                    st.descs[self.rank] = None;
+                    return Err(e);
                 }
                 let now = Instant::now();
                 if now >= deadline {
@@ -319,6 +348,9 @@ impl Communicator for LocalRank {
         if let Some(reason) = &st.aborted {
             return Err(self.aborted(reason));
         }
+        if st.left[dst] {
+            return Err(self.left(dst));
+        }
         st.mail
             .entry((self.rank, dst))
             .or_default()
@@ -353,6 +385,9 @@ impl Communicator for LocalRank {
             }
             if let Some(reason) = &st.aborted {
                 return Err(self.aborted(reason));
+            }
+            if st.left[src] {
+                return Err(self.left(src));
             }
             let now = Instant::now();
             if now >= deadline {
@@ -500,5 +535,37 @@ mod tests {
             c.all_reduce(&mut v, ReduceOp::Sum).unwrap_err().to_string()
         });
         assert!(out[0].contains("rank 1 left the group"), "{}", out[0]);
+    }
+
+    #[test]
+    fn ranks_go_on_after_one_finishes_and_leaves() {
+        let out = run(3, Duration::from_secs(30), |c| {
+            c.barrier().unwrap();
+            if c.rank() == 2 {
+                drop(c);
+                return (Vec::new(), String::new());
+            }
+            // Point-to-point between the two that are left still works.
+            let mut got = vec![0u8; 2];
+            if c.rank() == 0 {
+                c.send(&[7u8, 9], 1).unwrap();
+            } else {
+                c.recv(&mut got, 0).unwrap();
+            }
+            // A collective needs rank 2, so it fails naming it, at once.
+            let mut v = vec![1.0f32];
+            (
+                got,
+                c.all_reduce(&mut v, ReduceOp::Sum).unwrap_err().to_string(),
+            )
+        });
+        assert_eq!(out[1].0, vec![7u8, 9]);
+        // (Rank 0 may have failed and left before rank 1 asks: then both are named.)
+        for (got, e) in &out[..2] {
+            assert!(
+                e.contains("2") && e.contains("left the group"),
+                "{e} ({got:?})"
+            );
+        }
     }
 }
