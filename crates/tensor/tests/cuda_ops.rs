@@ -258,6 +258,90 @@ fn every_op_matches_the_cpu() {
                 tol(dt),
             );
         }
+        // Long ranges: prefill attention walks 2,500 keys in chunks (online softmax), decode
+        // attention splits 700 positions over blocks and joins them (flash decoding), with and
+        // without a window.
+        let long = AttentionShape {
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 64,
+        };
+        let (kl, vl) = (
+            rand_t(vec![2500, 2, 64], dt, 80),
+            rand_t(vec![2500, 2, 64], dt, 81),
+        );
+        let ql = rand_t(vec![2, 4, 64], dt, 82);
+        let pos = [2498, 2499];
+        let cpu = ops::causal_attention(
+            &ql,
+            kl.storage(),
+            vl.storage(),
+            2500,
+            long,
+            &pos,
+            None,
+            0.125,
+        )
+        .unwrap();
+        let gpu = ops::causal_attention(
+            &g(&ql),
+            g(&kl).storage(),
+            g(&vl).storage(),
+            2500,
+            long,
+            &pos,
+            None,
+            0.125,
+        )
+        .unwrap();
+        close("attention over 2500 keys", &gpu, &cpu, tol(dt));
+        let inv64: Vec<f32> = (0..32)
+            .map(|i| 1.0 / 10000f32.powf(i as f32 / 32.0))
+            .collect();
+        for window in [None, Some(300)] {
+            let qkv = rand_t(vec![1, 8 * 64], dt, 83);
+            let (mut kcc, mut vcc) = (
+                rand_t(vec![701, 2, 64], dt, 84),
+                rand_t(vec![701, 2, 64], dt, 85),
+            );
+            let (mut kcg, mut vcg) = (g(&kcc), g(&vcc));
+            let oc = ops::decode_attention(
+                &qkv,
+                1,
+                long,
+                kcc.storage_mut(),
+                vcc.storage_mut(),
+                700,
+                &inv64,
+                window,
+                0.125,
+            )
+            .unwrap();
+            let og = ops::decode_attention(
+                &g(&qkv),
+                1,
+                long,
+                kcg.storage_mut(),
+                vcg.storage_mut(),
+                700,
+                &inv64,
+                window,
+                0.125,
+            )
+            .unwrap();
+            close(
+                &format!("decode_attention at 700, window {window:?}"),
+                &og,
+                &oc,
+                tol(dt),
+            );
+            close(
+                &format!("decode_attention at 700 k cache, window {window:?}"),
+                &kcg,
+                &kcc,
+                tol(dt),
+            );
+        }
         // Residual add + RMSNorm in one kernel: rows of 4096 (16-byte loads) and of 100 (one
         // element at a time); the sum is written back to x.
         for h in [4096, 100] {

@@ -237,9 +237,17 @@ __device__ void embedding(const T* table, const unsigned* tokens, T* out, int h,
     for (int i = threadIdx.x; i < h; i += blockDim.x) st(out, t * h + i, mine ? ld(table, r * h + i) : 0.f);
 }
 
+// Keys a block scores at once (shared memory: one float each); longer ranges are walked in chunks
+// with an online softmax (running max and sum, the partial output rescaled per chunk), so a
+// query's range has no length limit. For ranges up to one chunk the arithmetic is exactly that of
+// a plain softmax.
+#define ATTN_CHUNK 1024
+// Head dims a block's threads hold the output of: 2 per thread at 128 threads.
+#define ATTN_MAX_HD 256
+
 // Causal attention with grouped KV heads and an optional window (0 = none).
 // q, out: [t, hq, hd]; k, v: [positions, hkv, hd]. Query i sits at position start + i.
-// grid (t, hq); dynamic shared memory: one float per key.
+// grid (t, hq); block 128; dynamic shared memory ATTN_CHUNK floats.
 template <typename T>
 __device__ void attention(const T* q, const T* k, const T* v, T* out, int hq, int hkv, int hd,
                           int start, int window, float scale, const int* pos_ptr) {
@@ -253,45 +261,59 @@ __device__ void attention(const T* q, const T* k, const T* v, T* out, int hq, in
     int n = p + 1 - lo;
     const T* qv = q + ((long)ti * hq + h) * hd;
     long krow = (long)hkv * hd;
-    // Scores: one warp per key, lanes across head_dim.
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    for (int j = warp; j < n; j += nwarps) {
-        const T* kj = k + (long)(lo + j) * krow + (long)kvh * hd;
-        float s = 0.f;
-        for (int d = lane; d < hd; d += 32) s += ld(qv, d) * ld(kj, d);
-        s = warp_sum(s);
-        if (lane == 0) scores[j] = s * scale;
+    float m_run = NEG_INF, l_run = 0.f, acc[ATTN_MAX_HD / 32] = {0.f};
+    for (int c0 = 0; c0 < n; c0 += ATTN_CHUNK) {
+        int cn = min(ATTN_CHUNK, n - c0);
+        // Scores: one warp per key, lanes across head_dim.
+        for (int j = warp; j < cn; j += nwarps) {
+            const T* kj = k + (long)(lo + c0 + j) * krow + (long)kvh * hd;
+            float s = 0.f;
+            for (int d = lane; d < hd; d += 32) s += ld(qv, d) * ld(kj, d);
+            s = warp_sum(s);
+            if (lane == 0) scores[j] = s * scale;
+        }
+        __syncthreads();
+        float m = m_run;
+        for (int j = threadIdx.x; j < cn; j += blockDim.x) m = fmaxf(m, scores[j]);
+        m = block_max(m);
+        float sum = 0.f;
+        for (int j = threadIdx.x; j < cn; j += blockDim.x) { float e = expf(scores[j] - m); scores[j] = e; sum += e; }
+        sum = block_sum(sum);
+        float alpha = expf(m_run - m);
+        l_run = l_run * alpha + sum;
+        m_run = m;
+        for (int d = threadIdx.x, r = 0; d < hd; d += blockDim.x, r++) {
+            float a = 0.f;
+            for (int j = 0; j < cn; j++) a += scores[j] * ld(v + (long)(lo + c0 + j) * krow + (long)kvh * hd, d);
+            acc[r] = acc[r] * alpha + a;
+        }
+        __syncthreads();
     }
-    __syncthreads();
-    float m = NEG_INF;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, scores[j]);
-    m = block_max(m);
-    float sum = 0.f;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) { float e = expf(scores[j] - m); scores[j] = e; sum += e; }
-    sum = block_sum(sum);
-    float inv = 1.f / sum;
+    float inv = 1.f / l_run;
     T* o = out + ((long)ti * hq + h) * hd;
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float acc = 0.f;
-        for (int j = 0; j < n; j++) acc += scores[j] * ld(v + (long)(lo + j) * krow + (long)kvh * hd, d);
-        st(o, d, acc * inv);
-    }
+    for (int d = threadIdx.x, r = 0; d < hd; d += blockDim.x, r++) st(o, d, acc[r] * inv);
 }
 
 // One decode step's attention straight from the fused projection qkv [batch, hq + 2 hkv, hd] at
 // position p (pos_ptr[0] when not null, else start): the block of query head H = b hq + i
-// rotates its q and its KV head's k (RoPE) and takes its v into shared memory, the first query
-// head of each KV group writes k and v into the caches ([position, batch, hkv, hd]), and the
-// scores over positions lo..p read position p from shared memory (no block waits for another's
-// cache write). Rounding and summation order are those of qkv_rope_append + attention, so the
-// results are identical. grid (1, batch hq); dynamic shared memory 3 hd + keys floats.
+// rotates its q and its KV head's k (RoPE) and takes its v into shared memory; the first split of
+// the first query head of each KV group writes k and v into the caches ([position, batch, hkv,
+// hd]); scores read position p from shared memory (no block waits for another's cache write).
+// Split-K over positions (flash decoding): split s = blockIdx.x takes positions lo + s per ..,
+// at most `per` (<= ATTN_CHUNK) of them. With one split the block writes the output, with exactly
+// the arithmetic of qkv_rope_append + attention; with several it writes its running max, sum
+// and unnormalised output to part_m/part_l/part_acc for attention_combine.
+// grid (splits, batch hq); block 128; dynamic shared memory 3 hd + per floats.
 template <typename T>
-__device__ void decode_attention(const T* qkv, T* kc, T* vc, T* out, const float* inv_freq, int batch,
-                                 int hq, int hkv, int hd, int start, int window, float scale,
+__device__ void decode_attention(const T* qkv, T* kc, T* vc, T* out, float* part_m, float* part_l,
+                                 float* part_acc, const float* inv_freq, int batch, int hq, int hkv,
+                                 int hd, int start, int window, float scale, int per,
                                  const int* pos_ptr) {
     extern __shared__ float sm[];
     pdl_trigger();
     int p = pos_ptr ? pos_ptr[0] : start;
+    int split = blockIdx.x, splits = gridDim.x;
     int H = blockIdx.y, b = H / hq, i = H % hq, g = hq / hkv, kl = i / g;
     long HKV = (long)batch * hkv, KVH = (long)b * hkv + kl;
     float* qs = sm;
@@ -313,15 +335,16 @@ __device__ void decode_attention(const T* qkv, T* kc, T* vc, T* out, const float
     for (int d = threadIdx.x; d < hd; d += blockDim.x) vs[d] = ld(row, (long)(hq + hkv + kl) * hd + d);
     __syncthreads();
     long krow = HKV * hd;
-    if (i % g == 0) {
+    if (split == 0 && i % g == 0) {
         long dst = (long)p * krow + KVH * hd;
         for (int d = threadIdx.x; d < hd; d += blockDim.x) { st(kc, dst + d, ks[d]); st(vc, dst + d, vs[d]); }
     }
     int lo = window > 0 ? max(0, p + 1 - window) : 0;
-    int n = p + 1 - lo;
+    int j0 = lo + split * per;
+    int n = max(0, min(per, p + 1 - j0));
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     for (int j = warp; j < n; j += nwarps) {
-        int pj = lo + j;
+        int pj = j0 + j;
         const T* kj = kc + (long)pj * krow + KVH * hd;
         float s = 0.f;
         if (pj == p) for (int d = lane; d < hd; d += 32) s += qs[d] * ks[d];
@@ -336,15 +359,38 @@ __device__ void decode_attention(const T* qkv, T* kc, T* vc, T* out, const float
     float sum = 0.f;
     for (int j = threadIdx.x; j < n; j += blockDim.x) { float e = expf(scores[j] - m); scores[j] = e; sum += e; }
     sum = block_sum(sum);
+    long slot = (long)H * splits + split;
+    if (splits > 1 && threadIdx.x == 0) { part_m[slot] = m; part_l[slot] = sum; }
     float inv = 1.f / sum;
     T* o = out + (long)H * hd;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float acc = 0.f;
         for (int j = 0; j < n; j++) {
-            int pj = lo + j;
+            int pj = j0 + j;
             acc += scores[j] * (pj == p ? vs[d] : ld(vc + (long)pj * krow + KVH * hd, d));
         }
-        st(o, d, acc * inv);
+        if (splits > 1) part_acc[slot * hd + d] = acc;
+        else st(o, d, acc * inv);
+    }
+}
+
+// Joins decode_attention's splits: out[H] = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
+// grid (batch hq); block 128.
+template <typename T>
+__device__ void attention_combine(const float* part_m, const float* part_l, const float* part_acc,
+                                  T* out, int splits, int hd) {
+    long H = blockIdx.x;
+    const float* pm = part_m + H * splits;
+    const float* pl = part_l + H * splits;
+    float M = NEG_INF;
+    for (int s = 0; s < splits; s++) M = fmaxf(M, pm[s]);
+    float L = 0.f;
+    for (int s = 0; s < splits; s++) L += pl[s] * expf(pm[s] - M);
+    float inv = 1.f / L;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float o = 0.f;
+        for (int s = 0; s < splits; s++) o += part_acc[(H * splits + s) * hd + d] * expf(pm[s] - M);
+        st(out, H * hd + d, o * inv);
     }
 }
 
@@ -550,7 +596,8 @@ extern "C" __global__ void add_inplace_##S(T* a, const T* b, long n) { add_inpla
 extern "C" __global__ void add_bias_##S(T* y, const T* b, long rows, int n) { add_bias(y, b, rows, n); } \
 extern "C" __global__ void embedding_##S(const T* t, const unsigned* tok, T* o, int h, int vs, int rows) { embedding(t, tok, o, h, vs, rows); } \
 extern "C" __global__ void attention_##S(const T* q, const T* k, const T* v, T* o, int hq, int hkv, int hd, int start, int window, float scale, const int* pp) { attention(q, k, v, o, hq, hkv, hd, start, window, scale, pp); } \
-extern "C" __global__ void decode_attention_##S(const T* qkv, T* kc, T* vc, T* o, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, const int* pp) { decode_attention(qkv, kc, vc, o, f, batch, hq, hkv, hd, start, window, scale, pp); } \
+extern "C" __global__ void decode_attention_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, const int* pp) { decode_attention(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, pp); } \
+extern "C" __global__ void attention_combine_##S(const float* pm, const float* pl, const float* pa, T* o, int splits, int hd) { attention_combine(pm, pl, pa, o, splits, hd); } \
 extern "C" __global__ void qkv_rope_append_##S(const T* qkv, T* q, T* kc, T* vc, const float* f, int batch, int hq, int hkv, int hd, int start, const int* pp) { qkv_rope_append(qkv, q, kc, vc, f, batch, hq, hkv, hd, start, pp); } \
 extern "C" __global__ void argmax_rows_##S(const T* x, const float* sv, const int* si, int n, int per, float* v, int* i) { argmax_rows(x, sv, si, n, per, v, i); } \
 extern "C" __global__ void fill_random_##S(T* x, long n, unsigned long long seed, float scale, float offset) { fill_random(x, n, seed, scale, offset); }

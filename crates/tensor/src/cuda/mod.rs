@@ -23,7 +23,7 @@ use half::bf16;
 use crate::{DType, TensorError};
 
 const KERNELS: &str = include_str!("kernels.cu");
-const KERNEL_NAMES: [&str; 13] = [
+const KERNEL_NAMES: [&str; 14] = [
     "rms_norm",
     "add_rms_norm",
     "rope",
@@ -37,6 +37,7 @@ const KERNEL_NAMES: [&str; 13] = [
     "argmax_rows",
     "qkv_rope_append",
     "decode_attention",
+    "attention_combine",
 ];
 
 /// Rows of `x` up to which bf16 matmuls use the decode GEMV kernel instead of cuBLAS (see

@@ -418,8 +418,14 @@ pub fn embedding(
     Ok(out)
 }
 
-/// Largest number of keys one attention block holds scores for (dynamic shared memory, 48 KiB).
-pub const MAX_ATTENTION_KEYS: usize = 12 * 1024 - 64;
+/// Keys an attention block scores at once (`ATTN_CHUNK` of `kernels.cu`); longer ranges are
+/// walked in chunks with an online softmax, so there is no limit on positions.
+const ATTN_CHUNK: usize = 1024;
+/// Positions one split of the decode attention takes (flash decoding: a long cache is spread
+/// over many blocks, each scoring at most this many keys).
+const DECODE_SPLIT: usize = 256;
+/// The largest head_dim the attention kernels hold (`ATTN_MAX_HD`).
+const ATTN_MAX_HD: usize = 256;
 
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
@@ -437,17 +443,13 @@ pub fn attention(
     same_dev(q, k)?;
     same_dev(q, v)?;
     let dev = q.dev.clone();
-    let io = dev.capturing();
-    // A captured step reads its position on the device, so its scores buffer must hold the whole
-    // cache.
-    let keys = if io.is_some() {
-        k.len() / (hkv * hd)
-    } else {
-        start + t
-    };
-    if keys > MAX_ATTENTION_KEYS {
-        return Err(dev_err(dev.ordinal, format!("the CUDA attention kernel holds at most {MAX_ATTENTION_KEYS} positions, {keys} asked")));
+    if hd > ATTN_MAX_HD {
+        return Err(dev_err(
+            dev.ordinal,
+            format!("the CUDA attention kernels take head_dim up to {ATTN_MAX_HD}, not {hd}"),
+        ));
     }
+    let io = dev.capturing();
     let out = CudaBuf::alloc(&dev, q.dtype(), t * hq * hd)?;
     let (a, b, c, s, w) = (
         hq as i32,
@@ -470,7 +472,7 @@ pub fn attention(
     let cfg = LaunchConfig {
         grid_dim: (t as u32, hq as u32, 1),
         block_dim: (128, 1, 1),
-        shared_mem_bytes: (keys * 4) as u32,
+        shared_mem_bytes: (ATTN_CHUNK * 4) as u32,
     };
     launched(&dev, unsafe { l.launch(cfg) })?;
     Ok(out)
@@ -624,23 +626,22 @@ pub fn decode_attention(
         same_dev(qkv, b)?;
     }
     let dev = qkv.dev.clone();
+    if hd > ATTN_MAX_HD {
+        return Err(dev_err(
+            dev.ordinal,
+            format!("the CUDA attention kernels take head_dim up to {ATTN_MAX_HD}, not {hd}"),
+        ));
+    }
     let io = dev.capturing();
-    // A captured step reads its position on the device: its scores must fit the whole cache.
+    // A captured step reads its position on the device: its splits must cover the whole cache.
     let keys = if io.is_some() {
         kc.len() / (batch * hkv * hd)
     } else {
         start + 1
     };
-    let smem = (3 * hd + keys) * 4;
-    if smem > 48 * 1024 {
-        return Err(dev_err(
-            dev.ordinal,
-            format!(
-                "the CUDA decode attention kernel holds at most {} positions, {keys} asked",
-                12 * 1024 - 3 * hd
-            ),
-        ));
-    }
+    let keys = window.map_or(keys, |w| keys.min(w));
+    let splits = keys.div_ceil(DECODE_SPLIT).max(1);
+    let smem = (3 * hd + DECODE_SPLIT) * 4;
     let out = CudaBuf::alloc(&dev, qkv.dtype(), batch * hq * hd)?;
     let f = dev.table(inv_freq)?;
     let (bb, a, b, c, s, w) = (
@@ -652,29 +653,58 @@ pub fn decode_attention(
         window.unwrap_or(0) as i32,
     );
     let null = 0u64;
+    let heads = batch * hq;
+    // Split partials (running max, sum, unnormalised output), only when there are several splits.
+    let parts = if splits > 1 {
+        let e = |x| dev_err(dev.ordinal, x);
+        // SAFETY: every split writes its slots before attention_combine reads them.
+        unsafe {
+            Some((
+                dev.stream.alloc::<f32>(splits * heads).map_err(e)?,
+                dev.stream.alloc::<f32>(splits * heads).map_err(e)?,
+                dev.stream.alloc::<f32>(splits * heads * hd).map_err(e)?,
+            ))
+        }
+    } else {
+        None
+    };
+    let per = DECODE_SPLIT as i32;
     let mut l = dev
         .stream
         .launch_builder(dev.func("decode_attention", qkv.dtype()));
     for buf in [qkv, kc, vc, &out] {
         push(&mut l, buf);
     }
-    l.arg(f.as_ref())
-        .arg(&bb)
-        .arg(&a)
-        .arg(&b)
-        .arg(&c)
-        .arg(&s)
-        .arg(&w)
-        .arg(&scale);
+    match &parts {
+        Some((m, sums, acc)) => l.arg(m).arg(sums).arg(acc),
+        None => l.arg(&null).arg(&null).arg(&null),
+    };
+    l.arg(f.as_ref()).arg(&bb).arg(&a).arg(&b).arg(&c).arg(&s);
+    l.arg(&w).arg(&scale).arg(&per);
     match &io {
         Some(io) => l.arg(&io.pos),
         None => l.arg(&null),
     };
     let cfg = LaunchConfig {
-        grid_dim: (1, (batch * hq) as u32, 1),
+        grid_dim: (splits as u32, heads as u32, 1),
         block_dim: (128, 1, 1),
         shared_mem_bytes: smem as u32,
     };
     launched(&dev, unsafe { l.launch(cfg) })?;
+    if let Some((m, sums, acc)) = &parts {
+        let (ns, hdd) = (splits as i32, hd as i32);
+        let mut l = dev
+            .stream
+            .launch_builder(dev.func("attention_combine", qkv.dtype()));
+        l.arg(m).arg(sums).arg(acc);
+        push(&mut l, &out);
+        l.arg(&ns).arg(&hdd);
+        let cfg = LaunchConfig {
+            grid_dim: (heads as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launched(&dev, unsafe { l.launch(cfg) })?;
+    }
     Ok(out)
 }
