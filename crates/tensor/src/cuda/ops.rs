@@ -231,22 +231,7 @@ pub fn rms_norm(
     h: usize,
     eps: f32,
 ) -> Result<CudaBuf, TensorError> {
-    same_dev(x, w)?;
-    let dev = x.dev.clone();
-    let y = CudaBuf::alloc(&dev, x.dtype(), rows * h)?;
-    let hh = h as i32;
-    let mut l = dev.stream.launch_builder(dev.func("rms_norm", x.dtype()));
-    push(&mut l, x);
-    push(&mut l, w);
-    push(&mut l, &y);
-    l.arg(&hh).arg(&eps);
-    let cfg = LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (norm_threads(h), 1, 1),
-        shared_mem_bytes: 0,
-    };
-    launched(&dev, unsafe { l.launch(cfg) })?;
-    Ok(y)
+    norm(x, None, w, rows, h, eps)
 }
 
 /// `x += delta` (rounded to x's dtype), then the RMSNorm of the new `x`: one kernel.
@@ -258,16 +243,33 @@ pub fn add_rms_norm(
     h: usize,
     eps: f32,
 ) -> Result<CudaBuf, TensorError> {
-    same_dev(x, w)?;
     same_dev(x, delta)?;
+    norm(x, Some(delta), w, rows, h, eps)
+}
+
+/// One block a row: `rms_norm`, or `add_rms_norm` with a `delta`.
+fn norm(
+    x: &CudaBuf,
+    delta: Option<&CudaBuf>,
+    w: &CudaBuf,
+    rows: usize,
+    h: usize,
+    eps: f32,
+) -> Result<CudaBuf, TensorError> {
+    same_dev(x, w)?;
     let dev = x.dev.clone();
     let y = CudaBuf::alloc(&dev, x.dtype(), rows * h)?;
     let hh = h as i32;
-    let mut l = dev
-        .stream
-        .launch_builder(dev.func("add_rms_norm", x.dtype()));
+    let name = if delta.is_some() {
+        "add_rms_norm"
+    } else {
+        "rms_norm"
+    };
+    let mut l = dev.stream.launch_builder(dev.func(name, x.dtype()));
     push(&mut l, x);
-    push(&mut l, delta);
+    if let Some(d) = delta {
+        push(&mut l, d);
+    }
     push(&mut l, w);
     push(&mut l, &y);
     l.arg(&hh).arg(&eps);
