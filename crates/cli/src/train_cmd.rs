@@ -24,7 +24,8 @@ pub struct TrainArgs {
     /// Dataset directory written by `tessera data prepare`.
     #[arg(long)]
     pub data: PathBuf,
-    /// Data-parallel ranks (threads).
+    /// Data-parallel ranks: threads of this process, or, under `tessera launch` (torchrun, srun,
+    /// mpirun), the job's processes (then dp must equal their number).
     #[arg(long, default_value_t = 1)]
     pub dp: usize,
     /// Optimizer steps of the whole run (a resumed run continues up to this many).
@@ -327,6 +328,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
         Ok(out)
     })?
     .swap_remove(0);
+    // Under a multi-process launch every rank has trained; rank 0 reports and draws the curve.
+    if tessera_comm::process_rank() != 0 {
+        return Ok(());
+    }
 
     let val = outcome.val.last().map_or(f64::NAN, |v| v.1);
     let svg = tessera_train::curve::loss_curve_svg(&outcome.curve, &outcome.val, Some(unigram));

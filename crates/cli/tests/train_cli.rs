@@ -192,6 +192,93 @@ fn train_json_crash_resume_at_another_layout_and_export() {
     assert_eq!(code, 0, "{err}");
 }
 
+/// The step lines without their timing (`tokens_per_s` differs between any two runs).
+fn untimed(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("tokens_per_s");
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn training_under_launch_equals_training_in_one_process() {
+    // dp 2 as two processes (`tessera launch`, TCP) and as two threads: the same losses, learning
+    // rates and gradient norms to the bit, and the same saved weights and optimizer state.
+    let dir = tempfile::tempdir().unwrap();
+    let (data, model, cfg) = setup(dir.path());
+    let args = |ck: &Path, curve: &Path| -> Vec<String> {
+        [
+            "train",
+            "--config",
+            s(&cfg),
+            "--model-config",
+            s(&model),
+            "--data",
+            s(&data),
+            "--seq-len",
+            "16",
+            "--steps",
+            "4",
+            "--json",
+            "--dp",
+            "2",
+            "--zero-stage",
+            "1",
+            "--save",
+            s(ck),
+            "--curve",
+            s(curve),
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    };
+    let (ck_a, ck_b) = (dir.path().join("ck_threads"), dir.path().join("ck_procs"));
+    let a = args(&ck_a, &dir.path().join("a.svg"));
+    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    let (code, threads, err) = tessera_env(&refs, &[("TESSERA_COMM_TIMEOUT_S", "60")]);
+    assert_eq!(code, 0, "{err}");
+    let b = args(&ck_b, &dir.path().join("b.svg"));
+    let mut launched = vec!["launch", "--nproc-per-node", "2", "--", "tessera"];
+    launched.extend(b.iter().map(String::as_str));
+    let (code, procs, err) = tessera_env(&launched, &[("TESSERA_COMM_TIMEOUT_S", "60")]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(untimed(&procs), untimed(&threads));
+    assert_eq!(untimed(&threads).len(), 4);
+    // Only rank 0 reports.
+    assert_eq!(err.matches("validation loss").count(), 1, "{err}");
+    let weights = |ck: &Path| {
+        let step = std::fs::read_to_string(ck.join("latest")).unwrap();
+        let dir = ck.join(step.trim());
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        assert!(!files.is_empty());
+        files
+            .iter()
+            .map(|p| std::fs::read(p).unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert!(weights(&ck_a) == weights(&ck_b), "saved state differs");
+    // A launch whose process count is not dp: one clear line, non-zero exit.
+    let mut wrong = b.clone();
+    let at = wrong.iter().position(|x| x == "--dp").unwrap();
+    wrong[at + 1] = "4".into();
+    let mut launched = vec!["launch", "--nproc-per-node", "2", "--", "tessera"];
+    launched.extend(wrong.iter().map(String::as_str));
+    let (code, _, err) = tessera_env(&launched, &[("TESSERA_COMM_TIMEOUT_S", "60")]);
+    assert_ne!(code, 0);
+    assert!(err.contains("dp is 4"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 #[test]
 fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
     let dir = tempfile::tempdir().unwrap();
