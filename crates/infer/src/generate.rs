@@ -87,8 +87,9 @@ pub fn generate_on_rank(
 /// Greedy decode steps on a GPU replayed as one captured CUDA graph: the prompt and the first decode
 /// step run eager (kernels compiled, tables uploaded), the next step captures the graph, and every
 /// later step replays it (the same tokens as eager steps, one launch instead of hundreds). Where a
-/// capture is refused (e.g. a cache longer than the captured attention kernel holds), decode stays
-/// eager. On the CPU every step is eager.
+/// capture is refused, decode stays eager (with a warning). On the CPU every step is eager. The
+/// captured attention covers the cache's whole capacity (prompt + max_tokens) in splits of 256
+/// positions; the ones past the current position are empty and add exact zeros.
 #[derive(Default)]
 struct DecodeGraphs {
     eager_decode_steps: usize,
@@ -112,7 +113,10 @@ impl DecodeGraphs {
                 // A refused capture leaves the stream usable; decode goes on eager.
                 match m.capture_lockstep_greedy(cache, comm) {
                     Ok(g) => self.graph = Some(g),
-                    Err(_) => self.refused = true,
+                    Err(e) => {
+                        eprintln!("warning: decoding without a CUDA graph: {e}");
+                        self.refused = true;
+                    }
                 }
             }
             if let Some(g) = self.graph.as_mut() {

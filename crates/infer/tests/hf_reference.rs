@@ -181,8 +181,16 @@ mod cuda {
         n.min(2)
     }
 
+    /// A CUDA graph capture (greedy generate) needs its GPUs to itself: these tests take turns.
+    static GPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+        GPU.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     #[test]
     fn llama_on_gpu_matches_hf() {
+        let _gpu = exclusive();
         let n = gpus();
         if n > 0 {
             check_model_on("llama", &[1, 2, 4, 8], Device::Cuda(0), n);
@@ -191,6 +199,7 @@ mod cuda {
 
     #[test]
     fn mistral_on_gpu_matches_hf() {
+        let _gpu = exclusive();
         let n = gpus();
         if n > 0 {
             check_model_on("mistral", &[1, 2, 4], Device::Cuda(0), n);
@@ -199,6 +208,7 @@ mod cuda {
 
     #[test]
     fn qwen2_on_gpu_matches_hf() {
+        let _gpu = exclusive();
         let n = gpus();
         if n > 0 {
             check_model_on("qwen2", &[1, 2, 4], Device::Cuda(0), n);

@@ -348,6 +348,16 @@ fn rope_of(v: &Value) -> Result<RopeConfig, ModelError> {
 }
 
 fn sliding_of(v: &Value, arch: Arch, layers: usize) -> Result<Vec<Option<usize>>, ModelError> {
+    let per_layer = sliding_windows(v, arch, layers)?;
+    if per_layer.contains(&Some(0)) {
+        return Err(cfg_err(
+            "sliding_window 0 would let a token see nothing: use null for no window",
+        ));
+    }
+    Ok(per_layer)
+}
+
+fn sliding_windows(v: &Value, arch: Arch, layers: usize) -> Result<Vec<Option<usize>>, ModelError> {
     let window = opt_usize(v, "sliding_window")?;
     if let Some(types) = v.get("layer_types").and_then(|t| t.as_array()) {
         if types.len() != layers {
@@ -473,6 +483,11 @@ mod tests {
                 .unwrap();
         assert_eq!(m.sliding_window, vec![Some(4096), Some(4096)]);
         assert_eq!(m.head_dim, 16);
+        // A window of 0 is refused where it would be used, ignored where it is not.
+        let e = with(r#"{"architectures":["MistralForCausalLM"],"sliding_window":0}"#).unwrap_err();
+        assert!(e.to_string().contains("sliding_window 0"), "{e}");
+        let q = with(r#"{"architectures":["Qwen2ForCausalLM"],"sliding_window":0}"#).unwrap();
+        assert_eq!(q.sliding_window, vec![None, None]);
     }
 
     #[test]

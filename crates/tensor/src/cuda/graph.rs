@@ -9,6 +9,11 @@
 //! head. A replay ([`DecodeGraph::replay`]) fills the inputs, launches the graph and reads the
 //! outputs. Intermediate tensors are allocated and freed inside the graph (stream-ordered
 //! allocation), so a replay allocates nothing.
+//!
+//! A capture needs the device to itself: the process has one stream per GPU and one capture slot,
+//! so work another thread issues on that GPU while a step is being captured would be recorded
+//! into the graph (or read the graph's inputs). tessera runs one rank thread per GPU; tests that
+//! share a GPU take turns.
 
 use std::sync::Arc;
 

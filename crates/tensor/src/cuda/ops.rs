@@ -643,6 +643,14 @@ pub fn decode_attention(
     };
     let keys = window.map_or(keys, |w| keys.min(w));
     let splits = keys.div_ceil(DECODE_SPLIT).max(1);
+    if batch * hq > 65535 {
+        return Err(dev_err(
+            dev.ordinal,
+            format!(
+                "the CUDA decode attention takes at most 65535 query heads a step, {batch} x {hq} asked"
+            ),
+        ));
+    }
     let smem = (3 * hd + DECODE_SPLIT) * 4;
     let out = CudaBuf::alloc(&dev, qkv.dtype(), batch * hq * hd)?;
     let f = dev.table(inv_freq)?;

@@ -36,6 +36,12 @@ pub fn causal_attention(
         head_dim: hd,
     } = shape;
     let t = q_pos.len();
+    if window == Some(0) {
+        return Err(shape_err(
+            "attention",
+            "a window of 0 positions sees nothing",
+        ));
+    }
     if q.shape() != [t, hq, hd] || hkv == 0 || hq % hkv != 0 {
         return Err(shape_err(
             "attention",
@@ -127,6 +133,12 @@ pub fn decode_attention(
         num_kv_heads: hkv,
         head_dim: hd,
     } = shape;
+    if window == Some(0) {
+        return Err(shape_err(
+            "decode_attention",
+            "a window of 0 positions sees nothing",
+        ));
+    }
     let flat = AttentionShape {
         num_heads: batch * hq,
         num_kv_heads: batch * hkv,
@@ -193,5 +205,6 @@ mod tests {
         let o = causal_attention(&q, &k, &v, 3, shape, &[2], Some(1), 1.0).unwrap();
         assert_eq!(o.to_f32_vec(), vec![5.0, 5.0, 5.0, 5.0]);
         assert!(causal_attention(&q, &k, &v, 3, shape, &[3], None, 1.0).is_err());
+        assert!(causal_attention(&q, &k, &v, 3, shape, &[2], Some(0), 1.0).is_err());
     }
 }

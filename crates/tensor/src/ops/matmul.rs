@@ -32,6 +32,14 @@ pub fn matmul_t(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor,
     let m = x.elem_count() / k.max(1);
     let mut shape = x.shape().to_vec();
     *shape.last_mut().unwrap() = n;
+    if let Some(b) = bias {
+        if b.elem_count() != n {
+            return Err(shape_err(
+                "matmul",
+                format!("bias of {} for {n} outputs", b.elem_count()),
+            ));
+        }
+    }
     #[cfg(feature = "cuda")]
     if let (Storage::Cuda(xb), Storage::Cuda(wb)) = (x.storage(), w.storage()) {
         let b = match bias.map(|b| b.storage()) {
@@ -53,12 +61,6 @@ pub fn matmul_t(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor,
     let mut out = vec![0.0f32; m * n];
     matmul_t_into(xs, m, k, w.storage(), n, &mut out);
     if let Some(b) = bias {
-        if b.elem_count() != n {
-            return Err(shape_err(
-                "matmul",
-                format!("bias of {} for {n} outputs", b.elem_count()),
-            ));
-        }
         let bf = b.to_f32_vec();
         out.par_chunks_mut(n.max(1)).for_each(|row| {
             for (o, b) in row.iter_mut().zip(&bf) {
@@ -82,6 +84,14 @@ pub fn matmul_t_gated(
             "matmul_gated",
             format!("w {:?}: not [2n, k]", w.shape()),
         ));
+    }
+    if let Some(b) = bias {
+        if b.elem_count() != w.dim(0) {
+            return Err(shape_err(
+                "matmul_gated",
+                format!("bias of {} for {} outputs", b.elem_count(), w.dim(0)),
+            ));
+        }
     }
     #[cfg(feature = "cuda")]
     if let (Storage::Cuda(xb), Storage::Cuda(wb)) = (x.storage(), w.storage()) {
