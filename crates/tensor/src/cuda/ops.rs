@@ -429,6 +429,16 @@ const DECODE_SPLIT: usize = 256;
 /// The largest head_dim the attention kernels hold (`ATTN_MAX_HD`).
 const ATTN_MAX_HD: usize = 256;
 
+fn check_head_dim(dev: &GpuDevice, hd: usize) -> Result<(), TensorError> {
+    if hd > ATTN_MAX_HD {
+        return Err(dev_err(
+            dev.ordinal,
+            format!("the CUDA attention kernels take head_dim up to {ATTN_MAX_HD}, not {hd}"),
+        ));
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &CudaBuf,
@@ -445,12 +455,7 @@ pub fn attention(
     same_dev(q, k)?;
     same_dev(q, v)?;
     let dev = q.dev.clone();
-    if hd > ATTN_MAX_HD {
-        return Err(dev_err(
-            dev.ordinal,
-            format!("the CUDA attention kernels take head_dim up to {ATTN_MAX_HD}, not {hd}"),
-        ));
-    }
+    check_head_dim(&dev, hd)?;
     let io = dev.capturing();
     let out = CudaBuf::alloc(&dev, q.dtype(), t * hq * hd)?;
     let (a, b, c, s, w) = (
@@ -628,12 +633,7 @@ pub fn decode_attention(
         same_dev(qkv, b)?;
     }
     let dev = qkv.dev.clone();
-    if hd > ATTN_MAX_HD {
-        return Err(dev_err(
-            dev.ordinal,
-            format!("the CUDA attention kernels take head_dim up to {ATTN_MAX_HD}, not {hd}"),
-        ));
-    }
+    check_head_dim(&dev, hd)?;
     let io = dev.capturing();
     // A captured step reads its position on the device: its splits must cover the whole cache.
     let keys = if io.is_some() {
