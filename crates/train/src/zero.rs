@@ -66,7 +66,9 @@ pub struct ZeroEngine {
     overlap: bool,
     /// Compute-dtype weights: padded full units (stage 0-2) or shards (stage 3).
     weights: Vec<Storage>,
-    /// fp32 master weights and Adam moments: full padded units (stage 0) or shards.
+    /// fp32 master weights and Adam moments: full padded units (stage 0) or shards. Empty when
+    /// the compute dtype is f32: the weights are then the master (a second f32 copy would cost
+    /// 4 bytes a parameter for nothing).
     master: Vec<Vec<f32>>,
     exp_avg: Vec<Vec<f32>>,
     exp_avg_sq: Vec<Vec<f32>>,
@@ -127,6 +129,30 @@ impl ZeroEngine {
         self.stage == 0
     }
 
+    /// f32 training: the weights are the master copy.
+    fn master_is_weights(&self) -> bool {
+        self.dtype == DType::F32
+    }
+
+    /// The f32 values this rank updates, for unit `u`: its master shard (or full padded unit at
+    /// stage 0), which for f32 training lives inside the weights.
+    fn master_mut<'a>(
+        weights: &'a mut [Storage],
+        master: &'a mut [Vec<f32>],
+        stage: u8,
+        b: Bucket,
+        rank: usize,
+        u: usize,
+    ) -> &'a mut [f32] {
+        match (&mut weights[u], master.is_empty()) {
+            (Storage::F32(w), true) => match stage {
+                0 | 3 => &mut w[..],
+                _ => &mut w[b.range(rank)],
+            },
+            _ => &mut master[u],
+        }
+    }
+
     /// Replaces the whole optimizer state with full (unpadded) per-unit values; each rank keeps
     /// what its stage says it owns. Used at start and when resuming from a checkpoint.
     pub fn load_full(&mut self, master: Vec<Vec<f32>>, m: Vec<Vec<f32>>, v: Vec<Vec<f32>>) {
@@ -153,11 +179,15 @@ impl ZeroEngine {
                 }
             })
             .collect();
-        self.master = master
-            .into_iter()
-            .zip(&bs)
-            .map(|(x, b)| keep(x, b, fm, rank))
-            .collect();
+        self.master = if self.master_is_weights() {
+            Vec::new()
+        } else {
+            master
+                .into_iter()
+                .zip(&bs)
+                .map(|(x, b)| keep(x, b, fm, rank))
+                .collect()
+        };
         self.exp_avg = m
             .into_iter()
             .zip(&bs)
@@ -201,7 +231,23 @@ impl ZeroEngine {
                 full.truncate(b.len);
                 Ok(full)
             };
-            out.0.push(get(&self.master[u])?);
+            let master = if self.master_is_weights() {
+                let Storage::F32(w) = &self.weights[u] else {
+                    unreachable!("f32 training keeps f32 weights")
+                };
+                let mut full = if self.stage == 3 && self.dp > 1 {
+                    let mut full = vec![0.0f32; b.padded];
+                    self.comm.all_gather(w, &mut full)?;
+                    full
+                } else {
+                    w.clone()
+                };
+                full.truncate(b.len);
+                full
+            } else {
+                get(&self.master[u])?
+            };
+            out.0.push(master);
             out.1.push(get(&self.exp_avg[u])?);
             out.2.push(get(&self.exp_avg_sq[u])?);
         }
@@ -328,8 +374,17 @@ impl ZeroEngine {
             }
             for (u, g) in local.iter_mut().enumerate() {
                 g.iter_mut().for_each(|x| *x *= mult);
+                let b = self.buckets[u];
+                let p = Self::master_mut(
+                    &mut self.weights,
+                    &mut self.master,
+                    self.stage,
+                    b,
+                    self.rank,
+                    u,
+                );
                 adamw_update(
-                    &mut self.master[u],
+                    p,
                     g,
                     &mut self.exp_avg[u],
                     &mut self.exp_avg_sq[u],
@@ -358,7 +413,19 @@ impl ZeroEngine {
 
     fn refresh_weights(&mut self) -> Result<(), CommError> {
         for u in 0..self.buckets.len() {
-            let own = to_storage(self.dtype, &self.master[u]);
+            let own = if self.master_is_weights() {
+                // Updated in place: stages 0 and 3 hold just what they updated; stages 1-2
+                // all-gather their updated shard into the full weights.
+                if matches!(self.stage, 0 | 3) {
+                    continue;
+                }
+                let Storage::F32(w) = &self.weights[u] else {
+                    unreachable!("f32 training keeps f32 weights")
+                };
+                Storage::F32(w[self.buckets[u].range(self.rank)].to_vec())
+            } else {
+                to_storage(self.dtype, &self.master[u])
+            };
             self.weights[u] = match self.stage {
                 0 | 3 => own,
                 _ => {
