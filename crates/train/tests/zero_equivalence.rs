@@ -71,7 +71,10 @@ fn zero_shrinks_per_rank_state_as_promised() {
     let m0 = mem(4, 0);
     // f32 training: the f32 weights are the master copy, so the optimizer holds the two Adam
     // moments only (8 bytes a parameter, as `tessera plan` counts), not a second f32 copy.
-    assert!(m0.optimizer >= 8 * n && m0.optimizer < 12 * n, "{m0:?} for {n}");
+    assert!(
+        m0.optimizer >= 8 * n && m0.optimizer < 12 * n,
+        "{m0:?} for {n}"
+    );
     assert!(m0.grads >= 4 * n && m0.weights >= 4 * n);
     let m1 = mem(4, 1);
     assert!(m1.optimizer * 4 <= m0.optimizer + 8 * 4 * 64 && m1.grads == m0.grads);
