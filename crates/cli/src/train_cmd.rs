@@ -225,7 +225,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         let mut t = Trainer::new(comm, model_cfg.clone(), cfg.clone(), a.seq_len, init.clone())?;
         if let Some(p) = &a.resume {
             let ck = checkpoint::load(p, &t.model.layout)?;
-            checkpoint::restore(&mut t, ck);
+            checkpoint::restore(&mut t, ck)?;
         }
         let rank0 = t.rank() == 0;
         let mut loader = Loader::new(train_tokens.clone(), a.seq_len, seed)?;
@@ -348,8 +348,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
         outcome.tokens as f64 / outcome.secs.max(1e-9),
         outcome.steps_run
     );
+    let nvme = if m.nvme > 0 {
+        format!(" in memory (+{:.3} on NVMe)", mb(m.nvme))
+    } else {
+        String::new()
+    };
     eprintln!(
-        "per-rank MB: weights {:.3} (+{:.3} gathered peak), gradients {:.3}, optimizer {:.3}; `tessera plan` predicts {:.3} / {:.3} / {:.3} for dp {dp} ZeRO-{stage} (gradients here are accumulated in f32)",
+        "per-rank MB: weights {:.3} (+{:.3} gathered peak), gradients {:.3}, optimizer {:.3}{nvme}; `tessera plan` predicts {:.3} / {:.3} / {:.3} for dp {dp} ZeRO-{stage} (gradients here are accumulated in f32)",
         mb(m.weights),
         mb(m.gathered_peak),
         mb(m.grads),

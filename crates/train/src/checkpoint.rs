@@ -274,11 +274,12 @@ pub fn read_meta(dir: &Path) -> Result<CheckpointMeta, TrainError> {
 }
 
 /// Restores a trainer (any dp, any ZeRO stage) from a loaded checkpoint.
-pub fn restore(trainer: &mut Trainer, ck: LoadedCheckpoint) {
+pub fn restore(trainer: &mut Trainer, ck: LoadedCheckpoint) -> Result<(), TrainError> {
     trainer
         .engine
-        .load_full(ck.master, ck.exp_avg, ck.exp_avg_sq);
+        .load_full(ck.master, ck.exp_avg, ck.exp_avg_sq)?;
     trainer.progress = ck.meta.progress;
+    Ok(())
 }
 
 /// Writes an HF model directory from a checkpoint: `model.safetensors` (weights in `dtype`),

@@ -62,11 +62,13 @@ impl Default for Fp16Config {
 }
 
 /// Where optimizer state lives (`zero_optimization.offload_optimizer.device`). On CPU ranks the
-/// state is in host memory either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// state is in host memory for none and cpu; nvme keeps it in a file under `nvme_path`, one unit
+/// in memory at a time (ZeRO-Infinity).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OffloadDevice {
     None,
     Cpu,
+    Nvme(std::path::PathBuf),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -428,11 +430,14 @@ impl TrainConfig {
                 c.zero.offload_optimizer = match off.str("device")?.unwrap_or("none") {
                     "none" => OffloadDevice::None,
                     "cpu" => OffloadDevice::Cpu,
-                    "nvme" => {
-                        return Err(err(
-                            "`zero_optimization.offload_optimizer.device` nvme is not supported yet (use cpu or none)",
-                        ))
-                    }
+                    "nvme" => match off.str("nvme_path")? {
+                        Some(p) => OffloadDevice::Nvme(p.into()),
+                        None => {
+                            return Err(err(
+                                "`zero_optimization.offload_optimizer.device` nvme needs `nvme_path` (a directory)",
+                            ))
+                        }
+                    },
                     d => {
                         return Err(err(format!(
                             "`zero_optimization.offload_optimizer.device` must be none, cpu or nvme, got {d:?}"
@@ -701,7 +706,7 @@ mod tests {
             (r#"[1]"#, "object"),
             (
                 r#"{"zero_optimization": {"offload_optimizer": {"device": "nvme"}}}"#,
-                "nvme",
+                "nvme_path",
             ),
         ] {
             let e = TrainConfig::from_json_str(json).unwrap_err().to_string();

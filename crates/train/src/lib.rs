@@ -27,6 +27,7 @@ pub mod flat_buffer;
 pub mod loss_scale;
 pub mod schedule;
 pub mod spmd;
+pub mod swap;
 pub mod trainer;
 pub mod zero;
 

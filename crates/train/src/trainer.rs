@@ -76,7 +76,11 @@ impl Trainer {
             cfg.precision.dtype(),
             cfg.zero.overlap_comm,
             init,
-        );
+            match &cfg.zero.offload_optimizer {
+                crate::config::OffloadDevice::Nvme(dir) => Some(dir.as_path()),
+                _ => None,
+            },
+        )?;
         let progress = Progress {
             step: 0,
             iteration: 0,

@@ -43,8 +43,11 @@ pub struct MemoryStats {
     /// Most stage-3 gathered weight bytes alive at once.
     pub gathered_peak: usize,
     pub grads: usize,
-    /// fp32 master weights and both Adam moments.
+    /// fp32 master weights and both Adam moments in memory (with NVMe offload: the most held at
+    /// once, one unit's).
     pub optimizer: usize,
+    /// Optimizer state kept on NVMe (`offload_optimizer.device` nvme).
+    pub nvme: usize,
 }
 
 /// The result of one optimizer step.
@@ -74,6 +77,8 @@ pub struct ZeroEngine {
     exp_avg_sq: Vec<Vec<f32>>,
     /// f32 gradient accumulators: full padded (stage 0-1) or shards (stage 2-3).
     grads: Vec<Vec<f32>>,
+    /// Optimizer state offloaded to NVMe: the vectors above are then empty between steps.
+    swap: Option<crate::swap::Swap>,
     pending: Option<(usize, JoinHandle<Result<Storage, CommError>>)>,
     ready: Option<(usize, Storage)>,
     live_gathered: usize,
@@ -86,7 +91,9 @@ fn comm_err(e: CommError) -> ModelError {
 }
 
 impl ZeroEngine {
-    /// `init`: every unit's full f32 weights (the same on every rank).
+    /// `init`: every unit's full f32 weights (the same on every rank). `nvme`: a directory to keep
+    /// the optimizer state in instead of memory.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         comm: Arc<dyn Communicator>,
         layout: &ParamLayout,
@@ -94,7 +101,8 @@ impl ZeroEngine {
         dtype: DType,
         overlap: bool,
         init: Vec<Vec<f32>>,
-    ) -> Self {
+        nvme: Option<&std::path::Path>,
+    ) -> Result<Self, crate::TrainError> {
         let (dp, rank) = (comm.world_size(), comm.rank());
         let buckets: Vec<Bucket> = layout
             .units
@@ -114,15 +122,57 @@ impl ZeroEngine {
             exp_avg: vec![],
             exp_avg_sq: vec![],
             grads: vec![],
+            swap: None,
             pending: None,
             ready: None,
             live_gathered: 0,
             memory: MemoryStats::default(),
             comm_stats: CommStats::default(),
         };
+        if let Some(dir) = nvme {
+            let lens: Vec<usize> = e
+                .buckets
+                .iter()
+                .map(|b| if e.full_master() { b.padded } else { b.shard })
+                .collect();
+            let arrays = if e.master_is_weights() { 2 } else { 3 };
+            e.swap = Some(crate::swap::Swap::create(dir, rank, &lens, arrays)?);
+        }
         let zeros: Vec<Vec<f32>> = init.iter().map(|u| vec![0.0; u.len()]).collect();
-        e.load_full(init, zeros.clone(), zeros);
-        e
+        e.load_full(init, zeros.clone(), zeros)?;
+        Ok(e)
+    }
+
+    /// Brings unit `u`'s optimizer state into memory (NVMe offload; a no-op otherwise).
+    fn swap_in(&mut self, u: usize) -> Result<(), crate::TrainError> {
+        if let Some(s) = &self.swap {
+            let mut parts = s.read(u)?;
+            self.exp_avg_sq[u] = parts.pop().unwrap_or_default();
+            self.exp_avg[u] = parts.pop().unwrap_or_default();
+            if let Some(m) = parts.pop() {
+                self.master[u] = m;
+            }
+        }
+        Ok(())
+    }
+
+    /// Frees unit `u`'s optimizer state from memory, writing it back first when `write`.
+    fn swap_out(&mut self, u: usize, write: bool) -> Result<(), crate::TrainError> {
+        if let Some(s) = &self.swap {
+            if write {
+                let (m, v) = (&self.exp_avg[u], &self.exp_avg_sq[u]);
+                match self.master.get(u) {
+                    Some(master) => s.write(u, &[master, m, v])?,
+                    None => s.write(u, &[m, v])?,
+                }
+            }
+            self.exp_avg[u] = Vec::new();
+            self.exp_avg_sq[u] = Vec::new();
+            if let Some(master) = self.master.get_mut(u) {
+                *master = Vec::new();
+            }
+        }
+        Ok(())
     }
 
     fn full_master(&self) -> bool {
@@ -155,7 +205,12 @@ impl ZeroEngine {
 
     /// Replaces the whole optimizer state with full (unpadded) per-unit values; each rank keeps
     /// what its stage says it owns. Used at start and when resuming from a checkpoint.
-    pub fn load_full(&mut self, master: Vec<Vec<f32>>, m: Vec<Vec<f32>>, v: Vec<Vec<f32>>) {
+    pub fn load_full(
+        &mut self,
+        master: Vec<Vec<f32>>,
+        m: Vec<Vec<f32>>,
+        v: Vec<Vec<f32>>,
+    ) -> Result<(), crate::TrainError> {
         let keep = |full: Vec<f32>, b: &Bucket, full_master: bool, rank: usize| {
             let p = padded(full, b.padded);
             if full_master {
@@ -203,22 +258,33 @@ impl ZeroEngine {
             .map(|b| vec![0.0; if self.stage >= 2 { b.shard } else { b.padded }])
             .collect();
         let bytes = |vs: &[Vec<f32>]| vs.iter().map(|v| v.len() * 4).sum::<usize>();
+        let in_memory = bytes(&self.master) + bytes(&self.exp_avg) + bytes(&self.exp_avg_sq);
+        let (optimizer, nvme) = match &self.swap {
+            Some(s) => (s.largest_unit_bytes(), s.bytes()),
+            None => (in_memory, 0),
+        };
         self.memory = MemoryStats {
             weights: self.weights.iter().map(Storage::size_in_bytes).sum(),
             gathered_peak: 0,
             grads: bytes(&self.grads),
-            optimizer: bytes(&self.master) + bytes(&self.exp_avg) + bytes(&self.exp_avg_sq),
+            optimizer,
+            nvme,
         };
+        for u in 0..self.buckets.len() {
+            self.swap_out(u, true)?;
+        }
+        Ok(())
     }
 
     /// Full (unpadded) master weights and moments of every unit, on every rank (a collective).
     #[allow(clippy::type_complexity)]
     pub fn gather_full(
         &mut self,
-    ) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<Vec<f32>>), CommError> {
+    ) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<Vec<f32>>), crate::TrainError> {
         self.join_pending()?;
         let mut out = (vec![], vec![], vec![]);
         for u in 0..self.buckets.len() {
+            self.swap_in(u)?;
             let b = self.buckets[u];
             let get = |x: &Vec<f32>| -> Result<Vec<f32>, CommError> {
                 let mut full = if self.full_master() {
@@ -250,6 +316,7 @@ impl ZeroEngine {
             out.0.push(master);
             out.1.push(get(&self.exp_avg[u])?);
             out.2.push(get(&self.exp_avg_sq[u])?);
+            self.swap_out(u, false)?;
         }
         Ok(out)
     }
@@ -316,7 +383,7 @@ impl ZeroEngine {
         clip: f32,
         loss_scale: f32,
         apply: impl FnOnce(bool) -> bool,
-    ) -> Result<StepOutcome, CommError> {
+    ) -> Result<StepOutcome, crate::TrainError> {
         self.join_pending()?;
         self.ready = None;
         let n_units = self.buckets.len();
@@ -372,8 +439,12 @@ impl ZeroEngine {
             if clip > 0.0 && grad_norm > clip {
                 mult *= clip / (grad_norm + 1e-6);
             }
+            // The compute-dtype copy of each updated master shard (unless the weights are the
+            // master), made while the shard is in memory.
+            let mut owns = Vec::with_capacity(n_units);
             for (u, g) in local.iter_mut().enumerate() {
                 g.iter_mut().for_each(|x| *x *= mult);
+                self.swap_in(u)?;
                 let b = self.buckets[u];
                 let p = Self::master_mut(
                     &mut self.weights,
@@ -392,8 +463,12 @@ impl ZeroEngine {
                     adam_step,
                     hp,
                 );
+                if !self.master_is_weights() {
+                    owns.push(to_storage(self.dtype, &self.master[u]));
+                }
+                self.swap_out(u, true)?;
             }
-            self.refresh_weights()?;
+            self.refresh_weights(owns)?;
         }
         // Fresh zeroed accumulators (stage 0 and 2-3 moved theirs out).
         for u in 0..n_units {
@@ -411,7 +486,10 @@ impl ZeroEngine {
         })
     }
 
-    fn refresh_weights(&mut self) -> Result<(), CommError> {
+    /// New compute weights from the updated master: `owns[u]`, each unit's updated shard in the
+    /// compute dtype (empty when the weights are the master and were updated in place).
+    fn refresh_weights(&mut self, owns: Vec<Storage>) -> Result<(), CommError> {
+        let mut owns = owns.into_iter();
         for u in 0..self.buckets.len() {
             let own = if self.master_is_weights() {
                 // Updated in place: stages 0 and 3 hold just what they updated; stages 1-2
@@ -424,7 +502,7 @@ impl ZeroEngine {
                 };
                 Storage::F32(w[self.buckets[u].range(self.rank)].to_vec())
             } else {
-                to_storage(self.dtype, &self.master[u])
+                owns.next().expect("one updated shard per unit")
             };
             self.weights[u] = match self.stage {
                 0 | 3 => own,

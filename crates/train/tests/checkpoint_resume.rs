@@ -36,7 +36,7 @@ fn segment(
             random_init(&layout, 0),
         )?;
         if let Some(p) = from {
-            restore(&mut t, load(p, &layout)?);
+            restore(&mut t, load(p, &layout)?)?;
         }
         let mut loader = Loader::new(data.clone(), SEQ, 0)?;
         let stats = train_steps(&mut t, &mut loader, steps)?;
