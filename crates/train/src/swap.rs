@@ -56,13 +56,11 @@ impl Swap {
         self.blocks.iter().map(|b| self.arrays * b.1 * 4).sum()
     }
 
-    /// Bytes of the largest unit's state: what a step holds in memory at once.
-    pub fn largest_unit_bytes(&self) -> usize {
-        self.blocks
-            .iter()
-            .map(|b| self.arrays * b.1 * 4)
-            .max()
-            .unwrap_or(0)
+    /// Bytes of the `k` largest units' state: what a step holding `k` units at once holds at most.
+    pub fn largest_units_bytes(&self, k: usize) -> usize {
+        let mut sizes: Vec<usize> = self.blocks.iter().map(|b| self.arrays * b.1 * 4).collect();
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        sizes.iter().take(k).sum()
     }
 
     /// Writes unit `u`'s arrays (each of the unit's length).

@@ -260,7 +260,8 @@ impl ZeroEngine {
         let bytes = |vs: &[Vec<f32>]| vs.iter().map(|v| v.len() * 4).sum::<usize>();
         let in_memory = bytes(&self.master) + bytes(&self.exp_avg) + bytes(&self.exp_avg_sq);
         let (optimizer, nvme) = match &self.swap {
-            Some(s) => (s.largest_unit_bytes(), s.bytes()),
+            // The step holds up to three units' state at once (reading, updating, writing).
+            Some(s) => (s.largest_units_bytes(3), s.bytes()),
             None => (in_memory, 0),
         };
         self.memory = MemoryStats {
@@ -439,35 +440,7 @@ impl ZeroEngine {
             if clip > 0.0 && grad_norm > clip {
                 mult *= clip / (grad_norm + 1e-6);
             }
-            // The compute-dtype copy of each updated master shard (unless the weights are the
-            // master), made while the shard is in memory.
-            let mut owns = Vec::with_capacity(n_units);
-            for (u, g) in local.iter_mut().enumerate() {
-                g.iter_mut().for_each(|x| *x *= mult);
-                self.swap_in(u)?;
-                let b = self.buckets[u];
-                let p = Self::master_mut(
-                    &mut self.weights,
-                    &mut self.master,
-                    self.stage,
-                    b,
-                    self.rank,
-                    u,
-                );
-                adamw_update(
-                    p,
-                    g,
-                    &mut self.exp_avg[u],
-                    &mut self.exp_avg_sq[u],
-                    lr,
-                    adam_step,
-                    hp,
-                );
-                if !self.master_is_weights() {
-                    owns.push(to_storage(self.dtype, &self.master[u]));
-                }
-                self.swap_out(u, true)?;
-            }
+            let owns = self.update_units(&mut local, mult, lr, adam_step, hp)?;
             self.refresh_weights(owns)?;
         }
         // Fresh zeroed accumulators (stage 0 and 2-3 moved theirs out).
@@ -484,6 +457,113 @@ impl ZeroEngine {
             grad_norm,
             overflow: bad,
         })
+    }
+
+    /// AdamW on every unit this rank owns, with gradients `local` scaled by `mult`. Returns the
+    /// compute-dtype copy of each updated master shard (unless the weights are the master), made
+    /// while the shard is in memory. With NVMe offload the reads and writes are pipelined: unit
+    /// u + 1 is read and unit u - 1 written while unit u updates (at most three units' state in
+    /// memory).
+    fn update_units(
+        &mut self,
+        local: &mut [Vec<f32>],
+        mult: f32,
+        lr: f32,
+        adam_step: u64,
+        hp: &AdamWParams,
+    ) -> Result<Vec<Storage>, crate::TrainError> {
+        let n = local.len();
+        let mut owns = Vec::with_capacity(n);
+        let Some(swap) = self.swap.take() else {
+            for (u, g) in local.iter_mut().enumerate() {
+                self.update_unit(u, g, mult, lr, adam_step, hp, &mut owns);
+            }
+            return Ok(owns);
+        };
+        let rank = self.rank;
+        fn joined<T>(
+            rank: usize,
+            r: std::thread::Result<Result<T, crate::TrainError>>,
+        ) -> Result<T, crate::TrainError> {
+            r.unwrap_or_else(|_| {
+                Err(crate::TrainError::Panic {
+                    rank,
+                    msg: "the NVMe swap thread panicked".into(),
+                })
+            })
+        }
+        let swap_ref = &swap;
+        let r = std::thread::scope(|s| -> Result<(), crate::TrainError> {
+            let mut next = (n > 0).then(|| s.spawn(move || swap_ref.read(0)));
+            let mut writing: Option<
+                std::thread::ScopedJoinHandle<'_, Result<(), crate::TrainError>>,
+            > = None;
+            for (u, g) in local.iter_mut().enumerate() {
+                let reading = next.take().expect("one read per unit");
+                let mut parts = joined(rank, reading.join())?;
+                if u + 1 < n {
+                    next = Some(s.spawn(move || swap_ref.read(u + 1)));
+                }
+                self.exp_avg_sq[u] = parts.pop().unwrap_or_default();
+                self.exp_avg[u] = parts.pop().unwrap_or_default();
+                if let Some(m) = parts.pop() {
+                    self.master[u] = m;
+                }
+                self.update_unit(u, g, mult, lr, adam_step, hp, &mut owns);
+                let m = std::mem::take(&mut self.exp_avg[u]);
+                let v = std::mem::take(&mut self.exp_avg_sq[u]);
+                let master = self.master.get_mut(u).map(std::mem::take);
+                if let Some(w) = writing.take() {
+                    joined(rank, w.join())?;
+                }
+                writing = Some(s.spawn(move || match &master {
+                    Some(master) => swap_ref.write(u, &[master, &m, &v]),
+                    None => swap_ref.write(u, &[&m, &v]),
+                }));
+            }
+            if let Some(w) = writing.take() {
+                joined(rank, w.join())?;
+            }
+            Ok(())
+        });
+        self.swap = Some(swap);
+        r.map(|()| owns)
+    }
+
+    /// AdamW on unit `u`, its state in memory.
+    #[allow(clippy::too_many_arguments)]
+    fn update_unit(
+        &mut self,
+        u: usize,
+        g: &mut [f32],
+        mult: f32,
+        lr: f32,
+        adam_step: u64,
+        hp: &AdamWParams,
+        owns: &mut Vec<Storage>,
+    ) {
+        g.iter_mut().for_each(|x| *x *= mult);
+        let b = self.buckets[u];
+        let p = Self::master_mut(
+            &mut self.weights,
+            &mut self.master,
+            self.stage,
+            b,
+            self.rank,
+            u,
+        );
+        adamw_update(
+            p,
+            g,
+            &mut self.exp_avg[u],
+            &mut self.exp_avg_sq[u],
+            lr,
+            adam_step,
+            hp,
+        );
+        if !self.master_is_weights() {
+            owns.push(to_storage(self.dtype, &self.master[u]));
+        }
     }
 
     /// New compute weights from the updated master: `owns[u]`, each unit's updated shard in the
