@@ -33,6 +33,7 @@ mod local;
 mod mesh;
 mod reduce;
 pub mod rendezvous;
+pub mod spmd;
 mod stream;
 mod tcp;
 mod work;

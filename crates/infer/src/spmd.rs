@@ -10,8 +10,7 @@
 //! If a rank fails, the others are aborted by the communicator, and the error reported is the root
 //! cause rather than the aborts it caused.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
-
+use tessera_comm::spmd::{root_cause, run_threads};
 use tessera_comm::{CommError, Communicator, LocalGroup};
 use tessera_model::TpRank;
 
@@ -23,13 +22,6 @@ fn is_abort(e: &InferError) -> bool {
         InferError::Comm(CommError::Aborted { .. })
             | InferError::Model(tessera_model::ModelError::Comm(CommError::Aborted { .. }))
     )
-}
-
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_default()
 }
 
 pub fn run_tp<R, F>(tp: usize, f: F) -> Result<R, InferError>
@@ -61,20 +53,12 @@ where
         world.abort(&format!("rank {rank}: {msg}"));
         return Err(InferError::Request(msg));
     }
-    let r =
-        catch_unwind(AssertUnwindSafe(|| f(world, TpRank { rank, size }))).unwrap_or_else(|p| {
-            Err(InferError::Panic {
-                rank,
-                msg: panic_message(p),
-            })
-        });
-    if let Err(e) = &r {
-        // Tell the other ranks now, with the cause, instead of letting them wait out the deadline.
-        if !is_abort(e) {
-            world.abort(&format!("rank {rank} failed: {e}"));
-        }
-    }
-    r
+    tessera_comm::spmd::run_as_process_rank(
+        world,
+        is_abort,
+        |msg| InferError::Panic { rank, msg },
+        || f(world, TpRank { rank, size }),
+    )
 }
 
 fn run_as_threads<R, F>(tp: usize, timeout: std::time::Duration, f: F) -> Result<R, InferError>
@@ -83,32 +67,11 @@ where
     F: Fn(&dyn Communicator, TpRank) -> Result<R, InferError> + Sync,
 {
     let comms = LocalGroup::with_timeout(tp, timeout).into_comms();
-    let results: Vec<Result<R, InferError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .enumerate()
-            .map(|(rank, comm)| {
-                let f = &f;
-                s.spawn(move || {
-                    let r = f(&comm, TpRank { rank, size: tp });
-                    drop(comm);
-                    r
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .enumerate()
-            .map(|(rank, h)| {
-                h.join().unwrap_or_else(|p| {
-                    Err(InferError::Panic {
-                        rank,
-                        msg: panic_message(p),
-                    })
-                })
-            })
-            .collect()
-    });
+    let results = run_threads(
+        comms,
+        |rank, comm| f(&comm, TpRank { rank, size: tp }),
+        |rank, msg| InferError::Panic { rank, msg },
+    );
     let mut errors = Vec::new();
     let mut rank0 = None;
     for (rank, r) in results.into_iter().enumerate() {
@@ -118,15 +81,9 @@ where
             Err(e) => errors.push(e),
         }
     }
-    match rank0 {
-        Some(v) if errors.is_empty() => Ok(v),
-        _ => {
-            // Prefer the root cause over the aborts it caused on the other ranks.
-            let idx = errors.iter().position(|e| !is_abort(e)).unwrap_or(0);
-            if errors.is_empty() {
-                return Err(InferError::Request("rank 0 returned no result".into()));
-            }
-            Err(errors.swap_remove(idx))
-        }
+    match (rank0, root_cause(errors, is_abort)) {
+        (Some(v), None) => Ok(v),
+        (_, Some(e)) => Err(e),
+        (None, None) => Err(InferError::Request("rank 0 returned no result".into())),
     }
 }

@@ -4,9 +4,9 @@
 //! the others are aborted by the communicator, and the error reported is the root cause rather
 //! than the aborts it caused.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
+use tessera_comm::spmd::{root_cause, run_threads};
 use tessera_comm::{CommError, Communicator, LocalGroup};
 
 use crate::TrainError;
@@ -35,13 +35,6 @@ fn is_abort(e: &TrainError) -> bool {
     )
 }
 
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_default()
-}
-
 /// This process is one rank of a multi-process job: run `f` once, as that rank.
 fn run_as_process_rank<R, F>(
     world: Arc<tessera_comm::TcpComm>,
@@ -61,19 +54,12 @@ where
         return Err(TrainError::Config(msg));
     }
     let comm: Arc<dyn Communicator> = world.clone();
-    let r = catch_unwind(AssertUnwindSafe(|| f(comm))).unwrap_or_else(|p| {
-        Err(TrainError::Panic {
-            rank,
-            msg: panic_message(p),
-        })
-    });
-    if let Err(e) = &r {
-        // Tell the other ranks now, with the cause, instead of letting them wait out the deadline.
-        if !is_abort(e) {
-            world.abort(&format!("rank {rank} failed: {e}"));
-        }
-    }
-    r
+    tessera_comm::spmd::run_as_process_rank(
+        &*world,
+        is_abort,
+        |msg| TrainError::Panic { rank, msg },
+        || f(comm),
+    )
 }
 
 fn run_as_threads<R, F>(dp: usize, f: F) -> Result<Vec<R>, TrainError>
@@ -82,27 +68,11 @@ where
     F: Fn(Arc<dyn Communicator>) -> Result<R, TrainError> + Sync,
 {
     let comms = LocalGroup::new(dp).into_comms();
-    let results: Vec<Result<R, TrainError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .map(|comm| {
-                let f = &f;
-                s.spawn(move || f(Arc::new(comm)))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .enumerate()
-            .map(|(rank, h)| {
-                h.join().unwrap_or_else(|p| {
-                    Err(TrainError::Panic {
-                        rank,
-                        msg: panic_message(p),
-                    })
-                })
-            })
-            .collect()
-    });
+    let results = run_threads(
+        comms,
+        |_, comm| f(Arc::new(comm)),
+        |rank, msg| TrainError::Panic { rank, msg },
+    );
     let mut oks = Vec::with_capacity(dp);
     let mut errors = Vec::new();
     for r in results {
@@ -111,9 +81,8 @@ where
             Err(e) => errors.push(e),
         }
     }
-    if errors.is_empty() {
-        return Ok(oks);
+    match root_cause(errors, is_abort) {
+        None => Ok(oks),
+        Some(e) => Err(e),
     }
-    let idx = errors.iter().position(|e| !is_abort(e)).unwrap_or(0);
-    Err(errors.swap_remove(idx))
 }
