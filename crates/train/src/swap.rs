@@ -9,6 +9,15 @@ use std::path::{Path, PathBuf};
 
 use crate::TrainError;
 
+/// One unit's optimizer state: its fp32 master (absent when the weights are the master) and the
+/// two Adam moments.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UnitState {
+    pub master: Option<Vec<f32>>,
+    pub exp_avg: Vec<f32>,
+    pub exp_avg_sq: Vec<f32>,
+}
+
 pub struct Swap {
     file: File,
     path: PathBuf,
@@ -63,9 +72,16 @@ impl Swap {
         sizes.iter().take(k).sum()
     }
 
-    /// Writes unit `u`'s arrays (each of the unit's length).
-    pub fn write(&self, u: usize, parts: &[&[f32]]) -> Result<(), TrainError> {
+    /// Writes unit `u`'s state (each array of the unit's length; a master exactly when the file
+    /// holds masters).
+    pub fn write(&self, u: usize, st: &UnitState) -> Result<(), TrainError> {
         let (at, n) = self.blocks[u];
+        let parts: Vec<&[f32]> = st
+            .master
+            .as_deref()
+            .into_iter()
+            .chain([&st.exp_avg[..], &st.exp_avg_sq[..]])
+            .collect();
         assert!(parts.len() == self.arrays && parts.iter().all(|p| p.len() == n));
         let mut bytes = Vec::with_capacity(self.arrays * n * 4);
         for p in parts {
@@ -76,21 +92,24 @@ impl Swap {
             .map_err(|e| TrainError::io(&self.path, e))
     }
 
-    /// Reads unit `u`'s arrays back.
-    pub fn read(&self, u: usize) -> Result<Vec<Vec<f32>>, TrainError> {
+    /// Reads unit `u`'s state back.
+    pub fn read(&self, u: usize) -> Result<UnitState, TrainError> {
         let (at, n) = self.blocks[u];
         let mut bytes = vec![0u8; self.arrays * n * 4];
         self.file
             .read_exact_at(&mut bytes, at)
             .map_err(|e| TrainError::io(&self.path, e))?;
-        Ok(bytes
-            .chunks_exact(n * 4)
-            .map(|c| {
-                c.chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect()
-            })
-            .collect())
+        let mut parts = bytes.chunks_exact(n * 4).map(|c| {
+            c.chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect::<Vec<f32>>()
+        });
+        let master = if self.arrays == 3 { parts.next() } else { None };
+        Ok(UnitState {
+            master,
+            exp_avg: parts.next().unwrap_or_default(),
+            exp_avg_sq: parts.next().unwrap_or_default(),
+        })
     }
 }
 
@@ -109,15 +128,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Swap::create(dir.path(), 3, &[4, 0, 2], 3).unwrap();
         assert_eq!(s.bytes(), (4 + 2) * 3 * 4);
-        let a = [1.0f32, -2.0, 3.5, f32::MIN_POSITIVE];
-        s.write(0, &[&a, &[0.0; 4], &[7.0; 4]]).unwrap();
-        s.write(2, &[&[9.0, 8.0], &[1.0, 1.0], &[-0.0, 5.0]])
-            .unwrap();
-        assert_eq!(
-            s.read(0).unwrap(),
-            vec![a.to_vec(), vec![0.0; 4], vec![7.0; 4]]
-        );
-        assert_eq!(s.read(2).unwrap()[0], vec![9.0, 8.0]);
+        let a = UnitState {
+            master: Some(vec![1.0f32, -2.0, 3.5, f32::MIN_POSITIVE]),
+            exp_avg: vec![0.0; 4],
+            exp_avg_sq: vec![7.0; 4],
+        };
+        s.write(0, &a).unwrap();
+        let c = UnitState {
+            master: Some(vec![9.0, 8.0]),
+            exp_avg: vec![1.0, 1.0],
+            exp_avg_sq: vec![-0.0, 5.0],
+        };
+        s.write(2, &c).unwrap();
+        assert_eq!(s.read(0).unwrap(), a);
+        assert_eq!(s.read(2).unwrap().master, Some(vec![9.0, 8.0]));
+        // Moments only (the weights are the master).
+        let m = Swap::create(dir.path(), 4, &[2], 2).unwrap();
+        let b = UnitState {
+            master: None,
+            exp_avg: vec![1.5, 2.5],
+            exp_avg_sq: vec![3.5, 4.5],
+        };
+        m.write(0, &b).unwrap();
+        assert_eq!(m.read(0).unwrap(), b);
+        drop(m);
         let path = s.path.clone();
         assert!(path.exists());
         drop(s);

@@ -23,6 +23,7 @@ use tessera_tensor::{ops, DType, Storage};
 
 use crate::adamw::{adamw_update, AdamWParams};
 use crate::flat_buffer::{all_gather_storage, padded, to_storage, widen, Bucket};
+use crate::swap::UnitState;
 
 /// Bytes and seconds spent in each kind of collective.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -143,36 +144,44 @@ impl ZeroEngine {
         Ok(e)
     }
 
+    /// Unit `u`'s optimizer state, moved out of memory.
+    fn take_state(&mut self, u: usize) -> UnitState {
+        UnitState {
+            master: self.master.get_mut(u).map(std::mem::take),
+            exp_avg: std::mem::take(&mut self.exp_avg[u]),
+            exp_avg_sq: std::mem::take(&mut self.exp_avg_sq[u]),
+        }
+    }
+
+    /// Puts unit `u`'s optimizer state in memory.
+    fn put_state(&mut self, u: usize, st: UnitState) {
+        self.exp_avg[u] = st.exp_avg;
+        self.exp_avg_sq[u] = st.exp_avg_sq;
+        if let Some(m) = st.master {
+            self.master[u] = m;
+        }
+    }
+
     /// Brings unit `u`'s optimizer state into memory (NVMe offload; a no-op otherwise).
     fn swap_in(&mut self, u: usize) -> Result<(), crate::TrainError> {
-        if let Some(s) = &self.swap {
-            let mut parts = s.read(u)?;
-            self.exp_avg_sq[u] = parts.pop().unwrap_or_default();
-            self.exp_avg[u] = parts.pop().unwrap_or_default();
-            if let Some(m) = parts.pop() {
-                self.master[u] = m;
-            }
-        }
+        let st = match &self.swap {
+            Some(s) => s.read(u)?,
+            None => return Ok(()),
+        };
+        self.put_state(u, st);
         Ok(())
     }
 
     /// Frees unit `u`'s optimizer state from memory, writing it back first when `write`.
     fn swap_out(&mut self, u: usize, write: bool) -> Result<(), crate::TrainError> {
-        if let Some(s) = &self.swap {
-            if write {
-                let (m, v) = (&self.exp_avg[u], &self.exp_avg_sq[u]);
-                match self.master.get(u) {
-                    Some(master) => s.write(u, &[master, m, v])?,
-                    None => s.write(u, &[m, v])?,
-                }
-            }
-            self.exp_avg[u] = Vec::new();
-            self.exp_avg_sq[u] = Vec::new();
-            if let Some(master) = self.master.get_mut(u) {
-                *master = Vec::new();
-            }
+        if self.swap.is_none() {
+            return Ok(());
         }
-        Ok(())
+        let st = self.take_state(u);
+        match &self.swap {
+            Some(s) if write => s.write(u, &st),
+            _ => Ok(()),
+        }
     }
 
     fn full_master(&self) -> bool {
@@ -500,26 +509,17 @@ impl ZeroEngine {
             > = None;
             for (u, g) in local.iter_mut().enumerate() {
                 let reading = next.take().expect("one read per unit");
-                let mut parts = joined(rank, reading.join())?;
+                let st = joined(rank, reading.join())?;
                 if u + 1 < n {
                     next = Some(s.spawn(move || swap_ref.read(u + 1)));
                 }
-                self.exp_avg_sq[u] = parts.pop().unwrap_or_default();
-                self.exp_avg[u] = parts.pop().unwrap_or_default();
-                if let Some(m) = parts.pop() {
-                    self.master[u] = m;
-                }
+                self.put_state(u, st);
                 self.update_unit(u, g, mult, lr, adam_step, hp, &mut owns);
-                let m = std::mem::take(&mut self.exp_avg[u]);
-                let v = std::mem::take(&mut self.exp_avg_sq[u]);
-                let master = self.master.get_mut(u).map(std::mem::take);
+                let st = self.take_state(u);
                 if let Some(w) = writing.take() {
                     joined(rank, w.join())?;
                 }
-                writing = Some(s.spawn(move || match &master {
-                    Some(master) => swap_ref.write(u, &[master, &m, &v]),
-                    None => swap_ref.write(u, &[&m, &v]),
-                }));
+                writing = Some(s.spawn(move || swap_ref.write(u, &st)));
             }
             if let Some(w) = writing.take() {
                 joined(rank, w.join())?;
