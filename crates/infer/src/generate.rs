@@ -92,7 +92,9 @@ pub fn generate_on_rank(
 /// positions; the ones past the current position are empty and add exact zeros.
 #[derive(Default)]
 struct DecodeGraphs {
-    eager_decode_steps: usize,
+    /// An eager decode step has run (kernels compiled, tables uploaded): a capture may follow.
+    #[cfg(feature = "cuda")]
+    warmed: bool,
     #[cfg(feature = "cuda")]
     graph: Option<tessera_model::LockstepGraph>,
     #[cfg(feature = "cuda")]
@@ -109,7 +111,7 @@ impl DecodeGraphs {
     ) -> Result<u32, InferError> {
         #[cfg(feature = "cuda")]
         if input.len() == 1 && matches!(m.device, Device::Cuda(_)) && !self.refused {
-            if self.graph.is_none() && self.eager_decode_steps > 0 {
+            if self.graph.is_none() && self.warmed {
                 // A refused capture leaves the stream usable; decode goes on eager.
                 match m.capture_lockstep_greedy(cache, comm) {
                     Ok(g) => self.graph = Some(g),
@@ -122,9 +124,7 @@ impl DecodeGraphs {
             if let Some(g) = self.graph.as_mut() {
                 return Ok(m.step_lockstep_graph(g, input, cache, comm)?[0]);
             }
-        }
-        if input.len() == 1 {
-            self.eager_decode_steps += 1;
+            self.warmed = true;
         }
         Ok(m.forward_greedy(input, cache, comm)?)
     }
