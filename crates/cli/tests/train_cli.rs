@@ -72,6 +72,38 @@ fn setup(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (data, model, cfg)
 }
 
+/// `tessera train` on `setup`'s data, model and config: `steps` steps of 16 tokens, JSON lines on
+/// stdout, the loss curve to `curve`, then `extra`.
+fn train_args(
+    (data, model, cfg): &(PathBuf, PathBuf, PathBuf),
+    steps: usize,
+    curve: &Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let steps = steps.to_string();
+    let mut v: Vec<String> = [
+        "train",
+        "--config",
+        s(cfg),
+        "--model-config",
+        s(model),
+        "--data",
+        s(data),
+        "--seq-len",
+        "16",
+        "--steps",
+        &steps,
+        "--json",
+        "--curve",
+        s(curve),
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    v.extend(extra.iter().map(|x| x.to_string()));
+    v
+}
+
 fn losses(stdout: &str) -> Vec<(u64, f64)> {
     stdout
         .lines()
@@ -89,33 +121,10 @@ fn losses(stdout: &str) -> Vec<(u64, f64)> {
 #[test]
 fn train_json_crash_resume_at_another_layout_and_export() {
     let dir = tempfile::tempdir().unwrap();
-    let (data, model, cfg) = setup(dir.path());
+    let paths = setup(dir.path());
     let curve = dir.path().join("curve.svg");
-    let common = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "train",
-            "--config",
-            s(&cfg),
-            "--model-config",
-            s(&model),
-            "--data",
-            s(&data),
-            "--seq-len",
-            "16",
-            "--steps",
-            "6",
-            "--json",
-            "--curve",
-            s(&curve),
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .collect();
-        v.extend(extra.iter().map(|x| x.to_string()));
-        v
-    };
     let run = |extra: &[&str], env: &[(&str, &str)]| {
-        let args = common(extra);
+        let args = train_args(&paths, 6, &curve, extra);
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         tessera_env(&refs, env)
     };
@@ -209,33 +218,14 @@ fn training_under_launch_equals_training_in_one_process() {
     // dp 2 as two processes (`tessera launch`, TCP) and as two threads: the same losses, learning
     // rates and gradient norms to the bit, and the same saved weights and optimizer state.
     let dir = tempfile::tempdir().unwrap();
-    let (data, model, cfg) = setup(dir.path());
-    let args = |ck: &Path, curve: &Path| -> Vec<String> {
-        [
-            "train",
-            "--config",
-            s(&cfg),
-            "--model-config",
-            s(&model),
-            "--data",
-            s(&data),
-            "--seq-len",
-            "16",
-            "--steps",
-            "4",
-            "--json",
-            "--dp",
-            "2",
-            "--zero-stage",
-            "1",
-            "--save",
-            s(ck),
-            "--curve",
-            s(curve),
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .collect()
+    let paths = setup(dir.path());
+    let args = |ck: &Path, curve: &Path| {
+        train_args(
+            &paths,
+            4,
+            curve,
+            &["--dp", "2", "--zero-stage", "1", "--save", s(ck)],
+        )
     };
     let (ck_a, ck_b) = (dir.path().join("ck_threads"), dir.path().join("ck_procs"));
     let a = args(&ck_a, &dir.path().join("a.svg"));
