@@ -9,6 +9,19 @@ use half::bf16;
 use super::{dev_err, CudaBuf, CudaData, GpuDevice};
 use crate::TensorError;
 
+/// A null device pointer argument.
+static NULL: u64 = 0;
+
+/// The position argument of the kernels that need it: while a step is captured, the graph's
+/// position buffer (the kernel reads the position from it), else a null pointer (the kernel takes
+/// its `start` argument).
+fn push_pos<'a>(l: &mut LaunchArgs<'a>, io: &'a Option<Arc<super::graph::GraphIo>>) {
+    match io {
+        Some(io) => l.arg(&io.pos),
+        None => l.arg(&NULL),
+    };
+}
+
 pub(crate) fn push_buf<'a>(b: &mut LaunchArgs<'a>, buf: &'a CudaBuf) {
     push(b, buf)
 }
@@ -295,14 +308,10 @@ pub fn rope(
     let f = dev.table(inv_freq)?;
     let (h, d, s) = (heads as i32, hd as i32, start as i32);
     let io = dev.capturing();
-    let null = 0u64;
     let mut l = dev.stream.launch_builder(dev.func("rope", x.dtype()));
     push(&mut l, x);
     l.arg(f.as_ref()).arg(&h).arg(&d).arg(&s);
-    match &io {
-        Some(io) => l.arg(&io.pos),
-        None => l.arg(&null),
-    };
+    push_pos(&mut l, &io);
     let cfg = LaunchConfig {
         grid_dim: (t as u32, heads as u32, 1),
         block_dim: ((hd / 2).clamp(32, 256) as u32, 1, 1),
@@ -471,11 +480,7 @@ pub fn attention(
     push(&mut l, v);
     push(&mut l, &out);
     l.arg(&a).arg(&b).arg(&c).arg(&s).arg(&w).arg(&scale);
-    let null = 0u64;
-    match &io {
-        Some(io) => l.arg(&io.pos),
-        None => l.arg(&null),
-    };
+    push_pos(&mut l, &io);
     let cfg = LaunchConfig {
         grid_dim: (t as u32, hq as u32, 1),
         block_dim: (128, 1, 1),
@@ -514,11 +519,11 @@ pub fn argmax_rows(x: &CudaBuf, rows: usize, n: usize) -> Result<Vec<(f32, u32)>
     let per = n.div_ceil(slices) as i32;
     let part_v = unsafe { dev.stream.alloc::<f32>(rows * slices) }.map_err(e)?;
     let part_i = unsafe { dev.stream.alloc::<i32>(rows * slices) }.map_err(e)?;
-    let (nn, null) = (n as i32, 0u64);
+    let nn = n as i32;
     let f = dev.func("argmax_rows", x.dtype());
     let mut l = dev.stream.launch_builder(f);
     push(&mut l, x);
-    l.arg(&null).arg(&null).arg(&nn).arg(&per);
+    l.arg(&NULL).arg(&NULL).arg(&nn).arg(&per);
     l.arg(&part_v).arg(&part_i);
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, slices as u32, 1),
@@ -591,7 +596,6 @@ pub fn qkv_rope_append(
     let f = dev.table(inv_freq)?;
     let io = dev.capturing();
     let (bb, a, b, c, s) = (batch as i32, hq as i32, hkv as i32, hd as i32, start as i32);
-    let null = 0u64;
     let mut l = dev
         .stream
         .launch_builder(dev.func("qkv_rope_append", qkv.dtype()));
@@ -599,10 +603,7 @@ pub fn qkv_rope_append(
         push(&mut l, buf);
     }
     l.arg(f.as_ref()).arg(&bb).arg(&a).arg(&b).arg(&c).arg(&s);
-    match &io {
-        Some(io) => l.arg(&io.pos),
-        None => l.arg(&null),
-    };
+    push_pos(&mut l, &io);
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, (hq + hkv) as u32, 1),
         block_dim: ((hd / 2).clamp(32, 256) as u32, 1, 1),
@@ -662,7 +663,6 @@ pub fn decode_attention(
         start as i32,
         window.unwrap_or(0) as i32,
     );
-    let null = 0u64;
     let heads = batch * hq;
     // Split partials (running max, sum, unnormalised output), only when there are several splits.
     let parts = if splits > 1 {
@@ -687,14 +687,11 @@ pub fn decode_attention(
     }
     match &parts {
         Some((m, sums, acc)) => l.arg(m).arg(sums).arg(acc),
-        None => l.arg(&null).arg(&null).arg(&null),
+        None => l.arg(&NULL).arg(&NULL).arg(&NULL),
     };
     l.arg(f.as_ref()).arg(&bb).arg(&a).arg(&b).arg(&c).arg(&s);
     l.arg(&w).arg(&scale).arg(&per);
-    match &io {
-        Some(io) => l.arg(&io.pos),
-        None => l.arg(&null),
-    };
+    push_pos(&mut l, &io);
     let cfg = LaunchConfig {
         grid_dim: (splits as u32, heads as u32, 1),
         block_dim: (128, 1, 1),
