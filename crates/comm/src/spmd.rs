@@ -15,6 +15,21 @@ pub fn panic_message(p: Box<dyn Any + Send>) -> String {
         .unwrap_or_default()
 }
 
+/// Refuses a multi-process job whose process count is not the `n` ranks the command asked for
+/// (`--{flag} n`), telling the other ranks at once. The error names both numbers and both ways out.
+pub fn check_world_size(world: &dyn Communicator, flag: &str, n: usize) -> Result<(), String> {
+    let (rank, size) = (world.rank(), world.world_size());
+    if size == n {
+        return Ok(());
+    }
+    let msg = format!(
+        "this process is rank {rank} of a {size}-process job but {flag} is {n}: launch with \
+         --nproc-per-node {n} (× nodes) or pass --{flag} {size}"
+    );
+    world.abort(&format!("rank {rank}: {msg}"));
+    Err(msg)
+}
+
 /// Runs `f` once, as this process's rank of the multi-process job `world`. A panic becomes the
 /// error `panicked(message)`; a failure that is not itself an abort (`is_abort`) aborts the other
 /// ranks now, with its cause, instead of letting them wait out the deadline.

@@ -45,14 +45,7 @@ where
     F: Fn(&dyn Communicator, TpRank) -> Result<R, InferError>,
 {
     let (rank, size) = (world.rank(), world.world_size());
-    if size != tp {
-        let msg = format!(
-            "this process is rank {rank} of a {size}-process job but tp is {tp}: launch with \
-             --nproc-per-node {tp} (× nodes) or pass --tp {size}"
-        );
-        world.abort(&format!("rank {rank}: {msg}"));
-        return Err(InferError::Request(msg));
-    }
+    tessera_comm::spmd::check_world_size(world, "tp", tp).map_err(InferError::Request)?;
     tessera_comm::spmd::run_as_process_rank(
         world,
         is_abort,

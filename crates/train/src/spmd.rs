@@ -44,15 +44,8 @@ fn run_as_process_rank<R, F>(
 where
     F: Fn(Arc<dyn Communicator>) -> Result<R, TrainError>,
 {
-    let (rank, size) = (world.rank(), world.world_size());
-    if size != dp {
-        let msg = format!(
-            "this process is rank {rank} of a {size}-process job but dp is {dp}: launch with \
-             --nproc-per-node {dp} (x nodes) or pass --dp {size}"
-        );
-        world.abort(&format!("rank {rank}: {msg}"));
-        return Err(TrainError::Config(msg));
-    }
+    let rank = world.rank();
+    tessera_comm::spmd::check_world_size(&*world, "dp", dp).map_err(TrainError::Config)?;
     let comm: Arc<dyn Communicator> = world.clone();
     tessera_comm::spmd::run_as_process_rank(
         &*world,
