@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 mkdir -p .gpu && rm -f .gpu/test-*
 cargo build --release --features cuda -p tessera-cli
 cp "${CARGO_TARGET_DIR:-target}/release/tessera" .gpu/tessera
-for spec in "tessera-tensor --test cuda_ops" "tessera-infer --test hf_reference" "tessera-model --test cuda_graph"; do
+for spec in "tessera-tensor --test cuda_ops" "tessera-comm --test nccl" "tessera-infer --test hf_reference" "tessera-model --test cuda_graph"; do
   set -- $spec
   exe=$(cargo test --release --features "$1/cuda" -p "$1" "${@:2}" --no-run --message-format=json 2>/dev/null \
     | python3 -c 'import json,sys; print([json.loads(l)["executable"] for l in sys.stdin if "\"executable\":\"" in l][-1])')

@@ -6,6 +6,7 @@ use std::marker::PhantomData;
 use crate::element::{as_bytes, as_bytes_mut};
 use crate::work::{run_op, AsyncOp, Work};
 use crate::{CommError, ElemKind, Element};
+use tessera_tensor::{Storage, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReduceOp {
@@ -60,6 +61,40 @@ pub trait Communicator: Send + Sync {
     /// Fails every pending and future operation of this group, on every rank, with `reason`.
     /// Called by a rank that gives up (its own error), so the others stop at once.
     fn abort(&self, reason: &str);
+    /// Reduces tensor `t` across ranks in place, in its own dtype (as vLLM all-reduces bf16
+    /// activations); every rank gets the result. The default carries host tensors through
+    /// [`Communicator::all_reduce_bytes`] and stages device tensors through host memory (correct,
+    /// not fast); a device backend (`NcclComm`) reduces device memory where it lies,
+    /// queued on the device's stream without waiting.
+    fn all_reduce_tensor(&self, t: &mut Tensor, op: ReduceOp) -> Result<(), CommError> {
+        all_reduce_tensor_via_host(self, t, op)
+    }
+}
+
+/// [`Communicator::all_reduce_tensor`] through host memory.
+pub fn all_reduce_tensor_via_host<C: Communicator + ?Sized>(
+    comm: &C,
+    t: &mut Tensor,
+    op: ReduceOp,
+) -> Result<(), CommError> {
+    if comm.world_size() == 1 {
+        return Ok(());
+    }
+    match t.storage_mut() {
+        Storage::F32(v) => comm.all_reduce(v, op),
+        Storage::BF16(v) => comm.all_reduce(v, op),
+        Storage::F16(v) => comm.all_reduce(v, op),
+        #[allow(unreachable_patterns)]
+        other => {
+            let mut host = vec![0.0f32; other.len()];
+            other.read_f32(0, &mut host);
+            comm.all_reduce(&mut host, op)?;
+            let dt = other.dtype();
+            let rounded: Vec<f32> = host.iter().map(|&x| dt.round(x)).collect();
+            other.write_f32(0, &rounded);
+            Ok(())
+        }
+    }
 }
 
 /// An asynchronous typed collective in flight; [`Pending::wait`] returns its output.
@@ -191,3 +226,52 @@ pub trait CommExt: Communicator {
 }
 
 impl<C: Communicator + ?Sized> CommExt for C {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::LocalGroup;
+    use tessera_tensor::DType;
+
+    /// The default tensor all-reduce equals the typed host all-reduce of the same values, in the
+    /// tensor's own dtype.
+    #[test]
+    fn tensor_all_reduce_through_the_host() {
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            let comms = LocalGroup::new(3).into_comms();
+            let out: Vec<Vec<f32>> = std::thread::scope(|s| {
+                let hs: Vec<_> = comms
+                    .into_iter()
+                    .map(|c| {
+                        s.spawn(move || {
+                            let r = c.rank() as f32;
+                            let v: Vec<f32> = (0..7).map(|i| 0.37 * i as f32 - r * 1.1).collect();
+                            let mut t = Tensor::from_f32(vec![7], v, dt).unwrap();
+                            c.all_reduce_tensor(&mut t, ReduceOp::Sum).unwrap();
+                            assert_eq!(t.dtype(), dt);
+                            t.to_f32_vec()
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let want: Vec<f32> = (0..7)
+                .map(|i| {
+                    // Ranks combined in order, each step rounded to the dtype (as the backend does).
+                    (0..3).fold(0.0f32, |acc, r| {
+                        dt.round(acc + dt.round(0.37 * i as f32 - r as f32 * 1.1))
+                    })
+                })
+                .collect();
+            for o in &out {
+                for (a, b) in o.iter().zip(&want) {
+                    assert!(
+                        (a - b).abs() <= 1e-2 * b.abs().max(1.0),
+                        "{dt}: {o:?} vs {want:?}"
+                    );
+                }
+            }
+            assert!(out.windows(2).all(|w| w[0] == w[1]), "{dt}: ranks differ");
+        }
+    }
+}

@@ -24,6 +24,9 @@ pub enum CommError {
         peer: usize,
         msg: String,
     },
+    /// The device backend failed (an NCCL or CUDA error on this rank's GPU).
+    #[error("rank {rank}: {msg}")]
+    Device { rank: usize, msg: String },
     /// Launch environment, rendezvous or configuration: the job could not be set up.
     #[error("{0}")]
     Setup(String),

@@ -5,7 +5,9 @@
 //! - [`LocalComm`]: one thread per rank, shared memory ([`LocalGroup`]).
 //! - [`TcpComm`]: one process per rank, ring collectives over TCP ([`TcpComm::connect`], or
 //!   [`process_world`] for a process started by `tessera launch`, torchrun, srun or mpirun).
-//! - Both run asynchronous operations on a comm stream ([`CommStream`]), as NCCL does on a CUDA
+//! - `NcclComm` (feature `cuda`): one GPU per rank, NCCL on the device's stream, made over
+//!   either of the above as its control plane.
+//! - The host backends run asynchronous operations on a comm stream ([`CommStream`]), as NCCL does on a CUDA
 //!   stream; see `docs/COMM.md`.
 //!
 //! ```
@@ -31,6 +33,8 @@ mod error;
 pub mod launch_env;
 mod local;
 mod mesh;
+#[cfg(feature = "cuda")]
+mod nccl;
 mod reduce;
 pub mod rendezvous;
 pub mod spmd;
@@ -42,12 +46,14 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub use check::check_mode_from_env;
-pub use communicator::{CommExt, Communicator, Pending, ReduceOp};
+pub use communicator::{all_reduce_tensor_via_host, CommExt, Communicator, Pending, ReduceOp};
 pub use element::{ElemKind, Element, OwnedBuf};
 pub use error::CommError;
 pub use launch_env::{LaunchEnv, Launcher};
 pub use local::{LocalComm, LocalGroup, LocalRank};
 pub use mesh::{Coord, Mesh, MeshShape};
+#[cfg(feature = "cuda")]
+pub use nccl::NcclComm;
 pub use stream::CommStream;
 pub use tcp::{TcpComm, TcpConfig, TcpRank, DEFAULT_CHUNK_BYTES};
 pub use work::{AsyncOp, Work, WorkHandle};

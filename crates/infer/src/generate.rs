@@ -42,10 +42,11 @@ pub fn generate_on(
         ));
     }
     tessera_model::validate_tp(&model.config, tp)?;
-    crate::prepare_devices(device, tp)?;
     run_tp(tp, |comm, rank| {
-        let m = model.load_rank(rank, dtype, device, comm)?;
-        generate_on_rank(&m, prompt, params, comm)
+        let m = model.load_rank(rank, dtype, device)?;
+        crate::with_rank_comm(device, comm, |comm| {
+            generate_on_rank(&m, prompt, params, comm)
+        })
     })
 }
 

@@ -31,26 +31,6 @@ pub fn rank_device(base: tessera_tensor::Device, rank: usize) -> tessera_tensor:
     }
 }
 
-/// Readies the devices of a `tp`-rank job on `base`: on CUDA with tp > 1, one NCCL communicator
-/// per GPU, so that the ranks all-reduce activations on the devices.
-pub fn prepare_devices(base: tessera_tensor::Device, tp: usize) -> Result<(), InferError> {
-    // Ranks that are processes join their group from inside the rank (`join_device_group`).
-    let launched = launched()?;
-    #[cfg(feature = "cuda")]
-    if let (tessera_tensor::Device::Cuda(i), false) = (base, launched) {
-        let ordinals: Vec<usize> = (i..i + tp).collect();
-        tessera_tensor::cuda::nccl::init_group(&ordinals)
-            .map_err(tessera_model::ModelError::from)?;
-    }
-    let _ = (base, tp, launched);
-    Ok(())
-}
-
-/// Whether this process is one rank of a multi-process job (started by a launcher).
-fn launched() -> Result<bool, InferError> {
-    Ok(tessera_comm::LaunchEnv::from_env()?.is_some_and(|e| e.world_size > 1))
-}
-
 /// The device of tensor-parallel rank `rank` of a job on `base`: `base + rank` for threads of one
 /// process; for a process started by a launcher, `base + its local rank`, so that every node
 /// numbers its GPUs from `base`.
@@ -63,29 +43,21 @@ pub fn device_of_rank(base: tessera_tensor::Device, rank: usize) -> tessera_tens
     rank_device(base, local)
 }
 
-/// Inside a rank: when this rank is one process of a multi-process job on GPUs, joins its GPU to
-/// the job's NCCL group (rank 0 makes the unique id and broadcasts it through `comm`). Threads of
-/// one process were grouped before they started (`prepare_devices`) and need nothing here.
-pub fn join_device_group(
+/// Runs `f` over the communicator a rank's model uses on `device`: on GPUs with more than one
+/// rank, an NCCL communicator made over `comm` (every rank of `comm` joins it, on its own GPU), so
+/// that activations are all-reduced on the devices; otherwise `comm` itself.
+pub fn with_rank_comm<R>(
     device: tessera_tensor::Device,
     comm: &dyn tessera_comm::Communicator,
-) -> Result<(), InferError> {
+    f: impl FnOnce(&dyn tessera_comm::Communicator) -> Result<R, InferError>,
+) -> Result<R, InferError> {
     #[cfg(feature = "cuda")]
-    if let tessera_tensor::Device::Cuda(_) = device {
-        if launched()? && comm.world_size() > 1 {
-            use tessera_comm::CommExt;
-            let mut id = [0u8; 128];
-            if comm.rank() == 0 {
-                id = tessera_tensor::cuda::nccl::unique_id()
-                    .map_err(tessera_model::ModelError::from)?;
-            }
-            comm.broadcast(&mut id, 0)?;
-            if let tessera_tensor::Device::Cuda(ordinal) = device_of_rank(device, comm.rank()) {
-                tessera_tensor::cuda::nccl::init_rank(ordinal, comm.rank(), comm.world_size(), id)
-                    .map_err(tessera_model::ModelError::from)?;
-            }
-        }
+    if let (tessera_tensor::Device::Cuda(ordinal), true) =
+        (device_of_rank(device, comm.rank()), comm.world_size() > 1)
+    {
+        let nccl = tessera_comm::NcclComm::new(comm, ordinal)?;
+        return f(&nccl);
     }
-    let _ = (device, comm);
-    Ok(())
+    let _ = device;
+    f(comm)
 }

@@ -35,10 +35,9 @@ pub fn score_on(
         return Err(InferError::Request("score needs at least one token".into()));
     }
     tessera_model::validate_tp(&model.config, tp)?;
-    crate::prepare_devices(device, tp)?;
     run_tp(tp, |comm, rank| {
-        let m = model.load_rank(rank, dtype, device, comm)?;
-        score_on_rank(&m, tokens, comm)
+        let m = model.load_rank(rank, dtype, device)?;
+        crate::with_rank_comm(device, comm, |comm| score_on_rank(&m, tokens, comm))
     })
 }
 

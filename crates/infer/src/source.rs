@@ -88,16 +88,13 @@ impl ModelSource {
 }
 
 impl OpenModel {
-    /// Rank `rank`'s shard of this model on its device (`base` numbered by rank), its GPU joined to
-    /// the job's NCCL group first when the ranks are processes.
+    /// Rank `rank`'s shard of this model on its device (`base` numbered by rank).
     pub fn load_rank(
         &self,
         rank: tessera_model::TpRank,
         dtype: tessera_tensor::DType,
         base: tessera_tensor::Device,
-        comm: &dyn tessera_comm::Communicator,
     ) -> Result<tessera_model::LlamaModel, InferError> {
-        crate::join_device_group(base, comm)?;
         let dev = crate::device_of_rank(base, rank.rank);
         Ok(tessera_model::LlamaModel::from_checkpoint_on(
             &self.checkpoint,

@@ -2,7 +2,7 @@
 //! two GPUs) tp 2. Built with `--features cuda`; run by `scripts/gpu_check.sh`.
 #![cfg(feature = "cuda")]
 
-use tessera_comm::LocalGroup;
+use tessera_comm::{Communicator, LocalGroup, NcclComm};
 use tessera_model::synthetic::llama_config_json;
 use tessera_model::{LlamaModel, ModelConfig, TpRank};
 use tessera_tensor::{DType, Device};
@@ -28,17 +28,20 @@ fn graph_replay_equals_eager_decode() {
     let cfg =
         ModelConfig::from_json_str(&llama_config_json(1000, 256, 512, 3, 8, 2, false)).unwrap();
     for tp in 1..=n {
-        if tp > 1 {
-            tessera_tensor::cuda::nccl::init_group(&(0..tp).collect::<Vec<_>>()).unwrap();
-        }
         let comms = LocalGroup::new(tp).into_comms();
         let results: Vec<(Steps, Steps)> = std::thread::scope(|s| {
             let hs: Vec<_> = comms
                 .into_iter()
                 .enumerate()
-                .map(|(rank, comm)| {
+                .map(|(rank, host)| {
                     let cfg = cfg.clone();
                     s.spawn(move || {
+                        // tp 2 all-reduces through NCCL, as the inference ranks do.
+                        let nccl = (tp > 1).then(|| NcclComm::new(&host, rank).unwrap());
+                        let comm: &dyn Communicator = match &nccl {
+                            Some(n) => n,
+                            None => &host,
+                        };
                         let m = LlamaModel::random(
                             cfg,
                             TpRank { rank, size: tp },
@@ -55,23 +58,23 @@ fn graph_replay_equals_eager_decode() {
                         let mut graphed = m.new_cache_batch(600, batch).unwrap();
                         let prompt: Vec<u32> = vec![5, 17, 999, 42];
                         let mut te = m
-                            .forward_lockstep_greedy(&prompt, &mut eager, &comm)
+                            .forward_lockstep_greedy(&prompt, &mut eager, comm)
                             .unwrap();
                         let mut tg = m
-                            .forward_lockstep_greedy(&prompt, &mut graphed, &comm)
+                            .forward_lockstep_greedy(&prompt, &mut graphed, comm)
                             .unwrap();
-                        let mut g = m.capture_lockstep_greedy(&mut graphed, &comm).unwrap();
+                        let mut g = m.capture_lockstep_greedy(&mut graphed, comm).unwrap();
                         let (mut a, mut b) = (Vec::new(), Vec::new());
                         for _ in 0..12 {
-                            te = m.forward_lockstep_greedy(&te, &mut eager, &comm).unwrap();
+                            te = m.forward_lockstep_greedy(&te, &mut eager, comm).unwrap();
                             tg = m
-                                .step_lockstep_graph(&mut g, &tg, &mut graphed, &comm)
+                                .step_lockstep_graph(&mut g, &tg, &mut graphed, comm)
                                 .unwrap();
                             a.push(te.clone());
                             b.push(tg.clone());
                         }
                         assert_eq!(eager.len(), graphed.len());
-                        comm_barrier(&comm);
+                        comm_barrier(comm);
                         (a, b)
                     })
                 })

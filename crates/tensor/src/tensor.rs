@@ -64,17 +64,6 @@ impl Storage {
         }
     }
 
-    /// Sums this device buffer in place across the NCCL group attached to its GPU (see
-    /// `cuda::nccl::init_group`). `None` for host storage or a GPU in no group: the caller then
-    /// reduces through its host communicator.
-    pub fn device_all_reduce_sum(&mut self) -> Option<Result<(), TensorError>> {
-        match self {
-            #[cfg(feature = "cuda")]
-            Storage::Cuda(b) => crate::cuda::nccl::all_reduce_sum(b),
-            _ => None,
-        }
-    }
-
     /// Copies `src` into elements `offset..offset + src.len()` (device to device when both are on
     /// the same GPU).
     pub fn copy_from(&mut self, offset: usize, src: &Storage) -> Result<(), TensorError> {

@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use tessera_infer::{device_of_rank, run_tp};
+use tessera_infer::{device_of_rank, run_tp, with_rank_comm};
 use tessera_model::synthetic::llama_config_json;
 use tessera_model::{LlamaModel, ModelConfig};
 use tessera_tensor::{DType, Device};
@@ -117,43 +117,44 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         .map(|i| (i * 7919) % cfg.vocab_size as u32)
         .collect();
     for &tp in &a.tp {
-        tessera_infer::prepare_devices(device, tp)?;
         let rows = run_tp(tp, |comm, rank| {
-            let dev = device_of_rank(device, rank.rank);
-            let m = LlamaModel::random(cfg.clone(), rank, dtype, dev, 7)?;
-            let mut rows = Vec::new();
-            for &batch in &a.batch {
-                let mut cache = m.new_cache_batch(prompt.len() + a.steps + 2, batch)?;
-                // The prompt, fed in lockstep (untimed), then one untimed step so that lazy
-                // initialisation stays out of the figures.
-                let mut toks = vec![0u32; batch];
-                for &p in &prompt {
-                    toks = m.forward_lockstep_greedy(&vec![p; batch], &mut cache, comm)?;
-                }
-                toks = m.forward_lockstep_greedy(&toks, &mut cache, comm)?;
-                #[cfg(feature = "cuda")]
-                let mut graph = if a.graph {
-                    Some(m.capture_lockstep_greedy(&mut cache, comm)?)
-                } else {
-                    None
-                };
-                comm.barrier()?;
-                let start = Instant::now();
-                for _ in 0..a.steps {
-                    // Greedy on the device: only the chosen tokens come back to the host, and
-                    // every rank gets the same ones from the gathered (value, index) pairs.
-                    #[cfg(feature = "cuda")]
-                    if let Some(g) = graph.as_mut() {
-                        toks = m.step_lockstep_graph(g, &toks, &mut cache, comm)?;
-                        continue;
+            with_rank_comm(device, comm, |comm| {
+                let dev = device_of_rank(device, rank.rank);
+                let m = LlamaModel::random(cfg.clone(), rank, dtype, dev, 7)?;
+                let mut rows = Vec::new();
+                for &batch in &a.batch {
+                    let mut cache = m.new_cache_batch(prompt.len() + a.steps + 2, batch)?;
+                    // The prompt, fed in lockstep (untimed), then one untimed step so that lazy
+                    // initialisation stays out of the figures.
+                    let mut toks = vec![0u32; batch];
+                    for &p in &prompt {
+                        toks = m.forward_lockstep_greedy(&vec![p; batch], &mut cache, comm)?;
                     }
                     toks = m.forward_lockstep_greedy(&toks, &mut cache, comm)?;
+                    #[cfg(feature = "cuda")]
+                    let mut graph = if a.graph {
+                        Some(m.capture_lockstep_greedy(&mut cache, comm)?)
+                    } else {
+                        None
+                    };
+                    comm.barrier()?;
+                    let start = Instant::now();
+                    for _ in 0..a.steps {
+                        // Greedy on the device: only the chosen tokens come back to the host, and
+                        // every rank gets the same ones from the gathered (value, index) pairs.
+                        #[cfg(feature = "cuda")]
+                        if let Some(g) = graph.as_mut() {
+                            toks = m.step_lockstep_graph(g, &toks, &mut cache, comm)?;
+                            continue;
+                        }
+                        toks = m.forward_lockstep_greedy(&toks, &mut cache, comm)?;
+                    }
+                    let secs = start.elapsed().as_secs_f64();
+                    let kv = cache.size_in_bytes();
+                    rows.push((batch, secs, m.weight_bytes(), kv));
                 }
-                let secs = start.elapsed().as_secs_f64();
-                let kv = cache.size_in_bytes();
-                rows.push((batch, secs, m.weight_bytes(), kv));
-            }
-            Ok(rows)
+                Ok(rows)
+            })
         })?;
         for (batch, secs, weights, kv) in rows {
             let step = secs / a.steps as f64;

@@ -4,10 +4,9 @@
 
 use std::sync::Arc;
 
-use tessera_comm::{CommExt, Communicator};
+use tessera_comm::{CommExt, Communicator, ReduceOp};
 use tessera_tensor::{ops, DType, Tensor};
 
-use super::all_reduce_tensor;
 use crate::checkpoint::Checkpoint;
 use crate::tp::TpShard;
 use crate::ModelError;
@@ -43,7 +42,7 @@ impl VocabParallelEmbedding {
     pub fn forward(&self, tokens: &[u32], comm: &dyn Communicator) -> Result<Tensor, ModelError> {
         let mut x = ops::embedding(&self.table, tokens, self.vocab_start, self.table.dtype())?;
         if comm.world_size() > 1 {
-            all_reduce_tensor(comm, &mut x)?;
+            comm.all_reduce_tensor(&mut x, ReduceOp::Sum)?;
         }
         Ok(x)
     }

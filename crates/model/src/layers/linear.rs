@@ -4,8 +4,8 @@
 
 use std::ops::Range;
 
-use tessera_comm::{CommExt, Communicator, ReduceOp};
-use tessera_tensor::{ops, DType, Storage, Tensor};
+use tessera_comm::{Communicator, ReduceOp};
+use tessera_tensor::{ops, DType, Tensor};
 
 use crate::checkpoint::Checkpoint;
 use crate::ModelError;
@@ -109,38 +109,11 @@ impl RowParallelLinear {
 
     pub fn forward(&self, x: &Tensor, comm: &dyn Communicator) -> Result<Tensor, ModelError> {
         let mut y = ops::matmul_t(x, &self.weight, self.bias.as_ref())?;
-        all_reduce_tensor(comm, &mut y)?;
+        comm.all_reduce_tensor(&mut y, ReduceOp::Sum)?;
         Ok(y)
     }
 
     pub fn weight_bytes(&self) -> usize {
         self.weight.size_in_bytes() + self.bias.as_ref().map_or(0, |b| b.size_in_bytes())
     }
-}
-
-/// Sums `t` across the group, in its own dtype (as vLLM all-reduces bf16 activations).
-pub fn all_reduce_tensor(comm: &dyn Communicator, t: &mut Tensor) -> Result<(), ModelError> {
-    if comm.world_size() == 1 {
-        return Ok(());
-    }
-    match t.storage_mut() {
-        Storage::F32(v) => comm.all_reduce(v, ReduceOp::Sum)?,
-        Storage::BF16(v) => comm.all_reduce(v, ReduceOp::Sum)?,
-        Storage::F16(v) => comm.all_reduce(v, ReduceOp::Sum)?,
-        // Device memory through a host-memory communicator: stage through the host (correct, not
-        // fast; a device communicator reduces in place).
-        #[allow(unreachable_patterns)]
-        other => {
-            if let Some(r) = other.device_all_reduce_sum() {
-                return Ok(r?);
-            }
-            let mut host = vec![0.0f32; other.len()];
-            other.read_f32(0, &mut host);
-            comm.all_reduce(&mut host, ReduceOp::Sum)?;
-            let dt = other.dtype();
-            let rounded: Vec<f32> = host.iter().map(|&x| dt.round(x)).collect();
-            other.write_f32(0, &rounded);
-        }
-    }
-    Ok(())
 }

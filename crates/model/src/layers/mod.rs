@@ -10,6 +10,6 @@ mod norm;
 pub use attention::Attention;
 pub use decoder::DecoderLayer;
 pub use embedding::{ParallelLmHead, VocabParallelEmbedding};
-pub use linear::{all_reduce_tensor, ColumnParallelLinear, RowParallelLinear};
+pub use linear::{ColumnParallelLinear, RowParallelLinear};
 pub use mlp::Mlp;
 pub use norm::RmsNorm;

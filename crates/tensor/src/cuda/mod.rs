@@ -90,8 +90,6 @@ pub struct GpuDevice {
     pub(crate) pdl: bool,
     /// Small constant tables (RoPE inverse frequencies) uploaded once, keyed by their contents.
     tables: Mutex<HashMap<Vec<u32>, Arc<CudaSlice<f32>>>>,
-    /// The NCCL communicator of the tensor-parallel group this GPU is in, if any.
-    pub(crate) nccl: Mutex<Option<nccl::NcclSlot>>,
     /// While a decode step is being captured: the device buffers its kernels read their inputs
     /// from and write their outputs to.
     pub(crate) capture: Mutex<Option<Arc<graph::GraphIo>>>,
@@ -186,7 +184,6 @@ impl GpuDevice {
             // TESSERA_PDL=0 turns programmatic dependent launch off (a debugging aid).
             pdl: major >= 9 && std::env::var("TESSERA_PDL").map_or(true, |v| v != "0"),
             tables: Mutex::new(HashMap::new()),
-            nccl: Mutex::new(None),
             capture: Mutex::new(None),
         })
     }

@@ -1,115 +1,454 @@
-//! NCCL collectives on device buffers, for tensor-parallel ranks that are threads of one process
-//! (one GPU each). A job attaches one NCCL communicator to each of its GPUs
-//! ([`init_group`]); a collective on a buffer then runs on that buffer's GPU's communicator,
-//! stream-ordered on the device's stream, without a host round trip.
+//! NCCL on one GPU: [`DeviceComm`] is one rank's communicator. It reduces device tensors in place,
+//! stream-ordered on the GPU's stream and without waiting (so a captured decode step records the
+//! all-reduce into its graph), and moves host bytes through device staging buffers, waiting for
+//! the result with a deadline.
 //!
-//! This lives beside the CUDA storage because it moves device memory; the host-memory
-//! `Communicator` of `tessera-comm` keeps the control plane (broadcasts of tokens, barriers,
-//! deadlines). Once `tessera-comm`'s trait carries device buffers, this becomes its NCCL backend.
+//! `tessera-comm`'s `NcclComm` puts this behind the `Communicator` trait; the unique id a group
+//! starts from travels through that crate's host communicator. This module lives beside the CUDA
+//! storage because it needs the raw device buffers.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use cudarc::nccl::safe::{Comm, ReduceOp};
+use cudarc::driver::{CudaSlice, DevicePtr};
+use cudarc::nccl::{result, sys};
 
-use super::{dev_err, CudaBuf, CudaData, GpuDevice};
-use crate::TensorError;
+use super::{dev_err, CudaData, GpuDevice};
+use crate::{Storage, TensorError};
 
-/// One GPU's communicator in a group.
-pub(crate) struct NcclSlot {
-    pub(crate) comm: Comm,
-    /// The group's devices, in rank order.
-    pub(crate) members: Vec<usize>,
+/// Element types of the collectives on host bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    F32,
+    BF16,
+    F16,
+    I32,
+    U8,
 }
 
-// SAFETY: a communicator is used by one rank thread at a time (the slot sits behind a Mutex), which
-// NCCL allows from any thread.
-unsafe impl Send for NcclSlot {}
+impl Wire {
+    fn nccl(self) -> sys::ncclDataType_t {
+        use sys::ncclDataType_t::*;
+        match self {
+            Wire::F32 => ncclFloat32,
+            Wire::BF16 => ncclBfloat16,
+            Wire::F16 => ncclFloat16,
+            Wire::I32 => ncclInt32,
+            Wire::U8 => ncclUint8,
+        }
+    }
 
-/// Creates one NCCL communicator per device of `ordinals` (rank i on `ordinals[i]`) and attaches
-/// each to its device, replacing any earlier group. A group of one device needs none.
-pub fn init_group(ordinals: &[usize]) -> Result<(), TensorError> {
-    if ordinals.len() < 2 {
-        return Ok(());
+    fn size(self) -> usize {
+        match self {
+            Wire::F32 | Wire::I32 => 4,
+            Wire::BF16 | Wire::F16 => 2,
+            Wire::U8 => 1,
+        }
     }
-    let devs: Vec<Arc<GpuDevice>> = ordinals
-        .iter()
-        .map(|&o| GpuDevice::get(o))
-        .collect::<Result<_, _>>()?;
-    if devs.iter().all(|d| {
-        d.nccl
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .is_some_and(|s| s.members == ordinals)
-    }) {
-        return Ok(());
+}
+
+/// Reductions NCCL runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reduce {
+    Sum,
+    Avg,
+    Max,
+}
+
+impl Reduce {
+    fn nccl(self) -> sys::ncclRedOp_t {
+        match self {
+            Reduce::Sum => sys::ncclRedOp_t::ncclSum,
+            Reduce::Avg => sys::ncclRedOp_t::ncclAvg,
+            Reduce::Max => sys::ncclRedOp_t::ncclMax,
+        }
     }
+}
+
+/// Why a collective on host bytes did not complete.
+#[derive(Debug)]
+pub enum NcclFailure {
+    /// The deadline passed (a peer never joined, or is stuck); the communicator is aborted.
+    TimedOut,
+    Failed(TensorError),
+}
+
+impl From<TensorError> for NcclFailure {
+    fn from(e: TensorError) -> Self {
+        NcclFailure::Failed(e)
+    }
+}
+
+/// A fresh NCCL unique id (made by rank 0 of a group and sent to the others through the host
+/// communicator).
+pub fn unique_id() -> Result<[u8; 128], TensorError> {
+    present(0)?;
+    let id = result::get_uniqueid().map_err(|e| nccl_err(0, "unique id", e))?;
+    Ok(id.internal.map(|c| c as u8))
+}
+
+fn present(ordinal: usize) -> Result<(), TensorError> {
     // SAFETY: only probes whether libnccl can be loaded.
-    if !unsafe { cudarc::nccl::sys::is_culib_present() } {
-        return Err(dev_err(
-            ordinals[0],
+    if unsafe { cudarc::nccl::sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(dev_err(
+            ordinal,
             "the NCCL library (libnccl.so) was not found on this machine",
-        ));
+        ))
     }
-    let streams = devs.iter().map(|d| d.stream.clone()).collect();
-    let comms = Comm::from_devices(streams)
-        .map_err(|e| dev_err(ordinals[0], format!("NCCL init: {e:?}")))?;
-    for (d, comm) in devs.iter().zip(comms) {
-        *d.nccl.lock().unwrap_or_else(|e| e.into_inner()) = Some(NcclSlot {
-            comm,
-            members: ordinals.to_vec(),
-        });
-    }
-    Ok(())
 }
 
-/// Sums `buf` in place across the group attached to its GPU. `None` when no group is attached.
-pub fn all_reduce_sum(buf: &mut CudaBuf) -> Option<Result<(), TensorError>> {
-    let dev = buf.dev.clone();
-    let slot = dev.nccl.lock().unwrap_or_else(|e| e.into_inner());
-    let comm = &slot.as_ref()?.comm;
-    let r = match &mut buf.data {
-        CudaData::F32(s) => comm.all_reduce_in_place(s, &ReduceOp::Sum),
-        CudaData::BF16(s) => comm.all_reduce_in_place(s, &ReduceOp::Sum),
-    };
-    Some(
-        r.map(|_| ())
-            .map_err(|e| dev_err(dev.ordinal, format!("NCCL all_reduce: {e:?}"))),
+fn nccl_err(ordinal: usize, what: &str, e: result::NcclError) -> TensorError {
+    // SAFETY: ncclGetErrorString returns a static string for every result code.
+    let msg = unsafe { std::ffi::CStr::from_ptr(sys::ncclGetErrorString(e.0)) };
+    dev_err(
+        ordinal,
+        format!("NCCL {what}: {:?} ({})", e.0, msg.to_string_lossy()),
     )
 }
 
-/// A fresh NCCL unique id (made by rank 0 of a multi-process group and sent to the others through
-/// the host communicator).
-pub fn unique_id() -> Result<[u8; 128], TensorError> {
-    // SAFETY: only probes whether libnccl can be loaded.
-    if !unsafe { cudarc::nccl::sys::is_culib_present() } {
-        return Err(dev_err(
-            0,
-            "the NCCL library (libnccl.so) was not found on this machine",
-        ));
+/// An NCCL communicator handle.
+struct RawComm(sys::ncclComm_t);
+
+// SAFETY: NCCL allows a communicator to be used from any thread, one at a time; `DeviceComm`
+// keeps it behind a mutex.
+unsafe impl Send for RawComm {}
+
+impl Drop for RawComm {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from ncclCommInitRank and is dropped once. Abort (rather than
+        // destroy) does not wait for peers, so a dead peer cannot hang the drop.
+        let _ = unsafe { result::comm_abort(self.0) };
     }
-    let id =
-        cudarc::nccl::safe::Id::new().map_err(|e| dev_err(0, format!("NCCL unique id: {e:?}")))?;
-    Ok(id.internal().map(|c| c as u8))
 }
 
-/// Joins this process's GPU `ordinal` to a group of `world` processes as `rank`, with the unique id
-/// rank 0 made (one process per GPU, as `tessera launch` or torchrun start them).
-pub fn init_rank(
-    ordinal: usize,
+/// One rank's NCCL communicator on one GPU, on the stream every op of that GPU runs on.
+pub struct DeviceComm {
+    comm: Mutex<Option<RawComm>>,
+    dev: Arc<GpuDevice>,
     rank: usize,
     world: usize,
-    id: [u8; 128],
-) -> Result<(), TensorError> {
-    let dev = GpuDevice::get(ordinal)?;
-    let members: Vec<usize> = (0..world).collect();
-    let id = cudarc::nccl::safe::Id::uninit(id.map(|b| b as ::core::ffi::c_char));
-    let comm = Comm::from_rank(dev.stream.clone(), rank, world, id).map_err(|e| {
-        dev_err(
-            ordinal,
-            format!("NCCL init of rank {rank} of {world}: {e:?}"),
+}
+
+impl std::fmt::Debug for DeviceComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DeviceComm(rank {} of {} on {:?})",
+            self.rank, self.world, self.dev
         )
-    })?;
-    *dev.nccl.lock().unwrap_or_else(|e| e.into_inner()) = Some(NcclSlot { comm, members });
-    Ok(())
+    }
+}
+
+/// A device staging buffer and its raw address.
+struct Staged {
+    buf: CudaSlice<u8>,
+    ptr: u64,
+}
+
+impl DeviceComm {
+    /// Joins GPU `ordinal` to a group of `world` ranks as `rank`, with the id rank 0 made. Every
+    /// rank of the group calls this at about the same time (threads of one process, or processes).
+    pub fn new(
+        ordinal: usize,
+        rank: usize,
+        world: usize,
+        id: [u8; 128],
+    ) -> Result<Self, TensorError> {
+        present(ordinal)?;
+        let dev = GpuDevice::get(ordinal)?;
+        dev.ctx.bind_to_thread().map_err(|e| dev_err(ordinal, e))?;
+        let id = sys::ncclUniqueId {
+            internal: id.map(|b| b as ::core::ffi::c_char),
+        };
+        let mut comm = std::mem::MaybeUninit::uninit();
+        // SAFETY: `comm` is written by a successful init and read only then.
+        let comm = unsafe {
+            result::comm_init_rank(comm.as_mut_ptr(), world as i32, id, rank as i32)
+                .map_err(|e| nccl_err(ordinal, &format!("init of rank {rank} of {world}"), e))?;
+            comm.assume_init()
+        };
+        Ok(DeviceComm {
+            comm: Mutex::new(Some(RawComm(comm))),
+            dev,
+            rank,
+            world,
+        })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.dev.ordinal
+    }
+
+    /// Runs `f` with the communicator and this GPU's stream, the context bound to this thread.
+    fn with_comm(
+        &self,
+        what: &str,
+        f: impl FnOnce(
+            sys::ncclComm_t,
+            sys::cudaStream_t,
+        ) -> Result<result::NcclStatus, result::NcclError>,
+    ) -> Result<(), TensorError> {
+        let guard = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+        let comm = guard
+            .as_ref()
+            .ok_or_else(|| dev_err(self.dev.ordinal, "the NCCL communicator was aborted"))?;
+        self.dev
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| dev_err(self.dev.ordinal, e))?;
+        f(comm.0, self.dev.stream.cu_stream() as _)
+            .map(|_| ())
+            .map_err(|e| nccl_err(self.dev.ordinal, what, e))
+    }
+
+    /// Reduces a tensor's device storage in place across the group, in its own dtype. Queued on
+    /// the GPU's stream; returns without waiting (later work on the stream sees the result).
+    pub fn all_reduce_storage(&self, s: &mut Storage, op: Reduce) -> Result<(), TensorError> {
+        let Storage::Cuda(b) = s else {
+            return Err(dev_err(
+                self.dev.ordinal,
+                "NCCL reduces device buffers; this tensor is in host memory",
+            ));
+        };
+        if b.dev.ordinal != self.dev.ordinal {
+            return Err(dev_err(
+                self.dev.ordinal,
+                format!(
+                    "the tensor is on {:?}, not on this communicator's GPU",
+                    b.dev
+                ),
+            ));
+        }
+        let n = b.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let stream = &self.dev.stream;
+        let (ptr, ty) = match &b.data {
+            CudaData::F32(x) => (x.device_ptr(stream).0, Wire::F32),
+            CudaData::BF16(x) => (x.device_ptr(stream).0, Wire::BF16),
+        };
+        self.with_comm("all_reduce", |comm, st| {
+            // SAFETY: `ptr` addresses `n` elements of `ty` on this communicator's GPU, which live
+            // as long as the tensor; the reduction runs on the stream every later use of it is on.
+            unsafe {
+                result::all_reduce(
+                    ptr as *const _,
+                    ptr as *mut _,
+                    n,
+                    ty.nccl(),
+                    op.nccl(),
+                    comm,
+                    st,
+                )
+            }
+        })
+    }
+
+    fn stage(&self, bytes: &[u8]) -> Result<Staged, TensorError> {
+        let buf = self
+            .dev
+            .stream
+            .clone_htod(bytes)
+            .map_err(|e| dev_err(self.dev.ordinal, e))?;
+        let ptr = buf.device_ptr(&self.dev.stream).0;
+        Ok(Staged { buf, ptr })
+    }
+
+    fn scratch(&self, len: usize) -> Result<Staged, TensorError> {
+        let buf = self
+            .dev
+            .stream
+            .alloc_zeros::<u8>(len)
+            .map_err(|e| dev_err(self.dev.ordinal, e))?;
+        let ptr = buf.device_ptr(&self.dev.stream).0;
+        Ok(Staged { buf, ptr })
+    }
+
+    /// Waits, within `timeout`, for everything queued on the stream so far; polls NCCL's
+    /// asynchronous error too (a peer that failed). On the deadline the communicator is aborted,
+    /// so that the queued operation ends and the GPU is free again.
+    fn wait(&self, what: &str, timeout: Duration) -> Result<(), NcclFailure> {
+        let o = self.dev.ordinal;
+        let event = self
+            .dev
+            .stream
+            .record_event(Some(
+                cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING,
+            ))
+            .map_err(|e| dev_err(o, e))?;
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            if event.try_is_complete().map_err(|e| dev_err(o, e))? {
+                return Ok(());
+            }
+            {
+                let guard = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(comm) = guard.as_ref() else {
+                    return Err(dev_err(o, "the NCCL communicator was aborted").into());
+                };
+                let mut state = sys::ncclResult_t::ncclSuccess;
+                // SAFETY: a live communicator and a valid out pointer.
+                unsafe { sys::ncclCommGetAsyncError(comm.0, &mut state) }
+                    .result()
+                    .map_err(|e| nccl_err(o, what, e))?;
+                if let Err(e) = state.result() {
+                    return Err(nccl_err(o, what, e).into());
+                }
+            }
+            if start.elapsed() > timeout {
+                self.abort();
+                return Err(NcclFailure::TimedOut);
+            }
+            // Spin briefly (small collectives finish in microseconds), then back off.
+            spins += 1;
+            if spins < 200 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+
+    fn download(&self, src: &Staged, dst: &mut [u8]) -> Result<(), TensorError> {
+        self.dev
+            .stream
+            .memcpy_dtoh(&src.buf, dst)
+            .map_err(|e| dev_err(self.dev.ordinal, e))
+    }
+
+    /// Reduces host bytes (elements of `ty`) across the group; every rank gets the result.
+    pub fn all_reduce_host(
+        &self,
+        buf: &mut [u8],
+        ty: Wire,
+        op: Reduce,
+        timeout: Duration,
+    ) -> Result<(), NcclFailure> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let s = self.stage(buf)?;
+        self.with_comm("all_reduce", |comm, st| {
+            // SAFETY: in place on a live staging buffer of `buf.len()` bytes.
+            unsafe {
+                result::all_reduce(
+                    s.ptr as *const _,
+                    s.ptr as *mut _,
+                    buf.len() / ty.size(),
+                    ty.nccl(),
+                    op.nccl(),
+                    comm,
+                    st,
+                )
+            }
+        })?;
+        self.wait("all_reduce", timeout)?;
+        Ok(self.download(&s, buf)?)
+    }
+
+    /// Concatenates every rank's `send` in rank order into `recv`.
+    pub fn all_gather_host(
+        &self,
+        send: &[u8],
+        recv: &mut [u8],
+        timeout: Duration,
+    ) -> Result<(), NcclFailure> {
+        if send.is_empty() {
+            return Ok(());
+        }
+        let s = self.stage(send)?;
+        let r = self.scratch(recv.len())?;
+        self.with_comm("all_gather", |comm, st| {
+            // SAFETY: live staging buffers of `send.len()` and `world * send.len()` bytes.
+            unsafe {
+                result::all_gather(
+                    s.ptr as *const _,
+                    r.ptr as *mut _,
+                    send.len(),
+                    Wire::U8.nccl(),
+                    comm,
+                    st,
+                )
+            }
+        })?;
+        self.wait("all_gather", timeout)?;
+        Ok(self.download(&r, recv)?)
+    }
+
+    /// Copies `root`'s `buf` into every rank's `buf`.
+    pub fn broadcast_host(
+        &self,
+        buf: &mut [u8],
+        root: usize,
+        timeout: Duration,
+    ) -> Result<(), NcclFailure> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let s = self.stage(buf)?;
+        self.with_comm("broadcast", |comm, st| {
+            // SAFETY: in place on a live staging buffer of `buf.len()` bytes.
+            unsafe {
+                result::broadcast(
+                    s.ptr as *const _,
+                    s.ptr as *mut _,
+                    buf.len(),
+                    Wire::U8.nccl(),
+                    root as i32,
+                    comm,
+                    st,
+                )
+            }
+        })?;
+        self.wait("broadcast", timeout)?;
+        Ok(self.download(&s, buf)?)
+    }
+
+    /// Reduces `send` (`world` equal chunks) across the group; rank r receives chunk r.
+    pub fn reduce_scatter_host(
+        &self,
+        send: &[u8],
+        recv: &mut [u8],
+        ty: Wire,
+        op: Reduce,
+        timeout: Duration,
+    ) -> Result<(), NcclFailure> {
+        if recv.is_empty() {
+            return Ok(());
+        }
+        let s = self.stage(send)?;
+        let r = self.scratch(recv.len())?;
+        self.with_comm("reduce_scatter", |comm, st| {
+            // SAFETY: live staging buffers of `world * recv.len()` and `recv.len()` bytes.
+            unsafe {
+                result::reduce_scatter(
+                    s.ptr as *const _,
+                    r.ptr as *mut _,
+                    recv.len() / ty.size(),
+                    ty.nccl(),
+                    op.nccl(),
+                    comm,
+                    st,
+                )
+            }
+        })?;
+        self.wait("reduce_scatter", timeout)?;
+        Ok(self.download(&r, recv)?)
+    }
+
+    /// Waits until every rank has reached this point and this GPU's queued work is done.
+    pub fn barrier(&self, timeout: Duration) -> Result<(), NcclFailure> {
+        let mut one = [0u8; 4];
+        self.all_reduce_host(&mut one, Wire::I32, Reduce::Sum, timeout)
+    }
+
+    /// Aborts the communicator: queued NCCL work ends, every later call fails.
+    pub fn abort(&self) {
+        let old = self.comm.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(old);
+    }
 }

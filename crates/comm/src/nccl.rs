@@ -1,0 +1,249 @@
+//! The NCCL backend of [`Communicator`]: one rank on one GPU (feature `cuda`).
+//!
+//! An [`NcclComm`] is made collectively over a host communicator (in-process threads or TCP
+//! processes), which stays its control plane: rank 0 makes the NCCL unique id and broadcasts it
+//! there, and sub-groups are formed there. Everything else runs on NCCL:
+//! - [`Communicator::all_reduce_tensor`] on a device tensor reduces it where it lies, queued on
+//!   the GPU's stream without waiting (stream-ordered and asynchronous: the next kernel on the
+//!   stream sees the sum, and a CUDA graph capture records the all-reduce into the graph);
+//! - the collectives on host bytes stage them through device memory and wait for the result with
+//!   the group's deadline (a peer that never joins is a [`CommError::Timeout`], the communicator
+//!   is then aborted so the GPU is not left running a collective that cannot finish).
+//!
+//! Point-to-point host messages go through the control plane: the trait's `send` is eager, and an
+//! NCCL send completes only once the peer receives, which would deadlock two ranks that each send
+//! before they receive.
+
+use std::time::Duration;
+
+use tessera_tensor::cuda::nccl::{self, DeviceComm, NcclFailure, Reduce, Wire};
+use tessera_tensor::{Storage, Tensor};
+
+use crate::communicator::all_reduce_tensor_via_host;
+use crate::{CommError, Communicator, ElemKind, ReduceOp};
+
+enum Host<'a> {
+    Borrowed(&'a dyn Communicator),
+    Owned(Box<dyn Communicator>),
+}
+
+/// One rank's NCCL communicator on one GPU, over a host communicator of the same group.
+pub struct NcclComm<'a> {
+    host: Host<'a>,
+    dev: DeviceComm,
+    timeout: Duration,
+}
+
+impl<'a> NcclComm<'a> {
+    /// Joins GPU `ordinal` to an NCCL group of `host`'s ranks (collective: every rank of `host`
+    /// calls it, each with its own GPU). The deadline of every wait is [`crate::default_timeout`].
+    pub fn new(host: &'a dyn Communicator, ordinal: usize) -> Result<Self, CommError> {
+        Self::join(Host::Borrowed(host), ordinal)
+    }
+
+    fn join(host: Host<'a>, ordinal: usize) -> Result<Self, CommError> {
+        let h = match &host {
+            Host::Borrowed(h) => *h,
+            Host::Owned(h) => &**h,
+        };
+        let rank = h.rank();
+        let mut id = [0u8; 128];
+        if rank == 0 {
+            match nccl::unique_id() {
+                Ok(v) => id = v,
+                Err(e) => {
+                    let msg = e.to_string();
+                    h.abort(&msg);
+                    return Err(CommError::Device { rank, msg });
+                }
+            }
+        }
+        // Every rank needs the id (a plain broadcast skips a group of one).
+        h.broadcast_bytes(&mut id, 0)?;
+        let dev =
+            DeviceComm::new(ordinal, rank, h.world_size(), id).map_err(|e| CommError::Device {
+                rank,
+                msg: e.to_string(),
+            })?;
+        Ok(NcclComm {
+            host,
+            dev,
+            timeout: crate::default_timeout(),
+        })
+    }
+
+    /// The same communicator with another deadline for its waits.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The GPU this rank runs on.
+    pub fn ordinal(&self) -> usize {
+        self.dev.ordinal()
+    }
+
+    fn host(&self) -> &dyn Communicator {
+        match &self.host {
+            Host::Borrowed(h) => *h,
+            Host::Owned(h) => &**h,
+        }
+    }
+
+    fn fail(&self, op: &str, f: NcclFailure) -> CommError {
+        let rank = self.rank();
+        match f {
+            NcclFailure::TimedOut => CommError::Timeout {
+                rank,
+                op: format!("NCCL {op}"),
+                secs: self.timeout.as_secs_f64(),
+                // NCCL does not say which peer is missing.
+                missing: (0..self.world_size()).filter(|&r| r != rank).collect(),
+            },
+            NcclFailure::Failed(e) => CommError::Device {
+                rank,
+                msg: e.to_string(),
+            },
+        }
+    }
+
+    fn invalid(&self, msg: String) -> CommError {
+        CommError::Invalid {
+            rank: self.rank(),
+            msg,
+        }
+    }
+}
+
+fn wire(kind: ElemKind) -> Wire {
+    match kind {
+        ElemKind::F32 => Wire::F32,
+        ElemKind::BF16 => Wire::BF16,
+        ElemKind::F16 => Wire::F16,
+        ElemKind::I32 => Wire::I32,
+        ElemKind::U8 => Wire::U8,
+    }
+}
+
+fn reduce(op: ReduceOp) -> Reduce {
+    match op {
+        ReduceOp::Sum => Reduce::Sum,
+        ReduceOp::Avg => Reduce::Avg,
+        ReduceOp::Max => Reduce::Max,
+    }
+}
+
+impl Communicator for NcclComm<'_> {
+    fn rank(&self) -> usize {
+        self.host().rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.host().world_size()
+    }
+
+    fn all_reduce_bytes(
+        &self,
+        buf: &mut [u8],
+        kind: ElemKind,
+        op: ReduceOp,
+    ) -> Result<(), CommError> {
+        if !buf.len().is_multiple_of(kind.size()) {
+            return Err(self.invalid(format!(
+                "all_reduce of {} bytes is not a whole number of {kind:?} elements",
+                buf.len()
+            )));
+        }
+        self.dev
+            .all_reduce_host(buf, wire(kind), reduce(op), self.timeout)
+            .map_err(|f| self.fail("all_reduce", f))
+    }
+
+    fn all_gather_bytes(&self, send: &[u8], recv: &mut [u8]) -> Result<(), CommError> {
+        if recv.len() != send.len() * self.world_size() {
+            return Err(self.invalid(format!(
+                "all_gather of {} bytes into {} bytes (world size {})",
+                send.len(),
+                recv.len(),
+                self.world_size()
+            )));
+        }
+        self.dev
+            .all_gather_host(send, recv, self.timeout)
+            .map_err(|f| self.fail("all_gather", f))
+    }
+
+    fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<(), CommError> {
+        if root >= self.world_size() {
+            return Err(self.invalid(format!("broadcast from rank {root}")));
+        }
+        self.dev
+            .broadcast_host(buf, root, self.timeout)
+            .map_err(|f| self.fail("broadcast", f))
+    }
+
+    fn reduce_scatter_bytes(
+        &self,
+        send: &[u8],
+        recv: &mut [u8],
+        kind: ElemKind,
+        op: ReduceOp,
+    ) -> Result<(), CommError> {
+        if send.len() != recv.len() * self.world_size() || !recv.len().is_multiple_of(kind.size()) {
+            return Err(self.invalid(format!(
+                "reduce_scatter of {} bytes into {} bytes of {kind:?} (world size {})",
+                send.len(),
+                recv.len(),
+                self.world_size()
+            )));
+        }
+        self.dev
+            .reduce_scatter_host(send, recv, wire(kind), reduce(op), self.timeout)
+            .map_err(|f| self.fail("reduce_scatter", f))
+    }
+
+    fn barrier(&self) -> Result<(), CommError> {
+        self.dev
+            .barrier(self.timeout)
+            .map_err(|f| self.fail("barrier", f))
+    }
+
+    fn send_bytes(&self, buf: &[u8], dst: usize) -> Result<(), CommError> {
+        self.host().send_bytes(buf, dst)
+    }
+
+    fn recv_bytes(&self, buf: &mut [u8], src: usize) -> Result<(), CommError> {
+        self.host().recv_bytes(buf, src)
+    }
+
+    fn sub_group(&self, ranks: &[usize]) -> Result<Box<dyn Communicator>, CommError> {
+        let me = ranks.iter().position(|&r| r == self.rank());
+        let host = self.host().sub_group(ranks)?;
+        debug_assert!(me.is_some(), "the host refuses a rank outside the group");
+        let sub = NcclComm::join(Host::Owned(host), self.ordinal())?.with_timeout(self.timeout);
+        Ok(Box::new(sub))
+    }
+
+    fn abort(&self, reason: &str) {
+        self.host().abort(reason);
+        self.dev.abort();
+    }
+
+    fn all_reduce_tensor(&self, t: &mut Tensor, op: ReduceOp) -> Result<(), CommError> {
+        if !matches!(t.storage(), Storage::Cuda(_)) {
+            return all_reduce_tensor_via_host(self, t, op);
+        }
+        self.dev
+            .all_reduce_storage(t.storage_mut(), reduce(op))
+            .map_err(|e| CommError::Device {
+                rank: self.rank(),
+                msg: e.to_string(),
+            })
+    }
+}
+
+// A `NcclComm` over a borrowed host communicator is still `Send + Sync`: the host is.
+const _: fn() = || {
+    fn check<T: Send + Sync>() {}
+    check::<NcclComm<'static>>();
+};

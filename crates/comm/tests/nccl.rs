@@ -1,0 +1,191 @@
+//! The NCCL backend against the values every collective must produce, on one GPU per rank (one
+//! rank on a one-GPU machine, two with two GPUs), and a peer that never joins a collective is a
+//! timeout, not a hang. Built with `--features cuda`; run by `scripts/gpu_check.sh`. Without a GPU
+//! the tests say so and pass, unless `TESSERA_REQUIRE_GPU=1` (the GPU script sets it).
+#![cfg(feature = "cuda")]
+
+use std::time::Duration;
+
+use half::bf16;
+use tessera_comm::{CommError, CommExt, Communicator, ElemKind, LocalGroup, NcclComm, ReduceOp};
+use tessera_tensor::{DType, Device, Storage, Tensor};
+
+fn gpus() -> usize {
+    let mut n = 0;
+    while n < 2 && Device::Cuda(n).ensure_available().is_ok() {
+        n += 1;
+    }
+    if n == 0 {
+        assert!(std::env::var("TESSERA_REQUIRE_GPU").is_err(), "no GPU");
+        eprintln!("skipped: no GPU");
+    }
+    n
+}
+
+/// Runs `f(nccl communicator)` on `world` threads, rank r on GPU r.
+fn on_ranks<R: Send>(world: usize, f: impl Fn(NcclComm) -> R + Sync) -> Vec<R> {
+    let comms = LocalGroup::new(world).into_comms();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, host)| {
+                let f = &f;
+                s.spawn(move || f(NcclComm::new(&host, rank).unwrap()))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn value(rank: usize, i: usize) -> f32 {
+    0.25 * i as f32 - 1.5 * rank as f32 + 0.125
+}
+
+#[test]
+fn every_collective_gives_the_expected_values() {
+    for world in 1..=gpus() {
+        on_ranks(world, |c| {
+            let c = &c;
+            let (rank, n) = (c.rank(), 9);
+            let mine: Vec<f32> = (0..n).map(|i| value(rank, i)).collect();
+            // Sums of at most two values of a few bits each are exact in f32 and bf16.
+            let sum: Vec<f32> = (0..n)
+                .map(|i| (0..world).map(|r| value(r, i)).sum())
+                .collect();
+            let max: Vec<f32> = (0..n)
+                .map(|i| (0..world).map(|r| value(r, i)).fold(f32::MIN, f32::max))
+                .collect();
+
+            // Through the bytes methods: the typed wrappers skip a group of one.
+            let mut v = mine.clone();
+            c.all_reduce_bytes(bytes_mut(&mut v), ElemKind::F32, ReduceOp::Sum)
+                .unwrap();
+            assert_eq!(v, sum, "all_reduce sum f32");
+            let mut v = mine.clone();
+            c.all_reduce_bytes(bytes_mut(&mut v), ElemKind::F32, ReduceOp::Max)
+                .unwrap();
+            assert_eq!(v, max, "all_reduce max f32");
+            let mut v = mine.clone();
+            c.all_reduce_bytes(bytes_mut(&mut v), ElemKind::F32, ReduceOp::Avg)
+                .unwrap();
+            for (a, s) in v.iter().zip(&sum) {
+                assert!((a - s / world as f32).abs() < 1e-6, "all_reduce avg f32");
+            }
+            let mut b: Vec<bf16> = mine.iter().map(|&x| bf16::from_f32(x)).collect();
+            c.all_reduce_bytes(bytes_mut(&mut b), ElemKind::BF16, ReduceOp::Sum)
+                .unwrap();
+            assert_eq!(
+                b.iter().map(|x| x.to_f32()).collect::<Vec<_>>(),
+                sum,
+                "all_reduce sum bf16"
+            );
+            let mut k: Vec<i32> = (0..n as i32).map(|i| i * 10 + rank as i32).collect();
+            c.all_reduce_bytes(bytes_mut(&mut k), ElemKind::I32, ReduceOp::Sum)
+                .unwrap();
+            let rs: i32 = (0..world as i32).sum();
+            assert_eq!(
+                k,
+                (0..n as i32)
+                    .map(|i| i * 10 * world as i32 + rs)
+                    .collect::<Vec<_>>(),
+                "all_reduce sum i32"
+            );
+
+            let mut all = vec![0.0f32; n * world];
+            c.all_gather(&mine, &mut all).unwrap();
+            let want: Vec<f32> = (0..world)
+                .flat_map(|r| (0..n).map(move |i| value(r, i)))
+                .collect();
+            assert_eq!(all, want, "all_gather");
+
+            let root = world - 1;
+            let mut v = mine.clone();
+            c.broadcast_bytes(bytes_mut(&mut v), root).unwrap();
+            assert_eq!(
+                v,
+                (0..n).map(|i| value(root, i)).collect::<Vec<_>>(),
+                "broadcast"
+            );
+
+            // reduce_scatter of world chunks of 3: rank r gets the sum of chunk r.
+            let send: Vec<f32> = (0..3 * world).map(|i| value(rank, i)).collect();
+            let mut got = vec![0.0f32; 3];
+            c.reduce_scatter(&send, &mut got, ReduceOp::Sum).unwrap();
+            let want: Vec<f32> = (0..3)
+                .map(|j| (0..world).map(|r| value(r, 3 * rank + j)).sum())
+                .collect();
+            assert_eq!(got, want, "reduce_scatter");
+
+            c.barrier().unwrap();
+
+            if world > 1 {
+                // Each rank sends first, then receives: the eager send of the trait.
+                let peer = 1 - rank;
+                c.send(&mine, peer).unwrap();
+                let mut v = vec![0.0f32; n];
+                c.recv(&mut v, peer).unwrap();
+                assert_eq!(v, (0..n).map(|i| value(peer, i)).collect::<Vec<_>>());
+
+                // A sub-group in reverse order renumbers the ranks.
+                let sub = c.sub_group(&[1, 0]).unwrap();
+                assert_eq!(sub.rank(), 1 - rank);
+                let mut r = [sub.rank() as i32 + 1];
+                sub.all_reduce(&mut r, ReduceOp::Max).unwrap();
+                assert_eq!(r, [2]);
+            }
+
+            // Device tensors: reduced where they lie, in their own dtype.
+            for dt in [DType::F32, DType::BF16] {
+                let mut t = Tensor::from_f32(vec![n], mine.clone(), dt)
+                    .unwrap()
+                    .to_device(Device::Cuda(rank))
+                    .unwrap();
+                c.all_reduce_tensor(&mut t, ReduceOp::Sum).unwrap();
+                assert!(matches!(t.storage(), Storage::Cuda(_)), "left the GPU");
+                assert_eq!(t.to_f32_vec(), sum, "all_reduce_tensor {dt}");
+            }
+            // A host tensor goes through the host path of the same communicator.
+            let mut t = Tensor::from_f32(vec![n], mine.clone(), DType::F32).unwrap();
+            c.all_reduce_tensor(&mut t, ReduceOp::Sum).unwrap();
+            assert_eq!(t.to_f32_vec(), if world > 1 { sum } else { mine });
+        });
+        eprintln!("NCCL collectives at world size {world}: all as expected");
+    }
+}
+
+#[test]
+fn a_peer_that_never_joins_is_a_timeout() {
+    if gpus() < 2 {
+        eprintln!("skipped: needs two GPUs");
+        return;
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (tx, rx) = (std::sync::Mutex::new(Some(tx)), std::sync::Mutex::new(rx));
+    let out = on_ranks(2, |c| {
+        if c.rank() == 1 {
+            // Never joins the all-reduce; stays in the group until rank 0 has given up.
+            let _ = rx.lock().unwrap().recv_timeout(Duration::from_secs(120));
+            return None;
+        }
+        let c = c.with_timeout(Duration::from_secs(2));
+        let mut v = [1.0f32; 16];
+        let r = c.all_reduce(&mut v, ReduceOp::Sum);
+        drop(tx.lock().unwrap().take());
+        // The communicator is aborted: it refuses what comes next instead of hanging.
+        let again = c.barrier();
+        Some((r, again))
+    });
+    let (r, again) = out.into_iter().next().flatten().unwrap();
+    match r {
+        Err(CommError::Timeout { missing, .. }) => assert_eq!(missing, vec![1]),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(again.is_err(), "an aborted communicator went on");
+    eprintln!("a missing peer: timeout, then the aborted communicator refuses work");
+}
+
+fn bytes_mut<T: Copy>(v: &mut [T]) -> &mut [u8] {
+    // SAFETY: plain-old-data elements viewed as their bytes.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), std::mem::size_of_val(v)) }
+}
