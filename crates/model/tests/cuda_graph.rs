@@ -27,7 +27,10 @@ fn graph_replay_equals_eager_decode() {
     let n = gpus();
     let cfg =
         ModelConfig::from_json_str(&llama_config_json(1000, 256, 512, 3, 8, 2, false)).unwrap();
-    for tp in 1..=n {
+    // Both decode attention kernels: the one the shape picks (per query head here) and the
+    // grouped one (one block per KV head), whose captured splits also cover the whole cache.
+    for (tp, grouped) in (1..=n).flat_map(|tp| [(tp, None), (tp, Some(true))]) {
+        tessera_tensor::cuda::force_grouped_decode_attention(grouped);
         let comms = LocalGroup::new(tp).into_comms();
         let results: Vec<(Steps, Steps)> = std::thread::scope(|s| {
             let hs: Vec<_> = comms
@@ -92,7 +95,7 @@ fn graph_replay_equals_eager_decode() {
                 "tp {tp}: degenerate decode"
             );
         }
-        eprintln!("tp {tp}: 12 graph steps equal the eager steps");
+        eprintln!("tp {tp}, grouped attention {grouped:?}: 12 graph steps equal the eager steps");
     }
 }
 

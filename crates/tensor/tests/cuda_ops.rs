@@ -295,52 +295,56 @@ fn every_op_matches_the_cpu() {
         )
         .unwrap();
         close("attention over 2500 keys", &gpu, &cpu, tol(dt));
-        let inv64: Vec<f32> = (0..32)
-            .map(|i| 1.0 / 10000f32.powf(i as f32 / 32.0))
-            .collect();
-        for window in [None, Some(300)] {
-            let qkv = rand_t(vec![1, 8 * 64], dt, 83);
-            let (mut kcc, mut vcc) = (
-                rand_t(vec![701, 2, 64], dt, 84),
-                rand_t(vec![701, 2, 64], dt, 85),
-            );
-            let (mut kcg, mut vcg) = (g(&kcc), g(&vcc));
-            let oc = ops::decode_attention(
-                &qkv,
-                1,
-                long,
-                kcc.storage_mut(),
-                vcc.storage_mut(),
-                700,
-                &inv64,
-                window,
-                0.125,
-            )
-            .unwrap();
-            let og = ops::decode_attention(
-                &g(&qkv),
-                1,
-                long,
-                kcg.storage_mut(),
-                vcg.storage_mut(),
-                700,
-                &inv64,
-                window,
-                0.125,
-            )
-            .unwrap();
-            close(
-                &format!("decode_attention at 700, window {window:?}"),
-                &og,
-                &oc,
-                tol(dt),
-            );
-            close(
-                &format!("decode_attention at 700 k cache, window {window:?}"),
-                &kcg,
-                &kcc,
-                tol(dt),
-            );
+        // Decode attention over 700 positions, split over blocks and joined (flash decoding), with
+        // and without a window: the grouped kernel (one block per KV head: g = 2, and g = 8 with
+        // g hd at its limit of 1024) and the per-query-head kernel it falls back to (hd 48: hd / 8
+        // not a power of two; g = 12), at batch 1 and 3.
+        for (hq, hkv, hd) in [(4, 2, 64), (8, 1, 128), (6, 2, 48), (12, 1, 32)] {
+            let shape = AttentionShape {
+                num_heads: hq,
+                num_kv_heads: hkv,
+                head_dim: hd,
+            };
+            let inv: Vec<f32> = (0..hd / 2)
+                .map(|i| 1.0 / 10000f32.powf(i as f32 / (hd / 2) as f32))
+                .collect();
+            for (batch, window) in [(1, None), (1, Some(300)), (3, Some(500))] {
+                let qkv = rand_t(vec![batch, (hq + 2 * hkv) * hd], dt, 83);
+                let (mut kcc, mut vcc) = (
+                    rand_t(vec![701, batch * hkv, hd], dt, 84),
+                    rand_t(vec![701, batch * hkv, hd], dt, 85),
+                );
+                let (kcg, vcg) = (g(&kcc), g(&vcc));
+                let run = |k: &mut Tensor, v: &mut Tensor, x: &Tensor| {
+                    ops::decode_attention(
+                        x,
+                        batch,
+                        shape,
+                        k.storage_mut(),
+                        v.storage_mut(),
+                        700,
+                        &inv,
+                        window,
+                        1.0 / (hd as f32).sqrt(),
+                    )
+                    .unwrap()
+                };
+                let oc = run(&mut kcc, &mut vcc, &qkv);
+                // Each kernel where it applies (forced), and the one the shape picks.
+                for choice in [Some(true), Some(false), None] {
+                    tessera_tensor::cuda::force_grouped_decode_attention(choice);
+                    let (mut kcg, mut vcg) = (kcg.clone(), vcg.clone());
+                    let og = run(&mut kcg, &mut vcg, &g(&qkv));
+                    let what = format!(
+                        "decode_attention at 700, {hq}/{hkv} heads of {hd}, batch {batch}, \
+                         window {window:?}, grouped {choice:?}"
+                    );
+                    close(&what, &og, &oc, tol(dt));
+                    close(&format!("{what}: k cache"), &kcg, &kcc, tol(dt));
+                    close(&format!("{what}: v cache"), &vcg, &vcc, tol(dt));
+                }
+                tessera_tensor::cuda::force_grouped_decode_attention(None);
+            }
         }
         // Residual add + RMSNorm in one kernel: rows of 4096 (16-byte loads) and of 100 (one
         // element at a time); the sum is written back to x.

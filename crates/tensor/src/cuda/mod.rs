@@ -23,7 +23,7 @@ use half::bf16;
 use crate::{DType, TensorError};
 
 const KERNELS: &str = include_str!("kernels.cu");
-const KERNEL_NAMES: [&str; 14] = [
+const KERNEL_NAMES: [&str; 16] = [
     "rms_norm",
     "add_rms_norm",
     "rope",
@@ -37,6 +37,8 @@ const KERNEL_NAMES: [&str; 14] = [
     "argmax_rows",
     "qkv_rope_append",
     "decode_attention",
+    "decode_attention_gqa4",
+    "decode_attention_gqa8",
     "attention_combine",
 ];
 
@@ -88,6 +90,8 @@ pub struct GpuDevice {
 
     /// GEMV launches use programmatic dependent launch (sm_90+).
     pub(crate) pdl: bool,
+    /// Streaming multiprocessors (sizes the splits of decode attention).
+    pub(crate) sms: usize,
     /// Small constant tables (RoPE inverse frequencies) uploaded once, keyed by their contents.
     tables: Mutex<HashMap<Vec<u32>, Arc<CudaSlice<f32>>>>,
     /// While a decode step is being captured: the device buffers its kernels read their inputs
@@ -174,7 +178,14 @@ impl GpuDevice {
             );
         }
         let blas = CudaBlas::new(stream.clone()).map_err(|e| err(&e))?;
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| err(&e))?
+            .max(1) as usize;
         Ok(GpuDevice {
+            sms,
             ordinal,
             ctx,
             stream,

@@ -435,6 +435,44 @@ const ATTN_CHUNK: usize = 1024;
 /// Positions one split of the decode attention takes (flash decoding: a long cache is spread
 /// over many blocks, each scoring at most this many keys).
 const DECODE_SPLIT: usize = 256;
+/// The decode attention kernel in use: 0 = chosen by shape, 1 = grouped, 2 = per query head;
+/// `TESSERA_DECODE_ATTENTION=grouped|per_head` sets it at start-up.
+static DECODE_ATTENTION: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+
+/// Forces the grouped decode attention kernel (`Some(true)`, where it applies) or the
+/// per-query-head one (`Some(false)`) for this process; `None` lets the shape decide. For
+/// measuring and testing the two against each other.
+pub fn force_grouped_decode_attention(choice: Option<bool>) {
+    let v = match choice {
+        None => 0,
+        Some(true) => 1,
+        Some(false) => 2,
+    };
+    DECODE_ATTENTION.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn decode_attention_choice() -> Option<bool> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut v = DECODE_ATTENTION.load(Relaxed);
+    if v == u8::MAX {
+        v = match std::env::var("TESSERA_DECODE_ATTENTION").as_deref() {
+            Ok("grouped") => 1,
+            Ok("per_head") => 2,
+            _ => 0,
+        };
+        let _ = DECODE_ATTENTION.compare_exchange(u8::MAX, v, Relaxed, Relaxed);
+        v = DECODE_ATTENTION.load(Relaxed);
+    }
+    match v {
+        1 => Some(true),
+        2 => Some(false),
+        _ => None,
+    }
+}
+
+/// Query heads per KV head up to which decode attention takes a group in one block (the largest
+/// `GM` of `decode_attention_gqa` in `kernels.cu`).
+const GQA_MAX_G: usize = 8;
 /// The largest head_dim the attention kernels hold (`ATTN_MAX_HD`).
 const ATTN_MAX_HD: usize = 256;
 
@@ -643,7 +681,32 @@ pub fn decode_attention(
         start + 1
     };
     let keys = window.map_or(keys, |w| keys.min(w));
-    let splits = keys.div_ceil(DECODE_SPLIT).max(1);
+    let g = hq / hkv;
+    // The grouped kernel reads each K/V row once for the g query heads of its KV head, but has g
+    // times fewer blocks: it is used where even its shortest splits fill the multiprocessors
+    // (long caches, large batches). `TESSERA_DECODE_ATTENTION=grouped|per_head` forces one (for
+    // measuring them against each other).
+    let grouped = hd.is_multiple_of(8)
+        && (hd / 8).is_power_of_two()
+        && hd <= 256
+        && g <= GQA_MAX_G
+        && g * hd <= 1024
+        && match decode_attention_choice() {
+            Some(forced) => forced,
+            None => keys.div_ceil(DECODE_SPLIT / 4) * batch * hkv >= dev.sms,
+        };
+    // Positions a split takes: the grouped kernel has g times fewer blocks per split, so it takes
+    // shorter splits while that keeps the GPU's multiprocessors short of blocks.
+    let per = if grouped {
+        let blocks = |per: usize| keys.div_ceil(per) * batch * hkv;
+        [DECODE_SPLIT, DECODE_SPLIT / 2]
+            .into_iter()
+            .find(|&per| blocks(per) >= dev.sms)
+            .unwrap_or(DECODE_SPLIT / 4)
+    } else {
+        DECODE_SPLIT
+    };
+    let splits = keys.div_ceil(per).max(1);
     if batch * hq > 65535 {
         return Err(dev_err(
             dev.ordinal,
@@ -652,7 +715,11 @@ pub fn decode_attention(
             ),
         ));
     }
-    let smem = (3 * hd + DECODE_SPLIT) * 4;
+    let smem = if grouped {
+        (g * hd + 2 * hd + g * per + 4 * g * hd + 2 * g) * 4
+    } else {
+        (3 * hd + per) * 4
+    };
     let out = CudaBuf::alloc(&dev, qkv.dtype(), batch * hq * hd)?;
     let f = dev.table(inv_freq)?;
     let (bb, a, b, c, s, w) = (
@@ -678,10 +745,12 @@ pub fn decode_attention(
     } else {
         None
     };
-    let per = DECODE_SPLIT as i32;
-    let mut l = dev
-        .stream
-        .launch_builder(dev.func("decode_attention", qkv.dtype()));
+    let kernel = match (grouped, g <= 4) {
+        (true, true) => "decode_attention_gqa4",
+        (true, false) => "decode_attention_gqa8",
+        (false, _) => "decode_attention",
+    };
+    let mut l = dev.stream.launch_builder(dev.func(kernel, qkv.dtype()));
     for buf in [qkv, kc, vc, &out] {
         push(&mut l, buf);
     }
@@ -690,10 +759,15 @@ pub fn decode_attention(
         None => l.arg(&NULL).arg(&NULL).arg(&NULL),
     };
     l.arg(f.as_ref()).arg(&bb).arg(&a).arg(&b).arg(&c).arg(&s);
+    let per = per as i32;
     l.arg(&w).arg(&scale).arg(&per);
     push_pos(&mut l, &io);
     let cfg = LaunchConfig {
-        grid_dim: (splits as u32, heads as u32, 1),
+        grid_dim: (
+            splits as u32,
+            if grouped { batch * hkv } else { heads } as u32,
+            1,
+        ),
         block_dim: (128, 1, 1),
         shared_mem_bytes: smem as u32,
     };
