@@ -33,6 +33,14 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
       echo "(one GPU: the tp 2 benchmarks are skipped)"
     fi
   fi
+  if [[ $STEPS == all || $STEPS == *long* ]]; then
+    # A 2,048-position cache: the grouped decode attention (one block per KV head) against the
+    # per-query-head kernel, same binary, same call.
+    for m in per_head grouped; do
+      echo "== tessera bench decode, Llama-3-8B shape, 2048-position cache, CUDA graphs, decode attention $m"
+      TESSERA_DECODE_ATTENTION=$m .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 1 --batch 1,32 --steps 32 --prompt-len 2048 --graph 2>&1 | tail -3
+    done
+  fi
   if [[ $STEPS == all || $STEPS == *hf* ]]; then
     echo "== HF transformers baseline"
     PYTHONUNBUFFERED=1 python3 scripts/bench_hf_decode.py --batch ${HF_BATCH:-1,32,64} --steps 16 2>&1 | grep -v Warning

@@ -683,8 +683,10 @@ pub fn decode_attention(
     let keys = window.map_or(keys, |w| keys.min(w));
     let g = hq / hkv;
     // The grouped kernel reads each K/V row once for the g query heads of its KV head, but has g
-    // times fewer blocks: it is used where even its shortest splits fill the multiprocessors
-    // (long caches, large batches). `TESSERA_DECODE_ATTENTION=grouped|per_head` forces one (for
+    // times fewer blocks: it is used where even its shortest splits fill the multiprocessors and
+    // the cache is long enough for its reads to count (`tessera bench decode`, 8B shape, graphs:
+    // 2,048 positions at batch 32 9.7 ms/step against 22.9 per query head; at a few positions
+    // the per-head kernel is ~1 µs faster a layer). `TESSERA_DECODE_ATTENTION=grouped|per_head` forces one (for
     // measuring them against each other).
     let grouped = hd.is_multiple_of(8)
         && (hd / 8).is_power_of_two()
@@ -693,7 +695,9 @@ pub fn decode_attention(
         && g * hd <= 1024
         && match decode_attention_choice() {
             Some(forced) => forced,
-            None => keys.div_ceil(DECODE_SPLIT / 4) * batch * hkv >= dev.sms,
+            None => {
+                keys >= DECODE_SPLIT / 2 && keys.div_ceil(DECODE_SPLIT / 4) * batch * hkv >= dev.sms
+            }
         };
     // Positions a split takes: the grouped kernel has g times fewer blocks per split, so it takes
     // shorter splits while that keeps the GPU's multiprocessors short of blocks.
