@@ -15,7 +15,7 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   if [[ $STEPS == all || $STEPS == *tests* ]]; then
     for t in .gpu/test-*; do
-      echo "== $t"; "$t" --test-threads=1 --nocapture 2>&1 | grep -E "test |relative error|bf16 mean|graph steps|panicked|assert|result" | tail -40
+      echo "== $t"; timeout 240 "$t" --test-threads=1 --nocapture 2>&1 | grep -E "test |relative error|bf16 mean|graph steps|panicked|assert|result" | tail -40
     done
   fi
   if [[ $STEPS == all || $STEPS == *bench* ]]; then
@@ -28,7 +28,7 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
     if [ "$NGPU" -ge 2 ]; then
       .gpu/tessera bench gemv --tp 2 2>&1
       echo "== tessera bench decode, Llama-3-70B shape, tp 2, CUDA graphs"
-      .gpu/tessera bench decode --device cuda --preset llama-3-70b --tp 2 --batch 1,32 --steps 16 --graph 2>&1
+      timeout 300 .gpu/tessera bench decode --device cuda --preset llama-3-70b --tp 2 --batch 1,32 --steps 16 --graph 2>&1
     else
       echo "(one GPU: the tp 2 benchmarks are skipped)"
     fi

@@ -93,13 +93,21 @@ impl<'a> NcclComm<'a> {
     fn fail(&self, op: &str, f: NcclFailure) -> CommError {
         let rank = self.rank();
         match f {
-            NcclFailure::TimedOut => CommError::Timeout {
-                rank,
-                op: format!("NCCL {op}"),
-                secs: self.timeout.as_secs_f64(),
-                // NCCL does not say which peer is missing.
-                missing: (0..self.world_size()).filter(|&r| r != rank).collect(),
-            },
+            NcclFailure::TimedOut => {
+                // The NCCL communicator is aborted; the host group goes too, so that the other
+                // ranks stop at once instead of at their own deadlines.
+                self.host().abort(&format!(
+                    "rank {rank}: NCCL {op} timed out after {:.1}s",
+                    self.timeout.as_secs_f64()
+                ));
+                CommError::Timeout {
+                    rank,
+                    op: format!("NCCL {op}"),
+                    secs: self.timeout.as_secs_f64(),
+                    // NCCL does not say which peer is missing.
+                    missing: (0..self.world_size()).filter(|&r| r != rank).collect(),
+                }
+            }
             NcclFailure::Failed(e) => CommError::Device {
                 rank,
                 msg: e.to_string(),
@@ -239,6 +247,19 @@ impl Communicator for NcclComm<'_> {
                 rank: self.rank(),
                 msg: e.to_string(),
             })
+    }
+}
+
+impl Drop for NcclComm<'_> {
+    /// Tears the communicator down once every rank is done with it: a peer may still be reading
+    /// this rank's NCCL buffers (NVLink reads), so this rank first finishes its own queued work,
+    /// then meets the others at a barrier of the host communicator (a failed peer makes that an
+    /// error within the deadline), and only then frees its side.
+    fn drop(&mut self) {
+        let done = self.dev.drain(self.timeout).is_ok() && self.host().barrier().is_ok();
+        if !done {
+            self.dev.abort();
+        }
     }
 }
 

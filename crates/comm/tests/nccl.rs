@@ -38,6 +38,13 @@ fn on_ranks<R: Send>(world: usize, f: impl Fn(NcclComm) -> R + Sync) -> Vec<R> {
     })
 }
 
+/// Progress of a rank through the steps (`TESSERA_TEST_TRACE=1`), to see where one stops.
+fn step(rank: usize, world: usize, what: &str) {
+    if std::env::var_os("TESSERA_TEST_TRACE").is_some() {
+        eprintln!("world {world} rank {rank}: {what}");
+    }
+}
+
 fn value(rank: usize, i: usize) -> f32 {
     0.25 * i as f32 - 1.5 * rank as f32 + 0.125
 }
@@ -57,6 +64,7 @@ fn every_collective_gives_the_expected_values() {
                 .map(|i| (0..world).map(|r| value(r, i)).fold(f32::MIN, f32::max))
                 .collect();
 
+            step(rank, world, "start");
             // Through the bytes methods: the typed wrappers skip a group of one.
             let mut v = mine.clone();
             c.all_reduce_bytes(bytes_mut(&mut v), ElemKind::F32, ReduceOp::Sum)
@@ -92,6 +100,7 @@ fn every_collective_gives_the_expected_values() {
                 "all_reduce sum i32"
             );
 
+            step(rank, world, "all_gather");
             let mut all = vec![0.0f32; n * world];
             c.all_gather(&mine, &mut all).unwrap();
             let want: Vec<f32> = (0..world)
@@ -99,6 +108,7 @@ fn every_collective_gives_the_expected_values() {
                 .collect();
             assert_eq!(all, want, "all_gather");
 
+            step(rank, world, "broadcast");
             let root = world - 1;
             let mut v = mine.clone();
             c.broadcast_bytes(bytes_mut(&mut v), root).unwrap();
@@ -108,6 +118,7 @@ fn every_collective_gives_the_expected_values() {
                 "broadcast"
             );
 
+            step(rank, world, "reduce_scatter");
             // reduce_scatter of world chunks of 3: rank r gets the sum of chunk r.
             let send: Vec<f32> = (0..3 * world).map(|i| value(rank, i)).collect();
             let mut got = vec![0.0f32; 3];
@@ -117,9 +128,11 @@ fn every_collective_gives_the_expected_values() {
                 .collect();
             assert_eq!(got, want, "reduce_scatter");
 
+            step(rank, world, "barrier");
             c.barrier().unwrap();
 
             if world > 1 {
+                step(rank, world, "send_recv");
                 // Each rank sends first, then receives: the eager send of the trait.
                 let peer = 1 - rank;
                 c.send(&mine, peer).unwrap();
@@ -127,6 +140,7 @@ fn every_collective_gives_the_expected_values() {
                 c.recv(&mut v, peer).unwrap();
                 assert_eq!(v, (0..n).map(|i| value(peer, i)).collect::<Vec<_>>());
 
+                step(rank, world, "sub_group");
                 // A sub-group in reverse order renumbers the ranks.
                 let sub = c.sub_group(&[1, 0]).unwrap();
                 assert_eq!(sub.rank(), 1 - rank);
@@ -135,6 +149,7 @@ fn every_collective_gives_the_expected_values() {
                 assert_eq!(r, [2]);
             }
 
+            step(rank, world, "tensors");
             // Device tensors: reduced where they lie, in their own dtype.
             for dt in [DType::F32, DType::BF16] {
                 let mut t = Tensor::from_f32(vec![n], mine.clone(), dt)

@@ -108,6 +108,20 @@ fn nccl_err(ordinal: usize, what: &str, e: result::NcclError) -> TensorError {
     )
 }
 
+/// Makes NCCL connect the ranks while the communicator is made (`NCCL_RUNTIME_CONNECT=0`), unless
+/// the user chose otherwise. Connected lazily, a rank's first collective blocks on the host until
+/// its peers join, out of reach of the deadline that [`DeviceComm`]'s waits keep; connected at
+/// init, a missing peer only stalls the stream, which the wait sees. Set once, before this
+/// process's first NCCL init (every rank thread passes through here first).
+fn connect_at_init() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("NCCL_RUNTIME_CONNECT").is_none() {
+            std::env::set_var("NCCL_RUNTIME_CONNECT", "0");
+        }
+    });
+}
+
 /// An NCCL communicator handle.
 struct RawComm(sys::ncclComm_t);
 
@@ -157,6 +171,7 @@ impl DeviceComm {
         id: [u8; 128],
     ) -> Result<Self, TensorError> {
         present(ordinal)?;
+        connect_at_init();
         let dev = GpuDevice::get(ordinal)?;
         dev.ctx.bind_to_thread().map_err(|e| dev_err(ordinal, e))?;
         let id = sys::ncclUniqueId {
@@ -444,6 +459,12 @@ impl DeviceComm {
     pub fn barrier(&self, timeout: Duration) -> Result<(), NcclFailure> {
         let mut one = [0u8; 4];
         self.all_reduce_host(&mut one, Wire::I32, Reduce::Sum, timeout)
+    }
+
+    /// Waits, within `timeout`, until this GPU has finished the work queued so far (this rank's
+    /// collectives included).
+    pub fn drain(&self, timeout: Duration) -> Result<(), NcclFailure> {
+        self.wait("drain", timeout)
     }
 
     /// Aborts the communicator: queued NCCL work ends, every later call fails.
