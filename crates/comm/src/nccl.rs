@@ -256,7 +256,11 @@ impl Drop for NcclComm<'_> {
     /// then meets the others at a barrier of the host communicator (a failed peer makes that an
     /// error within the deadline), and only then frees its side.
     fn drop(&mut self) {
-        let done = self.dev.drain(self.timeout).is_ok() && self.host().barrier().is_ok();
+        // A rank unwinding from a panic does not wait for the others: it frees its side now and
+        // they fail at their deadline, as they would if it had died.
+        let done = !std::thread::panicking()
+            && self.dev.drain(self.timeout).is_ok()
+            && self.host().barrier().is_ok();
         if !done {
             self.dev.abort();
         }
