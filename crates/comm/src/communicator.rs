@@ -61,6 +61,13 @@ pub trait Communicator: Send + Sync {
     /// Fails every pending and future operation of this group, on every rank, with `reason`.
     /// Called by a rank that gives up (its own error), so the others stop at once.
     fn abort(&self, reason: &str);
+    /// Why this group can no longer complete a collective, if that is so: it was aborted (by any
+    /// rank), or a rank has left it. Never blocks. A backend whose waits cannot see the host
+    /// group (NCCL on a GPU) polls this while it waits, so that one rank's failure stops the
+    /// others at once rather than at their deadline.
+    fn aborted(&self) -> Option<String> {
+        None
+    }
     /// Reduces tensor `t` across ranks in place, in its own dtype (as vLLM all-reduces bf16
     /// activations); every rank gets the result. The default carries host tensors through
     /// [`Communicator::all_reduce_bytes`] and stages device tensors through host memory (correct,

@@ -440,6 +440,17 @@ impl Communicator for LocalRank {
         }
         self.shared.cv.notify_all();
     }
+
+    fn aborted(&self) -> Option<String> {
+        let st = self.lock();
+        if let Some(reason) = &st.aborted {
+            return Some(reason.clone());
+        }
+        self.left_ranks(&st, |_| true).map(|e| match e {
+            CommError::Aborted { reason, .. } => reason,
+            other => other.to_string(),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -566,6 +577,44 @@ mod tests {
                 e.contains("2") && e.contains("left the group"),
                 "{e} ({got:?})"
             );
+        }
+    }
+    /// `aborted()` never blocks and says why the group cannot complete a collective: nothing
+    /// while all is well, the reason once a rank aborts, a rank that left.
+    #[test]
+    fn aborted_says_why_without_waiting() {
+        let out = run(3, Duration::from_secs(30), |c| {
+            let before = c.aborted();
+            c.barrier().unwrap();
+            if c.rank() == 2 {
+                return (before, None, None);
+            }
+            c.barrier().unwrap_err(); // rank 2 has left (or is leaving): wait for its going
+            let left = c.aborted();
+            // Rank 0 aborts only once rank 1 has looked (point-to-point still works).
+            if c.rank() == 0 {
+                c.recv(&mut [0u8], 1).unwrap();
+                c.abort("rank 0 gave up");
+            } else {
+                c.send(&[1u8], 0).unwrap();
+            }
+            let after = loop {
+                if let Some(r) = c.aborted().filter(|r| r.contains("gave up")) {
+                    break Some(r);
+                }
+                std::thread::yield_now();
+            };
+            (before, left, after)
+        });
+        for (rank, (before, left, after)) in out.iter().enumerate() {
+            assert_eq!(before, &None, "rank {rank}");
+            if rank < 2 {
+                assert!(
+                    left.as_deref().is_some_and(|r| r.contains("rank 2 left")),
+                    "{left:?}"
+                );
+                assert_eq!(after.as_deref(), Some("rank 0 gave up"));
+            }
         }
     }
 }

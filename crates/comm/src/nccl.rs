@@ -16,7 +16,7 @@
 
 use std::time::Duration;
 
-use tessera_tensor::cuda::nccl::{self, DeviceComm, NcclFailure, Reduce, Wire};
+use tessera_tensor::cuda::nccl::{self, Cancel, DeviceComm, NcclFailure, Reduce, Wait, Wire};
 use tessera_tensor::{Storage, Tensor};
 
 use crate::communicator::all_reduce_tensor_via_host;
@@ -108,10 +108,19 @@ impl<'a> NcclComm<'a> {
                     missing: (0..self.world_size()).filter(|&r| r != rank).collect(),
                 }
             }
+            NcclFailure::Cancelled(reason) => CommError::Aborted { rank, reason },
             NcclFailure::Failed(e) => CommError::Device {
                 rank,
                 msg: e.to_string(),
             },
+        }
+    }
+
+    /// The deadline of a wait, cut short when the host group is aborted or loses a rank.
+    fn wait(&self) -> Wait<'_> {
+        Wait {
+            timeout: self.timeout,
+            cancel: self,
         }
     }
 
@@ -163,7 +172,7 @@ impl Communicator for NcclComm<'_> {
             )));
         }
         self.dev
-            .all_reduce_host(buf, wire(kind), reduce(op), self.timeout)
+            .all_reduce_host(buf, wire(kind), reduce(op), &self.wait())
             .map_err(|f| self.fail("all_reduce", f))
     }
 
@@ -177,7 +186,7 @@ impl Communicator for NcclComm<'_> {
             )));
         }
         self.dev
-            .all_gather_host(send, recv, self.timeout)
+            .all_gather_host(send, recv, &self.wait())
             .map_err(|f| self.fail("all_gather", f))
     }
 
@@ -186,7 +195,7 @@ impl Communicator for NcclComm<'_> {
             return Err(self.invalid(format!("broadcast from rank {root}")));
         }
         self.dev
-            .broadcast_host(buf, root, self.timeout)
+            .broadcast_host(buf, root, &self.wait())
             .map_err(|f| self.fail("broadcast", f))
     }
 
@@ -206,13 +215,13 @@ impl Communicator for NcclComm<'_> {
             )));
         }
         self.dev
-            .reduce_scatter_host(send, recv, wire(kind), reduce(op), self.timeout)
+            .reduce_scatter_host(send, recv, wire(kind), reduce(op), &self.wait())
             .map_err(|f| self.fail("reduce_scatter", f))
     }
 
     fn barrier(&self) -> Result<(), CommError> {
         self.dev
-            .barrier(self.timeout)
+            .barrier(&self.wait())
             .map_err(|f| self.fail("barrier", f))
     }
 
@@ -237,6 +246,10 @@ impl Communicator for NcclComm<'_> {
         self.dev.abort();
     }
 
+    fn aborted(&self) -> Option<String> {
+        self.host().aborted()
+    }
+
     fn all_reduce_tensor(&self, t: &mut Tensor, op: ReduceOp) -> Result<(), CommError> {
         if !matches!(t.storage(), Storage::Cuda(_)) {
             return all_reduce_tensor_via_host(self, t, op);
@@ -250,6 +263,12 @@ impl Communicator for NcclComm<'_> {
     }
 }
 
+impl Cancel for NcclComm<'_> {
+    fn cancelled(&self) -> Option<String> {
+        self.host().aborted()
+    }
+}
+
 impl Drop for NcclComm<'_> {
     /// Tears the communicator down once every rank is done with it: a peer may still be reading
     /// this rank's NCCL buffers (NVLink reads), so this rank first finishes its own queued work,
@@ -259,7 +278,7 @@ impl Drop for NcclComm<'_> {
         // A rank unwinding from a panic does not wait for the others: it frees its side now and
         // they fail at their deadline, as they would if it had died.
         let done = !std::thread::panicking()
-            && self.dev.drain(self.timeout).is_ok()
+            && self.dev.drain(&self.wait()).is_ok()
             && self.host().barrier().is_ok();
         if !done {
             self.dev.abort();

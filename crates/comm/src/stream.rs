@@ -220,4 +220,8 @@ impl<E: Communicator + 'static> Communicator for CommStream<E> {
         // Never waits for the stream: aborting is how a stuck stream gets unstuck.
         self.exec.abort(reason)
     }
+
+    fn aborted(&self) -> Option<String> {
+        self.exec.aborted()
+    }
 }

@@ -119,3 +119,45 @@ fn send_to_a_rank_that_is_not_there_is_an_error_not_a_panic() {
     });
     assert!(out[0].contains("destination 5"), "{}", out[0]);
 }
+
+/// `aborted()` never blocks: nothing while all is well; then the reason of a rank's abort reaches
+/// the others, and a peer whose connections closed is reported too.
+#[test]
+fn aborted_reports_an_abort_and_a_lost_peer() {
+    let out = on_each(tcp_job(3, Duration::from_secs(60), |_| {}), |c| {
+        let before = c.aborted();
+        c.barrier().unwrap();
+        if c.rank() == 2 {
+            drop(c); // closes its connections
+            return (before, None, None);
+        }
+        let lost = loop {
+            if let Some(r) = c.aborted() {
+                break r;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        if c.rank() == 0 {
+            c.abort("rank 0 gave up");
+        }
+        let after = loop {
+            match c.aborted() {
+                Some(r) if r.contains("gave up") => break r,
+                _ => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
+        (before, Some(lost), Some(after))
+    });
+    for (rank, (before, lost, after)) in out.iter().enumerate() {
+        assert_eq!(before, &None, "rank {rank}");
+        if rank < 2 {
+            let lost = lost.as_deref().unwrap();
+            // Rank 1 may hear rank 0's abort before it sees rank 2's connections close.
+            assert!(
+                lost.contains("rank 2") || (rank == 1 && lost.contains("gave up")),
+                "rank {rank}: {lost}"
+            );
+            assert!(after.as_deref().unwrap().contains("rank 0 gave up"));
+        }
+    }
+}

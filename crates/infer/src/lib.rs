@@ -56,7 +56,15 @@ pub fn with_rank_comm<R>(
         (device_of_rank(device, comm.rank()), comm.world_size() > 1)
     {
         let nccl = tessera_comm::NcclComm::new(comm, ordinal)?;
-        return f(&nccl);
+        let r = f(&nccl);
+        if let Err(e) = &r {
+            // Tell the other ranks now: they may be waiting in a collective on their GPUs, and
+            // the NCCL communicator's teardown meets them at a barrier.
+            if !spmd::is_abort(e) {
+                comm.abort(&format!("rank {} failed: {e}", comm.rank()));
+            }
+        }
+        return r;
     }
     let _ = device;
     f(comm)

@@ -16,7 +16,7 @@ use tessera_model::TpRank;
 
 use crate::InferError;
 
-fn is_abort(e: &InferError) -> bool {
+pub(crate) fn is_abort(e: &InferError) -> bool {
     matches!(
         e,
         InferError::Comm(CommError::Aborted { .. })

@@ -487,4 +487,16 @@ impl Communicator for TcpRank {
     fn abort(&self, reason: &str) {
         self.net.abort(reason);
     }
+
+    fn aborted(&self) -> Option<String> {
+        let st = self.net.inbox.lock();
+        if let Some(reason) = &st.aborted {
+            return Some(reason.clone());
+        }
+        // A peer of this group whose connection ended.
+        self.ranks
+            .iter()
+            .filter(|&&w| w != self.net.rank)
+            .find_map(|&w| st.closed.get(w).cloned().flatten())
+    }
 }

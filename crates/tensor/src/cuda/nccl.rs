@@ -70,6 +70,9 @@ impl Reduce {
 pub enum NcclFailure {
     /// The deadline passed (a peer never joined, or is stuck); the communicator is aborted.
     TimedOut,
+    /// The caller's group can no longer complete it (aborted, or a rank left); the communicator
+    /// is aborted.
+    Cancelled(String),
     Failed(TensorError),
 }
 
@@ -77,6 +80,18 @@ impl From<TensorError> for NcclFailure {
     fn from(e: TensorError) -> Self {
         NcclFailure::Failed(e)
     }
+}
+
+/// What a waiting collective asks, about every millisecond, to learn that it should give up.
+pub trait Cancel {
+    /// Why the collective cannot complete any more (its group was aborted, a rank left), if so.
+    fn cancelled(&self) -> Option<String>;
+}
+
+/// How a collective on host bytes waits: at most `timeout`, and while `cancel` says nothing.
+pub struct Wait<'a> {
+    pub timeout: Duration,
+    pub cancel: &'a dyn Cancel,
 }
 
 /// A fresh NCCL unique id (made by rank 0 of a group and sent to the others through the host
@@ -285,7 +300,7 @@ impl DeviceComm {
     /// Waits, within `timeout`, for everything queued on the stream so far; polls NCCL's
     /// asynchronous error too (a peer that failed). On the deadline the communicator is aborted,
     /// so that the queued operation ends and the GPU is free again.
-    fn wait(&self, what: &str, timeout: Duration) -> Result<(), NcclFailure> {
+    fn wait(&self, what: &str, w: &Wait) -> Result<(), NcclFailure> {
         let o = self.dev.ordinal;
         let event = self
             .dev
@@ -314,9 +329,15 @@ impl DeviceComm {
                     return Err(nccl_err(o, what, e).into());
                 }
             }
-            if start.elapsed() > timeout {
+            if start.elapsed() > w.timeout {
                 self.abort();
                 return Err(NcclFailure::TimedOut);
+            }
+            if spins.is_multiple_of(20) {
+                if let Some(reason) = w.cancel.cancelled() {
+                    self.abort();
+                    return Err(NcclFailure::Cancelled(reason));
+                }
             }
             // Spin briefly (small collectives finish in microseconds), then back off.
             spins += 1;
@@ -341,7 +362,7 @@ impl DeviceComm {
         buf: &mut [u8],
         ty: Wire,
         op: Reduce,
-        timeout: Duration,
+        w: &Wait,
     ) -> Result<(), NcclFailure> {
         if buf.is_empty() {
             return Ok(());
@@ -361,7 +382,7 @@ impl DeviceComm {
                 )
             }
         })?;
-        self.wait("all_reduce", timeout)?;
+        self.wait("all_reduce", w)?;
         Ok(self.download(&s, buf)?)
     }
 
@@ -370,7 +391,7 @@ impl DeviceComm {
         &self,
         send: &[u8],
         recv: &mut [u8],
-        timeout: Duration,
+        w: &Wait,
     ) -> Result<(), NcclFailure> {
         if send.is_empty() {
             return Ok(());
@@ -390,17 +411,12 @@ impl DeviceComm {
                 )
             }
         })?;
-        self.wait("all_gather", timeout)?;
+        self.wait("all_gather", w)?;
         Ok(self.download(&r, recv)?)
     }
 
     /// Copies `root`'s `buf` into every rank's `buf`.
-    pub fn broadcast_host(
-        &self,
-        buf: &mut [u8],
-        root: usize,
-        timeout: Duration,
-    ) -> Result<(), NcclFailure> {
+    pub fn broadcast_host(&self, buf: &mut [u8], root: usize, w: &Wait) -> Result<(), NcclFailure> {
         if buf.is_empty() {
             return Ok(());
         }
@@ -419,7 +435,7 @@ impl DeviceComm {
                 )
             }
         })?;
-        self.wait("broadcast", timeout)?;
+        self.wait("broadcast", w)?;
         Ok(self.download(&s, buf)?)
     }
 
@@ -430,7 +446,7 @@ impl DeviceComm {
         recv: &mut [u8],
         ty: Wire,
         op: Reduce,
-        timeout: Duration,
+        w: &Wait,
     ) -> Result<(), NcclFailure> {
         if recv.is_empty() {
             return Ok(());
@@ -451,20 +467,20 @@ impl DeviceComm {
                 )
             }
         })?;
-        self.wait("reduce_scatter", timeout)?;
+        self.wait("reduce_scatter", w)?;
         Ok(self.download(&r, recv)?)
     }
 
     /// Waits until every rank has reached this point and this GPU's queued work is done.
-    pub fn barrier(&self, timeout: Duration) -> Result<(), NcclFailure> {
+    pub fn barrier(&self, w: &Wait) -> Result<(), NcclFailure> {
         let mut one = [0u8; 4];
-        self.all_reduce_host(&mut one, Wire::I32, Reduce::Sum, timeout)
+        self.all_reduce_host(&mut one, Wire::I32, Reduce::Sum, w)
     }
 
     /// Waits, within `timeout`, until this GPU has finished the work queued so far (this rank's
     /// collectives included).
-    pub fn drain(&self, timeout: Duration) -> Result<(), NcclFailure> {
-        self.wait("drain", timeout)
+    pub fn drain(&self, w: &Wait) -> Result<(), NcclFailure> {
+        self.wait("drain", w)
     }
 
     /// Aborts the communicator: queued NCCL work ends, every later call fails.
