@@ -44,6 +44,10 @@ enum Cmd {
 }
 
 fn main() {
+    // While this process has one thread: NCCL reads its settings from the environment, and
+    // setting a variable while another thread reads one is a data race in libc.
+    #[cfg(feature = "cuda")]
+    tessera_tensor::cuda::nccl::connect_at_init();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -60,11 +60,13 @@ impl<'a> NcclComm<'a> {
         }
         // Every rank needs the id (a plain broadcast skips a group of one).
         h.broadcast_bytes(&mut id, 0)?;
-        let dev =
-            DeviceComm::new(ordinal, rank, h.world_size(), id).map_err(|e| CommError::Device {
-                rank,
-                msg: e.to_string(),
-            })?;
+        let dev = DeviceComm::new(ordinal, rank, h.world_size(), id).map_err(|e| {
+            let msg = e.to_string();
+            // The others may be waiting in their own init: their host group at least says
+            // why (NCCL's init itself cannot be cut short; see docs/COMM.md).
+            h.abort(&format!("rank {rank}: {msg}"));
+            CommError::Device { rank, msg }
+        })?;
         Ok(NcclComm {
             host,
             dev,
@@ -109,10 +111,7 @@ impl<'a> NcclComm<'a> {
                 }
             }
             NcclFailure::Cancelled(reason) => CommError::Aborted { rank, reason },
-            NcclFailure::Failed(e) => CommError::Device {
-                rank,
-                msg: e.to_string(),
-            },
+            NcclFailure::Failed(e) => self.device_error(e),
         }
     }
 
@@ -122,6 +121,18 @@ impl<'a> NcclComm<'a> {
             timeout: self.timeout,
             cancel: self,
         }
+    }
+
+    /// A device error of this rank: an aborted communicator is `Aborted`; anything else is
+    /// `Device`, and the host group is aborted with it (NCCL's communicator is gone or must go).
+    fn device_error(&self, e: tessera_tensor::TensorError) -> CommError {
+        let rank = self.rank();
+        let msg = e.to_string();
+        if msg.contains(nccl::ABORTED) {
+            return CommError::Aborted { rank, reason: msg };
+        }
+        self.host().abort(&format!("rank {rank}: {msg}"));
+        CommError::Device { rank, msg }
     }
 
     fn invalid(&self, msg: String) -> CommError {
@@ -256,10 +267,7 @@ impl Communicator for NcclComm<'_> {
         }
         self.dev
             .all_reduce_storage(t.storage_mut(), reduce(op))
-            .map_err(|e| CommError::Device {
-                rank: self.rank(),
-                msg: e.to_string(),
-            })
+            .map_err(|e| self.device_error(e))
     }
 }
 

@@ -97,6 +97,7 @@ fn graph_replay_equals_eager_decode() {
         }
         eprintln!("tp {tp}, grouped attention {grouped:?}: 12 graph steps equal the eager steps");
     }
+    tessera_tensor::cuda::force_grouped_decode_attention(None);
 }
 
 fn comm_barrier(c: &dyn tessera_comm::Communicator) {

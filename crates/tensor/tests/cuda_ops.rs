@@ -299,7 +299,20 @@ fn every_op_matches_the_cpu() {
         // and without a window: the grouped kernel (one block per KV head: g = 2, and g = 8 with
         // g hd at its limit of 1024) and the per-query-head kernel it falls back to (hd 48: hd / 8
         // not a power of two; g = 12), at batch 1 and 3.
-        for (hq, hkv, hd) in [(4, 2, 64), (8, 1, 128), (6, 2, 48), (12, 1, 32)] {
+        // Also: one query head a KV head (g = 1), g = 3 and 7 (heads masked off in the 4- and
+        // 8-head kernels), head dims 256 and 16 (256 and 16 lanes a row), and batch 16, where the
+        // grouped kernel's splits grow to 128 (2 KV heads) or 256 positions (8 KV heads).
+        for (hq, hkv, hd) in [
+            (4, 2, 64),
+            (8, 1, 128),
+            (6, 2, 48),
+            (12, 1, 32),
+            (8, 8, 64),
+            (6, 2, 128),
+            (7, 1, 128),
+            (8, 2, 256),
+            (4, 2, 16),
+        ] {
             let shape = AttentionShape {
                 num_heads: hq,
                 num_kv_heads: hkv,
@@ -308,7 +321,7 @@ fn every_op_matches_the_cpu() {
             let inv: Vec<f32> = (0..hd / 2)
                 .map(|i| 1.0 / 10000f32.powf(i as f32 / (hd / 2) as f32))
                 .collect();
-            for (batch, window) in [(1, None), (1, Some(300)), (3, Some(500))] {
+            for (batch, window) in [(1, None), (1, Some(300)), (3, Some(500)), (16, None)] {
                 let qkv = rand_t(vec![batch, (hq + 2 * hkv) * hd], dt, 83);
                 let (mut kcc, mut vcc) = (
                     rand_t(vec![701, batch * hkv, hd], dt, 84),

@@ -127,8 +127,10 @@ fn nccl_err(ordinal: usize, what: &str, e: result::NcclError) -> TensorError {
 /// the user chose otherwise. Connected lazily, a rank's first collective blocks on the host until
 /// its peers join, out of reach of the deadline that [`DeviceComm`]'s waits keep; connected at
 /// init, a missing peer only stalls the stream, which the wait sees. Set once, before this
-/// process's first NCCL init (every rank thread passes through here first).
-fn connect_at_init() {
+/// process's first NCCL init (every rank thread passes through here first). A program should call
+/// it itself at start-up, while it has one thread (the `tessera` binary does): setting a variable
+/// while another thread reads the environment is a data race in libc.
+pub fn connect_at_init() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         if std::env::var_os("NCCL_RUNTIME_CONNECT").is_none() {
@@ -136,6 +138,9 @@ fn connect_at_init() {
         }
     });
 }
+
+/// The error text of any call on an aborted communicator.
+pub const ABORTED: &str = "the NCCL communicator was aborted";
 
 /// An NCCL communicator handle.
 struct RawComm(sys::ncclComm_t);
@@ -223,7 +228,7 @@ impl DeviceComm {
         let guard = self.comm.lock().unwrap_or_else(|e| e.into_inner());
         let comm = guard
             .as_ref()
-            .ok_or_else(|| dev_err(self.dev.ordinal, "the NCCL communicator was aborted"))?;
+            .ok_or_else(|| dev_err(self.dev.ordinal, ABORTED))?;
         self.dev
             .ctx
             .bind_to_thread()
@@ -315,19 +320,21 @@ impl DeviceComm {
             if event.try_is_complete().map_err(|e| dev_err(o, e))? {
                 return Ok(());
             }
-            {
+            let failed = {
                 let guard = self.comm.lock().unwrap_or_else(|e| e.into_inner());
                 let Some(comm) = guard.as_ref() else {
-                    return Err(dev_err(o, "the NCCL communicator was aborted").into());
+                    return Err(NcclFailure::Cancelled(ABORTED.into()));
                 };
                 let mut state = sys::ncclResult_t::ncclSuccess;
                 // SAFETY: a live communicator and a valid out pointer.
-                unsafe { sys::ncclCommGetAsyncError(comm.0, &mut state) }
-                    .result()
-                    .map_err(|e| nccl_err(o, what, e))?;
-                if let Err(e) = state.result() {
-                    return Err(nccl_err(o, what, e).into());
-                }
+                let asked = unsafe { sys::ncclCommGetAsyncError(comm.0, &mut state) }.result();
+                asked.and_then(|_| state.result()).err()
+            };
+            if let Some(e) = failed {
+                // NCCL's rule: a communicator with an asynchronous error must be aborted (its
+                // collective may never finish otherwise).
+                self.abort();
+                return Err(nccl_err(o, what, e).into());
             }
             if start.elapsed() > w.timeout {
                 self.abort();
@@ -349,6 +356,19 @@ impl DeviceComm {
         }
     }
 
+    /// Refuses lengths NCCL would read or write past the staging buffers with.
+    fn check(&self, ok: bool, what: &str) -> Result<(), NcclFailure> {
+        if ok {
+            Ok(())
+        } else {
+            Err(dev_err(
+                self.dev.ordinal,
+                format!("NCCL {what}: buffer lengths do not fit the group"),
+            )
+            .into())
+        }
+    }
+
     fn download(&self, src: &Staged, dst: &mut [u8]) -> Result<(), TensorError> {
         self.dev
             .stream
@@ -364,6 +384,7 @@ impl DeviceComm {
         op: Reduce,
         w: &Wait,
     ) -> Result<(), NcclFailure> {
+        self.check(buf.len().is_multiple_of(ty.size()), "all_reduce")?;
         if buf.is_empty() {
             return Ok(());
         }
@@ -393,6 +414,7 @@ impl DeviceComm {
         recv: &mut [u8],
         w: &Wait,
     ) -> Result<(), NcclFailure> {
+        self.check(recv.len() == send.len() * self.world, "all_gather")?;
         if send.is_empty() {
             return Ok(());
         }
@@ -417,6 +439,7 @@ impl DeviceComm {
 
     /// Copies `root`'s `buf` into every rank's `buf`.
     pub fn broadcast_host(&self, buf: &mut [u8], root: usize, w: &Wait) -> Result<(), NcclFailure> {
+        self.check(root < self.world, "broadcast")?;
         if buf.is_empty() {
             return Ok(());
         }
@@ -448,6 +471,10 @@ impl DeviceComm {
         op: Reduce,
         w: &Wait,
     ) -> Result<(), NcclFailure> {
+        self.check(
+            send.len() == recv.len() * self.world && recv.len().is_multiple_of(ty.size()),
+            "reduce_scatter",
+        )?;
         if recv.is_empty() {
             return Ok(());
         }
