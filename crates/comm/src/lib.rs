@@ -26,6 +26,7 @@
 //! assert_eq!(out, vec![vec![3.0; 3], vec![3.0; 3]]);
 //! ```
 
+mod args;
 mod check;
 mod communicator;
 mod element;

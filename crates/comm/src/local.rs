@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::check::{OpCode, OpDesc};
 use crate::reduce::{ring_reduce_segment, segment};
-use crate::{CommError, CommStream, Communicator, ElemKind, ReduceOp};
+use crate::{args, CommError, CommStream, Communicator, ElemKind, ReduceOp};
 
 #[derive(Default)]
 struct State {
@@ -230,16 +230,15 @@ impl LocalRank {
     }
 
     fn check_rank(&self, what: &str, r: usize) -> Result<(), CommError> {
-        if r >= self.shared.size {
-            return Err(CommError::Invalid {
-                rank: self.rank,
-                msg: format!(
-                    "{what} {r} is not a rank of a group of {}",
-                    self.shared.size
-                ),
-            });
-        }
-        Ok(())
+        self.valid(args::rank(what, r, self.shared.size))
+    }
+
+    /// An argument check's verdict as this rank's error.
+    fn valid(&self, r: Result<(), String>) -> Result<(), CommError> {
+        r.map_err(|msg| CommError::Invalid {
+            rank: self.rank,
+            msg,
+        })
     }
 }
 
@@ -258,12 +257,7 @@ impl Communicator for LocalRank {
         kind: ElemKind,
         op: ReduceOp,
     ) -> Result<(), CommError> {
-        if !buf.len().is_multiple_of(kind.size()) {
-            return Err(CommError::Invalid {
-                rank: self.rank,
-                msg: format!("all_reduce of {} bytes of {kind:?}", buf.len()),
-            });
-        }
+        self.valid(args::all_reduce(buf.len(), kind))?;
         let desc = OpDesc::new(OpCode::AllReduce, buf.len()).reduce(kind, op);
         let slots = self.rendezvous(desc, buf.to_vec())?;
         let (n, es) = (self.shared.size, kind.size());
@@ -277,17 +271,7 @@ impl Communicator for LocalRank {
     }
 
     fn all_gather_bytes(&self, send: &[u8], recv: &mut [u8]) -> Result<(), CommError> {
-        if recv.len() != send.len() * self.shared.size {
-            return Err(CommError::Invalid {
-                rank: self.rank,
-                msg: format!(
-                    "all_gather of {} bytes needs a receive buffer of {}, got {}",
-                    send.len(),
-                    send.len() * self.shared.size,
-                    recv.len()
-                ),
-            });
-        }
+        self.valid(args::all_gather(send.len(), recv.len(), self.shared.size))?;
         let desc = OpDesc::new(OpCode::AllGather, send.len());
         let slots = self.rendezvous(desc, send.to_vec())?;
         for (chunk, s) in recv.chunks_mut(send.len().max(1)).zip(slots.iter()) {
@@ -319,16 +303,7 @@ impl Communicator for LocalRank {
         op: ReduceOp,
     ) -> Result<(), CommError> {
         let n = self.shared.size;
-        if send.len() != recv.len() * n || !recv.len().is_multiple_of(kind.size()) {
-            return Err(CommError::Invalid {
-                rank: self.rank,
-                msg: format!(
-                    "reduce_scatter of {} bytes into {} bytes on {n} ranks",
-                    send.len(),
-                    recv.len()
-                ),
-            });
-        }
+        self.valid(args::reduce_scatter(send.len(), recv.len(), kind, n))?;
         let desc = OpDesc::new(OpCode::ReduceScatter, send.len()).reduce(kind, op);
         let slots = self.rendezvous(desc, send.to_vec())?;
         let per = recv.len();

@@ -20,7 +20,7 @@ use tessera_tensor::cuda::nccl::{self, Cancel, DeviceComm, NcclFailure, Reduce, 
 use tessera_tensor::{Storage, Tensor};
 
 use crate::communicator::all_reduce_tensor_via_host;
-use crate::{CommError, Communicator, ElemKind, ReduceOp};
+use crate::{args, CommError, Communicator, ElemKind, ReduceOp};
 
 enum Host<'a> {
     Borrowed(&'a dyn Communicator),
@@ -176,35 +176,21 @@ impl Communicator for NcclComm<'_> {
         kind: ElemKind,
         op: ReduceOp,
     ) -> Result<(), CommError> {
-        if !buf.len().is_multiple_of(kind.size()) {
-            return Err(self.invalid(format!(
-                "all_reduce of {} bytes is not a whole number of {kind:?} elements",
-                buf.len()
-            )));
-        }
+        args::all_reduce(buf.len(), kind).map_err(|m| self.invalid(m))?;
         self.dev
             .all_reduce_host(buf, wire(kind), reduce(op), &self.wait())
             .map_err(|f| self.fail("all_reduce", f))
     }
 
     fn all_gather_bytes(&self, send: &[u8], recv: &mut [u8]) -> Result<(), CommError> {
-        if recv.len() != send.len() * self.world_size() {
-            return Err(self.invalid(format!(
-                "all_gather of {} bytes into {} bytes (world size {})",
-                send.len(),
-                recv.len(),
-                self.world_size()
-            )));
-        }
+        args::all_gather(send.len(), recv.len(), self.world_size()).map_err(|m| self.invalid(m))?;
         self.dev
             .all_gather_host(send, recv, &self.wait())
             .map_err(|f| self.fail("all_gather", f))
     }
 
     fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<(), CommError> {
-        if root >= self.world_size() {
-            return Err(self.invalid(format!("broadcast from rank {root}")));
-        }
+        args::rank("root", root, self.world_size()).map_err(|m| self.invalid(m))?;
         self.dev
             .broadcast_host(buf, root, &self.wait())
             .map_err(|f| self.fail("broadcast", f))
@@ -217,14 +203,8 @@ impl Communicator for NcclComm<'_> {
         kind: ElemKind,
         op: ReduceOp,
     ) -> Result<(), CommError> {
-        if send.len() != recv.len() * self.world_size() || !recv.len().is_multiple_of(kind.size()) {
-            return Err(self.invalid(format!(
-                "reduce_scatter of {} bytes into {} bytes of {kind:?} (world size {})",
-                send.len(),
-                recv.len(),
-                self.world_size()
-            )));
-        }
+        args::reduce_scatter(send.len(), recv.len(), kind, self.world_size())
+            .map_err(|m| self.invalid(m))?;
         self.dev
             .reduce_scatter_host(send, recv, wire(kind), reduce(op), &self.wait())
             .map_err(|f| self.fail("reduce_scatter", f))

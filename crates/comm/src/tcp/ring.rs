@@ -17,7 +17,7 @@ use super::direct::{Region, Sink};
 use super::{fnv, Header, Sends, TcpRank, DATA, P2P};
 use crate::check::{OpCode, OpDesc};
 use crate::reduce::{finish, segment};
-use crate::{CommError, CommStream, Communicator, ElemKind, ReduceOp};
+use crate::{args, CommError, CommStream, Communicator, ElemKind, ReduceOp};
 
 /// Chunks a ring step queues ahead of the chunks it has received.
 const WINDOW: usize = 4;
@@ -250,9 +250,7 @@ impl Communicator for TcpRank {
         op: ReduceOp,
     ) -> Result<(), CommError> {
         self.guarded(|| {
-            if !buf.len().is_multiple_of(kind.size()) {
-                return Err(self.invalid(format!("all_reduce of {} bytes of {kind:?}", buf.len())));
-            }
+            args::all_reduce(buf.len(), kind).map_err(|m| self.invalid(m))?;
             let desc = OpDesc::new(OpCode::AllReduce, buf.len()).reduce(kind, op);
             self.all_reduce_impl(desc, buf, kind, op)
         })
@@ -261,13 +259,7 @@ impl Communicator for TcpRank {
     fn all_gather_bytes(&self, send: &[u8], recv: &mut [u8]) -> Result<(), CommError> {
         self.guarded(|| {
             let (n, len) = (self.n(), send.len());
-            if recv.len() != len * n {
-                return Err(self.invalid(format!(
-                    "all_gather of {len} bytes needs a receive buffer of {}, got {}",
-                    len * n,
-                    recv.len()
-                )));
-            }
+            args::all_gather(len, recv.len(), n).map_err(|m| self.invalid(m))?;
             let desc = OpDesc::new(OpCode::AllGather, len);
             let seq = self.seq.fetch_add(1, Ordering::Relaxed);
             self.check(seq, &desc)?;
@@ -282,9 +274,7 @@ impl Communicator for TcpRank {
     fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<(), CommError> {
         self.guarded(|| {
             let n = self.n();
-            if root >= n {
-                return Err(self.invalid(format!("root {root} is not a rank of a group of {n}")));
-            }
+            args::rank("root", root, n).map_err(|m| self.invalid(m))?;
             let desc = OpDesc::new(OpCode::Broadcast, buf.len()).root(root);
             let seq = self.seq.fetch_add(1, Ordering::Relaxed);
             self.check(seq, &desc)?;
@@ -338,12 +328,7 @@ impl Communicator for TcpRank {
     ) -> Result<(), CommError> {
         self.guarded(|| {
             let (n, per) = (self.n(), recv.len());
-            if send.len() != per * n || !per.is_multiple_of(kind.size()) {
-                return Err(self.invalid(format!(
-                    "reduce_scatter of {} bytes into {per} bytes on {n} ranks",
-                    send.len()
-                )));
-            }
+            args::reduce_scatter(send.len(), per, kind, n).map_err(|m| self.invalid(m))?;
             let desc = OpDesc::new(OpCode::ReduceScatter, send.len()).reduce(kind, op);
             let seq = self.seq.fetch_add(1, Ordering::Relaxed);
             self.check(seq, &desc)?;
@@ -408,12 +393,7 @@ impl Communicator for TcpRank {
 
     fn send_bytes(&self, buf: &[u8], dst: usize) -> Result<(), CommError> {
         self.guarded(|| {
-            if dst >= self.n() {
-                return Err(self.invalid(format!(
-                    "destination {dst} is not a rank of a group of {}",
-                    self.n()
-                )));
-            }
+            args::rank("destination", dst, self.n()).map_err(|m| self.invalid(m))?;
             let seq = {
                 let mut s = self.p2p_sent.lock().unwrap_or_else(|e| e.into_inner());
                 s[dst] += 1;
@@ -433,9 +413,7 @@ impl Communicator for TcpRank {
 
     fn recv_bytes(&self, buf: &mut [u8], src: usize) -> Result<(), CommError> {
         self.guarded(|| {
-            if src >= self.n() {
-                return Err(self.invalid(format!("source {src} is not a rank of a group of {}", self.n())));
-            }
+            args::rank("source", src, self.n()).map_err(|m| self.invalid(m))?;
             let seq = {
                 let mut s = self.p2p_recvd.lock().unwrap_or_else(|e| e.into_inner());
                 s[src] += 1;
