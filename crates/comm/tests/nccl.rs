@@ -11,15 +11,7 @@ use tessera_comm::{CommError, CommExt, Communicator, ElemKind, LocalGroup, NcclC
 use tessera_tensor::{DType, Device, Storage, Tensor};
 
 fn gpus() -> usize {
-    let mut n = 0;
-    while n < 2 && Device::Cuda(n).ensure_available().is_ok() {
-        n += 1;
-    }
-    if n == 0 {
-        assert!(std::env::var("TESSERA_REQUIRE_GPU").is_err(), "no GPU");
-        eprintln!("skipped: no GPU");
-    }
-    n
+    tessera_tensor::cuda::test_gpus(2)
 }
 
 /// Runs `f(nccl communicator)` on `world` threads, rank r on GPU r.

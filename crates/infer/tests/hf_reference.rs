@@ -170,15 +170,7 @@ mod cuda {
     use super::*;
 
     fn gpus() -> usize {
-        let mut n = 0;
-        while n < 8 && Device::Cuda(n).ensure_available().is_ok() {
-            n += 1;
-        }
-        if n == 0 {
-            assert!(std::env::var("TESSERA_REQUIRE_GPU").is_err(), "no GPU");
-            eprintln!("skipped: no GPU");
-        }
-        n.min(2)
+        tessera_tensor::cuda::test_gpus(2)
     }
 
     /// A CUDA graph capture (greedy generate) needs its GPUs to itself: these tests take turns.

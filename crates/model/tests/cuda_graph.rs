@@ -8,15 +8,7 @@ use tessera_model::{LlamaModel, ModelConfig, TpRank};
 use tessera_tensor::{DType, Device};
 
 fn gpus() -> usize {
-    let mut n = 0;
-    while n < 2 && Device::Cuda(n).ensure_available().is_ok() {
-        n += 1;
-    }
-    if n == 0 {
-        assert!(std::env::var("TESSERA_REQUIRE_GPU").is_err(), "no GPU");
-        eprintln!("skipped: no GPU");
-    }
-    n
+    tessera_tensor::cuda::test_gpus(2)
 }
 
 /// Each step's tokens, for every sequence of the batch.

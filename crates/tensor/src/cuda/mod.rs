@@ -425,6 +425,27 @@ impl CudaBuf {
 }
 
 /// Checks that `cuda:ordinal` can be used.
+/// For GPU test binaries: how many of the GPUs `0..max` this machine has. Having none is a skip,
+/// said on stderr, unless `TESSERA_REQUIRE_GPU` is set (the GPU check script sets it): then it
+/// panics, so that a GPU run that found no GPU fails instead of passing empty.
+pub fn test_gpus(max: usize) -> usize {
+    let n = (0..max)
+        .take_while(|&i| crate::Device::Cuda(i).ensure_available().is_ok())
+        .count();
+    if n == 0 {
+        let why = crate::Device::Cuda(0)
+            .ensure_available()
+            .err()
+            .map_or_else(|| "no GPU".to_string(), |e| e.to_string());
+        assert!(
+            std::env::var("TESSERA_REQUIRE_GPU").is_err(),
+            "no GPU: {why}"
+        );
+        eprintln!("skipped: {why}");
+    }
+    n
+}
+
 pub fn ensure_device(ordinal: usize) -> Result<(), TensorError> {
     GpuDevice::get(ordinal).map(|_| ())
 }

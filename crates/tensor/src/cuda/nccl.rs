@@ -376,6 +376,33 @@ impl DeviceComm {
             .map_err(|e| dev_err(self.dev.ordinal, e))
     }
 
+    /// One collective on host bytes: stages `input` on the device (`None`: `out` itself, in
+    /// place), queues `call(src, dst, comm, stream)` with `dst` a fresh `out.len()`-byte device
+    /// buffer (in place: the staged input), waits with `w`, and copies `dst` into `out`.
+    fn on_host(
+        &self,
+        what: &str,
+        input: Option<&[u8]>,
+        out: &mut [u8],
+        w: &Wait,
+        call: impl FnOnce(
+            u64,
+            u64,
+            sys::ncclComm_t,
+            sys::cudaStream_t,
+        ) -> Result<result::NcclStatus, result::NcclError>,
+    ) -> Result<(), NcclFailure> {
+        let src = self.stage(input.unwrap_or(out))?;
+        let fresh = match input {
+            Some(_) => Some(self.scratch(out.len())?),
+            None => None,
+        };
+        let dst = fresh.as_ref().unwrap_or(&src);
+        self.with_comm(what, |comm, st| call(src.ptr, dst.ptr, comm, st))?;
+        self.wait(what, w)?;
+        Ok(self.download(dst, out)?)
+    }
+
     /// Reduces host bytes (elements of `ty`) across the group; every rank gets the result.
     pub fn all_reduce_host(
         &self,
@@ -388,23 +415,21 @@ impl DeviceComm {
         if buf.is_empty() {
             return Ok(());
         }
-        let s = self.stage(buf)?;
-        self.with_comm("all_reduce", |comm, st| {
-            // SAFETY: in place on a live staging buffer of `buf.len()` bytes.
+        let n = buf.len() / ty.size();
+        self.on_host("all_reduce", None, buf, w, |src, dst, comm, st| {
+            // SAFETY: in place on a live staging buffer of `n` elements of `ty`.
             unsafe {
                 result::all_reduce(
-                    s.ptr as *const _,
-                    s.ptr as *mut _,
-                    buf.len() / ty.size(),
+                    src as *const _,
+                    dst as *mut _,
+                    n,
                     ty.nccl(),
                     op.nccl(),
                     comm,
                     st,
                 )
             }
-        })?;
-        self.wait("all_reduce", w)?;
-        Ok(self.download(&s, buf)?)
+        })
     }
 
     /// Concatenates every rank's `send` in rank order into `recv`.
@@ -418,23 +443,19 @@ impl DeviceComm {
         if send.is_empty() {
             return Ok(());
         }
-        let s = self.stage(send)?;
-        let r = self.scratch(recv.len())?;
-        self.with_comm("all_gather", |comm, st| {
+        self.on_host("all_gather", Some(send), recv, w, |src, dst, comm, st| {
             // SAFETY: live staging buffers of `send.len()` and `world * send.len()` bytes.
             unsafe {
                 result::all_gather(
-                    s.ptr as *const _,
-                    r.ptr as *mut _,
+                    src as *const _,
+                    dst as *mut _,
                     send.len(),
                     Wire::U8.nccl(),
                     comm,
                     st,
                 )
             }
-        })?;
-        self.wait("all_gather", w)?;
-        Ok(self.download(&r, recv)?)
+        })
     }
 
     /// Copies `root`'s `buf` into every rank's `buf`.
@@ -443,23 +464,21 @@ impl DeviceComm {
         if buf.is_empty() {
             return Ok(());
         }
-        let s = self.stage(buf)?;
-        self.with_comm("broadcast", |comm, st| {
-            // SAFETY: in place on a live staging buffer of `buf.len()` bytes.
+        let len = buf.len();
+        self.on_host("broadcast", None, buf, w, |src, dst, comm, st| {
+            // SAFETY: in place on a live staging buffer of `len` bytes.
             unsafe {
                 result::broadcast(
-                    s.ptr as *const _,
-                    s.ptr as *mut _,
-                    buf.len(),
+                    src as *const _,
+                    dst as *mut _,
+                    len,
                     Wire::U8.nccl(),
                     root as i32,
                     comm,
                     st,
                 )
             }
-        })?;
-        self.wait("broadcast", w)?;
-        Ok(self.download(&s, buf)?)
+        })
     }
 
     /// Reduces `send` (`world` equal chunks) across the group; rank r receives chunk r.
@@ -478,24 +497,27 @@ impl DeviceComm {
         if recv.is_empty() {
             return Ok(());
         }
-        let s = self.stage(send)?;
-        let r = self.scratch(recv.len())?;
-        self.with_comm("reduce_scatter", |comm, st| {
-            // SAFETY: live staging buffers of `world * recv.len()` and `recv.len()` bytes.
-            unsafe {
-                result::reduce_scatter(
-                    s.ptr as *const _,
-                    r.ptr as *mut _,
-                    recv.len() / ty.size(),
-                    ty.nccl(),
-                    op.nccl(),
-                    comm,
-                    st,
-                )
-            }
-        })?;
-        self.wait("reduce_scatter", w)?;
-        Ok(self.download(&r, recv)?)
+        let n = recv.len() / ty.size();
+        self.on_host(
+            "reduce_scatter",
+            Some(send),
+            recv,
+            w,
+            |src, dst, comm, st| {
+                // SAFETY: live staging buffers of `world * n` and `n` elements of `ty`.
+                unsafe {
+                    result::reduce_scatter(
+                        src as *const _,
+                        dst as *mut _,
+                        n,
+                        ty.nccl(),
+                        op.nccl(),
+                        comm,
+                        st,
+                    )
+                }
+            },
+        )
     }
 
     /// Waits until every rank has reached this point and this GPU's queued work is done.

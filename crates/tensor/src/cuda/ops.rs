@@ -142,6 +142,13 @@ fn same_dev(a: &CudaBuf, b: &CudaBuf) -> Result<(), TensorError> {
     Ok(())
 }
 
+/// Whether `x[m, k]` goes through the decode GEMV kernels rather than cuBLAS.
+fn gemv_fits(x: &CudaBuf, m: usize, k: usize) -> bool {
+    x.dtype() == crate::DType::BF16
+        && (1..=super::GEMV_MAX_ROWS).contains(&m)
+        && k.is_multiple_of(8)
+}
+
 /// `y[m, n] = x[m, k] @ w[n, k]^T (+ b)` through cuBLAS (f32 accumulation).
 pub fn matmul_t(
     x: &CudaBuf,
@@ -154,10 +161,7 @@ pub fn matmul_t(
     same_dev(x, w)?;
     let dev = x.dev.clone();
     let mut y = CudaBuf::alloc(&dev, x.dtype(), m * n)?;
-    if x.dtype() == crate::DType::BF16
-        && (1..=super::GEMV_MAX_ROWS).contains(&m)
-        && k.is_multiple_of(8)
-    {
+    if gemv_fits(x, m, k) {
         launch_gemv(&dev, false, x, w, &y, n, k)?;
         if let Some(b) = bias {
             add_bias(&dev, &y, b, m, n)?;
@@ -361,7 +365,7 @@ pub fn matmul_t_gated(
     bias: Option<&CudaBuf>,
 ) -> Result<CudaBuf, TensorError> {
     same_dev(x, w)?;
-    if m == 1 && bias.is_none() && x.dtype() == crate::DType::BF16 && k.is_multiple_of(8) {
+    if bias.is_none() && gemv_fits(x, m, k) {
         let dev = x.dev.clone();
         let y = CudaBuf::alloc(&dev, x.dtype(), n)?;
         launch_gemv(&dev, true, x, w, &y, n, k)?;
