@@ -78,6 +78,67 @@ fn every_op_matches_the_cpu() {
                 tol(dt),
             );
         }
+        // Every decode GEMV kernel (bf16), whichever a shape would pick: odd row counts, rows
+        // whose 16-byte chunks do not fill the lanes evenly (k = 2056), splits included.
+        if dt == DType::BF16 {
+            for v in tessera_tensor::cuda::GEMV_VARIANTS {
+                for (n, k) in [(77, 2056), (1030, 512), (3, 4096)] {
+                    let rows = if v.gated { 2 * n } else { n };
+                    let (xs, ws) = (
+                        rand_t(vec![1, k], dt, 70 + n as u64),
+                        rand_t(vec![rows, k], dt, 71 + k as u64),
+                    );
+                    let want = if v.gated {
+                        ops::matmul_t_gated(&xs, &ws, None).unwrap()
+                    } else {
+                        ops::matmul_t(&xs, &ws, None).unwrap()
+                    };
+                    let (Storage::Cuda(xb), Storage::Cuda(wb)) =
+                        (g(&xs).storage().clone(), g(&ws).storage().clone())
+                    else {
+                        unreachable!("moved to the GPU")
+                    };
+                    let y = tessera_tensor::cuda::gemv_with(v.name, &xb, &wb, n, k).unwrap();
+                    let got = Tensor::new(vec![1, n], Storage::Cuda(y)).unwrap();
+                    close(
+                        &format!("gemv {} n {n} k {k}", v.name),
+                        &got,
+                        &want,
+                        tol(dt),
+                    );
+                }
+            }
+        }
+        // The norm fused into the decode GEMV after it (bf16, one row: one kernel; else the ops
+        // one after another), with and without the residual add, plain and gated, against the CPU.
+        for (m, k, n) in [(1, 4096, 1000), (1, 8192, 300), (1, 200, 77), (2, 64, 33)] {
+            for gated in [false, true] {
+                for add in [false, true] {
+                    let x = rand_t(vec![m, k], dt, 80 + k as u64);
+                    let d = rand_t(vec![m, k], dt, 81);
+                    let nw = rand_t(vec![k], dt, 82);
+                    let w = rand_t(vec![if gated { 2 * n } else { n }, k], dt, 83);
+                    let (mut xc, mut xg) = (x.clone(), g(&x));
+                    let dg = g(&d);
+                    let yc =
+                        ops::norm_matmul_t(&mut xc, add.then_some(&d), &nw, 1e-5, &w, None, gated)
+                            .unwrap();
+                    let yg = ops::norm_matmul_t(
+                        &mut xg,
+                        add.then_some(&dg),
+                        &g(&nw),
+                        1e-5,
+                        &g(&w),
+                        None,
+                        gated,
+                    )
+                    .unwrap();
+                    let name = format!("norm_matmul {m}x{k} -> {n}, gated {gated}, add {add}");
+                    close(&name, &yg, &yc, tol(dt));
+                    close(&format!("{name}: x"), &xg, &xc, tol(dt));
+                }
+            }
+        }
         let xl = rand_t(vec![300, 256], dt, 4);
         let wl = rand_t(vec![512, 256], dt, 5);
         close(

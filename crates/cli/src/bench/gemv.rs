@@ -73,7 +73,12 @@ fn run_cuda(a: GemvArgs) -> Result<()> {
                 r.micros,
                 r.bytes_per_sec / 1e9,
                 100.0 * r.bytes_per_sec / bw,
-                if r.micros == best { "  <- fastest" } else { "" }
+                match (r.micros == best, r.chosen) {
+                    (true, true) => "  <- fastest, used",
+                    (true, false) => "  <- fastest",
+                    (false, true) => "  <- used",
+                    _ => "",
+                }
             );
         }
     }

@@ -82,7 +82,20 @@ impl Attention {
         cache: &mut LayerKv,
         comm: &dyn Communicator,
     ) -> Result<Tensor, ModelError> {
-        let rows = x.dim(0);
+        let qkv = self.qkv.forward(x)?;
+        self.forward_qkv(&qkv, batch, start, cache, comm)
+    }
+
+    /// [`Self::forward`] from this rank's fused projection `qkv` = `x W_qkv^T (+ b)` on.
+    pub fn forward_qkv(
+        &self,
+        qkv: &Tensor,
+        batch: usize,
+        start: usize,
+        cache: &mut LayerKv,
+        comm: &dyn Communicator,
+    ) -> Result<Tensor, ModelError> {
+        let rows = qkv.dim(0);
         if batch > 1 && rows != batch {
             return Err(ModelError::Input(format!(
                 "a lockstep batch of {batch} sequences takes one token each, got {rows} rows"
@@ -100,13 +113,12 @@ impl Attention {
             num_kv_heads,
             head_dim,
         };
-        let qkv = self.qkv.forward(x)?;
         cache.reserve(start + t)?;
         let scale = 1.0 / (head_dim as f32).sqrt();
         let a = if t == 1 {
             // A decode step: RoPE, the cache append and attention in one op.
             ops::decode_attention(
-                &qkv,
+                qkv,
                 batch,
                 self.shape,
                 &mut cache.k,
@@ -118,7 +130,7 @@ impl Attention {
             )?
         } else {
             let q = ops::qkv_rope_append(
-                &qkv,
+                qkv,
                 batch,
                 self.shape,
                 &mut cache.k,

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use tessera_comm::Communicator;
-use tessera_tensor::{DType, Tensor};
+use tessera_tensor::{ops, DType, Tensor};
 
 use super::{Attention, Mlp, RmsNorm};
 use crate::checkpoint::Checkpoint;
@@ -61,7 +61,8 @@ impl DecoderLayer {
     /// One layer on the residual stream `x`, which still lacks `delta`, the previous layer's MLP
     /// output (`None` for the first layer). Returns this layer's MLP output, again not added: each
     /// residual add runs inside the next norm's kernel (`x + a` equals `a + x` exactly, so the
-    /// results are those of the unfused layer).
+    /// results are those of the unfused layer), and on a GPU a decode step's norm runs inside the
+    /// projection after it (`ops::norm_matmul_t`).
     pub fn forward(
         &self,
         x: &mut Tensor,
@@ -71,13 +72,29 @@ impl DecoderLayer {
         cache: &mut LayerKv,
         comm: &dyn Communicator,
     ) -> Result<Tensor, ModelError> {
-        let xn = match delta {
-            Some(d) => self.input_norm.forward_add(x, d)?,
-            None => self.input_norm.forward(x)?,
-        };
-        let a = self.attn.forward(&xn, batch, start, cache, comm)?;
-        let hn = self.post_attn_norm.forward_add(x, &a)?;
-        self.mlp.forward(&hn, comm)
+        let (qkv, gate_up) = (&self.attn.qkv, &self.mlp.gate_up);
+        let n = &self.input_norm;
+        let qkv = ops::norm_matmul_t(
+            x,
+            delta,
+            &n.weight,
+            n.eps,
+            &qkv.weight,
+            qkv.bias.as_ref(),
+            false,
+        )?;
+        let a = self.attn.forward_qkv(&qkv, batch, start, cache, comm)?;
+        let n = &self.post_attn_norm;
+        let h = ops::norm_matmul_t(
+            x,
+            Some(&a),
+            &n.weight,
+            n.eps,
+            &gate_up.weight,
+            gate_up.bias.as_ref(),
+            true,
+        )?;
+        self.mlp.down.forward(&h, comm)
     }
 
     /// Calls `f` on every weight tensor of the layer (e.g. to move it to a device).

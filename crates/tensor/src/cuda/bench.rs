@@ -3,7 +3,6 @@
 //! every weight is read once.
 
 use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
-use cudarc::driver::PushKernelArg;
 use half::bf16;
 
 use super::{dev_err, CudaBuf, CudaData, GpuDevice, GEMV_VARIANTS};
@@ -12,6 +11,8 @@ use crate::{DType, TensorError};
 /// One kernel at one shape: mean microseconds per call and the weight bytes it read per second.
 pub struct GemvTiming {
     pub kernel: String,
+    /// The kernel a decode step uses at this shape.
+    pub chosen: bool,
     pub n: usize,
     pub k: usize,
     pub gated: bool,
@@ -38,6 +39,7 @@ pub fn bench_gemv(
             .collect::<Result<_, _>>()?;
         let x = super::random(&dev, DType::BF16, k, 5, 1.0, 0.0)?;
         let y = CudaBuf::alloc(&dev, DType::BF16, rows)?;
+        let chosen = dev.gemv(gated).v.name;
         let mut time =
             |name: String, launch: &mut dyn FnMut(&CudaBuf) -> Result<(), TensorError>| {
                 let reps = 3 * copies.max(10);
@@ -55,6 +57,7 @@ pub fn bench_gemv(
                 end.synchronize().map_err(e)?;
                 let secs = start.elapsed_ms(&end).map_err(e)? as f64 / 1e3 / reps as f64;
                 out.push(GemvTiming {
+                    chosen: name == chosen,
                     kernel: name,
                     n,
                     k,
@@ -64,18 +67,10 @@ pub fn bench_gemv(
                 });
                 Ok::<(), TensorError>(())
             };
-        for &(name, _, _) in GEMV_VARIANTS.iter().filter(|v| v.2 == gated) {
-            let kern = &dev.gemv[name];
-            time(name.to_string(), &mut |w| {
-                let (nn, kk) = (n as i32, k as i32);
-                let mut l = dev.stream.launch_builder(&kern.f);
-                super::ops::push_buf(&mut l, &x);
-                super::ops::push_buf(&mut l, w);
-                super::ops::push_buf(&mut l, &y);
-                l.arg(&nn).arg(&kk);
-                unsafe { l.launch(kern.config(n)) }
-                    .map(|_| ())
-                    .map_err(|err| dev_err(ordinal, err))
+        for v in GEMV_VARIANTS.iter().filter(|v| v.gated == gated) {
+            let kern = &dev.gemv[v.name];
+            time(v.name.to_string(), &mut |w| {
+                super::ops::launch_gemv_kernel(&dev, kern, &x, w, &y, (n, k), None)
             })?;
         }
         let mut ybig = CudaBuf::alloc(&dev, DType::BF16, rows)?;

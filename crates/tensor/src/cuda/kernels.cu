@@ -665,38 +665,90 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
 // i, and y[i] = silu(gate_i) * up_i, each product rounded as the unfused ops round it (the gated
 // MLP in one pass over its weights).
 // `tessera bench gemv` (H200, Llama-3-8B shapes) measured the variants kept below and others:
-// R = 2, U = 2 is the fastest at every shape (80-105% of the copy bandwidth), pipelining and
-// bypassing L1 gain 5-15% on short rows, more loads in flight per lane (U = 8, 16) lose.
-template <int R, int U, bool GATED, bool NOL1>
-__device__ void gemv1p(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k) {
+// pipelining and bypassing L1 gain 5-15% on short rows, more loads in flight per lane (U = 8, 16)
+// lose. KS > 1 (split-K): the KS warps of a row group (all in one block) take interleaved
+// 512-byte stretches of the rows, and the first of them adds their partial sums in a fixed order.
+// Four rows a warp, one load each in flight, four warps a group (R = 4, U = 1, KS = 4) is the
+// fastest or within 2% of it at every shape of the 8B model at tp 1 and 2 (the narrow tp-2 shapes
+// gain most: qkv 11.1 -> 7.8 us, o 6.4 -> 5.4 us against R = 2, U = 2, KS = 1).
+// NORM (the RMSNorm before a projection, fused): 1 normalises x with the weights `nw` first, 2
+// adds `delta` to x first and block 0 writes the sum to `xo` (the residual stream). Every block
+// computes the row's norm into shared memory (k bf16 values, dynamic) while its first
+// weight loads are in flight; the values are rounded as `add_rms_norm` rounds them.
+template <int R, int U, bool GATED, bool NOL1, int KS, int NORM>
+__device__ void gemv1p(const bf16_t* x, const bf16_t* delta, const bf16_t* nw, bf16_t* xo, float eps,
+                       const bf16_t* w, bf16_t* y, int n, int k) {
+    static_assert(KS == 1 || KS == 2 || KS == 4 || KS == 8, "KS divides the 8 warps of a block");
     pdl_trigger();
     int warp = (int)((blockIdx.x * (long)blockDim.x + threadIdx.x) >> 5);
     int lane = threadIdx.x & 31;
-    int row0 = GATED ? warp : warp * R;
-    if (row0 >= n) { pdl_wait(); return; }
+    // GATED: the warp's R / 2 outputs, gate rows first, then their up rows.
+    constexpr int OUTS = GATED ? R / 2 : R;
+    int split = warp % KS;
+    int group = warp / KS;
+    int row0 = group * OUTS;
+    bool dead = row0 >= n;
+    if (KS == 1 && NORM == 0 && dead) { pdl_wait(); return; }
     const uint4* wr[R];
     bool live[R];
 #pragma unroll
     for (int j = 0; j < R; j++) {
-        int rj = GATED ? warp + j * n : row0 + j;
-        live[j] = GATED || rj < n;
-        wr[j] = (const uint4*)(w + (long)(live[j] ? rj : row0) * k);
+        int out = row0 + j % OUTS;
+        int rj = GATED && j >= OUTS ? n + out : out;
+        live[j] = !dead && out < n;
+        wr[j] = (const uint4*)(w + (long)(live[j] ? rj : (dead ? 0 : row0)) * k);
     }
-    int k8 = k >> 3;
+    int k8 = dead ? 0 : k >> 3;
+    constexpr int STEP = 32 * KS;
     float acc[R];
 #pragma unroll
     for (int j = 0; j < R; j++) acc[j] = 0.f;
     uint4 nxt[R][U];
 #pragma unroll
     for (int u = 0; u < U; u++) {
-        int i = lane + u * 32;
+        int i = split * 32 + lane + u * STEP;
         if (i < k8) {
 #pragma unroll
             for (int j = 0; j < R; j++) nxt[j][u] = NOL1 ? ld_stream(wr[j] + i) : __ldg(wr[j] + i);
         }
     }
     pdl_wait();
-    for (int base = lane; base < k8; base += 32 * U) {
+    const uint4* xv = (const uint4*)x;
+    if (NORM) {
+        // Two passes over the row, each thread over its own chunks (few registers: the weight
+        // loads in flight keep theirs): x (+ delta) into shared memory and the sum of squares,
+        // then the normalised values in place.
+        extern __shared__ uint4 xs[];
+        int kc = k >> 3;
+        float ss = 0.f;
+        for (int c = threadIdx.x; c < kc; c += blockDim.x) {
+            float v[8];
+            load8(x, (long)c * 8, v);
+            if (NORM == 2) {
+                float d[8];
+                load8(delta, (long)c * 8, d);
+#pragma unroll
+                for (int e = 0; e < 8; e++) v[e] = rnd(v[e] + d[e], x);
+                if (blockIdx.x == 0) store8(xo, (long)c * 8, v);
+            }
+            store8((bf16_t*)xs, (long)c * 8, v);
+#pragma unroll
+            for (int e = 0; e < 8; e++) ss += v[e] * v[e];
+        }
+        ss = block_sum(ss);
+        float inv = rsqrtf(ss / k + eps);
+        for (int c = threadIdx.x; c < kc; c += blockDim.x) {
+            float v[8], g[8];
+            unpack8(xs[c], v);
+            load8(nw, (long)c * 8, g);
+#pragma unroll
+            for (int e = 0; e < 8; e++) v[e] = g[e] * rnd(v[e] * inv, x);
+            store8((bf16_t*)xs, (long)c * 8, v);
+        }
+        __syncthreads();
+        xv = xs;
+    }
+    for (int base = split * 32 + lane; base < k8; base += STEP * U) {
         uint4 cur[R][U];
 #pragma unroll
         for (int u = 0; u < U; u++) {
@@ -705,7 +757,7 @@ __device__ void gemv1p(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k
         }
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            int i = base + 32 * U + u * 32;
+            int i = base + STEP * U + u * STEP;
             if (i < k8) {
 #pragma unroll
                 for (int j = 0; j < R; j++) nxt[j][u] = NOL1 ? ld_stream(wr[j] + i) : __ldg(wr[j] + i);
@@ -713,10 +765,10 @@ __device__ void gemv1p(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k
         }
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            int i = base + u * 32;
+            int i = base + u * STEP;
             if (i < k8) {
                 float xf[8], wf[8];
-                unpack8(__ldg((const uint4*)x + i), xf);
+                unpack8(NORM ? xv[i] : __ldg(xv + i), xf);
 #pragma unroll
                 for (int j = 0; j < R; j++) {
                     unpack8(cur[j][u], wf);
@@ -728,10 +780,32 @@ __device__ void gemv1p(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k
     }
 #pragma unroll
     for (int j = 0; j < R; j++) acc[j] = warp_sum(acc[j]);
+    if (KS > 1) {
+        // Partial sums of the block's warps, then the first warp of each group adds them.
+        __shared__ float part[8][R];
+        int wb = threadIdx.x >> 5;
+        if (lane == 0) {
+#pragma unroll
+            for (int j = 0; j < R; j++) part[wb][j] = acc[j];
+        }
+        __syncthreads();
+        if (split != 0 || dead) return;
+#pragma unroll
+        for (int j = 0; j < R; j++) {
+            float s = 0.f;
+#pragma unroll
+            for (int q = 0; q < KS; q++) s += part[wb + q][j];
+            acc[j] = s;
+        }
+    }
     if (lane != 0) return;
     if (GATED) {
-        float g = rnd(acc[0], y), u = rnd(acc[1], y);
-        st(y, warp, rnd(g / (1.f + expf(-g)), y) * u);
+#pragma unroll
+        for (int o = 0; o < OUTS; o++) {
+            if (!live[o]) continue;
+            float g = rnd(acc[o], y), u = rnd(acc[OUTS + o], y);
+            st(y, row0 + o, rnd(g / (1.f + expf(-g)), y) * u);
+        }
     } else {
 #pragma unroll
         for (int j = 0; j < R; j++)
@@ -763,11 +837,25 @@ __device__ void gemv_legacy(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, 
 }
 
 extern "C" __global__ void gemv_legacy_r1(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k) { gemv_legacy(x, w, y, n, k); }
-#define GEMV_PIPED(NAME, R, U, G, N) extern "C" __global__ void gemv_##NAME(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k) { gemv1p<R, U, G, N>(x, w, y, n, k); }
-GEMV_PIPED(r2u4, 2, 4, false, true)
-GEMV_PIPED(r2u2, 2, 2, false, true)
-GEMV_PIPED(gated_u4, 2, 4, true, true)
-GEMV_PIPED(gated_u2, 2, 2, true, true)
+#define GEMV_PIPED(NAME, R, U, G, N, KS)                                                                  \
+extern "C" __global__ void gemv_##NAME(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k) {   \
+    gemv1p<R, U, G, N, KS, 0>(x, nullptr, nullptr, nullptr, 0.f, w, y, n, k); }                        \
+extern "C" __global__ void gemv_norm_##NAME(const bf16_t* x, const bf16_t* d, const bf16_t* nw, bf16_t* xo, float eps, const bf16_t* w, bf16_t* y, int n, int k) { \
+    gemv1p<R, U, G, N, KS, 1>(x, d, nw, xo, eps, w, y, n, k); }                                          \
+extern "C" __global__ void gemv_addnorm_##NAME(const bf16_t* x, const bf16_t* d, const bf16_t* nw, bf16_t* xo, float eps, const bf16_t* w, bf16_t* y, int n, int k) { \
+    gemv1p<R, U, G, N, KS, 2>(x, d, nw, xo, eps, w, y, n, k); }
+GEMV_PIPED(r2u2, 2, 2, false, true, 1)
+GEMV_PIPED(r2u2s4, 2, 2, false, true, 4)
+GEMV_PIPED(r4u1, 4, 1, false, true, 1)
+GEMV_PIPED(r4u1s2, 4, 1, false, true, 2)
+GEMV_PIPED(r4u1s4, 4, 1, false, true, 4)
+GEMV_PIPED(r4u1s8, 4, 1, false, true, 8)
+GEMV_PIPED(r8u1s4, 8, 1, false, true, 4)
+GEMV_PIPED(gated_u2, 2, 2, true, true, 1)
+GEMV_PIPED(gated_u2s4, 2, 2, true, true, 4)
+GEMV_PIPED(gated_r4u1, 4, 1, true, true, 1)
+GEMV_PIPED(gated_r4u1s2, 4, 1, true, true, 2)
+GEMV_PIPED(gated_r4u1s4, 4, 1, true, true, 4)
 
 #define INSTANTIATE(T, S)                                                                              \
 extern "C" __global__ void rms_norm_##S(const T* x, const T* w, T* y, int h, float eps) { add_rms_norm<T, false>((T*)x, x, w, y, h, eps); } \

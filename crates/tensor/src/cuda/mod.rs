@@ -46,35 +46,94 @@ const KERNEL_NAMES: [&str; 16] = [
 /// `kernels.cu` for the measurement behind the limit).
 pub const GEMV_MAX_ROWS: usize = 1;
 
-/// The decode GEMV kernels of `kernels.cu`: (name, weight rows a warp takes, gated).
-pub const GEMV_VARIANTS: &[(&str, usize, bool)] = &[
-    ("legacy_r1", 1, false),
-    ("r2u4", 2, false),
-    ("r2u2", 2, false),
-    ("gated_u4", 2, true),
-    ("gated_u2", 2, true),
+/// A decode GEMV kernel of `kernels.cu`: its name, the weight rows a warp takes (gated: the gate
+/// and up rows of half as many outputs), whether it is gated, and how many warps share a row group
+/// (split-K).
+#[derive(Clone, Copy, Debug)]
+pub struct GemvVariant {
+    pub name: &'static str,
+    pub rows_per_warp: usize,
+    pub gated: bool,
+    pub splits: usize,
+}
+
+const fn gv(name: &'static str, rows_per_warp: usize, gated: bool, splits: usize) -> GemvVariant {
+    GemvVariant {
+        name,
+        rows_per_warp,
+        gated,
+        splits,
+    }
+}
+
+/// Every decode GEMV kernel, for `tessera bench gemv`; `GpuDevice::gemv` picks among them.
+pub const GEMV_VARIANTS: &[GemvVariant] = &[
+    gv("r2u2", 2, false, 1),
+    gv("r2u2s4", 2, false, 4),
+    gv("r4u1", 4, false, 1),
+    gv("r4u1s2", 4, false, 2),
+    gv("r4u1s4", 4, false, 4),
+    gv("r4u1s8", 4, false, 8),
+    gv("r8u1s4", 8, false, 4),
+    gv("gated_u2", 2, true, 1),
+    gv("gated_u2s4", 2, true, 4),
+    gv("gated_r4u1", 4, true, 1),
+    gv("gated_r4u1s2", 4, true, 2),
+    gv("gated_r4u1s4", 4, true, 4),
 ];
 
-/// A decode GEMV kernel and its shape of work.
+/// A decode GEMV kernel and its shape of work: the plain kernel `f`, and the same GEMV after an
+/// RMSNorm of its input (`norm`) or after a residual add and an RMSNorm (`add_norm`).
 pub(crate) struct Gemv {
     pub(crate) f: CudaFunction,
-    rows_per_warp: usize,
-    gated: bool,
+    pub(crate) norm: CudaFunction,
+    pub(crate) add_norm: CudaFunction,
+    pub(crate) v: GemvVariant,
 }
 
 impl Gemv {
-    /// One warp per `rows_per_warp` outputs (gated: per output), 8 warps a block.
+    /// `splits` warps per group of `rows_per_warp` outputs (gated: half as many), 8 warps a block.
     pub(crate) fn config(&self, n: usize) -> cudarc::driver::LaunchConfig {
-        let warps = if self.gated {
-            n
+        let outs = if self.v.gated {
+            self.v.rows_per_warp / 2
         } else {
-            n.div_ceil(self.rows_per_warp)
+            self.v.rows_per_warp
         };
+        let groups = n.div_ceil(outs);
         cudarc::driver::LaunchConfig {
-            grid_dim: (warps.div_ceil(8) as u32, 1, 1),
+            grid_dim: ((groups * self.v.splits).div_ceil(8) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         }
+    }
+}
+
+/// The decode GEMV kernels a step uses (`tessera bench gemv`, H200, Llama-3-8B shapes at tp 1
+/// and 2, BENCHMARKS.md): four rows a warp with one load each in flight, and four warps sharing
+/// each row (split-K), fastest or within 2% of it at every plain shape; the gated kernel with
+/// two outputs a warp (their gate and up rows) likewise.
+const GEMV_PLAIN: &str = "r4u1s4";
+const GEMV_GATED: &str = "gated_r4u1s4";
+
+/// `TESSERA_GEMV=<plain>,<gated>`, checked against `GEMV_VARIANTS`.
+fn gemv_choice() -> Result<[&'static str; 2], String> {
+    let Ok(v) = std::env::var("TESSERA_GEMV") else {
+        return Ok([GEMV_PLAIN, GEMV_GATED]);
+    };
+    let find = |name: &str, gated: bool| {
+        GEMV_VARIANTS
+            .iter()
+            .find(|g| g.name == name && g.gated == gated)
+            .map(|g| g.name)
+    };
+    match v.split_once(',') {
+        Some((p, g)) => match (find(p.trim(), false), find(g.trim(), true)) {
+            (Some(p), Some(g)) => Ok([p, g]),
+            _ => Err(format!(
+                "TESSERA_GEMV={v}: expected <plain>,<gated> kernel names of GEMV_VARIANTS"
+            )),
+        },
+        None => Err(format!("TESSERA_GEMV={v}: expected <plain>,<gated>")),
     }
 }
 
@@ -86,7 +145,12 @@ pub struct GpuDevice {
     pub(crate) blas: Mutex<CudaBlas>,
     funcs: HashMap<(&'static str, DType), CudaFunction>,
     /// Every decode GEMV kernel of `GEMV_VARIANTS`, by name.
-    gemv: HashMap<&'static str, Gemv>,
+    pub(crate) gemv: HashMap<&'static str, Gemv>,
+    /// The plain and the gated decode GEMV kernel a step uses.
+    gemv_used: [&'static str; 2],
+    /// Decode GEMVs compute the RMSNorm before them themselves (`ops::norm_gemv`);
+    /// `TESSERA_FUSED_NORM=0` runs the norm kernel instead (for measurements).
+    pub(crate) fused_norm: bool,
 
     /// GEMV launches use programmatic dependent launch (sm_90+).
     pub(crate) pdl: bool,
@@ -163,19 +227,20 @@ impl GpuDevice {
             }
         }
         let mut gemv = HashMap::new();
-        for &(name, rows_per_warp, gated) in GEMV_VARIANTS {
-            let full = format!("gemv_{name}");
-            let f = module
-                .load_function(&full)
-                .map_err(|e| err(&format!("{full}: {e}")))?;
-            gemv.insert(
-                name,
-                Gemv {
-                    f,
-                    rows_per_warp,
-                    gated,
-                },
-            );
+        for &v in GEMV_VARIANTS {
+            let load = |prefix: &str| {
+                let full = format!("{prefix}{}", v.name);
+                module
+                    .load_function(&full)
+                    .map_err(|e| err(&format!("{full}: {e}")))
+            };
+            let g = Gemv {
+                f: load("gemv_")?,
+                norm: load("gemv_norm_")?,
+                add_norm: load("gemv_addnorm_")?,
+                v,
+            };
+            gemv.insert(v.name, g);
         }
         let blas = CudaBlas::new(stream.clone()).map_err(|e| err(&e))?;
         let sms = ctx
@@ -192,6 +257,8 @@ impl GpuDevice {
             blas: Mutex::new(blas),
             funcs,
             gemv,
+            gemv_used: gemv_choice().map_err(|e| err(&e))?,
+            fused_norm: std::env::var("TESSERA_FUSED_NORM").map_or(true, |v| v != "0"),
             // TESSERA_PDL=0 turns programmatic dependent launch off (a debugging aid).
             pdl: major >= 9 && std::env::var("TESSERA_PDL").map_or(true, |v| v != "0"),
             tables: Mutex::new(HashMap::new()),
@@ -205,9 +272,11 @@ impl GpuDevice {
             .unwrap_or_else(|| panic!("kernel {name} ({dtype}) is compiled at init"))
     }
 
-    /// The decode GEMV kernel used, plain or gated (`silu(x Wg^T) * (x Wu^T)` in one pass).
+    /// The decode GEMV kernel, plain or gated (`silu(x Wg^T) * (x Wu^T)` in one pass): see
+    /// `GEMV_PLAIN` and `GEMV_GATED`, or `TESSERA_GEMV=<plain>,<gated>` (names of
+    /// `GEMV_VARIANTS`; for measurements).
     pub(crate) fn gemv(&self, gated: bool) -> &Gemv {
-        &self.gemv[if gated { "gated_u2" } else { "r2u2" }]
+        &self.gemv[self.gemv_used[gated as usize]]
     }
 
     /// The capture in progress on this device, if any.

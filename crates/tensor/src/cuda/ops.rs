@@ -22,10 +22,6 @@ fn push_pos<'a>(l: &mut LaunchArgs<'a>, io: &'a Option<Arc<super::graph::GraphIo
     };
 }
 
-pub(crate) fn push_buf<'a>(b: &mut LaunchArgs<'a>, buf: &'a CudaBuf) {
-    push(b, buf)
-}
-
 fn push<'a>(b: &mut LaunchArgs<'a>, buf: &'a CudaBuf) {
     match &buf.data {
         CudaData::F32(s) => b.arg(s),
@@ -63,26 +59,88 @@ fn launch_gemv(
     n: usize,
     k: usize,
 ) -> Result<(), TensorError> {
-    let g = dev.gemv(gated);
-    let (nn, kk) = (n as i32, k as i32);
-    let cfg = g.config(n);
-    if !dev.pdl {
-        let mut l = dev.stream.launch_builder(&g.f);
-        push(&mut l, x);
-        push(&mut l, w);
-        push(&mut l, y);
-        l.arg(&nn).arg(&kk);
-        return launched(dev, unsafe { l.launch(cfg) });
+    launch_gemv_kernel(dev, dev.gemv(gated), x, w, y, (n, k), None)
+}
+
+/// One row of bf16 `x[k]` through the named decode GEMV kernel of `GEMV_VARIANTS` (whichever
+/// the shape would pick or not): `y[n] = x W[n, k]^T`, or for a gated kernel the gated MLP over
+/// `W[2n, k]`. For `tessera bench gemv` and the tests that compare every kernel with the CPU.
+pub fn gemv_with(
+    variant: &str,
+    x: &CudaBuf,
+    w: &CudaBuf,
+    n: usize,
+    k: usize,
+) -> Result<CudaBuf, TensorError> {
+    same_dev(x, w)?;
+    let dev = x.dev.clone();
+    let g = dev
+        .gemv
+        .get(variant)
+        .ok_or_else(|| dev_err(dev.ordinal, format!("no GEMV kernel named {variant}")))?;
+    let rows = if g.v.gated { 2 * n } else { n };
+    if x.dtype() != crate::DType::BF16
+        || !k.is_multiple_of(8)
+        || x.len() != k
+        || w.len() != rows * k
+    {
+        return Err(dev_err(
+            dev.ordinal,
+            format!("GEMV {variant} takes bf16 x[{k}] and W[{rows}, {k}], k a multiple of 8"),
+        ));
     }
+    let y = CudaBuf::alloc(&dev, x.dtype(), n)?;
+    launch_gemv_kernel(&dev, g, x, w, &y, (n, k), None)?;
+    Ok(y)
+}
+
+/// The RMSNorm a fused decode GEMV applies to its input row first: with `add`, `x + delta` is
+/// normalised and written to `xo` (the new residual stream).
+pub(crate) struct GemvNorm<'a> {
+    pub(crate) weight: &'a CudaBuf,
+    pub(crate) eps: f32,
+    pub(crate) add: Option<(&'a CudaBuf, &'a CudaBuf)>,
+}
+
+pub(crate) fn launch_gemv_kernel(
+    dev: &GpuDevice,
+    g: &super::Gemv,
+    x: &CudaBuf,
+    w: &CudaBuf,
+    y: &CudaBuf,
+    (n, k): (usize, usize),
+    norm: Option<&GemvNorm>,
+) -> Result<(), TensorError> {
     use cudarc::driver::sys;
-    let (mut px, mut pw, mut py, mut pn, mut pk) = (dptr(x), dptr(w), dptr(y), nn, kk);
-    let mut params: [*mut std::ffi::c_void; 5] = [
-        (&mut px as *mut u64).cast(),
-        (&mut pw as *mut u64).cast(),
-        (&mut py as *mut u64).cast(),
-        (&mut pn as *mut i32).cast(),
-        (&mut pk as *mut i32).cast(),
-    ];
+    let mut cfg = g.config(n);
+    let (mut nn, mut kk) = (n as i32, k as i32);
+    // Device addresses in the kernel's order: x [, delta, norm weight, xo], w, y.
+    let mut ptrs = vec![dptr(x)];
+    let mut eps = 0f32;
+    let f = match norm {
+        None => &g.f,
+        Some(nm) => {
+            let (d, xo) = nm.add.map_or((0, 0), |(d, xo)| (dptr(d), dptr(xo)));
+            ptrs.extend([d, dptr(nm.weight), xo]);
+            eps = nm.eps;
+            cfg.shared_mem_bytes = (k * 2) as u32;
+            if nm.add.is_some() {
+                &g.add_norm
+            } else {
+                &g.norm
+            }
+        }
+    };
+    ptrs.extend([dptr(w), dptr(y)]);
+    let mut params: Vec<*mut std::ffi::c_void> = Vec::with_capacity(ptrs.len() + 3);
+    for (i, p) in ptrs.iter_mut().enumerate() {
+        params.push((p as *mut u64).cast());
+        if norm.is_some() && i == 3 {
+            params.push((&mut eps as *mut f32).cast());
+        }
+    }
+    params.push((&mut nn as *mut i32).cast());
+    params.push((&mut kk as *mut i32).cast());
     // SAFETY: a zeroed attribute is valid; id and value are set below as the driver expects.
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
     attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
@@ -97,17 +155,19 @@ fn launch_gemv(
         sharedMemBytes: cfg.shared_mem_bytes,
         hStream: dev.stream.cu_stream(),
         attrs: &mut attr,
-        numAttrs: 1,
+        // Programmatic dependent launch when the device has it on.
+        numAttrs: dev.pdl as u32,
     };
     dev.ctx
         .bind_to_thread()
         .map_err(|e| dev_err(dev.ordinal, e))?;
-    // SAFETY: the parameters match the GEMV kernels' signature (x, w, y, n, k) and outlive the
-    // call; the buffers are live device memory of this context.
+    // SAFETY: the parameters match the GEMV kernels' signatures (x, w, y, n, k, or x, delta,
+    // nw, xo, eps, w, y, n, k for the fused norm) and outlive the call; the buffers are live
+    // device memory of this context, the shared memory holds the normalised row.
     unsafe {
         sys::cuLaunchKernelEx(
             &conf,
-            g.f.cu_function(),
+            f.cu_function(),
             params.as_mut_ptr(),
             std::ptr::null_mut(),
         )
@@ -373,6 +433,52 @@ pub fn matmul_t_gated(
     }
     let gu = matmul_t(x, m, k, w, 2 * n, bias)?;
     silu_mul_halves(&gu, m, n)
+}
+
+/// Rows up to which the fused norm + GEMV holds the normalised row in shared memory (32 KB).
+const NORM_GEMV_MAX_K: usize = 16384;
+
+/// Whether one row `x[k]` takes the fused RMSNorm + decode GEMV (`norm_gemv`).
+pub fn norm_gemv_fits(x: &CudaBuf, k: usize) -> bool {
+    x.dev.fused_norm && gemv_fits(x, 1, k) && k <= NORM_GEMV_MAX_K
+}
+
+/// `y = rms_norm(x) W^T` for one bf16 row `x[k]` (gated: the gated MLP's `silu(g) * u` over
+/// `W[2n, k]`), after `x += delta` when `delta` is given: one kernel, which also returns the new
+/// `x` (a new buffer) in that case. Results as `add_rms_norm` then the GEMV, up to the order of
+/// the norm's sum of squares. `norm` is the norm's weights and epsilon.
+pub fn norm_gemv(
+    x: &CudaBuf,
+    delta: Option<&CudaBuf>,
+    norm: (&CudaBuf, f32),
+    w: &CudaBuf,
+    n: usize,
+    k: usize,
+    gated: bool,
+) -> Result<(CudaBuf, Option<CudaBuf>), TensorError> {
+    same_dev(x, w)?;
+    same_dev(x, norm.0)?;
+    let rows = if gated { 2 * n } else { n };
+    let d_ok = delta.is_none_or(|d| d.len() == k && same_dev(x, d).is_ok());
+    if !norm_gemv_fits(x, k) || x.len() != k || norm.0.len() != k || w.len() != rows * k || !d_ok {
+        return Err(dev_err(
+            x.dev.ordinal,
+            format!("fused norm + GEMV takes bf16 x[{k}] (k a multiple of 8, at most {NORM_GEMV_MAX_K}), delta[{k}], norm[{k}] and W[{rows}, {k}]"),
+        ));
+    }
+    let dev = x.dev.clone();
+    let y = CudaBuf::alloc(&dev, x.dtype(), n)?;
+    let xo = match delta {
+        Some(_) => Some(CudaBuf::alloc(&dev, x.dtype(), k)?),
+        None => None,
+    };
+    let nm = GemvNorm {
+        weight: norm.0,
+        eps: norm.1,
+        add: delta.zip(xo.as_ref()),
+    };
+    launch_gemv_kernel(&dev, dev.gemv(gated), x, w, &y, (n, k), Some(&nm))?;
+    Ok((y, xo))
 }
 
 pub fn add_inplace(a: &CudaBuf, b: &CudaBuf) -> Result<(), TensorError> {

@@ -70,6 +70,76 @@ pub fn add_rms_norm(
     rms_norm(x, weight, eps)
 }
 
+/// A decoder layer's norm and the projection after it: `x += delta` when given, then
+/// `rms_norm(x) W^T (+ bias)` (gated: the gated MLP's `silu(g) * u` over `W[2n, k]`, as
+/// [`super::matmul_t_gated`]). On a GPU one bf16 row without bias takes a single kernel (the
+/// norm computed by every block of the GEMV, the weights streaming meanwhile), which replaces `x`
+/// by the new residual; otherwise the ops run one after another.
+pub fn norm_matmul_t(
+    x: &mut Tensor,
+    delta: Option<&Tensor>,
+    norm_weight: &Tensor,
+    eps: f64,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    gated: bool,
+) -> Result<Tensor, TensorError> {
+    #[cfg(feature = "cuda")]
+    if let Some(y) = fused_norm_gemv(x, delta, norm_weight, eps, w, bias, gated)? {
+        return Ok(y);
+    }
+    let xn = match delta {
+        Some(d) => add_rms_norm(x, d, norm_weight, eps)?,
+        None => rms_norm(x, norm_weight, eps)?,
+    };
+    if gated {
+        super::matmul_t_gated(&xn, w, bias)
+    } else {
+        super::matmul_t(&xn, w, bias)
+    }
+}
+
+/// The fused kernel of [`norm_matmul_t`] when every operand is on a GPU and the shape fits it.
+#[cfg(feature = "cuda")]
+fn fused_norm_gemv(
+    x: &mut Tensor,
+    delta: Option<&Tensor>,
+    norm_weight: &Tensor,
+    eps: f64,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    gated: bool,
+) -> Result<Option<Tensor>, TensorError> {
+    use crate::Storage::Cuda;
+    let (Cuda(xb), Cuda(nb), Cuda(wb)) = (x.storage(), norm_weight.storage(), w.storage()) else {
+        return Ok(None);
+    };
+    let db = match delta.map(|d| d.storage()) {
+        None => None,
+        Some(Cuda(d)) => Some(d),
+        Some(_) => return Ok(None),
+    };
+    let k = x.shape().last().copied().unwrap_or(0);
+    let rows = w.shape().first().copied().unwrap_or(0);
+    let n = if gated { rows / 2 } else { rows };
+    let shapes_ok = bias.is_none()
+        && x.elem_count() == k
+        && w.shape() == [rows, k]
+        && (!gated || rows.is_multiple_of(2))
+        && norm_weight.elem_count() == k
+        && delta.is_none_or(|d| d.shape() == x.shape());
+    if !shapes_ok || !crate::cuda::norm_gemv_fits(xb, k) {
+        return Ok(None);
+    }
+    let (y, xo) = crate::cuda::norm_gemv(xb, db, (nb, eps as f32), wb, n, k, gated)?;
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = n;
+    if let Some(xo) = xo {
+        *x = Tensor::new(x.shape().to_vec(), Cuda(xo))?;
+    }
+    Tensor::new(shape, Cuda(y)).map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
