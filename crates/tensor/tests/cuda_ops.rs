@@ -66,7 +66,7 @@ fn every_op_matches_the_cpu() {
             tol(dt),
         );
         // The decode GEMV path (bf16, 1..=8 rows) against the CPU, odd sizes included.
-        for m in [1, 3, 8] {
+        for m in [1, 3, 8, 64] {
             let (xs, ws) = (
                 rand_t(vec![m, 200], dt, 20 + m as u64),
                 rand_t(vec![77, 200], dt, 30),

@@ -3,6 +3,7 @@
 mod ceiling;
 mod comm;
 mod decode;
+mod gemm;
 mod gemv;
 mod matmul;
 
@@ -24,6 +25,8 @@ pub enum BenchCmd {
     Decode(decode::DecodeArgs),
     /// The CUDA decode GEMV kernels beside cuBLAS and the copy bandwidth.
     Gemv(gemv::GemvArgs),
+    /// cuBLAS's GEMM against every cuBLASLt candidate at the shapes of a batched decode step.
+    Gemm(gemm::GemmArgs),
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -32,6 +35,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchCmd::Decode(d) => decode::run(d),
         BenchCmd::Comm(c) => comm::run(c),
         BenchCmd::Gemv(g) => gemv::run(g),
+        BenchCmd::Gemm(g) => gemm::run(g),
     }
 }
 

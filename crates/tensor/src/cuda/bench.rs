@@ -1,6 +1,6 @@
-//! `tessera bench gemv`: the decode GEMV kernels against cuBLAS and the copy bandwidth, at the
-//! shapes of a decode step. Weights rotate through copies larger than L2, as in a real step where
-//! every weight is read once.
+//! `tessera bench gemv` and `tessera bench gemm`: the decode GEMV kernels against cuBLAS, and
+//! cuBLAS's GEMM against the cuBLASLt candidates, at the shapes of a decode step. Weights rotate
+//! through copies larger than L2, as in a real step where every weight is read once.
 
 use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
 use half::bf16;
@@ -20,6 +20,35 @@ pub struct GemvTiming {
     pub bytes_per_sec: f64,
 }
 
+/// Weight copies that hold 4 x 50 MB of L2 between two reads of the same one.
+fn copies_for(bytes: usize) -> usize {
+    (200_000_000usize).div_ceil(bytes).max(2)
+}
+
+/// Mean seconds per call of `launch(copy)` over the rotating weight copies, after one untimed
+/// round.
+fn mean_secs(
+    dev: &GpuDevice,
+    copies: usize,
+    launch: &mut dyn FnMut(usize) -> Result<(), TensorError>,
+) -> Result<f64, TensorError> {
+    let e = |x| dev_err(dev.ordinal, x);
+    let reps = 3 * copies.max(10);
+    for c in 0..copies {
+        launch(c)?;
+    }
+    let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let start = dev.ctx.new_event(timed).map_err(e)?;
+    let end = dev.ctx.new_event(timed).map_err(e)?;
+    start.record(&dev.stream).map_err(e)?;
+    for r in 0..reps {
+        launch(r % copies)?;
+    }
+    end.record(&dev.stream).map_err(e)?;
+    end.synchronize().map_err(e)?;
+    Ok(start.elapsed_ms(&end).map_err(e)? as f64 / 1e3 / reps as f64)
+}
+
 /// Times every GEMV variant (and cuBLAS) for each `(n, k, gated)`: `y[n] = x[k] W[n, k]^T`, or
 /// for gated shapes the gated MLP over `W[2n, k]`.
 pub fn bench_gemv(
@@ -27,13 +56,11 @@ pub fn bench_gemv(
     shapes: &[(usize, usize, bool)],
 ) -> Result<Vec<GemvTiming>, TensorError> {
     let dev = GpuDevice::get(ordinal)?;
-    let e = |x| dev_err(ordinal, x);
     let mut out = Vec::new();
     for &(n, k, gated) in shapes {
         let rows = if gated { 2 * n } else { n };
         let bytes = rows * k * 2;
-        // Copies enough to hold 4 x 50 MB of L2 between two reads of the same one.
-        let copies = (200_000_000usize).div_ceil(bytes).max(2);
+        let copies = copies_for(bytes);
         let ws: Vec<CudaBuf> = (0..copies)
             .map(|c| super::random(&dev, DType::BF16, rows * k, 11 + c as u64, 0.03, 0.0))
             .collect::<Result<_, _>>()?;
@@ -42,20 +69,7 @@ pub fn bench_gemv(
         let chosen = dev.gemv(gated).v.name;
         let mut time =
             |name: String, launch: &mut dyn FnMut(&CudaBuf) -> Result<(), TensorError>| {
-                let reps = 3 * copies.max(10);
-                for w in &ws {
-                    launch(w)?;
-                }
-                let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-                let start = dev.ctx.new_event(timed).map_err(e)?;
-                let end = dev.ctx.new_event(timed).map_err(e)?;
-                start.record(&dev.stream).map_err(e)?;
-                for r in 0..reps {
-                    launch(&ws[r % copies])?;
-                }
-                end.record(&dev.stream).map_err(e)?;
-                end.synchronize().map_err(e)?;
-                let secs = start.elapsed_ms(&end).map_err(e)? as f64 / 1e3 / reps as f64;
+                let secs = mean_secs(&dev, copies, &mut |c| launch(&ws[c]))?;
                 out.push(GemvTiming {
                     chosen: name == chosen,
                     kernel: name,
@@ -102,6 +116,92 @@ pub fn bench_gemv(
             }
             .map_err(|err| dev_err(ordinal, format!("cuBLAS: {err:?}")))
         })?;
+    }
+    Ok(out)
+}
+
+/// One GEMM kernel at one shape `y[m, n] = x[m, k] w[n, k]^T`: mean microseconds per call and the
+/// weight bytes read per second.
+pub struct GemmTiming {
+    /// `cublas` (cublasGemmEx, its heuristic's kernel) or `lt N` (cuBLASLt's candidate N).
+    pub kernel: String,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub micros: f64,
+    pub bytes_per_sec: f64,
+}
+
+/// Times cuBLAS's GEMM and every cuBLASLt candidate for each bf16 shape `(m, n, k)`.
+pub fn bench_gemm(
+    ordinal: usize,
+    shapes: &[(usize, usize, usize)],
+) -> Result<Vec<GemmTiming>, TensorError> {
+    let dev = GpuDevice::get(ordinal)?;
+    let mut lt = super::lt::Lt::new(dev.stream.clone()).map_err(|x| dev_err(ordinal, x))?;
+    let mut out = Vec::new();
+    for &(m, n, k) in shapes {
+        let bytes = n * k * 2;
+        let copies = copies_for(bytes);
+        let ws: Vec<CudaBuf> = (0..copies)
+            .map(|c| super::random(&dev, DType::BF16, n * k, 11 + c as u64, 0.03, 0.0))
+            .collect::<Result<_, _>>()?;
+        let x = super::random(&dev, DType::BF16, m * k, 5, 1.0, 0.0)?;
+        let mut y = CudaBuf::alloc(&dev, DType::BF16, m * n)?;
+        let mut push = |kernel: String, secs: f64| {
+            out.push(GemmTiming {
+                kernel,
+                m,
+                n,
+                k,
+                micros: secs * 1e6,
+                bytes_per_sec: bytes as f64 / secs,
+            })
+        };
+        let secs = mean_secs(&dev, copies, &mut |c| {
+            let blas = dev.blas.lock().unwrap_or_else(|p| p.into_inner());
+            let (CudaData::BF16(a), CudaData::BF16(b), CudaData::BF16(cc)) =
+                (&ws[c].data, &x.data, &mut y.data)
+            else {
+                unreachable!("bf16 buffers")
+            };
+            // SAFETY: a, b and cc hold n x k, m x k and m x n bf16 values.
+            unsafe {
+                blas.gemm(
+                    GemmConfig {
+                        transa: cublasOperation_t::CUBLAS_OP_T,
+                        transb: cublasOperation_t::CUBLAS_OP_N,
+                        m: n as i32,
+                        n: m as i32,
+                        k: k as i32,
+                        alpha: bf16::ONE,
+                        lda: k as i32,
+                        ldb: k as i32,
+                        beta: bf16::ZERO,
+                        ldc: n as i32,
+                    },
+                    a,
+                    b,
+                    cc,
+                )
+            }
+            .map_err(|err| dev_err(ordinal, format!("cuBLAS: {err:?}")))
+        })?;
+        push("cublas".into(), secs);
+        let candidates = lt
+            .plan(m, n, k)
+            .map_err(|x| dev_err(ordinal, x))?
+            .algos
+            .len();
+        let (xp, yp) = (super::ops::dptr(&x), super::ops::dptr(&y));
+        let wp: Vec<u64> = ws.iter().map(super::ops::dptr).collect();
+        for a in 0..candidates {
+            let secs = mean_secs(&dev, copies, &mut |c| {
+                lt.run((m, n, k), a, wp[c], xp, yp)
+                    .map_err(|x| dev_err(ordinal, x))
+            })?;
+            push(format!("lt {a}"), secs);
+        }
     }
     Ok(out)
 }

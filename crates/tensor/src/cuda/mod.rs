@@ -7,10 +7,11 @@
 
 mod bench;
 pub mod graph;
+mod lt;
 pub mod nccl;
 mod ops;
 
-pub use bench::{bench_gemv, GemvTiming};
+pub use bench::{bench_gemm, bench_gemv, GemmTiming, GemvTiming};
 pub use ops::*;
 
 use std::collections::HashMap;
@@ -143,6 +144,9 @@ pub struct GpuDevice {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     pub(crate) blas: Mutex<CudaBlas>,
+    /// cuBLASLt with measured kernel choices, for the bf16 GEMMs of a decode batch
+    /// (`TESSERA_CUBLASLT=0`: cuBLAS's GEMM instead, for measurements).
+    pub(crate) lt: Option<Mutex<lt::Lt>>,
     funcs: HashMap<(&'static str, DType), CudaFunction>,
     /// Every decode GEMV kernel of `GEMV_VARIANTS`, by name.
     pub(crate) gemv: HashMap<&'static str, Gemv>,
@@ -243,6 +247,12 @@ impl GpuDevice {
             gemv.insert(v.name, g);
         }
         let blas = CudaBlas::new(stream.clone()).map_err(|e| err(&e))?;
+        let lt = match std::env::var("TESSERA_CUBLASLT").as_deref() {
+            Ok("0") => None,
+            _ => Some(Mutex::new(
+                lt::Lt::new(stream.clone()).map_err(|e| err(&e))?,
+            )),
+        };
         let sms = ctx
             .attribute(
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
@@ -255,6 +265,7 @@ impl GpuDevice {
             ctx,
             stream,
             blas: Mutex::new(blas),
+            lt,
             funcs,
             gemv,
             gemv_used: gemv_choice().map_err(|e| err(&e))?,

@@ -39,7 +39,7 @@ fn grid_1d(n: usize) -> LaunchConfig {
 }
 
 /// The raw device address of a buffer (for launches cudarc's builder cannot make).
-fn dptr(buf: &CudaBuf) -> u64 {
+pub(crate) fn dptr(buf: &CudaBuf) -> u64 {
     use cudarc::driver::DevicePtr;
     let s = &buf.dev.stream;
     match &buf.data {
@@ -223,6 +223,17 @@ pub fn matmul_t(
     let mut y = CudaBuf::alloc(&dev, x.dtype(), m * n)?;
     if gemv_fits(x, m, k) {
         launch_gemv(&dev, false, x, w, &y, n, k)?;
+        if let Some(b) = bias {
+            add_bias(&dev, &y, b, m, n)?;
+        }
+        return Ok(y);
+    }
+    if let (Some(lt), crate::DType::BF16, 2..=super::lt::LT_MAX_ROWS) = (&dev.lt, x.dtype(), m) {
+        let tune = dev.capturing().is_none();
+        let mut lt = lt.lock().unwrap_or_else(|e| e.into_inner());
+        lt.matmul((m, n, k), tune, dptr(w), dptr(x), dptr(&y))
+            .map_err(|e| dev_err(dev.ordinal, e))?;
+        drop(lt);
         if let Some(b) = bias {
             add_bias(&dev, &y, b, m, n)?;
         }
