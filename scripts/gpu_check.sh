@@ -23,10 +23,15 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
     .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp ${TP:-1,2} --batch 1,8,32,64 --steps 32 2>&1
     echo "== tessera bench decode, Llama-3-8B shape, CUDA graphs"
     .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp ${TP:-1,2} --batch 1,8,32,64 --steps 32 --graph 2>&1
+    # The kernel benchmarks need one GPU, at tp 1 and at one rank's share of tp 2.
     echo "== tessera bench gemv, Llama-3-8B shapes"
     .gpu/tessera bench gemv 2>&1
+    .gpu/tessera bench gemv --tp 2 2>&1
+    echo "== tessera bench gemm, Llama-3-8B shapes (cuBLAS and the fastest cuBLASLt candidate)"
+    for t in 1 2; do
+      .gpu/tessera bench gemm --tp $t --batch 8,32,64 2>&1 | grep -E "ceiling|layer|cublas|lt 0 |fastest"
+    done
     if [ "$NGPU" -ge 2 ]; then
-      .gpu/tessera bench gemv --tp 2 2>&1
       echo "== tessera bench decode, Llama-3-70B shape, tp 2, CUDA graphs"
       timeout 300 .gpu/tessera bench decode --device cuda --preset llama-3-70b --tp 2 --batch 1,32 --steps 16 --graph 2>&1
     else
