@@ -38,10 +38,20 @@ impl<'a> NcclComm<'a> {
     /// Joins GPU `ordinal` to an NCCL group of `host`'s ranks (collective: every rank of `host`
     /// calls it, each with its own GPU). The deadline of every wait is [`crate::default_timeout`].
     pub fn new(host: &'a dyn Communicator, ordinal: usize) -> Result<Self, CommError> {
-        Self::join(Host::Borrowed(host), ordinal)
+        Self::join(Host::Borrowed(host), ordinal, crate::default_timeout())
     }
 
-    fn join(host: Host<'a>, ordinal: usize) -> Result<Self, CommError> {
+    /// [`Self::new`] with another deadline, for the NCCL init (a rank that never joins makes the
+    /// others' init a [`CommError::Timeout`]) and every wait after it.
+    pub fn with_deadline(
+        host: &'a dyn Communicator,
+        ordinal: usize,
+        timeout: Duration,
+    ) -> Result<Self, CommError> {
+        Self::join(Host::Borrowed(host), ordinal, timeout)
+    }
+
+    fn join(host: Host<'a>, ordinal: usize, timeout: Duration) -> Result<Self, CommError> {
         let h = match &host {
             Host::Borrowed(h) => *h,
             Host::Owned(h) => &**h,
@@ -60,18 +70,44 @@ impl<'a> NcclComm<'a> {
         }
         // Every rank needs the id (a plain broadcast skips a group of one).
         h.broadcast_bytes(&mut id, 0)?;
-        let dev = DeviceComm::new(ordinal, rank, h.world_size(), id).map_err(|e| {
-            let msg = e.to_string();
-            // The others may be waiting in their own init: their host group at least says
-            // why (NCCL's init itself cannot be cut short; see docs/COMM.md).
+        // The init waits for every rank, within the deadline and while the host group stands.
+        struct HostCancel<'h>(&'h dyn Communicator);
+        impl Cancel for HostCancel<'_> {
+            fn cancelled(&self) -> Option<String> {
+                self.0.aborted()
+            }
+        }
+        let wait = Wait {
+            timeout,
+            cancel: &HostCancel(h),
+        };
+        let world = h.world_size();
+        let dev = DeviceComm::new(ordinal, rank, world, id, &wait).map_err(|f| {
+            let (msg, err) = match f {
+                NcclFailure::TimedOut => {
+                    let msg = format!("NCCL init timed out after {:.1}s", timeout.as_secs_f64());
+                    let err = CommError::Timeout {
+                        rank,
+                        op: "NCCL init".into(),
+                        secs: timeout.as_secs_f64(),
+                        // NCCL does not say which peer is missing.
+                        missing: (0..world).filter(|&r| r != rank).collect(),
+                    };
+                    (msg, err)
+                }
+                NcclFailure::Cancelled(reason) => {
+                    (reason.clone(), CommError::Aborted { rank, reason })
+                }
+                NcclFailure::Failed(e) => {
+                    let msg = e.to_string();
+                    (msg.clone(), CommError::Device { rank, msg })
+                }
+            };
+            // The others may be waiting in their own init: the host group tells them at once.
             h.abort(&format!("rank {rank}: {msg}"));
-            CommError::Device { rank, msg }
+            err
         })?;
-        Ok(NcclComm {
-            host,
-            dev,
-            timeout: crate::default_timeout(),
-        })
+        Ok(NcclComm { host, dev, timeout })
     }
 
     /// The same communicator with another deadline for its waits.
@@ -228,7 +264,7 @@ impl Communicator for NcclComm<'_> {
         let me = ranks.iter().position(|&r| r == self.rank());
         let host = self.host().sub_group(ranks)?;
         debug_assert!(me.is_some(), "the host refuses a rank outside the group");
-        let sub = NcclComm::join(Host::Owned(host), self.ordinal())?.with_timeout(self.timeout);
+        let sub = NcclComm::join(Host::Owned(host), self.ordinal(), self.timeout)?;
         Ok(Box::new(sub))
     }
 

@@ -1,7 +1,8 @@
 //! The NCCL backend against the values every collective must produce, on one GPU per rank (one
-//! rank on a one-GPU machine, two with two GPUs), and a peer that never joins a collective is a
-//! timeout, not a hang. Built with `--features cuda`; run by `scripts/gpu_check.sh`. Without a GPU
-//! the tests say so and pass, unless `TESSERA_REQUIRE_GPU=1` (the GPU script sets it).
+//! rank on a one-GPU machine, two with two GPUs), and a peer that never joins a collective, or
+//! never starts NCCL's init, is a timeout, not a hang. Built with `--features cuda`; run by
+//! `scripts/gpu_check.sh`. Without a GPU the tests say so and pass, unless
+//! `TESSERA_REQUIRE_GPU=1` (the GPU script sets it).
 #![cfg(feature = "cuda")]
 
 use std::time::Duration;
@@ -195,4 +196,74 @@ fn a_peer_that_never_joins_is_a_timeout() {
 fn bytes_mut<T: Copy>(v: &mut [T]) -> &mut [u8] {
     // SAFETY: plain-old-data elements viewed as their bytes.
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), std::mem::size_of_val(v)) }
+}
+
+/// One GPU is enough: rank 1 takes part in the host group (the id's broadcast) but never starts
+/// NCCL's init, so rank 0's init can only end by its deadline.
+#[test]
+fn a_peer_that_never_starts_the_init_is_a_timeout() {
+    if gpus() < 1 {
+        eprintln!("skipped: needs a GPU");
+        return;
+    }
+    let comms = LocalGroup::new(2).into_comms();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let started = std::time::Instant::now();
+    let r = std::thread::scope(|s| {
+        let mut it = comms.into_iter();
+        let (h0, h1) = (it.next().unwrap(), it.next().unwrap());
+        s.spawn(move || {
+            let mut id = [0u8; 128];
+            h1.broadcast_bytes(&mut id, 0).unwrap();
+            let _ = rx.recv_timeout(Duration::from_secs(120));
+        });
+        let r = NcclComm::with_deadline(&h0, 0, Duration::from_secs(2)).map(|_| ());
+        drop(tx);
+        r
+    });
+    match r {
+        Err(CommError::Timeout { op, missing, .. }) => {
+            assert!(op.contains("init"), "{op}");
+            assert_eq!(missing, vec![1]);
+        }
+        other => panic!("expected a timeout of the init, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(60));
+    eprintln!(
+        "a peer that never starts NCCL's init: timeout after {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// A rank whose own setup fails (here: a GPU that does not exist) aborts the host group, and the
+/// rank waiting in NCCL's init stops at once instead of at its deadline.
+#[test]
+fn a_peer_that_fails_before_the_init_stops_the_others() {
+    if gpus() < 1 {
+        eprintln!("skipped: needs a GPU");
+        return;
+    }
+    let comms = LocalGroup::new(2).into_comms();
+    let started = std::time::Instant::now();
+    let (r0, r1) = std::thread::scope(|s| {
+        let mut it = comms.into_iter();
+        let (h0, h1) = (it.next().unwrap(), it.next().unwrap());
+        let t1 =
+            s.spawn(move || NcclComm::with_deadline(&h1, 99, Duration::from_secs(60)).map(|_| ()));
+        let r0 = NcclComm::with_deadline(&h0, 0, Duration::from_secs(60)).map(|_| ());
+        (r0, t1.join().unwrap())
+    });
+    assert!(
+        matches!(r1, Err(CommError::Device { rank: 1, .. })),
+        "{r1:?}"
+    );
+    assert!(
+        matches!(r0, Err(CommError::Aborted { rank: 0, .. })),
+        "{r0:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    eprintln!(
+        "a peer that failed before NCCL's init: the other stopped after {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
 }

@@ -163,6 +163,33 @@ pub struct DeviceComm {
     dev: Arc<GpuDevice>,
     rank: usize,
     world: usize,
+    /// How long a collective may stay "in progress" while NCCL queues it (non-blocking
+    /// communicator); the group's deadline at init.
+    enqueue_timeout: Duration,
+}
+
+/// The leading fields of NCCL's `ncclConfig_t` (NCCL_CONFIG_INITIALIZER's layout), enough to ask
+/// for a non-blocking communicator. NCCL copies `size` bytes of a config and keeps its defaults
+/// for the rest; `version` 2.14 is the first that reads `blocking`, and NCCL resets the fields
+/// added after it to their defaults.
+#[repr(C)]
+struct NonBlocking {
+    size: usize,
+    magic: u32,
+    version: u32,
+    blocking: i32,
+}
+
+impl NonBlocking {
+    fn config() -> Self {
+        NonBlocking {
+            // The four fields, without the struct's tail padding.
+            size: std::mem::offset_of!(NonBlocking, blocking) + std::mem::size_of::<i32>(),
+            magic: 0xcafe_beef,
+            version: 2 * 10000 + 14 * 100,
+            blocking: 0,
+        }
+    }
 }
 
 impl std::fmt::Debug for DeviceComm {
@@ -184,12 +211,16 @@ struct Staged {
 impl DeviceComm {
     /// Joins GPU `ordinal` to a group of `world` ranks as `rank`, with the id rank 0 made. Every
     /// rank of the group calls this at about the same time (threads of one process, or processes).
+    /// The communicator is made non-blocking: its init runs in the background while this call
+    /// polls it against `wait`, so a peer that never joins is a timeout (the half-made
+    /// communicator is aborted), not a call that never returns.
     pub fn new(
         ordinal: usize,
         rank: usize,
         world: usize,
         id: [u8; 128],
-    ) -> Result<Self, TensorError> {
+        wait: &Wait,
+    ) -> Result<Self, NcclFailure> {
         present(ordinal)?;
         connect_at_init();
         let dev = GpuDevice::get(ordinal)?;
@@ -197,19 +228,82 @@ impl DeviceComm {
         let id = sys::ncclUniqueId {
             internal: id.map(|b| b as ::core::ffi::c_char),
         };
-        let mut comm = std::mem::MaybeUninit::uninit();
-        // SAFETY: `comm` is written by a successful init and read only then.
-        let comm = unsafe {
-            result::comm_init_rank(comm.as_mut_ptr(), world as i32, id, rank as i32)
-                .map_err(|e| nccl_err(ordinal, &format!("init of rank {rank} of {world}"), e))?;
-            comm.assume_init()
-        };
-        Ok(DeviceComm {
+        let what = format!("init of rank {rank} of {world}");
+        let mut config = NonBlocking::config();
+        let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: NCCL reads `config.size` bytes of the config (its leading fields, which
+        // `NonBlocking` lays out as ncclConfig_t does) and writes the handle into `comm`.
+        let started = unsafe {
+            sys::ncclCommInitRankConfig(
+                &mut comm,
+                world as i32,
+                id,
+                rank as i32,
+                (&mut config as *mut NonBlocking).cast(),
+            )
+        }
+        .result();
+        if let Err(e) = started {
+            if !comm.is_null() {
+                // SAFETY: the half-made handle NCCL returned, released once here.
+                let _ = unsafe { result::comm_abort(comm) };
+            }
+            return Err(nccl_err(ordinal, &what, e).into());
+        }
+        let dc = DeviceComm {
             comm: Mutex::new(Some(RawComm(comm))),
             dev,
             rank,
             world,
-        })
+            enqueue_timeout: wait.timeout,
+        };
+        dc.until_ready(&what, wait)?;
+        Ok(dc)
+    }
+
+    /// Polls a non-blocking communicator until the call in flight (its init, or a collective
+    /// being queued) is done: at most `wait.timeout`, and while `wait.cancel` says nothing. The
+    /// communicator is aborted on a failure, a timeout or a cancel.
+    fn until_ready(&self, what: &str, wait: &Wait) -> Result<(), NcclFailure> {
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            let state = {
+                let guard = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(comm) = guard.as_ref() else {
+                    return Err(NcclFailure::Cancelled(ABORTED.into()));
+                };
+                let mut state = sys::ncclResult_t::ncclSuccess;
+                // SAFETY: a live communicator and a valid out pointer.
+                unsafe { sys::ncclCommGetAsyncError(comm.0, &mut state) }
+                    .result()
+                    .and_then(|_| state.result())
+            };
+            match state {
+                Ok(result::NcclStatus::InProgress) => {}
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    self.abort();
+                    return Err(nccl_err(self.dev.ordinal, what, e).into());
+                }
+            }
+            if start.elapsed() > wait.timeout {
+                self.abort();
+                return Err(NcclFailure::TimedOut);
+            }
+            if spins.is_multiple_of(20) {
+                if let Some(reason) = wait.cancel.cancelled() {
+                    self.abort();
+                    return Err(NcclFailure::Cancelled(reason));
+                }
+            }
+            spins += 1;
+            if spins < 200 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
     }
 
     pub fn ordinal(&self) -> usize {
@@ -233,9 +327,35 @@ impl DeviceComm {
             .ctx
             .bind_to_thread()
             .map_err(|e| dev_err(self.dev.ordinal, e))?;
-        f(comm.0, self.dev.stream.cu_stream() as _)
-            .map(|_| ())
-            .map_err(|e| nccl_err(self.dev.ordinal, what, e))
+        let r = f(comm.0, self.dev.stream.cu_stream() as _)
+            .map_err(|e| nccl_err(self.dev.ordinal, what, e))?;
+        drop(guard);
+        if r == result::NcclStatus::InProgress {
+            // A non-blocking communicator may still be queuing the call: it is on the stream
+            // only once NCCL says so.
+            struct Never;
+            impl Cancel for Never {
+                fn cancelled(&self) -> Option<String> {
+                    None
+                }
+            }
+            let wait = Wait {
+                timeout: self.enqueue_timeout,
+                cancel: &Never,
+            };
+            return self.until_ready(what, &wait).map_err(|f| match f {
+                NcclFailure::Failed(e) => e,
+                NcclFailure::TimedOut => dev_err(
+                    self.dev.ordinal,
+                    format!(
+                        "NCCL {what}: still being queued after {:.1}s",
+                        wait.timeout.as_secs_f64()
+                    ),
+                ),
+                NcclFailure::Cancelled(reason) => dev_err(self.dev.ordinal, reason),
+            });
+        }
+        Ok(())
     }
 
     /// Reduces a tensor's device storage in place across the group, in its own dtype. Queued on
