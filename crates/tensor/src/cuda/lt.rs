@@ -211,8 +211,11 @@ impl Lt {
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
             .map_err(err)?
             .max(1 << 20) as usize;
-        // Written between timed calls: twice the L2, so that no weight stays cached.
-        let mut flush = self.stream.alloc_zeros::<u8>(2 * l2).map_err(err)?;
+        // Written between timed calls: twice the L2, so that no weight stays cached. A GPU too
+        // full for it (a model that fills the memory) keeps cuBLASLt's own first choice.
+        let Ok(mut flush) = self.stream.alloc_zeros::<u8>(2 * l2) else {
+            return Ok(0);
+        };
         let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let (start, end) = (
             ctx.new_event(timed).map_err(err)?,

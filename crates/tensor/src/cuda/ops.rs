@@ -231,13 +231,15 @@ pub fn matmul_t(
     if let (Some(lt), crate::DType::BF16, 2..=super::lt::LT_MAX_ROWS) = (&dev.lt, x.dtype(), m) {
         let tune = dev.capturing().is_none();
         let mut lt = lt.lock().unwrap_or_else(|e| e.into_inner());
-        lt.matmul((m, n, k), tune, dptr(w), dptr(x), dptr(&y))
-            .map_err(|e| dev_err(dev.ordinal, e))?;
+        let done = lt.matmul((m, n, k), tune, dptr(w), dptr(x), dptr(&y));
         drop(lt);
-        if let Some(b) = bias {
-            add_bias(&dev, &y, b, m, n)?;
+        // A shape cuBLASLt refuses goes to cuBLAS's GEMM below (which reports a real failure).
+        if done.is_ok() {
+            if let Some(b) = bias {
+                add_bias(&dev, &y, b, m, n)?;
+            }
+            return Ok(y);
         }
-        return Ok(y);
     }
     // Row-major y = x w^T is column-major y^T = w^T(col) ... : C(n x m) = op(A) B with A = w viewed
     // column-major as k x n (so transposed), B = x viewed column-major as k x m.
