@@ -674,7 +674,8 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
 // NORM (the RMSNorm before a projection, fused): 1 normalises x with the weights `nw` first, 2
 // adds `delta` to x first and block 0 writes the sum to `xo` (the residual stream). Every block
 // computes the row's norm into shared memory (k bf16 values, dynamic) while its first
-// weight loads are in flight; the values are rounded as `add_rms_norm` rounds them.
+// weight loads are in flight; the values are rounded as `add_rms_norm` rounds them (its sum of
+// squares is added in another order, so a value may differ from it in the last bit).
 template <int R, int U, bool GATED, bool NOL1, int KS, int NORM>
 __device__ void gemv1p(const bf16_t* x, const bf16_t* delta, const bf16_t* nw, bf16_t* xo, float eps,
                        const bf16_t* w, bf16_t* y, int n, int k) {
@@ -717,7 +718,9 @@ __device__ void gemv1p(const bf16_t* x, const bf16_t* delta, const bf16_t* nw, b
     if (NORM) {
         // Two passes over the row, each thread over its own chunks (few registers: the weight
         // loads in flight keep theirs): x (+ delta) into shared memory and the sum of squares,
-        // then the normalised values in place.
+        // then the normalised values in place. All 256 threads take chunks: the sum of squares
+        // is added in another order than add_rms_norm's block of norm_threads(k) threads adds it
+        // (taking the chunks as that block does made a step 0.15 ms slower, 4.45 -> 4.60 ms).
         extern __shared__ uint4 xs[];
         int kc = k >> 3;
         float ss = 0.f;

@@ -139,6 +139,15 @@ pub fn connect_at_init() {
     });
 }
 
+/// The state of a live communicator's last call: done, still in progress, or failed.
+fn poll_async(comm: sys::ncclComm_t) -> Result<result::NcclStatus, result::NcclError> {
+    let mut state = sys::ncclResult_t::ncclSuccess;
+    // SAFETY: the caller holds a live communicator; the out pointer is valid.
+    unsafe { sys::ncclCommGetAsyncError(comm, &mut state) }
+        .result()
+        .and_then(|_| state.result())
+}
+
 /// The error text of any call on an aborted communicator.
 pub const ABORTED: &str = "the NCCL communicator was aborted";
 
@@ -273,11 +282,7 @@ impl DeviceComm {
                 let Some(comm) = guard.as_ref() else {
                     return Err(NcclFailure::Cancelled(ABORTED.into()));
                 };
-                let mut state = sys::ncclResult_t::ncclSuccess;
-                // SAFETY: a live communicator and a valid out pointer.
-                unsafe { sys::ncclCommGetAsyncError(comm.0, &mut state) }
-                    .result()
-                    .and_then(|_| state.result())
+                poll_async(comm.0)
             };
             match state {
                 Ok(result::NcclStatus::InProgress) => {}
@@ -327,33 +332,38 @@ impl DeviceComm {
             .ctx
             .bind_to_thread()
             .map_err(|e| dev_err(self.dev.ordinal, e))?;
-        let r = f(comm.0, self.dev.stream.cu_stream() as _)
+        let raw = comm.0;
+        let r = f(raw, self.dev.stream.cu_stream() as _)
             .map_err(|e| nccl_err(self.dev.ordinal, what, e))?;
-        drop(guard);
         if r == result::NcclStatus::InProgress {
-            // A non-blocking communicator may still be queuing the call: it is on the stream
-            // only once NCCL says so.
-            struct Never;
-            impl Cancel for Never {
-                fn cancelled(&self) -> Option<String> {
-                    None
+            // A non-blocking communicator may still be queuing the call: it is on the stream only
+            // once NCCL says so, and no other call may use the communicator before (the lock is
+            // held meanwhile).
+            let start = Instant::now();
+            loop {
+                let failure = match poll_async(raw) {
+                    Ok(result::NcclStatus::InProgress) => None,
+                    Ok(_) => break,
+                    Err(e) => Some(nccl_err(self.dev.ordinal, what, e)),
+                };
+                let failure = failure.or_else(|| {
+                    (start.elapsed() > self.enqueue_timeout).then(|| {
+                        dev_err(
+                            self.dev.ordinal,
+                            format!(
+                                "NCCL {what}: still being queued after {:.1}s",
+                                self.enqueue_timeout.as_secs_f64()
+                            ),
+                        )
+                    })
+                });
+                if let Some(e) = failure {
+                    drop(guard);
+                    self.abort();
+                    return Err(e);
                 }
+                std::thread::yield_now();
             }
-            let wait = Wait {
-                timeout: self.enqueue_timeout,
-                cancel: &Never,
-            };
-            return self.until_ready(what, &wait).map_err(|f| match f {
-                NcclFailure::Failed(e) => e,
-                NcclFailure::TimedOut => dev_err(
-                    self.dev.ordinal,
-                    format!(
-                        "NCCL {what}: still being queued after {:.1}s",
-                        wait.timeout.as_secs_f64()
-                    ),
-                ),
-                NcclFailure::Cancelled(reason) => dev_err(self.dev.ordinal, reason),
-            });
         }
         Ok(())
     }

@@ -228,7 +228,10 @@ pub fn matmul_t(
         }
         return Ok(y);
     }
-    if let (Some(lt), crate::DType::BF16, 2..=super::lt::LT_MAX_ROWS) = (&dev.lt, x.dtype(), m) {
+    let bf16_operands = x.dtype() == crate::DType::BF16
+        && w.dtype() == crate::DType::BF16
+        && bias.is_none_or(|b| b.dtype() == crate::DType::BF16);
+    if let (Some(lt), true, 2..=super::lt::LT_MAX_ROWS) = (&dev.lt, bf16_operands, m) {
         let tune = dev.capturing().is_none();
         let mut lt = lt.lock().unwrap_or_else(|e| e.into_inner());
         let done = lt.matmul((m, n, k), tune, dptr(w), dptr(x), dptr(&y));
