@@ -222,9 +222,8 @@ impl Lt {
             ctx.new_event(timed).map_err(err)?,
         );
         let candidates = self.plans[&shape].algos.len();
-        let mut best: Option<(usize, f64)> = None;
-        let mut first = None;
-        for a in 0..candidates {
+        let mut times = vec![None; candidates];
+        for (a, time) in times.iter_mut().enumerate() {
             if self.run(shape, a, w, x, y).is_err() {
                 continue;
             }
@@ -237,19 +236,9 @@ impl Lt {
                 end.synchronize().map_err(err)?;
                 total += start.elapsed_ms(&end).map_err(err)? as f64;
             }
-            if a == 0 {
-                first = Some(total);
-            }
-            if best.is_none_or(|(_, t)| total < t) {
-                best = Some((a, total));
-            }
+            *time = Some(total);
         }
-        Ok(match (best, first) {
-            (Some((a, t)), Some(f)) if t < MARGIN * f => a,
-            (_, Some(_)) => 0,
-            (Some((a, _)), None) => a,
-            (None, None) => return Err(format!("no cuBLASLt candidate ran for {shape:?}")),
-        })
+        pick(&times).ok_or_else(|| format!("no cuBLASLt candidate ran for {shape:?}"))
     }
 
     /// Queues `y = x w^T` for the planned shape `(m, n, k)` with its candidate `algo` on the
@@ -293,5 +282,37 @@ impl Lt {
             )
         }
         .map_err(e)
+    }
+}
+
+/// The candidate to keep from each one's time (`None`: it failed to run): the fastest, unless
+/// cuBLASLt's first ran and the fastest does not beat it by `MARGIN`.
+fn pick(times: &[Option<f64>]) -> Option<usize> {
+    let best = times
+        .iter()
+        .enumerate()
+        .filter_map(|(a, t)| t.map(|t| (a, t)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))?;
+    Some(match times.first().copied().flatten() {
+        Some(first) if best.1 >= MARGIN * first => 0,
+        _ => best.0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pick;
+
+    #[test]
+    fn the_fastest_candidate_wins_by_a_margin_over_cublaslts_first() {
+        assert_eq!(pick(&[Some(10.0), Some(9.0), Some(9.5)]), Some(1));
+        // A near-tie keeps cuBLASLt's first.
+        assert_eq!(pick(&[Some(10.0), Some(9.8)]), Some(0));
+        assert_eq!(pick(&[Some(10.0), Some(11.0)]), Some(0));
+        // Failed candidates are skipped, the first included.
+        assert_eq!(pick(&[None, Some(12.0), Some(11.0)]), Some(2));
+        assert_eq!(pick(&[Some(10.0), None, Some(5.0)]), Some(2));
+        assert_eq!(pick(&[None, None]), None);
+        assert_eq!(pick(&[]), None);
     }
 }

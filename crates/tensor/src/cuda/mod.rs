@@ -118,7 +118,11 @@ const GEMV_GATED: &str = "gated_r4u1s4";
 
 /// `TESSERA_GEMV=<plain>,<gated>`, checked against `GEMV_VARIANTS`.
 fn gemv_choice() -> Result<[&'static str; 2], String> {
-    let Ok(v) = std::env::var("TESSERA_GEMV") else {
+    parse_gemv_choice(std::env::var("TESSERA_GEMV").ok().as_deref())
+}
+
+fn parse_gemv_choice(v: Option<&str>) -> Result<[&'static str; 2], String> {
+    let Some(v) = v else {
         return Ok([GEMV_PLAIN, GEMV_GATED]);
     };
     let find = |name: &str, gated: bool| {
@@ -552,4 +556,28 @@ pub fn copy_bandwidth(ordinal: usize) -> Result<f64, TensorError> {
     }
     times.sort_by(f64::total_cmp);
     Ok(2.0 * (n * 4) as f64 / times[times.len() / 2])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemv_choice_takes_known_plain_and_gated_names_only() {
+        assert_eq!(parse_gemv_choice(None).unwrap(), [GEMV_PLAIN, GEMV_GATED]);
+        assert_eq!(
+            parse_gemv_choice(Some("r2u2, gated_u2")).unwrap(),
+            ["r2u2", "gated_u2"]
+        );
+        for bad in ["r2u2", "gated_u2,r2u2", "r2u2,nope", "", ","] {
+            let e = parse_gemv_choice(Some(bad)).unwrap_err();
+            assert!(e.starts_with("TESSERA_GEMV="), "{e}");
+        }
+        // Every variant's kernel name is unique, and the defaults are variants.
+        let mut names: Vec<_> = GEMV_VARIANTS.iter().map(|v| v.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), GEMV_VARIANTS.len());
+        assert!(names.contains(&GEMV_PLAIN) && names.contains(&GEMV_GATED));
+    }
 }
