@@ -2,10 +2,7 @@
 //! cuBLAS's GEMM against the cuBLASLt candidates, at the shapes of a decode step. Weights rotate
 //! through copies larger than L2, as in a real step where every weight is read once.
 
-use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
-use half::bf16;
-
-use super::{dev_err, CudaBuf, CudaData, GpuDevice, GEMV_VARIANTS};
+use super::{dev_err, CudaBuf, GpuDevice, GEMV_VARIANTS};
 use crate::{DType, TensorError};
 
 /// One kernel at one shape: mean microseconds per call and the weight bytes it read per second.
@@ -89,32 +86,7 @@ pub fn bench_gemv(
         }
         let mut ybig = CudaBuf::alloc(&dev, DType::BF16, rows)?;
         time("cublas".to_string(), &mut |w| {
-            let blas = dev.blas.lock().unwrap_or_else(|p| p.into_inner());
-            let (CudaData::BF16(a), CudaData::BF16(b), CudaData::BF16(c)) =
-                (&w.data, &x.data, &mut ybig.data)
-            else {
-                unreachable!("bf16 buffers")
-            };
-            unsafe {
-                blas.gemm(
-                    GemmConfig {
-                        transa: cublasOperation_t::CUBLAS_OP_T,
-                        transb: cublasOperation_t::CUBLAS_OP_N,
-                        m: rows as i32,
-                        n: 1,
-                        k: k as i32,
-                        alpha: bf16::ONE,
-                        lda: k as i32,
-                        ldb: k as i32,
-                        beta: bf16::ZERO,
-                        ldc: rows as i32,
-                    },
-                    a,
-                    b,
-                    c,
-                )
-            }
-            .map_err(|err| dev_err(ordinal, format!("cuBLAS: {err:?}")))
+            super::ops::cublas_gemm(&dev, &x, w, &mut ybig, (1, rows, k))
         })?;
     }
     Ok(out)
@@ -159,33 +131,7 @@ pub fn bench_gemm(
             })
         };
         let secs = mean_secs(&dev, copies, &mut |c| {
-            let blas = dev.blas.lock().unwrap_or_else(|p| p.into_inner());
-            let (CudaData::BF16(a), CudaData::BF16(b), CudaData::BF16(cc)) =
-                (&ws[c].data, &x.data, &mut y.data)
-            else {
-                unreachable!("bf16 buffers")
-            };
-            // SAFETY: a, b and cc hold n x k, m x k and m x n bf16 values.
-            unsafe {
-                blas.gemm(
-                    GemmConfig {
-                        transa: cublasOperation_t::CUBLAS_OP_T,
-                        transb: cublasOperation_t::CUBLAS_OP_N,
-                        m: n as i32,
-                        n: m as i32,
-                        k: k as i32,
-                        alpha: bf16::ONE,
-                        lda: k as i32,
-                        ldb: k as i32,
-                        beta: bf16::ZERO,
-                        ldc: n as i32,
-                    },
-                    a,
-                    b,
-                    cc,
-                )
-            }
-            .map_err(|err| dev_err(ordinal, format!("cuBLAS: {err:?}")))
+            super::ops::cublas_gemm(&dev, &x, &ws[c], &mut y, (m, n, k))
         })?;
         push("cublas".into(), secs);
         let candidates = lt

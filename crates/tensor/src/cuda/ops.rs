@@ -221,79 +221,65 @@ pub fn matmul_t(
     same_dev(x, w)?;
     let dev = x.dev.clone();
     let mut y = CudaBuf::alloc(&dev, x.dtype(), m * n)?;
-    if gemv_fits(x, m, k) {
-        launch_gemv(&dev, false, x, w, &y, n, k)?;
-        if let Some(b) = bias {
-            add_bias(&dev, &y, b, m, n)?;
-        }
-        return Ok(y);
-    }
     let bf16_operands = x.dtype() == crate::DType::BF16
         && w.dtype() == crate::DType::BF16
         && bias.is_none_or(|b| b.dtype() == crate::DType::BF16);
-    if let (Some(lt), true, 2..=super::lt::LT_MAX_ROWS) = (&dev.lt, bf16_operands, m) {
+    if gemv_fits(x, m, k) {
+        launch_gemv(&dev, false, x, w, &y, n, k)?;
+    } else if let (Some(lt), true, 2..=super::lt::LT_MAX_ROWS) = (&dev.lt, bf16_operands, m) {
         let tune = dev.capturing().is_none();
         let mut lt = lt.lock().unwrap_or_else(|e| e.into_inner());
         let done = lt.matmul((m, n, k), tune, dptr(w), dptr(x), dptr(&y));
         drop(lt);
-        // A shape cuBLASLt refuses goes to cuBLAS's GEMM below (which reports a real failure).
-        if done.is_ok() {
-            if let Some(b) = bias {
-                add_bias(&dev, &y, b, m, n)?;
-            }
-            return Ok(y);
+        // A shape cuBLASLt refuses goes to cuBLAS's GEMM (which reports a real failure).
+        if done.is_err() {
+            cublas_gemm(&dev, x, w, &mut y, (m, n, k))?;
         }
+    } else {
+        cublas_gemm(&dev, x, w, &mut y, (m, n, k))?;
     }
-    // Row-major y = x w^T is column-major y^T = w^T(col) ... : C(n x m) = op(A) B with A = w viewed
-    // column-major as k x n (so transposed), B = x viewed column-major as k x m.
-    let blas = dev.blas.lock().unwrap_or_else(|e| e.into_inner());
-    let r = match (&w.data, &x.data, &mut y.data) {
-        (CudaData::F32(a), CudaData::F32(b), CudaData::F32(c)) => unsafe {
-            blas.gemm(
-                GemmConfig {
-                    transa: cublasOperation_t::CUBLAS_OP_T,
-                    transb: cublasOperation_t::CUBLAS_OP_N,
-                    m: n as i32,
-                    n: m as i32,
-                    k: k as i32,
-                    alpha: 1.0f32,
-                    lda: k as i32,
-                    ldb: k as i32,
-                    beta: 0.0f32,
-                    ldc: n as i32,
-                },
-                a,
-                b,
-                c,
-            )
-        },
-        (CudaData::BF16(a), CudaData::BF16(b), CudaData::BF16(c)) => unsafe {
-            blas.gemm(
-                GemmConfig {
-                    transa: cublasOperation_t::CUBLAS_OP_T,
-                    transb: cublasOperation_t::CUBLAS_OP_N,
-                    m: n as i32,
-                    n: m as i32,
-                    k: k as i32,
-                    alpha: bf16::ONE,
-                    lda: k as i32,
-                    ldb: k as i32,
-                    beta: bf16::ZERO,
-                    ldc: n as i32,
-                },
-                a,
-                b,
-                c,
-            )
-        },
-        _ => return Err(dev_err(dev.ordinal, "matmul operands differ in dtype")),
-    };
-    drop(blas);
-    r.map_err(|e| dev_err(dev.ordinal, format!("cuBLAS: {e:?}")))?;
     if let Some(b) = bias {
         add_bias(&dev, &y, b, m, n)?;
     }
     Ok(y)
+}
+
+/// `y[m, n] = x[m, k] @ w[n, k]^T` through cuBLAS's GEMM (f32 accumulation), f32 or bf16.
+pub(crate) fn cublas_gemm(
+    dev: &GpuDevice,
+    x: &CudaBuf,
+    w: &CudaBuf,
+    y: &mut CudaBuf,
+    (m, n, k): (usize, usize, usize),
+) -> Result<(), TensorError> {
+    // Row-major y = x w^T is column-major y^T = w^T(col) ... : C(n x m) = op(A) B with A = w viewed
+    // column-major as k x n (so transposed), B = x viewed column-major as k x m.
+    fn config<T>(m: usize, n: usize, k: usize, alpha: T, beta: T) -> GemmConfig<T> {
+        GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha,
+            lda: k as i32,
+            ldb: k as i32,
+            beta,
+            ldc: n as i32,
+        }
+    }
+    let blas = dev.blas.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: the buffers hold n x k, m x k and m x n values (the callers' shapes).
+    let r = match (&w.data, &x.data, &mut y.data) {
+        (CudaData::F32(a), CudaData::F32(b), CudaData::F32(c)) => unsafe {
+            blas.gemm(config(m, n, k, 1.0f32, 0.0f32), a, b, c)
+        },
+        (CudaData::BF16(a), CudaData::BF16(b), CudaData::BF16(c)) => unsafe {
+            blas.gemm(config(m, n, k, bf16::ONE, bf16::ZERO), a, b, c)
+        },
+        _ => return Err(dev_err(dev.ordinal, "matmul operands differ in dtype")),
+    };
+    r.map_err(|e| dev_err(dev.ordinal, format!("cuBLAS: {e:?}")))
 }
 
 fn add_bias(
