@@ -274,30 +274,48 @@ impl DeviceComm {
     /// being queued) is done: at most `wait.timeout`, and while `wait.cancel` says nothing. The
     /// communicator is aborted on a failure, a timeout or a cancel.
     fn until_ready(&self, what: &str, wait: &Wait) -> Result<(), NcclFailure> {
+        self.spin_until(wait, || {
+            Ok(self.async_state(what)? != result::NcclStatus::InProgress)
+        })
+    }
+
+    /// The state of the communicator's last call (`ncclCommGetAsyncError`); an error aborts the
+    /// communicator (NCCL's rule: one with an asynchronous error must be aborted, or its
+    /// collective may never finish).
+    fn async_state(&self, what: &str) -> Result<result::NcclStatus, NcclFailure> {
+        let state = {
+            let guard = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(comm) = guard.as_ref() else {
+                return Err(NcclFailure::Cancelled(ABORTED.into()));
+            };
+            poll_async(comm.0)
+        };
+        state.map_err(|e| {
+            self.abort();
+            nccl_err(self.dev.ordinal, what, e).into()
+        })
+    }
+
+    /// Calls `done` until it says so, at most `w.timeout` and while `w.cancel` says nothing
+    /// (checked every 20th call); spins briefly (small collectives finish in microseconds), then
+    /// backs off. The communicator is aborted on a timeout or a cancel.
+    fn spin_until(
+        &self,
+        w: &Wait,
+        mut done: impl FnMut() -> Result<bool, NcclFailure>,
+    ) -> Result<(), NcclFailure> {
         let start = Instant::now();
         let mut spins = 0u32;
         loop {
-            let state = {
-                let guard = self.comm.lock().unwrap_or_else(|e| e.into_inner());
-                let Some(comm) = guard.as_ref() else {
-                    return Err(NcclFailure::Cancelled(ABORTED.into()));
-                };
-                poll_async(comm.0)
-            };
-            match state {
-                Ok(result::NcclStatus::InProgress) => {}
-                Ok(_) => return Ok(()),
-                Err(e) => {
-                    self.abort();
-                    return Err(nccl_err(self.dev.ordinal, what, e).into());
-                }
+            if done()? {
+                return Ok(());
             }
-            if start.elapsed() > wait.timeout {
+            if start.elapsed() > w.timeout {
                 self.abort();
                 return Err(NcclFailure::TimedOut);
             }
             if spins.is_multiple_of(20) {
-                if let Some(reason) = wait.cancel.cancelled() {
+                if let Some(reason) = w.cancel.cancelled() {
                     self.abort();
                     return Err(NcclFailure::Cancelled(reason));
                 }
@@ -444,46 +462,12 @@ impl DeviceComm {
                 cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING,
             ))
             .map_err(|e| dev_err(o, e))?;
-        let start = Instant::now();
-        let mut spins = 0u32;
-        loop {
+        self.spin_until(w, || {
             if event.try_is_complete().map_err(|e| dev_err(o, e))? {
-                return Ok(());
+                return Ok(true);
             }
-            let failed = {
-                let guard = self.comm.lock().unwrap_or_else(|e| e.into_inner());
-                let Some(comm) = guard.as_ref() else {
-                    return Err(NcclFailure::Cancelled(ABORTED.into()));
-                };
-                let mut state = sys::ncclResult_t::ncclSuccess;
-                // SAFETY: a live communicator and a valid out pointer.
-                let asked = unsafe { sys::ncclCommGetAsyncError(comm.0, &mut state) }.result();
-                asked.and_then(|_| state.result()).err()
-            };
-            if let Some(e) = failed {
-                // NCCL's rule: a communicator with an asynchronous error must be aborted (its
-                // collective may never finish otherwise).
-                self.abort();
-                return Err(nccl_err(o, what, e).into());
-            }
-            if start.elapsed() > w.timeout {
-                self.abort();
-                return Err(NcclFailure::TimedOut);
-            }
-            if spins.is_multiple_of(20) {
-                if let Some(reason) = w.cancel.cancelled() {
-                    self.abort();
-                    return Err(NcclFailure::Cancelled(reason));
-                }
-            }
-            // Spin briefly (small collectives finish in microseconds), then back off.
-            spins += 1;
-            if spins < 200 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::sleep(Duration::from_micros(50));
-            }
-        }
+            self.async_state(what).map(|_| false)
+        })
     }
 
     /// Refuses lengths NCCL would read or write past the staging buffers with.
