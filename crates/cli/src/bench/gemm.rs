@@ -9,33 +9,12 @@ pub struct GemmArgs {
     /// Rows of activations (the decode batch).
     #[arg(long, value_delimiter = ',', default_value = "64")]
     pub batch: Vec<usize>,
-    /// Hidden size (the default is Llama-3-8B's shape).
-    #[arg(long, default_value_t = 4096)]
-    pub hidden: usize,
-    #[arg(long, default_value_t = 14336)]
-    pub intermediate: usize,
-    /// q heads x head_dim is the hidden size; KV heads of 128.
-    #[arg(long, default_value_t = 8)]
-    pub kv_heads: usize,
-    /// Tensor-parallel degree: each rank's share of the shapes.
-    #[arg(long, default_value_t = 1)]
-    pub tp: usize,
-    /// The GPU (only cuda).
-    #[arg(long, default_value = "cuda")]
-    pub device: String,
+    #[command(flatten)]
+    pub shapes: super::shapes::LayerShapes,
 }
 
 pub fn run(a: GemmArgs) -> Result<()> {
-    if a.device != "cuda" {
-        bail!("bench gemm measures the CUDA kernels: --device cuda");
-    }
-    if a.tp == 0
-        || !a.hidden.is_multiple_of(a.tp)
-        || !a.intermediate.is_multiple_of(a.tp)
-        || !(a.kv_heads * 128).is_multiple_of(a.tp)
-    {
-        bail!("--tp {} does not divide the shapes", a.tp);
-    }
+    a.shapes.check("gemm")?;
     if a.batch.contains(&0) {
         bail!("--batch takes sizes of at least 1");
     }
@@ -44,13 +23,12 @@ pub fn run(a: GemmArgs) -> Result<()> {
 
 #[cfg(feature = "cuda")]
 fn run_cuda(a: GemmArgs) -> Result<()> {
-    let (h, i, t) = (a.hidden, a.intermediate, a.tp);
-    let layers = [
-        ("qkv", (h + 2 * a.kv_heads * 128) / t, h),
-        ("o", h, h / t),
-        ("gate_up", 2 * i / t, h),
-        ("down", h, i / t),
-    ];
+    let t = a.shapes.tp;
+    // The gate/up GEMM computes both halves: 2n rows.
+    let layers = a
+        .shapes
+        .layers()
+        .map(|(name, n, k, gated)| (name, if gated { 2 * n } else { n }, k));
     let bw = tessera_tensor::cuda::copy_bandwidth(0)?;
     println!(
         "ceiling: {:.1} GB/s measured (device-to-device copy); tp {t}",

@@ -1,52 +1,26 @@
 //! `tessera bench gemv`: the decode GEMV kernels (one row of activations against a weight matrix) at
 //! the shapes of a Llama decode step, beside cuBLAS and the GPU's measured copy bandwidth.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 #[derive(clap::Args, Debug)]
 pub struct GemvArgs {
-    /// Hidden size (the default is Llama-3-8B's shape).
-    #[arg(long, default_value_t = 4096)]
-    pub hidden: usize,
-    #[arg(long, default_value_t = 14336)]
-    pub intermediate: usize,
-    /// q heads x head_dim is the hidden size; KV heads of 128.
-    #[arg(long, default_value_t = 8)]
-    pub kv_heads: usize,
+    #[command(flatten)]
+    pub shapes: super::shapes::LayerShapes,
     #[arg(long, default_value_t = 128256)]
     pub vocab: usize,
-    /// Tensor-parallel degree: each rank's share of the shapes.
-    #[arg(long, default_value_t = 1)]
-    pub tp: usize,
-    /// The GPU (only cuda).
-    #[arg(long, default_value = "cuda")]
-    pub device: String,
 }
 
 pub fn run(a: GemvArgs) -> Result<()> {
-    if a.device != "cuda" {
-        bail!("bench gemv measures the CUDA kernels: --device cuda");
-    }
-    if a.tp == 0
-        || !a.hidden.is_multiple_of(a.tp)
-        || !a.intermediate.is_multiple_of(a.tp)
-        || !(a.kv_heads * 128).is_multiple_of(a.tp)
-    {
-        bail!("--tp {} does not divide the shapes", a.tp);
-    }
+    a.shapes.check("gemv")?;
     run_cuda(a)
 }
 
 #[cfg(feature = "cuda")]
 fn run_cuda(a: GemvArgs) -> Result<()> {
-    let (h, i, t) = (a.hidden, a.intermediate, a.tp);
-    let shapes = [
-        ("qkv", (h + 2 * a.kv_heads * 128) / t, h, false),
-        ("o", h, h / t, false),
-        ("gate_up", i / t, h, true),
-        ("down", h, i / t, false),
-        ("lm_head", a.vocab.div_ceil(t), h, false),
-    ];
+    let (h, t) = (a.shapes.hidden, a.shapes.tp);
+    let lm_head = ("lm_head", a.vocab.div_ceil(t), h, false);
+    let shapes = a.shapes.layers().into_iter().chain([lm_head]);
     let bw = tessera_tensor::cuda::copy_bandwidth(0)?;
     println!(
         "ceiling: {:.1} GB/s measured (device-to-device copy); tp {t}",
@@ -87,5 +61,5 @@ fn run_cuda(a: GemvArgs) -> Result<()> {
 
 #[cfg(not(feature = "cuda"))]
 fn run_cuda(_: GemvArgs) -> Result<()> {
-    bail!("this tessera was built without CUDA (cargo build --features cuda)")
+    anyhow::bail!("this tessera was built without CUDA (cargo build --features cuda)")
 }

@@ -6,6 +6,7 @@ mod decode;
 mod gemm;
 mod gemv;
 mod matmul;
+mod shapes;
 
 use anyhow::Result;
 
