@@ -31,6 +31,10 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
     for t in 1 2; do
       .gpu/tessera bench gemm --tp $t --batch 8,32,64 2>&1 | grep -E "ceiling|layer|cublas|lt 0 |fastest"
     done
+    echo "== tessera bench attention, Llama-3-8B heads (each decode attention kernel)"
+    for t in 1 2; do
+      .gpu/tessera bench attention --tp $t 2>&1
+    done
     if [ "$NGPU" -ge 2 ]; then
       echo "== tessera bench decode, Llama-3-70B shape, tp 2, CUDA graphs"
       timeout 300 .gpu/tessera bench decode --device cuda --preset llama-3-70b --tp 2 --batch 1,32 --steps 16 --graph 2>&1
@@ -39,9 +43,9 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
     fi
   fi
   if [[ $STEPS == all || $STEPS == *long* ]]; then
-    # A 2,048-position cache: the grouped decode attention (one block per KV head) against the
+    # A 2,048-position cache: the decode attention as the shape picks it against the first
     # per-query-head kernel, same binary, same call.
-    for m in per_head grouped; do
+    for m in per_head auto; do
       echo "== tessera bench decode, Llama-3-8B shape, 2048-position cache, CUDA graphs, decode attention $m"
       TESSERA_DECODE_ATTENTION=$m .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 1 --batch 1,32 --steps 32 --prompt-len 2048 --graph 2>&1 | tail -3
     done

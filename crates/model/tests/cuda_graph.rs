@@ -19,10 +19,18 @@ fn graph_replay_equals_eager_decode() {
     let n = gpus();
     let cfg =
         ModelConfig::from_json_str(&llama_config_json(1000, 256, 512, 3, 8, 2, false)).unwrap();
-    // Both decode attention kernels: the one the shape picks (per query head here) and the
-    // grouped one (one block per KV head), whose captured splits also cover the whole cache.
-    for (tp, grouped) in (1..=n).flat_map(|tp| [(tp, None), (tp, Some(true))]) {
-        tessera_tensor::cuda::force_grouped_decode_attention(grouped);
+    // Every decode attention kernel: the one the shape picks, the grouped and one-head-a-block
+    // forms of the vectorised kernel, and the per-head kernel; captured splits cover the whole
+    // cache.
+    use tessera_tensor::cuda::DecodeKernel;
+    let kernels = [
+        None,
+        Some(DecodeKernel::Grouped),
+        Some(DecodeKernel::ByHead),
+        Some(DecodeKernel::PerHead),
+    ];
+    for (tp, grouped) in (1..=n).flat_map(|tp| kernels.map(|k| (tp, k))) {
+        tessera_tensor::cuda::force_decode_kernel(grouped);
         let comms = LocalGroup::new(tp).into_comms();
         let results: Vec<(Steps, Steps)> = std::thread::scope(|s| {
             let hs: Vec<_> = comms
@@ -87,9 +95,9 @@ fn graph_replay_equals_eager_decode() {
                 "tp {tp}: degenerate decode"
             );
         }
-        eprintln!("tp {tp}, grouped attention {grouped:?}: 12 graph steps equal the eager steps");
+        eprintln!("tp {tp}, decode attention {grouped:?}: 12 graph steps equal the eager steps");
     }
-    tessera_tensor::cuda::force_grouped_decode_attention(None);
+    tessera_tensor::cuda::force_decode_kernel(None);
 }
 
 fn comm_barrier(c: &dyn tessera_comm::Communicator) {

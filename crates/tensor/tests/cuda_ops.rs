@@ -365,9 +365,10 @@ fn every_op_matches_the_cpu() {
         .unwrap();
         close("attention over 2500 keys", &gpu, &cpu, tol(dt));
         // Decode attention over 700 positions, split over blocks and joined (flash decoding), with
-        // and without a window: the grouped kernel (one block per KV head: g = 2, and g = 8 with
-        // g hd at its limit of 1024) and the per-query-head kernel it falls back to (hd 48: hd / 8
-        // not a power of two; g = 12), at batch 1 and 3.
+        // and without a window, and over 30 (one split): the vectorised kernel with every query
+        // head of a KV head in a block (g = 2, g = 8 with g hd at its limit of 1024, g = 12 in
+        // blocks of 6), with one a block, and as the shape picks, and the per-query-head kernel it
+        // falls back to (hd 48: hd / 8 not a power of two), at batch 1 and 3.
         // Also: one query head a KV head (g = 1), g = 3 and 7 (heads masked off in the 4- and
         // 8-head kernels), head dims 256 and 16 (256 and 16 lanes a row), and batch 16, where the
         // grouped kernel's splits grow to 128 (2 KV heads) or 256 positions (8 KV heads).
@@ -390,11 +391,18 @@ fn every_op_matches_the_cpu() {
             let inv: Vec<f32> = (0..hd / 2)
                 .map(|i| 1.0 / 10000f32.powf(i as f32 / (hd / 2) as f32))
                 .collect();
-            for (batch, window) in [(1, None), (1, Some(300)), (3, Some(500)), (16, None)] {
+            for (batch, window, at) in [
+                (1, None, 700),
+                (1, Some(300), 700),
+                (3, Some(500), 700),
+                (16, None, 700),
+                (2, None, 30),
+                (64, None, 30),
+            ] {
                 let qkv = rand_t(vec![batch, (hq + 2 * hkv) * hd], dt, 83);
                 let (mut kcc, mut vcc) = (
-                    rand_t(vec![701, batch * hkv, hd], dt, 84),
-                    rand_t(vec![701, batch * hkv, hd], dt, 85),
+                    rand_t(vec![at + 1, batch * hkv, hd], dt, 84),
+                    rand_t(vec![at + 1, batch * hkv, hd], dt, 85),
                 );
                 let (kcg, vcg) = (g(&kcc), g(&vcc));
                 let run = |k: &mut Tensor, v: &mut Tensor, x: &Tensor| {
@@ -404,7 +412,7 @@ fn every_op_matches_the_cpu() {
                         shape,
                         k.storage_mut(),
                         v.storage_mut(),
-                        700,
+                        at,
                         &inv,
                         window,
                         1.0 / (hd as f32).sqrt(),
@@ -413,19 +421,25 @@ fn every_op_matches_the_cpu() {
                 };
                 let oc = run(&mut kcc, &mut vcc, &qkv);
                 // Each kernel where it applies (forced), and the one the shape picks.
-                for choice in [Some(true), Some(false), None] {
-                    tessera_tensor::cuda::force_grouped_decode_attention(choice);
+                use tessera_tensor::cuda::DecodeKernel;
+                for choice in [
+                    Some(DecodeKernel::Grouped),
+                    Some(DecodeKernel::ByHead),
+                    Some(DecodeKernel::PerHead),
+                    None,
+                ] {
+                    tessera_tensor::cuda::force_decode_kernel(choice);
                     let (mut kcg, mut vcg) = (kcg.clone(), vcg.clone());
                     let og = run(&mut kcg, &mut vcg, &g(&qkv));
                     let what = format!(
-                        "decode_attention at 700, {hq}/{hkv} heads of {hd}, batch {batch}, \
-                         window {window:?}, grouped {choice:?}"
+                        "decode_attention at {at}, {hq}/{hkv} heads of {hd}, batch {batch}, \
+                         window {window:?}, kernel {choice:?}"
                     );
                     close(&what, &og, &oc, tol(dt));
                     close(&format!("{what}: k cache"), &kcg, &kcc, tol(dt));
                     close(&format!("{what}: v cache"), &vcg, &vcc, tol(dt));
                 }
-                tessera_tensor::cuda::force_grouped_decode_attention(None);
+                tessera_tensor::cuda::force_decode_kernel(None);
             }
         }
         // Residual add + RMSNorm in one kernel: rows of 4096 (16-byte loads) and of 100 (one

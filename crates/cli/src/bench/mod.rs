@@ -1,5 +1,6 @@
 //! `tessera bench`: measured speed beside a measured ceiling, never a timed assertion.
 
+mod attention;
 mod ceiling;
 mod comm;
 mod decode;
@@ -28,6 +29,9 @@ pub enum BenchCmd {
     Gemv(gemv::GemvArgs),
     /// cuBLAS's GEMM against every cuBLASLt candidate at the shapes of a batched decode step.
     Gemm(gemm::GemmArgs),
+    /// The CUDA decode attention kernels over batch sizes and cache lengths, beside the copy
+    /// bandwidth.
+    Attention(attention::AttentionArgs),
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -37,6 +41,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchCmd::Comm(c) => comm::run(c),
         BenchCmd::Gemv(g) => gemv::run(g),
         BenchCmd::Gemm(g) => gemm::run(g),
+        BenchCmd::Attention(x) => attention::run(x),
     }
 }
 

@@ -1,5 +1,5 @@
 //! The weight shapes of one Llama decoder layer at a tensor-parallel degree, shared by the CUDA
-//! kernel benchmarks (`bench gemv`, `bench gemm`).
+//! kernel benchmarks (`bench gemv`, `bench gemm`, `bench attention`).
 
 use anyhow::{bail, Result};
 

@@ -154,3 +154,88 @@ pub fn bench_gemm(
     }
     Ok(out)
 }
+
+/// One decode attention kernel at one shape: the plan it ran (heads a block, split length), mean
+/// microseconds per call and the K/V cache bytes read per second.
+pub struct AttentionTiming {
+    /// `auto` (the shape's choice), `grouped`, `by_head` or `per_head` (forced).
+    pub kernel: &'static str,
+    pub plan: String,
+    pub micros: f64,
+    pub bytes_per_sec: f64,
+}
+
+/// Times the decode attention of `batch` sequences with `hq` query and `hkv` KV heads of `hd`
+/// over `keys` cached positions (bf16), as the shape picks it and with each kernel forced. The
+/// caches rotate through copies larger than L2, as in a step where every layer's cache is read
+/// once.
+pub fn bench_decode_attention(
+    ordinal: usize,
+    (batch, hq, hkv, hd, keys): (usize, usize, usize, usize, usize),
+) -> Result<Vec<AttentionTiming>, TensorError> {
+    use super::ops::{decode_plan, force_decode_kernel, DecodeKernel};
+    let dev = GpuDevice::get(ordinal)?;
+    if keys == 0 || hkv == 0 || !hq.is_multiple_of(hkv) {
+        return Err(dev_err(
+            ordinal,
+            "bench attention: keys >= 1, hq a multiple of hkv",
+        ));
+    }
+    let cache = keys * batch * hkv * hd;
+    let bytes = 2 * cache * 2;
+    let copies = copies_for(bytes);
+    let caches: Vec<(CudaBuf, CudaBuf)> = (0..copies)
+        .map(|c| {
+            Ok((
+                super::random(&dev, DType::BF16, cache, 21 + c as u64, 1.0, 0.0)?,
+                super::random(&dev, DType::BF16, cache, 51 + c as u64, 1.0, 0.0)?,
+            ))
+        })
+        .collect::<Result<_, TensorError>>()?;
+    let qkv = super::random(&dev, DType::BF16, batch * (hq + 2 * hkv) * hd, 7, 1.0, 0.0)?;
+    let inv: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / 500000f32.powf(i as f32 / (hd / 2) as f32))
+        .collect();
+    let scale = 1.0 / (hd as f32).sqrt();
+    let kernels = [
+        ("auto", None),
+        ("grouped", Some(DecodeKernel::Grouped)),
+        ("by_head", Some(DecodeKernel::ByHead)),
+        ("per_head", Some(DecodeKernel::PerHead)),
+    ];
+    let mut out = Vec::new();
+    for (kernel, forced) in kernels {
+        let p = decode_plan(keys, batch, hq, hkv, hd, dev.sms, forced);
+        let plan = match p.heads_per_block {
+            Some(gb) => format!("{gb} heads/block, {} split(s)", keys.div_ceil(p.per)),
+            None => format!("per head, {} split(s)", keys.div_ceil(p.per)),
+        };
+        force_decode_kernel(forced);
+        let secs = mean_secs(&dev, copies, &mut |c| {
+            let (k, v) = &caches[c];
+            super::ops::decode_attention(
+                &qkv,
+                k,
+                v,
+                batch,
+                hq,
+                hkv,
+                hd,
+                keys - 1,
+                &inv,
+                None,
+                scale,
+            )
+            .map(drop)
+        });
+        force_decode_kernel(None);
+        let secs = secs?;
+        out.push(AttentionTiming {
+            kernel,
+            plan,
+            micros: secs * 1e6,
+            bytes_per_sec: bytes as f64 / secs,
+        });
+    }
+    Ok(out)
+}

@@ -388,54 +388,59 @@ __device__ void decode_attention(const T* qkv, T* kc, T* vc, T* out, float* part
     }
 }
 
-// decode_attention for grouped KV heads, one block per (split, sequence b, KV head) taking all
-// g = hq / hkv query heads of the group, so each cached K and V row is read once per split (not
-// once per query head), with 16-byte loads, UNROLL rows a thread in flight. Same arguments,
-// outputs and split layout as decode_attention. GM is the most query heads a group may have
-// (4 or 8: the accumulators are sized by it). The host picks it when hd / 8 is a power of two,
-// hd <= 256, g <= GM and g hd <= 1024 (the shared-memory partial sums), and falls back to
-// decode_attention otherwise.
-// Scores: hd / 8 lanes per key, 8 dimensions each; softmax: one warp per query head; P V: hd / 8
-// lanes per position, each thread summing its positions for every head, then across the block.
-// grid (splits, batch hkv); block 128; dynamic shared memory
-// (g hd + 2 hd + g per + 4 g hd + 2 g) floats.
-#define GQA_UNROLL 4
+// decode_attention with 16-byte loads and many rows in flight, one block per (split, sequence b,
+// KV head, slice of its query heads): the block takes gb of the KV head's g = hq / hkv query heads
+// (gb divides g; gb = g reads each cached K and V row once per split, gb = 1 gives g times more
+// blocks for small batches). Same arguments, outputs and split layout as decode_attention, plus
+// gb. GM is the most query heads a block may take (1, 2, 4 or 8: the accumulators are sized by
+// it). The host uses it when hd / 8 is a power of two, hd <= 256 and gb hd <= 1024 (the
+// shared-memory partial sums), and falls back to decode_attention otherwise.
+// Scores: hd / 8 lanes per key, 8 dimensions each, UN keys a thread in flight; softmax: one warp
+// per query head; P V: hd / 8 lanes per position, each thread summing its positions for every
+// head, then across the block.
+// grid (splits, batch hkv g / gb); block 128; dynamic shared memory
+// (gb hd + 2 hd + gb per + 4 gb hd + 2 gb) floats.
 template <typename T, int GM>
 __device__ void decode_attention_gqa(const T* qkv, T* kc, T* vc, T* out, float* part_m,
                                      float* part_l, float* part_acc, const float* inv_freq,
                                      int batch, int hq, int hkv, int hd, int start, int window,
-                                     float scale, int per, const int* pos_ptr) {
+                                     float scale, int per, int gb, const int* pos_ptr) {
+    // Rows a thread loads before the first is used: fewer accumulators leave room for more.
+    constexpr int UN = GM <= 2 ? 8 : 4;
     extern __shared__ float sm[];
     pdl_trigger();
     int p = pos_ptr ? pos_ptr[0] : start;
     int split = blockIdx.x, splits = gridDim.x;
-    int b = blockIdx.y / hkv, kl = blockIdx.y % hkv, g = hq / hkv;
+    int g = hq / hkv, ng = g / gb;
+    int hb = blockIdx.y % ng, kvi = blockIdx.y / ng;
+    int b = kvi / hkv, kl = kvi % hkv;
+    int h0 = kl * g + hb * gb;  // the block's first query head within the sequence
     long KVH = (long)b * hkv + kl, krow = (long)batch * hkv * hd;
     int nwarps = blockDim.x >> 5, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    float* qs = sm;                       // [g, hd]
-    float* ks = qs + g * hd;              // [hd]
-    float* vs = ks + hd;                  // [hd]
-    float* scores = vs + hd;              // [g, per]
-    float* red = scores + g * per;        // [nwarps, g, hd]
-    float* stat = red + nwarps * g * hd;  // max [g], sum [g]
+    float* qs = sm;                        // [gb, hd]
+    float* ks = qs + gb * hd;              // [hd]
+    float* vs = ks + hd;                   // [hd]
+    float* scores = vs + hd;               // [gb, per]
+    float* red = scores + gb * per;        // [nwarps, gb, hd]
+    float* stat = red + nwarps * gb * hd;  // max [gb], sum [gb]
     const T* row = qkv + (long)b * (hq + 2 * hkv) * hd;
     int half = hd / 2;
-    // RoPE on the group's query heads and its key (the arithmetic of qkv_rope_append), one angle
+    // RoPE on the block's query heads and its key (the arithmetic of qkv_rope_append), one angle
     // per dimension pair.
     for (int d = threadIdx.x; d < half; d += blockDim.x) {
         double a = (double)inv_freq[d] * (double)p;
         float c = (float)cos(a), s = (float)sin(a);
-        for (int h = 0; h <= g; h++) {
-            long src = (long)(h < g ? kl * g + h : hq + kl) * hd;
+        for (int h = 0; h <= gb; h++) {
+            long src = (long)(h < gb ? h0 + h : hq + kl) * hd;
             float x0 = ld(row, src + d), x1 = ld(row, src + d + half);
-            float* dst = h < g ? qs + h * hd : ks;
+            float* dst = h < gb ? qs + h * hd : ks;
             dst[d] = rnd(x0 * c - x1 * s, out);
             dst[d + half] = rnd(x1 * c + x0 * s, out);
         }
     }
     for (int d = threadIdx.x; d < hd; d += blockDim.x) vs[d] = ld(row, (long)(hq + hkv + kl) * hd + d);
     __syncthreads();
-    if (split == 0) {
+    if (split == 0 && hb == 0) {
         long dst = (long)p * krow + KVH * hd;
         for (int d = threadIdx.x; d < hd; d += blockDim.x) { st(kc, dst + d, ks[d]); st(vc, dst + d, vs[d]); }
     }
@@ -451,17 +456,18 @@ __device__ void decode_attention_gqa(const T* qkv, T* kc, T* vc, T* out, float* 
 #pragma unroll
         for (int h = 0; h < GM; h++)
 #pragma unroll
-            for (int e = 0; e < 8; e++) qr[h][e] = h < g ? qs[h * hd + sub * 8 + e] : 0.f;
-        for (int jb = 0; jb < n; jb += GQA_UNROLL * ngrp) {
-            Raw8<T> kr[GQA_UNROLL];
+            for (int e = 0; e < 8; e++) qr[h][e] = h < gb ? qs[h * hd + sub * 8 + e] : 0.f;
+        for (int jb = 0; jb < n; jb += UN * ngrp) {
+            Raw8<T> kr[UN];
 #pragma unroll
-            for (int u = 0; u < GQA_UNROLL; u++) {
+            for (int u = 0; u < UN; u++) {
                 int j = jb + u * ngrp + grp, pj = j0 + j;
                 if (j < n && pj != p) kr[u] = raw8(kbase, (long)pj * krow);
             }
 #pragma unroll
-            for (int u = 0; u < GQA_UNROLL; u++) {
+            for (int u = 0; u < UN; u++) {
                 int j = jb + u * ngrp + grp, pj = j0 + j;
+                if (jb + u * ngrp >= n) break;  // the same for every thread
                 float kf[8];
                 if (j < n && pj != p) {
                     unraw8(kr[u], kf);
@@ -471,7 +477,7 @@ __device__ void decode_attention_gqa(const T* qkv, T* kc, T* vc, T* out, float* 
                 }
 #pragma unroll
                 for (int h = 0; h < GM; h++) {
-                    if (h < g) {
+                    if (h < gb) {
                         float s = 0.f;
 #pragma unroll
                         for (int e = 0; e < 8; e++) s += qr[h][e] * kf[e];
@@ -483,7 +489,7 @@ __device__ void decode_attention_gqa(const T* qkv, T* kc, T* vc, T* out, float* 
         }
     }
     __syncthreads();
-    for (int h = warp; h < g; h += nwarps) {
+    for (int h = warp; h < gb; h += nwarps) {
         float* sc = scores + h * per;
         float m = NEG_INF;
         for (int j = lane; j < n; j += 32) m = fmaxf(m, sc[j]);
@@ -491,7 +497,7 @@ __device__ void decode_attention_gqa(const T* qkv, T* kc, T* vc, T* out, float* 
         float sum = 0.f;
         for (int j = lane; j < n; j += 32) { float e = expf(sc[j] - m); sc[j] = e; sum += e; }
         sum = warp_sum(sum);
-        if (lane == 0) { stat[h] = m; stat[g + h] = sum; }
+        if (lane == 0) { stat[h] = m; stat[gb + h] = sum; }
     }
     __syncthreads();
     float acc[GM][8];
@@ -499,15 +505,15 @@ __device__ void decode_attention_gqa(const T* qkv, T* kc, T* vc, T* out, float* 
     for (int h = 0; h < GM; h++)
 #pragma unroll
         for (int e = 0; e < 8; e++) acc[h][e] = 0.f;
-    for (int jb = grp; jb < n; jb += GQA_UNROLL * ngrp) {
-        Raw8<T> vr[GQA_UNROLL];
+    for (int jb = grp; jb < n; jb += UN * ngrp) {
+        Raw8<T> vr[UN];
 #pragma unroll
-        for (int u = 0; u < GQA_UNROLL; u++) {
+        for (int u = 0; u < UN; u++) {
             int j = jb + u * ngrp, pj = j0 + j;
             if (j < n && pj != p) vr[u] = raw8(vbase, (long)pj * krow);
         }
 #pragma unroll
-        for (int u = 0; u < GQA_UNROLL; u++) {
+        for (int u = 0; u < UN; u++) {
             int j = jb + u * ngrp, pj = j0 + j;
             if (j < n) {
                 float vf[8];
@@ -519,7 +525,7 @@ __device__ void decode_attention_gqa(const T* qkv, T* kc, T* vc, T* out, float* 
                 }
 #pragma unroll
                 for (int h = 0; h < GM; h++) {
-                    if (h < g) {
+                    if (h < gb) {
                         float w = scores[h * per + j];
 #pragma unroll
                         for (int e = 0; e < 8; e++) acc[h][e] += w * vf[e];
@@ -532,27 +538,27 @@ __device__ void decode_attention_gqa(const T* qkv, T* kc, T* vc, T* out, float* 
     for (int o = L; o < 32; o <<= 1)
 #pragma unroll
         for (int h = 0; h < GM; h++)
-            if (h < g)  // the same for every thread: the shuffles stay complete
+            if (h < gb)  // the same for every thread: the shuffles stay complete
 #pragma unroll
                 for (int e = 0; e < 8; e++) acc[h][e] += __shfl_xor_sync(0xffffffffu, acc[h][e], o);
     if (lane < L)
 #pragma unroll
         for (int h = 0; h < GM; h++)
-            if (h < g)
+            if (h < gb)
 #pragma unroll
-                for (int e = 0; e < 8; e++) red[(warp * g + h) * hd + sub * 8 + e] = acc[h][e];
+                for (int e = 0; e < 8; e++) red[(warp * gb + h) * hd + sub * 8 + e] = acc[h][e];
     __syncthreads();
-    for (int x = threadIdx.x; x < g * hd; x += blockDim.x) {
+    for (int x = threadIdx.x; x < gb * hd; x += blockDim.x) {
         int h = x / hd, d = x % hd;
         float a = 0.f;
-        for (int w = 0; w < nwarps; w++) a += red[(w * g + h) * hd + d];
-        long H = (long)b * hq + kl * g + h;
+        for (int w = 0; w < nwarps; w++) a += red[(w * gb + h) * hd + d];
+        long H = (long)b * hq + h0 + h;
         long slot = H * splits + split;
         if (splits > 1) {
             part_acc[slot * hd + d] = a;
-            if (d == 0) { part_m[slot] = stat[h]; part_l[slot] = stat[g + h]; }
+            if (d == 0) { part_m[slot] = stat[h]; part_l[slot] = stat[gb + h]; }
         } else {
-            st(out, H * hd + d, a * (1.f / stat[g + h]));
+            st(out, H * hd + d, a * (1.f / stat[gb + h]));
         }
     }
 }
@@ -871,8 +877,10 @@ extern "C" __global__ void add_bias_##S(T* y, const T* b, long rows, int n) { ad
 extern "C" __global__ void embedding_##S(const T* t, const unsigned* tok, T* o, int h, int vs, int rows) { embedding(t, tok, o, h, vs, rows); } \
 extern "C" __global__ void attention_##S(const T* q, const T* k, const T* v, T* o, int hq, int hkv, int hd, int start, int window, float scale, const int* pp) { attention(q, k, v, o, hq, hkv, hd, start, window, scale, pp); } \
 extern "C" __global__ void decode_attention_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, const int* pp) { decode_attention(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, pp); } \
-extern "C" __global__ void __launch_bounds__(128, 6) decode_attention_gqa4_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, const int* pp) { decode_attention_gqa<T, 4>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, pp); } \
-extern "C" __global__ void decode_attention_gqa8_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, const int* pp) { decode_attention_gqa<T, 8>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, pp); } \
+extern "C" __global__ void decode_attention_gqa1_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 1>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
+extern "C" __global__ void decode_attention_gqa2_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 2>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
+extern "C" __global__ void __launch_bounds__(128, 6) decode_attention_gqa4_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 4>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
+extern "C" __global__ void decode_attention_gqa8_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 8>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
 extern "C" __global__ void attention_combine_##S(const float* pm, const float* pl, const float* pa, T* o, int splits, int hd) { attention_combine(pm, pl, pa, o, splits, hd); } \
 extern "C" __global__ void qkv_rope_append_##S(const T* qkv, T* q, T* kc, T* vc, const float* f, int batch, int hq, int hkv, int hd, int start, const int* pp) { qkv_rope_append(qkv, q, kc, vc, f, batch, hq, hkv, hd, start, pp); } \
 extern "C" __global__ void argmax_rows_##S(const T* x, const float* sv, const int* si, int n, int per, float* v, int* i) { argmax_rows(x, sv, si, n, per, v, i); } \

@@ -11,7 +11,9 @@ mod lt;
 pub mod nccl;
 mod ops;
 
-pub use bench::{bench_gemm, bench_gemv, GemmTiming, GemvTiming};
+pub use bench::{
+    bench_decode_attention, bench_gemm, bench_gemv, AttentionTiming, GemmTiming, GemvTiming,
+};
 pub use ops::*;
 
 use std::collections::HashMap;
@@ -24,7 +26,7 @@ use half::bf16;
 use crate::{DType, TensorError};
 
 const KERNELS: &str = include_str!("kernels.cu");
-const KERNEL_NAMES: [&str; 16] = [
+const KERNEL_NAMES: [&str; 18] = [
     "rms_norm",
     "add_rms_norm",
     "rope",
@@ -38,6 +40,8 @@ const KERNEL_NAMES: [&str; 16] = [
     "argmax_rows",
     "qkv_rope_append",
     "decode_attention",
+    "decode_attention_gqa1",
+    "decode_attention_gqa2",
     "decode_attention_gqa4",
     "decode_attention_gqa8",
     "attention_combine",
@@ -579,5 +583,37 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), GEMV_VARIANTS.len());
         assert!(names.contains(&GEMV_PLAIN) && names.contains(&GEMV_GATED));
+    }
+
+    #[test]
+    fn decode_attention_takes_the_most_heads_a_block_that_still_fills_the_gpu() {
+        use super::ops::{decode_plan, DecodeKernel, DecodePlan};
+        let plan =
+            |keys, batch, hq, hkv, hd, forced| decode_plan(keys, batch, hq, hkv, hd, 132, forced);
+        let p = |gb, per| DecodePlan {
+            heads_per_block: gb,
+            per,
+        };
+        // Llama-3-8B at tp 1 (32 / 8 heads of 128): batch 64 gives 132 SMs 3 blocks each with
+        // whole groups, batch 32 with pairs of heads, batch 8 only with one query head a block,
+        // batch 1 never (one head a block, one split for a short cache, 128-position splits for
+        // a long one).
+        assert_eq!(plan(48, 64, 32, 8, 128, None), p(Some(4), 256));
+        assert_eq!(plan(48, 32, 32, 8, 128, None), p(Some(2), 256));
+        assert_eq!(plan(48, 8, 32, 8, 128, None), p(Some(1), 64));
+        assert_eq!(plan(512, 8, 32, 8, 128, None), p(Some(1), 256));
+        assert_eq!(plan(48, 1, 32, 8, 128, None), p(Some(1), 64));
+        assert_eq!(plan(2048, 1, 32, 8, 128, None), p(Some(1), 128));
+        assert_eq!(plan(2048, 32, 32, 8, 128, None), p(Some(4), 256));
+        // Forced: whole groups take shorter splits first; the per-head kernel keeps its 256.
+        let grouped = Some(DecodeKernel::Grouped);
+        assert_eq!(plan(2048, 1, 32, 8, 128, grouped), p(Some(4), 64));
+        assert_eq!(plan(48, 64, 32, 8, 128, Some(DecodeKernel::ByHead)), p(Some(1), 256));
+        assert_eq!(plan(48, 64, 32, 8, 128, Some(DecodeKernel::PerHead)), p(None, 256));
+        // g = 12: blocks of 6 (a divisor within the 8 accumulators); g = 8 at hd 256: 4 (gb hd
+        // <= 1024); hd 48 (hd / 8 not a power of two): the per-head kernel.
+        assert_eq!(plan(700, 64, 12, 1, 32, grouped), p(Some(6), 128));
+        assert_eq!(plan(700, 64, 8, 1, 256, grouped), p(Some(4), 128));
+        assert_eq!(plan(700, 64, 6, 2, 48, None), p(None, 256));
     }
 }

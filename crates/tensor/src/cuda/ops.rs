@@ -547,44 +547,122 @@ const ATTN_CHUNK: usize = 1024;
 /// Positions one split of the decode attention takes (flash decoding: a long cache is spread
 /// over many blocks, each scoring at most this many keys).
 const DECODE_SPLIT: usize = 256;
-/// The decode attention kernel in use: 0 = chosen by shape, 1 = grouped, 2 = per query head;
-/// `TESSERA_DECODE_ATTENTION=grouped|per_head` sets it at start-up.
+/// The decode attention kernels (`TESSERA_DECODE_ATTENTION=grouped|by_head|per_head` forces one
+/// at start-up, for measuring them against each other; by default the shape decides).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeKernel {
+    /// The vectorised kernel with all query heads of a KV head in one block (each cached K/V row
+    /// read once per split).
+    Grouped,
+    /// The vectorised kernel with one query head a block (g times more blocks).
+    ByHead,
+    /// The first kernel: one query head a block, one position at a time.
+    PerHead,
+}
+
+/// 0 = chosen by shape, 1 + the `DecodeKernel` forced; `u8::MAX` = not read from the environment.
 static DECODE_ATTENTION: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
 
-/// Forces the grouped decode attention kernel (`Some(true)`, where it applies) or the
-/// per-query-head one (`Some(false)`) for this process; `None` lets the shape decide. For
-/// measuring and testing the two against each other.
-pub fn force_grouped_decode_attention(choice: Option<bool>) {
+/// Forces a decode attention kernel for this process (where it applies: the vectorised kernel
+/// needs hd / 8 a power of two and hd <= 256); `None` lets the shape decide.
+pub fn force_decode_kernel(choice: Option<DecodeKernel>) {
     let v = match choice {
         None => 0,
-        Some(true) => 1,
-        Some(false) => 2,
+        Some(DecodeKernel::Grouped) => 1,
+        Some(DecodeKernel::ByHead) => 2,
+        Some(DecodeKernel::PerHead) => 3,
     };
     DECODE_ATTENTION.store(v, std::sync::atomic::Ordering::Relaxed);
 }
 
-fn decode_attention_choice() -> Option<bool> {
+fn decode_kernel_choice() -> Option<DecodeKernel> {
     use std::sync::atomic::Ordering::Relaxed;
     let mut v = DECODE_ATTENTION.load(Relaxed);
     if v == u8::MAX {
         v = match std::env::var("TESSERA_DECODE_ATTENTION").as_deref() {
             Ok("grouped") => 1,
-            Ok("per_head") => 2,
+            Ok("by_head") => 2,
+            Ok("per_head") => 3,
             _ => 0,
         };
         let _ = DECODE_ATTENTION.compare_exchange(u8::MAX, v, Relaxed, Relaxed);
         v = DECODE_ATTENTION.load(Relaxed);
     }
     match v {
-        1 => Some(true),
-        2 => Some(false),
+        1 => Some(DecodeKernel::Grouped),
+        2 => Some(DecodeKernel::ByHead),
+        3 => Some(DecodeKernel::PerHead),
         _ => None,
     }
 }
 
-/// Query heads per KV head up to which decode attention takes a group in one block (the largest
-/// `GM` of `decode_attention_gqa` in `kernels.cu`).
+/// Query heads a block of the vectorised decode attention may take (the largest `GM` of
+/// `decode_attention_gqa` in `kernels.cu`).
 const GQA_MAX_G: usize = 8;
+
+/// How one decode attention call runs: the vectorised kernel with `heads_per_block` query heads a
+/// block (`None`: the per-head kernel), each split taking `per` positions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct DecodePlan {
+    pub heads_per_block: Option<usize>,
+    pub per: usize,
+}
+
+/// Picks the decode attention kernel for `keys` cached positions of `batch` sequences with `hq`
+/// query and `hkv` KV heads of `hd` on a GPU of `sms` multiprocessors. The vectorised kernel
+/// keeps every block's K and V loads in flight at once, where the per-head kernel waits for
+/// each position in turn (3-3.5x faster from 512 positions, `tessera bench attention`). A block
+/// is a chain of dependent steps (RoPE, scores, softmax, P V), so the kernel is latency-bound
+/// until the cache is long: it takes the most query heads a block (KV rows read once) and the
+/// longest splits (no join) that still give every multiprocessor 3 blocks, preferring long
+/// splits, and else one query head a block with 64-position splits. (8B shape, one H200: batch
+/// 64 over 48 positions 18.9 µs with 4 heads a block against 22.9 with 1; batch 8 over 512 25.6
+/// µs with 1 against 32.0 with 2.)
+pub(crate) fn decode_plan(
+    keys: usize,
+    batch: usize,
+    hq: usize,
+    hkv: usize,
+    hd: usize,
+    sms: usize,
+    forced: Option<DecodeKernel>,
+) -> DecodePlan {
+    let g = hq / hkv;
+    let per_head = DecodePlan {
+        heads_per_block: None,
+        per: DECODE_SPLIT,
+    };
+    let vectorised = hd.is_multiple_of(8) && (hd / 8).is_power_of_two() && hd <= ATTN_MAX_HD;
+    // Heads a block may take: divisors of g (every block the same), within the accumulators and
+    // the shared-memory partial sums (gb hd <= 1024).
+    let divisors: Vec<usize> = (1..=g.min(GQA_MAX_G))
+        .rev()
+        .filter(|&d| g.is_multiple_of(d) && d * hd <= 1024)
+        .collect();
+    let candidates: Vec<usize> = match forced {
+        Some(DecodeKernel::PerHead) => return per_head,
+        Some(DecodeKernel::Grouped) => divisors.iter().copied().take(1).collect(),
+        Some(DecodeKernel::ByHead) => vec![1],
+        None => divisors,
+    };
+    if !vectorised || candidates.is_empty() {
+        return per_head;
+    }
+    let blocks = |gb: usize, per: usize| keys.div_ceil(per) * batch * hkv * (g / gb);
+    for per in [DECODE_SPLIT, DECODE_SPLIT / 2, DECODE_SPLIT / 4] {
+        if let Some(&gb) = candidates.iter().find(|&&gb| blocks(gb, per) >= 3 * sms) {
+            return DecodePlan {
+                heads_per_block: Some(gb),
+                per,
+            };
+        }
+    }
+    DecodePlan {
+        heads_per_block: candidates.last().copied(),
+        per: DECODE_SPLIT / 4,
+    }
+}
+
 /// The largest head_dim the attention kernels hold (`ATTN_MAX_HD`).
 const ATTN_MAX_HD: usize = 256;
 
@@ -794,34 +872,8 @@ pub fn decode_attention(
     };
     let keys = window.map_or(keys, |w| keys.min(w));
     let g = hq / hkv;
-    // The grouped kernel reads each K/V row once for the g query heads of its KV head, but has g
-    // times fewer blocks: it is used where even its shortest splits fill the multiprocessors and
-    // the cache is long enough for its reads to count (`tessera bench decode`, 8B shape, graphs:
-    // 2,048 positions at batch 32 9.7 ms/step against 22.9 per query head; at a few positions
-    // the per-head kernel is ~1 µs faster a layer). `TESSERA_DECODE_ATTENTION=grouped|per_head` forces one (for
-    // measuring them against each other).
-    let grouped = hd.is_multiple_of(8)
-        && (hd / 8).is_power_of_two()
-        && hd <= 256
-        && g <= GQA_MAX_G
-        && g * hd <= 1024
-        && match decode_attention_choice() {
-            Some(forced) => forced,
-            None => {
-                keys >= DECODE_SPLIT / 2 && keys.div_ceil(DECODE_SPLIT / 4) * batch * hkv >= dev.sms
-            }
-        };
-    // Positions a split takes: the grouped kernel has g times fewer blocks per split, so it takes
-    // shorter splits while that keeps the GPU's multiprocessors short of blocks.
-    let per = if grouped {
-        let blocks = |per: usize| keys.div_ceil(per) * batch * hkv;
-        [DECODE_SPLIT, DECODE_SPLIT / 2]
-            .into_iter()
-            .find(|&per| blocks(per) >= dev.sms)
-            .unwrap_or(DECODE_SPLIT / 4)
-    } else {
-        DECODE_SPLIT
-    };
+    let plan = decode_plan(keys, batch, hq, hkv, hd, dev.sms, decode_kernel_choice());
+    let per = plan.per;
     let splits = keys.div_ceil(per).max(1);
     if batch * hq > 65535 {
         return Err(dev_err(
@@ -831,10 +883,9 @@ pub fn decode_attention(
             ),
         ));
     }
-    let smem = if grouped {
-        (g * hd + 2 * hd + g * per + 4 * g * hd + 2 * g) * 4
-    } else {
-        (3 * hd + per) * 4
+    let smem = match plan.heads_per_block {
+        Some(gb) => (gb * hd + 2 * hd + gb * per + 4 * gb * hd + 2 * gb) * 4,
+        None => (3 * hd + per) * 4,
     };
     let out = CudaBuf::alloc(&dev, qkv.dtype(), batch * hq * hd)?;
     let f = dev.table(inv_freq)?;
@@ -861,10 +912,12 @@ pub fn decode_attention(
     } else {
         None
     };
-    let kernel = match (grouped, g <= 4) {
-        (true, true) => "decode_attention_gqa4",
-        (true, false) => "decode_attention_gqa8",
-        (false, _) => "decode_attention",
+    let kernel = match plan.heads_per_block {
+        Some(1) => "decode_attention_gqa1",
+        Some(2) => "decode_attention_gqa2",
+        Some(3 | 4) => "decode_attention_gqa4",
+        Some(_) => "decode_attention_gqa8",
+        None => "decode_attention",
     };
     let mut l = dev.stream.launch_builder(dev.func(kernel, qkv.dtype()));
     for buf in [qkv, kc, vc, &out] {
@@ -877,13 +930,17 @@ pub fn decode_attention(
     l.arg(f.as_ref()).arg(&bb).arg(&a).arg(&b).arg(&c).arg(&s);
     let per = per as i32;
     l.arg(&w).arg(&scale).arg(&per);
+    let gb = plan.heads_per_block.unwrap_or(1) as i32;
+    if plan.heads_per_block.is_some() {
+        l.arg(&gb);
+    }
     push_pos(&mut l, &io);
+    let rows = match plan.heads_per_block {
+        Some(gb) => batch * hkv * (g / gb),
+        None => heads,
+    };
     let cfg = LaunchConfig {
-        grid_dim: (
-            splits as u32,
-            if grouped { batch * hkv } else { heads } as u32,
-            1,
-        ),
+        grid_dim: (splits as u32, rows as u32, 1),
         block_dim: (128, 1, 1),
         shared_mem_bytes: smem as u32,
     };

@@ -1,0 +1,72 @@
+//! `tessera bench attention`: the decode attention kernels (RoPE, the K/V append and attention
+//! over the cache in one kernel) at the head shapes of a Llama decode step, over a range of batch
+//! sizes and cache lengths, beside the GPU's measured copy bandwidth (the K/V bytes a call reads).
+
+use anyhow::{bail, Result};
+
+#[derive(clap::Args, Debug)]
+pub struct AttentionArgs {
+    /// Sequences decoded at once.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
+    pub batch: Vec<usize>,
+    /// Cached positions each sequence attends to.
+    #[arg(long, value_delimiter = ',', default_value = "16,48,512,2048")]
+    pub keys: Vec<usize>,
+    #[command(flatten)]
+    pub shapes: super::shapes::LayerShapes,
+}
+
+pub fn run(a: AttentionArgs) -> Result<()> {
+    a.shapes.check("attention")?;
+    if !a.shapes.kv_heads.is_multiple_of(a.shapes.tp) {
+        bail!(
+            "--tp {} does not divide the {} KV heads",
+            a.shapes.tp,
+            a.shapes.kv_heads
+        );
+    }
+    if a.batch.contains(&0) || a.keys.contains(&0) {
+        bail!("--batch and --keys take sizes of at least 1");
+    }
+    run_cuda(a)
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda(a: AttentionArgs) -> Result<()> {
+    let t = a.shapes.tp;
+    let (hq, hkv, hd) = (a.shapes.hidden / 128 / t, a.shapes.kv_heads / t, 128);
+    let bw = tessera_tensor::cuda::copy_bandwidth(0)?;
+    println!(
+        "ceiling: {:.1} GB/s measured (device-to-device copy); tp {t}: {hq} query / {hkv} KV heads of {hd} a rank",
+        bw / 1e9
+    );
+    println!(
+        "\n{:>5} {:>5} {:>9} {:>28} {:>9} {:>9} {:>7}",
+        "batch", "keys", "kernel", "plan", "µs", "GB/s", "% copy"
+    );
+    for &b in &a.batch {
+        for &k in &a.keys {
+            let rows = tessera_tensor::cuda::bench_decode_attention(0, (b, hq, hkv, hd, k))?;
+            let best = rows.iter().map(|r| r.micros).fold(f64::INFINITY, f64::min);
+            for r in rows {
+                println!(
+                    "{:>5} {:>5} {:>9} {:>28} {:>9.2} {:>9.1} {:>7.1}{}",
+                    b,
+                    k,
+                    r.kernel,
+                    r.plan,
+                    r.micros,
+                    r.bytes_per_sec / 1e9,
+                    100.0 * r.bytes_per_sec / bw,
+                    if r.micros == best { "  <- fastest" } else { "" }
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(_: AttentionArgs) -> Result<()> {
+    anyhow::bail!("this tessera was built without CUDA (cargo build --features cuda)")
+}
