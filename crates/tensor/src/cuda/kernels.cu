@@ -425,31 +425,59 @@ __device__ void decode_attention_gqa(const T* qkv, T* kc, T* vc, T* out, float* 
     float* stat = red + nwarps * gb * hd;  // max [gb], sum [gb]
     const T* row = qkv + (long)b * (hq + 2 * hkv) * hd;
     int half = hd / 2;
-    // RoPE on the block's query heads and its key (the arithmetic of qkv_rope_append), one angle
-    // per dimension pair.
-    for (int d = threadIdx.x; d < half; d += blockDim.x) {
-        double a = (double)inv_freq[d] * (double)p;
-        float c = (float)cos(a), s = (float)sin(a);
-        for (int h = 0; h <= gb; h++) {
-            long src = (long)(h < gb ? h0 + h : hq + kl) * hd;
-            float x0 = ld(row, src + d), x1 = ld(row, src + d + half);
-            float* dst = h < gb ? qs + h * hd : ks;
-            dst[d] = rnd(x0 * c - x1 * s, out);
-            dst[d + half] = rnd(x1 * c + x0 * s, out);
-        }
-    }
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) vs[d] = ld(row, (long)(hq + hkv + kl) * hd + d);
-    __syncthreads();
-    if (split == 0 && hb == 0) {
-        long dst = (long)p * krow + KVH * hd;
-        for (int d = threadIdx.x; d < hd; d += blockDim.x) { st(kc, dst + d, ks[d]); st(vc, dst + d, vs[d]); }
-    }
     int lo = window > 0 ? max(0, p + 1 - window) : 0;
     int j0 = lo + split * per;
     int n = max(0, min(per, p + 1 - j0));
     int L = hd >> 3, sub = threadIdx.x % L, grp = threadIdx.x / L, ngrp = blockDim.x / L;
     const T* kbase = kc + KVH * hd + sub * 8;
     const T* vbase = vc + KVH * hd + sub * 8;
+    // Thread (grp, sub) takes positions j = jb + u ngrp + grp, u < UN, of each batch jb; the row at
+    // p is this step's (shared memory), every other was written by an earlier step. With one
+    // query head a block (PRE), the first batch of K and V rows is loaded together with this
+    // step's q, k, v: one memory round trip before the first use for caches of up to UN ngrp
+    // positions (-1 µs a call at batch 1-8); with more heads the V rows held through the scores
+    // cost more than they save (`tessera bench attention`).
+    constexpr bool PRE = GM == 1;
+    Raw8<T> kr[UN], vr[UN];
+    if (PRE) {
+#pragma unroll
+        for (int u = 0; u < UN; u++) {
+            int j = u * ngrp + grp, pj = j0 + j;
+            if (j < n && pj != p) { kr[u] = raw8(kbase, (long)pj * krow); vr[u] = raw8(vbase, (long)pj * krow); }
+        }
+    }
+    // RoPE on the block's query heads and its key (the arithmetic of qkv_rope_append), one angle
+    // per dimension pair; every value loaded before the first is used.
+    for (int d = threadIdx.x; d < half; d += blockDim.x) {
+        float x0[GM + 1], x1[GM + 1];
+#pragma unroll
+        for (int h = 0; h <= GM; h++) {
+            if (h <= gb) {
+                long src = (long)(h < gb ? h0 + h : hq + kl) * hd;
+                x0[h] = ld(row, src + d);
+                x1[h] = ld(row, src + d + half);
+            }
+        }
+        long vsrc = (long)(hq + hkv + kl) * hd;
+        float v0 = ld(row, vsrc + d), v1 = ld(row, vsrc + d + half);
+        double a = (double)inv_freq[d] * (double)p;
+        float c = (float)cos(a), s = (float)sin(a);
+#pragma unroll
+        for (int h = 0; h <= GM; h++) {
+            if (h <= gb) {
+                float* dst = h < gb ? qs + h * hd : ks;
+                dst[d] = rnd(x0[h] * c - x1[h] * s, out);
+                dst[d + half] = rnd(x1[h] * c + x0[h] * s, out);
+            }
+        }
+        vs[d] = v0;
+        vs[d + half] = v1;
+    }
+    __syncthreads();
+    if (split == 0 && hb == 0) {
+        long dst = (long)p * krow + KVH * hd;
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) { st(kc, dst + d, ks[d]); st(vc, dst + d, vs[d]); }
+    }
     // Scores. The loop bounds are the same for every thread, so each warp's shuffles are complete.
     {
         float qr[GM][8];
@@ -458,11 +486,12 @@ __device__ void decode_attention_gqa(const T* qkv, T* kc, T* vc, T* out, float* 
 #pragma unroll
             for (int e = 0; e < 8; e++) qr[h][e] = h < gb ? qs[h * hd + sub * 8 + e] : 0.f;
         for (int jb = 0; jb < n; jb += UN * ngrp) {
-            Raw8<T> kr[UN];
+            if (jb > 0 || !PRE) {
 #pragma unroll
-            for (int u = 0; u < UN; u++) {
-                int j = jb + u * ngrp + grp, pj = j0 + j;
-                if (j < n && pj != p) kr[u] = raw8(kbase, (long)pj * krow);
+                for (int u = 0; u < UN; u++) {
+                    int j = jb + u * ngrp + grp, pj = j0 + j;
+                    if (j < n && pj != p) kr[u] = raw8(kbase, (long)pj * krow);
+                }
             }
 #pragma unroll
             for (int u = 0; u < UN; u++) {
@@ -505,16 +534,17 @@ __device__ void decode_attention_gqa(const T* qkv, T* kc, T* vc, T* out, float* 
     for (int h = 0; h < GM; h++)
 #pragma unroll
         for (int e = 0; e < 8; e++) acc[h][e] = 0.f;
-    for (int jb = grp; jb < n; jb += UN * ngrp) {
-        Raw8<T> vr[UN];
+    for (int jb = 0; jb < n; jb += UN * ngrp) {
+        if (jb > 0 || !PRE) {
 #pragma unroll
-        for (int u = 0; u < UN; u++) {
-            int j = jb + u * ngrp, pj = j0 + j;
-            if (j < n && pj != p) vr[u] = raw8(vbase, (long)pj * krow);
+            for (int u = 0; u < UN; u++) {
+                int j = jb + u * ngrp + grp, pj = j0 + j;
+                if (j < n && pj != p) vr[u] = raw8(vbase, (long)pj * krow);
+            }
         }
 #pragma unroll
         for (int u = 0; u < UN; u++) {
-            int j = jb + u * ngrp, pj = j0 + j;
+            int j = jb + u * ngrp + grp, pj = j0 + j;
             if (j < n) {
                 float vf[8];
                 if (pj != p) {

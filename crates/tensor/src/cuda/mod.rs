@@ -594,26 +594,33 @@ mod tests {
             heads_per_block: gb,
             per,
         };
-        // Llama-3-8B at tp 1 (32 / 8 heads of 128): batch 64 gives 132 SMs 3 blocks each with
-        // whole groups, batch 32 with pairs of heads, batch 8 only with one query head a block,
-        // batch 1 never (one head a block, one split for a short cache, 128-position splits for
-        // a long one).
+        // Llama-3-8B at tp 1 (32 / 8 heads of 128): batch 32 and 64 fill 132 SMs with whole
+        // groups, batch 8 only with one query head a block, batch 1 never (one head a block, one
+        // split for a short cache, 256-position splits for a long one).
         assert_eq!(plan(48, 64, 32, 8, 128, None), p(Some(4), 256));
-        assert_eq!(plan(48, 32, 32, 8, 128, None), p(Some(2), 256));
-        assert_eq!(plan(48, 8, 32, 8, 128, None), p(Some(1), 64));
+        assert_eq!(plan(48, 32, 32, 8, 128, None), p(Some(4), 256));
+        assert_eq!(plan(48, 8, 32, 8, 128, None), p(Some(1), 256));
         assert_eq!(plan(512, 8, 32, 8, 128, None), p(Some(1), 256));
         assert_eq!(plan(48, 1, 32, 8, 128, None), p(Some(1), 64));
-        assert_eq!(plan(2048, 1, 32, 8, 128, None), p(Some(1), 128));
+        assert_eq!(plan(200, 1, 32, 8, 128, None), p(Some(1), 64));
+        assert_eq!(plan(2048, 1, 32, 8, 128, None), p(Some(1), 256));
         assert_eq!(plan(2048, 32, 32, 8, 128, None), p(Some(4), 256));
         // Forced: whole groups take shorter splits first; the per-head kernel keeps its 256.
         let grouped = Some(DecodeKernel::Grouped);
         assert_eq!(plan(2048, 1, 32, 8, 128, grouped), p(Some(4), 64));
-        assert_eq!(plan(48, 64, 32, 8, 128, Some(DecodeKernel::ByHead)), p(Some(1), 256));
-        assert_eq!(plan(48, 64, 32, 8, 128, Some(DecodeKernel::PerHead)), p(None, 256));
-        // g = 12: blocks of 6 (a divisor within the 8 accumulators); g = 8 at hd 256: 4 (gb hd
-        // <= 1024); hd 48 (hd / 8 not a power of two): the per-head kernel.
-        assert_eq!(plan(700, 64, 12, 1, 32, grouped), p(Some(6), 128));
-        assert_eq!(plan(700, 64, 8, 1, 256, grouped), p(Some(4), 128));
+        assert_eq!(
+            plan(48, 64, 32, 8, 128, Some(DecodeKernel::ByHead)),
+            p(Some(1), 256)
+        );
+        assert_eq!(
+            plan(48, 64, 32, 8, 128, Some(DecodeKernel::PerHead)),
+            p(None, 256)
+        );
+        // g = 12: blocks of 6 (a divisor within the 8 accumulators), else of 1; g = 8 at hd 256: 4
+        // (gb hd <= 1024); hd 48 (hd / 8 not a power of two): the per-head kernel.
+        assert_eq!(plan(700, 8, 12, 1, 32, None), p(Some(1), 256));
+        assert_eq!(plan(700, 64, 12, 1, 32, grouped), p(Some(6), 256));
+        assert_eq!(plan(700, 64, 8, 1, 256, grouped), p(Some(4), 256));
         assert_eq!(plan(700, 64, 6, 2, 48, None), p(None, 256));
     }
 }

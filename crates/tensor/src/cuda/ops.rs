@@ -614,10 +614,11 @@ pub(crate) struct DecodePlan {
 /// each position in turn (3-3.5x faster from 512 positions, `tessera bench attention`). A block
 /// is a chain of dependent steps (RoPE, scores, softmax, P V), so the kernel is latency-bound
 /// until the cache is long: it takes the most query heads a block (KV rows read once) and the
-/// longest splits (no join) that still give every multiprocessor 3 blocks, preferring long
-/// splits, and else one query head a block with 64-position splits. (8B shape, one H200: batch
-/// 64 over 48 positions 18.9 µs with 4 heads a block against 22.9 with 1; batch 8 over 512 25.6
-/// µs with 1 against 32.0 with 2.)
+/// longest splits (no join) that still give every multiprocessor a block, preferring long
+/// splits, and else one query head a block with 64-position splits. (8B shape, one H200, decode
+/// steps through graphs over 50 positions: batch 32 4.92 ms with 4 heads a block against 5.11
+/// with 1 and 5.04 with 2, although the kernel alone is faster with 1 head a block there; batch
+/// 64 over 48 positions 18.9 µs with 4 heads a block against 22.9 with 1.)
 pub(crate) fn decode_plan(
     keys: usize,
     batch: usize,
@@ -633,24 +634,26 @@ pub(crate) fn decode_plan(
         per: DECODE_SPLIT,
     };
     let vectorised = hd.is_multiple_of(8) && (hd / 8).is_power_of_two() && hd <= ATTN_MAX_HD;
-    // Heads a block may take: divisors of g (every block the same), within the accumulators and
-    // the shared-memory partial sums (gb hd <= 1024).
-    let divisors: Vec<usize> = (1..=g.min(GQA_MAX_G))
+    // Heads a block may take: the largest divisor of g (every block the same) within the
+    // accumulators and the shared-memory partial sums (gb hd <= 1024), or one. (Two heads a block
+    // measured slower than both, alone and in a batch-32 step.)
+    let most = (1..=g.min(GQA_MAX_G))
         .rev()
-        .filter(|&d| g.is_multiple_of(d) && d * hd <= 1024)
-        .collect();
+        .find(|&d| g.is_multiple_of(d) && d * hd <= 1024)
+        .unwrap_or(1);
     let candidates: Vec<usize> = match forced {
         Some(DecodeKernel::PerHead) => return per_head,
-        Some(DecodeKernel::Grouped) => divisors.iter().copied().take(1).collect(),
+        Some(DecodeKernel::Grouped) => vec![most],
         Some(DecodeKernel::ByHead) => vec![1],
-        None => divisors,
+        None if most > 1 => vec![most, 1],
+        None => vec![1],
     };
     if !vectorised || candidates.is_empty() {
         return per_head;
     }
     let blocks = |gb: usize, per: usize| keys.div_ceil(per) * batch * hkv * (g / gb);
     for per in [DECODE_SPLIT, DECODE_SPLIT / 2, DECODE_SPLIT / 4] {
-        if let Some(&gb) = candidates.iter().find(|&&gb| blocks(gb, per) >= 3 * sms) {
+        if let Some(&gb) = candidates.iter().find(|&&gb| blocks(gb, per) >= sms) {
             return DecodePlan {
                 heads_per_block: Some(gb),
                 per,
