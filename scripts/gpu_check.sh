@@ -36,6 +36,10 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
       .gpu/tessera bench attention --tp $t 2>&1
     done
     if [ "$NGPU" -ge 2 ]; then
+      echo "== NCCL tests with the one-shot NVLink all-reduce on (TESSERA_P2P_ALLREDUCE=1)"
+      TESSERA_P2P_ALLREDUCE=1 timeout 240 .gpu/test-nccl --test-threads=1 --nocapture 2>&1 | grep -E "test result|panicked|one-shot|skipped"
+      echo "== tessera bench decode, Llama-3-8B shape, tp 2, CUDA graphs, one-shot NVLink all-reduce (TESSERA_P2P_ALLREDUCE=1)"
+      TESSERA_P2P_ALLREDUCE=1 .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 2 --batch 1,64 --steps 32 --graph 2>&1 | tail -3
       echo "== tessera bench decode, Llama-3-70B shape, tp 2, CUDA graphs"
       timeout 300 .gpu/tessera bench decode --device cuda --preset llama-3-70b --tp 2 --batch 1,32 --steps 16 --graph 2>&1
     else

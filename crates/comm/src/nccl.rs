@@ -17,6 +17,7 @@
 use std::time::Duration;
 
 use tessera_tensor::cuda::nccl::{self, Cancel, DeviceComm, NcclFailure, Reduce, Wait, Wire};
+use tessera_tensor::cuda::p2p::P2pAllReduce;
 use tessera_tensor::{Storage, Tensor};
 
 use crate::communicator::all_reduce_tensor_via_host;
@@ -107,6 +108,9 @@ impl<'a> NcclComm<'a> {
             h.abort(&format!("rank {rank}: {msg}"));
             err
         })?;
+        if h.world_size() > 1 && p2p_wanted() {
+            setup_p2p(h, &dev, ordinal)?;
+        }
         Ok(NcclComm { host, dev, timeout })
     }
 
@@ -114,6 +118,11 @@ impl<'a> NcclComm<'a> {
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
+    }
+
+    /// Whether small device all-reduces take the one-shot NVLink path instead of NCCL.
+    pub fn p2p_active(&self) -> bool {
+        self.dev.p2p_active()
     }
 
     /// The GPU this rank runs on.
@@ -177,6 +186,76 @@ impl<'a> NcclComm<'a> {
             msg,
         }
     }
+}
+
+/// `TESSERA_P2P_ALLREDUCE=1` turns the one-shot NVLink all-reduce on. It is off by default until
+/// it has been measured on two GPUs: its kernel is tested on one GPU (two ranks on two streams,
+/// `tests/cuda_ops.rs` of tensor), the peer-access set-up and the speed only with two.
+fn p2p_wanted() -> bool {
+    std::env::var("TESSERA_P2P_ALLREDUCE").is_ok_and(|v| v == "1")
+}
+
+/// Sets up the one-shot NVLink all-reduce when every rank of `h` is a thread of this process on
+/// its own GPU and every pair of GPUs can access each other; otherwise leaves NCCL alone. Every
+/// step is agreed over `h`, so all ranks take the same path.
+fn setup_p2p(h: &dyn Communicator, dev: &DeviceComm, ordinal: usize) -> Result<(), CommError> {
+    use crate::CommExt;
+    let (rank, world) = (h.rank(), h.world_size());
+    // A number drawn once per process: pids repeat across hosts and containers.
+    static NONCE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let nonce = *NONCE.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.finish()
+    });
+    let mut who = vec![0i32; 3 * world];
+    h.all_gather(
+        &[nonce as i32, (nonce >> 32) as i32, ordinal as i32],
+        &mut who,
+    )?;
+    let one_process = who.chunks(3).all(|w| w[..2] == who[..2]);
+    let mut ordinals: Vec<usize> = who.chunks(3).map(|w| w[2] as usize).collect();
+    let distinct = {
+        let mut o = ordinals.clone();
+        o.sort_unstable();
+        o.dedup();
+        o.len() == world
+    };
+    if !one_process || !distinct {
+        return Ok(());
+    }
+    // Everyone makes its side; any failure anywhere keeps NCCL everywhere.
+    let agree = |ok: bool| -> Result<bool, CommError> {
+        let mut bad = [i32::from(!ok)];
+        h.all_reduce(&mut bad, ReduceOp::Max)?;
+        Ok(bad[0] == 0)
+    };
+    let mine = P2pAllReduce::new(ordinal, rank, world, crate::default_timeout());
+    if !agree(mine.is_ok())? {
+        return Ok(());
+    }
+    let Ok(mut mine) = mine else { return Ok(()) };
+    let a = mine.addresses();
+    let mut all = vec![0i32; 4 * world];
+    let words = [
+        a[0] as i32,
+        (a[0] >> 32) as i32,
+        a[1] as i32,
+        (a[1] >> 32) as i32,
+    ];
+    h.all_gather(&words, &mut all)?;
+    let joint = |lo: i32, hi: i32| (lo as u32 as u64) | ((hi as u32 as u64) << 32);
+    let peers: Vec<(usize, [u64; 2])> = all
+        .chunks(4)
+        .zip(ordinals.drain(..))
+        .map(|(w, o)| (o, [joint(w[0], w[1]), joint(w[2], w[3])]))
+        .collect();
+    let connected = mine.connect(&peers);
+    if agree(connected.is_ok())? {
+        dev.set_p2p(mine);
+    }
+    Ok(())
 }
 
 fn wire(kind: ElemKind) -> Wire {
@@ -306,6 +385,7 @@ impl Drop for NcclComm<'_> {
             && self.host().barrier().is_ok();
         if !done {
             self.dev.abort();
+            self.dev.leak_p2p();
         }
     }
 }

@@ -516,3 +516,95 @@ fn random_weights_on_the_device_are_random() {
     assert!((var - 0.25 / 3.0).abs() < 0.005, "variance {var}");
     assert!(v.iter().all(|x| (0.49..=1.51).contains(x)));
 }
+
+/// The one-shot all-reduce's exchange (staging halves alternating by call, per-block flags, call
+/// counters on the device, the deadline) between two ranks on one GPU, each on its own stream; on
+/// two GPUs the same kernel reads the peer's staging half over NVLink (`tests/nccl.rs` in comm).
+/// Sums are exact: f32 adds two values once, bf16 rounds that once.
+#[test]
+fn one_shot_all_reduce_between_two_streams_of_one_gpu_is_exact() {
+    use std::time::Duration;
+    use tessera_tensor::cuda::p2p::{P2pAllReduce, P2P_MAX_BYTES};
+    let Some(dev) = gpu() else { return };
+    let pair = |deadline| -> Vec<P2pAllReduce> {
+        let mut ranks: Vec<P2pAllReduce> = (0..2)
+            .map(|r| {
+                P2pAllReduce::new(0, r, 2, deadline)
+                    .and_then(|p| p.with_own_stream())
+                    .unwrap()
+            })
+            .collect();
+        let table: Vec<(usize, [u64; 2])> = ranks.iter().map(|r| (0, r.addresses())).collect();
+        for r in &mut ranks {
+            r.connect(&table).unwrap();
+        }
+        ranks
+    };
+    let ranks = pair(Duration::from_secs(10));
+    let mut call = 0u64;
+    for dt in [DType::F32, DType::BF16] {
+        let most = P2P_MAX_BYTES / dt.size_in_bytes();
+        // One element, fewer than the blocks, a decode step's 4096, batch 64's 64 x 4096 (bf16),
+        // and the largest the staging half holds; several calls each, so both halves are used.
+        for n in [1, 5, 4096, 64 * 4096usize.min(most / 64), most] {
+            for _ in 0..3 {
+                call += 1;
+                let xs = [
+                    rand_t(vec![n], dt, 2 * call),
+                    rand_t(vec![n], dt, 2 * call + 1),
+                ];
+                let (a, b) = (xs[0].to_f32_vec(), xs[1].to_f32_vec());
+                let want: Vec<f32> = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, y)| match dt {
+                        DType::F32 => x + y,
+                        _ => half::bf16::from_f32(x + y).to_f32(),
+                    })
+                    .collect();
+                let mut gs: Vec<Tensor> = xs.iter().map(|x| x.to_device(dev).unwrap()).collect();
+                tessera_tensor::cuda::GpuDevice::get(0)
+                    .unwrap()
+                    .synchronize()
+                    .unwrap();
+                for (r, x) in ranks.iter().zip(gs.iter_mut()) {
+                    assert!(
+                        r.all_reduce(x.storage_mut()).unwrap(),
+                        "{n} {dt:?}: not taken"
+                    );
+                }
+                for r in &ranks {
+                    r.synchronize().unwrap();
+                    assert_eq!(r.failed(), None);
+                }
+                for (r, x) in gs.iter().enumerate() {
+                    assert_eq!(x.to_f32_vec(), want, "call {call}: rank {r}, {n} {dt:?}");
+                }
+            }
+        }
+    }
+    eprintln!("one-shot all-reduce on one GPU: {call} calls of 1 to {P2P_MAX_BYTES} bytes exact");
+    // Too large for the staging half: not taken (the caller uses NCCL).
+    let mut big = rand_t(vec![P2P_MAX_BYTES / 4 + 1], DType::F32, 9)
+        .to_device(dev)
+        .unwrap();
+    assert!(!ranks[0].all_reduce(big.storage_mut()).unwrap());
+    // A peer that never comes: the call returns at the deadline, leaves x as it was, and the
+    // rank reports it (and refuses later calls).
+    let late = pair(Duration::from_millis(200));
+    let x = rand_t(vec![4096], DType::BF16, 77);
+    let mut gx = x.to_device(dev).unwrap();
+    let t = std::time::Instant::now();
+    assert!(late[0].all_reduce(gx.storage_mut()).unwrap());
+    late[0].synchronize().unwrap();
+    let waited = t.elapsed();
+    assert!(
+        late[0].failed().is_some(),
+        "a missing peer was not reported"
+    );
+    assert_eq!(gx.to_f32_vec(), x.to_f32_vec());
+    assert!(late[0].all_reduce(gx.storage_mut()).is_err());
+    eprintln!(
+        "one-shot all-reduce: a missing peer ends the call after {waited:?} (deadline 200 ms)"
+    );
+}

@@ -593,6 +593,74 @@ __device__ void decode_attention_gqa(const T* qkv, T* kc, T* vc, T* out, float* 
     }
 }
 
+// One-shot all-reduce (sum) of x[n] across `world` GPUs of one process with peer access, for the
+// small activations of tensor-parallel decode (NCCL's latency is the larger part there). Each rank
+// owns a staging buffer of two halves (call parity) and a flag array; bufs[r] / flags[r] are rank
+// r's, readable and writable from every GPU. Block b of every rank takes the same slice of x:
+// it copies its slice into its half, tells every peer's block b it is ready (flag = call number,
+// release at system scope), waits until every peer's block b has said so (acquire), then sums
+// the slice from all ranks in rank order (f32, rounded once; every rank gets the same bits) into
+// x. Two halves let a rank start call k + 1 while a slower peer still reads call k's; call k + 2
+// cannot start before every peer has entered k + 1 (the barrier), so it never overwrites data a
+// peer still reads. Call numbers live in device memory (counter[b]), so a CUDA graph can replay
+// the kernel. `word` (pinned host memory mapped into the device) stops a wait: the host sets it to
+// abort, the kernel sets it when a peer is later than timeout_ns; the sum is then skipped.
+// grid (blocks); block 512; flags[r] is [2][blocks][world] unsigned; counter [blocks].
+__device__ __forceinline__ void st_release_sys(unsigned* p, unsigned v) {
+    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ unsigned ld_acquire_sys(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ float ld_volatile(const float* p) { return *(const volatile float*)p; }
+__device__ __forceinline__ float ld_volatile(const bf16_t* p) {
+    return __uint_as_float(((unsigned)*(const volatile bf16_t*)p) << 16);
+}
+__device__ __forceinline__ unsigned long long global_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+template <typename T>
+__device__ void one_shot_all_reduce(T* x, long n, const unsigned long long* bufs,
+                                    const unsigned long long* flags, unsigned* counter, int rank,
+                                    int world, long half_bytes, unsigned* word,
+                                    unsigned long long timeout_ns) {
+    __shared__ unsigned gen;
+    __shared__ int bail;
+    int blocks = gridDim.x, b = blockIdx.x;
+    if (threadIdx.x == 0) { gen = counter[b] + 1; counter[b] = gen; bail = 0; }
+    __syncthreads();
+    int parity = gen & 1;
+    long per = (n + blocks - 1) / blocks;
+    long lo = (long)b * per, hi = min(n, lo + per);
+    T* mine = (T*)(bufs[rank] + parity * half_bytes);
+    for (long i = lo + threadIdx.x; i < hi; i += blockDim.x) mine[i] = x[i];
+    __syncthreads();
+    if (threadIdx.x < world) {
+        int peer = threadIdx.x;
+        unsigned* pf = (unsigned*)flags[peer] + ((long)parity * blocks + b) * world + rank;
+        st_release_sys(pf, gen);
+        const unsigned* mf = (const unsigned*)flags[rank] + ((long)parity * blocks + b) * world + peer;
+        unsigned long long t0 = global_ns();
+        while (ld_acquire_sys(mf) != gen) {
+            // The host aborted (word 1), or the peer is later than the deadline (word 2): leave
+            // x as it is; the host sees the word and reports it.
+            if (*(volatile unsigned*)word != 0) { bail = 1; break; }
+            if (global_ns() - t0 > timeout_ns) { *(volatile unsigned*)word = 2u; bail = 1; break; }
+        }
+    }
+    __syncthreads();
+    if (bail) return;
+    for (long i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+        float acc = 0.f;
+        for (int r = 0; r < world; r++) acc += ld_volatile((const T*)(bufs[r] + parity * half_bytes) + i);
+        st(x, i, acc);
+    }
+}
+
 // Joins decode_attention's splits: out[H] = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
 // grid (batch hq); block 128.
 template <typename T>
@@ -911,6 +979,7 @@ extern "C" __global__ void decode_attention_gqa1_##S(const T* qkv, T* kc, T* vc,
 extern "C" __global__ void decode_attention_gqa2_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 2>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
 extern "C" __global__ void __launch_bounds__(128, 6) decode_attention_gqa4_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 4>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
 extern "C" __global__ void decode_attention_gqa8_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 8>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
+extern "C" __global__ void one_shot_all_reduce_##S(T* x, long n, const unsigned long long* b, const unsigned long long* f, unsigned* c, int rank, int world, long half, unsigned* word, unsigned long long tns) { one_shot_all_reduce(x, n, b, f, c, rank, world, half, word, tns); } \
 extern "C" __global__ void attention_combine_##S(const float* pm, const float* pl, const float* pa, T* o, int splits, int hd) { attention_combine(pm, pl, pa, o, splits, hd); } \
 extern "C" __global__ void qkv_rope_append_##S(const T* qkv, T* q, T* kc, T* vc, const float* f, int batch, int hq, int hkv, int hd, int start, const int* pp) { qkv_rope_append(qkv, q, kc, vc, f, batch, hq, hkv, hd, start, pp); } \
 extern "C" __global__ void argmax_rows_##S(const T* x, const float* sv, const int* si, int n, int per, float* v, int* i) { argmax_rows(x, sv, si, n, per, v, i); } \

@@ -10,6 +10,7 @@ pub mod graph;
 mod lt;
 pub mod nccl;
 mod ops;
+pub mod p2p;
 
 pub use bench::{
     bench_decode_attention, bench_gemm, bench_gemv, AttentionTiming, GemmTiming, GemvTiming,
@@ -26,7 +27,7 @@ use half::bf16;
 use crate::{DType, TensorError};
 
 const KERNELS: &str = include_str!("kernels.cu");
-const KERNEL_NAMES: [&str; 18] = [
+const KERNEL_NAMES: [&str; 19] = [
     "rms_norm",
     "add_rms_norm",
     "rope",
@@ -45,6 +46,7 @@ const KERNEL_NAMES: [&str; 18] = [
     "decode_attention_gqa4",
     "decode_attention_gqa8",
     "attention_combine",
+    "one_shot_all_reduce",
 ];
 
 /// Rows of `x` up to which bf16 matmuls use the decode GEMV kernel instead of cuBLAS (see

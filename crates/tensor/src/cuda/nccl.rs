@@ -169,6 +169,8 @@ impl Drop for RawComm {
 /// One rank's NCCL communicator on one GPU, on the stream every op of that GPU runs on.
 pub struct DeviceComm {
     comm: Mutex<Option<RawComm>>,
+    /// The one-shot NVLink all-reduce for small device tensors, once set up ([`Self::set_p2p`]).
+    p2p: std::sync::OnceLock<super::p2p::P2pAllReduce>,
     dev: Arc<GpuDevice>,
     rank: usize,
     world: usize,
@@ -261,6 +263,7 @@ impl DeviceComm {
         }
         let dc = DeviceComm {
             comm: Mutex::new(Some(RawComm(comm))),
+            p2p: std::sync::OnceLock::new(),
             dev,
             rank,
             world,
@@ -331,6 +334,17 @@ impl DeviceComm {
 
     pub fn ordinal(&self) -> usize {
         self.dev.ordinal
+    }
+
+    /// From now on, sums of device tensors up to `p2p::P2P_MAX_BYTES` take the one-shot NVLink
+    /// path (every rank of the group must set it up, or none).
+    pub fn set_p2p(&self, p: super::p2p::P2pAllReduce) {
+        let _ = self.p2p.set(p);
+    }
+
+    /// Whether small sums take the one-shot NVLink path.
+    pub fn p2p_active(&self) -> bool {
+        self.p2p.get().is_some()
     }
 
     /// Runs `f` with the communicator and this GPU's stream, the context bound to this thread.
@@ -408,6 +422,22 @@ impl DeviceComm {
         if n == 0 {
             return Ok(());
         }
+        if let (Reduce::Sum, Some(p)) = (op, self.p2p.get()) {
+            if self
+                .comm
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_none()
+            {
+                return Err(dev_err(self.dev.ordinal, ABORTED));
+            }
+            if p.all_reduce(s)? {
+                return Ok(());
+            }
+        }
+        let Storage::Cuda(b) = s else {
+            return Err(dev_err(self.dev.ordinal, "the tensor left the GPU"));
+        };
         let stream = &self.dev.stream;
         let (ptr, ty) = match &b.data {
             CudaData::F32(x) => (x.device_ptr(stream).0, Wire::F32),
@@ -465,6 +495,15 @@ impl DeviceComm {
         self.spin_until(w, || {
             if event.try_is_complete().map_err(|e| dev_err(o, e))? {
                 return Ok(true);
+            }
+            // A one-shot NVLink sum that gave up (late peer, abort) fails the wait too.
+            if let Some(why) = self.p2p.get().and_then(|p| p.failed()) {
+                self.abort();
+                return Err(if why.contains("deadline") {
+                    NcclFailure::TimedOut
+                } else {
+                    NcclFailure::Cancelled(why.into())
+                });
             }
             self.async_state(what).map(|_| false)
         })
@@ -646,8 +685,20 @@ impl DeviceComm {
         self.wait("drain", w)
     }
 
+    /// Gives up the one-shot path's memory without freeing it: after a failed teardown a peer's
+    /// kernel may still write into it.
+    pub fn leak_p2p(&mut self) {
+        if let Some(p) = self.p2p.take() {
+            p.abort();
+            std::mem::forget(p);
+        }
+    }
+
     /// Aborts the communicator: queued NCCL work ends, every later call fails.
     pub fn abort(&self) {
+        if let Some(p) = self.p2p.get() {
+            p.abort();
+        }
         let old = self.comm.lock().unwrap_or_else(|e| e.into_inner()).take();
         drop(old);
     }

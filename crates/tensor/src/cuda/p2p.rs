@@ -1,0 +1,254 @@
+//! A one-shot all-reduce over NVLink for the small activations of tensor-parallel decode, between
+//! the GPUs of one process (rank threads) that can access each other's memory. NCCL's all-reduce
+//! costs ~9 µs for a decode step's 8 KB on two H200s; reading the peers' copies directly and
+//! summing in one kernel needs one flag exchange (`one_shot_all_reduce` in `kernels.cu`).
+//!
+//! Set up collectively: every rank makes its [`P2pAllReduce`] (staging buffer, flags), the ranks
+//! exchange [`P2pAllReduce::addresses`] and ordinals through their host communicator, and each
+//! [`P2pAllReduce::connect`]s (peer access to every peer's GPU, the peers' addresses on the device).
+//!
+//! The shared memory is allocated with `cuMemAlloc`, not from the stream's pool: pool memory does
+//! not follow `cuCtxEnablePeerAccess`. A word of pinned host memory mapped into the device lets
+//! [`P2pAllReduce::abort`] stop a kernel that waits for a peer, and lets the kernel report a peer
+//! that did not come within the deadline (it returns instead of spinning on).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cudarc::driver::{result, sys, CudaSlice, CudaStream, PushKernelArg};
+
+use super::{dev_err, CudaData, GpuDevice};
+use crate::{Storage, TensorError};
+
+/// Bytes a rank's staging half holds: tensors up to this size take the one-shot path.
+pub const P2P_MAX_BYTES: usize = 1 << 20;
+/// Blocks of the kernel (each with its own slice, flags and call counter).
+const P2P_BLOCKS: usize = 16;
+
+/// One rank's side of the one-shot all-reduce.
+pub struct P2pAllReduce {
+    dev: Arc<GpuDevice>,
+    /// The stream calls are queued on: the GPU's, or the rank's own where two ranks share a GPU
+    /// (`with_own_stream`).
+    stream: Arc<CudaStream>,
+    rank: usize,
+    world: usize,
+    /// `cuMemAlloc`'d: two staging halves of `P2P_MAX_BYTES`, then `[2][P2P_BLOCKS][world]` u32
+    /// flags the peers write, then `P2P_BLOCKS` u32 call counters.
+    mem: sys::CUdeviceptr,
+    /// Pinned host word, mapped into the device: 0 running, 1 aborted by the host, 2 a peer did
+    /// not come within the deadline.
+    word: *mut u32,
+    word_dev: sys::CUdeviceptr,
+    timeout_ns: u64,
+    /// Every rank's buffer and flags addresses, on this GPU (after `connect`).
+    table: Option<(CudaSlice<u64>, CudaSlice<u64>)>,
+}
+
+// SAFETY: the raw device and pinned pointers are owned by this value and freed once (Drop); the
+// host word is only accessed atomically.
+unsafe impl Send for P2pAllReduce {}
+unsafe impl Sync for P2pAllReduce {}
+
+impl P2pAllReduce {
+    /// This rank's side; a peer that does not come to a call within `timeout` ends it with an
+    /// error instead of a hang.
+    pub fn new(
+        ordinal: usize,
+        rank: usize,
+        world: usize,
+        timeout: Duration,
+    ) -> Result<Self, TensorError> {
+        let dev = GpuDevice::get(ordinal)?;
+        let e = |x: cudarc::driver::DriverError| dev_err(ordinal, x);
+        dev.ctx.bind_to_thread().map_err(e)?;
+        let total = Self::flags_offset() + (2 * world + 1) * P2P_BLOCKS * 4;
+        // SAFETY: fresh allocations, zeroed before use, freed in Drop.
+        unsafe {
+            let mem = result::malloc_sync(total).map_err(e)?;
+            result::memset_d8_sync(mem, 0, total).map_err(e)?;
+            let word =
+                result::malloc_host(4, sys::CU_MEMHOSTALLOC_DEVICEMAP).map_err(e)? as *mut u32;
+            word.write(0);
+            let mut word_dev = 0;
+            sys::cuMemHostGetDevicePointer_v2(&mut word_dev, word.cast(), 0)
+                .result()
+                .map_err(e)?;
+            Ok(P2pAllReduce {
+                stream: dev.stream.clone(),
+                dev,
+                rank,
+                world,
+                mem,
+                word,
+                word_dev,
+                timeout_ns: timeout.as_nanos().min(u64::MAX as u128) as u64,
+                table: None,
+            })
+        }
+    }
+
+    /// Queues this rank's calls on a stream of its own instead of the GPU's: two ranks on one GPU
+    /// (a test of the exchange without NVLink) must not wait for each other in one stream. The
+    /// caller orders the tensors' producers and consumers with that stream.
+    pub fn with_own_stream(mut self) -> Result<Self, TensorError> {
+        self.stream = self
+            .dev
+            .ctx
+            .new_stream()
+            .map_err(|e| dev_err(self.dev.ordinal, e))?;
+        Ok(self)
+    }
+
+    /// Waits for every call queued so far.
+    pub fn synchronize(&self) -> Result<(), TensorError> {
+        self.stream
+            .synchronize()
+            .map_err(|e| dev_err(self.dev.ordinal, e))
+    }
+
+    fn flags_offset() -> usize {
+        2 * P2P_MAX_BYTES
+    }
+
+    /// This rank's staging buffer and flags, as device addresses the peers will use.
+    pub fn addresses(&self) -> [u64; 2] {
+        [self.mem, self.mem + Self::flags_offset() as u64]
+    }
+
+    fn counter(&self) -> u64 {
+        self.mem + (Self::flags_offset() + 2 * P2P_BLOCKS * self.world * 4) as u64
+    }
+
+    fn word(&self) -> &AtomicU32 {
+        // SAFETY: a live, 4-byte aligned pinned allocation owned by self.
+        unsafe { AtomicU32::from_ptr(self.word) }
+    }
+
+    /// Stops every call waiting for a peer now and every later one at once (they leave their
+    /// tensors unreduced; the caller reports the abort).
+    pub fn abort(&self) {
+        let _ = self
+            .word()
+            .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// Why the one-shot path stopped, if it did.
+    pub fn failed(&self) -> Option<&'static str> {
+        match self.word().load(Ordering::SeqCst) {
+            0 => None,
+            1 => Some("the one-shot all-reduce was aborted"),
+            _ => Some("a peer did not come to a one-shot all-reduce within the deadline"),
+        }
+    }
+
+    /// Enables access from this GPU to every peer's (`peers[r]` = rank r's ordinal and
+    /// `addresses()`), and keeps the table on the device. Fails when a pair of GPUs cannot access
+    /// each other (the caller then keeps NCCL).
+    pub fn connect(&mut self, peers: &[(usize, [u64; 2])]) -> Result<(), TensorError> {
+        let o = self.dev.ordinal;
+        if peers.len() != self.world {
+            return Err(dev_err(o, "one-shot all-reduce: a table of the wrong size"));
+        }
+        for (r, &(peer, _)) in peers.iter().enumerate() {
+            // A rank on this GPU (itself, or another on its own stream) needs no peer access.
+            if r == self.rank || peer == o {
+                continue;
+            }
+            let other = GpuDevice::get(peer)?;
+            // Bound after the `get` (which may bind the peer's context): access is enabled from
+            // this GPU's context to the peer's.
+            self.dev.ctx.bind_to_thread().map_err(|e| dev_err(o, e))?;
+            let mut can = 0;
+            // SAFETY: plain queries and a flag change on live contexts of this process.
+            unsafe {
+                sys::cuDeviceCanAccessPeer(
+                    &mut can,
+                    self.dev.ctx.cu_device(),
+                    other.ctx.cu_device(),
+                )
+                .result()
+                .map_err(|e| dev_err(o, e))?;
+                if can == 0 {
+                    return Err(dev_err(o, format!("cannot access cuda:{peer}'s memory")));
+                }
+                match sys::cuCtxEnablePeerAccess(other.ctx.cu_ctx(), 0) {
+                    sys::CUresult::CUDA_SUCCESS
+                    | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => {}
+                    err => return Err(dev_err(o, format!("peer access to cuda:{peer}: {err:?}"))),
+                }
+            }
+        }
+        let e = |x| dev_err(o, x);
+        let bufs: Vec<u64> = peers.iter().map(|p| p.1[0]).collect();
+        let flags: Vec<u64> = peers.iter().map(|p| p.1[1]).collect();
+        let table = (
+            self.dev.stream.clone_htod(&bufs).map_err(e)?,
+            self.dev.stream.clone_htod(&flags).map_err(e)?,
+        );
+        // The table is read by calls on this rank's stream, which may not be the GPU's.
+        self.dev.stream.synchronize().map_err(e)?;
+        self.table = Some(table);
+        Ok(())
+    }
+
+    /// Sums `s` in place across the ranks, queued on the GPU's stream, when it is a connected
+    /// device tensor of at most [`P2P_MAX_BYTES`]; `Ok(false)` (nothing done) otherwise.
+    pub fn all_reduce(&self, s: &mut Storage) -> Result<bool, TensorError> {
+        let (Storage::Cuda(b), Some((bufs, flags))) = (s, &self.table) else {
+            return Ok(false);
+        };
+        let bytes = b.len() * b.dtype().size_in_bytes();
+        if bytes > P2P_MAX_BYTES || b.dev.ordinal != self.dev.ordinal || b.is_empty() {
+            return Ok(false);
+        }
+        if let Some(why) = self.failed() {
+            return Err(dev_err(self.dev.ordinal, why));
+        }
+        let dev = &self.dev;
+        let f = dev.func("one_shot_all_reduce", b.dtype());
+        let (n, rank, world, half) = (
+            b.len() as i64,
+            self.rank as i32,
+            self.world as i32,
+            P2P_MAX_BYTES as i64,
+        );
+        let (counter, word) = (self.counter(), self.word_dev);
+        let mut l = self.stream.launch_builder(f);
+        match &mut b.data {
+            CudaData::F32(x) => l.arg(x),
+            CudaData::BF16(x) => l.arg(x),
+        };
+        l.arg(&n)
+            .arg(bufs)
+            .arg(flags)
+            .arg(&counter)
+            .arg(&rank)
+            .arg(&world)
+            .arg(&half)
+            .arg(&word)
+            .arg(&self.timeout_ns);
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (P2P_BLOCKS as u32, 1, 1),
+            block_dim: (512, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match the kernel's signature; the peers' memory stays allocated
+        // while their communicators live, which outlive every call (teardown meets at a barrier,
+        // and a failed teardown leaks it rather than free memory a peer may still touch).
+        unsafe { l.launch(cfg) }.map_err(|e| dev_err(dev.ordinal, e))?;
+        Ok(true)
+    }
+}
+
+impl Drop for P2pAllReduce {
+    fn drop(&mut self) {
+        // SAFETY: both allocations are owned by self and freed once, with this GPU's context.
+        unsafe {
+            let _ = self.dev.ctx.bind_to_thread();
+            let _ = result::free_sync(self.mem);
+            let _ = result::free_host(self.word.cast());
+        }
+    }
+}
