@@ -31,6 +31,8 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
     for t in 1 2; do
       .gpu/tessera bench gemm --tp $t --batch 8,32,64 2>&1 | grep -E "ceiling|layer|cublas|lt 0 |fastest"
     done
+    echo "== tessera bench decode, one rank of tp 2 alone (collectives skipped: the compute a tp-2 step cannot go below)"
+    .gpu/tessera bench decode --device cuda --preset llama-3-8b --one-rank-of 2 --batch 1,64 --steps 32 --graph 2>&1 | tail -3
     echo "== tessera bench attention, Llama-3-8B heads (each decode attention kernel)"
     for t in 1 2; do
       .gpu/tessera bench attention --tp $t 2>&1

@@ -241,6 +241,36 @@ fn bad_input_is_one_line_and_non_zero() {
     fails_with(&["bench", "gemv", "--tp", "3"], "--tp 3");
     #[cfg(not(feature = "cuda"))]
     fails_with(&["bench", "gemv"], "without CUDA");
+    // One rank's share of a tp group: a tp that does not divide the heads is refused.
+    fails_with(
+        &["bench", "decode", "--one-rank-of", "3", "--steps", "1"],
+        "tp 3 does not divide num_attention_heads 16",
+    );
+}
+
+/// `bench decode --one-rank-of 2` times rank 0's half of every layer alone, collectives skipped:
+/// its rows are labelled 1/2 and count half the weights of tp 1.
+#[test]
+fn bench_decode_times_one_rank_of_a_tp_group_alone() {
+    // The default shape (0.18 GB of weights at tp 1: two decimals of GB say the ratio).
+    let args = ["bench", "decode", "--steps", "2", "--prompt-len", "2"];
+    let (code, out, err) = tessera(&[&args[..], &["--one-rank-of", "2"]].concat());
+    assert_eq!(code, 0, "{err}");
+    let (code1, out1, err1) = tessera(&[&args[..], &["--tp", "1"]].concat());
+    assert_eq!(code1, 0, "{err1}");
+    // The GB/rank column: rank 0 of 2 holds about half of tp 1's bytes (the norms are whole).
+    let gb = |out: &str, label: &str| -> f64 {
+        let row = out
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(label))
+            .unwrap_or_else(|| panic!("no {label} row in {out}"));
+        row.split_whitespace().nth(4).unwrap().parse().unwrap()
+    };
+    let (half, whole) = (gb(&out, "1/2"), gb(&out1, "1"));
+    assert!(
+        (half / whole - 0.5).abs() < 0.06,
+        "rank 0 of 2 holds {half} GB, tp 1 {whole} GB"
+    );
 }
 
 #[test]

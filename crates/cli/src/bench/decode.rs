@@ -7,10 +7,14 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use tessera_infer::{device_of_rank, run_tp, with_rank_comm};
+use tessera_comm::{CommError, Communicator, ElemKind, ReduceOp};
+use tessera_infer::{device_of_rank, run_tp, with_rank_comm, InferError};
 use tessera_model::synthetic::llama_config_json;
-use tessera_model::{LlamaModel, ModelConfig};
-use tessera_tensor::{DType, Device};
+use tessera_model::{LlamaModel, ModelConfig, TpRank};
+use tessera_tensor::{DType, Device, Tensor};
+
+/// (batch, seconds for the timed steps, weight bytes, KV cache bytes) of one rank.
+type Rows = Vec<(usize, f64, usize, usize)>;
 
 use super::ceiling;
 
@@ -21,6 +25,11 @@ pub struct DecodeArgs {
     /// Replay each decode step as a captured CUDA graph (cuda only).
     #[arg(long)]
     pub graph: bool,
+    /// Time one rank's share of a tp-N step on one device, every collective skipped (rank 0's
+    /// layer shapes; no communication, so the tokens are not the model's): the compute a tp-N
+    /// step cannot go below, on a machine with fewer devices than N. Replaces --tp.
+    #[arg(long)]
+    pub one_rank_of: Option<usize>,
     /// Sequences decoded in lockstep (static batching of equal-length prompts).
     #[arg(long, value_delimiter = ',', default_value = "1")]
     pub batch: Vec<usize>,
@@ -76,10 +85,20 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     if a.graph && device == Device::Cpu {
         bail!("--graph needs --device cuda");
     }
-    for &tp in &a.tp {
-        tessera_model::validate_tp(&cfg, tp)?;
-        for r in 0..tp {
-            device_of_rank(device, r).ensure_available()?;
+    let tps = match a.one_rank_of {
+        Some(n) => {
+            tessera_model::validate_tp(&cfg, n)?;
+            device_of_rank(device, 0).ensure_available()?;
+            vec![n]
+        }
+        None => a.tp.clone(),
+    };
+    if a.one_rank_of.is_none() {
+        for &tp in &tps {
+            tessera_model::validate_tp(&cfg, tp)?;
+            for r in 0..tp {
+                device_of_rank(device, r).ensure_available()?;
+            }
         }
     }
     println!(
@@ -116,56 +135,71 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     let prompt: Vec<u32> = (0..a.prompt_len as u32)
         .map(|i| (i * 7919) % cfg.vocab_size as u32)
         .collect();
-    for &tp in &a.tp {
-        let rows = run_tp(tp, |comm, rank| {
-            with_rank_comm(device, comm, |comm| {
-                let dev = device_of_rank(device, rank.rank);
-                let m = LlamaModel::random(cfg.clone(), rank, dtype, dev, 7)?;
-                let mut rows = Vec::new();
-                for &batch in &a.batch {
-                    let mut cache = m.new_cache_batch(prompt.len() + a.steps + 2, batch)?;
-                    // The prompt, fed in lockstep (untimed), then one untimed step so that lazy
-                    // initialisation stays out of the figures.
-                    let mut toks = vec![0u32; batch];
-                    for &p in &prompt {
-                        toks = m.forward_lockstep_greedy(&vec![p; batch], &mut cache, comm)?;
+    for &tp in &tps {
+        // One rank's run over its communicator: every rank of a tp group, or rank 0 alone
+        // (--one-rank-of) with the collectives skipped.
+        let body = |comm: &dyn Communicator, rank: TpRank| -> Result<Rows, InferError> {
+            let dev = device_of_rank(device, rank.rank);
+            let m = LlamaModel::random(cfg.clone(), rank, dtype, dev, 7)?;
+            let mut rows = Vec::new();
+            for &batch in &a.batch {
+                let mut cache = m.new_cache_batch(prompt.len() + a.steps + 2, batch)?;
+                // The prompt, fed in lockstep (untimed), then one untimed step so that lazy
+                // initialisation stays out of the figures.
+                let mut toks = vec![0u32; batch];
+                for &p in &prompt {
+                    toks = m.forward_lockstep_greedy(&vec![p; batch], &mut cache, comm)?;
+                }
+                toks = m.forward_lockstep_greedy(&toks, &mut cache, comm)?;
+                #[cfg(feature = "cuda")]
+                let mut graph = if a.graph {
+                    Some(m.capture_lockstep_greedy(&mut cache, comm)?)
+                } else {
+                    None
+                };
+                comm.barrier()?;
+                let start = Instant::now();
+                for _ in 0..a.steps {
+                    // Greedy on the device: only the chosen tokens come back to the host, and
+                    // every rank gets the same ones from the gathered (value, index) pairs.
+                    #[cfg(feature = "cuda")]
+                    if let Some(g) = graph.as_mut() {
+                        toks = m.step_lockstep_graph(g, &toks, &mut cache, comm)?;
+                        continue;
                     }
                     toks = m.forward_lockstep_greedy(&toks, &mut cache, comm)?;
-                    #[cfg(feature = "cuda")]
-                    let mut graph = if a.graph {
-                        Some(m.capture_lockstep_greedy(&mut cache, comm)?)
-                    } else {
-                        None
-                    };
-                    comm.barrier()?;
-                    let start = Instant::now();
-                    for _ in 0..a.steps {
-                        // Greedy on the device: only the chosen tokens come back to the host, and
-                        // every rank gets the same ones from the gathered (value, index) pairs.
-                        #[cfg(feature = "cuda")]
-                        if let Some(g) = graph.as_mut() {
-                            toks = m.step_lockstep_graph(g, &toks, &mut cache, comm)?;
-                            continue;
-                        }
-                        toks = m.forward_lockstep_greedy(&toks, &mut cache, comm)?;
-                    }
-                    let secs = start.elapsed().as_secs_f64();
-                    let kv = cache.size_in_bytes();
-                    rows.push((batch, secs, m.weight_bytes(), kv));
                 }
-                Ok(rows)
-            })
-        })?;
+                let secs = start.elapsed().as_secs_f64();
+                let kv = cache.size_in_bytes();
+                rows.push((batch, secs, m.weight_bytes(), kv));
+            }
+            Ok(rows)
+        };
+        let rows = match a.one_rank_of {
+            Some(_) => body(&SkipComm { world: tp }, TpRank { rank: 0, size: tp })?,
+            None => run_tp(tp, |comm, rank| {
+                with_rank_comm(device, comm, |comm| body(comm, rank))
+            })?,
+        };
         for (batch, secs, weights, kv) in rows {
             let step = secs / a.steps as f64;
             // Per step every weight is read once and the cache up to the current length (the
             // cache is allocated for the whole run, so this slightly overcounts its bytes).
             let rank_bytes = (weights + kv) as f64;
-            let bytes = rank_bytes * if shared { tp as f64 } else { 1.0 };
+            // On the CPU every rank reads through the same memory (one rank alone: its own).
+            let sharing = if shared && a.one_rank_of.is_none() {
+                tp
+            } else {
+                1
+            };
+            let bytes = rank_bytes * sharing as f64;
             let roof = bw / bytes;
             println!(
                 "{:>3} {:>6} {:>10.2} {:>10.1} {:>12.2} {:>16.1} {:>11.1}",
-                tp,
+                match a.one_rank_of {
+                    Some(n) => format!("1/{n}"),
+                    None => tp.to_string(),
+                },
                 batch,
                 step * 1e3,
                 batch as f64 / step,
@@ -176,4 +210,67 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Rank 0 of a group of `world` with every collective skipped (`--one-rank-of`): sums leave the
+/// tensor as it is, gathers repeat this rank's part, a barrier returns at once. Point-to-point
+/// and sub-groups are refused (decode uses neither).
+struct SkipComm {
+    world: usize,
+}
+
+impl Communicator for SkipComm {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn all_reduce_bytes(&self, _: &mut [u8], _: ElemKind, _: ReduceOp) -> Result<(), CommError> {
+        Ok(())
+    }
+    fn all_gather_bytes(&self, send: &[u8], recv: &mut [u8]) -> Result<(), CommError> {
+        for part in recv.chunks_mut(send.len().max(1)) {
+            part.copy_from_slice(&send[..part.len()]);
+        }
+        Ok(())
+    }
+    fn broadcast_bytes(&self, _: &mut [u8], _: usize) -> Result<(), CommError> {
+        Ok(())
+    }
+    fn reduce_scatter_bytes(
+        &self,
+        send: &[u8],
+        recv: &mut [u8],
+        _: ElemKind,
+        _: ReduceOp,
+    ) -> Result<(), CommError> {
+        recv.copy_from_slice(&send[..recv.len()]);
+        Ok(())
+    }
+    fn barrier(&self) -> Result<(), CommError> {
+        Ok(())
+    }
+    fn send_bytes(&self, _: &[u8], _: usize) -> Result<(), CommError> {
+        Err(self.refused("send"))
+    }
+    fn recv_bytes(&self, _: &mut [u8], _: usize) -> Result<(), CommError> {
+        Err(self.refused("recv"))
+    }
+    fn sub_group(&self, _: &[usize]) -> Result<Box<dyn Communicator>, CommError> {
+        Err(self.refused("sub_group"))
+    }
+    fn abort(&self, _: &str) {}
+    fn all_reduce_tensor(&self, _: &mut Tensor, _: ReduceOp) -> Result<(), CommError> {
+        Ok(())
+    }
+}
+
+impl SkipComm {
+    fn refused(&self, what: &str) -> CommError {
+        CommError::Invalid {
+            rank: 0,
+            msg: format!("--one-rank-of skips communication; {what} is not available"),
+        }
+    }
 }
