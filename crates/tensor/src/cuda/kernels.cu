@@ -447,8 +447,18 @@ __device__ void decode_attention_gqa(const T* qkv, T* kc, T* vc, T* out, float* 
         }
     }
     // RoPE on the block's query heads and its key (the arithmetic of qkv_rope_append), one angle
-    // per dimension pair; every value loaded before the first is used.
-    for (int d = threadIdx.x; d < half; d += blockDim.x) {
+    // per dimension pair (hd <= 256: one pair a thread). The angle and the cached rows above need
+    // nothing of the kernel before this one (the QKV projection, with programmatic dependent
+    // launch still running): wait for it only here, then load every value before the first use.
+    int d = threadIdx.x;
+    float c = 0.f, s = 0.f;
+    if (d < half) {
+        double a = (double)inv_freq[d] * (double)p;
+        c = (float)cos(a);
+        s = (float)sin(a);
+    }
+    pdl_wait();
+    if (d < half) {
         float x0[GM + 1], x1[GM + 1];
 #pragma unroll
         for (int h = 0; h <= GM; h++) {
@@ -460,8 +470,6 @@ __device__ void decode_attention_gqa(const T* qkv, T* kc, T* vc, T* out, float* 
         }
         long vsrc = (long)(hq + hkv + kl) * hd;
         float v0 = ld(row, vsrc + d), v1 = ld(row, vsrc + d + half);
-        double a = (double)inv_freq[d] * (double)p;
-        float c = (float)cos(a), s = (float)sin(a);
 #pragma unroll
         for (int h = 0; h <= GM; h++) {
             if (h <= gb) {

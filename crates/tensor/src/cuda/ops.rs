@@ -111,7 +111,6 @@ pub(crate) fn launch_gemv_kernel(
     (n, k): (usize, usize),
     norm: Option<&GemvNorm>,
 ) -> Result<(), TensorError> {
-    use cudarc::driver::sys;
     let mut cfg = g.config(n);
     let (mut nn, mut kk) = (n as i32, k as i32);
     // Device addresses in the kernel's order: x [, delta, norm weight, xo], w, y.
@@ -141,6 +140,25 @@ pub(crate) fn launch_gemv_kernel(
     }
     params.push((&mut nn as *mut i32).cast());
     params.push((&mut kk as *mut i32).cast());
+    // SAFETY: the parameters match the GEMV kernels' signatures (x, w, y, n, k, or x, delta,
+    // nw, xo, eps, w, y, n, k for the fused norm) and outlive the call; the buffers are live
+    // device memory of this context, the shared memory holds the normalised row.
+    unsafe { launch_pdl(dev, f, cfg, &mut params) }
+}
+
+/// Launches `f` on the device's stream with programmatic dependent launch when the device has it
+/// on: the kernel may start while the one before it finishes, and must `pdl_wait` before it
+/// reads that kernel's output.
+///
+/// # Safety
+/// `params` point at the kernel's arguments, in its order and of its types, valid for the call.
+unsafe fn launch_pdl(
+    dev: &GpuDevice,
+    f: &cudarc::driver::CudaFunction,
+    cfg: LaunchConfig,
+    params: &mut [*mut std::ffi::c_void],
+) -> Result<(), TensorError> {
+    use cudarc::driver::sys;
     // SAFETY: a zeroed attribute is valid; id and value are set below as the driver expects.
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
     attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
@@ -161,9 +179,7 @@ pub(crate) fn launch_gemv_kernel(
     dev.ctx
         .bind_to_thread()
         .map_err(|e| dev_err(dev.ordinal, e))?;
-    // SAFETY: the parameters match the GEMV kernels' signatures (x, w, y, n, k, or x, delta,
-    // nw, xo, eps, w, y, n, k for the fused norm) and outlive the call; the buffers are live
-    // device memory of this context, the shared memory holds the normalised row.
+    // SAFETY: the caller vouches for the parameters; the configuration is complete.
     unsafe {
         sys::cuLaunchKernelEx(
             &conf,
@@ -922,22 +938,7 @@ pub fn decode_attention(
         Some(_) => "decode_attention_gqa8",
         None => "decode_attention",
     };
-    let mut l = dev.stream.launch_builder(dev.func(kernel, qkv.dtype()));
-    for buf in [qkv, kc, vc, &out] {
-        push(&mut l, buf);
-    }
-    match &parts {
-        Some((m, sums, acc)) => l.arg(m).arg(sums).arg(acc),
-        None => l.arg(&NULL).arg(&NULL).arg(&NULL),
-    };
-    l.arg(f.as_ref()).arg(&bb).arg(&a).arg(&b).arg(&c).arg(&s);
     let per = per as i32;
-    l.arg(&w).arg(&scale).arg(&per);
-    let gb = plan.heads_per_block.unwrap_or(1) as i32;
-    if plan.heads_per_block.is_some() {
-        l.arg(&gb);
-    }
-    push_pos(&mut l, &io);
     let rows = match plan.heads_per_block {
         Some(gb) => batch * hkv * (g / gb),
         None => heads,
@@ -947,7 +948,57 @@ pub fn decode_attention(
         block_dim: (128, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    launched(&dev, unsafe { l.launch(cfg) })?;
+    let f_kernel = dev.func(kernel, qkv.dtype());
+    if let Some(gb) = plan.heads_per_block {
+        // The vectorised kernel starts with programmatic dependent launch: it loads its cached
+        // K/V rows and computes its RoPE angles while the QKV projection before it finishes, and
+        // waits for that kernel (`pdl_wait`) only before it reads this step's q, k, v.
+        use cudarc::driver::DevicePtr;
+        let st = &dev.stream;
+        let slice_ptr = |x: &cudarc::driver::CudaSlice<f32>| x.device_ptr(st).0;
+        let mut ptrs = [
+            dptr(qkv),
+            dptr(kc),
+            dptr(vc),
+            dptr(&out),
+            0,
+            0,
+            0,
+            slice_ptr(f.as_ref()),
+        ];
+        if let Some((m, sums, acc)) = &parts {
+            ptrs[4..7].copy_from_slice(&[slice_ptr(m), slice_ptr(sums), slice_ptr(acc)]);
+        }
+        let mut pos = io.as_ref().map_or(0, |io| io.pos.device_ptr(st).0);
+        let (mut bb, mut a, mut b, mut c, mut s, mut w, mut scale, mut per, mut gb) =
+            (bb, a, b, c, s, w, scale, per, gb as i32);
+        let mut params: Vec<*mut std::ffi::c_void> =
+            ptrs.iter_mut().map(|p| (p as *mut u64).cast()).collect();
+        for v in [&mut bb, &mut a, &mut b, &mut c, &mut s, &mut w] {
+            params.push((v as *mut i32).cast());
+        }
+        params.push((&mut scale as *mut f32).cast());
+        params.push((&mut per as *mut i32).cast());
+        params.push((&mut gb as *mut i32).cast());
+        params.push((&mut pos as *mut u64).cast());
+        // SAFETY: the parameters match decode_attention_gqa's signature (qkv, kc, vc, out,
+        // part_m, part_l, part_acc, inv_freq, batch, hq, hkv, hd, start, window, scale, per, gb,
+        // pos_ptr) and outlive the call; the buffers are live device memory of this context.
+        unsafe { launch_pdl(&dev, f_kernel, cfg, &mut params)? };
+    } else {
+        let mut l = dev.stream.launch_builder(f_kernel);
+        for buf in [qkv, kc, vc, &out] {
+            push(&mut l, buf);
+        }
+        match &parts {
+            Some((m, sums, acc)) => l.arg(m).arg(sums).arg(acc),
+            None => l.arg(&NULL).arg(&NULL).arg(&NULL),
+        };
+        l.arg(f.as_ref()).arg(&bb).arg(&a).arg(&b).arg(&c).arg(&s);
+        l.arg(&w).arg(&scale).arg(&per);
+        push_pos(&mut l, &io);
+        launched(&dev, unsafe { l.launch(cfg) })?;
+    }
     if let Some((m, sums, acc)) = &parts {
         let (ns, hdd) = (splits as i32, hd as i32);
         let mut l = dev
