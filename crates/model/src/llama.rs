@@ -374,6 +374,14 @@ pub struct LockstepGraph {
 }
 
 #[cfg(feature = "cuda")]
+impl LockstepGraph {
+    /// What the capture recorded (nodes by kind, programmatic edges).
+    pub fn stats(&self) -> Result<tessera_tensor::cuda::graph::GraphStats, ModelError> {
+        Ok(self.graph.stats()?)
+    }
+}
+
+#[cfg(feature = "cuda")]
 impl LlamaModel {
     /// Captures one greedy decode step of `cache`'s lockstep batch. Run at least one eager step
     /// first (kernels compiled, tables uploaded, cuBLAS initialised). The cache must not grow while

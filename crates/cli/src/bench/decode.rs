@@ -153,7 +153,11 @@ pub fn run(a: DecodeArgs) -> Result<()> {
                 toks = m.forward_lockstep_greedy(&toks, &mut cache, comm)?;
                 #[cfg(feature = "cuda")]
                 let mut graph = if a.graph {
-                    Some(m.capture_lockstep_greedy(&mut cache, comm)?)
+                    let g = m.capture_lockstep_greedy(&mut cache, comm)?;
+                    if rank.rank == 0 {
+                        println!("graph, batch {batch}: {}", g.stats()?);
+                    }
+                    Some(g)
                 } else {
                     None
                 };

@@ -31,6 +31,28 @@ pub struct GraphIo {
     pub(crate) idx: CudaSlice<i32>,
 }
 
+/// Nodes and edges of a captured step ([`DecodeGraph::stats`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct GraphStats {
+    pub kernels: usize,
+    pub allocs: usize,
+    pub frees: usize,
+    pub other: usize,
+    pub edges: usize,
+    /// Edges that let the kernel after start before the one before finishes.
+    pub programmatic: usize,
+}
+
+impl std::fmt::Display for GraphStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} kernels, {} allocations, {} frees, {} other nodes; {} of {} edges programmatic",
+            self.kernels, self.allocs, self.frees, self.other, self.programmatic, self.edges
+        )
+    }
+}
+
 /// One captured decode step for a batch of `batch` sequences on one device.
 pub struct DecodeGraph {
     dev: Arc<GpuDevice>,
@@ -78,6 +100,65 @@ impl DecodeGraph {
             .ok_or_else(|| dev_err(ordinal, "the captured step issued no work"))?;
         graph.upload().map_err(e)?;
         Ok(DecodeGraph { dev, io, graph })
+    }
+
+    /// What the capture recorded: nodes by kind and edges by type (a programmatic edge lets a
+    /// kernel start before the one it depends on finishes, as programmatic dependent launch does
+    /// in a stream).
+    pub fn stats(&self) -> Result<GraphStats, TensorError> {
+        use cudarc::driver::sys;
+        let e = |x: sys::CUresult| dev_err(self.dev.ordinal, format!("graph query: {x:?}"));
+        let g = self.graph.cu_graph();
+        let mut st = GraphStats::default();
+        // SAFETY: queries of a live graph of this context, into buffers of the reported sizes.
+        unsafe {
+            let mut n = 0usize;
+            sys::cuGraphGetNodes(g, std::ptr::null_mut(), &mut n)
+                .result()
+                .map_err(|x| e(x.0))?;
+            let mut nodes = vec![std::ptr::null_mut(); n];
+            sys::cuGraphGetNodes(g, nodes.as_mut_ptr(), &mut n)
+                .result()
+                .map_err(|x| e(x.0))?;
+            for &node in &nodes[..n] {
+                let mut t = sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
+                sys::cuGraphNodeGetType(node, &mut t)
+                    .result()
+                    .map_err(|x| e(x.0))?;
+                match t {
+                    sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL => st.kernels += 1,
+                    sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEM_ALLOC => st.allocs += 1,
+                    sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEM_FREE => st.frees += 1,
+                    _ => st.other += 1,
+                }
+            }
+            let mut m = 0usize;
+            let none: *mut sys::CUgraphNode = std::ptr::null_mut();
+            sys::cuGraphGetEdges_v2(g, none, none, std::ptr::null_mut(), &mut m)
+                .result()
+                .map_err(|x| e(x.0))?;
+            let mut from: Vec<sys::CUgraphNode> = vec![std::ptr::null_mut(); m];
+            let mut to: Vec<sys::CUgraphNode> = vec![std::ptr::null_mut(); m];
+            let mut data: Vec<sys::CUgraphEdgeData> = vec![std::mem::zeroed(); m];
+            sys::cuGraphGetEdges_v2(
+                g,
+                from.as_mut_ptr(),
+                to.as_mut_ptr(),
+                data.as_mut_ptr(),
+                &mut m,
+            )
+            .result()
+            .map_err(|x| e(x.0))?;
+            st.edges = m;
+            st.programmatic = data[..m]
+                .iter()
+                .filter(|d| {
+                    d.type_
+                        == sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC as u8
+                })
+                .count();
+        }
+        Ok(st)
     }
 
     /// Runs the captured step for `tokens` at position `pos`; returns each row's greedy (value,
