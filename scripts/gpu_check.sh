@@ -32,7 +32,7 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
       .gpu/tessera bench gemm --tp $t --batch 8,32,64 2>&1 | grep -E "ceiling|layer|cublas|lt 0 |fastest"
     done
     echo "== tessera bench decode, one rank of tp 2 alone (collectives skipped: the compute a tp-2 step cannot go below)"
-    .gpu/tessera bench decode --device cuda --preset llama-3-8b --one-rank-of 2 --batch 1,64 --steps 32 --graph 2>&1 | tail -3
+    .gpu/tessera bench decode --device cuda --preset llama-3-8b --one-rank-of 2 --batch 1,64 --steps 32 --graph 2>&1 | tail -5
     echo "== tessera bench attention, Llama-3-8B heads (each decode attention kernel)"
     for t in 1 2; do
       .gpu/tessera bench attention --tp $t 2>&1
@@ -41,7 +41,7 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
       echo "== NCCL tests with the one-shot NVLink all-reduce on (TESSERA_P2P_ALLREDUCE=1)"
       TESSERA_P2P_ALLREDUCE=1 timeout 240 .gpu/test-nccl --test-threads=1 --nocapture 2>&1 | grep -E "test result|panicked|one-shot|skipped"
       echo "== tessera bench decode, Llama-3-8B shape, tp 2, CUDA graphs, one-shot NVLink all-reduce (TESSERA_P2P_ALLREDUCE=1)"
-      TESSERA_P2P_ALLREDUCE=1 .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 2 --batch 1,64 --steps 32 --graph 2>&1 | tail -3
+      TESSERA_P2P_ALLREDUCE=1 .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 2 --batch 1,64 --steps 32 --graph 2>&1 | tail -5
       echo "== tessera bench decode, Llama-3-70B shape, tp 2, CUDA graphs"
       timeout 300 .gpu/tessera bench decode --device cuda --preset llama-3-70b --tp 2 --batch 1,32 --steps 16 --graph 2>&1
     else
@@ -53,7 +53,7 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
     # per-query-head kernel, same binary, same call.
     for m in per_head auto; do
       echo "== tessera bench decode, Llama-3-8B shape, 2048-position cache, CUDA graphs, decode attention $m"
-      TESSERA_DECODE_ATTENTION=$m .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 1 --batch 1,32 --steps 32 --prompt-len 2048 --graph 2>&1 | tail -3
+      TESSERA_DECODE_ATTENTION=$m .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 1 --batch 1,32 --steps 32 --prompt-len 2048 --graph 2>&1 | tail -5
     done
   fi
   if [[ $STEPS == all || $STEPS == *hf* ]]; then
