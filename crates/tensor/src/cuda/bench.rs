@@ -197,14 +197,10 @@ pub fn bench_decode_attention(
         .map(|i| 1.0 / 500000f32.powf(i as f32 / (hd / 2) as f32))
         .collect();
     let scale = 1.0 / (hd as f32).sqrt();
-    let kernels = [
-        ("auto", None),
-        ("grouped", Some(DecodeKernel::Grouped)),
-        ("by_head", Some(DecodeKernel::ByHead)),
-        ("per_head", Some(DecodeKernel::PerHead)),
-    ];
+    let kernels = std::iter::once(None).chain(DecodeKernel::ALL.map(Some));
     let mut out = Vec::new();
-    for (kernel, forced) in kernels {
+    for forced in kernels {
+        let kernel = forced.map_or("auto", DecodeKernel::name);
         let p = decode_plan(keys, batch, hq, hkv, hd, dev.sms, forced);
         let plan = match p.heads_per_block {
             Some(gb) => format!("{gb} heads/block, {} split(s)", keys.div_ceil(p.per)),

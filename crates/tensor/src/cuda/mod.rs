@@ -625,4 +625,15 @@ mod tests {
         assert_eq!(plan(700, 64, 8, 1, 256, grouped), p(Some(4), 256));
         assert_eq!(plan(700, 64, 6, 2, 48, None), p(None, 256));
     }
+
+    #[test]
+    fn a_forced_decode_kernel_is_the_one_in_use() {
+        use super::ops::{decode_kernel_choice, force_decode_kernel, DecodeKernel};
+        for k in DecodeKernel::ALL {
+            force_decode_kernel(Some(k));
+            assert_eq!(decode_kernel_choice(), Some(k), "{}", k.name());
+        }
+        force_decode_kernel(None);
+        assert_eq!(decode_kernel_choice(), None);
+    }
 }

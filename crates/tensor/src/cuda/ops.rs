@@ -576,40 +576,53 @@ pub enum DecodeKernel {
     PerHead,
 }
 
-/// 0 = chosen by shape, 1 + the `DecodeKernel` forced; `u8::MAX` = not read from the environment.
+impl DecodeKernel {
+    pub const ALL: [DecodeKernel; 3] = [Self::Grouped, Self::ByHead, Self::PerHead];
+
+    /// Its name in `TESSERA_DECODE_ATTENTION` and `tessera bench attention`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Grouped => "grouped",
+            Self::ByHead => "by_head",
+            Self::PerHead => "per_head",
+        }
+    }
+}
+
+/// 0 = chosen by shape, 1 + the index in `DecodeKernel::ALL` of the one forced; `u8::MAX` = not
+/// read from the environment.
 static DECODE_ATTENTION: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+
+fn decode_kernel_code(choice: Option<DecodeKernel>) -> u8 {
+    choice.map_or(0, |k| {
+        1 + DecodeKernel::ALL.iter().position(|&x| x == k).unwrap_or(0) as u8
+    })
+}
 
 /// Forces a decode attention kernel for this process (where it applies: the vectorised kernel
 /// needs hd / 8 a power of two and hd <= 256); `None` lets the shape decide.
 pub fn force_decode_kernel(choice: Option<DecodeKernel>) {
-    let v = match choice {
-        None => 0,
-        Some(DecodeKernel::Grouped) => 1,
-        Some(DecodeKernel::ByHead) => 2,
-        Some(DecodeKernel::PerHead) => 3,
-    };
-    DECODE_ATTENTION.store(v, std::sync::atomic::Ordering::Relaxed);
+    DECODE_ATTENTION.store(
+        decode_kernel_code(choice),
+        std::sync::atomic::Ordering::Relaxed,
+    );
 }
 
-fn decode_kernel_choice() -> Option<DecodeKernel> {
+pub(crate) fn decode_kernel_choice() -> Option<DecodeKernel> {
     use std::sync::atomic::Ordering::Relaxed;
     let mut v = DECODE_ATTENTION.load(Relaxed);
     if v == u8::MAX {
-        v = match std::env::var("TESSERA_DECODE_ATTENTION").as_deref() {
-            Ok("grouped") => 1,
-            Ok("by_head") => 2,
-            Ok("per_head") => 3,
-            _ => 0,
-        };
-        let _ = DECODE_ATTENTION.compare_exchange(u8::MAX, v, Relaxed, Relaxed);
+        let env = std::env::var("TESSERA_DECODE_ATTENTION").ok();
+        let named = DecodeKernel::ALL
+            .into_iter()
+            .find(|k| env.as_deref() == Some(k.name()));
+        let _ =
+            DECODE_ATTENTION.compare_exchange(u8::MAX, decode_kernel_code(named), Relaxed, Relaxed);
         v = DECODE_ATTENTION.load(Relaxed);
     }
-    match v {
-        1 => Some(DecodeKernel::Grouped),
-        2 => Some(DecodeKernel::ByHead),
-        3 => Some(DecodeKernel::PerHead),
-        _ => None,
-    }
+    (v as usize)
+        .checked_sub(1)
+        .and_then(|i| DecodeKernel::ALL.get(i).copied())
 }
 
 /// Query heads a block of the vectorised decode attention may take (the largest `GM` of
