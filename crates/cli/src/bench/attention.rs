@@ -18,13 +18,6 @@ pub struct AttentionArgs {
 
 pub fn run(a: AttentionArgs) -> Result<()> {
     a.shapes.check("attention")?;
-    if !a.shapes.kv_heads.is_multiple_of(a.shapes.tp) {
-        bail!(
-            "--tp {} does not divide the {} KV heads",
-            a.shapes.tp,
-            a.shapes.kv_heads
-        );
-    }
     if a.batch.contains(&0) || a.keys.contains(&0) {
         bail!("--batch and --keys take sizes of at least 1");
     }
@@ -35,29 +28,26 @@ pub fn run(a: AttentionArgs) -> Result<()> {
 fn run_cuda(a: AttentionArgs) -> Result<()> {
     let t = a.shapes.tp;
     let (hq, hkv, hd) = (a.shapes.hidden / 128 / t, a.shapes.kv_heads / t, 128);
-    let bw = tessera_tensor::cuda::copy_bandwidth(0)?;
+    use super::shapes::{copy_ceiling, fastest, speed};
+    let bw = copy_ceiling(&format!(
+        "tp {t}: {hq} query / {hkv} KV heads of {hd} a rank"
+    ))?;
     println!(
-        "ceiling: {:.1} GB/s measured (device-to-device copy); tp {t}: {hq} query / {hkv} KV heads of {hd} a rank",
-        bw / 1e9
-    );
-    println!(
-        "\n{:>5} {:>5} {:>9} {:>28} {:>9} {:>9} {:>7}",
+        "\n{:>5} {:>5} {:>9} {:>28} {:>9} {:>9} {:>9}",
         "batch", "keys", "kernel", "plan", "µs", "GB/s", "% copy"
     );
     for &b in &a.batch {
         for &k in &a.keys {
             let rows = tessera_tensor::cuda::bench_decode_attention(0, (b, hq, hkv, hd, k))?;
-            let best = rows.iter().map(|r| r.micros).fold(f64::INFINITY, f64::min);
+            let best = fastest(rows.iter().map(|r| r.micros));
             for r in rows {
                 println!(
-                    "{:>5} {:>5} {:>9} {:>28} {:>9.2} {:>9.1} {:>7.1}{}",
+                    "{:>5} {:>5} {:>9} {:>28} {}{}",
                     b,
                     k,
                     r.kernel,
                     r.plan,
-                    r.micros,
-                    r.bytes_per_sec / 1e9,
-                    100.0 * r.bytes_per_sec / bw,
+                    speed(r.micros, r.bytes_per_sec, bw),
                     if r.micros == best { "  <- fastest" } else { "" }
                 );
             }

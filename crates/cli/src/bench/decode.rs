@@ -13,10 +13,10 @@ use tessera_model::synthetic::llama_config_json;
 use tessera_model::{LlamaModel, ModelConfig, TpRank};
 use tessera_tensor::{DType, Device, Tensor};
 
+use super::ceiling;
+
 /// (batch, seconds for the timed steps, weight bytes, KV cache bytes) of one rank.
 type Rows = Vec<(usize, f64, usize, usize)>;
-
-use super::ceiling;
 
 #[derive(clap::Args, Debug)]
 pub struct DecodeArgs {
@@ -85,20 +85,13 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     if a.graph && device == Device::Cpu {
         bail!("--graph needs --device cuda");
     }
-    let tps = match a.one_rank_of {
-        Some(n) => {
-            tessera_model::validate_tp(&cfg, n)?;
-            device_of_rank(device, 0).ensure_available()?;
-            vec![n]
-        }
-        None => a.tp.clone(),
-    };
-    if a.one_rank_of.is_none() {
-        for &tp in &tps {
-            tessera_model::validate_tp(&cfg, tp)?;
-            for r in 0..tp {
-                device_of_rank(device, r).ensure_available()?;
-            }
+    let tps = a.one_rank_of.map_or_else(|| a.tp.clone(), |n| vec![n]);
+    for &tp in &tps {
+        tessera_model::validate_tp(&cfg, tp)?;
+        // --one-rank-of runs rank 0 alone, on the first device.
+        let ranks = if a.one_rank_of.is_some() { 1 } else { tp };
+        for r in 0..ranks {
+            device_of_rank(device, r).ensure_available()?;
         }
     }
     println!(

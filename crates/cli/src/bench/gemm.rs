@@ -29,11 +29,8 @@ fn run_cuda(a: GemmArgs) -> Result<()> {
         .shapes
         .layers()
         .map(|(name, n, k, gated)| (name, if gated { 2 * n } else { n }, k));
-    let bw = tessera_tensor::cuda::copy_bandwidth(0)?;
-    println!(
-        "ceiling: {:.1} GB/s measured (device-to-device copy); tp {t}",
-        bw / 1e9
-    );
+    use super::shapes::{copy_ceiling, fastest, speed};
+    let bw = copy_ceiling(&format!("tp {t}"))?;
     println!(
         "\n{:>8} {:>5} {:>7} {:>6} {:>8} {:>9} {:>9} {:>9}",
         "layer", "m", "n", "k", "kernel", "µs", "GB/s", "% copy"
@@ -41,18 +38,16 @@ fn run_cuda(a: GemmArgs) -> Result<()> {
     for &m in &a.batch {
         for (name, n, k) in layers {
             let rows = tessera_tensor::cuda::bench_gemm(0, &[(m, n, k)])?;
-            let best = rows.iter().map(|r| r.micros).fold(f64::INFINITY, f64::min);
+            let best = fastest(rows.iter().map(|r| r.micros));
             for r in rows {
                 println!(
-                    "{:>8} {:>5} {:>7} {:>6} {:>8} {:>9.2} {:>9.1} {:>9.1}{}",
+                    "{:>8} {:>5} {:>7} {:>6} {:>8} {}{}",
                     name,
                     r.m,
                     r.n,
                     r.k,
                     r.kernel,
-                    r.micros,
-                    r.bytes_per_sec / 1e9,
-                    100.0 * r.bytes_per_sec / bw,
+                    speed(r.micros, r.bytes_per_sec, bw),
                     if r.micros == best { "  <- fastest" } else { "" }
                 );
             }

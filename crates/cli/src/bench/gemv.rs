@@ -21,32 +21,27 @@ fn run_cuda(a: GemvArgs) -> Result<()> {
     let (h, t) = (a.shapes.hidden, a.shapes.tp);
     let lm_head = ("lm_head", a.vocab.div_ceil(t), h, false);
     let shapes = a.shapes.layers().into_iter().chain([lm_head]);
-    let bw = tessera_tensor::cuda::copy_bandwidth(0)?;
-    println!(
-        "ceiling: {:.1} GB/s measured (device-to-device copy); tp {t}",
-        bw / 1e9
-    );
+    use super::shapes::{copy_ceiling, fastest, speed};
+    let bw = copy_ceiling(&format!("tp {t}"))?;
     println!(
         "\n{:>8} {:>7} {:>6} {:>10} {:>9} {:>9} {:>9}",
         "layer", "n", "k", "kernel", "µs", "GB/s", "% copy"
     );
     for (name, n, k, gated) in shapes {
         let rows = tessera_tensor::cuda::bench_gemv(0, &[(n, k, gated)])?;
-        let best = rows
-            .iter()
-            .filter(|r| r.kernel != "cublas")
-            .map(|r| r.micros)
-            .fold(f64::INFINITY, f64::min);
+        let best = fastest(
+            rows.iter()
+                .filter(|r| r.kernel != "cublas")
+                .map(|r| r.micros),
+        );
         for r in rows {
             println!(
-                "{:>8} {:>7} {:>6} {:>10} {:>9.2} {:>9.1} {:>9.1}{}",
+                "{:>8} {:>7} {:>6} {:>10} {}{}",
                 name,
                 if r.gated { 2 * r.n } else { r.n },
                 r.k,
                 r.kernel,
-                r.micros,
-                r.bytes_per_sec / 1e9,
-                100.0 * r.bytes_per_sec / bw,
+                speed(r.micros, r.bytes_per_sec, bw),
                 match (r.micros == best, r.chosen) {
                     (true, true) => "  <- fastest, used",
                     (true, false) => "  <- fastest",

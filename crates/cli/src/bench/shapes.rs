@@ -1,5 +1,6 @@
-//! The weight shapes of one Llama decoder layer at a tensor-parallel degree, shared by the CUDA
-//! kernel benchmarks (`bench gemv`, `bench gemm`, `bench attention`).
+//! The weight and head shapes of one Llama decoder layer at a tensor-parallel degree, and the
+//! copy-bandwidth ceiling and speed columns, shared by the CUDA kernel benchmarks (`bench gemv`,
+//! `bench gemm`, `bench attention`).
 
 use anyhow::{bail, Result};
 
@@ -22,17 +23,17 @@ pub struct LayerShapes {
 }
 
 impl LayerShapes {
-    /// Refuses a device other than cuda and a tp that does not divide the shapes; `what` names
-    /// the benchmark.
+    /// Refuses a device other than cuda and a tp that does not divide the shapes (the query and
+    /// KV heads of 128 too: a rank holds whole heads); `what` names the benchmark.
     pub fn check(&self, what: &str) -> Result<()> {
         if self.device != "cuda" {
             bail!("bench {what} measures the CUDA kernels: --device cuda");
         }
         let t = self.tp;
         if t == 0
-            || !self.hidden.is_multiple_of(t)
+            || !self.hidden.is_multiple_of(128 * t)
             || !self.intermediate.is_multiple_of(t)
-            || !(self.kv_heads * 128).is_multiple_of(t)
+            || !self.kv_heads.is_multiple_of(t)
         {
             bail!("--tp {t} does not divide the shapes");
         }
@@ -51,4 +52,32 @@ impl LayerShapes {
             ("down", h, i / t, false),
         ]
     }
+}
+
+/// GPU 0's device-to-device copy bandwidth, the ceiling of the kernel benchmarks, printed with
+/// `what` (the shapes measured).
+#[cfg(feature = "cuda")]
+pub fn copy_ceiling(what: &str) -> Result<f64> {
+    let bw = tessera_tensor::cuda::copy_bandwidth(0)?;
+    println!(
+        "ceiling: {:.1} GB/s measured (device-to-device copy); {what}",
+        bw / 1e9
+    );
+    Ok(bw)
+}
+
+/// A kernel's speed beside the ceiling, three columns: µs a call, GB/s, % of the ceiling.
+#[cfg(feature = "cuda")]
+pub fn speed(micros: f64, bytes_per_sec: f64, ceiling: f64) -> String {
+    format!(
+        "{micros:>9.2} {:>9.1} {:>9.1}",
+        bytes_per_sec / 1e9,
+        100.0 * bytes_per_sec / ceiling
+    )
+}
+
+/// The least of `micros` (the row a table marks fastest).
+#[cfg(feature = "cuda")]
+pub fn fastest(micros: impl Iterator<Item = f64>) -> f64 {
+    micros.fold(f64::INFINITY, f64::min)
 }
