@@ -921,7 +921,8 @@ pub fn decode_attention(
     };
     let out = CudaBuf::alloc(&dev, qkv.dtype(), batch * hq * hd)?;
     let f = dev.table(inv_freq)?;
-    let (bb, a, b, c, s, w) = (
+    // Kernel arguments (mutable: the PDL launch passes their addresses).
+    let (mut bb, mut a, mut b, mut c, mut s, mut w) = (
         batch as i32,
         hq as i32,
         hkv as i32,
@@ -983,8 +984,7 @@ pub fn decode_attention(
             ptrs[4..7].copy_from_slice(&[slice_ptr(m), slice_ptr(sums), slice_ptr(acc)]);
         }
         let mut pos = io.as_ref().map_or(0, |io| io.pos.device_ptr(st).0);
-        let (mut bb, mut a, mut b, mut c, mut s, mut w, mut scale, mut per, mut gb) =
-            (bb, a, b, c, s, w, scale, per, gb as i32);
+        let (mut scale, mut per, mut gb) = (scale, per, gb as i32);
         let mut params: Vec<*mut std::ffi::c_void> =
             ptrs.iter_mut().map(|p| (p as *mut u64).cast()).collect();
         for v in [&mut bb, &mut a, &mut b, &mut c, &mut s, &mut w] {
