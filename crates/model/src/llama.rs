@@ -399,7 +399,9 @@ impl LlamaModel {
         let len = cache.len();
         let batch = cache.batch;
         let tokens = vec![0u32; batch];
+        // Recorded twice (to size the graph's arena, then for real): each time from this length.
         let graph = tessera_tensor::cuda::graph::DecodeGraph::capture(ordinal, batch, || {
+            cache.set_len(len);
             let x = self.hidden(&tokens, batch, cache, Logits::All, comm)?;
             self.head.local_argmax(&x).map(|_| ())
         });

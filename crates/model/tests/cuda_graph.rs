@@ -29,8 +29,18 @@ fn graph_replay_equals_eager_decode() {
         Some(DecodeKernel::ByHead),
         Some(DecodeKernel::PerHead),
     ];
-    for (tp, grouped) in (1..=n).flat_map(|tp| kernels.map(|k| (tp, k))) {
+    // Batch 1 (a chain of GEMVs: intermediates in the graph's arena by default), batch 4 (GEMMs:
+    // from the pool by default) and batch 4 with the arena forced.
+    use tessera_tensor::cuda::graph::{force_graph_arena, GraphArena};
+    let layouts = [
+        (1, GraphArena::Auto),
+        (4, GraphArena::Auto),
+        (4, GraphArena::Always),
+    ];
+    let runs = (1..=n).flat_map(|tp| kernels.map(|k| (tp, k)));
+    for ((tp, grouped), (batch, arena)) in runs.flat_map(|r| layouts.map(|l| (r, l))) {
         tessera_tensor::cuda::force_decode_kernel(grouped);
+        force_graph_arena(Some(arena));
         let comms = LocalGroup::new(tp).into_comms();
         let results: Vec<(Steps, Steps)> = std::thread::scope(|s| {
             let hs: Vec<_> = comms
@@ -53,13 +63,12 @@ fn graph_replay_equals_eager_decode() {
                             3,
                         )
                         .unwrap();
-                        let batch = 4;
                         let mut eager = m.new_cache_batch(32, batch).unwrap();
                         // A cache of 600 positions: the captured decode attention covers it in
                         // 3 splits joined by a second kernel; the empty ones add exact zeros, so
                         // the tokens still equal the eager (one-split) ones bit for bit.
                         let mut graphed = m.new_cache_batch(600, batch).unwrap();
-                        let prompt: Vec<u32> = vec![5, 17, 999, 42];
+                        let prompt: Vec<u32> = [5, 17, 999, 42][..batch].to_vec();
                         let mut te = m
                             .forward_lockstep_greedy(&prompt, &mut eager, comm)
                             .unwrap();
@@ -67,6 +76,12 @@ fn graph_replay_equals_eager_decode() {
                             .forward_lockstep_greedy(&prompt, &mut graphed, comm)
                             .unwrap();
                         let mut g = m.capture_lockstep_greedy(&mut graphed, comm).unwrap();
+                        // The intermediates are where the choice puts them: in an arena, no
+                        // allocation node between the kernels.
+                        let st = g.stats().unwrap();
+                        let in_arena = arena.used_for(batch);
+                        assert_eq!(st.arena_bytes > 0, in_arena, "{st}");
+                        assert_eq!(st.allocs == 0, in_arena, "{st}");
                         let (mut a, mut b) = (Vec::new(), Vec::new());
                         for _ in 0..12 {
                             te = m.forward_lockstep_greedy(&te, &mut eager, comm).unwrap();
@@ -95,9 +110,12 @@ fn graph_replay_equals_eager_decode() {
                 "tp {tp}: degenerate decode"
             );
         }
-        eprintln!("tp {tp}, decode attention {grouped:?}: 12 graph steps equal the eager steps");
+        eprintln!(
+            "tp {tp}, batch {batch}, arena {arena:?}, decode attention {grouped:?}: 12 graph steps equal the eager steps"
+        );
     }
     tessera_tensor::cuda::force_decode_kernel(None);
+    force_graph_arena(None);
 }
 
 fn comm_barrier(c: &dyn tessera_comm::Communicator) {

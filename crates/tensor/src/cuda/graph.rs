@@ -15,7 +15,7 @@
 //! into the graph (or read the graph's inputs). tessera runs one rank thread per GPU; tests that
 //! share a GPU take turns.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::CUstreamCaptureMode;
 use cudarc::driver::{CudaGraph, CudaSlice};
@@ -41,35 +41,107 @@ pub struct GraphStats {
     pub edges: usize,
     /// Edges that let the kernel after start before the one before finishes.
     pub programmatic: usize,
+    /// Bytes of the arena the intermediates live in (0: from the stream's pool).
+    pub arena_bytes: usize,
 }
 
 impl std::fmt::Display for GraphStats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} kernels, {} allocations, {} frees, {} other nodes; {} of {} edges programmatic",
+            "{} kernels, {} allocations, {} frees, {} other nodes; {} of {} edges programmatic; ",
             self.kernels, self.allocs, self.frees, self.other, self.programmatic, self.edges
-        )
+        )?;
+        match self.arena_bytes {
+            0 => write!(f, "intermediates from the pool"),
+            b => write!(f, "intermediates in a {:.1} MB arena", b as f64 / 1e6),
+        }
+    }
+}
+
+/// Where a captured step's intermediates live: in an arena the graph owns, or in the stream's
+/// pool (an allocation and a free node around every kernel, which end programmatic dependent
+/// launch between them). `Auto` takes the arena for the batches whose step is a chain of this
+/// crate's own kernels (GEMVs: batch 1, 3.85-3.88 against 4.00-4.05 ms a step of the 8B shape
+/// on an H200) and the pool where cuBLASLt GEMMs sit between them (batch 32: 5.23-5.30 with
+/// the arena against 5.09-5.16 ms from the pool, with or without PDL; cause not found).
+/// `TESSERA_GRAPH_ARENA=auto|1|0` (or [`force_graph_arena`]) chooses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GraphArena {
+    Auto,
+    Always,
+    Never,
+}
+
+/// 0: not forced; else 1 + the index of the forced choice.
+static FORCED_ARENA: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Overrides `TESSERA_GRAPH_ARENA` for the captures that follow (`None`: the environment's).
+pub fn force_graph_arena(choice: Option<GraphArena>) {
+    let v = match choice {
+        None => 0,
+        Some(GraphArena::Auto) => 1,
+        Some(GraphArena::Always) => 2,
+        Some(GraphArena::Never) => 3,
+    };
+    FORCED_ARENA.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+impl GraphArena {
+    /// The forced choice, else `TESSERA_GRAPH_ARENA`'s (unset: `Auto`).
+    pub fn current() -> Result<Self, String> {
+        match FORCED_ARENA.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => Ok(GraphArena::Auto),
+            2 => Ok(GraphArena::Always),
+            3 => Ok(GraphArena::Never),
+            _ => Self::parse(std::env::var("TESSERA_GRAPH_ARENA").ok().as_deref()),
+        }
+    }
+
+    fn parse(v: Option<&str>) -> Result<Self, String> {
+        match v.map(str::trim) {
+            None | Some("" | "auto") => Ok(GraphArena::Auto),
+            Some("1") => Ok(GraphArena::Always),
+            Some("0") => Ok(GraphArena::Never),
+            Some(x) => Err(format!("TESSERA_GRAPH_ARENA={x}: expected auto, 1 or 0")),
+        }
+    }
+
+    /// Whether a step of `batch` tokens keeps its intermediates in an arena.
+    pub fn used_for(self, batch: usize) -> bool {
+        match self {
+            GraphArena::Auto => batch <= super::GEMV_MAX_ROWS,
+            GraphArena::Always => true,
+            GraphArena::Never => false,
+        }
     }
 }
 
 /// One captured decode step for a batch of `batch` sequences on one device.
 pub struct DecodeGraph {
+    // Dropped in this order: the graph before the arena its kernels use.
+    graph: CudaGraph,
+    /// The intermediates' memory and its size in bytes (`None`: they come from the pool).
+    arena: Option<(CudaSlice<u8>, usize)>,
     dev: Arc<GpuDevice>,
     io: Arc<GraphIo>,
-    graph: CudaGraph,
 }
 
 // SAFETY: a graph is replayed by the one rank thread that owns it.
 unsafe impl Send for DecodeGraph {}
 
 impl DecodeGraph {
-    /// Captures what `step` issues on `ordinal`'s stream (it runs once, recording, not
-    /// executing). `step` must issue the step of `batch` tokens through the ops of this crate.
+    /// Captures what `step` issues on `ordinal`'s stream (it runs, recording, not executing).
+    /// `step` must issue the step of `batch` tokens through the ops of this crate, and issue the
+    /// same work each time it is called. With an arena ([`GraphArena`]) it is called twice: a
+    /// first time to count the bytes of the step's intermediates, then to record the graph with
+    /// those intermediates in one arena the graph owns (no allocation or free node between the
+    /// kernels, so their programmatic dependent launch holds inside the graph). Without, it is
+    /// recorded once, its intermediates from the stream's pool.
     pub fn capture<E: From<TensorError>>(
         ordinal: usize,
         batch: usize,
-        step: impl FnOnce() -> Result<(), E>,
+        mut step: impl FnMut() -> Result<(), E>,
     ) -> Result<Self, E> {
         let dev = GpuDevice::get(ordinal)?;
         let e = |x| dev_err(ordinal, x);
@@ -79,8 +151,49 @@ impl DecodeGraph {
             vals: dev.stream.alloc_zeros(batch).map_err(e)?,
             idx: dev.stream.alloc_zeros(batch).map_err(e)?,
         });
+        if !GraphArena::current()
+            .map_err(|x| dev_err(ordinal, x))?
+            .used_for(batch)
+        {
+            let (graph, _) = Self::record(&dev, &io, &mut step, None)?;
+            return Ok(DecodeGraph {
+                graph,
+                arena: None,
+                dev,
+                io,
+            });
+        }
+        let (counted, bytes) = Self::record(&dev, &io, &mut step, Some((0, 0)))?;
+        drop(counted);
+        let arena = dev.stream.alloc_zeros::<u8>(bytes.max(256)).map_err(e)?;
+        let base = {
+            use cudarc::driver::DevicePtr;
+            arena.device_ptr(&dev.stream).0
+        };
+        let (graph, _) = Self::record(&dev, &io, &mut step, Some((base, bytes)))?;
+        Ok(DecodeGraph {
+            graph,
+            arena: Some((arena, bytes)),
+            dev,
+            io,
+        })
+    }
+
+    /// One recording of `step`. With `arena` `Some((0, 0))` the intermediates come from the pool
+    /// and their bytes are counted; with `Some((base, size))` they come from the arena of `size`
+    /// bytes at `base`; with `None` from the pool. Returns the graph and the bytes counted.
+    fn record<E: From<TensorError>>(
+        dev: &Arc<GpuDevice>,
+        io: &Arc<GraphIo>,
+        step: &mut impl FnMut() -> Result<(), E>,
+        arena: Option<(u64, usize)>,
+    ) -> Result<(CudaGraph, usize), E> {
+        let ordinal = dev.ordinal;
+        let e = |x| dev_err(ordinal, x);
         dev.synchronize()?;
         *dev.capture.lock().unwrap_or_else(|p| p.into_inner()) = Some(io.clone());
+        *dev.arena.lock().unwrap_or_else(|p| p.into_inner()) =
+            arena.map(|(base, size)| Arc::new(Mutex::new(super::Arena::new(base, size))));
         let begun = dev
             .stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
@@ -94,12 +207,18 @@ impl DecodeGraph {
             cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
         );
         *dev.capture.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let used = dev
+            .arena
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .map_or(0, |a| a.lock().unwrap_or_else(|p| p.into_inner()).used());
         ran?;
         let graph = ended
             .map_err(e)?
             .ok_or_else(|| dev_err(ordinal, "the captured step issued no work"))?;
         graph.upload().map_err(e)?;
-        Ok(DecodeGraph { dev, io, graph })
+        Ok((graph, used))
     }
 
     /// What the capture recorded: nodes by kind and edges by type (a programmatic edge lets a
@@ -109,7 +228,10 @@ impl DecodeGraph {
         use cudarc::driver::sys;
         let e = |x: sys::CUresult| dev_err(self.dev.ordinal, format!("graph query: {x:?}"));
         let g = self.graph.cu_graph();
-        let mut st = GraphStats::default();
+        let mut st = GraphStats {
+            arena_bytes: self.arena.as_ref().map_or(0, |a| a.1),
+            ..GraphStats::default()
+        };
         // SAFETY: queries of a live graph of this context, into buffers of the reported sizes.
         unsafe {
             let mut n = 0usize;
@@ -188,5 +310,22 @@ impl DecodeGraph {
         let i = stream.clone_dtoh(&io.idx).map_err(e)?;
         stream.synchronize().map_err(e)?;
         Ok(v.into_iter().zip(i).map(|(v, i)| (v, i as u32)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GraphArena;
+
+    #[test]
+    fn graph_arena_choice_parses_and_takes_the_arena_for_gemv_batches_when_auto() {
+        assert_eq!(GraphArena::parse(None), Ok(GraphArena::Auto));
+        assert_eq!(GraphArena::parse(Some("auto")), Ok(GraphArena::Auto));
+        assert_eq!(GraphArena::parse(Some("1")), Ok(GraphArena::Always));
+        assert_eq!(GraphArena::parse(Some(" 0")), Ok(GraphArena::Never));
+        let e = GraphArena::parse(Some("yes")).unwrap_err();
+        assert!(e.starts_with("TESSERA_GRAPH_ARENA=yes"), "{e}");
+        assert!(GraphArena::Auto.used_for(1) && !GraphArena::Auto.used_for(32));
+        assert!(GraphArena::Always.used_for(64) && !GraphArena::Never.used_for(1));
     }
 }

@@ -175,6 +175,8 @@ pub struct GpuDevice {
     /// While a decode step is being captured: the device buffers its kernels read their inputs
     /// from and write their outputs to.
     pub(crate) capture: Mutex<Option<Arc<graph::GraphIo>>>,
+    /// While a decode step is being captured: where its intermediates come from.
+    pub(crate) arena: Mutex<Option<Arc<Mutex<Arena>>>>,
 }
 
 impl std::fmt::Debug for GpuDevice {
@@ -284,6 +286,7 @@ impl GpuDevice {
             pdl: major >= 9 && std::env::var("TESSERA_PDL").map_or(true, |v| v != "0"),
             tables: Mutex::new(HashMap::new()),
             capture: Mutex::new(None),
+            arena: Mutex::new(None),
         })
     }
 
@@ -306,6 +309,46 @@ impl GpuDevice {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Uninitialised device memory for `n` values: from the arena while a decode step is being
+    /// captured with one, else from the stream's pool.
+    pub(crate) fn temp<T: cudarc::driver::DeviceRepr>(
+        &self,
+        n: usize,
+    ) -> Result<DevSlice<T>, TensorError> {
+        let e = |e| dev_err(self.ordinal, e);
+        let bytes = Arena::aligned(n * std::mem::size_of::<T>());
+        let arena = self.arena.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(arena) = arena else {
+            // SAFETY: callers write every element before it is read.
+            return Ok(DevSlice::owned(unsafe { self.stream.alloc(n) }.map_err(e)?));
+        };
+        let (at, base, fits) = {
+            let mut a = arena.lock().unwrap_or_else(|p| p.into_inner());
+            let at = a.take(bytes);
+            (at, a.base, a.base != 0 && at + bytes <= a.size)
+        };
+        let part = Some(ArenaPart { arena, at, bytes });
+        if fits {
+            // SAFETY: bytes at..at + bytes of the arena, which the graph keeps allocated while it
+            // lives, and which no other live part holds; the part frees nothing on its own.
+            let slice = unsafe { self.stream.upgrade_device_ptr(base + at as u64, n) };
+            return Ok(DevSlice {
+                slice: std::mem::ManuallyDrop::new(slice),
+                owned: false,
+                part,
+            });
+        }
+        // Counting (or, were the recordings to differ, out of arena): from the pool, with the
+        // arena's bookkeeping kept as if it were the arena's.
+        // SAFETY: callers write every element before it is read.
+        let slice = unsafe { self.stream.alloc(n) }.map_err(e)?;
+        Ok(DevSlice {
+            slice: std::mem::ManuallyDrop::new(slice),
+            owned: true,
+            part,
+        })
     }
 
     /// `v` on the device, uploaded on first use only.
@@ -341,8 +384,144 @@ fn no_f16(dev: &GpuDevice) -> TensorError {
 
 /// Typed device memory.
 pub enum CudaData {
-    F32(CudaSlice<f32>),
-    BF16(CudaSlice<bf16>),
+    F32(DevSlice<f32>),
+    BF16(DevSlice<bf16>),
+}
+
+/// The memory of a [`CudaBuf`]: its own allocation from the stream's pool (freed, in stream
+/// order, when dropped), or a part of the arena of a CUDA graph being captured (the graph owns
+/// and frees the arena; dropping the part hands its bytes back to the arena, for the next
+/// intermediate of the step). Dereferences to the `CudaSlice`.
+pub struct DevSlice<T> {
+    slice: std::mem::ManuallyDrop<CudaSlice<T>>,
+    /// Freed on drop (pool memory), else left to the arena's owner.
+    owned: bool,
+    /// The arena bytes this slice holds (or, counting, stands for).
+    part: Option<ArenaPart>,
+}
+
+struct ArenaPart {
+    arena: Arc<Mutex<Arena>>,
+    at: usize,
+    bytes: usize,
+}
+
+impl<T> DevSlice<T> {
+    fn owned(slice: CudaSlice<T>) -> Self {
+        DevSlice {
+            slice: std::mem::ManuallyDrop::new(slice),
+            owned: true,
+            part: None,
+        }
+    }
+}
+
+impl<T> std::ops::Deref for DevSlice<T> {
+    type Target = CudaSlice<T>;
+    fn deref(&self) -> &CudaSlice<T> {
+        &self.slice
+    }
+}
+
+impl<T> std::ops::DerefMut for DevSlice<T> {
+    fn deref_mut(&mut self) -> &mut CudaSlice<T> {
+        &mut self.slice
+    }
+}
+
+impl<T> Drop for DevSlice<T> {
+    fn drop(&mut self) {
+        // SAFETY: taken once, here; the field is not used again.
+        let s = unsafe { std::mem::ManuallyDrop::take(&mut self.slice) };
+        if !self.owned {
+            // Part of a graph's arena: the graph frees the whole.
+            s.leak();
+        }
+        if let Some(p) = self.part.take() {
+            // Stream order makes the reuse safe, as the pool's: a later kernel that writes these
+            // bytes runs after every kernel issued before it (with programmatic dependent launch,
+            // a kernel writes only after waiting for its predecessor).
+            p.arena
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .give(p.at, p.bytes);
+        }
+    }
+}
+
+/// Memory for the intermediates of a decode step being captured ([`graph::DecodeGraph`]): parts
+/// of one allocation the graph owns, so that the captured kernels follow each other with no
+/// allocation or free node between them (which would end their programmatic dependent launch).
+/// Freed parts are reused first-fit, as a stream-ordered pool reuses them, so the step's
+/// intermediates stay few and warm in L2. The bookkeeping is deterministic: a first recording
+/// with `base` 0 finds the size the second, into real memory, needs (`high`).
+pub(crate) struct Arena {
+    base: u64,
+    size: usize,
+    /// End of the bytes ever handed out; parts below it are in use or in `free`.
+    top: usize,
+    /// Most bytes `top` reached.
+    high: usize,
+    /// Free ranges (offset, bytes) below `top`, by offset, never adjacent.
+    free: Vec<(usize, usize)>,
+}
+
+impl Arena {
+    pub(crate) fn new(base: u64, size: usize) -> Self {
+        Arena {
+            base,
+            size,
+            top: 0,
+            high: 0,
+            free: Vec::new(),
+        }
+    }
+
+    /// Bytes the arena must hold for what was asked of it so far.
+    pub(crate) fn used(&self) -> usize {
+        self.high
+    }
+
+    /// Bytes a part of `bytes` takes (256-byte aligned, as the pool aligns).
+    fn aligned(bytes: usize) -> usize {
+        bytes.div_ceil(256).max(1) * 256
+    }
+
+    /// The offset of a new part of `bytes` (aligned): the first free range it fits, else the top.
+    fn take(&mut self, bytes: usize) -> usize {
+        if let Some(i) = self.free.iter().position(|&(_, b)| b >= bytes) {
+            let (at, b) = self.free[i];
+            if b == bytes {
+                self.free.remove(i);
+            } else {
+                self.free[i] = (at + bytes, b - bytes);
+            }
+            return at;
+        }
+        let at = self.top;
+        self.top += bytes;
+        self.high = self.high.max(self.top);
+        at
+    }
+
+    /// Hands back the part at `at` of `bytes`, merging it with free neighbours (and into the top).
+    fn give(&mut self, at: usize, bytes: usize) {
+        let i = self.free.partition_point(|&(o, _)| o < at);
+        let (mut at, mut bytes) = (at, bytes);
+        if i < self.free.len() && at + bytes == self.free[i].0 {
+            bytes += self.free.remove(i).1;
+        }
+        if i > 0 && self.free[i - 1].0 + self.free[i - 1].1 == at {
+            at = self.free[i - 1].0;
+            bytes += self.free.remove(i - 1).1;
+        }
+        if at + bytes == self.top {
+            self.top = at;
+        } else {
+            let i = self.free.partition_point(|&(o, _)| o < at);
+            self.free.insert(i, (at, bytes));
+        }
+    }
 }
 
 /// A buffer on a GPU.
@@ -366,10 +545,12 @@ impl std::fmt::Debug for CudaBuf {
 impl Clone for CudaBuf {
     fn clone(&self) -> Self {
         let data = match &self.data {
-            CudaData::F32(s) => CudaData::F32(self.dev.stream.clone_dtod(s).expect("device copy")),
-            CudaData::BF16(s) => {
-                CudaData::BF16(self.dev.stream.clone_dtod(s).expect("device copy"))
-            }
+            CudaData::F32(s) => CudaData::F32(DevSlice::owned(
+                self.dev.stream.clone_dtod(&**s).expect("device copy"),
+            )),
+            CudaData::BF16(s) => CudaData::BF16(DevSlice::owned(
+                self.dev.stream.clone_dtod(&**s).expect("device copy"),
+            )),
         };
         CudaBuf {
             data,
@@ -408,28 +589,21 @@ impl CudaBuf {
     }
 
     pub fn zeros(dev: &Arc<GpuDevice>, dtype: DType, n: usize) -> Result<Self, TensorError> {
+        let mut b = Self::alloc(dev, dtype, n)?;
         let e = |e| dev_err(dev.ordinal, e);
-        let data = match dtype {
-            DType::F32 => CudaData::F32(dev.stream.alloc_zeros(n).map_err(e)?),
-            DType::BF16 => CudaData::BF16(dev.stream.alloc_zeros(n).map_err(e)?),
-            DType::F16 => return Err(no_f16(dev)),
-        };
-        Ok(CudaBuf {
-            data,
-            dev: dev.clone(),
-        })
+        match &mut b.data {
+            CudaData::F32(s) => dev.stream.memset_zeros(&mut **s).map_err(e)?,
+            CudaData::BF16(s) => dev.stream.memset_zeros(&mut **s).map_err(e)?,
+        }
+        Ok(b)
     }
 
     /// Uninitialised memory, for outputs every element of which a kernel writes.
     pub(crate) fn alloc(dev: &Arc<GpuDevice>, dtype: DType, n: usize) -> Result<Self, TensorError> {
-        let e = |e| dev_err(dev.ordinal, e);
-        // SAFETY: callers write every element before it is read.
-        let data = unsafe {
-            match dtype {
-                DType::F32 => CudaData::F32(dev.stream.alloc(n).map_err(e)?),
-                DType::BF16 => CudaData::BF16(dev.stream.alloc(n).map_err(e)?),
-                DType::F16 => return Err(no_f16(dev)),
-            }
+        let data = match dtype {
+            DType::F32 => CudaData::F32(dev.temp(n)?),
+            DType::BF16 => CudaData::BF16(dev.temp(n)?),
+            DType::F16 => return Err(no_f16(dev)),
         };
         Ok(CudaBuf {
             data,
@@ -490,10 +664,10 @@ impl CudaBuf {
         let stream = self.dev.stream.clone();
         match (&mut self.data, &src.data) {
             (CudaData::F32(d), CudaData::F32(s)) => {
-                stream.memcpy_dtod(s, &mut d.slice_mut(offset..offset + n))
+                stream.memcpy_dtod(&**s, &mut d.slice_mut(offset..offset + n))
             }
             (CudaData::BF16(d), CudaData::BF16(s)) => {
-                stream.memcpy_dtod(s, &mut d.slice_mut(offset..offset + n))
+                stream.memcpy_dtod(&**s, &mut d.slice_mut(offset..offset + n))
             }
             _ => return Err(self.err("copy between device buffers of different dtypes")),
         }
@@ -505,8 +679,10 @@ impl CudaBuf {
         let mut out = Self::alloc(&self.dev, self.dtype(), hi - lo)?;
         let stream = self.dev.stream.clone();
         match (&mut out.data, &self.data) {
-            (CudaData::F32(d), CudaData::F32(s)) => stream.memcpy_dtod(&s.slice(lo..hi), d),
-            (CudaData::BF16(d), CudaData::BF16(s)) => stream.memcpy_dtod(&s.slice(lo..hi), d),
+            (CudaData::F32(d), CudaData::F32(s)) => stream.memcpy_dtod(&s.slice(lo..hi), &mut **d),
+            (CudaData::BF16(d), CudaData::BF16(s)) => {
+                stream.memcpy_dtod(&s.slice(lo..hi), &mut **d)
+            }
             _ => unreachable!("same dtype"),
         }
         .map_err(|e| self.err(e))?;
@@ -585,6 +761,60 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), GEMV_VARIANTS.len());
         assert!(names.contains(&GEMV_PLAIN) && names.contains(&GEMV_GATED));
+    }
+
+    #[test]
+    fn graph_arena_reuses_freed_parts_first_fit_and_sizes_itself_by_its_high_water() {
+        let mut a = Arena::new(0, 0);
+        let k = 256;
+        // A step's pattern: an output kept, a temporary, the next output where it was.
+        let x = a.take(4 * k);
+        let t = a.take(2 * k);
+        assert_eq!((x, t), (0, 4 * k));
+        a.give(x, 4 * k);
+        let y = a.take(3 * k);
+        assert_eq!(y, 0, "first fit in the freed range");
+        let z = a.take(2 * k);
+        assert_eq!(z, 6 * k, "the free k left at 3k is too small: from the top");
+        assert_eq!(a.used(), 8 * k);
+        // Handing everything back merges the ranges and lowers the top to 0.
+        a.give(t, 2 * k);
+        a.give(z, 2 * k);
+        a.give(y, 3 * k);
+        assert!(a.free.is_empty(), "{:?}", a.free);
+        assert_eq!((a.top, a.used()), (0, 8 * k));
+        // Neighbours on both sides merge into one free range.
+        let p: Vec<usize> = (0..4).map(|_| a.take(k)).collect();
+        a.give(p[0], k);
+        a.give(p[2], k);
+        a.give(p[1], k);
+        assert_eq!(a.free, vec![(0, 3 * k)]);
+        assert_eq!(a.take(3 * k), 0);
+        // Deterministic: the same calls give the same offsets, so a first recording sizes the
+        // second.
+        let run = || {
+            let mut a = Arena::new(0, 0);
+            let mut offs = Vec::new();
+            let mut live = Vec::new();
+            for i in 0..50usize {
+                let b = Arena::aligned(1 + (i * 7919) % 5000);
+                let at = a.take(b);
+                assert!(
+                    live.iter().all(|&(o, n)| at + b <= o || o + n <= at),
+                    "overlap"
+                );
+                live.push((at, b));
+                offs.push(at);
+                if i % 3 != 0 {
+                    let (o, n) = live.remove((i * 31) % live.len());
+                    a.give(o, n);
+                }
+            }
+            (offs, a.used())
+        };
+        assert_eq!(run(), run());
+        assert_eq!(Arena::aligned(0), 256);
+        assert_eq!(Arena::aligned(257), 512);
     }
 
     #[test]

@@ -24,8 +24,8 @@ fn push_pos<'a>(l: &mut LaunchArgs<'a>, io: &'a Option<Arc<super::graph::GraphIo
 
 fn push<'a>(b: &mut LaunchArgs<'a>, buf: &'a CudaBuf) {
     match &buf.data {
-        CudaData::F32(s) => b.arg(s),
-        CudaData::BF16(s) => b.arg(s),
+        CudaData::F32(s) => b.arg(&**s),
+        CudaData::BF16(s) => b.arg(&**s),
     };
 }
 
@@ -288,10 +288,10 @@ pub(crate) fn cublas_gemm(
     // SAFETY: the buffers hold n x k, m x k and m x n values (the callers' shapes).
     let r = match (&w.data, &x.data, &mut y.data) {
         (CudaData::F32(a), CudaData::F32(b), CudaData::F32(c)) => unsafe {
-            blas.gemm(config(m, n, k, 1.0f32, 0.0f32), a, b, c)
+            blas.gemm(config(m, n, k, 1.0f32, 0.0f32), &**a, &**b, &mut **c)
         },
         (CudaData::BF16(a), CudaData::BF16(b), CudaData::BF16(c)) => unsafe {
-            blas.gemm(config(m, n, k, bf16::ONE, bf16::ZERO), a, b, c)
+            blas.gemm(config(m, n, k, bf16::ONE, bf16::ZERO), &**a, &**b, &mut **c)
         },
         _ => return Err(dev_err(dev.ordinal, "matmul operands differ in dtype")),
     };
@@ -777,14 +777,14 @@ pub fn argmax_rows(x: &CudaBuf, rows: usize, n: usize) -> Result<Vec<(f32, u32)>
     let e = |err| dev_err(dev.ordinal, err);
     let slices = n.div_ceil(2048).clamp(1, 128);
     let per = n.div_ceil(slices) as i32;
-    let part_v = unsafe { dev.stream.alloc::<f32>(rows * slices) }.map_err(e)?;
-    let part_i = unsafe { dev.stream.alloc::<i32>(rows * slices) }.map_err(e)?;
+    let part_v = dev.temp::<f32>(rows * slices)?;
+    let part_i = dev.temp::<i32>(rows * slices)?;
     let nn = n as i32;
     let f = dev.func("argmax_rows", x.dtype());
     let mut l = dev.stream.launch_builder(f);
     push(&mut l, x);
     l.arg(&NULL).arg(&NULL).arg(&nn).arg(&per);
-    l.arg(&part_v).arg(&part_i);
+    l.arg(&*part_v).arg(&*part_i);
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, slices as u32, 1),
         block_dim: (256, 1, 1),
@@ -814,7 +814,7 @@ pub fn argmax_rows(x: &CudaBuf, rows: usize, n: usize) -> Result<Vec<(f32, u32)>
     let ns = slices as i32;
     let mut l = dev.stream.launch_builder(f);
     push(&mut l, x);
-    l.arg(&part_v).arg(&part_i).arg(&ns).arg(&ns);
+    l.arg(&*part_v).arg(&*part_i).arg(&ns).arg(&ns);
     l.arg(vals).arg(idx);
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
@@ -932,16 +932,13 @@ pub fn decode_attention(
     );
     let heads = batch * hq;
     // Split partials (running max, sum, unnormalised output), only when there are several splits.
+    // Every split writes its slots before attention_combine reads them.
     let parts = if splits > 1 {
-        let e = |x| dev_err(dev.ordinal, x);
-        // SAFETY: every split writes its slots before attention_combine reads them.
-        unsafe {
-            Some((
-                dev.stream.alloc::<f32>(splits * heads).map_err(e)?,
-                dev.stream.alloc::<f32>(splits * heads).map_err(e)?,
-                dev.stream.alloc::<f32>(splits * heads * hd).map_err(e)?,
-            ))
-        }
+        Some((
+            dev.temp::<f32>(splits * heads)?,
+            dev.temp::<f32>(splits * heads)?,
+            dev.temp::<f32>(splits * heads * hd)?,
+        ))
     } else {
         None
     };
@@ -1004,7 +1001,7 @@ pub fn decode_attention(
             push(&mut l, buf);
         }
         match &parts {
-            Some((m, sums, acc)) => l.arg(m).arg(sums).arg(acc),
+            Some((m, sums, acc)) => l.arg(&**m).arg(&**sums).arg(&**acc),
             None => l.arg(&NULL).arg(&NULL).arg(&NULL),
         };
         l.arg(f.as_ref()).arg(&bb).arg(&a).arg(&b).arg(&c).arg(&s);
@@ -1017,7 +1014,7 @@ pub fn decode_attention(
         let mut l = dev
             .stream
             .launch_builder(dev.func("attention_combine", qkv.dtype()));
-        l.arg(m).arg(sums).arg(acc);
+        l.arg(&**m).arg(&**sums).arg(&**acc);
         push(&mut l, &out);
         l.arg(&ns).arg(&hdd);
         let cfg = LaunchConfig {

@@ -217,8 +217,8 @@ impl P2pAllReduce {
         let (counter, word) = (self.counter(), self.word_dev);
         let mut l = self.stream.launch_builder(f);
         match &mut b.data {
-            CudaData::F32(x) => l.arg(x),
-            CudaData::BF16(x) => l.arg(x),
+            CudaData::F32(x) => l.arg(&mut **x),
+            CudaData::BF16(x) => l.arg(&mut **x),
         };
         l.arg(&n)
             .arg(bufs)
