@@ -23,8 +23,12 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
     .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp ${TP:-1,2} --batch 1,8,32,64 --steps 32 2>&1
     echo "== tessera bench decode, Llama-3-8B shape, CUDA graphs"
     .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp ${TP:-1,2} --batch 1,8,32,64 --steps 32 --graph 2>&1
-    echo "== tessera bench decode, Llama-3-8B shape, CUDA graphs with the intermediates from the pool (TESSERA_GRAPH_ARENA=0)"
-    TESSERA_GRAPH_ARENA=0 .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 1 --batch 1,64 --steps 32 --graph 2>&1 | tail -5
+    # Where a captured step's intermediates live (auto: the graph's arena at batch 1, the pool at
+    # GEMM batches): both forced, same binary and call.
+    for a in 1 0; do
+      echo "== tessera bench decode, Llama-3-8B shape, CUDA graphs, TESSERA_GRAPH_ARENA=$a"
+      TESSERA_GRAPH_ARENA=$a .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 1 --batch 1,32,64 --steps 32 --graph 2>&1 | tail -7
+    done
     # The kernel benchmarks need one GPU, at tp 1 and at one rank's share of tp 2.
     echo "== tessera bench gemv, Llama-3-8B shapes"
     .gpu/tessera bench gemv 2>&1
