@@ -326,6 +326,9 @@ __device__ void decode_attention(const T* qkv, T* kc, T* vc, T* out, float* part
                                  const int* pos_ptr) {
     extern __shared__ float sm[];
     pdl_trigger();
+    // Launched as the vectorised kernel is (programmatic dependent launch), but nothing of it
+    // overlaps the kernel before: it waits for it first.
+    pdl_wait();
     int p = pos_ptr ? pos_ptr[0] : start;
     int split = blockIdx.x, splits = gridDim.x;
     int H = blockIdx.y, b = H / hq, i = H % hq, g = hq / hkv, kl = i / g;
@@ -388,6 +391,19 @@ __device__ void decode_attention(const T* qkv, T* kc, T* vc, T* out, float* part
     }
 }
 
+// The cached rows of positions j0 + jb + u ngrp + grp (u < UN) that a thread of
+// decode_attention_gqa takes, into r: those past n and the step's own position p (in shared
+// memory) are skipped.
+template <typename T, int UN>
+__device__ __forceinline__ void load_rows(Raw8<T> (&r)[UN], const T* base, long krow, int j0,
+                                          int jb, int ngrp, int grp, int n, int p) {
+#pragma unroll
+    for (int u = 0; u < UN; u++) {
+        int j = jb + u * ngrp + grp, pj = j0 + j;
+        if (j < n && pj != p) r[u] = raw8(base, (long)pj * krow);
+    }
+}
+
 // decode_attention with 16-byte loads and many rows in flight, one block per (split, sequence b,
 // KV head, slice of its query heads): the block takes gb of the KV head's g = hq / hkv query heads
 // (gb divides g; gb = g reads each cached K and V row once per split, gb = 1 gives g times more
@@ -440,11 +456,8 @@ __device__ void decode_attention_gqa(const T* qkv, T* kc, T* vc, T* out, float* 
     constexpr bool PRE = GM == 1;
     Raw8<T> kr[UN], vr[UN];
     if (PRE) {
-#pragma unroll
-        for (int u = 0; u < UN; u++) {
-            int j = u * ngrp + grp, pj = j0 + j;
-            if (j < n && pj != p) { kr[u] = raw8(kbase, (long)pj * krow); vr[u] = raw8(vbase, (long)pj * krow); }
-        }
+        load_rows(kr, kbase, krow, j0, 0, ngrp, grp, n, p);
+        load_rows(vr, vbase, krow, j0, 0, ngrp, grp, n, p);
     }
     // RoPE on the block's query heads and its key (the arithmetic of qkv_rope_append), one angle
     // per dimension pair (hd <= 256: one pair a thread). The angle and the cached rows above need
@@ -494,13 +507,7 @@ __device__ void decode_attention_gqa(const T* qkv, T* kc, T* vc, T* out, float* 
 #pragma unroll
             for (int e = 0; e < 8; e++) qr[h][e] = h < gb ? qs[h * hd + sub * 8 + e] : 0.f;
         for (int jb = 0; jb < n; jb += UN * ngrp) {
-            if (jb > 0 || !PRE) {
-#pragma unroll
-                for (int u = 0; u < UN; u++) {
-                    int j = jb + u * ngrp + grp, pj = j0 + j;
-                    if (j < n && pj != p) kr[u] = raw8(kbase, (long)pj * krow);
-                }
-            }
+            if (jb > 0 || !PRE) load_rows(kr, kbase, krow, j0, jb, ngrp, grp, n, p);
 #pragma unroll
             for (int u = 0; u < UN; u++) {
                 int j = jb + u * ngrp + grp, pj = j0 + j;
@@ -543,13 +550,7 @@ __device__ void decode_attention_gqa(const T* qkv, T* kc, T* vc, T* out, float* 
 #pragma unroll
         for (int e = 0; e < 8; e++) acc[h][e] = 0.f;
     for (int jb = 0; jb < n; jb += UN * ngrp) {
-        if (jb > 0 || !PRE) {
-#pragma unroll
-            for (int u = 0; u < UN; u++) {
-                int j = jb + u * ngrp + grp, pj = j0 + j;
-                if (j < n && pj != p) vr[u] = raw8(vbase, (long)pj * krow);
-            }
-        }
+        if (jb > 0 || !PRE) load_rows(vr, vbase, krow, j0, jb, ngrp, grp, n, p);
 #pragma unroll
         for (int u = 0; u < UN; u++) {
             int j = jb + u * ngrp + grp, pj = j0 + j;

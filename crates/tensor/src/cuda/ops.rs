@@ -960,55 +960,45 @@ pub fn decode_attention(
         shared_mem_bytes: smem as u32,
     };
     let f_kernel = dev.func(kernel, qkv.dtype());
-    if let Some(gb) = plan.heads_per_block {
-        // The vectorised kernel starts with programmatic dependent launch: it loads its cached
-        // K/V rows and computes its RoPE angles while the QKV projection before it finishes, and
-        // waits for that kernel (`pdl_wait`) only before it reads this step's q, k, v.
-        use cudarc::driver::DevicePtr;
-        let st = &dev.stream;
-        let slice_ptr = |x: &cudarc::driver::CudaSlice<f32>| x.device_ptr(st).0;
-        let mut ptrs = [
-            dptr(qkv),
-            dptr(kc),
-            dptr(vc),
-            dptr(&out),
-            0,
-            0,
-            0,
-            slice_ptr(f.as_ref()),
-        ];
-        if let Some((m, sums, acc)) = &parts {
-            ptrs[4..7].copy_from_slice(&[slice_ptr(m), slice_ptr(sums), slice_ptr(acc)]);
-        }
-        let mut pos = io.as_ref().map_or(0, |io| io.pos.device_ptr(st).0);
-        let (mut scale, mut per, mut gb) = (scale, per, gb as i32);
-        let mut params: Vec<*mut std::ffi::c_void> =
-            ptrs.iter_mut().map(|p| (p as *mut u64).cast()).collect();
-        for v in [&mut bb, &mut a, &mut b, &mut c, &mut s, &mut w] {
-            params.push((v as *mut i32).cast());
-        }
-        params.push((&mut scale as *mut f32).cast());
-        params.push((&mut per as *mut i32).cast());
-        params.push((&mut gb as *mut i32).cast());
-        params.push((&mut pos as *mut u64).cast());
-        // SAFETY: the parameters match decode_attention_gqa's signature (qkv, kc, vc, out,
-        // part_m, part_l, part_acc, inv_freq, batch, hq, hkv, hd, start, window, scale, per, gb,
-        // pos_ptr) and outlive the call; the buffers are live device memory of this context.
-        unsafe { launch_pdl(&dev, f_kernel, cfg, &mut params)? };
-    } else {
-        let mut l = dev.stream.launch_builder(f_kernel);
-        for buf in [qkv, kc, vc, &out] {
-            push(&mut l, buf);
-        }
-        match &parts {
-            Some((m, sums, acc)) => l.arg(&**m).arg(&**sums).arg(&**acc),
-            None => l.arg(&NULL).arg(&NULL).arg(&NULL),
-        };
-        l.arg(f.as_ref()).arg(&bb).arg(&a).arg(&b).arg(&c).arg(&s);
-        l.arg(&w).arg(&scale).arg(&per);
-        push_pos(&mut l, &io);
-        launched(&dev, unsafe { l.launch(cfg) })?;
+    // Both kernels start with programmatic dependent launch: the vectorised one loads its cached
+    // K/V rows and computes its RoPE angles while the QKV projection before it finishes, and
+    // waits for that kernel (`pdl_wait`) only before it reads this step's q, k, v; the per-head
+    // one waits at its start.
+    use cudarc::driver::DevicePtr;
+    let st = &dev.stream;
+    let slice_ptr = |x: &cudarc::driver::CudaSlice<f32>| x.device_ptr(st).0;
+    let mut ptrs = [
+        dptr(qkv),
+        dptr(kc),
+        dptr(vc),
+        dptr(&out),
+        0,
+        0,
+        0,
+        slice_ptr(f.as_ref()),
+    ];
+    if let Some((m, sums, acc)) = &parts {
+        ptrs[4..7].copy_from_slice(&[slice_ptr(m), slice_ptr(sums), slice_ptr(acc)]);
     }
+    let mut pos = io.as_ref().map_or(0, |io| io.pos.device_ptr(st).0);
+    let mut scale = scale;
+    let mut per = per;
+    let mut gb = plan.heads_per_block.unwrap_or(1) as i32;
+    let mut params: Vec<*mut std::ffi::c_void> =
+        ptrs.iter_mut().map(|p| (p as *mut u64).cast()).collect();
+    for v in [&mut bb, &mut a, &mut b, &mut c, &mut s, &mut w] {
+        params.push((v as *mut i32).cast());
+    }
+    params.push((&mut scale as *mut f32).cast());
+    params.push((&mut per as *mut i32).cast());
+    if plan.heads_per_block.is_some() {
+        params.push((&mut gb as *mut i32).cast());
+    }
+    params.push((&mut pos as *mut u64).cast());
+    // SAFETY: the parameters match the kernels' signatures (qkv, kc, vc, out, part_m, part_l,
+    // part_acc, inv_freq, batch, hq, hkv, hd, start, window, scale, per, [gb for the vectorised
+    // kernel,] pos_ptr) and outlive the call; the buffers are live device memory of this context.
+    unsafe { launch_pdl(&dev, f_kernel, cfg, &mut params)? };
     if let Some((m, sums, acc)) = &parts {
         let (ns, hdd) = (splits as i32, hd as i32);
         let mut l = dev
