@@ -397,6 +397,13 @@ impl LlamaModel {
             ));
         };
         let len = cache.len();
+        if len >= cache.capacity() {
+            // The step would grow the cache inside the capture, into memory of the graph.
+            return Err(ModelError::Input(format!(
+                "the KV cache is full ({} positions): give it the capacity of the whole run before capturing a step",
+                cache.capacity()
+            )));
+        }
         let batch = cache.batch;
         let tokens = vec![0u32; batch];
         // Recorded twice (to size the graph's arena, then for real): each time from this length.

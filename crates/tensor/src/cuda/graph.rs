@@ -7,8 +7,8 @@
 //! read and write fixed device buffers ([`GraphIo`]) instead: the position for RoPE, the KV append
 //! and attention; the input tokens for the embedding; the greedy (value, index) pairs of the LM
 //! head. A replay ([`DecodeGraph::replay`]) fills the inputs, launches the graph and reads the
-//! outputs. Intermediate tensors are allocated and freed inside the graph (stream-ordered
-//! allocation), so a replay allocates nothing.
+//! outputs. A replay allocates nothing: the step's intermediate tensors live in an arena the graph
+//! owns ([`GraphArena`]), or are allocated and freed inside the graph (stream-ordered allocation).
 //!
 //! A capture needs the device to itself: the process has one stream per GPU and one capture slot,
 //! so work another thread issues on that GPU while a step is being captured would be recorded
@@ -61,10 +61,11 @@ impl std::fmt::Display for GraphStats {
 
 /// Where a captured step's intermediates live: in an arena the graph owns, or in the stream's
 /// pool (an allocation and a free node around every kernel, which end programmatic dependent
-/// launch between them). `Auto` takes the arena for the batches whose step is a chain of this
-/// crate's own kernels (GEMVs: batch 1, 3.85-3.88 against 4.00-4.05 ms a step of the 8B shape
-/// on an H200) and the pool where cuBLASLt GEMMs sit between them (batch 32: 5.23-5.30 with
-/// the arena against 5.09-5.16 ms from the pool, with or without PDL; cause not found).
+/// launch between them). `Auto` takes the arena for single-row steps, where a bf16 model's step
+/// is a chain of this crate's own GEMVs and kernels (batch 1: 3.85-3.88 against 4.00-4.05 ms a
+/// step of the 8B shape on an H200), and the pool where cuBLASLt GEMMs sit between them (batch
+/// 64: 5.22-5.35 with the arena against 5.10-5.30 ms from the pool, with or without PDL; cause
+/// not found).
 /// `TESSERA_GRAPH_ARENA=auto|1|0` (or [`force_graph_arena`]) chooses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GraphArena {
@@ -155,7 +156,7 @@ impl DecodeGraph {
             .map_err(|x| dev_err(ordinal, x))?
             .used_for(batch)
         {
-            let (graph, _) = Self::record(&dev, &io, &mut step, None)?;
+            let (graph, ..) = Self::record(&dev, &io, &mut step, None)?;
             return Ok(DecodeGraph {
                 graph,
                 arena: None,
@@ -163,14 +164,25 @@ impl DecodeGraph {
                 io,
             });
         }
-        let (counted, bytes) = Self::record(&dev, &io, &mut step, Some((0, 0)))?;
+        let (counted, bytes, held) = Self::record(&dev, &io, &mut step, Some((0, 0)))?;
         drop(counted);
+        if held > 0 {
+            // A buffer of the step outlived it (it would point into the arena after the
+            // capture): record from the pool instead.
+            let (graph, ..) = Self::record(&dev, &io, &mut step, None)?;
+            return Ok(DecodeGraph {
+                graph,
+                arena: None,
+                dev,
+                io,
+            });
+        }
         let arena = dev.stream.alloc_zeros::<u8>(bytes.max(256)).map_err(e)?;
         let base = {
             use cudarc::driver::DevicePtr;
             arena.device_ptr(&dev.stream).0
         };
-        let (graph, _) = Self::record(&dev, &io, &mut step, Some((base, bytes)))?;
+        let (graph, ..) = Self::record(&dev, &io, &mut step, Some((base, bytes)))?;
         Ok(DecodeGraph {
             graph,
             arena: Some((arena, bytes)),
@@ -181,19 +193,24 @@ impl DecodeGraph {
 
     /// One recording of `step`. With `arena` `Some((0, 0))` the intermediates come from the pool
     /// and their bytes are counted; with `Some((base, size))` they come from the arena of `size`
-    /// bytes at `base`; with `None` from the pool. Returns the graph and the bytes counted.
+    /// bytes at `base`; with `None` from the pool. Returns the graph, the bytes counted and the
+    /// bytes of the arena still held when `step` returned (0 unless a buffer outlived the step).
+    /// A counting recording's graph is not uploaded: it is dropped unused.
     fn record<E: From<TensorError>>(
         dev: &Arc<GpuDevice>,
         io: &Arc<GraphIo>,
         step: &mut impl FnMut() -> Result<(), E>,
         arena: Option<(u64, usize)>,
-    ) -> Result<(CudaGraph, usize), E> {
+    ) -> Result<(CudaGraph, usize, usize), E> {
         let ordinal = dev.ordinal;
         let e = |x| dev_err(ordinal, x);
         dev.synchronize()?;
         *dev.capture.lock().unwrap_or_else(|p| p.into_inner()) = Some(io.clone());
-        *dev.arena.lock().unwrap_or_else(|p| p.into_inner()) =
-            arena.map(|(base, size)| Arc::new(Mutex::new(super::Arena::new(base, size))));
+        let counting = arena.is_some_and(|(base, _)| base == 0);
+        *dev.arena.lock().unwrap_or_else(|p| p.into_inner()) = arena.map(|(base, size)| {
+            let a = super::Arena::new(base, size);
+            (std::thread::current().id(), Arc::new(Mutex::new(a)))
+        });
         let begun = dev
             .stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
@@ -207,18 +224,23 @@ impl DecodeGraph {
             cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
         );
         *dev.capture.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        let used = dev
+        let (used, held) = dev
             .arena
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
-            .map_or(0, |a| a.lock().unwrap_or_else(|p| p.into_inner()).used());
+            .map_or((0, 0), |(_, a)| {
+                let a = a.lock().unwrap_or_else(|p| p.into_inner());
+                (a.used(), a.held())
+            });
         ran?;
         let graph = ended
             .map_err(e)?
             .ok_or_else(|| dev_err(ordinal, "the captured step issued no work"))?;
-        graph.upload().map_err(e)?;
-        Ok((graph, used))
+        if !counting {
+            graph.upload().map_err(e)?;
+        }
+        Ok((graph, used, held))
     }
 
     /// What the capture recorded: nodes by kind and edges by type (a programmatic edge lets a

@@ -176,7 +176,8 @@ pub struct GpuDevice {
     /// from and write their outputs to.
     pub(crate) capture: Mutex<Option<Arc<graph::GraphIo>>>,
     /// While a decode step is being captured: where its intermediates come from.
-    pub(crate) arena: Mutex<Option<Arc<Mutex<Arena>>>>,
+    /// (Only for the capturing thread: another thread's work on this device never takes from it.)
+    pub(crate) arena: Mutex<Option<(std::thread::ThreadId, Arc<Mutex<Arena>>)>>,
 }
 
 impl std::fmt::Debug for GpuDevice {
@@ -319,7 +320,10 @@ impl GpuDevice {
     ) -> Result<DevSlice<T>, TensorError> {
         let e = |e| dev_err(self.ordinal, e);
         let bytes = Arena::aligned(n * std::mem::size_of::<T>());
-        let arena = self.arena.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let arena = match &*self.arena.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((thread, a)) if *thread == std::thread::current().id() => Some(a.clone()),
+            _ => None,
+        };
         let Some(arena) = arena else {
             // SAFETY: callers write every element before it is read.
             return Ok(DevSlice::owned(unsafe { self.stream.alloc(n) }.map_err(e)?));
@@ -329,7 +333,7 @@ impl GpuDevice {
             let at = a.take(bytes);
             (at, a.base, a.base != 0 && at + bytes <= a.size)
         };
-        let part = Some(ArenaPart { arena, at, bytes });
+        let _part = Some(ArenaPart { arena, at, bytes });
         if fits {
             // SAFETY: bytes at..at + bytes of the arena, which the graph keeps allocated while it
             // lives, and which no other live part holds; the part frees nothing on its own.
@@ -337,7 +341,7 @@ impl GpuDevice {
             return Ok(DevSlice {
                 slice: std::mem::ManuallyDrop::new(slice),
                 owned: false,
-                part,
+                _part,
             });
         }
         // Counting (or, were the recordings to differ, out of arena): from the pool, with the
@@ -347,7 +351,7 @@ impl GpuDevice {
         Ok(DevSlice {
             slice: std::mem::ManuallyDrop::new(slice),
             owned: true,
-            part,
+            _part,
         })
     }
 
@@ -396,8 +400,8 @@ pub struct DevSlice<T> {
     slice: std::mem::ManuallyDrop<CudaSlice<T>>,
     /// Freed on drop (pool memory), else left to the arena's owner.
     owned: bool,
-    /// The arena bytes this slice holds (or, counting, stands for).
-    part: Option<ArenaPart>,
+    /// The arena bytes this slice holds (or, counting, stands for), handed back when it drops.
+    _part: Option<ArenaPart>,
 }
 
 struct ArenaPart {
@@ -411,7 +415,7 @@ impl<T> DevSlice<T> {
         DevSlice {
             slice: std::mem::ManuallyDrop::new(slice),
             owned: true,
-            part: None,
+            _part: None,
         }
     }
 }
@@ -437,15 +441,19 @@ impl<T> Drop for DevSlice<T> {
             // Part of a graph's arena: the graph frees the whole.
             s.leak();
         }
-        if let Some(p) = self.part.take() {
-            // Stream order makes the reuse safe, as the pool's: a later kernel that writes these
-            // bytes runs after every kernel issued before it (with programmatic dependent launch,
-            // a kernel writes only after waiting for its predecessor).
-            p.arena
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .give(p.at, p.bytes);
-        }
+        // The arena part, if any, is handed back as `part` drops.
+    }
+}
+
+impl Drop for ArenaPart {
+    fn drop(&mut self) {
+        // Stream order makes the reuse safe, as the pool's: a later kernel that writes these
+        // bytes runs after every kernel issued before it (with programmatic dependent launch, a
+        // kernel writes only after waiting for its predecessor: see `ops::launch_pdl`).
+        self.arena
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .give(self.at, self.bytes);
     }
 }
 
@@ -480,6 +488,11 @@ impl Arena {
     /// Bytes the arena must hold for what was asked of it so far.
     pub(crate) fn used(&self) -> usize {
         self.high
+    }
+
+    /// Bytes up to the end of the last part still held (0: every part was handed back).
+    pub(crate) fn held(&self) -> usize {
+        self.top
     }
 
     /// Bytes a part of `bytes` takes (256-byte aligned, as the pool aligns).
@@ -810,9 +823,17 @@ mod tests {
                     a.give(o, n);
                 }
             }
+            // Every part lies within the size the bookkeeping reports, so the first recording
+            // sizes the arena of the second.
+            assert!(live.iter().all(|&(o, n)| o + n <= a.used()));
+            for (o, n) in live.drain(..) {
+                a.give(o, n);
+            }
+            assert_eq!(a.held(), 0, "all handed back");
             (offs, a.used())
         };
-        assert_eq!(run(), run());
+        let (offs, used) = run();
+        assert!(offs.iter().all(|&o| o < used));
         assert_eq!(Arena::aligned(0), 256);
         assert_eq!(Arena::aligned(257), 512);
     }

@@ -147,8 +147,11 @@ pub(crate) fn launch_gemv_kernel(
 }
 
 /// Launches `f` on the device's stream with programmatic dependent launch when the device has it
-/// on: the kernel may start while the one before it finishes, and must `pdl_wait` before it
-/// reads that kernel's output.
+/// on: the kernel may start while the one before it finishes (and, as every kernel lets the next
+/// start at once, while the ones before that finish too). So before its `pdl_wait` it may read
+/// only memory no recent kernel writes (weights, constant tables, KV rows of earlier steps) and
+/// write nothing: intermediates are reused in stream order (the pool's, a graph's arena), so an
+/// early write could land on a buffer a running kernel still reads.
 ///
 /// # Safety
 /// `params` point at the kernel's arguments, in its order and of its types, valid for the call.
