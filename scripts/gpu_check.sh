@@ -15,7 +15,7 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   if [[ $STEPS == all || $STEPS == *tests* ]]; then
     for t in .gpu/test-*; do
-      echo "== $t"; timeout 240 "$t" --test-threads=1 --nocapture 2>&1 | grep -E "test |relative error|bf16 mean|graph steps|panicked|assert|result" | tail -40
+      echo "== $t"; timeout 240 "$t" --test-threads=1 --nocapture 2>&1 | grep -E "test |relative error|bf16 mean|graph steps|captured step|panicked|assert|result" | tail -40
     done
   fi
   if [[ $STEPS == all || $STEPS == *bench* ]]; then

@@ -608,3 +608,50 @@ fn one_shot_all_reduce_between_two_streams_of_one_gpu_is_exact() {
         "one-shot all-reduce: a missing peer ends the call after {waited:?} (deadline 200 ms)"
     );
 }
+
+/// A captured step (`DecodeGraph`) replays what it recorded, with its intermediates in the
+/// graph's arena (no allocation node) or from the pool, as the choice says.
+#[test]
+fn a_captured_step_keeps_its_intermediates_where_the_choice_says() {
+    use tessera_tensor::cuda::graph::{force_graph_arena, DecodeGraph, GraphArena};
+    use tessera_tensor::TensorError;
+    let Some(dev) = gpu() else { return };
+    let (rows, k, n) = (3, 256, 300);
+    let g = |t: Tensor| t.to_device(dev).unwrap();
+    let (x, w, nw) = (
+        g(rand_t(vec![rows, k], DType::BF16, 41)),
+        g(rand_t(vec![n, k], DType::BF16, 42)),
+        g(rand_t(vec![n], DType::BF16, 43)),
+    );
+    // argmax over rms_norm(x w^T) a row: eager (which also tunes the GEMM), then captured.
+    let step = || -> Result<Vec<(f32, u32)>, TensorError> {
+        let h = ops::matmul_t(&x, &w, None)?;
+        let y = ops::rms_norm(&h, &nw, 1e-5)?;
+        let Storage::Cuda(buf) = y.storage() else {
+            unreachable!("on the GPU")
+        };
+        tessera_tensor::cuda::argmax_rows(buf, rows, n)
+    };
+    let want = step().unwrap();
+    assert_eq!(want.len(), rows);
+    for (choice, in_arena) in [(GraphArena::Always, true), (GraphArena::Never, false)] {
+        force_graph_arena(Some(choice));
+        let mut graph = DecodeGraph::capture(0, rows, || step().map(|_| ())).unwrap();
+        let st = graph.stats().unwrap();
+        assert_eq!(st.arena_bytes > 0, in_arena, "{choice:?}: {st}");
+        assert_eq!(st.allocs == 0, in_arena, "{choice:?}: {st}");
+        for _ in 0..3 {
+            let got = graph.replay(&vec![0; rows], 0).unwrap();
+            let idx = |v: &[(f32, u32)]| v.iter().map(|p| p.1).collect::<Vec<_>>();
+            assert_eq!(idx(&got), idx(&want), "{choice:?}");
+            for (a, b) in got.iter().zip(&want) {
+                assert!(
+                    (a.0 - b.0).abs() <= 1e-6 * b.0.abs().max(1.0),
+                    "{a:?} vs {b:?}"
+                );
+            }
+        }
+        eprintln!("captured step, arena {choice:?}: {st}");
+    }
+    force_graph_arena(None);
+}
