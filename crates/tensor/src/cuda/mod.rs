@@ -539,7 +539,7 @@ impl Arena {
 
 /// A buffer on a GPU.
 pub struct CudaBuf {
-    pub data: CudaData,
+    pub(crate) data: CudaData,
     pub dev: Arc<GpuDevice>,
 }
 
