@@ -639,6 +639,9 @@ __device__ void one_shot_all_reduce(T* x, long n, const unsigned long long* bufs
                                     unsigned long long timeout_ns) {
     __shared__ unsigned gen;
     __shared__ int bail;
+    // The kernel after (a decode GEMV, launched with programmatic dependent launch) may start and
+    // load its weights while this one waits for the peers; it waits for this one before reading x.
+    pdl_trigger();
     int blocks = gridDim.x, b = blockIdx.x;
     if (threadIdx.x == 0) { gen = counter[b] + 1; counter[b] = gen; bail = 0; }
     __syncthreads();
