@@ -74,28 +74,26 @@ pub enum GraphArena {
     Never,
 }
 
-/// 0: not forced; else 1 + the index of the forced choice.
+/// 0: not forced; else 1 + the forced choice's index in `GraphArena::ALL`.
 static FORCED_ARENA: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// Overrides `TESSERA_GRAPH_ARENA` for the captures that follow (`None`: the environment's).
 pub fn force_graph_arena(choice: Option<GraphArena>) {
-    let v = match choice {
-        None => 0,
-        Some(GraphArena::Auto) => 1,
-        Some(GraphArena::Always) => 2,
-        Some(GraphArena::Never) => 3,
-    };
-    FORCED_ARENA.store(v, std::sync::atomic::Ordering::Relaxed);
+    let code = choice.map_or(0, |c| {
+        1 + GraphArena::ALL.iter().position(|&x| x == c).unwrap_or(0) as u8
+    });
+    FORCED_ARENA.store(code, std::sync::atomic::Ordering::Relaxed);
 }
 
 impl GraphArena {
+    const ALL: [GraphArena; 3] = [GraphArena::Auto, GraphArena::Always, GraphArena::Never];
+
     /// The forced choice, else `TESSERA_GRAPH_ARENA`'s (unset: `Auto`).
     pub fn current() -> Result<Self, String> {
-        match FORCED_ARENA.load(std::sync::atomic::Ordering::Relaxed) {
-            1 => Ok(GraphArena::Auto),
-            2 => Ok(GraphArena::Always),
-            3 => Ok(GraphArena::Never),
-            _ => Self::parse(std::env::var("TESSERA_GRAPH_ARENA").ok().as_deref()),
+        let code = FORCED_ARENA.load(std::sync::atomic::Ordering::Relaxed) as usize;
+        match code.checked_sub(1).and_then(|i| Self::ALL.get(i)) {
+            Some(&forced) => Ok(forced),
+            None => Self::parse(std::env::var("TESSERA_GRAPH_ARENA").ok().as_deref()),
         }
     }
 
@@ -152,10 +150,19 @@ impl DecodeGraph {
             vals: dev.stream.alloc_zeros(batch).map_err(e)?,
             idx: dev.stream.alloc_zeros(batch).map_err(e)?,
         });
-        if !GraphArena::current()
+        // The bytes of the step's intermediates, counted by a first recording, when they go to
+        // an arena; a step one of whose buffers outlived it (it would point into the arena after
+        // the capture) is recorded from the pool instead.
+        let counted = if GraphArena::current()
             .map_err(|x| dev_err(ordinal, x))?
             .used_for(batch)
         {
+            let (_, bytes, held) = Self::record(&dev, &io, &mut step, Some((0, 0)))?;
+            (held == 0).then_some(bytes)
+        } else {
+            None
+        };
+        let Some(bytes) = counted else {
             let (graph, ..) = Self::record(&dev, &io, &mut step, None)?;
             return Ok(DecodeGraph {
                 graph,
@@ -163,20 +170,7 @@ impl DecodeGraph {
                 dev,
                 io,
             });
-        }
-        let (counted, bytes, held) = Self::record(&dev, &io, &mut step, Some((0, 0)))?;
-        drop(counted);
-        if held > 0 {
-            // A buffer of the step outlived it (it would point into the arena after the
-            // capture): record from the pool instead.
-            let (graph, ..) = Self::record(&dev, &io, &mut step, None)?;
-            return Ok(DecodeGraph {
-                graph,
-                arena: None,
-                dev,
-                io,
-            });
-        }
+        };
         let arena = dev.stream.alloc_zeros::<u8>(bytes.max(256)).map_err(e)?;
         let base = {
             use cudarc::driver::DevicePtr;
@@ -349,5 +343,11 @@ mod tests {
         assert!(e.starts_with("TESSERA_GRAPH_ARENA=yes"), "{e}");
         assert!(GraphArena::Auto.used_for(1) && !GraphArena::Auto.used_for(32));
         assert!(GraphArena::Always.used_for(64) && !GraphArena::Never.used_for(1));
+        // A forced choice is the one in use, and None gives the environment's back.
+        for c in GraphArena::ALL {
+            super::force_graph_arena(Some(c));
+            assert_eq!(GraphArena::current(), Ok(c));
+        }
+        super::force_graph_arena(None);
     }
 }
