@@ -952,7 +952,6 @@ pub fn decode_attention(
         Some(_) => "decode_attention_gqa8",
         None => "decode_attention",
     };
-    let per = per as i32;
     let rows = match plan.heads_per_block {
         Some(gb) => batch * hkv * (g / gb),
         None => heads,
@@ -985,8 +984,8 @@ pub fn decode_attention(
     }
     let mut pos = io.as_ref().map_or(0, |io| io.pos.device_ptr(st).0);
     let mut scale = scale;
-    let mut per = per;
-    let mut gb = plan.heads_per_block.unwrap_or(1) as i32;
+    let mut per = per as i32;
+    let mut gb = plan.heads_per_block.map(|g| g as i32);
     let mut params: Vec<*mut std::ffi::c_void> =
         ptrs.iter_mut().map(|p| (p as *mut u64).cast()).collect();
     for v in [&mut bb, &mut a, &mut b, &mut c, &mut s, &mut w] {
@@ -994,8 +993,8 @@ pub fn decode_attention(
     }
     params.push((&mut scale as *mut f32).cast());
     params.push((&mut per as *mut i32).cast());
-    if plan.heads_per_block.is_some() {
-        params.push((&mut gb as *mut i32).cast());
+    if let Some(gb) = &mut gb {
+        params.push((gb as *mut i32).cast());
     }
     params.push((&mut pos as *mut u64).cast());
     // SAFETY: the parameters match the kernels' signatures (qkv, kc, vc, out, part_m, part_l,
