@@ -58,5 +58,5 @@ fn run_cuda(a: GemmArgs) -> Result<()> {
 
 #[cfg(not(feature = "cuda"))]
 fn run_cuda(_: GemmArgs) -> Result<()> {
-    bail!("this tessera was built without CUDA (cargo build --features cuda)")
+    Err(super::shapes::built_without_cuda())
 }

@@ -56,5 +56,5 @@ fn run_cuda(a: GemvArgs) -> Result<()> {
 
 #[cfg(not(feature = "cuda"))]
 fn run_cuda(_: GemvArgs) -> Result<()> {
-    anyhow::bail!("this tessera was built without CUDA (cargo build --features cuda)")
+    Err(super::shapes::built_without_cuda())
 }

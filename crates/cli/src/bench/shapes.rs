@@ -22,6 +22,12 @@ pub struct LayerShapes {
     pub device: String,
 }
 
+/// The error of a CUDA kernel benchmark in a build without the `cuda` feature.
+#[cfg(not(feature = "cuda"))]
+pub fn built_without_cuda() -> anyhow::Error {
+    anyhow::anyhow!("this tessera was built without CUDA (cargo build --features cuda)")
+}
+
 impl LayerShapes {
     /// Refuses a device other than cuda and a tp that does not divide the shapes (the query and
     /// KV heads of 128 too: a rank holds whole heads); `what` names the benchmark.
