@@ -396,14 +396,9 @@ impl LlamaModel {
                 "CUDA graphs need a model on a CUDA device".into(),
             ));
         };
+        // A step of a full cache would grow it inside the capture, into memory of the graph.
+        Self::room_for_a_captured_step(cache)?;
         let len = cache.len();
-        if len >= cache.capacity() {
-            // The step would grow the cache inside the capture, into memory of the graph.
-            return Err(ModelError::Input(format!(
-                "the KV cache is full ({} positions): give it the capacity of the whole run before capturing a step",
-                cache.capacity()
-            )));
-        }
         let batch = cache.batch;
         let tokens = vec![0u32; batch];
         // Recorded twice (to size the graph's arena, then for real): each time from this length.
@@ -417,6 +412,17 @@ impl LlamaModel {
         Ok(LockstepGraph { graph: graph? })
     }
 
+    /// A captured step cannot grow the cache: it needs a free position.
+    fn room_for_a_captured_step(cache: &KvCache) -> Result<(), ModelError> {
+        if cache.len() >= cache.capacity() {
+            return Err(ModelError::Input(format!(
+                "the KV cache is full ({} positions): a captured step cannot grow it",
+                cache.capacity()
+            )));
+        }
+        Ok(())
+    }
+
     /// One greedy decode step through a captured graph: the same tokens as
     /// [`Self::forward_lockstep_greedy`], with one launch instead of hundreds.
     pub fn step_lockstep_graph(
@@ -426,12 +432,7 @@ impl LlamaModel {
         cache: &mut KvCache,
         comm: &dyn Communicator,
     ) -> Result<Vec<u32>, ModelError> {
-        if cache.len() >= cache.capacity() {
-            return Err(ModelError::Input(format!(
-                "the KV cache is full ({} positions): a captured step cannot grow it",
-                cache.capacity()
-            )));
-        }
+        Self::room_for_a_captured_step(cache)?;
         self.check_tokens(tokens)?;
         let local = g.graph.replay(tokens, cache.len())?;
         cache.advance(1);
