@@ -29,13 +29,15 @@ fn graph_replay_equals_eager_decode() {
         Some(DecodeKernel::ByHead),
         Some(DecodeKernel::PerHead),
     ];
-    // Batch 1 (a chain of GEMVs: intermediates in the graph's arena by default), batch 4 (GEMMs:
-    // from the pool by default) and batch 4 with the arena forced.
+    // Batch 1 (a chain of GEMVs), batch 4 (skinny GEMMs), both with the intermediates in the
+    // graph's arena by default, batch 4 from the pool (forced) and batch 20 (cuBLASLt GEMMs:
+    // from the pool by default).
     use tessera_tensor::cuda::graph::{force_graph_arena, GraphArena};
     let layouts = [
         (1, GraphArena::Auto),
         (4, GraphArena::Auto),
-        (4, GraphArena::Always),
+        (4, GraphArena::Never),
+        (20, GraphArena::Auto),
     ];
     let runs = (1..=n).flat_map(|tp| kernels.map(|k| (tp, k)));
     for ((tp, grouped), (batch, arena)) in runs.flat_map(|r| layouts.map(|l| (r, l))) {
@@ -68,7 +70,8 @@ fn graph_replay_equals_eager_decode() {
                         // 3 splits joined by a second kernel; the empty ones add exact zeros, so
                         // the tokens still equal the eager (one-split) ones bit for bit.
                         let mut graphed = m.new_cache_batch(600, batch).unwrap();
-                        let prompt: Vec<u32> = [5, 17, 999, 42][..batch].to_vec();
+                        let prompt: Vec<u32> =
+                            (0..batch as u32).map(|i| (5 + 97 * i) % 1000).collect();
                         let mut te = m
                             .forward_lockstep_greedy(&prompt, &mut eager, comm)
                             .unwrap();

@@ -655,3 +655,67 @@ fn a_captured_step_keeps_its_intermediates_where_the_choice_says() {
     }
     force_graph_arena(None);
 }
+
+/// The tensor-core GEMM for decode batches (`skinny_matmul`) against the CPU: every variant at
+/// every batch tile size (1-8, 9-16, 17-32, 33-64 rows, tiles partly filled), weight rows that do
+/// not fill a block, k walked whole and split in 2, 4 and 8 (partial sums added by the second
+/// kernel).
+#[test]
+fn the_skinny_gemm_matches_the_cpu() {
+    use tessera_tensor::cuda::{skinny_matmul, skinny_resources, skinny_takes, SKINNY_VARIANTS};
+    let Some(dev) = gpu() else { return };
+    for (var, (regs, local)) in SKINNY_VARIANTS.iter().zip(skinny_resources(0).unwrap()) {
+        eprintln!(
+            "skinny {}: {regs} registers, {local} bytes of local memory",
+            var.name
+        );
+    }
+    let dt = DType::BF16;
+    for (m, n, k) in [
+        (1, 64, 1024),
+        (5, 100, 1024),
+        (8, 128, 1024),
+        (13, 130, 2048),
+        (32, 257, 1024),
+        (33, 64, 1024),
+        (64, 300, 2048),
+    ] {
+        let (xs, ws) = (
+            rand_t(vec![m, k], dt, 90 + m as u64),
+            rand_t(vec![n, k], dt, 91),
+        );
+        let want = ops::matmul_t(&xs, &ws, None).unwrap();
+        let (xg, wg) = (xs.to_device(dev).unwrap(), ws.to_device(dev).unwrap());
+        let (Storage::Cuda(xb), Storage::Cuda(wb)) = (xg.storage(), wg.storage()) else {
+            unreachable!("moved to the GPU")
+        };
+        let mut ran = 0;
+        for (v, var) in SKINNY_VARIANTS.iter().enumerate() {
+            for splits in [1, 2, 4, 8] {
+                if !skinny_takes((m, n, k), v, splits) {
+                    continue;
+                }
+                let y = skinny_matmul(xb, wb, (m, n, k), v, splits).unwrap();
+                let got = Tensor::new(vec![m, n], Storage::Cuda(y)).unwrap();
+                close(
+                    &format!(
+                        "skinny gemm {} {m}x{k} @ {n}x{k}^T, k in {splits}",
+                        var.name
+                    ),
+                    &got,
+                    &want,
+                    tol(dt),
+                );
+                ran += 1;
+            }
+        }
+        assert!(ran >= 4, "{m}x{k} @ {n}x{k}^T: only {ran} skinny GEMMs fit");
+    }
+    // A shape it does not take is an error, not a launch.
+    let (xs, ws) = (rand_t(vec![4, 96], dt, 1), rand_t(vec![8, 96], dt, 2));
+    let (xg, wg) = (xs.to_device(dev).unwrap(), ws.to_device(dev).unwrap());
+    let (Storage::Cuda(xb), Storage::Cuda(wb)) = (xg.storage(), wg.storage()) else {
+        unreachable!("moved to the GPU")
+    };
+    assert!(skinny_matmul(xb, wb, (4, 8, 96), 0, 1).is_err());
+}

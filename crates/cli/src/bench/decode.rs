@@ -178,6 +178,18 @@ pub fn run(a: DecodeArgs) -> Result<()> {
                 with_rank_comm(device, comm, |comm| body(comm, rank))
             })?,
         };
+        #[cfg(feature = "cuda")]
+        if let (Device::Cuda(o), Some(_)) = (device, a.batch.iter().find(|&&b| b > 1)) {
+            let gemms = tessera_tensor::cuda::gemm_choices(o)?;
+            let list: Vec<String> = gemms
+                .iter()
+                .map(|((m, n, k), name)| format!("{m}x{n}x{k} {name}"))
+                .collect();
+            println!(
+                "GEMM kernels measured fastest (m x n x k): {}",
+                list.join(", ")
+            );
+        }
         for (batch, secs, weights, kv) in rows {
             let step = secs / a.steps as f64;
             // Per step every weight is read once and the cache up to the current length (the

@@ -95,7 +95,8 @@ pub fn bench_gemv(
 /// One GEMM kernel at one shape `y[m, n] = x[m, k] w[n, k]^T`: mean microseconds per call and the
 /// weight bytes read per second.
 pub struct GemmTiming {
-    /// `cublas` (cublasGemmEx, its heuristic's kernel) or `lt N` (cuBLASLt's candidate N).
+    /// `cublas` (cublasGemmEx, its heuristic's kernel), `<variant> sN` (the skinny tensor-core GEMM
+    /// of `kernels.cu`, k split in N) or `lt N` (cuBLASLt's candidate N).
     pub kernel: String,
     pub m: usize,
     pub n: usize,
@@ -134,6 +135,17 @@ pub fn bench_gemm(
             super::ops::cublas_gemm(&dev, &x, &ws[c], &mut y, (m, n, k))
         })?;
         push("cublas".into(), secs);
+        for (v, var) in super::SKINNY_VARIANTS.iter().enumerate() {
+            for splits in [1, 2, 4, 8] {
+                if !super::ops::skinny_takes((m, n, k), v, splits) {
+                    continue;
+                }
+                let secs = mean_secs(&dev, copies, &mut |c| {
+                    super::ops::skinny_gemm(&dev, &x, &ws[c], &y, (m, n, k), v, splits)
+                })?;
+                push(format!("{} s{splits}", var.name), secs);
+            }
+        }
         let candidates = lt
             .plan(m, n, k)
             .map_err(|x| dev_err(ordinal, x))?

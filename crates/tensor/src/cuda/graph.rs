@@ -61,11 +61,11 @@ impl std::fmt::Display for GraphStats {
 
 /// Where a captured step's intermediates live: in an arena the graph owns, or in the stream's
 /// pool (an allocation and a free node around every kernel, which end programmatic dependent
-/// launch between them). `Auto` takes the arena for single-row steps, where a bf16 model's step
-/// is a chain of this crate's own GEMVs and kernels (batch 1: 3.85-3.88 against 4.00-4.05 ms a
-/// step of the 8B shape on an H200), and the pool where cuBLASLt GEMMs sit between them (batch
-/// 64: 5.22-5.35 with the arena against 5.10-5.30 ms from the pool, with or without PDL; cause
-/// not found).
+/// launch between them). `Auto` takes the arena for steps of up to `SKINNY_MAX_ROWS` rows, where
+/// a bf16 model's step is a chain of this crate's own GEMVs, skinny GEMMs and kernels (batch 1:
+/// 3.85-3.88 against 4.00-4.05 ms a step of the 8B shape on an H200), and the pool where cuBLASLt
+/// GEMMs sit between them (batch 64: 5.22-5.35 with the arena against 5.10-5.30 ms from the pool,
+/// with or without PDL; cause not found).
 /// `TESSERA_GRAPH_ARENA=auto|1|0` (or [`force_graph_arena`]) chooses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GraphArena {
@@ -109,7 +109,7 @@ impl GraphArena {
     /// Whether a step of `batch` tokens keeps its intermediates in an arena.
     pub fn used_for(self, batch: usize) -> bool {
         match self {
-            GraphArena::Auto => batch <= super::GEMV_MAX_ROWS,
+            GraphArena::Auto => batch <= super::SKINNY_MAX_ROWS,
             GraphArena::Always => true,
             GraphArena::Never => false,
         }
@@ -341,7 +341,11 @@ mod tests {
         assert_eq!(GraphArena::parse(Some(" 0")), Ok(GraphArena::Never));
         let e = GraphArena::parse(Some("yes")).unwrap_err();
         assert!(e.starts_with("TESSERA_GRAPH_ARENA=yes"), "{e}");
-        assert!(GraphArena::Auto.used_for(1) && !GraphArena::Auto.used_for(32));
+        assert!(
+            GraphArena::Auto.used_for(1)
+                && GraphArena::Auto.used_for(super::super::SKINNY_MAX_ROWS)
+        );
+        assert!(!GraphArena::Auto.used_for(super::super::SKINNY_MAX_ROWS + 1));
         assert!(GraphArena::Always.used_for(64) && !GraphArena::Never.used_for(1));
         // A forced choice is the one in use, and None gives the environment's back.
         for c in GraphArena::ALL {

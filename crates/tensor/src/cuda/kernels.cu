@@ -976,6 +976,159 @@ GEMV_PIPED(gated_r4u1, 4, 1, true, true, 1)
 GEMV_PIPED(gated_r4u1s2, 4, 1, true, true, 2)
 GEMV_PIPED(gated_r4u1s4, 4, 1, true, true, 4)
 
+// Skinny GEMM on tensor cores, bf16: y[m, n] = x[m, k] @ w[n, k]^T for a decode batch (m <= 8 MT
+// rows) against weights streamed once from memory. A block of NWARP warps takes NWARP x WR weight
+// rows (WR / 16 m16 tiles of mma.m16n8k16 a warp, the batch as its n side in MT tiles of 8) over a
+// k range of `kper` (blockIdx.y splits k; the partial sums go to `part` [splits, m, n] and
+// `skinny_reduce` adds them in order), in steps of KC k, NW steps in flight:
+// - weights: each warp copies its WR rows x KC k a step into its own shared-memory stage with
+//   cp.async, whole runs of KC contiguous values a row (the memory sees whole lines; runs of 64
+//   bytes a row measured half as fast); 16-byte units of odd rows are stored 64 bytes over, so the
+//   row pairs a quarter-warp reads fall on distinct banks;
+// - x: the step's KC k of the batch's rows, copied by the whole block in the same group (rows
+//   padded by 64 bytes for the same reason); rows >= m are never copied: they feed only outputs
+//   that are not stored;
+// - the sum over k does not care in which order k is walked, so each lane reads 8 consecutive k
+//   of its weight rows and batch row and hands the first 4 to one mma and the last 4 to a second,
+//   for both operands alike.
+// The weight copies of the first steps start before the kernel before is waited for (PDL: weights
+// are never written by a recent kernel); x only after.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+// Not volatile: a volatile asm keeps its written order, and the two mma of one accumulator would
+// then wait on each other back to back (measured: batch 64 half as fast).
+__device__ __forceinline__ void mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <int MT, int WR, int NWARP, int NW, int KC>
+__device__ void skinny_gemm(const bf16_t* x, const bf16_t* w, bf16_t* y, float* part, int m, int n, int k, int kper) {
+    static_assert(KC == 64 || KC == 128, "a step is 128 or 256 bytes of a row");
+    static_assert(WR % 16 == 0 && NW >= 2, "whole m16 tiles, two stages at least");
+    extern __shared__ uint4 smem[];
+    constexpr int UPR = KC / 8;                            // 16-byte units a row and step
+    constexpr int WSTAGE = WR * UPR;                       // a warp's step of weights, in units
+    constexpr int XS = KC + 32;                            // padded x row, bf16 values
+    constexpr int XBUF = 8 * MT * XS;                      // a step of x, bf16 values
+    constexpr int RPI = 32 / UPR;                          // rows a copy instruction
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    uint4* wsm = smem + warp * NW * WSTAGE;                // this warp's [NW][WR rows][UPR units]
+    bf16_t* xsm = (bf16_t*)(smem + NWARP * NW * WSTAGE);   // [NW][8 MT rows][XS]
+    pdl_trigger();
+    int row0 = (blockIdx.x * NWARP + warp) * WR;
+    int k0 = blockIdx.y * kper;
+    int steps = (min(k0 + kper, k) - k0) / KC;
+    // The copies of this lane: rows RPI i + lane / UPR of the warp's WR, unit lane % UPR of each
+    // (a row past n copies row n - 1 instead; its outputs are not stored).
+    int cu = lane % UPR, cr = lane / UPR;
+    const bf16_t* wsrc = w + k0 + cu * 8;
+    auto load_w = [&](int s) {
+        if (s < steps) {
+            uint4* d = wsm + (s % NW) * WSTAGE;
+#pragma unroll
+            for (int i = 0; i < WR / RPI; i++) {
+                int r = RPI * i + cr;
+                cp_async16(d + r * UPR + (cu ^ ((r & 1) << 2)), wsrc + (long)min(row0 + r, n - 1) * k + s * KC);
+            }
+        }
+    };
+    auto load_x = [&](int s) {
+        if (s < steps) {
+            bf16_t* d = xsm + (s % NW) * XBUF;
+            int kc = k0 + s * KC;
+            for (int i = tid; i < m * UPR; i += NWARP * 32) {
+                int r = i / UPR, u = i % UPR;
+                cp_async16(d + r * XS + u * 8, x + (long)r * k + kc + u * 8);
+            }
+        }
+    };
+#pragma unroll
+    for (int s = 0; s < NW - 1; s++) {
+        load_w(s);
+        cp_async_commit();
+    }
+    pdl_wait();
+    for (int s = 0; s < NW - 1; s++) load_x(s);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    float acc[WR / 16][MT][4];
+#pragma unroll
+    for (int i = 0; i < WR / 16; i++)
+#pragma unroll
+        for (int j = 0; j < MT; j++) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
+    for (int s = 0; s < steps; s++) {
+        // Step s's copies are in the group committed NW - 1 iterations ago (or the prologue's).
+        cp_async_wait<NW - 2>();
+        __syncthreads();  // step s visible to all; all are done with step s - 1, reloaded below
+        load_w(s + NW - 1);
+        load_x(s + NW - 1);
+        cp_async_commit();
+        const uint4* ws = wsm + (s % NW) * WSTAGE;
+        const bf16_t* xc = xsm + (s % NW) * XBUF + t * 8;
+#pragma unroll
+        for (int q = 0; q < KC / 32; q++) {
+            // Rows g + 8 i (all of one parity: g's).
+            int pu = (q * 4 + t) ^ ((g & 1) << 2);
+            uint4 a[WR / 8], X[MT];
+#pragma unroll
+            for (int i = 0; i < WR / 8; i++) a[i] = ws[(g + 8 * i) * UPR + pu];
+#pragma unroll
+            for (int j = 0; j < MT; j++) X[j] = *(const uint4*)(xc + (j * 8 + g) * XS + q * 32);
+            // The first halves of every accumulator, then the second halves: no two mma in a
+            // row wait on each other.
+#pragma unroll
+            for (int j = 0; j < MT; j++)
+#pragma unroll
+                for (int i = 0; i < WR / 16; i++)
+                    mma_bf16(acc[i][j], a[2 * i].x, a[2 * i + 1].x, a[2 * i].y, a[2 * i + 1].y, X[j].x, X[j].y);
+#pragma unroll
+            for (int j = 0; j < MT; j++)
+#pragma unroll
+                for (int i = 0; i < WR / 16; i++)
+                    mma_bf16(acc[i][j], a[2 * i].z, a[2 * i + 1].z, a[2 * i].w, a[2 * i + 1].w, X[j].z, X[j].w);
+        }
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int i = 0; i < WR / 16; i++)
+#pragma unroll
+        for (int j = 0; j < MT; j++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                int b = j * 8 + 2 * t + (q & 1), r = row0 + i * 16 + g + (q >> 1) * 8;
+                if (b >= m || r >= n) continue;
+                if (gridDim.y == 1) st(y, (long)b * n + r, acc[i][j][q]);
+                else part[((long)blockIdx.y * m + b) * n + r] = acc[i][j][q];
+            }
+}
+
+// The variants `SKINNY_VARIANTS` of cuda/mod.rs lists (same names, same parameters).
+#define SKINNY(NAME, MT, WR, NWARP, NW, KC) \
+extern "C" __global__ void __launch_bounds__(NWARP * 32) skinny_##NAME(const bf16_t* x, const bf16_t* w, bf16_t* y, float* p, int m, int n, int k, int kper) { skinny_gemm<MT, WR, NWARP, NW, KC>(x, w, y, p, m, n, k, kper); }
+SKINNY(t1, 1, 32, 4, 4, 128)
+SKINNY(t2, 2, 32, 4, 4, 128)
+SKINNY(t4, 4, 32, 4, 4, 128)
+SKINNY(t8, 8, 32, 4, 4, 128)
+
+// y = the sum over `splits` of part [splits, len], in order (the skinny GEMM's split-K).
+extern "C" __global__ void skinny_reduce(const float* part, bf16_t* y, int splits, long len) {
+    pdl_trigger();
+    pdl_wait();
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < len; i += (long)gridDim.x * blockDim.x) {
+        float s = 0.f;
+        for (int p = 0; p < splits; p++) s += part[p * len + i];
+        st(y, i, s);
+    }
+}
+
 #define INSTANTIATE(T, S)                                                                              \
 extern "C" __global__ void rms_norm_##S(const T* x, const T* w, T* y, int h, float eps) { add_rms_norm<T, false>((T*)x, x, w, y, h, eps); } \
 extern "C" __global__ void add_rms_norm_##S(T* x, const T* d, const T* w, T* y, int h, float eps) { add_rms_norm<T, true>(x, d, w, y, h, eps); } \

@@ -3,7 +3,8 @@
 //! of a batched decode step (a few dozen rows of activations against a large weight matrix) is
 //! often not the fastest of the candidates it lists. `Lt` asks cuBLASLt for its candidates, times
 //! each on the real operands the first time a shape runs outside a graph capture, and keeps the
-//! fastest for that shape.
+//! fastest for that shape. The same tuner picks among other kernels for a shape instead (the
+//! skinny tensor-core GEMM of `kernels.cu`, k split in 1 to 8, for a few rows).
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -23,6 +24,9 @@ const MARGIN: f64 = 0.97;
 /// Rows of activations up to which `matmul_t` tunes its bf16 GEMMs (a decode step's batch; a
 /// prefill's many rows run cuBLAS's own choice, which is compute-bound and fine there).
 pub(crate) const LT_MAX_ROWS: usize = 64;
+
+/// Kernels for a shape besides cuBLASLt's candidates: how many, and one that queues the i-th.
+pub(crate) type Other<'a> = (usize, &'a dyn Fn(usize) -> Result<(), String>);
 
 /// One shape: `y[m, n] = x[m, k] w[n, k]^T`, row-major bf16, f32 accumulation.
 pub(crate) struct LtPlan {
@@ -178,33 +182,69 @@ impl Lt {
         Ok(plan)
     }
 
-    /// Queues `y = x w^T` (device addresses) with the shape's measured candidate. The first call
-    /// of a shape outside a graph capture (`tune`) times every candidate on these operands, with
-    /// the L2 cache flushed before each timed call (a decode step reads each weight once), and
-    /// keeps the fastest. Inside a capture an untuned shape runs cuBLASLt's first candidate.
+    /// Queues `y = x w^T` (device addresses) with the shape's measured candidate: one of
+    /// cuBLASLt's, or, when `other` has any, one of `other`'s kernels for the same product
+    /// instead (`other.1(i)` queues the i-th; the same ones at every call of a shape). The first
+    /// call of a shape outside a graph capture (`tune`) times every candidate on these operands,
+    /// with the L2 cache flushed before each timed call (a decode step reads each weight once),
+    /// and keeps the fastest. Inside a capture an untuned shape runs the first candidate.
     pub(crate) fn matmul(
         &mut self,
         (m, n, k): (usize, usize, usize),
         tune: bool,
-        w: u64,
-        x: u64,
-        y: u64,
+        (w, x, y): (u64, u64, u64),
+        other: Other,
     ) -> Result<(), String> {
         let plan = self.plan(m, n, k)?;
+        let (first, count) = match other.0 {
+            0 => (0, plan.algos.len()),
+            n => (plan.algos.len(), n),
+        };
         let algo = match plan.chosen {
             Some(a) => a,
-            None if !tune || plan.algos.len() == 1 => 0,
+            None if !tune || count == 1 => first,
             None => {
-                let a = self.tune((m, n, k), w, x, y)?;
+                let a = self.tune((m, n, k), (w, x, y), other)?;
                 self.plans.get_mut(&(m, n, k)).expect("planned").chosen = Some(a);
                 a
             }
         };
-        self.run((m, n, k), algo, w, x, y)
+        self.candidate((m, n, k), algo, (w, x, y), other)
+    }
+
+    /// Every shape whose candidate was measured: the candidate kept, and how many of the
+    /// candidates were cuBLASLt's.
+    pub(crate) fn chosen(&self) -> Vec<((usize, usize, usize), usize, usize)> {
+        self.plans
+            .iter()
+            .filter_map(|(&shape, p)| p.chosen.map(|a| (shape, a, p.algos.len())))
+            .collect()
+    }
+
+    /// Queues candidate `a` of a planned shape: cuBLASLt's `a`, or `other`'s `a - cuBLASLt's`.
+    fn candidate(
+        &self,
+        shape: (usize, usize, usize),
+        a: usize,
+        (w, x, y): (u64, u64, u64),
+        other: Other,
+    ) -> Result<(), String> {
+        match a.checked_sub(self.plans[&shape].algos.len()) {
+            None => self.run(shape, a, w, x, y),
+            Some(i) if i < other.0 => other.1(i),
+            Some(i) => Err(format!(
+                "{shape:?}: no GEMM candidate {i} besides cuBLASLt's"
+            )),
+        }
     }
 
     /// The fastest candidate of a planned shape (see `matmul`); candidates that fail are skipped.
-    fn tune(&self, shape: (usize, usize, usize), w: u64, x: u64, y: u64) -> Result<usize, String> {
+    fn tune(
+        &self,
+        shape: (usize, usize, usize),
+        (w, x, y): (u64, u64, u64),
+        other: Other,
+    ) -> Result<usize, String> {
         let err = |x: cudarc::driver::DriverError| x.to_string();
         let ctx = self.stream.context();
         let l2 = ctx
@@ -221,24 +261,26 @@ impl Lt {
             ctx.new_event(timed).map_err(err)?,
             ctx.new_event(timed).map_err(err)?,
         );
-        let candidates = self.plans[&shape].algos.len();
-        let mut times = vec![None; candidates];
+        // cuBLASLt's candidates, or only the others when there are any.
+        let lt_count = self.plans[&shape].algos.len();
+        let mut times = vec![None; lt_count + other.0];
         for (a, time) in times.iter_mut().enumerate() {
-            if self.run(shape, a, w, x, y).is_err() {
+            if (other.0 > 0 && a < lt_count) || self.candidate(shape, a, (w, x, y), other).is_err()
+            {
                 continue;
             }
             let mut total = 0.0;
             for _ in 0..REPS {
                 self.stream.memset_zeros(&mut flush).map_err(err)?;
                 start.record(&self.stream).map_err(err)?;
-                self.run(shape, a, w, x, y)?;
+                self.candidate(shape, a, (w, x, y), other)?;
                 end.record(&self.stream).map_err(err)?;
                 end.synchronize().map_err(err)?;
                 total += start.elapsed_ms(&end).map_err(err)? as f64;
             }
             *time = Some(total);
         }
-        pick(&times).ok_or_else(|| format!("no cuBLASLt candidate ran for {shape:?}"))
+        pick(&times).ok_or_else(|| format!("no GEMM candidate ran for {shape:?}"))
     }
 
     /// Queues `y = x w^T` for the planned shape `(m, n, k)` with its candidate `algo` on the

@@ -53,6 +53,38 @@ const KERNEL_NAMES: [&str; 19] = [
 /// `kernels.cu` for the measurement behind the limit).
 pub const GEMV_MAX_ROWS: usize = 1;
 
+/// Rows of `x` above `GEMV_MAX_ROWS` up to which bf16 matmuls run on the skinny tensor-core GEMM
+/// (`skinny_gemm` in `kernels.cu`, k split as measured per shape) instead of cuBLASLt. In a
+/// captured decode step whose intermediates are in the graph's arena, programmatic dependent
+/// launch lets it stream its weights while the kernel before it finishes, and the step is faster
+/// with it (one H200, batch 2-16: 1-9%, BENCHMARKS.md); timed alone, cuBLASLt's best is faster
+/// on most shapes, so the tuner does not pit the two against each other.
+pub const SKINNY_MAX_ROWS: usize = 16;
+
+/// Which bf16 GEMMs run on the skinny GEMM: `Auto` those of 2 to `SKINNY_MAX_ROWS` rows, `Never`
+/// none, `All` every one of up to 64 rows (`TESSERA_SKINNY=auto|0|all`; for measurements).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SkinnyUse {
+    Auto,
+    Never,
+    All,
+}
+
+impl SkinnyUse {
+    fn from_env() -> Result<Self, String> {
+        Self::parse(std::env::var("TESSERA_SKINNY").ok().as_deref())
+    }
+
+    fn parse(v: Option<&str>) -> Result<Self, String> {
+        match v.map(str::trim) {
+            None | Some("" | "auto") => Ok(SkinnyUse::Auto),
+            Some("0") => Ok(SkinnyUse::Never),
+            Some("all") => Ok(SkinnyUse::All),
+            Some(x) => Err(format!("TESSERA_SKINNY={x}: expected auto, 0 or all")),
+        }
+    }
+}
+
 /// A decode GEMV kernel of `kernels.cu`: its name, the weight rows a warp takes (gated: the gate
 /// and up rows of half as many outputs), whether it is gated, and how many warps share a row group
 /// (split-K).
@@ -148,6 +180,53 @@ fn parse_gemv_choice(v: Option<&str>) -> Result<[&'static str; 2], String> {
     }
 }
 
+/// One instance of the tensor-core GEMM for decode batches (`skinny_gemm` in `kernels.cu`, where
+/// the same list instantiates them): up to `8 tiles` batch rows, `rows` weight rows a warp, `warps`
+/// warps a block, `stages` steps of `kc` k in flight.
+#[derive(Clone, Copy, Debug)]
+pub struct SkinnyVariant {
+    pub name: &'static str,
+    pub tiles: usize,
+    pub rows: usize,
+    pub warps: usize,
+    pub stages: usize,
+    pub kc: usize,
+}
+
+impl SkinnyVariant {
+    /// Bytes of dynamic shared memory a block takes: `stages` steps of every warp's weights and of
+    /// the batch's x (rows padded by 32 values).
+    pub(crate) fn smem(&self) -> usize {
+        self.stages * (self.warps * self.rows * self.kc + 8 * self.tiles * (self.kc + 32)) * 2
+    }
+}
+
+const fn sk(
+    name: &'static str,
+    tiles: usize,
+    rows: usize,
+    warps: usize,
+    stages: usize,
+    kc: usize,
+) -> SkinnyVariant {
+    SkinnyVariant {
+        name,
+        tiles,
+        rows,
+        warps,
+        stages,
+        kc,
+    }
+}
+
+/// Every instance of the skinny GEMM (see `SkinnyVariant`).
+pub const SKINNY_VARIANTS: &[SkinnyVariant] = &[
+    sk("t1", 1, 32, 4, 4, 128),
+    sk("t2", 2, 32, 4, 4, 128),
+    sk("t4", 4, 32, 4, 4, 128),
+    sk("t8", 8, 32, 4, 4, 128),
+];
+
 /// One GPU: its context, the stream every op of this process runs on, cuBLAS and the kernels.
 pub struct GpuDevice {
     pub ordinal: usize,
@@ -158,6 +237,12 @@ pub struct GpuDevice {
     /// (`TESSERA_CUBLASLT=0`: cuBLAS's GEMM instead, for measurements).
     pub(crate) lt: Option<Mutex<lt::Lt>>,
     funcs: HashMap<(&'static str, DType), CudaFunction>,
+    /// The tensor-core GEMM for decode batches: every variant of `SKINNY_VARIANTS`, in its
+    /// order, and the kernel that adds its split-K partial sums.
+    pub(crate) skinny_fns: Vec<CudaFunction>,
+    pub(crate) skinny_reduce: CudaFunction,
+    /// Which bf16 GEMMs run on the skinny GEMM (`TESSERA_SKINNY`).
+    pub(crate) skinny: SkinnyUse,
     /// Every decode GEMV kernel of `GEMV_VARIANTS`, by name.
     pub(crate) gemv: HashMap<&'static str, Gemv>,
     /// The plain and the gated decode GEMV kernel a step uses.
@@ -259,6 +344,23 @@ impl GpuDevice {
             };
             gemv.insert(v.name, g);
         }
+        let load = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| err(&format!("{name}: {e}")))
+        };
+        let mut skinny_fns = Vec::new();
+        for v in SKINNY_VARIANTS {
+            let name = format!("skinny_{}", v.name);
+            let f = load(&name)?;
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                v.smem() as i32,
+            )
+            .map_err(|e| err(&format!("{name}: {e}")))?;
+            skinny_fns.push(f);
+        }
+        let skinny_reduce = load("skinny_reduce")?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| err(&e))?;
         let lt = match std::env::var("TESSERA_CUBLASLT").as_deref() {
             Ok("0") => None,
@@ -280,6 +382,9 @@ impl GpuDevice {
             blas: Mutex::new(blas),
             lt,
             funcs,
+            skinny_fns,
+            skinny_reduce,
+            skinny: SkinnyUse::from_env().map_err(|e| err(&e))?,
             gemv,
             gemv_used: gemv_choice().map_err(|e| err(&e))?,
             fused_norm: std::env::var("TESSERA_FUSED_NORM").map_or(true, |v| v != "0"),
@@ -756,6 +861,42 @@ pub fn copy_bandwidth(ordinal: usize) -> Result<f64, TensorError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skinny_use_takes_auto_never_and_all_only() {
+        assert_eq!(SkinnyUse::parse(None), Ok(SkinnyUse::Auto));
+        assert_eq!(SkinnyUse::parse(Some(" auto")), Ok(SkinnyUse::Auto));
+        assert_eq!(SkinnyUse::parse(Some("0")), Ok(SkinnyUse::Never));
+        assert_eq!(SkinnyUse::parse(Some("all")), Ok(SkinnyUse::All));
+        let e = SkinnyUse::parse(Some("1")).unwrap_err();
+        assert!(e.contains("TESSERA_SKINNY=1"), "{e}");
+    }
+
+    #[test]
+    fn a_skinny_variant_takes_its_batch_tiles_and_whole_steps_of_k() {
+        let index = |name| SKINNY_VARIANTS.iter().position(|v| v.name == name).unwrap();
+        let (t1, t2, t8) = (index("t1"), index("t2"), index("t8"));
+        // Batch tiles: 1-8 rows one, 9-16 two, ... 33-64 eight; nothing above 64.
+        assert_eq!(
+            [1, 8, 9, 16, 17, 33, 64].map(ops::skinny_tiles),
+            [1, 1, 2, 2, 4, 8, 8]
+        );
+        assert!(ops::skinny_takes((8, 100, 1024), t1, 8));
+        assert!(!ops::skinny_takes((9, 100, 1024), t1, 1));
+        assert!(ops::skinny_takes((9, 100, 1024), t2, 1));
+        assert!(ops::skinny_takes((64, 1, 128), t8, 1));
+        assert!(!ops::skinny_takes((65, 100, 1024), t8, 1));
+        // Each split a whole number of 128-wide steps; no empty shapes.
+        assert!(!ops::skinny_takes((4, 100, 1024), t1, 16));
+        assert!(!ops::skinny_takes((4, 100, 96), t1, 1));
+        assert!(!ops::skinny_takes((4, 100, 384), t1, 2));
+        assert!(!ops::skinny_takes((0, 100, 1024), t1, 1));
+        assert!(!ops::skinny_takes((4, 0, 1024), t1, 1));
+        assert!(!ops::skinny_takes((4, 100, 1024), t1, 0));
+        assert!(!ops::skinny_takes((4, 100, 1024), SKINNY_VARIANTS.len(), 1));
+        // Every variant's shared memory fits a block of an sm_90 multiprocessor (227 KB).
+        assert!(SKINNY_VARIANTS.iter().all(|v| v.smem() <= 227 * 1024));
+    }
 
     #[test]
     fn gemv_choice_takes_known_plain_and_gated_names_only() {

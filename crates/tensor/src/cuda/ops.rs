@@ -247,8 +247,19 @@ pub fn matmul_t(
         launch_gemv(&dev, false, x, w, &y, n, k)?;
     } else if let (Some(lt), true, 2..=super::lt::LT_MAX_ROWS) = (&dev.lt, bf16_operands, m) {
         let tune = dev.capturing().is_none();
+        // A few rows: the skinny tensor-core GEMM instead of cuBLASLt, k whole or split.
+        let skinny = skinny_choices(&dev, (m, n, k));
+        let run = |i: usize| {
+            let (v, splits) = skinny[i];
+            skinny_gemm(&dev, x, w, &y, (m, n, k), v, splits).map_err(|e| e.to_string())
+        };
         let mut lt = lt.lock().unwrap_or_else(|e| e.into_inner());
-        let done = lt.matmul((m, n, k), tune, dptr(w), dptr(x), dptr(&y));
+        let done = lt.matmul(
+            (m, n, k),
+            tune,
+            (dptr(w), dptr(x), dptr(&y)),
+            (skinny.len(), &run),
+        );
         drop(lt);
         // A shape cuBLASLt refuses goes to cuBLAS's GEMM (which reports a real failure).
         if done.is_err() {
@@ -299,6 +310,162 @@ pub(crate) fn cublas_gemm(
         _ => return Err(dev_err(dev.ordinal, "matmul operands differ in dtype")),
     };
     r.map_err(|e| dev_err(dev.ordinal, format!("cuBLAS: {e:?}")))
+}
+
+/// The batch tiles (of 8 rows) a skinny GEMM of `m` rows takes: 1, 2, 4 or 8.
+pub fn skinny_tiles(m: usize) -> usize {
+    m.div_ceil(8).next_power_of_two()
+}
+
+/// Whether skinny GEMM variant `v` (an index of `SKINNY_VARIANTS`) takes the bf16 product
+/// `x[m, k] w[n, k]^T` with k split in `splits`: the variant's batch tiles for m (1 to 64 rows),
+/// each split a whole number of the variant's steps.
+pub fn skinny_takes((m, n, k): (usize, usize, usize), v: usize, splits: usize) -> bool {
+    let Some(var) = super::SKINNY_VARIANTS.get(v) else {
+        return false;
+    };
+    (1..=64).contains(&m)
+        && var.tiles == skinny_tiles(m)
+        && n > 0
+        && splits > 0
+        && k > 0
+        && k.is_multiple_of(var.kc * splits)
+}
+
+/// Registers a thread and bytes of local memory (spills) of each skinny GEMM variant as the
+/// driver compiled it for device `ordinal`, in `SKINNY_VARIANTS`' order.
+pub fn skinny_resources(ordinal: usize) -> Result<Vec<(i32, i32)>, TensorError> {
+    use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES;
+    let dev = GpuDevice::get(ordinal)?;
+    dev.skinny_fns
+        .iter()
+        .map(|f| {
+            let regs = f.num_regs().map_err(|e| dev_err(ordinal, e))?;
+            let local = f
+                .get_attribute(CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES)
+                .map_err(|e| dev_err(ordinal, e))?;
+            Ok((regs, local))
+        })
+        .collect()
+}
+
+/// The skinny GEMMs (variant, splits of k) a bf16 product of `shape` runs on instead of
+/// cuBLASLt: the variant for m's batch tiles, k whole or split in 2, 4 or 8; none above
+/// `SKINNY_MAX_ROWS` rows (`TESSERA_SKINNY=0`: none, `all`: up to 64 rows).
+fn skinny_choices(dev: &GpuDevice, shape: (usize, usize, usize)) -> Vec<(usize, usize)> {
+    let rows = match dev.skinny {
+        super::SkinnyUse::Auto => super::SKINNY_MAX_ROWS,
+        super::SkinnyUse::Never => 0,
+        super::SkinnyUse::All => usize::MAX,
+    };
+    if shape.0 > rows {
+        return Vec::new();
+    }
+    (0..super::SKINNY_VARIANTS.len())
+        .flat_map(|v| [1, 2, 4, 8].map(|s| (v, s)))
+        .filter(|&(v, s)| skinny_takes(shape, v, s))
+        .collect()
+}
+
+/// A GEMM shape `(m, n, k)` and the kernel measured fastest for it.
+pub type GemmChoice = ((usize, usize, usize), String);
+
+/// The kernel each bf16 GEMM shape measured so far on device `ordinal` runs: `lt N`
+/// (cuBLASLt's candidate N) or `skinny <variant> sS` (k in S splits); for the benchmarks.
+pub fn gemm_choices(ordinal: usize) -> Result<Vec<GemmChoice>, TensorError> {
+    let dev = GpuDevice::get(ordinal)?;
+    let Some(lt) = &dev.lt else {
+        return Ok(Vec::new());
+    };
+    let lt = lt.lock().unwrap_or_else(|e| e.into_inner());
+    let mut out: Vec<_> = lt
+        .chosen()
+        .into_iter()
+        .map(|(shape, a, lt_count)| {
+            let name = match a.checked_sub(lt_count) {
+                None => format!("lt {a}"),
+                Some(i) => match skinny_choices(&dev, shape).get(i) {
+                    Some(&(v, s)) => format!("skinny {} s{s}", super::SKINNY_VARIANTS[v].name),
+                    None => format!("other {i}"),
+                },
+            };
+            (shape, name)
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// `y[m, n] = x[m, k] w[n, k]^T` through skinny GEMM variant `v`, k split in `splits` (see
+/// `skinny_gemm`): for `tessera bench gemm` and the tests against the CPU.
+pub fn skinny_matmul(
+    x: &CudaBuf,
+    w: &CudaBuf,
+    (m, n, k): (usize, usize, usize),
+    v: usize,
+    splits: usize,
+) -> Result<CudaBuf, TensorError> {
+    same_dev(x, w)?;
+    let y = CudaBuf::alloc(&x.dev, x.dtype(), m * n)?;
+    skinny_gemm(&x.dev, x, w, &y, (m, n, k), v, splits)?;
+    Ok(y)
+}
+
+/// `y[m, n] = x[m, k] w[n, k]^T` through `skinny_<variant>` of `kernels.cu`: `rows x warps`
+/// weight rows a block, k in `splits` ranges over `grid.y` (their partial sums, f32, added in
+/// order by `skinny_reduce`).
+pub(crate) fn skinny_gemm(
+    dev: &GpuDevice,
+    x: &CudaBuf,
+    w: &CudaBuf,
+    y: &CudaBuf,
+    (m, n, k): (usize, usize, usize),
+    v: usize,
+    splits: usize,
+) -> Result<(), TensorError> {
+    let bf16 = [x, w, y].iter().all(|b| b.dtype() == crate::DType::BF16);
+    let sizes = x.len() == m * k && w.len() == n * k && y.len() == m * n;
+    if !skinny_takes((m, n, k), v, splits) || !bf16 || !sizes {
+        return Err(dev_err(
+            dev.ordinal,
+            format!(
+                "skinny GEMM variant {v} does not take bf16 x[{m}, {k}], w[{n}, {k}] with k in \
+                 {splits} splits"
+            ),
+        ));
+    }
+    let var = super::SKINNY_VARIANTS[v];
+    let part = if splits > 1 {
+        Some(CudaBuf::alloc(&x.dev, crate::DType::F32, splits * m * n)?)
+    } else {
+        None
+    };
+    let (mut mm, mut nn, mut kk, mut kp) = (m as i32, n as i32, k as i32, (k / splits) as i32);
+    let mut ptrs = [dptr(x), dptr(w), dptr(y), part.as_ref().map_or(0, dptr)];
+    let mut params: Vec<*mut std::ffi::c_void> =
+        ptrs.iter_mut().map(|p| (p as *mut u64).cast()).collect();
+    for v in [&mut mm, &mut nn, &mut kk, &mut kp] {
+        params.push((v as *mut i32).cast());
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(var.rows * var.warps) as u32, splits as u32, 1),
+        block_dim: (32 * var.warps as u32, 1, 1),
+        shared_mem_bytes: var.smem() as u32,
+    };
+    // SAFETY: the parameters match skinny_*(x, w, y, part, m, n, k, kper) and outlive the call;
+    // the buffers hold m x k, n x k, m x n and splits x m x n values (checked above).
+    unsafe { launch_pdl(dev, &dev.skinny_fns[v], cfg, &mut params)? };
+    if let Some(p) = &part {
+        let (mut sp, mut len) = (splits as i32, (m * n) as i64);
+        let mut ptrs = [dptr(p), dptr(y)];
+        let mut params: Vec<*mut std::ffi::c_void> =
+            ptrs.iter_mut().map(|p| (p as *mut u64).cast()).collect();
+        params.push((&mut sp as *mut i32).cast());
+        params.push((&mut len as *mut i64).cast());
+        // SAFETY: skinny_reduce(part, y, splits, len) over the buffers above.
+        unsafe { launch_pdl(dev, &dev.skinny_reduce, grid_1d(m * n), &mut params)? };
+    }
+    Ok(())
 }
 
 fn add_bias(
