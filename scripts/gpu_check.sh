@@ -22,7 +22,7 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
     echo "== tessera bench decode, Llama-3-8B shape, eager"
     .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp ${TP:-1,2} --batch 1,8,32,64 --steps 32 2>&1
     echo "== tessera bench decode, Llama-3-8B shape, CUDA graphs"
-    .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp ${TP:-1,2} --batch 1,8,32,64 --steps 32 --graph 2>&1
+    .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp ${TP:-1,2} --batch 1,2,8,16,32,64 --steps 32 --graph 2>&1
     # Where a captured step's intermediates live (auto: the graph's arena at batch 1, the pool at
     # GEMM batches): both forced, same binary and call.
     for a in 1 0; do
@@ -38,7 +38,7 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
       .gpu/tessera bench gemm --tp $t --batch 8,32,64 2>&1 | grep -E "ceiling|layer|cublas|lt 0 |fastest"
     done
     echo "== tessera bench decode, one rank of tp 2 alone (collectives skipped: the compute a tp-2 step cannot go below)"
-    .gpu/tessera bench decode --device cuda --preset llama-3-8b --one-rank-of 2 --batch 1,64 --steps 32 --graph 2>&1 | tail -5
+    .gpu/tessera bench decode --device cuda --preset llama-3-8b --one-rank-of 2 --batch 1,2,8,16,64 --steps 32 --graph 2>&1 | tail -7
     echo "== tessera bench attention, Llama-3-8B heads (each decode attention kernel)"
     for t in 1 2; do
       .gpu/tessera bench attention --tp $t 2>&1

@@ -653,6 +653,24 @@ fn a_captured_step_keeps_its_intermediates_where_the_choice_says() {
         }
         eprintln!("captured step, arena {choice:?}: {st}");
     }
+    // A step that panics while it is being captured: the panic goes on, and the capture is ended
+    // and its slots cleared on the way, so the device works on: eagerly, and the same step
+    // captures and replays again.
+    let idx = |v: &[(f32, u32)]| v.iter().map(|p| p.1).collect::<Vec<_>>();
+    for choice in [GraphArena::Always, GraphArena::Never] {
+        force_graph_arena(Some(choice));
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            DecodeGraph::capture(0, rows, || -> Result<(), TensorError> {
+                step()?;
+                panic!("a step that panics inside the capture");
+            })
+        }));
+        assert!(panicked.is_err(), "{choice:?}: the panic went on");
+        assert_eq!(idx(&step().unwrap()), idx(&want), "{choice:?}: eager after");
+        let mut graph = DecodeGraph::capture(0, rows, || step().map(|_| ())).unwrap();
+        let got = graph.replay(&vec![0; rows], 0).unwrap();
+        assert_eq!(idx(&got), idx(&want), "{choice:?}: captured again");
+    }
     force_graph_arena(None);
 }
 

@@ -209,9 +209,11 @@ impl DecodeGraph {
             .stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(e);
+        // A panic inside the step is caught only to end the capture and clear the slots first
+        // (the stream and the device stay usable), then goes on unwinding.
         let ran = match begun {
-            Ok(()) => step(),
-            Err(x) => Err(x.into()),
+            Ok(()) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut *step)),
+            Err(x) => Ok(Err(x.into())),
         };
         // End the capture whatever happened, so that the stream is usable again.
         let ended = dev.stream.end_capture(
@@ -227,6 +229,7 @@ impl DecodeGraph {
                 let a = a.lock().unwrap_or_else(|p| p.into_inner());
                 (a.used(), a.held())
             });
+        let ran = ran.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         ran?;
         let graph = ended
             .map_err(e)?

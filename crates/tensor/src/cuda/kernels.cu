@@ -107,17 +107,27 @@ __device__ float block_reduce(float v) {
 __device__ float block_sum(float v) { return block_reduce<false>(v); }
 __device__ float block_max(float v) { return block_reduce<true>(v); }
 
+// RoPE's angle for dimension pair i at position `pos` (in double, as the CPU kernel takes it).
+__device__ __forceinline__ void rope_angle(const float* inv_freq, int i, double pos, float& c, float& s) {
+    double a = (double)inv_freq[i] * pos;
+    c = (float)cos(a);
+    s = (float)sin(a);
+}
+// The pair (x0, x1) = (x[i], x[i + hd/2]) rotated by the angle of cosine c and sine s.
+__device__ __forceinline__ float rope_lo(float x0, float x1, float c, float s) { return x0 * c - x1 * s; }
+__device__ __forceinline__ float rope_hi(float x0, float x1, float c, float s) { return x1 * c + x0 * s; }
+
 // Rotate-half RoPE of one head at position `pos`: element i pairs with i + hd/2. Reads `src`, writes
 // `dst` (the same buffer for an in-place rotation); threads of the block stride over the pairs.
 template <typename T>
 __device__ void rotate_head(const T* src, long s0, T* dst, long d0, const float* inv_freq, int hd, double pos) {
     int half = hd / 2;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        double a = (double)inv_freq[i] * pos;
-        float c = (float)cos(a), s = (float)sin(a);
+        float c, s;
+        rope_angle(inv_freq, i, pos, c, s);
         float x0 = ld(src, s0 + i), x1 = ld(src, s0 + i + half);
-        st(dst, d0 + i, x0 * c - x1 * s);
-        st(dst, d0 + i + half, x1 * c + x0 * s);
+        st(dst, d0 + i, rope_lo(x0, x1, c, s));
+        st(dst, d0 + i + half, rope_hi(x0, x1, c, s));
     }
 }
 
@@ -340,14 +350,14 @@ __device__ void decode_attention(const T* qkv, T* kc, T* vc, T* out, float* part
     const T* row = qkv + (long)b * (hq + 2 * hkv) * hd;
     int half = hd / 2;
     for (int d = threadIdx.x; d < half; d += blockDim.x) {
-        double a = (double)inv_freq[d] * (double)p;
-        float c = (float)cos(a), s = (float)sin(a);
+        float c, s;
+        rope_angle(inv_freq, d, (double)p, c, s);
         float q0 = ld(row, (long)i * hd + d), q1 = ld(row, (long)i * hd + d + half);
-        qs[d] = rnd(q0 * c - q1 * s, out);
-        qs[d + half] = rnd(q1 * c + q0 * s, out);
+        qs[d] = rnd(rope_lo(q0, q1, c, s), out);
+        qs[d + half] = rnd(rope_hi(q0, q1, c, s), out);
         float k0 = ld(row, (long)(hq + kl) * hd + d), k1 = ld(row, (long)(hq + kl) * hd + d + half);
-        ks[d] = rnd(k0 * c - k1 * s, out);
-        ks[d + half] = rnd(k1 * c + k0 * s, out);
+        ks[d] = rnd(rope_lo(k0, k1, c, s), out);
+        ks[d + half] = rnd(rope_hi(k0, k1, c, s), out);
     }
     for (int d = threadIdx.x; d < hd; d += blockDim.x) vs[d] = ld(row, (long)(hq + hkv + kl) * hd + d);
     __syncthreads();
@@ -465,11 +475,7 @@ __device__ void decode_attention_gqa(const T* qkv, T* kc, T* vc, T* out, float* 
     // launch still running): wait for it only here, then load every value before the first use.
     int d = threadIdx.x;
     float c = 0.f, s = 0.f;
-    if (d < half) {
-        double a = (double)inv_freq[d] * (double)p;
-        c = (float)cos(a);
-        s = (float)sin(a);
-    }
+    if (d < half) rope_angle(inv_freq, d, (double)p, c, s);
     pdl_wait();
     if (d < half) {
         float x0[GM + 1], x1[GM + 1];
@@ -487,8 +493,8 @@ __device__ void decode_attention_gqa(const T* qkv, T* kc, T* vc, T* out, float* 
         for (int h = 0; h <= GM; h++) {
             if (h <= gb) {
                 float* dst = h < gb ? qs + h * hd : ks;
-                dst[d] = rnd(x0[h] * c - x1[h] * s, out);
-                dst[d + half] = rnd(x1[h] * c + x0[h] * s, out);
+                dst[d] = rnd(rope_lo(x0[h], x1[h], c, s), out);
+                dst[d + half] = rnd(rope_hi(x0[h], x1[h], c, s), out);
             }
         }
         vs[d] = v0;

@@ -532,9 +532,12 @@ impl<T> std::ops::Deref for DevSlice<T> {
     }
 }
 
-impl<T> std::ops::DerefMut for DevSlice<T> {
-    fn deref_mut(&mut self) -> &mut CudaSlice<T> {
-        &mut self.slice
+impl<T> DevSlice<T> {
+    /// The memory to write through. A view, not the `CudaSlice`: one of an arena part must never
+    /// be swapped out of its `DevSlice` (it would then be dropped, and its memory freed, as if
+    /// the pool owned it).
+    pub(crate) fn view_mut(&mut self) -> cudarc::driver::CudaViewMut<'_, T> {
+        self.slice.as_view_mut()
     }
 }
 
@@ -710,8 +713,8 @@ impl CudaBuf {
         let mut b = Self::alloc(dev, dtype, n)?;
         let e = |e| dev_err(dev.ordinal, e);
         match &mut b.data {
-            CudaData::F32(s) => dev.stream.memset_zeros(&mut **s).map_err(e)?,
-            CudaData::BF16(s) => dev.stream.memset_zeros(&mut **s).map_err(e)?,
+            CudaData::F32(s) => dev.stream.memset_zeros(&mut s.view_mut()).map_err(e)?,
+            CudaData::BF16(s) => dev.stream.memset_zeros(&mut s.view_mut()).map_err(e)?,
         }
         Ok(b)
     }
@@ -740,10 +743,12 @@ impl CudaBuf {
         let n = src.len();
         let stream = self.dev.stream.clone();
         let r = match &mut self.data {
-            CudaData::F32(s) => stream.memcpy_htod(src, &mut s.slice_mut(offset..offset + n)),
+            CudaData::F32(s) => {
+                stream.memcpy_htod(src, &mut s.view_mut().slice_mut(offset..offset + n))
+            }
             CudaData::BF16(s) => {
                 let h: Vec<bf16> = src.iter().map(|&x| bf16::from_f32(x)).collect();
-                stream.memcpy_htod(&h, &mut s.slice_mut(offset..offset + n))
+                stream.memcpy_htod(&h, &mut s.view_mut().slice_mut(offset..offset + n))
             }
         };
         r.map_err(|e| self.err(e))
@@ -782,10 +787,10 @@ impl CudaBuf {
         let stream = self.dev.stream.clone();
         match (&mut self.data, &src.data) {
             (CudaData::F32(d), CudaData::F32(s)) => {
-                stream.memcpy_dtod(&**s, &mut d.slice_mut(offset..offset + n))
+                stream.memcpy_dtod(&**s, &mut d.view_mut().slice_mut(offset..offset + n))
             }
             (CudaData::BF16(d), CudaData::BF16(s)) => {
-                stream.memcpy_dtod(&**s, &mut d.slice_mut(offset..offset + n))
+                stream.memcpy_dtod(&**s, &mut d.view_mut().slice_mut(offset..offset + n))
             }
             _ => return Err(self.err("copy between device buffers of different dtypes")),
         }
@@ -797,9 +802,11 @@ impl CudaBuf {
         let mut out = Self::alloc(&self.dev, self.dtype(), hi - lo)?;
         let stream = self.dev.stream.clone();
         match (&mut out.data, &self.data) {
-            (CudaData::F32(d), CudaData::F32(s)) => stream.memcpy_dtod(&s.slice(lo..hi), &mut **d),
+            (CudaData::F32(d), CudaData::F32(s)) => {
+                stream.memcpy_dtod(&s.slice(lo..hi), &mut d.view_mut())
+            }
             (CudaData::BF16(d), CudaData::BF16(s)) => {
-                stream.memcpy_dtod(&s.slice(lo..hi), &mut **d)
+                stream.memcpy_dtod(&s.slice(lo..hi), &mut d.view_mut())
             }
             _ => unreachable!("same dtype"),
         }

@@ -302,10 +302,20 @@ pub(crate) fn cublas_gemm(
     // SAFETY: the buffers hold n x k, m x k and m x n values (the callers' shapes).
     let r = match (&w.data, &x.data, &mut y.data) {
         (CudaData::F32(a), CudaData::F32(b), CudaData::F32(c)) => unsafe {
-            blas.gemm(config(m, n, k, 1.0f32, 0.0f32), &**a, &**b, &mut **c)
+            blas.gemm(
+                config(m, n, k, 1.0f32, 0.0f32),
+                &**a,
+                &**b,
+                &mut c.view_mut(),
+            )
         },
         (CudaData::BF16(a), CudaData::BF16(b), CudaData::BF16(c)) => unsafe {
-            blas.gemm(config(m, n, k, bf16::ONE, bf16::ZERO), &**a, &**b, &mut **c)
+            blas.gemm(
+                config(m, n, k, bf16::ONE, bf16::ZERO),
+                &**a,
+                &**b,
+                &mut c.view_mut(),
+            )
         },
         _ => return Err(dev_err(dev.ordinal, "matmul operands differ in dtype")),
     };

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use cudarc::driver::{result, sys, CudaSlice, CudaStream, PushKernelArg};
 
-use super::{dev_err, CudaData, GpuDevice};
+use super::{dev_err, GpuDevice};
 use crate::{Storage, TensorError};
 
 /// Bytes a rank's staging half holds: tensors up to this size take the one-shot path.
@@ -215,12 +215,11 @@ impl P2pAllReduce {
             P2P_MAX_BYTES as i64,
         );
         let (counter, word) = (self.counter(), self.word_dev);
+        // The buffer's device address (the kernel writes the sum into it).
+        let addr = super::ops::dptr(b);
         let mut l = self.stream.launch_builder(f);
-        match &mut b.data {
-            CudaData::F32(x) => l.arg(&mut **x),
-            CudaData::BF16(x) => l.arg(&mut **x),
-        };
-        l.arg(&n)
+        l.arg(&addr)
+            .arg(&n)
             .arg(bufs)
             .arg(flags)
             .arg(&counter)
