@@ -137,7 +137,7 @@ pub fn bench_gemm(
         push("cublas".into(), secs);
         for (v, var) in super::SKINNY_VARIANTS.iter().enumerate() {
             for splits in [1, 2, 4, 8] {
-                if !super::ops::skinny_takes((m, n, k), v, splits) {
+                if !super::ops::skinny_takes((m, n, k), v, splits) || dev.skinny_fns[v].is_none() {
                     continue;
                 }
                 let secs = mean_secs(&dev, copies, &mut |c| {

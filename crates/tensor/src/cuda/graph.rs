@@ -62,7 +62,8 @@ impl std::fmt::Display for GraphStats {
 /// Where a captured step's intermediates live: in an arena the graph owns, or in the stream's
 /// pool (an allocation and a free node around every kernel, which end programmatic dependent
 /// launch between them). `Auto` takes the arena for steps of up to `SKINNY_MAX_ROWS` rows, where
-/// a bf16 model's step is a chain of this crate's own GEMVs, skinny GEMMs and kernels (batch 1:
+/// a bf16 model's step is by default a chain of this crate's own GEMVs, skinny GEMMs and kernels
+/// (with cuBLASLt there instead, batch 8 measured the same either way; batch 1:
 /// 3.85-3.88 against 4.00-4.05 ms a step of the 8B shape on an H200), and the pool where cuBLASLt
 /// GEMMs sit between them (batch 64: 5.22-5.35 with the arena against 5.10-5.30 ms from the pool,
 /// with or without PDL; cause not found).

@@ -989,16 +989,19 @@ GEMV_PIPED(gated_r4u1s4, 4, 1, true, true, 4)
 // `skinny_reduce` adds them in order), in steps of KC k, NW steps in flight:
 // - weights: each warp copies its WR rows x KC k a step into its own shared-memory stage with
 //   cp.async, whole runs of KC contiguous values a row (the memory sees whole lines; runs of 64
-//   bytes a row measured half as fast); 16-byte units of odd rows are stored 64 bytes over, so the
-//   row pairs a quarter-warp reads fall on distinct banks;
-// - x: the step's KC k of the batch's rows, copied by the whole block in the same group (rows
-//   padded by 64 bytes for the same reason); rows >= m are never copied: they feed only outputs
-//   that are not stored;
+//   bytes a row measured half as fast); the 16-byte units of odd rows trade places with the unit
+//   4 away (64 bytes), so the row pairs a quarter-warp reads fall on distinct banks;
+// - x: the step's KC k of the batch's rows, copied by the whole block in the step's group (the
+//   first steps' in one group after the PDL wait; rows padded by 64 bytes for the same reason);
+//   rows >= m are never copied: they feed only outputs that are not stored;
 // - the sum over k does not care in which order k is walked, so each lane reads 8 consecutive k
 //   of its weight rows and batch row and hands the first 4 to one mma and the last 4 to a second,
 //   for both operands alike.
 // The weight copies of the first steps start before the kernel before is waited for (PDL: weights
-// are never written by a recent kernel); x only after.
+// are never written by a recent kernel); x only after. sm_80 and later (cp.async, bf16 mma); the
+// host launches it only there. The instances (`skinny_<name>`) are generated from
+// `SKINNY_VARIANTS` of cuda/mod.rs, which also sizes their shared memory.
+#if __CUDA_ARCH__ >= 800
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     unsigned s = (unsigned)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
@@ -1006,16 +1009,19 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
-// Not volatile: a volatile asm keeps its written order, and the two mma of one accumulator would
-// then wait on each other back to back (measured: batch 64 half as fast).
+// Not volatile (its outputs are its only effect), so the compiler may schedule it among the mma of
+// other accumulators.
 __device__ __forceinline__ void mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+#endif
+
 template <int MT, int WR, int NWARP, int NW, int KC>
 __device__ void skinny_gemm(const bf16_t* x, const bf16_t* w, bf16_t* y, float* part, int m, int n, int k, int kper) {
+#if __CUDA_ARCH__ >= 800
     static_assert(KC == 64 || KC == 128, "a step is 128 or 256 bytes of a row");
     static_assert(WR % 16 == 0 && NW >= 2, "whole m16 tiles, two stages at least");
     extern __shared__ uint4 smem[];
@@ -1063,6 +1069,8 @@ __device__ void skinny_gemm(const bf16_t* x, const bf16_t* w, bf16_t* y, float* 
     pdl_wait();
     for (int s = 0; s < NW - 1; s++) load_x(s);
     cp_async_commit();
+    // Everything so far (the first NW - 1 steps' weights, issued earlier, and their x) before the
+    // first step; from there on NW - 2 groups stay in flight while a step computes.
     cp_async_wait<0>();
     __syncthreads();
     float acc[WR / 16][MT][4];
@@ -1114,15 +1122,12 @@ __device__ void skinny_gemm(const bf16_t* x, const bf16_t* w, bf16_t* y, float* 
                 if (gridDim.y == 1) st(y, (long)b * n + r, acc[i][j][q]);
                 else part[((long)blockIdx.y * m + b) * n + r] = acc[i][j][q];
             }
+#endif
 }
 
-// The variants `SKINNY_VARIANTS` of cuda/mod.rs lists (same names, same parameters).
+// One instance `skinny_<NAME>`; the host appends one line of this for each of SKINNY_VARIANTS.
 #define SKINNY(NAME, MT, WR, NWARP, NW, KC) \
 extern "C" __global__ void __launch_bounds__(NWARP * 32) skinny_##NAME(const bf16_t* x, const bf16_t* w, bf16_t* y, float* p, int m, int n, int k, int kper) { skinny_gemm<MT, WR, NWARP, NW, KC>(x, w, y, p, m, n, k, kper); }
-SKINNY(t1, 1, 32, 4, 4, 128)
-SKINNY(t2, 2, 32, 4, 4, 128)
-SKINNY(t4, 4, 32, 4, 4, 128)
-SKINNY(t8, 8, 32, 4, 4, 128)
 
 // y = the sum over `splits` of part [splits, len], in order (the skinny GEMM's split-K).
 extern "C" __global__ void skinny_reduce(const float* part, bf16_t* y, int splits, long len) {

@@ -36,8 +36,10 @@ pub(crate) struct LtPlan {
     c: sys::cublasLtMatrixLayout_t,
     /// cuBLASLt's candidates, its own first.
     pub(crate) algos: Vec<sys::cublasLtMatmulHeuristicResult_t>,
-    /// The candidate used once measured (cuBLASLt's first until then).
+    /// The candidate used once measured (cuBLASLt's first until then), and how many other
+    /// kernels were measured beside (or instead of) cuBLASLt's.
     chosen: Option<usize>,
+    others: usize,
 }
 
 // SAFETY: the descriptors are plain host objects of cuBLASLt, used under the device's lock.
@@ -119,6 +121,7 @@ impl Lt {
             c: std::ptr::null_mut(),
             algos: Vec::new(),
             chosen: None,
+            others: 0,
         };
         let trans = cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T;
         // SAFETY: the attribute's value is a cublasOperation_t, as cuBLASLt documents.
@@ -200,12 +203,15 @@ impl Lt {
             0 => (0, plan.algos.len()),
             n => (plan.algos.len(), n),
         };
-        let algo = match plan.chosen {
+        // A choice made among other kernels than these is made again.
+        let chosen = plan.chosen.filter(|_| plan.others == other.0);
+        let algo = match chosen {
             Some(a) => a,
             None if !tune || count == 1 => first,
             None => {
                 let a = self.tune((m, n, k), (w, x, y), other)?;
-                self.plans.get_mut(&(m, n, k)).expect("planned").chosen = Some(a);
+                let plan = self.plans.get_mut(&(m, n, k)).expect("planned");
+                (plan.chosen, plan.others) = (Some(a), other.0);
                 a
             }
         };
@@ -261,12 +267,15 @@ impl Lt {
             ctx.new_event(timed).map_err(err)?,
             ctx.new_event(timed).map_err(err)?,
         );
-        // cuBLASLt's candidates, or only the others when there are any.
+        // cuBLASLt's candidates, or only the others when there are any (the rest stay `None`).
         let lt_count = self.plans[&shape].algos.len();
+        let timed = match other.0 {
+            0 => 0..lt_count,
+            n => lt_count..lt_count + n,
+        };
         let mut times = vec![None; lt_count + other.0];
-        for (a, time) in times.iter_mut().enumerate() {
-            if (other.0 > 0 && a < lt_count) || self.candidate(shape, a, (w, x, y), other).is_err()
-            {
+        for a in timed {
+            if self.candidate(shape, a, (w, x, y), other).is_err() {
                 continue;
             }
             let mut total = 0.0;
@@ -278,7 +287,7 @@ impl Lt {
                 end.synchronize().map_err(err)?;
                 total += start.elapsed_ms(&end).map_err(err)? as f64;
             }
-            *time = Some(total);
+            times[a] = Some(total);
         }
         pick(&times).ok_or_else(|| format!("no GEMM candidate ran for {shape:?}"))
     }

@@ -58,7 +58,9 @@ pub const GEMV_MAX_ROWS: usize = 1;
 /// captured decode step whose intermediates are in the graph's arena, programmatic dependent
 /// launch lets it stream its weights while the kernel before it finishes, and the step is faster
 /// with it (one H200, batch 2-16: 1-9%, BENCHMARKS.md); timed alone, cuBLASLt's best is faster
-/// on most shapes, so the tuner does not pit the two against each other.
+/// on most shapes, so the tuner does not pit the two against each other. (An eager step, which
+/// launches with PDL too, was not compared.) The split of k is chosen by the cuBLASLt path's
+/// tuner, so `TESSERA_CUBLASLT=0` turns both off.
 pub const SKINNY_MAX_ROWS: usize = 16;
 
 /// Which bf16 GEMMs run on the skinny GEMM: `Auto` those of 2 to `SKINNY_MAX_ROWS` rows, `Never`
@@ -193,6 +195,19 @@ pub struct SkinnyVariant {
     pub kc: usize,
 }
 
+/// `kernels.cu` and one instance of the skinny GEMM for each of `SKINNY_VARIANTS` (so the
+/// kernels and the shared memory the host gives them come from the same table).
+fn kernel_source() -> String {
+    let mut src = String::from(KERNELS);
+    for v in SKINNY_VARIANTS {
+        src.push_str(&format!(
+            "SKINNY({}, {}, {}, {}, {}, {})\n",
+            v.name, v.tiles, v.rows, v.warps, v.stages, v.kc
+        ));
+    }
+    src
+}
+
 impl SkinnyVariant {
     /// Bytes of dynamic shared memory a block takes: `stages` steps of every warp's weights and of
     /// the batch's x (rows padded by 32 values).
@@ -238,8 +253,9 @@ pub struct GpuDevice {
     pub(crate) lt: Option<Mutex<lt::Lt>>,
     funcs: HashMap<(&'static str, DType), CudaFunction>,
     /// The tensor-core GEMM for decode batches: every variant of `SKINNY_VARIANTS`, in its
-    /// order, and the kernel that adds its split-K partial sums.
-    pub(crate) skinny_fns: Vec<CudaFunction>,
+    /// order (`None` where the device cannot run it: before sm_80, or too little shared memory
+    /// a block), and the kernel that adds its split-K partial sums.
+    pub(crate) skinny_fns: Vec<Option<CudaFunction>>,
     pub(crate) skinny_reduce: CudaFunction,
     /// Which bf16 GEMMs run on the skinny GEMM (`TESSERA_SKINNY`).
     pub(crate) skinny: SkinnyUse,
@@ -315,7 +331,7 @@ impl GpuDevice {
             options: vec!["--std=c++17".into()],
             ..Default::default()
         };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts)
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(kernel_source(), opts)
             .map_err(|e| err(&format!("NVRTC could not compile the kernels: {e}")))?;
         let module = ctx.load_module(ptx).map_err(|e| err(&e))?;
         let mut funcs = HashMap::new();
@@ -328,37 +344,38 @@ impl GpuDevice {
                 funcs.insert((name, dtype), f);
             }
         }
-        let mut gemv = HashMap::new();
-        for &v in GEMV_VARIANTS {
-            let load = |prefix: &str| {
-                let full = format!("{prefix}{}", v.name);
-                module
-                    .load_function(&full)
-                    .map_err(|e| err(&format!("{full}: {e}")))
-            };
-            let g = Gemv {
-                f: load("gemv_")?,
-                norm: load("gemv_norm_")?,
-                add_norm: load("gemv_addnorm_")?,
-                v,
-            };
-            gemv.insert(v.name, g);
-        }
         let load = |name: &str| {
             module
                 .load_function(name)
                 .map_err(|e| err(&format!("{name}: {e}")))
         };
+        let mut gemv = HashMap::new();
+        for &v in GEMV_VARIANTS {
+            let g = Gemv {
+                f: load(&format!("gemv_{}", v.name))?,
+                norm: load(&format!("gemv_norm_{}", v.name))?,
+                add_norm: load(&format!("gemv_addnorm_{}", v.name))?,
+                v,
+            };
+            gemv.insert(v.name, g);
+        }
+        // The skinny GEMM where the device has what it needs: cp.async and bf16 mma (sm_80), and
+        // the variant's shared memory a block.
+        let smem_optin = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(|e| err(&e))?
+            .max(0) as usize;
         let mut skinny_fns = Vec::new();
         for v in SKINNY_VARIANTS {
-            let name = format!("skinny_{}", v.name);
-            let f = load(&name)?;
-            f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                v.smem() as i32,
-            )
-            .map_err(|e| err(&format!("{name}: {e}")))?;
-            skinny_fns.push(f);
+            let f = load(&format!("skinny_{}", v.name))?;
+            let fits = major >= 8 && v.smem() <= smem_optin;
+            let set = || {
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    v.smem() as i32,
+                )
+            };
+            skinny_fns.push((fits && set().is_ok()).then_some(f));
         }
         let skinny_reduce = load("skinny_reduce")?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| err(&e))?;

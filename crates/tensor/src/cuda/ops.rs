@@ -228,7 +228,10 @@ fn gemv_fits(x: &CudaBuf, m: usize, k: usize) -> bool {
         && k.is_multiple_of(8)
 }
 
-/// `y[m, n] = x[m, k] @ w[n, k]^T (+ b)` through cuBLAS (f32 accumulation).
+/// `y[m, n] = x[m, k] @ w[n, k]^T (+ b)` (f32 accumulation): cuBLAS, or for a decode batch the
+/// GEMV, the skinny GEMM or cuBLASLt. `w` must not be written by the kernels just queued before
+/// (a model's weights): the GEMV and the skinny GEMM start reading it before they wait for them
+/// (programmatic dependent launch).
 pub fn matmul_t(
     x: &CudaBuf,
     m: usize,
@@ -261,7 +264,8 @@ pub fn matmul_t(
             (skinny.len(), &run),
         );
         drop(lt);
-        // A shape cuBLASLt refuses goes to cuBLAS's GEMM (which reports a real failure).
+        // A shape cuBLASLt refuses, or a skinny GEMM that fails to launch, goes to cuBLAS's GEMM
+        // (which reports a real failure).
         if done.is_err() {
             cublas_gemm(&dev, x, w, &mut y, (m, n, k))?;
         }
@@ -334,27 +338,39 @@ pub fn skinny_takes((m, n, k): (usize, usize, usize), v: usize, splits: usize) -
     let Some(var) = super::SKINNY_VARIANTS.get(v) else {
         return false;
     };
+    let int = |x: usize| i32::try_from(x).is_ok();
     (1..=64).contains(&m)
         && var.tiles == skinny_tiles(m)
         && n > 0
-        && splits > 0
+        && int(n)
+        && int(k)
         && k > 0
-        && k.is_multiple_of(var.kc * splits)
+        && var
+            .kc
+            .checked_mul(splits)
+            .is_some_and(|step| step > 0 && k.is_multiple_of(step))
+}
+
+/// Whether device `dev` can run skinny GEMM variant `v` (see `GpuDevice::skinny_fns`).
+fn skinny_runs(dev: &GpuDevice, v: usize) -> bool {
+    dev.skinny_fns.get(v).is_some_and(Option::is_some)
 }
 
 /// Registers a thread and bytes of local memory (spills) of each skinny GEMM variant as the
-/// driver compiled it for device `ordinal`, in `SKINNY_VARIANTS`' order.
-pub fn skinny_resources(ordinal: usize) -> Result<Vec<(i32, i32)>, TensorError> {
+/// driver compiled it for device `ordinal`, in `SKINNY_VARIANTS`' order (`None`: the device does
+/// not run that variant).
+pub fn skinny_resources(ordinal: usize) -> Result<Vec<Option<(i32, i32)>>, TensorError> {
     use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES;
     let dev = GpuDevice::get(ordinal)?;
     dev.skinny_fns
         .iter()
         .map(|f| {
+            let Some(f) = f else { return Ok(None) };
             let regs = f.num_regs().map_err(|e| dev_err(ordinal, e))?;
             let local = f
                 .get_attribute(CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES)
                 .map_err(|e| dev_err(ordinal, e))?;
-            Ok((regs, local))
+            Ok(Some((regs, local)))
         })
         .collect()
 }
@@ -372,6 +388,7 @@ fn skinny_choices(dev: &GpuDevice, shape: (usize, usize, usize)) -> Vec<(usize, 
         return Vec::new();
     }
     (0..super::SKINNY_VARIANTS.len())
+        .filter(|&v| skinny_runs(dev, v))
         .flat_map(|v| [1, 2, 4, 8].map(|s| (v, s)))
         .filter(|&(v, s)| skinny_takes(shape, v, s))
         .collect()
@@ -416,9 +433,32 @@ pub fn skinny_matmul(
     splits: usize,
 ) -> Result<CudaBuf, TensorError> {
     same_dev(x, w)?;
+    if !skinny_takes((m, n, k), v, splits) {
+        return Err(skinny_refuses(&x.dev, (m, n, k), v, splits));
+    }
     let y = CudaBuf::alloc(&x.dev, x.dtype(), m * n)?;
     skinny_gemm(&x.dev, x, w, &y, (m, n, k), v, splits)?;
     Ok(y)
+}
+
+fn skinny_refuses(
+    dev: &GpuDevice,
+    (m, n, k): (usize, usize, usize),
+    v: usize,
+    splits: usize,
+) -> TensorError {
+    dev_err(
+        dev.ordinal,
+        format!(
+            "skinny GEMM variant {v} does not take bf16 x[{m}, {k}], w[{n}, {k}] with k in {splits} \
+             splits on this device"
+        ),
+    )
+}
+
+/// Raw kernel parameters: the addresses of `args`' elements, in order (for `launch_pdl`).
+fn raw_params<T>(args: &mut [T]) -> Vec<*mut std::ffi::c_void> {
+    args.iter_mut().map(|a| (a as *mut T).cast()).collect()
 }
 
 /// `y[m, n] = x[m, k] w[n, k]^T` through `skinny_<variant>` of `kernels.cu`: `rows x warps`
@@ -434,15 +474,10 @@ pub(crate) fn skinny_gemm(
     splits: usize,
 ) -> Result<(), TensorError> {
     let bf16 = [x, w, y].iter().all(|b| b.dtype() == crate::DType::BF16);
-    let sizes = x.len() == m * k && w.len() == n * k && y.len() == m * n;
-    if !skinny_takes((m, n, k), v, splits) || !bf16 || !sizes {
-        return Err(dev_err(
-            dev.ordinal,
-            format!(
-                "skinny GEMM variant {v} does not take bf16 x[{m}, {k}], w[{n}, {k}] with k in \
-                 {splits} splits"
-            ),
-        ));
+    // Sizes compared only once the shape is known to be small enough (skinny_takes).
+    let fits = skinny_takes((m, n, k), v, splits) && skinny_runs(dev, v);
+    if !fits || !bf16 || x.len() != m * k || w.len() != n * k || y.len() != m * n {
+        return Err(skinny_refuses(dev, (m, n, k), v, splits));
     }
     let var = super::SKINNY_VARIANTS[v];
     let part = if splits > 1 {
@@ -450,13 +485,11 @@ pub(crate) fn skinny_gemm(
     } else {
         None
     };
-    let (mut mm, mut nn, mut kk, mut kp) = (m as i32, n as i32, k as i32, (k / splits) as i32);
+    // In range of i32: skinny_takes.
+    let mut ints = [m, n, k, k / splits].map(|v| v as i32);
     let mut ptrs = [dptr(x), dptr(w), dptr(y), part.as_ref().map_or(0, dptr)];
-    let mut params: Vec<*mut std::ffi::c_void> =
-        ptrs.iter_mut().map(|p| (p as *mut u64).cast()).collect();
-    for v in [&mut mm, &mut nn, &mut kk, &mut kp] {
-        params.push((v as *mut i32).cast());
-    }
+    let mut params = raw_params(&mut ptrs);
+    params.extend(raw_params(&mut ints));
     let cfg = LaunchConfig {
         grid_dim: (n.div_ceil(var.rows * var.warps) as u32, splits as u32, 1),
         block_dim: (32 * var.warps as u32, 1, 1),
@@ -464,12 +497,12 @@ pub(crate) fn skinny_gemm(
     };
     // SAFETY: the parameters match skinny_*(x, w, y, part, m, n, k, kper) and outlive the call;
     // the buffers hold m x k, n x k, m x n and splits x m x n values (checked above).
-    unsafe { launch_pdl(dev, &dev.skinny_fns[v], cfg, &mut params)? };
+    let f = dev.skinny_fns[v].as_ref().expect("skinny_runs");
+    unsafe { launch_pdl(dev, f, cfg, &mut params)? };
     if let Some(p) = &part {
         let (mut sp, mut len) = (splits as i32, (m * n) as i64);
         let mut ptrs = [dptr(p), dptr(y)];
-        let mut params: Vec<*mut std::ffi::c_void> =
-            ptrs.iter_mut().map(|p| (p as *mut u64).cast()).collect();
+        let mut params = raw_params(&mut ptrs);
         params.push((&mut sp as *mut i32).cast());
         params.push((&mut len as *mut i64).cast());
         // SAFETY: skinny_reduce(part, y, splits, len) over the buffers above.
