@@ -7,8 +7,12 @@ use rand::{Rng, SeedableRng};
 use tessera_tensor::ops::{self, AttentionShape};
 use tessera_tensor::{DType, Device, Storage, Tensor};
 
-fn gpu() -> Option<Device> {
-    (tessera_tensor::cuda::test_gpus(1) > 0).then_some(Device::Cuda(0))
+/// The GPU, held by one test at a time: a test that captures a CUDA graph records the device's
+/// one stream, so another test's work on it meanwhile would land in the graph (or fail).
+fn gpu() -> Option<(Device, std::sync::MutexGuard<'static, ()>)> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let held = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    (tessera_tensor::cuda::test_gpus(1) > 0).then_some((Device::Cuda(0), held))
 }
 
 fn rand_t(shape: Vec<usize>, dt: DType, seed: u64) -> Tensor {
@@ -51,7 +55,7 @@ fn tol(dt: DType) -> f64 {
 
 #[test]
 fn every_op_matches_the_cpu() {
-    let Some(dev) = gpu() else { return };
+    let Some((dev, _held)) = gpu() else { return };
     for dt in [DType::F32, DType::BF16] {
         let g = |t: &Tensor| t.to_device(dev).unwrap();
         let (x, w, b) = (
@@ -507,7 +511,7 @@ fn every_op_matches_the_cpu() {
 
 #[test]
 fn random_weights_on_the_device_are_random() {
-    let Some(dev) = gpu() else { return };
+    let Some((dev, _held)) = gpu() else { return };
     let t = Tensor::random_on(vec![1000, 100], DType::BF16, dev, 3, 0.5, 1.0).unwrap();
     let v = t.to_f32_vec();
     let mean = v.iter().sum::<f32>() / v.len() as f32;
@@ -525,7 +529,7 @@ fn random_weights_on_the_device_are_random() {
 fn one_shot_all_reduce_between_two_streams_of_one_gpu_is_exact() {
     use std::time::Duration;
     use tessera_tensor::cuda::p2p::{P2pAllReduce, P2P_MAX_BYTES};
-    let Some(dev) = gpu() else { return };
+    let Some((dev, _held)) = gpu() else { return };
     let pair = |deadline| -> Vec<P2pAllReduce> {
         let mut ranks: Vec<P2pAllReduce> = (0..2)
             .map(|r| {
@@ -615,7 +619,7 @@ fn one_shot_all_reduce_between_two_streams_of_one_gpu_is_exact() {
 fn a_captured_step_keeps_its_intermediates_where_the_choice_says() {
     use tessera_tensor::cuda::graph::{force_graph_arena, DecodeGraph, GraphArena};
     use tessera_tensor::TensorError;
-    let Some(dev) = gpu() else { return };
+    let Some((dev, _held)) = gpu() else { return };
     let (rows, k, n) = (3, 256, 300);
     let g = |t: Tensor| t.to_device(dev).unwrap();
     let (x, w, nw) = (
@@ -681,7 +685,7 @@ fn a_captured_step_keeps_its_intermediates_where_the_choice_says() {
 #[test]
 fn the_skinny_gemm_matches_the_cpu() {
     use tessera_tensor::cuda::{skinny_matmul, skinny_resources, skinny_takes, SKINNY_VARIANTS};
-    let Some(dev) = gpu() else { return };
+    let Some((dev, _held)) = gpu() else { return };
     let resources = skinny_resources(0).unwrap();
     for (var, res) in SKINNY_VARIANTS.iter().zip(&resources) {
         match res {

@@ -107,6 +107,18 @@ __device__ float block_reduce(float v) {
 __device__ float block_sum(float v) { return block_reduce<false>(v); }
 __device__ float block_max(float v) { return block_reduce<true>(v); }
 
+// A block's softmax numerators over scores[0, n) (shared memory), in place: exp(score - max), the
+// max taken over the scores and `floor` (a running max, or -inf). Returns the max and the sum of
+// the numerators; every thread gets both.
+__device__ float2 block_exp_scores(float* scores, int n, float floor) {
+    float m = floor;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, scores[j]);
+    m = block_max(m);
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) { float e = expf(scores[j] - m); scores[j] = e; sum += e; }
+    return make_float2(m, block_sum(sum));
+}
+
 // RoPE's angle for dimension pair i at position `pos` (in double, as the CPU kernel takes it).
 __device__ __forceinline__ void rope_angle(const float* inv_freq, int i, double pos, float& c, float& s) {
     double a = (double)inv_freq[i] * pos;
@@ -298,12 +310,8 @@ __device__ void attention(const T* q, const T* k, const T* v, T* out, int hq, in
             if (lane == 0) scores[j] = s * scale;
         }
         __syncthreads();
-        float m = m_run;
-        for (int j = threadIdx.x; j < cn; j += blockDim.x) m = fmaxf(m, scores[j]);
-        m = block_max(m);
-        float sum = 0.f;
-        for (int j = threadIdx.x; j < cn; j += blockDim.x) { float e = expf(scores[j] - m); scores[j] = e; sum += e; }
-        sum = block_sum(sum);
+        float2 ms = block_exp_scores(scores, cn, m_run);
+        float m = ms.x, sum = ms.y;
         float alpha = expf(m_run - m);
         l_run = l_run * alpha + sum;
         m_run = m;
@@ -380,12 +388,8 @@ __device__ void decode_attention(const T* qkv, T* kc, T* vc, T* out, float* part
         if (lane == 0) scores[j] = s * scale;
     }
     __syncthreads();
-    float m = NEG_INF;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, scores[j]);
-    m = block_max(m);
-    float sum = 0.f;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) { float e = expf(scores[j] - m); scores[j] = e; sum += e; }
-    sum = block_sum(sum);
+    float2 ms = block_exp_scores(scores, n, NEG_INF);
+    float m = ms.x, sum = ms.y;
     long slot = (long)H * splits + split;
     if (splits > 1 && threadIdx.x == 0) { part_m[slot] = m; part_l[slot] = sum; }
     float inv = 1.f / sum;
