@@ -182,9 +182,9 @@ fn parse_gemv_choice(v: Option<&str>) -> Result<[&'static str; 2], String> {
     }
 }
 
-/// One instance of the tensor-core GEMM for decode batches (`skinny_gemm` in `kernels.cu`, where
-/// the same list instantiates them): up to `8 tiles` batch rows, `rows` weight rows a warp, `warps`
-/// warps a block, `stages` steps of `kc` k in flight.
+/// One instance of the tensor-core GEMM for decode batches (`skinny_gemm` in `kernels.cu`,
+/// instantiated from this table by `kernel_source`): up to `8 tiles` batch rows, `rows` weight
+/// rows a warp, `warps` warps a block, `stages` steps of `kc` k in flight.
 #[derive(Clone, Copy, Debug)]
 pub struct SkinnyVariant {
     pub name: &'static str,
@@ -234,7 +234,8 @@ const fn sk(
     }
 }
 
-/// Every instance of the skinny GEMM (see `SkinnyVariant`).
+/// Every instance of the skinny GEMM (see `SkinnyVariant`): one for each batch tile size. Measured
+/// slower on an H200 and left out (BENCHMARKS.md): 64 rows a warp, steps of 64 k, 8 warps a block.
 pub const SKINNY_VARIANTS: &[SkinnyVariant] = &[
     sk("t1", 1, 32, 4, 4, 128),
     sk("t2", 2, 32, 4, 4, 128),
