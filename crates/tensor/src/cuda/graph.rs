@@ -99,12 +99,12 @@ impl GraphArena {
     }
 
     fn parse(v: Option<&str>) -> Result<Self, String> {
-        match v.map(str::trim) {
-            None | Some("" | "auto") => Ok(GraphArena::Auto),
-            Some("1") => Ok(GraphArena::Always),
-            Some("0") => Ok(GraphArena::Never),
-            Some(x) => Err(format!("TESSERA_GRAPH_ARENA={x}: expected auto, 1 or 0")),
-        }
+        let names = [
+            ("auto", Self::Auto),
+            ("1", Self::Always),
+            ("0", Self::Never),
+        ];
+        super::env_choice("TESSERA_GRAPH_ARENA", v, &names)
     }
 
     /// Whether a step of `batch` tokens keeps its intermediates in an arena.
@@ -344,7 +344,7 @@ mod tests {
         assert_eq!(GraphArena::parse(Some("1")), Ok(GraphArena::Always));
         assert_eq!(GraphArena::parse(Some(" 0")), Ok(GraphArena::Never));
         let e = GraphArena::parse(Some("yes")).unwrap_err();
-        assert!(e.starts_with("TESSERA_GRAPH_ARENA=yes"), "{e}");
+        assert_eq!(e, "TESSERA_GRAPH_ARENA=yes: expected auto, 1 or 0");
         assert!(
             GraphArena::Auto.used_for(1)
                 && GraphArena::Auto.used_for(super::super::SKINNY_MAX_ROWS)

@@ -78,13 +78,26 @@ impl SkinnyUse {
     }
 
     fn parse(v: Option<&str>) -> Result<Self, String> {
-        match v.map(str::trim) {
-            None | Some("" | "auto") => Ok(SkinnyUse::Auto),
-            Some("0") => Ok(SkinnyUse::Never),
-            Some("all") => Ok(SkinnyUse::All),
-            Some(x) => Err(format!("TESSERA_SKINNY={x}: expected auto, 0 or all")),
-        }
+        let names = [("auto", Self::Auto), ("0", Self::Never), ("all", Self::All)];
+        env_choice("TESSERA_SKINNY", v, &names)
     }
+}
+
+/// The value an environment switch `var` names among `names` (name, value): its value `v`
+/// trimmed, unset or empty the first name's. Anything else is an error that lists the names.
+pub(crate) fn env_choice<T: Copy>(
+    var: &str,
+    v: Option<&str>,
+    names: &[(&str, T)],
+) -> Result<T, String> {
+    let v = v.map_or("", str::trim);
+    let v = if v.is_empty() { names[0].0 } else { v };
+    if let Some(&(_, value)) = names.iter().find(|(name, _)| *name == v) {
+        return Ok(value);
+    }
+    let listed: Vec<&str> = names.iter().map(|(name, _)| *name).collect();
+    let (last, rest) = listed.split_last().expect("at least one name");
+    Err(format!("{var}={v}: expected {} or {last}", rest.join(", ")))
 }
 
 /// A decode GEMV kernel of `kernels.cu`: its name, the weight rows a warp takes (gated: the gate
@@ -893,8 +906,9 @@ mod tests {
         assert_eq!(SkinnyUse::parse(Some(" auto")), Ok(SkinnyUse::Auto));
         assert_eq!(SkinnyUse::parse(Some("0")), Ok(SkinnyUse::Never));
         assert_eq!(SkinnyUse::parse(Some("all")), Ok(SkinnyUse::All));
+        assert_eq!(SkinnyUse::parse(Some("")), Ok(SkinnyUse::Auto));
         let e = SkinnyUse::parse(Some("1")).unwrap_err();
-        assert!(e.contains("TESSERA_SKINNY=1"), "{e}");
+        assert_eq!(e, "TESSERA_SKINNY=1: expected auto, 0 or all");
     }
 
     #[test]
