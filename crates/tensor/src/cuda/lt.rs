@@ -199,15 +199,12 @@ impl Lt {
         other: Other,
     ) -> Result<(), String> {
         let plan = self.plan(m, n, k)?;
-        let (first, count) = match other.0 {
-            0 => (0, plan.algos.len()),
-            n => (plan.algos.len(), n),
-        };
+        let in_play = in_play(plan.algos.len(), other.0);
         // A choice made among other kernels than these is made again.
         let chosen = plan.chosen.filter(|_| plan.others == other.0);
         let algo = match chosen {
             Some(a) => a,
-            None if !tune || count == 1 => first,
+            None if !tune || in_play.len() == 1 => in_play.start,
             None => {
                 let a = self.tune((m, n, k), (w, x, y), other)?;
                 let plan = self.plans.get_mut(&(m, n, k)).expect("planned");
@@ -267,14 +264,10 @@ impl Lt {
             ctx.new_event(timed).map_err(err)?,
             ctx.new_event(timed).map_err(err)?,
         );
-        // cuBLASLt's candidates, or only the others when there are any (the rest stay `None`).
+        // The candidates in play; the rest stay `None`.
         let lt_count = self.plans[&shape].algos.len();
-        let timed = match other.0 {
-            0 => 0..lt_count,
-            n => lt_count..lt_count + n,
-        };
         let mut times = vec![None; lt_count + other.0];
-        for a in timed {
+        for a in in_play(lt_count, other.0) {
             if self.candidate(shape, a, (w, x, y), other).is_err() {
                 continue;
             }
@@ -333,6 +326,15 @@ impl Lt {
             )
         }
         .map_err(e)
+    }
+}
+
+/// The candidates of a shape with `lt_count` of cuBLASLt's and `others` other kernels that are
+/// in play: cuBLASLt's, or only the others when there are any.
+fn in_play(lt_count: usize, others: usize) -> std::ops::Range<usize> {
+    match others {
+        0 => 0..lt_count,
+        n => lt_count..lt_count + n,
     }
 }
 

@@ -112,7 +112,7 @@ pub(crate) fn launch_gemv_kernel(
     norm: Option<&GemvNorm>,
 ) -> Result<(), TensorError> {
     let mut cfg = g.config(n);
-    let (mut nn, mut kk) = (n as i32, k as i32);
+    let mut ints = [n as i32, k as i32];
     // Device addresses in the kernel's order: x [, delta, norm weight, xo], w, y.
     let mut ptrs = vec![dptr(x)];
     let mut eps = 0f32;
@@ -131,15 +131,15 @@ pub(crate) fn launch_gemv_kernel(
         }
     };
     ptrs.extend([dptr(w), dptr(y)]);
-    let mut params: Vec<*mut std::ffi::c_void> = Vec::with_capacity(ptrs.len() + 3);
-    for (i, p) in ptrs.iter_mut().enumerate() {
-        params.push((p as *mut u64).cast());
-        if norm.is_some() && i == 3 {
-            params.push((&mut eps as *mut f32).cast());
-        }
+    // The fused norm's eps comes between xo and w.
+    let at_w = ptrs.len() - 2;
+    let (before_w, w_y) = ptrs.split_at_mut(at_w);
+    let mut params = raw_params(before_w);
+    if norm.is_some() {
+        params.push((&mut eps as *mut f32).cast());
     }
-    params.push((&mut nn as *mut i32).cast());
-    params.push((&mut kk as *mut i32).cast());
+    params.extend(raw_params(w_y));
+    params.extend(raw_params(&mut ints));
     // SAFETY: the parameters match the GEMV kernels' signatures (x, w, y, n, k, or x, delta,
     // nw, xo, eps, w, y, n, k for the fused norm) and outlive the call; the buffers are live
     // device memory of this context, the shared memory holds the normalised row.
@@ -1134,15 +1134,9 @@ pub fn decode_attention(
     };
     let out = CudaBuf::alloc(&dev, qkv.dtype(), batch * hq * hd)?;
     let f = dev.table(inv_freq)?;
-    // Kernel arguments (mutable: the PDL launch passes their addresses).
-    let (mut bb, mut a, mut b, mut c, mut s, mut w) = (
-        batch as i32,
-        hq as i32,
-        hkv as i32,
-        hd as i32,
-        start as i32,
-        window.unwrap_or(0) as i32,
-    );
+    // Kernel arguments batch, hq, hkv, hd, start, window (mutable: the PDL launch passes their
+    // addresses).
+    let mut ints = [batch, hq, hkv, hd, start, window.unwrap_or(0)].map(|v| v as i32);
     let heads = batch * hq;
     // Split partials (running max, sum, unnormalised output), only when there are several splits.
     // Every split writes its slots before attention_combine reads them.
@@ -1196,11 +1190,8 @@ pub fn decode_attention(
     let mut scale = scale;
     let mut per = per as i32;
     let mut gb = plan.heads_per_block.map(|g| g as i32);
-    let mut params: Vec<*mut std::ffi::c_void> =
-        ptrs.iter_mut().map(|p| (p as *mut u64).cast()).collect();
-    for v in [&mut bb, &mut a, &mut b, &mut c, &mut s, &mut w] {
-        params.push((v as *mut i32).cast());
-    }
+    let mut params = raw_params(&mut ptrs);
+    params.extend(raw_params(&mut ints));
     params.push((&mut scale as *mut f32).cast());
     params.push((&mut per as *mut i32).cast());
     if let Some(gb) = &mut gb {
