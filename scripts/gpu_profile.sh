@@ -3,14 +3,17 @@
 # binaries in .gpu/, see scripts/gpu_build.sh). Kernels run serialised, so the durations are each
 # kernel alone: their sum is the step without launch gaps.
 #   TP=1 BATCH=1 PROMPT=1 bash scripts/gpu_profile.sh   (table on stdout, raw CSV in $OUT; PROMPT: cached positions)
+#   ONE_RANK_OF=2 ...: one rank of tp 2 alone (`--one-rank-of 2`) instead of --tp
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/lib/x86_64-linux-gnu:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 export NCCL_NVLS_ENABLE=0
 OUTDIR=${OUT:-.}
-CSV=$OUTDIR/ncu_tp${TP:-1}_b${BATCH:-1}.csv
+SPLIT=(--tp "${TP:-1}")
+[ -n "${ONE_RANK_OF:-}" ] && SPLIT=(--one-rank-of "$ONE_RANK_OF")
+CSV=$OUTDIR/ncu_tp${TP:-1}${ONE_RANK_OF:+_one_rank_of_$ONE_RANK_OF}_b${BATCH:-1}${TAG:+_$TAG}.csv
 /usr/local/cuda-13.0/bin/ncu --csv --page raw --metrics gpu__time_duration.sum,dram__bytes_read.sum \
   --cache-control none --clock-control none .gpu/tessera bench decode --device cuda \
-  --preset ${PRESET:-llama-3-8b} --tp ${TP:-1} --batch ${BATCH:-1} --steps 1 --prompt-len ${PROMPT:-1} > "$CSV" 2>/dev/null
+  --preset ${PRESET:-llama-3-8b} "${SPLIT[@]}" --batch ${BATCH:-1} --steps 1 --prompt-len ${PROMPT:-1} > "$CSV" 2>/dev/null
 python3 - "$CSV" <<'PY'
 import csv, collections, io, sys
 lines = open(sys.argv[1]).read().splitlines()
