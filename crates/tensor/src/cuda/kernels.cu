@@ -146,10 +146,13 @@ __device__ void rotate_head(const T* src, long s0, T* dst, long d0, const float*
 // y = w * round(x / rms(x)) per row, after x += delta (rounded, written back) when ADD; one block
 // per row. Rows of a multiple of 8 elements take 16-byte loads, at most 4 chunks of 8 a thread,
 // all issued before the first use (a row is latency-bound, not bandwidth-bound); others go
-// element by element.
+// element by element. Launched with programmatic dependent launch (as the other small kernels of
+// a decode step: SiLU, the attention splits' join): it starts while the kernel before finishes
+// and waits for it before touching memory, so its launch is off the step's critical path.
 template <typename T, bool ADD>
 __device__ void add_rms_norm(T* x, const T* delta, const T* w, T* y, int h, float eps) {
     pdl_trigger();
+    pdl_wait();
     long row = blockIdx.x;
     T* xr = x + row * h;
     const T* dr = delta + row * h;
@@ -211,6 +214,8 @@ __device__ void rope(T* x, const float* inv_freq, int heads, int hd, int start, 
 
 template <typename T>
 __device__ void silu_mul(const T* g, const T* u, T* out, long n) {
+    pdl_trigger();
+    pdl_wait();
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         float a = ld(g, i);
         st(out, i, rnd(a / (1.f + expf(-a)), out) * ld(u, i));
@@ -220,6 +225,8 @@ __device__ void silu_mul(const T* g, const T* u, T* out, long n) {
 // out[r, c] = silu(gu[r, c]) * gu[r, n + c]: the gated MLP on fused gate/up outputs [rows, 2n].
 template <typename T>
 __device__ void silu_mul_halves(const T* gu, T* out, long rows, int n) {
+    pdl_trigger();
+    pdl_wait();
     long stride = (long)gridDim.x * blockDim.x;
     if ((n & 7) == 0) {
         int n8 = n >> 3;
@@ -688,6 +695,8 @@ __device__ void one_shot_all_reduce(T* x, long n, const unsigned long long* bufs
 template <typename T>
 __device__ void attention_combine(const float* part_m, const float* part_l, const float* part_acc,
                                   T* out, int splits, int hd) {
+    pdl_trigger();
+    pdl_wait();
     long H = blockIdx.x;
     const float* pm = part_m + H * splits;
     const float* pl = part_l + H * splits;

@@ -567,26 +567,28 @@ fn norm(
     same_dev(x, w)?;
     let dev = x.dev.clone();
     let y = CudaBuf::alloc(&dev, x.dtype(), rows * h)?;
-    let hh = h as i32;
+    let (mut hh, mut eps) = (h as i32, eps);
     let name = if delta.is_some() {
         "add_rms_norm"
     } else {
         "rms_norm"
     };
-    let mut l = dev.stream.launch_builder(dev.func(name, x.dtype()));
-    push(&mut l, x);
-    if let Some(d) = delta {
-        push(&mut l, d);
-    }
-    push(&mut l, w);
-    push(&mut l, &y);
-    l.arg(&hh).arg(&eps);
+    let mut ptrs: Vec<u64> = [Some(x), delta, Some(w), Some(&y)]
+        .into_iter()
+        .flatten()
+        .map(dptr)
+        .collect();
+    let mut params = raw_params(&mut ptrs);
+    params.push((&mut hh as *mut i32).cast());
+    params.push((&mut eps as *mut f32).cast());
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (norm_threads(h), 1, 1),
         shared_mem_bytes: 0,
     };
-    launched(&dev, unsafe { l.launch(cfg) })?;
+    // SAFETY: the parameters match (add_)rms_norm(x, [delta,] w, y, h, eps) and outlive the call;
+    // the buffers hold rows x h values (x, delta, y) and h (w), of one dtype (same_dev).
+    unsafe { launch_pdl(&dev, dev.func(name, x.dtype()), cfg, &mut params)? };
     Ok(y)
 }
 
@@ -618,29 +620,46 @@ pub fn rope(
 pub fn silu_mul(g: &CudaBuf, u: &CudaBuf) -> Result<CudaBuf, TensorError> {
     same_dev(g, u)?;
     let dev = g.dev.clone();
+    if g.len() != u.len() {
+        return Err(dev_err(
+            dev.ordinal,
+            "silu_mul: gate and up differ in length",
+        ));
+    }
     let out = CudaBuf::alloc(&dev, g.dtype(), g.len())?;
-    let n = g.len() as i64;
-    let mut l = dev.stream.launch_builder(dev.func("silu_mul", g.dtype()));
-    push(&mut l, g);
-    push(&mut l, u);
-    push(&mut l, &out);
-    l.arg(&n);
-    launched(&dev, unsafe { l.launch(grid_1d(g.len())) })?;
+    let mut n = g.len() as i64;
+    let mut ptrs = [dptr(g), dptr(u), dptr(&out)];
+    let mut params = raw_params(&mut ptrs);
+    params.push((&mut n as *mut i64).cast());
+    // SAFETY: the parameters match silu_mul(g, u, out, n) and outlive the call; the three
+    // buffers hold n values of one dtype.
+    let f = dev.func("silu_mul", g.dtype());
+    unsafe { launch_pdl(&dev, f, grid_1d(g.len()), &mut params)? };
     Ok(out)
 }
 
 /// `out[r, c] = silu(gu[r, c]) * gu[r, n + c]` for `gu` `[rows, 2n]`.
 pub fn silu_mul_halves(gu: &CudaBuf, rows: usize, n: usize) -> Result<CudaBuf, TensorError> {
     let dev = gu.dev.clone();
+    if gu.len() != rows * 2 * n {
+        return Err(dev_err(
+            dev.ordinal,
+            format!(
+                "silu_mul_halves: {} values are not [{rows}, 2 x {n}]",
+                gu.len()
+            ),
+        ));
+    }
     let out = CudaBuf::alloc(&dev, gu.dtype(), rows * n)?;
-    let (r, nn) = (rows as i64, n as i32);
-    let mut l = dev
-        .stream
-        .launch_builder(dev.func("silu_mul_halves", gu.dtype()));
-    push(&mut l, gu);
-    push(&mut l, &out);
-    l.arg(&r).arg(&nn);
-    launched(&dev, unsafe { l.launch(grid_1d((rows * n).div_ceil(8))) })?;
+    let (mut r, mut nn) = (rows as i64, n as i32);
+    let mut ptrs = [dptr(gu), dptr(&out)];
+    let mut params = raw_params(&mut ptrs);
+    params.push((&mut r as *mut i64).cast());
+    params.push((&mut nn as *mut i32).cast());
+    // SAFETY: the parameters match silu_mul_halves(gu, out, rows, n) and outlive the call; gu
+    // holds rows x 2n values (checked above), out rows x n, of one dtype.
+    let f = dev.func("silu_mul_halves", gu.dtype());
+    unsafe { launch_pdl(&dev, f, grid_1d((rows * n).div_ceil(8)), &mut params)? };
     Ok(out)
 }
 
@@ -1202,20 +1221,21 @@ pub fn decode_attention(
     // part_acc, inv_freq, batch, hq, hkv, hd, start, window, scale, per, [gb for the vectorised
     // kernel,] pos_ptr) and outlive the call; the buffers are live device memory of this context.
     unsafe { launch_pdl(&dev, f_kernel, cfg, &mut params)? };
-    if let Some((m, sums, acc)) = &parts {
-        let (ns, hdd) = (splits as i32, hd as i32);
-        let mut l = dev
-            .stream
-            .launch_builder(dev.func("attention_combine", qkv.dtype()));
-        l.arg(&**m).arg(&**sums).arg(&**acc);
-        push(&mut l, &out);
-        l.arg(&ns).arg(&hdd);
+    if parts.is_some() {
+        let (mut ns, mut hdd) = (splits as i32, hd as i32);
+        let mut ptrs = [ptrs[4], ptrs[5], ptrs[6], dptr(&out)];
+        let mut params = raw_params(&mut ptrs);
+        params.push((&mut ns as *mut i32).cast());
+        params.push((&mut hdd as *mut i32).cast());
         let cfg = LaunchConfig {
             grid_dim: (heads as u32, 1, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        launched(&dev, unsafe { l.launch(cfg) })?;
+        // SAFETY: the parameters match attention_combine(part_m, part_l, part_acc, out, splits,
+        // hd) over the split buffers above and `out`, and outlive the call.
+        let f = dev.func("attention_combine", qkv.dtype());
+        unsafe { launch_pdl(&dev, f, cfg, &mut params)? };
     }
     Ok(out)
 }
