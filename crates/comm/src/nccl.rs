@@ -376,14 +376,20 @@ impl Drop for NcclComm<'_> {
     /// Tears the communicator down once every rank is done with it: a peer may still be reading
     /// this rank's NCCL buffers (NVLink reads), so this rank first finishes its own queued work,
     /// then meets the others at a barrier of the host communicator (a failed peer makes that an
-    /// error within the deadline), and only then frees its side.
+    /// error within the deadline), and only then frees its side. Freeing can wait for the peers'
+    /// GPUs to go idle, so the ranks meet once more after it: a rank that went on at once to a
+    /// collective of another communicator (its kernel waiting on the GPU for a peer still
+    /// freeing) hung both (two H200: the sub-group test of `tests/nccl.rs`).
     fn drop(&mut self) {
         // A rank unwinding from a panic does not wait for the others: it frees its side now and
         // they fail at their deadline, as they would if it had died.
         let done = !std::thread::panicking()
             && self.dev.drain(&self.wait()).is_ok()
             && self.host().barrier().is_ok();
-        if !done {
+        if done {
+            self.dev.release();
+            let _ = self.host().barrier();
+        } else {
             self.dev.abort();
             self.dev.leak_p2p();
         }

@@ -694,6 +694,16 @@ impl DeviceComm {
         }
     }
 
+    /// Frees this rank's side now, the NCCL communicator and the one-shot path's memory (every
+    /// later call fails). For a teardown the ranks agreed on: freeing can wait until the peers'
+    /// GPUs are idle (it unmaps memory they share), so no rank may queue work that waits for a
+    /// peer (another communicator's collective) before every rank has freed its side.
+    pub fn release(&mut self) {
+        drop(self.p2p.take());
+        let old = self.comm.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(old);
+    }
+
     /// Aborts the communicator: queued NCCL work ends, every later call fails.
     pub fn abort(&self) {
         if let Some(p) = self.p2p.get() {
