@@ -550,7 +550,8 @@ fn one_shot_all_reduce_between_two_streams_of_one_gpu_is_exact() {
         let most = P2P_MAX_BYTES / dt.size_in_bytes();
         // One element, fewer than the blocks, a decode step's 4096, batch 64's 64 x 4096 (bf16),
         // and the largest the staging half holds; several calls each, so both halves are used.
-        for n in [1, 5, 4096, 64 * 4096usize.min(most / 64), most] {
+        // 37 and 4099 end in values that fill no 16-byte unit (summed one by one).
+        for n in [1, 5, 37, 4096, 4099, 64 * 4096usize.min(most / 64), most] {
             for _ in 0..3 {
                 call += 1;
                 let xs = [
