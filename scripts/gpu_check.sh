@@ -23,8 +23,8 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
     .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp ${TP:-1,2} --batch 1,8,32,64 --steps 32 2>&1
     echo "== tessera bench decode, Llama-3-8B shape, CUDA graphs"
     .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp ${TP:-1,2} --batch 1,2,8,16,32,64 --steps 32 --graph 2>&1
-    # Where a captured step's intermediates live (auto: the graph's arena at batch 1, the pool at
-    # GEMM batches): both forced, same binary and call.
+    # Where a captured step's intermediates live (auto: the graph's arena up to batch 16, the pool
+    # at cuBLASLt batches): both forced, same binary and call.
     for a in 1 0; do
       echo "== tessera bench decode, Llama-3-8B shape, CUDA graphs, TESSERA_GRAPH_ARENA=$a"
       TESSERA_GRAPH_ARENA=$a .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 1 --batch 1,32,64 --steps 32 --graph 2>&1 | tail -7

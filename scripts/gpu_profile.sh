@@ -3,7 +3,8 @@
 # binaries in .gpu/, see scripts/gpu_build.sh). Kernels run serialised, so the durations are each
 # kernel alone: their sum is the step without launch gaps.
 #   TP=1 BATCH=1 PROMPT=1 bash scripts/gpu_profile.sh   (table on stdout, raw CSV in $OUT; PROMPT: cached positions)
-#   ONE_RANK_OF=2 ...: one rank of tp 2 alone (`--one-rank-of 2`) instead of --tp
+#   ONE_RANK_OF=2 ...: one rank of tp 2 alone (`--one-rank-of 2`) instead of --tp; TAG=x ...: a
+#   suffix for the CSV's name (runs that differ only in an environment switch)
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/lib/x86_64-linux-gnu:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 export NCCL_NVLS_ENABLE=0

@@ -681,11 +681,13 @@ fn a_captured_step_keeps_its_intermediates_where_the_choice_says() {
 
 /// The tensor-core GEMM for decode batches (`skinny_matmul`) against the CPU: every variant at
 /// every batch tile size (1-8, 9-16, 17-32, 33-64 rows, tiles partly filled), weight rows that do
-/// not fill a block, k walked whole and split in 2, 4 and 8 (partial sums added by the second
-/// kernel).
+/// not fill a block, k walked whole and split as `SKINNY_SPLITS` (partial sums added by the
+/// second kernel).
 #[test]
 fn the_skinny_gemm_matches_the_cpu() {
-    use tessera_tensor::cuda::{skinny_matmul, skinny_resources, skinny_takes, SKINNY_VARIANTS};
+    use tessera_tensor::cuda::{
+        skinny_matmul, skinny_resources, skinny_takes, SKINNY_SPLITS, SKINNY_VARIANTS,
+    };
     let Some((dev, _held)) = gpu() else { return };
     let resources = skinny_resources(0).unwrap();
     for (var, res) in SKINNY_VARIANTS.iter().zip(&resources) {
@@ -718,7 +720,7 @@ fn the_skinny_gemm_matches_the_cpu() {
         };
         let (mut ran, mut runnable) = (0, false);
         for (v, var) in SKINNY_VARIANTS.iter().enumerate() {
-            for splits in [1, 2, 4, 8] {
+            for splits in SKINNY_SPLITS {
                 if !skinny_takes((m, n, k), v, splits) {
                     continue;
                 }

@@ -136,7 +136,7 @@ pub fn bench_gemm(
         })?;
         push("cublas".into(), secs);
         for (v, var) in super::SKINNY_VARIANTS.iter().enumerate() {
-            for splits in [1, 2, 4, 8] {
+            for splits in super::SKINNY_SPLITS {
                 if !super::ops::skinny_takes((m, n, k), v, splits) || dev.skinny_fns[v].is_none() {
                     continue;
                 }

@@ -247,6 +247,10 @@ const fn sk(
     }
 }
 
+/// The splits of k every skinny GEMM variant is tried with (each split a whole number of its
+/// steps): by the tuner, `tessera bench gemm` and the tests against the CPU.
+pub const SKINNY_SPLITS: [usize; 4] = [1, 2, 4, 8];
+
 /// Every instance of the skinny GEMM (see `SkinnyVariant`): one for each batch tile size. Measured
 /// slower on an H200 and left out (BENCHMARKS.md): 64 rows a warp, steps of 64 k, 8 warps a block.
 pub const SKINNY_VARIANTS: &[SkinnyVariant] = &[

@@ -699,9 +699,10 @@ impl DeviceComm {
     /// GPUs are idle (it unmaps memory they share), so no rank may queue work that waits for a
     /// peer (another communicator's collective) before every rank has freed its side.
     pub fn release(&mut self) {
+        // The one-shot path's memory freed now (`abort` only stops its kernel); the rest is what
+        // `abort` frees.
         drop(self.p2p.take());
-        let old = self.comm.lock().unwrap_or_else(|e| e.into_inner()).take();
-        drop(old);
+        self.abort();
     }
 
     /// Aborts the communicator: queued NCCL work ends, every later call fails.

@@ -376,7 +376,7 @@ pub fn skinny_resources(ordinal: usize) -> Result<Vec<Option<(i32, i32)>>, Tenso
 }
 
 /// The skinny GEMMs (variant, splits of k) a bf16 product of `shape` runs on instead of
-/// cuBLASLt: the variant for m's batch tiles, k whole or split in 2, 4 or 8; none above
+/// cuBLASLt: the variant for m's batch tiles, k whole or split (`SKINNY_SPLITS`); none above
 /// `SKINNY_MAX_ROWS` rows (`TESSERA_SKINNY=0`: none, `all`: up to 64 rows).
 fn skinny_choices(dev: &GpuDevice, shape: (usize, usize, usize)) -> Vec<(usize, usize)> {
     let rows = match dev.skinny {
@@ -389,7 +389,7 @@ fn skinny_choices(dev: &GpuDevice, shape: (usize, usize, usize)) -> Vec<(usize, 
     }
     (0..super::SKINNY_VARIANTS.len())
         .filter(|&v| skinny_runs(dev, v))
-        .flat_map(|v| [1, 2, 4, 8].map(|s| (v, s)))
+        .flat_map(|v| super::SKINNY_SPLITS.map(|s| (v, s)))
         .filter(|&(v, s)| skinny_takes(shape, v, s))
         .collect()
 }
