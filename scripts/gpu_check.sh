@@ -15,7 +15,7 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   if [[ $STEPS == all || $STEPS == *tests* ]]; then
     for t in .gpu/test-*; do
-      echo "== $t"; timeout 240 "$t" --test-threads=1 --nocapture 2>&1 | grep -E "test |relative error|bf16 mean|graph steps|captured step|panicked|assert|result" | tail -40
+      echo "== $t"; timeout 240 "$t" --test-threads=1 --nocapture 2>&1 | grep -E "test |relative error|bf16 mean|graph steps|captured step|one GPU|fused|one-shot|panicked|assert|result" | tail -40
     done
   fi
   if [[ $STEPS == all || $STEPS == *bench* ]]; then
@@ -44,10 +44,16 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
       .gpu/tessera bench attention --tp $t 2>&1
     done
     if [ "$NGPU" -ge 2 ]; then
-      echo "== NCCL tests with the one-shot NVLink all-reduce on (TESSERA_P2P_ALLREDUCE=1)"
-      TESSERA_P2P_ALLREDUCE=1 timeout 240 .gpu/test-nccl --test-threads=1 --nocapture 2>&1 | grep -E "test result|panicked|one-shot|skipped"
-      echo "== tessera bench decode, Llama-3-8B shape, tp 2, CUDA graphs, one-shot NVLink all-reduce (TESSERA_P2P_ALLREDUCE=1)"
-      TESSERA_P2P_ALLREDUCE=1 .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 2 --batch 1,64 --steps 32 --graph 2>&1 | tail -5
+      echo "== NCCL tests with both NVLink paths on (TESSERA_P2P_ALLREDUCE=all: the one-shot sums and the fused sum + norm)"
+      TESSERA_P2P_ALLREDUCE=all timeout 240 .gpu/test-nccl --test-threads=1 --nocapture 2>&1 | grep -E "test result|panicked|one-shot|fused|skipped"
+      # tp 2 through NCCL against the NVLink paths, same binary and call, alternating twice:
+      # 1 = one-shot sums, norm = the sum, residual add and norm fused in one kernel, all = both.
+      for round in 1 2; do
+        for p in 0 1 norm all; do
+          echo "== tessera bench decode, Llama-3-8B shape, tp 2, CUDA graphs, TESSERA_P2P_ALLREDUCE=$p (round $round)"
+          TESSERA_P2P_ALLREDUCE=$p .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 2 --batch 1,8,64 --steps 32 --graph 2>&1 | grep -E "^collectives|^  2 "
+        done
+      done
       echo "== tessera bench decode, Llama-3-70B shape, tp 2, CUDA graphs"
       timeout 300 .gpu/tessera bench decode --device cuda --preset llama-3-70b --tp 2 --batch 1,32 --steps 16 --graph 2>&1
     else
@@ -69,10 +75,11 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
 } 2>&1 | tee "$REPORT"
 if [[ $STEPS == all || $STEPS == *cli* ]]; then
   # CLI on the GPU against the CPU: f32 log-probs within 1e-4, greedy tokens identical (generate
-  # decodes through a captured CUDA graph), at tp 1 and, with two GPUs, tp 2 in-process and under
-  # `tessera launch` (one process per GPU, NCCL through the rendezvous).
+  # decodes through a captured CUDA graph), at tp 1 and, with two GPUs, tp 2 in-process (NCCL, and
+  # the fused NVLink sum + norm) and under `tessera launch` (one process per GPU, NCCL through the
+  # rendezvous).
   M=tests/fixtures/hf/llama; TOK=0,5,9,77,300,2,18,41,41,7,200,3
-  RUNS="tp1"; [ "$NGPU" -ge 2 ] && RUNS="tp1 tp2 launch"
+  RUNS="tp1"; [ "$NGPU" -ge 2 ] && RUNS="tp1 tp2 tp2norm launch"
   {
     echo "== CLI: score / generate on cuda vs cpu ($RUNS)"
     .gpu/tessera score --model $M --tokens $TOK --json > $OUTDIR/score_cpu.json
@@ -81,6 +88,7 @@ if [[ $STEPS == all || $STEPS == *cli* ]]; then
       case $run in
         tp1) L=""; T=1 ;;
         tp2) L=""; T=2 ;;
+        tp2norm) L="env TESSERA_P2P_ALLREDUCE=norm"; T=2 ;;
         launch) L=".gpu/tessera launch --nproc-per-node 2 --"; T=2 ;;
       esac
       $L .gpu/tessera score --model $M --tokens $TOK --json --device cuda --tp $T > $OUTDIR/score_cuda_$run.json

@@ -76,6 +76,21 @@ pub trait Communicator: Send + Sync {
     fn all_reduce_tensor(&self, t: &mut Tensor, op: ReduceOp) -> Result<(), CommError> {
         all_reduce_tensor_via_host(self, t, op)
     }
+    /// `x += ` the sum over the group of `part` (a row-parallel projection's output), then the
+    /// RMSNorm of every row of the new `x` with scale `w`: what a decoder layer does after its
+    /// o and down projections, in one step where the backend fuses it (`NcclComm` over NVLink,
+    /// when set up). `Ok(None)`, with `x` untouched, where it does not: the caller then calls
+    /// [`Communicator::all_reduce_tensor`] and normalises itself (the default).
+    fn all_reduce_add_rms_norm(
+        &self,
+        part: &Tensor,
+        x: &mut Tensor,
+        w: &Tensor,
+        eps: f64,
+    ) -> Result<Option<Tensor>, CommError> {
+        let _ = (part, x, w, eps);
+        Ok(None)
+    }
 }
 
 /// [`Communicator::all_reduce_tensor`] through host memory.

@@ -16,7 +16,9 @@
 
 use std::time::Duration;
 
-use tessera_tensor::cuda::nccl::{self, Cancel, DeviceComm, NcclFailure, Reduce, Wait, Wire};
+use tessera_tensor::cuda::nccl::{
+    self, Cancel, DeviceComm, NcclFailure, P2pUse, Reduce, Wait, Wire,
+};
 use tessera_tensor::cuda::p2p::P2pAllReduce;
 use tessera_tensor::{Storage, Tensor};
 
@@ -108,8 +110,8 @@ impl<'a> NcclComm<'a> {
             h.abort(&format!("rank {rank}: {msg}"));
             err
         })?;
-        if h.world_size() > 1 && p2p_wanted() {
-            setup_p2p(h, &dev, ordinal)?;
+        if let (true, Some(use_for)) = (h.world_size() > 1, p2p_wanted()) {
+            setup_p2p(h, &dev, ordinal, use_for)?;
         }
         Ok(NcclComm { host, dev, timeout })
     }
@@ -122,7 +124,12 @@ impl<'a> NcclComm<'a> {
 
     /// Whether small device all-reduces take the one-shot NVLink path instead of NCCL.
     pub fn p2p_active(&self) -> bool {
-        self.dev.p2p_active()
+        self.dev.p2p_use().is_some_and(|u| u.all_reduce)
+    }
+
+    /// Whether [`Communicator::all_reduce_add_rms_norm`] runs fused over NVLink.
+    pub fn fused_norm_active(&self) -> bool {
+        self.dev.p2p_use().is_some_and(|u| u.norm)
     }
 
     /// The GPU this rank runs on.
@@ -188,17 +195,31 @@ impl<'a> NcclComm<'a> {
     }
 }
 
-/// `TESSERA_P2P_ALLREDUCE=1` turns the one-shot NVLink all-reduce on. It is off by default until
-/// it has been measured on two GPUs: its kernel is tested on one GPU (two ranks on two streams,
-/// `tests/cuda_ops.rs` of tensor), the peer-access set-up and the speed only with two.
-fn p2p_wanted() -> bool {
-    std::env::var("TESSERA_P2P_ALLREDUCE").is_ok_and(|v| v == "1")
+/// `TESSERA_P2P_ALLREDUCE` turns the one-shot NVLink paths on: `1` for the sums of small device
+/// tensors, `norm` for the fused sum + residual add + RMSNorm after a decoder layer's row-parallel
+/// projections ([`Communicator::all_reduce_add_rms_norm`]), `all` for both. Off by default until
+/// measured faster than NCCL on two GPUs: their kernels are tested on one GPU (two ranks on two
+/// streams, `tests/cuda_ops.rs` of tensor), the peer-access set-up and the speed only with two.
+fn p2p_wanted() -> Option<P2pUse> {
+    let v = std::env::var("TESSERA_P2P_ALLREDUCE").ok()?;
+    let (all_reduce, norm) = match v.as_str() {
+        "1" => (true, false),
+        "norm" => (false, true),
+        "all" => (true, true),
+        _ => return None,
+    };
+    Some(P2pUse { all_reduce, norm })
 }
 
 /// Sets up the one-shot NVLink all-reduce when every rank of `h` is a thread of this process on
 /// its own GPU and every pair of GPUs can access each other; otherwise leaves NCCL alone. Every
 /// step is agreed over `h`, so all ranks take the same path.
-fn setup_p2p(h: &dyn Communicator, dev: &DeviceComm, ordinal: usize) -> Result<(), CommError> {
+fn setup_p2p(
+    h: &dyn Communicator,
+    dev: &DeviceComm,
+    ordinal: usize,
+    use_for: P2pUse,
+) -> Result<(), CommError> {
     use crate::CommExt;
     let (rank, world) = (h.rank(), h.world_size());
     // A number drawn once per process: pids repeat across hosts and containers.
@@ -253,7 +274,7 @@ fn setup_p2p(h: &dyn Communicator, dev: &DeviceComm, ordinal: usize) -> Result<(
         .collect();
     let connected = mine.connect(&peers);
     if agree(connected.is_ok())? {
-        dev.set_p2p(mine);
+        dev.set_p2p(mine, use_for);
     }
     Ok(())
 }
@@ -363,6 +384,34 @@ impl Communicator for NcclComm<'_> {
         self.dev
             .all_reduce_storage(t.storage_mut(), reduce(op))
             .map_err(|e| self.device_error(e))
+    }
+
+    fn all_reduce_add_rms_norm(
+        &self,
+        part: &Tensor,
+        x: &mut Tensor,
+        w: &Tensor,
+        eps: f64,
+    ) -> Result<Option<Tensor>, CommError> {
+        let h = x.shape().last().copied().unwrap_or(0);
+        if part.shape() != x.shape() || h == 0 {
+            return Ok(None);
+        }
+        let rows = x.elem_count() / h;
+        let y = self
+            .dev
+            .all_reduce_add_rms_norm(
+                part.storage(),
+                x.storage(),
+                w.storage(),
+                rows,
+                h,
+                eps as f32,
+            )
+            .map_err(|e| self.device_error(e))?;
+        y.map(|y| Tensor::new(x.shape().to_vec(), Storage::Cuda(y)))
+            .transpose()
+            .map_err(|e| self.invalid(e.to_string()))
     }
 }
 

@@ -281,7 +281,7 @@ fn small_device_sums_over_nvlink_are_exact() {
         let rank = c.rank();
         if !c.p2p_active() {
             eprintln!(
-                "skipped: the one-shot path is off (TESSERA_P2P_ALLREDUCE=1 not set, or no peer access)"
+                "skipped: the one-shot path is off (TESSERA_P2P_ALLREDUCE=1 or all not set, or no peer access)"
             );
             return;
         }
@@ -329,4 +329,89 @@ fn small_device_sums_over_nvlink_are_exact() {
         }
     });
     eprintln!("one-shot NVLink sums: exact, sizes 1 to 500,000 (larger through NCCL), 100 chained");
+}
+
+/// The fused sum + residual add + RMSNorm over NVLink (`TESSERA_P2P_ALLREDUCE=norm` or `all`):
+/// both ranks get bit for bit the dtype-rounded sum followed by `add_rms_norm` (what NCCL's
+/// all-reduce and the norm kernel give), call after call with the rows changing, and over 50
+/// chained calls queued without a host wait while rank 1 starts 50 ms late.
+#[test]
+fn fused_sum_and_norm_over_nvlink_are_exact() {
+    if gpus() < 2 {
+        eprintln!("skipped: needs two GPUs");
+        return;
+    }
+    on_ranks(2, |c| {
+        let rank = c.rank();
+        let dev = Device::Cuda(rank);
+        let (h, dt, eps) = (4096, DType::BF16, 1e-5);
+        let t = |rows: usize, f: &dyn Fn(usize) -> f32| {
+            Tensor::from_f32(vec![rows, h], (0..rows * h).map(f).collect(), dt)
+                .unwrap()
+                .to_device(dev)
+                .unwrap()
+        };
+        let w = Tensor::from_f32(
+            vec![h],
+            (0..h).map(|i| 1.0 + (i % 8) as f32 / 8.0).collect(),
+            dt,
+        )
+        .unwrap()
+        .to_device(dev)
+        .unwrap();
+        let v = |r: usize, i: usize, call: usize| ((i * 7 + r * 3 + call) % 64) as f32 * 0.03 - 1.0;
+        let x0 = |i: usize, call: usize| ((i * 5 + call) % 32) as f32 * 0.125 - 2.0;
+        for (call, rows) in [1usize, 8, 64, 1, 3].into_iter().enumerate() {
+            let part = t(rows, &|i| v(rank, i, call));
+            let mut x = t(rows, &|i| x0(i, call));
+            let delta = t(rows, &|i| dt.round(v(0, i, call) + v(1, i, call)));
+            let mut want_x = t(rows, &|i| x0(i, call));
+            let want_y = tessera_tensor::ops::add_rms_norm(&mut want_x, &delta, &w, eps).unwrap();
+            let Some(y) = c.all_reduce_add_rms_norm(&part, &mut x, &w, eps).unwrap() else {
+                assert_eq!(call, 0, "taken once, then refused");
+                eprintln!(
+                    "skipped: the fused path is off (TESSERA_P2P_ALLREDUCE=norm or all not set, or no peer access)"
+                );
+                return;
+            };
+            assert_eq!(
+                x.to_f32_vec(),
+                want_x.to_f32_vec(),
+                "x, call {call}, {rows} rows"
+            );
+            assert_eq!(
+                y.to_f32_vec(),
+                want_y.to_f32_vec(),
+                "y, call {call}, {rows} rows"
+            );
+        }
+        // 50 calls back to back, each adding the same sum: x and y after the last as the unfused
+        // kernels give them.
+        let (rows, call) = (16, 9);
+        let part = t(rows, &|i| v(rank, i, call));
+        let delta = t(rows, &|i| dt.round(v(0, i, call) + v(1, i, call)));
+        let (mut x, mut want_x) = (t(rows, &|i| x0(i, call)), t(rows, &|i| x0(i, call)));
+        let mut want_y = None;
+        for _ in 0..50 {
+            want_y = Some(tessera_tensor::ops::add_rms_norm(&mut want_x, &delta, &w, eps).unwrap());
+        }
+        if rank == 1 {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut y = None;
+        for _ in 0..50 {
+            y = c.all_reduce_add_rms_norm(&part, &mut x, &w, eps).unwrap();
+        }
+        assert_eq!(
+            x.to_f32_vec(),
+            want_x.to_f32_vec(),
+            "x after 50 chained calls"
+        );
+        assert_eq!(
+            y.unwrap().to_f32_vec(),
+            want_y.unwrap().to_f32_vec(),
+            "y after 50 chained calls"
+        );
+        eprintln!("rank {rank}: fused NVLink sum + norm exact, 1 to 64 rows, 50 chained calls");
+    });
 }

@@ -56,6 +56,14 @@ pub fn with_rank_comm<R>(
         (device_of_rank(device, comm.rank()), comm.world_size() > 1)
     {
         let nccl = tessera_comm::NcclComm::new(comm, ordinal)?;
+        if comm.rank() == 0 && std::env::var_os("TESSERA_P2P_ALLREDUCE").is_some() {
+            let on = |b: bool| if b { "on" } else { "off" };
+            eprintln!(
+                "collectives: NCCL; NVLink one-shot sums {}, fused NVLink sum + norm {}",
+                on(nccl.p2p_active()),
+                on(nccl.fused_norm_active())
+            );
+        }
         let r = f(&nccl);
         if let Err(e) = &r {
             // Tell the other ranks now: they may be waiting in a collective on their GPUs, and

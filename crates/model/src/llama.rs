@@ -321,9 +321,19 @@ impl LlamaModel {
         let mut x = self.embed.forward(tokens, comm)?;
         let mut delta = None;
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            delta = Some(layer.forward(&mut x, delta.as_ref(), batch, start, kv, comm)?);
+            delta = Some(layer.forward(&mut x, delta.take(), batch, start, kv, comm)?);
         }
         cache.advance(tokens.len() / batch);
+        // The last layer's MLP output is this rank's part: summed (with the add and the final
+        // norm, where the communicator fuses them) before the norm.
+        let delta = match delta {
+            Some(mut d) => match self.norm.reduce_add(&mut x, &mut d, comm)? {
+                Some(y) if logits == Logits::Last => return Ok(y.rows(y.dim(0) - 1, y.dim(0))?),
+                Some(y) => return Ok(y),
+                None => Some(d),
+            },
+            None => None,
+        };
         match (delta, logits) {
             (Some(d), Logits::All) => self.norm.forward_add(&mut x, &d),
             (d, _) => {

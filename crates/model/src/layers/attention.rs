@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use tessera_comm::Communicator;
+use tessera_comm::{Communicator, ReduceOp};
 use tessera_tensor::ops::{self, AttentionShape};
 use tessera_tensor::{DType, Tensor};
 
@@ -95,6 +95,20 @@ impl Attention {
         cache: &mut LayerKv,
         comm: &dyn Communicator,
     ) -> Result<Tensor, ModelError> {
+        let mut y = self.forward_qkv_partial(qkv, batch, start, cache)?;
+        comm.all_reduce_tensor(&mut y, ReduceOp::Sum)?;
+        Ok(y)
+    }
+
+    /// [`Self::forward_qkv`] up to the output projection's all-reduce: this rank's part of the
+    /// output (the caller sums it, or fuses the sum with the residual add and the next norm).
+    pub fn forward_qkv_partial(
+        &self,
+        qkv: &Tensor,
+        batch: usize,
+        start: usize,
+        cache: &mut LayerKv,
+    ) -> Result<Tensor, ModelError> {
         let rows = qkv.dim(0);
         if batch > 1 && rows != batch {
             return Err(ModelError::Input(format!(
@@ -151,7 +165,7 @@ impl Attention {
             )?
         }
         .reshape(vec![rows, heads_per_seq * head_dim])?;
-        self.o.forward(&a, comm)
+        self.o.forward_partial(&a)
     }
 
     pub fn weight_bytes(&self) -> usize {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tessera_comm::Communicator;
 use tessera_tensor::{ops, DType, Tensor};
 
-use super::{Attention, Mlp, RmsNorm};
+use super::{Attention, ColumnParallelLinear, Mlp, RmsNorm};
 use crate::checkpoint::Checkpoint;
 use crate::kv_cache::LayerKv;
 use crate::tp::TpShard;
@@ -58,43 +58,34 @@ impl DecoderLayer {
         })
     }
 
-    /// One layer on the residual stream `x`, which still lacks `delta`, the previous layer's MLP
-    /// output (`None` for the first layer). Returns this layer's MLP output, again not added: each
-    /// residual add runs inside the next norm's kernel (`x + a` equals `a + x` exactly, so the
-    /// results are those of the unfused layer), and on a GPU a decode step's norm runs inside the
-    /// projection after it (`ops::norm_matmul_t`).
+    /// One layer on the residual stream `x`, which still lacks `delta`, this rank's part of the
+    /// previous layer's MLP output, not yet summed across the ranks (`None` for the first layer).
+    /// Returns this layer's, again neither summed nor added. Each row-parallel output's
+    /// all-reduce, residual add and the norm after it run where they are cheapest: fused in one
+    /// NVLink kernel when the communicator has one (`RmsNorm::reduce_add`), else the sum on its
+    /// own and the add inside the next norm's kernel (`x + a` equals `a + x` exactly, so the
+    /// results are those of the unfused layer), which on a GPU runs inside the projection after
+    /// it at decode (`ops::norm_matmul_t`).
     pub fn forward(
         &self,
         x: &mut Tensor,
-        delta: Option<&Tensor>,
+        delta: Option<Tensor>,
         batch: usize,
         start: usize,
         cache: &mut LayerKv,
         comm: &dyn Communicator,
     ) -> Result<Tensor, ModelError> {
-        let (qkv, gate_up) = (&self.attn.qkv, &self.mlp.gate_up);
-        let n = &self.input_norm;
-        let qkv = ops::norm_matmul_t(
+        let qkv = norm_project(x, delta, &self.input_norm, &self.attn.qkv, false, comm)?;
+        let a = self.attn.forward_qkv_partial(&qkv, batch, start, cache)?;
+        let h = norm_project(
             x,
-            delta,
-            &n.weight,
-            n.eps,
-            &qkv.weight,
-            qkv.bias.as_ref(),
-            false,
-        )?;
-        let a = self.attn.forward_qkv(&qkv, batch, start, cache, comm)?;
-        let n = &self.post_attn_norm;
-        let h = ops::norm_matmul_t(
-            x,
-            Some(&a),
-            &n.weight,
-            n.eps,
-            &gate_up.weight,
-            gate_up.bias.as_ref(),
+            Some(a),
+            &self.post_attn_norm,
+            &self.mlp.gate_up,
             true,
+            comm,
         )?;
-        self.mlp.down.forward(&h, comm)
+        self.mlp.down.forward_partial(&h)
     }
 
     /// Calls `f` on every weight tensor of the layer (e.g. to move it to a device).
@@ -127,4 +118,34 @@ impl DecoderLayer {
             + self.attn.weight_bytes()
             + self.mlp.weight_bytes()
     }
+}
+
+/// `x += ` the group's sum of `part` (when there is one), then `norm(x) W^T (+ b)`, SiLU-gated
+/// when `gated`.
+fn norm_project(
+    x: &mut Tensor,
+    part: Option<Tensor>,
+    n: &RmsNorm,
+    l: &ColumnParallelLinear,
+    gated: bool,
+    comm: &dyn Communicator,
+) -> Result<Tensor, ModelError> {
+    let (w, b) = (&l.weight, l.bias.as_ref());
+    let delta = match part {
+        Some(mut p) => match n.reduce_add(x, &mut p, comm)? {
+            Some(xn) if gated => return Ok(ops::matmul_t_gated(&xn, w, b)?),
+            Some(xn) => return Ok(ops::matmul_t(&xn, w, b)?),
+            None => Some(p),
+        },
+        None => None,
+    };
+    Ok(ops::norm_matmul_t(
+        x,
+        delta.as_ref(),
+        &n.weight,
+        n.eps,
+        w,
+        b,
+        gated,
+    )?)
 }

@@ -108,9 +108,15 @@ impl RowParallelLinear {
     }
 
     pub fn forward(&self, x: &Tensor, comm: &dyn Communicator) -> Result<Tensor, ModelError> {
-        let mut y = ops::matmul_t(x, &self.weight, self.bias.as_ref())?;
+        let mut y = self.forward_partial(x)?;
         comm.all_reduce_tensor(&mut y, ReduceOp::Sum)?;
         Ok(y)
+    }
+
+    /// This rank's part of the output, not yet summed across the ranks (`x[:, cols]
+    /// W[:, cols]^T`, plus the bias on rank 0).
+    pub fn forward_partial(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(ops::matmul_t(x, &self.weight, self.bias.as_ref())?)
     }
 
     pub fn weight_bytes(&self) -> usize {

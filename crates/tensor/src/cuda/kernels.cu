@@ -726,6 +726,135 @@ __device__ void one_shot_all_reduce(T* x, long n, const unsigned long long* bufs
     }
 }
 
+// The row-parallel projection's all-reduce, the residual add and the RMSNorm after it in one
+// kernel, for tensor-parallel decode over NVLink: x += sum over ranks of `part`, then
+// y = w * round(x / rms(x)), every rank getting the same x and y. One block a row, norm_threads(h)
+// threads, each thread owning the same chunks of 8 values as `add_rms_norm` (so the sum of squares
+// adds in its order: with two ranks the result is bit for bit NCCL's all-reduce followed by
+// add_rms_norm). The exchange is NCCL's LL protocol: a thread pushes its chunk of `part` into
+// every peer's receive slot as 16-byte lines {data, flag, data, flag} (8 bytes of values a line,
+// one store), the flag being the call's number; it then polls its own slot's lines until both
+// flags of each equal the number. No fence and no separate flag: a line is complete when seen.
+// Slots alternate by the call's parity (a rank can be one call ahead of a peer, not two: call
+// k + 1 needs every peer's push of k + 1, made after that peer finished k). Call numbers are per
+// row, in device memory (counter[row]), so a CUDA graph can replay the kernel. A peer later than
+// 20 µs makes the thread look at `word` (abort from the host), and one later than timeout_ns sets
+// it; x and y are then left unwritten.
+// ll[r] = rank r's receive area (on its GPU): [2 parity][world src][slot_lines] lines of 16 bytes,
+// a row taking h * sizeof(T) / 8 lines from row * that. grid (rows); block norm_threads(h).
+__device__ __forceinline__ void st_volatile16(void* p, unsigned a, unsigned b, unsigned c, unsigned d) {
+    asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+}
+// A chunk of 8 values as 32-bit words (4 for bf16, 8 for f32) and back to floats.
+template <typename T> struct ChunkWords { static constexpr int N = 2 * sizeof(T); };
+template <typename T>
+__device__ __forceinline__ void load_words(const T* p, long i, unsigned* w) {
+    const uint4* q = (const uint4*)(p + i);
+#pragma unroll
+    for (int k = 0; k < ChunkWords<T>::N / 4; k++) {
+        uint4 v = q[k];
+        w[4 * k] = v.x; w[4 * k + 1] = v.y; w[4 * k + 2] = v.z; w[4 * k + 3] = v.w;
+    }
+}
+__device__ __forceinline__ void add_words(const unsigned* w, float* acc, const bf16_t*) {
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        acc[2 * j] += __uint_as_float(w[j] << 16);
+        acc[2 * j + 1] += __uint_as_float(w[j] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ void add_words(const unsigned* w, float* acc, const float*) {
+#pragma unroll
+    for (int j = 0; j < 8; j++) acc[j] += __uint_as_float(w[j]);
+}
+template <typename T>
+__device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, int h, float eps,
+                                        const unsigned long long* ll, long slot_lines,
+                                        unsigned* counter, int rank, int world, unsigned* word,
+                                        unsigned long long timeout_ns) {
+    pdl_trigger();
+    pdl_wait();
+    __shared__ unsigned gen;
+    __shared__ int bail;
+    long row = blockIdx.x;
+    if (threadIdx.x == 0) { gen = counter[row] + 1; counter[row] = gen; bail = 0; }
+    __syncthreads();
+    const unsigned g = gen;
+    constexpr int NW = ChunkWords<T>::N, LINES = NW / 2;
+    const long row_lines = (long)h * sizeof(T) / 8;
+    const long parity = g & 1;
+    const int nc = h >> 3;
+    unsigned mine[4][NW];
+    // Push this rank's chunks to every peer first: the stores travel while the rest loads.
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        int ch = threadIdx.x + c * blockDim.x;
+        if (ch >= nc) continue;
+        load_words(part + row * h, ch * 8, mine[c]);
+        for (int p = 0; p < world; p++) {
+            if (p == rank) continue;
+            char* dst = (char*)ll[p] + (((parity * world + rank) * slot_lines) + row * row_lines + (long)ch * LINES) * 16;
+#pragma unroll
+            for (int j = 0; j < LINES; j++)
+                st_volatile16(dst + j * 16, mine[c][2 * j], g, mine[c][2 * j + 1], g);
+        }
+    }
+    T* xr = x + row * h;
+    T* yr = y + row * h;
+    float v[4][8], gw[4][8];
+    float ss = 0.f;
+    bool ok = true;
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        int ch = threadIdx.x + c * blockDim.x;
+        if (ch >= nc) continue;
+        load8(xr, ch * 8, v[c]);
+        load8(w, ch * 8, gw[c]);
+        float acc[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) acc[j] = 0.f;
+        // The ranks' values added in rank order, then rounded once (NCCL's sum of two).
+        for (int src = 0; src < world && ok; src++) {
+            if (src == rank) { add_words(mine[c], acc, xr); continue; }
+            const char* in = (const char*)ll[rank] + (((parity * world + src) * slot_lines) + row * row_lines + (long)ch * LINES) * 16;
+            unsigned got[NW];
+#pragma unroll
+            for (int j = 0; j < LINES; j++) {
+                unsigned long long t0 = 0;
+                while (true) {
+                    uint4 l = ld_volatile16(in + j * 16);
+                    if (l.y == g && l.w == g) { got[2 * j] = l.x; got[2 * j + 1] = l.z; break; }
+                    unsigned long long now = global_ns();
+                    if (t0 == 0) { t0 = now; continue; }
+                    if (now - t0 < 20000) continue;
+                    if (*(volatile unsigned*)word != 0) { ok = false; break; }
+                    if (now - t0 > timeout_ns) { *(volatile unsigned*)word = 2u; ok = false; break; }
+                }
+                if (!ok) break;
+            }
+            if (ok) add_words(got, acc, xr);
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            v[c][j] = rnd(v[c][j] + rnd(acc[j], xr), xr);
+            ss += v[c][j] * v[c][j];
+        }
+    }
+    if (!ok) bail = 1;
+    ss = block_sum(ss);
+    if (bail) return;
+    float inv = rsqrtf(ss / h + eps);
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        int ch = threadIdx.x + c * blockDim.x;
+        if (ch >= nc) continue;
+        store8(xr, ch * 8, v[c]);
+#pragma unroll
+        for (int j = 0; j < 8; j++) v[c][j] = gw[c][j] * rnd(v[c][j] * inv, yr);
+        store8(yr, ch * 8, v[c]);
+    }
+}
+
 // Joins decode_attention's splits: out[H] = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M).
 // grid (batch hq); block 128.
 template <typename T>
@@ -1205,6 +1334,7 @@ extern "C" __global__ void decode_attention_gqa2_##S(const T* qkv, T* kc, T* vc,
 extern "C" __global__ void __launch_bounds__(128, 6) decode_attention_gqa4_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 4>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
 extern "C" __global__ void decode_attention_gqa8_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 8>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
 extern "C" __global__ void one_shot_all_reduce_##S(T* x, long n, const unsigned long long* b, const unsigned long long* f, unsigned* c, int rank, int world, long half, unsigned* word, unsigned long long tns) { one_shot_all_reduce(x, n, b, f, c, rank, world, half, word, tns); } \
+extern "C" __global__ void all_reduce_add_rms_norm_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns) { all_reduce_add_rms_norm(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns); } \
 extern "C" __global__ void attention_combine_##S(const float* pm, const float* pl, const float* pa, T* o, int splits, int hd) { attention_combine(pm, pl, pa, o, splits, hd); } \
 extern "C" __global__ void qkv_rope_append_##S(const T* qkv, T* q, T* kc, T* vc, const float* f, int batch, int hq, int hkv, int hd, int start, const int* pp) { qkv_rope_append(qkv, q, kc, vc, f, batch, hq, hkv, hd, start, pp); } \
 extern "C" __global__ void argmax_rows_##S(const T* x, const float* sv, const int* si, int n, int per, float* v, int* i) { argmax_rows(x, sv, si, n, per, v, i); } \

@@ -166,11 +166,22 @@ impl Drop for RawComm {
     }
 }
 
+/// What a group's one-shot NVLink path is used for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct P2pUse {
+    /// Sums of small device tensors (`all_reduce_storage`).
+    pub all_reduce: bool,
+    /// The fused sum + residual add + RMSNorm (`all_reduce_add_rms_norm`).
+    pub norm: bool,
+}
+
 /// One rank's NCCL communicator on one GPU, on the stream every op of that GPU runs on.
 pub struct DeviceComm {
     comm: Mutex<Option<RawComm>>,
     /// The one-shot NVLink all-reduce for small device tensors, once set up ([`Self::set_p2p`]).
     p2p: std::sync::OnceLock<super::p2p::P2pAllReduce>,
+    /// What the one-shot path is used for (set with it).
+    p2p_use: std::sync::OnceLock<P2pUse>,
     dev: Arc<GpuDevice>,
     rank: usize,
     world: usize,
@@ -264,6 +275,7 @@ impl DeviceComm {
         let dc = DeviceComm {
             comm: Mutex::new(Some(RawComm(comm))),
             p2p: std::sync::OnceLock::new(),
+            p2p_use: std::sync::OnceLock::new(),
             dev,
             rank,
             world,
@@ -336,15 +348,55 @@ impl DeviceComm {
         self.dev.ordinal
     }
 
-    /// From now on, sums of device tensors up to `p2p::P2P_MAX_BYTES` take the one-shot NVLink
-    /// path (every rank of the group must set it up, or none).
-    pub fn set_p2p(&self, p: super::p2p::P2pAllReduce) {
-        let _ = self.p2p.set(p);
+    /// From now on the one-shot NVLink path takes what `use_for` says: sums of device tensors up
+    /// to `p2p::P2P_MAX_BYTES`, the fused sum + residual add + RMSNorm
+    /// ([`Self::all_reduce_add_rms_norm`]), or both (every rank of the group must set it up the
+    /// same way, or none).
+    pub fn set_p2p(&self, p: super::p2p::P2pAllReduce, use_for: P2pUse) {
+        if self.p2p.set(p).is_ok() {
+            let _ = self.p2p_use.set(use_for);
+        }
     }
 
-    /// Whether small sums take the one-shot NVLink path.
+    /// Whether the one-shot NVLink path is set up (for what: [`Self::p2p_use`]).
     pub fn p2p_active(&self) -> bool {
         self.p2p.get().is_some()
+    }
+
+    /// What the one-shot NVLink path is used for, once set up.
+    pub fn p2p_use(&self) -> Option<P2pUse> {
+        self.p2p.get().and(self.p2p_use.get().copied())
+    }
+
+    /// `x += ` the sum over the group of `part`, then the RMSNorm of the new `x` (scale `w`) in
+    /// one NVLink kernel ([`super::p2p::P2pAllReduce::all_reduce_add_rms_norm`]), queued on the
+    /// GPU's stream; `Ok(None)` (nothing done) where that path is off or does not apply: the
+    /// caller then sums and normalises itself.
+    pub fn all_reduce_add_rms_norm(
+        &self,
+        part: &Storage,
+        x: &Storage,
+        w: &Storage,
+        rows: usize,
+        h: usize,
+        eps: f32,
+    ) -> Result<Option<super::CudaBuf>, TensorError> {
+        let (Some(p), Some(P2pUse { norm: true, .. })) = (self.p2p.get(), self.p2p_use.get())
+        else {
+            return Ok(None);
+        };
+        let (Storage::Cuda(part), Storage::Cuda(x), Storage::Cuda(w)) = (part, x, w) else {
+            return Ok(None);
+        };
+        if self
+            .comm
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+        {
+            return Err(dev_err(self.dev.ordinal, ABORTED));
+        }
+        p.all_reduce_add_rms_norm(part, x, w, rows, h, eps)
     }
 
     /// Runs `f` with the communicator and this GPU's stream, the context bound to this thread.
@@ -422,7 +474,8 @@ impl DeviceComm {
         if n == 0 {
             return Ok(());
         }
-        if let (Reduce::Sum, Some(p)) = (op, self.p2p.get()) {
+        let plain = self.p2p_use.get().is_some_and(|u| u.all_reduce);
+        if let (Reduce::Sum, Some(p), true) = (op, self.p2p.get(), plain) {
             if self
                 .comm
                 .lock()

@@ -161,6 +161,22 @@ unsafe fn launch_pdl(
     cfg: LaunchConfig,
     params: &mut [*mut std::ffi::c_void],
 ) -> Result<(), TensorError> {
+    // SAFETY: as the caller vouches.
+    unsafe { launch_pdl_on(dev, &dev.stream, f, cfg, params) }
+}
+
+/// [`launch_pdl`] on another stream of the device's context (a rank's own, where two ranks share
+/// a GPU in a test).
+///
+/// # Safety
+/// As [`launch_pdl`]; `stream` belongs to `dev`'s context.
+pub(crate) unsafe fn launch_pdl_on(
+    dev: &GpuDevice,
+    stream: &cudarc::driver::CudaStream,
+    f: &cudarc::driver::CudaFunction,
+    cfg: LaunchConfig,
+    params: &mut [*mut std::ffi::c_void],
+) -> Result<(), TensorError> {
     use cudarc::driver::sys;
     // SAFETY: a zeroed attribute is valid; id and value are set below as the driver expects.
     let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
@@ -174,7 +190,7 @@ unsafe fn launch_pdl(
         blockDimY: cfg.block_dim.1,
         blockDimZ: cfg.block_dim.2,
         sharedMemBytes: cfg.shared_mem_bytes,
-        hStream: dev.stream.cu_stream(),
+        hStream: stream.cu_stream(),
         attrs: &mut attr,
         // Programmatic dependent launch when the device has it on.
         numAttrs: dev.pdl as u32,
@@ -457,7 +473,7 @@ fn skinny_refuses(
 }
 
 /// Raw kernel parameters: the addresses of `args`' elements, in order (for `launch_pdl`).
-fn raw_params<T>(args: &mut [T]) -> Vec<*mut std::ffi::c_void> {
+pub(crate) fn raw_params<T>(args: &mut [T]) -> Vec<*mut std::ffi::c_void> {
     args.iter_mut().map(|a| (a as *mut T).cast()).collect()
 }
 
@@ -528,7 +544,7 @@ fn add_bias(
 }
 
 /// Threads for a norm block over rows of `h`: enough for at most 4 chunks of 8 each.
-fn norm_threads(h: usize) -> u32 {
+pub(crate) fn norm_threads(h: usize) -> u32 {
     (h.div_ceil(8).div_ceil(4).div_ceil(32) * 32).clamp(32, 1024) as u32
 }
 

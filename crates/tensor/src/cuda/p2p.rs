@@ -7,6 +7,12 @@
 //! exchange [`P2pAllReduce::addresses`] and ordinals through their host communicator, and each
 //! [`P2pAllReduce::connect`]s (peer access to every peer's GPU, the peers' addresses on the device).
 //!
+//! [`P2pAllReduce::all_reduce_add_rms_norm`] goes one step further for the row-parallel
+//! projections of a decoder layer: the sum, the residual add and the RMSNorm after it in one
+//! kernel (`all_reduce_add_rms_norm`), whose ranks push their values into each other's receive
+//! slots with NCCL's LL protocol (data and flag in one 16-byte store, no fence, no flag round
+//! trip), as TensorRT-LLM fuses its all-reduce with the norm.
+//!
 //! The shared memory is allocated with `cuMemAlloc`, not from the stream's pool: pool memory does
 //! not follow `cuCtxEnablePeerAccess`. A word of pinned host memory mapped into the device lets
 //! [`P2pAllReduce::abort`] stop a kernel that waits for a peer, and lets the kernel report a peer
@@ -18,6 +24,7 @@ use std::time::Duration;
 
 use cudarc::driver::{result, sys, CudaSlice, CudaStream, PushKernelArg};
 
+use super::CudaBuf;
 use super::{dev_err, GpuDevice};
 use crate::{Storage, TensorError};
 
@@ -25,6 +32,8 @@ use crate::{Storage, TensorError};
 pub const P2P_MAX_BYTES: usize = 1 << 20;
 /// Blocks of the kernel (each with its own slice, flags and call counter).
 const P2P_BLOCKS: usize = 16;
+/// Rows the fused all-reduce + norm takes at most (one block and one call counter a row).
+pub const FUSED_MAX_ROWS: usize = 1024;
 
 /// One rank's side of the one-shot all-reduce.
 pub struct P2pAllReduce {
@@ -35,15 +44,21 @@ pub struct P2pAllReduce {
     rank: usize,
     world: usize,
     /// `cuMemAlloc`'d: two staging halves of `P2P_MAX_BYTES`, then `[2][P2P_BLOCKS][world]` u32
-    /// flags the peers write, then `P2P_BLOCKS` u32 call counters.
+    /// flags the peers write, then `P2P_BLOCKS` u32 call counters, then `FUSED_MAX_ROWS` u32
+    /// call counters of the fused kernel, then (16-byte aligned) its receive slots: `[2
+    /// parity][world source]` slots of `2 P2P_MAX_BYTES` (16-byte lines of 8 bytes of values).
     mem: sys::CUdeviceptr,
+    /// The bytes of a row the fused kernel was first called with (0: not yet): a row's place in
+    /// the slots depends on it, so other row sizes are refused (the caller falls back) rather
+    /// than read lines a call of another size left there.
+    row_bytes: std::sync::atomic::AtomicUsize,
     /// Pinned host word, mapped into the device: 0 running, 1 aborted by the host, 2 a peer did
     /// not come within the deadline.
     word: *mut u32,
     word_dev: sys::CUdeviceptr,
     timeout_ns: u64,
-    /// Every rank's buffer and flags addresses, on this GPU (after `connect`).
-    table: Option<(CudaSlice<u64>, CudaSlice<u64>)>,
+    /// Every rank's buffer, flags and receive-slot addresses, on this GPU (after `connect`).
+    table: Option<(CudaSlice<u64>, CudaSlice<u64>, CudaSlice<u64>)>,
 }
 
 // SAFETY: the raw device and pinned pointers are owned by this value and freed once (Drop); the
@@ -63,7 +78,7 @@ impl P2pAllReduce {
         let dev = GpuDevice::get(ordinal)?;
         let e = |x: cudarc::driver::DriverError| dev_err(ordinal, x);
         dev.ctx.bind_to_thread().map_err(e)?;
-        let total = Self::flags_offset() + (2 * world + 1) * P2P_BLOCKS * 4;
+        let total = Self::slots_offset(world) + 2 * world * Self::slot_bytes();
         // SAFETY: fresh allocations, zeroed before use, freed in Drop.
         unsafe {
             let mem = result::malloc_sync(total).map_err(e)?;
@@ -83,6 +98,7 @@ impl P2pAllReduce {
                 mem,
                 word,
                 word_dev,
+                row_bytes: std::sync::atomic::AtomicUsize::new(0),
                 timeout_ns: timeout.as_nanos().min(u64::MAX as u128) as u64,
                 table: None,
             })
@@ -109,6 +125,20 @@ impl P2pAllReduce {
     }
 
     fn flags_offset() -> usize {
+        2 * P2P_MAX_BYTES
+    }
+
+    fn fused_counters_offset(world: usize) -> usize {
+        Self::flags_offset() + (2 * world + 1) * P2P_BLOCKS * 4
+    }
+
+    /// Where the fused kernel's receive slots start: the same offset on every rank.
+    fn slots_offset(world: usize) -> usize {
+        (Self::fused_counters_offset(world) + FUSED_MAX_ROWS * 4).next_multiple_of(16)
+    }
+
+    /// One slot: `P2P_MAX_BYTES` of values in lines of 16 bytes that carry 8.
+    fn slot_bytes() -> usize {
         2 * P2P_MAX_BYTES
     }
 
@@ -183,9 +213,14 @@ impl P2pAllReduce {
         let e = |x| dev_err(o, x);
         let bufs: Vec<u64> = peers.iter().map(|p| p.1[0]).collect();
         let flags: Vec<u64> = peers.iter().map(|p| p.1[1]).collect();
+        let slots: Vec<u64> = bufs
+            .iter()
+            .map(|b| b + Self::slots_offset(self.world) as u64)
+            .collect();
         let table = (
             self.dev.stream.clone_htod(&bufs).map_err(e)?,
             self.dev.stream.clone_htod(&flags).map_err(e)?,
+            self.dev.stream.clone_htod(&slots).map_err(e)?,
         );
         // The table is read by calls on this rank's stream, which may not be the GPU's.
         self.dev.stream.synchronize().map_err(e)?;
@@ -196,7 +231,7 @@ impl P2pAllReduce {
     /// Sums `s` in place across the ranks, queued on the GPU's stream, when it is a connected
     /// device tensor of at most [`P2P_MAX_BYTES`]; `Ok(false)` (nothing done) otherwise.
     pub fn all_reduce(&self, s: &mut Storage) -> Result<bool, TensorError> {
-        let (Storage::Cuda(b), Some((bufs, flags))) = (s, &self.table) else {
+        let (Storage::Cuda(b), Some((bufs, flags, _))) = (s, &self.table) else {
             return Ok(false);
         };
         let bytes = b.len() * b.dtype().size_in_bytes();
@@ -238,6 +273,109 @@ impl P2pAllReduce {
         // and a failed teardown leaks it rather than free memory a peer may still touch).
         unsafe { l.launch(cfg) }.map_err(|e| dev_err(dev.ordinal, e))?;
         Ok(true)
+    }
+
+    /// `x += ` the sum of every rank's `part`, then `y = w * x / rms(x)` a row (eps inside the
+    /// root): a row-parallel projection's all-reduce, the residual add and the next RMSNorm, in
+    /// one kernel queued on this rank's stream; `x` and the returned `y` are the same on every
+    /// rank, and with two ranks bit for bit what NCCL's all-reduce and `add_rms_norm` give.
+    /// `Ok(None)` (nothing done, `x` untouched) where the kernel does not apply: not connected,
+    /// more than [`FUSED_MAX_ROWS`] rows or [`P2P_MAX_BYTES`] of values, a row of another size
+    /// than the first call's, `h` not a multiple of 8 or above 32,768.
+    pub fn all_reduce_add_rms_norm(
+        &self,
+        part: &CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        rows: usize,
+        h: usize,
+        eps: f32,
+    ) -> Result<Option<CudaBuf>, TensorError> {
+        let Some((_, _, slots)) = &self.table else {
+            return Ok(None);
+        };
+        let dt = x.dtype();
+        let dev = &self.dev;
+        let o = dev.ordinal;
+        if [part, x, w]
+            .iter()
+            .any(|b| b.dev.ordinal != o || b.dtype() != dt)
+            || part.len() != rows * h
+            || x.len() != rows * h
+            || w.len() != h
+        {
+            return Err(dev_err(
+                o,
+                "fused all-reduce + norm: buffers of other sizes, dtypes or GPUs",
+            ));
+        }
+        let threads = super::ops::norm_threads(h);
+        let row = h * dt.size_in_bytes();
+        if rows == 0
+            || rows > FUSED_MAX_ROWS
+            || rows * row > P2P_MAX_BYTES
+            || !h.is_multiple_of(8)
+            || h / 8 > 4 * threads as usize
+        {
+            return Ok(None);
+        }
+        match self
+            .row_bytes
+            .compare_exchange(0, row, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => {}
+            Err(first) if first == row => {}
+            Err(_) => return Ok(None),
+        }
+        if let Some(why) = self.failed() {
+            return Err(dev_err(o, why));
+        }
+        let y = CudaBuf::alloc(dev, dt, rows * h)?;
+        let e = |x| dev_err(o, x);
+        if !Arc::ptr_eq(&self.stream, &dev.stream) {
+            // y comes from the GPU stream's pool.
+            self.stream.join(&dev.stream).map_err(e)?;
+        }
+        let mut ptrs = [part, x, w, &y].map(super::ops::dptr);
+        let (mut hh, mut eps) = (h as i32, eps);
+        let mut slots_ptr = {
+            use cudarc::driver::DevicePtr;
+            slots.device_ptr(&self.stream).0
+        };
+        let mut slot_lines = (Self::slot_bytes() / 16) as i64;
+        let mut counter = self.mem + Self::fused_counters_offset(self.world) as u64;
+        let (mut rank, mut world) = (self.rank as i32, self.world as i32);
+        let (mut word, mut timeout) = (self.word_dev, self.timeout_ns);
+        let mut params = super::ops::raw_params(&mut ptrs);
+        params.push((&mut hh as *mut i32).cast());
+        params.push((&mut eps as *mut f32).cast());
+        params.push((&mut slots_ptr as *mut u64).cast());
+        params.push((&mut slot_lines as *mut i64).cast());
+        params.push((&mut counter as *mut u64).cast());
+        params.push((&mut rank as *mut i32).cast());
+        params.push((&mut world as *mut i32).cast());
+        params.push((&mut word as *mut u64).cast());
+        params.push((&mut timeout as *mut u64).cast());
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the parameters match all_reduce_add_rms_norm(part, x, w, y, h, eps, slots,
+        // slot_lines, counter, rank, world, word, timeout_ns) and outlive the call; the buffers
+        // hold rows x h values (h for w) of one dtype on this GPU; a row's lines fit a slot
+        // (rows x h values are at most P2P_MAX_BYTES); the peers' slots stay allocated while
+        // their communicators live (as for `all_reduce`).
+        unsafe {
+            super::ops::launch_pdl_on(
+                dev,
+                &self.stream,
+                dev.func("all_reduce_add_rms_norm", dt),
+                cfg,
+                &mut params,
+            )?
+        };
+        Ok(Some(y))
     }
 }
 
