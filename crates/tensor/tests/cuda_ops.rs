@@ -733,6 +733,14 @@ fn fused_all_reduce_and_norm_between_two_streams_of_one_gpu_is_exact() {
         .all_reduce_add_rms_norm(buf(&t), buf(&t), buf(&wt), 2, 12, 1e-5)
         .unwrap()
         .is_none());
+    // Nor a row longer than the norm's 1,024 threads take (4 chunks of 8 each).
+    let long = 32776;
+    let t = rand_t(vec![1, long], DType::F32, 3).to_device(dev).unwrap();
+    let wt = rand_t(vec![long], DType::F32, 4).to_device(dev).unwrap();
+    assert!(odd[0]
+        .all_reduce_add_rms_norm(buf(&t), buf(&t), buf(&wt), 1, long, 1e-5)
+        .unwrap()
+        .is_none());
     eprintln!("fused all-reduce + norm on one GPU: {calls} calls exact");
     // What a call costs on one GPU (no NVLink: the peer's stores land in the same memory), beside
     // add_rms_norm alone; printed, not asserted.

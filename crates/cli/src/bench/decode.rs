@@ -173,7 +173,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             Ok(rows)
         };
         let rows = match a.one_rank_of {
-            Some(_) => body(&SkipComm { world: tp }, TpRank { rank: 0, size: tp })?,
+            Some(_) => body(&SkipComm::new(tp, device)?, TpRank { rank: 0, size: tp })?,
             None => run_tp(tp, |comm, rank| {
                 with_rank_comm(device, comm, |comm| body(comm, rank))
             })?,
@@ -224,8 +224,15 @@ pub fn run(a: DecodeArgs) -> Result<()> {
 /// Rank 0 of a group of `world` with every collective skipped (`--one-rank-of`): sums leave the
 /// tensor as it is, gathers repeat this rank's part, a barrier returns at once. Point-to-point
 /// and sub-groups are refused (decode uses neither).
+///
+/// With `TESSERA_P2P_ALLREDUCE=norm` or `all` on a GPU, the residual add and norm after each
+/// row-parallel projection run in the fused NVLink kernel (`all_reduce_add_rms_norm`) set up for
+/// a group of one: its own kernel and launch in the step, without the exchange (no peer to push
+/// to or wait for), so the step shows what the fused path's kernel costs apart from NVLink.
 struct SkipComm {
     world: usize,
+    #[cfg(feature = "cuda")]
+    fused: Option<tessera_tensor::cuda::p2p::P2pAllReduce>,
 }
 
 impl Communicator for SkipComm {
@@ -273,9 +280,59 @@ impl Communicator for SkipComm {
     fn all_reduce_tensor(&self, _: &mut Tensor, _: ReduceOp) -> Result<(), CommError> {
         Ok(())
     }
+    #[cfg(feature = "cuda")]
+    fn all_reduce_add_rms_norm(
+        &self,
+        part: &Tensor,
+        x: &mut Tensor,
+        w: &Tensor,
+        eps: f64,
+    ) -> Result<Option<Tensor>, CommError> {
+        use tessera_tensor::Storage;
+        let (Some(f), Storage::Cuda(p), Storage::Cuda(xb), Storage::Cuda(wb)) =
+            (&self.fused, part.storage(), x.storage(), w.storage())
+        else {
+            return Ok(None);
+        };
+        let h = w.elem_count();
+        let fail = |e: tessera_tensor::TensorError| CommError::Invalid {
+            rank: 0,
+            msg: e.to_string(),
+        };
+        let y = f
+            .all_reduce_add_rms_norm(p, xb, wb, x.elem_count() / h.max(1), h, eps as f32)
+            .map_err(fail)?;
+        y.map(|y| Tensor::new(x.shape().to_vec(), Storage::Cuda(y)))
+            .transpose()
+            .map_err(fail)
+    }
 }
 
 impl SkipComm {
+    fn new(world: usize, device: Device) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        let fused = match (device, std::env::var("TESSERA_P2P_ALLREDUCE").as_deref()) {
+            (Device::Cuda(o), Ok("norm" | "all")) => {
+                use tessera_tensor::cuda::p2p::P2pAllReduce;
+                let mut p = P2pAllReduce::new(o, 0, 1, std::time::Duration::from_secs(10))?;
+                let me = p.addresses();
+                p.connect(&[(o, me)])?;
+                println!(
+                    "one rank alone: residual add + norm in the fused NVLink kernel (no exchange)"
+                );
+                Some(p)
+            }
+            _ => None,
+        };
+        #[cfg(not(feature = "cuda"))]
+        let _ = device;
+        Ok(SkipComm {
+            world,
+            #[cfg(feature = "cuda")]
+            fused,
+        })
+    }
+
     fn refused(&self, what: &str) -> CommError {
         CommError::Invalid {
             rank: 0,

@@ -767,30 +767,63 @@ __device__ __forceinline__ void add_words(const unsigned* w, float* acc, const f
 #pragma unroll
     for (int j = 0; j < 8; j++) acc[j] += __uint_as_float(w[j]);
 }
+// Polls a line until both its flags are `g`; false when the host aborted (word set) or the peer
+// is later than timeout_ns (this sets word). Out of line: one copy of the loop for every line.
+__device__ __noinline__ bool wait_line(const char* p, unsigned g, uint4* q, unsigned* word,
+                                       unsigned long long timeout_ns) {
+    unsigned long long t0 = global_ns();
+    while (true) {
+        *q = ld_volatile16(p);
+        if (q->y == g && q->w == g) return true;
+        unsigned long long now = global_ns();
+        if (now - t0 < 20000) continue;
+        if (*(volatile unsigned*)word != 0) return false;
+        if (now - t0 > timeout_ns) { *(volatile unsigned*)word = 2u; return false; }
+    }
+}
 template <typename T>
 __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, int h, float eps,
                                         const unsigned long long* ll, long slot_lines,
                                         unsigned* counter, int rank, int world, unsigned* word,
                                         unsigned long long timeout_ns) {
     pdl_trigger();
-    pdl_wait();
     __shared__ unsigned gen;
     __shared__ int bail;
-    long row = blockIdx.x;
-    if (threadIdx.x == 0) { gen = counter[row] + 1; counter[row] = gen; bail = 0; }
-    __syncthreads();
-    const unsigned g = gen;
     constexpr int NW = ChunkWords<T>::N, LINES = NW / 2;
-    const long row_lines = (long)h * sizeof(T) / 8;
-    const long parity = g & 1;
+    const long row = blockIdx.x;
     const int nc = h >> 3;
+    T* xr = x + row * h;
+    T* yr = y + row * h;
+    // The norm's scale is a weight: loaded before the wait. Then this rank's values, x and the
+    // call number all at once (one memory round trip).
+    float gw[4][8];
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        int ch = threadIdx.x + c * blockDim.x;
+        if (ch < nc) load8(w, ch * 8, gw[c]);
+    }
+    pdl_wait();
+    unsigned g0 = 0;
+    if (threadIdx.x == 0) g0 = counter[row];
     unsigned mine[4][NW];
-    // Push this rank's chunks to every peer first: the stores travel while the rest loads.
+    float v[4][8];
 #pragma unroll
     for (int c = 0; c < 4; c++) {
         int ch = threadIdx.x + c * blockDim.x;
         if (ch >= nc) continue;
         load_words(part + row * h, ch * 8, mine[c]);
+        load8(xr, ch * 8, v[c]);
+    }
+    if (threadIdx.x == 0) { gen = g0 + 1; counter[row] = g0 + 1; bail = 0; }
+    __syncthreads();
+    const unsigned g = gen;
+    const long row_lines = (long)h * sizeof(T) / 8;
+    const long parity = g & 1;
+    // Push this rank's chunks to every peer: the stores travel while the peers' are awaited.
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        int ch = threadIdx.x + c * blockDim.x;
+        if (ch >= nc) continue;
         for (int p = 0; p < world; p++) {
             if (p == rank) continue;
             char* dst = (char*)ll[p] + (((parity * world + rank) * slot_lines) + row * row_lines + (long)ch * LINES) * 16;
@@ -799,44 +832,53 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
                 st_volatile16(dst + j * 16, mine[c][2 * j], g, mine[c][2 * j + 1], g);
         }
     }
-    T* xr = x + row * h;
-    T* yr = y + row * h;
-    float v[4][8], gw[4][8];
-    float ss = 0.f;
+    // The ranks' values added in rank order, then rounded once (NCCL's sum of two). A peer's
+    // lines for all of this thread's chunks are read at once; only those not there yet are
+    // polled (out of line).
+    float acc[4][8];
+#pragma unroll
+    for (int c = 0; c < 4; c++)
+#pragma unroll
+        for (int j = 0; j < 8; j++) acc[c][j] = 0.f;
     bool ok = true;
+    for (int src = 0; src < world && ok; src++) {
+        if (src == rank) {
 #pragma unroll
-    for (int c = 0; c < 4; c++) {
-        int ch = threadIdx.x + c * blockDim.x;
-        if (ch >= nc) continue;
-        load8(xr, ch * 8, v[c]);
-        load8(w, ch * 8, gw[c]);
-        float acc[8];
+            for (int c = 0; c < 4; c++)
+                if (threadIdx.x + c * blockDim.x < nc) add_words(mine[c], acc[c], xr);
+            continue;
+        }
+        const char* in = (const char*)ll[rank] + ((parity * world + src) * slot_lines + row * row_lines) * 16;
+        uint4 q[4][LINES];
 #pragma unroll
-        for (int j = 0; j < 8; j++) acc[j] = 0.f;
-        // The ranks' values added in rank order, then rounded once (NCCL's sum of two).
-        for (int src = 0; src < world && ok; src++) {
-            if (src == rank) { add_words(mine[c], acc, xr); continue; }
-            const char* in = (const char*)ll[rank] + (((parity * world + src) * slot_lines) + row * row_lines + (long)ch * LINES) * 16;
+        for (int c = 0; c < 4; c++) {
+            long ch = threadIdx.x + c * blockDim.x;
+            if (ch >= nc) continue;
+#pragma unroll
+            for (int j = 0; j < LINES; j++) q[c][j] = ld_volatile16(in + (ch * LINES + j) * 16);
+        }
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            long ch = threadIdx.x + c * blockDim.x;
+            if (ch >= nc) continue;
             unsigned got[NW];
 #pragma unroll
             for (int j = 0; j < LINES; j++) {
-                unsigned long long t0 = 0;
-                while (true) {
-                    uint4 l = ld_volatile16(in + j * 16);
-                    if (l.y == g && l.w == g) { got[2 * j] = l.x; got[2 * j + 1] = l.z; break; }
-                    unsigned long long now = global_ns();
-                    if (t0 == 0) { t0 = now; continue; }
-                    if (now - t0 < 20000) continue;
-                    if (*(volatile unsigned*)word != 0) { ok = false; break; }
-                    if (now - t0 > timeout_ns) { *(volatile unsigned*)word = 2u; ok = false; break; }
-                }
-                if (!ok) break;
+                if ((q[c][j].y != g || q[c][j].w != g) && ok)
+                    ok = wait_line(in + (ch * LINES + j) * 16, g, &q[c][j], word, timeout_ns);
+                got[2 * j] = q[c][j].x;
+                got[2 * j + 1] = q[c][j].z;
             }
-            if (ok) add_words(got, acc, xr);
+            add_words(got, acc[c], xr);
         }
+    }
+    float ss = 0.f;
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        if (threadIdx.x + c * blockDim.x >= nc) continue;
 #pragma unroll
         for (int j = 0; j < 8; j++) {
-            v[c][j] = rnd(v[c][j] + rnd(acc[j], xr), xr);
+            v[c][j] = rnd(v[c][j] + rnd(acc[c][j], xr), xr);
             ss += v[c][j] * v[c][j];
         }
     }
