@@ -1,0 +1,148 @@
+//! The decoder's fused path for the row-parallel outputs (`Communicator::all_reduce_add_rms_norm`:
+//! the sum, the residual add and the next norm in one step, as the NVLink kernel of `NcclComm`
+//! does on GPUs) gives the same logits as the unfused path at tp 2, bit for bit: here a host
+//! communicator fuses them with the same ops, so every branch of the model that takes the fused
+//! result (the qkv and gate_up projections, the final norm for all rows and for the last row) runs
+//! on the CPU in CI.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tessera_comm::{CommError, Communicator, ElemKind, LocalGroup, ReduceOp};
+use tessera_model::synthetic::{llama_config_json, random_safetensors};
+use tessera_model::{Checkpoint, LlamaModel, Logits, ModelConfig, TpRank};
+use tessera_tensor::{ops, DType, Tensor};
+
+/// A rank's host communicator that fuses the sum with the add and norm (counting the calls).
+struct Fused<'a> {
+    inner: &'a dyn Communicator,
+    calls: AtomicUsize,
+}
+
+impl Communicator for Fused<'_> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce_bytes(&self, b: &mut [u8], k: ElemKind, op: ReduceOp) -> Result<(), CommError> {
+        self.inner.all_reduce_bytes(b, k, op)
+    }
+    fn all_gather_bytes(&self, send: &[u8], recv: &mut [u8]) -> Result<(), CommError> {
+        self.inner.all_gather_bytes(send, recv)
+    }
+    fn broadcast_bytes(&self, b: &mut [u8], root: usize) -> Result<(), CommError> {
+        self.inner.broadcast_bytes(b, root)
+    }
+    fn reduce_scatter_bytes(
+        &self,
+        send: &[u8],
+        recv: &mut [u8],
+        k: ElemKind,
+        op: ReduceOp,
+    ) -> Result<(), CommError> {
+        self.inner.reduce_scatter_bytes(send, recv, k, op)
+    }
+    fn barrier(&self) -> Result<(), CommError> {
+        self.inner.barrier()
+    }
+    fn send_bytes(&self, b: &[u8], dst: usize) -> Result<(), CommError> {
+        self.inner.send_bytes(b, dst)
+    }
+    fn recv_bytes(&self, b: &mut [u8], src: usize) -> Result<(), CommError> {
+        self.inner.recv_bytes(b, src)
+    }
+    fn sub_group(&self, ranks: &[usize]) -> Result<Box<dyn Communicator>, CommError> {
+        self.inner.sub_group(ranks)
+    }
+    fn abort(&self, reason: &str) {
+        self.inner.abort(reason)
+    }
+    fn all_reduce_tensor(&self, t: &mut Tensor, op: ReduceOp) -> Result<(), CommError> {
+        self.inner.all_reduce_tensor(t, op)
+    }
+    fn all_reduce_add_rms_norm(
+        &self,
+        part: &Tensor,
+        x: &mut Tensor,
+        w: &Tensor,
+        eps: f64,
+    ) -> Result<Option<Tensor>, CommError> {
+        let mut sum = part.clone();
+        self.inner.all_reduce_tensor(&mut sum, ReduceOp::Sum)?;
+        let y = ops::add_rms_norm(x, &sum, w, eps).map_err(|e| CommError::Invalid {
+            rank: self.rank(),
+            msg: e.to_string(),
+        })?;
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(y))
+    }
+}
+
+/// Every rank's logits of a prefill, two decode steps, a chunk of three whose last row only is
+/// kept, a greedy step of two tokens and a lockstep batch, with or without the fused communicator; and how many fused calls it made.
+fn run(fused: bool) -> Vec<(Vec<Vec<f32>>, u32, usize)> {
+    let layers = 3;
+    let json = llama_config_json(100, 48, 96, layers, 4, 2, false);
+    let cfg = ModelConfig::from_json_str(&json).unwrap();
+    let bytes: &'static [u8] =
+        Box::leak(random_safetensors(&cfg, DType::F32, 11).into_boxed_slice());
+    let comms = LocalGroup::new(2).into_comms();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, host)| {
+                let cfg = cfg.clone();
+                s.spawn(move || {
+                    let ck = Checkpoint::from_static("mem", bytes).unwrap();
+                    let m =
+                        LlamaModel::from_checkpoint(&ck, cfg, TpRank { rank, size: 2 }, DType::F32)
+                            .unwrap();
+                    let f = Fused {
+                        inner: &host,
+                        calls: AtomicUsize::new(0),
+                    };
+                    let comm: &dyn Communicator = if fused { &f } else { &host };
+                    let mut out = Vec::new();
+                    let mut c = m.new_cache(24).unwrap();
+                    out.push(
+                        m.forward(&[3, 14, 15, 92, 65], &mut c, Logits::All, comm)
+                            .unwrap(),
+                    );
+                    for t in [35, 89] {
+                        out.push(m.forward(&[t], &mut c, Logits::All, comm).unwrap());
+                    }
+                    // Three tokens, the last row's logits only; then greedy (the last row too).
+                    out.push(m.forward(&[2, 71, 82], &mut c, Logits::Last, comm).unwrap());
+                    let greedy = m.forward_greedy(&[79, 8], &mut c, comm).unwrap();
+                    let mut cb = m.new_cache_batch(4, 3).unwrap();
+                    for toks in [[1, 2, 3], [40, 50, 60]] {
+                        out.push(m.forward_lockstep(&toks, &mut cb, comm).unwrap());
+                    }
+                    (out, greedy, f.calls.load(Ordering::Relaxed))
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn fused_sum_add_and_norm_give_the_unfused_logits_at_tp_2() {
+    let plain = run(false);
+    let fused = run(true);
+    for (rank, ((want, wg, none), (got, gg, calls))) in plain.iter().zip(&fused).enumerate() {
+        assert_eq!(*none, 0);
+        // Two row-parallel outputs a layer (o, and down into the next layer's or the final
+        // norm), in each of 7 forwards.
+        assert_eq!(*calls, 7 * 2 * 3, "rank {rank}: fused calls");
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(g == w, "rank {rank}: forward {i}'s logits differ");
+        }
+        assert_eq!(gg, wg, "rank {rank}: greedy token");
+    }
+    // Both ranks hold the same (gathered) logits.
+    assert!(fused[0].0 == fused[1].0, "the ranks' logits differ");
+}
