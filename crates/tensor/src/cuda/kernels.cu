@@ -728,10 +728,10 @@ __device__ void one_shot_all_reduce(T* x, long n, const unsigned long long* bufs
 
 // The row-parallel projection's all-reduce, the residual add and the RMSNorm after it in one
 // kernel, for tensor-parallel decode over NVLink: x += sum over ranks of `part`, then
-// y = w * round(x / rms(x)), every rank getting the same x and y. One block a row, norm_threads(h)
-// threads, each thread owning the same chunks of 8 values as `add_rms_norm` (so the sum of squares
-// adds in its order: with two ranks the result is bit for bit NCCL's all-reduce followed by
-// add_rms_norm). The exchange is NCCL's LL protocol: a thread pushes its chunk of `part` into
+// y = w * round(x / rms(x)), every rank getting the same x and y. One block a row, each thread
+// owning C chunks of 8 values (C = 1 up to 512 chunks: few unrolled copies of the code, whose
+// fetching is what a small kernel waits on). x is bit for bit NCCL's all-reduce + add_rms_norm's;
+// y differs from add_rms_norm's only by the order of the sum of squares. The exchange is NCCL's LL protocol: a thread pushes its chunk of `part` into
 // every peer's receive slot as 16-byte lines {data, flag, data, flag} (8 bytes of values a line,
 // one store), the flag being the call's number; it then polls its own slot's lines until both
 // flags of each equal the number. No fence and no separate flag: a line is complete when seen.
@@ -781,7 +781,7 @@ __device__ __noinline__ bool wait_line(const char* p, unsigned g, uint4* q, unsi
         if (now - t0 > timeout_ns) { *(volatile unsigned*)word = 2u; return false; }
     }
 }
-template <typename T>
+template <typename T, int C>
 __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, int h, float eps,
                                         const unsigned long long* ll, long slot_lines,
                                         unsigned* counter, int rank, int world, unsigned* word,
@@ -796,19 +796,19 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
     T* yr = y + row * h;
     // The norm's scale is a weight: loaded before the wait. Then this rank's values, x and the
     // call number all at once (one memory round trip).
-    float gw[4][8];
+    float gw[C][8];
 #pragma unroll
-    for (int c = 0; c < 4; c++) {
+    for (int c = 0; c < C; c++) {
         int ch = threadIdx.x + c * blockDim.x;
         if (ch < nc) load8(w, ch * 8, gw[c]);
     }
     pdl_wait();
     unsigned g0 = 0;
     if (threadIdx.x == 0) g0 = counter[row];
-    unsigned mine[4][NW];
-    float v[4][8];
+    unsigned mine[C][NW];
+    float v[C][8];
 #pragma unroll
-    for (int c = 0; c < 4; c++) {
+    for (int c = 0; c < C; c++) {
         int ch = threadIdx.x + c * blockDim.x;
         if (ch >= nc) continue;
         load_words(part + row * h, ch * 8, mine[c]);
@@ -821,7 +821,7 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
     const long parity = g & 1;
     // Push this rank's chunks to every peer: the stores travel while the peers' are awaited.
 #pragma unroll
-    for (int c = 0; c < 4; c++) {
+    for (int c = 0; c < C; c++) {
         int ch = threadIdx.x + c * blockDim.x;
         if (ch >= nc) continue;
         for (int p = 0; p < world; p++) {
@@ -835,30 +835,30 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
     // The ranks' values added in rank order, then rounded once (NCCL's sum of two). A peer's
     // lines for all of this thread's chunks are read at once; only those not there yet are
     // polled (out of line).
-    float acc[4][8];
+    float acc[C][8];
 #pragma unroll
-    for (int c = 0; c < 4; c++)
+    for (int c = 0; c < C; c++)
 #pragma unroll
         for (int j = 0; j < 8; j++) acc[c][j] = 0.f;
     bool ok = true;
     for (int src = 0; src < world && ok; src++) {
         if (src == rank) {
 #pragma unroll
-            for (int c = 0; c < 4; c++)
+            for (int c = 0; c < C; c++)
                 if (threadIdx.x + c * blockDim.x < nc) add_words(mine[c], acc[c], xr);
             continue;
         }
         const char* in = (const char*)ll[rank] + ((parity * world + src) * slot_lines + row * row_lines) * 16;
-        uint4 q[4][LINES];
+        uint4 q[C][LINES];
 #pragma unroll
-        for (int c = 0; c < 4; c++) {
+        for (int c = 0; c < C; c++) {
             long ch = threadIdx.x + c * blockDim.x;
             if (ch >= nc) continue;
 #pragma unroll
             for (int j = 0; j < LINES; j++) q[c][j] = ld_volatile16(in + (ch * LINES + j) * 16);
         }
 #pragma unroll
-        for (int c = 0; c < 4; c++) {
+        for (int c = 0; c < C; c++) {
             long ch = threadIdx.x + c * blockDim.x;
             if (ch >= nc) continue;
             unsigned got[NW];
@@ -874,7 +874,7 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
     }
     float ss = 0.f;
 #pragma unroll
-    for (int c = 0; c < 4; c++) {
+    for (int c = 0; c < C; c++) {
         if (threadIdx.x + c * blockDim.x >= nc) continue;
 #pragma unroll
         for (int j = 0; j < 8; j++) {
@@ -887,7 +887,7 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
     if (bail) return;
     float inv = rsqrtf(ss / h + eps);
 #pragma unroll
-    for (int c = 0; c < 4; c++) {
+    for (int c = 0; c < C; c++) {
         int ch = threadIdx.x + c * blockDim.x;
         if (ch >= nc) continue;
         store8(xr, ch * 8, v[c]);
@@ -1376,7 +1376,9 @@ extern "C" __global__ void decode_attention_gqa2_##S(const T* qkv, T* kc, T* vc,
 extern "C" __global__ void __launch_bounds__(128, 6) decode_attention_gqa4_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 4>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
 extern "C" __global__ void decode_attention_gqa8_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 8>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
 extern "C" __global__ void one_shot_all_reduce_##S(T* x, long n, const unsigned long long* b, const unsigned long long* f, unsigned* c, int rank, int world, long half, unsigned* word, unsigned long long tns) { one_shot_all_reduce(x, n, b, f, c, rank, world, half, word, tns); } \
-extern "C" __global__ void all_reduce_add_rms_norm_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns) { all_reduce_add_rms_norm(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns); } \
+extern "C" __global__ void __launch_bounds__(512, 2) all_reduce_add_rms_norm1_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns) { all_reduce_add_rms_norm<T, 1>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns); } \
+extern "C" __global__ void __launch_bounds__(512, 1) all_reduce_add_rms_norm2_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns) { all_reduce_add_rms_norm<T, 2>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns); } \
+extern "C" __global__ void __launch_bounds__(512, 1) all_reduce_add_rms_norm4_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns) { all_reduce_add_rms_norm<T, 4>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns); } \
 extern "C" __global__ void attention_combine_##S(const float* pm, const float* pl, const float* pa, T* o, int splits, int hd) { attention_combine(pm, pl, pa, o, splits, hd); } \
 extern "C" __global__ void qkv_rope_append_##S(const T* qkv, T* q, T* kc, T* vc, const float* f, int batch, int hq, int hkv, int hd, int start, const int* pp) { qkv_rope_append(qkv, q, kc, vc, f, batch, hq, hkv, hd, start, pp); } \
 extern "C" __global__ void argmax_rows_##S(const T* x, const float* sv, const int* si, int n, int per, float* v, int* i) { argmax_rows(x, sv, si, n, per, v, i); } \

@@ -27,7 +27,7 @@ use half::bf16;
 use crate::{DType, TensorError};
 
 const KERNELS: &str = include_str!("kernels.cu");
-const KERNEL_NAMES: [&str; 20] = [
+const KERNEL_NAMES: [&str; 22] = [
     "rms_norm",
     "add_rms_norm",
     "rope",
@@ -47,7 +47,9 @@ const KERNEL_NAMES: [&str; 20] = [
     "decode_attention_gqa8",
     "attention_combine",
     "one_shot_all_reduce",
-    "all_reduce_add_rms_norm",
+    "all_reduce_add_rms_norm1",
+    "all_reduce_add_rms_norm2",
+    "all_reduce_add_rms_norm4",
 ];
 
 /// Rows of `x` up to which bf16 matmuls use the decode GEMV kernel instead of cuBLAS (see

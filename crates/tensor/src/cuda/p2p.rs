@@ -278,10 +278,11 @@ impl P2pAllReduce {
     /// `x += ` the sum of every rank's `part`, then `y = w * x / rms(x)` a row (eps inside the
     /// root): a row-parallel projection's all-reduce, the residual add and the next RMSNorm, in
     /// one kernel queued on this rank's stream; `x` and the returned `y` are the same on every
-    /// rank, and with two ranks bit for bit what NCCL's all-reduce and `add_rms_norm` give.
+    /// rank; with two ranks x is bit for bit what NCCL's all-reduce and `add_rms_norm` give, and y
+    /// differs only by the order its sum of squares adds in (see `kernels.cu`).
     /// `Ok(None)` (nothing done, `x` untouched) where the kernel does not apply: not connected,
     /// more than [`FUSED_MAX_ROWS`] rows or [`P2P_MAX_BYTES`] of values, a row of another size
-    /// than the first call's, `h` not a multiple of 8 or above 32,768.
+    /// than the first call's, `h` not a multiple of 8 or above 16,384.
     pub fn all_reduce_add_rms_norm(
         &self,
         part: &CudaBuf,
@@ -309,16 +310,22 @@ impl P2pAllReduce {
                 "fused all-reduce + norm: buffers of other sizes, dtypes or GPUs",
             ));
         }
-        let threads = super::ops::norm_threads(h);
         let row = h * dt.size_in_bytes();
-        if rows == 0
-            || rows > FUSED_MAX_ROWS
-            || rows * row > P2P_MAX_BYTES
-            || !h.is_multiple_of(8)
-            || h / 8 > 4 * threads as usize
-        {
+        // Chunks of 8 values a thread (1, 2 or 4: a kernel each), up to 512 threads a row.
+        let chunks = h / 8;
+        let per = [1, 2, 4].into_iter().find(|c| chunks <= 512 * c);
+        let (Some(per), true) = (per, h.is_multiple_of(8)) else {
+            return Ok(None);
+        };
+        if rows == 0 || rows > FUSED_MAX_ROWS || rows * row > P2P_MAX_BYTES {
             return Ok(None);
         }
+        let threads = chunks.div_ceil(per).next_multiple_of(32) as u32;
+        let name = match per {
+            1 => "all_reduce_add_rms_norm1",
+            2 => "all_reduce_add_rms_norm2",
+            _ => "all_reduce_add_rms_norm4",
+        };
         match self
             .row_bytes
             .compare_exchange(0, row, Ordering::SeqCst, Ordering::SeqCst)
@@ -367,13 +374,7 @@ impl P2pAllReduce {
         // (rows x h values are at most P2P_MAX_BYTES); the peers' slots stay allocated while
         // their communicators live (as for `all_reduce`).
         unsafe {
-            super::ops::launch_pdl_on(
-                dev,
-                &self.stream,
-                dev.func("all_reduce_add_rms_norm", dt),
-                cfg,
-                &mut params,
-            )?
+            super::ops::launch_pdl_on(dev, &self.stream, dev.func(name, dt), cfg, &mut params)?
         };
         Ok(Some(y))
     }
