@@ -144,12 +144,13 @@ __device__ void rotate_head(const T* src, long s0, T* dst, long d0, const float*
 }
 
 // y = w * round(x / rms(x)) per row, after x += delta (rounded, written back) when ADD; one block
-// per row. Rows of a multiple of 8 elements take 16-byte loads, at most 4 chunks of 8 a thread,
-// all issued before the first use (a row is latency-bound, not bandwidth-bound); others go
+// per row. Rows of a multiple of 8 elements take 16-byte loads, C chunks of 8 a thread (1, 2 or 4:
+// a kernel each; few unrolled copies of the code, whose fetching is most of a small kernel's
+// time), all issued before the first use (a row is latency-bound, not bandwidth-bound); others go
 // element by element. Launched with programmatic dependent launch (as the other small kernels of
 // a decode step: SiLU, the attention splits' join): it starts while the kernel before finishes
 // and waits for it before touching memory, so its launch is off the step's critical path.
-template <typename T, bool ADD>
+template <typename T, bool ADD, int C>
 __device__ void add_rms_norm(T* x, const T* delta, const T* w, T* y, int h, float eps) {
     pdl_trigger();
     pdl_wait();
@@ -158,11 +159,11 @@ __device__ void add_rms_norm(T* x, const T* delta, const T* w, T* y, int h, floa
     const T* dr = delta + row * h;
     T* yr = y + row * h;
     float ss = 0.f;
-    if ((h & 7) == 0 && (h >> 3) <= 4 * (int)blockDim.x) {
+    if ((h & 7) == 0 && (h >> 3) <= C * (int)blockDim.x) {
         int nc = h >> 3;
-        float v[4][8], g[4][8];
+        float v[C][8], g[C][8];
 #pragma unroll
-        for (int c = 0; c < 4; c++) {
+        for (int c = 0; c < C; c++) {
             int ch = threadIdx.x + c * blockDim.x;
             if (ch < nc) {
                 load8(xr, ch * 8, v[c]);
@@ -180,7 +181,7 @@ __device__ void add_rms_norm(T* x, const T* delta, const T* w, T* y, int h, floa
         ss = block_sum(ss);
         float inv = rsqrtf(ss / h + eps);
 #pragma unroll
-        for (int c = 0; c < 4; c++) {
+        for (int c = 0; c < C; c++) {
             int ch = threadIdx.x + c * blockDim.x;
             if (ch < nc) {
                 if (ADD) store8(xr, ch * 8, v[c]);
@@ -729,9 +730,8 @@ __device__ void one_shot_all_reduce(T* x, long n, const unsigned long long* bufs
 // The row-parallel projection's all-reduce, the residual add and the RMSNorm after it in one
 // kernel, for tensor-parallel decode over NVLink: x += sum over ranks of `part`, then
 // y = w * round(x / rms(x)), every rank getting the same x and y. One block a row, each thread
-// owning C chunks of 8 values (C = 1 up to 512 chunks: few unrolled copies of the code, whose
-// fetching is what a small kernel waits on). x is bit for bit NCCL's all-reduce + add_rms_norm's;
-// y differs from add_rms_norm's only by the order of the sum of squares. The exchange is NCCL's LL protocol: a thread pushes its chunk of `part` into
+// owning the same C chunks of 8 values as add_rms_norm's threads (so the sum of squares adds in
+// its order: with two ranks the result is bit for bit NCCL's all-reduce followed by add_rms_norm). The exchange is NCCL's LL protocol: a thread pushes its chunk of `part` into
 // every peer's receive slot as 16-byte lines {data, flag, data, flag} (8 bytes of values a line,
 // one store), the flag being the call's number; it then polls its own slot's lines until both
 // flags of each equal the number. No fence and no separate flag: a line is complete when seen.
@@ -741,7 +741,7 @@ __device__ void one_shot_all_reduce(T* x, long n, const unsigned long long* bufs
 // 20 µs makes the thread look at `word` (abort from the host), and one later than timeout_ns sets
 // it; x and y are then left unwritten.
 // ll[r] = rank r's receive area (on its GPU): [2 parity][world src][slot_lines] lines of 16 bytes,
-// a row taking h * sizeof(T) / 8 lines from row * that. grid (rows); block norm_threads(h).
+// a row taking h * sizeof(T) / 8 lines from row * that. grid (rows); block (h / 8 / C threads).
 __device__ __forceinline__ void st_volatile16(void* p, unsigned a, unsigned b, unsigned c, unsigned d) {
     asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
 }
@@ -1361,8 +1361,12 @@ extern "C" __global__ void skinny_reduce(const float* part, bf16_t* y, int split
 }
 
 #define INSTANTIATE(T, S)                                                                              \
-extern "C" __global__ void rms_norm_##S(const T* x, const T* w, T* y, int h, float eps) { add_rms_norm<T, false>((T*)x, x, w, y, h, eps); } \
-extern "C" __global__ void add_rms_norm_##S(T* x, const T* d, const T* w, T* y, int h, float eps) { add_rms_norm<T, true>(x, d, w, y, h, eps); } \
+extern "C" __global__ void __launch_bounds__(512) rms_norm1_##S(const T* x, const T* w, T* y, int h, float eps) { add_rms_norm<T, false, 1>((T*)x, x, w, y, h, eps); } \
+extern "C" __global__ void __launch_bounds__(512) add_rms_norm1_##S(T* x, const T* d, const T* w, T* y, int h, float eps) { add_rms_norm<T, true, 1>(x, d, w, y, h, eps); } \
+extern "C" __global__ void __launch_bounds__(512) rms_norm2_##S(const T* x, const T* w, T* y, int h, float eps) { add_rms_norm<T, false, 2>((T*)x, x, w, y, h, eps); } \
+extern "C" __global__ void __launch_bounds__(512) add_rms_norm2_##S(T* x, const T* d, const T* w, T* y, int h, float eps) { add_rms_norm<T, true, 2>(x, d, w, y, h, eps); } \
+extern "C" __global__ void __launch_bounds__(512) rms_norm4_##S(const T* x, const T* w, T* y, int h, float eps) { add_rms_norm<T, false, 4>((T*)x, x, w, y, h, eps); } \
+extern "C" __global__ void __launch_bounds__(512) add_rms_norm4_##S(T* x, const T* d, const T* w, T* y, int h, float eps) { add_rms_norm<T, true, 4>(x, d, w, y, h, eps); } \
 extern "C" __global__ void rope_##S(T* x, const float* f, int heads, int hd, int start, const int* pp) { rope(x, f, heads, hd, start, pp); } \
 extern "C" __global__ void silu_mul_##S(const T* g, const T* u, T* o, long n) { silu_mul(g, u, o, n); } \
 extern "C" __global__ void silu_mul_halves_##S(const T* gu, T* o, long rows, int n) { silu_mul_halves(gu, o, rows, n); } \

@@ -27,9 +27,13 @@ use half::bf16;
 use crate::{DType, TensorError};
 
 const KERNELS: &str = include_str!("kernels.cu");
-const KERNEL_NAMES: [&str; 22] = [
-    "rms_norm",
-    "add_rms_norm",
+const KERNEL_NAMES: [&str; 26] = [
+    "rms_norm1",
+    "rms_norm2",
+    "rms_norm4",
+    "add_rms_norm1",
+    "add_rms_norm2",
+    "add_rms_norm4",
     "rope",
     "silu_mul",
     "silu_mul_halves",

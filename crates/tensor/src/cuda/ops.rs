@@ -543,9 +543,22 @@ fn add_bias(
     launched(dev, unsafe { l.launch(grid_1d(m * n)) })
 }
 
-/// Threads for a norm block over rows of `h`: enough for at most 4 chunks of 8 each.
+/// A norm block over rows of `h`: chunks of 8 values a thread (1, 2 or 4, the fewest that 512
+/// threads cover; a kernel each: `rms_norm1`, ...) and threads (a multiple of 32, 512 at most;
+/// longer rows go value by value).
+pub(crate) fn norm_shape(h: usize) -> (usize, u32) {
+    let chunks = h.div_ceil(8);
+    let per = [1, 2, 4]
+        .into_iter()
+        .find(|c| chunks <= 512 * c)
+        .unwrap_or(4);
+    let threads = chunks.div_ceil(per).next_multiple_of(32).clamp(32, 512);
+    (per, threads as u32)
+}
+
+/// Threads for a block over rows of `h` (a norm's, [`norm_shape`]).
 pub(crate) fn norm_threads(h: usize) -> u32 {
-    (h.div_ceil(8).div_ceil(4).div_ceil(32) * 32).clamp(32, 1024) as u32
+    norm_shape(h).1
 }
 
 pub fn rms_norm(
@@ -584,10 +597,14 @@ fn norm(
     let dev = x.dev.clone();
     let y = CudaBuf::alloc(&dev, x.dtype(), rows * h)?;
     let (mut hh, mut eps) = (h as i32, eps);
-    let name = if delta.is_some() {
-        "add_rms_norm"
-    } else {
-        "rms_norm"
+    let (per, threads) = norm_shape(h);
+    let name = match (delta.is_some(), per) {
+        (true, 1) => "add_rms_norm1",
+        (true, 2) => "add_rms_norm2",
+        (true, _) => "add_rms_norm4",
+        (false, 1) => "rms_norm1",
+        (false, 2) => "rms_norm2",
+        (false, _) => "rms_norm4",
     };
     let mut ptrs: Vec<u64> = [Some(x), delta, Some(w), Some(&y)]
         .into_iter()
@@ -599,7 +616,7 @@ fn norm(
     params.push((&mut eps as *mut f32).cast());
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
-        block_dim: (norm_threads(h), 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: the parameters match (add_)rms_norm(x, [delta,] w, y, h, eps) and outlive the call;

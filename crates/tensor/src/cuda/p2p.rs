@@ -278,8 +278,7 @@ impl P2pAllReduce {
     /// `x += ` the sum of every rank's `part`, then `y = w * x / rms(x)` a row (eps inside the
     /// root): a row-parallel projection's all-reduce, the residual add and the next RMSNorm, in
     /// one kernel queued on this rank's stream; `x` and the returned `y` are the same on every
-    /// rank; with two ranks x is bit for bit what NCCL's all-reduce and `add_rms_norm` give, and y
-    /// differs only by the order its sum of squares adds in (see `kernels.cu`).
+    /// rank, and with two ranks bit for bit what NCCL's all-reduce and `add_rms_norm` give.
     /// `Ok(None)` (nothing done, `x` untouched) where the kernel does not apply: not connected,
     /// more than [`FUSED_MAX_ROWS`] rows or [`P2P_MAX_BYTES`] of values, a row of another size
     /// than the first call's, `h` not a multiple of 8 or above 16,384.
@@ -311,16 +310,17 @@ impl P2pAllReduce {
             ));
         }
         let row = h * dt.size_in_bytes();
-        // Chunks of 8 values a thread (1, 2 or 4: a kernel each), up to 512 threads a row.
-        let chunks = h / 8;
-        let per = [1, 2, 4].into_iter().find(|c| chunks <= 512 * c);
-        let (Some(per), true) = (per, h.is_multiple_of(8)) else {
-            return Ok(None);
-        };
-        if rows == 0 || rows > FUSED_MAX_ROWS || rows * row > P2P_MAX_BYTES {
+        // Chunks of 8 values a thread (1, 2 or 4: a kernel each), up to 512 threads a row, as
+        // add_rms_norm takes them.
+        let (per, threads) = super::ops::norm_shape(h);
+        if !h.is_multiple_of(8)
+            || h / 8 > 4 * threads as usize
+            || rows == 0
+            || rows > FUSED_MAX_ROWS
+            || rows * row > P2P_MAX_BYTES
+        {
             return Ok(None);
         }
-        let threads = chunks.div_ceil(per).next_multiple_of(32) as u32;
         let name = match per {
             1 => "all_reduce_add_rms_norm1",
             2 => "all_reduce_add_rms_norm2",
