@@ -56,6 +56,8 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
       done
       echo "== tessera bench decode, Llama-3-70B shape, tp 2, CUDA graphs"
       timeout 300 .gpu/tessera bench decode --device cuda --preset llama-3-70b --tp 2 --batch 1,32 --steps 16 --graph 2>&1
+      echo "== the same with the fused NVLink all-reduce + norm (TESSERA_P2P_ALLREDUCE=norm)"
+      TESSERA_P2P_ALLREDUCE=norm timeout 300 .gpu/tessera bench decode --device cuda --preset llama-3-70b --tp 2 --batch 1,32 --steps 16 --graph 2>&1 | grep -E "^collectives|^  2 "
     else
       echo "(one GPU: the tp 2 benchmarks are skipped)"
     fi
