@@ -1030,11 +1030,15 @@ mod tests {
             heads_per_block: gb,
             per,
         };
-        // Llama-3-8B at tp 1 (32 / 8 heads of 128): batch 32 and 64 fill 132 SMs with whole
-        // groups, batch 8 only with one query head a block, batch 1 never (one head a block, one
-        // split for a short cache, 256-position splits for a long one).
+        // Llama-3-8B at tp 1 (32 / 8 heads of 128): batch 64 gives 132 SMs two blocks each with
+        // whole groups over a short cache, batch 32 and 8 only with one query head a block (and
+        // one rank of tp 2, 16 / 4 heads, at batch 64 too), batch 1 never (one head a block, one
+        // split for a short cache, 256-position splits for a long one); over a long cache one
+        // block a multiprocessor is enough for whole groups.
         assert_eq!(plan(48, 64, 32, 8, 128, None), p(Some(4), 256));
-        assert_eq!(plan(48, 32, 32, 8, 128, None), p(Some(4), 256));
+        assert_eq!(plan(48, 32, 32, 8, 128, None), p(Some(1), 256));
+        assert_eq!(plan(48, 64, 16, 4, 128, None), p(Some(1), 256));
+        assert_eq!(plan(2048, 8, 16, 4, 128, None), p(Some(4), 256));
         assert_eq!(plan(48, 8, 32, 8, 128, None), p(Some(1), 256));
         assert_eq!(plan(512, 8, 32, 8, 128, None), p(Some(1), 256));
         assert_eq!(plan(48, 1, 32, 8, 128, None), p(Some(1), 64));

@@ -908,11 +908,13 @@ pub(crate) struct DecodePlan {
 /// each position in turn (3-3.5x faster from 512 positions, `tessera bench attention`). A block
 /// is a chain of dependent steps (RoPE, scores, softmax, P V), so the kernel is latency-bound
 /// until the cache is long: it takes the most query heads a block (KV rows read once) and the
-/// longest splits (no join) that still give every multiprocessor a block, preferring long
-/// splits, and else one query head a block with 64-position splits. (8B shape, one H200, decode
-/// steps through graphs over 50 positions: batch 32 4.92 ms with 4 heads a block against 5.11
-/// with 1 and 5.04 with 2, although the kernel alone is faster with 1 head a block there; batch
-/// 64 over 48 positions 18.9 µs with 4 heads a block against 22.9 with 1.)
+/// longest splits (no join) that still give every multiprocessor a block (two, for a cache one
+/// split holds: there the chains, not the KV rows, are the cost), preferring long splits, and
+/// else one query head a block with 64-position splits. (8B shape, one H200, decode steps through
+/// graphs over ~50 positions, 2026-11-29 11:25 UTC: one rank of tp 2 at batch 64, 256 blocks of 4
+/// heads against 1,024 of 1, 3.02 / 3.02 against 2.95 / 2.92 ms; tp 1 batch 32, 256 against
+/// 1,024, 4.90 / 4.85 against 4.80 / 4.84; tp 1 batch 64, 512 of 4 heads against 2,048 of 1,
+/// 5.00 / 5.01 against 5.19 / 5.19.)
 pub(crate) fn decode_plan(
     keys: usize,
     batch: usize,
@@ -946,8 +948,17 @@ pub(crate) fn decode_plan(
         return per_head;
     }
     let blocks = |gb: usize, per: usize| keys.div_ceil(per) * batch * hkv * (g / gb);
+    // Blocks a choice must give: two a multiprocessor for whole groups over a short cache (when
+    // the shape decides), else one.
+    let need = |gb: usize| {
+        if forced.is_none() && gb > 1 && keys <= DECODE_SPLIT {
+            2 * sms
+        } else {
+            sms
+        }
+    };
     for per in [DECODE_SPLIT, DECODE_SPLIT / 2, DECODE_SPLIT / 4] {
-        if let Some(&gb) = candidates.iter().find(|&&gb| blocks(gb, per) >= sms) {
+        if let Some(&gb) = candidates.iter().find(|&&gb| blocks(gb, per) >= need(gb)) {
             return DecodePlan {
                 heads_per_block: Some(gb),
                 per,
