@@ -1065,6 +1065,20 @@ mod tests {
     }
 
     #[test]
+    fn a_norm_block_takes_the_fewest_chunks_a_thread_that_512_threads_cover() {
+        use super::ops::norm_shape;
+        // (chunks of 8 a thread, threads): one chunk up to 4,096 values, two up to 8,192, four
+        // up to 16,384 (longer rows go value by value in the kernel); at least one warp.
+        assert_eq!(norm_shape(64), (1, 32));
+        assert_eq!(norm_shape(4096), (1, 512));
+        assert_eq!(norm_shape(4104), (2, 288));
+        assert_eq!(norm_shape(8192), (2, 512));
+        assert_eq!(norm_shape(16384), (4, 512));
+        assert_eq!(norm_shape(16392), (4, 512));
+        assert_eq!(norm_shape(12), (1, 32));
+    }
+
+    #[test]
     fn a_forced_decode_kernel_is_the_one_in_use() {
         use super::ops::{decode_kernel_choice, force_decode_kernel, DecodeKernel};
         for k in DecodeKernel::ALL {
