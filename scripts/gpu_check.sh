@@ -3,6 +3,7 @@
 #   scripts/gpu_build.sh            (puts the binaries in .gpu/)
 # then, on the GPU machine (the `device` tool, carrying .gpu):
 #   bash scripts/gpu_check.sh        (report in $OUT/gpu_report.txt, or ./gpu_report.txt)
+#   STEPS="tests tp2 cli" bash ...   (some steps only: tests bench tp2 long hf cli; default all)
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/lib/x86_64-linux-gnu:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 export TESSERA_REQUIRE_GPU=1 TESSERA_FIXTURES=$PWD/tests/fixtures/hf NCCL_NVLS_ENABLE=0 RUST_BACKTRACE=1
@@ -43,9 +44,15 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
     for t in 1 2; do
       .gpu/tessera bench attention --tp $t 2>&1
     done
+  fi
+  # The tp 2 measurements alone (`STEPS=tp2`: the few minutes that matter when a two-GPU machine
+  # is lent): NVLink tests, NCCL against the one-shot and fused paths, 70B.
+  if [[ $STEPS == all || $STEPS == *bench* || $STEPS == *tp2* ]]; then
     if [ "$NGPU" -ge 2 ]; then
       echo "== NCCL tests with both NVLink paths on (TESSERA_P2P_ALLREDUCE=all: the one-shot sums and the fused sum + norm)"
       TESSERA_P2P_ALLREDUCE=all timeout 240 .gpu/test-nccl --test-threads=1 --nocapture 2>&1 | grep -E "test result|panicked|one-shot|fused|skipped"
+      echo "== tessera bench decode, Llama-3-8B shape, tp 1 (the reference of the tp 2 ratios), CUDA graphs"
+      .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 1 --batch 1,64 --steps 32 --graph 2>&1 | grep -E "^  1 "
       # tp 2 through NCCL against the NVLink paths, same binary and call, alternating twice:
       # 1 = one-shot sums, norm = the sum, residual add and norm fused in one kernel, all = both.
       for round in 1 2; do
