@@ -393,25 +393,9 @@ impl Communicator for NcclComm<'_> {
         w: &Tensor,
         eps: f64,
     ) -> Result<Option<Tensor>, CommError> {
-        let h = x.shape().last().copied().unwrap_or(0);
-        if part.shape() != x.shape() || h == 0 {
-            return Ok(None);
-        }
-        let rows = x.elem_count() / h;
-        let y = self
-            .dev
-            .all_reduce_add_rms_norm(
-                part.storage(),
-                x.storage(),
-                w.storage(),
-                rows,
-                h,
-                eps as f32,
-            )
-            .map_err(|e| self.device_error(e))?;
-        y.map(|y| Tensor::new(x.shape().to_vec(), Storage::Cuda(y)))
-            .transpose()
-            .map_err(|e| self.invalid(e.to_string()))
+        self.dev
+            .all_reduce_add_rms_norm(part, x, w, eps)
+            .map_err(|e| self.device_error(e))
     }
 }
 

@@ -521,6 +521,26 @@ fn random_weights_on_the_device_are_random() {
     assert!(v.iter().all(|x| (0.49..=1.51).contains(x)));
 }
 
+/// Two ranks of the NVLink paths on GPU 0, each on its own stream, connected to each other (a
+/// peer later than `deadline` ends a call).
+fn two_ranks_on_gpu_0(
+    deadline: std::time::Duration,
+) -> Vec<tessera_tensor::cuda::p2p::P2pAllReduce> {
+    use tessera_tensor::cuda::p2p::P2pAllReduce;
+    let mut ranks: Vec<P2pAllReduce> = (0..2)
+        .map(|r| {
+            P2pAllReduce::new(0, r, 2, deadline)
+                .and_then(|p| p.with_own_stream())
+                .unwrap()
+        })
+        .collect();
+    let table: Vec<(usize, [u64; 2])> = ranks.iter().map(|r| (0, r.addresses())).collect();
+    for r in &mut ranks {
+        r.connect(&table).unwrap();
+    }
+    ranks
+}
+
 /// The one-shot all-reduce's exchange (staging halves alternating by call, per-block flags, call
 /// counters on the device, the deadline) between two ranks on one GPU, each on its own stream; on
 /// two GPUs the same kernel reads the peer's staging half over NVLink (`tests/nccl.rs` in comm).
@@ -528,22 +548,9 @@ fn random_weights_on_the_device_are_random() {
 #[test]
 fn one_shot_all_reduce_between_two_streams_of_one_gpu_is_exact() {
     use std::time::Duration;
-    use tessera_tensor::cuda::p2p::{P2pAllReduce, P2P_MAX_BYTES};
+    use tessera_tensor::cuda::p2p::P2P_MAX_BYTES;
     let Some((dev, _held)) = gpu() else { return };
-    let pair = |deadline| -> Vec<P2pAllReduce> {
-        let mut ranks: Vec<P2pAllReduce> = (0..2)
-            .map(|r| {
-                P2pAllReduce::new(0, r, 2, deadline)
-                    .and_then(|p| p.with_own_stream())
-                    .unwrap()
-            })
-            .collect();
-        let table: Vec<(usize, [u64; 2])> = ranks.iter().map(|r| (0, r.addresses())).collect();
-        for r in &mut ranks {
-            r.connect(&table).unwrap();
-        }
-        ranks
-    };
+    let pair = two_ranks_on_gpu_0;
     let ranks = pair(Duration::from_secs(10));
     let mut call = 0u64;
     for dt in [DType::F32, DType::BF16] {
@@ -623,22 +630,9 @@ fn one_shot_all_reduce_between_two_streams_of_one_gpu_is_exact() {
 #[test]
 fn fused_all_reduce_and_norm_between_two_streams_of_one_gpu_is_exact() {
     use std::time::Duration;
-    use tessera_tensor::cuda::p2p::{P2pAllReduce, FUSED_MAX_ROWS, P2P_MAX_BYTES};
+    use tessera_tensor::cuda::p2p::{FUSED_MAX_ROWS, P2P_MAX_BYTES};
     let Some((dev, _held)) = gpu() else { return };
-    let pair = |deadline| -> Vec<P2pAllReduce> {
-        let mut ranks: Vec<P2pAllReduce> = (0..2)
-            .map(|r| {
-                P2pAllReduce::new(0, r, 2, deadline)
-                    .and_then(|p| p.with_own_stream())
-                    .unwrap()
-            })
-            .collect();
-        let table: Vec<(usize, [u64; 2])> = ranks.iter().map(|r| (0, r.addresses())).collect();
-        for r in &mut ranks {
-            r.connect(&table).unwrap();
-        }
-        ranks
-    };
+    let pair = two_ranks_on_gpu_0;
     fn buf(t: &Tensor) -> &tessera_tensor::cuda::CudaBuf {
         match t.storage() {
             Storage::Cuda(b) => b,

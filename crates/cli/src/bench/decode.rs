@@ -288,23 +288,14 @@ impl Communicator for SkipComm {
         w: &Tensor,
         eps: f64,
     ) -> Result<Option<Tensor>, CommError> {
-        use tessera_tensor::Storage;
-        let (Some(f), Storage::Cuda(p), Storage::Cuda(xb), Storage::Cuda(wb)) =
-            (&self.fused, part.storage(), x.storage(), w.storage())
-        else {
+        let Some(f) = &self.fused else {
             return Ok(None);
         };
-        let h = w.elem_count();
-        let fail = |e: tessera_tensor::TensorError| CommError::Invalid {
-            rank: 0,
-            msg: e.to_string(),
-        };
-        let y = f
-            .all_reduce_add_rms_norm(p, xb, wb, x.elem_count() / h.max(1), h, eps as f32)
-            .map_err(fail)?;
-        y.map(|y| Tensor::new(x.shape().to_vec(), Storage::Cuda(y)))
-            .transpose()
-            .map_err(fail)
+        f.all_reduce_add_rms_norm_tensors(part, x, w, eps)
+            .map_err(|e| CommError::Invalid {
+                rank: 0,
+                msg: e.to_string(),
+            })
     }
 }
 

@@ -756,16 +756,12 @@ __device__ __forceinline__ void load_words(const T* p, long i, unsigned* w) {
         w[4 * k] = v.x; w[4 * k + 1] = v.y; w[4 * k + 2] = v.z; w[4 * k + 3] = v.w;
     }
 }
-__device__ __forceinline__ void add_words(const unsigned* w, float* acc, const bf16_t*) {
+// acc[j] += the chunk's j-th value, 16 bytes at a time (`add16`).
+template <typename T>
+__device__ __forceinline__ void add_words(const unsigned* w, float* acc, const T* tag) {
 #pragma unroll
-    for (int j = 0; j < 4; j++) {
-        acc[2 * j] += __uint_as_float(w[j] << 16);
-        acc[2 * j + 1] += __uint_as_float(w[j] & 0xffff0000u);
-    }
-}
-__device__ __forceinline__ void add_words(const unsigned* w, float* acc, const float*) {
-#pragma unroll
-    for (int j = 0; j < 8; j++) acc[j] += __uint_as_float(w[j]);
+    for (int k = 0; k < ChunkWords<T>::N / 4; k++)
+        add16(make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]), acc + k * (16 / sizeof(T)), tag);
 }
 // Polls a line until both its flags are `g`; false when the host aborted (word set) or the peer
 // is later than timeout_ns (this sets word). Out of line: one copy of the loop for every line.

@@ -178,10 +178,8 @@ pub struct P2pUse {
 /// One rank's NCCL communicator on one GPU, on the stream every op of that GPU runs on.
 pub struct DeviceComm {
     comm: Mutex<Option<RawComm>>,
-    /// The one-shot NVLink all-reduce for small device tensors, once set up ([`Self::set_p2p`]).
-    p2p: std::sync::OnceLock<super::p2p::P2pAllReduce>,
-    /// What the one-shot path is used for (set with it).
-    p2p_use: std::sync::OnceLock<P2pUse>,
+    /// The one-shot NVLink paths and what they are used for, once set up ([`Self::set_p2p`]).
+    p2p: std::sync::OnceLock<(super::p2p::P2pAllReduce, P2pUse)>,
     dev: Arc<GpuDevice>,
     rank: usize,
     world: usize,
@@ -275,7 +273,6 @@ impl DeviceComm {
         let dc = DeviceComm {
             comm: Mutex::new(Some(RawComm(comm))),
             p2p: std::sync::OnceLock::new(),
-            p2p_use: std::sync::OnceLock::new(),
             dev,
             rank,
             world,
@@ -353,50 +350,46 @@ impl DeviceComm {
     /// ([`Self::all_reduce_add_rms_norm`]), or both (every rank of the group must set it up the
     /// same way, or none).
     pub fn set_p2p(&self, p: super::p2p::P2pAllReduce, use_for: P2pUse) {
-        if self.p2p.set(p).is_ok() {
-            let _ = self.p2p_use.set(use_for);
-        }
-    }
-
-    /// Whether the one-shot NVLink path is set up (for what: [`Self::p2p_use`]).
-    pub fn p2p_active(&self) -> bool {
-        self.p2p.get().is_some()
+        let _ = self.p2p.set((p, use_for));
     }
 
     /// What the one-shot NVLink path is used for, once set up.
     pub fn p2p_use(&self) -> Option<P2pUse> {
-        self.p2p.get().and(self.p2p_use.get().copied())
+        self.p2p.get().map(|(_, u)| *u)
     }
 
-    /// `x += ` the sum over the group of `part`, then the RMSNorm of the new `x` (scale `w`) in
-    /// one NVLink kernel ([`super::p2p::P2pAllReduce::all_reduce_add_rms_norm`]), queued on the
-    /// GPU's stream; `Ok(None)` (nothing done) where that path is off or does not apply: the
-    /// caller then sums and normalises itself.
-    pub fn all_reduce_add_rms_norm(
-        &self,
-        part: &Storage,
-        x: &Storage,
-        w: &Storage,
-        rows: usize,
-        h: usize,
-        eps: f32,
-    ) -> Result<Option<super::CudaBuf>, TensorError> {
-        let (Some(p), Some(P2pUse { norm: true, .. })) = (self.p2p.get(), self.p2p_use.get())
-        else {
-            return Ok(None);
-        };
-        let (Storage::Cuda(part), Storage::Cuda(x), Storage::Cuda(w)) = (part, x, w) else {
-            return Ok(None);
-        };
-        if self
+    /// The one-shot NVLink path, when set up for what `wanted` picks.
+    fn p2p_for(&self, wanted: impl Fn(P2pUse) -> bool) -> Option<&super::p2p::P2pAllReduce> {
+        self.p2p.get().filter(|(_, u)| wanted(*u)).map(|(p, _)| p)
+    }
+
+    /// The error of every call after an abort (the NVLink paths queue work without NCCL).
+    fn ensure_live(&self) -> Result<(), TensorError> {
+        let live = self
             .comm
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .is_none()
-        {
-            return Err(dev_err(self.dev.ordinal, ABORTED));
-        }
-        p.all_reduce_add_rms_norm(part, x, w, rows, h, eps)
+            .is_some();
+        live.then_some(())
+            .ok_or_else(|| dev_err(self.dev.ordinal, ABORTED))
+    }
+
+    /// `x += ` the sum over the group of `part`, then the RMSNorm of the new `x` (scale `w`) in
+    /// one NVLink kernel ([`super::p2p::P2pAllReduce::all_reduce_add_rms_norm_tensors`]), queued
+    /// on the GPU's stream; `Ok(None)` (nothing done) where that path is off or does not apply:
+    /// the caller then sums and normalises itself.
+    pub fn all_reduce_add_rms_norm(
+        &self,
+        part: &crate::Tensor,
+        x: &crate::Tensor,
+        w: &crate::Tensor,
+        eps: f64,
+    ) -> Result<Option<crate::Tensor>, TensorError> {
+        let Some(p) = self.p2p_for(|u| u.norm) else {
+            return Ok(None);
+        };
+        self.ensure_live()?;
+        p.all_reduce_add_rms_norm_tensors(part, x, w, eps)
     }
 
     /// Runs `f` with the communicator and this GPU's stream, the context bound to this thread.
@@ -474,16 +467,8 @@ impl DeviceComm {
         if n == 0 {
             return Ok(());
         }
-        let plain = self.p2p_use.get().is_some_and(|u| u.all_reduce);
-        if let (Reduce::Sum, Some(p), true) = (op, self.p2p.get(), plain) {
-            if self
-                .comm
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_none()
-            {
-                return Err(dev_err(self.dev.ordinal, ABORTED));
-            }
+        if let (Reduce::Sum, Some(p)) = (op, self.p2p_for(|u| u.all_reduce)) {
+            self.ensure_live()?;
             if p.all_reduce(s)? {
                 return Ok(());
             }
@@ -550,7 +535,7 @@ impl DeviceComm {
                 return Ok(true);
             }
             // A one-shot NVLink sum that gave up (late peer, abort) fails the wait too.
-            if let Some(why) = self.p2p.get().and_then(|p| p.failed()) {
+            if let Some(why) = self.p2p.get().and_then(|(p, _)| p.failed()) {
                 self.abort();
                 return Err(if why.contains("deadline") {
                     NcclFailure::TimedOut
@@ -741,7 +726,7 @@ impl DeviceComm {
     /// Gives up the one-shot path's memory without freeing it: after a failed teardown a peer's
     /// kernel may still write into it.
     pub fn leak_p2p(&mut self) {
-        if let Some(p) = self.p2p.take() {
+        if let Some((p, _)) = self.p2p.take() {
             p.abort();
             std::mem::forget(p);
         }
@@ -760,7 +745,7 @@ impl DeviceComm {
 
     /// Aborts the communicator: queued NCCL work ends, every later call fails.
     pub fn abort(&self) {
-        if let Some(p) = self.p2p.get() {
+        if let Some((p, _)) = self.p2p.get() {
             p.abort();
         }
         let old = self.comm.lock().unwrap_or_else(|e| e.into_inner()).take();

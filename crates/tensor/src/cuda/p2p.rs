@@ -380,6 +380,34 @@ impl P2pAllReduce {
     }
 }
 
+impl P2pAllReduce {
+    /// [`Self::all_reduce_add_rms_norm`] on tensors: `x` and `part` of one shape `[.., h]` (its
+    /// rows: every dimension but the last), `w` of `h`, all on this GPU; the normalised rows come
+    /// back in `x`'s shape. `Ok(None)` where the kernel does not apply (as there, or a tensor in
+    /// host memory, or shapes that differ).
+    pub fn all_reduce_add_rms_norm_tensors(
+        &self,
+        part: &crate::Tensor,
+        x: &crate::Tensor,
+        w: &crate::Tensor,
+        eps: f64,
+    ) -> Result<Option<crate::Tensor>, TensorError> {
+        let h = x.shape().last().copied().unwrap_or(0);
+        let (Storage::Cuda(pb), Storage::Cuda(xb), Storage::Cuda(wb)) =
+            (part.storage(), x.storage(), w.storage())
+        else {
+            return Ok(None);
+        };
+        if part.shape() != x.shape() || h == 0 {
+            return Ok(None);
+        }
+        let rows = x.elem_count() / h;
+        self.all_reduce_add_rms_norm(pb, xb, wb, rows, h, eps as f32)?
+            .map(|y| crate::Tensor::new(x.shape().to_vec(), Storage::Cuda(y)))
+            .transpose()
+    }
+}
+
 impl Drop for P2pAllReduce {
     fn drop(&mut self) {
         // SAFETY: both allocations are owned by self and freed once, with this GPU's context.
