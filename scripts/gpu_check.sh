@@ -16,7 +16,7 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   if [[ $STEPS == all || $STEPS == *tests* ]]; then
     for t in .gpu/test-*; do
-      echo "== $t"; timeout 240 "$t" --test-threads=1 --nocapture 2>&1 | grep -E "test |relative error|bf16 mean|graph steps|captured step|one GPU|fused|one-shot|panicked|assert|result" | tail -40
+      echo "== $t"; timeout 240 "$t" --test-threads=1 --nocapture 2>&1 | grep -E "test |relative error|bf16 mean|graph steps|captured step|one GPU|fused|device sums|panicked|assert|result" | tail -40
     done
   fi
   if [[ $STEPS == all || $STEPS == *bench* ]]; then
@@ -46,25 +46,27 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
     done
   fi
   # The tp 2 measurements alone (`STEPS=tp2`: the few minutes that matter when a two-GPU machine
-  # is lent): NVLink tests, NCCL against the one-shot and fused paths, 70B.
+  # is lent): NVLink tests, the collectives' latency, NCCL against the fused path, 70B.
   if [[ $STEPS == all || $STEPS == *bench* || $STEPS == *tp2* ]]; then
     if [ "$NGPU" -ge 2 ]; then
-      echo "== NCCL tests with both NVLink paths on (TESSERA_P2P_ALLREDUCE=all: the one-shot sums and the fused sum + norm)"
-      TESSERA_P2P_ALLREDUCE=all timeout 240 .gpu/test-nccl --test-threads=1 --nocapture 2>&1 | grep -E "test result|panicked|one-shot|fused|skipped"
+      echo "== tessera bench comm, nccl backend: NCCL's all-reduce, and the fused NVLink sum + norm beside NCCL + the norm kernel"
+      .gpu/tessera bench comm --backend nccl --dtype bf16 --sizes 8K,64K,512K,1M 2>&1
+      .gpu/tessera bench comm --backend nccl --op all_reduce_add_rms_norm --dtype bf16 --sizes 8K,16K,64K,256K,512K,1M 2>&1
       echo "== tessera bench decode, Llama-3-8B shape, tp 1 (the reference of the tp 2 ratios), CUDA graphs"
-      .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 1 --batch 1,64 --steps 32 --graph 2>&1 | grep -E "^  1 "
-      # tp 2 through NCCL against the NVLink paths, same binary and call, alternating twice:
-      # 1 = one-shot sums, norm = the sum, residual add and norm fused in one kernel, all = both.
+      .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 1 --batch 1,8,64 --steps 32 --graph 2>&1 | grep -E "^  1 "
+      # tp 2 through NCCL alone against the default (the fused NVLink sum + residual add + norm
+      # after each row-parallel projection), same binary and call, alternating twice.
       for round in 1 2; do
-        for p in 0 1 norm all; do
+        for p in 0 default; do
           echo "== tessera bench decode, Llama-3-8B shape, tp 2, CUDA graphs, TESSERA_P2P_ALLREDUCE=$p (round $round)"
-          TESSERA_P2P_ALLREDUCE=$p .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 2 --batch 1,8,64 --steps 32 --graph 2>&1 | grep -E "^collectives|^  2 "
+          E=""; [ $p == 0 ] && E="TESSERA_P2P_ALLREDUCE=0"
+          env $E .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 2 --batch 1,8,64 --steps 32 --graph 2>&1 | grep -E "^collectives|^  2 "
         done
       done
       echo "== tessera bench decode, Llama-3-70B shape, tp 2, CUDA graphs"
       timeout 300 .gpu/tessera bench decode --device cuda --preset llama-3-70b --tp 2 --batch 1,32 --steps 16 --graph 2>&1
-      echo "== the same with the fused NVLink all-reduce + norm (TESSERA_P2P_ALLREDUCE=norm)"
-      TESSERA_P2P_ALLREDUCE=norm timeout 300 .gpu/tessera bench decode --device cuda --preset llama-3-70b --tp 2 --batch 1,32 --steps 16 --graph 2>&1 | grep -E "^collectives|^  2 "
+      echo "== the same through NCCL alone (TESSERA_P2P_ALLREDUCE=0)"
+      TESSERA_P2P_ALLREDUCE=0 timeout 300 .gpu/tessera bench decode --device cuda --preset llama-3-70b --tp 2 --batch 1,32 --steps 16 --graph 2>&1 | grep -E "^collectives|^  2 "
     else
       echo "(one GPU: the tp 2 benchmarks are skipped)"
     fi
@@ -84,11 +86,11 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
 } 2>&1 | tee "$REPORT"
 if [[ $STEPS == all || $STEPS == *cli* ]]; then
   # CLI on the GPU against the CPU: f32 log-probs within 1e-4, greedy tokens identical (generate
-  # decodes through a captured CUDA graph), at tp 1 and, with two GPUs, tp 2 in-process (NCCL, and
-  # the fused NVLink sum + norm) and under `tessera launch` (one process per GPU, NCCL through the
-  # rendezvous).
+  # decodes through a captured CUDA graph), at tp 1 and, with two GPUs, tp 2 in-process (the fused
+  # NVLink sum + norm, and NCCL alone) and under `tessera launch` (one process per GPU, NCCL
+  # through the rendezvous).
   M=tests/fixtures/hf/llama; TOK=0,5,9,77,300,2,18,41,41,7,200,3
-  RUNS="tp1"; [ "$NGPU" -ge 2 ] && RUNS="tp1 tp2 tp2norm launch"
+  RUNS="tp1"; [ "$NGPU" -ge 2 ] && RUNS="tp1 tp2 tp2nccl launch"
   {
     echo "== CLI: score / generate on cuda vs cpu ($RUNS)"
     .gpu/tessera score --model $M --tokens $TOK --json > $OUTDIR/score_cpu.json
@@ -97,7 +99,7 @@ if [[ $STEPS == all || $STEPS == *cli* ]]; then
       case $run in
         tp1) L=""; T=1 ;;
         tp2) L=""; T=2 ;;
-        tp2norm) L="env TESSERA_P2P_ALLREDUCE=norm"; T=2 ;;
+        tp2nccl) L="env TESSERA_P2P_ALLREDUCE=0"; T=2 ;;
         launch) L=".gpu/tessera launch --nproc-per-node 2 --"; T=2 ;;
       esac
       $L .gpu/tessera score --model $M --tokens $TOK --json --device cuda --tp $T > $OUTDIR/score_cuda_$run.json

@@ -16,9 +16,7 @@
 
 use std::time::Duration;
 
-use tessera_tensor::cuda::nccl::{
-    self, Cancel, DeviceComm, NcclFailure, P2pUse, Reduce, Wait, Wire,
-};
+use tessera_tensor::cuda::nccl::{self, Cancel, DeviceComm, NcclFailure, Reduce, Wait, Wire};
 use tessera_tensor::cuda::p2p::P2pAllReduce;
 use tessera_tensor::{Storage, Tensor};
 
@@ -110,8 +108,8 @@ impl<'a> NcclComm<'a> {
             h.abort(&format!("rank {rank}: {msg}"));
             err
         })?;
-        if let (true, Some(use_for)) = (h.world_size() > 1, p2p_wanted()) {
-            setup_p2p(h, &dev, ordinal, use_for)?;
+        if h.world_size() > 1 && nvlink_wanted() {
+            setup_p2p(h, &dev, ordinal)?;
         }
         Ok(NcclComm { host, dev, timeout })
     }
@@ -122,14 +120,9 @@ impl<'a> NcclComm<'a> {
         self
     }
 
-    /// Whether small device all-reduces take the one-shot NVLink path instead of NCCL.
-    pub fn p2p_active(&self) -> bool {
-        self.dev.p2p_use().is_some_and(|u| u.all_reduce)
-    }
-
     /// Whether [`Communicator::all_reduce_add_rms_norm`] runs fused over NVLink.
     pub fn fused_norm_active(&self) -> bool {
-        self.dev.p2p_use().is_some_and(|u| u.norm)
+        self.dev.p2p_ready()
     }
 
     /// The GPU this rank runs on.
@@ -195,31 +188,19 @@ impl<'a> NcclComm<'a> {
     }
 }
 
-/// `TESSERA_P2P_ALLREDUCE` turns the one-shot NVLink paths on: `1` for the sums of small device
-/// tensors, `norm` for the fused sum + residual add + RMSNorm after a decoder layer's row-parallel
-/// projections ([`Communicator::all_reduce_add_rms_norm`]), `all` for both. Off by default until
-/// measured faster than NCCL on two GPUs: their kernels are tested on one GPU (two ranks on two
-/// streams, `tests/cuda_ops.rs` of tensor), the peer-access set-up and the speed only with two.
-fn p2p_wanted() -> Option<P2pUse> {
-    let v = std::env::var("TESSERA_P2P_ALLREDUCE").ok()?;
-    let (all_reduce, norm) = match v.as_str() {
-        "1" => (true, false),
-        "norm" => (false, true),
-        "all" => (true, true),
-        _ => return None,
-    };
-    Some(P2pUse { all_reduce, norm })
+/// Whether to set up the fused NVLink all-reduce + residual add + RMSNorm
+/// ([`Communicator::all_reduce_add_rms_norm`]) where the ranks allow it: yes unless
+/// `TESSERA_P2P_ALLREDUCE=0`. Measured on two H200s (`BENCHMARKS.md`): 5.3 µs a call of one row
+/// against 9.6 for NCCL's all-reduce and the norm kernel, tp 2 decode of the 8B shape 2.91 ->
+/// 2.61-2.70 ms a step at batch 1, 4.14-4.36 -> 3.94 at batch 64.
+fn nvlink_wanted() -> bool {
+    std::env::var("TESSERA_P2P_ALLREDUCE").map_or(true, |v| v.trim() != "0")
 }
 
-/// Sets up the one-shot NVLink all-reduce when every rank of `h` is a thread of this process on
-/// its own GPU and every pair of GPUs can access each other; otherwise leaves NCCL alone. Every
-/// step is agreed over `h`, so all ranks take the same path.
-fn setup_p2p(
-    h: &dyn Communicator,
-    dev: &DeviceComm,
-    ordinal: usize,
-    use_for: P2pUse,
-) -> Result<(), CommError> {
+/// Sets up the NVLink all-reduce + norm when every rank of `h` is a thread of this process on its
+/// own GPU and every pair of GPUs can access each other; otherwise leaves NCCL alone. Every step
+/// is agreed over `h`, so all ranks take the same path.
+fn setup_p2p(h: &dyn Communicator, dev: &DeviceComm, ordinal: usize) -> Result<(), CommError> {
     use crate::CommExt;
     let (rank, world) = (h.rank(), h.world_size());
     // A number drawn once per process: pids repeat across hosts and containers.
@@ -257,24 +238,18 @@ fn setup_p2p(
         return Ok(());
     }
     let Ok(mut mine) = mine else { return Ok(()) };
-    let a = mine.addresses();
-    let mut all = vec![0i32; 4 * world];
-    let words = [
-        a[0] as i32,
-        (a[0] >> 32) as i32,
-        a[1] as i32,
-        (a[1] >> 32) as i32,
-    ];
-    h.all_gather(&words, &mut all)?;
+    let a = mine.address();
+    let mut all = vec![0i32; 2 * world];
+    h.all_gather(&[a as i32, (a >> 32) as i32], &mut all)?;
     let joint = |lo: i32, hi: i32| (lo as u32 as u64) | ((hi as u32 as u64) << 32);
-    let peers: Vec<(usize, [u64; 2])> = all
-        .chunks(4)
+    let peers: Vec<(usize, u64)> = all
+        .chunks(2)
         .zip(ordinals.drain(..))
-        .map(|(w, o)| (o, [joint(w[0], w[1]), joint(w[2], w[3])]))
+        .map(|(w, o)| (o, joint(w[0], w[1])))
         .collect();
     let connected = mine.connect(&peers);
     if agree(connected.is_ok())? {
-        dev.set_p2p(mine, use_for);
+        dev.set_p2p(mine);
     }
     Ok(())
 }

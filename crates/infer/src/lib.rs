@@ -56,13 +56,13 @@ pub fn with_rank_comm<R>(
         (device_of_rank(device, comm.rank()), comm.world_size() > 1)
     {
         let nccl = tessera_comm::NcclComm::new(comm, ordinal)?;
-        if comm.rank() == 0 && std::env::var_os("TESSERA_P2P_ALLREDUCE").is_some() {
-            let on = |b: bool| if b { "on" } else { "off" };
-            eprintln!(
-                "collectives: NCCL; NVLink one-shot sums {}, fused NVLink sum + norm {}",
-                on(nccl.p2p_active()),
-                on(nccl.fused_norm_active())
-            );
+        if comm.rank() == 0 {
+            let on = if nccl.fused_norm_active() {
+                "on"
+            } else {
+                "off"
+            };
+            eprintln!("collectives: NCCL; fused NVLink sum + norm {on}");
         }
         let r = f(&nccl);
         if let Err(e) = &r {

@@ -534,91 +534,11 @@ fn two_ranks_on_gpu_0(
                 .unwrap()
         })
         .collect();
-    let table: Vec<(usize, [u64; 2])> = ranks.iter().map(|r| (0, r.addresses())).collect();
+    let table: Vec<(usize, u64)> = ranks.iter().map(|r| (0, r.address())).collect();
     for r in &mut ranks {
         r.connect(&table).unwrap();
     }
     ranks
-}
-
-/// The one-shot all-reduce's exchange (staging halves alternating by call, per-block flags, call
-/// counters on the device, the deadline) between two ranks on one GPU, each on its own stream; on
-/// two GPUs the same kernel reads the peer's staging half over NVLink (`tests/nccl.rs` in comm).
-/// Sums are exact: f32 adds two values once, bf16 rounds that once.
-#[test]
-fn one_shot_all_reduce_between_two_streams_of_one_gpu_is_exact() {
-    use std::time::Duration;
-    use tessera_tensor::cuda::p2p::P2P_MAX_BYTES;
-    let Some((dev, _held)) = gpu() else { return };
-    let pair = two_ranks_on_gpu_0;
-    let ranks = pair(Duration::from_secs(10));
-    let mut call = 0u64;
-    for dt in [DType::F32, DType::BF16] {
-        let most = P2P_MAX_BYTES / dt.size_in_bytes();
-        // One element, fewer than the blocks, a decode step's 4096, batch 64's 64 x 4096 (bf16),
-        // and the largest the staging half holds; several calls each, so both halves are used.
-        // 37 and 4099 end in values that fill no 16-byte unit (summed one by one).
-        for n in [1, 5, 37, 4096, 4099, 64 * 4096usize.min(most / 64), most] {
-            for _ in 0..3 {
-                call += 1;
-                let xs = [
-                    rand_t(vec![n], dt, 2 * call),
-                    rand_t(vec![n], dt, 2 * call + 1),
-                ];
-                let (a, b) = (xs[0].to_f32_vec(), xs[1].to_f32_vec());
-                let want: Vec<f32> = a
-                    .iter()
-                    .zip(&b)
-                    .map(|(x, y)| match dt {
-                        DType::F32 => x + y,
-                        _ => half::bf16::from_f32(x + y).to_f32(),
-                    })
-                    .collect();
-                let mut gs: Vec<Tensor> = xs.iter().map(|x| x.to_device(dev).unwrap()).collect();
-                tessera_tensor::cuda::GpuDevice::get(0)
-                    .unwrap()
-                    .synchronize()
-                    .unwrap();
-                for (r, x) in ranks.iter().zip(gs.iter_mut()) {
-                    assert!(
-                        r.all_reduce(x.storage_mut()).unwrap(),
-                        "{n} {dt:?}: not taken"
-                    );
-                }
-                for r in &ranks {
-                    r.synchronize().unwrap();
-                    assert_eq!(r.failed(), None);
-                }
-                for (r, x) in gs.iter().enumerate() {
-                    assert_eq!(x.to_f32_vec(), want, "call {call}: rank {r}, {n} {dt:?}");
-                }
-            }
-        }
-    }
-    eprintln!("one-shot all-reduce on one GPU: {call} calls of 1 to {P2P_MAX_BYTES} bytes exact");
-    // Too large for the staging half: not taken (the caller uses NCCL).
-    let mut big = rand_t(vec![P2P_MAX_BYTES / 4 + 1], DType::F32, 9)
-        .to_device(dev)
-        .unwrap();
-    assert!(!ranks[0].all_reduce(big.storage_mut()).unwrap());
-    // A peer that never comes: the call returns at the deadline, leaves x as it was, and the
-    // rank reports it (and refuses later calls).
-    let late = pair(Duration::from_millis(200));
-    let x = rand_t(vec![4096], DType::BF16, 77);
-    let mut gx = x.to_device(dev).unwrap();
-    let t = std::time::Instant::now();
-    assert!(late[0].all_reduce(gx.storage_mut()).unwrap());
-    late[0].synchronize().unwrap();
-    let waited = t.elapsed();
-    assert!(
-        late[0].failed().is_some(),
-        "a missing peer was not reported"
-    );
-    assert_eq!(gx.to_f32_vec(), x.to_f32_vec());
-    assert!(late[0].all_reduce(gx.storage_mut()).is_err());
-    eprintln!(
-        "one-shot all-reduce: a missing peer ends the call after {waited:?} (deadline 200 ms)"
-    );
 }
 
 /// The fused all-reduce + residual add + RMSNorm (`all_reduce_add_rms_norm`: each rank pushes its
@@ -650,8 +570,8 @@ fn fused_all_reduce_and_norm_between_two_streams_of_one_gpu_is_exact() {
     // A slot takes one row size: a pair for each dtype and hidden size. 4096 is the 8B model's
     // (one chunk of 8 a thread), 8192 the 70B's, 64 a tiny model's, 4104 not a multiple of 32.
     for (dt, h, rows_seq) in [
-        (DType::BF16, 4096, vec![1usize, 1, 8, 64, 2, 128]),
-        (DType::F32, 4096, vec![1, 3, 64, 1]),
+        (DType::BF16, 4096, vec![1usize, 1, 8, 64, 2, 63]),
+        (DType::F32, 4096, vec![1, 3, 32, 1]),
         (DType::BF16, 8192, vec![1, 32, 1]),
         (DType::BF16, 64, vec![1, 5, 1000, 2]),
         (DType::F32, 4104, vec![2, 1, 7]),
@@ -803,6 +723,33 @@ fn fused_all_reduce_and_norm_between_two_streams_of_one_gpu_is_exact() {
         .is_err());
     eprintln!(
         "fused all-reduce + norm: a missing peer ends the call after {waited:?} (deadline 200 ms)"
+    );
+    // The host's abort ends a call whose peer never comes long before its deadline: the
+    // waiting threads look at the abort word (a few at a time, every ~65 µs), and 64 rows of
+    // waiting threads do not keep the word from being seen.
+    let stuck = pair(Duration::from_secs(60));
+    let rows = 64;
+    let x0 = rand_t(vec![rows, h], dt, 10);
+    let (p, x) = (
+        rand_t(vec![rows, h], dt, 11).to_device(dev).unwrap(),
+        x0.to_device(dev).unwrap(),
+    );
+    sync();
+    let y = stuck[0]
+        .all_reduce_add_rms_norm(buf(&p), buf(&x), buf(&w), rows, h, 1e-5)
+        .unwrap();
+    assert!(y.is_some());
+    std::thread::sleep(Duration::from_millis(50));
+    stuck[0].abort();
+    stuck[0].synchronize().unwrap();
+    assert_eq!(
+        stuck[0].failed(),
+        Some("the NVLink all-reduce + norm was aborted"),
+        "the abort did not end the call (the deadline did)"
+    );
+    assert_eq!(x.to_f32_vec(), x0.to_f32_vec());
+    eprintln!(
+        "fused all-reduce + norm: the host's abort ends a call of {rows} rows waiting for a peer"
     );
 }
 

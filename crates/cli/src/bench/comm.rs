@@ -17,10 +17,13 @@ use tessera_comm::{CommExt, Communicator, Element, LocalGroup, ReduceOp};
 
 #[derive(clap::Args, Debug)]
 pub struct CommArgs {
-    /// local (threads, shared memory) or tcp (processes, loopback TCP).
+    /// local (threads, shared memory), tcp (processes, loopback TCP) or nccl (a thread and GPU a
+    /// rank, device tensors; built with the cuda feature).
     #[arg(long, default_value = "local")]
     pub backend: String,
-    /// all_reduce, all_gather, reduce_scatter or broadcast.
+    /// all_reduce, all_gather, reduce_scatter or broadcast; with --backend nccl all_reduce or
+    /// all_reduce_add_rms_norm (the fused NVLink sum + residual add + RMSNorm beside NCCL's
+    /// all-reduce and the norm kernel).
     #[arg(long, default_value = "all_reduce")]
     pub op: String,
     /// Buffer sizes in bytes (K, M, G suffixes: powers of 1024).
@@ -37,6 +40,9 @@ pub struct CommArgs {
     pub iters: usize,
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// Values a row of all_reduce_add_rms_norm (--backend nccl): rows = size / (hidden x dtype).
+    #[arg(long, default_value_t = 4096)]
+    pub hidden: usize,
     /// Testing aid: this rank issues a collective one element longer than the others.
     #[arg(long, hide = true)]
     pub fault_mismatch_rank: Option<usize>,
@@ -70,6 +76,22 @@ fn parse_size(s: &str) -> Result<usize> {
 }
 
 pub fn run(a: CommArgs) -> Result<()> {
+    if a.backend == "nccl" {
+        #[cfg(not(feature = "cuda"))]
+        bail!("--backend nccl needs a build with the cuda feature");
+        #[cfg(feature = "cuda")]
+        {
+            let sizes = a
+                .sizes
+                .iter()
+                .map(|s| parse_size(s))
+                .collect::<Result<Vec<_>>>()?;
+            if a.iters == 0 {
+                bail!("--iters must be at least 1");
+            }
+            return super::comm_nccl::run(&a, &sizes);
+        }
+    }
     let op = match a.op.as_str() {
         "all_reduce" => Op::AllReduce,
         "all_gather" => Op::AllGather,
@@ -145,7 +167,7 @@ fn dispatch<T: Element + Default>(a: &CommArgs, op: Op, sizes: &[usize]) -> Resu
                 })
             }
         },
-        b => bail!("--backend must be local or tcp, got {b:?}"),
+        b => bail!("--backend must be local, tcp or nccl, got {b:?}"),
     }
 }
 

@@ -225,10 +225,11 @@ pub fn run(a: DecodeArgs) -> Result<()> {
 /// tensor as it is, gathers repeat this rank's part, a barrier returns at once. Point-to-point
 /// and sub-groups are refused (decode uses neither).
 ///
-/// With `TESSERA_P2P_ALLREDUCE=norm` or `all` on a GPU, the residual add and norm after each
-/// row-parallel projection run in the fused NVLink kernel (`all_reduce_add_rms_norm`) set up for
-/// a group of one: its own kernel and launch in the step, without the exchange (no peer to push
-/// to or wait for), so the step shows what the fused path's kernel costs apart from NVLink.
+/// On a GPU, as in-process tp ranks do unless `TESSERA_P2P_ALLREDUCE=0`, the residual add and
+/// norm after each row-parallel projection run in the fused NVLink kernel
+/// (`all_reduce_add_rms_norm`) set up for a group of one: its own kernel and launch in the step,
+/// without the exchange (no peer to push to or wait for), so the step shows what the fused
+/// path's kernel costs apart from NVLink.
 struct SkipComm {
     world: usize,
     #[cfg(feature = "cuda")]
@@ -302,11 +303,14 @@ impl Communicator for SkipComm {
 impl SkipComm {
     fn new(world: usize, device: Device) -> Result<Self> {
         #[cfg(feature = "cuda")]
-        let fused = match (device, std::env::var("TESSERA_P2P_ALLREDUCE").as_deref()) {
-            (Device::Cuda(o), Ok("norm" | "all")) => {
+        #[cfg(feature = "cuda")]
+        let off = std::env::var("TESSERA_P2P_ALLREDUCE").is_ok_and(|v| v.trim() == "0");
+        #[cfg(feature = "cuda")]
+        let fused = match device {
+            Device::Cuda(o) if !off => {
                 use tessera_tensor::cuda::p2p::P2pAllReduce;
                 let mut p = P2pAllReduce::new(o, 0, 1, std::time::Duration::from_secs(10))?;
-                let me = p.addresses();
+                let me = p.address();
                 p.connect(&[(o, me)])?;
                 println!(
                     "one rank alone: residual add + norm in the fused NVLink kernel (no exchange)"

@@ -3,6 +3,8 @@
 mod attention;
 mod ceiling;
 mod comm;
+#[cfg(feature = "cuda")]
+mod comm_nccl;
 mod decode;
 mod gemm;
 mod gemv;

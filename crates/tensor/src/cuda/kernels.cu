@@ -620,33 +620,7 @@ __device__ void decode_attention_gqa(const T* qkv, T* kc, T* vc, T* out, float* 
     }
 }
 
-// One-shot all-reduce (sum) of x[n] across `world` GPUs of one process with peer access, for the
-// small activations of tensor-parallel decode (NCCL's latency is the larger part there). Each rank
-// owns a staging buffer of two halves (call parity) and a flag array; bufs[r] / flags[r] are rank
-// r's, readable and writable from every GPU. Block b of every rank takes the same slice of x:
-// it copies its slice into its half, tells every peer's block b it is ready (flag = call number,
-// release at system scope), waits until every peer's block b has said so (acquire), then sums
-// the slice from all ranks in rank order (f32, rounded once; every rank gets the same bits) into
-// x, 16 bytes a thread (with 2-byte loads over NVLink it measured slower than NCCL on two H200).
-// Two halves let a rank start call k + 1 while a slower peer still reads call k's; call k + 2
-// cannot start before every peer has entered k + 1 (the barrier), so it never overwrites data a
-// peer still reads. Call numbers live in device memory (counter[b]), so a CUDA graph can replay
-// the kernel. `word` (pinned host memory mapped into the device) stops a wait: the host sets it to
-// abort, the kernel sets it when a peer is later than timeout_ns; the sum is then skipped.
-// grid (blocks); block 512; flags[r] is [2][blocks][world] unsigned; counter [blocks].
-__device__ __forceinline__ void st_release_sys(unsigned* p, unsigned v) {
-    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-__device__ __forceinline__ unsigned ld_acquire_sys(const unsigned* p) {
-    unsigned v;
-    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-__device__ __forceinline__ float ld_volatile(const float* p) { return *(const volatile float*)p; }
-__device__ __forceinline__ float ld_volatile(const bf16_t* p) {
-    return __uint_as_float(((unsigned)*(const volatile bf16_t*)p) << 16);
-}
-// 16 bytes a peer wrote, with the same (volatile) semantics as `ld_volatile`.
+// 16 bytes a peer wrote (volatile: read from memory each time, never from a register).
 __device__ __forceinline__ uint4 ld_volatile16(const void* p) {
     uint4 v;
     asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
@@ -673,60 +647,6 @@ __device__ __forceinline__ unsigned long long global_ns() {
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     return t;
 }
-template <typename T>
-__device__ void one_shot_all_reduce(T* x, long n, const unsigned long long* bufs,
-                                    const unsigned long long* flags, unsigned* counter, int rank,
-                                    int world, long half_bytes, unsigned* word,
-                                    unsigned long long timeout_ns) {
-    __shared__ unsigned gen;
-    __shared__ int bail;
-    // The kernel after (a decode GEMV, launched with programmatic dependent launch) may start and
-    // load its weights while this one waits for the peers; it waits for this one before reading x.
-    pdl_trigger();
-    int blocks = gridDim.x, b = blockIdx.x;
-    if (threadIdx.x == 0) { gen = counter[b] + 1; counter[b] = gen; bail = 0; }
-    __syncthreads();
-    int parity = gen & 1;
-    // Slices of whole 16-byte units (V values), copied and summed 16 bytes a thread at a time
-    // (the peers' over NVLink); the last block's odd end value by value.
-    constexpr int V = 16 / sizeof(T);
-    long per = ((n + blocks - 1) / blocks + V - 1) / V * V;
-    long lo = min(n, (long)b * per), hi = min(n, lo + per);
-    long vhi = lo + (hi - lo) / V * V;
-    long step = (long)blockDim.x * V;
-    T* mine = (T*)(bufs[rank] + parity * half_bytes);
-    for (long i = lo + threadIdx.x * V; i < vhi; i += step) *(uint4*)(mine + i) = *(const uint4*)(x + i);
-    for (long i = vhi + threadIdx.x; i < hi; i += blockDim.x) mine[i] = x[i];
-    __syncthreads();
-    if (threadIdx.x < world) {
-        int peer = threadIdx.x;
-        unsigned* pf = (unsigned*)flags[peer] + ((long)parity * blocks + b) * world + rank;
-        st_release_sys(pf, gen);
-        const unsigned* mf = (const unsigned*)flags[rank] + ((long)parity * blocks + b) * world + peer;
-        unsigned long long t0 = global_ns();
-        while (ld_acquire_sys(mf) != gen) {
-            // The host aborted (word 1), or the peer is later than the deadline (word 2): leave
-            // x as it is; the host sees the word and reports it.
-            if (*(volatile unsigned*)word != 0) { bail = 1; break; }
-            if (global_ns() - t0 > timeout_ns) { *(volatile unsigned*)word = 2u; bail = 1; break; }
-        }
-    }
-    __syncthreads();
-    if (bail) return;
-    for (long i = lo + threadIdx.x * V; i < vhi; i += step) {
-        float acc[V];
-#pragma unroll
-        for (int j = 0; j < V; j++) acc[j] = 0.f;
-        for (int r = 0; r < world; r++) add16(ld_volatile16((const T*)(bufs[r] + parity * half_bytes) + i), acc, x);
-        store16(x, i, acc);
-    }
-    for (long i = vhi + threadIdx.x; i < hi; i += blockDim.x) {
-        float acc = 0.f;
-        for (int r = 0; r < world; r++) acc += ld_volatile((const T*)(bufs[r] + parity * half_bytes) + i);
-        st(x, i, acc);
-    }
-}
-
 // The row-parallel projection's all-reduce, the residual add and the RMSNorm after it in one
 // kernel, for tensor-parallel decode over NVLink: x += sum over ranks of `part`, then
 // y = w * round(x / rms(x)), every rank getting the same x and y. One block a row, each thread
@@ -765,16 +685,28 @@ __device__ __forceinline__ void add_words(const unsigned* w, float* acc, const T
 }
 // Polls a line until both its flags are `g`; false when the host aborted (word set) or the peer
 // is later than timeout_ns (this sets word). Out of line: one copy of the loop for every line.
+// The abort word is host memory: after the first 20 µs the waiting threads of a warp look at it
+// once every ~65 µs, one of them reading it for all (thousands of threads reading host memory at
+// every turn of the loop slowed a late call of 64 rows to milliseconds).
 __device__ __noinline__ bool wait_line(const char* p, unsigned g, uint4* q, unsigned* word,
                                        unsigned long long timeout_ns) {
-    unsigned long long t0 = global_ns();
+    const unsigned long long t0 = global_ns();
+    unsigned long long epoch = 0;
     while (true) {
         *q = ld_volatile16(p);
         if (q->y == g && q->w == g) return true;
-        unsigned long long now = global_ns();
-        if (now - t0 < 20000) continue;
-        if (*(volatile unsigned*)word != 0) return false;
-        if (now - t0 > timeout_ns) { *(volatile unsigned*)word = 2u; return false; }
+        const unsigned long long now = global_ns(), waited = now - t0;
+        if (waited < 20000) continue;
+        if (waited > timeout_ns) { *(volatile unsigned*)word = 2u; return false; }
+        const unsigned m = __activemask();
+        const bool due = (waited >> 16) != epoch;
+        epoch = waited >> 16;
+        const unsigned d = __ballot_sync(m, due);
+        if (d == 0) continue;
+        const int leader = __ffs(d) - 1;
+        unsigned v = 0;
+        if ((int)(threadIdx.x & 31) == leader) v = *(volatile unsigned*)word;
+        if (__shfl_sync(m, v, leader) != 0) return false;
     }
 }
 template <typename T, int C>
@@ -1375,7 +1307,6 @@ extern "C" __global__ void decode_attention_gqa1_##S(const T* qkv, T* kc, T* vc,
 extern "C" __global__ void decode_attention_gqa2_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 2>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
 extern "C" __global__ void __launch_bounds__(128, 6) decode_attention_gqa4_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 4>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
 extern "C" __global__ void decode_attention_gqa8_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 8>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
-extern "C" __global__ void one_shot_all_reduce_##S(T* x, long n, const unsigned long long* b, const unsigned long long* f, unsigned* c, int rank, int world, long half, unsigned* word, unsigned long long tns) { one_shot_all_reduce(x, n, b, f, c, rank, world, half, word, tns); } \
 extern "C" __global__ void __launch_bounds__(512, 2) all_reduce_add_rms_norm1_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns) { all_reduce_add_rms_norm<T, 1>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns); } \
 extern "C" __global__ void __launch_bounds__(512, 1) all_reduce_add_rms_norm2_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns) { all_reduce_add_rms_norm<T, 2>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns); } \
 extern "C" __global__ void __launch_bounds__(512, 1) all_reduce_add_rms_norm4_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns) { all_reduce_add_rms_norm<T, 4>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns); } \

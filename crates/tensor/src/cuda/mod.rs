@@ -27,7 +27,7 @@ use half::bf16;
 use crate::{DType, TensorError};
 
 const KERNELS: &str = include_str!("kernels.cu");
-const KERNEL_NAMES: [&str; 26] = [
+const KERNEL_NAMES: [&str; 25] = [
     "rms_norm1",
     "rms_norm2",
     "rms_norm4",
@@ -50,7 +50,6 @@ const KERNEL_NAMES: [&str; 26] = [
     "decode_attention_gqa4",
     "decode_attention_gqa8",
     "attention_combine",
-    "one_shot_all_reduce",
     "all_reduce_add_rms_norm1",
     "all_reduce_add_rms_norm2",
     "all_reduce_add_rms_norm4",

@@ -166,20 +166,11 @@ impl Drop for RawComm {
     }
 }
 
-/// What a group's one-shot NVLink path is used for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct P2pUse {
-    /// Sums of small device tensors (`all_reduce_storage`).
-    pub all_reduce: bool,
-    /// The fused sum + residual add + RMSNorm (`all_reduce_add_rms_norm`).
-    pub norm: bool,
-}
-
 /// One rank's NCCL communicator on one GPU, on the stream every op of that GPU runs on.
 pub struct DeviceComm {
     comm: Mutex<Option<RawComm>>,
-    /// The one-shot NVLink paths and what they are used for, once set up ([`Self::set_p2p`]).
-    p2p: std::sync::OnceLock<(super::p2p::P2pAllReduce, P2pUse)>,
+    /// The NVLink all-reduce + norm, once set up ([`Self::set_p2p`]).
+    p2p: std::sync::OnceLock<super::p2p::P2pAllReduce>,
     dev: Arc<GpuDevice>,
     rank: usize,
     world: usize,
@@ -345,22 +336,15 @@ impl DeviceComm {
         self.dev.ordinal
     }
 
-    /// From now on the one-shot NVLink path takes what `use_for` says: sums of device tensors up
-    /// to `p2p::P2P_MAX_BYTES`, the fused sum + residual add + RMSNorm
-    /// ([`Self::all_reduce_add_rms_norm`]), or both (every rank of the group must set it up the
-    /// same way, or none).
-    pub fn set_p2p(&self, p: super::p2p::P2pAllReduce, use_for: P2pUse) {
-        let _ = self.p2p.set((p, use_for));
+    /// From now on [`Self::all_reduce_add_rms_norm`] runs over NVLink (every rank of the group
+    /// must set it up, or none).
+    pub fn set_p2p(&self, p: super::p2p::P2pAllReduce) {
+        let _ = self.p2p.set(p);
     }
 
-    /// What the one-shot NVLink path is used for, once set up.
-    pub fn p2p_use(&self) -> Option<P2pUse> {
-        self.p2p.get().map(|(_, u)| *u)
-    }
-
-    /// The one-shot NVLink path, when set up for what `wanted` picks.
-    fn p2p_for(&self, wanted: impl Fn(P2pUse) -> bool) -> Option<&super::p2p::P2pAllReduce> {
-        self.p2p.get().filter(|(_, u)| wanted(*u)).map(|(p, _)| p)
+    /// Whether the NVLink all-reduce + norm is set up.
+    pub fn p2p_ready(&self) -> bool {
+        self.p2p.get().is_some()
     }
 
     /// The error of every call after an abort (the NVLink paths queue work without NCCL).
@@ -385,7 +369,7 @@ impl DeviceComm {
         w: &crate::Tensor,
         eps: f64,
     ) -> Result<Option<crate::Tensor>, TensorError> {
-        let Some(p) = self.p2p_for(|u| u.norm) else {
+        let Some(p) = self.p2p.get() else {
             return Ok(None);
         };
         self.ensure_live()?;
@@ -467,15 +451,6 @@ impl DeviceComm {
         if n == 0 {
             return Ok(());
         }
-        if let (Reduce::Sum, Some(p)) = (op, self.p2p_for(|u| u.all_reduce)) {
-            self.ensure_live()?;
-            if p.all_reduce(s)? {
-                return Ok(());
-            }
-        }
-        let Storage::Cuda(b) = s else {
-            return Err(dev_err(self.dev.ordinal, "the tensor left the GPU"));
-        };
         let stream = &self.dev.stream;
         let (ptr, ty) = match &b.data {
             CudaData::F32(x) => (x.device_ptr(stream).0, Wire::F32),
@@ -534,8 +509,8 @@ impl DeviceComm {
             if event.try_is_complete().map_err(|e| dev_err(o, e))? {
                 return Ok(true);
             }
-            // A one-shot NVLink sum that gave up (late peer, abort) fails the wait too.
-            if let Some(why) = self.p2p.get().and_then(|(p, _)| p.failed()) {
+            // An NVLink all-reduce + norm that gave up (late peer, abort) fails the wait too.
+            if let Some(why) = self.p2p.get().and_then(|p| p.failed()) {
                 self.abort();
                 return Err(if why.contains("deadline") {
                     NcclFailure::TimedOut
@@ -723,21 +698,21 @@ impl DeviceComm {
         self.wait("drain", w)
     }
 
-    /// Gives up the one-shot path's memory without freeing it: after a failed teardown a peer's
+    /// Gives up the NVLink path's memory without freeing it: after a failed teardown a peer's
     /// kernel may still write into it.
     pub fn leak_p2p(&mut self) {
-        if let Some((p, _)) = self.p2p.take() {
+        if let Some(p) = self.p2p.take() {
             p.abort();
             std::mem::forget(p);
         }
     }
 
-    /// Frees this rank's side now, the NCCL communicator and the one-shot path's memory (every
+    /// Frees this rank's side now, the NCCL communicator and the NVLink path's memory (every
     /// later call fails). For a teardown the ranks agreed on: freeing can wait until the peers'
     /// GPUs are idle (it unmaps memory they share), so no rank may queue work that waits for a
     /// peer (another communicator's collective) before every rank has freed its side.
     pub fn release(&mut self) {
-        // The one-shot path's memory freed now (`abort` only stops its kernel); the rest is what
+        // The NVLink path's memory freed now (`abort` only stops its kernel); the rest is what
         // `abort` frees.
         drop(self.p2p.take());
         self.abort();
@@ -745,7 +720,7 @@ impl DeviceComm {
 
     /// Aborts the communicator: queued NCCL work ends, every later call fails.
     pub fn abort(&self) {
-        if let Some((p, _)) = self.p2p.get() {
+        if let Some(p) = self.p2p.get() {
             p.abort();
         }
         let old = self.comm.lock().unwrap_or_else(|e| e.into_inner()).take();

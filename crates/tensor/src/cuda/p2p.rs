@@ -1,17 +1,19 @@
-//! A one-shot all-reduce over NVLink for the small activations of tensor-parallel decode, between
-//! the GPUs of one process (rank threads) that can access each other's memory. NCCL's all-reduce
-//! costs ~9 µs for a decode step's 8 KB on two H200s; reading the peers' copies directly and
-//! summing in one kernel needs one flag exchange (`one_shot_all_reduce` in `kernels.cu`).
+//! The all-reduce of tensor-parallel decode fused with the residual add and the RMSNorm after it,
+//! over NVLink between the GPUs of one process (rank threads) that can access each other's
+//! memory: [`P2pAllReduce::all_reduce_add_rms_norm`], one kernel (`all_reduce_add_rms_norm` in
+//! `kernels.cu`) whose ranks push their values into each other's receive slots with NCCL's LL
+//! protocol (data and flag in one 16-byte store, no fence, no flag round trip), as TensorRT-LLM
+//! fuses its all-reduce with the norm. On two H200s it takes 5.3 µs a call of one row where NCCL's
+//! all-reduce and the norm kernel take 9.6 (`tessera bench comm --backend nccl`).
 //!
-//! Set up collectively: every rank makes its [`P2pAllReduce`] (staging buffer, flags), the ranks
-//! exchange [`P2pAllReduce::addresses`] and ordinals through their host communicator, and each
-//! [`P2pAllReduce::connect`]s (peer access to every peer's GPU, the peers' addresses on the device).
+//! Set up collectively: every rank makes its [`P2pAllReduce`] (receive slots, call counters),
+//! the ranks exchange [`P2pAllReduce::address`] and ordinals through their host communicator, and
+//! each [`P2pAllReduce::connect`]s (peer access to every peer's GPU, the peers' addresses on the
+//! device).
 //!
-//! [`P2pAllReduce::all_reduce_add_rms_norm`] goes one step further for the row-parallel
-//! projections of a decoder layer: the sum, the residual add and the RMSNorm after it in one
-//! kernel (`all_reduce_add_rms_norm`), whose ranks push their values into each other's receive
-//! slots with NCCL's LL protocol (data and flag in one 16-byte store, no fence, no flag round
-//! trip), as TensorRT-LLM fuses its all-reduce with the norm.
+//! A one-shot all-reduce without the norm (copy to a staging buffer, flags released and acquired
+//! at system scope, peers' copies read over NVLink) was here before: 21 µs a call of 8 KB against
+//! NCCL's 7 µs, so it went.
 //!
 //! The shared memory is allocated with `cuMemAlloc`, not from the stream's pool: pool memory does
 //! not follow `cuCtxEnablePeerAccess`. A word of pinned host memory mapped into the device lets
@@ -22,20 +24,21 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cudarc::driver::{result, sys, CudaSlice, CudaStream, PushKernelArg};
+use cudarc::driver::{result, sys, CudaSlice, CudaStream};
 
 use super::CudaBuf;
 use super::{dev_err, GpuDevice};
 use crate::{Storage, TensorError};
 
-/// Bytes a rank's staging half holds: tensors up to this size take the one-shot path.
-pub const P2P_MAX_BYTES: usize = 1 << 20;
-/// Blocks of the kernel (each with its own slice, flags and call counter).
-const P2P_BLOCKS: usize = 16;
+/// Bytes of values a call takes at most: up to this NCCL's LL protocol beats NCCL's all-reduce and
+/// the norm kernel on two H200s (64 rows of 4,096 bf16: 12.0 against 13.2 µs), beyond it no more
+/// (0.9x at 960 KiB), and calls of exactly 1 MiB of bf16 took milliseconds (not understood; see
+/// `BENCHMARKS.md`). Larger calls go through NCCL.
+pub const P2P_MAX_BYTES: usize = 512 << 10;
 /// Rows the fused all-reduce + norm takes at most (one block and one call counter a row).
 pub const FUSED_MAX_ROWS: usize = 1024;
 
-/// One rank's side of the one-shot all-reduce.
+/// One rank's side of the fused all-reduce + norm.
 pub struct P2pAllReduce {
     dev: Arc<GpuDevice>,
     /// The stream calls are queued on: the GPU's, or the rank's own where two ranks share a GPU
@@ -43,10 +46,9 @@ pub struct P2pAllReduce {
     stream: Arc<CudaStream>,
     rank: usize,
     world: usize,
-    /// `cuMemAlloc`'d: two staging halves of `P2P_MAX_BYTES`, then `[2][P2P_BLOCKS][world]` u32
-    /// flags the peers write, then `P2P_BLOCKS` u32 call counters, then `FUSED_MAX_ROWS` u32
-    /// call counters of the fused kernel, then (16-byte aligned) its receive slots: `[2
-    /// parity][world source]` slots of `2 P2P_MAX_BYTES` (16-byte lines of 8 bytes of values).
+    /// `cuMemAlloc`'d: `FUSED_MAX_ROWS` u32 call counters (one a row), then (16-byte aligned)
+    /// the receive slots: `[2 parity][world source]` slots of `2 P2P_MAX_BYTES` (16-byte lines
+    /// of 8 bytes of values).
     mem: sys::CUdeviceptr,
     /// The bytes of a row the fused kernel was first called with (0: not yet): a row's place in
     /// the slots depends on it, so other row sizes are refused (the caller falls back) rather
@@ -57,8 +59,8 @@ pub struct P2pAllReduce {
     word: *mut u32,
     word_dev: sys::CUdeviceptr,
     timeout_ns: u64,
-    /// Every rank's buffer, flags and receive-slot addresses, on this GPU (after `connect`).
-    table: Option<(CudaSlice<u64>, CudaSlice<u64>, CudaSlice<u64>)>,
+    /// Every rank's receive-slot addresses, on this GPU (after `connect`).
+    table: Option<CudaSlice<u64>>,
 }
 
 // SAFETY: the raw device and pinned pointers are owned by this value and freed once (Drop); the
@@ -78,7 +80,7 @@ impl P2pAllReduce {
         let dev = GpuDevice::get(ordinal)?;
         let e = |x: cudarc::driver::DriverError| dev_err(ordinal, x);
         dev.ctx.bind_to_thread().map_err(e)?;
-        let total = Self::slots_offset(world) + 2 * world * Self::slot_bytes();
+        let total = Self::SLOTS_OFFSET + 2 * world * Self::slot_bytes();
         // SAFETY: fresh allocations, zeroed before use, freed in Drop.
         unsafe {
             let mem = result::malloc_sync(total).map_err(e)?;
@@ -124,31 +126,17 @@ impl P2pAllReduce {
             .map_err(|e| dev_err(self.dev.ordinal, e))
     }
 
-    fn flags_offset() -> usize {
-        2 * P2P_MAX_BYTES
-    }
-
-    fn fused_counters_offset(world: usize) -> usize {
-        Self::flags_offset() + (2 * world + 1) * P2P_BLOCKS * 4
-    }
-
-    /// Where the fused kernel's receive slots start: the same offset on every rank.
-    fn slots_offset(world: usize) -> usize {
-        (Self::fused_counters_offset(world) + FUSED_MAX_ROWS * 4).next_multiple_of(16)
-    }
+    /// Where the receive slots start (after the call counters): the same offset on every rank.
+    const SLOTS_OFFSET: usize = (FUSED_MAX_ROWS * 4).next_multiple_of(16);
 
     /// One slot: `P2P_MAX_BYTES` of values in lines of 16 bytes that carry 8.
     fn slot_bytes() -> usize {
         2 * P2P_MAX_BYTES
     }
 
-    /// This rank's staging buffer and flags, as device addresses the peers will use.
-    pub fn addresses(&self) -> [u64; 2] {
-        [self.mem, self.mem + Self::flags_offset() as u64]
-    }
-
-    fn counter(&self) -> u64 {
-        self.mem + (Self::flags_offset() + 2 * P2P_BLOCKS * self.world * 4) as u64
+    /// This rank's memory (counters, then receive slots), as the device address the peers use.
+    pub fn address(&self) -> u64 {
+        self.mem
     }
 
     fn word(&self) -> &AtomicU32 {
@@ -164,22 +152,25 @@ impl P2pAllReduce {
             .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst);
     }
 
-    /// Why the one-shot path stopped, if it did.
+    /// Why the NVLink path stopped, if it did.
     pub fn failed(&self) -> Option<&'static str> {
         match self.word().load(Ordering::SeqCst) {
             0 => None,
-            1 => Some("the one-shot all-reduce was aborted"),
-            _ => Some("a peer did not come to a one-shot all-reduce within the deadline"),
+            1 => Some("the NVLink all-reduce + norm was aborted"),
+            _ => Some("a peer did not come to an NVLink all-reduce + norm within the deadline"),
         }
     }
 
     /// Enables access from this GPU to every peer's (`peers[r]` = rank r's ordinal and
-    /// `addresses()`), and keeps the table on the device. Fails when a pair of GPUs cannot access
+    /// `address()`), and keeps the table on the device. Fails when a pair of GPUs cannot access
     /// each other (the caller then keeps NCCL).
-    pub fn connect(&mut self, peers: &[(usize, [u64; 2])]) -> Result<(), TensorError> {
+    pub fn connect(&mut self, peers: &[(usize, u64)]) -> Result<(), TensorError> {
         let o = self.dev.ordinal;
         if peers.len() != self.world {
-            return Err(dev_err(o, "one-shot all-reduce: a table of the wrong size"));
+            return Err(dev_err(
+                o,
+                "NVLink all-reduce + norm: a table of the wrong size",
+            ));
         }
         for (r, &(peer, _)) in peers.iter().enumerate() {
             // A rank on this GPU (itself, or another on its own stream) needs no peer access.
@@ -211,68 +202,15 @@ impl P2pAllReduce {
             }
         }
         let e = |x| dev_err(o, x);
-        let bufs: Vec<u64> = peers.iter().map(|p| p.1[0]).collect();
-        let flags: Vec<u64> = peers.iter().map(|p| p.1[1]).collect();
-        let slots: Vec<u64> = bufs
+        let slots: Vec<u64> = peers
             .iter()
-            .map(|b| b + Self::slots_offset(self.world) as u64)
+            .map(|p| p.1 + Self::SLOTS_OFFSET as u64)
             .collect();
-        let table = (
-            self.dev.stream.clone_htod(&bufs).map_err(e)?,
-            self.dev.stream.clone_htod(&flags).map_err(e)?,
-            self.dev.stream.clone_htod(&slots).map_err(e)?,
-        );
+        let table = self.dev.stream.clone_htod(&slots).map_err(e)?;
         // The table is read by calls on this rank's stream, which may not be the GPU's.
         self.dev.stream.synchronize().map_err(e)?;
         self.table = Some(table);
         Ok(())
-    }
-
-    /// Sums `s` in place across the ranks, queued on the GPU's stream, when it is a connected
-    /// device tensor of at most [`P2P_MAX_BYTES`]; `Ok(false)` (nothing done) otherwise.
-    pub fn all_reduce(&self, s: &mut Storage) -> Result<bool, TensorError> {
-        let (Storage::Cuda(b), Some((bufs, flags, _))) = (s, &self.table) else {
-            return Ok(false);
-        };
-        let bytes = b.len() * b.dtype().size_in_bytes();
-        if bytes > P2P_MAX_BYTES || b.dev.ordinal != self.dev.ordinal || b.is_empty() {
-            return Ok(false);
-        }
-        if let Some(why) = self.failed() {
-            return Err(dev_err(self.dev.ordinal, why));
-        }
-        let dev = &self.dev;
-        let f = dev.func("one_shot_all_reduce", b.dtype());
-        let (n, rank, world, half) = (
-            b.len() as i64,
-            self.rank as i32,
-            self.world as i32,
-            P2P_MAX_BYTES as i64,
-        );
-        let (counter, word) = (self.counter(), self.word_dev);
-        // The buffer's device address (the kernel writes the sum into it).
-        let addr = super::ops::dptr(b);
-        let mut l = self.stream.launch_builder(f);
-        l.arg(&addr)
-            .arg(&n)
-            .arg(bufs)
-            .arg(flags)
-            .arg(&counter)
-            .arg(&rank)
-            .arg(&world)
-            .arg(&half)
-            .arg(&word)
-            .arg(&self.timeout_ns);
-        let cfg = cudarc::driver::LaunchConfig {
-            grid_dim: (P2P_BLOCKS as u32, 1, 1),
-            block_dim: (512, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: the arguments match the kernel's signature; the peers' memory stays allocated
-        // while their communicators live, which outlive every call (teardown meets at a barrier,
-        // and a failed teardown leaks it rather than free memory a peer may still touch).
-        unsafe { l.launch(cfg) }.map_err(|e| dev_err(dev.ordinal, e))?;
-        Ok(true)
     }
 
     /// `x += ` the sum of every rank's `part`, then `y = w * x / rms(x)` a row (eps inside the
@@ -291,7 +229,7 @@ impl P2pAllReduce {
         h: usize,
         eps: f32,
     ) -> Result<Option<CudaBuf>, TensorError> {
-        let Some((_, _, slots)) = &self.table else {
+        let Some(slots) = &self.table else {
             return Ok(None);
         };
         let dt = x.dtype();
@@ -350,7 +288,7 @@ impl P2pAllReduce {
             slots.device_ptr(&self.stream).0
         };
         let mut slot_lines = (Self::slot_bytes() / 16) as i64;
-        let mut counter = self.mem + Self::fused_counters_offset(self.world) as u64;
+        let mut counter = self.mem;
         let (mut rank, mut world) = (self.rank as i32, self.world as i32);
         let (mut word, mut timeout) = (self.word_dev, self.timeout_ns);
         let mut params = super::ops::raw_params(&mut ptrs);
@@ -372,7 +310,8 @@ impl P2pAllReduce {
         // slot_lines, counter, rank, world, word, timeout_ns) and outlive the call; the buffers
         // hold rows x h values (h for w) of one dtype on this GPU; a row's lines fit a slot
         // (rows x h values are at most P2P_MAX_BYTES); the peers' slots stay allocated while
-        // their communicators live (as for `all_reduce`).
+        // their communicators live, which outlive every call (teardown meets at a barrier, and a
+        // failed teardown leaks them rather than free memory a peer may still write).
         unsafe {
             super::ops::launch_pdl_on(dev, &self.stream, dev.func(name, dt), cfg, &mut params)?
         };
