@@ -661,7 +661,8 @@ __device__ __forceinline__ unsigned long long global_ns() {
 // 20 µs makes the thread look at `word` (abort from the host), and one later than timeout_ns sets
 // it; x and y are then left unwritten.
 // ll[r] = rank r's receive area (on its GPU): [2 parity][world src][slot_lines] lines of 16 bytes,
-// a row taking h * sizeof(T) / 8 lines from row * that. grid (rows); block (h / 8 / C threads).
+// a row taking its chunks' lines rounded up to groups of 32 chunks (`line_of`) from row * that.
+// grid (rows); block (h / 8 / C threads).
 __device__ __forceinline__ void st_volatile16(void* p, unsigned a, unsigned b, unsigned c, unsigned d) {
     asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
 }
@@ -683,6 +684,10 @@ __device__ __forceinline__ void add_words(const unsigned* w, float* acc, const T
     for (int k = 0; k < ChunkWords<T>::N / 4; k++)
         add16(make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]), acc + k * (16 / sizeof(T)), tag);
 }
+// Line j of chunk ch within its row: groups of 32 chunks, the group's line j side by side.
+__device__ __forceinline__ long line_of(long ch, int j, int lines) {
+    return (ch >> 5) * 32 * lines + j * 32 + (ch & 31);
+}
 // Polls a line until both its flags are `g`; false when the host aborted (word set) or the peer
 // is later than timeout_ns (this sets word). Out of line: one copy of the loop for every line.
 // The abort word is host memory: after the first 20 µs the waiting threads of a warp look at it
@@ -696,6 +701,9 @@ __device__ __noinline__ bool wait_line(const char* p, unsigned g, uint4* q, unsi
         *q = ld_volatile16(p);
         if (q->y == g && q->w == g) return true;
         const unsigned long long now = global_ns(), waited = now - t0;
+        // Past the first µs a thread rests between looks, so that thousands of waiting threads
+        // do not keep the L2 lines busy that the peers' stores are to land in.
+        if (waited > 1000) __nanosleep(64);
         if (waited < 20000) continue;
         if (waited > timeout_ns) { *(volatile unsigned*)word = 2u; return false; }
         const unsigned m = __activemask();
@@ -745,7 +753,9 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
     if (threadIdx.x == 0) { gen = g0 + 1; counter[row] = g0 + 1; bail = 0; }
     __syncthreads();
     const unsigned g = gen;
-    const long row_lines = (long)h * sizeof(T) / 8;
+    // A row's lines: chunks in groups of 32, line j of a group's chunks side by side, so that a
+    // warp's store (or load) of its line j covers 512 contiguous bytes; a row takes whole groups.
+    const long row_lines = (long)((nc + 31) >> 5) * 32 * LINES;
     const long parity = g & 1;
     // Push this rank's chunks to every peer: the stores travel while the peers' are awaited.
 #pragma unroll
@@ -754,10 +764,10 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
         if (ch >= nc) continue;
         for (int p = 0; p < world; p++) {
             if (p == rank) continue;
-            char* dst = (char*)ll[p] + (((parity * world + rank) * slot_lines) + row * row_lines + (long)ch * LINES) * 16;
+            char* dst = (char*)ll[p] + (((parity * world + rank) * slot_lines) + row * row_lines + line_of(ch, 0, LINES)) * 16;
 #pragma unroll
             for (int j = 0; j < LINES; j++)
-                st_volatile16(dst + j * 16, mine[c][2 * j], g, mine[c][2 * j + 1], g);
+                st_volatile16(dst + j * 32 * 16, mine[c][2 * j], g, mine[c][2 * j + 1], g);
         }
     }
     // The ranks' values added in rank order, then rounded once (NCCL's sum of two). A peer's
@@ -783,7 +793,7 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
             long ch = threadIdx.x + c * blockDim.x;
             if (ch >= nc) continue;
 #pragma unroll
-            for (int j = 0; j < LINES; j++) q[c][j] = ld_volatile16(in + (ch * LINES + j) * 16);
+            for (int j = 0; j < LINES; j++) q[c][j] = ld_volatile16(in + (line_of(ch, 0, LINES) + j * 32) * 16);
         }
 #pragma unroll
         for (int c = 0; c < C; c++) {
@@ -793,7 +803,7 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
 #pragma unroll
             for (int j = 0; j < LINES; j++) {
                 if ((q[c][j].y != g || q[c][j].w != g) && ok)
-                    ok = wait_line(in + (ch * LINES + j) * 16, g, &q[c][j], word, timeout_ns);
+                    ok = wait_line(in + (line_of(ch, 0, LINES) + j * 32) * 16, g, &q[c][j], word, timeout_ns);
                 got[2 * j] = q[c][j].x;
                 got[2 * j + 1] = q[c][j].z;
             }

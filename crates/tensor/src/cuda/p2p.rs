@@ -3,8 +3,8 @@
 //! memory: [`P2pAllReduce::all_reduce_add_rms_norm`], one kernel (`all_reduce_add_rms_norm` in
 //! `kernels.cu`) whose ranks push their values into each other's receive slots with NCCL's LL
 //! protocol (data and flag in one 16-byte store, no fence, no flag round trip), as TensorRT-LLM
-//! fuses its all-reduce with the norm. On two H200s it takes 5.3 µs a call of one row where NCCL's
-//! all-reduce and the norm kernel take 9.6 (`tessera bench comm --backend nccl`).
+//! fuses its all-reduce with the norm. On two H200s it takes 4.8 µs a call of one row where NCCL's
+//! all-reduce and the norm kernel take 9.0-9.8 (`tessera bench comm --backend nccl`).
 //!
 //! Set up collectively: every rank makes its [`P2pAllReduce`] (receive slots, call counters),
 //! the ranks exchange [`P2pAllReduce::address`] and ordinals through their host communicator, and
@@ -30,10 +30,10 @@ use super::CudaBuf;
 use super::{dev_err, GpuDevice};
 use crate::{Storage, TensorError};
 
-/// Bytes of values a call takes at most: up to this NCCL's LL protocol beats NCCL's all-reduce and
-/// the norm kernel on two H200s (64 rows of 4,096 bf16: 12.0 against 13.2 µs), beyond it no more
-/// (0.9x at 960 KiB), and calls of exactly 1 MiB of bf16 took milliseconds (not understood; see
-/// `BENCHMARKS.md`). Larger calls go through NCCL.
+/// Bytes of values a call takes at most: up to this the kernel beats NCCL's all-reduce and the
+/// norm kernel on two H200s (64 rows of 4,096 bf16: 9.2 against 12.7 µs), beyond it no more (0.9x
+/// at 960 KiB before its lines were coalesced), and calls of exactly 1 MiB of bf16 took
+/// milliseconds (not understood; see `BENCHMARKS.md`). Larger calls go through NCCL.
 pub const P2P_MAX_BYTES: usize = 512 << 10;
 /// Rows the fused all-reduce + norm takes at most (one block and one call counter a row).
 pub const FUSED_MAX_ROWS: usize = 1024;
@@ -129,9 +129,16 @@ impl P2pAllReduce {
     /// Where the receive slots start (after the call counters): the same offset on every rank.
     const SLOTS_OFFSET: usize = (FUSED_MAX_ROWS * 4).next_multiple_of(16);
 
-    /// One slot: `P2P_MAX_BYTES` of values in lines of 16 bytes that carry 8.
+    /// One slot: `P2P_MAX_BYTES` of values in lines of 16 bytes that carry 8, with room for rows
+    /// rounded up to whole groups of 32 chunks of 8 values (`line_of` in the kernel).
     fn slot_bytes() -> usize {
-        2 * P2P_MAX_BYTES
+        4 * P2P_MAX_BYTES
+    }
+
+    /// Bytes of lines a row of `h` values of `dt` takes in a slot: 16-byte lines carrying 8 bytes,
+    /// chunks of 8 values in whole groups of 32.
+    fn row_line_bytes(h: usize, dt: crate::DType) -> usize {
+        (h / 8).div_ceil(32) * 32 * 8 * dt.size_in_bytes() * 2
     }
 
     /// This rank's memory (counters, then receive slots), as the device address the peers use.
@@ -256,6 +263,7 @@ impl P2pAllReduce {
             || rows == 0
             || rows > FUSED_MAX_ROWS
             || rows * row > P2P_MAX_BYTES
+            || rows * Self::row_line_bytes(h, dt) > Self::slot_bytes()
         {
             return Ok(None);
         }
@@ -309,7 +317,7 @@ impl P2pAllReduce {
         // SAFETY: the parameters match all_reduce_add_rms_norm(part, x, w, y, h, eps, slots,
         // slot_lines, counter, rank, world, word, timeout_ns) and outlive the call; the buffers
         // hold rows x h values (h for w) of one dtype on this GPU; a row's lines fit a slot
-        // (rows x h values are at most P2P_MAX_BYTES); the peers' slots stay allocated while
+        // (rows x row_line_bytes is at most slot_bytes); the peers' slots stay allocated while
         // their communicators live, which outlive every call (teardown meets at a barrier, and a
         // failed teardown leaks them rather than free memory a peer may still write).
         unsafe {
