@@ -49,17 +49,20 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
   # is lent): NVLink tests, the collectives' latency, NCCL against the fused path, 70B.
   if [[ $STEPS == all || $STEPS == *bench* || $STEPS == *tp2* ]]; then
     if [ "$NGPU" -ge 2 ]; then
+      echo "== NCCL tests with the pushing GEMV on (TESSERA_P2P_PUSH=1)"
+      TESSERA_P2P_PUSH=1 timeout 240 .gpu/test-nccl --test-threads=1 --nocapture 2>&1 | grep -E "test result|panicked|pushed|skipped"
       echo "== tessera bench comm, nccl backend: NCCL's all-reduce, and the fused NVLink sum + norm beside NCCL + the norm kernel"
       .gpu/tessera bench comm --backend nccl --dtype bf16 --sizes 8K,64K,512K,1M 2>&1
       .gpu/tessera bench comm --backend nccl --op all_reduce_add_rms_norm --dtype bf16 --sizes 8K,16K,64K,256K,512K,1M 2>&1
       echo "== tessera bench decode, Llama-3-8B shape, tp 1 (the reference of the tp 2 ratios), CUDA graphs"
       .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 1 --batch 1,8,64 --steps 32 --graph 2>&1 | grep -E "^  1 "
       # tp 2 through NCCL alone against the default (the fused NVLink sum + residual add + norm
-      # after each row-parallel projection), same binary and call, alternating twice.
+      # after each row-parallel projection) and the default with the row-parallel GEMVs pushing
+      # their outputs to the peer (TESSERA_P2P_PUSH=1), same binary and call, alternating twice.
       for round in 1 2; do
-        for p in 0 default; do
-          echo "== tessera bench decode, Llama-3-8B shape, tp 2, CUDA graphs, TESSERA_P2P_ALLREDUCE=$p (round $round)"
-          E=""; [ $p == 0 ] && E="TESSERA_P2P_ALLREDUCE=0"
+        for p in 0 default push; do
+          echo "== tessera bench decode, Llama-3-8B shape, tp 2, CUDA graphs, $p (round $round)"
+          E=""; [ $p == 0 ] && E="TESSERA_P2P_ALLREDUCE=0"; [ $p == push ] && E="TESSERA_P2P_PUSH=1"
           env $E .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 2 --batch 1,8,64 --steps 32 --graph 2>&1 | grep -E "^collectives|^  2 "
         done
       done
@@ -87,10 +90,10 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
 if [[ $STEPS == all || $STEPS == *cli* ]]; then
   # CLI on the GPU against the CPU: f32 log-probs within 1e-4, greedy tokens identical (generate
   # decodes through a captured CUDA graph), at tp 1 and, with two GPUs, tp 2 in-process (the fused
-  # NVLink sum + norm, and NCCL alone) and under `tessera launch` (one process per GPU, NCCL
+  # NVLink sum + norm, NCCL alone, and the pushing GEMVs) and under `tessera launch` (one process per GPU, NCCL
   # through the rendezvous).
   M=tests/fixtures/hf/llama; TOK=0,5,9,77,300,2,18,41,41,7,200,3
-  RUNS="tp1"; [ "$NGPU" -ge 2 ] && RUNS="tp1 tp2 tp2nccl launch"
+  RUNS="tp1"; [ "$NGPU" -ge 2 ] && RUNS="tp1 tp2 tp2nccl tp2push launch"
   {
     echo "== CLI: score / generate on cuda vs cpu ($RUNS)"
     .gpu/tessera score --model $M --tokens $TOK --json > $OUTDIR/score_cpu.json
@@ -100,6 +103,7 @@ if [[ $STEPS == all || $STEPS == *cli* ]]; then
         tp1) L=""; T=1 ;;
         tp2) L=""; T=2 ;;
         tp2nccl) L="env TESSERA_P2P_ALLREDUCE=0"; T=2 ;;
+        tp2push) L="env TESSERA_P2P_PUSH=1"; T=2 ;;
         launch) L=".gpu/tessera launch --nproc-per-node 2 --"; T=2 ;;
       esac
       $L .gpu/tessera score --model $M --tokens $TOK --json --device cuda --tp $T > $OUTDIR/score_cuda_$run.json

@@ -91,6 +91,15 @@ pub trait Communicator: Send + Sync {
         let _ = (part, x, w, eps);
         Ok(None)
     }
+    /// This rank's part `x W^T` of a row-parallel projection (no bias) whose sum over the group
+    /// goes next through [`Communicator::all_reduce_add_rms_norm`]: where the backend can, the
+    /// projection hands its outputs to the peers as it makes them (`NcclComm` over NVLink, one
+    /// row at decode), and then that call must follow, on the returned part. `Ok(None)` where
+    /// it does not (the default): the caller multiplies itself.
+    fn row_parallel_matmul(&self, x: &Tensor, w: &Tensor) -> Result<Option<Tensor>, CommError> {
+        let _ = (x, w);
+        Ok(None)
+    }
 }
 
 /// [`Communicator::all_reduce_tensor`] through host memory.

@@ -372,6 +372,12 @@ impl Communicator for NcclComm<'_> {
             .all_reduce_add_rms_norm(part, x, w, eps)
             .map_err(|e| self.device_error(e))
     }
+
+    fn row_parallel_matmul(&self, x: &Tensor, w: &Tensor) -> Result<Option<Tensor>, CommError> {
+        self.dev
+            .row_parallel_matmul(x, w)
+            .map_err(|e| self.device_error(e))
+    }
 }
 
 impl Cancel for NcclComm<'_> {

@@ -412,3 +412,67 @@ fn fused_sum_and_norm_over_nvlink_are_exact() {
         eprintln!("rank {rank}: fused NVLink sum + norm exact, 1 to 64 rows, 50 chained calls");
     });
 }
+
+/// A row-parallel projection of one row that hands its outputs to the peer as it makes them
+/// (`row_parallel_matmul`: the GEMV pushes the LL lines the fused kernel would) followed by the
+/// fused sum + add + norm gives bit for bit what the GEMV, NCCL's all-reduce and `add_rms_norm`
+/// give, call after call (the call numbers and slots of the pushed and the plain fused calls
+/// interleaved), and a rank 50 ms late changes nothing.
+#[test]
+fn pushed_projection_then_fused_norm_is_exact() {
+    if gpus() < 2 {
+        eprintln!("skipped: needs two GPUs");
+        return;
+    }
+    on_ranks(2, |c| {
+        let rank = c.rank();
+        let dev = Device::Cuda(rank);
+        let (k, h, eps) = (1024, 4096, 1e-5);
+        let bf = |shape: Vec<usize>, seed: usize| {
+            let n: usize = shape.iter().product();
+            let v = (0..n)
+                .map(|i| (((i * 7919 + seed * 104729) % 1000) as f32 - 500.0) / 2000.0)
+                .collect();
+            Tensor::from_f32(shape, v, DType::BF16)
+                .unwrap()
+                .to_device(dev)
+                .unwrap()
+        };
+        let w = bf(vec![h, k], 1 + rank);
+        let nw = bf(vec![h], 7);
+        let mut x = bf(vec![1, h], 8);
+        let mut want_x = bf(vec![1, h], 8);
+        for call in 0..12 {
+            if rank == 1 && call == 5 {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let a = bf(vec![1, k], 20 + call * 2 + rank);
+            // The reference: the GEMV, NCCL's sum, add_rms_norm.
+            let mut part = tessera_tensor::ops::matmul_t(&a, &w, None).unwrap();
+            let mut sum = part.clone();
+            c.all_reduce_tensor(&mut sum, ReduceOp::Sum).unwrap();
+            let want_y = tessera_tensor::ops::add_rms_norm(&mut want_x, &sum, &nw, eps).unwrap();
+            // Every third call without the push: the fused kernel pushes itself.
+            let y = if call % 3 == 2 {
+                c.all_reduce_add_rms_norm(&part, &mut x, &nw, eps).unwrap()
+            } else {
+                let Some(p) = c.row_parallel_matmul(&a, &w).unwrap() else {
+                    assert_eq!(call, 0, "taken once, then refused");
+                    eprintln!("skipped: the NVLink path is off");
+                    return;
+                };
+                assert_eq!(
+                    p.to_f32_vec(),
+                    part.to_f32_vec(),
+                    "call {call}: the pushed GEMV"
+                );
+                part = p;
+                c.all_reduce_add_rms_norm(&part, &mut x, &nw, eps).unwrap()
+            };
+            let y = y.expect("the fused kernel takes a row of 4,096");
+            assert_eq!(x.to_f32_vec(), want_x.to_f32_vec(), "x, call {call}");
+            assert_eq!(y.to_f32_vec(), want_y.to_f32_vec(), "y, call {call}");
+        }
+        eprintln!("rank {rank}: pushed GEMV + fused sum and norm exact, 12 calls");
+    });
+}

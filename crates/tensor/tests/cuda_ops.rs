@@ -753,6 +753,89 @@ fn fused_all_reduce_and_norm_between_two_streams_of_one_gpu_is_exact() {
     );
 }
 
+/// The decode GEMV that pushes its outputs into the peers' receive slots (`matmul_pushing`), then
+/// the fused all-reduce + norm that only waits for the peers' (`pushed`), between two ranks on one
+/// GPU, each on its own stream: the GEMV's outputs are the plain GEMV's, and x and y bit for bit
+/// the rounded sum + `add_rms_norm`, call after call, interleaved with fused calls that push
+/// themselves (one call in three).
+#[test]
+fn pushed_gemv_then_fused_norm_between_two_streams_of_one_gpu_is_exact() {
+    use std::time::Duration;
+    let Some((dev, _held)) = gpu() else { return };
+    fn buf(t: &Tensor) -> &tessera_tensor::cuda::CudaBuf {
+        match t.storage() {
+            Storage::Cuda(b) => b,
+            _ => unreachable!("on the GPU"),
+        }
+    }
+    let ranks: Vec<_> = two_ranks_on_gpu_0(Duration::from_secs(10))
+        .into_iter()
+        .map(|r| r.with_push(true))
+        .collect();
+    let (k, h, dt, eps) = (1024, 4096, DType::BF16, 1e-5f32);
+    let on = |t: Tensor| t.to_device(dev).unwrap();
+    let w = [1, 2].map(|seed| on(rand_t(vec![h, k], dt, seed)));
+    let nw = on(rand_t(vec![h], dt, 3));
+    let x0 = rand_t(vec![1, h], dt, 4);
+    let xs = [on(x0.clone()), on(x0.clone())];
+    let mut want_x = on(x0);
+    for call in 0..9u64 {
+        let a = [0, 1].map(|r| on(rand_t(vec![1, k], dt, 10 + 2 * call + r)));
+        let parts: Vec<Tensor> = (0..2)
+            .map(|r| ops::matmul_t(&a[r], &w[r], None).unwrap())
+            .collect();
+        let (p0, p1) = (parts[0].to_f32_vec(), parts[1].to_f32_vec());
+        let sum: Vec<f32> = p0.iter().zip(&p1).map(|(x, y)| dt.round(x + y)).collect();
+        let delta = on(Tensor::from_f32(vec![1, h], sum, dt).unwrap());
+        let want_y = ops::add_rms_norm(&mut want_x, &delta, &nw, eps as f64).unwrap();
+        let pushing = call % 3 != 2;
+        let mut mine = Vec::new();
+        for r in 0..2 {
+            let p = if pushing {
+                let y = ranks[r]
+                    .matmul_pushing(buf(&a[r]), buf(&w[r]), h, k)
+                    .unwrap()
+                    .expect("one bf16 row of 4,096 is pushed");
+                Tensor::new(vec![1, h], Storage::Cuda(y)).unwrap()
+            } else {
+                parts[r].clone()
+            };
+            let y = ranks[r]
+                .all_reduce_add_rms_norm(buf(&p), buf(&xs[r]), buf(&nw), 1, h, eps)
+                .unwrap()
+                .expect("taken");
+            mine.push((p, y));
+        }
+        for r in &ranks {
+            r.synchronize().unwrap();
+        }
+        for (r, (p, y)) in mine.iter().enumerate() {
+            assert_eq!(
+                p.to_f32_vec(),
+                parts[r].to_f32_vec(),
+                "call {call}: GEMV of rank {r}"
+            );
+            assert_eq!(
+                xs[r].to_f32_vec(),
+                want_x.to_f32_vec(),
+                "call {call}: x of rank {r}"
+            );
+            assert_eq!(
+                y.to_f32_vec().unwrap(),
+                want_y.to_f32_vec(),
+                "call {call}: y of rank {r}"
+            );
+        }
+    }
+    // Not one bf16 row, or a row the fused kernel would not take: not pushed.
+    let a2 = on(rand_t(vec![2, k], dt, 50));
+    assert!(ranks[0]
+        .matmul_pushing(buf(&a2), buf(&w[0]), h, k)
+        .unwrap()
+        .is_none());
+    eprintln!("pushed GEMV + fused all-reduce + norm on one GPU: 9 calls exact");
+}
+
 /// A captured step (`DecodeGraph`) replays what it recorded, with its intermediates in the
 /// graph's arena (no allocation node) or from the pool, as the choice says.
 #[test]

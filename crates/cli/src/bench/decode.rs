@@ -227,9 +227,9 @@ pub fn run(a: DecodeArgs) -> Result<()> {
 ///
 /// On a GPU, as in-process tp ranks do unless `TESSERA_P2P_ALLREDUCE=0`, the residual add and
 /// norm after each row-parallel projection run in the fused NVLink kernel
-/// (`all_reduce_add_rms_norm`) set up for a group of one: its own kernel and launch in the step,
-/// without the exchange (no peer to push to or wait for), so the step shows what the fused
-/// path's kernel costs apart from NVLink.
+/// (`all_reduce_add_rms_norm`, after the GEMV that would push to the peers at batch 1) set up
+/// for a group of one: its own kernel and launch in the step, without the exchange (no peer to
+/// push to or wait for), so the step shows what the fused path's kernels cost apart from NVLink.
 struct SkipComm {
     world: usize,
     #[cfg(feature = "cuda")]
@@ -293,6 +293,17 @@ impl Communicator for SkipComm {
             return Ok(None);
         };
         f.all_reduce_add_rms_norm_tensors(part, x, w, eps)
+            .map_err(|e| CommError::Invalid {
+                rank: 0,
+                msg: e.to_string(),
+            })
+    }
+    #[cfg(feature = "cuda")]
+    fn row_parallel_matmul(&self, x: &Tensor, w: &Tensor) -> Result<Option<Tensor>, CommError> {
+        let Some(f) = &self.fused else {
+            return Ok(None);
+        };
+        f.matmul_pushing_tensors(x, w)
             .map_err(|e| CommError::Invalid {
                 rank: 0,
                 msg: e.to_string(),

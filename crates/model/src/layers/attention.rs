@@ -109,6 +109,19 @@ impl Attention {
         start: usize,
         cache: &mut LayerKv,
     ) -> Result<Tensor, ModelError> {
+        let a = self.attend(qkv, batch, start, cache)?;
+        self.o.forward_partial(&a)
+    }
+
+    /// The attention of this rank's heads from `qkv` on (RoPE, the cache's new rows, the
+    /// attention itself), before the output projection: `[rows, heads x head_dim]`.
+    pub fn attend(
+        &self,
+        qkv: &Tensor,
+        batch: usize,
+        start: usize,
+        cache: &mut LayerKv,
+    ) -> Result<Tensor, ModelError> {
         let rows = qkv.dim(0);
         if batch > 1 && rows != batch {
             return Err(ModelError::Input(format!(
@@ -165,7 +178,7 @@ impl Attention {
             )?
         }
         .reshape(vec![rows, heads_per_seq * head_dim])?;
-        self.o.forward_partial(&a)
+        Ok(a)
     }
 
     pub fn weight_bytes(&self) -> usize {

@@ -76,7 +76,10 @@ impl DecoderLayer {
         comm: &dyn Communicator,
     ) -> Result<Tensor, ModelError> {
         let qkv = norm_project(x, delta, &self.input_norm, &self.attn.qkv, false, comm)?;
-        let a = self.attn.forward_qkv_partial(&qkv, batch, start, cache)?;
+        // Each row-parallel output's sum comes next in `norm_project` (or the final norm):
+        // the projection may hand its outputs to the peers as it makes them.
+        let a = self.attn.attend(&qkv, batch, start, cache)?;
+        let a = self.attn.o.forward_partial_then_fused(&a, comm)?;
         let h = norm_project(
             x,
             Some(a),
@@ -85,7 +88,7 @@ impl DecoderLayer {
             true,
             comm,
         )?;
-        self.mlp.down.forward_partial(&h)
+        self.mlp.down.forward_partial_then_fused(&h, comm)
     }
 
     /// Calls `f` on every weight tensor of the layer (e.g. to move it to a device).

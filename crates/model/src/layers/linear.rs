@@ -119,6 +119,24 @@ impl RowParallelLinear {
         Ok(ops::matmul_t(x, &self.weight, self.bias.as_ref())?)
     }
 
+    /// [`Self::forward_partial`] where the sum that follows is
+    /// [`Communicator::all_reduce_add_rms_norm`] on this output, the next collective: the
+    /// communicator may hand the outputs to the peers as it makes them
+    /// ([`Communicator::row_parallel_matmul`]: one row at decode over NVLink), which is exact
+    /// (the same values, the same kernel's arithmetic).
+    pub fn forward_partial_then_fused(
+        &self,
+        x: &Tensor,
+        comm: &dyn Communicator,
+    ) -> Result<Tensor, ModelError> {
+        if self.bias.is_none() {
+            if let Some(y) = comm.row_parallel_matmul(x, &self.weight)? {
+                return Ok(y);
+            }
+        }
+        self.forward_partial(x)
+    }
+
     pub fn weight_bytes(&self) -> usize {
         self.weight.size_in_bytes() + self.bias.as_ref().map_or(0, |b| b.size_in_bytes())
     }

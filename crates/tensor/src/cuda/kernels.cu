@@ -10,12 +10,13 @@ __device__ __forceinline__ float ld(const bf16_t* p, long i) {
     return __uint_as_float(((unsigned)p[i]) << 16);
 }
 __device__ __forceinline__ void st(float* p, long i, float v) { p[i] = v; }
-__device__ __forceinline__ void st(bf16_t* p, long i, float v) {
+__device__ __forceinline__ unsigned bf16_bits(float v) {
     unsigned u = __float_as_uint(v);
-    if ((u & 0x7fffffffu) > 0x7f800000u) { p[i] = 0x7fc0; return; }  // NaN
-    u += 0x7fffu + ((u >> 16) & 1u);                                      // round to nearest even
-    p[i] = (bf16_t)(u >> 16);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;  // NaN
+    u += 0x7fffu + ((u >> 16) & 1u);                        // round to nearest even
+    return u >> 16;
 }
+__device__ __forceinline__ void st(bf16_t* p, long i, float v) { p[i] = (bf16_t)bf16_bits(v); }
 __device__ __forceinline__ float rnd(float v, const float*) { return v; }
 __device__ __forceinline__ float rnd(float v, const bf16_t*) {
     bf16_t b; st(&b, 0, v); return ld(&b, 0);
@@ -721,7 +722,7 @@ template <typename T, int C>
 __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, int h, float eps,
                                         const unsigned long long* ll, long slot_lines,
                                         unsigned* counter, int rank, int world, unsigned* word,
-                                        unsigned long long timeout_ns) {
+                                        unsigned long long timeout_ns, int pushed) {
     pdl_trigger();
     __shared__ unsigned gen;
     __shared__ int bail;
@@ -757,9 +758,10 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
     // warp's store (or load) of its line j covers 512 contiguous bytes; a row takes whole groups.
     const long row_lines = (long)((nc + 31) >> 5) * 32 * LINES;
     const long parity = g & 1;
-    // Push this rank's chunks to every peer: the stores travel while the peers' are awaited.
+    // Push this rank's chunks to every peer (unless the GEMV before did, `pushed`): the stores
+    // travel while the peers' are awaited.
 #pragma unroll
-    for (int c = 0; c < C; c++) {
+    for (int c = 0; c < C && !pushed; c++) {
         int ch = threadIdx.x + c * blockDim.x;
         if (ch >= nc) continue;
         for (int p = 0; p < world; p++) {
@@ -956,9 +958,20 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
 // computes the row's norm into shared memory (k bf16 values, dynamic) while its first
 // weight loads are in flight; the values are rounded as `add_rms_norm` rounds them (its sum of
 // squares is added in another order, so a value may differ from it in the last bit).
-template <int R, int U, bool GATED, bool NOL1, int KS, int NORM>
+// PUSH (plain, R a multiple of 4, n a multiple of 8, one row of x): the outputs also go to every
+// peer's receive slot of the fused all-reduce + norm that follows (`all_reduce_add_rms_norm`,
+// called with `pushed`), as the LL lines it would push itself, so the exchange travels while the
+// GEMV's other warps still work: 4 outputs a line, the call number that kernel will take
+// (counter[0] + 1: the one before it has finished when this one passes pdl_wait).
+struct GemvPush {
+    const unsigned long long* ll;
+    long slot_lines;
+    const unsigned* counter;
+    int rank, world;
+};
+template <int R, int U, bool GATED, bool NOL1, int KS, int NORM, bool PUSH = false>
 __device__ void gemv1p(const bf16_t* x, const bf16_t* delta, const bf16_t* nw, bf16_t* xo, float eps,
-                       const bf16_t* w, bf16_t* y, int n, int k) {
+                       const bf16_t* w, bf16_t* y, int n, int k, GemvPush push = GemvPush{}) {
     static_assert(KS == 1 || KS == 2 || KS == 4 || KS == 8, "KS divides the 8 warps of a block");
     pdl_trigger();
     int warp = (int)((blockIdx.x * (long)blockDim.x + threadIdx.x) >> 5);
@@ -1093,6 +1106,23 @@ __device__ void gemv1p(const bf16_t* x, const bf16_t* delta, const bf16_t* nw, b
 #pragma unroll
         for (int j = 0; j < R; j++)
             if (live[j]) st(y, row0 + j, acc[j]);
+        if (PUSH) {
+            static_assert(!PUSH || (R % 4 == 0 && !GATED && NORM == 0), "a pushing GEMV is plain, 4 outputs a line");
+            const unsigned g = push.counter[0] + 1;
+            const long parity = g & 1;
+#pragma unroll
+            for (int q = 0; q < R / 4; q++) {
+                const int v0 = row0 + 4 * q;
+                const unsigned w0 = bf16_bits(acc[4 * q]) | (bf16_bits(acc[4 * q + 1]) << 16);
+                const unsigned w1 = bf16_bits(acc[4 * q + 2]) | (bf16_bits(acc[4 * q + 3]) << 16);
+                const long line = line_of(v0 >> 3, (v0 >> 2) & 1, 2);
+                for (int p = 0; p < push.world; p++) {
+                    if (p == push.rank) continue;
+                    char* dst = (char*)push.ll[p] + ((parity * push.world + push.rank) * push.slot_lines + line) * 16;
+                    st_volatile16(dst, w0, g, w1, g);
+                }
+            }
+        }
     }
 }
 
@@ -1127,6 +1157,12 @@ extern "C" __global__ void gemv_norm_##NAME(const bf16_t* x, const bf16_t* d, co
     gemv1p<R, U, G, N, KS, 1>(x, d, nw, xo, eps, w, y, n, k); }                                          \
 extern "C" __global__ void gemv_addnorm_##NAME(const bf16_t* x, const bf16_t* d, const bf16_t* nw, bf16_t* xo, float eps, const bf16_t* w, bf16_t* y, int n, int k) { \
     gemv1p<R, U, G, N, KS, 2>(x, d, nw, xo, eps, w, y, n, k); }
+#define GEMV_PUSH(NAME, R, U, KS)                                                                         \
+extern "C" __global__ void gemv_push_##NAME(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k, GemvPush push) { \
+    gemv1p<R, U, false, true, KS, 0, true>(x, nullptr, nullptr, nullptr, 0.f, w, y, n, k, push); }
+GEMV_PUSH(r4u1s4, 4, 1, 4)
+GEMV_PUSH(r8u1s4, 8, 1, 4)
+GEMV_PUSH(r4u1, 4, 1, 1)
 GEMV_PIPED(r2u2, 2, 2, false, true, 1)
 GEMV_PIPED(r2u2s4, 2, 2, false, true, 4)
 GEMV_PIPED(r4u1, 4, 1, false, true, 1)
@@ -1317,9 +1353,9 @@ extern "C" __global__ void decode_attention_gqa1_##S(const T* qkv, T* kc, T* vc,
 extern "C" __global__ void decode_attention_gqa2_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 2>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
 extern "C" __global__ void __launch_bounds__(128, 6) decode_attention_gqa4_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 4>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
 extern "C" __global__ void decode_attention_gqa8_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 8>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
-extern "C" __global__ void __launch_bounds__(512, 2) all_reduce_add_rms_norm1_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns) { all_reduce_add_rms_norm<T, 1>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns); } \
-extern "C" __global__ void __launch_bounds__(512, 1) all_reduce_add_rms_norm2_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns) { all_reduce_add_rms_norm<T, 2>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns); } \
-extern "C" __global__ void __launch_bounds__(512, 1) all_reduce_add_rms_norm4_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns) { all_reduce_add_rms_norm<T, 4>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns); } \
+extern "C" __global__ void __launch_bounds__(512, 2) all_reduce_add_rms_norm1_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed) { all_reduce_add_rms_norm<T, 1>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed); } \
+extern "C" __global__ void __launch_bounds__(512, 1) all_reduce_add_rms_norm2_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed) { all_reduce_add_rms_norm<T, 2>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed); } \
+extern "C" __global__ void __launch_bounds__(512, 1) all_reduce_add_rms_norm4_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed) { all_reduce_add_rms_norm<T, 4>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed); } \
 extern "C" __global__ void attention_combine_##S(const float* pm, const float* pl, const float* pa, T* o, int splits, int hd) { attention_combine(pm, pl, pa, o, splits, hd); } \
 extern "C" __global__ void qkv_rope_append_##S(const T* qkv, T* q, T* kc, T* vc, const float* f, int batch, int hq, int hkv, int hd, int start, const int* pp) { qkv_rope_append(qkv, q, kc, vc, f, batch, hq, hkv, hd, start, pp); } \
 extern "C" __global__ void argmax_rows_##S(const T* x, const float* sv, const int* si, int n, int per, float* v, int* i) { argmax_rows(x, sv, si, n, per, v, i); } \

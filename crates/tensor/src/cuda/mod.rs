@@ -142,12 +142,19 @@ pub const GEMV_VARIANTS: &[GemvVariant] = &[
     gv("gated_r4u1s4", 4, true, 4),
 ];
 
+/// The plain GEMV variants that have a pushing form (`gemv_push_*` in `kernels.cu`: four outputs
+/// a warp or a multiple of four).
+const GEMV_PUSH: &[&str] = &["r4u1s4", "r8u1s4", "r4u1"];
+
 /// A decode GEMV kernel and its shape of work: the plain kernel `f`, and the same GEMV after an
 /// RMSNorm of its input (`norm`) or after a residual add and an RMSNorm (`add_norm`).
 pub(crate) struct Gemv {
     pub(crate) f: CudaFunction,
     pub(crate) norm: CudaFunction,
     pub(crate) add_norm: CudaFunction,
+    /// The plain GEMV that also pushes its outputs to the peers of the fused NVLink all-reduce +
+    /// norm after it (`GEMV_PUSH` variants only).
+    pub(crate) push: Option<CudaFunction>,
     pub(crate) v: GemvVariant,
 }
 
@@ -379,6 +386,10 @@ impl GpuDevice {
                 f: load(&format!("gemv_{}", v.name))?,
                 norm: load(&format!("gemv_norm_{}", v.name))?,
                 add_norm: load(&format!("gemv_addnorm_{}", v.name))?,
+                push: GEMV_PUSH
+                    .contains(&v.name)
+                    .then(|| load(&format!("gemv_push_{}", v.name)))
+                    .transpose()?,
                 v,
             };
             gemv.insert(v.name, g);

@@ -376,6 +376,22 @@ impl DeviceComm {
         p.all_reduce_add_rms_norm_tensors(part, x, w, eps)
     }
 
+    /// `x W^T` for one row, through the GEMV that pushes its outputs to the peers for the
+    /// next [`Self::all_reduce_add_rms_norm`] on them
+    /// ([`super::p2p::P2pAllReduce::matmul_pushing_tensors`]); `Ok(None)` where that path is off
+    /// or does not apply.
+    pub fn row_parallel_matmul(
+        &self,
+        x: &crate::Tensor,
+        w: &crate::Tensor,
+    ) -> Result<Option<crate::Tensor>, TensorError> {
+        let Some(p) = self.p2p.get() else {
+            return Ok(None);
+        };
+        self.ensure_live()?;
+        p.matmul_pushing_tensors(x, w)
+    }
+
     /// Runs `f` with the communicator and this GPU's stream, the context bound to this thread.
     fn with_comm(
         &self,

@@ -54,6 +54,11 @@ pub struct P2pAllReduce {
     /// the slots depends on it, so other row sizes are refused (the caller falls back) rather
     /// than read lines a call of another size left there.
     row_bytes: std::sync::atomic::AtomicUsize,
+    /// A pushing GEMV ([`Self::matmul_pushing`]) has sent this rank's values of the next call.
+    pushed: std::sync::atomic::AtomicBool,
+    /// GEMVs push their outputs ([`Self::matmul_pushing`]): `TESSERA_P2P_PUSH=1`, off by default
+    /// until measured on two GPUs.
+    push: bool,
     /// Pinned host word, mapped into the device: 0 running, 1 aborted by the host, 2 a peer did
     /// not come within the deadline.
     word: *mut u32,
@@ -101,6 +106,8 @@ impl P2pAllReduce {
                 word,
                 word_dev,
                 row_bytes: std::sync::atomic::AtomicUsize::new(0),
+                pushed: std::sync::atomic::AtomicBool::new(false),
+                push: std::env::var("TESSERA_P2P_PUSH").is_ok_and(|v| v.trim() == "1"),
                 timeout_ns: timeout.as_nanos().min(u64::MAX as u128) as u64,
                 table: None,
             })
@@ -117,6 +124,13 @@ impl P2pAllReduce {
             .new_stream()
             .map_err(|e| dev_err(self.dev.ordinal, e))?;
         Ok(self)
+    }
+
+    /// The same side with the pushing GEMV ([`Self::matmul_pushing`]) on or off, whatever
+    /// `TESSERA_P2P_PUSH` says.
+    pub fn with_push(mut self, on: bool) -> Self {
+        self.push = on;
+        self
     }
 
     /// Waits for every call queued so far.
@@ -254,32 +268,29 @@ impl P2pAllReduce {
                 "fused all-reduce + norm: buffers of other sizes, dtypes or GPUs",
             ));
         }
-        let row = h * dt.size_in_bytes();
-        // Chunks of 8 values a thread (1, 2 or 4: a kernel each), up to 512 threads a row, as
-        // add_rms_norm takes them.
-        let (per, threads) = super::ops::norm_shape(h);
-        if !h.is_multiple_of(8)
-            || h / 8 > 4 * threads as usize
-            || rows == 0
-            || rows > FUSED_MAX_ROWS
-            || rows * row > P2P_MAX_BYTES
-            || rows * Self::row_line_bytes(h, dt) > Self::slot_bytes()
-        {
+        // The values of this call went out with the GEMV that made `part`: the kernel must run.
+        let pushed = self.pushed.swap(false, Ordering::SeqCst);
+        let Some(per) = self.takes(rows, h, dt) else {
+            if pushed {
+                return Err(dev_err(
+                    o,
+                    "fused all-reduce + norm: a pushing GEMV came before a call it does not take",
+                ));
+            }
             return Ok(None);
+        };
+        if pushed && rows != 1 {
+            return Err(dev_err(
+                o,
+                "fused all-reduce + norm: pushed one row, called with more",
+            ));
         }
+        let (_, threads) = super::ops::norm_shape(h);
         let name = match per {
             1 => "all_reduce_add_rms_norm1",
             2 => "all_reduce_add_rms_norm2",
             _ => "all_reduce_add_rms_norm4",
         };
-        match self
-            .row_bytes
-            .compare_exchange(0, row, Ordering::SeqCst, Ordering::SeqCst)
-        {
-            Ok(_) => {}
-            Err(first) if first == row => {}
-            Err(_) => return Ok(None),
-        }
         if let Some(why) = self.failed() {
             return Err(dev_err(o, why));
         }
@@ -299,6 +310,7 @@ impl P2pAllReduce {
         let mut counter = self.mem;
         let (mut rank, mut world) = (self.rank as i32, self.world as i32);
         let (mut word, mut timeout) = (self.word_dev, self.timeout_ns);
+        let mut pushed = i32::from(pushed);
         let mut params = super::ops::raw_params(&mut ptrs);
         params.push((&mut hh as *mut i32).cast());
         params.push((&mut eps as *mut f32).cast());
@@ -309,13 +321,14 @@ impl P2pAllReduce {
         params.push((&mut world as *mut i32).cast());
         params.push((&mut word as *mut u64).cast());
         params.push((&mut timeout as *mut u64).cast());
+        params.push((&mut pushed as *mut i32).cast());
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: the parameters match all_reduce_add_rms_norm(part, x, w, y, h, eps, slots,
-        // slot_lines, counter, rank, world, word, timeout_ns) and outlive the call; the buffers
+        // slot_lines, counter, rank, world, word, timeout_ns, pushed) and outlive the call; the buffers
         // hold rows x h values (h for w) of one dtype on this GPU; a row's lines fit a slot
         // (rows x row_line_bytes is at most slot_bytes); the peers' slots stay allocated while
         // their communicators live, which outlive every call (teardown meets at a barrier, and a
@@ -328,6 +341,128 @@ impl P2pAllReduce {
 }
 
 impl P2pAllReduce {
+    /// Whether the fused kernel takes `rows` rows of `h` values of `dt` (the same row size as
+    /// the first call's, which this fixes): its chunks of 8 values a thread (1, 2 or 4), or
+    /// `None`.
+    fn takes(&self, rows: usize, h: usize, dt: crate::DType) -> Option<usize> {
+        let row = h * dt.size_in_bytes();
+        // Chunks of 8 values a thread (1, 2 or 4: a kernel each), up to 512 threads a row, as
+        // add_rms_norm takes them.
+        let (per, threads) = super::ops::norm_shape(h);
+        if !h.is_multiple_of(8)
+            || h / 8 > 4 * threads as usize
+            || rows == 0
+            || rows > FUSED_MAX_ROWS
+            || rows * row > P2P_MAX_BYTES
+            || rows * Self::row_line_bytes(h, dt) > Self::slot_bytes()
+        {
+            return None;
+        }
+        match self
+            .row_bytes
+            .compare_exchange(0, row, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => Some(per),
+            Err(first) if first == row => Some(per),
+            Err(_) => None,
+        }
+    }
+
+    /// `y[n] = x[k] W[n, k]^T` for one bf16 row through the decode GEMV that also pushes `y`
+    /// into every peer's receive slot for the next [`Self::all_reduce_add_rms_norm`] (which
+    /// must then be the next call, on `y`: it only waits for the peers). `Ok(None)` (nothing
+    /// done) where that does not apply: not connected, not one bf16 row, a GEMV without a
+    /// pushing form, or an output the fused kernel would not take.
+    pub fn matmul_pushing(
+        &self,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        n: usize,
+        k: usize,
+    ) -> Result<Option<CudaBuf>, TensorError> {
+        let dev = &self.dev;
+        let o = dev.ordinal;
+        let (Some(slots), true) = (&self.table, self.push) else {
+            return Ok(None);
+        };
+        let g = dev.gemv(false);
+        let Some(f) = &g.push else { return Ok(None) };
+        if x.dtype() != crate::DType::BF16
+            || w.dtype() != x.dtype()
+            || x.dev.ordinal != o
+            || w.dev.ordinal != o
+            || x.len() != k
+            || w.len() != n * k
+            || !k.is_multiple_of(8)
+            || !n.is_multiple_of(8)
+            || self.pushed.load(Ordering::SeqCst)
+            || self.takes(1, n, x.dtype()).is_none()
+        {
+            return Ok(None);
+        }
+        if let Some(why) = self.failed() {
+            return Err(dev_err(o, why));
+        }
+        let y = CudaBuf::alloc(dev, x.dtype(), n)?;
+        if !Arc::ptr_eq(&self.stream, &dev.stream) {
+            // x, w and y belong to the GPU stream's order.
+            self.stream.join(&dev.stream).map_err(|e| dev_err(o, e))?;
+        }
+        /// `GemvPush` of `kernels.cu`.
+        #[repr(C)]
+        struct Push {
+            ll: u64,
+            slot_lines: i64,
+            counter: u64,
+            rank: i32,
+            world: i32,
+        }
+        let mut push = Push {
+            ll: {
+                use cudarc::driver::DevicePtr;
+                slots.device_ptr(&self.stream).0
+            },
+            slot_lines: (Self::slot_bytes() / 16) as i64,
+            counter: self.mem,
+            rank: self.rank as i32,
+            world: self.world as i32,
+        };
+        let mut ptrs = [x, w, &y].map(super::ops::dptr);
+        let mut ints = [n as i32, k as i32];
+        let mut params = super::ops::raw_params(&mut ptrs);
+        params.extend(super::ops::raw_params(&mut ints));
+        params.push((&mut push as *mut Push).cast());
+        // SAFETY: the parameters match gemv_push_*(x, w, y, n, k, push) and outlive the call;
+        // x holds k and w n x k bf16 values on this GPU, y n; the lines land in the peers' slots
+        // for one row of n values, which `takes` checked fit (as for the fused kernel).
+        unsafe { super::ops::launch_pdl_on(dev, &self.stream, f, g.config(n), &mut params)? };
+        self.pushed.store(true, Ordering::SeqCst);
+        Ok(Some(y))
+    }
+
+    /// [`Self::matmul_pushing`] on tensors: `x` of one row `[.., k]` (every dimension but the
+    /// last 1), `w` `[n, k]`; `y` comes back as `[.., n]`.
+    pub fn matmul_pushing_tensors(
+        &self,
+        x: &crate::Tensor,
+        w: &crate::Tensor,
+    ) -> Result<Option<crate::Tensor>, TensorError> {
+        let (Storage::Cuda(xb), Storage::Cuda(wb)) = (x.storage(), w.storage()) else {
+            return Ok(None);
+        };
+        let (&[n, k], Some(&kx)) = (w.shape(), x.shape().last()) else {
+            return Ok(None);
+        };
+        if kx != k || x.elem_count() != k {
+            return Ok(None);
+        }
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().expect("x has a last dimension") = n;
+        self.matmul_pushing(xb, wb, n, k)?
+            .map(|y| crate::Tensor::new(shape, Storage::Cuda(y)))
+            .transpose()
+    }
+
     /// [`Self::all_reduce_add_rms_norm`] on tensors: `x` and `part` of one shape `[.., h]` (its
     /// rows: every dimension but the last), `w` of `h`, all on this GPU; the normalised rows come
     /// back in `x`'s shape. `Ok(None)` where the kernel does not apply (as there, or a tensor in
