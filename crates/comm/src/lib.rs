@@ -54,7 +54,7 @@ pub use launch_env::{LaunchEnv, Launcher};
 pub use local::{LocalComm, LocalGroup, LocalRank};
 pub use mesh::{Coord, Mesh, MeshShape};
 #[cfg(feature = "cuda")]
-pub use nccl::NcclComm;
+pub use nccl::{nvlink_wanted, NcclComm};
 pub use stream::CommStream;
 pub use tcp::{TcpComm, TcpConfig, TcpRank, DEFAULT_CHUNK_BYTES};
 pub use work::{AsyncOp, Work, WorkHandle};

@@ -190,11 +190,16 @@ impl<'a> NcclComm<'a> {
 
 /// Whether to set up the fused NVLink all-reduce + residual add + RMSNorm
 /// ([`Communicator::all_reduce_add_rms_norm`]) where the ranks allow it: yes unless
-/// `TESSERA_P2P_ALLREDUCE=0`. Measured on two H200s (`BENCHMARKS.md`): 4.8 µs a call of one row
+/// `TESSERA_P2P_ALLREDUCE` is `0` (or `off`, `false`, `no`). Measured on two H200s (`BENCHMARKS.md`): 4.8 µs a call of one row
 /// against 9.0-9.8 for NCCL's all-reduce and the norm kernel, tp 2 decode of the 8B shape
 /// 2.86-2.92 -> 2.56-2.58 ms a step at batch 1, 4.17 -> 3.74-3.84 at batch 64.
-fn nvlink_wanted() -> bool {
-    std::env::var("TESSERA_P2P_ALLREDUCE").map_or(true, |v| v.trim() != "0")
+pub fn nvlink_wanted() -> bool {
+    std::env::var("TESSERA_P2P_ALLREDUCE").map_or(true, |v| {
+        !matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "0" | "off" | "false" | "no"
+        )
+    })
 }
 
 /// Sets up the NVLink all-reduce + norm when every rank of `h` is a thread of this process on its

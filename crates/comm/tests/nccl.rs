@@ -458,7 +458,7 @@ fn pushed_projection_then_fused_norm_is_exact() {
             } else {
                 let Some(p) = c.row_parallel_matmul(&a, &w).unwrap() else {
                     assert_eq!(call, 0, "taken once, then refused");
-                    eprintln!("skipped: the NVLink path is off");
+                    eprintln!("skipped: TESSERA_P2P_PUSH=1 not set (or the NVLink path is off)");
                     return;
                 };
                 assert_eq!(

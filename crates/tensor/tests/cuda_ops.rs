@@ -827,13 +827,51 @@ fn pushed_gemv_then_fused_norm_between_two_streams_of_one_gpu_is_exact() {
             );
         }
     }
-    // Not one bf16 row, or a row the fused kernel would not take: not pushed.
+    // Not one bf16 row, or a row the fused kernel would not take (another size than its first
+    // call's): not pushed.
     let a2 = on(rand_t(vec![2, k], dt, 50));
     assert!(ranks[0]
         .matmul_pushing(buf(&a2), buf(&w[0]), h, k)
         .unwrap()
         .is_none());
-    eprintln!("pushed GEMV + fused all-reduce + norm on one GPU: 9 calls exact");
+    let w_half = on(rand_t(vec![h / 2, k], dt, 51));
+    let a1 = on(rand_t(vec![1, k], dt, 52));
+    assert!(ranks[0]
+        .matmul_pushing(buf(&a1), buf(&w_half), h / 2, k)
+        .unwrap()
+        .is_none());
+    // A broken contract is an error, never a sum of the wrong values: a push followed by a call
+    // the kernel does not take, or by a second push.
+    let fresh = || {
+        two_ranks_on_gpu_0(Duration::from_secs(10))
+            .into_iter()
+            .map(|r| r.with_push(true))
+            .collect::<Vec<_>>()
+    };
+    let broken = fresh();
+    let y = broken[0]
+        .matmul_pushing(buf(&a1), buf(&w[0]), h, k)
+        .unwrap()
+        .expect("pushed");
+    let y2 = on(rand_t(vec![2, h], dt, 53));
+    let x2 = on(rand_t(vec![2, h], dt, 54));
+    assert!(broken[0]
+        .all_reduce_add_rms_norm(buf(&y2), buf(&x2), buf(&nw), 2, h, eps)
+        .is_err());
+    assert!(broken[0].failed().is_some(), "the path is aborted");
+    drop(y);
+    let twice = fresh();
+    let _y = twice[0]
+        .matmul_pushing(buf(&a1), buf(&w[0]), h, k)
+        .unwrap()
+        .expect("pushed");
+    assert!(twice[0].matmul_pushing(buf(&a1), buf(&w[0]), h, k).is_err());
+    for r in broken.iter().chain(&twice) {
+        r.synchronize().unwrap();
+    }
+    eprintln!(
+        "pushed GEMV + fused all-reduce + norm on one GPU: 9 calls exact, broken contracts refused"
+    );
 }
 
 /// A captured step (`DecodeGraph`) replays what it recorded, with its intermediates in the

@@ -227,8 +227,8 @@ pub fn run(a: DecodeArgs) -> Result<()> {
 ///
 /// On a GPU, as in-process tp ranks do unless `TESSERA_P2P_ALLREDUCE=0`, the residual add and
 /// norm after each row-parallel projection run in the fused NVLink kernel
-/// (`all_reduce_add_rms_norm`, after the GEMV that would push to the peers at batch 1) set up
-/// for a group of one: its own kernel and launch in the step, without the exchange (no peer to
+/// (`all_reduce_add_rms_norm`; with `TESSERA_P2P_PUSH=1` after the GEMV that would push to the
+/// peers at batch 1) set up for a group of one: its own kernel and launch in the step, without the exchange (no peer to
 /// push to or wait for), so the step shows what the fused path's kernels cost apart from NVLink.
 struct SkipComm {
     world: usize,
@@ -314,8 +314,7 @@ impl Communicator for SkipComm {
 impl SkipComm {
     fn new(world: usize, device: Device) -> Result<Self> {
         #[cfg(feature = "cuda")]
-        #[cfg(feature = "cuda")]
-        let off = std::env::var("TESSERA_P2P_ALLREDUCE").is_ok_and(|v| v.trim() == "0");
+        let off = !tessera_comm::nvlink_wanted();
         #[cfg(feature = "cuda")]
         let fused = match device {
             Device::Cuda(o) if !off => {

@@ -639,10 +639,6 @@ __device__ __forceinline__ void add16(const uint4& u, float* acc, const float*) 
     acc[0] += __uint_as_float(u.x); acc[1] += __uint_as_float(u.y);
     acc[2] += __uint_as_float(u.z); acc[3] += __uint_as_float(u.w);
 }
-__device__ __forceinline__ void store16(bf16_t* x, long i, const float* acc) { store8(x, i, acc); }
-__device__ __forceinline__ void store16(float* x, long i, const float* acc) {
-    *(float4*)(x + i) = make_float4(acc[0], acc[1], acc[2], acc[3]);
-}
 __device__ __forceinline__ unsigned long long global_ns() {
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -697,7 +693,7 @@ __device__ __forceinline__ long line_of(long ch, int j, int lines) {
 __device__ __noinline__ bool wait_line(const char* p, unsigned g, uint4* q, unsigned* word,
                                        unsigned long long timeout_ns) {
     const unsigned long long t0 = global_ns();
-    unsigned long long epoch = 0;
+    unsigned long long epoch = ~0ull;  // the first look at `word` as soon as 20 µs have passed
     while (true) {
         *q = ld_volatile16(p);
         if (q->y == g && q->w == g) return true;

@@ -47,8 +47,8 @@ pub struct P2pAllReduce {
     rank: usize,
     world: usize,
     /// `cuMemAlloc`'d: `FUSED_MAX_ROWS` u32 call counters (one a row), then (16-byte aligned)
-    /// the receive slots: `[2 parity][world source]` slots of `2 P2P_MAX_BYTES` (16-byte lines
-    /// of 8 bytes of values).
+    /// the receive slots: `[2 parity][world source]` slots of `slot_bytes()` (16-byte lines of 8
+    /// bytes of values, rows rounded up to whole groups of 32 chunks).
     mem: sys::CUdeviceptr,
     /// The bytes of a row the fused kernel was first called with (0: not yet): a row's place in
     /// the slots depends on it, so other row sizes are refused (the caller falls back) rather
@@ -250,12 +250,27 @@ impl P2pAllReduce {
         h: usize,
         eps: f32,
     ) -> Result<Option<CudaBuf>, TensorError> {
-        let Some(slots) = &self.table else {
-            return Ok(None);
-        };
-        let dt = x.dtype();
+        // The values of this call went out with the GEMV that made `part`: from here on every
+        // way out but the kernel's launch is an error (the peers' sum would otherwise take those
+        // values for a later call's).
+        let pushed = self.pushed.swap(false, Ordering::SeqCst);
         let dev = &self.dev;
         let o = dev.ordinal;
+        let refuse = |why: &str| {
+            if pushed {
+                self.abort();
+                Err(dev_err(
+                    o,
+                    format!("fused all-reduce + norm after a pushing GEMV: {why}"),
+                ))
+            } else {
+                Ok(None)
+            }
+        };
+        let Some(slots) = &self.table else {
+            return refuse("not connected");
+        };
+        let dt = x.dtype();
         if [part, x, w]
             .iter()
             .any(|b| b.dev.ordinal != o || b.dtype() != dt)
@@ -263,27 +278,19 @@ impl P2pAllReduce {
             || x.len() != rows * h
             || w.len() != h
         {
+            if pushed {
+                self.abort();
+            }
             return Err(dev_err(
                 o,
                 "fused all-reduce + norm: buffers of other sizes, dtypes or GPUs",
             ));
         }
-        // The values of this call went out with the GEMV that made `part`: the kernel must run.
-        let pushed = self.pushed.swap(false, Ordering::SeqCst);
         let Some(per) = self.takes(rows, h, dt) else {
-            if pushed {
-                return Err(dev_err(
-                    o,
-                    "fused all-reduce + norm: a pushing GEMV came before a call it does not take",
-                ));
-            }
-            return Ok(None);
+            return refuse("a call the kernel does not take");
         };
         if pushed && rows != 1 {
-            return Err(dev_err(
-                o,
-                "fused all-reduce + norm: pushed one row, called with more",
-            ));
+            return refuse("one row pushed, more summed");
         }
         let (_, threads) = super::ops::norm_shape(h);
         let name = match per {
@@ -395,10 +402,17 @@ impl P2pAllReduce {
             || w.len() != n * k
             || !k.is_multiple_of(8)
             || !n.is_multiple_of(8)
-            || self.pushed.load(Ordering::SeqCst)
             || self.takes(1, n, x.dtype()).is_none()
         {
             return Ok(None);
+        }
+        if self.pushed.load(Ordering::SeqCst) {
+            // The fused call of the last push has not come: the contract is broken.
+            self.abort();
+            return Err(dev_err(
+                o,
+                "a pushing GEMV before the fused all-reduce + norm of the one before",
+            ));
         }
         if let Some(why) = self.failed() {
             return Err(dev_err(o, why));
@@ -463,6 +477,19 @@ impl P2pAllReduce {
             .transpose()
     }
 
+    /// `Ok(None)` for a call the kernel does not take, or an error (and the path aborted) when
+    /// a pushing GEMV sent this call's values already.
+    fn not_taken<T>(&self) -> Result<Option<T>, TensorError> {
+        if self.pushed.swap(false, Ordering::SeqCst) {
+            self.abort();
+            return Err(dev_err(
+                self.dev.ordinal,
+                "fused all-reduce + norm after a pushing GEMV: tensors it does not take",
+            ));
+        }
+        Ok(None)
+    }
+
     /// [`Self::all_reduce_add_rms_norm`] on tensors: `x` and `part` of one shape `[.., h]` (its
     /// rows: every dimension but the last), `w` of `h`, all on this GPU; the normalised rows come
     /// back in `x`'s shape. `Ok(None)` where the kernel does not apply (as there, or a tensor in
@@ -478,10 +505,10 @@ impl P2pAllReduce {
         let (Storage::Cuda(pb), Storage::Cuda(xb), Storage::Cuda(wb)) =
             (part.storage(), x.storage(), w.storage())
         else {
-            return Ok(None);
+            return self.not_taken();
         };
         if part.shape() != x.shape() || h == 0 {
-            return Ok(None);
+            return self.not_taken();
         }
         let rows = x.elem_count() / h;
         self.all_reduce_add_rms_norm(pb, xb, wb, rows, h, eps as f32)?
