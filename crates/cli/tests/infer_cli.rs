@@ -179,6 +179,16 @@ fn bad_input_is_one_line_and_non_zero() {
         ],
         "cuda:0",
     );
+    fails_with(
+        &["bench", "comm", "--backend", "gloo"],
+        "--backend must be local, tcp or nccl",
+    );
+    if !cfg!(feature = "cuda") {
+        fails_with(
+            &["bench", "comm", "--backend", "nccl"],
+            "--backend nccl needs a build with the cuda feature",
+        );
+    }
 
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
