@@ -15,6 +15,15 @@ fn gpus() -> usize {
     tessera_tensor::cuda::test_gpus(2)
 }
 
+/// Whether this machine has two GPUs; says the test is skipped when not.
+fn two_gpus() -> bool {
+    let two = gpus() >= 2;
+    if !two {
+        eprintln!("skipped: needs two GPUs");
+    }
+    two
+}
+
 /// Runs `f(nccl communicator)` on `world` threads, rank r on GPU r.
 fn on_ranks<R: Send>(world: usize, f: impl Fn(NcclComm) -> R + Sync) -> Vec<R> {
     let comms = LocalGroup::new(world).into_comms();
@@ -164,8 +173,7 @@ fn every_collective_gives_the_expected_values() {
 
 #[test]
 fn a_peer_that_never_joins_is_a_timeout() {
-    if gpus() < 2 {
-        eprintln!("skipped: needs two GPUs");
+    if !two_gpus() {
         return;
     }
     let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -273,8 +281,7 @@ fn a_peer_that_fails_before_the_init_stops_the_others() {
 /// late rank (the NVLink all-reduce + norm set up beside NCCL changes none of it).
 #[test]
 fn device_sums_between_two_gpus_are_exact() {
-    if gpus() < 2 {
-        eprintln!("skipped: needs two GPUs");
+    if !two_gpus() {
         return;
     }
     on_ranks(2, |c| {
@@ -331,8 +338,7 @@ fn device_sums_between_two_gpus_are_exact() {
 /// chained calls queued without a host wait while rank 1 starts 50 ms late.
 #[test]
 fn fused_sum_and_norm_over_nvlink_are_exact() {
-    if gpus() < 2 {
-        eprintln!("skipped: needs two GPUs");
+    if !two_gpus() {
         return;
     }
     on_ranks(2, |c| {
@@ -420,8 +426,7 @@ fn fused_sum_and_norm_over_nvlink_are_exact() {
 /// interleaved), and a rank 50 ms late changes nothing.
 #[test]
 fn pushed_projection_then_fused_norm_is_exact() {
-    if gpus() < 2 {
-        eprintln!("skipped: needs two GPUs");
+    if !two_gpus() {
         return;
     }
     on_ranks(2, |c| {

@@ -76,21 +76,21 @@ fn parse_size(s: &str) -> Result<usize> {
 }
 
 pub fn run(a: CommArgs) -> Result<()> {
+    #[cfg(not(feature = "cuda"))]
     if a.backend == "nccl" {
-        #[cfg(not(feature = "cuda"))]
         bail!("--backend nccl needs a build with the cuda feature");
-        #[cfg(feature = "cuda")]
-        {
-            let sizes = a
-                .sizes
-                .iter()
-                .map(|s| parse_size(s))
-                .collect::<Result<Vec<_>>>()?;
-            if a.iters == 0 {
-                bail!("--iters must be at least 1");
-            }
-            return super::comm_nccl::run(&a, &sizes);
-        }
+    }
+    let sizes = a
+        .sizes
+        .iter()
+        .map(|s| parse_size(s))
+        .collect::<Result<Vec<_>>>()?;
+    if a.iters == 0 {
+        bail!("--iters must be at least 1");
+    }
+    #[cfg(feature = "cuda")]
+    if a.backend == "nccl" {
+        return super::comm_nccl::run(&a, &sizes);
     }
     let op = match a.op.as_str() {
         "all_reduce" => Op::AllReduce,
@@ -99,16 +99,8 @@ pub fn run(a: CommArgs) -> Result<()> {
         "broadcast" => Op::Broadcast,
         o => bail!("--op must be all_reduce, all_gather, reduce_scatter or broadcast, got {o:?}"),
     };
-    let sizes = a
-        .sizes
-        .iter()
-        .map(|s| parse_size(s))
-        .collect::<Result<Vec<_>>>()?;
     if a.nproc == 0 {
         bail!("--nproc must be at least 1");
-    }
-    if a.iters == 0 {
-        bail!("--iters must be at least 1");
     }
     match a.dtype.as_str() {
         "f32" => dispatch::<f32>(&a, op, &sizes),

@@ -685,6 +685,12 @@ __device__ __forceinline__ void add_words(const unsigned* w, float* acc, const T
 __device__ __forceinline__ long line_of(long ch, int j, int lines) {
     return (ch >> 5) * 32 * lines + j * 32 + (ch & 31);
 }
+// The address of `line` (from the start of the slot) in the slot of source rank `src` for calls
+// of `parity`, in the receive area `area` of some rank: [2 parity][world src][slot_lines] lines.
+__device__ __forceinline__ char* slot_line(unsigned long long area, long parity, int world, int src,
+                                           long slot_lines, long line) {
+    return (char*)area + ((parity * world + src) * slot_lines + line) * 16;
+}
 // Polls a line until both its flags are `g`; false when the host aborted (word set) or the peer
 // is later than timeout_ns (this sets word). Out of line: one copy of the loop for every line.
 // The abort word is host memory: after the first 20 µs the waiting threads of a warp look at it
@@ -762,10 +768,10 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
         if (ch >= nc) continue;
         for (int p = 0; p < world; p++) {
             if (p == rank) continue;
-            char* dst = (char*)ll[p] + (((parity * world + rank) * slot_lines) + row * row_lines + line_of(ch, 0, LINES)) * 16;
 #pragma unroll
             for (int j = 0; j < LINES; j++)
-                st_volatile16(dst + j * 32 * 16, mine[c][2 * j], g, mine[c][2 * j + 1], g);
+                st_volatile16(slot_line(ll[p], parity, world, rank, slot_lines, row * row_lines + line_of(ch, j, LINES)),
+                              mine[c][2 * j], g, mine[c][2 * j + 1], g);
         }
     }
     // The ranks' values added in rank order, then rounded once (NCCL's sum of two). A peer's
@@ -784,14 +790,14 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
                 if (threadIdx.x + c * blockDim.x < nc) add_words(mine[c], acc[c], xr);
             continue;
         }
-        const char* in = (const char*)ll[rank] + ((parity * world + src) * slot_lines + row * row_lines) * 16;
+        const char* in = slot_line(ll[rank], parity, world, src, slot_lines, row * row_lines);
         uint4 q[C][LINES];
 #pragma unroll
         for (int c = 0; c < C; c++) {
             long ch = threadIdx.x + c * blockDim.x;
             if (ch >= nc) continue;
 #pragma unroll
-            for (int j = 0; j < LINES; j++) q[c][j] = ld_volatile16(in + (line_of(ch, 0, LINES) + j * 32) * 16);
+            for (int j = 0; j < LINES; j++) q[c][j] = ld_volatile16(in + line_of(ch, j, LINES) * 16);
         }
 #pragma unroll
         for (int c = 0; c < C; c++) {
@@ -801,7 +807,7 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
 #pragma unroll
             for (int j = 0; j < LINES; j++) {
                 if ((q[c][j].y != g || q[c][j].w != g) && ok)
-                    ok = wait_line(in + (line_of(ch, 0, LINES) + j * 32) * 16, g, &q[c][j], word, timeout_ns);
+                    ok = wait_line(in + line_of(ch, j, LINES) * 16, g, &q[c][j], word, timeout_ns);
                 got[2 * j] = q[c][j].x;
                 got[2 * j + 1] = q[c][j].z;
             }
@@ -1114,8 +1120,7 @@ __device__ void gemv1p(const bf16_t* x, const bf16_t* delta, const bf16_t* nw, b
                 const long line = line_of(v0 >> 3, (v0 >> 2) & 1, 2);
                 for (int p = 0; p < push.world; p++) {
                     if (p == push.rank) continue;
-                    char* dst = (char*)push.ll[p] + ((parity * push.world + push.rank) * push.slot_lines + line) * 16;
-                    st_volatile16(dst, w0, g, w1, g);
+                    st_volatile16(slot_line(push.ll[p], parity, push.world, push.rank, push.slot_lines, line), w0, g, w1, g);
                 }
             }
         }

@@ -347,14 +347,18 @@ impl DeviceComm {
         self.p2p.get().is_some()
     }
 
-    /// The error of every call after an abort (the NVLink paths queue work without NCCL).
-    fn ensure_live(&self) -> Result<(), TensorError> {
+    /// The NVLink path when it is set up (`None` otherwise), and the error of every call after
+    /// an abort (it queues work without NCCL, so NCCL cannot refuse it).
+    fn live_p2p(&self) -> Result<Option<&super::p2p::P2pAllReduce>, TensorError> {
+        let Some(p) = self.p2p.get() else {
+            return Ok(None);
+        };
         let live = self
             .comm
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_some();
-        live.then_some(())
+        live.then_some(Some(p))
             .ok_or_else(|| dev_err(self.dev.ordinal, ABORTED))
     }
 
@@ -369,11 +373,10 @@ impl DeviceComm {
         w: &crate::Tensor,
         eps: f64,
     ) -> Result<Option<crate::Tensor>, TensorError> {
-        let Some(p) = self.p2p.get() else {
-            return Ok(None);
-        };
-        self.ensure_live()?;
-        p.all_reduce_add_rms_norm_tensors(part, x, w, eps)
+        match self.live_p2p()? {
+            Some(p) => p.all_reduce_add_rms_norm_tensors(part, x, w, eps),
+            None => Ok(None),
+        }
     }
 
     /// `x W^T` for one row, through the GEMV that pushes its outputs to the peers for the
@@ -385,11 +388,10 @@ impl DeviceComm {
         x: &crate::Tensor,
         w: &crate::Tensor,
     ) -> Result<Option<crate::Tensor>, TensorError> {
-        let Some(p) = self.p2p.get() else {
-            return Ok(None);
-        };
-        self.ensure_live()?;
-        p.matmul_pushing_tensors(x, w)
+        match self.live_p2p()? {
+            Some(p) => p.matmul_pushing_tensors(x, w),
+            None => Ok(None),
+        }
     }
 
     /// Runs `f` with the communicator and this GPU's stream, the context bound to this thread.

@@ -256,19 +256,8 @@ impl P2pAllReduce {
         let pushed = self.pushed.swap(false, Ordering::SeqCst);
         let dev = &self.dev;
         let o = dev.ordinal;
-        let refuse = |why: &str| {
-            if pushed {
-                self.abort();
-                Err(dev_err(
-                    o,
-                    format!("fused all-reduce + norm after a pushing GEMV: {why}"),
-                ))
-            } else {
-                Ok(None)
-            }
-        };
         let Some(slots) = &self.table else {
-            return refuse("not connected");
+            return self.refused(pushed, "not connected");
         };
         let dt = x.dtype();
         if [part, x, w]
@@ -286,13 +275,12 @@ impl P2pAllReduce {
                 "fused all-reduce + norm: buffers of other sizes, dtypes or GPUs",
             ));
         }
-        let Some(per) = self.takes(rows, h, dt) else {
-            return refuse("a call the kernel does not take");
+        let Some((per, threads)) = self.takes(rows, h, dt) else {
+            return self.refused(pushed, "a call the kernel does not take");
         };
         if pushed && rows != 1 {
-            return refuse("one row pushed, more summed");
+            return self.refused(pushed, "one row pushed, more summed");
         }
-        let (_, threads) = super::ops::norm_shape(h);
         let name = match per {
             1 => "all_reduce_add_rms_norm1",
             2 => "all_reduce_add_rms_norm2",
@@ -302,18 +290,10 @@ impl P2pAllReduce {
             return Err(dev_err(o, why));
         }
         let y = CudaBuf::alloc(dev, dt, rows * h)?;
-        let e = |x| dev_err(o, x);
-        if !Arc::ptr_eq(&self.stream, &dev.stream) {
-            // y comes from the GPU stream's pool.
-            self.stream.join(&dev.stream).map_err(e)?;
-        }
+        self.follow_gpu_stream()?;
         let mut ptrs = [part, x, w, &y].map(super::ops::dptr);
         let (mut hh, mut eps) = (h as i32, eps);
-        let mut slots_ptr = {
-            use cudarc::driver::DevicePtr;
-            slots.device_ptr(&self.stream).0
-        };
-        let mut slot_lines = (Self::slot_bytes() / 16) as i64;
+        let (mut slots_ptr, mut slot_lines) = self.slots_on_device(slots);
         let mut counter = self.mem;
         let (mut rank, mut world) = (self.rank as i32, self.world as i32);
         let (mut word, mut timeout) = (self.word_dev, self.timeout_ns);
@@ -349,9 +329,9 @@ impl P2pAllReduce {
 
 impl P2pAllReduce {
     /// Whether the fused kernel takes `rows` rows of `h` values of `dt` (the same row size as
-    /// the first call's, which this fixes): its chunks of 8 values a thread (1, 2 or 4), or
-    /// `None`.
-    fn takes(&self, rows: usize, h: usize, dt: crate::DType) -> Option<usize> {
+    /// the first call's, which this fixes): its chunks of 8 values a thread (1, 2 or 4) and
+    /// threads a row, or `None`.
+    fn takes(&self, rows: usize, h: usize, dt: crate::DType) -> Option<(usize, u32)> {
         let row = h * dt.size_in_bytes();
         // Chunks of 8 values a thread (1, 2 or 4: a kernel each), up to 512 threads a row, as
         // add_rms_norm takes them.
@@ -369,10 +349,29 @@ impl P2pAllReduce {
             .row_bytes
             .compare_exchange(0, row, Ordering::SeqCst, Ordering::SeqCst)
         {
-            Ok(_) => Some(per),
-            Err(first) if first == row => Some(per),
+            Ok(_) => Some((per, threads)),
+            Err(first) if first == row => Some((per, threads)),
             Err(_) => None,
         }
+    }
+
+    /// Queues this rank's calls after the work on the GPU's stream (where its stream is its own:
+    /// the tensors, and the outputs from the GPU stream's pool, belong to that stream's order).
+    fn follow_gpu_stream(&self) -> Result<(), TensorError> {
+        if Arc::ptr_eq(&self.stream, &self.dev.stream) {
+            return Ok(());
+        }
+        self.stream
+            .join(&self.dev.stream)
+            .map_err(|e| dev_err(self.dev.ordinal, e))
+    }
+
+    /// The device address of the table of every rank's receive slots, and the lines a slot
+    /// holds: the kernels' `ll` and `slot_lines`.
+    fn slots_on_device(&self, slots: &CudaSlice<u64>) -> (u64, i64) {
+        use cudarc::driver::DevicePtr;
+        let ptr = slots.device_ptr(&self.stream).0;
+        (ptr, (Self::slot_bytes() / 16) as i64)
     }
 
     /// `y[n] = x[k] W[n, k]^T` for one bf16 row through the decode GEMV that also pushes `y`
@@ -418,10 +417,7 @@ impl P2pAllReduce {
             return Err(dev_err(o, why));
         }
         let y = CudaBuf::alloc(dev, x.dtype(), n)?;
-        if !Arc::ptr_eq(&self.stream, &dev.stream) {
-            // x, w and y belong to the GPU stream's order.
-            self.stream.join(&dev.stream).map_err(|e| dev_err(o, e))?;
-        }
+        self.follow_gpu_stream()?;
         /// `GemvPush` of `kernels.cu`.
         #[repr(C)]
         struct Push {
@@ -431,12 +427,10 @@ impl P2pAllReduce {
             rank: i32,
             world: i32,
         }
+        let (ll, slot_lines) = self.slots_on_device(slots);
         let mut push = Push {
-            ll: {
-                use cudarc::driver::DevicePtr;
-                slots.device_ptr(&self.stream).0
-            },
-            slot_lines: (Self::slot_bytes() / 16) as i64,
+            ll,
+            slot_lines,
             counter: self.mem,
             rank: self.rank as i32,
             world: self.world as i32,
@@ -477,17 +471,18 @@ impl P2pAllReduce {
             .transpose()
     }
 
-    /// `Ok(None)` for a call the kernel does not take, or an error (and the path aborted) when
-    /// a pushing GEMV sent this call's values already.
-    fn not_taken<T>(&self) -> Result<Option<T>, TensorError> {
-        if self.pushed.swap(false, Ordering::SeqCst) {
-            self.abort();
-            return Err(dev_err(
-                self.dev.ordinal,
-                "fused all-reduce + norm after a pushing GEMV: tensors it does not take",
-            ));
+    /// `Ok(None)` for a call the kernel does not take (`why`), or, when a pushing GEMV sent this
+    /// call's values already (`pushed`), an error with the path aborted: the peers' sum would
+    /// otherwise take those values for a later call's.
+    fn refused<T>(&self, pushed: bool, why: &str) -> Result<Option<T>, TensorError> {
+        if !pushed {
+            return Ok(None);
         }
-        Ok(None)
+        self.abort();
+        Err(dev_err(
+            self.dev.ordinal,
+            format!("fused all-reduce + norm after a pushing GEMV: {why}"),
+        ))
     }
 
     /// [`Self::all_reduce_add_rms_norm`] on tensors: `x` and `part` of one shape `[.., h]` (its
@@ -505,10 +500,13 @@ impl P2pAllReduce {
         let (Storage::Cuda(pb), Storage::Cuda(xb), Storage::Cuda(wb)) =
             (part.storage(), x.storage(), w.storage())
         else {
-            return self.not_taken();
+            return self.refused(self.pushed.swap(false, Ordering::SeqCst), "host tensors");
         };
         if part.shape() != x.shape() || h == 0 {
-            return self.not_taken();
+            return self.refused(
+                self.pushed.swap(false, Ordering::SeqCst),
+                "shapes that differ",
+            );
         }
         let rows = x.elem_count() / h;
         self.all_reduce_add_rms_norm(pb, xb, wb, rows, h, eps as f32)?
