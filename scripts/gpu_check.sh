@@ -40,6 +40,10 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
     done
     echo "== tessera bench decode, one rank of tp 2 alone (collectives skipped: the compute a tp-2 step cannot go below)"
     .gpu/tessera bench decode --device cuda --preset llama-3-8b --one-rank-of 2 --batch 1,2,8,16,64 --steps 32 --graph 2>&1 | tail -7
+    # The same with each fused all-reduce + norm held 5 µs, a stand-in for its exchange over
+    # NVLink: what of an exchange the kernels around it hide, on one GPU.
+    echo "== the same, each exchange held 5 us (--hold-us 5)"
+    .gpu/tessera bench decode --device cuda --preset llama-3-8b --one-rank-of 2 --batch 1,8,64 --steps 32 --graph --hold-us 5 2>&1 | grep -E "^1/2 "
     echo "== tessera bench attention, Llama-3-8B heads (each decode attention kernel)"
     for t in 1 2; do
       .gpu/tessera bench attention --tp $t 2>&1
@@ -86,6 +90,7 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
     echo "== HF transformers baseline"
     PYTHONUNBUFFERED=1 python3 scripts/bench_hf_decode.py --batch ${HF_BATCH:-1,32,64} --steps 16 2>&1 | grep -v Warning
   fi
+  date -u
 } 2>&1 | tee "$REPORT"
 if [[ $STEPS == all || $STEPS == *cli* ]]; then
   # CLI on the GPU against the CPU: f32 log-probs within 1e-4, greedy tokens identical (generate

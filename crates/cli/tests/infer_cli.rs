@@ -256,6 +256,15 @@ fn bad_input_is_one_line_and_non_zero() {
         &["bench", "decode", "--one-rank-of", "3", "--steps", "1"],
         "tp 3 does not divide num_attention_heads 16",
     );
+    // The held exchange stands in for NVLink on one GPU: only with --one-rank-of on cuda.
+    fails_with(
+        &["bench", "decode", "--hold-us", "5", "--steps", "1"],
+        "--hold-us needs --one-rank-of and --device cuda",
+    );
+    fails_with(
+        &["bench", "decode", "--one-rank-of", "2", "--hold-us", "5"],
+        "--hold-us needs --one-rank-of and --device cuda",
+    );
 }
 
 /// `bench decode --one-rank-of 2` times rank 0's half of every layer alone, collectives skipped:

@@ -30,6 +30,11 @@ pub struct DecodeArgs {
     /// step cannot go below, on a machine with fewer devices than N. Replaces --tp.
     #[arg(long)]
     pub one_rank_of: Option<usize>,
+    /// With --one-rank-of on cuda: each fused all-reduce + norm holds the step this many µs
+    /// after the kernel before it ends, as its exchange over NVLink would (a stand-in, to measure
+    /// on one GPU how much of an exchange the kernels around it hide).
+    #[arg(long)]
+    pub hold_us: Option<f64>,
     /// Sequences decoded in lockstep (static batching of equal-length prompts).
     #[arg(long, value_delimiter = ',', default_value = "1")]
     pub batch: Vec<usize>,
@@ -84,6 +89,14 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     let cfg = ModelConfig::from_json_str(&shape_json(&a)?)?;
     if a.graph && device == Device::Cpu {
         bail!("--graph needs --device cuda");
+    }
+    if let Some(h) = a.hold_us {
+        if a.one_rank_of.is_none() || !matches!(device, Device::Cuda(_)) {
+            bail!("--hold-us needs --one-rank-of and --device cuda");
+        }
+        if !(0.0..=1e6).contains(&h) {
+            bail!("--hold-us must be between 0 and 1000000, got {h}");
+        }
     }
     let tps = a.one_rank_of.map_or_else(|| a.tp.clone(), |n| vec![n]);
     for &tp in &tps {
@@ -173,7 +186,10 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             Ok(rows)
         };
         let rows = match a.one_rank_of {
-            Some(_) => body(&SkipComm::new(tp, device)?, TpRank { rank: 0, size: tp })?,
+            Some(_) => body(
+                &SkipComm::new(tp, device, a.hold_us)?,
+                TpRank { rank: 0, size: tp },
+            )?,
             None => run_tp(tp, |comm, rank| {
                 with_rank_comm(device, comm, |comm| body(comm, rank))
             })?,
@@ -312,25 +328,38 @@ impl Communicator for SkipComm {
 }
 
 impl SkipComm {
-    fn new(world: usize, device: Device) -> Result<Self> {
+    fn new(world: usize, device: Device, hold_us: Option<f64>) -> Result<Self> {
         #[cfg(feature = "cuda")]
         let off = !tessera_comm::nvlink_wanted();
         #[cfg(feature = "cuda")]
         let fused = match device {
             Device::Cuda(o) if !off => {
                 use tessera_tensor::cuda::p2p::P2pAllReduce;
-                let mut p = P2pAllReduce::new(o, 0, 1, std::time::Duration::from_secs(10))?;
+                let hold = std::time::Duration::from_secs_f64(hold_us.unwrap_or(0.0) * 1e-6);
+                let mut p =
+                    P2pAllReduce::new(o, 0, 1, std::time::Duration::from_secs(10))?.with_hold(hold);
                 let me = p.address();
                 p.connect(&[(o, me)])?;
-                println!(
-                    "one rank alone: residual add + norm in the fused NVLink kernel (no exchange)"
-                );
+                match hold_us {
+                    Some(h) => println!(
+                        "one rank alone: residual add + norm in the fused NVLink kernel, each call held {h} µs for an exchange"
+                    ),
+                    None => println!(
+                        "one rank alone: residual add + norm in the fused NVLink kernel (no exchange)"
+                    ),
+                }
                 Some(p)
             }
             _ => None,
         };
+        #[cfg(feature = "cuda")]
+        if hold_us.is_some() && fused.is_none() {
+            bail!(
+                "--hold-us holds the fused NVLink kernel, which TESSERA_P2P_ALLREDUCE turned off"
+            );
+        }
         #[cfg(not(feature = "cuda"))]
-        let _ = device;
+        let _ = (device, hold_us);
         Ok(SkipComm {
             world,
             #[cfg(feature = "cuda")]

@@ -724,8 +724,7 @@ template <typename T, int C>
 __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, int h, float eps,
                                         const unsigned long long* ll, long slot_lines,
                                         unsigned* counter, int rank, int world, unsigned* word,
-                                        unsigned long long timeout_ns, int pushed) {
-    pdl_trigger();
+                                        unsigned long long timeout_ns, int pushed, unsigned hold_ns) {
     __shared__ unsigned gen;
     __shared__ int bail;
     constexpr int NW = ChunkWords<T>::N, LINES = NW / 2;
@@ -742,6 +741,12 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
         if (ch < nc) load8(w, ch * 8, gw[c]);
     }
     pdl_wait();
+    // The kernel after (a GEMV) may start only now, not at this one's start: its blocks then
+    // take their first weights (PF stretches into shared memory) while this kernel waits for
+    // the peers and the memory is idle, not while the GEMV before still streams its own (one
+    // rank of tp 2 on one H200 with each exchange held 5 us: 2.55 -> 2.31 ms a step with PF 2).
+    pdl_trigger();
+    const unsigned long long began = hold_ns ? global_ns() : 0;
     unsigned g0 = 0;
     if (threadIdx.x == 0) g0 = counter[row];
     unsigned mine[C][NW];
@@ -814,6 +819,10 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
             add_words(got, acc[c], xr);
         }
     }
+    // A group of one held as long as an exchange would take (a measurement's stand-in for
+    // NVLink: `bench decode --one-rank-of N --hold-us T`).
+    if (world == 1 && hold_ns)
+        while (global_ns() - began < hold_ns) {}
     float ss = 0.f;
 #pragma unroll
     for (int c = 0; c < C; c++) {
@@ -965,16 +974,35 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
 // called with `pushed`), as the LL lines it would push itself, so the exchange travels while the
 // GEMV's other warps still work: 4 outputs a line, the call number that kernel will take
 // (counter[0] + 1: the one before it has finished when this one passes pdl_wait).
+// PF (plain or pushing, U = 1, NORM = 0): before the PDL wait each warp also copies its next PF
+// stretches of its rows into shared memory (`cp.async`, PF x R x 512 bytes a warp, dynamic), so a
+// resident block holds (PF + 1) stretches a row, not one, when the kernel before ends: the
+// weights stream while that kernel (attention, or the fused all-reduce waiting on NVLink) still
+// runs, and the first stretches after the wait come from shared memory.
 struct GemvPush {
     const unsigned long long* ll;
     long slot_lines;
     const unsigned* counter;
     int rank, world;
 };
-template <int R, int U, bool GATED, bool NOL1, int KS, int NORM, bool PUSH = false>
+__device__ __forceinline__ void cp_async16_cg(void* smem, const void* gmem) {
+#if __CUDA_ARCH__ >= 800
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+#else
+    *(uint4*)smem = *(const uint4*)gmem;
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+template <int R, int U, bool GATED, bool NOL1, int KS, int NORM, bool PUSH = false, int PF = 0>
 __device__ void gemv1p(const bf16_t* x, const bf16_t* delta, const bf16_t* nw, bf16_t* xo, float eps,
                        const bf16_t* w, bf16_t* y, int n, int k, GemvPush push = GemvPush{}) {
     static_assert(KS == 1 || KS == 2 || KS == 4 || KS == 8, "KS divides the 8 warps of a block");
+    static_assert(PF == 0 || (U == 1 && NORM == 0), "prefetch into shared memory: U = 1, no fused norm");
     pdl_trigger();
     int warp = (int)((blockIdx.x * (long)blockDim.x + threadIdx.x) >> 5);
     int lane = threadIdx.x & 31;
@@ -999,10 +1027,25 @@ __device__ void gemv1p(const bf16_t* x, const bf16_t* delta, const bf16_t* nw, b
     float acc[R];
 #pragma unroll
     for (int j = 0; j < R; j++) acc[j] = 0.f;
+    // PF: stretches 0 .. PF - 1 into this warp's shared memory [PF][R][32 lanes], stretch PF
+    // into registers; the loop below then starts at stretch PF.
+    extern __shared__ uint4 pfs[];
+    uint4* mine = pfs + (long)(threadIdx.x >> 5) * PF * R * 32 + lane;
+    if (PF > 0) {
+#pragma unroll
+        for (int t = 0; t < PF; t++) {
+            int i = split * 32 + lane + t * STEP;
+            if (i < k8) {
+#pragma unroll
+                for (int j = 0; j < R; j++) cp_async16_cg(mine + (t * R + j) * 32, wr[j] + i);
+            }
+        }
+    }
+    const int first = split * 32 + lane + PF * STEP;
     uint4 nxt[R][U];
 #pragma unroll
     for (int u = 0; u < U; u++) {
-        int i = split * 32 + lane + u * STEP;
+        int i = first + u * STEP;
         if (i < k8) {
 #pragma unroll
             for (int j = 0; j < R; j++) nxt[j][u] = NOL1 ? ld_stream(wr[j] + i) : __ldg(wr[j] + i);
@@ -1010,6 +1053,24 @@ __device__ void gemv1p(const bf16_t* x, const bf16_t* delta, const bf16_t* nw, b
     }
     pdl_wait();
     const uint4* xv = (const uint4*)x;
+    if (PF > 0) {
+        // Each lane reads back only the 16-byte units it copied itself.
+        cp_async_wait_all();
+#pragma unroll
+        for (int t = 0; t < PF; t++) {
+            int i = split * 32 + lane + t * STEP;
+            if (i < k8) {
+                float xf[8], wf[8];
+                unpack8(__ldg(xv + i), xf);
+#pragma unroll
+                for (int j = 0; j < R; j++) {
+                    unpack8(mine[(t * R + j) * 32], wf);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc[j] += wf[e] * xf[e];
+                }
+            }
+        }
+    }
     if (NORM) {
         // Two passes over the row, each thread over its own chunks (few registers: the weight
         // loads in flight keep theirs): x (+ delta) into shared memory and the sum of squares,
@@ -1046,7 +1107,7 @@ __device__ void gemv1p(const bf16_t* x, const bf16_t* delta, const bf16_t* nw, b
         __syncthreads();
         xv = xs;
     }
-    for (int base = split * 32 + lane; base < k8; base += STEP * U) {
+    for (int base = first; base < k8; base += STEP * U) {
         uint4 cur[R][U];
 #pragma unroll
         for (int u = 0; u < U; u++) {
@@ -1158,12 +1219,26 @@ extern "C" __global__ void gemv_norm_##NAME(const bf16_t* x, const bf16_t* d, co
     gemv1p<R, U, G, N, KS, 1>(x, d, nw, xo, eps, w, y, n, k); }                                          \
 extern "C" __global__ void gemv_addnorm_##NAME(const bf16_t* x, const bf16_t* d, const bf16_t* nw, bf16_t* xo, float eps, const bf16_t* w, bf16_t* y, int n, int k) { \
     gemv1p<R, U, G, N, KS, 2>(x, d, nw, xo, eps, w, y, n, k); }
-#define GEMV_PUSH(NAME, R, U, KS)                                                                         \
+#define GEMV_PUSH(NAME, R, U, KS, PF)                                                                     \
 extern "C" __global__ void gemv_push_##NAME(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k, GemvPush push) { \
-    gemv1p<R, U, false, true, KS, 0, true>(x, nullptr, nullptr, nullptr, 0.f, w, y, n, k, push); }
-GEMV_PUSH(r4u1s4, 4, 1, 4)
-GEMV_PUSH(r8u1s4, 8, 1, 4)
-GEMV_PUSH(r4u1, 4, 1, 1)
+    gemv1p<R, U, false, true, KS, 0, true, PF>(x, nullptr, nullptr, nullptr, 0.f, w, y, n, k, push); }
+// A variant whose plain (and pushing) kernel prefetches PF stretches into shared memory; its
+// fused-norm kernels are the variant's without (the norm's row takes the shared memory).
+#define GEMV_PREFETCH(NAME, R, G, KS, PF)                                                                \
+extern "C" __global__ void gemv_##NAME(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k) {   \
+    gemv1p<R, 1, G, true, KS, 0, false, PF>(x, nullptr, nullptr, nullptr, 0.f, w, y, n, k); }         \
+extern "C" __global__ void gemv_norm_##NAME(const bf16_t* x, const bf16_t* d, const bf16_t* nw, bf16_t* xo, float eps, const bf16_t* w, bf16_t* y, int n, int k) { \
+    gemv1p<R, 1, G, true, KS, 1>(x, d, nw, xo, eps, w, y, n, k); }                                          \
+extern "C" __global__ void gemv_addnorm_##NAME(const bf16_t* x, const bf16_t* d, const bf16_t* nw, bf16_t* xo, float eps, const bf16_t* w, bf16_t* y, int n, int k) { \
+    gemv1p<R, 1, G, true, KS, 2>(x, d, nw, xo, eps, w, y, n, k); }
+GEMV_PUSH(r4u1s4, 4, 1, 4, 0)
+GEMV_PUSH(r8u1s4, 8, 1, 4, 0)
+GEMV_PUSH(r4u1, 4, 1, 1, 0)
+GEMV_PUSH(r4u1s4p2, 4, 1, 4, 2)
+GEMV_PREFETCH(r4u1s4p1, 4, false, 4, 1)
+GEMV_PREFETCH(r4u1s4p2, 4, false, 4, 2)
+GEMV_PREFETCH(gated_r4u1s4p1, 4, true, 4, 1)
+GEMV_PREFETCH(gated_r4u1s4p2, 4, true, 4, 2)
 GEMV_PIPED(r2u2, 2, 2, false, true, 1)
 GEMV_PIPED(r2u2s4, 2, 2, false, true, 4)
 GEMV_PIPED(r4u1, 4, 1, false, true, 1)
@@ -1354,9 +1429,9 @@ extern "C" __global__ void decode_attention_gqa1_##S(const T* qkv, T* kc, T* vc,
 extern "C" __global__ void decode_attention_gqa2_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 2>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
 extern "C" __global__ void __launch_bounds__(128, 6) decode_attention_gqa4_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 4>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
 extern "C" __global__ void decode_attention_gqa8_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 8>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
-extern "C" __global__ void __launch_bounds__(512, 2) all_reduce_add_rms_norm1_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed) { all_reduce_add_rms_norm<T, 1>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed); } \
-extern "C" __global__ void __launch_bounds__(512, 1) all_reduce_add_rms_norm2_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed) { all_reduce_add_rms_norm<T, 2>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed); } \
-extern "C" __global__ void __launch_bounds__(512, 1) all_reduce_add_rms_norm4_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed) { all_reduce_add_rms_norm<T, 4>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed); } \
+extern "C" __global__ void __launch_bounds__(512, 2) all_reduce_add_rms_norm1_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed, unsigned hold) { all_reduce_add_rms_norm<T, 1>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed, hold); } \
+extern "C" __global__ void __launch_bounds__(512, 1) all_reduce_add_rms_norm2_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed, unsigned hold) { all_reduce_add_rms_norm<T, 2>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed, hold); } \
+extern "C" __global__ void __launch_bounds__(512, 1) all_reduce_add_rms_norm4_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed, unsigned hold) { all_reduce_add_rms_norm<T, 4>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed, hold); } \
 extern "C" __global__ void attention_combine_##S(const float* pm, const float* pl, const float* pa, T* o, int splits, int hd) { attention_combine(pm, pl, pa, o, splits, hd); } \
 extern "C" __global__ void qkv_rope_append_##S(const T* qkv, T* q, T* kc, T* vc, const float* f, int batch, int hq, int hkv, int hd, int start, const int* pp) { qkv_rope_append(qkv, q, kc, vc, f, batch, hq, hkv, hd, start, pp); } \
 extern "C" __global__ void argmax_rows_##S(const T* x, const float* sv, const int* si, int n, int per, float* v, int* i) { argmax_rows(x, sv, si, n, per, v, i); } \

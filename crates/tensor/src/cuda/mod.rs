@@ -107,22 +107,35 @@ pub(crate) fn env_choice<T: Copy>(
 }
 
 /// A decode GEMV kernel of `kernels.cu`: its name, the weight rows a warp takes (gated: the gate
-/// and up rows of half as many outputs), whether it is gated, and how many warps share a row group
-/// (split-K).
+/// and up rows of half as many outputs), whether it is gated, how many warps share a row group
+/// (split-K), and how many 512-byte stretches of each row a warp copies into shared memory
+/// before it waits for the kernel before it (`prefetch`, the plain and pushing kernels only).
 #[derive(Clone, Copy, Debug)]
 pub struct GemvVariant {
     pub name: &'static str,
     pub rows_per_warp: usize,
     pub gated: bool,
     pub splits: usize,
+    pub prefetch: usize,
 }
 
 const fn gv(name: &'static str, rows_per_warp: usize, gated: bool, splits: usize) -> GemvVariant {
+    gvp(name, rows_per_warp, gated, splits, 0)
+}
+
+const fn gvp(
+    name: &'static str,
+    rows_per_warp: usize,
+    gated: bool,
+    splits: usize,
+    prefetch: usize,
+) -> GemvVariant {
     GemvVariant {
         name,
         rows_per_warp,
         gated,
         splits,
+        prefetch,
     }
 }
 
@@ -140,11 +153,15 @@ pub const GEMV_VARIANTS: &[GemvVariant] = &[
     gv("gated_r4u1", 4, true, 1),
     gv("gated_r4u1s2", 4, true, 2),
     gv("gated_r4u1s4", 4, true, 4),
+    gvp("r4u1s4p1", 4, false, 4, 1),
+    gvp("r4u1s4p2", 4, false, 4, 2),
+    gvp("gated_r4u1s4p1", 4, true, 4, 1),
+    gvp("gated_r4u1s4p2", 4, true, 4, 2),
 ];
 
 /// The plain GEMV variants that have a pushing form (`gemv_push_*` in `kernels.cu`: four outputs
 /// a warp or a multiple of four).
-const GEMV_PUSH: &[&str] = &["r4u1s4", "r8u1s4", "r4u1"];
+const GEMV_PUSH: &[&str] = &["r4u1s4", "r8u1s4", "r4u1", "r4u1s4p2"];
 
 /// A decode GEMV kernel and its shape of work: the plain kernel `f`, and the same GEMV after an
 /// RMSNorm of its input (`norm`) or after a residual add and an RMSNorm (`add_norm`).
@@ -159,7 +176,9 @@ pub(crate) struct Gemv {
 }
 
 impl Gemv {
-    /// `splits` warps per group of `rows_per_warp` outputs (gated: half as many), 8 warps a block.
+    /// `splits` warps per group of `rows_per_warp` outputs (gated: half as many), 8 warps a block;
+    /// the plain and pushing kernels' shared memory for their prefetched stretches (the fused-norm
+    /// kernels set their own).
     pub(crate) fn config(&self, n: usize) -> cudarc::driver::LaunchConfig {
         let outs = if self.v.gated {
             self.v.rows_per_warp / 2
@@ -170,7 +189,7 @@ impl Gemv {
         cudarc::driver::LaunchConfig {
             grid_dim: ((groups * self.v.splits).div_ceil(8) as u32, 1, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: (self.v.prefetch * self.v.rows_per_warp * 512 * 8) as u32,
         }
     }
 }
@@ -178,9 +197,13 @@ impl Gemv {
 /// The decode GEMV kernels a step uses (`tessera bench gemv`, H200, Llama-3-8B shapes at tp 1
 /// and 2, BENCHMARKS.md): four rows a warp with one load each in flight, and four warps sharing
 /// each row (split-K), fastest or within 2% of it at every plain shape; the gated kernel with
-/// two outputs a warp (their gate and up rows) likewise.
-const GEMV_PLAIN: &str = "r4u1s4";
-const GEMV_GATED: &str = "gated_r4u1s4";
+/// two outputs a warp (their gate and up rows) likewise. Both copy two more stretches of their
+/// rows into shared memory before they wait for the kernel before (`p2`): alone within 2% of
+/// the kernels without, in a step they take weights while attention or the fused all-reduce +
+/// norm runs (one rank of tp 2 on one H200, each exchange held 5 µs: 2.53 -> 2.31-2.33 ms a
+/// step; tp 1 batch 1 unchanged; one stretch 2.40-2.43, three 2.34-2.37: fewer blocks fit).
+const GEMV_PLAIN: &str = "r4u1s4p2";
+const GEMV_GATED: &str = "gated_r4u1s4p2";
 
 /// `TESSERA_GEMV=<plain>,<gated>`, checked against `GEMV_VARIANTS`.
 fn gemv_choice() -> Result<[&'static str; 2], String> {
@@ -392,6 +415,17 @@ impl GpuDevice {
                     .transpose()?,
                 v,
             };
+            let smem = g.config(1).shared_mem_bytes;
+            if smem > 0 {
+                // Prefetching kernels: their stretches may pass the 48 KiB a block gets unasked.
+                for f in [Some(&g.f), g.push.as_ref()].into_iter().flatten() {
+                    f.set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        smem as i32,
+                    )
+                    .map_err(|e| err(&format!("gemv_{}: {e}", v.name)))?;
+                }
+            }
             gemv.insert(v.name, g);
         }
         // The skinny GEMM where the device has what it needs: cp.async and bf16 mma (sm_80), and

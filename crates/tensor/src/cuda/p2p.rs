@@ -64,6 +64,9 @@ pub struct P2pAllReduce {
     word: *mut u32,
     word_dev: sys::CUdeviceptr,
     timeout_ns: u64,
+    /// A group of one holds each call this long after its wait for the kernel before: a
+    /// stand-in for the exchange in measurements of one rank alone ([`Self::with_hold`]).
+    hold_ns: u32,
     /// Every rank's receive-slot addresses, on this GPU (after `connect`).
     table: Option<CudaSlice<u64>>,
 }
@@ -109,6 +112,7 @@ impl P2pAllReduce {
                 pushed: std::sync::atomic::AtomicBool::new(false),
                 push: std::env::var("TESSERA_P2P_PUSH").is_ok_and(|v| v.trim() == "1"),
                 timeout_ns: timeout.as_nanos().min(u64::MAX as u128) as u64,
+                hold_ns: 0,
                 table: None,
             })
         }
@@ -130,6 +134,15 @@ impl P2pAllReduce {
     /// `TESSERA_P2P_PUSH` says.
     pub fn with_push(mut self, on: bool) -> Self {
         self.push = on;
+        self
+    }
+
+    /// A group of one whose calls each take at least `hold` on the GPU (capped at 1 s) from the
+    /// moment the kernel before has finished, as if waiting for peers over NVLink: what hiding
+    /// an exchange of that length under the kernels around it is worth can be measured on one
+    /// GPU. Without effect in a group of more than one.
+    pub fn with_hold(mut self, hold: Duration) -> Self {
+        self.hold_ns = hold.as_nanos().min(1_000_000_000) as u32;
         self
     }
 
@@ -298,6 +311,7 @@ impl P2pAllReduce {
         let (mut rank, mut world) = (self.rank as i32, self.world as i32);
         let (mut word, mut timeout) = (self.word_dev, self.timeout_ns);
         let mut pushed = i32::from(pushed);
+        let mut hold = self.hold_ns;
         let mut params = super::ops::raw_params(&mut ptrs);
         params.push((&mut hh as *mut i32).cast());
         params.push((&mut eps as *mut f32).cast());
@@ -309,13 +323,14 @@ impl P2pAllReduce {
         params.push((&mut word as *mut u64).cast());
         params.push((&mut timeout as *mut u64).cast());
         params.push((&mut pushed as *mut i32).cast());
+        params.push((&mut hold as *mut u32).cast());
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: the parameters match all_reduce_add_rms_norm(part, x, w, y, h, eps, slots,
-        // slot_lines, counter, rank, world, word, timeout_ns, pushed) and outlive the call; the buffers
+        // slot_lines, counter, rank, world, word, timeout_ns, pushed, hold_ns) and outlive the call; the buffers
         // hold rows x h values (h for w) of one dtype on this GPU; a row's lines fit a slot
         // (rows x row_line_bytes is at most slot_bytes); the peers' slots stay allocated while
         // their communicators live, which outlive every call (teardown meets at a barrier, and a
