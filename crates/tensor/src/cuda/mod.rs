@@ -199,9 +199,10 @@ impl Gemv {
 /// each row (split-K), fastest or within 2% of it at every plain shape; the gated kernel with
 /// two outputs a warp (their gate and up rows) likewise. Both copy two more stretches of their
 /// rows into shared memory before they wait for the kernel before (`p2`): alone within 2% of
-/// the kernels without, in a step they take weights while attention or the fused all-reduce +
-/// norm runs (one rank of tp 2 on one H200, each exchange held 5 µs: 2.53 -> 2.31-2.33 ms a
-/// step; tp 1 batch 1 unchanged; one stretch 2.40-2.43, three 2.34-2.37: fewer blocks fit).
+/// the kernels without; on one H200 one rank of tp 2 at batch 1 2.13-2.17 against 2.17 ms, the
+/// 70B shape's 16.45 against 16.63, and with each exchange held 5 µs 2.22 against 2.44 (one
+/// stretch 2.40-2.43, three 2.34-2.37: fewer blocks fit); tp 1 unchanged; on two H200s at tp 2
+/// no measurable change (BENCHMARKS.md).
 const GEMV_PLAIN: &str = "r4u1s4p2";
 const GEMV_GATED: &str = "gated_r4u1s4p2";
 
