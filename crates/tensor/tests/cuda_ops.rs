@@ -576,8 +576,13 @@ fn fused_all_reduce_and_norm_between_two_streams_of_one_gpu_is_exact() {
         (DType::BF16, 64, vec![1, 5, 1000, 2]),
         (DType::F32, 4104, vec![2, 1, 7]),
     ] {
-        let ranks = pair(Duration::from_secs(10));
+        // With the kernel's own account of where its time goes (`P2pStats`).
+        let ranks: Vec<_> = pair(Duration::from_secs(10))
+            .into_iter()
+            .map(|p| p.with_stats().unwrap())
+            .collect();
         let w = rand_t(vec![h], dt, 5).to_device(dev).unwrap();
+        let row_calls: usize = rows_seq.iter().sum();
         for (i, rows) in rows_seq.into_iter().enumerate() {
             calls += 1;
             let seed = 100 * calls as u64;
@@ -624,6 +629,18 @@ fn fused_all_reduce_and_norm_between_two_streams_of_one_gpu_is_exact() {
                 assert_eq!(gx[r].to_f32_vec(), want_x.to_f32_vec(), "x: {what}");
                 assert_eq!(y.to_f32_vec(), want_y.to_f32_vec(), "y: {what}");
             }
+        }
+        // Every row of every call counted once, its parts within its whole.
+        for (r, p) in ranks.iter().enumerate() {
+            let st = p.stats().unwrap().expect("asked for");
+            assert_eq!(
+                st.row_calls, row_calls as u64,
+                "{dt:?} {h}, rank {r}: {st:?}"
+            );
+            assert!(
+                st.total_ns >= st.push_ns + st.wait_ns && st.longest_wait_ns <= st.wait_ns,
+                "{dt:?} {h}, rank {r}: {st:?}"
+            );
         }
         // Not taken (the caller falls back): another row size than the first call's, too many
         // rows or values for a slot.

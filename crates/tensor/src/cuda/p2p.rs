@@ -38,6 +38,25 @@ pub const P2P_MAX_BYTES: usize = 512 << 10;
 /// Rows the fused all-reduce + norm takes at most (one block and one call counter a row).
 pub const FUSED_MAX_ROWS: usize = 1024;
 
+/// Where the fused kernel's calls spent their time, summed by thread 0 of each row of each call
+/// (globaltimer, ns, from the kernel before's end as this kernel sees it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct P2pStats {
+    /// Until this rank's values were sent to the peers.
+    pub push_ns: u64,
+    /// From then until every peer's lines were there.
+    pub wait_ns: u64,
+    /// Until the row's sum of squares was known (the whole row had its peers' values).
+    pub total_ns: u64,
+    /// Calls times rows.
+    pub row_calls: u64,
+    /// The longest single wait for the peers.
+    pub longest_wait_ns: u64,
+}
+
+/// The words of the kernel's stats array (`P2pStats`, in the kernel's order).
+const STATS_WORDS: usize = 5;
+
 /// One rank's side of the fused all-reduce + norm.
 pub struct P2pAllReduce {
     dev: Arc<GpuDevice>,
@@ -69,6 +88,10 @@ pub struct P2pAllReduce {
     hold_ns: u32,
     /// Every rank's receive-slot addresses, on this GPU (after `connect`).
     table: Option<CudaSlice<u64>>,
+    /// `TESSERA_P2P_STATS=1` or [`Self::with_stats`]: where the calls' time goes, summed by the
+    /// kernel ([`P2pStats`]'s words in the order push, wait, total, row calls, longest wait),
+    /// printed to stderr when this side is dropped.
+    stats: Option<CudaSlice<u64>>,
 }
 
 // SAFETY: the raw device and pinned pointers are owned by this value and freed once (Drop); the
@@ -96,6 +119,11 @@ impl P2pAllReduce {
             let word =
                 result::malloc_host(4, sys::CU_MEMHOSTALLOC_DEVICEMAP).map_err(e)? as *mut u32;
             word.write(0);
+            let stats = if std::env::var("TESSERA_P2P_STATS").is_ok_and(|v| v.trim() == "1") {
+                Some(dev.stream.alloc_zeros::<u64>(STATS_WORDS).map_err(e)?)
+            } else {
+                None
+            };
             let mut word_dev = 0;
             sys::cuMemHostGetDevicePointer_v2(&mut word_dev, word.cast(), 0)
                 .result()
@@ -114,6 +142,7 @@ impl P2pAllReduce {
                 timeout_ns: timeout.as_nanos().min(u64::MAX as u128) as u64,
                 hold_ns: 0,
                 table: None,
+                stats,
             })
         }
     }
@@ -144,6 +173,35 @@ impl P2pAllReduce {
     pub fn with_hold(mut self, hold: Duration) -> Self {
         self.hold_ns = hold.as_nanos().min(1_000_000_000) as u32;
         self
+    }
+
+    /// The same side with the time of its calls summed ([`Self::stats`]), whatever
+    /// `TESSERA_P2P_STATS` says.
+    pub fn with_stats(mut self) -> Result<Self, TensorError> {
+        if self.stats.is_none() {
+            let st = self.stream.alloc_zeros::<u64>(STATS_WORDS);
+            self.stats = Some(st.map_err(|e| dev_err(self.dev.ordinal, e))?);
+        }
+        Ok(self)
+    }
+
+    /// Where the calls' time went so far (after the calls queued are done), or `None` where
+    /// not asked for (`TESSERA_P2P_STATS=1` or [`Self::with_stats`]).
+    pub fn stats(&self) -> Result<Option<P2pStats>, TensorError> {
+        let Some(st) = &self.stats else {
+            return Ok(None);
+        };
+        let v = self
+            .stream
+            .clone_dtoh(st)
+            .map_err(|e| dev_err(self.dev.ordinal, e))?;
+        Ok(Some(P2pStats {
+            push_ns: v[0],
+            wait_ns: v[1],
+            total_ns: v[2],
+            row_calls: v[3],
+            longest_wait_ns: v[4],
+        }))
     }
 
     /// Waits for every call queued so far.
@@ -312,6 +370,10 @@ impl P2pAllReduce {
         let (mut word, mut timeout) = (self.word_dev, self.timeout_ns);
         let mut pushed = i32::from(pushed);
         let mut hold = self.hold_ns;
+        let mut stats = self.stats.as_ref().map_or(0, |st| {
+            use cudarc::driver::DevicePtr;
+            st.device_ptr(&self.stream).0
+        });
         let mut params = super::ops::raw_params(&mut ptrs);
         params.push((&mut hh as *mut i32).cast());
         params.push((&mut eps as *mut f32).cast());
@@ -324,13 +386,14 @@ impl P2pAllReduce {
         params.push((&mut timeout as *mut u64).cast());
         params.push((&mut pushed as *mut i32).cast());
         params.push((&mut hold as *mut u32).cast());
+        params.push((&mut stats as *mut u64).cast());
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: the parameters match all_reduce_add_rms_norm(part, x, w, y, h, eps, slots,
-        // slot_lines, counter, rank, world, word, timeout_ns, pushed, hold_ns) and outlive the call; the buffers
+        // slot_lines, counter, rank, world, word, timeout_ns, pushed, hold_ns, stats) and outlive the call; the buffers
         // hold rows x h values (h for w) of one dtype on this GPU; a row's lines fit a slot
         // (rows x row_line_bytes is at most slot_bytes); the peers' slots stay allocated while
         // their communicators live, which outlive every call (teardown meets at a barrier, and a
@@ -532,6 +595,19 @@ impl P2pAllReduce {
 
 impl Drop for P2pAllReduce {
     fn drop(&mut self) {
+        if let Ok(Some(st)) = self.stats() {
+            let n = st.row_calls.max(1) as f64 * 1e3;
+            eprintln!(
+                "fused all-reduce + norm, rank {} of {}: {} row calls; µs a call from the kernel before's end: {:.2} to pushes sent, then {:.2} until the peers' lines are there (longest {:.1}), {:.2} to the row's end",
+                self.rank,
+                self.world,
+                st.row_calls,
+                st.push_ns as f64 / n,
+                st.wait_ns as f64 / n,
+                st.longest_wait_ns as f64 / 1e3,
+                st.total_ns as f64 / n
+            );
+        }
         // SAFETY: both allocations are owned by self and freed once, with this GPU's context.
         unsafe {
             let _ = self.dev.ctx.bind_to_thread();
