@@ -64,11 +64,18 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
       # after each row-parallel projection) and the default with the row-parallel GEMVs pushing
       # their outputs to the peer (TESSERA_P2P_PUSH=1), same binary and call, alternating twice.
       for round in 1 2; do
-        for p in 0 default push; do
+        for p in 0 default push fence; do
           echo "== tessera bench decode, Llama-3-8B shape, tp 2, CUDA graphs, $p (round $round)"
-          E=""; [ $p == 0 ] && E="TESSERA_P2P_ALLREDUCE=0"; [ $p == push ] && E="TESSERA_P2P_PUSH=1"
+          E=""; [ $p == 0 ] && E="TESSERA_P2P_ALLREDUCE=0"; [ $p == push ] && E="TESSERA_P2P_PUSH=1"; [ $p == fence ] && E="TESSERA_P2P_FENCE=1"
           env $E .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 2 --batch 1,8,64 --steps 32 --graph 2>&1 | grep -E "^collectives|^  2 "
         done
+      done
+      # Where the fused kernel's time goes (TESSERA_P2P_STATS=1: to its pushes, the wait for the
+      # peer's lines, the row's end; per rank), without and with the fence after the pushes.
+      for f in 0 1; do
+        echo "== fused kernel's account, tp 2 batch 1, TESSERA_P2P_FENCE=$f"
+        TESSERA_P2P_STATS=1 TESSERA_P2P_FENCE=$f .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 2 --batch 1 --steps 64 --graph 2>&1 | grep -E "^  2 |fused all-reduce"
+        TESSERA_P2P_STATS=1 TESSERA_P2P_FENCE=$f .gpu/tessera bench comm --backend nccl --op all_reduce_add_rms_norm --dtype bf16 --sizes 64K 2>&1 | grep -E "^ +[0-9]|fused all-reduce"
       done
       echo "== tessera bench decode, Llama-3-70B shape, tp 2, CUDA graphs"
       timeout 300 .gpu/tessera bench decode --device cuda --preset llama-3-70b --tp 2 --batch 1,32 --steps 16 --graph 2>&1

@@ -725,7 +725,7 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
                                         const unsigned long long* ll, long slot_lines,
                                         unsigned* counter, int rank, int world, unsigned* word,
                                         unsigned long long timeout_ns, int pushed, unsigned hold_ns,
-                                        unsigned long long* stats) {
+                                        unsigned long long* stats, int fence) {
     __shared__ unsigned gen;
     __shared__ int bail;
     constexpr int NW = ChunkWords<T>::N, LINES = NW / 2;
@@ -781,6 +781,9 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
                               mine[c][2 * j], g, mine[c][2 * j + 1], g);
         }
     }
+    // `fence` (TESSERA_P2P_FENCE=1, to be measured): the pushes made visible system-wide before
+    // the wait, in case they would otherwise sit in a write buffer on their way to the peers.
+    if (fence && !pushed && world > 1) asm volatile("membar.sys;" ::: "memory");
     const unsigned long long pushed_at = stats ? global_ns() : 0;
     // The ranks' values added in rank order, then rounded once (NCCL's sum of two). A peer's
     // lines for all of this thread's chunks are read at once; only those not there yet are
@@ -1444,9 +1447,9 @@ extern "C" __global__ void decode_attention_gqa1_##S(const T* qkv, T* kc, T* vc,
 extern "C" __global__ void decode_attention_gqa2_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 2>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
 extern "C" __global__ void __launch_bounds__(128, 6) decode_attention_gqa4_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 4>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
 extern "C" __global__ void decode_attention_gqa8_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 8>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
-extern "C" __global__ void __launch_bounds__(512, 2) all_reduce_add_rms_norm1_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed, unsigned hold, unsigned long long* st) { all_reduce_add_rms_norm<T, 1>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed, hold, st); } \
-extern "C" __global__ void __launch_bounds__(512, 1) all_reduce_add_rms_norm2_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed, unsigned hold, unsigned long long* st) { all_reduce_add_rms_norm<T, 2>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed, hold, st); } \
-extern "C" __global__ void __launch_bounds__(512, 1) all_reduce_add_rms_norm4_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed, unsigned hold, unsigned long long* st) { all_reduce_add_rms_norm<T, 4>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed, hold, st); } \
+extern "C" __global__ void __launch_bounds__(512, 2) all_reduce_add_rms_norm1_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed, unsigned hold, unsigned long long* st, int fence) { all_reduce_add_rms_norm<T, 1>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed, hold, st, fence); } \
+extern "C" __global__ void __launch_bounds__(512, 1) all_reduce_add_rms_norm2_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed, unsigned hold, unsigned long long* st, int fence) { all_reduce_add_rms_norm<T, 2>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed, hold, st, fence); } \
+extern "C" __global__ void __launch_bounds__(512, 1) all_reduce_add_rms_norm4_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed, unsigned hold, unsigned long long* st, int fence) { all_reduce_add_rms_norm<T, 4>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed, hold, st, fence); } \
 extern "C" __global__ void attention_combine_##S(const float* pm, const float* pl, const float* pa, T* o, int splits, int hd) { attention_combine(pm, pl, pa, o, splits, hd); } \
 extern "C" __global__ void qkv_rope_append_##S(const T* qkv, T* q, T* kc, T* vc, const float* f, int batch, int hq, int hkv, int hd, int start, const int* pp) { qkv_rope_append(qkv, q, kc, vc, f, batch, hq, hkv, hd, start, pp); } \
 extern "C" __global__ void argmax_rows_##S(const T* x, const float* sv, const int* si, int n, int per, float* v, int* i) { argmax_rows(x, sv, si, n, per, v, i); } \

@@ -76,8 +76,11 @@ pub struct P2pAllReduce {
     /// A pushing GEMV ([`Self::matmul_pushing`]) has sent this rank's values of the next call.
     pushed: std::sync::atomic::AtomicBool,
     /// GEMVs push their outputs ([`Self::matmul_pushing`]): `TESSERA_P2P_PUSH=1`, off by default
-    /// until measured on two GPUs.
+    /// (no gain measured on two GPUs).
     push: bool,
+    /// A system-scope fence after the kernel's pushes (`TESSERA_P2P_FENCE=1`, off: not yet
+    /// measured on two GPUs).
+    fence: bool,
     /// Pinned host word, mapped into the device: 0 running, 1 aborted by the host, 2 a peer did
     /// not come within the deadline.
     word: *mut u32,
@@ -139,6 +142,7 @@ impl P2pAllReduce {
                 row_bytes: std::sync::atomic::AtomicUsize::new(0),
                 pushed: std::sync::atomic::AtomicBool::new(false),
                 push: std::env::var("TESSERA_P2P_PUSH").is_ok_and(|v| v.trim() == "1"),
+                fence: std::env::var("TESSERA_P2P_FENCE").is_ok_and(|v| v.trim() == "1"),
                 timeout_ns: timeout.as_nanos().min(u64::MAX as u128) as u64,
                 hold_ns: 0,
                 table: None,
@@ -157,6 +161,13 @@ impl P2pAllReduce {
             .new_stream()
             .map_err(|e| dev_err(self.dev.ordinal, e))?;
         Ok(self)
+    }
+
+    /// The same side with a system-scope fence after the kernel's pushes on or off, whatever
+    /// `TESSERA_P2P_FENCE` says.
+    pub fn with_fence(mut self, on: bool) -> Self {
+        self.fence = on;
+        self
     }
 
     /// The same side with the pushing GEMV ([`Self::matmul_pushing`]) on or off, whatever
@@ -374,6 +385,7 @@ impl P2pAllReduce {
             use cudarc::driver::DevicePtr;
             st.device_ptr(&self.stream).0
         });
+        let mut fence = i32::from(self.fence);
         let mut params = super::ops::raw_params(&mut ptrs);
         params.push((&mut hh as *mut i32).cast());
         params.push((&mut eps as *mut f32).cast());
@@ -387,13 +399,14 @@ impl P2pAllReduce {
         params.push((&mut pushed as *mut i32).cast());
         params.push((&mut hold as *mut u32).cast());
         params.push((&mut stats as *mut u64).cast());
+        params.push((&mut fence as *mut i32).cast());
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: the parameters match all_reduce_add_rms_norm(part, x, w, y, h, eps, slots,
-        // slot_lines, counter, rank, world, word, timeout_ns, pushed, hold_ns, stats) and outlive the call; the buffers
+        // slot_lines, counter, rank, world, word, timeout_ns, pushed, hold_ns, stats, fence) and outlive the call; the buffers
         // hold rows x h values (h for w) of one dtype on this GPU; a row's lines fit a slot
         // (rows x row_line_bytes is at most slot_bytes); the peers' slots stay allocated while
         // their communicators live, which outlive every call (teardown meets at a barrier, and a
