@@ -183,6 +183,10 @@ fn bad_input_is_one_line_and_non_zero() {
         &["bench", "comm", "--backend", "gloo"],
         "--backend must be local, tcp or nccl",
     );
+    fails_with(
+        &["bench", "comm", "--fresh-comm", "--sizes", "4K"],
+        "--fresh-comm needs --backend nccl",
+    );
     if !cfg!(feature = "cuda") {
         fails_with(
             &["bench", "comm", "--backend", "nccl"],

@@ -43,6 +43,10 @@ pub struct CommArgs {
     /// Values a row of all_reduce_add_rms_norm (--backend nccl): rows = size / (hidden x dtype).
     #[arg(long, default_value_t = 4096)]
     pub hidden: usize,
+    /// --backend nccl: a new communicator (NCCL's and the fused kernel's buffers) for each size,
+    /// in the same process: whether a size's figure depends on where those buffers landed.
+    #[arg(long)]
+    pub fresh_comm: bool,
     /// Testing aid: this rank issues a collective one element longer than the others.
     #[arg(long, hide = true)]
     pub fault_mismatch_rank: Option<usize>,
@@ -87,6 +91,9 @@ pub fn run(a: CommArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     if a.iters == 0 {
         bail!("--iters must be at least 1");
+    }
+    if a.fresh_comm && a.backend != "nccl" {
+        bail!("--fresh-comm needs --backend nccl");
     }
     #[cfg(feature = "cuda")]
     if a.backend == "nccl" {

@@ -60,8 +60,17 @@ pub fn run(a: &CommArgs, sizes: &[usize]) -> Result<()> {
             .enumerate()
             .map(|(ordinal, host)| {
                 s.spawn(move || -> Result<()> {
-                    let c = NcclComm::new(&host, ordinal)?;
-                    let r = bench_rank(&c, ordinal, a, dt, fused, sizes);
+                    let r = if a.fresh_comm {
+                        // A communicator a size (each after the last has been dropped).
+                        sizes.iter().enumerate().try_for_each(|(i, &size)| {
+                            let c = NcclComm::new(&host, ordinal)?;
+                            bench_rank(&c, ordinal, a, dt, fused, &[size], i == 0)
+                        })
+                    } else {
+                        NcclComm::new(&host, ordinal)
+                            .map_err(Into::into)
+                            .and_then(|c| bench_rank(&c, ordinal, a, dt, fused, sizes, true))
+                    };
                     if let Err(e) = &r {
                         host.abort(&format!("rank {ordinal}: {e}"));
                     }
@@ -83,6 +92,7 @@ fn bench_rank(
     dt: DType,
     fused: bool,
     sizes: &[usize],
+    header: bool,
 ) -> Result<()> {
     let rank = c.rank();
     let dev = Device::Cuda(ordinal);
@@ -92,10 +102,16 @@ fn bench_rank(
     } else {
         &[What::AllReduce]
     };
-    if rank == 0 {
+    if rank == 0 && header {
         println!(
-            "# tessera bench comm: nccl backend, {} GPUs, {}, {dt}, {CHAIN} calls a CUDA graph",
-            a.nproc, a.op
+            "# tessera bench comm: nccl backend, {} GPUs, {}, {dt}, {CHAIN} calls a CUDA graph{}",
+            a.nproc,
+            a.op,
+            if a.fresh_comm {
+                ", a new communicator a size"
+            } else {
+                ""
+            }
         );
         println!("# fused NVLink sum + norm {}", on(c.fused_norm_active()));
         if fused {
