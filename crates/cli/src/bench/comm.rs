@@ -44,7 +44,8 @@ pub struct CommArgs {
     #[arg(long, default_value_t = 4096)]
     pub hidden: usize,
     /// --backend nccl: a new communicator (NCCL's and the fused kernel's buffers) for each size,
-    /// in the same process: whether a size's figure depends on where those buffers landed.
+    /// in the same process, the earlier ones kept until the end (so that the new buffers land
+    /// elsewhere): whether a size's figure depends on where those buffers landed.
     #[arg(long)]
     pub fresh_comm: bool,
     /// Testing aid: this rank issues a collective one element longer than the others.

@@ -60,17 +60,24 @@ pub fn run(a: &CommArgs, sizes: &[usize]) -> Result<()> {
             .enumerate()
             .map(|(ordinal, host)| {
                 s.spawn(move || -> Result<()> {
-                    let r = if a.fresh_comm {
-                        // A communicator a size (each after the last has been dropped).
-                        sizes.iter().enumerate().try_for_each(|(i, &size)| {
-                            let c = NcclComm::new(&host, ordinal)?;
-                            bench_rank(&c, ordinal, a, dt, fused, &[size], i == 0)
-                        })
+                    // One communicator for every size, or with --fresh-comm one a size, the
+                    // earlier ones kept (dropped after any abort, at the end) so that each one's
+                    // buffers land at other addresses than theirs.
+                    let groups: Vec<&[usize]> = if a.fresh_comm {
+                        sizes.chunks(1).collect()
                     } else {
-                        NcclComm::new(&host, ordinal)
-                            .map_err(Into::into)
-                            .and_then(|c| bench_rank(&c, ordinal, a, dt, fused, sizes, true))
+                        vec![sizes]
                     };
+                    let mut kept = Vec::new();
+                    let mut r = Ok(());
+                    for (i, group) in groups.into_iter().enumerate() {
+                        let c = NcclComm::new(&host, ordinal)?;
+                        r = bench_rank(&c, ordinal, a, dt, fused, group, i == 0);
+                        kept.push(c);
+                        if r.is_err() {
+                            break;
+                        }
+                    }
                     if let Err(e) = &r {
                         host.abort(&format!("rank {ordinal}: {e}"));
                     }

@@ -826,9 +826,11 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
         }
     }
     // A group of one held as long as an exchange would take (a measurement's stand-in for
-    // NVLink: `bench decode --one-rank-of N --hold-us T`).
+    // NVLink: `bench decode --one-rank-of N --hold-us T`), from when the row's block passed its
+    // wait (rows beyond one wave of resident blocks pay it again).
     if (world == 1 && hold_ns)
         while (global_ns() - began < hold_ns) {}
+    const unsigned long long arrived_at = stats ? global_ns() : 0;
     float ss = 0.f;
 #pragma unroll
     for (int c = 0; c < C; c++) {
@@ -839,12 +841,13 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
             ss += v[c][j] * v[c][j];
         }
     }
-    const unsigned long long arrived_at = stats ? global_ns() : 0;
     if (!ok) bail = 1;
     ss = block_sum(ss);
     // Where the call's time goes (`TESSERA_P2P_STATS=1`), thread 0 of each row: from the kernel
-    // before's end to its pushes sent, then until its lines from every peer are there, and until
-    // the whole row has them (the block's sum); sums over calls and the longest wait.
+    // before's end to its pushes sent, then until its lines from every peer are there (or the
+    // hold is over), and until the whole row has them (the block's sum); sums over calls and the
+    // longest wait. "The kernel before's end" is when the row's block passed its wait: for the
+    // rows of a first wave of blocks (all of decode's up to 64), not for blocks that start later.
     if (stats && threadIdx.x == 0) {
         const unsigned long long done = global_ns();
         atomicAdd(stats, pushed_at - began);

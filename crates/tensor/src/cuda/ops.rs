@@ -147,8 +147,9 @@ pub(crate) fn launch_gemv_kernel(
 }
 
 /// Launches `f` on the device's stream with programmatic dependent launch when the device has it
-/// on: the kernel may start while the one before it finishes (and, as every kernel lets the next
-/// start at once, while the ones before that finish too). So before its `pdl_wait` it may read
+/// on: the kernel may start while the one before it finishes (and, as most kernels let the next
+/// start at once, while the ones before that finish too; the fused all-reduce + norm lets it
+/// start only after its own wait). So before its `pdl_wait` it may read
 /// only memory no recent kernel writes (weights, constant tables, KV rows of earlier steps) and
 /// write nothing: intermediates are reused in stream order (the pool's, a graph's arena), so an
 /// early write could land on a buffer a running kernel still reads.
