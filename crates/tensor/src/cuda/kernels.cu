@@ -1006,7 +1006,10 @@ struct GemvPush {
     const unsigned* counter;
     int rank, world;
 };
-__device__ __forceinline__ void cp_async16_cg(void* smem, const void* gmem) {
+// 16 bytes from global to shared memory without passing through registers (`cp.async`, L2
+// only), in groups committed and waited for; before sm_80 a plain copy (commit and wait then
+// have nothing to do). Used by the GEMV's prefetch (PF) and the skinny GEMM.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 #if __CUDA_ARCH__ >= 800
     unsigned s = (unsigned)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
@@ -1014,9 +1017,15 @@ __device__ __forceinline__ void cp_async16_cg(void* smem, const void* gmem) {
     *(uint4*)smem = *(const uint4*)gmem;
 #endif
 }
-__device__ __forceinline__ void cp_async_wait_all() {
+__device__ __forceinline__ void cp_async_commit() {
 #if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_all;" ::: "memory");
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 #endif
 }
 template <int R, int U, bool GATED, bool NOL1, int KS, int NORM, bool PUSH = false, int PF = 0>
@@ -1058,9 +1067,10 @@ __device__ void gemv1p(const bf16_t* x, const bf16_t* delta, const bf16_t* nw, b
             int i = split * 32 + lane + t * STEP;
             if (i < k8) {
 #pragma unroll
-                for (int j = 0; j < R; j++) cp_async16_cg(mine + (t * R + j) * 32, wr[j] + i);
+                for (int j = 0; j < R; j++) cp_async16(mine + (t * R + j) * 32, wr[j] + i);
             }
         }
+        cp_async_commit();
     }
     const int first = split * 32 + lane + PF * STEP;
     uint4 nxt[R][U];
@@ -1076,7 +1086,7 @@ __device__ void gemv1p(const bf16_t* x, const bf16_t* delta, const bf16_t* nw, b
     const uint4* xv = (const uint4*)x;
     if (PF > 0) {
         // Each lane reads back only the 16-byte units it copied itself.
-        cp_async_wait_all();
+        cp_async_wait<0>();
 #pragma unroll
         for (int t = 0; t < PF; t++) {
             int i = split * 32 + lane + t * STEP;
@@ -1243,15 +1253,12 @@ extern "C" __global__ void gemv_addnorm_##NAME(const bf16_t* x, const bf16_t* d,
 #define GEMV_PUSH(NAME, R, U, KS, PF)                                                                     \
 extern "C" __global__ void gemv_push_##NAME(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k, GemvPush push) { \
     gemv1p<R, U, false, true, KS, 0, true, PF>(x, nullptr, nullptr, nullptr, 0.f, w, y, n, k, push); }
-// A variant whose plain (and pushing) kernel prefetches PF stretches into shared memory; its
-// fused-norm kernels are the variant's without (the norm's row takes the shared memory).
+// A variant whose plain kernel prefetches PF stretches into shared memory (`<base>p<PF>`); its
+// fused-norm kernels are its base's, which the host loads under that name (the norm's row takes
+// the shared memory there).
 #define GEMV_PREFETCH(NAME, R, G, KS, PF)                                                                \
 extern "C" __global__ void gemv_##NAME(const bf16_t* x, const bf16_t* w, bf16_t* y, int n, int k) {   \
-    gemv1p<R, 1, G, true, KS, 0, false, PF>(x, nullptr, nullptr, nullptr, 0.f, w, y, n, k); }         \
-extern "C" __global__ void gemv_norm_##NAME(const bf16_t* x, const bf16_t* d, const bf16_t* nw, bf16_t* xo, float eps, const bf16_t* w, bf16_t* y, int n, int k) { \
-    gemv1p<R, 1, G, true, KS, 1>(x, d, nw, xo, eps, w, y, n, k); }                                          \
-extern "C" __global__ void gemv_addnorm_##NAME(const bf16_t* x, const bf16_t* d, const bf16_t* nw, bf16_t* xo, float eps, const bf16_t* w, bf16_t* y, int n, int k) { \
-    gemv1p<R, 1, G, true, KS, 2>(x, d, nw, xo, eps, w, y, n, k); }
+    gemv1p<R, 1, G, true, KS, 0, false, PF>(x, nullptr, nullptr, nullptr, 0.f, w, y, n, k); }
 GEMV_PUSH(r4u1s4, 4, 1, 4, 0)
 GEMV_PUSH(r8u1s4, 8, 1, 4, 0)
 GEMV_PUSH(r4u1, 4, 1, 1, 0)
@@ -1293,13 +1300,6 @@ GEMV_PIPED(gated_r4u1s4, 4, 1, true, true, 4)
 // host launches it only there. The instances (`skinny_<name>`) are generated from
 // `SKINNY_VARIANTS` of cuda/mod.rs, which also sizes their shared memory.
 #if __CUDA_ARCH__ >= 800
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 // Not volatile (its outputs are its only effect), so the compiler may schedule it among the mma of
 // other accumulators.
 __device__ __forceinline__ void mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {

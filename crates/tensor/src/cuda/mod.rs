@@ -119,6 +119,18 @@ pub struct GemvVariant {
     pub prefetch: usize,
 }
 
+impl GemvVariant {
+    /// The variant whose fused-norm kernels this one uses: itself, or for a prefetching variant
+    /// (`<base>p<N>`, `GEMV_PREFETCH` in `kernels.cu`) its base, whose are the same code.
+    fn fused_norm_base(&self) -> &'static str {
+        let suffix = format!("p{}", self.prefetch);
+        match self.name.strip_suffix(suffix.as_str()) {
+            Some(base) if self.prefetch > 0 => base,
+            _ => self.name,
+        }
+    }
+}
+
 const fn gv(name: &'static str, rows_per_warp: usize, gated: bool, splits: usize) -> GemvVariant {
     gvp(name, rows_per_warp, gated, splits, 0)
 }
@@ -408,8 +420,8 @@ impl GpuDevice {
         for &v in GEMV_VARIANTS {
             let g = Gemv {
                 f: load(&format!("gemv_{}", v.name))?,
-                norm: load(&format!("gemv_norm_{}", v.name))?,
-                add_norm: load(&format!("gemv_addnorm_{}", v.name))?,
+                norm: load(&format!("gemv_norm_{}", v.fused_norm_base()))?,
+                add_norm: load(&format!("gemv_addnorm_{}", v.fused_norm_base()))?,
                 push: GEMV_PUSH
                     .contains(&v.name)
                     .then(|| load(&format!("gemv_push_{}", v.name)))
@@ -1010,6 +1022,21 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), GEMV_VARIANTS.len());
         assert!(names.contains(&GEMV_PLAIN) && names.contains(&GEMV_GATED));
+        // A prefetching variant's fused-norm kernels are its base's: a variant of the same shape
+        // of work that prefetches nothing (kernels.cu instantiates them only there).
+        for v in GEMV_VARIANTS {
+            let base = GEMV_VARIANTS
+                .iter()
+                .find(|b| b.name == v.fused_norm_base())
+                .unwrap_or_else(|| panic!("{}: no variant {}", v.name, v.fused_norm_base()));
+            assert_eq!(base.prefetch, 0, "{}", v.name);
+            assert_eq!(
+                (base.rows_per_warp, base.gated, base.splits),
+                (v.rows_per_warp, v.gated, v.splits),
+                "{}",
+                v.name
+            );
+        }
     }
 
     #[test]
