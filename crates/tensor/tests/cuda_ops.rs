@@ -521,6 +521,14 @@ fn random_weights_on_the_device_are_random() {
     assert!(v.iter().all(|x| (0.49..=1.51).contains(x)));
 }
 
+/// A device tensor's buffer (the P2P calls take buffers).
+fn buf(t: &Tensor) -> &tessera_tensor::cuda::CudaBuf {
+    match t.storage() {
+        Storage::Cuda(b) => b,
+        _ => unreachable!("on the GPU"),
+    }
+}
+
 /// Two ranks of the NVLink paths on GPU 0, each on its own stream, connected to each other (a
 /// peer later than `deadline` ends a call).
 fn two_ranks_on_gpu_0(
@@ -553,12 +561,6 @@ fn fused_all_reduce_and_norm_between_two_streams_of_one_gpu_is_exact() {
     use tessera_tensor::cuda::p2p::{FUSED_MAX_ROWS, P2P_MAX_BYTES};
     let Some((dev, _held)) = gpu() else { return };
     let pair = two_ranks_on_gpu_0;
-    fn buf(t: &Tensor) -> &tessera_tensor::cuda::CudaBuf {
-        match t.storage() {
-            Storage::Cuda(b) => b,
-            _ => unreachable!("on the GPU"),
-        }
-    }
     let sync = || {
         tessera_tensor::cuda::GpuDevice::get(0)
             .unwrap()
@@ -780,12 +782,6 @@ fn fused_all_reduce_and_norm_between_two_streams_of_one_gpu_is_exact() {
 fn pushed_gemv_then_fused_norm_between_two_streams_of_one_gpu_is_exact() {
     use std::time::Duration;
     let Some((dev, _held)) = gpu() else { return };
-    fn buf(t: &Tensor) -> &tessera_tensor::cuda::CudaBuf {
-        match t.storage() {
-            Storage::Cuda(b) => b,
-            _ => unreachable!("on the GPU"),
-        }
-    }
     let ranks: Vec<_> = two_ranks_on_gpu_0(Duration::from_secs(10))
         .into_iter()
         .map(|r| r.with_push(true))

@@ -305,29 +305,33 @@ impl Communicator for SkipComm {
         w: &Tensor,
         eps: f64,
     ) -> Result<Option<Tensor>, CommError> {
-        let Some(f) = &self.fused else {
-            return Ok(None);
-        };
-        f.all_reduce_add_rms_norm_tensors(part, x, w, eps)
-            .map_err(|e| CommError::Invalid {
-                rank: 0,
-                msg: e.to_string(),
-            })
+        self.on_fused(|f| f.all_reduce_add_rms_norm_tensors(part, x, w, eps))
     }
     #[cfg(feature = "cuda")]
     fn row_parallel_matmul(&self, x: &Tensor, w: &Tensor) -> Result<Option<Tensor>, CommError> {
-        let Some(f) = &self.fused else {
-            return Ok(None);
-        };
-        f.matmul_pushing_tensors(x, w)
-            .map_err(|e| CommError::Invalid {
-                rank: 0,
-                msg: e.to_string(),
-            })
+        self.on_fused(|f| f.matmul_pushing_tensors(x, w))
     }
 }
 
 impl SkipComm {
+    /// `call` on the fused NVLink kernel's side of this group of one, or `Ok(None)` (the caller's
+    /// fallback) where it is not set up.
+    #[cfg(feature = "cuda")]
+    fn on_fused<T>(
+        &self,
+        call: impl FnOnce(
+            &tessera_tensor::cuda::p2p::P2pAllReduce,
+        ) -> Result<Option<T>, tessera_tensor::TensorError>,
+    ) -> Result<Option<T>, CommError> {
+        let Some(f) = &self.fused else {
+            return Ok(None);
+        };
+        call(f).map_err(|e| CommError::Invalid {
+            rank: 0,
+            msg: e.to_string(),
+        })
+    }
+
     fn new(world: usize, device: Device, hold_us: Option<f64>) -> Result<Self> {
         #[cfg(feature = "cuda")]
         let off = !tessera_comm::nvlink_wanted();

@@ -57,6 +57,11 @@ pub struct P2pStats {
 /// The words of the kernel's stats array (`P2pStats`, in the kernel's order).
 const STATS_WORDS: usize = 5;
 
+/// Whether the environment variable `var` is `1` (the opt-in switches of this path).
+fn opted_in(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| v.trim() == "1")
+}
+
 /// One rank's side of the fused all-reduce + norm.
 pub struct P2pAllReduce {
     dev: Arc<GpuDevice>,
@@ -116,22 +121,17 @@ impl P2pAllReduce {
         dev.ctx.bind_to_thread().map_err(e)?;
         let total = Self::SLOTS_OFFSET + 2 * world * Self::slot_bytes();
         // SAFETY: fresh allocations, zeroed before use, freed in Drop.
-        unsafe {
+        let p = unsafe {
             let mem = result::malloc_sync(total).map_err(e)?;
             result::memset_d8_sync(mem, 0, total).map_err(e)?;
             let word =
                 result::malloc_host(4, sys::CU_MEMHOSTALLOC_DEVICEMAP).map_err(e)? as *mut u32;
             word.write(0);
-            let stats = if std::env::var("TESSERA_P2P_STATS").is_ok_and(|v| v.trim() == "1") {
-                Some(dev.stream.alloc_zeros::<u64>(STATS_WORDS).map_err(e)?)
-            } else {
-                None
-            };
             let mut word_dev = 0;
             sys::cuMemHostGetDevicePointer_v2(&mut word_dev, word.cast(), 0)
                 .result()
                 .map_err(e)?;
-            Ok(P2pAllReduce {
+            P2pAllReduce {
                 stream: dev.stream.clone(),
                 dev,
                 rank,
@@ -141,13 +141,18 @@ impl P2pAllReduce {
                 word_dev,
                 row_bytes: std::sync::atomic::AtomicUsize::new(0),
                 pushed: std::sync::atomic::AtomicBool::new(false),
-                push: std::env::var("TESSERA_P2P_PUSH").is_ok_and(|v| v.trim() == "1"),
-                fence: std::env::var("TESSERA_P2P_FENCE").is_ok_and(|v| v.trim() == "1"),
+                push: opted_in("TESSERA_P2P_PUSH"),
+                fence: opted_in("TESSERA_P2P_FENCE"),
                 timeout_ns: timeout.as_nanos().min(u64::MAX as u128) as u64,
                 hold_ns: 0,
                 table: None,
-                stats,
-            })
+                stats: None,
+            }
+        };
+        if opted_in("TESSERA_P2P_STATS") {
+            p.with_stats()
+        } else {
+            Ok(p)
         }
     }
 
