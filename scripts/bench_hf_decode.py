@@ -1,6 +1,7 @@
 """HF transformers decode baseline for `tessera bench decode`: a Llama-3-8B-shaped model with random
-bf16 weights on one GPU, greedy decode at several batch sizes, eager attention (transformers'
-default generate loop). Prints one line per batch: batch, ms/step, tokens/s.
+bf16 weights on one GPU, greedy decode at several batch sizes through transformers' default
+`generate` loop in eager PyTorch (no torch.compile, no CUDA graphs) with its default attention
+(printed: sdpa where torch has it). Prints one line per batch: batch, ms/step, tokens/s.
 
     python3 scripts/bench_hf_decode.py --batch 1,32 --steps 32
 """
@@ -27,7 +28,8 @@ def main():
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     print(f"hf transformers {__import__('transformers').__version__}, torch {torch.__version__}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params bf16")
+          f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params bf16, "
+          f"attention {getattr(model.config, '_attn_implementation', '?')}")
     for b in [int(x) for x in a.batch.split(",")]:
         ids = torch.randint(0, cfg.vocab_size, (b, a.prompt_len), device="cuda")
         with torch.no_grad():

@@ -61,13 +61,16 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
       echo "== tessera bench decode, Llama-3-8B shape, tp 1 (the reference of the tp 2 ratios), CUDA graphs"
       .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 1 --batch 1,8,64 --steps 32 --graph 2>&1 | grep -E "^  1 "
       # tp 2 through NCCL alone against the default (the fused NVLink sum + residual add + norm
-      # after each row-parallel projection) and the default with the row-parallel GEMVs pushing
-      # their outputs to the peer (TESSERA_P2P_PUSH=1), same binary and call, alternating twice.
+      # after each row-parallel projection) and the default's opt-in variants: a fence after its
+      # pushes (fence), the next kernel released once the pushes are sent (pushed) or at the
+      # kernel's end (end); same binary and call, alternating twice. (The pushing GEMV,
+      # TESSERA_P2P_PUSH=1, measured no gain.)
       for round in 1 2; do
-        for p in 0 default push fence; do
+        for p in 0 default fence pushed end; do
           echo "== tessera bench decode, Llama-3-8B shape, tp 2, CUDA graphs, $p (round $round)"
-          E=""; [ $p == 0 ] && E="TESSERA_P2P_ALLREDUCE=0"; [ $p == push ] && E="TESSERA_P2P_PUSH=1"; [ $p == fence ] && E="TESSERA_P2P_FENCE=1"
-          env $E .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 2 --batch 1,8,64 --steps 32 --graph 2>&1 | grep -E "^collectives|^  2 "
+          E="TESSERA_P2P_X=0"; [ $p == 0 ] && E="TESSERA_P2P_ALLREDUCE=0"; [ $p == fence ] && E="TESSERA_P2P_FENCE=1"
+          [ $p == pushed ] && E="TESSERA_P2P_TRIGGER=pushed"; [ $p == end ] && E="TESSERA_P2P_TRIGGER=end"
+          env $E .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 2 --batch 1,8,64 --steps 32 --graph 2>&1 | grep -E "^collectives|^  2 |rror"
         done
       done
       # The fused kernel's stalls (some processes stay at ~17 us a row a call): a new communicator
@@ -75,10 +78,13 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
       echo "== tessera bench comm, fused, a new communicator a size (--fresh-comm)"
       .gpu/tessera bench comm --backend nccl --op all_reduce_add_rms_norm --dtype bf16 --fresh-comm --sizes 64K,64K,64K,64K,256K,256K,256K,256K 2>&1 | grep -E "^ +[0-9]|rror"
       # Where the fused kernel's time goes (TESSERA_P2P_STATS=1: to its pushes, the wait for the
-      # peer's lines, the row's end; per rank), without and with the fence after the pushes.
+      # peer's lines, the row's end; per rank), for the default and each opt-in variant.
+      for E in TESSERA_P2P_X=0 TESSERA_P2P_FENCE=1 TESSERA_P2P_TRIGGER=pushed TESSERA_P2P_TRIGGER=end TESSERA_P2P_PUSH=1; do
+        echo "== fused kernel's account, tp 2 batch 1, $E"
+        env TESSERA_P2P_STATS=1 $E .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 2 --batch 1 --steps 64 --graph 2>&1 | grep -E "^  2 |fused all-reduce|rror"
+      done
+      echo "== fused kernel's account, bench comm 64K, default and fence"
       for f in 0 1; do
-        echo "== fused kernel's account, tp 2 batch 1, TESSERA_P2P_FENCE=$f"
-        TESSERA_P2P_STATS=1 TESSERA_P2P_FENCE=$f .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 2 --batch 1 --steps 64 --graph 2>&1 | grep -E "^  2 |fused all-reduce"
         TESSERA_P2P_STATS=1 TESSERA_P2P_FENCE=$f .gpu/tessera bench comm --backend nccl --op all_reduce_add_rms_norm --dtype bf16 --sizes 64K 2>&1 | grep -E "^ +[0-9]|fused all-reduce"
       done
       echo "== tessera bench decode, Llama-3-70B shape, tp 2, CUDA graphs"

@@ -571,18 +571,27 @@ fn fused_all_reduce_and_norm_between_two_streams_of_one_gpu_is_exact() {
     let mut calls = 0;
     // A slot takes one row size: a pair for each dtype and hidden size. 4096 is the 8B model's
     // (one chunk of 8 a thread), 8192 the 70B's, 64 a tiny model's, 4104 not a multiple of 32.
-    for (dt, h, rows_seq) in [
+    for (pi, (dt, h, rows_seq)) in [
         (DType::BF16, 4096, vec![1usize, 1, 8, 64, 2, 63]),
         (DType::F32, 4096, vec![1, 3, 32, 1]),
         (DType::BF16, 8192, vec![1, 32, 1]),
         (DType::BF16, 64, vec![1, 5, 1000, 2]),
         (DType::F32, 4104, vec![2, 1, 7]),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         // With the kernel's own account of where its time goes (`P2pStats`); the f32 pairs with
-        // a system-scope fence after the pushes (`with_fence`), which changes no value.
+        // a system-scope fence after the pushes (`with_fence`), and the kernel after released
+        // at each of its three places in turn (`with_trigger`): neither changes a value.
         let ranks: Vec<_> = pair(Duration::from_secs(10))
             .into_iter()
-            .map(|p| p.with_stats().unwrap().with_fence(dt == DType::F32))
+            .map(|p| {
+                p.with_stats()
+                    .unwrap()
+                    .with_fence(dt == DType::F32)
+                    .with_trigger((pi % 3) as u8)
+            })
             .collect();
         let w = rand_t(vec![h], dt, 5).to_device(dev).unwrap();
         let row_calls: usize = rows_seq.iter().sum();

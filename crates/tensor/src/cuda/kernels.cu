@@ -725,7 +725,7 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
                                         const unsigned long long* ll, long slot_lines,
                                         unsigned* counter, int rank, int world, unsigned* word,
                                         unsigned long long timeout_ns, int pushed, unsigned hold_ns,
-                                        unsigned long long* stats, int fence) {
+                                        unsigned long long* stats, int opts) {
     __shared__ unsigned gen;
     __shared__ int bail;
     constexpr int NW = ChunkWords<T>::N, LINES = NW / 2;
@@ -742,12 +742,21 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
         if (ch < nc) load8(w, ch * 8, gw[c]);
     }
     pdl_wait();
+    // opts: bit 0 a system-scope fence after the pushes (TESSERA_P2P_FENCE=1); bits 1-2 where
+    // the kernel after is released (TESSERA_P2P_TRIGGER): 0 here, 1 once the pushes are sent, 2
+    // at this kernel's end (no early loads of the next GEMV while the lines travel).
+    const bool fence = opts & 1, late = ((opts >> 1) & 3) == 1, never = ((opts >> 1) & 3) == 2;
     // The kernel after (a GEMV) may start only now, not at this one's start: its blocks then
     // take their first weights (PF stretches into shared memory) while this kernel waits for
     // the peers, not while the GEMV before still streams its own (one rank of tp 2 on one H200
     // with each exchange held 5 us: 2.55 -> 2.31 ms a step with PF 2; on two H200s tp 2 batch 1
-    // and 8 gain 1-3%).
-    pdl_trigger();
+    // and 8 gain 1-3%). The other places, measured on two H200s (tp 2 batch 1): released after
+    // the pushes (`late`), this kernel's loads and pushes take 1.2 µs instead of 2.3-2.8 (the
+    // next GEMV's early loads slow them), at its end (`never`) the whole call takes 3.6 µs instead
+    // of 7.0 (its lines then land in 1.5 µs, not 3.1-3.3); but the step is no faster (2.57-2.64 /
+    // 2.65-2.70 ms against 2.57-2.61): what the exchange loses to the early loads, the next
+    // GEMV's head start wins back.
+    if (!late && !never) pdl_trigger();
     const unsigned long long began = hold_ns || stats ? global_ns() : 0;
     unsigned g0 = 0;
     if (threadIdx.x == 0) g0 = counter[row];
@@ -781,9 +790,12 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
                               mine[c][2 * j], g, mine[c][2 * j + 1], g);
         }
     }
-    // `fence` (TESSERA_P2P_FENCE=1, to be measured): the pushes made visible system-wide before
-    // the wait, in case they would otherwise sit in a write buffer on their way to the peers.
+    // `fence` (TESSERA_P2P_FENCE=1): the pushes made visible system-wide before the wait. On two
+    // H200s in decode the fence takes ~3.7 µs, after which the peer's lines are there in ~0.9:
+    // the stores do not sit in a write buffer, they take that long to land (the call is 8.2 µs
+    // instead of 7.0); nor does it stop `bench comm`'s stalls.
     if (fence && !pushed && world > 1) asm volatile("membar.sys;" ::: "memory");
+    if (late) pdl_trigger();
     const unsigned long long pushed_at = stats ? global_ns() : 0;
     // The ranks' values added in rank order, then rounded once (NCCL's sum of two). A peer's
     // lines for all of this thread's chunks are read at once; only those not there yet are
@@ -1450,9 +1462,9 @@ extern "C" __global__ void decode_attention_gqa1_##S(const T* qkv, T* kc, T* vc,
 extern "C" __global__ void decode_attention_gqa2_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 2>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
 extern "C" __global__ void __launch_bounds__(128, 6) decode_attention_gqa4_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 4>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
 extern "C" __global__ void decode_attention_gqa8_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 8>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
-extern "C" __global__ void __launch_bounds__(512, 2) all_reduce_add_rms_norm1_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed, unsigned hold, unsigned long long* st, int fence) { all_reduce_add_rms_norm<T, 1>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed, hold, st, fence); } \
-extern "C" __global__ void __launch_bounds__(512, 1) all_reduce_add_rms_norm2_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed, unsigned hold, unsigned long long* st, int fence) { all_reduce_add_rms_norm<T, 2>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed, hold, st, fence); } \
-extern "C" __global__ void __launch_bounds__(512, 1) all_reduce_add_rms_norm4_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed, unsigned hold, unsigned long long* st, int fence) { all_reduce_add_rms_norm<T, 4>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed, hold, st, fence); } \
+extern "C" __global__ void __launch_bounds__(512, 2) all_reduce_add_rms_norm1_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed, unsigned hold, unsigned long long* st, int opts) { all_reduce_add_rms_norm<T, 1>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed, hold, st, opts); } \
+extern "C" __global__ void __launch_bounds__(512, 1) all_reduce_add_rms_norm2_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed, unsigned hold, unsigned long long* st, int opts) { all_reduce_add_rms_norm<T, 2>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed, hold, st, opts); } \
+extern "C" __global__ void __launch_bounds__(512, 1) all_reduce_add_rms_norm4_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed, unsigned hold, unsigned long long* st, int opts) { all_reduce_add_rms_norm<T, 4>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed, hold, st, opts); } \
 extern "C" __global__ void attention_combine_##S(const float* pm, const float* pl, const float* pa, T* o, int splits, int hd) { attention_combine(pm, pl, pa, o, splits, hd); } \
 extern "C" __global__ void qkv_rope_append_##S(const T* qkv, T* q, T* kc, T* vc, const float* f, int batch, int hq, int hkv, int hd, int start, const int* pp) { qkv_rope_append(qkv, q, kc, vc, f, batch, hq, hkv, hd, start, pp); } \
 extern "C" __global__ void argmax_rows_##S(const T* x, const float* sv, const int* si, int n, int per, float* v, int* i) { argmax_rows(x, sv, si, n, per, v, i); } \

@@ -83,9 +83,13 @@ pub struct P2pAllReduce {
     /// GEMVs push their outputs ([`Self::matmul_pushing`]): `TESSERA_P2P_PUSH=1`, off by default
     /// (no gain measured on two GPUs).
     push: bool,
-    /// A system-scope fence after the kernel's pushes (`TESSERA_P2P_FENCE=1`, off: not yet
-    /// measured on two GPUs).
+    /// A system-scope fence after the kernel's pushes (`TESSERA_P2P_FENCE=1`, off: on two H200s
+    /// the fence itself takes ~3.7 µs in decode and the call ends later, see docs/COMM.md).
     fence: bool,
+    /// Where the kernel after is released (`TESSERA_P2P_TRIGGER`, a measurement aid): 0 at this
+    /// one's wait for the kernel before (default: the fastest step on two H200s), 1 (`pushed`)
+    /// once its pushes are sent, 2 (`end`) at its end.
+    trigger: i32,
     /// Pinned host word, mapped into the device: 0 running, 1 aborted by the host, 2 a peer did
     /// not come within the deadline.
     word: *mut u32,
@@ -143,6 +147,11 @@ impl P2pAllReduce {
                 pushed: std::sync::atomic::AtomicBool::new(false),
                 push: opted_in("TESSERA_P2P_PUSH"),
                 fence: opted_in("TESSERA_P2P_FENCE"),
+                trigger: match std::env::var("TESSERA_P2P_TRIGGER").as_deref() {
+                    Ok("pushed") => 1,
+                    Ok("end") => 2,
+                    _ => 0,
+                },
                 timeout_ns: timeout.as_nanos().min(u64::MAX as u128) as u64,
                 hold_ns: 0,
                 table: None,
@@ -172,6 +181,14 @@ impl P2pAllReduce {
     /// `TESSERA_P2P_FENCE` says.
     pub fn with_fence(mut self, on: bool) -> Self {
         self.fence = on;
+        self
+    }
+
+    /// The same side with the kernel after each call released where `at` says, whatever
+    /// `TESSERA_P2P_TRIGGER` says: 0 at the call's wait for the kernel before (the default),
+    /// 1 once its pushes are sent, 2 at its end.
+    pub fn with_trigger(mut self, at: u8) -> Self {
+        self.trigger = i32::from(at.min(2));
         self
     }
 
@@ -390,7 +407,7 @@ impl P2pAllReduce {
             use cudarc::driver::DevicePtr;
             st.device_ptr(&self.stream).0
         });
-        let mut fence = i32::from(self.fence);
+        let mut opts = i32::from(self.fence) | (self.trigger << 1);
         let mut params = super::ops::raw_params(&mut ptrs);
         params.push((&mut hh as *mut i32).cast());
         params.push((&mut eps as *mut f32).cast());
@@ -404,14 +421,14 @@ impl P2pAllReduce {
         params.push((&mut pushed as *mut i32).cast());
         params.push((&mut hold as *mut u32).cast());
         params.push((&mut stats as *mut u64).cast());
-        params.push((&mut fence as *mut i32).cast());
+        params.push((&mut opts as *mut i32).cast());
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: the parameters match all_reduce_add_rms_norm(part, x, w, y, h, eps, slots,
-        // slot_lines, counter, rank, world, word, timeout_ns, pushed, hold_ns, stats, fence) and outlive the call; the buffers
+        // slot_lines, counter, rank, world, word, timeout_ns, pushed, hold_ns, stats, opts) and outlive the call; the buffers
         // hold rows x h values (h for w) of one dtype on this GPU; a row's lines fit a slot
         // (rows x row_line_bytes is at most slot_bytes); the peers' slots stay allocated while
         // their communicators live, which outlive every call (teardown meets at a barrier, and a
