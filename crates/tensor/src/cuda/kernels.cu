@@ -655,7 +655,7 @@ __device__ __forceinline__ unsigned long long global_ns() {
 // Slots alternate by the call's parity (a rank can be one call ahead of a peer, not two: call
 // k + 1 needs every peer's push of k + 1, made after that peer finished k). Call numbers are per
 // row, in device memory (counter[row]), so a CUDA graph can replay the kernel. A peer later than
-// 20 µs makes the thread look at `word` (abort from the host), and one later than timeout_ns sets
+// 2 ms makes the thread look at `word` (abort from the host), and one later than timeout_ns sets
 // it; x and y are then left unwritten.
 // ll[r] = rank r's receive area (on its GPU): [2 parity][world src][slot_lines] lines of 16 bytes,
 // a row taking its chunks' lines rounded up to groups of 32 chunks (`line_of`) from row * that.
@@ -693,13 +693,16 @@ __device__ __forceinline__ char* slot_line(unsigned long long area, long parity,
 }
 // Polls a line until both its flags are `g`; false when the host aborted (word set) or the peer
 // is later than timeout_ns (this sets word). Out of line: one copy of the loop for every line.
-// The abort word is host memory: after the first 20 µs the waiting threads of a warp look at it
-// once every ~65 µs, one of them reading it for all (thousands of threads reading host memory at
-// every turn of the loop slowed a late call of 64 rows to milliseconds).
+// The abort word is host memory: after the first 2 ms the waiting threads of a warp look at it
+// once every ~1 ms, one of them reading it for all. Not sooner: reads of host memory by waiting
+// warps hold up the peers' NVLink stores, which makes the waits longer and so the reads more, a
+// state a CUDA graph kept for all its replays (with the first look at 20 µs and one every ~65 µs,
+// most `bench comm` graphs of 8 or more rows ran at ~17 µs a row a call instead of 6-9 µs a call;
+// with these, none of 22). An abort is seen within ~3 ms.
 __device__ __noinline__ bool wait_line(const char* p, unsigned g, uint4* q, unsigned* word,
                                        unsigned long long timeout_ns) {
     const unsigned long long t0 = global_ns();
-    unsigned long long epoch = ~0ull;  // the first look at `word` as soon as 20 µs have passed
+    unsigned long long epoch = ~0ull;  // the first look at `word` as soon as 2 ms have passed
     while (true) {
         *q = ld_volatile16(p);
         if (q->y == g && q->w == g) return true;
@@ -707,11 +710,11 @@ __device__ __noinline__ bool wait_line(const char* p, unsigned g, uint4* q, unsi
         // Past the first µs a thread rests between looks, so that thousands of waiting threads
         // do not keep the L2 lines busy that the peers' stores are to land in.
         if (waited > 1000) __nanosleep(64);
-        if (waited < 20000) continue;
         if (waited > timeout_ns) { *(volatile unsigned*)word = 2u; return false; }
+        if (waited < 2000000) continue;
         const unsigned m = __activemask();
-        const bool due = (waited >> 16) != epoch;
-        epoch = waited >> 16;
+        const bool due = (waited >> 20) != epoch;
+        epoch = waited >> 20;
         const unsigned d = __ballot_sync(m, due);
         if (d == 0) continue;
         const int leader = __ffs(d) - 1;
