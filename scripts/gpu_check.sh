@@ -73,8 +73,9 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
           env $E .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 2 --batch 1,8,64 --steps 32 --graph 2>&1 | grep -E "^collectives|^  2 |rror"
         done
       done
-      # The fused kernel's stalls (some processes stay at ~17 us a row a call): a new communicator
-      # for each size in one process, to see whether they follow where its buffers landed.
+      # The fused kernel's former stalls (graphs of 8+ rows at ~17 us a row a call, from waiting
+      # warps reading the host abort word too soon; fixed): a new communicator a size, in one
+      # process, every graph of which should run at 6-9 us a call.
       echo "== tessera bench comm, fused, a new communicator a size (--fresh-comm)"
       .gpu/tessera bench comm --backend nccl --op all_reduce_add_rms_norm --dtype bf16 --fresh-comm --sizes 64K,64K,64K,64K,256K,256K,256K,256K 2>&1 | grep -E "^ +[0-9]|rror"
       # Where the fused kernel's time goes (TESSERA_P2P_STATS=1: to its pushes, the wait for the
