@@ -754,8 +754,8 @@ fn fused_all_reduce_and_norm_between_two_streams_of_one_gpu_is_exact() {
         "fused all-reduce + norm: a missing peer ends the call after {waited:?} (deadline 200 ms)"
     );
     // The host's abort ends a call whose peer never comes long before its deadline: the
-    // waiting threads look at the abort word (a few at a time, from 2 ms on every ~1 ms), and 64 rows of
-    // waiting threads do not keep the word from being seen.
+    // waiting threads look at the abort word (a few at a time, from 2 ms on every ~1 ms), and
+    // 64 rows of waiting threads do not keep the word from being seen.
     let stuck = pair(Duration::from_secs(60));
     let rows = 64;
     let x0 = rand_t(vec![rows, h], dt, 10);

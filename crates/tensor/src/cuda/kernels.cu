@@ -796,7 +796,7 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
     // `fence` (TESSERA_P2P_FENCE=1): the pushes made visible system-wide before the wait. On two
     // H200s in decode the fence takes ~3.7 µs, after which the peer's lines are there in ~0.9:
     // the stores do not sit in a write buffer, they take that long to land (the call is 8.2 µs
-    // instead of 7.0); nor does it stop `bench comm`'s stalls.
+    // instead of 7.0); nor did it stop the `bench comm` stalls the abort word's reads caused.
     if (fence && !pushed && world > 1) asm volatile("membar.sys;" ::: "memory");
     if (late) pdl_trigger();
     const unsigned long long pushed_at = stats ? global_ns() : 0;
