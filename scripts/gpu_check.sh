@@ -144,3 +144,6 @@ for run in sys.argv[2:]:
 PY
   } 2>&1 | tee -a "$REPORT"
 fi
+# Issue 5's speed targets from this report (the default settings' graph steps, HF's best).
+summary=$(python3 scripts/targets_summary.py "$REPORT" 2>&1)
+printf '== targets\n%s\n' "$summary" | tee -a "$REPORT"
