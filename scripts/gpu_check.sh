@@ -12,6 +12,15 @@ REPORT=$OUTDIR/gpu_report.txt
 STEPS=${STEPS:-all}
 NGPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
 if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
+# The environment of each tp 2 setting the report compares (the fused path's opt-in variants).
+variant_env() {
+  case $1 in
+    0) echo TESSERA_P2P_ALLREDUCE=0 ;;
+    fence) echo TESSERA_P2P_FENCE=1 ;;
+    pushed | end) echo TESSERA_P2P_TRIGGER=$1 ;;
+    push) echo TESSERA_P2P_PUSH=1 ;;
+  esac
+}
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   if [[ $STEPS == all || $STEPS == *tests* ]]; then
@@ -68,9 +77,7 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
       for round in 1 2; do
         for p in 0 default fence pushed end; do
           echo "== tessera bench decode, Llama-3-8B shape, tp 2, CUDA graphs, $p (round $round)"
-          E="TESSERA_P2P_X=0"; [ $p == 0 ] && E="TESSERA_P2P_ALLREDUCE=0"; [ $p == fence ] && E="TESSERA_P2P_FENCE=1"
-          [ $p == pushed ] && E="TESSERA_P2P_TRIGGER=pushed"; [ $p == end ] && E="TESSERA_P2P_TRIGGER=end"
-          env $E .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 2 --batch 1,8,64 --steps 32 --graph 2>&1 | grep -E "^collectives|^  2 |rror"
+          env $(variant_env $p) .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 2 --batch 1,8,64 --steps 32 --graph 2>&1 | grep -E "^collectives|^  2 |rror"
         done
       done
       # The fused kernel's former stalls (graphs of 8+ rows at ~17 us a row a call, from waiting
@@ -80,9 +87,9 @@ if [ "$NGPU" -lt 2 ]; then TP=${TP:-1}; fi
       .gpu/tessera bench comm --backend nccl --op all_reduce_add_rms_norm --dtype bf16 --fresh-comm --sizes 64K,64K,64K,64K,256K,256K,256K,256K 2>&1 | grep -E "^ +[0-9]|rror"
       # Where the fused kernel's time goes (TESSERA_P2P_STATS=1: to its pushes, the wait for the
       # peer's lines, the row's end; per rank), for the default and each opt-in variant.
-      for E in TESSERA_P2P_X=0 TESSERA_P2P_FENCE=1 TESSERA_P2P_TRIGGER=pushed TESSERA_P2P_TRIGGER=end TESSERA_P2P_PUSH=1; do
-        echo "== fused kernel's account, tp 2 batch 1, $E"
-        env TESSERA_P2P_STATS=1 $E .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 2 --batch 1 --steps 64 --graph 2>&1 | grep -E "^  2 |fused all-reduce|rror"
+      for p in default fence pushed end push; do
+        echo "== fused kernel's account, tp 2 batch 1, $p $(variant_env $p)"
+        env TESSERA_P2P_STATS=1 $(variant_env $p) .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 2 --batch 1 --steps 64 --graph 2>&1 | grep -E "^  2 |fused all-reduce|rror"
       done
       echo "== fused kernel's account, bench comm 64K, default and fence"
       for f in 0 1; do
