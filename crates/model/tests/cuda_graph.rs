@@ -29,9 +29,8 @@ fn graph_replay_equals_eager_decode() {
         Some(DecodeKernel::ByHead),
         Some(DecodeKernel::PerHead),
     ];
-    // Batch 1 (a chain of GEMVs), batch 4 (skinny GEMMs), both with the intermediates in the
-    // graph's arena by default, batch 4 from the pool (forced) and batch 20 (cuBLASLt GEMMs:
-    // from the pool by default).
+    // Batch 1 (a chain of GEMVs), batch 4 (skinny GEMMs) and batch 20 (cuBLASLt GEMMs), all with
+    // the intermediates in the graph's arena by default, and batch 4 from the pool (forced).
     use tessera_tensor::cuda::graph::{force_graph_arena, GraphArena};
     let layouts = [
         (1, GraphArena::Auto),

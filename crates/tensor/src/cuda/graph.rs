@@ -61,12 +61,12 @@ impl std::fmt::Display for GraphStats {
 
 /// Where a captured step's intermediates live: in an arena the graph owns, or in the stream's
 /// pool (an allocation and a free node around every kernel, which end programmatic dependent
-/// launch between them). `Auto` takes the arena for steps of up to `SKINNY_MAX_ROWS` rows, where
-/// a bf16 model's step is by default a chain of this crate's own GEMVs, skinny GEMMs and kernels
-/// (with cuBLASLt there instead, batch 8 measured the same either way; batch 1:
-/// 3.85-3.88 against 4.00-4.05 ms a step of the 8B shape on an H200), and the pool where cuBLASLt
-/// GEMMs sit between them (batch 64: 5.22-5.35 with the arena against 5.10-5.30 ms from the pool,
-/// with or without PDL; cause not found).
+/// launch between them). `Auto` takes the arena for steps of up to `GRAPH_ARENA_MAX_BATCH` rows
+/// (batch 1: 3.85-3.88 against 4.00-4.05 ms a step of the 8B shape on an H200; batch 24-32, where
+/// cuBLASLt GEMMs sit between this crate's kernels: tp 1 4.75-4.89 against 4.77-4.91, tp 2 on two
+/// H200s 3.36-3.52 against 3.45-3.60, its fused all-reduce + norm then overlapping its
+/// neighbours), and the pool above (batch 64: tp 1 5.22-5.35 with the arena against 5.10-5.30 ms
+/// from the pool, with or without PDL, cause not found; tp 2 3.78-3.80 against 3.76-3.78).
 /// `TESSERA_GRAPH_ARENA=auto|1|0` (or [`force_graph_arena`]) chooses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GraphArena {
@@ -74,6 +74,10 @@ pub enum GraphArena {
     Always,
     Never,
 }
+
+/// The largest batch whose captured step keeps its intermediates in the graph's arena under
+/// `GraphArena::Auto` (measured: see [`GraphArena`]).
+pub const GRAPH_ARENA_MAX_BATCH: usize = 32;
 
 /// 0: not forced; else 1 + the forced choice's index in `GraphArena::ALL`.
 static FORCED_ARENA: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
@@ -110,7 +114,7 @@ impl GraphArena {
     /// Whether a step of `batch` tokens keeps its intermediates in an arena.
     pub fn used_for(self, batch: usize) -> bool {
         match self {
-            GraphArena::Auto => batch <= super::SKINNY_MAX_ROWS,
+            GraphArena::Auto => batch <= GRAPH_ARENA_MAX_BATCH,
             GraphArena::Always => true,
             GraphArena::Never => false,
         }
@@ -338,18 +342,15 @@ mod tests {
     use super::GraphArena;
 
     #[test]
-    fn graph_arena_choice_parses_and_takes_the_arena_for_gemv_batches_when_auto() {
+    fn graph_arena_choice_parses_and_takes_the_arena_up_to_batch_32_when_auto() {
         assert_eq!(GraphArena::parse(None), Ok(GraphArena::Auto));
         assert_eq!(GraphArena::parse(Some("auto")), Ok(GraphArena::Auto));
         assert_eq!(GraphArena::parse(Some("1")), Ok(GraphArena::Always));
         assert_eq!(GraphArena::parse(Some(" 0")), Ok(GraphArena::Never));
         let e = GraphArena::parse(Some("yes")).unwrap_err();
         assert_eq!(e, "TESSERA_GRAPH_ARENA=yes: expected auto, 1 or 0");
-        assert!(
-            GraphArena::Auto.used_for(1)
-                && GraphArena::Auto.used_for(super::super::SKINNY_MAX_ROWS)
-        );
-        assert!(!GraphArena::Auto.used_for(super::super::SKINNY_MAX_ROWS + 1));
+        assert!(GraphArena::Auto.used_for(1) && GraphArena::Auto.used_for(32));
+        assert!(!GraphArena::Auto.used_for(33) && !GraphArena::Auto.used_for(64));
         assert!(GraphArena::Always.used_for(64) && !GraphArena::Never.used_for(1));
         // A forced choice is the one in use, and None gives the environment's back.
         for c in GraphArena::ALL {
