@@ -140,6 +140,19 @@ if [[ $STEPS == all || $STEPS == *cli* ]]; then
       b=$($L .gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json --device cuda --tp $T)
       [ "$a" == "$b" ] && echo "generate cuda $run: identical to cpu OK" || echo "generate cuda $run: FAIL: $a vs $b"
     done
+    # Bad input on the GPU path: an error line (the last), a non-zero exit, no panic.
+    echo "== CLI: bad input on cuda"
+    bad_input() {
+      out=$("$@" 2>&1); rc=$?
+      last=$(printf '%s\n' "$out" | tail -1)
+      if [ $rc -ne 0 ] && [[ $last == error:* ]] && ! grep -q panicked <<<"$out"; then v=OK; else v=FAIL; fi
+      echo "$v (exit $rc): ${*: -6}: $last"
+    }
+    bad_input .gpu/tessera bench decode --device cuda --preset llama-3-70b --tp 1 --batch 1 --steps 2
+    bad_input .gpu/tessera score --model $M --tokens $TOK --device cuda --tp 3
+    bad_input .gpu/tessera score --model $M --tokens $TOK --device cuda:9
+    bad_input env TESSERA_P2P_TRIGGER=ends .gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 4 --device cuda --tp $T
+    bad_input env TESSERA_P2P_ALLREDUCE=norm .gpu/tessera score --model $M --tokens $TOK --device cuda --tp $T
     python3 - "$OUTDIR" $RUNS <<'PY'
 import json, sys
 d = sys.argv[1]

@@ -108,7 +108,8 @@ impl<'a> NcclComm<'a> {
             h.abort(&format!("rank {rank}: {msg}"));
             err
         })?;
-        if h.world_size() > 1 && nvlink_wanted() {
+        let wanted = nvlink_wanted().map_err(|msg| CommError::Invalid { rank, msg })?;
+        if h.world_size() > 1 && wanted {
             setup_p2p(h, &dev, ordinal)?;
         }
         Ok(NcclComm { host, dev, timeout })
@@ -190,16 +191,11 @@ impl<'a> NcclComm<'a> {
 
 /// Whether to set up the fused NVLink all-reduce + residual add + RMSNorm
 /// ([`Communicator::all_reduce_add_rms_norm`]) where the ranks allow it: yes unless
-/// `TESSERA_P2P_ALLREDUCE` is `0` (or `off`, `false`, `no`). Measured on two H200s (`BENCHMARKS.md`): 4.8 µs a call of one row
+/// `TESSERA_P2P_ALLREDUCE` is `0` (any value but `1` or `0` is an error). Measured on two H200s (`BENCHMARKS.md`): 4.8 µs a call of one row
 /// against 9.0-9.8 for NCCL's all-reduce and the norm kernel, tp 2 decode of the 8B shape
 /// 2.86-2.92 -> 2.56-2.58 ms a step at batch 1, 4.17 -> 3.74-3.84 at batch 64.
-pub fn nvlink_wanted() -> bool {
-    std::env::var("TESSERA_P2P_ALLREDUCE").map_or(true, |v| {
-        !matches!(
-            v.trim().to_ascii_lowercase().as_str(),
-            "0" | "off" | "false" | "no"
-        )
-    })
+pub fn nvlink_wanted() -> Result<bool, String> {
+    tessera_tensor::cuda::flag_switch("TESSERA_P2P_ALLREDUCE")
 }
 
 /// Sets up the NVLink all-reduce + norm when every rank of `h` is a thread of this process on its

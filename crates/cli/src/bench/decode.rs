@@ -334,7 +334,7 @@ impl SkipComm {
 
     fn new(world: usize, device: Device, hold_us: Option<f64>) -> Result<Self> {
         #[cfg(feature = "cuda")]
-        let off = !tessera_comm::nvlink_wanted();
+        let off = !tessera_comm::nvlink_wanted().map_err(anyhow::Error::msg)?;
         #[cfg(feature = "cuda")]
         let fused = match device {
             Device::Cuda(o) if !off => {

@@ -102,7 +102,7 @@ impl GraphArena {
         }
     }
 
-    fn parse(v: Option<&str>) -> Result<Self, String> {
+    pub(crate) fn parse(v: Option<&str>) -> Result<Self, String> {
         let names = [
             ("auto", Self::Auto),
             ("1", Self::Always),

@@ -106,6 +106,56 @@ pub(crate) fn env_choice<T: Copy>(
     Err(format!("{var}={v}: expected {} or {last}", rest.join(", ")))
 }
 
+/// A 1/0 switch of the environment: `var`'s value `v`, unset or empty `default`; anything else
+/// is an error naming the variable.
+pub(crate) fn env_flag(var: &str, v: Option<&str>, default: bool) -> Result<bool, String> {
+    let names = if default {
+        [("1", true), ("0", false)]
+    } else {
+        [("0", false), ("1", true)]
+    };
+    env_choice(var, v, &names)
+}
+
+/// The 1/0 switches this backend reads, with their defaults: cuBLASLt's tuned GEMMs, the norm
+/// inside the GEMV, programmatic dependent launch, the fused NVLink all-reduce + norm between
+/// in-process tp ranks, and that path's measurement aids (pushing GEMVs, a fence, its stats).
+pub const FLAG_SWITCHES: [(&str, bool); 7] = [
+    ("TESSERA_CUBLASLT", true),
+    ("TESSERA_FUSED_NORM", true),
+    ("TESSERA_PDL", true),
+    ("TESSERA_P2P_ALLREDUCE", true),
+    ("TESSERA_P2P_PUSH", false),
+    ("TESSERA_P2P_FENCE", false),
+    ("TESSERA_P2P_STATS", false),
+];
+
+/// A 1/0 switch of [`FLAG_SWITCHES`] as the environment sets it (unset: its default).
+pub fn flag_switch(var: &str) -> Result<bool, String> {
+    let default = FLAG_SWITCHES
+        .iter()
+        .find(|(name, _)| *name == var)
+        .map(|&(_, d)| d)
+        .ok_or_else(|| format!("{var} is not a switch of the CUDA backend"))?;
+    env_flag(var, std::env::var(var).ok().as_deref(), default)
+}
+
+/// Every `TESSERA_*` switch this backend reads, checked with `get` (the environment's value of
+/// a variable): the first value it does not accept as a one-line error naming the variable and
+/// the values it takes. [`GpuDevice::get`] runs it on the environment before anything else, so
+/// a misspelt switch stops the first use of a GPU instead of silently measuring the default.
+pub fn check_switches(get: &dyn Fn(&str) -> Option<String>) -> Result<(), String> {
+    for (var, default) in FLAG_SWITCHES {
+        env_flag(var, get(var).as_deref(), default)?;
+    }
+    SkinnyUse::parse(get("TESSERA_SKINNY").as_deref())?;
+    parse_gemv_choice(get("TESSERA_GEMV").as_deref())?;
+    graph::GraphArena::parse(get("TESSERA_GRAPH_ARENA").as_deref())?;
+    ops::parse_decode_kernel(get("TESSERA_DECODE_ATTENTION").as_deref())?;
+    p2p::parse_trigger(get("TESSERA_P2P_TRIGGER").as_deref())?;
+    Ok(())
+}
+
 /// A decode GEMV kernel of `kernels.cu`: its name, the weight rows a warp takes (gated: the gate
 /// and up rows of half as many outputs), whether it is gated, how many warps share a row group
 /// (split-K), and how many 512-byte stretches of each row a warp copies into shared memory
@@ -375,6 +425,7 @@ impl GpuDevice {
 
     fn init(ordinal: usize) -> Result<Self, TensorError> {
         let err = |e: &dyn std::fmt::Display| dev_err(ordinal, e);
+        check_switches(&|var| std::env::var(var).ok()).map_err(|e| err(&e))?;
         // SAFETY: only probes whether the driver library can be loaded.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(err(
@@ -461,9 +512,9 @@ impl GpuDevice {
         }
         let skinny_reduce = load("skinny_reduce")?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| err(&e))?;
-        let lt = match std::env::var("TESSERA_CUBLASLT").as_deref() {
-            Ok("0") => None,
-            _ => Some(Mutex::new(
+        let lt = match flag_switch("TESSERA_CUBLASLT").map_err(|e| err(&e))? {
+            false => None,
+            true => Some(Mutex::new(
                 lt::Lt::new(stream.clone()).map_err(|e| err(&e))?,
             )),
         };
@@ -486,9 +537,9 @@ impl GpuDevice {
             skinny: SkinnyUse::from_env().map_err(|e| err(&e))?,
             gemv,
             gemv_used: gemv_choice().map_err(|e| err(&e))?,
-            fused_norm: std::env::var("TESSERA_FUSED_NORM").map_or(true, |v| v != "0"),
+            fused_norm: flag_switch("TESSERA_FUSED_NORM").map_err(|e| err(&e))?,
             // TESSERA_PDL=0 turns programmatic dependent launch off (a debugging aid).
-            pdl: major >= 9 && std::env::var("TESSERA_PDL").map_or(true, |v| v != "0"),
+            pdl: major >= 9 && flag_switch("TESSERA_PDL").map_err(|e| err(&e))?,
             tables: Mutex::new(HashMap::new()),
             capture: Mutex::new(None),
             arena: Mutex::new(None),
@@ -977,6 +1028,105 @@ mod tests {
         assert_eq!(SkinnyUse::parse(Some("")), Ok(SkinnyUse::Auto));
         let e = SkinnyUse::parse(Some("1")).unwrap_err();
         assert_eq!(e, "TESSERA_SKINNY=1: expected auto, 0 or all");
+    }
+
+    #[test]
+    fn every_switch_is_checked_and_a_bad_value_names_its_variable() {
+        let with = |set: &[(&str, &str)]| {
+            let set: Vec<(String, String)> = set
+                .iter()
+                .map(|&(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            check_switches(&move |var| set.iter().find(|(k, _)| k == var).map(|(_, v)| v.clone()))
+        };
+        // Unset, and every value each switch documents.
+        assert_eq!(with(&[]), Ok(()));
+        let good = [
+            ("TESSERA_CUBLASLT", "0"),
+            ("TESSERA_FUSED_NORM", "1"),
+            ("TESSERA_PDL", " 0 "),
+            ("TESSERA_P2P_ALLREDUCE", "0"),
+            ("TESSERA_P2P_PUSH", "1"),
+            ("TESSERA_P2P_FENCE", ""),
+            ("TESSERA_P2P_STATS", "1"),
+            ("TESSERA_SKINNY", "all"),
+            ("TESSERA_GEMV", "r2u2,gated_u2"),
+            ("TESSERA_GRAPH_ARENA", "1"),
+            ("TESSERA_DECODE_ATTENTION", "by_head"),
+            ("TESSERA_P2P_TRIGGER", "end"),
+        ];
+        assert_eq!(with(&good), Ok(()));
+        for v in ["wait", "pushed", "end"] {
+            assert_eq!(with(&[("TESSERA_P2P_TRIGGER", v)]), Ok(()));
+        }
+        for v in ["auto", "grouped", "by_head", "per_head"] {
+            assert_eq!(with(&[("TESSERA_DECODE_ATTENTION", v)]), Ok(()));
+        }
+        // One misspelt value among good ones: an error naming it and what it takes.
+        let bad = [
+            (
+                "TESSERA_P2P_TRIGGER",
+                "ends",
+                "TESSERA_P2P_TRIGGER=ends: expected wait, pushed or end",
+            ),
+            (
+                "TESSERA_P2P_FENCE",
+                "on",
+                "TESSERA_P2P_FENCE=on: expected 0 or 1",
+            ),
+            (
+                "TESSERA_P2P_ALLREDUCE",
+                "norm",
+                "TESSERA_P2P_ALLREDUCE=norm: expected 1 or 0",
+            ),
+            ("TESSERA_PDL", "yes", "TESSERA_PDL=yes: expected 1 or 0"),
+            ("TESSERA_DECODE_ATTENTION", "grouped ", ""),
+            (
+                "TESSERA_DECODE_ATTENTION",
+                "group",
+                "TESSERA_DECODE_ATTENTION=group: expected auto, grouped, by_head or per_head",
+            ),
+            (
+                "TESSERA_GRAPH_ARENA",
+                "yes",
+                "TESSERA_GRAPH_ARENA=yes: expected auto, 1 or 0",
+            ),
+            (
+                "TESSERA_SKINNY",
+                "1",
+                "TESSERA_SKINNY=1: expected auto, 0 or all",
+            ),
+        ];
+        for (var, v, want) in bad {
+            let mut set: Vec<(&str, &str)> =
+                good.iter().copied().filter(|&(k, _)| k != var).collect();
+            set.push((var, v));
+            let got = with(&set);
+            if want.is_empty() {
+                // Values are trimmed: a stray space is not an error.
+                assert_eq!(got, Ok(()), "{var}={v:?}");
+            } else {
+                assert_eq!(got, Err(want.to_string()), "{var}={v:?}");
+            }
+        }
+        let e = with(&[("TESSERA_GEMV", "r2u2")]).unwrap_err();
+        assert!(e.starts_with("TESSERA_GEMV=r2u2: "), "{e}");
+        // The flags' defaults are what the backend runs when they are unset.
+        let default = |var: &str| {
+            env_flag(
+                var,
+                None,
+                FLAG_SWITCHES.iter().find(|s| s.0 == var).unwrap().1,
+            )
+        };
+        assert_eq!(default("TESSERA_CUBLASLT"), Ok(true));
+        assert_eq!(default("TESSERA_P2P_ALLREDUCE"), Ok(true));
+        assert_eq!(default("TESSERA_P2P_PUSH"), Ok(false));
+        assert_eq!(default("TESSERA_P2P_STATS"), Ok(false));
+        assert_eq!(ops::parse_decode_kernel(None), Ok(None));
+        assert_eq!(p2p::parse_trigger(None), Ok(0));
+        assert_eq!(p2p::parse_trigger(Some("pushed")), Ok(1));
+        assert!(flag_switch("TESSERA_NOT_A_SWITCH").is_err());
     }
 
     #[test]

@@ -874,14 +874,24 @@ pub fn force_decode_kernel(choice: Option<DecodeKernel>) {
     );
 }
 
+/// `TESSERA_DECODE_ATTENTION=auto|grouped|by_head|per_head` (unset: `auto`, the shape decides).
+pub(crate) fn parse_decode_kernel(v: Option<&str>) -> Result<Option<DecodeKernel>, String> {
+    let names = [
+        ("auto", None),
+        ("grouped", Some(DecodeKernel::Grouped)),
+        ("by_head", Some(DecodeKernel::ByHead)),
+        ("per_head", Some(DecodeKernel::PerHead)),
+    ];
+    super::env_choice("TESSERA_DECODE_ATTENTION", v, &names)
+}
+
 pub(crate) fn decode_kernel_choice() -> Option<DecodeKernel> {
     use std::sync::atomic::Ordering::Relaxed;
     let mut v = DECODE_ATTENTION.load(Relaxed);
     if v == u8::MAX {
+        // An unknown name stopped the device's set-up (`check_switches`): none is forced then.
         let env = std::env::var("TESSERA_DECODE_ATTENTION").ok();
-        let named = DecodeKernel::ALL
-            .into_iter()
-            .find(|k| env.as_deref() == Some(k.name()));
+        let named = parse_decode_kernel(env.as_deref()).unwrap_or(None);
         let _ =
             DECODE_ATTENTION.compare_exchange(u8::MAX, decode_kernel_code(named), Relaxed, Relaxed);
         v = DECODE_ATTENTION.load(Relaxed);

@@ -57,9 +57,11 @@ pub struct P2pStats {
 /// The words of the kernel's stats array (`P2pStats`, in the kernel's order).
 const STATS_WORDS: usize = 5;
 
-/// Whether the environment variable `var` is `1` (the opt-in switches of this path).
-fn opted_in(var: &str) -> bool {
-    std::env::var(var).is_ok_and(|v| v.trim() == "1")
+/// `TESSERA_P2P_TRIGGER=wait|pushed|end`: where the fused kernel releases the kernel after it
+/// (0 at its wait for the kernel before, the default; 1 once its pushes are sent; 2 at its end).
+pub(crate) fn parse_trigger(v: Option<&str>) -> Result<i32, String> {
+    let names = [("wait", 0), ("pushed", 1), ("end", 2)];
+    super::env_choice("TESSERA_P2P_TRIGGER", v, &names)
 }
 
 /// One rank's side of the fused all-reduce + norm.
@@ -123,6 +125,16 @@ impl P2pAllReduce {
         let dev = GpuDevice::get(ordinal)?;
         let e = |x: cudarc::driver::DriverError| dev_err(ordinal, x);
         dev.ctx.bind_to_thread().map_err(e)?;
+        // The device's set-up checked these switches (`check_switches`); an error here is one
+        // all the same, not a silent default.
+        let switch = |var| super::flag_switch(var).map_err(|x| dev_err(ordinal, x));
+        let (push, fence, stats) = (
+            switch("TESSERA_P2P_PUSH")?,
+            switch("TESSERA_P2P_FENCE")?,
+            switch("TESSERA_P2P_STATS")?,
+        );
+        let trigger = std::env::var("TESSERA_P2P_TRIGGER").ok();
+        let trigger = parse_trigger(trigger.as_deref()).map_err(|x| dev_err(ordinal, x))?;
         let total = Self::SLOTS_OFFSET + 2 * world * Self::slot_bytes();
         // SAFETY: fresh allocations, zeroed before use, freed in Drop.
         let p = unsafe {
@@ -145,20 +157,16 @@ impl P2pAllReduce {
                 word_dev,
                 row_bytes: std::sync::atomic::AtomicUsize::new(0),
                 pushed: std::sync::atomic::AtomicBool::new(false),
-                push: opted_in("TESSERA_P2P_PUSH"),
-                fence: opted_in("TESSERA_P2P_FENCE"),
-                trigger: match std::env::var("TESSERA_P2P_TRIGGER").as_deref() {
-                    Ok("pushed") => 1,
-                    Ok("end") => 2,
-                    _ => 0,
-                },
+                push,
+                fence,
+                trigger,
                 timeout_ns: timeout.as_nanos().min(u64::MAX as u128) as u64,
                 hold_ns: 0,
                 table: None,
                 stats: None,
             }
         };
-        if opted_in("TESSERA_P2P_STATS") {
+        if stats {
             p.with_stats()
         } else {
             Ok(p)
