@@ -33,8 +33,8 @@ variant_env() {
     .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp ${TP:-1,2} --batch 1,8,32,64 --steps 32 2>&1
     echo "== tessera bench decode, Llama-3-8B shape, CUDA graphs"
     .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp ${TP:-1,2} --batch 1,2,8,16,32,64 --steps 32 --graph 2>&1
-    # Where a captured step's intermediates live (auto: the graph's arena up to batch 16, the pool
-    # at cuBLASLt batches): both forced, same binary and call.
+    # Where a captured step's intermediates live (auto: the graph's arena up to batch 32, the pool
+    # above): both forced, same binary and call.
     for a in 1 0; do
       echo "== tessera bench decode, Llama-3-8B shape, CUDA graphs, TESSERA_GRAPH_ARENA=$a"
       TESSERA_GRAPH_ARENA=$a .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 1 --batch 1,32,64 --steps 32 --graph 2>&1 | tail -7
@@ -148,7 +148,8 @@ if [[ $STEPS == all || $STEPS == *cli* ]]; then
       if [ $rc -ne 0 ] && [[ $last == error:* ]] && ! grep -q panicked <<<"$out"; then v=OK; else v=FAIL; fi
       echo "$v (exit $rc): ${*: -6}: $last"
     }
-    bad_input .gpu/tessera bench decode --device cuda --preset llama-3-70b --tp 1 --batch 1 --steps 2
+    # The 70B shape alone fits one H200 (141 of 150 GB); with 64 caches of 1,024 positions (21 GB) it does not.
+    bad_input .gpu/tessera bench decode --device cuda --preset llama-3-70b --tp 1 --batch 64 --prompt-len 1024 --steps 2
     bad_input .gpu/tessera score --model $M --tokens $TOK --device cuda --tp 3
     bad_input .gpu/tessera score --model $M --tokens $TOK --device cuda:9
     bad_input env TESSERA_P2P_TRIGGER=ends .gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 4 --device cuda --tp $T

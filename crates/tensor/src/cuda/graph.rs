@@ -176,7 +176,10 @@ impl DecodeGraph {
                 io,
             });
         };
-        let arena = dev.stream.alloc_zeros::<u8>(bytes.max(256)).map_err(e)?;
+        let arena = dev
+            .stream
+            .alloc_zeros::<u8>(bytes.max(256))
+            .map_err(|x| super::alloc_err(dev.ordinal, bytes.max(256), x))?;
         let base = {
             use cudarc::driver::DevicePtr;
             arena.device_ptr(&dev.stream).0

@@ -573,7 +573,6 @@ impl GpuDevice {
         &self,
         n: usize,
     ) -> Result<DevSlice<T>, TensorError> {
-        let e = |e| dev_err(self.ordinal, e);
         let bytes = Arena::aligned(n * std::mem::size_of::<T>());
         let arena = match &*self.arena.lock().unwrap_or_else(|p| p.into_inner()) {
             Some((thread, a)) if *thread == std::thread::current().id() => Some(a.clone()),
@@ -581,7 +580,9 @@ impl GpuDevice {
         };
         let Some(arena) = arena else {
             // SAFETY: callers write every element before it is read.
-            return Ok(DevSlice::owned(unsafe { self.stream.alloc(n) }.map_err(e)?));
+            return Ok(DevSlice::owned(
+                unsafe { self.stream.alloc(n) }.map_err(|x| alloc_err(self.ordinal, bytes, x))?,
+            ));
         };
         let (at, base, fits) = {
             let mut a = arena.lock().unwrap_or_else(|p| p.into_inner());
@@ -602,7 +603,8 @@ impl GpuDevice {
         // Counting (or, were the recordings to differ, out of arena): from the pool, with the
         // arena's bookkeeping kept as if it were the arena's.
         // SAFETY: callers write every element before it is read.
-        let slice = unsafe { self.stream.alloc(n) }.map_err(e)?;
+        let slice =
+            unsafe { self.stream.alloc(n) }.map_err(|x| alloc_err(self.ordinal, bytes, x))?;
         Ok(DevSlice {
             slice: std::mem::ManuallyDrop::new(slice),
             owned: true,
@@ -631,6 +633,29 @@ impl GpuDevice {
             .synchronize()
             .map_err(|e| dev_err(self.ordinal, e))
     }
+}
+
+/// A failed allocation of `bytes`: out of memory said with the sizes (what was asked, what the
+/// device has free), any other failure as the driver's error.
+pub(crate) fn alloc_err(ordinal: usize, bytes: usize, e: cudarc::driver::DriverError) -> TensorError {
+    if e.0 != cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        return dev_err(ordinal, e);
+    }
+    dev_err(
+        ordinal,
+        oom_message(bytes, cudarc::driver::result::mem_get_info().ok()),
+    )
+}
+
+fn oom_message(bytes: usize, free_total: Option<(usize, usize)>) -> String {
+    let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
+    let free = free_total.map_or(String::new(), |(f, t)| {
+        format!(", {:.0} MiB free of {:.0} MiB", mib(f), mib(t))
+    });
+    format!(
+        "out of GPU memory: {:.1} MiB asked{free} (a smaller batch or cache, or more GPUs with --tp)",
+        mib(bytes)
+    )
 }
 
 /// f16 has no GPU kernels yet: the one refusal of every GPU allocation.
@@ -1028,6 +1053,16 @@ mod tests {
         assert_eq!(SkinnyUse::parse(Some("")), Ok(SkinnyUse::Auto));
         let e = SkinnyUse::parse(Some("1")).unwrap_err();
         assert_eq!(e, "TESSERA_SKINNY=1: expected auto, 0 or all");
+    }
+
+    #[test]
+    fn out_of_memory_says_what_was_asked_and_what_is_free() {
+        assert_eq!(
+            oom_message(3 << 19, Some((5 << 20, 1 << 30))),
+            "out of GPU memory: 1.5 MiB asked, 5 MiB free of 1024 MiB \
+             (a smaller batch or cache, or more GPUs with --tp)"
+        );
+        assert!(oom_message(1 << 20, None).starts_with("out of GPU memory: 1.0 MiB asked ("));
     }
 
     #[test]
