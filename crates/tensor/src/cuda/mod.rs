@@ -637,7 +637,11 @@ impl GpuDevice {
 
 /// A failed allocation of `bytes`: out of memory said with the sizes (what was asked, what the
 /// device has free), any other failure as the driver's error.
-pub(crate) fn alloc_err(ordinal: usize, bytes: usize, e: cudarc::driver::DriverError) -> TensorError {
+pub(crate) fn alloc_err(
+    ordinal: usize,
+    bytes: usize,
+    e: cudarc::driver::DriverError,
+) -> TensorError {
     if e.0 != cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
         return dev_err(ordinal, e);
     }
