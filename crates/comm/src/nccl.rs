@@ -58,6 +58,12 @@ impl<'a> NcclComm<'a> {
             Host::Owned(h) => &**h,
         };
         let rank = h.rank();
+        // A bad switch stops this rank before anything collective, and the host group tells the
+        // others (who would otherwise wait for it in their NCCL init).
+        let wanted = nvlink_wanted().map_err(|msg| {
+            h.abort(&format!("rank {rank}: {msg}"));
+            CommError::Invalid { rank, msg }
+        })?;
         let mut id = [0u8; 128];
         if rank == 0 {
             match nccl::unique_id() {
@@ -108,7 +114,6 @@ impl<'a> NcclComm<'a> {
             h.abort(&format!("rank {rank}: {msg}"));
             err
         })?;
-        let wanted = nvlink_wanted().map_err(|msg| CommError::Invalid { rank, msg })?;
         if h.world_size() > 1 && wanted {
             setup_p2p(h, &dev, ordinal)?;
         }
