@@ -746,20 +746,22 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
     }
     pdl_wait();
     // opts: bit 0 a system-scope fence after the pushes (TESSERA_P2P_FENCE=1); bits 1-2 where
-    // the kernel after is released (TESSERA_P2P_TRIGGER): 0 here, 1 once the pushes are sent, 2
-    // at this kernel's end (no early loads of the next GEMV while the lines travel).
-    const bool fence = opts & 1, late = ((opts >> 1) & 3) == 1, never = ((opts >> 1) & 3) == 2;
+    // the kernel after is released (TESSERA_P2P_TRIGGER's `wait`, `pushed`, `end`): 0 here, 1
+    // once the pushes are sent, 2 at this kernel's end (no early loads of the next GEMV while the
+    // lines travel).
+    const bool fence = opts & 1;
+    const int release = (opts >> 1) & 3;
     // The kernel after (a GEMV) may start only now, not at this one's start: its blocks then
     // take their first weights (PF stretches into shared memory) while this kernel waits for
     // the peers, not while the GEMV before still streams its own (one rank of tp 2 on one H200
     // with each exchange held 5 us: 2.55 -> 2.31 ms a step with PF 2; on two H200s tp 2 batch 1
     // and 8 gain 1-3%). The other places, measured on two H200s (tp 2 batch 1): released after
-    // the pushes (`late`), this kernel's loads and pushes take 1.2 µs instead of 2.3-2.8 (the
-    // next GEMV's early loads slow them), at its end (`never`) the whole call takes 3.6 µs instead
+    // the pushes (`pushed`), this kernel's loads and pushes take 1.2 µs instead of 2.3-2.8 (the
+    // next GEMV's early loads slow them), at its end (`end`) the whole call takes 3.6 µs instead
     // of 7.0 (its lines then land in 1.5 µs, not 3.1-3.3); but the step is no faster (2.57-2.64 /
     // 2.65-2.70 ms against 2.57-2.61): what the exchange loses to the early loads, the next
     // GEMV's head start wins back.
-    if (!late && !never) pdl_trigger();
+    if (release == 0) pdl_trigger();
     const unsigned long long began = hold_ns || stats ? global_ns() : 0;
     unsigned g0 = 0;
     if (threadIdx.x == 0) g0 = counter[row];
@@ -798,7 +800,7 @@ __device__ void all_reduce_add_rms_norm(const T* part, T* x, const T* w, T* y, i
     // the stores do not sit in a write buffer, they take that long to land (the call is 8.2 µs
     // instead of 7.0); nor did it stop the `bench comm` stalls the abort word's reads caused.
     if (fence && !pushed && world > 1) asm volatile("membar.sys;" ::: "memory");
-    if (late) pdl_trigger();
+    if (release == 1) pdl_trigger();
     const unsigned long long pushed_at = stats ? global_ns() : 0;
     // The ranks' values added in rank order, then rounded once (NCCL's sum of two). A peer's
     // lines for all of this thread's chunks are read at once; only those not there yet are
