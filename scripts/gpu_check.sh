@@ -47,6 +47,12 @@ variant_env() {
     for t in 1 2; do
       .gpu/tessera bench gemm --tp $t --batch 8,32,64 2>&1 | grep -E "ceiling|layer|cublas|lt 0 |fastest"
     done
+    # Whether cuBLASLt's kernels wait for the kernel before them (only such a kernel could start
+    # early in a captured step, on a programmatic edge): the last line counts them.
+    echo "== tessera bench gemm --probe-pdl (cuBLASLt's kernels waiting for the kernel before)"
+    for t in 1 2; do
+      .gpu/tessera bench gemm --probe-pdl --tp $t --batch 17,32,64 2>&1 | tail -1
+    done
     echo "== tessera bench decode, one rank of tp 2 alone (collectives skipped: the compute a tp-2 step cannot go below)"
     .gpu/tessera bench decode --device cuda --preset llama-3-8b --one-rank-of 2 --batch 1,2,8,16,64 --steps 32 --graph 2>&1 | tail -7
     # The same with each fused all-reduce + norm held 5 µs, a stand-in for its exchange over

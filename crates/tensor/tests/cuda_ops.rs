@@ -521,6 +521,24 @@ fn random_weights_on_the_device_are_random() {
     assert!(v.iter().all(|x| (0.49..=1.51).contains(x)));
 }
 
+/// The probe behind `TESSERA_LT_PDL` tells a kernel that waits for the one before it from one
+/// that does not: run on this crate's copy kernel both ways, on a programmatic edge behind a
+/// kernel that writes the copy's input 200 µs after letting it start.
+#[test]
+fn the_programmatic_edge_probe_tells_a_waiting_kernel_from_one_that_does_not() {
+    let Some((_dev, _held)) = gpu() else { return };
+    if !tessera_tensor::cuda::device_has_pdl(0).unwrap() {
+        eprintln!("no programmatic dependent launch before sm_90: nothing to probe");
+        return;
+    }
+    for _ in 0..2 {
+        let waits = tessera_tensor::cuda::probe_own_copy(0, true).unwrap();
+        assert_eq!(waits, Some(true), "the copy that waits");
+        let early = tessera_tensor::cuda::probe_own_copy(0, false).unwrap();
+        assert_eq!(early, Some(false), "the copy that does not wait");
+    }
+}
+
 /// A device tensor's buffer (the P2P calls take buffers).
 fn buf(t: &Tensor) -> &tessera_tensor::cuda::CudaBuf {
     match t.storage() {
@@ -653,6 +671,9 @@ fn fused_all_reduce_and_norm_between_two_streams_of_one_gpu_is_exact() {
                 st.total_ns > 0,
                 "{dt:?} {h}, rank {r}: no time kept: {st:?}"
             );
+            // All of them eager: nothing in the captured calls' account.
+            let (eager, captured) = p.stats_by_kind().unwrap().expect("asked for");
+            assert_eq!((eager, captured.row_calls), (st, 0), "rank {r}");
         }
         // Not taken (the caller falls back): another row size than the first call's, too many
         // rows or values for a slot.
@@ -960,6 +981,60 @@ fn a_captured_step_keeps_its_intermediates_where_the_choice_says() {
         assert_eq!(idx(&got), idx(&want), "{choice:?}: captured again");
     }
     force_graph_arena(None);
+}
+
+/// The fused kernel's account of its time (`TESSERA_P2P_STATS`) keeps the calls of captured
+/// graphs apart from the eager ones: a group of one (its residual add + norm alone), 3 eager calls
+/// of 2 rows, then a graph of 2 calls of 2 rows replayed 5 times, then 1 more eager call.
+#[test]
+fn the_fused_kernels_account_keeps_captured_calls_apart_from_eager_ones() {
+    use tessera_tensor::cuda::graph::{force_graph_arena, DecodeGraph, GraphArena};
+    use tessera_tensor::cuda::p2p::P2pAllReduce;
+    use tessera_tensor::TensorError;
+    let Some((dev, _held)) = gpu() else { return };
+    let (rows, h) = (2, 4096);
+    let mut p = P2pAllReduce::new(0, 0, 1, std::time::Duration::from_secs(10))
+        .and_then(|p| p.with_stats())
+        .unwrap();
+    let me = p.address();
+    p.connect(&[(0, me)]).unwrap();
+    let g = |t: Tensor| t.to_device(dev).unwrap();
+    let part = g(rand_t(vec![rows, h], DType::BF16, 61));
+    let x = g(rand_t(vec![rows, h], DType::BF16, 62));
+    let w = g(rand_t(vec![h], DType::BF16, 63));
+    let call = || -> Result<(), TensorError> {
+        p.all_reduce_add_rms_norm(buf(&part), buf(&x), buf(&w), rows, h, 1e-5)?
+            .expect("taken");
+        Ok(())
+    };
+    for _ in 0..3 {
+        call().unwrap();
+    }
+    force_graph_arena(Some(GraphArena::Always));
+    let mut graph = DecodeGraph::capture(0, 1, || {
+        call()?;
+        call()
+    })
+    .unwrap();
+    force_graph_arena(None);
+    for _ in 0..5 {
+        graph.replay(&[0], 0).unwrap();
+    }
+    call().unwrap();
+    p.synchronize().unwrap();
+    assert_eq!(p.failed(), None);
+    let (eager, captured) = p.stats_by_kind().unwrap().expect("asked for");
+    // The capture counted first (with the arena), then recorded: neither runs a call.
+    assert_eq!(eager.row_calls, 4 * rows as u64, "eager: {eager:?}");
+    assert_eq!(
+        captured.row_calls,
+        5 * 2 * rows as u64,
+        "captured: {captured:?}"
+    );
+    assert!(eager.total_ns > 0 && captured.total_ns > 0);
+    let all = p.stats().unwrap().expect("asked for");
+    assert_eq!(all.row_calls, eager.row_calls + captured.row_calls);
+    assert_eq!(all.total_ns, eager.total_ns + captured.total_ns);
 }
 
 /// The tensor-core GEMM for decode batches (`skinny_matmul`) against the CPU: every variant at

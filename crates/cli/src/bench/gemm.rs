@@ -2,7 +2,8 @@
 //! each weight matrix) through cuBLAS's GEMM and through every candidate cuBLASLt offers for the
 //! shape, beside the GPU's measured copy bandwidth; then the fastest candidate with its weights
 //! already in L2 (where they fit), which tells a GEMM bound by memory from one bound by its own
-//! latency.
+//! latency. With `--probe-pdl`, instead: whether the first kernel of each cuBLASLt candidate
+//! waits for the kernel before it (only such a kernel could start early in a captured step).
 
 use anyhow::{bail, Result};
 
@@ -11,6 +12,10 @@ pub struct GemmArgs {
     /// Rows of activations (the decode batch).
     #[arg(long, value_delimiter = ',', default_value = "64")]
     pub batch: Vec<usize>,
+    /// Instead of timing: whether each cuBLASLt candidate's first kernel waits for the kernel
+    /// before it before reading its input (probed on a programmatic graph edge).
+    #[arg(long)]
+    pub probe_pdl: bool,
     #[command(flatten)]
     pub shapes: super::shapes::LayerShapes,
 }
@@ -31,6 +36,9 @@ fn run_cuda(a: GemmArgs) -> Result<()> {
         .shapes
         .layers()
         .map(|(name, n, k, gated)| (name, if gated { 2 * n } else { n }, k));
+    if a.probe_pdl {
+        return probe_cuda(&a, layers);
+    }
     use super::shapes::{copy_ceiling, fastest, speed};
     let bw = copy_ceiling(&format!("tp {t}"))?;
     println!(
@@ -55,6 +63,46 @@ fn run_cuda(a: GemmArgs) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// `--probe-pdl`: a line per shape and candidate, then how many of the kernels wait.
+#[cfg(feature = "cuda")]
+fn probe_cuda(a: &GemmArgs, layers: [(&'static str, usize, usize); 4]) -> Result<()> {
+    println!(
+        "\n{:>8} {:>5} {:>7} {:>6} {:>4}  first kernel: waits for the kernel before it?",
+        "layer", "m", "n", "k", "cand"
+    );
+    let (mut kernels, mut waiting) = (
+        std::collections::BTreeSet::new(),
+        std::collections::BTreeSet::new(),
+    );
+    for &m in &a.batch {
+        for (name, n, k) in layers {
+            for p in tessera_tensor::cuda::probe_gemm_kernels(0, &[(m, n, k)])? {
+                let verdict = match (&p.kernel, p.waits) {
+                    (None, _) => "(the probe could not tell)".to_string(),
+                    (Some(kn), true) => format!("{kn}: waits"),
+                    (Some(kn), false) => format!("{kn}: does not wait"),
+                };
+                if let Some(kn) = p.kernel {
+                    if p.waits {
+                        waiting.insert(kn.clone());
+                    }
+                    kernels.insert(kn);
+                }
+                println!(
+                    "{name:>8} {:>5} {:>7} {:>6} {:>4}  {verdict}",
+                    p.m, p.n, p.k, p.candidate
+                );
+            }
+        }
+    }
+    println!(
+        "{} distinct first kernels, {} of which wait for the kernel before them",
+        kernels.len(),
+        waiting.len()
+    );
     Ok(())
 }
 

@@ -187,6 +187,61 @@ pub fn bench_gemm(
     Ok(out)
 }
 
+/// Whether the first kernel of one cuBLASLt candidate waits for the kernel before it
+/// ([`probe_gemm_kernels`]).
+pub struct GemmProbe {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// The candidate's place in cuBLASLt's list (its heuristic's first is 0).
+    pub candidate: usize,
+    /// The first kernel's name (`None`: the probe could not tell, e.g. the GEMM's first node is
+    /// not a kernel).
+    pub kernel: Option<String>,
+    /// Whether it read its input as written after it started (it waits for the kernel before
+    /// it): only such a kernel may be given a programmatic edge in a captured step.
+    pub waits: bool,
+}
+
+/// Probes, for each bf16 shape `(m, n, k)`, the first kernel of every cuBLASLt candidate: does it
+/// wait for the kernel before it (`griddepcontrol.wait`) before it reads its input? (The module
+/// notes of `pdl_probe` say how; a candidate that fails to run is left out.)
+pub fn probe_gemm_kernels(
+    ordinal: usize,
+    shapes: &[(usize, usize, usize)],
+) -> Result<Vec<GemmProbe>, TensorError> {
+    let dev = GpuDevice::get(ordinal)?;
+    let mut lt = super::lt::Lt::new(dev.stream.clone()).map_err(|x| dev_err(ordinal, x))?;
+    let mut out = Vec::new();
+    for &(m, n, k) in shapes {
+        if !k.is_multiple_of(8) {
+            return Err(dev_err(ordinal, "the probe takes k a multiple of 8"));
+        }
+        let w = super::random(&dev, DType::BF16, n * k, 11, 0.03, 0.0)?;
+        let candidates = lt
+            .plan(m, n, k)
+            .map_err(|x| dev_err(ordinal, x))?
+            .algos
+            .len();
+        for candidate in 0..candidates {
+            let Ok(found) =
+                super::pdl_probe::probe(&dev, &lt, (m, n, k), candidate, super::ops::dptr(&w))
+            else {
+                continue;
+            };
+            out.push(GemmProbe {
+                m,
+                n,
+                k,
+                candidate,
+                waits: found.as_ref().is_some_and(|p| p.waits),
+                kernel: found.map(|p| p.name),
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// One decode attention kernel at one shape: the plan it ran (heads a block, split length), mean
 /// microseconds per call and the K/V cache bytes read per second.
 pub struct AttentionTiming {

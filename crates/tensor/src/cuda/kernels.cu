@@ -1448,6 +1448,22 @@ extern "C" __global__ void skinny_reduce(const float* part, bf16_t* y, int split
     }
 }
 
+// The probe of whether a library's kernel waits for the kernel before it (`pdl_edges.rs`): lets
+// the kernel after it start at once, waits `ns` nanoseconds, then copies n16 units of 16 bytes
+// from src to dst. A kernel behind it on a programmatic graph edge that reads dst without
+// `griddepcontrol.wait` reads what dst held before. With ns = 0 it is the probe's own check: a
+// copy that waits for the kernel before it first (wait = 1) or does not (0).
+extern "C" __global__ void pdl_probe_delay(const uint4* src, uint4* dst, long n16, unsigned long long ns, int wait) {
+    pdl_trigger();
+    if (wait) pdl_wait();
+    if (threadIdx.x == 0) {
+        unsigned long long t0 = global_ns();
+        while (global_ns() - t0 < ns) {}
+    }
+    __syncthreads();
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n16; i += (long)gridDim.x * blockDim.x) dst[i] = src[i];
+}
+
 #define INSTANTIATE(T, S)                                                                              \
 extern "C" __global__ void __launch_bounds__(512) rms_norm1_##S(const T* x, const T* w, T* y, int h, float eps) { add_rms_norm<T, false, 1>((T*)x, x, w, y, h, eps); } \
 extern "C" __global__ void __launch_bounds__(512) add_rms_norm1_##S(T* x, const T* d, const T* w, T* y, int h, float eps) { add_rms_norm<T, true, 1>(x, d, w, y, h, eps); } \

@@ -11,9 +11,11 @@ mod lt;
 pub mod nccl;
 mod ops;
 pub mod p2p;
+mod pdl_probe;
 
 pub use bench::{
-    bench_decode_attention, bench_gemm, bench_gemv, AttentionTiming, GemmTiming, GemvTiming,
+    bench_decode_attention, bench_gemm, bench_gemv, probe_gemm_kernels, AttentionTiming, GemmProbe,
+    GemmTiming, GemvTiming,
 };
 pub use ops::*;
 
@@ -374,6 +376,8 @@ pub struct GpuDevice {
     /// a block), and the kernel that adds its split-K partial sums.
     pub(crate) skinny_fns: Vec<Option<CudaFunction>>,
     pub(crate) skinny_reduce: CudaFunction,
+    /// The first kernel of the probe of cuBLASLt's kernels (`pdl_probe`).
+    pub(crate) pdl_probe: CudaFunction,
     /// Which bf16 GEMMs run on the skinny GEMM (`TESSERA_SKINNY`).
     pub(crate) skinny: SkinnyUse,
     /// Every decode GEMV kernel of `GEMV_VARIANTS`, by name.
@@ -511,6 +515,7 @@ impl GpuDevice {
             skinny_fns.push((fits && set().is_ok()).then_some(f));
         }
         let skinny_reduce = load("skinny_reduce")?;
+        let pdl_probe = load("pdl_probe_delay")?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| err(&e))?;
         let lt = match flag_switch("TESSERA_CUBLASLT").map_err(|e| err(&e))? {
             false => None,
@@ -534,6 +539,7 @@ impl GpuDevice {
             funcs,
             skinny_fns,
             skinny_reduce,
+            pdl_probe,
             skinny: SkinnyUse::from_env().map_err(|e| err(&e))?,
             gemv,
             gemv_used: gemv_choice().map_err(|e| err(&e))?,

@@ -295,6 +295,24 @@ pub fn matmul_t(
     Ok(y)
 }
 
+/// Whether device `ordinal` has programmatic dependent launch (sm_90 and later).
+pub fn device_has_pdl(ordinal: usize) -> Result<bool, TensorError> {
+    let dev = GpuDevice::get(ordinal)?;
+    let (major, _) = dev
+        .ctx
+        .compute_capability()
+        .map_err(|e| dev_err(ordinal, e))?;
+    Ok(major >= 9)
+}
+
+/// The probe of `tessera bench gemm --probe-pdl` run on this crate's own copy kernel in the GEMM's place, which
+/// waits for the kernel before it (`wait`) or not: what the probe says of it (`None`: it could
+/// not tell). A check of the probe itself, for the GPU tests.
+pub fn probe_own_copy(ordinal: usize, wait: bool) -> Result<Option<bool>, TensorError> {
+    let dev = GpuDevice::get(ordinal)?;
+    super::pdl_probe::probe_copy(&dev, wait).map_err(|e| dev_err(ordinal, e))
+}
+
 /// `y[m, n] = x[m, k] @ w[n, k]^T` through cuBLAS's GEMM (f32 accumulation), f32 or bf16.
 pub(crate) fn cublas_gemm(
     dev: &GpuDevice,

@@ -57,6 +57,29 @@ pub struct P2pStats {
 /// The words of the kernel's stats array (`P2pStats`, in the kernel's order).
 const STATS_WORDS: usize = 5;
 
+impl P2pStats {
+    fn from_words(v: &[u64]) -> Self {
+        P2pStats {
+            push_ns: v[0],
+            wait_ns: v[1],
+            total_ns: v[2],
+            row_calls: v[3],
+            longest_wait_ns: v[4],
+        }
+    }
+
+    /// Both accounts together.
+    fn plus(self, o: P2pStats) -> Self {
+        P2pStats {
+            push_ns: self.push_ns + o.push_ns,
+            wait_ns: self.wait_ns + o.wait_ns,
+            total_ns: self.total_ns + o.total_ns,
+            row_calls: self.row_calls + o.row_calls,
+            longest_wait_ns: self.longest_wait_ns.max(o.longest_wait_ns),
+        }
+    }
+}
+
 /// `TESSERA_P2P_TRIGGER=wait|pushed|end`: where the fused kernel releases the kernel after it
 /// (0 at its wait for the kernel before, the default; 1 once its pushes are sent; 2 at its end).
 pub(crate) fn parse_trigger(v: Option<&str>) -> Result<i32, String> {
@@ -104,6 +127,7 @@ pub struct P2pAllReduce {
     table: Option<CudaSlice<u64>>,
     /// `TESSERA_P2P_STATS=1` or [`Self::with_stats`]: where the calls' time goes, summed by the
     /// kernel ([`P2pStats`]'s words in the order push, wait, total, row calls, longest wait),
+    /// the eager calls' account first, then the captured calls' (replays of a decode graph),
     /// printed to stderr when this side is dropped.
     stats: Option<CudaSlice<u64>>,
 }
@@ -220,7 +244,7 @@ impl P2pAllReduce {
     /// `TESSERA_P2P_STATS` says.
     pub fn with_stats(mut self) -> Result<Self, TensorError> {
         if self.stats.is_none() {
-            let st = self.stream.alloc_zeros::<u64>(STATS_WORDS);
+            let st = self.stream.alloc_zeros::<u64>(2 * STATS_WORDS);
             self.stats = Some(st.map_err(|e| dev_err(self.dev.ordinal, e))?);
         }
         Ok(self)
@@ -229,6 +253,14 @@ impl P2pAllReduce {
     /// Where the calls' time went so far (after the calls queued are done), or `None` where
     /// not asked for (`TESSERA_P2P_STATS=1` or [`Self::with_stats`]).
     pub fn stats(&self) -> Result<Option<P2pStats>, TensorError> {
+        Ok(self
+            .stats_by_kind()?
+            .map(|(eager, captured)| eager.plus(captured)))
+    }
+
+    /// The same, the calls queued eagerly apart from those of captured graphs (each replay of a
+    /// graph counts its calls again): (eager, captured).
+    pub fn stats_by_kind(&self) -> Result<Option<(P2pStats, P2pStats)>, TensorError> {
         let Some(st) = &self.stats else {
             return Ok(None);
         };
@@ -236,13 +268,11 @@ impl P2pAllReduce {
             .stream
             .clone_dtoh(st)
             .map_err(|e| dev_err(self.dev.ordinal, e))?;
-        Ok(Some(P2pStats {
-            push_ns: v[0],
-            wait_ns: v[1],
-            total_ns: v[2],
-            row_calls: v[3],
-            longest_wait_ns: v[4],
-        }))
+        let (eager, captured) = v.split_at(STATS_WORDS);
+        Ok(Some((
+            P2pStats::from_words(eager),
+            P2pStats::from_words(captured),
+        )))
     }
 
     /// Waits for every call queued so far.
@@ -411,9 +441,11 @@ impl P2pAllReduce {
         let (mut word, mut timeout) = (self.word_dev, self.timeout_ns);
         let mut pushed = i32::from(pushed);
         let mut hold = self.hold_ns;
+        // A call being captured into a graph sums into the second account.
+        let captured = self.dev.capturing().is_some();
         let mut stats = self.stats.as_ref().map_or(0, |st| {
             use cudarc::driver::DevicePtr;
-            st.device_ptr(&self.stream).0
+            st.device_ptr(&self.stream).0 + 8 * (STATS_WORDS * usize::from(captured)) as u64
         });
         let mut opts = i32::from(self.fence) | (self.trigger << 1);
         let mut params = super::ops::raw_params(&mut ptrs);
@@ -638,18 +670,23 @@ impl P2pAllReduce {
 
 impl Drop for P2pAllReduce {
     fn drop(&mut self) {
-        if let Ok(Some(st)) = self.stats() {
-            let n = st.row_calls.max(1) as f64 * 1e3;
-            eprintln!(
-                "fused all-reduce + norm, rank {} of {}: {} row calls; µs a call from the kernel before's end: {:.2} to pushes sent, then {:.2} until the peers' lines are there (longest {:.1}), {:.2} to the row's end",
-                self.rank,
-                self.world,
-                st.row_calls,
-                st.push_ns as f64 / n,
-                st.wait_ns as f64 / n,
-                st.longest_wait_ns as f64 / 1e3,
-                st.total_ns as f64 / n
-            );
+        if let Ok(Some((eager, captured))) = self.stats_by_kind() {
+            for (kind, st) in [("captured", captured), ("eager", eager)] {
+                if st.row_calls == 0 {
+                    continue;
+                }
+                let n = st.row_calls as f64 * 1e3;
+                eprintln!(
+                    "fused all-reduce + norm, rank {} of {}, {kind}: {} row calls; µs a call from the kernel before's end: {:.2} to pushes sent, then {:.2} until the peers' lines are there (longest {:.1}), {:.2} to the row's end",
+                    self.rank,
+                    self.world,
+                    st.row_calls,
+                    st.push_ns as f64 / n,
+                    st.wait_ns as f64 / n,
+                    st.longest_wait_ns as f64 / 1e3,
+                    st.total_ns as f64 / n
+                );
+            }
         }
         // SAFETY: both allocations are owned by self and freed once, with this GPU's context.
         unsafe {
