@@ -521,9 +521,9 @@ fn random_weights_on_the_device_are_random() {
     assert!(v.iter().all(|x| (0.49..=1.51).contains(x)));
 }
 
-/// The probe behind `TESSERA_LT_PDL` tells a kernel that waits for the one before it from one
-/// that does not: run on this crate's copy kernel both ways, on a programmatic edge behind a
-/// kernel that writes the copy's input 200 µs after letting it start.
+/// The probe behind `tessera bench gemm --probe-pdl` tells a kernel that waits for the one before
+/// it from one that does not: run on this crate's copy kernel both ways, on a programmatic edge
+/// behind a kernel that writes the copy's input 200 µs after letting it start.
 #[test]
 fn the_programmatic_edge_probe_tells_a_waiting_kernel_from_one_that_does_not() {
     let Some((_dev, _held)) = gpu() else { return };

@@ -1448,7 +1448,7 @@ extern "C" __global__ void skinny_reduce(const float* part, bf16_t* y, int split
     }
 }
 
-// The probe of whether a library's kernel waits for the kernel before it (`pdl_edges.rs`): lets
+// The probe of whether a library's kernel waits for the kernel before it (`pdl_probe.rs`): lets
 // the kernel after it start at once, waits `ns` nanoseconds, then copies n16 units of 16 bytes
 // from src to dst. A kernel behind it on a programmatic graph edge that reads dst without
 // `griddepcontrol.wait` reads what dst held before. With ns = 0 it is the probe's own check: a
