@@ -69,6 +69,9 @@ fn run_cuda(a: GemmArgs) -> Result<()> {
 /// `--probe-pdl`: a line per shape and candidate, then how many of the kernels wait.
 #[cfg(feature = "cuda")]
 fn probe_cuda(a: &GemmArgs, layers: [(&'static str, usize, usize); 4]) -> Result<()> {
+    if !tessera_tensor::cuda::device_has_pdl(0)? {
+        bail!("--probe-pdl needs programmatic dependent launch: a GPU of sm_90 or later");
+    }
     println!(
         "\n{:>8} {:>5} {:>7} {:>6} {:>4}  first kernel: waits for the kernel before it?",
         "layer", "m", "n", "k", "cand"
