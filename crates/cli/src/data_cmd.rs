@@ -43,6 +43,7 @@ fn prepare(a: PrepareArgs) -> Result<()> {
     if !(a.val_fraction > 0.0 && a.val_fraction < 1.0) {
         bail!("--val-fraction must be in (0, 1), got {}", a.val_fraction);
     }
+    crate::out_paths::fresh_dir(&a.out, "--out")?;
     let tok = tokenizers::Tokenizer::from_file(&a.tokenizer)
         .map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", a.tokenizer.display()))?;
     let mut text = String::new();

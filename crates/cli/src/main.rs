@@ -6,6 +6,7 @@ mod export_cmd;
 mod generate_cmd;
 mod launch_cmd;
 mod model_args;
+mod out_paths;
 mod plan_cmd;
 mod score_cmd;
 mod train_cmd;
@@ -44,6 +45,13 @@ enum Cmd {
 }
 
 fn main() {
+    // Output into a closed pipe (`tessera plan ... | head -1`) ends the process quietly, as it
+    // does for other command-line tools, instead of a panic of `println!`.
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     // While this process has one thread: NCCL reads its settings from the environment, and
     // setting a variable while another thread reads one is a data race in libc.
     #[cfg(feature = "cuda")]
@@ -59,9 +67,7 @@ fn main() {
                 e.exit();
             }
             // One line, as for every other user mistake; `--help` has the rest.
-            let msg = e.to_string();
-            let first = msg.lines().next().unwrap_or("invalid arguments").trim();
-            eprintln!("{first} (see --help)");
+            eprintln!("{} (see --help)", clap_one_line(&e.to_string()));
             std::process::exit(2);
         }
     };
@@ -76,7 +82,85 @@ fn main() {
         Cmd::Bench(a) => bench::run(a),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", error_line(&e));
         std::process::exit(1);
+    }
+}
+
+/// clap's message as one line: its first line and, where that line ends with a colon (the
+/// arguments missing, the values possible), the indented lines under it.
+fn clap_one_line(msg: &str) -> String {
+    let mut lines = msg.lines();
+    let mut out = lines
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim()
+        .to_string();
+    if out.ends_with(':') {
+        let items: Vec<&str> = lines
+            .take_while(|l| !l.trim().is_empty())
+            .map(str::trim)
+            .collect();
+        if !items.is_empty() {
+            out = format!("{} {}", out, items.join(", "));
+        }
+    }
+    out
+}
+
+/// An error and its causes on one line, each cause once: a message that already ends with its
+/// cause's text (an I/O error quoted in it) does not repeat it.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) || out.contains(&format!("{text}:")) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{clap_one_line, error_line};
+
+    #[test]
+    fn clap_errors_name_what_is_missing_on_one_line() {
+        let msg = "error: the following required arguments were not provided:\n  --model <MODEL>\n  --out <OUT>\n\nUsage: tessera export --model <MODEL> --out <OUT>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            clap_one_line(msg),
+            "error: the following required arguments were not provided: --model <MODEL>, --out <OUT>"
+        );
+        let msg = "error: invalid value 'x' for '--tp <TP>': invalid digit found in string\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            clap_one_line(msg),
+            "error: invalid value 'x' for '--tp <TP>': invalid digit found in string"
+        );
+        assert_eq!(clap_one_line(""), "invalid arguments");
+    }
+
+    #[test]
+    fn an_error_line_names_each_cause_once() {
+        let io = || std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let text = io().to_string();
+        // A context that quotes its cause: the cause is not repeated.
+        let e = anyhow::Error::new(io()).context(format!("cannot write ro/y: {text}"));
+        assert_eq!(error_line(&e), format!("cannot write ro/y: {text}"));
+        // A context that does not: the cause follows it.
+        let e = anyhow::Error::new(io()).context("cannot write ro/y");
+        assert_eq!(error_line(&e), format!("cannot write ro/y: {text}"));
+        // Three levels, the middle one quoting the innermost.
+        let e = anyhow::Error::new(io())
+            .context(format!("x.tmp: {text}"))
+            .context("saving the checkpoint");
+        assert_eq!(
+            error_line(&e),
+            format!("saving the checkpoint: x.tmp: {text}")
+        );
     }
 }

@@ -148,6 +148,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if a.seq_len < 2 {
         bail!("--seq-len must be at least 2");
     }
+    if a.eval_batches == 0 {
+        bail!("--eval-batches must be at least 1");
+    }
+    // What the run writes, checked before it trains: checkpoints of another run are not
+    // overwritten, and the loss curve's directory exists.
+    if let Some(root) = &a.save {
+        crate::out_paths::checkpoint_root(root, a.resume.as_deref())?;
+    }
+    crate::out_paths::writable_file(&a.curve, "--curve")?;
     let mut cfg = TrainConfig::from_file(&a.config)?;
     for w in &cfg.warnings {
         eprintln!("warning: {}: {w}", a.config.display());
@@ -211,6 +220,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
     // Fail on a too-small dataset before any thread starts.
     let loader0 = Loader::new(train_tokens.clone(), a.seq_len, seed)?;
     let val_loader = Loader::new(val_tokens.clone(), a.seq_len, seed)?;
+    if val_loader.samples_per_epoch() < micro {
+        bail!(
+            "the validation split holds {} sample(s) of {} tokens, fewer than one micro-batch of {micro}: a shorter --seq-len, a smaller micro-batch, or more validation text (data prepare --val-fraction)",
+            val_loader.samples_per_epoch(),
+            a.seq_len + 1
+        );
+    }
     let unigram = unigram_loss(&train_tokens, &val_tokens, model_cfg.vocab_size);
     drop(loader0);
     let params = layout.num_params();
@@ -248,10 +264,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
             let s = t.train_step(&b)?;
             skipped_in_a_row = if s.skipped { skipped_in_a_row + 1 } else { 0 };
             if skipped_in_a_row >= 50 {
-                return Err(tessera_train::TrainError::Config(format!(
-                    "50 steps in a row overflowed in fp16 (loss scale {}); lower the learning rate or use bf16",
-                    s.loss_scale
-                )));
+                let why = match cfg.precision {
+                    tessera_train::config::Precision::Fp16 => format!(
+                        "50 steps in a row overflowed in fp16 (loss scale {}); lower the learning rate or use bf16",
+                        s.loss_scale
+                    ),
+                    p => format!(
+                        "50 steps in a row had gradients that are not finite numbers ({p:?}): the run diverged, or a weight is NaN or infinite; lower the learning rate or resume from an earlier checkpoint"
+                    ),
+                };
+                return Err(tessera_train::TrainError::Diverged(why));
             }
             out.tokens += s.tokens as u64;
             out.steps_run += 1;

@@ -161,6 +161,23 @@ fn bad_input_is_one_line_and_non_zero() {
         &["generate", "--model", m, "--prompt", "hi", "--top-p", "0"],
         "--top-p must be in (0, 1]",
     );
+    // Past the model's context (and sizes that would overflow): refused before any allocation.
+    for n in ["1000", "18446744073709551615"] {
+        fails_with(
+            &[
+                "generate",
+                "--model",
+                m,
+                "--prompt-tokens",
+                "1,2",
+                "--max-tokens",
+                n,
+            ],
+            "exceed the model's context of 256 positions",
+        );
+    }
+    // A missing argument is named.
+    fails_with(&["export", "--out", "x"], "--checkpoint <CHECKPOINT>");
     fails_with(
         &[
             "generate",
@@ -229,6 +246,13 @@ fn bad_input_is_one_line_and_non_zero() {
         &["score", "--model", d, "--tokens", "1,2"],
         "GPTNeoXForCausalLM",
     );
+    // An activation other than the SiLU every supported architecture computes.
+    std::fs::write(
+        dir.path().join("config.json"),
+        cfg.replace("\"hidden_act\": \"silu\"", "\"hidden_act\": \"gelu\""),
+    )
+    .unwrap();
+    fails_with(&["score", "--model", d, "--tokens", "1,2"], "hidden_act");
     // Missing config.
     std::fs::remove_file(dir.path().join("config.json")).unwrap();
     fails_with(&["score", "--model", d, "--tokens", "1,2"], "config.json");

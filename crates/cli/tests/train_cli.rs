@@ -261,6 +261,9 @@ fn training_under_launch_equals_training_in_one_process() {
     let mut wrong = b.clone();
     let at = wrong.iter().position(|x| x == "--dp").unwrap();
     wrong[at + 1] = "4".into();
+    // (Into a new root: ck_procs holds the run above, which a new run may not overwrite.)
+    let at = wrong.iter().position(|x| x == "--save").unwrap();
+    wrong[at + 1] = s(&dir.path().join("ck_wrong")).into();
     let mut launched = vec!["launch", "--nproc-per-node", "2", "--", "tessera"];
     launched.extend(wrong.iter().map(String::as_str));
     let (code, _, err) = tessera_env(&launched, &[("TESSERA_COMM_TIMEOUT_S", "60")]);
@@ -293,6 +296,23 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
             "max_position_embeddings",
         ),
     ];
+    // Checkpoints of another run in the --save root are not overwritten.
+    let taken = dir.path().join("taken");
+    std::fs::create_dir_all(taken.join("step_00000003")).unwrap();
+    std::fs::write(taken.join("latest"), "step_00000003").unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = cases
+        .into_iter()
+        .chain([
+            (
+                vec!["--config", s(&cfg), "--save", s(&taken)],
+                "already holds checkpoints",
+            ),
+            (
+                vec!["--config", s(&cfg), "--eval-batches", "0"],
+                "--eval-batches",
+            ),
+        ])
+        .collect();
     for (extra, needle) in cases {
         let mut args = vec![
             "train",
@@ -320,6 +340,27 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
         assert_eq!(errors.len(), 1, "{full:?}: {err}");
         assert!(!err.contains("panicked"));
     }
+    assert_eq!(
+        std::fs::read_to_string(taken.join("latest")).unwrap(),
+        "step_00000003"
+    );
+    // A loss curve that could not be written is found before training.
+    let (code, _, err) = tessera(&[
+        "train",
+        "--config",
+        s(&cfg),
+        "--model-config",
+        s(&model),
+        "--data",
+        s(&data),
+        "--steps",
+        "1",
+        "--curve",
+        "/nonexistent/c.svg",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(!err.contains("train tokens/s"), "it trained first: {err}");
     let (code, _, err) = tessera(&[
         "export",
         "--checkpoint",
@@ -329,6 +370,24 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
     ]);
     assert_ne!(code, 0);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // An existing model directory (or dataset) is not overwritten.
+    let before = std::fs::read(model.join("config.json")).unwrap();
+    let (code, _, err) = tessera(&["export", "--checkpoint", s(&taken), "--out", s(&model)]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not empty"), "{err}");
+    assert_eq!(std::fs::read(model.join("config.json")).unwrap(), before);
+    let (code, _, err) = tessera(&[
+        "data",
+        "prepare",
+        "--input",
+        s(&repo("data/shakespeare/slice.txt")),
+        "--tokenizer",
+        s(&repo("tests/fixtures/hf/llama/tokenizer.json")),
+        "--out",
+        s(&data),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not empty"), "{err}");
     let (code, _, err) = tessera(&[
         "data",
         "prepare",

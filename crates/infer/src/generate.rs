@@ -41,6 +41,16 @@ pub fn generate_on(
             "the prompt must hold at least one token".into(),
         ));
     }
+    // The KV cache is sized for the whole request up front (captured CUDA graphs read it in
+    // place), so a request past the model's context is refused, as vLLM refuses it.
+    let ctx = model.config.max_position_embeddings;
+    if prompt.len().saturating_add(params.max_tokens) > ctx {
+        return Err(InferError::Request(format!(
+            "the prompt's {} tokens and --max-tokens {} exceed the model's context of {ctx} positions (max_position_embeddings)",
+            prompt.len(),
+            params.max_tokens
+        )));
+    }
     tessera_model::validate_tp(&model.config, tp)?;
     run_tp(tp, |comm, rank| {
         let m = model.load_rank(rank, dtype, device)?;
@@ -69,11 +79,17 @@ pub fn generate_on_rank(
             graph.greedy_step(m, &input, &mut cache, comm)?
         } else {
             let logits = m.forward(&input, &mut cache, Logits::Last, comm)?;
-            let mut msg = [0i32; 1];
-            if comm.rank() == 0 {
+            // -1: the logits hold NaN (every rank stops with the same error).
+            let mut msg = [-1i32; 1];
+            if comm.rank() == 0 && !logits.iter().any(|l| l.is_nan()) {
                 msg[0] = sampler.sample(&logits) as i32;
             }
             comm.broadcast(&mut msg, 0)?;
+            if msg[0] < 0 {
+                return Err(
+                    tessera_model::ModelError::NotANumber("of the last position".into()).into(),
+                );
+            }
             msg[0] as u32
         };
         out.push(tok);

@@ -26,8 +26,13 @@ impl ModelSource {
         match src {
             ModelSource::Dir(dir) => {
                 if !dir.is_dir() {
+                    let what = if dir.exists() {
+                        "is not a directory (give the model's directory, with config.json)"
+                    } else {
+                        "does not exist"
+                    };
                     return Err(InferError::Request(format!(
-                        "model directory {} does not exist",
+                        "model directory {} {what}",
                         dir.display()
                     )));
                 }

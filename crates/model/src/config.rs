@@ -143,6 +143,20 @@ impl ModelConfig {
                 "head_dim {head_dim} must be even and > 0 for RoPE"
             )));
         }
+        // Every architecture here gates its MLP with SiLU; another activation would be computed
+        // as SiLU and give other numbers than the model's, so it is refused.
+        match obj
+            .get("hidden_act")
+            .or_else(|| obj.get("hidden_activation"))
+        {
+            None | Some(Value::Null) => {}
+            Some(Value::String(a)) if a == "silu" || a == "swish" => {}
+            Some(other) => {
+                return Err(cfg_err(format!(
+                    "hidden_act {other} is not supported (supported: silu)"
+                )))
+            }
+        }
         let rope = rope_of(v)?;
         let attention_bias = opt_bool(v, "attention_bias")?.unwrap_or(false);
         let qkv_bias = attention_bias || arch == Arch::Qwen2;
@@ -293,11 +307,16 @@ fn rope_of(v: &Value) -> Result<RopeConfig, ModelError> {
     let scaling = match scaling {
         None => RopeScaling::Default,
         Some(s) => {
-            let kind = s
-                .get("rope_type")
-                .or_else(|| s.get("type"))
-                .and_then(|t| t.as_str())
-                .unwrap_or("default");
+            if !s.is_object() {
+                return Err(cfg_err(format!(
+                    "rope scaling must be a JSON object, got {s}"
+                )));
+            }
+            let kind = match s.get("rope_type").or_else(|| s.get("type")) {
+                None | Some(Value::Null) => "default",
+                Some(Value::String(t)) => t.as_str(),
+                Some(t) => return Err(cfg_err(format!("rope_type must be a string, got {t}"))),
+            };
             let num = |key: &str| -> Result<f64, ModelError> {
                 s.get(key).and_then(|x| x.as_f64()).ok_or_else(|| {
                     cfg_err(format!("rope scaling {kind:?} needs a numeric `{key}`"))
@@ -464,6 +483,16 @@ mod tests {
     fn refuses_unknown_architecture_and_rope() {
         let e = with(r#"{"architectures":["GPT2LMHeadModel"]}"#).unwrap_err();
         assert!(e.to_string().contains("GPT2LMHeadModel"), "{e}");
+        for bad in [
+            r#"{"rope_scaling":"x"}"#,
+            r#"{"rope_scaling":{"rope_type":5}}"#,
+            r#"{"hidden_act":"gelu"}"#,
+            r#"{"hidden_act":"bogus"}"#,
+            r#"{"hidden_act":3}"#,
+        ] {
+            assert!(with(bad).is_err(), "{bad} was taken");
+        }
+        assert!(with(r#"{"hidden_act":"silu"}"#).is_ok());
         let e = with(r#"{"rope_scaling":{"type":"yarn","factor":4.0}}"#).unwrap_err();
         assert!(e.to_string().contains("yarn"), "{e}");
         let e = with(r#"{"num_key_value_heads":3}"#).unwrap_err();

@@ -15,6 +15,10 @@ pub enum ModelError {
     Input(String),
     #[error("layout not allowed: {0}")]
     Layout(String),
+    /// The weights or the input made the model compute NaN (a broken checkpoint, or a training
+    /// run that diverged): no token can be chosen.
+    #[error("the model's logits are not numbers (NaN) {0}; its weights are likely broken")]
+    NotANumber(String),
     #[error(transparent)]
     Tensor(#[from] tessera_tensor::TensorError),
     #[error(transparent)]

@@ -237,11 +237,19 @@ pub fn load(path: &Path, layout: &ParamLayout) -> Result<LoadedCheckpoint, Train
                         ),
                     ));
                 }
-                for (d, c) in bufs[k][p.offset..p.offset + p.len]
-                    .iter_mut()
-                    .zip(t.data().chunks_exact(4))
-                {
+                let vals = &mut bufs[k][p.offset..p.offset + p.len];
+                for (d, c) in vals.iter_mut().zip(t.data().chunks_exact(4)) {
                     *d = f32::from_le_bytes(c.try_into().unwrap());
+                }
+                // A weight or moment that is not a number would train (or export) NaN on.
+                if let Some(i) = vals.iter().position(|x| !x.is_finite()) {
+                    return Err(ck_err(
+                        &state,
+                        format!(
+                            "{name} holds {} at element {i}: the checkpoint is corrupt or its run diverged",
+                            vals[i]
+                        ),
+                    ));
                 }
             }
         }
@@ -268,6 +276,17 @@ pub fn read_meta(dir: &Path) -> Result<CheckpointMeta, TrainError> {
         return Err(ck_err(
             &p,
             format!("format {:?} is not {FORMAT}", meta.format),
+        ));
+    }
+    let sc = &meta.progress.scaler;
+    if !(sc.scale.is_finite() && sc.scale > 0.0 && sc.min_scale.is_finite() && sc.min_scale >= 0.0)
+    {
+        return Err(ck_err(
+            &p,
+            format!(
+                "invalid trainer.json: loss scale {} (min {}) must be a positive number (min: not negative)",
+                sc.scale, sc.min_scale
+            ),
         ));
     }
     Ok(meta)

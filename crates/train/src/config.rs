@@ -262,6 +262,11 @@ fn at_least_one(name: &str, x: Option<u64>) -> Result<Option<usize>, TrainError>
     }
 }
 
+/// The most samples (sequences) one optimizer step may take over all ranks: far above any real
+/// batch (DeepSpeed's largest published ones are a few thousand), low enough that a mistyped size
+/// is refused instead of overflowing.
+pub const MAX_SAMPLES_PER_STEP: usize = 1 << 24;
+
 impl TrainConfig {
     pub fn from_file(path: &std::path::Path) -> Result<Self, TrainError> {
         let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
@@ -517,15 +522,36 @@ impl TrainConfig {
     /// `(micro_batch, grad_accum)` for `dp` ranks, DeepSpeed's rule:
     /// `train_batch_size = micro_batch * grad_accum * dp`.
     pub fn batch_for(&self, dp: usize) -> Result<(usize, usize), TrainError> {
+        let (m, ga) = self.batch_for_unchecked(dp)?;
+        // Samples an optimizer step takes: counted without overflow and bounded, so that a
+        // mistyped size is an error here, not an overflow or an allocation that cannot be made.
+        let step = m
+            .checked_mul(dp)
+            .and_then(|x| x.checked_mul(ga))
+            .filter(|&x| x <= MAX_SAMPLES_PER_STEP);
+        if step.is_none() {
+            return Err(err(format!(
+                "micro batch {m} x gradient accumulation {ga} x dp {dp} is more than {MAX_SAMPLES_PER_STEP} samples an optimizer step"
+            )));
+        }
+        Ok((m, ga))
+    }
+
+    fn batch_for_unchecked(&self, dp: usize) -> Result<(usize, usize), TrainError> {
         let m = self.micro_batch;
+        let Some(m_dp) = m.checked_mul(dp) else {
+            return Err(err(format!(
+                "train_micro_batch_size_per_gpu {m} x dp {dp} is too large"
+            )));
+        };
         match (self.train_batch_size, self.grad_accum) {
             (Some(tb), ga) => {
-                if tb % (m * dp) != 0 {
+                if tb % m_dp != 0 {
                     return Err(err(format!(
                         "train_batch_size {tb} is not divisible by train_micro_batch_size_per_gpu {m} x dp {dp}"
                     )));
                 }
-                let derived = tb / (m * dp);
+                let derived = tb / m_dp;
                 if let Some(g) = ga {
                     if g != derived {
                         return Err(err(format!(
@@ -669,6 +695,17 @@ mod tests {
         assert_eq!(c.zero.stage, 3);
         assert_eq!(c.batch_for(2).unwrap(), (2, 4));
         assert!(c.batch_for(3).is_err());
+        // Sizes that would overflow, or take more than MAX_SAMPLES_PER_STEP a step: errors.
+        assert!(c.batch_for(usize::MAX).is_err());
+        let huge = |tb: &str, mb: &str| {
+            TrainConfig::from_json_str(&format!(
+                r#"{{"train_batch_size": {tb}, "train_micro_batch_size_per_gpu": {mb}}}"#
+            ))
+            .and_then(|c| c.batch_for(1))
+        };
+        assert!(huge("18446744073709551615", "1").is_err());
+        assert!(huge("33554432", "1").is_err());
+        assert_eq!(huge("4096", "4").unwrap(), (4, 1024));
         assert_eq!(c.loss_scaler().scale, 256.0);
         assert_eq!(c.adamw.betas, (0.9, 0.95));
         assert_eq!(

@@ -8,6 +8,8 @@ pub enum TrainError {
     Config(String),
     #[error("data: {0}")]
     Data(String),
+    #[error("training stopped: {0}")]
+    Diverged(String),
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: String, msg: String },
     #[error("{path}: {source}")]

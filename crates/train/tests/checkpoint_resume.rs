@@ -103,6 +103,35 @@ fn an_interrupted_save_leaves_the_previous_checkpoint_loadable() {
 }
 
 #[test]
+fn a_checkpoint_holding_nan_or_a_zero_loss_scale_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    segment(2, 1, 2, None, Some(dir.path()));
+    let layout = ParamLayout::new(&tiny_model(false));
+    let step = dir.path().join("step_00000002");
+    // A NaN in the last tensor's last value (the file's tail).
+    let state = step.join("state.safetensors");
+    let good = std::fs::read(&state).unwrap();
+    let mut bad = good.clone();
+    let n = bad.len();
+    bad[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&state, &bad).unwrap();
+    let e = load(dir.path(), &layout).err().unwrap().to_string();
+    assert!(e.contains("NaN") && e.contains("corrupt"), "{e}");
+    let out = dir.path().join("hf");
+    assert!(checkpoint::export(dir.path(), &out, tessera_tensor::DType::F32).is_err());
+    std::fs::write(&state, &good).unwrap();
+    load(dir.path(), &layout).unwrap();
+    // A loss scale of 0 in trainer.json.
+    let meta = step.join("trainer.json");
+    let text = std::fs::read_to_string(&meta).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["progress"]["scaler"]["scale"] = serde_json::json!(0.0);
+    std::fs::write(&meta, serde_json::to_vec(&v).unwrap()).unwrap();
+    let e = load(dir.path(), &layout).err().unwrap().to_string();
+    assert!(e.contains("loss scale 0"), "{e}");
+}
+
+#[test]
 fn export_writes_an_hf_model_that_inference_loads_with_the_same_logits() {
     let dir = tempfile::tempdir().unwrap();
     segment(2, 3, 3, None, Some(dir.path()));

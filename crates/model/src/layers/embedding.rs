@@ -134,8 +134,13 @@ impl ParallelLmHead {
         comm: &dyn Communicator,
         vocab_start: usize,
     ) -> Result<Vec<u32>, ModelError> {
+        let nan = |row: usize| ModelError::NotANumber(format!("at row {row}"));
         if self.tp_size == 1 {
-            return Ok(local.into_iter().map(|(_, i)| i).collect());
+            return local
+                .into_iter()
+                .enumerate()
+                .map(|(r, (v, i))| if v.is_nan() { Err(nan(r)) } else { Ok(i) })
+                .collect();
         }
         // Indices travel as f32: exact below 2^24, far above any vocabulary.
         let send: Vec<f32> = local
@@ -145,18 +150,21 @@ impl ParallelLmHead {
         let mut recv = vec![0.0f32; send.len() * self.tp_size];
         comm.all_gather(&send, &mut recv)?;
         let rows = local.len();
-        Ok((0..rows)
+        (0..rows)
             .map(|r| {
                 // Ranks hold ascending vocab ranges, so the first maximum is the lowest index.
                 let mut best = (f32::NEG_INFINITY, 0u32);
                 for k in 0..self.tp_size {
                     let (v, i) = (recv[k * 2 * rows + 2 * r], recv[k * 2 * rows + 2 * r + 1]);
+                    if v.is_nan() {
+                        return Err(nan(r));
+                    }
                     if v > best.0 {
                         best = (v, i as u32);
                     }
                 }
-                best.1
+                Ok(best.1)
             })
-            .collect())
+            .collect()
     }
 }

@@ -1,0 +1,134 @@
+//! Output paths checked before any work: a run that would overwrite what an earlier run left
+//! (a model directory, a dataset, checkpoints) is refused, and one that could not write its
+//! output at the end is stopped at the start, not after it has trained.
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+
+/// `path` (given as `flag`) may take a new directory of output: it does not exist, or is an
+/// empty directory.
+pub fn fresh_dir(path: &Path, flag: &str) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    if !path.is_dir() {
+        bail!("{flag} {} exists and is not a directory", path.display());
+    }
+    let mut entries = std::fs::read_dir(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {flag} {}: {e}", path.display()))?;
+    if entries.next().is_some() {
+        bail!(
+            "{flag} {} already exists and is not empty; give a new directory (nothing was written)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// A file the run writes at its end (`flag`): its directory must exist, and it must not be a
+/// directory itself.
+pub fn writable_file(path: &Path, flag: &str) -> Result<()> {
+    if path.is_dir() {
+        bail!("{flag} {} is a directory", path.display());
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(dir) = parent {
+        if !dir.is_dir() {
+            bail!(
+                "{flag} {}: directory {} does not exist",
+                path.display(),
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A checkpoint root to save into (`--save`): not a file, and not holding another run's
+/// checkpoints (a `latest` file or step directories) unless the run resumes from that root
+/// (`resumes_from`: the root or step directory given to `--resume`), whose saves continue it.
+pub fn checkpoint_root(root: &Path, resumes_from: Option<&Path>) -> Result<()> {
+    if !root.exists() {
+        return Ok(());
+    }
+    if !root.is_dir() {
+        bail!("--save {} exists and is not a directory", root.display());
+    }
+    let entries = std::fs::read_dir(root)
+        .map_err(|e| anyhow::anyhow!("cannot read --save {}: {e}", root.display()))?;
+    let holds = entries.flatten().any(|e| {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        name == "latest" || name.starts_with("step_")
+    });
+    if !holds {
+        return Ok(());
+    }
+    let same = |p: &Path| match (p.canonicalize(), root.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b || a.parent() == Some(b.as_path()),
+        _ => false,
+    };
+    if resumes_from.is_some_and(same) {
+        return Ok(());
+    }
+    bail!(
+        "--save {} already holds checkpoints of another run; continue it with --resume {}, or save elsewhere (nothing was written)",
+        root.display(),
+        root.display()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_directories_must_be_new_or_empty() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("new");
+        fresh_dir(&d, "--out").unwrap();
+        std::fs::create_dir(&d).unwrap();
+        fresh_dir(&d, "--out").unwrap();
+        std::fs::write(d.join("config.json"), "{}").unwrap();
+        let e = fresh_dir(&d, "--out").unwrap_err().to_string();
+        assert!(e.contains("already exists and is not empty"), "{e}");
+        let f = d.join("config.json");
+        let e = fresh_dir(&f, "--out").unwrap_err().to_string();
+        assert!(e.contains("is not a directory"), "{e}");
+    }
+
+    #[test]
+    fn files_written_at_the_end_need_their_directory_now() {
+        let t = tempfile::tempdir().unwrap();
+        writable_file(&t.path().join("c.svg"), "--curve").unwrap();
+        writable_file(Path::new("c.svg"), "--curve").unwrap();
+        let e = writable_file(&t.path().join("no/c.svg"), "--curve").unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        let e = writable_file(t.path(), "--curve").unwrap_err();
+        assert!(e.to_string().contains("is a directory"), "{e}");
+    }
+
+    #[test]
+    fn a_checkpoint_root_of_another_run_is_refused_unless_resumed() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("ck");
+        checkpoint_root(&root, None).unwrap();
+        std::fs::create_dir_all(root.join("step_00000003")).unwrap();
+        std::fs::write(root.join("latest"), "step_00000003").unwrap();
+        let e = checkpoint_root(&root, None).unwrap_err().to_string();
+        assert!(e.contains("already holds checkpoints"), "{e}");
+        // Resuming from the root or from one of its step directories continues it.
+        checkpoint_root(&root, Some(&root)).unwrap();
+        checkpoint_root(&root, Some(&root.join("step_00000003"))).unwrap();
+        // Resuming from another root does not.
+        let other = t.path().join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        assert!(checkpoint_root(&root, Some(&other)).is_err());
+        // A file is refused; an empty directory or one of other files is taken.
+        let f = t.path().join("afile");
+        std::fs::write(&f, "x").unwrap();
+        assert!(checkpoint_root(&f, None).is_err());
+        checkpoint_root(&other, None).unwrap();
+    }
+}
