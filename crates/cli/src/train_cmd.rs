@@ -204,6 +204,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
             {
                 bail!("the checkpoint's model config differs from --model-config");
             }
+            if meta.progress.step >= a.steps {
+                bail!(
+                    "the checkpoint is at step {} already: --steps {} leaves nothing to train (--steps counts the whole run)",
+                    meta.progress.step,
+                    a.steps
+                );
+            }
             seed = meta.seed;
             Some(meta)
         }

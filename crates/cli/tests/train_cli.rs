@@ -174,6 +174,14 @@ fn train_json_crash_resume_at_another_layout_and_export() {
         assert!((a.1 - b.1).abs() / a.1 < 1e-5, "{a:?} vs {b:?}");
     }
 
+    // Resuming the finished run with the same --steps: nothing to train, refused (the run's
+    // checkpoint and curve stay as they are).
+    let (code, _, err) = run(&["--resume", s(&ck), "--save", s(&ck)], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("leaves nothing to train"), "{err}");
+    let errors = err.lines().filter(|l| !l.starts_with("warning:")).count();
+    assert_eq!(errors, 1, "{err}");
+
     // Export, then score and generate with the exported model.
     let hf = dir.path().join("hf");
     let (code, _, err) = tessera(&["export", "--checkpoint", s(&ck), "--out", s(&hf)]);
