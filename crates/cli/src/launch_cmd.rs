@@ -6,7 +6,9 @@
 //! through with a `[rank i]` prefix; stdout is passed through untouched (only rank 0 prints
 //! results). When a rank fails (non-zero exit or killed by a signal), the others get a few seconds
 //! to notice and exit with their own message, then are killed; the launcher exits non-zero naming
-//! the rank that failed first.
+//! the rank that failed first. SIGINT, SIGTERM and SIGHUP sent to the launcher are passed on to
+//! every rank (a rank that has not ended a few seconds later is killed), so that stopping the
+//! launcher (a scheduler's `kill`, a closed terminal) stops the job instead of orphaning it.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -193,6 +195,7 @@ pub fn run_job(spec: JobSpec) -> Result<()> {
     } else {
         program.into()
     };
+    signals::catch();
     let mut ranks: Vec<Rank> = Vec::new();
     for local in 0..spec.nproc_per_node {
         let rank = spec.node_rank * spec.nproc_per_node + local;
@@ -274,6 +277,20 @@ fn supervise(mut ranks: Vec<Rank>) -> Result<()> {
     let mut first_failure: Option<(Instant, bool, String)> = None;
     let mut killed = 0;
     loop {
+        // A signal to the launcher: passed on to every rank still running; the job then ends as
+        // after a failure (a grace period, then the rest killed), naming the signal.
+        if let Some(sig) = signals::take() {
+            let mut told = 0;
+            for r in ranks.iter().filter(|r| r.status.is_none()) {
+                signals::send(r.pid, sig);
+                told += 1;
+            }
+            if first_failure.is_none() {
+                let msg =
+                    format!("the launcher got signal {sig} and passed it on to {told} rank(s)");
+                first_failure = Some((Instant::now(), true, msg));
+            }
+        }
         let mut failures_now = Vec::new();
         for r in ranks.iter_mut().filter(|r| r.status.is_none()) {
             if let Ok(Some(st)) = r.child.try_wait() {
@@ -320,5 +337,52 @@ fn supervise(mut ranks: Vec<Rank>) -> Result<()> {
             };
             bail!("{msg}{others}")
         }
+    }
+}
+
+/// The signals the launcher passes on to its ranks (unix; elsewhere nothing is caught).
+mod signals {
+    use std::sync::atomic::{AtomicI32, Ordering};
+
+    /// The last signal caught and not yet passed on (0: none).
+    static PENDING: AtomicI32 = AtomicI32::new(0);
+
+    #[cfg(unix)]
+    extern "C" fn on_signal(sig: libc::c_int) {
+        // Async-signal-safe: one atomic store.
+        PENDING.store(sig, Ordering::SeqCst);
+    }
+
+    /// Catches SIGINT, SIGTERM and SIGHUP from here on (they no longer end the launcher at once).
+    pub fn catch() {
+        #[cfg(unix)]
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
+            unsafe {
+                libc::signal(
+                    sig,
+                    on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+                );
+            }
+        }
+    }
+
+    /// The signal caught since the last call, if any.
+    pub fn take() -> Option<i32> {
+        match PENDING.swap(0, Ordering::SeqCst) {
+            0 => None,
+            s => Some(s),
+        }
+    }
+
+    /// Sends `sig` to process `pid` (a rank not yet reaped, so the pid is still its).
+    pub fn send(pid: u32, sig: i32) {
+        #[cfg(unix)]
+        // SAFETY: kill(2) on a child this process started and has not waited for.
+        unsafe {
+            libc::kill(pid as libc::pid_t, sig);
+        }
+        #[cfg(not(unix))]
+        let _ = (pid, sig);
     }
 }

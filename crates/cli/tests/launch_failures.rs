@@ -334,3 +334,54 @@ fn a_rank_with_another_jobs_token_is_turned_away() {
     let _ = r0.kill();
     let _ = r0.wait();
 }
+
+/// SIGTERM to the launcher reaches every rank: the job ends within seconds naming the signal,
+/// and no rank outlives the launcher (ranks that ignore stdin and print nothing: `sleep`).
+#[test]
+fn a_signal_to_the_launcher_ends_every_rank() {
+    let mut cmd = bin();
+    cmd.args(["launch", "--nproc-per-node", "2", "--", "sleep", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let launcher = child.id();
+    // Both ranks started.
+    let start = Instant::now();
+    let pids = loop {
+        let p: Vec<u32> = (0..2).filter_map(|r| rank_pid(launcher, r)).collect();
+        if p.len() == 2 {
+            break p;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "ranks did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let ok = Command::new("kill")
+        .args(["-TERM", &launcher.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let (code, err, took) = finish(child, Duration::from_secs(30));
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("got signal 15"), "{err}");
+    assert!(took < Duration::from_secs(15), "took {took:?}: {err}");
+    for pid in pids {
+        // Reaped by the launcher: gone (or, were the pid reused, no longer the launcher's child).
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().nth(1));
+        assert_ne!(
+            ppid,
+            Some(launcher.to_string().as_str()),
+            "rank {pid} outlived it"
+        );
+        assert!(
+            !stat.contains("(sleep)"),
+            "rank {pid} is still running: {stat}"
+        );
+    }
+}
