@@ -108,6 +108,9 @@ pub fn run(a: LaunchArgs) -> Result<()> {
         (None, None, 1) => format!("{:016x}", rand::random::<u64>()),
         (None, None, _) => format!("tessera-{master_addr}:{master_port}"),
     };
+    if job_token.trim().is_empty() {
+        bail!("the job token (--job-token or TESSERA_JOB_TOKEN) must not be empty");
+    }
     run_job(JobSpec {
         nproc_per_node: a.nproc_per_node,
         nnodes: a.nnodes,

@@ -176,6 +176,35 @@ fn bad_input_is_one_line_and_non_zero() {
             "exceed the model's context of 256 positions",
         );
     }
+    // Benchmark sizes that measure nothing or cannot be allocated, before anything is printed.
+    for (args, needle) in [
+        (
+            vec!["bench", "matmul", "--sizes", "0"],
+            "--sizes and --gemv take 1 to 32768",
+        ),
+        (
+            vec!["bench", "matmul", "--sizes", "100000000"],
+            "--sizes and --gemv take 1 to 32768",
+        ),
+        (
+            vec!["bench", "decode", "--steps", "0"],
+            "--steps and --batch",
+        ),
+        (
+            vec![
+                "launch",
+                "--nproc-per-node",
+                "1",
+                "--job-token",
+                "",
+                "--",
+                "true",
+            ],
+            "must not be empty",
+        ),
+    ] {
+        fails_with(&args, needle);
+    }
     // A missing argument is named.
     fails_with(&["export", "--out", "x"], "--checkpoint <CHECKPOINT>");
     fails_with(

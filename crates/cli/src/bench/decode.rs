@@ -90,6 +90,9 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     if a.graph && device == Device::Cpu {
         bail!("--graph needs --device cuda");
     }
+    if a.steps == 0 || a.batch.contains(&0) {
+        bail!("--steps and --batch take at least 1");
+    }
     if let Some(h) = a.hold_us {
         if a.one_rank_of.is_none() || !matches!(device, Device::Cuda(_)) {
             bail!("--hold-us needs --one-rank-of and --device cuda");

@@ -21,7 +21,22 @@ pub struct MatmulArgs {
     pub gemv: usize,
 }
 
+/// The largest size the CPU benchmark takes (a matrix of f32 is then 4 GiB).
+const MAX_SIZE: usize = 32768;
+
 pub fn run(a: MatmulArgs) -> Result<()> {
+    // Checked before anything is measured or printed.
+    if let Some(s) = a
+        .sizes
+        .iter()
+        .chain([&a.gemv])
+        .find(|&&s| !(1..=MAX_SIZE).contains(&s))
+    {
+        anyhow::bail!("--sizes and --gemv take 1 to {MAX_SIZE}, got {s}");
+    }
+    for dt in &a.dtypes {
+        dt.parse::<DType>()?;
+    }
     let peaks = ceiling::fma_peaks();
     println!("threads: {}", rayon::current_num_threads());
     for (name, p) in &peaks {
