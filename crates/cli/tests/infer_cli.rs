@@ -192,6 +192,17 @@ fn bad_input_is_one_line_and_non_zero() {
         ),
         (
             vec![
+                "bench",
+                "decode",
+                "--hidden",
+                "1000000",
+                "--intermediate",
+                "1000000",
+            ],
+            "more than this host's",
+        ),
+        (
+            vec![
                 "launch",
                 "--nproc-per-node",
                 "1",

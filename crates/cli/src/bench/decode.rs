@@ -110,6 +110,21 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             device_of_rank(device, r).ensure_available()?;
         }
     }
+    // On the CPU the ranks' weights share the host's memory: a shape larger than it is refused
+    // here rather than aborting in an allocation.
+    if device == Device::Cpu {
+        let weights = cfg.num_params() as f64 * dtype.size_in_bytes() as f64
+            / a.one_rank_of.unwrap_or(1) as f64;
+        if let Some(total) = host_memory_bytes() {
+            if weights > 0.9 * total {
+                bail!(
+                    "the shape's {dtype} weights take {:.1} GB, more than this host's {:.1} GB of memory",
+                    weights / 1e9,
+                    total / 1e9
+                );
+            }
+        }
+    }
     println!(
         "model: {} layers, hidden {}, {} heads / {} kv, vocab {}: {:.2}B params, {:.1} GB of {dtype} weights, random, on {device}",
         cfg.num_layers,
@@ -380,4 +395,12 @@ impl SkipComm {
             msg: format!("--one-rank-of skips communication; {what} is not available"),
         }
     }
+}
+
+/// The host's memory in bytes (`MemTotal` of /proc/meminfo; `None` where there is none).
+fn host_memory_bytes() -> Option<f64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024.0)
 }
