@@ -82,7 +82,7 @@ fn main() {
         Cmd::Bench(a) => bench::run(a),
     };
     if let Err(e) = result {
-        eprintln!("error: {}", error_line(&e));
+        eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
@@ -108,26 +108,9 @@ fn clap_one_line(msg: &str) -> String {
     out
 }
 
-/// An error and its causes on one line, each cause once: a message that already ends with its
-/// cause's text (an I/O error quoted in it) does not repeat it.
-fn error_line(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if out.ends_with(&text) || out.contains(&format!("{text}:")) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{clap_one_line, error_line};
+    use super::clap_one_line;
 
     #[test]
     fn clap_errors_name_what_is_missing_on_one_line() {
@@ -142,25 +125,5 @@ mod tests {
             "error: invalid value 'x' for '--tp <TP>': invalid digit found in string"
         );
         assert_eq!(clap_one_line(""), "invalid arguments");
-    }
-
-    #[test]
-    fn an_error_line_names_each_cause_once() {
-        let io = || std::io::Error::from(std::io::ErrorKind::PermissionDenied);
-        let text = io().to_string();
-        // A context that quotes its cause: the cause is not repeated.
-        let e = anyhow::Error::new(io()).context(format!("cannot write ro/y: {text}"));
-        assert_eq!(error_line(&e), format!("cannot write ro/y: {text}"));
-        // A context that does not: the cause follows it.
-        let e = anyhow::Error::new(io()).context("cannot write ro/y");
-        assert_eq!(error_line(&e), format!("cannot write ro/y: {text}"));
-        // Three levels, the middle one quoting the innermost.
-        let e = anyhow::Error::new(io())
-            .context(format!("x.tmp: {text}"))
-            .context("saving the checkpoint");
-        assert_eq!(
-            error_line(&e),
-            format!("saving the checkpoint: x.tmp: {text}")
-        );
     }
 }

@@ -12,12 +12,10 @@ pub enum TrainError {
     Diverged(String),
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: String, msg: String },
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The I/O error is part of the message (not a `source`), so that error chains print it
+    /// once (as `ModelError::Io`).
+    #[error("{path}: {err}")]
+    Io { path: String, err: std::io::Error },
     #[error("rank {rank} panicked: {msg}")]
     Panic { rank: usize, msg: String },
     #[error(transparent)]
@@ -27,10 +25,23 @@ pub enum TrainError {
 }
 
 impl TrainError {
-    pub fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+    pub fn io(path: &std::path::Path, err: std::io::Error) -> Self {
         TrainError::Io {
             path: path.display().to_string(),
-            source,
+            err,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_io_error_is_said_once_in_a_chain() {
+        let io = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let text = io.to_string();
+        let e = super::TrainError::io(std::path::Path::new("ro/y"), io);
+        assert_eq!(e.to_string(), format!("ro/y: {text}"));
+        // No source: a chain printer (anyhow's `{:#}`) does not add the I/O error again.
+        assert!(std::error::Error::source(&e).is_none());
     }
 }

@@ -441,10 +441,10 @@ impl P2pAllReduce {
         let (mut word, mut timeout) = (self.word_dev, self.timeout_ns);
         let mut pushed = i32::from(pushed);
         let mut hold = self.hold_ns;
-        // A call being captured into a graph sums into the second account.
-        let captured = self.dev.capturing().is_some();
         let mut stats = self.stats.as_ref().map_or(0, |st| {
             use cudarc::driver::DevicePtr;
+            // A call being captured into a graph sums into the second account.
+            let captured = self.dev.capturing().is_some();
             st.device_ptr(&self.stream).0 + 8 * (STATS_WORDS * usize::from(captured)) as u64
         });
         let mut opts = i32::from(self.fence) | (self.trigger << 1);
