@@ -31,7 +31,8 @@ pub struct GenerateArgs {
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     pub ignore_eos: bool,
-    /// Print one JSON object: {"tokens": [...], "text": "..."} (the generated part only).
+    /// Print one JSON object: {"tokens": [...], "text": "..."} (the generated part only; "text"
+    /// is null for a model without a tokenizer).
     #[arg(long)]
     pub json: bool,
 }
@@ -74,14 +75,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         None
     };
     if a.json {
-        println!(
-            "{}",
-            serde_json::json!({ "tokens": tokens, "text": text.unwrap_or_default() })
-        );
+        outln!("{}", serde_json::json!({ "tokens": tokens, "text": text }));
     } else {
         match text {
-            Some(t) => println!("{}{t}", a.prompt.as_deref().unwrap_or("")),
-            None => println!("{tokens:?}"),
+            Some(t) => outln!("{}{t}", a.prompt.as_deref().unwrap_or("")),
+            None => outln!("{tokens:?}"),
         }
     }
     Ok(())

@@ -5,8 +5,9 @@
 //! for programs that read those). Rank 0 hosts the rendezvous store. The children's stderr comes
 //! through with a `[rank i]` prefix; stdout is passed through untouched (only rank 0 prints
 //! results). When a rank fails (non-zero exit or killed by a signal), the others get a few seconds
-//! to notice and exit with their own message, then are killed; the launcher exits non-zero naming
-//! the rank that failed first. SIGINT, SIGTERM and SIGHUP sent to the launcher are passed on to
+//! to notice and exit with their own message, then are killed; the launcher exits naming the rank
+//! that failed first, with that rank's exit status (128 + the signal for one killed by a signal,
+//! as a shell reports it), as `mpirun` does. SIGINT, SIGTERM and SIGHUP sent to the launcher are passed on to
 //! every rank (a rank that has not ended a few seconds later is killed), so that stopping the
 //! launcher (a scheduler's `kill`, a closed terminal) stops the job instead of orphaning it.
 
@@ -152,8 +153,27 @@ fn signal_name(sig: i32) -> &'static str {
     }
 }
 
+/// A job that failed: what the launcher says, and the status it exits with (the first failed
+/// rank's).
+#[derive(Debug)]
+pub struct JobFailed {
+    pub msg: String,
+    pub status: i32,
+}
+
+impl std::fmt::Display for JobFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.msg)
+    }
+}
+
+impl std::error::Error for JobFailed {}
+
+/// A rank's failure: by a signal or not, the message, the status to exit with.
+type Failure = (bool, String, i32);
+
 /// Why a rank's exit is a failure, or `None` if it succeeded.
-fn failure(r: &Rank, status: ExitStatus) -> Option<(bool, String)> {
+fn failure(r: &Rank, status: ExitStatus) -> Option<Failure> {
     use std::os::unix::process::ExitStatusExt;
     if let Some(sig) = status.signal() {
         return Some((
@@ -164,11 +184,13 @@ fn failure(r: &Rank, status: ExitStatus) -> Option<(bool, String)> {
                 r.pid,
                 signal_name(sig)
             ),
+            128 + sig,
         ));
     }
     match status.code() {
         Some(0) => None,
         code => {
+            let status = code.unwrap_or(1);
             let code = code.map(|c| c.to_string()).unwrap_or_else(|| "?".into());
             let last = r.last_line.lock().map(|l| l.clone()).unwrap_or_default();
             let why = if last.is_empty() {
@@ -182,6 +204,7 @@ fn failure(r: &Rank, status: ExitStatus) -> Option<(bool, String)> {
                     "rank {} (pid {}) exited with status {code}{why}",
                     r.rank, r.pid
                 ),
+                status,
             ))
         }
     }
@@ -225,10 +248,17 @@ pub fn run_job(spec: JobSpec) -> Result<()> {
         for (k, v) in &spec.extra_env {
             cmd.env(k, v);
         }
+        // Each rank leads a process group of its own: a signal or a kill reaches what the rank
+        // started too (`sh -c "tessera ..."`), which would otherwise live on, orphaned, holding
+        // the rank's stderr (and so the launcher) open. Terminal signals reach the launcher
+        // alone, which passes them on.
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
                 for r in &mut ranks {
+                    signals::send(r.pid, signals::KILL);
                     let _ = r.child.kill();
                     let _ = r.child.wait();
                 }
@@ -277,7 +307,7 @@ fn forward_stderr(rank: usize, err: impl std::io::Read, last: &Mutex<String>) {
 const GRACE: Duration = Duration::from_secs(3);
 
 fn supervise(mut ranks: Vec<Rank>) -> Result<()> {
-    let mut first_failure: Option<(Instant, bool, String)> = None;
+    let mut first_failure: Option<(Instant, Failure)> = None;
     let mut killed = 0;
     loop {
         // A signal to the launcher: passed on to every rank still running; the job then ends as
@@ -291,7 +321,7 @@ fn supervise(mut ranks: Vec<Rank>) -> Result<()> {
             if first_failure.is_none() {
                 let msg =
                     format!("the launcher got signal {sig} and passed it on to {told} rank(s)");
-                first_failure = Some((Instant::now(), true, msg));
+                first_failure = Some((Instant::now(), (true, msg, 128 + sig)));
             }
         }
         let mut failures_now = Vec::new();
@@ -304,18 +334,19 @@ fn supervise(mut ranks: Vec<Rank>) -> Result<()> {
             }
         }
         // A rank killed by a signal is the root cause of the others' errors seen at the same time.
-        failures_now.sort_by_key(|(by_signal, _)| !by_signal);
+        failures_now.sort_by_key(|f| !f.0);
         if first_failure.is_none() {
-            if let Some((sig, msg)) = failures_now.into_iter().next() {
-                first_failure = Some((Instant::now(), sig, msg));
+            if let Some(f) = failures_now.into_iter().next() {
+                first_failure = Some((Instant::now(), f));
             }
         }
         if ranks.iter().all(|r| r.status.is_some()) {
             break;
         }
-        if let Some((t, _, _)) = &first_failure {
+        if let Some((t, _)) = &first_failure {
             if t.elapsed() > GRACE {
                 for r in ranks.iter_mut().filter(|r| r.status.is_none()) {
+                    signals::send(r.pid, signals::KILL);
                     let _ = r.child.kill();
                     r.status = r.child.wait().ok();
                     killed += 1;
@@ -325,6 +356,13 @@ fn supervise(mut ranks: Vec<Rank>) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A failed job is over: what its ranks started and left behind goes too (their groups), so
+    // that nothing holds a rank's stderr open past it.
+    if first_failure.is_some() {
+        for r in &ranks {
+            signals::send(r.pid, signals::KILL);
+        }
+    }
     for r in &mut ranks {
         if let Some(h) = r.forward.take() {
             let _ = h.join();
@@ -332,13 +370,17 @@ fn supervise(mut ranks: Vec<Rank>) -> Result<()> {
     }
     match first_failure {
         None => Ok(()),
-        Some((_, _, msg)) => {
+        Some((_, (_, msg, status))) => {
             let others = if killed > 0 {
                 format!("; killed {killed} rank(s) that were still running")
             } else {
                 String::new()
             };
-            bail!("{msg}{others}")
+            Err(JobFailed {
+                msg: format!("{msg}{others}"),
+                status,
+            }
+            .into())
         }
     }
 }
@@ -379,11 +421,17 @@ mod signals {
     }
 
     /// Sends `sig` to process `pid` (a rank not yet reaped, so the pid is still its).
+    /// SIGKILL.
+    pub const KILL: i32 = 9;
+
+    /// `sig` to the process group a rank leads (the rank and what it started; the group's id is
+    /// the rank's pid, which the group keeps while any member lives).
     pub fn send(pid: u32, sig: i32) {
         #[cfg(unix)]
-        // SAFETY: kill(2) on a child this process started and has not waited for.
+        // SAFETY: kill(2) on the process group of a child this process started; a group that is
+        // gone is an error (ESRCH) and nothing else.
         unsafe {
-            libc::kill(pid as libc::pid_t, sig);
+            libc::kill(-(pid as libc::pid_t), sig);
         }
         #[cfg(not(unix))]
         let _ = (pid, sig);

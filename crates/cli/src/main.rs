@@ -1,5 +1,24 @@
 //! `tessera`: split large language models across devices to serve and train them.
 
+/// `println!` that ends the process with a one-line error (exit 1) where standard output cannot
+/// be written (a full disk, `> /dev/full`), instead of `println!`'s panic. Every command prints
+/// through it.
+macro_rules! outln {
+    () => {
+        $crate::write_stdout(format_args!("\n"))
+    };
+    ($($t:tt)*) => {
+        $crate::write_stdout(format_args!("{}\n", format_args!($($t)*)))
+    };
+}
+
+/// `print!` likewise.
+macro_rules! out {
+    ($($t:tt)*) => {
+        $crate::write_stdout(format_args!($($t)*))
+    };
+}
+
 mod bench;
 mod data_cmd;
 mod export_cmd;
@@ -83,8 +102,31 @@ fn main() {
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        // A launched job's failure: the failed rank's status (at least 1).
+        let status = e
+            .downcast_ref::<launch_cmd::JobFailed>()
+            .map_or(1, |f| f.status.max(1));
+        std::process::exit(status);
     }
+    // What is still buffered (a last `out!` without a newline) is written now, and its error
+    // said, not dropped at exit.
+    if let Err(e) = std::io::Write::flush(&mut std::io::stdout()) {
+        stdout_failed(&e);
+    }
+}
+
+/// Writes to standard output; an error there ends the process (see `outln!`).
+pub(crate) fn write_stdout(args: std::fmt::Arguments) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        stdout_failed(&e);
+    }
+}
+
+/// One line and exit 1: what was asked for cannot be handed over.
+fn stdout_failed(e: &std::io::Error) -> ! {
+    eprintln!("error: cannot write to standard output: {e}");
+    std::process::exit(1);
 }
 
 /// clap's message as one line: its first line and, where that line ends with a colon (the

@@ -446,15 +446,26 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         efficiency: fraction("efficiency", &a.efficiency, 0.55)?,
     };
     let top = opt_count("top", &a.top)?.unwrap_or(10) as usize;
+    let searched = !req.fixed.any();
     let plan = search::plan(req)?;
     if let Some(path) = &a.svg {
         std::fs::write(path, svg::to_svg(&plan, top))
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report::to_json(&plan))?);
+        outln!("{}", serde_json::to_string_pretty(&report::to_json(&plan))?);
     } else {
-        print!("{}", report::to_table(&plan, top));
+        out!("{}", report::to_table(&plan, top));
+    }
+    // The report is printed either way. A search (no part of the layout given) that finds no
+    // layout to hold the job is a failure for a script (exit 1), said in one line: how many do
+    // not fit and the closest. A layout given is a question about that layout, answered.
+    if searched && !plan.layouts.iter().any(|e| e.fits) {
+        let why = report::why_not_lines(&plan).into_iter().next();
+        anyhow::bail!(
+            "no layout fits: {}",
+            why.unwrap_or_else(|| "no valid layout".into())
+        );
     }
     Ok(())
 }

@@ -40,13 +40,13 @@ pub fn run(a: ScoreArgs) -> Result<()> {
             "token_logprobs": out.token_logprobs,
             "sum_logprob": out.sum_logprob,
         });
-        println!("{v}");
+        outln!("{v}");
     } else {
-        println!("{:>6} {:>8} {:>12}", "pos", "token", "logprob");
+        outln!("{:>6} {:>8} {:>12}", "pos", "token", "logprob");
         for (i, lp) in out.token_logprobs.iter().enumerate() {
-            println!("{:>6} {:>8} {:>12.6}", i + 1, tokens[i + 1], lp);
+            outln!("{:>6} {:>8} {:>12.6}", i + 1, tokens[i + 1], lp);
         }
-        println!(
+        outln!(
             "sum_logprob {:.6} over {} tokens",
             out.sum_logprob,
             out.token_logprobs.len()

@@ -295,9 +295,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
                         "step": s.step, "loss": s.loss, "lr": s.lr,
                         "grad_norm": s.grad_norm, "tokens_per_s": tps,
                     });
+                    // A line that cannot be written (a full disk) ends the run with an error:
+                    // the curve asked for would otherwise have holes.
                     let mut so = std::io::stdout().lock();
-                    let _ = writeln!(so, "{line}");
-                    let _ = so.flush();
+                    writeln!(so, "{line}")
+                        .and_then(|_| so.flush())
+                        .map_err(|e| tessera_train::TrainError::Io {
+                            path: "standard output".into(),
+                            err: e,
+                        })?;
                 } else {
                     let done = s.step.saturating_sub(start_step);
                     let left = a.steps.saturating_sub(s.step);

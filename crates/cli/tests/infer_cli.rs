@@ -100,6 +100,25 @@ fn generate_json_matches_hf_greedy_and_text_prompts_work() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["tokens"], case["tokens"]);
     assert!(v["text"].is_string());
+    // A model directory without a tokenizer: the same tokens, and no text (null, not "").
+    let bare = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(dir.join(f), bare.path().join(f)).unwrap();
+    }
+    let (code, out, err) = tessera(&[
+        "generate",
+        "--model",
+        bare.path().to_str().unwrap(),
+        "--prompt-tokens",
+        &join(&case["prompt_tokens"]),
+        "--max-tokens",
+        "12",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["tokens"], case["tokens"]);
+    assert!(v["text"].is_null(), "{v}");
     // The built-in model, sampled, is reproducible from its seed.
     let args = [
         "generate",
@@ -200,6 +219,17 @@ fn bad_input_is_one_line_and_non_zero() {
                 "1000000",
             ],
             "more than this host's",
+        ),
+        (
+            vec![
+                "bench",
+                "decode",
+                "--preset",
+                "llama-3-8b",
+                "--hidden",
+                "512",
+            ],
+            "cannot be used with '--hidden <HIDDEN>'",
         ),
         (
             vec![

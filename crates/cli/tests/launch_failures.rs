@@ -115,7 +115,8 @@ fn kill_9_of_a_rank_mid_all_reduce_ends_the_job_naming_it() {
         .unwrap()
         .success());
     let (code, err, elapsed) = finish(child, Duration::from_secs(60));
-    assert_ne!(code, Some(0), "{err}");
+    // The killed rank's status as a shell reports it: 128 + SIGKILL.
+    assert_eq!(code, Some(137), "{err}");
     // The launcher names the killed rank; the survivors name it too, each in its own words.
     assert!(
         err.contains(&format!("rank 1 (pid {pid}) was killed by signal 9")),
@@ -337,6 +338,29 @@ fn a_rank_with_another_jobs_token_is_turned_away() {
 
 /// SIGTERM to the launcher reaches every rank: the job ends within seconds naming the signal,
 /// and no rank outlives the launcher (ranks that ignore stdin and print nothing: `sleep`).
+/// The launcher exits with the status of the rank that failed first, as `mpirun` does; the other
+/// rank, a shell waiting on a child of its own (which holds its stderr open), is ended with that
+/// child (its process group), within the grace period.
+#[test]
+fn the_launcher_exits_with_the_failed_ranks_status() {
+    let mut cmd = bin();
+    cmd.args([
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        "[ \"$TESSERA_RANK\" = 1 ] && exit 3; sleep 30",
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let (code, err, took) = finish(cmd.spawn().unwrap(), Duration::from_secs(30));
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("rank 1") && err.contains("status 3"), "{err}");
+    assert!(took < Duration::from_secs(15), "took {took:?}: {err}");
+}
+
 #[test]
 fn a_signal_to_the_launcher_ends_every_rank() {
     let mut cmd = bin();
@@ -364,7 +388,8 @@ fn a_signal_to_the_launcher_ends_every_rank() {
         .unwrap();
     assert!(ok.success());
     let (code, err, took) = finish(child, Duration::from_secs(30));
-    assert_ne!(code, Some(0), "{err}");
+    // 128 + SIGTERM, as a shell reports a job ended by it.
+    assert_eq!(code, Some(143), "{err}");
     assert!(err.contains("got signal 15"), "{err}");
     assert!(took < Duration::from_secs(15), "took {took:?}: {err}");
     for pid in pids {

@@ -26,6 +26,19 @@ fn plan_json(args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).expect("--json prints one JSON object")
 }
 
+/// The report of a job no layout holds: printed all the same, then one error line and exit 1.
+fn plan_json_unfit(args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let out = tessera(&all);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "tessera plan {args:?}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: no layout fits: "), "{err}");
+    assert!(err.contains("the closest"), "{err}");
+    serde_json::from_slice(&out.stdout).expect("--json prints one JSON object")
+}
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../plan/tests/fixtures")
@@ -373,7 +386,7 @@ fn llama_8b_inference_by_hand() {
 
 #[test]
 fn seventy_b_in_fp16_does_not_fit_one_80g_card() {
-    let v = plan_json(&[
+    let v = plan_json_unfit(&[
         "infer",
         "--model",
         "llama-3-70b",
@@ -623,6 +636,34 @@ fn bad_input_is_one_line_and_a_non_zero_exit() {
             "more stages than the 32 layers",
         ),
     ];
+    // A job no layout holds: the table still printed, one line on stderr.
+    let out = tessera(&["train", "--model", "llama-3-8b", "--gpu-mem", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("No layout fits"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("error: no layout fits: "), "{err}");
+    assert!(err.contains("0.9 GiB usable"), "{err}");
+    // Output that cannot be written (a full disk): one line and exit 1, not a panic.
+    if Path::new("/dev/full").exists() {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        for json in [false, true] {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_tessera"));
+            cmd.args(["plan", "infer", "--model", "llama-3-8b", "--gpus", "1"]);
+            if json {
+                cmd.arg("--json");
+            }
+            let out = cmd.stdout(full.try_clone().unwrap()).output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{err}");
+            assert_eq!(
+                err.trim_end(),
+                "error: cannot write to standard output: No space left on device (os error 28)"
+            );
+        }
+    }
     for (args, needle) in cases {
         let out = tessera(&args);
         let err = String::from_utf8_lossy(&out.stderr);

@@ -402,3 +402,29 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
     assert_ne!(code, 0);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+/// `train --json` whose lines cannot be written (a full disk): the run ends with one line and
+/// exit 1 instead of going on with the curve's lines lost.
+#[test]
+fn a_json_line_that_cannot_be_written_ends_the_run() {
+    let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let paths = setup(dir.path());
+    let args = train_args(&paths, 3, &dir.path().join("curve.svg"), &[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(&args)
+        .stdout(full)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        err.trim_end().lines().last(),
+        Some("error: standard output: No space left on device (os error 28)"),
+        "{err}"
+    );
+    assert!(!dir.path().join("curve.svg").exists(), "the run stopped");
+}

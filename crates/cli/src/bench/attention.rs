@@ -32,16 +32,22 @@ fn run_cuda(a: AttentionArgs) -> Result<()> {
     let bw = copy_ceiling(&format!(
         "tp {t}: {hq} query / {hkv} KV heads of {hd} a rank"
     ))?;
-    println!(
+    outln!(
         "\n{:>5} {:>5} {:>9} {:>28} {:>9} {:>9} {:>9}",
-        "batch", "keys", "kernel", "plan", "µs", "GB/s", "% copy"
+        "batch",
+        "keys",
+        "kernel",
+        "plan",
+        "µs",
+        "GB/s",
+        "% copy"
     );
     for &b in &a.batch {
         for &k in &a.keys {
             let rows = tessera_tensor::cuda::bench_decode_attention(0, (b, hq, hkv, hd, k))?;
             let best = fastest(rows.iter().map(|r| r.micros));
             for r in rows {
-                println!(
+                outln!(
                     "{:>5} {:>5} {:>9} {:>28} {}{}",
                     b,
                     k,

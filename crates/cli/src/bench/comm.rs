@@ -181,14 +181,23 @@ fn bench_rank<T: Element + Default>(
     let (rank, n) = (c.rank(), c.world_size());
     let es = std::mem::size_of::<T>();
     if rank == 0 {
-        println!(
+        outln!(
             "# tessera bench comm: {} backend, {} ranks, {:?}, {}",
-            a.backend, n, op, a.dtype
+            a.backend,
+            n,
+            op,
+            a.dtype
         );
-        println!("# ceiling: {} {:.2} GB/s", ceiling.0, ceiling.1 / 1e9);
-        println!(
+        outln!("# ceiling: {} {:.2} GB/s", ceiling.0, ceiling.1 / 1e9);
+        outln!(
             "# {:>12} {:>12} {:>10} {:>12} {:>12} {:>12} {:>9}",
-            "size(B)", "count(elems)", "type", "time(us)", "algbw(GB/s)", "busbw(GB/s)", "%ceiling"
+            "size(B)",
+            "count(elems)",
+            "type",
+            "time(us)",
+            "algbw(GB/s)",
+            "busbw(GB/s)",
+            "%ceiling"
         );
     }
     let bus_factor = match op {
@@ -237,7 +246,7 @@ fn bench_rank<T: Element + Default>(
             let t = secs[0] as f64;
             let algbw = bytes / t;
             let busbw = algbw * bus_factor;
-            println!(
+            outln!(
                 "  {:>12} {:>12} {:>10} {:>12.1} {:>12.2} {:>12.2} {:>8.0}%",
                 count * es,
                 count,

@@ -110,7 +110,7 @@ fn bench_rank(
         &[What::AllReduce]
     };
     if rank == 0 && header {
-        println!(
+        outln!(
             "# tessera bench comm: nccl backend, {} GPUs, {}, {dt}, {CHAIN} calls a CUDA graph{}",
             a.nproc,
             a.op,
@@ -120,16 +120,25 @@ fn bench_rank(
                 ""
             }
         );
-        println!("# fused NVLink sum + norm {}", on(c.fused_norm_active()));
+        outln!("# fused NVLink sum + norm {}", on(c.fused_norm_active()));
         if fused {
-            println!(
+            outln!(
                 "# {:>10} {:>6} {:>7} {:>22} {:>14} {:>9}",
-                "size(B)", "rows", "hidden", "nccl+add_rms_norm(us)", "fused(us)", "speedup"
+                "size(B)",
+                "rows",
+                "hidden",
+                "nccl+add_rms_norm(us)",
+                "fused(us)",
+                "speedup"
             );
         } else {
-            println!(
+            outln!(
                 "# {:>10} {:>12} {:>10} {:>10} {:>12}",
-                "size(B)", "count", "time(us)", "algbw(GB/s)", "busbw(GB/s)"
+                "size(B)",
+                "count",
+                "time(us)",
+                "algbw(GB/s)",
+                "busbw(GB/s)"
             );
         }
     }
@@ -198,7 +207,7 @@ fn bench_rank(
             let bytes = count * es;
             if fused {
                 let (u, f) = (times[0].unwrap_or(f64::NAN), times[1]);
-                println!(
+                outln!(
                     "  {:>10} {:>6} {:>7} {:>22.2} {:>14} {:>9}",
                     bytes,
                     rows,
@@ -218,7 +227,7 @@ fn bench_rank(
                 let t = times[0].unwrap_or(f64::NAN);
                 let n = a.nproc as f64;
                 let algbw = bytes as f64 / t;
-                println!(
+                outln!(
                     "  {:>10} {:>12} {:>10.2} {:>10.2} {:>12.2}",
                     bytes,
                     count,

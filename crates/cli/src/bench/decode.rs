@@ -44,8 +44,9 @@ pub struct DecodeArgs {
     /// cpu, or cuda (rank r on GPU r).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// A published shape (llama-3-8b, llama-3-70b) instead of the shape flags below.
-    #[arg(long)]
+    /// A published shape (llama-3-8b, llama-3-70b) instead of the shape flags below (which it
+    /// cannot be combined with).
+    #[arg(long, conflicts_with_all = ["vocab", "hidden", "intermediate", "layers", "heads", "kv_heads"])]
     pub preset: Option<String>,
     /// Decode steps timed (after a prefill of --prompt-len tokens).
     #[arg(long, default_value_t = 32)]
@@ -125,7 +126,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             }
         }
     }
-    println!(
+    outln!(
         "model: {} layers, hidden {}, {} heads / {} kv, vocab {}: {:.2}B params, {:.1} GB of {dtype} weights, random, on {device}",
         cfg.num_layers,
         cfg.hidden_size,
@@ -142,7 +143,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => unreachable!("ensure_available refused it"),
     };
-    println!(
+    outln!(
         "ceiling: {:.1} GB/s measured ({}); threads: {}",
         bw / 1e9,
         if shared {
@@ -152,9 +153,15 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         },
         rayon::current_num_threads()
     );
-    println!(
+    outln!(
         "\n{:>3} {:>6} {:>10} {:>10} {:>12} {:>16} {:>11}",
-        "tp", "batch", "ms/step", "tok/s", "GB/rank", "roofline tok/s", "% roofline"
+        "tp",
+        "batch",
+        "ms/step",
+        "tok/s",
+        "GB/rank",
+        "roofline tok/s",
+        "% roofline"
     );
     let prompt: Vec<u32> = (0..a.prompt_len as u32)
         .map(|i| (i * 7919) % cfg.vocab_size as u32)
@@ -179,7 +186,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
                 let mut graph = if a.graph {
                     let g = m.capture_lockstep_greedy(&mut cache, comm)?;
                     if rank.rank == 0 {
-                        println!("graph, batch {batch}: {}", g.stats()?);
+                        outln!("graph, batch {batch}: {}", g.stats()?);
                     }
                     Some(g)
                 } else {
@@ -219,7 +226,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
                 .iter()
                 .map(|((m, n, k), name)| format!("{m}x{n}x{k} {name}"))
                 .collect();
-            println!(
+            outln!(
                 "GEMM kernels kept by the tuner (m x n x k): {}",
                 list.join(", ")
             );
@@ -237,7 +244,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             };
             let bytes = rank_bytes * sharing as f64;
             let roof = bw / bytes;
-            println!(
+            outln!(
                 "{:>3} {:>6} {:>10.2} {:>10.1} {:>12.2} {:>16.1} {:>11.1}",
                 match a.one_rank_of {
                     Some(n) => format!("1/{n}"),
@@ -363,10 +370,10 @@ impl SkipComm {
                 let me = p.address();
                 p.connect(&[(o, me)])?;
                 match hold_us {
-                    Some(h) => println!(
+                    Some(h) => outln!(
                         "one rank alone: residual add + norm in the fused NVLink kernel, each call held {h} µs for an exchange"
                     ),
-                    None => println!(
+                    None => outln!(
                         "one rank alone: residual add + norm in the fused NVLink kernel (no exchange)"
                     ),
                 }

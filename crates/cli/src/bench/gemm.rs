@@ -41,16 +41,23 @@ fn run_cuda(a: GemmArgs) -> Result<()> {
     }
     use super::shapes::{copy_ceiling, fastest, speed};
     let bw = copy_ceiling(&format!("tp {t}"))?;
-    println!(
+    outln!(
         "\n{:>8} {:>5} {:>7} {:>6} {:>8} {:>9} {:>9} {:>9}",
-        "layer", "m", "n", "k", "kernel", "µs", "GB/s", "% copy"
+        "layer",
+        "m",
+        "n",
+        "k",
+        "kernel",
+        "µs",
+        "GB/s",
+        "% copy"
     );
     for &m in &a.batch {
         for (name, n, k) in layers {
             let rows = tessera_tensor::cuda::bench_gemm(0, &[(m, n, k)])?;
             let best = fastest(rows.iter().filter(|r| !r.l2_resident).map(|r| r.micros));
             for r in rows {
-                println!(
+                outln!(
                     "{:>8} {:>5} {:>7} {:>6} {:>8} {}{}",
                     name,
                     r.m,
@@ -72,9 +79,13 @@ fn probe_cuda(a: &GemmArgs, layers: [(&'static str, usize, usize); 4]) -> Result
     if !tessera_tensor::cuda::device_has_pdl(0)? {
         bail!("--probe-pdl needs programmatic dependent launch: a GPU of sm_90 or later");
     }
-    println!(
+    outln!(
         "\n{:>8} {:>5} {:>7} {:>6} {:>4}  first kernel: waits for the kernel before it?",
-        "layer", "m", "n", "k", "cand"
+        "layer",
+        "m",
+        "n",
+        "k",
+        "cand"
     );
     let (mut kernels, mut waiting) = (
         std::collections::BTreeSet::new(),
@@ -94,14 +105,17 @@ fn probe_cuda(a: &GemmArgs, layers: [(&'static str, usize, usize); 4]) -> Result
                     }
                     kernels.insert(kn);
                 }
-                println!(
+                outln!(
                     "{name:>8} {:>5} {:>7} {:>6} {:>4}  {verdict}",
-                    p.m, p.n, p.k, p.candidate
+                    p.m,
+                    p.n,
+                    p.k,
+                    p.candidate
                 );
             }
         }
     }
-    println!(
+    outln!(
         "{} distinct first kernels, {} of which wait for the kernel before them",
         kernels.len(),
         waiting.len()

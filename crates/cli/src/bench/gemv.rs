@@ -23,9 +23,15 @@ fn run_cuda(a: GemvArgs) -> Result<()> {
     let shapes = a.shapes.layers().into_iter().chain([lm_head]);
     use super::shapes::{copy_ceiling, fastest, speed};
     let bw = copy_ceiling(&format!("tp {t}"))?;
-    println!(
+    outln!(
         "\n{:>8} {:>7} {:>6} {:>10} {:>9} {:>9} {:>9}",
-        "layer", "n", "k", "kernel", "µs", "GB/s", "% copy"
+        "layer",
+        "n",
+        "k",
+        "kernel",
+        "µs",
+        "GB/s",
+        "% copy"
     );
     for (name, n, k, gated) in shapes {
         let rows = tessera_tensor::cuda::bench_gemv(0, &[(n, k, gated)])?;
@@ -35,7 +41,7 @@ fn run_cuda(a: GemvArgs) -> Result<()> {
                 .map(|r| r.micros),
         );
         for r in rows {
-            println!(
+            outln!(
                 "{:>8} {:>7} {:>6} {:>10} {}{}",
                 name,
                 if r.gated { 2 * r.n } else { r.n },

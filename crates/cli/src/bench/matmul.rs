@@ -38,16 +38,22 @@ pub fn run(a: MatmulArgs) -> Result<()> {
         dt.parse::<DType>()?;
     }
     let peaks = ceiling::fma_peaks();
-    println!("threads: {}", rayon::current_num_threads());
+    outln!("threads: {}", rayon::current_num_threads());
     for (name, p) in &peaks {
-        println!("measured peak ({name}): {:.1} GFLOP/s", p / 1e9);
+        outln!("measured peak ({name}): {:.1} GFLOP/s", p / 1e9);
     }
     let peak = peaks.first().map(|p| p.1);
     let bw = ceiling::read_bandwidth();
-    println!("measured memory read bandwidth: {:.1} GB/s", bw / 1e9);
-    println!(
+    outln!("measured memory read bandwidth: {:.1} GB/s", bw / 1e9);
+    outln!(
         "\n{:>6} {:>6} {:>6} {:>6} {:>10} {:>10} {:>9}",
-        "dtype", "m", "n", "k", "ms", "GFLOP/s", "% peak"
+        "dtype",
+        "m",
+        "n",
+        "k",
+        "ms",
+        "GFLOP/s",
+        "% peak"
     );
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     for dt in &a.dtypes {
@@ -62,7 +68,7 @@ pub fn run(a: MatmulArgs) -> Result<()> {
             });
             let gflops = 2.0 * (s * s * s) as f64 / secs / 1e9;
             let pct = peak.map_or("-".into(), |p| format!("{:.1}", 100.0 * gflops * 1e9 / p));
-            println!(
+            outln!(
                 "{:>6} {:>6} {:>6} {:>6} {:>10.3} {:>10.1} {:>9}",
                 dtype,
                 s,
@@ -89,7 +95,7 @@ pub fn run(a: MatmulArgs) -> Result<()> {
                 std::hint::black_box(ops::matmul_t(&x, &w, None).unwrap());
             });
             let gbs = w.size_in_bytes() as f64 / secs / 1e9;
-            println!(
+            outln!(
                 "{:>6} {:>6} {:>6} {:>6} {:>10.3}   GEMV streams weights at {:.1} GB/s = {:.0}% of read bandwidth",
                 dtype, 1, k, k, secs * 1e3, gbs, 100.0 * gbs * 1e9 / bw
             );

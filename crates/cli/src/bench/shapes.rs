@@ -65,7 +65,7 @@ impl LayerShapes {
 #[cfg(feature = "cuda")]
 pub fn copy_ceiling(what: &str) -> Result<f64> {
     let bw = tessera_tensor::cuda::copy_bandwidth(0)?;
-    println!(
+    outln!(
         "ceiling: {:.1} GB/s measured (device-to-device copy); {what}",
         bw / 1e9
     );
