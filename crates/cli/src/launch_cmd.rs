@@ -9,7 +9,9 @@
 //! that failed first, with that rank's exit status (128 + the signal for one killed by a signal,
 //! as a shell reports it), as `mpirun` does. SIGINT, SIGTERM and SIGHUP sent to the launcher are passed on to
 //! every rank (a rank that has not ended a few seconds later is killed), so that stopping the
-//! launcher (a scheduler's `kill`, a closed terminal) stops the job instead of orphaning it.
+//! launcher (a scheduler's `kill`, a closed terminal) stops the job instead of orphaning it. Each
+//! rank leads a process group: what it starts is signalled and killed with it, and ends with the
+//! job.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -356,12 +358,29 @@ fn supervise(mut ranks: Vec<Rank>) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    // A failed job is over: what its ranks started and left behind goes too (their groups), so
-    // that nothing holds a rank's stderr open past it.
-    if first_failure.is_some() {
-        for r in &ranks {
-            signals::send(r.pid, signals::KILL);
+    // The job is over: what its ranks started and left behind goes too (their groups), so that
+    // nothing outlives the job or holds a rank's stderr (and so the launcher) open past it. After
+    // a failure at once; after a success asked first (SIGTERM), killed if still there 2 s later.
+    let left = |ranks: &[Rank]| -> Vec<u32> {
+        ranks
+            .iter()
+            .map(|r| r.pid)
+            .filter(|&p| signals::group_alive(p))
+            .collect()
+    };
+    if first_failure.is_none() {
+        let mut rest = left(&ranks);
+        for &p in &rest {
+            signals::send(p, signals::TERM);
         }
+        let asked = Instant::now();
+        while !rest.is_empty() && asked.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(20));
+            rest = left(&ranks);
+        }
+    }
+    for p in left(&ranks) {
+        signals::send(p, signals::KILL);
     }
     for r in &mut ranks {
         if let Some(h) = r.forward.take() {
@@ -423,6 +442,22 @@ mod signals {
     /// Sends `sig` to process `pid` (a rank not yet reaped, so the pid is still its).
     /// SIGKILL.
     pub const KILL: i32 = 9;
+    /// SIGTERM.
+    pub const TERM: i32 = 15;
+
+    /// Whether any process of the group a rank led still lives.
+    pub fn group_alive(pid: u32) -> bool {
+        #[cfg(unix)]
+        // SAFETY: kill(2) with signal 0 only checks that the group exists.
+        unsafe {
+            libc::kill(-(pid as libc::pid_t), 0) == 0
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = pid;
+            false
+        }
+    }
 
     /// `sig` to the process group a rank leads (the rank and what it started; the group's id is
     /// the rank's pid, which the group keeps while any member lives).

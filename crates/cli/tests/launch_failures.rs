@@ -361,6 +361,44 @@ fn the_launcher_exits_with_the_failed_ranks_status() {
     assert!(took < Duration::from_secs(15), "took {took:?}: {err}");
 }
 
+/// A rank that succeeds but leaves a child running (which holds the rank's stderr) does not keep
+/// the launcher: the job ends with its ranks, and the child with it.
+#[test]
+fn what_a_finished_rank_left_running_ends_with_the_job() {
+    let mut cmd = bin();
+    cmd.args([
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        "sleep 60 & echo $! > \"$LEFT_DIR/$TESSERA_RANK\"",
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    cmd.env("LEFT_DIR", dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let (code, err, took) = finish(cmd.spawn().unwrap(), Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(took < Duration::from_secs(15), "took {took:?}: {err}");
+    for rank in 0..2 {
+        let pid = std::fs::read_to_string(dir.path().join(rank.to_string())).unwrap();
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
+        // Gone, or a zombie not yet reaped by init.
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next());
+        assert!(
+            matches!(state, None | Some("Z")),
+            "rank {rank}'s child {} still runs: {stat}",
+            pid.trim()
+        );
+    }
+}
+
 #[test]
 fn a_signal_to_the_launcher_ends_every_rank() {
     let mut cmd = bin();
