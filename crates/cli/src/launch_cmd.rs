@@ -7,11 +7,11 @@
 //! results). When a rank fails (non-zero exit or killed by a signal), the others get a few seconds
 //! to notice and exit with their own message, then are killed; the launcher exits naming the rank
 //! that failed first, with that rank's exit status (128 + the signal for one killed by a signal,
-//! as a shell reports it), as `mpirun` does. SIGINT, SIGTERM and SIGHUP sent to the launcher are passed on to
-//! every rank (a rank that has not ended a few seconds later is killed), so that stopping the
-//! launcher (a scheduler's `kill`, a closed terminal) stops the job instead of orphaning it. Each
-//! rank leads a process group: what it starts is signalled and killed with it, and ends with the
-//! job.
+//! as a shell reports it), as `mpirun` does. SIGINT, SIGTERM and SIGHUP sent to the launcher are
+//! passed on to every rank (a rank that has not ended a few seconds later is killed), so that
+//! stopping the launcher (a scheduler's `kill`, a closed terminal) stops the job instead of
+//! orphaning it. Each rank leads a process group: what it starts is signalled and killed with it,
+//! and ends with the job.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -171,14 +171,27 @@ impl std::fmt::Display for JobFailed {
 
 impl std::error::Error for JobFailed {}
 
-/// A rank's failure: by a signal or not, the message, the status to exit with.
-type Failure = (bool, String, i32);
+/// A rank's failure (or the launcher's signal): whether a signal ended it, and what the launcher
+/// says and exits with.
+struct Failure {
+    by_signal: bool,
+    job: JobFailed,
+}
+
+impl Failure {
+    fn new(by_signal: bool, msg: String, status: i32) -> Self {
+        Failure {
+            by_signal,
+            job: JobFailed { msg, status },
+        }
+    }
+}
 
 /// Why a rank's exit is a failure, or `None` if it succeeded.
 fn failure(r: &Rank, status: ExitStatus) -> Option<Failure> {
     use std::os::unix::process::ExitStatusExt;
     if let Some(sig) = status.signal() {
-        return Some((
+        return Some(Failure::new(
             true,
             format!(
                 "rank {} (pid {}) was killed by signal {sig}{}",
@@ -200,7 +213,7 @@ fn failure(r: &Rank, status: ExitStatus) -> Option<Failure> {
             } else {
                 format!(": {last}")
             };
-            Some((
+            Some(Failure::new(
                 false,
                 format!(
                     "rank {} (pid {}) exited with status {code}{why}",
@@ -323,7 +336,7 @@ fn supervise(mut ranks: Vec<Rank>) -> Result<()> {
             if first_failure.is_none() {
                 let msg =
                     format!("the launcher got signal {sig} and passed it on to {told} rank(s)");
-                first_failure = Some((Instant::now(), (true, msg, 128 + sig)));
+                first_failure = Some((Instant::now(), Failure::new(true, msg, 128 + sig)));
             }
         }
         let mut failures_now = Vec::new();
@@ -336,7 +349,7 @@ fn supervise(mut ranks: Vec<Rank>) -> Result<()> {
             }
         }
         // A rank killed by a signal is the root cause of the others' errors seen at the same time.
-        failures_now.sort_by_key(|f| !f.0);
+        failures_now.sort_by_key(|f| !f.by_signal);
         if first_failure.is_none() {
             if let Some(f) = failures_now.into_iter().next() {
                 first_failure = Some((Instant::now(), f));
@@ -389,17 +402,11 @@ fn supervise(mut ranks: Vec<Rank>) -> Result<()> {
     }
     match first_failure {
         None => Ok(()),
-        Some((_, (_, msg, status))) => {
-            let others = if killed > 0 {
-                format!("; killed {killed} rank(s) that were still running")
-            } else {
-                String::new()
-            };
-            Err(JobFailed {
-                msg: format!("{msg}{others}"),
-                status,
+        Some((_, Failure { mut job, .. })) => {
+            if killed > 0 {
+                job.msg += &format!("; killed {killed} rank(s) that were still running");
             }
-            .into())
+            Err(job.into())
         }
     }
 }
@@ -439,11 +446,8 @@ mod signals {
         }
     }
 
-    /// Sends `sig` to process `pid` (a rank not yet reaped, so the pid is still its).
-    /// SIGKILL.
-    pub const KILL: i32 = 9;
-    /// SIGTERM.
-    pub const TERM: i32 = 15;
+    pub const KILL: i32 = libc::SIGKILL;
+    pub const TERM: i32 = libc::SIGTERM;
 
     /// Whether any process of the group a rank led still lives.
     pub fn group_alive(pid: u32) -> bool {

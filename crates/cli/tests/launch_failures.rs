@@ -48,6 +48,17 @@ fn finish(mut child: Child, limit: Duration) -> (Option<i32>, String, Duration) 
     (status.and_then(|s| s.code()), stderr, elapsed)
 }
 
+/// The fields of `/proc/<pid>/stat` after the ")" that closes the command name (state, ppid,
+/// ...); none when the process is gone.
+fn stat_fields(pid: u32) -> Vec<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit(')')
+        .next()
+        .filter(|_| !stat.is_empty())
+        .map(|rest| rest.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
 /// The pid of the child of `parent` whose environment says `TESSERA_RANK=rank`.
 fn rank_pid(parent: u32, rank: usize) -> Option<u32> {
     let want = format!("TESSERA_RANK={rank}");
@@ -55,14 +66,7 @@ fn rank_pid(parent: u32, rank: usize) -> Option<u32> {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Fields after the ")" that closes the command name: state, ppid, ...
-        let Some(rest) = stat.rsplit(')').next() else {
-            continue;
-        };
-        let ppid: Option<u32> = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+        let ppid: Option<u32> = stat_fields(pid).get(1).and_then(|p| p.parse().ok());
         if ppid != Some(parent) {
             continue;
         }
@@ -336,25 +340,21 @@ fn a_rank_with_another_jobs_token_is_turned_away() {
     let _ = r0.wait();
 }
 
-/// SIGTERM to the launcher reaches every rank: the job ends within seconds naming the signal,
-/// and no rank outlives the launcher (ranks that ignore stdin and print nothing: `sleep`).
+/// `tessera launch` of two ranks, each `sh -c script`; stdout dropped, stderr piped.
+fn two_shell_ranks(script: &str) -> Command {
+    let mut cmd = bin();
+    cmd.args(["launch", "--nproc-per-node", "2", "--", "sh", "-c", script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
 /// The launcher exits with the status of the rank that failed first, as `mpirun` does; the other
 /// rank, a shell waiting on a child of its own (which holds its stderr open), is ended with that
 /// child (its process group), within the grace period.
 #[test]
 fn the_launcher_exits_with_the_failed_ranks_status() {
-    let mut cmd = bin();
-    cmd.args([
-        "launch",
-        "--nproc-per-node",
-        "2",
-        "--",
-        "sh",
-        "-c",
-        "[ \"$TESSERA_RANK\" = 1 ] && exit 3; sleep 30",
-    ])
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
+    let mut cmd = two_shell_ranks("[ \"$TESSERA_RANK\" = 1 ] && exit 3; sleep 30");
     let (code, err, took) = finish(cmd.spawn().unwrap(), Duration::from_secs(30));
     assert_eq!(code, Some(3), "{err}");
     assert!(err.contains("rank 1") && err.contains("status 3"), "{err}");
@@ -365,40 +365,29 @@ fn the_launcher_exits_with_the_failed_ranks_status() {
 /// the launcher: the job ends with its ranks, and the child with it.
 #[test]
 fn what_a_finished_rank_left_running_ends_with_the_job() {
-    let mut cmd = bin();
-    cmd.args([
-        "launch",
-        "--nproc-per-node",
-        "2",
-        "--",
-        "sh",
-        "-c",
-        "sleep 60 & echo $! > \"$LEFT_DIR/$TESSERA_RANK\"",
-    ]);
+    let mut cmd = two_shell_ranks("sleep 60 & echo $! > \"$LEFT_DIR/$TESSERA_RANK\"");
     let dir = tempfile::tempdir().unwrap();
-    cmd.env("LEFT_DIR", dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.env("LEFT_DIR", dir.path());
     let (code, err, took) = finish(cmd.spawn().unwrap(), Duration::from_secs(30));
     assert_eq!(code, Some(0), "{err}");
     assert!(took < Duration::from_secs(15), "took {took:?}: {err}");
     for rank in 0..2 {
-        let pid = std::fs::read_to_string(dir.path().join(rank.to_string())).unwrap();
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
+        let pid: u32 = std::fs::read_to_string(dir.path().join(rank.to_string()))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         // Gone, or a zombie not yet reaped by init.
-        let state = stat
-            .rsplit(')')
-            .next()
-            .and_then(|r| r.split_whitespace().next());
+        let stat = stat_fields(pid);
         assert!(
-            matches!(state, None | Some("Z")),
-            "rank {rank}'s child {} still runs: {stat}",
-            pid.trim()
+            matches!(stat.first().map(String::as_str), None | Some("Z")),
+            "rank {rank}'s child {pid} still runs: {stat:?}"
         );
     }
 }
 
+/// SIGTERM to the launcher reaches every rank: the job ends within seconds naming the signal,
+/// and no rank outlives the launcher (ranks that ignore stdin and print nothing: `sleep`).
 #[test]
 fn a_signal_to_the_launcher_ends_every_rank() {
     let mut cmd = bin();
@@ -433,13 +422,9 @@ fn a_signal_to_the_launcher_ends_every_rank() {
     for pid in pids {
         // Reaped by the launcher: gone (or, were the pid reused, no longer the launcher's child).
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let ppid = stat
-            .rsplit(')')
-            .next()
-            .and_then(|r| r.split_whitespace().nth(1));
         assert_ne!(
-            ppid,
-            Some(launcher.to_string().as_str()),
+            stat_fields(pid).get(1),
+            Some(&launcher.to_string()),
             "rank {pid} outlived it"
         );
         assert!(
