@@ -237,6 +237,7 @@ pub fn run_job(spec: JobSpec) -> Result<()> {
         program.into()
     };
     signals::catch();
+    signals::adopt_orphans();
     let mut ranks: Vec<Rank> = Vec::new();
     for local in 0..spec.nproc_per_node {
         let rank = spec.node_rank * spec.nproc_per_node + local;
@@ -371,30 +372,17 @@ fn supervise(mut ranks: Vec<Rank>) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    // The job is over: what its ranks started and left behind goes too (their groups), so that
-    // nothing outlives the job or holds a rank's stderr (and so the launcher) open past it. After
-    // a failure at once; after a success asked first (SIGTERM), killed if still there 2 s later.
-    let left = |ranks: &[Rank]| -> Vec<u32> {
-        ranks
-            .iter()
-            .map(|r| r.pid)
-            .filter(|&p| signals::group_alive(p))
-            .collect()
-    };
+    // The job is over: what its ranks started and left behind goes too (their groups, and what
+    // left the groups and was orphaned into the launcher's care: see `signals::adopt_orphans`),
+    // so that nothing outlives the job or holds a rank's stderr (and so the launcher) open past
+    // it. After a failure at once; after a success asked first (SIGTERM), killed if still there
+    // 2 s later. (Every rank has been waited for here, so the launcher's other children are
+    // adopted ones.)
+    let groups: Vec<u32> = ranks.iter().map(|r| r.pid).collect();
     if first_failure.is_none() {
-        let mut rest = left(&ranks);
-        for &p in &rest {
-            signals::send(p, signals::TERM);
-        }
-        let asked = Instant::now();
-        while !rest.is_empty() && asked.elapsed() < Duration::from_secs(2) {
-            std::thread::sleep(Duration::from_millis(20));
-            rest = left(&ranks);
-        }
+        signals::end_leftovers(&groups, signals::TERM, Duration::from_secs(2));
     }
-    for p in left(&ranks) {
-        signals::send(p, signals::KILL);
-    }
+    signals::end_leftovers(&groups, signals::KILL, Duration::from_secs(2));
     for r in &mut ranks {
         if let Some(h) = r.forward.take() {
             let _ = h.join();
@@ -474,5 +462,91 @@ mod signals {
         }
         #[cfg(not(unix))]
         let _ = (pid, sig);
+    }
+
+    /// Makes the launcher the reaper of its ranks' orphans (Linux: `PR_SET_CHILD_SUBREAPER`): what
+    /// a rank started and detached from its group (`setsid`, a daemon's double fork) becomes the
+    /// launcher's child when its parent ends, instead of init's, and so within reach of the
+    /// end-of-job cleanup. Elsewhere nothing.
+    pub fn adopt_orphans() {
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl(2) with PR_SET_CHILD_SUBREAPER only sets a flag of this process.
+        unsafe {
+            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+        }
+    }
+
+    /// The launcher's living children: after every rank has been waited for, the orphans it
+    /// adopted. Those that have exited are reaped on the way (so they are not counted again).
+    fn adopted() -> Vec<u32> {
+        #[cfg(target_os = "linux")]
+        {
+            let me = std::process::id();
+            let Ok(dir) = std::fs::read_dir("/proc") else {
+                return Vec::new();
+            };
+            let mut out = Vec::new();
+            for e in dir.flatten() {
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                    continue;
+                };
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                // The fields after the command name's closing ")": state, ppid, ...
+                let ppid = stat
+                    .rsplit(')')
+                    .next()
+                    .and_then(|rest| rest.split_whitespace().nth(1))
+                    .and_then(|p| p.parse::<u32>().ok());
+                if ppid != Some(me) {
+                    continue;
+                }
+                let mut st = 0;
+                // SAFETY: waitpid(2) on a child of this process, not blocking.
+                if unsafe { libc::waitpid(pid as libc::pid_t, &mut st, libc::WNOHANG) } == 0 {
+                    out.push(pid);
+                }
+            }
+            out
+        }
+        #[cfg(not(target_os = "linux"))]
+        Vec::new()
+    }
+
+    /// `sig` to what the job left: the groups the ranks led (`groups`: their pids) and the
+    /// adopted orphans (each and the group it leads, if it leads one), again as long as any is
+    /// left (a killed orphan's own children are adopted in turn), for at most `patience`.
+    pub fn end_leftovers(groups: &[u32], sig: i32, patience: std::time::Duration) {
+        let start = std::time::Instant::now();
+        // SIGTERM is asked once of each (a process may take its time to end); SIGKILL each round.
+        let mut told = std::collections::HashSet::new();
+        loop {
+            let alive: Vec<u32> = groups.iter().copied().filter(|&g| group_alive(g)).collect();
+            let orphans = adopted();
+            if alive.is_empty() && orphans.is_empty() {
+                return;
+            }
+            for &g in &alive {
+                if sig == KILL || told.insert(("group", g)) {
+                    send(g, sig);
+                }
+            }
+            for &p in &orphans {
+                if sig == KILL || told.insert(("orphan", p)) {
+                    #[cfg(unix)]
+                    // SAFETY: kill(2) on an adopted child of this process (and on the group it
+                    // leads, where it leads one; getpgid(2) only reads).
+                    unsafe {
+                        libc::kill(p as libc::pid_t, sig);
+                        if libc::getpgid(p as libc::pid_t) == p as libc::pid_t {
+                            libc::kill(-(p as libc::pid_t), sig);
+                        }
+                    }
+                }
+            }
+            if start.elapsed() >= patience {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }

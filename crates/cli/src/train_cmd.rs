@@ -300,10 +300,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     let mut so = std::io::stdout().lock();
                     writeln!(so, "{line}")
                         .and_then(|_| so.flush())
-                        .map_err(|e| tessera_train::TrainError::Io {
-                            path: "standard output".into(),
-                            err: e,
-                        })?;
+                        .map_err(tessera_train::TrainError::Stdout)?;
                 } else {
                     let done = s.step.saturating_sub(start_step);
                     let left = a.steps.saturating_sub(s.step);

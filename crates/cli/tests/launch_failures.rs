@@ -386,6 +386,36 @@ fn what_a_finished_rank_left_running_ends_with_the_job() {
     }
 }
 
+/// What a rank detached from its process group (a daemon: a new session, its parent gone) is
+/// adopted by the launcher and ends with the job too, though no signal to the rank's group reaches
+/// it; before, it held the rank's stderr and so kept the launcher waiting as long as it lived.
+#[test]
+fn what_a_rank_detached_ends_with_the_job() {
+    if Command::new("setsid").arg("true").status().is_err() {
+        return;
+    }
+    let mut cmd = two_shell_ranks(
+        "setsid sh -c 'sleep 60 & echo $! > \"$LEFT_DIR/$TESSERA_RANK\"'; echo started >&2",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    cmd.env("LEFT_DIR", dir.path());
+    let (code, err, took) = finish(cmd.spawn().unwrap(), Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(took < Duration::from_secs(15), "took {took:?}: {err}");
+    for rank in 0..2 {
+        let pid: u32 = std::fs::read_to_string(dir.path().join(rank.to_string()))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let stat = stat_fields(pid);
+        assert!(
+            matches!(stat.first().map(String::as_str), None | Some("Z")),
+            "rank {rank}'s detached child {pid} still runs: {stat:?}"
+        );
+    }
+}
+
 /// SIGTERM to the launcher reaches every rank: the job ends within seconds naming the signal,
 /// and no rank outlives the launcher (ranks that ignore stdin and print nothing: `sleep`).
 #[test]

@@ -423,7 +423,7 @@ fn a_json_line_that_cannot_be_written_ends_the_run() {
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(
         err.trim_end().lines().last(),
-        Some("error: standard output: No space left on device (os error 28)"),
+        Some("error: cannot write to standard output: No space left on device (os error 28)"),
         "{err}"
     );
     assert!(!dir.path().join("curve.svg").exists(), "the run stopped");

@@ -16,6 +16,10 @@ pub enum TrainError {
     /// once (as `ModelError::Io`).
     #[error("{path}: {err}")]
     Io { path: String, err: std::io::Error },
+    /// Standard output refused a line (a full disk, a closed pipe): worded as every command's
+    /// failed write (`tessera`'s `outln!`), the error in the message as for `Io`.
+    #[error("cannot write to standard output: {0}")]
+    Stdout(std::io::Error),
     #[error("rank {rank} panicked: {msg}")]
     Panic { rank: usize, msg: String },
     #[error(transparent)]

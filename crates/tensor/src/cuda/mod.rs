@@ -390,6 +390,8 @@ pub struct GpuDevice {
 
     /// GEMV launches use programmatic dependent launch (sm_90+).
     pub(crate) pdl: bool,
+    /// The device can launch programmatically dependent kernels (sm_90+), used or not.
+    pub(crate) has_pdl: bool,
     /// Streaming multiprocessors (sizes the splits of decode attention).
     pub(crate) sms: usize,
     /// Small constant tables (RoPE inverse frequencies) uploaded once, keyed by their contents.
@@ -546,6 +548,7 @@ impl GpuDevice {
             fused_norm: flag_switch("TESSERA_FUSED_NORM").map_err(|e| err(&e))?,
             // TESSERA_PDL=0 turns programmatic dependent launch off (a debugging aid).
             pdl: major >= 9 && flag_switch("TESSERA_PDL").map_err(|e| err(&e))?,
+            has_pdl: major >= 9,
             tables: Mutex::new(HashMap::new()),
             capture: Mutex::new(None),
             arena: Mutex::new(None),

@@ -297,12 +297,7 @@ pub fn matmul_t(
 
 /// Whether device `ordinal` has programmatic dependent launch (sm_90 and later).
 pub fn device_has_pdl(ordinal: usize) -> Result<bool, TensorError> {
-    let dev = GpuDevice::get(ordinal)?;
-    let (major, _) = dev
-        .ctx
-        .compute_capability()
-        .map_err(|e| dev_err(ordinal, e))?;
-    Ok(major >= 9)
+    Ok(GpuDevice::get(ordinal)?.has_pdl)
 }
 
 /// The probe of `tessera bench gemm --probe-pdl` run on this crate's own copy kernel in the GEMM's place, which
