@@ -24,11 +24,12 @@ fn run_cuda(a: GemvArgs) -> Result<()> {
     use super::shapes::{copy_ceiling, fastest, speed};
     let bw = copy_ceiling(&format!("tp {t}"))?;
     outln!(
-        "\n{:>8} {:>7} {:>6} {:>10} {:>9} {:>9} {:>9}",
+        "\n{:>8} {:>7} {:>6} {:>16} {:>6} {:>9} {:>9} {:>9}",
         "layer",
         "n",
         "k",
         "kernel",
+        "blk/SM",
         "µs",
         "GB/s",
         "% copy"
@@ -42,11 +43,12 @@ fn run_cuda(a: GemvArgs) -> Result<()> {
         );
         for r in rows {
             outln!(
-                "{:>8} {:>7} {:>6} {:>10} {}{}",
+                "{:>8} {:>7} {:>6} {:>16} {:>6} {}{}",
                 name,
                 if r.gated { 2 * r.n } else { r.n },
                 r.k,
                 r.kernel,
+                r.blocks_per_sm.map_or("-".to_string(), |b| b.to_string()),
                 speed(r.micros, r.bytes_per_sec, bw),
                 match (r.micros == best, r.chosen) {
                     (true, true) => "  <- fastest, used",

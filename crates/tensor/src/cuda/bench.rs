@@ -15,6 +15,9 @@ pub struct GemvTiming {
     pub gated: bool,
     pub micros: f64,
     pub bytes_per_sec: f64,
+    /// Blocks of the kernel a multiprocessor holds at once (the occupancy API, with the kernel's
+    /// shared memory); none for cuBLAS.
+    pub blocks_per_sm: Option<u32>,
 }
 
 /// Weight copies that hold 4 x 50 MB of L2 between two reads of the same one.
@@ -65,7 +68,9 @@ pub fn bench_gemv(
         let y = CudaBuf::alloc(&dev, DType::BF16, rows)?;
         let chosen = dev.gemv(gated).v.name;
         let mut time =
-            |name: String, launch: &mut dyn FnMut(&CudaBuf) -> Result<(), TensorError>| {
+            |name: String,
+             blocks_per_sm: Option<u32>,
+             launch: &mut dyn FnMut(&CudaBuf) -> Result<(), TensorError>| {
                 let secs = mean_secs(&dev, copies, &mut |c| launch(&ws[c]))?;
                 out.push(GemvTiming {
                     chosen: name == chosen,
@@ -75,17 +80,27 @@ pub fn bench_gemv(
                     gated,
                     micros: secs * 1e6,
                     bytes_per_sec: bytes as f64 / secs,
+                    blocks_per_sm,
                 });
                 Ok::<(), TensorError>(())
             };
         for v in GEMV_VARIANTS.iter().filter(|v| v.gated == gated) {
             let kern = &dev.gemv[v.name];
-            time(v.name.to_string(), &mut |w| {
+            let cfg = kern.config(n);
+            let occupancy = kern
+                .f
+                .occupancy_max_active_blocks_per_multiprocessor(
+                    cfg.block_dim.0,
+                    cfg.shared_mem_bytes as usize,
+                    None,
+                )
+                .map_err(|e| dev_err(dev.ordinal, e))?;
+            time(v.name.to_string(), Some(occupancy), &mut |w| {
                 super::ops::launch_gemv_kernel(&dev, kern, &x, w, &y, (n, k), None)
             })?;
         }
         let mut ybig = CudaBuf::alloc(&dev, DType::BF16, rows)?;
-        time("cublas".to_string(), &mut |w| {
+        time("cublas".to_string(), None, &mut |w| {
             super::ops::cublas_gemm(&dev, &x, w, &mut ybig, (1, rows, k))
         })?;
     }
