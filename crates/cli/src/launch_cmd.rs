@@ -67,8 +67,11 @@ pub struct JobSpec {
 }
 
 pub fn run(a: LaunchArgs) -> Result<()> {
-    if a.nproc_per_node == 0 {
-        bail!("--nproc-per-node must be at least 1");
+    if a.nproc_per_node == 0 || a.nproc_per_node > MAX_LOCAL_RANKS {
+        bail!(
+            "--nproc-per-node must be between 1 and {MAX_LOCAL_RANKS}, got {}",
+            a.nproc_per_node
+        );
     }
     if a.nnodes == 0 {
         bail!("--nnodes must be at least 1");
@@ -225,6 +228,10 @@ fn failure(r: &Rank, status: ExitStatus) -> Option<Failure> {
     }
 }
 
+/// The most ranks one node starts (far beyond its cores or GPUs; a larger count is a mistake
+/// that would exhaust the machine's processes).
+pub const MAX_LOCAL_RANKS: usize = 1024;
+
 /// Starts this node's ranks of `spec` and waits for them; an error names the rank that failed.
 pub fn run_job(spec: JobSpec) -> Result<()> {
     let world = spec.nproc_per_node * spec.nnodes;
@@ -273,19 +280,30 @@ pub fn run_job(spec: JobSpec) -> Result<()> {
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                for r in &mut ranks {
-                    signals::send(r.pid, signals::KILL);
-                    let _ = r.child.kill();
-                    let _ = r.child.wait();
-                }
+                end_started(&mut ranks);
                 bail!("cannot start rank {rank} ({}): {e}", program.display());
             }
         };
         let last_line = Arc::new(Mutex::new(String::new()));
-        let forward = child.stderr.take().map(|err| {
-            let last = last_line.clone();
-            std::thread::spawn(move || forward_stderr(rank, err, &last))
-        });
+        let forward = match child.stderr.take() {
+            None => None,
+            Some(err) => {
+                let last = last_line.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("rank {rank} stderr"))
+                    .spawn(move || forward_stderr(rank, err, &last));
+                match spawned {
+                    Ok(h) => Some(h),
+                    Err(e) => {
+                        // Out of threads: this rank and those started go; one line says why.
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        end_started(&mut ranks);
+                        bail!("cannot follow rank {rank}'s output: {e}");
+                    }
+                }
+            }
+        };
         ranks.push(Rank {
             rank,
             pid: child.id(),
@@ -296,6 +314,15 @@ pub fn run_job(spec: JobSpec) -> Result<()> {
         });
     }
     supervise(ranks)
+}
+
+/// Kills the ranks started so far (their groups) and waits for them: the job could not start.
+fn end_started(ranks: &mut [Rank]) {
+    for r in ranks {
+        signals::send(r.pid, signals::KILL);
+        let _ = r.child.kill();
+        let _ = r.child.wait();
+    }
 }
 
 fn forward_stderr(rank: usize, err: impl std::io::Read, last: &Mutex<String>) {

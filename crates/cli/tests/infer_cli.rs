@@ -214,9 +214,9 @@ fn bad_input_is_one_line_and_non_zero() {
                 "bench",
                 "decode",
                 "--hidden",
-                "1000000",
+                "100000",
                 "--intermediate",
-                "1000000",
+                "100000",
             ],
             "more than this host's",
         ),
@@ -362,6 +362,98 @@ fn bad_input_is_one_line_and_non_zero() {
     fails_with(
         &["bench", "decode", "--one-rank-of", "2", "--hold-us", "5"],
         "--hold-us needs --one-rank-of and --device cuda",
+    );
+}
+
+/// Sizes far past what a machine holds (a config's, a flag's) and weights that compute NaN: one
+/// line and a non-zero exit, never an overflow panic, an aborted allocation or `null` scores.
+#[test]
+fn absurd_sizes_and_broken_weights_are_refused_in_one_line() {
+    for (args, needle) in [
+        (
+            vec!["bench", "decode", "--steps", "1000000000"],
+            "positions, more than the shape's context of 8192",
+        ),
+        (
+            vec![
+                "bench",
+                "decode",
+                "--prompt-len",
+                "100000000",
+                "--steps",
+                "1",
+            ],
+            "positions, more than the shape's context of 8192",
+        ),
+        (
+            vec!["bench", "decode", "--batch", "100000000", "--steps", "1"],
+            "--batch takes at most 4096",
+        ),
+        (
+            vec!["bench", "comm", "--sizes", "4K", "--nproc", "100000"],
+            "--nproc must be between 1 and 1024",
+        ),
+        (
+            vec!["bench", "comm", "--sizes", "1G", "--nproc", "1000"],
+            "more than this host's",
+        ),
+        (
+            vec!["launch", "--nproc-per-node", "100000", "--", "true"],
+            "--nproc-per-node must be between 1 and 1024",
+        ),
+    ] {
+        fails_with(&args, needle);
+    }
+    let llama = fixture("llama");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    copy_model(&llama, dir.path());
+    let cfg = std::fs::read_to_string(llama.join("config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    v["num_hidden_layers"] = serde_json::json!(1u64 << 32);
+    std::fs::write(dir.path().join("config.json"), v.to_string()).unwrap();
+    fails_with(
+        &["score", "--model", d, "--tokens", "1,2"],
+        "num_hidden_layers 4294967296 is larger than 65536",
+    );
+    // A context of 2^32 positions and a request for nearly all of them: the cache is refused as
+    // larger than the host's memory, not an aborted allocation (or a run for ever).
+    v["num_hidden_layers"] = serde_json::json!(2);
+    v["max_position_embeddings"] = serde_json::json!(1u64 << 32);
+    std::fs::write(dir.path().join("config.json"), v.to_string()).unwrap();
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            d,
+            "--prompt-tokens",
+            "1,2",
+            "--max-tokens",
+            "4294967000",
+        ],
+        "more than this host's",
+    );
+    // NaN in the final norm's weight: score says the weights are broken.
+    std::fs::write(dir.path().join("config.json"), &cfg).unwrap();
+    let mut w = std::fs::read(llama.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(w[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&w[8..8 + n]).unwrap();
+    let t = &header["model.norm.weight"];
+    let (start, end) = (
+        t["data_offsets"][0].as_u64().unwrap() as usize,
+        t["data_offsets"][1].as_u64().unwrap() as usize,
+    );
+    let nan: &[u8] = match t["dtype"].as_str().unwrap() {
+        "F32" => &[0x00, 0x00, 0xc0, 0x7f],
+        _ => &[0xc0, 0x7f],
+    };
+    for c in w[8 + n + start..8 + n + end].chunks_mut(nan.len()) {
+        c.copy_from_slice(nan);
+    }
+    std::fs::write(dir.path().join("model.safetensors"), &w).unwrap();
+    fails_with(
+        &["score", "--model", d, "--tokens", "1,2,3", "--json"],
+        "are not numbers",
     );
 }
 

@@ -258,7 +258,7 @@ fn bad_launch_input_is_one_clear_line() {
         "bench",
         "comm",
     ]);
-    fails_with(c, "--nproc-per-node must be at least 1");
+    fails_with(c, "--nproc-per-node must be between 1 and 1024, got 0");
     let mut c = bin();
     c.args([
         "launch",

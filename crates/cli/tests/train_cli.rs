@@ -304,6 +304,25 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
             "max_position_embeddings",
         ),
     ];
+    // A model whose training state cannot fit in memory: refused before its weights are made.
+    let huge = dir.path().join("huge");
+    std::fs::create_dir_all(&huge).unwrap();
+    let small = std::fs::read_to_string(model.join("config.json")).unwrap();
+    std::fs::write(
+        huge.join("config.json"),
+        small
+            .replace("\"hidden_size\":32", "\"hidden_size\":65536")
+            .replace("\"num_attention_heads\":4", "\"num_attention_heads\":512")
+            .replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":512"),
+    )
+    .unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = cases
+        .into_iter()
+        .chain([(
+            vec!["--config", s(&cfg), "--model-config", s(&huge)],
+            "needs at least",
+        )])
+        .collect();
     // Checkpoints of another run in the --save root are not overwritten.
     let taken = dir.path().join("taken");
     std::fs::create_dir_all(taken.join("step_00000003")).unwrap();
@@ -341,7 +360,7 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
         args.push(s(&curve));
         let mut full: Vec<&str> = args.clone();
         // A flag the case gives replaces the default's.
-        for flag in ["--data", "--curve"] {
+        for flag in ["--data", "--curve", "--model-config"] {
             if extra.contains(&flag) {
                 let i = full.iter().position(|a| *a == flag).unwrap();
                 full.drain(i..i + 2);

@@ -51,6 +51,27 @@ pub fn generate_on(
             params.max_tokens
         )));
     }
+    // On the CPU the ranks' caches share the host's memory: one that could never fit is refused
+    // here rather than failing (or, where memory is overcommitted, swapping) later.
+    if device == Device::Cpu {
+        let c = &model.config;
+        let positions = prompt.len() + params.max_tokens;
+        let kv = positions as f64
+            * 2.0
+            * c.num_layers as f64
+            * c.num_kv_heads.max(tp) as f64
+            * c.head_dim as f64
+            * dtype.size_in_bytes() as f64;
+        if let Some(total) = tessera_tensor::device::host_memory_bytes() {
+            if kv > 0.9 * total {
+                return Err(InferError::Request(format!(
+                    "the KV cache of {positions} positions takes {:.1} GB, more than this host's {:.1} GB of memory: fewer --max-tokens",
+                    kv / 1e9,
+                    total / 1e9
+                )));
+            }
+        }
+    }
     tessera_model::validate_tp(&model.config, tp)?;
     run_tp(tp, |comm, rank| {
         let m = model.load_rank(rank, dtype, device)?;

@@ -53,6 +53,15 @@ pub fn score_on_rank(
     let token_logprobs: Vec<f64> = (0..tokens.len() - 1)
         .map(|i| ops::log_softmax(&logits[i * v..(i + 1) * v])[tokens[i + 1] as usize])
         .collect();
+    // A broken checkpoint (NaN weights, or values beyond the dtype's range) gives scores that are
+    // not numbers: an error, not `null` in the output.
+    if let Some(i) = token_logprobs.iter().position(|x| !x.is_finite()) {
+        return Err(tessera_model::ModelError::NotANumber(format!(
+            "at position {i} (log p = {})",
+            token_logprobs[i]
+        ))
+        .into());
+    }
     let sum_logprob = token_logprobs.iter().sum();
     Ok(ScoreOutput {
         token_logprobs,

@@ -88,6 +88,15 @@ pub struct ModelConfig {
     pub saved_dtype: Option<String>,
 }
 
+/// The largest of a model's sizes (vocabulary, widths, heads) a config may give: 2^24.
+pub const MAX_DIM: usize = 1 << 24;
+/// The most layers a config may give.
+pub const MAX_LAYERS: usize = 1 << 16;
+/// The longest context a config may give: 2^32 positions.
+pub const MAX_POSITIONS: usize = 1 << 32;
+/// The most parameters a model may have: 2^44 (17.6 T).
+pub const MAX_PARAMS: u64 = 1 << 44;
+
 impl ModelConfig {
     /// Reads `DIR/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
@@ -117,6 +126,12 @@ impl ModelConfig {
         let num_heads = req_usize(v, "num_attention_heads")?;
         let num_kv_heads = opt_usize(v, "num_key_value_heads")?.unwrap_or(num_heads);
         let num_layers = req_usize(v, "num_hidden_layers")?;
+        // Before anything is sized by it (the per-layer attention kinds below).
+        if num_layers > MAX_LAYERS {
+            return Err(cfg_err(format!(
+                "num_hidden_layers {num_layers} is larger than {MAX_LAYERS}"
+            )));
+        }
         if num_heads == 0 || num_kv_heads == 0 {
             return Err(cfg_err(
                 "num_attention_heads and num_key_value_heads must be > 0",
@@ -208,8 +223,34 @@ impl ModelConfig {
                 return Err(cfg_err(format!("{name} must be > 0")));
             }
         }
-        if !positive(cfg.rms_norm_eps) {
-            return Err(cfg_err("rms_norm_eps must be > 0"));
+        if cfg.max_position_embeddings == 0 {
+            return Err(cfg_err("max_position_embeddings must be > 0"));
+        }
+        // Bounds far above any published model, so that sizes computed from these (tensor
+        // lengths, offsets, cache rows) cannot overflow and an absurd config is refused here in
+        // one line instead of failing an allocation later.
+        for (name, x, max) in [
+            ("vocab_size", cfg.vocab_size, MAX_DIM),
+            ("hidden_size", cfg.hidden_size, MAX_DIM),
+            ("intermediate_size", cfg.intermediate_size, MAX_DIM),
+            ("num_attention_heads", cfg.num_heads, MAX_DIM),
+            ("num_key_value_heads", cfg.num_kv_heads, MAX_DIM),
+            ("head_dim", cfg.head_dim, MAX_DIM),
+            (
+                "max_position_embeddings",
+                cfg.max_position_embeddings,
+                MAX_POSITIONS,
+            ),
+        ] {
+            if x > max {
+                return Err(cfg_err(format!("{name} {x} is larger than {max}")));
+            }
+        }
+        if cfg.num_params() > MAX_PARAMS {
+            return Err(cfg_err(format!(
+                "the model would have {} parameters, more than {MAX_PARAMS}",
+                cfg.num_params()
+            )));
         }
         Ok(cfg)
     }
@@ -499,6 +540,51 @@ mod tests {
         assert!(e.to_string().contains("num_key_value_heads 3"), "{e}");
         let e = with(r#"{"hidden_size":"big"}"#).unwrap_err();
         assert!(e.to_string().contains("hidden_size"), "{e}");
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_before_anything_is_sized_by_them() {
+        for (bad, named) in [
+            (
+                r#"{"intermediate_size":18446744073709551615}"#,
+                "intermediate_size",
+            ),
+            (r#"{"vocab_size":4000000000}"#, "vocab_size"),
+            (r#"{"head_dim":9223372036854775808}"#, "head_dim"),
+            (
+                r#"{"num_attention_heads":9223372036854775808,"num_key_value_heads":1}"#,
+                "num_attention_heads",
+            ),
+            (r#"{"num_hidden_layers":4294967296}"#, "num_hidden_layers"),
+            (
+                r#"{"num_hidden_layers":1000000000,"layer_types":[]}"#,
+                "num_hidden_layers",
+            ),
+            (
+                r#"{"max_position_embeddings":18446744073709551615}"#,
+                "max_position_embeddings",
+            ),
+            (
+                r#"{"max_position_embeddings":0}"#,
+                "max_position_embeddings",
+            ),
+            // Each size allowed, the whole too large: 2^24 x 2^24 x 3 a layer, 4 layers.
+            (
+                r#"{"hidden_size":16777216,"intermediate_size":16777216,"num_attention_heads":8,"num_key_value_heads":8,"num_hidden_layers":4}"#,
+                "parameters",
+            ),
+        ] {
+            let e = with(bad).expect_err(bad).to_string();
+            assert!(e.contains(named), "{bad}: {e}");
+        }
+        // The largest published shapes pass (Llama-3.1-405B).
+        let big = with(
+            r#"{"vocab_size":128256,"hidden_size":16384,"intermediate_size":53248,
+            "num_hidden_layers":126,"num_attention_heads":128,"num_key_value_heads":8,
+            "max_position_embeddings":131072}"#,
+        )
+        .unwrap();
+        assert!(big.num_params() > 400_000_000_000);
     }
 
     #[test]

@@ -13,18 +13,19 @@ pub struct LayerKv {
 
 impl LayerKv {
     fn new(row: usize, capacity: usize, dtype: DType, device: Device) -> Result<Self, TensorError> {
+        let n = elems(row, capacity, device)?;
         Ok(LayerKv {
-            k: Storage::zeros_on(dtype, row * capacity, device)?,
-            v: Storage::zeros_on(dtype, row * capacity, device)?,
+            k: Storage::zeros_on(dtype, n, device)?,
+            v: Storage::zeros_on(dtype, n, device)?,
             row,
         })
     }
 
     /// Grows the cache (doubling) to hold at least `positions` positions.
     pub fn reserve(&mut self, positions: usize) -> Result<(), TensorError> {
-        let need = positions * self.row;
+        let need = elems(self.row, positions, self.k.device())?;
         if need > self.k.len() {
-            let cap = need.max(2 * self.k.len());
+            let cap = need.max(self.k.len().saturating_mul(2));
             grow(&mut self.k, cap)?;
             grow(&mut self.v, cap)?;
         }
@@ -34,6 +35,17 @@ impl LayerKv {
     pub fn size_in_bytes(&self) -> usize {
         self.k.size_in_bytes() + self.v.size_in_bytes()
     }
+}
+
+/// Elements of `positions` rows of `row`, or an error where that count does not fit in memory's
+/// address space.
+fn elems(row: usize, positions: usize, device: Device) -> Result<usize, TensorError> {
+    row.checked_mul(positions).ok_or_else(|| {
+        TensorError::Device(
+            device.to_string(),
+            format!("a KV cache of {positions} positions does not fit in memory"),
+        )
+    })
 }
 
 fn grow(s: &mut Storage, cap: usize) -> Result<(), TensorError> {

@@ -52,7 +52,7 @@ impl Storage {
     /// Zeros of `dtype` on `device`.
     pub fn zeros_on(dtype: DType, n: usize, device: Device) -> Result<Self, TensorError> {
         match device {
-            Device::Cpu => Ok(Self::zeros(dtype, n)),
+            Device::Cpu => Self::try_zeros(dtype, n),
             #[cfg(feature = "cuda")]
             Device::Cuda(i) => Ok(Storage::Cuda(crate::cuda::CudaBuf::zeros(
                 &crate::cuda::GpuDevice::get(i)?,
@@ -90,6 +90,23 @@ impl Storage {
             DType::BF16 => Storage::BF16(vec![bf16::ZERO; n]),
             DType::F16 => Storage::F16(vec![f16::ZERO; n]),
         }
+    }
+
+    /// Zeros of `dtype` in host memory, or an error where the memory cannot be had (instead of
+    /// the process aborting, as `zeros` would).
+    pub fn try_zeros(dtype: DType, n: usize) -> Result<Self, TensorError> {
+        let oom = || {
+            let gib = n as f64 * dtype.size_in_bytes() as f64 / (1u64 << 30) as f64;
+            TensorError::Device(
+                "cpu".into(),
+                format!("out of memory: {gib:.1} GiB asked (a shorter context or a smaller batch or model)"),
+            )
+        };
+        Ok(match dtype {
+            DType::F32 => Storage::F32(zeroed_vec(n).ok_or_else(oom)?),
+            DType::BF16 => Storage::BF16(zeroed_vec(n).ok_or_else(oom)?),
+            DType::F16 => Storage::F16(zeroed_vec(n).ok_or_else(oom)?),
+        })
     }
 
     /// Converts f32 values into storage of `dtype` (round-to-nearest-even).
@@ -352,9 +369,45 @@ impl Tensor {
     }
 }
 
+/// Marks the element types whose all-zero bytes are the value 0.
+trait ZeroBits: Copy {}
+impl ZeroBits for f32 {}
+impl ZeroBits for bf16 {}
+impl ZeroBits for f16 {}
+
+/// `n` zeros, taken zeroed from the allocator as `vec![0; n]` does (no pass over them), or
+/// `None` where the allocator has not the memory or the size overflows.
+fn zeroed_vec<T: ZeroBits>(n: usize) -> Option<Vec<T>> {
+    let layout = std::alloc::Layout::array::<T>(n).ok()?;
+    if layout.size() == 0 {
+        return Some(Vec::new());
+    }
+    // SAFETY: the layout has a non-zero size; the memory comes from the global allocator with
+    // `T`'s array layout for `n` elements, as `Vec<T>` with capacity `n` would hold it, and is
+    // zeroed, which is `n` valid values of `T` (`ZeroBits`).
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout) as *mut T;
+        (!p.is_null()).then(|| Vec::from_raw_parts(p, n, n))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zeros_that_cannot_be_had_are_an_error_not_an_abort() {
+        // Past the address space (2^60 bytes), and a size whose bytes overflow.
+        for (dtype, n) in [(DType::F32, 1usize << 58), (DType::BF16, usize::MAX / 2)] {
+            let e = Storage::try_zeros(dtype, n).unwrap_err().to_string();
+            assert!(e.starts_with("device cpu: out of memory: "), "{e}");
+        }
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let z = Storage::try_zeros(dtype, 1000).unwrap();
+            assert_eq!(z, Storage::zeros(dtype, 1000));
+            assert!(Storage::try_zeros(dtype, 0).unwrap().is_empty());
+        }
+    }
 
     #[test]
     fn bf16_storage_rounds_and_reads_back() {

@@ -94,6 +94,19 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     if a.steps == 0 || a.batch.contains(&0) {
         bail!("--steps and --batch take at least 1");
     }
+    if let Some(&b) = a.batch.iter().find(|&&b| b > MAX_BATCH) {
+        bail!("--batch takes at most {MAX_BATCH} sequences, got {b}");
+    }
+    // The prompt, the untimed step, the timed steps and one spare position.
+    let positions = a.prompt_len.saturating_add(a.steps).saturating_add(2);
+    if positions > cfg.max_position_embeddings {
+        bail!(
+            "--prompt-len {} and --steps {} need {positions} positions, more than the shape's context of {}",
+            a.prompt_len,
+            a.steps,
+            cfg.max_position_embeddings
+        );
+    }
     if let Some(h) = a.hold_us {
         if a.one_rank_of.is_none() || !matches!(device, Device::Cuda(_)) {
             bail!("--hold-us needs --one-rank-of and --device cuda");
@@ -111,16 +124,24 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             device_of_rank(device, r).ensure_available()?;
         }
     }
-    // On the CPU the ranks' weights share the host's memory: a shape larger than it is refused
-    // here rather than aborting in an allocation.
+    // On the CPU the ranks' weights and KV caches share the host's memory: a run larger than it
+    // is refused here rather than aborting in an allocation.
     if device == Device::Cpu {
-        let weights = cfg.num_params() as f64 * dtype.size_in_bytes() as f64
-            / a.one_rank_of.unwrap_or(1) as f64;
-        if let Some(total) = host_memory_bytes() {
-            if weights > 0.9 * total {
+        let share = a.one_rank_of.unwrap_or(1) as f64;
+        let weights = cfg.num_params() as f64 * dtype.size_in_bytes() as f64 / share;
+        let kv_per_position = 2.0
+            * cfg.num_layers as f64
+            * cfg.num_kv_heads as f64
+            * cfg.head_dim as f64
+            * dtype.size_in_bytes() as f64;
+        let batch = a.batch.iter().copied().max().unwrap_or(1) as f64;
+        let kv = kv_per_position * positions as f64 * batch / share;
+        if let Some(total) = tessera_tensor::device::host_memory_bytes() {
+            if weights + kv > 0.9 * total {
                 bail!(
-                    "the shape's {dtype} weights take {:.1} GB, more than this host's {:.1} GB of memory",
+                    "the shape's {dtype} weights ({:.1} GB) and KV cache ({:.1} GB) take more than this host's {:.1} GB of memory",
                     weights / 1e9,
+                    kv / 1e9,
                     total / 1e9
                 );
             }
@@ -163,8 +184,8 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         "roofline tok/s",
         "% roofline"
     );
-    let prompt: Vec<u32> = (0..a.prompt_len as u32)
-        .map(|i| (i * 7919) % cfg.vocab_size as u32)
+    let prompt: Vec<u32> = (0..a.prompt_len as u64)
+        .map(|i| (i * 7919 % cfg.vocab_size as u64) as u32)
         .collect();
     for &tp in &tps {
         // One rank's run over its communicator: every rank of a tp group, or rank 0 alone
@@ -404,10 +425,5 @@ impl SkipComm {
     }
 }
 
-/// The host's memory in bytes (`MemTotal` of /proc/meminfo; `None` where there is none).
-fn host_memory_bytes() -> Option<f64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024.0)
-}
+/// The largest batch `--batch` takes.
+const MAX_BATCH: usize = 4096;
