@@ -34,6 +34,13 @@ pub fn writable_file(path: &Path, flag: &str) -> Result<()> {
     }
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
     if let Some(dir) = parent {
+        if dir.exists() && !dir.is_dir() {
+            bail!(
+                "{flag} {}: {} is not a directory",
+                path.display(),
+                dir.display()
+            );
+        }
         if !dir.is_dir() {
             bail!(
                 "{flag} {}: directory {} does not exist",

@@ -186,8 +186,11 @@ fn count(flag: &str, v: &str) -> anyhow::Result<u64> {
         .filter(|x: &f64| x.is_finite())
         .with_context(|| format!("--{flag} must be a positive number, got {v:?}"))?;
     let x = x * mult;
-    if x <= 0.0 || x.fract() != 0.0 || x > 1e18 {
+    if x <= 0.0 || x.fract() != 0.0 {
         bail!("--{flag} must be a positive whole number, got {v:?}");
+    }
+    if x > 1e18 {
+        bail!("--{flag} must be at most 1e18, got {v:?}");
     }
     Ok(x as u64)
 }

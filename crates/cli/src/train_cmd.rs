@@ -224,7 +224,21 @@ pub fn run(a: TrainArgs) -> Result<()> {
             if meta.model_config != model_json
                 && ModelConfig::from_json(&meta.model_config)? != model_cfg
             {
-                bail!("the checkpoint's model config differs from --model-config");
+                let (a, b) = (&meta.model_config, &model_json);
+                let mut keys: Vec<&String> = a
+                    .as_object()
+                    .into_iter()
+                    .chain(b.as_object())
+                    .flat_map(|o| o.keys())
+                    .filter(|k| a.get(k.as_str()) != b.get(k.as_str()))
+                    .collect();
+                keys.sort();
+                keys.dedup();
+                let keys: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
+                bail!(
+                    "the checkpoint's model config differs from --model-config in {}",
+                    keys.join(", ")
+                );
             }
             if meta.progress.step >= a.steps {
                 bail!(

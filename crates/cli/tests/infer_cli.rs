@@ -405,6 +405,21 @@ fn absurd_sizes_and_broken_weights_are_refused_in_one_line() {
         fails_with(&args, needle);
     }
     let llama = fixture("llama");
+    let m = llama.to_str().unwrap();
+    // Nothing to score, or more than the model's context (as generate refuses it).
+    fails_with(
+        &["score", "--model", m, "--tokens", "5"],
+        "at least two tokens",
+    );
+    fails_with(
+        &["score", "--model", m, "--text", ""],
+        "at least two tokens",
+    );
+    let long = vec!["7"; 300].join(",");
+    fails_with(
+        &["score", "--model", m, "--tokens", &long],
+        "300 tokens exceed the model's context of 256 positions",
+    );
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
     copy_model(&llama, dir.path());

@@ -564,6 +564,10 @@ fn bad_input_is_one_line_and_a_non_zero_exit() {
         ),
         (vec!["train", "--params", "-7e9"], "--params"),
         (
+            vec!["train", "--params", "1e19"],
+            "--params must be at most 1e18, got \"1e19\"",
+        ),
+        (
             vec!["train", "--model", "llama-3-8b", "--gpu-mem", "-80"],
             "--gpu-mem",
         ),

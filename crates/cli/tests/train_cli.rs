@@ -182,6 +182,26 @@ fn train_json_crash_resume_at_another_layout_and_export() {
     let errors = err.lines().filter(|l| !l.starts_with("warning:")).count();
     assert_eq!(errors, 1, "{err}");
 
+    // Resuming with another model config: refused, naming what differs.
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let cfg = std::fs::read_to_string(paths.1.join("config.json")).unwrap();
+    std::fs::write(
+        other.join("config.json"),
+        cfg.replace("\"intermediate_size\":64", "\"intermediate_size\":96"),
+    )
+    .unwrap();
+    let mut args = train_args(&paths, 8, &curve, &["--resume", s(&ck)]);
+    let at = args.iter().position(|a| a == "--model-config").unwrap();
+    args[at + 1] = s(&other).to_string();
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, err) = tessera(&refs);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("differs from --model-config in intermediate_size"),
+        "{err}"
+    );
+
     // Export, then score and generate with the exported model.
     let hf = dir.path().join("hf");
     let (code, _, err) = tessera(&["export", "--checkpoint", s(&ck), "--out", s(&hf)]);
@@ -302,6 +322,10 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
         (
             vec!["--config", s(&cfg), "--seq-len", "100000"],
             "max_position_embeddings",
+        ),
+        (
+            vec!["--config", s(&cfg), "--init-from", "/nonexistent"],
+            "checkpoint /nonexistent: does not exist",
         ),
     ];
     // A model whose training state cannot fit in memory: refused before its weights are made.

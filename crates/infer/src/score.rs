@@ -31,8 +31,18 @@ pub fn score_on(
     dtype: DType,
     device: Device,
 ) -> Result<ScoreOutput, InferError> {
-    if tokens.is_empty() {
-        return Err(InferError::Request("score needs at least one token".into()));
+    if tokens.len() < 2 {
+        return Err(InferError::Request(format!(
+            "score needs at least two tokens (the first is only context), got {}",
+            tokens.len()
+        )));
+    }
+    let ctx = model.config.max_position_embeddings;
+    if tokens.len() > ctx {
+        return Err(InferError::Request(format!(
+            "{} tokens exceed the model's context of {ctx} positions (max_position_embeddings)",
+            tokens.len()
+        )));
     }
     tessera_model::validate_tp(&model.config, tp)?;
     run_tp(tp, |comm, rank| {

@@ -47,6 +47,16 @@ impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self, ModelError> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
+        if !dir.is_dir() {
+            return Err(ModelError::Checkpoint {
+                path: dir.display().to_string(),
+                msg: if dir.exists() {
+                    "is not a directory".into()
+                } else {
+                    "does not exist".into()
+                },
+            });
+        }
         let paths: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| ModelError::Io {
                 path: index.display().to_string(),
@@ -72,6 +82,9 @@ impl Checkpoint {
                 if !files.iter().any(|x| x == f) {
                     files.push(f.to_string());
                 }
+            }
+            if files.is_empty() {
+                return Err(ck_err(&index, "its weight_map names no shard"));
             }
             files.sort();
             files.into_iter().map(|f| dir.join(f)).collect()

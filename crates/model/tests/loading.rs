@@ -157,6 +157,17 @@ fn bad_checkpoints_are_refused_by_name() {
     .unwrap();
     let e = load(dir.path());
     assert!(e.contains("b.safetensors"), "{e}");
+    // An index that names no shard at all: said with the index's path.
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        r#"{"weight_map": {}}"#,
+    )
+    .unwrap();
+    let e = load(dir.path());
+    assert!(
+        e.contains("model.safetensors.index.json") && e.contains("names no shard"),
+        "{e}"
+    );
 
     // And the good one loads.
     std::fs::remove_file(dir.path().join("model.safetensors.index.json")).unwrap();

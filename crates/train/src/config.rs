@@ -204,8 +204,10 @@ impl<'a> Obj<'a> {
             .map(|v| {
                 v.as_u64()
                     .or_else(|| {
+                        // Whole numbers written as floats (1e3), within u64: a larger one (1e30)
+                        // is refused, not clamped to u64::MAX.
                         v.as_f64()
-                            .filter(|x| x.fract() == 0.0 && *x >= 0.0)
+                            .filter(|x| x.fract() == 0.0 && *x >= 0.0 && *x < u64::MAX as f64)
                             .map(|x| x as u64)
                     })
                     .ok_or_else(|| err(format!("`{name}` must be a whole number >= 0, got {v}")))
@@ -436,8 +438,8 @@ impl TrainConfig {
                     "none" => OffloadDevice::None,
                     "cpu" => OffloadDevice::Cpu,
                     "nvme" => match off.str("nvme_path")? {
-                        Some(p) => OffloadDevice::Nvme(p.into()),
-                        None => {
+                        Some(p) if !p.trim().is_empty() => OffloadDevice::Nvme(p.into()),
+                        _ => {
                             return Err(err(
                                 "`zero_optimization.offload_optimizer.device` nvme needs `nvme_path` (a directory)",
                             ))
@@ -744,6 +746,14 @@ mod tests {
             (
                 r#"{"zero_optimization": {"offload_optimizer": {"device": "nvme"}}}"#,
                 "nvme_path",
+            ),
+            (
+                r#"{"zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": " "}}}"#,
+                "nvme_path",
+            ),
+            (
+                r#"{"train_batch_size": 1e30}"#,
+                "`train_batch_size` must be a whole number >= 0, got 1e+30",
             ),
         ] {
             let e = TrainConfig::from_json_str(json).unwrap_err().to_string();
