@@ -27,10 +27,18 @@ pub fn fresh_dir(path: &Path, flag: &str) -> Result<()> {
 }
 
 /// A file the run writes at its end (`flag`): its directory must exist, and it must not be a
-/// directory itself.
+/// directory itself, nor a device, fifo or socket (which the atomic write would refuse only at
+/// the end, after training).
 pub fn writable_file(path: &Path, flag: &str) -> Result<()> {
     if path.is_dir() {
         bail!("{flag} {} is a directory", path.display());
+    }
+    // Through symlinks: a link to a regular file is written through.
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        bail!(
+            "{flag} {} is not a regular file (a device, fifo or socket); give a file to write",
+            path.display()
+        );
     }
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
     if let Some(dir) = parent {
@@ -114,6 +122,8 @@ mod tests {
         assert!(e.to_string().contains("does not exist"), "{e}");
         let e = writable_file(t.path(), "--curve").unwrap_err();
         assert!(e.to_string().contains("is a directory"), "{e}");
+        let e = writable_file(Path::new("/dev/null"), "--curve").unwrap_err();
+        assert!(e.to_string().contains("is not a regular file"), "{e}");
     }
 
     #[test]

@@ -452,8 +452,9 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     let searched = !req.fixed.any();
     let plan = search::plan(req)?;
     if let Some(path) = &a.svg {
-        std::fs::write(path, svg::to_svg(&plan, top))
-            .with_context(|| format!("writing {}", path.display()))?;
+        // Atomic, so a full disk leaves an earlier image whole rather than a truncated one.
+        tessera_train::checkpoint::write_atomic(path, svg::to_svg(&plan, top).as_bytes())
+            .context("cannot write the --svg image")?;
     }
     if a.json {
         outln!("{}", serde_json::to_string_pretty(&report::to_json(&plan))?);

@@ -6,6 +6,8 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+mod common;
+
 fn tessera(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tessera"))
         .arg("plan")
@@ -520,6 +522,56 @@ fn table_and_svg() {
     let out = tessera(&["infer", "--model", "llama-3-8b", "--gpus", "1"]);
     let table = String::from_utf8(out.stdout).unwrap();
     assert!(table.contains("left for KV blocks"), "{table}");
+}
+
+#[cfg(unix)]
+#[test]
+fn an_svg_that_cannot_be_written_leaves_the_earlier_one_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("plan.svg");
+    std::fs::write(&svg, "<svg>earlier</svg>").unwrap();
+    let args = [
+        "plan",
+        "train",
+        "--model",
+        "llama-3-70b",
+        "--nodes",
+        "2",
+        "--svg",
+    ];
+    // A disk that fills after 1 KiB of the new image.
+    let out = common::cap_file_size(Command::new(env!("CARGO_BIN_EXE_tessera")).args(args), 1024)
+        .arg(&svg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: cannot write the --svg image: "),
+        "{err}"
+    );
+    assert!(err.contains("File too large"), "{err}");
+    assert_eq!(std::fs::read_to_string(&svg).unwrap(), "<svg>earlier</svg>");
+    assert_eq!(
+        common::entries(dir.path()),
+        ["plan.svg"],
+        "no temporary left"
+    );
+    // A fifo (or device) is refused, not replaced by a file.
+    let fifo = dir.path().join("fifo");
+    common::mkfifo(&fifo);
+    let mut with_fifo = args[1..].to_vec();
+    with_fifo.push(fifo.to_str().unwrap());
+    let out = tessera(&with_fifo);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("is a fifo, not a regular file"), "{err}");
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::symlink_metadata(&fifo)
+        .unwrap()
+        .file_type()
+        .is_fifo());
 }
 
 #[test]

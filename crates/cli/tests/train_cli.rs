@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+
 fn tessera_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
         .args(args)
@@ -347,6 +349,9 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
             "needs at least",
         )])
         .collect();
+    // A loss curve into a fifo (or a device) is refused before training, not replaced.
+    let fifo = dir.path().join("fifo");
+    common::mkfifo(&fifo);
     // Checkpoints of another run in the --save root are not overwritten.
     let taken = dir.path().join("taken");
     std::fs::create_dir_all(taken.join("step_00000003")).unwrap();
@@ -366,6 +371,10 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
             (
                 vec!["--config", s(&cfg), "--curve", "/nonexistent/c.svg"],
                 "does not exist",
+            ),
+            (
+                vec!["--config", s(&cfg), "--curve", s(&fifo)],
+                "is not a regular file",
             ),
         ])
         .collect();
@@ -470,4 +479,104 @@ fn a_json_line_that_cannot_be_written_ends_the_run() {
         "{err}"
     );
     assert!(!dir.path().join("curve.svg").exists(), "the run stopped");
+}
+
+/// `tessera` with every file it writes capped at `max_bytes`: a full disk part way through.
+fn tessera_on_full_disk(args: &[&str], max_bytes: u64) -> (i32, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tessera"));
+    let out = common::cap_file_size(cmd.args(args), max_bytes)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(errors[0].contains("File too large"), "{err}");
+    (out.status.code().unwrap_or(-1), err)
+}
+
+#[cfg(unix)]
+#[test]
+fn a_full_disk_leaves_nothing_behind_and_a_retry_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = setup(dir.path());
+    let tok = repo("tests/fixtures/hf/llama/tokenizer.json");
+
+    // data prepare: the shards of a short text fit, the tokenizer (8.5 KB) does not. A new --out
+    // goes again, an empty one given stays empty, and the retry is not refused.
+    let input = dir.path().join("short.txt");
+    std::fs::write(
+        &input,
+        "To be, or not to be, that is the question.\n".repeat(8),
+    )
+    .unwrap();
+    for given in ["new", "empty"] {
+        let out = dir.path().join(given);
+        if given == "empty" {
+            std::fs::create_dir(&out).unwrap();
+        }
+        let args = [
+            "data",
+            "prepare",
+            "--input",
+            s(&input),
+            "--tokenizer",
+            s(&tok),
+            "--out",
+            s(&out),
+        ];
+        let (code, err) = tessera_on_full_disk(&args, 4096);
+        assert_eq!(code, 1, "{err}");
+        match given {
+            "new" => assert!(!out.exists(), "{:?}", common::entries(&out)),
+            _ => assert!(
+                common::entries(&out).is_empty(),
+                "{:?}",
+                common::entries(&out)
+            ),
+        }
+        let (code, _, err) = tessera(&args);
+        assert_eq!(code, 0, "{err}");
+    }
+
+    // A save that does not fit leaves no temporary directory (retried saves would pile them up).
+    let ck = dir.path().join("ck");
+    let curve = dir.path().join("curve.svg");
+    let args = train_args(&paths, 2, &curve, &["--save", s(&ck), "--save-every", "1"]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, err) = tessera_on_full_disk(&refs, 100_000);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        common::entries(&ck).is_empty(),
+        "{:?}",
+        common::entries(&ck)
+    );
+
+    // The retry saves; its loss curve goes through a symlink, which stays one.
+    let real = dir.path().join("real.svg");
+    std::fs::write(&real, "earlier").unwrap();
+    let link = dir.path().join("link.svg");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let args = train_args(&paths, 2, &link, &["--save", s(&ck), "--save-every", "1"]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, err) = tessera(&refs);
+    assert_eq!(code, 0, "{err}");
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(std::fs::read_to_string(&real).unwrap().starts_with("<svg"));
+
+    // export: the weights do not fit; the new --out goes again, and the retry is not refused.
+    let hf = dir.path().join("hf");
+    let args = ["export", "--checkpoint", s(&ck), "--out", s(&hf)];
+    let (code, err) = tessera_on_full_disk(&args, 4096);
+    assert_eq!(code, 1, "{err}");
+    assert!(!hf.exists(), "{:?}", common::entries(&hf));
+    let (code, _, err) = tessera(&args);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        common::entries(&hf),
+        ["config.json", "model.safetensors", "tokenizer.json"]
+    );
 }

@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 use tessera_model::grad::ParamLayout;
 use tessera_tensor::DType;
 
+pub use crate::files::write_atomic;
+use crate::files::{sync_dir, NewFiles, TempPath};
 use crate::trainer::{Progress, Trainer};
 use crate::TrainError;
 
@@ -47,30 +49,6 @@ fn ck_err(path: &Path, msg: impl Into<String>) -> TrainError {
     TrainError::Checkpoint {
         path: path.display().to_string(),
         msg: msg.into(),
-    }
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let mut f = File::create(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| TrainError::io(&tmp, e))?;
-    f.sync_all().map_err(|e| TrainError::io(&tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))?;
-    sync_dir(dir);
-    Ok(())
-}
-
-fn sync_dir(dir: &Path) {
-    // Makes the rename durable; not every platform lets a directory be opened, hence best effort.
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
     }
 }
 
@@ -108,10 +86,15 @@ pub fn save(
     }
     SAVES.fetch_add(1, Ordering::SeqCst);
     std::fs::create_dir_all(root).map_err(|e| TrainError::io(root, e))?;
+    remove_stale_temp_dirs(root);
     let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
     }
+    // Removed again on every error below (a full disk): failed saves, retried, would otherwise
+    // pile temporary directories up until the disk is full for good. A crash (the test hook's
+    // abort) skips this; the next save cleans up after it.
+    let tmp_guard = TempPath::new(tmp.clone());
     std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
 
     let layout = &trainer.model.layout;
@@ -153,9 +136,42 @@ pub fn save(
         std::fs::remove_dir_all(&final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
     }
     std::fs::rename(&tmp, &final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
+    tmp_guard.keep();
     sync_dir(root);
     write_atomic(&root.join("latest"), name.as_bytes())?;
     Ok(final_dir)
+}
+
+/// Removes the temporary directories (`.step_*.tmp-PID`) of saves whose process no longer runs:
+/// what a crash or a kill during a save left. A live process's (another rank's run on this host,
+/// however unlikely in one root) is left alone, and so is any whose owner cannot be told.
+fn remove_stale_temp_dirs(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.starts_with(".step_"))
+            .and_then(|n| n.rsplit_once(".tmp-"))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+        if is_dir && pid != std::process::id() && process_is_gone(pid) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Whether no process `pid` runs on this host (Linux: no `/proc/PID`). Elsewhere it cannot be
+/// told cheaply, and a directory that might be a live save's is kept.
+fn process_is_gone(pid: u32) -> bool {
+    cfg!(target_os = "linux")
+        && Path::new("/proc/self").exists()
+        && !Path::new("/proc").join(pid.to_string()).exists()
 }
 
 fn serialize(tensors: &[(String, Vec<usize>, Vec<u8>)], at: &Path) -> Result<Vec<u8>, TrainError> {
@@ -314,20 +330,31 @@ pub fn export(path: &Path, out: &Path, dtype: DType) -> Result<PathBuf, TrainErr
         DType::BF16 => StDtype::BF16,
         DType::F16 => StDtype::F16,
     };
+    // Every tensor is converted before anything is written, so a value the dtype cannot hold
+    // leaves no output behind.
     let mut tensors = vec![];
     for (u, unit) in layout.units.iter().enumerate() {
         for p in &unit.params {
             let vals = &ck.master[u][p.offset..p.offset + p.len];
             let bytes: Vec<u8> = match dtype {
                 DType::F32 => vals.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                DType::BF16 => vals
-                    .iter()
-                    .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
-                    .collect(),
-                DType::F16 => vals
-                    .iter()
-                    .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-                    .collect(),
+                DType::BF16 => {
+                    let h: Vec<_> = vals.iter().map(|x| half::bf16::from_f32(*x)).collect();
+                    check_range(&ck.dir, &p.name, vals, &h, "bf16", "f32")?;
+                    h.iter().flat_map(|x| x.to_le_bytes()).collect()
+                }
+                DType::F16 => {
+                    let h: Vec<_> = vals.iter().map(|x| half::f16::from_f32(*x)).collect();
+                    check_range(
+                        &ck.dir,
+                        &p.name,
+                        vals,
+                        &h,
+                        "f16 (largest 65504)",
+                        "bf16 or f32",
+                    )?;
+                    h.iter().flat_map(|x| x.to_le_bytes()).collect()
+                }
             };
             tensors.push((p.name.clone(), p.shape.clone(), bytes));
         }
@@ -344,8 +371,9 @@ pub fn export(path: &Path, out: &Path, dtype: DType) -> Result<PathBuf, TrainErr
     let mut md = std::collections::HashMap::new();
     md.insert("format".to_string(), "pt".to_string());
     let bytes = safetensors::serialize(views, Some(md)).map_err(|e| ck_err(out, e.to_string()))?;
-    std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
-    write_atomic(&out.join("model.safetensors"), &bytes)?;
+    // A failure (a full disk) takes back what this export wrote, so a retry finds `out` as it was.
+    let mut files = NewFiles::create(out)?;
+    files.write(&out.join("model.safetensors"), &bytes)?;
     let mut config = meta.model_config.clone();
     if let Some(o) = config.as_object_mut() {
         let name = match dtype {
@@ -357,11 +385,34 @@ pub fn export(path: &Path, out: &Path, dtype: DType) -> Result<PathBuf, TrainErr
         o.remove("dtype");
     }
     let json = serde_json::to_vec_pretty(&config).expect("config serialises");
-    write_atomic(&out.join("config.json"), &json)?;
+    files.write(&out.join("config.json"), &json)?;
     let tok = dir.join("tokenizer.json");
     if tok.exists() {
         let b = std::fs::read(&tok).map_err(|e| TrainError::io(&tok, e))?;
-        write_atomic(&out.join("tokenizer.json"), &b)?;
+        files.write(&out.join("tokenizer.json"), &b)?;
     }
+    files.finish();
     Ok(out.to_path_buf())
+}
+
+/// A weight beyond what the export dtype holds (|x| > 65504 for f16) would be written as inf:
+/// refused, naming the tensor, the value and the dtypes that hold it.
+fn check_range<T: Copy + Into<f32>>(
+    at: &Path,
+    name: &str,
+    vals: &[f32],
+    converted: &[T],
+    dtype: &str,
+    wider: &str,
+) -> Result<(), TrainError> {
+    match converted.iter().position(|h| (*h).into().is_infinite()) {
+        None => Ok(()),
+        Some(i) => Err(ck_err(
+            at,
+            format!(
+                "{name} holds {} at element {i}, beyond the range of {dtype}; export as {wider}",
+                vals[i]
+            ),
+        )),
+    }
 }

@@ -14,7 +14,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::write_atomic;
+use crate::files::NewFiles;
 use crate::TrainError;
 
 /// Tokens per shard file.
@@ -46,7 +46,8 @@ fn data_err(msg: impl Into<String>) -> TrainError {
 }
 
 /// Writes a dataset directory: shards of both splits, then `meta.json` (last, atomically, so a
-/// directory with a `meta.json` is complete).
+/// directory with a `meta.json` is complete). A failure (a full disk) takes back what this call
+/// wrote, so a retry finds `dir` as it was.
 pub fn write_dataset(
     dir: &Path,
     train: &[u32],
@@ -54,9 +55,9 @@ pub fn write_dataset(
     vocab_size: usize,
     tokenizer: Option<&Path>,
 ) -> Result<DatasetMeta, TrainError> {
-    std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+    let mut files = NewFiles::create(dir)?;
     let wide = vocab_size > u16::MAX as usize + 1;
-    let write_split = |name: &str, toks: &[u32]| -> Result<SplitMeta, TrainError> {
+    let mut write_split = |name: &str, toks: &[u32]| -> Result<SplitMeta, TrainError> {
         let mut shards = vec![];
         for (i, chunk) in toks.chunks(SHARD_TOKENS).enumerate() {
             let file = format!("{name}_{i:05}.bin");
@@ -68,7 +69,7 @@ pub fn write_dataset(
                     bytes.extend_from_slice(&(t as u16).to_le_bytes());
                 }
             }
-            write_atomic(&dir.join(&file), &bytes)?;
+            files.write(&dir.join(&file), &bytes)?;
             shards.push(file);
         }
         Ok(SplitMeta {
@@ -81,7 +82,7 @@ pub fn write_dataset(
     let tokenizer = match tokenizer {
         Some(p) => {
             let bytes = std::fs::read(p).map_err(|e| TrainError::io(p, e))?;
-            write_atomic(&dir.join("tokenizer.json"), &bytes)?;
+            files.write(&dir.join("tokenizer.json"), &bytes)?;
             Some("tokenizer.json".to_string())
         }
         None => None,
@@ -95,7 +96,8 @@ pub fn write_dataset(
         tokenizer,
     };
     let json = serde_json::to_vec_pretty(&meta).expect("meta serialises");
-    write_atomic(&dir.join("meta.json"), &json)?;
+    files.write(&dir.join("meta.json"), &json)?;
+    files.finish();
     Ok(meta)
 }
 
@@ -328,5 +330,20 @@ mod tests {
         std::fs::write(dir.path().join("val_00000.bin"), [1u8, 0, 2]).unwrap();
         assert!(d.tokens("val").is_err());
         assert!(Dataset::open(&dir.path().join("nope")).is_err());
+    }
+
+    #[test]
+    fn a_failed_write_takes_back_the_dataset_it_began() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("data");
+        // Fails after the shards are written: the tokenizer to copy is not there.
+        let missing = t.path().join("no-tokenizer.json");
+        let e = write_dataset(&dir, &[1, 2, 3], &[4], 300, Some(&missing)).unwrap_err();
+        assert!(e.to_string().contains("no-tokenizer.json"), "{e}");
+        assert!(!dir.exists());
+        // An empty directory given stays, empty.
+        std::fs::create_dir(&dir).unwrap();
+        assert!(write_dataset(&dir, &[1, 2, 3], &[4], 300, Some(&missing)).is_err());
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
     }
 }

@@ -16,6 +16,10 @@ pub enum TrainError {
     /// once (as `ModelError::Io`).
     #[error("{path}: {err}")]
     Io { path: String, err: std::io::Error },
+    /// An output path holds something other than a regular file (a device, a fifo, a directory):
+    /// refused, not replaced (`--curve /dev/null` as root would otherwise replace the device).
+    #[error("{path} is {kind}, not a regular file; not replacing it")]
+    NotRegularFile { path: String, kind: &'static str },
     /// Standard output refused a line (a full disk, a closed pipe): worded as every command's
     /// failed write (`tessera`'s `outln!`), the error in the message as for `Io`.
     #[error("cannot write to standard output: {0}")]

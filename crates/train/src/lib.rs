@@ -23,6 +23,7 @@ pub mod config;
 pub mod curve;
 pub mod data;
 pub mod error;
+pub mod files;
 pub mod flat_buffer;
 pub mod loss_scale;
 pub mod schedule;

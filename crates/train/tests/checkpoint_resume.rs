@@ -171,3 +171,75 @@ fn export_writes_an_hf_model_that_inference_loads_with_the_same_logits() {
         .fold(0.0f32, f32::max);
     assert!(max < 1e-4, "logits differ by {max}");
 }
+
+/// The entries of `dir` whose names start with `.step_` (temporary save directories), sorted.
+fn temp_dirs(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".step_"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_failed_save_leaves_no_temporary_directory_and_clears_those_of_dead_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    // What saves killed midway left: one of a process gone, one of a process that runs (pid 1).
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    std::fs::create_dir_all(dir.path().join(format!(".step_00000004.tmp-{dead}/x"))).unwrap();
+    std::fs::create_dir_all(dir.path().join(".step_00000004.tmp-1")).unwrap();
+    let model = tiny_model(false);
+    let model_json: serde_json::Value = serde_json::from_str(
+        &tessera_model::synthetic::llama_config_json(48, 32, 64, 2, 4, 2, false),
+    )
+    .unwrap();
+    // The save fails after its state file is written: the tokenizer to copy is not there.
+    let missing = dir.path().join("no-tokenizer.json");
+    let e = run_dp(1, |comm| {
+        let layout = ParamLayout::new(&model);
+        let mut t = Trainer::new(
+            comm,
+            model.clone(),
+            config(0, ""),
+            SEQ,
+            random_init(&layout, 0),
+        )?;
+        save(&mut t, dir.path(), 0, &model_json, Some(&missing))
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("no-tokenizer.json"), "{e}");
+    assert_eq!(temp_dirs(dir.path()), [".step_00000004.tmp-1"]);
+    assert!(!dir.path().join("latest").exists());
+}
+
+#[test]
+fn an_export_to_f16_of_a_weight_beyond_its_range_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    segment(1, 0, 1, None, Some(dir.path()));
+    // 1e5 as the first value of a master weight (f16 holds up to 65504).
+    let state = dir.path().join("step_00000001/state.safetensors");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let name = "model.layers.1.mlp.up_proj.weight";
+    let at = {
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.tensor(name).unwrap().data().as_ptr() as usize - bytes.as_ptr() as usize
+    };
+    bytes[at..at + 4].copy_from_slice(&1e5f32.to_le_bytes());
+    std::fs::write(&state, &bytes).unwrap();
+    let out = dir.path().join("hf");
+    let e = checkpoint::export(dir.path(), &out, tessera_tensor::DType::F16)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains(name) && e.contains("100000"), "{e}");
+    assert!(e.contains("bf16 or f32") && !e.contains('\n'), "{e}");
+    assert!(!out.exists(), "nothing is written");
+    // bf16 holds it.
+    checkpoint::export(dir.path(), &out, tessera_tensor::DType::BF16).unwrap();
+}
