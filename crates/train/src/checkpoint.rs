@@ -257,8 +257,10 @@ pub fn load(path: &Path, layout: &ParamLayout) -> Result<LoadedCheckpoint, Train
                 for (d, c) in vals.iter_mut().zip(t.data().chunks_exact(4)) {
                     *d = f32::from_le_bytes(c.try_into().unwrap());
                 }
-                // A weight or moment that is not a number would train (or export) NaN on.
-                if let Some(i) = vals.iter().position(|x| !x.is_finite()) {
+                // A weight or moment that is not a number would train (or export) NaN on; a
+                // negative second moment (a sum of squares) would give NaN at its first step.
+                let bad = |x: &f32| !x.is_finite() || (k == 2 && *x < 0.0);
+                if let Some(i) = vals.iter().position(bad) {
                     return Err(ck_err(
                         &state,
                         format!(
@@ -272,6 +274,33 @@ pub fn load(path: &Path, layout: &ParamLayout) -> Result<LoadedCheckpoint, Train
         for (o, b) in out.iter_mut().zip(bufs) {
             o.push(b);
         }
+    }
+    // Every tensor of the state belongs to the model: a state of another (larger) model under
+    // this trainer.json is refused rather than read in part.
+    let expected = 3 * layout.units.iter().map(|u| u.params.len()).sum::<usize>();
+    if st.len() != expected {
+        let known: std::collections::HashSet<String> = layout
+            .units
+            .iter()
+            .flat_map(|u| &u.params)
+            .flat_map(|p| {
+                ["", ".exp_avg", ".exp_avg_sq"].map(|suffix| format!("{}{suffix}", p.name))
+            })
+            .collect();
+        let mut extra: Vec<&str> = st
+            .names()
+            .into_iter()
+            .filter(|n| !known.contains(*n))
+            .collect();
+        extra.sort();
+        return Err(ck_err(
+            &state,
+            format!(
+                "holds {} tensors the model of its trainer.json has not (first: {}): another model's state?",
+                extra.len(),
+                extra.first().copied().unwrap_or("?")
+            ),
+        ));
     }
     let [master, exp_avg, exp_avg_sq] = out;
     Ok(LoadedCheckpoint {
@@ -293,6 +322,23 @@ pub fn read_meta(dir: &Path) -> Result<CheckpointMeta, TrainError> {
             &p,
             format!("format {:?} is not {FORMAT}", meta.format),
         ));
+    }
+    // A step directory holds the state after its step: its name and its progress agree.
+    let named = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("step_"))
+        .and_then(|n| n.parse::<u64>().ok());
+    if let Some(step) = named {
+        if step != meta.progress.step as u64 {
+            return Err(ck_err(
+                &p,
+                format!(
+                    "invalid trainer.json: progress.step {} in the directory of step {step}",
+                    meta.progress.step
+                ),
+            ));
+        }
     }
     let sc = &meta.progress.scaler;
     if !(sc.scale.is_finite() && sc.scale > 0.0 && sc.min_scale.is_finite() && sc.min_scale >= 0.0)

@@ -131,6 +131,63 @@ fn a_checkpoint_holding_nan_or_a_zero_loss_scale_is_refused() {
     assert!(e.contains("loss scale 0"), "{e}");
 }
 
+/// A checkpoint whose parts disagree: a negative second moment (a sum of squares), a progress
+/// that is not its directory's step, a trainer.json of a smaller model over the state. Each is
+/// refused in one line, not trained or exported on.
+#[test]
+fn a_checkpoint_that_disagrees_with_itself_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    segment(2, 1, 2, None, Some(dir.path()));
+    let layout = ParamLayout::new(&tiny_model(false));
+    let step = dir.path().join("step_00000002");
+    let state = step.join("state.safetensors");
+    let good = std::fs::read(&state).unwrap();
+    // The first value of a second moment, made negative.
+    let n = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&good[8..8 + n]).unwrap();
+    let (name, t) = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(k, _)| k.ends_with(".exp_avg_sq"))
+        .unwrap();
+    let at = 8 + n + t["data_offsets"][0].as_u64().unwrap() as usize;
+    let mut bad = good.clone();
+    bad[at..at + 4].copy_from_slice(&(-1.0f32).to_le_bytes());
+    std::fs::write(&state, &bad).unwrap();
+    let e = load(dir.path(), &layout).err().unwrap().to_string();
+    assert!(e.contains(&format!("{name} holds -1 at element 0")), "{e}");
+    std::fs::write(&state, &good).unwrap();
+    load(dir.path(), &layout).unwrap();
+    // The step in trainer.json is not the directory's.
+    let meta = step.join("trainer.json");
+    let text = std::fs::read_to_string(&meta).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["progress"]["step"] = serde_json::json!(0);
+    std::fs::write(&meta, serde_json::to_vec(&v).unwrap()).unwrap();
+    let e = load(dir.path(), &layout).err().unwrap().to_string();
+    assert!(
+        e.contains("progress.step 0 in the directory of step 2"),
+        "{e}"
+    );
+    // A model of one layer fewer than the state's: export refuses, writing nothing.
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["model_config"]["num_hidden_layers"] = serde_json::json!(1);
+    std::fs::write(&meta, serde_json::to_vec(&v).unwrap()).unwrap();
+    let out = dir.path().join("hf");
+    let e = checkpoint::export(dir.path(), &out, tessera_tensor::DType::F32)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("tensors the model of its trainer.json has not"),
+        "{e}"
+    );
+    assert!(!out.exists());
+    std::fs::write(&meta, &text).unwrap();
+    checkpoint::export(dir.path(), &out, tessera_tensor::DType::F32).unwrap();
+}
+
 #[test]
 fn export_writes_an_hf_model_that_inference_loads_with_the_same_logits() {
     let dir = tempfile::tempdir().unwrap();
