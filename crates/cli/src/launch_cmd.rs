@@ -244,7 +244,8 @@ pub fn run_job(spec: JobSpec) -> Result<()> {
         program.into()
     };
     signals::catch();
-    signals::adopt_orphans();
+    // Until it is dropped (the job's end, or a failed start).
+    let adoption = signals::Adoption::start();
     let mut ranks: Vec<Rank> = Vec::new();
     for local in 0..spec.nproc_per_node {
         let rank = spec.node_rank * spec.nproc_per_node + local;
@@ -296,6 +297,7 @@ pub fn run_job(spec: JobSpec) -> Result<()> {
                     Ok(h) => Some(h),
                     Err(e) => {
                         // Out of threads: this rank and those started go; one line says why.
+                        signals::send(child.id(), signals::KILL);
                         let _ = child.kill();
                         let _ = child.wait();
                         end_started(&mut ranks);
@@ -313,7 +315,7 @@ pub fn run_job(spec: JobSpec) -> Result<()> {
             forward,
         });
     }
-    supervise(ranks)
+    supervise(ranks, &adoption)
 }
 
 /// Kills the ranks started so far (their groups) and waits for them: the job could not start.
@@ -349,10 +351,18 @@ fn forward_stderr(rank: usize, err: impl std::io::Read, last: &Mutex<String>) {
 /// How long the other ranks get to exit on their own (with their own message) after one fails.
 const GRACE: Duration = Duration::from_secs(3);
 
-fn supervise(mut ranks: Vec<Rank>) -> Result<()> {
+fn supervise(mut ranks: Vec<Rank>, adoption: &signals::Adoption) -> Result<()> {
     let mut first_failure: Option<(Instant, Failure)> = None;
     let mut killed = 0;
+    let rank_pids: Vec<u32> = ranks.iter().map(|r| r.pid).collect();
+    let mut reaped_at = Instant::now();
     loop {
+        // Orphans adopted during the job that have ended are reaped now and then, not left as
+        // zombies until its end (the ranks themselves are waited for below).
+        if reaped_at.elapsed() > Duration::from_secs(1) {
+            adoption.living(&rank_pids);
+            reaped_at = Instant::now();
+        }
         // A signal to the launcher: passed on to every rank still running; the job then ends as
         // after a failure (a grace period, then the rest killed), naming the signal.
         if let Some(sig) = signals::take() {
@@ -400,16 +410,15 @@ fn supervise(mut ranks: Vec<Rank>) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     // The job is over: what its ranks started and left behind goes too (their groups, and what
-    // left the groups and was orphaned into the launcher's care: see `signals::adopt_orphans`),
+    // left the groups and was orphaned into the launcher's care: see `signals::Adoption`),
     // so that nothing outlives the job or holds a rank's stderr (and so the launcher) open past
     // it. After a failure at once; after a success asked first (SIGTERM), killed if still there
     // 2 s later. (Every rank has been waited for here, so the launcher's other children are
     // adopted ones.)
-    let groups: Vec<u32> = ranks.iter().map(|r| r.pid).collect();
     if first_failure.is_none() {
-        signals::end_leftovers(&groups, signals::TERM, Duration::from_secs(2));
+        adoption.end_leftovers(&rank_pids, signals::TERM, Duration::from_secs(2));
     }
-    signals::end_leftovers(&groups, signals::KILL, Duration::from_secs(2));
+    adoption.end_leftovers(&rank_pids, signals::KILL, Duration::from_secs(2));
     for r in &mut ranks {
         if let Some(h) = r.forward.take() {
             let _ = h.join();
@@ -491,89 +500,139 @@ mod signals {
         let _ = (pid, sig);
     }
 
-    /// Makes the launcher the reaper of its ranks' orphans (Linux: `PR_SET_CHILD_SUBREAPER`): what
-    /// a rank started and detached from its group (`setsid`, a daemon's double fork) becomes the
-    /// launcher's child when its parent ends, instead of init's, and so within reach of the
-    /// end-of-job cleanup. Elsewhere nothing.
-    pub fn adopt_orphans() {
-        #[cfg(target_os = "linux")]
-        // SAFETY: prctl(2) with PR_SET_CHILD_SUBREAPER only sets a flag of this process.
-        unsafe {
-            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    /// The launcher as the reaper of its ranks' orphans (Linux: `PR_SET_CHILD_SUBREAPER`), from
+    /// [`start`](Adoption::start) until dropped: what a rank started and detached from its group
+    /// (`setsid`, a daemon's double fork) becomes the launcher's child when its parent ends,
+    /// instead of init's, and so within reach of the end-of-job cleanup. The children the
+    /// launcher had before (a program that `exec`ed it may have left some) are never touched.
+    /// Elsewhere nothing is adopted.
+    pub struct Adoption {
+        before: std::collections::HashSet<u32>,
+        was_reaper: bool,
+    }
+
+    impl Adoption {
+        pub fn start() -> Adoption {
+            let before = children().into_iter().collect();
+            #[allow(unused_mut)]
+            let mut was_reaper = false;
+            #[cfg(target_os = "linux")]
+            // SAFETY: prctl(2) with PR_GET/SET_CHILD_SUBREAPER reads or sets a flag of this
+            // process; the GET form writes one int through the pointer given.
+            unsafe {
+                let mut flag: libc::c_int = 0;
+                if libc::prctl(
+                    libc::PR_GET_CHILD_SUBREAPER,
+                    &mut flag as *mut libc::c_int as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) == 0
+                {
+                    was_reaper = flag != 0;
+                }
+                libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+            }
+            Adoption { before, was_reaper }
+        }
+
+        /// The adopted orphans still living: the launcher's children other than `ranks` (the
+        /// rank processes, which their `Child` waits for) and those it had before. Those that
+        /// have ended are reaped on the way.
+        pub fn living(&self, ranks: &[u32]) -> Vec<u32> {
+            let mut out = Vec::new();
+            for pid in children() {
+                if ranks.contains(&pid) || self.before.contains(&pid) {
+                    continue;
+                }
+                #[cfg(unix)]
+                {
+                    let mut st = 0;
+                    // SAFETY: waitpid(2) on a child of this process, not blocking.
+                    if unsafe { libc::waitpid(pid as libc::pid_t, &mut st, libc::WNOHANG) } != 0 {
+                        continue;
+                    }
+                }
+                out.push(pid);
+            }
+            out
+        }
+
+        /// `sig` to what the job left: the groups the ranks led (`ranks`: their pids) and the
+        /// adopted orphans (each and the group it leads, if it leads one), again as long as any
+        /// is left (a killed orphan's own children are adopted in turn), for at most `patience`.
+        pub fn end_leftovers(&self, ranks: &[u32], sig: i32, patience: std::time::Duration) {
+            let start = std::time::Instant::now();
+            // SIGTERM is asked once of each (a process may take its time to end); SIGKILL each
+            // round.
+            let mut told = std::collections::HashSet::new();
+            loop {
+                let alive: Vec<u32> = ranks.iter().copied().filter(|&g| group_alive(g)).collect();
+                let orphans = self.living(ranks);
+                if alive.is_empty() && orphans.is_empty() {
+                    return;
+                }
+                for &g in &alive {
+                    if sig == KILL || told.insert(("group", g)) {
+                        send(g, sig);
+                    }
+                }
+                for &p in &orphans {
+                    if sig == KILL || told.insert(("orphan", p)) {
+                        #[cfg(unix)]
+                        // SAFETY: kill(2) on an adopted child of this process (and on the group
+                        // it leads, where it leads one; getpgid(2) only reads).
+                        unsafe {
+                            libc::kill(p as libc::pid_t, sig);
+                            if libc::getpgid(p as libc::pid_t) == p as libc::pid_t {
+                                libc::kill(-(p as libc::pid_t), sig);
+                            }
+                        }
+                    }
+                }
+                if start.elapsed() >= patience {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
         }
     }
 
-    /// The launcher's living children: after every rank has been waited for, the orphans it
-    /// adopted. Those that have exited are reaped on the way (so they are not counted again).
-    fn adopted() -> Vec<u32> {
+    impl Drop for Adoption {
+        fn drop(&mut self) {
+            #[cfg(target_os = "linux")]
+            if !self.was_reaper {
+                // SAFETY: as in `start`.
+                unsafe {
+                    libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0);
+                }
+            }
+        }
+    }
+
+    /// This process's children (Linux: from /proc; elsewhere none).
+    fn children() -> Vec<u32> {
         #[cfg(target_os = "linux")]
         {
             let me = std::process::id();
             let Ok(dir) = std::fs::read_dir("/proc") else {
                 return Vec::new();
             };
-            let mut out = Vec::new();
-            for e in dir.flatten() {
-                let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-                    continue;
-                };
-                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-                // The fields after the command name's closing ")": state, ppid, ...
-                let ppid = stat
-                    .rsplit(')')
-                    .next()
-                    .and_then(|rest| rest.split_whitespace().nth(1))
-                    .and_then(|p| p.parse::<u32>().ok());
-                if ppid != Some(me) {
-                    continue;
-                }
-                let mut st = 0;
-                // SAFETY: waitpid(2) on a child of this process, not blocking.
-                if unsafe { libc::waitpid(pid as libc::pid_t, &mut st, libc::WNOHANG) } == 0 {
-                    out.push(pid);
-                }
-            }
-            out
+            dir.flatten()
+                .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+                .filter(|pid| {
+                    let stat =
+                        std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                    // The fields after the command name's closing ")": state, ppid, ...
+                    stat.rsplit(')')
+                        .next()
+                        .and_then(|rest| rest.split_whitespace().nth(1))
+                        .and_then(|p| p.parse::<u32>().ok())
+                        == Some(me)
+                })
+                .collect()
         }
         #[cfg(not(target_os = "linux"))]
         Vec::new()
-    }
-
-    /// `sig` to what the job left: the groups the ranks led (`groups`: their pids) and the
-    /// adopted orphans (each and the group it leads, if it leads one), again as long as any is
-    /// left (a killed orphan's own children are adopted in turn), for at most `patience`.
-    pub fn end_leftovers(groups: &[u32], sig: i32, patience: std::time::Duration) {
-        let start = std::time::Instant::now();
-        // SIGTERM is asked once of each (a process may take its time to end); SIGKILL each round.
-        let mut told = std::collections::HashSet::new();
-        loop {
-            let alive: Vec<u32> = groups.iter().copied().filter(|&g| group_alive(g)).collect();
-            let orphans = adopted();
-            if alive.is_empty() && orphans.is_empty() {
-                return;
-            }
-            for &g in &alive {
-                if sig == KILL || told.insert(("group", g)) {
-                    send(g, sig);
-                }
-            }
-            for &p in &orphans {
-                if sig == KILL || told.insert(("orphan", p)) {
-                    #[cfg(unix)]
-                    // SAFETY: kill(2) on an adopted child of this process (and on the group it
-                    // leads, where it leads one; getpgid(2) only reads).
-                    unsafe {
-                        libc::kill(p as libc::pid_t, sig);
-                        if libc::getpgid(p as libc::pid_t) == p as libc::pid_t {
-                            libc::kill(-(p as libc::pid_t), sig);
-                        }
-                    }
-                }
-            }
-            if start.elapsed() >= patience {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
     }
 }

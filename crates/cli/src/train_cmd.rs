@@ -169,7 +169,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     let (model_json, model_cfg) = read_model_config(&a.model_config)?;
     // A model whose training state cannot fit in this host's memory is refused here, before its
-    // weights are made, rather than aborting in an allocation: at least f32 weights and bf16
+    // weights are made, rather than aborting in an allocation: at least 16-bit weights and f32
     // gradients (6 bytes a parameter over all ranks), and Adam's two f32 moments (8 more) unless
     // they go to NVMe. (Ranks in this process share the host; launched ranks may span hosts, so
     // they are not checked.)
@@ -182,7 +182,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if let Some(total) = tessera_tensor::device::host_memory_bytes().filter(|_| !launched) {
         if need > 0.9 * total {
             bail!(
-                "training {} parameters needs at least {:.1} GB of memory (f32 weights, gradients{}), more than this host's {:.1} GB",
+                "training {} parameters needs at least {:.1} GB of memory (weights, gradients{}), more than this host's {:.1} GB",
                 model_cfg.num_params(),
                 need / 1e9,
                 if nvme { "" } else { " and Adam's moments" },

@@ -214,9 +214,9 @@ fn bad_input_is_one_line_and_non_zero() {
                 "bench",
                 "decode",
                 "--hidden",
-                "100000",
+                "500000",
                 "--intermediate",
-                "100000",
+                "500000",
             ],
             "more than this host's",
         ),
@@ -394,7 +394,7 @@ fn absurd_sizes_and_broken_weights_are_refused_in_one_line() {
             "--nproc must be between 1 and 1024",
         ),
         (
-            vec!["bench", "comm", "--sizes", "1G", "--nproc", "1000"],
+            vec!["bench", "comm", "--sizes", "16G", "--nproc", "1024"],
             "more than this host's",
         ),
         (
@@ -431,8 +431,9 @@ fn absurd_sizes_and_broken_weights_are_refused_in_one_line() {
         &["score", "--model", d, "--tokens", "1,2"],
         "num_hidden_layers 4294967296 is larger than 65536",
     );
-    // A context of 2^32 positions and a request for nearly all of them: the cache is refused as
-    // larger than the host's memory, not an aborted allocation (or a run for ever).
+    // A context of 2^32 positions and a request for nearly all of them over 8 ranks (4.4 TB of
+    // cache, more than any host): refused as larger than the host's memory, not an aborted
+    // allocation (or a run for ever).
     v["num_hidden_layers"] = serde_json::json!(2);
     v["max_position_embeddings"] = serde_json::json!(1u64 << 32);
     std::fs::write(dir.path().join("config.json"), v.to_string()).unwrap();
@@ -445,6 +446,8 @@ fn absurd_sizes_and_broken_weights_are_refused_in_one_line() {
             "1,2",
             "--max-tokens",
             "4294967000",
+            "--tp",
+            "8",
         ],
         "more than this host's",
     );

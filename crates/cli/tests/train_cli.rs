@@ -330,16 +330,17 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
             "checkpoint /nonexistent: does not exist",
         ),
     ];
-    // A model whose training state cannot fit in memory: refused before its weights are made.
+    // A model whose training state cannot fit in memory (8.8 T parameters: 123 TB, more than any
+    // host): refused before its weights are made.
     let huge = dir.path().join("huge");
     std::fs::create_dir_all(&huge).unwrap();
     let small = std::fs::read_to_string(model.join("config.json")).unwrap();
     std::fs::write(
         huge.join("config.json"),
         small
-            .replace("\"hidden_size\":32", "\"hidden_size\":65536")
-            .replace("\"num_attention_heads\":4", "\"num_attention_heads\":512")
-            .replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":512"),
+            .replace("\"hidden_size\":32", "\"hidden_size\":1048576")
+            .replace("\"num_attention_heads\":4", "\"num_attention_heads\":8192")
+            .replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":8192"),
     )
     .unwrap();
     let cases: Vec<(Vec<&str>, &str)> = cases

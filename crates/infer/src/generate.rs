@@ -52,8 +52,10 @@ pub fn generate_on(
         )));
     }
     // On the CPU the ranks' caches share the host's memory: one that could never fit is refused
-    // here rather than failing (or, where memory is overcommitted, swapping) later.
-    if device == Device::Cpu {
+    // here rather than failing (or, where memory is overcommitted, swapping) later. (Launched
+    // ranks may span hosts, so they are not checked.)
+    let launched = tessera_comm::LaunchEnv::from_env().is_ok_and(|e| e.is_some());
+    if device == Device::Cpu && !launched {
         let c = &model.config;
         let positions = prompt.len() + params.max_tokens;
         let kv = positions as f64

@@ -223,6 +223,9 @@ impl ModelConfig {
                 return Err(cfg_err(format!("{name} must be > 0")));
             }
         }
+        if !positive(cfg.rms_norm_eps) {
+            return Err(cfg_err("rms_norm_eps must be > 0"));
+        }
         if cfg.max_position_embeddings == 0 {
             return Err(cfg_err("max_position_embeddings must be > 0"));
         }

@@ -132,11 +132,28 @@ pub fn save(
         write_atomic(&tmp.join("tokenizer.json"), &b)?;
     }
     sync_dir(&tmp);
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
+    // A step saved again (a resumed run passing the same step): the old directory is moved
+    // aside, the new one renamed in, and only then the old one removed, so at every moment one
+    // whole copy of the step is under its name or beside it.
+    let old = root.join(format!(".{name}.old-{}", std::process::id()));
+    let had_old = final_dir.exists();
+    if had_old {
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| TrainError::io(&old, e))?;
+        }
+        std::fs::rename(&final_dir, &old).map_err(|e| TrainError::io(&final_dir, e))?;
     }
-    std::fs::rename(&tmp, &final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
+    if let Err(e) = std::fs::rename(&tmp, &final_dir) {
+        if had_old {
+            // Put the old step back; the new one stays in its temporary (removed by its guard).
+            let _ = std::fs::rename(&old, &final_dir);
+        }
+        return Err(TrainError::io(&final_dir, e));
+    }
     tmp_guard.keep();
+    if had_old {
+        let _ = std::fs::remove_dir_all(&old);
+    }
     sync_dir(root);
     write_atomic(&root.join("latest"), name.as_bytes())?;
     Ok(final_dir)
@@ -160,10 +177,32 @@ fn remove_stale_temp_dirs(root: &Path) {
             continue;
         };
         let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
-        if is_dir && pid != std::process::id() && process_is_gone(pid) {
+        if is_dir
+            && pid != std::process::id()
+            && process_is_gone(pid)
+            && untouched_for(&e.path(), STALE_AFTER)
+        {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
+}
+
+/// How long a temporary save directory must have been left unwritten before it counts as stale:
+/// the process test alone cannot see a live save on another host sharing the root (a network
+/// file system) or in another pid namespace, but such a save writes its files all along.
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Whether neither `dir` nor anything directly in it was modified within `age`.
+fn untouched_for(dir: &Path, age: std::time::Duration) -> bool {
+    let recent = |p: &Path| {
+        std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .map_or(true, |t| t.elapsed().map_or(true, |e| e < age))
+    };
+    if recent(dir) {
+        return false;
+    }
+    std::fs::read_dir(dir).is_ok_and(|entries| entries.flatten().all(|e| !recent(&e.path())))
 }
 
 /// Whether no process `pid` runs on this host (Linux: no `/proc/PID`). Elsewhere it cannot be

@@ -20,10 +20,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
         .file_name()
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
-    let tmp = TempPath::new(dir.join(format!(".{name}.tmp-{}", std::process::id())));
+    // A name no other write of this process takes (threads may write at once), and a file made
+    // anew: whatever already has that name (a link, a directory) is neither followed nor, on the
+    // error path, removed.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp_path = dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
     // Errors name the file asked for: the temporary is gone by the time the user reads them.
     let io = |e| TrainError::io(path, e);
-    let mut f = File::create(&tmp.path).map_err(io)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp_path)
+        .map_err(io)?;
+    let tmp = TempPath::new(tmp_path);
     f.write_all(bytes).map_err(io)?;
     f.sync_all().map_err(io)?;
     drop(f);
@@ -134,7 +144,9 @@ impl Drop for TempPath {
 
 /// The files a command adds to an output directory (`tessera export`, `data prepare`). Dropped
 /// before [`finish`](NewFiles::finish), after a failure, it removes them and the directories it
-/// created, so a retry finds the directory as it was; what was there before is never removed.
+/// created, so that a retry is not refused for what the failed run left; what was there before
+/// is never removed (a file the run overwrote is not restored: the commands give it a fresh or
+/// empty directory). A file written through a dangling link is not counted as added.
 pub struct NewFiles {
     /// Directories this run created, the deepest first.
     created_dirs: Vec<PathBuf>,

@@ -243,11 +243,25 @@ fn temp_dirs(dir: &Path) -> Vec<String> {
 #[test]
 fn a_failed_save_leaves_no_temporary_directory_and_clears_those_of_dead_runs() {
     let dir = tempfile::tempdir().unwrap();
-    // What saves killed midway left: one of a process gone, one of a process that runs (pid 1).
-    let mut child = std::process::Command::new("true").spawn().unwrap();
-    let dead = child.id();
-    child.wait().unwrap();
-    std::fs::create_dir_all(dir.path().join(format!(".step_00000004.tmp-{dead}/x"))).unwrap();
+    // What saves killed midway left: one of a process gone two hours ago (a pid above the
+    // system's largest, so never a live one), one of a process gone that wrote a moment ago (as a
+    // live save on another host sharing the root would look), one of a process that runs (pid 1).
+    let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4_194_304);
+    let dead = pid_max + 1000;
+    let old = dir.path().join(format!(".step_00000004.tmp-{dead}"));
+    std::fs::create_dir_all(old.join("x")).unwrap();
+    let hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    for p in [old.join("x"), old.clone()] {
+        std::fs::File::open(&p)
+            .unwrap()
+            .set_modified(hours_ago)
+            .unwrap();
+    }
+    let recent = format!(".step_00000005.tmp-{}", dead + 1);
+    std::fs::create_dir_all(dir.path().join(&recent)).unwrap();
     std::fs::create_dir_all(dir.path().join(".step_00000004.tmp-1")).unwrap();
     let model = tiny_model(false);
     let model_json: serde_json::Value = serde_json::from_str(
@@ -271,8 +285,44 @@ fn a_failed_save_leaves_no_temporary_directory_and_clears_those_of_dead_runs() {
     .unwrap()
     .to_string();
     assert!(e.contains("no-tokenizer.json"), "{e}");
-    assert_eq!(temp_dirs(dir.path()), [".step_00000004.tmp-1"]);
+    assert_eq!(
+        temp_dirs(dir.path()),
+        [".step_00000004.tmp-1".to_string(), recent]
+    );
     assert!(!dir.path().join("latest").exists());
+}
+
+/// A step saved again (a resumed run passing a step saved before) replaces the old directory
+/// whole, leaving nothing beside it.
+#[test]
+fn a_step_saved_again_replaces_the_old_one_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(false);
+    let model_json: serde_json::Value = serde_json::from_str(
+        &tessera_model::synthetic::llama_config_json(48, 32, 64, 2, 4, 2, false),
+    )
+    .unwrap();
+    let saved = run_dp(1, |comm| {
+        let layout = ParamLayout::new(&model);
+        let mut t = Trainer::new(
+            comm,
+            model.clone(),
+            config(0, ""),
+            SEQ,
+            random_init(&layout, 0),
+        )?;
+        let first = save(&mut t, dir.path(), 0, &model_json, None)?;
+        std::fs::write(first.join("marker"), "old").unwrap();
+        save(&mut t, dir.path(), 0, &model_json, None)
+    })
+    .unwrap();
+    assert!(
+        !saved[0].join("marker").exists(),
+        "the old directory stayed"
+    );
+    assert!(saved[0].join("state.safetensors").exists());
+    assert_eq!(temp_dirs(dir.path()), Vec::<String>::new());
+    load(dir.path(), &ParamLayout::new(&model)).unwrap();
 }
 
 #[test]
