@@ -33,6 +33,9 @@ pub struct PrepareArgs {
     pub val_fraction: f64,
 }
 
+/// The fewest tokens a training split may hold: a sample of a few positions and its target.
+const MIN_TRAIN_TOKENS: usize = 16;
+
 pub fn run(a: DataArgs) -> Result<()> {
     match a.cmd {
         DataCmd::Prepare(p) => prepare(p),
@@ -81,6 +84,13 @@ fn prepare(a: PrepareArgs) -> Result<()> {
     let vocab = tok.get_vocab_size(true);
     let n_val = ((ids.len() as f64 * a.val_fraction) as usize).max(1);
     let split = ids.len() - n_val;
+    if split < MIN_TRAIN_TOKENS {
+        bail!(
+            "--val-fraction {} leaves {split} of the input's {} tokens for training (at least {MIN_TRAIN_TOKENS} needed); a smaller fraction or more text",
+            a.val_fraction,
+            ids.len()
+        );
+    }
     let meta = tessera_train::data::write_dataset(
         &a.out,
         &ids[..split],

@@ -442,6 +442,24 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
     ]);
     assert_ne!(code, 0);
     assert!(err.contains("not empty"), "{err}");
+    // A validation fraction that leaves (next to) nothing to train on, found before any write.
+    let fresh = dir.path().join("fresh");
+    let (code, _, err) = tessera(&[
+        "data",
+        "prepare",
+        "--input",
+        s(&repo("data/shakespeare/slice.txt")),
+        "--tokenizer",
+        s(&repo("tests/fixtures/hf/llama/tokenizer.json")),
+        "--val-fraction",
+        "0.99999",
+        "--out",
+        s(&fresh),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("for training (at least 16 needed)"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!fresh.exists());
     let (code, _, err) = tessera(&[
         "data",
         "prepare",
