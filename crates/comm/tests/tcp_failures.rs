@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{config, free_port, on_each, tcp_job};
 use tessera_comm::{CommExt, Communicator, ReduceOp, TcpComm};
@@ -12,7 +12,6 @@ use tessera_comm::{CommExt, Communicator, ReduceOp, TcpComm};
 #[test]
 fn a_rank_that_leaves_mid_job_is_named_at_once() {
     let long = Duration::from_secs(60);
-    let start = Instant::now();
     let out = on_each(tcp_job(3, long, |_| {}), |c| {
         let mut v = vec![1.0f32; 100_000];
         c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
@@ -26,9 +25,10 @@ fn a_rank_that_leaves_mid_job_is_named_at_once() {
             }
         }
     });
-    assert!(start.elapsed() < long / 2, "took {:?}", start.elapsed());
+    // Seen from the closed connection ("lost rank 1"), not by waiting out the deadline.
     for r in [0, 2] {
-        assert!(out[r].contains("rank 1"), "rank {r}: {}", out[r]);
+        assert!(out[r].contains("lost rank 1"), "rank {r}: {}", out[r]);
+        assert!(!out[r].contains("timed out"), "rank {r}: {}", out[r]);
     }
 }
 
