@@ -146,6 +146,15 @@ struct Rank {
     forward: Option<JoinHandle<()>>,
 }
 
+impl Rank {
+    /// Kills the rank and what it started (its group) and waits for it.
+    fn kill(&mut self) {
+        signals::send(self.pid, signals::KILL);
+        let _ = self.child.kill();
+        self.status = self.child.wait().ok();
+    }
+}
+
 fn signal_name(sig: i32) -> &'static str {
     match sig {
         1 => " (SIGHUP)",
@@ -320,11 +329,7 @@ pub fn run_job(spec: JobSpec) -> Result<()> {
 
 /// Kills the ranks started so far (their groups) and waits for them: the job could not start.
 fn end_started(ranks: &mut [Rank]) {
-    for r in ranks {
-        signals::send(r.pid, signals::KILL);
-        let _ = r.child.kill();
-        let _ = r.child.wait();
-    }
+    ranks.iter_mut().for_each(Rank::kill);
 }
 
 fn forward_stderr(rank: usize, err: impl std::io::Read, last: &Mutex<String>) {
@@ -399,9 +404,7 @@ fn supervise(mut ranks: Vec<Rank>, adoption: &signals::Adoption) -> Result<()> {
         if let Some((t, _)) = &first_failure {
             if t.elapsed() > GRACE {
                 for r in ranks.iter_mut().filter(|r| r.status.is_none()) {
-                    signals::send(r.pid, signals::KILL);
-                    let _ = r.child.kill();
-                    r.status = r.child.wait().ok();
+                    r.kill();
                     killed += 1;
                 }
                 break;

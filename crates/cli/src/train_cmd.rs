@@ -173,22 +173,20 @@ pub fn run(a: TrainArgs) -> Result<()> {
     // gradients (6 bytes a parameter over all ranks), and Adam's two f32 moments (8 more) unless
     // they go to NVMe. (Ranks in this process share the host; launched ranks may span hosts, so
     // they are not checked.)
-    let launched = tessera_comm::LaunchEnv::from_env().is_ok_and(|e| e.is_some());
     let nvme = matches!(
         cfg.zero.offload_optimizer,
         tessera_train::config::OffloadDevice::Nvme(_)
     );
     let need = model_cfg.num_params() as f64 * if nvme { 6.0 } else { 14.0 };
-    if let Some(total) = tessera_tensor::device::host_memory_bytes().filter(|_| !launched) {
-        if need > 0.9 * total {
-            bail!(
-                "training {} parameters needs at least {:.1} GB of memory (weights, gradients{}), more than this host's {:.1} GB",
-                model_cfg.num_params(),
-                need / 1e9,
-                if nvme { "" } else { " and Adam's moments" },
-                total / 1e9
-            );
-        }
+    let over = tessera_tensor::device::exceeds_host_memory(need);
+    if let Some(total) = over.filter(|_| !tessera_comm::launched()) {
+        bail!(
+            "training {} parameters needs at least {:.1} GB of memory (weights, gradients{}), more than this host's {:.1} GB",
+            model_cfg.num_params(),
+            need / 1e9,
+            if nvme { "" } else { " and Adam's moments" },
+            total / 1e9
+        );
     }
     if a.seq_len > model_cfg.max_position_embeddings {
         bail!(

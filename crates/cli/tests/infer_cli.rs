@@ -16,6 +16,13 @@ fn tessera(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// A command that succeeds and prints one JSON document: that document.
+fn tessera_json(args: &[&str]) -> serde_json::Value {
+    let (code, out, err) = tessera(args);
+    assert_eq!(code, 0, "{args:?}: {err}");
+    serde_json::from_str(out.trim()).unwrap()
+}
+
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/hf")
@@ -57,7 +64,7 @@ fn score_json_matches_hf_at_tp_2() {
     let r = reference("qwen2");
     let case = &r["score"][1];
     let dir = fixture("qwen2");
-    let (code, out, err) = tessera(&[
+    let v = tessera_json(&[
         "score",
         "--model",
         dir.to_str().unwrap(),
@@ -67,8 +74,6 @@ fn score_json_matches_hf_at_tp_2() {
         "2",
         "--json",
     ]);
-    assert_eq!(code, 0, "{err}");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     let got = v["token_logprobs"].as_array().unwrap();
     let want = case["token_logprobs"].as_array().unwrap();
     assert_eq!(got.len(), want.len());
@@ -84,7 +89,7 @@ fn generate_json_matches_hf_greedy_and_text_prompts_work() {
     let r = reference("mistral");
     let case = &r["greedy"][0];
     let dir = fixture("mistral");
-    let (code, out, err) = tessera(&[
+    let v = tessera_json(&[
         "generate",
         "--model",
         dir.to_str().unwrap(),
@@ -96,8 +101,6 @@ fn generate_json_matches_hf_greedy_and_text_prompts_work() {
         "4",
         "--json",
     ]);
-    assert_eq!(code, 0, "{err}");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["tokens"], case["tokens"]);
     assert!(v["text"].is_string());
     // A model directory without a tokenizer: the same tokens, and no text (null, not "").
@@ -105,7 +108,7 @@ fn generate_json_matches_hf_greedy_and_text_prompts_work() {
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(dir.join(f), bare.path().join(f)).unwrap();
     }
-    let (code, out, err) = tessera(&[
+    let v = tessera_json(&[
         "generate",
         "--model",
         bare.path().to_str().unwrap(),
@@ -115,8 +118,6 @@ fn generate_json_matches_hf_greedy_and_text_prompts_work() {
         "12",
         "--json",
     ]);
-    assert_eq!(code, 0, "{err}");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["tokens"], case["tokens"]);
     assert!(v["text"].is_null(), "{v}");
     // The built-in model, sampled, is reproducible from its seed.
@@ -523,9 +524,7 @@ fn generation_config_eos_stops_generation_as_hf_does() {
         "12",
         "--json",
     ];
-    let (code, out, err) = tessera(&args);
-    assert_eq!(code, 0, "{err}");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let v = tessera_json(&args);
     assert_eq!(v["tokens"], serde_json::json!([first]));
     std::fs::write(dir.path().join("generation_config.json"), "{oops").unwrap();
     fails_with(&args, "generation_config.json");

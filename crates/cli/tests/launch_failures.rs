@@ -366,24 +366,39 @@ fn the_launcher_exits_with_the_failed_ranks_status() {
 /// the launcher: the job ends with its ranks, and the child with it.
 #[test]
 fn what_a_finished_rank_left_running_ends_with_the_job() {
-    let mut cmd = two_shell_ranks("sleep 60 & echo $! > \"$LEFT_DIR/$TESSERA_RANK\"");
+    what_ranks_leave_ends_with_the_job("sleep 60 & echo $! > \"$LEFT_DIR/$TESSERA_RANK\"");
+}
+
+/// Two shell ranks run `script`, which writes the pid of what it leaves running to
+/// `$LEFT_DIR/<rank>`: the job succeeds, and what each rank left has ended with it.
+fn what_ranks_leave_ends_with_the_job(script: &str) {
+    let mut cmd = two_shell_ranks(script);
     let dir = tempfile::tempdir().unwrap();
     cmd.env("LEFT_DIR", dir.path());
     let (code, err, _) = finish(cmd.spawn().unwrap(), Duration::from_secs(30));
     assert_eq!(code, Some(0), "{err}");
     for rank in 0..2 {
-        let pid: u32 = std::fs::read_to_string(dir.path().join(rank.to_string()))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        // Gone, or a zombie not yet reaped by init.
+        let pid = pid_in(&dir.path().join(rank.to_string()));
         let stat = stat_fields(pid);
         assert!(
-            matches!(stat.first().map(String::as_str), None | Some("Z")),
+            ended(&stat),
             "rank {rank}'s child {pid} still runs: {stat:?}"
         );
     }
+}
+
+/// The pid a test's shell wrote to `path`.
+fn pid_in(path: &std::path::Path) -> u32 {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Whether the process whose `stat_fields` these are has ended: gone, or a zombie not yet reaped.
+fn ended(stat: &[String]) -> bool {
+    matches!(stat.first().map(String::as_str), None | Some("Z"))
 }
 
 /// What a rank detached from its process group (a daemon: a new session, its parent gone) is
@@ -395,25 +410,9 @@ fn what_a_rank_detached_ends_with_the_job() {
         eprintln!("skipped: no setsid on this machine");
         return;
     }
-    let mut cmd = two_shell_ranks(
+    what_ranks_leave_ends_with_the_job(
         "setsid sh -c 'sleep 60 & echo $! > \"$LEFT_DIR/$TESSERA_RANK\"'; echo started >&2",
     );
-    let dir = tempfile::tempdir().unwrap();
-    cmd.env("LEFT_DIR", dir.path());
-    let (code, err, _) = finish(cmd.spawn().unwrap(), Duration::from_secs(30));
-    assert_eq!(code, Some(0), "{err}");
-    for rank in 0..2 {
-        let pid: u32 = std::fs::read_to_string(dir.path().join(rank.to_string()))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        let stat = stat_fields(pid);
-        assert!(
-            matches!(stat.first().map(String::as_str), None | Some("Z")),
-            "rank {rank}'s detached child {pid} still runs: {stat:?}"
-        );
-    }
 }
 
 /// A process the launcher did not start (a child of the shell that `exec`ed it) is not the job's:
@@ -435,15 +434,11 @@ fn a_child_the_launcher_inherited_is_not_the_jobs() {
         .unwrap();
     let (code, err, _) = finish(child, Duration::from_secs(30));
     assert_eq!(code, Some(0), "{err}");
-    let pid: u32 = std::fs::read_to_string(&side)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = pid_in(&side);
     let stat = stat_fields(pid);
     let _ = Command::new("kill").arg(pid.to_string()).status();
     assert!(
-        !matches!(stat.first().map(String::as_str), None | Some("Z")),
+        !ended(&stat),
         "the shell's own child {pid} was ended with the job: {stat:?}"
     );
 }

@@ -34,6 +34,27 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `data prepare` of `input` into `out` with the llama fixture's tokenizer, `extra` flags added.
+fn prepare_args(input: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let tok = repo("tests/fixtures/hf/llama/tokenizer.json");
+    let mut args = vec![
+        "data",
+        "prepare",
+        "--input",
+        s(input),
+        "--tokenizer",
+        s(&tok),
+    ];
+    args.extend(extra);
+    args.extend(["--out", s(out)]);
+    args.into_iter().map(str::to_string).collect()
+}
+
+/// Borrowed views of owned arguments.
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 /// A dataset from the first 60 KB of the Shakespeare slice, a tiny model and a config.
 fn setup(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let text = std::fs::read_to_string(repo("data/shakespeare/slice.txt")).unwrap();
@@ -41,17 +62,7 @@ fn setup(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let input = dir.join("in.txt");
     std::fs::write(&input, &text[..cut]).unwrap();
     let data = dir.join("data");
-    let tok = repo("tests/fixtures/hf/llama/tokenizer.json");
-    let (code, _, err) = tessera(&[
-        "data",
-        "prepare",
-        "--input",
-        s(&input),
-        "--tokenizer",
-        s(&tok),
-        "--out",
-        s(&data),
-    ]);
+    let (code, _, err) = tessera(&strs(&prepare_args(&input, &data, &[])));
     assert_eq!(code, 0, "{err}");
     let model = dir.join("model");
     std::fs::create_dir_all(&model).unwrap();
@@ -127,7 +138,7 @@ fn train_json_crash_resume_at_another_layout_and_export() {
     let curve = dir.path().join("curve.svg");
     let run = |extra: &[&str], env: &[(&str, &str)]| {
         let args = train_args(&paths, 6, &curve, extra);
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let refs = strs(&args);
         tessera_env(&refs, env)
     };
     // The uninterrupted run, at dp 2.
@@ -196,7 +207,7 @@ fn train_json_crash_resume_at_another_layout_and_export() {
     let mut args = train_args(&paths, 8, &curve, &["--resume", s(&ck)]);
     let at = args.iter().position(|a| a == "--model-config").unwrap();
     args[at + 1] = s(&other).to_string();
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let refs = strs(&args);
     let (code, _, err) = tessera(&refs);
     assert_ne!(code, 0);
     assert!(
@@ -259,7 +270,7 @@ fn training_under_launch_equals_training_in_one_process() {
     };
     let (ck_a, ck_b) = (dir.path().join("ck_threads"), dir.path().join("ck_procs"));
     let a = args(&ck_a, &dir.path().join("a.svg"));
-    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    let refs = strs(&a);
     let (code, threads, err) = tessera_env(&refs, &[("TESSERA_COMM_TIMEOUT_S", "60")]);
     assert_eq!(code, 0, "{err}");
     let b = args(&ck_b, &dir.path().join("b.svg"));
@@ -430,32 +441,17 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
     assert_ne!(code, 0);
     assert!(err.contains("not empty"), "{err}");
     assert_eq!(std::fs::read(model.join("config.json")).unwrap(), before);
-    let (code, _, err) = tessera(&[
-        "data",
-        "prepare",
-        "--input",
-        s(&repo("data/shakespeare/slice.txt")),
-        "--tokenizer",
-        s(&repo("tests/fixtures/hf/llama/tokenizer.json")),
-        "--out",
-        s(&data),
-    ]);
+    let slice = repo("data/shakespeare/slice.txt");
+    let (code, _, err) = tessera(&strs(&prepare_args(&slice, &data, &[])));
     assert_ne!(code, 0);
     assert!(err.contains("not empty"), "{err}");
     // A validation fraction that leaves (next to) nothing to train on, found before any write.
     let fresh = dir.path().join("fresh");
-    let (code, _, err) = tessera(&[
-        "data",
-        "prepare",
-        "--input",
-        s(&repo("data/shakespeare/slice.txt")),
-        "--tokenizer",
-        s(&repo("tests/fixtures/hf/llama/tokenizer.json")),
-        "--val-fraction",
-        "0.99999",
-        "--out",
-        s(&fresh),
-    ]);
+    let (code, _, err) = tessera(&strs(&prepare_args(
+        &slice,
+        &fresh,
+        &["--val-fraction", "0.99999"],
+    )));
     assert_ne!(code, 0);
     assert!(err.contains("for training (at least 16 needed)"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -519,7 +515,6 @@ fn tessera_on_full_disk(args: &[&str], max_bytes: u64) -> (i32, String) {
 fn a_full_disk_leaves_nothing_behind_and_a_retry_succeeds() {
     let dir = tempfile::tempdir().unwrap();
     let paths = setup(dir.path());
-    let tok = repo("tests/fixtures/hf/llama/tokenizer.json");
 
     // data prepare: the shards of a short text fit, the tokenizer (8.5 KB) does not. A new --out
     // goes again, an empty one given stays empty, and the retry is not refused.
@@ -534,16 +529,8 @@ fn a_full_disk_leaves_nothing_behind_and_a_retry_succeeds() {
         if given == "empty" {
             std::fs::create_dir(&out).unwrap();
         }
-        let args = [
-            "data",
-            "prepare",
-            "--input",
-            s(&input),
-            "--tokenizer",
-            s(&tok),
-            "--out",
-            s(&out),
-        ];
+        let owned = prepare_args(&input, &out, &[]);
+        let args = strs(&owned);
         let (code, err) = tessera_on_full_disk(&args, 4096);
         assert_eq!(code, 1, "{err}");
         match given {
@@ -562,7 +549,7 @@ fn a_full_disk_leaves_nothing_behind_and_a_retry_succeeds() {
     let ck = dir.path().join("ck");
     let curve = dir.path().join("curve.svg");
     let args = train_args(&paths, 2, &curve, &["--save", s(&ck), "--save-every", "1"]);
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let refs = strs(&args);
     let (code, err) = tessera_on_full_disk(&refs, 100_000);
     assert_eq!(code, 1, "{err}");
     assert!(
@@ -577,7 +564,7 @@ fn a_full_disk_leaves_nothing_behind_and_a_retry_succeeds() {
     let link = dir.path().join("link.svg");
     std::os::unix::fs::symlink(&real, &link).unwrap();
     let args = train_args(&paths, 2, &link, &["--save", s(&ck), "--save-every", "1"]);
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let refs = strs(&args);
     let (code, _, err) = tessera(&refs);
     assert_eq!(code, 0, "{err}");
     assert!(std::fs::symlink_metadata(&link)

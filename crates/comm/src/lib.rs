@@ -103,6 +103,12 @@ pub fn process_world() -> Result<Option<Arc<TcpComm>>, CommError> {
         .clone()
 }
 
+/// Whether this process was started as a rank of a multi-process job (whose ranks may span
+/// hosts: a check against this host's resources cannot speak for the job).
+pub fn launched() -> bool {
+    LaunchEnv::from_env().is_ok_and(|e| e.is_some())
+}
+
 /// This process's rank in its multi-process job, 0 when it runs alone. Only rank 0 prints results.
 pub fn process_rank() -> usize {
     LaunchEnv::from_env()

@@ -54,24 +54,18 @@ pub fn generate_on(
     // On the CPU the ranks' caches share the host's memory: one that could never fit is refused
     // here rather than failing (or, where memory is overcommitted, swapping) later. (Launched
     // ranks may span hosts, so they are not checked.)
-    let launched = tessera_comm::LaunchEnv::from_env().is_ok_and(|e| e.is_some());
-    if device == Device::Cpu && !launched {
+    if device == Device::Cpu && !tessera_comm::launched() {
         let c = &model.config;
         let positions = prompt.len() + params.max_tokens;
-        let kv = positions as f64
-            * 2.0
-            * c.num_layers as f64
-            * c.num_kv_heads.max(tp) as f64
-            * c.head_dim as f64
-            * dtype.size_in_bytes() as f64;
-        if let Some(total) = tessera_tensor::device::host_memory_bytes() {
-            if kv > 0.9 * total {
-                return Err(InferError::Request(format!(
-                    "the KV cache of {positions} positions takes {:.1} GB, more than this host's {:.1} GB of memory: fewer --max-tokens",
-                    kv / 1e9,
-                    total / 1e9
-                )));
-            }
+        // KV heads are replicated over the ranks where tp exceeds them.
+        let replicas = c.num_kv_heads.max(tp) as f64 / c.num_kv_heads as f64;
+        let kv = c.kv_bytes_per_token(dtype.size_in_bytes()) as f64 * replicas * positions as f64;
+        if let Some(total) = tessera_tensor::device::exceeds_host_memory(kv) {
+            return Err(InferError::Request(format!(
+                "the KV cache of {positions} positions takes {:.1} GB, more than this host's {:.1} GB of memory: fewer --max-tokens",
+                kv / 1e9,
+                total / 1e9
+            )));
         }
     }
     tessera_model::validate_tp(&model.config, tp)?;

@@ -5,14 +5,16 @@ use std::str::FromStr;
 
 use crate::TensorError;
 
-/// The host's memory in bytes (`MemTotal` of /proc/meminfo; `None` where there is none): what
-/// the CPU backend's weights, caches and training state share, for refusing in one line a size
-/// that could never fit instead of aborting in an allocation.
-pub fn host_memory_bytes() -> Option<f64> {
+/// The host's memory in bytes when `bytes` would take more than 90% of it (`MemTotal` of
+/// /proc/meminfo; `None` where it fits or the host does not say): what the CPU backend's weights,
+/// caches and training state share, for refusing in one line a size that could never fit
+/// instead of aborting in an allocation.
+pub fn exceeds_host_memory(bytes: f64) -> Option<f64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024.0)
+    let total = kb * 1024.0;
+    (bytes > 0.9 * total).then_some(total)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

@@ -52,6 +52,10 @@ fn ck_err(path: &Path, msg: impl Into<String>) -> TrainError {
     }
 }
 
+/// The three tensors of the state file each parameter has, by the suffix of their names: the
+/// master weight, Adam's first and second moments (in that order).
+const STATE_SUFFIXES: [&str; 3] = ["", ".exp_avg", ".exp_avg_sq"];
+
 /// Saves started in this process, for the crash test hook below.
 static SAVES: AtomicUsize = AtomicUsize::new(0);
 
@@ -101,7 +105,7 @@ pub fn save(
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = vec![];
     for (u, unit) in layout.units.iter().enumerate() {
         for p in &unit.params {
-            for (suffix, src) in [("", &master), (".exp_avg", &m), (".exp_avg_sq", &v)] {
+            for (suffix, src) in STATE_SUFFIXES.into_iter().zip([&master, &m, &v]) {
                 let vals = &src[u][p.offset..p.offset + p.len];
                 let bytes: Vec<u8> = vals.iter().flat_map(|x| x.to_le_bytes()).collect();
                 tensors.push((format!("{}{suffix}", p.name), p.shape.clone(), bytes));
@@ -276,7 +280,7 @@ pub fn load(path: &Path, layout: &ParamLayout) -> Result<LoadedCheckpoint, Train
             vec![0.0f32; unit.len],
         ];
         for p in &unit.params {
-            for (k, suffix) in ["", ".exp_avg", ".exp_avg_sq"].iter().enumerate() {
+            for (k, suffix) in STATE_SUFFIXES.iter().enumerate() {
                 let name = format!("{}{suffix}", p.name);
                 let t = st.tensor(&name).map_err(|_| {
                     ck_err(&state, format!("has no tensor {name} (another model?)"))
@@ -322,9 +326,7 @@ pub fn load(path: &Path, layout: &ParamLayout) -> Result<LoadedCheckpoint, Train
             .units
             .iter()
             .flat_map(|u| &u.params)
-            .flat_map(|p| {
-                ["", ".exp_avg", ".exp_avg_sq"].map(|suffix| format!("{}{suffix}", p.name))
-            })
+            .flat_map(|p| STATE_SUFFIXES.map(|suffix| format!("{}{suffix}", p.name)))
             .collect();
         let mut extra: Vec<&str> = st
             .names()

@@ -240,6 +240,29 @@ fn temp_dirs(dir: &Path) -> Vec<String> {
     v
 }
 
+/// `body` on a fresh trainer of `tiny_model` (one rank, ZeRO 0, seed 0) and that model's
+/// config.json as a save records it.
+fn with_fresh_trainer<R: Send>(
+    body: impl Fn(&mut Trainer, &serde_json::Value) -> Result<R, tessera_train::TrainError> + Sync,
+) -> Result<Vec<R>, tessera_train::TrainError> {
+    let model = tiny_model(false);
+    let model_json: serde_json::Value = serde_json::from_str(
+        &tessera_model::synthetic::llama_config_json(48, 32, 64, 2, 4, 2, false),
+    )
+    .unwrap();
+    run_dp(1, |comm| {
+        let layout = ParamLayout::new(&model);
+        let mut t = Trainer::new(
+            comm,
+            model.clone(),
+            config(0, ""),
+            SEQ,
+            random_init(&layout, 0),
+        )?;
+        body(&mut t, &model_json)
+    })
+}
+
 #[test]
 fn a_failed_save_leaves_no_temporary_directory_and_clears_those_of_dead_runs() {
     let dir = tempfile::tempdir().unwrap();
@@ -263,27 +286,12 @@ fn a_failed_save_leaves_no_temporary_directory_and_clears_those_of_dead_runs() {
     let recent = format!(".step_00000005.tmp-{}", dead + 1);
     std::fs::create_dir_all(dir.path().join(&recent)).unwrap();
     std::fs::create_dir_all(dir.path().join(".step_00000004.tmp-1")).unwrap();
-    let model = tiny_model(false);
-    let model_json: serde_json::Value = serde_json::from_str(
-        &tessera_model::synthetic::llama_config_json(48, 32, 64, 2, 4, 2, false),
-    )
-    .unwrap();
     // The save fails after its state file is written: the tokenizer to copy is not there.
     let missing = dir.path().join("no-tokenizer.json");
-    let e = run_dp(1, |comm| {
-        let layout = ParamLayout::new(&model);
-        let mut t = Trainer::new(
-            comm,
-            model.clone(),
-            config(0, ""),
-            SEQ,
-            random_init(&layout, 0),
-        )?;
-        save(&mut t, dir.path(), 0, &model_json, Some(&missing))
-    })
-    .err()
-    .unwrap()
-    .to_string();
+    let e = with_fresh_trainer(|t, model_json| save(t, dir.path(), 0, model_json, Some(&missing)))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("no-tokenizer.json"), "{e}");
     assert_eq!(
         temp_dirs(dir.path()),
@@ -297,23 +305,10 @@ fn a_failed_save_leaves_no_temporary_directory_and_clears_those_of_dead_runs() {
 #[test]
 fn a_step_saved_again_replaces_the_old_one_whole() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(false);
-    let model_json: serde_json::Value = serde_json::from_str(
-        &tessera_model::synthetic::llama_config_json(48, 32, 64, 2, 4, 2, false),
-    )
-    .unwrap();
-    let saved = run_dp(1, |comm| {
-        let layout = ParamLayout::new(&model);
-        let mut t = Trainer::new(
-            comm,
-            model.clone(),
-            config(0, ""),
-            SEQ,
-            random_init(&layout, 0),
-        )?;
-        let first = save(&mut t, dir.path(), 0, &model_json, None)?;
+    let saved = with_fresh_trainer(|t, model_json| {
+        let first = save(t, dir.path(), 0, model_json, None)?;
         std::fs::write(first.join("marker"), "old").unwrap();
-        save(&mut t, dir.path(), 0, &model_json, None)
+        save(t, dir.path(), 0, model_json, None)
     })
     .unwrap();
     assert!(
@@ -322,7 +317,7 @@ fn a_step_saved_again_replaces_the_old_one_whole() {
     );
     assert!(saved[0].join("state.safetensors").exists());
     assert_eq!(temp_dirs(dir.path()), Vec::<String>::new());
-    load(dir.path(), &ParamLayout::new(&model)).unwrap();
+    load(dir.path(), &ParamLayout::new(&tiny_model(false))).unwrap();
 }
 
 #[test]

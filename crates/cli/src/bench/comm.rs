@@ -116,17 +116,15 @@ pub fn run(a: CommArgs) -> Result<()> {
     }
     // Every rank holds a buffer of the largest size and its share (one host's memory).
     let largest = sizes.iter().copied().max().unwrap_or(0) as f64;
-    if let Some(total) = tessera_tensor::device::host_memory_bytes() {
-        let need = 2.0 * a.nproc as f64 * largest;
-        if need > 0.9 * total {
-            bail!(
-                "--nproc {} ranks of {:.1} GB buffers take {:.1} GB, more than this host's {:.1} GB of memory",
-                a.nproc,
-                largest / 1e9,
-                need / 1e9,
-                total / 1e9
-            );
-        }
+    let need = 2.0 * a.nproc as f64 * largest;
+    if let Some(total) = tessera_tensor::device::exceeds_host_memory(need) {
+        bail!(
+            "--nproc {} ranks of {:.1} GB buffers take {:.1} GB, more than this host's {:.1} GB of memory",
+            a.nproc,
+            largest / 1e9,
+            need / 1e9,
+            total / 1e9
+        );
     }
     match a.dtype.as_str() {
         "f32" => dispatch::<f32>(&a, op, &sizes),

@@ -129,22 +129,16 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     if device == Device::Cpu {
         let share = a.one_rank_of.unwrap_or(1) as f64;
         let weights = cfg.num_params() as f64 * dtype.size_in_bytes() as f64 / share;
-        let kv_per_position = 2.0
-            * cfg.num_layers as f64
-            * cfg.num_kv_heads as f64
-            * cfg.head_dim as f64
-            * dtype.size_in_bytes() as f64;
         let batch = a.batch.iter().copied().max().unwrap_or(1) as f64;
-        let kv = kv_per_position * positions as f64 * batch / share;
-        if let Some(total) = tessera_tensor::device::host_memory_bytes() {
-            if weights + kv > 0.9 * total {
-                bail!(
-                    "the shape's {dtype} weights ({:.1} GB) and KV cache ({:.1} GB) take more than this host's {:.1} GB of memory",
-                    weights / 1e9,
-                    kv / 1e9,
-                    total / 1e9
-                );
-            }
+        let kv =
+            cfg.kv_bytes_per_token(dtype.size_in_bytes()) as f64 * positions as f64 * batch / share;
+        if let Some(total) = tessera_tensor::device::exceeds_host_memory(weights + kv) {
+            bail!(
+                "the shape's {dtype} weights ({:.1} GB) and KV cache ({:.1} GB) take more than this host's {:.1} GB of memory",
+                weights / 1e9,
+                kv / 1e9,
+                total / 1e9
+            );
         }
     }
     outln!(
