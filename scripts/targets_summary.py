@@ -1,7 +1,9 @@
 """Issue 5's speed targets from a `scripts/gpu_check.sh` report (gpu_report.txt): the CUDA-graph
 decode steps of the Llama-3-8B shape (the default settings only: not the forced arenas, the
 long cache, one rank alone or the opt-in variants of the tp 2 step) and HF transformers' timings
-of the same report. Prints one line a target, or why it cannot be computed from this report.
+of the same report. Prints one line a target, or why it cannot be computed from this report, then
+(context, not targets) the PyTorch tensor-parallel peer's figures beside tessera's where the
+report has them (scripts/gpu_targets.sh runs it).
 
     python3 scripts/targets_summary.py gpu_report.txt
     python3 scripts/targets_summary.py --self-test    (CI: a made-up report, known answers)
@@ -12,6 +14,8 @@ import sys
 
 ROW = re.compile(r"^\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s+([\d.]+)\s*$")
 HF = re.compile(r"^hf batch\s+(\d+):\s+([\d.]+) ms/step\s+([\d.]+) tok/s")
+# scripts/bench_torch_tp_decode.py: "torch|compiled tp T batch B: MS ms/step TOK tok/s, ..."
+PEER = re.compile(r"^(torch|compiled) tp (\d+) batch\s+(\d+):\s+([\d.]+) ms/step\s+([\d.]+) tok/s")
 
 
 def counted(header):
@@ -28,8 +32,13 @@ def counted(header):
 def parse(lines):
     steps = {}  # (tp, batch) -> [(ms, tok/s, % roofline)]
     hf = {}  # batch -> [tok/s]
+    peer = {}  # (kind, tp, batch) -> [ms]
     section = None
     for line in lines:
+        m = PEER.match(line)
+        if m:
+            peer.setdefault((m.group(1), int(m.group(2)), int(m.group(3))), []).append(float(m.group(4)))
+            continue
         if line.startswith("=="):
             section = line if line.startswith("== tessera bench decode") else None
             continue
@@ -42,7 +51,7 @@ def parse(lines):
             tp, batch = int(m.group(1)), int(m.group(2))
             steps.setdefault((tp, batch), []).append(
                 (float(m.group(3)), float(m.group(4)), float(m.group(5))))
-    return steps, hf
+    return steps, hf, peer
 
 
 def span(values, fmt):
@@ -51,7 +60,7 @@ def span(values, fmt):
 
 
 def summary(lines):
-    steps, hf = parse(lines)
+    steps, hf, peer = parse(lines)
     out = []
     one = steps.get((1, 1))
     if one:
@@ -82,6 +91,19 @@ def summary(lines):
     else:
         out.append("target batch 64 / HF batch 32: needs batch 64 graph steps and HF's batch 32 "
                    "in the same report")
+    # Context, not targets: the PyTorch tensor-parallel peer of the same report.
+    names = {"compiled": "PyTorch compiled", "torch": "PyTorch eager"}
+    for kind in ("compiled", "torch"):
+        p1, p2 = peer.get((kind, 1, 1)), peer.get((kind, 2, 1))
+        if p1 and p2 and one and two:
+            ours = statistics.median(ms for ms, _, _ in one) / statistics.median(ms for ms, _, _ in two)
+            out.append(f"peer batch 1, tp 2 / tp 1: {names[kind]} {min(p1) / min(p2):.2f}x "
+                       f"({min(p1):.2f} / {min(p2):.2f} ms), tessera {ours:.2f}x")
+        p64 = peer.get((kind, 2, 64))
+        if p64 and (2, 64) in steps:
+            ms = statistics.median(ms for ms, _, _ in steps[(2, 64)])
+            out.append(f"peer batch 64, tp 2: {names[kind]} {min(p64):.2f} ms a step, tessera {ms:.2f} "
+                       f"({min(p64) / ms:.2f}x faster)")
     return out
 
 
@@ -100,6 +122,9 @@ SAMPLE = """== tessera bench decode, Llama-3-8B shape, CUDA graphs
 == HF transformers baseline
 hf batch  32:    30.00 ms/step     1000.0 tok/s (best of 30.00 ms)
 hf batch  32:    32.00 ms/step      900.0 tok/s
+compiled tp 1 batch   1:   4.800 ms/step      208.3 tok/s, roofline 3.7 ms
+compiled tp 2 batch   1:   4.000 ms/step      250.0 tok/s, roofline 1.8 ms
+compiled tp 2 batch  64:   4.800 ms/step    13333.3 tok/s, roofline 1.9 ms
 """
 
 
@@ -108,6 +133,9 @@ def self_test():
     assert got[0].startswith("target batch 1, one GPU: 4.00 ms, 95.0%") and got[0].endswith(": met"), got[0]
     assert got[1].startswith("target batch 1, tp 2 / tp 1: 2.00x") and got[1].endswith(": met"), got[1]
     assert got[2].startswith("target batch 64 / HF batch 32: 20.0x (tp 2") and got[2].endswith(": met"), got[2]
+    assert got[3] == "peer batch 1, tp 2 / tp 1: PyTorch compiled 1.20x (4.80 / 4.00 ms), tessera 2.00x", got[3]
+    assert got[4] == "peer batch 64, tp 2: PyTorch compiled 4.80 ms a step, tessera 3.20 (1.50x faster)", got[4]
+    assert len(got) == 5, got
     empty = summary([])
     assert all("needs" in line or "no tp 1" in line for line in empty), empty
     print("targets_summary.py: self-test passed")
