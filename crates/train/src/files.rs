@@ -11,10 +11,13 @@ use std::path::{Path, PathBuf};
 use crate::TrainError;
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.
-/// A symlink at `path` stays and the file it names is replaced; anything else that is not a
-/// regular file is refused, not replaced. On an error nothing is left behind.
+/// A symlink at `path` stays and the file it names is replaced, keeping that file's permissions;
+/// anything else that is not a regular file is refused, not replaced. On an error nothing is
+/// left behind.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
     let path = &replaceable_target(path)?;
+    // The file replaced keeps its mode (a private file stays private), as editors do.
+    let mode = std::fs::metadata(path).ok().map(|m| m.permissions());
     let dir = path.parent().unwrap_or(Path::new(""));
     let name = path
         .file_name()
@@ -34,6 +37,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
         .open(&tmp_path)
         .map_err(io)?;
     let tmp = TempPath::new(tmp_path);
+    if let Some(mode) = mode {
+        f.set_permissions(mode).map_err(io)?;
+    }
     f.write_all(bytes).map_err(io)?;
     f.sync_all().map_err(io)?;
     drop(f);
@@ -278,6 +284,29 @@ mod tests {
             .is_fifo());
         // Nothing left behind: no temporary file beside them.
         assert_eq!(entries(t.path()), ["dir", "fifo", "to_dir"]);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_replaced_file_keeps_its_permissions() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("curve.csv");
+        std::fs::write(&file, "old").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        write_atomic(&file, b"new").unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "new");
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the replaced file's mode");
+        // Through a link, the file it names keeps its own mode.
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let link = dir.path().join("link.csv");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        write_atomic(&link, b"newer").unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "newer");
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640, "the linked file's mode");
+        assert_eq!(entries(dir.path()), ["curve.csv", "link.csv"]);
     }
 
     #[test]
