@@ -1,9 +1,11 @@
 """A PyTorch peer for `tessera bench decode --tp 1|2 --graph`: a gpt-fast-style decoder of the
 Llama-3-8B shape (random bf16 weights made on the GPUs), tensor-parallel in the Megatron layout
-(fused q/k/v and gate/up column-parallel, o and down row-parallel with one NCCL all-reduce each, the
-LM head split by vocabulary and gathered), a static KV cache, and the whole decode step captured
-in one CUDA graph (torch.distributed's NCCL collectives inside it) and replayed back to back.
-One process per GPU (torch.multiprocessing), so tp 2 needs two GPUs.
+(fused q/k/v and gate/up column-parallel, o and down row-parallel with one all-reduce each, the LM
+head split by vocabulary and gathered), a static KV cache, and the whole decode step captured in
+one CUDA graph (the collectives inside it) and replayed back to back. The all-reduces go through
+NCCL or (`--allreduce symm`) torch's symmetric-memory one-shot kernel over NVLink, the path vLLM
+and SGLang take for small sums; `--compile` has Inductor fuse the small ops first, as gpt-fast
+does. One process per GPU (torch.multiprocessing), so tp 2 needs two GPUs.
 
 It answers: what tp 2 / tp 1 ratio does a plain, well-built PyTorch tensor-parallel decoder reach on
 the same machine, in the same call as tessera's figures? Per batch it prints ms a step, tokens/s,
@@ -12,11 +14,13 @@ roofline), and the first greedy tokens of sequence 0 (tp 1 and tp 2 share the we
 makes the full tensors from one seed and keeps its slice, so their tokens should agree).
 
     python3 scripts/bench_torch_tp_decode.py --tp 1,2 --batch 1,8,64 --steps 64
+    python3 scripts/bench_torch_tp_decode.py --compile --allreduce symm --tp 2 --batch 1,64
 """
 import argparse
 import os
 import socket
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -36,8 +40,21 @@ def full_then_slice(gen, rows, cols, dim, rank, tp, scale=0.02):
 
 
 class Decoder:
-    def __init__(self, tp, rank, layers, seed, functional=False):
+    def __init__(self, tp, rank, layers, seed, functional=False, symm_rows=0):
         self.tp, self.rank, self.functional = tp, rank, functional
+        self.symm = None
+        if symm_rows and tp > 1:
+            # torch's own NVLink all-reduce (what vLLM's and SGLang's symmetric-memory
+            # communicators call): each rank's part in a buffer every rank can read, one kernel
+            # that reads the peers' parts and sums them (one-shot).
+            import torch.distributed._symmetric_memory as symm_mem
+            self.group_name = dist.group.WORLD.group_name
+            if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before torch 2.9, deprecated since
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    symm_mem.enable_symm_mem_for_group(self.group_name)
+            self.symm = symm_mem.empty(symm_rows * DIM, dtype=torch.bfloat16, device="cuda")
+            symm_mem.rendezvous(self.symm, self.group_name)
         self.nh, self.nkv, self.inter, self.vocab = HEADS // tp, KV_HEADS // tp, INTER // tp, VOCAB // tp
         gen = torch.Generator(device="cuda")
         self.layers = []
@@ -78,6 +95,10 @@ class Decoder:
         does) through the functional collectives the compiler traces."""
         if self.tp == 1:
             return x
+        if self.symm is not None:
+            buf = self.symm[: x.numel()].view_as(x)
+            buf.copy_(x)
+            return torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", self.group_name)
         if self.functional:
             return funcol.all_reduce(x, "sum", dist.group.WORLD)
         dist.all_reduce(x)
@@ -143,7 +164,8 @@ def worker(rank, tp, a, port):
         dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp,
                                 device_id=torch.device("cuda", rank))
     bw = copy_bandwidth()
-    model = Decoder(tp, rank, a.layers, a.seed, functional=a.compile)
+    model = Decoder(tp, rank, a.layers, a.seed, functional=a.compile,
+                    symm_rows=max(int(x) for x in a.batch.split(",")) if a.allreduce == "symm" else 0)
     step = model.step
     if a.compile:
         # gpt-fast's way: Inductor fuses the norms, RoPE and the gated activation into Triton
@@ -191,7 +213,7 @@ def worker(rank, tp, a, port):
         read = model.weight_bytes + kv_bytes * (start + 3 + a.steps / 2) / positions
         if rank == 0:
             each = ", ".join(f"{r:.3f}" for r in rounds)
-            kind = "compiled" if a.compile else "torch"
+            kind = ("compiled" if a.compile else "torch") + ("-symm" if model.symm is not None else "")
             print(f"{kind} tp {tp} batch {batch:>3}: {ms:7.3f} ms/step {batch / ms * 1e3:10.1f} tok/s, "
                   f"roofline {read / bw * 1e3:.3f} ms ({read / 1e9:.2f} GB a rank at {bw / 1e12:.2f} TB/s) "
                   f"= {read / bw * 1e3 / ms * 100:.1f}%; rounds {each} ms; first tokens {first}; "
@@ -217,13 +239,15 @@ def main():
     ap.add_argument("--layers", type=int, default=LAYERS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile", action="store_true", help="torch.compile the step (Inductor), then capture it")
+    ap.add_argument("--allreduce", choices=["nccl", "symm"], default="nccl",
+                    help="the row-parallel sums: NCCL, or torch's symmetric-memory one-shot kernel over NVLink")
     a = ap.parse_args()
     nccl = torch.cuda.nccl.version()
     nccl = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
     print(f"torch {torch.__version__}, {torch.cuda.device_count()} GPU(s) "
           f"({torch.cuda.get_device_name(0)}), NCCL {nccl}, "
           f"Llama-3-8B shape ({a.layers} layers), bf16, CUDA graph of the whole step"
-          f"{', torch.compile' if a.compile else ''}", flush=True)
+          f"{', torch.compile' if a.compile else ''}, all-reduce {a.allreduce}", flush=True)
     for tp in [int(x) for x in a.tp.split(",")]:
         if tp > torch.cuda.device_count():
             print(f"torch tp {tp}: skipped, {torch.cuda.device_count()} GPU(s)")

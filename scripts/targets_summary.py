@@ -14,8 +14,8 @@ import sys
 
 ROW = re.compile(r"^\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s+([\d.]+)\s*$")
 HF = re.compile(r"^hf batch\s+(\d+):\s+([\d.]+) ms/step\s+([\d.]+) tok/s")
-# scripts/bench_torch_tp_decode.py: "torch|compiled tp T batch B: MS ms/step TOK tok/s, ..."
-PEER = re.compile(r"^(torch|compiled) tp (\d+) batch\s+(\d+):\s+([\d.]+) ms/step\s+([\d.]+) tok/s")
+# scripts/bench_torch_tp_decode.py: "torch|compiled[-symm] tp T batch B: MS ms/step TOK tok/s, ..."
+PEER = re.compile(r"^((?:torch|compiled)(?:-symm)?) tp (\d+) batch\s+(\d+):\s+([\d.]+) ms/step\s+([\d.]+) tok/s")
 
 
 def counted(header):
@@ -92,18 +92,21 @@ def summary(lines):
         out.append("target batch 64 / HF batch 32: needs batch 64 graph steps and HF's batch 32 "
                    "in the same report")
     # Context, not targets: the PyTorch tensor-parallel peer of the same report.
+    # tp 1 has no all-reduce, so its run with either all-reduce is the reference of both.
     names = {"compiled": "PyTorch compiled", "torch": "PyTorch eager"}
-    for kind in ("compiled", "torch"):
-        p1, p2 = peer.get((kind, 1, 1)), peer.get((kind, 2, 1))
-        if p1 and p2 and one and two:
-            ours = statistics.median(ms for ms, _, _ in one) / statistics.median(ms for ms, _, _ in two)
-            out.append(f"peer batch 1, tp 2 / tp 1: {names[kind]} {min(p1) / min(p2):.2f}x "
-                       f"({min(p1):.2f} / {min(p2):.2f} ms), tessera {ours:.2f}x")
-        p64 = peer.get((kind, 2, 64))
-        if p64 and (2, 64) in steps:
-            ms = statistics.median(ms for ms, _, _ in steps[(2, 64)])
-            out.append(f"peer batch 64, tp 2: {names[kind]} {min(p64):.2f} ms a step, tessera {ms:.2f} "
-                       f"({min(p64) / ms:.2f}x faster)")
+    for base in ("compiled", "torch"):
+        p1 = peer.get((base, 1, 1), []) + peer.get((base + "-symm", 1, 1), [])
+        for kind, how in ((base + "-symm", "symmetric-memory all-reduce"), (base, "NCCL")):
+            p2 = peer.get((kind, 2, 1))
+            if p1 and p2 and one and two:
+                ours = statistics.median(ms for ms, _, _ in one) / statistics.median(ms for ms, _, _ in two)
+                out.append(f"peer batch 1, tp 2 / tp 1: {names[base]}, {how} {min(p1) / min(p2):.2f}x "
+                           f"({min(p1):.2f} / {min(p2):.2f} ms), tessera {ours:.2f}x")
+            p64 = peer.get((kind, 2, 64))
+            if p64 and (2, 64) in steps:
+                ms = statistics.median(ms for ms, _, _ in steps[(2, 64)])
+                out.append(f"peer batch 64, tp 2: {names[base]}, {how} {min(p64):.2f} ms a step, "
+                           f"tessera {ms:.2f} ({min(p64) / ms:.2f}x faster)")
     return out
 
 
@@ -123,8 +126,9 @@ SAMPLE = """== tessera bench decode, Llama-3-8B shape, CUDA graphs
 hf batch  32:    30.00 ms/step     1000.0 tok/s (best of 30.00 ms)
 hf batch  32:    32.00 ms/step      900.0 tok/s
 compiled tp 1 batch   1:   4.800 ms/step      208.3 tok/s, roofline 3.7 ms
-compiled tp 2 batch   1:   4.000 ms/step      250.0 tok/s, roofline 1.8 ms
-compiled tp 2 batch  64:   4.800 ms/step    13333.3 tok/s, roofline 1.9 ms
+compiled-symm tp 2 batch   1:   4.000 ms/step      250.0 tok/s, roofline 1.8 ms
+compiled-symm tp 2 batch  64:   4.800 ms/step    13333.3 tok/s, roofline 1.9 ms
+torch tp 2 batch   1:   6.000 ms/step      166.6 tok/s, roofline 1.8 ms
 """
 
 
@@ -133,8 +137,11 @@ def self_test():
     assert got[0].startswith("target batch 1, one GPU: 4.00 ms, 95.0%") and got[0].endswith(": met"), got[0]
     assert got[1].startswith("target batch 1, tp 2 / tp 1: 2.00x") and got[1].endswith(": met"), got[1]
     assert got[2].startswith("target batch 64 / HF batch 32: 20.0x (tp 2") and got[2].endswith(": met"), got[2]
-    assert got[3] == "peer batch 1, tp 2 / tp 1: PyTorch compiled 1.20x (4.80 / 4.00 ms), tessera 2.00x", got[3]
-    assert got[4] == "peer batch 64, tp 2: PyTorch compiled 4.80 ms a step, tessera 3.20 (1.50x faster)", got[4]
+    assert got[3] == ("peer batch 1, tp 2 / tp 1: PyTorch compiled, symmetric-memory all-reduce 1.20x "
+                      "(4.80 / 4.00 ms), tessera 2.00x"), got[3]
+    assert got[4] == ("peer batch 64, tp 2: PyTorch compiled, symmetric-memory all-reduce 4.80 ms a step, "
+                      "tessera 3.20 (1.50x faster)"), got[4]
+    # The eager peer's tp 2 without its tp 1 in the report: no ratio.
     assert len(got) == 5, got
     empty = summary([])
     assert all("needs" in line or "no tp 1" in line for line in empty), empty
