@@ -41,7 +41,7 @@ def full_then_slice(gen, rows, cols, dim, rank, tp, scale=0.02):
 
 class Decoder:
     def __init__(self, tp, rank, layers, seed, functional=False, symm_rows=0):
-        self.tp, self.rank, self.functional = tp, rank, functional
+        self.tp, self.functional = tp, functional
         self.symm = None
         if symm_rows and tp > 1:
             # torch's own NVLink all-reduce (what vLLM's and SGLang's symmetric-memory
@@ -55,7 +55,7 @@ class Decoder:
                     symm_mem.enable_symm_mem_for_group(self.group_name)
             self.symm = symm_mem.empty(symm_rows * DIM, dtype=torch.bfloat16, device="cuda")
             symm_mem.rendezvous(self.symm, self.group_name)
-        self.nh, self.nkv, self.inter, self.vocab = HEADS // tp, KV_HEADS // tp, INTER // tp, VOCAB // tp
+        self.nh, self.nkv, self.vocab = HEADS // tp, KV_HEADS // tp, VOCAB // tp
         gen = torch.Generator(device="cuda")
         self.layers = []
         for i in range(layers):
@@ -80,7 +80,7 @@ class Decoder:
             + self.head.numel() * 2
 
     def caches(self, batch, positions):
-        self.batch, self.positions = batch, positions
+        self.batch = batch
         shape = (batch, self.nkv, positions, HEAD_DIM)
         self.kc = [torch.zeros(shape, device="cuda", dtype=torch.bfloat16) for _ in self.layers]
         self.vc = [torch.zeros(shape, device="cuda", dtype=torch.bfloat16) for _ in self.layers]
@@ -91,8 +91,9 @@ class Decoder:
         return 2 * self.kc[0].numel() * 2 * len(self.layers)
 
     def all_reduce(self, x):
-        """The row-parallel sum: in place through the process group, or (compiled, as gpt-fast
-        does) through the functional collectives the compiler traces."""
+        """The row-parallel sum: through torch's symmetric-memory one-shot kernel (`--allreduce
+        symm`), or through NCCL: in place by the process group, or (compiled, as gpt-fast does)
+        by the functional collectives the compiler traces."""
         if self.tp == 1:
             return x
         if self.symm is not None:

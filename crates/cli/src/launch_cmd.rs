@@ -149,10 +149,15 @@ struct Rank {
 impl Rank {
     /// Kills the rank and what it started (its group) and waits for it.
     fn kill(&mut self) {
-        signals::send(self.pid, signals::KILL);
-        let _ = self.child.kill();
-        self.status = self.child.wait().ok();
+        self.status = kill_group(&mut self.child);
     }
+}
+
+/// Kills a started rank process and the group it leads, and waits for it.
+fn kill_group(child: &mut Child) -> Option<ExitStatus> {
+    signals::send(child.id(), signals::KILL);
+    let _ = child.kill();
+    child.wait().ok()
 }
 
 fn signal_name(sig: i32) -> &'static str {
@@ -306,9 +311,7 @@ pub fn run_job(spec: JobSpec) -> Result<()> {
                     Ok(h) => Some(h),
                     Err(e) => {
                         // Out of threads: this rank and those started go; one line says why.
-                        signals::send(child.id(), signals::KILL);
-                        let _ = child.kill();
-                        let _ = child.wait();
+                        kill_group(&mut child);
                         end_started(&mut ranks);
                         bail!("cannot follow rank {rank}'s output: {e}");
                     }

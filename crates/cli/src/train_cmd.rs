@@ -178,8 +178,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
         tessera_train::config::OffloadDevice::Nvme(_)
     );
     let need = model_cfg.num_params() as f64 * if nvme { 6.0 } else { 14.0 };
-    let over = tessera_tensor::device::exceeds_host_memory(need);
-    if let Some(total) = over.filter(|_| !tessera_comm::launched()) {
+    let over = (!tessera_comm::launched())
+        .then(|| tessera_tensor::device::exceeds_host_memory(need))
+        .flatten();
+    if let Some(total) = over {
         bail!(
             "training {} parameters needs at least {:.1} GB of memory (weights, gradients{}), more than this host's {:.1} GB",
             model_cfg.num_params(),

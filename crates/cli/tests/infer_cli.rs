@@ -455,15 +455,11 @@ fn absurd_sizes_and_broken_weights_are_refused_in_one_line() {
     // NaN in the final norm's weight: score says the weights are broken.
     std::fs::write(dir.path().join("config.json"), &cfg).unwrap();
     let mut w = std::fs::read(llama.join("model.safetensors")).unwrap();
-    let n = u64::from_le_bytes(w[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&w[8..8 + n]).unwrap();
-    let t = &header["model.norm.weight"];
-    let (start, end) = (
-        t["data_offsets"][0].as_u64().unwrap() as usize,
-        t["data_offsets"][1].as_u64().unwrap() as usize,
-    );
-    let nan: &[u8] = match t["dtype"].as_str().unwrap() {
-        "F32" => &[0x00, 0x00, 0xc0, 0x7f],
+    let (n, header) = safetensors::SafeTensors::read_metadata(&w).unwrap();
+    let t = header.info("model.norm.weight").unwrap();
+    let (start, end) = t.data_offsets;
+    let nan: &[u8] = match t.dtype {
+        safetensors::Dtype::F32 => &[0x00, 0x00, 0xc0, 0x7f],
         _ => &[0xc0, 0x7f],
     };
     for c in w[8 + n + start..8 + n + end].chunks_mut(nan.len()) {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::*;
 use tessera_model::grad::{random_init, BatchDims, FullParams, ParamLayout, TrainModel};
@@ -102,15 +102,22 @@ fn an_interrupted_save_leaves_the_previous_checkpoint_loadable() {
     assert!(load(&dir.path().join("nope"), &layout).is_err());
 }
 
-#[test]
-fn a_checkpoint_holding_nan_or_a_zero_loss_scale_is_refused() {
+/// A run of 2 steps saved at step 2: its directory, the layout it loads with, the step's
+/// directory and its state file, and that file's bytes (to corrupt and put back).
+fn saved_at_step_two() -> (tempfile::TempDir, ParamLayout, PathBuf, PathBuf, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
     segment(2, 1, 2, None, Some(dir.path()));
     let layout = ParamLayout::new(&tiny_model(false));
     let step = dir.path().join("step_00000002");
-    // A NaN in the last tensor's last value (the file's tail).
     let state = step.join("state.safetensors");
     let good = std::fs::read(&state).unwrap();
+    (dir, layout, step, state, good)
+}
+
+#[test]
+fn a_checkpoint_holding_nan_or_a_zero_loss_scale_is_refused() {
+    let (dir, layout, step, state, good) = saved_at_step_two();
+    // A NaN in the last tensor's last value (the file's tail).
     let mut bad = good.clone();
     let n = bad.len();
     bad[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
@@ -136,22 +143,15 @@ fn a_checkpoint_holding_nan_or_a_zero_loss_scale_is_refused() {
 /// refused in one line, not trained or exported on.
 #[test]
 fn a_checkpoint_that_disagrees_with_itself_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    segment(2, 1, 2, None, Some(dir.path()));
-    let layout = ParamLayout::new(&tiny_model(false));
-    let step = dir.path().join("step_00000002");
-    let state = step.join("state.safetensors");
-    let good = std::fs::read(&state).unwrap();
+    let (dir, layout, step, state, good) = saved_at_step_two();
     // The first value of a second moment, made negative.
-    let n = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&good[8..8 + n]).unwrap();
+    let (n, header) = safetensors::SafeTensors::read_metadata(&good).unwrap();
     let (name, t) = header
-        .as_object()
-        .unwrap()
-        .iter()
+        .tensors()
+        .into_iter()
         .find(|(k, _)| k.ends_with(".exp_avg_sq"))
         .unwrap();
-    let at = 8 + n + t["data_offsets"][0].as_u64().unwrap() as usize;
+    let at = 8 + n + t.data_offsets.0;
     let mut bad = good.clone();
     bad[at..at + 4].copy_from_slice(&(-1.0f32).to_le_bytes());
     std::fs::write(&state, &bad).unwrap();
