@@ -5,7 +5,9 @@
 //!
 //! Saves are atomic: a step's files go to a temporary directory, are fsynced, and the directory is
 //! renamed into place; only then is `latest` (a one-line pointer) replaced, atomically too. A crash
-//! at any point leaves the previous `latest` and what it names intact.
+//! at any point leaves the previous `latest` and what it names intact (a step saved again is moved
+//! aside before the new copy is renamed in; [`resolve`] reads it there if the save was killed
+//! between the two, and the next save puts it back).
 //!
 //! ```text
 //! CKPT/latest                      "step_00000200"
@@ -166,7 +168,31 @@ pub fn save(
 /// Removes the temporary directories (`.step_*.tmp-PID`) of saves whose process no longer runs:
 /// what a crash or a kill during a save left. A live process's (another rank's run on this host,
 /// however unlikely in one root) is left alone, and so is any whose owner cannot be told.
+///
+/// A step that a save of it again had moved aside (`.step_N.old-PID`) is put back under its name
+/// when the save was killed before renaming the new copy in, and removed when it was killed after.
 fn remove_stale_temp_dirs(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    let names: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|n| Some(n.strip_prefix('.')?.split_once(".old-")?.0.to_string()))
+        .filter(|n| n.starts_with("step_"))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    for name in names {
+        let step = root.join(&name);
+        for aside in moved_aside(root, &name) {
+            if step.join("trainer.json").exists() {
+                let _ = std::fs::remove_dir_all(&aside);
+            } else if !step.exists() {
+                let _ = std::fs::rename(&aside, &step);
+            }
+        }
+    }
     let Ok(entries) = std::fs::read_dir(root) else {
         return;
     };
@@ -234,6 +260,14 @@ pub fn resolve(path: &Path) -> Result<PathBuf, TrainError> {
     if path.join("trainer.json").exists() {
         return Ok(path.to_path_buf());
     }
+    // A step directory named directly that a killed save of it again left moved aside.
+    if let (Some(root), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+        if !path.exists() {
+            if let Some(aside) = moved_aside(root, name).into_iter().next() {
+                return Ok(aside);
+            }
+        }
+    }
     let latest = path.join("latest");
     let name = std::fs::read_to_string(&latest).map_err(|_| {
         ck_err(
@@ -248,7 +282,38 @@ pub fn resolve(path: &Path) -> Result<PathBuf, TrainError> {
             format!("names {name:?}, not a step directory"),
         ));
     }
-    Ok(path.join(name))
+    let dir = path.join(name);
+    if !dir.join("trainer.json").exists() {
+        // A save of this step again, killed between moving the old copy aside and renaming the
+        // new one in: the old copy is the step (read where it is; the next save renames it back).
+        if let Some(aside) = moved_aside(path, name).into_iter().next() {
+            return Ok(aside);
+        }
+    }
+    Ok(dir)
+}
+
+/// The copies of step `name` that saves of it again moved aside (`.NAME.old-PID`) and did not get
+/// to remove because their process ended, whole ones only (with a `trainer.json`), sorted.
+fn moved_aside(root: &Path, name: &str) -> Vec<PathBuf> {
+    let prefix = format!(".{name}.old-");
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return vec![];
+    };
+    let mut found: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .is_some_and(|pid| pid != std::process::id() && process_is_gone(pid))
+        })
+        .map(|e| e.path())
+        .filter(|p| p.join("trainer.json").is_file())
+        .collect();
+    found.sort();
+    found
 }
 
 /// A loaded checkpoint: its metadata and per-unit full master weights and moments.

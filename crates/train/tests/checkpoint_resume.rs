@@ -269,11 +269,7 @@ fn a_failed_save_leaves_no_temporary_directory_and_clears_those_of_dead_runs() {
     // What saves killed midway left: one of a process gone two hours ago (a pid above the
     // system's largest, so never a live one), one of a process gone that wrote a moment ago (as a
     // live save on another host sharing the root would look), one of a process that runs (pid 1).
-    let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(4_194_304);
-    let dead = pid_max + 1000;
+    let dead = dead_pid();
     let old = dir.path().join(format!(".step_00000004.tmp-{dead}"));
     std::fs::create_dir_all(old.join("x")).unwrap();
     let hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
@@ -318,6 +314,68 @@ fn a_step_saved_again_replaces_the_old_one_whole() {
     assert!(saved[0].join("state.safetensors").exists());
     assert_eq!(temp_dirs(dir.path()), Vec::<String>::new());
     load(dir.path(), &ParamLayout::new(&tiny_model(false))).unwrap();
+}
+
+/// A pid above the system's largest: never a live process.
+fn dead_pid() -> u64 {
+    let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4_194_304);
+    pid_max + 1000
+}
+
+/// A save of a step again, killed between moving the old copy aside and renaming the new one in,
+/// loses nothing: the old copy loads where it is, and the next save puts it back under its name;
+/// one killed after the rename leaves its old copy to that save to remove.
+#[test]
+fn a_step_moved_aside_by_a_killed_save_is_read_and_put_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = ParamLayout::new(&tiny_model(false));
+    let dead = dead_pid();
+    let step0 = dir.path().join("step_00000000");
+    let aside = dir.path().join(format!(".step_00000000.old-{dead}"));
+    with_fresh_trainer(|t, model_json| save(t, dir.path(), 0, model_json, None)).unwrap();
+    std::fs::write(step0.join("marker"), "the step").unwrap();
+    std::fs::rename(&step0, &aside).unwrap();
+    let unfinished = dir.path().join(format!(".step_00000000.tmp-{dead}"));
+    std::fs::create_dir_all(&unfinished).unwrap();
+
+    for path in [dir.path().to_path_buf(), step0.clone()] {
+        let ck = load(&path, &layout).unwrap();
+        assert_eq!(ck.dir, aside, "loading {}", path.display());
+        assert_eq!(ck.meta.progress.step, 0);
+    }
+    assert!(!step0.exists(), "a load wrote to the checkpoint");
+
+    // The next save (of another step) renames the old copy back first.
+    with_fresh_trainer(|t, model_json| {
+        t.progress.step = 1;
+        save(t, dir.path(), 0, model_json, None)
+    })
+    .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(step0.join("marker")).unwrap(),
+        "the step"
+    );
+    assert_eq!(
+        temp_dirs(dir.path()),
+        [format!(".step_00000000.tmp-{dead}")],
+        "the unfinished copy is recent, so kept; nothing moved aside is left"
+    );
+
+    // Killed after the new copy was renamed in: the old one beside it is removed by the next save.
+    let leftover = dir.path().join(format!(".step_00000001.old-{dead}"));
+    std::fs::create_dir_all(&leftover).unwrap();
+    std::fs::copy(step0.join("trainer.json"), leftover.join("trainer.json")).unwrap();
+    with_fresh_trainer(|t, model_json| {
+        t.progress.step = 2;
+        save(t, dir.path(), 0, model_json, None)
+    })
+    .unwrap();
+    assert!(!leftover.exists());
+    assert!(dir.path().join("step_00000001/state.safetensors").exists());
+    assert_eq!(load(dir.path(), &layout).unwrap().meta.progress.step, 2);
 }
 
 #[test]
