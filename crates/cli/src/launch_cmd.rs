@@ -76,6 +76,15 @@ pub fn run(a: LaunchArgs) -> Result<()> {
     if a.nnodes == 0 {
         bail!("--nnodes must be at least 1");
     }
+    let world = a.nproc_per_node.checked_mul(a.nnodes);
+    if world.is_none_or(|w| w > tessera_comm::MAX_WORLD_SIZE) {
+        bail!(
+            "--nproc-per-node {} x --nnodes {} is more than {} ranks",
+            a.nproc_per_node,
+            a.nnodes,
+            tessera_comm::MAX_WORLD_SIZE
+        );
+    }
     if a.node_rank >= a.nnodes {
         bail!(
             "--node-rank {} is not below --nnodes {}",
@@ -97,8 +106,11 @@ pub fn run(a: LaunchArgs) -> Result<()> {
     };
     let mut extra_env = Vec::new();
     if let Some(t) = a.timeout {
-        if !(t.is_finite() && t > 0.0) {
-            bail!("--timeout must be a number of seconds > 0, got {t}");
+        if !(t.is_finite() && t > 0.0 && t < tessera_comm::MAX_TIMEOUT_S) {
+            bail!(
+                "--timeout must be a number of seconds > 0 and below {:e}, got {t:?}",
+                tessera_comm::MAX_TIMEOUT_S
+            );
         }
         extra_env.push(("TESSERA_COMM_TIMEOUT_S".into(), t.to_string()));
     }

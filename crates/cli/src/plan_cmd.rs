@@ -228,7 +228,12 @@ fn size(flag: &str, v: &str) -> anyhow::Result<u64> {
     let x = real(flag, num.trim()).map_err(|_| {
         anyhow::anyhow!("--{flag} must be a positive size such as 80GiB or 141GB, got {v:?}")
     })?;
-    Ok((x * mult) as u64)
+    // At least a byte, and no more than the counts' bound: not rounded to 0 nor clamped.
+    let bytes = x * mult;
+    if !(1.0..=1e18).contains(&bytes) {
+        bail!("--{flag} must be a size from 1 byte to 1e18 bytes, got {v:?}");
+    }
+    Ok(bytes as u64)
 }
 
 fn model_shape(a: &PlanFlags) -> anyhow::Result<ModelShape> {

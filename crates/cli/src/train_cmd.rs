@@ -142,6 +142,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if a.dp == 0 {
         bail!("--dp must be at least 1");
     }
+    // Ranks of this process are its threads (launched ones are the job's processes).
+    let max_dp = crate::launch_cmd::MAX_LOCAL_RANKS;
+    if a.dp > max_dp && !tessera_comm::launched() {
+        bail!(
+            "--dp must be between 1 and {max_dp} ranks in one process, got {}",
+            a.dp
+        );
+    }
     if a.steps == 0 {
         bail!("--steps must be at least 1");
     }
@@ -167,24 +175,46 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         cfg.zero.stage = s;
     }
+    // The optimizer's swap files go there; a directory that is not there is found now, not after
+    // the model is made.
+    if let tessera_train::config::OffloadDevice::Nvme(dir) = &cfg.zero.offload_optimizer {
+        if !dir.is_dir() {
+            bail!(
+                "{}: zero_optimization.offload_optimizer.nvme_path {} is not a directory",
+                a.config.display(),
+                dir.display()
+            );
+        }
+    }
     let (model_json, model_cfg) = read_model_config(&a.model_config)?;
     // A model whose training state cannot fit in this host's memory is refused here, before its
-    // weights are made, rather than aborting in an allocation: at least 16-bit weights and f32
-    // gradients (6 bytes a parameter over all ranks), and Adam's two f32 moments (8 more) unless
-    // they go to NVMe. (Ranks in this process share the host; launched ranks may span hosts, so
-    // they are not checked.)
+    // weights are made, rather than aborting in an allocation: at least 16-bit weights (2 bytes a
+    // parameter), f32 gradients (4) and Adam's two f32 moments (8) unless they go to NVMe, each
+    // held whole by every rank below the ZeRO stage that shards it (weights from 3, gradients
+    // from 2, moments from 1). (Ranks in this process share the host; launched ranks may span
+    // hosts, so they are not checked.)
     let nvme = matches!(
         cfg.zero.offload_optimizer,
         tessera_train::config::OffloadDevice::Nvme(_)
     );
-    let need = model_cfg.num_params() as f64 * if nvme { 6.0 } else { 14.0 };
+    let copies = |sharded_from: u8| {
+        if cfg.zero.stage >= sharded_from {
+            1.0
+        } else {
+            a.dp as f64
+        }
+    };
+    let adam = if nvme { 0.0 } else { 8.0 * copies(1) };
+    let need = model_cfg.num_params() as f64 * (2.0 * copies(3) + 4.0 * copies(2) + adam);
     let over = (!tessera_comm::launched())
         .then(|| tessera_tensor::device::exceeds_host_memory(need))
         .flatten();
     if let Some(total) = over {
         bail!(
-            "training {} parameters needs at least {:.1} GB of memory (weights, gradients{}), more than this host's {:.1} GB",
+            "training {} parameters at dp {} with ZeRO stage {} needs at least {:.1} GB of memory (weights, gradients{}), more than this host's {:.1} GB",
             model_cfg.num_params(),
+            a.dp,
+            cfg.zero.stage,
             need / 1e9,
             if nvme { "" } else { " and Adam's moments" },
             total / 1e9

@@ -290,6 +290,36 @@ fn bad_launch_input_is_one_clear_line() {
         "comm",
     ]);
     fails_with(c, "--timeout");
+    // A deadline the ranks would refuse, found by the launcher before it starts them.
+    let mut c = bin();
+    c.args([
+        "launch",
+        "--nproc-per-node",
+        "1",
+        "--timeout",
+        "1e300",
+        "--",
+        "tessera",
+        "bench",
+        "comm",
+    ]);
+    fails_with(c, "--timeout must be a number of seconds > 0 and below 1e9");
+    // More ranks than a job may have (here, more than a usize counts): not an overflow.
+    let mut c = bin();
+    c.args([
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--nnodes",
+        "9223372036854775808",
+        "--node-rank",
+        "1",
+        "--master-addr",
+        "127.0.0.1",
+        "--",
+        "true",
+    ]);
+    fails_with(c, "is more than 1048576 ranks");
 }
 
 fn as_rank(rank: usize, world: usize, port: u16) -> Command {
@@ -312,6 +342,10 @@ fn bad_rank_environment_is_one_clear_line() {
     let mut c = as_rank(0, 2, free_port());
     c.env("TESSERA_RANK", "5");
     fails_with(c, "rank 5 is not a rank of a job of 2");
+    // A world too large to list its ranks: refused, not an aborted allocation.
+    let mut c = as_rank(0, 2, free_port());
+    c.env("TESSERA_WORLD_SIZE", (1u64 << 41).to_string());
+    fails_with(c, "a job of 2199023255552 ranks is more than 1048576");
     let mut c = as_rank(0, 2, free_port());
     c.env("TESSERA_COMM_TIMEOUT_S", "soon");
     fails_with(c, "TESSERA_COMM_TIMEOUT_S must be a number");

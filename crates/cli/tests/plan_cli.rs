@@ -623,6 +623,15 @@ fn bad_input_is_one_line_and_a_non_zero_exit() {
             vec!["train", "--model", "llama-3-8b", "--gpu-mem", "-80"],
             "--gpu-mem",
         ),
+        // Sizes past what a u64 of bytes holds, or under a byte: refused, not clamped.
+        (
+            vec!["train", "--model", "llama-3-8b", "--gpu-mem", "1e300"],
+            "--gpu-mem must be a size from 1 byte to 1e18 bytes, got \"1e300\"",
+        ),
+        (
+            vec!["train", "--model", "llama-3-8b", "--cpu-mem", "1e-300"],
+            "--cpu-mem must be a size from 1 byte to 1e18 bytes",
+        ),
         (
             vec!["train", "--model", "llama-3-8b", "--zero", "4"],
             "--zero",

@@ -361,6 +361,73 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
             "needs at least",
         )])
         .collect();
+    // Ranks of one process are threads: a count no host could run, and a model whose states,
+    // held whole by each of 1024 ranks below their ZeRO stage (6 GB at dp 1, 0.8 PB at dp 1024),
+    // no host could hold. Both refused before anything is made (the data is never read).
+    let wide = dir.path().join("wide");
+    std::fs::create_dir_all(&wide).unwrap();
+    std::fs::write(
+        wide.join("config.json"),
+        small
+            .replace("\"hidden_size\":32", "\"hidden_size\":4096")
+            .replace("\"intermediate_size\":64", "\"intermediate_size\":11008")
+            .replace("\"num_attention_heads\":4", "\"num_attention_heads\":32")
+            .replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":32"),
+    )
+    .unwrap();
+    // An NVMe swap directory that is not there, and a dataset whose tokenizer (copied into each
+    // checkpoint) is not there: found before training, not at its first save.
+    let no_nvme = dir.path().join("nvme.json");
+    std::fs::write(
+        &no_nvme,
+        r#"{"zero_optimization": {"stage": 1, "offload_optimizer": {"device": "nvme", "nvme_path": "/nonexistent/swap"}}}"#,
+    )
+    .unwrap();
+    let no_tok = dir.path().join("no_tok");
+    std::fs::create_dir_all(&no_tok).unwrap();
+    for e in std::fs::read_dir(&data).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != "tokenizer.json" {
+            std::fs::copy(e.path(), no_tok.join(e.file_name())).unwrap();
+        }
+    }
+    let cases: Vec<(Vec<&str>, &str)> = cases
+        .into_iter()
+        .chain([
+            (
+                vec![
+                    "--config",
+                    s(&cfg),
+                    "--dp",
+                    "100000",
+                    "--data",
+                    "/nonexistent",
+                ],
+                "--dp must be between 1 and 1024 ranks in one process, got 100000",
+            ),
+            (
+                vec![
+                    "--config",
+                    s(&cfg),
+                    "--dp",
+                    "1024",
+                    "--model-config",
+                    s(&wide),
+                    "--data",
+                    "/nonexistent",
+                ],
+                "at dp 1024 with ZeRO stage 2 needs at least",
+            ),
+            (
+                vec!["--config", s(&no_nvme)],
+                "nvme_path /nonexistent/swap is not a directory",
+            ),
+            (
+                vec!["--config", s(&cfg), "--data", s(&no_tok)],
+                "meta.json names tokenizer \"tokenizer.json\", which is not a file",
+            ),
+        ])
+        .collect();
     // A loss curve into a fifo (or a device) is refused before training, not replaced.
     let fifo = dir.path().join("fifo");
     common::mkfifo(&fifo);

@@ -145,6 +145,12 @@ impl LaunchEnv {
                 "bad launch environment: rank {rank} is not a rank of a job of {world_size}"
             )));
         }
+        if world_size > crate::MAX_WORLD_SIZE {
+            return Err(CommError::Setup(format!(
+                "bad launch environment: a job of {world_size} ranks is more than {}",
+                crate::MAX_WORLD_SIZE
+            )));
+        }
         if let Some(p) = port("TESSERA_MASTER_PORT")? {
             master_port = Some(p);
         }

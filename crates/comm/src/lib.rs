@@ -62,6 +62,14 @@ pub use work::{AsyncOp, Work, WorkHandle};
 /// Default deadline of every wait, overridable with `TESSERA_COMM_TIMEOUT_S`.
 pub const DEFAULT_TIMEOUT_S: f64 = 300.0;
 
+/// The longest deadline `TESSERA_COMM_TIMEOUT_S` (and `tessera launch --timeout`) may set: 31
+/// years, far past any job.
+pub const MAX_TIMEOUT_S: f64 = 1e9;
+
+/// The most ranks a multi-process job may have: far beyond the largest clusters, low enough that
+/// a mistyped size is refused instead of failing to allocate a table of its ranks.
+pub const MAX_WORLD_SIZE: usize = 1 << 20;
+
 /// The deadline of every collective wait: `TESSERA_COMM_TIMEOUT_S` seconds, else the default
 /// (also when the variable is malformed; [`timeout_from_env`] reports that instead).
 pub fn default_timeout() -> Duration {
@@ -76,11 +84,11 @@ pub fn timeout_from_env() -> Result<Duration, CommError> {
             .trim()
             .parse::<f64>()
             .ok()
-            .filter(|t| t.is_finite() && *t > 0.0 && *t < 1e9)
+            .filter(|t| t.is_finite() && *t > 0.0 && *t < MAX_TIMEOUT_S)
             .map(Duration::from_secs_f64)
             .ok_or_else(|| {
                 CommError::Setup(format!(
-                    "TESSERA_COMM_TIMEOUT_S must be a number of seconds > 0, got {s:?}"
+                    "TESSERA_COMM_TIMEOUT_S must be a number of seconds > 0 and below {MAX_TIMEOUT_S:e}, got {s:?}"
                 ))
             }),
     }

@@ -191,9 +191,18 @@ impl<'a> Obj<'a> {
         let name = self.name(key);
         self.get(key)
             .map(|v| {
-                v.as_f64()
+                let x = v
+                    .as_f64()
                     .filter(|x| x.is_finite())
-                    .ok_or_else(|| err(format!("`{name}` must be a number, got {v}")))
+                    .ok_or_else(|| err(format!("`{name}` must be a number, got {v}")))?;
+                // Every number of the config is used as an f32: a larger one would be infinite.
+                if x.abs() > f32::MAX as f64 {
+                    return Err(err(format!(
+                        "`{name}` {v} is too large (at most {:e})",
+                        f32::MAX
+                    )));
+                }
+                Ok(x)
             })
             .transpose()
     }
@@ -252,7 +261,8 @@ impl<'a> Obj<'a> {
 
 fn positive(name: &str, x: Option<f64>) -> Result<Option<f64>, TrainError> {
     match x {
-        Some(v) if v <= 0.0 => Err(err(format!("`{name}` must be > 0, got {v}"))),
+        // As the f32 it is used as: 1e-300 would be 0.
+        Some(v) if v as f32 <= 0.0 => Err(err(format!("`{name}` must be > 0, got {v:?}"))),
         _ => Ok(x),
     }
 }
@@ -338,8 +348,11 @@ impl TrainConfig {
                         o.uint("loss_scale_window")?,
                     )?
                     .map_or(d.loss_scale_window, |x| x as u64),
-                    hysteresis: at_least_one("fp16.hysteresis", o.uint("hysteresis")?)?
-                        .map_or(d.hysteresis, |x| x as u32),
+                    hysteresis: match at_least_one("fp16.hysteresis", o.uint("hysteresis")?)? {
+                        None => d.hysteresis,
+                        Some(x) => u32::try_from(x)
+                            .map_err(|_| err(format!("`fp16.hysteresis` {x} is too large")))?,
+                    },
                     min_loss_scale: positive("fp16.min_loss_scale", o.f64("min_loss_scale")?)?
                         .map_or(d.min_loss_scale, |x| x as f32),
                 };
@@ -754,6 +767,23 @@ mod tests {
             (
                 r#"{"train_batch_size": 1e30}"#,
                 "`train_batch_size` must be a whole number >= 0, got 1e+30",
+            ),
+            // Numbers that the f32 they are used as cannot hold: infinite, or 0 where > 0 is asked.
+            (
+                r#"{"optimizer": {"params": {"lr": 1e300}}}"#,
+                "`optimizer.params.lr` 1e+300 is too large",
+            ),
+            (
+                r#"{"fp16": {"enabled": true, "loss_scale": 1e39}}"#,
+                "`fp16.loss_scale` 1e+39 is too large",
+            ),
+            (
+                r#"{"optimizer": {"params": {"eps": 1e-300}}}"#,
+                "`optimizer.params.eps` must be > 0",
+            ),
+            (
+                r#"{"fp16": {"enabled": true, "hysteresis": 4294967296}}"#,
+                "`fp16.hysteresis` 4294967296 is too large",
             ),
         ] {
             let e = TrainConfig::from_json_str(json).unwrap_err().to_string();

@@ -131,6 +131,15 @@ impl Dataset {
                 dir.display()
             )));
         }
+        // The tokenizer a checkpoint copies when it is saved: found now, not after training.
+        if let Some(t) = &meta.tokenizer {
+            if t.contains('/') || t.contains("..") || !dir.join(t).is_file() {
+                return Err(data_err(format!(
+                    "{}: meta.json names tokenizer {t:?}, which is not a file of the directory",
+                    dir.display()
+                )));
+            }
+        }
         Ok(Dataset {
             dir: dir.to_path_buf(),
             meta,
@@ -145,7 +154,8 @@ impl Dataset {
             _ => return Err(data_err(format!("no split {split:?}"))),
         };
         let width = if self.meta.dtype == "u32" { 4 } else { 2 };
-        let mut out = Vec::with_capacity(s.tokens as usize);
+        // Sized by the shards read, not by meta.json's count, which may be anything.
+        let mut out = Vec::new();
         for f in &s.shards {
             if f.contains('/') || f.contains("..") {
                 return Err(data_err(format!("shard name {f:?} leaves the directory")));
@@ -155,6 +165,7 @@ impl Dataset {
             if bytes.len() % width != 0 {
                 return Err(data_err(format!("{}: truncated shard", p.display())));
             }
+            out.reserve(bytes.len() / width);
             out.extend(bytes.chunks(width).map(|c| {
                 if width == 4 {
                     u32::from_le_bytes(c.try_into().unwrap())
@@ -330,6 +341,31 @@ mod tests {
         std::fs::write(dir.path().join("val_00000.bin"), [1u8, 0, 2]).unwrap();
         assert!(d.tokens("val").is_err());
         assert!(Dataset::open(&dir.path().join("nope")).is_err());
+    }
+
+    /// A damaged meta.json: a token count far past its shards is an error, not an allocation of
+    /// that many tokens; a tokenizer that is not there is found when the dataset is opened.
+    #[test]
+    fn meta_json_is_not_trusted_past_its_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = write_dataset(dir.path(), &[1, 2, 3, 299], &[4, 5], 300, None).unwrap();
+        let write_meta = |m: &DatasetMeta| {
+            let json = serde_json::to_vec(m).unwrap();
+            std::fs::write(dir.path().join("meta.json"), json).unwrap();
+        };
+        let mut m = meta.clone();
+        m.train.tokens = 1 << 62;
+        write_meta(&m);
+        let e = Dataset::open(dir.path()).unwrap().tokens("train");
+        let e = e.unwrap_err().to_string();
+        assert!(e.contains("train holds 4 tokens, meta.json says"), "{e}");
+        for name in ["tokenizer.json", "../tokenizer.json"] {
+            let mut m = meta.clone();
+            m.tokenizer = Some(name.into());
+            write_meta(&m);
+            let e = Dataset::open(dir.path()).err().unwrap().to_string();
+            assert!(e.contains("not a file of the directory"), "{e}");
+        }
     }
 
     #[test]
