@@ -59,6 +59,8 @@ variant_env() {
     # NVLink: what of an exchange the kernels around it hide, on one GPU.
     echo "== the same, each exchange held 5 us (--hold-us 5)"
     .gpu/tessera bench decode --device cuda --preset llama-3-8b --one-rank-of 2 --batch 1,8,64 --steps 32 --graph --hold-us 5 2>&1 | grep -E "^1/2 "
+    echo "== tessera bench persistent --tp 1 (one persistent kernel a step, one GPU)"
+    timeout 120 .gpu/tessera bench persistent --tp 1 2>&1
     echo "== tessera bench attention, Llama-3-8B heads (each decode attention kernel)"
     for t in 1 2; do
       .gpu/tessera bench attention --tp $t 2>&1
@@ -101,6 +103,10 @@ variant_env() {
       for f in 0 1; do
         TESSERA_P2P_STATS=1 TESSERA_P2P_FENCE=$f .gpu/tessera bench comm --backend nccl --op all_reduce_add_rms_norm --dtype bf16 --sizes 64K 2>&1 | grep -E "^ +[0-9]|fused all-reduce"
       done
+      # What one persistent kernel a step would reach at tp 2 (barriers and NVLink exchanges
+      # inside one kernel), beside the CUDA-graph step of the same call.
+      echo "== tessera bench persistent --tp 2 --gpus 2"
+      timeout 120 .gpu/tessera bench persistent --tp 2 --gpus 2 2>&1
       echo "== tessera bench decode, Llama-3-70B shape, tp 2, CUDA graphs"
       timeout 300 .gpu/tessera bench decode --device cuda --preset llama-3-70b --tp 2 --batch 1,32 --steps 16 --graph 2>&1
       echo "== the same through NCCL alone (TESSERA_P2P_ALLREDUCE=0)"

@@ -350,6 +350,18 @@ fn bad_input_is_one_line_and_non_zero() {
     fails_with(&["bench", "gemv", "--tp", "3"], "--tp 3");
     #[cfg(not(feature = "cuda"))]
     fails_with(&["bench", "gemv"], "without CUDA");
+    // The persistent-step probe: one GPU, or two at tp 2; sizes of at least 1.
+    fails_with(
+        &["bench", "persistent", "--gpus", "2"],
+        "--gpus is 1, or 2 with --tp 2",
+    );
+    fails_with(
+        &["bench", "persistent", "--gpus", "3", "--tp", "2"],
+        "--gpus is 1",
+    );
+    fails_with(&["bench", "persistent", "--layers", "0"], "at least 1");
+    #[cfg(not(feature = "cuda"))]
+    fails_with(&["bench", "persistent"], "without CUDA");
     // One rank's share of a tp group: a tp that does not divide the heads is refused.
     fails_with(
         &["bench", "decode", "--one-rank-of", "3", "--steps", "1"],

@@ -1115,3 +1115,41 @@ fn the_skinny_gemm_matches_the_cpu() {
     };
     assert!(skinny_matmul(xb, wb, (4, 8, 96), 0, 1).is_err());
 }
+
+/// The persistent-step probe (`tessera bench persistent`) computes what its reference does: each
+/// segment's outputs from the one before, so a grid barrier that let a block start early, a
+/// line read from the wrong slot of its ring or, on two GPUs, an exchange that took a stale
+/// value would show. Two layers of a small shape, on one GPU and (where there are two) two.
+#[test]
+fn the_persistent_probe_computes_its_chain_of_projections() {
+    let Some((_, _held)) = gpu() else { return };
+    let gpus = tessera_tensor::cuda::test_gpus(2);
+    for n in 1..=gpus {
+        let shape = tessera_tensor::cuda::StepShape {
+            hidden: 512,
+            intermediate: 1024,
+            kv_heads: 2,
+            layers: 2,
+            vocab: 1000,
+            tp: n,
+        };
+        let ordinals: Vec<usize> = (0..n).collect();
+        let want = tessera_tensor::cuda::probe_reference(&ordinals, shape);
+        for (ring, ahead) in [(8, false), (8, true), (24, true)] {
+            let got = tessera_tensor::cuda::probe_outputs(&ordinals, shape, ring, ahead).unwrap();
+            for (rank, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.len(), w.len());
+                let worst = g
+                    .iter()
+                    .zip(w)
+                    .map(|(a, b)| (a - b).abs() / (1e-3 + b.abs()))
+                    .fold(0.0f32, f32::max);
+                assert!(
+                    worst < 1e-3,
+                    "{n} GPU(s), ring {ring}, ahead {ahead}, rank {rank}: relative error {worst}"
+                );
+                println!("persistent probe, {n} GPU(s), ring {ring}, ahead {ahead}, rank {rank}: relative error {worst:.2e} over {} outputs", g.len());
+            }
+        }
+    }
+}

@@ -9,6 +9,7 @@ mod decode;
 mod gemm;
 mod gemv;
 mod matmul;
+mod persistent;
 mod shapes;
 
 use anyhow::Result;
@@ -34,6 +35,10 @@ pub enum BenchCmd {
     /// The CUDA decode attention kernels over batch sizes and cache lengths, beside the copy
     /// bandwidth.
     Attention(attention::AttentionArgs),
+    /// What one persistent kernel a decode step could reach: a step's weights streamed with a
+    /// grid barrier at each dependency (and NVLink exchanges on two GPUs), beside the copy
+    /// bandwidth.
+    Persistent(persistent::PersistentArgs),
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -44,6 +49,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchCmd::Gemv(g) => gemv::run(g),
         BenchCmd::Gemm(g) => gemm::run(g),
         BenchCmd::Attention(x) => attention::run(x),
+        BenchCmd::Persistent(p) => persistent::run(p),
     }
 }
 

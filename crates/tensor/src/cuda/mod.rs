@@ -12,12 +12,16 @@ pub mod nccl;
 mod ops;
 pub mod p2p;
 mod pdl_probe;
+mod persistent_probe;
 
 pub use bench::{
     bench_decode_attention, bench_gemm, bench_gemv, probe_gemm_kernels, AttentionTiming, GemmProbe,
     GemmTiming, GemvTiming,
 };
 pub use ops::*;
+pub use persistent_probe::{
+    probe_outputs, probe_persistent, probe_reference, PersistentTiming, StepShape,
+};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};

@@ -1,0 +1,113 @@
+//! `tessera bench persistent`: what one persistent kernel a decode step could reach (see
+//! `tessera_tensor::cuda::probe_persistent`): a step's weights streamed by one kernel with a grid
+//! barrier at each dependency and, on two GPUs, the row-parallel outputs exchanged over NVLink,
+//! beside the same stream with no synchronisation and the copy-bandwidth roofline.
+
+use anyhow::{bail, Result};
+
+#[derive(clap::Args, Debug)]
+pub struct PersistentArgs {
+    #[command(flatten)]
+    pub shapes: super::shapes::LayerShapes,
+    #[arg(long, default_value_t = 32)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 128256)]
+    pub vocab: usize,
+    /// GPUs: 1 (one rank, barriers only) or 2 (two ranks of tp 2 exchanging over NVLink).
+    #[arg(long, default_value_t = 1)]
+    pub gpus: usize,
+    /// Steps timed a variant (after 3 untimed).
+    #[arg(long, default_value_t = 32)]
+    pub steps: usize,
+}
+
+pub fn run(a: PersistentArgs) -> Result<()> {
+    a.shapes.check("persistent")?;
+    if a.gpus == 0 || a.gpus > 2 || (a.gpus == 2 && a.shapes.tp != 2) {
+        bail!("--gpus is 1, or 2 with --tp 2");
+    }
+    if a.layers == 0 || a.steps == 0 || a.vocab == 0 {
+        bail!("--layers, --steps and --vocab take sizes of at least 1");
+    }
+    run_cuda(a)
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda(a: PersistentArgs) -> Result<()> {
+    use tessera_tensor::cuda::{probe_persistent, StepShape};
+    let s = &a.shapes;
+    let shape = StepShape {
+        hidden: s.hidden,
+        intermediate: s.intermediate,
+        kv_heads: s.kv_heads,
+        layers: a.layers,
+        vocab: a.vocab,
+        tp: s.tp,
+    };
+    let bw = super::shapes::copy_ceiling(&format!(
+        "tp {}, {} GPU(s), {:.2} GB of weights a rank a step",
+        s.tp,
+        a.gpus,
+        shape.bytes() as f64 / 1e9
+    ))?;
+    let roofline = shape.bytes() as f64 / bw * 1e3;
+    outln!("roofline: {roofline:.3} ms a step (weights / copy bandwidth)");
+    let ordinals: Vec<usize> = (0..a.gpus).collect();
+    let rows = probe_persistent(&ordinals, shape, a.steps)?;
+    outln!(
+        "\n{:>24} {:>6} {:>9} {:>9} {:>8} {:>6} {:>10} {:>10} {:>10}",
+        "variant",
+        "blocks",
+        "ms/step",
+        "GB/s",
+        "% copy",
+        "% roof",
+        "syncs",
+        "µs/sync",
+        "µs/exch"
+    );
+    // The variants' names: "stream, ring N", "barriers, ring N[, ahead]", "exchange, ...".
+    let ring = |name: &str| name.split(", ").nth(1).unwrap_or("").to_string();
+    for r in &rows {
+        let syncs = r.barriers;
+        // What the synchronisation costs: against the stream through the same ring.
+        let stream = rows
+            .iter()
+            .find(|s| s.barriers == 0 && ring(&s.variant) == ring(&r.variant))
+            .map(|s| s.ms);
+        let per_sync = match stream {
+            Some(t) if syncs > 0 => format!("{:.2}", (r.ms - t) * 1e3 / syncs as f64),
+            _ => "-".into(),
+        };
+        // An exchange's cost beyond the barrier it follows: against the barriers-only variant
+        // of the same ring.
+        let per_exchange = if r.exchanges > 0 {
+            let same = r.variant.replacen("exchange", "barriers", 1);
+            rows.iter()
+                .find(|b| b.variant == same)
+                .map_or("-".into(), |b| {
+                    format!("{:.2}", (r.ms - b.ms) * 1e3 / r.exchanges as f64)
+                })
+        } else {
+            "-".into()
+        };
+        outln!(
+            "{:>24} {:>6} {:>9.3} {:>9.1} {:>8.1} {:>6.1} {:>10} {:>10} {:>10}",
+            r.variant,
+            r.blocks,
+            r.ms,
+            r.bytes as f64 / r.ms / 1e6,
+            100.0 * r.bytes as f64 / (r.ms / 1e3) / bw,
+            100.0 * roofline / r.ms,
+            format!("{}+{}x", r.barriers, r.exchanges),
+            per_sync,
+            per_exchange
+        );
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(_: PersistentArgs) -> Result<()> {
+    Err(super::shapes::built_without_cuda())
+}
