@@ -1135,7 +1135,13 @@ fn the_persistent_probe_computes_its_chain_of_projections() {
         };
         let ordinals: Vec<usize> = (0..n).collect();
         let want = tessera_tensor::cuda::probe_reference(&ordinals, shape);
-        for (ring, ahead) in [(8, false), (8, true), (24, true)] {
+        use tessera_tensor::cuda::Ahead;
+        for (ring, ahead) in [
+            (8, Ahead::No),
+            (8, Ahead::Always),
+            (8, Ahead::ToExchange),
+            (24, Ahead::Always),
+        ] {
             let got = tessera_tensor::cuda::probe_outputs(&ordinals, shape, ring, ahead).unwrap();
             for (rank, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(g.len(), w.len());
@@ -1146,9 +1152,9 @@ fn the_persistent_probe_computes_its_chain_of_projections() {
                     .fold(0.0f32, f32::max);
                 assert!(
                     worst < 1e-3,
-                    "{n} GPU(s), ring {ring}, ahead {ahead}, rank {rank}: relative error {worst}"
+                    "{n} GPU(s), ring {ring}, {ahead:?}, rank {rank}: relative error {worst}"
                 );
-                println!("persistent probe, {n} GPU(s), ring {ring}, ahead {ahead}, rank {rank}: relative error {worst:.2e} over {} outputs", g.len());
+                println!("persistent probe, {n} GPU(s), ring {ring}, {ahead:?}, rank {rank}: relative error {worst:.2e} over {} outputs", g.len());
             }
         }
     }

@@ -66,7 +66,7 @@ fn run_cuda(a: PersistentArgs) -> Result<()> {
         "µs/sync",
         "µs/exch"
     );
-    // The variants' names: "stream, ring N", "barriers, ring N[, ahead]", "exchange, ...".
+    // The variants' names: "stream, ring N", "barriers, ring N[, ahead...]", "exchange, ...".
     let ring = |name: &str| name.split(", ").nth(1).unwrap_or("").to_string();
     for r in &rows {
         let syncs = r.barriers;

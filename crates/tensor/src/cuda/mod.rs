@@ -20,7 +20,7 @@ pub use bench::{
 };
 pub use ops::*;
 pub use persistent_probe::{
-    probe_outputs, probe_persistent, probe_reference, PersistentTiming, StepShape,
+    probe_outputs, probe_persistent, probe_reference, Ahead, PersistentTiming, StepShape,
 };
 
 use std::collections::HashMap;

@@ -100,9 +100,10 @@ __device__ __forceinline__ bool grid_barrier(unsigned* bar, unsigned target, uns
 // memory, before the rings).
 //
 // Weights stream through a ring of RING lines a warp in shared memory (cp.async, one group a
-// line): a line is consumed, then the slot refilled with the warp's next line. With `ahead`, the
+// line): a line is consumed, then the slot refilled with the warp's next line. `ahead` 1: the
 // next line may belong to the segments after this one, so lines stay in flight while the grid
-// meets; without, a warp stops issuing at the end of its share and refills after the barrier.
+// meets; 0: a warp stops issuing at the end of its share and refills after the barrier; 2: it runs
+// ahead across barriers but stops at each exchange (what a chain of kernels keeps across one).
 template <int RING>
 __device__ __forceinline__ void probe_step_impl(
     const uint4* __restrict__ w, const unsigned* __restrict__ segs, int nseg, float* y,
@@ -145,13 +146,21 @@ __device__ __forceinline__ void probe_step_impl(
         pl++;
         issued++;
     };
-    for (int j = 0; j < RING; j++) issue(ahead ? nseg : 0);
+    // The last segment whose lines may be in flight while segment s runs.
+    auto limit_at = [&](int s) {
+        if (ahead == 1) return nseg;
+        if (ahead == 0) return s;
+        int e = s;
+        while (e < nseg - 1 && segs[e * SEG_WORDS + 4] != 2) e++;
+        return e;
+    };
+    for (int j = 0; j < RING; j++) issue(limit_at(0));
     unsigned bi = 0, xi = 0;
     for (int s = 0; s < nseg; s++) {
         const unsigned* g = segs + s * SEG_WORDS;
         const unsigned rows = g[2], k = g[3], sync = g[4], y_off = g[5], x_off = g[6], x_len = g[7];
-        const int limit = ahead ? nseg : s;
-        if (!ahead)
+        const int limit = limit_at(s);
+        if (ahead != 1)
             for (int j = (int)(issued - consumed); j < RING; j++) issue(limit);
         // The input vector: fixed for the first segment, else the outputs before (plus the
         // peer's, received, after an exchange), squashed to keep the values bounded.

@@ -18,7 +18,9 @@
 //! - `exchange`: the barriers and the exchanges with the peer (two GPUs);
 //! - `ring N`: each warp streams its lines (512 bytes each) through a ring of N in shared
 //!   memory (cp.async); `ahead`: it goes on loading the next segments' lines while it waits at
-//!   a barrier, else it stops at the end of its share and refills after.
+//!   a barrier, else it stops at the end of its share and refills after; `ahead to exchanges`:
+//!   across barriers but not across an exchange (as a chain of kernels, whose next GEMV can
+//!   prefetch little before the exchange ends).
 //!
 //! The difference between a variant and `stream` of the same ring is what a persistent step's
 //! synchronisation costs; the probe's GEMV arithmetic is the decode GEMV's (bf16 weights, f32 sums).
@@ -113,7 +115,37 @@ struct Variant {
     exchange: bool,
     /// Lines in flight a warp (a kernel each: `probe_step_rN`).
     ring: usize,
-    ahead: bool,
+    ahead: Ahead,
+}
+
+/// How far a warp's ring may run ahead of the segment it computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ahead {
+    /// Not past the end of the segment's share: refilled after each barrier.
+    No,
+    /// Into every following segment: lines stay in flight across barriers and exchanges.
+    Always,
+    /// Across barriers but not past the next exchange.
+    ToExchange,
+}
+
+impl Ahead {
+    /// The kernel's `ahead` argument.
+    fn code(self) -> i32 {
+        match self {
+            Ahead::No => 0,
+            Ahead::Always => 1,
+            Ahead::ToExchange => 2,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Ahead::No => "",
+            Ahead::Always => ", ahead",
+            Ahead::ToExchange => ", ahead to exchanges",
+        }
+    }
 }
 
 /// The ring sizes `persistent_probe.cu` has a kernel for.
@@ -140,15 +172,17 @@ pub fn probe_persistent(
             no_sync: true,
             exchange: false,
             ring,
-            ahead: true,
+            ahead: Ahead::Always,
         })
         .into();
     for exchange in [false, true].into_iter().filter(|&x| !x || peer) {
         let what = if exchange { "exchange" } else { "barriers" };
-        let rings = std::iter::once((16, false)).chain(RINGS.map(|r| (r, true)));
+        let rings = [(16, Ahead::No), (8, Ahead::ToExchange)]
+            .into_iter()
+            .chain(RINGS.map(|r| (r, Ahead::Always)));
         for (ring, ahead) in rings {
             variants.push(Variant {
-                name: format!("{what}, ring {ring}{}", if ahead { ", ahead" } else { "" }),
+                name: format!("{what}, ring {ring}{}", ahead.label()),
                 no_sync: false,
                 exchange,
                 ring,
@@ -181,13 +215,13 @@ pub fn probe_persistent(
 }
 
 /// Every segment's outputs after one step with barriers (and, on two GPUs, the exchanges) through
-/// a ring of `ring` lines a warp (8, 16 or 24), loading `ahead` or not, a vector a GPU: what the
+/// a ring of `ring` lines a warp (8, 16 or 24) running `ahead` as far as it says, a vector a GPU: what the
 /// probe computes, for a test against a reference of the same arithmetic ([`probe_reference`]).
 pub fn probe_outputs(
     ordinals: &[usize],
     shape: StepShape,
     ring: usize,
-    ahead: bool,
+    ahead: Ahead,
 ) -> Result<Vec<Vec<f32>>, TensorError> {
     let first = ordinals.first().copied().unwrap_or(0);
     if !RINGS.contains(&ring) {
@@ -580,7 +614,7 @@ impl Side {
         let stream = self.dev.stream.clone();
         let one_step = |this: &mut Self| -> Result<(), TensorError> {
             stream.memset_zeros(&mut this.y).map_err(e)?;
-            let (ahead, no_sync, max_k) = (v.ahead as i32, v.no_sync as i32, this.max_k as i32);
+            let (ahead, no_sync, max_k) = (v.ahead.code(), v.no_sync as i32, this.max_k as i32);
             let step = this.step;
             let f = this.step_fn(v.ring).clone();
             let mut l = stream.launch_builder(&f);
