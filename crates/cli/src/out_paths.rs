@@ -80,9 +80,26 @@ pub fn checkpoint_root(root: &Path, resumes_from: Option<&Path>) -> Result<()> {
     if !holds {
         return Ok(());
     }
-    let same = |p: &Path| match (p.canonicalize(), root.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b || a.parent() == Some(b.as_path()),
-        _ => false,
+    let same = |p: &Path| {
+        let Ok(b) = root.canonicalize() else {
+            return false;
+        };
+        match p.canonicalize() {
+            Ok(a) => a == b || a.parent() == Some(b.as_path()),
+            // A step directory that is not there (one a killed save of it again left moved
+            // aside, which --resume reads): the root it names.
+            Err(_) => p
+                .parent()
+                .map(|d| {
+                    if d.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        d
+                    }
+                })
+                .and_then(|d| d.canonicalize().ok())
+                .is_some_and(|d| d == b),
+        }
     };
     if resumes_from.is_some_and(same) {
         return Ok(());
@@ -138,6 +155,10 @@ mod tests {
         // Resuming from the root or from one of its step directories continues it.
         checkpoint_root(&root, Some(&root)).unwrap();
         checkpoint_root(&root, Some(&root.join("step_00000003"))).unwrap();
+        // Also from a step directory not there under its name (a killed save of it again moved
+        // it aside; resume reads it there), but not from one under another root.
+        checkpoint_root(&root, Some(&root.join("step_00000002"))).unwrap();
+        assert!(checkpoint_root(&root, Some(&t.path().join("x/step_00000002"))).is_err());
         // Resuming from another root does not.
         let other = t.path().join("other");
         std::fs::create_dir_all(&other).unwrap();

@@ -359,7 +359,18 @@ fn bad_input_is_one_line_and_non_zero() {
         &["bench", "persistent", "--gpus", "3", "--tp", "2"],
         "--gpus is 1",
     );
-    fails_with(&["bench", "persistent", "--layers", "0"], "at least 1");
+    fails_with(
+        &["bench", "persistent", "--layers", "0"],
+        "--layers takes 1 to 65,536",
+    );
+    fails_with(
+        &["bench", "persistent", "--layers", "1000000000000"],
+        "--layers takes 1 to 65,536",
+    );
+    fails_with(
+        &["bench", "persistent", "--hidden", "1099511627776"],
+        "at most 16,384",
+    );
     #[cfg(not(feature = "cuda"))]
     fails_with(&["bench", "persistent"], "without CUDA");
     // One rank's share of a tp group: a tp that does not divide the heads is refused.

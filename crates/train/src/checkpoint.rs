@@ -185,10 +185,14 @@ fn remove_stale_temp_dirs(root: &Path) {
         .collect();
     for name in names {
         let step = root.join(&name);
-        for aside in moved_aside(root, &name) {
-            if step.join("trainer.json").exists() {
+        // The step is whole under its name: every copy beside it goes, whole or not. Else a
+        // whole copy is renamed back (the first; any other then goes in the next round).
+        if step.join("trainer.json").exists() {
+            for aside in moved_aside(root, &name, false) {
                 let _ = std::fs::remove_dir_all(&aside);
-            } else if !step.exists() {
+            }
+        } else if !step.exists() {
+            if let Some(aside) = moved_aside(root, &name, true).into_iter().next() {
                 let _ = std::fs::rename(&aside, &step);
             }
         }
@@ -260,12 +264,17 @@ pub fn resolve(path: &Path) -> Result<PathBuf, TrainError> {
     if path.join("trainer.json").exists() {
         return Ok(path.to_path_buf());
     }
-    // A step directory named directly that a killed save of it again left moved aside.
-    if let (Some(root), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) {
-        if !path.exists() {
-            if let Some(aside) = moved_aside(root, name).into_iter().next() {
-                return Ok(aside);
-            }
+    // A step directory named directly that a killed save of it again left moved aside (a bare
+    // name is one in the working directory).
+    let named = path.file_name().and_then(|n| n.to_str());
+    if let (Some(root), Some(name)) = (path.parent(), named.filter(|n| n.starts_with("step_"))) {
+        let root = if root.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            root
+        };
+        if let Some(aside) = moved_aside(root, name, true).into_iter().next() {
+            return Ok(aside);
         }
     }
     let latest = path.join("latest");
@@ -286,7 +295,7 @@ pub fn resolve(path: &Path) -> Result<PathBuf, TrainError> {
     if !dir.join("trainer.json").exists() {
         // A save of this step again, killed between moving the old copy aside and renaming the
         // new one in: the old copy is the step (read where it is; the next save renames it back).
-        if let Some(aside) = moved_aside(path, name).into_iter().next() {
+        if let Some(aside) = moved_aside(path, name, true).into_iter().next() {
             return Ok(aside);
         }
     }
@@ -294,8 +303,11 @@ pub fn resolve(path: &Path) -> Result<PathBuf, TrainError> {
 }
 
 /// The copies of step `name` that saves of it again moved aside (`.NAME.old-PID`) and did not get
-/// to remove because their process ended, whole ones only (with a `trainer.json`), sorted.
-fn moved_aside(root: &Path, name: &str) -> Vec<PathBuf> {
+/// to remove because their process ended, sorted; with `whole`, only those with a `trainer.json`
+/// (a removal killed midway leaves part of one). A copy named with this process's own id is a
+/// predecessor's too (a restarted container's trainer often gets the same pid): this process
+/// removes or restores its own before it returns from a save.
+fn moved_aside(root: &Path, name: &str, whole: bool) -> Vec<PathBuf> {
     let prefix = format!(".{name}.old-");
     let Ok(entries) = std::fs::read_dir(root) else {
         return vec![];
@@ -307,10 +319,10 @@ fn moved_aside(root: &Path, name: &str) -> Vec<PathBuf> {
                 .to_str()
                 .and_then(|n| n.strip_prefix(&prefix))
                 .and_then(|pid| pid.parse::<u32>().ok())
-                .is_some_and(|pid| pid != std::process::id() && process_is_gone(pid))
+                .is_some_and(|pid| pid == std::process::id() || process_is_gone(pid))
         })
         .map(|e| e.path())
-        .filter(|p| p.join("trainer.json").is_file())
+        .filter(|p| p.is_dir() && (!whole || p.join("trainer.json").is_file()))
         .collect();
     found.sort();
     found

@@ -308,8 +308,11 @@ impl TrainConfig {
             top.uint("gradient_accumulation_steps")?,
         )?;
         let clip = top.f64("gradient_clipping")?.unwrap_or(0.0);
-        if clip < 0.0 {
-            return Err(err(format!("`gradient_clipping` must be >= 0, got {clip}")));
+        // 0 is off; a positive value too small for an f32 would silently be off too.
+        if clip < 0.0 || (clip > 0.0 && clip as f32 == 0.0) {
+            return Err(err(format!(
+                "`gradient_clipping` must be 0 (off) or a positive f32, got {clip:?}"
+            )));
         }
         c.gradient_clipping = clip as f32;
 
@@ -327,9 +330,10 @@ impl TrainConfig {
                 let on = o.bool("enabled")?.unwrap_or(false);
                 let d = Fp16Config::default();
                 let ls = o.f64("loss_scale")?.unwrap_or(0.0);
-                if ls < 0.0 {
+                // A positive scale too small for an f32 would silently mean 0 (dynamic).
+                if ls < 0.0 || (ls > 0.0 && ls as f32 == 0.0) {
                     return Err(err(format!(
-                        "`fp16.loss_scale` must be >= 0 (0 = dynamic), got {ls}"
+                        "`fp16.loss_scale` must be >= 0 (0 = dynamic) and a positive f32 otherwise, got {ls:?}"
                     )));
                 }
                 let power = o
@@ -384,7 +388,10 @@ impl TrainConfig {
                     let betas: Option<Vec<f64>> =
                         arr.map(|a| a.iter().filter_map(Value::as_f64).collect());
                     match betas.as_deref() {
-                        Some([b1, b2]) if (0.0..1.0).contains(b1) && (0.0..1.0).contains(b2) => {
+                        // In [0, 1) as the f32 they are used as: 0.99999999 would be 1 (NaN).
+                        Some([b1, b2])
+                            if [b1, b2].iter().all(|b| (0.0..1.0).contains(&(**b as f32))) =>
+                        {
                             c.adamw.betas = (*b1 as f32, *b2 as f32)
                         }
                         _ => {
@@ -784,6 +791,18 @@ mod tests {
             (
                 r#"{"fp16": {"enabled": true, "hysteresis": 4294967296}}"#,
                 "`fp16.hysteresis` 4294967296 is too large",
+            ),
+            (
+                r#"{"optimizer": {"params": {"betas": [0.9, 0.99999999]}}}"#,
+                "`optimizer.params.betas` must be two numbers in [0, 1)",
+            ),
+            (
+                r#"{"gradient_clipping": 1e-300}"#,
+                "`gradient_clipping` must be 0 (off) or a positive f32",
+            ),
+            (
+                r#"{"fp16": {"enabled": true, "loss_scale": 1e-300}}"#,
+                "`fp16.loss_scale` must be >= 0 (0 = dynamic) and a positive f32",
             ),
         ] {
             let e = TrainConfig::from_json_str(json).unwrap_err().to_string();

@@ -327,14 +327,18 @@ fn dead_pid() -> u64 {
 
 /// A save of a step again, killed between moving the old copy aside and renaming the new one in,
 /// loses nothing: the old copy loads where it is, and the next save puts it back under its name;
-/// one killed after the rename leaves its old copy to that save to remove.
+/// one killed after the rename (or while removing the old copy) leaves it to that save to remove.
+/// The killed save's pid is this process's own, as a trainer restarted in a fresh container often
+/// gets.
 #[test]
 fn a_step_moved_aside_by_a_killed_save_is_read_and_put_back() {
     let dir = tempfile::tempdir().unwrap();
     let layout = ParamLayout::new(&tiny_model(false));
     let dead = dead_pid();
     let step0 = dir.path().join("step_00000000");
-    let aside = dir.path().join(format!(".step_00000000.old-{dead}"));
+    let aside = dir
+        .path()
+        .join(format!(".step_00000000.old-{}", std::process::id()));
     with_fresh_trainer(|t, model_json| save(t, dir.path(), 0, model_json, None)).unwrap();
     std::fs::write(step0.join("marker"), "the step").unwrap();
     std::fs::rename(&step0, &aside).unwrap();
@@ -364,10 +368,15 @@ fn a_step_moved_aside_by_a_killed_save_is_read_and_put_back() {
         "the unfinished copy is recent, so kept; nothing moved aside is left"
     );
 
-    // Killed after the new copy was renamed in: the old one beside it is removed by the next save.
+    // Killed after the new copy was renamed in, or while removing the old one (its trainer.json
+    // already gone): the old one beside it is removed by the next save.
     let leftover = dir.path().join(format!(".step_00000001.old-{dead}"));
     std::fs::create_dir_all(&leftover).unwrap();
-    std::fs::copy(step0.join("trainer.json"), leftover.join("trainer.json")).unwrap();
+    std::fs::copy(
+        step0.join("state.safetensors"),
+        leftover.join("state.safetensors"),
+    )
+    .unwrap();
     with_fresh_trainer(|t, model_json| {
         t.progress.step = 2;
         save(t, dir.path(), 0, model_json, None)

@@ -26,8 +26,15 @@ pub fn run(a: PersistentArgs) -> Result<()> {
     if a.gpus == 0 || a.gpus > 2 || (a.gpus == 2 && a.shapes.tp != 2) {
         bail!("--gpus is 1, or 2 with --tp 2");
     }
-    if a.layers == 0 || a.steps == 0 || a.vocab == 0 {
-        bail!("--layers, --steps and --vocab take sizes of at least 1");
+    if !(1..=65_536).contains(&a.layers)
+        || !(1..=100_000).contains(&a.steps)
+        || !(1..=1 << 24).contains(&a.vocab)
+    {
+        bail!("--layers takes 1 to 65,536, --steps 1 to 100,000 and --vocab 1 to 2^24");
+    }
+    // The probe's kernel holds an input vector of at most 16,384 values.
+    if a.shapes.hidden > 16384 || a.shapes.intermediate > 16384 * a.shapes.tp {
+        bail!("the probe takes --hidden and --intermediate / --tp of at most 16,384");
     }
     run_cuda(a)
 }
@@ -44,6 +51,7 @@ fn run_cuda(a: PersistentArgs) -> Result<()> {
         vocab: a.vocab,
         tp: s.tp,
     };
+    shape.check().map_err(|e| anyhow::anyhow!(e))?;
     let bw = super::shapes::copy_ceiling(&format!(
         "tp {}, {} GPU(s), {:.2} GB of weights a rank a step",
         s.tp,
@@ -55,12 +63,11 @@ fn run_cuda(a: PersistentArgs) -> Result<()> {
     let ordinals: Vec<usize> = (0..a.gpus).collect();
     let rows = probe_persistent(&ordinals, shape, a.steps)?;
     outln!(
-        "\n{:>24} {:>6} {:>9} {:>9} {:>8} {:>6} {:>10} {:>10} {:>10}",
+        "\n{:>24} {:>6} {:>9} {:>9} {:>8} {:>10} {:>10} {:>10}",
         "variant",
         "blocks",
         "ms/step",
         "GB/s",
-        "% copy",
         "% roof",
         "syncs",
         "µs/sync",
@@ -92,12 +99,11 @@ fn run_cuda(a: PersistentArgs) -> Result<()> {
             "-".into()
         };
         outln!(
-            "{:>24} {:>6} {:>9.3} {:>9.1} {:>8.1} {:>6.1} {:>10} {:>10} {:>10}",
+            "{:>24} {:>6} {:>9.3} {:>9.1} {:>8.1} {:>10} {:>10} {:>10}",
             r.variant,
             r.blocks,
             r.ms,
             r.bytes as f64 / r.ms / 1e6,
-            100.0 * r.bytes as f64 / (r.ms / 1e3) / bw,
             100.0 * roofline / r.ms,
             format!("{}+{}x", r.barriers, r.exchanges),
             per_sync,

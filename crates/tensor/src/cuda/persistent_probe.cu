@@ -72,7 +72,8 @@ extern "C" __global__ void probe_fill(uint4* w, unsigned long long n16, unsigned
 }
 
 // The whole grid meets: block b's thread 0 adds one to `bar` and waits until every block has
-// (target = blocks x barriers so far, counting from the first step). Returns false on timeout.
+// (target = blocks x barriers so far in this step: the counter is zeroed before each step).
+// Returns false on timeout.
 __device__ __forceinline__ bool grid_barrier(unsigned* bar, unsigned target, unsigned long long deadline,
                                              int* failed) {
     __shared__ int ok;
@@ -93,11 +94,11 @@ __device__ __forceinline__ bool grid_barrier(unsigned* bar, unsigned target, uns
 // segs: SEG_WORDS words a segment: weight offset in 16-byte units (lo, hi), rows, k, sync after
 // (0 none, 1 barrier, 2 barrier + exchange), its outputs' offset in y, the outputs its input is
 // made of (offset in y, count; count 0: a fixed input).
-// y: this step's outputs (zeroed before the step). recv_mine / recv_peer: this GPU's and the
-// peer's receive buffers, 2 x max_x pairs (exchanges alternate halves); recv_peer 0: no peer
-// (an exchange is then a barrier alone). step: the step's number from 0 (barrier targets and
-// exchange flags count on from it). max_k: the largest k (floats of the input vector in shared
-// memory, before the rings).
+// y: this step's outputs and bar its barrier counter (both zeroed before the step). recv_mine /
+// recv_peer: this GPU's and the peer's receive buffers, 2 x max_x pairs (exchanges alternate
+// halves); recv_peer 0: no peer (an exchange is then a barrier alone). step: the step's number
+// from 0 (exchange flags count on from it). max_k: the largest k (floats of the input vector in
+// shared memory, before the rings).
 //
 // Weights stream through a ring of RING lines a warp in shared memory (cp.async, one group a
 // line): a line is consumed, then the slot refilled with the warp's next line. `ahead` 1: the
@@ -107,7 +108,7 @@ __device__ __forceinline__ bool grid_barrier(unsigned* bar, unsigned target, uns
 template <int RING>
 __device__ __forceinline__ void probe_step_impl(
     const uint4* __restrict__ w, const unsigned* __restrict__ segs, int nseg, float* y,
-    unsigned* bar, unsigned nbar, uint2* recv_mine, uint2* recv_peer, unsigned nx, int max_x,
+    unsigned* bar, uint2* recv_mine, uint2* recv_peer, unsigned nx, int max_x,
     unsigned step, int ahead, int no_sync, unsigned long long timeout_ns, int* failed, int max_k) {
     extern __shared__ __align__(16) unsigned char smem[];
     if (*(volatile int*)failed) return;  // a step before timed out: end at once
@@ -249,7 +250,7 @@ __device__ __forceinline__ void probe_step_impl(
             continue;
         }
         bi++;
-        grid_barrier(bar, (step * nbar + bi) * gridDim.x, deadline, failed);
+        grid_barrier(bar, bi * gridDim.x, deadline, failed);
         if (sync == 2 && recv_peer != 0) {
             // Push this segment's outputs to the peer: value and flag in one 8-byte store.
             xi++;
@@ -265,10 +266,10 @@ __device__ __forceinline__ void probe_step_impl(
 #define PROBE_STEP(R)                                                                            \
     extern "C" __global__ void __launch_bounds__(512, 1) probe_step_r##R(                       \
         const uint4* __restrict__ w, const unsigned* __restrict__ segs, int nseg, float* y,     \
-        unsigned* bar, unsigned nbar, uint2* recv_mine, uint2* recv_peer, unsigned nx,          \
+        unsigned* bar, uint2* recv_mine, uint2* recv_peer, unsigned nx,                         \
         int max_x, unsigned step, int ahead, int no_sync, unsigned long long timeout_ns,         \
         int* failed, int max_k) {                                                                \
-        probe_step_impl<R>(w, segs, nseg, y, bar, nbar, recv_mine, recv_peer, nx, max_x, step,  \
+        probe_step_impl<R>(w, segs, nseg, y, bar, recv_mine, recv_peer, nx, max_x, step,        \
                            ahead, no_sync, timeout_ns, failed, max_k);                           \
     }
 PROBE_STEP(8)

@@ -65,10 +65,18 @@ impl StepShape {
         self.segments().iter().map(|&(r, k, _)| r * k * 2).sum()
     }
 
-    fn check(&self) -> Result<(), String> {
+    /// Refuses a shape the probe cannot run (before any size is computed from it).
+    pub fn check(&self) -> Result<(), String> {
         let t = self.tp;
+        if !(1..=65_536).contains(&self.layers) || !(1..=1 << 24).contains(&self.vocab) {
+            return Err(format!(
+                "the probe takes 1 to 65,536 layers and a vocabulary of 1 to 2^24, got {} and {}",
+                self.layers, self.vocab
+            ));
+        }
         let ok = t >= 1
-            && self.layers >= 1
+            && self.hidden <= 16384
+            && self.intermediate <= 16384 * t
             && self.hidden.is_multiple_of(256 * t)
             && self.intermediate.is_multiple_of(256 * t)
             && self.kv_heads.is_multiple_of(t)
@@ -100,13 +108,14 @@ pub struct PersistentTiming {
     /// Grid barriers and exchanges a step.
     pub barriers: usize,
     pub exchanges: usize,
-    /// Blocks of 256 threads on the grid (all resident at once).
+    /// Blocks of 512 threads on the grid (all resident at once).
     pub blocks: u32,
 }
 
 const SOURCE: &str = include_str!("persistent_probe.cu");
 const THREADS: u32 = 512;
-/// A barrier or exchange that waits longer than this ends the kernel (reported as an error).
+/// A kernel still waiting at a barrier or for the peer's values this long after it started (each
+/// block counts from its own start) ends, reported as an error.
 const TIMEOUT_NS: u64 = 2_000_000_000;
 
 struct Variant {
@@ -403,12 +412,9 @@ struct Side {
     nx: u32,
     max_x: i32,
     max_k: usize,
-    /// Steps run since the last reset (barrier targets and exchange flags count from it).
+    /// Steps run since the last reset (exchange flags count from it).
     step: u32,
 }
-
-// SAFETY: the raw device pointers are owned by this value, used by one thread, freed in Drop.
-unsafe impl Send for Side {}
 
 impl Side {
     fn new(ordinal: usize, shape: StepShape, peer: bool) -> Result<Self, TensorError> {
@@ -469,7 +475,12 @@ impl Side {
         let max_k = segments.iter().map(|s| s.1).max().unwrap_or(1);
         let recv_bytes = 2 * max_x * 8;
         let stream = &dev.stream;
-        // SAFETY: fresh allocations of the sizes asked, filled before use, freed in Drop. The
+        let segs = stream.clone_htod(&words).map_err(e)?;
+        let y = stream.alloc_zeros::<f32>(y_off as usize).map_err(e)?;
+        let bar = stream.alloc_zeros::<u32>(1).map_err(e)?;
+        let failed = stream.alloc_zeros::<i32>(1).map_err(e)?;
+        // SAFETY: fresh allocations of the sizes asked, filled before use, freed in Drop (the
+        // value owning them is made right after, with nothing between that can fail). The
         // receive buffer is cuMemAlloc'd (not from the stream's pool) so the peer can map it.
         let (weights, recv) = unsafe {
             let w = result::malloc_sync(bytes).map_err(e)?;
@@ -483,11 +494,11 @@ impl Side {
             (w, r)
         };
         let side = Side {
-            segs: stream.clone_htod(&words).map_err(e)?,
+            segs,
             nseg: segments.len() as i32,
-            y: stream.alloc_zeros::<f32>(y_off as usize).map_err(e)?,
-            bar: stream.alloc_zeros::<u32>(1).map_err(e)?,
-            failed: stream.alloc_zeros::<i32>(1).map_err(e)?,
+            y,
+            bar,
+            failed,
             step_fns,
             weights,
             recv,
@@ -546,9 +557,12 @@ impl Side {
         let stream = &self.dev.stream;
         stream.memset_zeros(&mut self.bar).map_err(e)?;
         stream.memset_zeros(&mut self.failed).map_err(e)?;
-        // SAFETY: the receive buffer is recv_bytes long and no kernel runs on it now (the
-        // stream is synchronised below, and the peer waits at the meeting after this).
-        unsafe { result::memset_d8_sync(self.recv, 0, self.recv_bytes) }.map_err(e)?;
+        // SAFETY: the receive buffer is recv_bytes long; no kernel of this side runs (`run`
+        // synchronises its stream on every exit) and the peer's writes to it have ended (its
+        // kernels end before it reaches the meeting after a run); the memset is ordered on this
+        // stream, synchronised below, before the meeting that lets the peer write again.
+        unsafe { result::memset_d8_async(self.recv, 0, self.recv_bytes, stream.cu_stream()) }
+            .map_err(e)?;
         stream.synchronize().map_err(e)?;
         self.step = 0;
         Ok(())
@@ -574,7 +588,8 @@ impl Side {
             )
             .map_err(|x| dev_err(o, x))?
             .max(0) as usize;
-        if smem > optin {
+        // (Beside the barrier's few bytes of static shared memory.)
+        if smem + 64 > optin {
             return Ok(None);
         }
         f.set_attribute(
@@ -588,8 +603,23 @@ impl Side {
         Ok((per_sm > 0).then(|| (per_sm * self.dev.sms as u32, smem as u32)))
     }
 
-    /// Mean milliseconds a step of variant `v` over `steps` steps, after 3 untimed ones.
+    /// Mean milliseconds a step of variant `v` over `steps` steps, after 3 untimed ones. Its
+    /// stream is synchronised on every exit, failed or not: no kernel of this side outlives it
+    /// (the peer may reset or free its receive buffer after the next meeting).
     fn run(
+        &mut self,
+        v: &Variant,
+        peer_recv: Option<u64>,
+        steps: usize,
+    ) -> Result<f64, TensorError> {
+        let r = self.run_inner(v, peer_recv, steps);
+        let synced = self.dev.stream.synchronize();
+        let ms = r?;
+        synced.map_err(|x| dev_err(self.dev.ordinal, x))?;
+        Ok(ms)
+    }
+
+    fn run_inner(
         &mut self,
         v: &Variant,
         peer_recv: Option<u64>,
@@ -613,7 +643,9 @@ impl Side {
         let nx = if v.exchange { self.nx } else { 0 };
         let stream = self.dev.stream.clone();
         let one_step = |this: &mut Self| -> Result<(), TensorError> {
+            // The outputs are summed into and the barrier counts from 0 in each step.
             stream.memset_zeros(&mut this.y).map_err(e)?;
+            stream.memset_zeros(&mut this.bar).map_err(e)?;
             let (ahead, no_sync, max_k) = (v.ahead.code(), v.no_sync as i32, this.max_k as i32);
             let step = this.step;
             let f = this.step_fn(v.ring).clone();
@@ -623,7 +655,6 @@ impl Side {
                 .arg(&this.nseg)
                 .arg(&mut this.y)
                 .arg(&mut this.bar)
-                .arg(&this.nbar)
                 .arg(&this.recv)
                 .arg(&recv_peer)
                 .arg(&nx)
