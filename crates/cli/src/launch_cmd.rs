@@ -106,9 +106,10 @@ pub fn run(a: LaunchArgs) -> Result<()> {
     };
     let mut extra_env = Vec::new();
     if let Some(t) = a.timeout {
-        if !(t.is_finite() && t > 0.0 && t < tessera_comm::MAX_TIMEOUT_S) {
+        if !(tessera_comm::MIN_TIMEOUT_S..tessera_comm::MAX_TIMEOUT_S).contains(&t) {
             bail!(
-                "--timeout must be a number of seconds > 0 and below {:e}, got {t:?}",
+                "--timeout must be a number of seconds from {} to below {:e}, got {t:?}",
+                tessera_comm::MIN_TIMEOUT_S,
                 tessera_comm::MAX_TIMEOUT_S
             );
         }

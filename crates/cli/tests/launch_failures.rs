@@ -303,7 +303,24 @@ fn bad_launch_input_is_one_clear_line() {
         "bench",
         "comm",
     ]);
-    fails_with(c, "--timeout must be a number of seconds > 0 and below 1e9");
+    fails_with(
+        c,
+        "--timeout must be a number of seconds from 0.001 to below 1e9",
+    );
+    // One too short to be a deadline (every wait would end at once).
+    let mut c = bin();
+    c.args([
+        "launch",
+        "--nproc-per-node",
+        "1",
+        "--timeout",
+        "1e-300",
+        "--",
+        "tessera",
+        "bench",
+        "comm",
+    ]);
+    fails_with(c, "--timeout must be a number of seconds from 0.001");
     // More ranks than a job may have (here, more than a usize counts): not an overflow.
     let mut c = bin();
     c.args([

@@ -66,6 +66,9 @@ pub const DEFAULT_TIMEOUT_S: f64 = 300.0;
 /// years, far past any job.
 pub const MAX_TIMEOUT_S: f64 = 1e9;
 
+/// The shortest: a millisecond (a shorter one ends every wait at once, which is no deadline).
+pub const MIN_TIMEOUT_S: f64 = 1e-3;
+
 /// The most ranks a multi-process job may have: far beyond the largest clusters, low enough that
 /// a mistyped size is refused instead of failing to allocate a table of its ranks.
 pub const MAX_WORLD_SIZE: usize = 1 << 20;
@@ -84,11 +87,11 @@ pub fn timeout_from_env() -> Result<Duration, CommError> {
             .trim()
             .parse::<f64>()
             .ok()
-            .filter(|t| t.is_finite() && *t > 0.0 && *t < MAX_TIMEOUT_S)
+            .filter(|t| (MIN_TIMEOUT_S..MAX_TIMEOUT_S).contains(t))
             .map(Duration::from_secs_f64)
             .ok_or_else(|| {
                 CommError::Setup(format!(
-                    "TESSERA_COMM_TIMEOUT_S must be a number of seconds > 0 and below {MAX_TIMEOUT_S:e}, got {s:?}"
+                    "TESSERA_COMM_TIMEOUT_S must be a number of seconds from {MIN_TIMEOUT_S} to below {MAX_TIMEOUT_S:e}, got {s:?}"
                 ))
             }),
     }
