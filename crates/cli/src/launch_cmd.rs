@@ -106,7 +106,7 @@ pub fn run(a: LaunchArgs) -> Result<()> {
     };
     let mut extra_env = Vec::new();
     if let Some(t) = a.timeout {
-        if !(tessera_comm::MIN_TIMEOUT_S..tessera_comm::MAX_TIMEOUT_S).contains(&t) {
+        if !tessera_comm::timeout_in_range(t) {
             bail!(
                 "--timeout must be a number of seconds from {} to below {:e}, got {t:?}",
                 tessera_comm::MIN_TIMEOUT_S,

@@ -248,79 +248,40 @@ fn fails_with(mut cmd: Command, needle: &str) {
     assert!(err.contains(needle), "{err:?} does not name {needle:?}");
 }
 
+/// `tessera launch FLAGS -- tessera bench comm`.
+fn launch_bench_comm(flags: &[&str]) -> Command {
+    let mut c = bin();
+    c.arg("launch")
+        .args(flags)
+        .args(["--", "tessera", "bench", "comm"]);
+    c
+}
+
 #[test]
 fn bad_launch_input_is_one_clear_line() {
-    let mut c = bin();
-    c.args([
-        "launch",
-        "--nproc-per-node",
-        "0",
-        "--",
-        "tessera",
-        "bench",
-        "comm",
-    ]);
-    fails_with(c, "--nproc-per-node must be between 1 and 1024, got 0");
-    let mut c = bin();
-    c.args([
-        "launch",
-        "--nproc-per-node",
-        "1",
-        "--nnodes",
-        "2",
-        "--",
-        "tessera",
-        "bench",
-        "comm",
-    ]);
-    fails_with(c, "needs --master-addr");
+    fails_with(
+        launch_bench_comm(&["--nproc-per-node", "0"]),
+        "--nproc-per-node must be between 1 and 1024, got 0",
+    );
+    fails_with(
+        launch_bench_comm(&["--nproc-per-node", "1", "--nnodes", "2"]),
+        "needs --master-addr",
+    );
     let mut c = bin();
     c.args(["launch", "--nproc-per-node", "2", "--", "/no/such/program"]);
     fails_with(c, "cannot start rank 0");
-    let mut c = bin();
-    c.args([
-        "launch",
-        "--nproc-per-node",
-        "1",
-        "--timeout",
-        "-3",
-        "--",
-        "tessera",
-        "bench",
-        "comm",
-    ]);
-    fails_with(c, "--timeout");
+    let timeout = |t: &str| launch_bench_comm(&["--nproc-per-node", "1", "--timeout", t]);
+    fails_with(timeout("-3"), "--timeout");
     // A deadline the ranks would refuse, found by the launcher before it starts them.
-    let mut c = bin();
-    c.args([
-        "launch",
-        "--nproc-per-node",
-        "1",
-        "--timeout",
-        "1e300",
-        "--",
-        "tessera",
-        "bench",
-        "comm",
-    ]);
     fails_with(
-        c,
+        timeout("1e300"),
         "--timeout must be a number of seconds from 0.001 to below 1e9",
     );
     // One too short to be a deadline (every wait would end at once).
-    let mut c = bin();
-    c.args([
-        "launch",
-        "--nproc-per-node",
-        "1",
-        "--timeout",
-        "1e-300",
-        "--",
-        "tessera",
-        "bench",
-        "comm",
-    ]);
-    fails_with(c, "--timeout must be a number of seconds from 0.001");
+    fails_with(
+        timeout("1e-300"),
+        "--timeout must be a number of seconds from 0.001",
+    );
     // More ranks than a job may have (here, more than a usize counts): not an overflow.
     let mut c = bin();
     c.args([

@@ -69,6 +69,12 @@ pub const MAX_TIMEOUT_S: f64 = 1e9;
 /// The shortest: a millisecond (a shorter one ends every wait at once, which is no deadline).
 pub const MIN_TIMEOUT_S: f64 = 1e-3;
 
+/// Whether `secs` is a deadline `TESSERA_COMM_TIMEOUT_S` takes: from [`MIN_TIMEOUT_S`] to below
+/// [`MAX_TIMEOUT_S`] (never NaN).
+pub fn timeout_in_range(secs: f64) -> bool {
+    (MIN_TIMEOUT_S..MAX_TIMEOUT_S).contains(&secs)
+}
+
 /// The most ranks a multi-process job may have: far beyond the largest clusters, low enough that
 /// a mistyped size is refused instead of failing to allocate a table of its ranks.
 pub const MAX_WORLD_SIZE: usize = 1 << 20;
@@ -87,7 +93,7 @@ pub fn timeout_from_env() -> Result<Duration, CommError> {
             .trim()
             .parse::<f64>()
             .ok()
-            .filter(|t| (MIN_TIMEOUT_S..MAX_TIMEOUT_S).contains(t))
+            .filter(|&t| timeout_in_range(t))
             .map(Duration::from_secs_f64)
             .ok_or_else(|| {
                 CommError::Setup(format!(

@@ -28,7 +28,7 @@ use tessera_model::grad::ParamLayout;
 use tessera_tensor::DType;
 
 pub use crate::files::write_atomic;
-use crate::files::{sync_dir, NewFiles, TempPath};
+use crate::files::{stays_in_dir, sync_dir, NewFiles, TempPath};
 use crate::trainer::{Progress, Trainer};
 use crate::TrainError;
 
@@ -172,28 +172,21 @@ pub fn save(
 /// A step that a save of it again had moved aside (`.step_N.old-PID`) is put back under its name
 /// when the save was killed before renaming the new copy in, and removed when it was killed after.
 fn remove_stale_temp_dirs(root: &Path) {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return;
-    };
-    let names: Vec<String> = entries
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter_map(|n| Some(n.strip_prefix('.')?.split_once(".old-")?.0.to_string()))
-        .filter(|n| n.starts_with("step_"))
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    let asides = moved_aside(root);
+    let mut names: Vec<&str> = asides.iter().map(|(n, _)| n.as_str()).collect();
+    names.dedup();
     for name in names {
-        let step = root.join(&name);
+        let step = root.join(name);
+        let mut copies = asides.iter().filter(|(n, _)| n == name).map(|(_, p)| p);
         // The step is whole under its name: every copy beside it goes, whole or not. Else a
         // whole copy is renamed back (the first; any other then goes in the next round).
         if step.join("trainer.json").exists() {
-            for aside in moved_aside(root, &name, false) {
-                let _ = std::fs::remove_dir_all(&aside);
+            for aside in copies {
+                let _ = std::fs::remove_dir_all(aside);
             }
         } else if !step.exists() {
-            if let Some(aside) = moved_aside(root, &name, true).into_iter().next() {
-                let _ = std::fs::rename(&aside, &step);
+            if let Some(aside) = copies.find(|p| is_whole(p)) {
+                let _ = std::fs::rename(aside, &step);
             }
         }
     }
@@ -273,7 +266,7 @@ pub fn resolve(path: &Path) -> Result<PathBuf, TrainError> {
         } else {
             root
         };
-        if let Some(aside) = moved_aside(root, name, true).into_iter().next() {
+        if let Some(aside) = whole_aside(root, name) {
             return Ok(aside);
         }
     }
@@ -285,7 +278,7 @@ pub fn resolve(path: &Path) -> Result<PathBuf, TrainError> {
         )
     })?;
     let name = name.trim();
-    if name.is_empty() || name.contains('/') || name.contains("..") {
+    if name.is_empty() || !stays_in_dir(name) {
         return Err(ck_err(
             &latest,
             format!("names {name:?}, not a step directory"),
@@ -295,37 +288,47 @@ pub fn resolve(path: &Path) -> Result<PathBuf, TrainError> {
     if !dir.join("trainer.json").exists() {
         // A save of this step again, killed between moving the old copy aside and renaming the
         // new one in: the old copy is the step (read where it is; the next save renames it back).
-        if let Some(aside) = moved_aside(path, name, true).into_iter().next() {
+        if let Some(aside) = whole_aside(path, name) {
             return Ok(aside);
         }
     }
     Ok(dir)
 }
 
-/// The copies of step `name` that saves of it again moved aside (`.NAME.old-PID`) and did not get
-/// to remove because their process ended, sorted; with `whole`, only those with a `trainer.json`
-/// (a removal killed midway leaves part of one). A copy named with this process's own id is a
-/// predecessor's too (a restarted container's trainer often gets the same pid): this process
-/// removes or restores its own before it returns from a save.
-fn moved_aside(root: &Path, name: &str, whole: bool) -> Vec<PathBuf> {
-    let prefix = format!(".{name}.old-");
+/// The copies of steps that saves of them again moved aside (`.step_N.old-PID`) and did not get
+/// to remove because their process ended, as (step name, path), sorted. A copy named with this
+/// process's own id is a predecessor's too (a restarted container's trainer often gets the same
+/// pid): this process removes or restores its own before it returns from a save.
+fn moved_aside(root: &Path) -> Vec<(String, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(root) else {
         return vec![];
     };
-    let mut found: Vec<PathBuf> = entries
+    let mut found: Vec<(String, PathBuf)> = entries
         .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_prefix(&prefix))
-                .and_then(|pid| pid.parse::<u32>().ok())
-                .is_some_and(|pid| pid == std::process::id() || process_is_gone(pid))
+        .filter_map(|e| {
+            let file = e.file_name().into_string().ok()?;
+            let (name, pid) = file.strip_prefix('.')?.split_once(".old-")?;
+            let pid = pid.parse::<u32>().ok()?;
+            let ended = pid == std::process::id() || process_is_gone(pid);
+            (name.starts_with("step_") && ended && e.path().is_dir())
+                .then(|| (name.to_string(), e.path()))
         })
-        .map(|e| e.path())
-        .filter(|p| p.is_dir() && (!whole || p.join("trainer.json").is_file()))
         .collect();
     found.sort();
     found
+}
+
+/// Whether a step directory is whole (a removal killed midway leaves part of one).
+fn is_whole(dir: &Path) -> bool {
+    dir.join("trainer.json").is_file()
+}
+
+/// The first whole copy of step `name` moved aside under `root` ([`moved_aside`]).
+fn whole_aside(root: &Path, name: &str) -> Option<PathBuf> {
+    moved_aside(root)
+        .into_iter()
+        .find(|(n, p)| n == name && is_whole(p))
+        .map(|(_, p)| p)
 }
 
 /// A loaded checkpoint: its metadata and per-unit full master weights and moments.

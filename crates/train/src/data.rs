@@ -14,7 +14,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::files::NewFiles;
+use crate::files::{stays_in_dir, NewFiles};
 use crate::TrainError;
 
 /// Tokens per shard file.
@@ -133,7 +133,7 @@ impl Dataset {
         }
         // The tokenizer a checkpoint copies when it is saved: found now, not after training.
         if let Some(t) = &meta.tokenizer {
-            if t.contains('/') || t.contains("..") || !dir.join(t).is_file() {
+            if !stays_in_dir(t) || !dir.join(t).is_file() {
                 return Err(data_err(format!(
                     "{}: meta.json names tokenizer {t:?}, which is not a file of the directory",
                     dir.display()
@@ -157,7 +157,7 @@ impl Dataset {
         // Sized by the shards read, not by meta.json's count, which may be anything.
         let mut out = Vec::new();
         for f in &s.shards {
-            if f.contains('/') || f.contains("..") {
+            if !stays_in_dir(f) {
                 return Err(data_err(format!("shard name {f:?} leaves the directory")));
             }
             let p = self.dir.join(f);

@@ -110,6 +110,12 @@ fn describe(kind: &std::fs::FileType) -> &'static str {
     }
 }
 
+/// Whether `name` (read from a file: `latest`, meta.json) names an entry of its directory
+/// itself, not a path out of it or into a subdirectory.
+pub(crate) fn stays_in_dir(name: &str) -> bool {
+    !name.contains('/') && !name.contains("..")
+}
+
 pub(crate) fn sync_dir(dir: &Path) {
     // Makes a rename durable; not every platform lets a directory be opened, hence best effort.
     if let Ok(d) = File::open(dir) {

@@ -52,13 +52,14 @@ fn run_cuda(a: PersistentArgs) -> Result<()> {
         tp: s.tp,
     };
     shape.check().map_err(|e| anyhow::anyhow!(e))?;
+    let bytes = shape.bytes() as f64;
     let bw = super::shapes::copy_ceiling(&format!(
         "tp {}, {} GPU(s), {:.2} GB of weights a rank a step",
         s.tp,
         a.gpus,
-        shape.bytes() as f64 / 1e9
+        bytes / 1e9
     ))?;
-    let roofline = shape.bytes() as f64 / bw * 1e3;
+    let roofline = bytes / bw * 1e3;
     outln!("roofline: {roofline:.3} ms a step (weights / copy bandwidth)");
     let ordinals: Vec<usize> = (0..a.gpus).collect();
     let rows = probe_persistent(&ordinals, shape, a.steps)?;
@@ -73,37 +74,34 @@ fn run_cuda(a: PersistentArgs) -> Result<()> {
         "µs/sync",
         "µs/exch"
     );
-    // The variants' names: "stream, ring N", "barriers, ring N[, ahead...]", "exchange, ...".
-    let ring = |name: &str| name.split(", ").nth(1).unwrap_or("").to_string();
     for r in &rows {
         let syncs = r.barriers;
         // What the synchronisation costs: against the stream through the same ring.
         let stream = rows
             .iter()
-            .find(|s| s.barriers == 0 && ring(&s.variant) == ring(&r.variant))
+            .find(|s| s.barriers == 0 && s.ring == r.ring)
             .map(|s| s.ms);
         let per_sync = match stream {
             Some(t) if syncs > 0 => format!("{:.2}", (r.ms - t) * 1e3 / syncs as f64),
             _ => "-".into(),
         };
         // An exchange's cost beyond the barrier it follows: against the barriers-only variant
-        // of the same ring.
-        let per_exchange = if r.exchanges > 0 {
-            let same = r.variant.replacen("exchange", "barriers", 1);
-            rows.iter()
-                .find(|b| b.variant == same)
-                .map_or("-".into(), |b| {
-                    format!("{:.2}", (r.ms - b.ms) * 1e3 / r.exchanges as f64)
-                })
-        } else {
-            "-".into()
+        // of the same ring, running as far ahead.
+        let barriers_only = rows
+            .iter()
+            .find(|b| b.barriers > 0 && b.exchanges == 0 && b.ring == r.ring && b.ahead == r.ahead);
+        let per_exchange = match barriers_only {
+            Some(b) if r.exchanges > 0 => {
+                format!("{:.2}", (r.ms - b.ms) * 1e3 / r.exchanges as f64)
+            }
+            _ => "-".into(),
         };
         outln!(
             "{:>24} {:>6} {:>9.3} {:>9.1} {:>8.1} {:>10} {:>10} {:>10}",
             r.variant,
             r.blocks,
             r.ms,
-            r.bytes as f64 / r.ms / 1e6,
+            bytes / r.ms / 1e6,
             100.0 * roofline / r.ms,
             format!("{}+{}x", r.barriers, r.exchanges),
             per_sync,

@@ -137,6 +137,32 @@ pub struct P2pAllReduce {
 unsafe impl Send for P2pAllReduce {}
 unsafe impl Sync for P2pAllReduce {}
 
+/// Enables access from `dev`'s context to GPU `peer`'s memory (already enabled is fine); an
+/// error where the pair cannot access each other.
+pub(crate) fn enable_peer_access(dev: &GpuDevice, peer: usize) -> Result<(), TensorError> {
+    let o = dev.ordinal;
+    let other = GpuDevice::get(peer)?;
+    // Bound after the `get` (which may bind the peer's context): access is enabled from this
+    // GPU's context to the peer's.
+    dev.ctx.bind_to_thread().map_err(|e| dev_err(o, e))?;
+    let mut can = 0;
+    // SAFETY: plain queries and a flag change on live contexts of this process.
+    unsafe {
+        sys::cuDeviceCanAccessPeer(&mut can, dev.ctx.cu_device(), other.ctx.cu_device())
+            .result()
+            .map_err(|e| dev_err(o, e))?;
+        if can == 0 {
+            return Err(dev_err(o, format!("cannot access cuda:{peer}'s memory")));
+        }
+        match sys::cuCtxEnablePeerAccess(other.ctx.cu_ctx(), 0) {
+            sys::CUresult::CUDA_SUCCESS | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => {
+                Ok(())
+            }
+            err => Err(dev_err(o, format!("peer access to cuda:{peer}: {err:?}"))),
+        }
+    }
+}
+
 impl P2pAllReduce {
     /// This rank's side; a peer that does not come to a call within `timeout` ends it with an
     /// error instead of a hang.
@@ -340,29 +366,7 @@ impl P2pAllReduce {
             if r == self.rank || peer == o {
                 continue;
             }
-            let other = GpuDevice::get(peer)?;
-            // Bound after the `get` (which may bind the peer's context): access is enabled from
-            // this GPU's context to the peer's.
-            self.dev.ctx.bind_to_thread().map_err(|e| dev_err(o, e))?;
-            let mut can = 0;
-            // SAFETY: plain queries and a flag change on live contexts of this process.
-            unsafe {
-                sys::cuDeviceCanAccessPeer(
-                    &mut can,
-                    self.dev.ctx.cu_device(),
-                    other.ctx.cu_device(),
-                )
-                .result()
-                .map_err(|e| dev_err(o, e))?;
-                if can == 0 {
-                    return Err(dev_err(o, format!("cannot access cuda:{peer}'s memory")));
-                }
-                match sys::cuCtxEnablePeerAccess(other.ctx.cu_ctx(), 0) {
-                    sys::CUresult::CUDA_SUCCESS
-                    | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => {}
-                    err => return Err(dev_err(o, format!("peer access to cuda:{peer}: {err:?}"))),
-                }
-            }
+            enable_peer_access(&self.dev, peer)?;
         }
         let e = |x| dev_err(o, x);
         let slots: Vec<u64> = peers

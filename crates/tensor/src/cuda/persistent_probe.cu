@@ -72,23 +72,20 @@ extern "C" __global__ void probe_fill(uint4* w, unsigned long long n16, unsigned
 }
 
 // The whole grid meets: block b's thread 0 adds one to `bar` and waits until every block has
-// (target = blocks x barriers so far in this step: the counter is zeroed before each step).
-// Returns false on timeout.
-__device__ __forceinline__ bool grid_barrier(unsigned* bar, unsigned target, unsigned long long deadline,
+// (target = blocks x barriers so far in this step: the counter is zeroed before each step). On
+// timeout it sets `failed` and goes on.
+__device__ __forceinline__ void grid_barrier(unsigned* bar, unsigned target, unsigned long long deadline,
                                              int* failed) {
-    __shared__ int ok;
     __syncthreads();
     if (threadIdx.x == 0) {
-        ok = 1;
         __threadfence();
         atomicAdd(bar, 1u);
         unsigned spins = 0;
         while (ld_acquire(bar) < target) {
-            if (++spins % 1024 == 0 && now_ns() > deadline) { ok = 0; atomicExch(failed, 1); break; }
+            if (++spins % 1024 == 0 && now_ns() > deadline) { atomicExch(failed, 1); break; }
         }
     }
     __syncthreads();
-    return ok;
 }
 
 // segs: SEG_WORDS words a segment: weight offset in 16-byte units (lo, hi), rows, k, sync after

@@ -101,11 +101,12 @@ impl StepShape {
 #[derive(Clone, Debug)]
 pub struct PersistentTiming {
     pub variant: String,
+    /// Lines in flight a warp, and how far they run ahead.
+    pub ring: usize,
+    pub ahead: Ahead,
     /// Mean milliseconds a step (the output buffer's clearing between steps included).
     pub ms: f64,
-    /// Weight bytes a step.
-    pub bytes: usize,
-    /// Grid barriers and exchanges a step.
+    /// Grid barriers and exchanges a step (0 barriers: the stream alone).
     pub barriers: usize,
     pub exchanges: usize,
     /// Blocks of 512 threads on the grid (all resident at once).
@@ -207,8 +208,9 @@ pub fn probe_persistent(
         let ms = side.run(v, peer_recv, steps)?;
         Ok(Some(PersistentTiming {
             variant: v.name.clone(),
+            ring: v.ring,
+            ahead: v.ahead,
             ms,
-            bytes: shape.bytes(),
             barriers: if v.no_sync { 0 } else { side.nbar as usize },
             exchanges: if v.exchange { side.nx as usize } else { 0 },
             blocks,
@@ -280,7 +282,7 @@ pub fn probe_reference(ordinals: &[usize], shape: StepShape) -> Vec<Vec<f32>> {
         f32::from_bits(bits << 16) as f64
     };
     let exchange = ordinals.len() == 2;
-    let seeds: Vec<u32> = ordinals.iter().map(|&o| 0x9e37_79b9 ^ o as u32).collect();
+    let seeds: Vec<u32> = ordinals.iter().map(|&o| fill_seed(o)).collect();
     let mut ys: Vec<Vec<f64>> = vec![vec![]; ordinals.len()];
     let mut prev: Vec<Vec<f64>> = vec![vec![]; ordinals.len()];
     let (mut off, mut prev_sync) = (0u64, 0u32);
@@ -317,6 +319,11 @@ pub fn probe_reference(ordinals: &[usize], shape: StepShape) -> Vec<Vec<f32>> {
     ys.into_iter()
         .map(|y| y.into_iter().map(|v| v as f32).collect())
         .collect()
+}
+
+/// The seed of GPU `ordinal`'s random weights (`probe_fill`), which the reference repeats.
+fn fill_seed(ordinal: usize) -> u32 {
+    0x9e37_79b9 ^ ordinal as u32
 }
 
 /// For each job: every GPU of `ordinals` resets its side, the GPUs meet, each runs `f`, and they
@@ -361,7 +368,8 @@ fn with_sides<R: Send>(
                     if let (Some(s), Some(p), None) = (side.as_mut(), peer_recv, &err) {
                         err = match p {
                             0 => Some(dev_err(o, "the peer GPU's set-up failed")),
-                            _ => s.connect(ordinals[1 - rank]).err(),
+                            // Peer access to the GPU the peer's receive buffer is on.
+                            _ => super::p2p::enable_peer_access(&s.dev, ordinals[1 - rank]).err(),
                         };
                     }
                     let mut out = Vec::new();
@@ -511,7 +519,7 @@ impl Side {
             dev: dev.clone(),
         };
         let n16 = (bytes / 16) as u64;
-        let seed = 0x9e37_79b9u32 ^ ordinal as u32;
+        let seed = fill_seed(ordinal);
         let mut l = stream.launch_builder(&fill);
         l.arg(&side.weights).arg(&n16).arg(&seed);
         let cfg = LaunchConfig {
@@ -523,31 +531,6 @@ impl Side {
         unsafe { l.launch(cfg) }.map_err(e)?;
         stream.synchronize().map_err(e)?;
         Ok(side)
-    }
-
-    /// Peer access from this GPU to `ordinal`'s memory (where the peer's receive buffer is).
-    fn connect(&mut self, ordinal: usize) -> Result<(), TensorError> {
-        let o = self.dev.ordinal;
-        let other = GpuDevice::get(ordinal)?;
-        self.dev.ctx.bind_to_thread().map_err(|x| dev_err(o, x))?;
-        let mut can = 0;
-        // SAFETY: plain queries and a flag change on live contexts of this process.
-        unsafe {
-            sys::cuDeviceCanAccessPeer(&mut can, self.dev.ctx.cu_device(), other.ctx.cu_device())
-                .result()
-                .map_err(|x| dev_err(o, x))?;
-            if can == 0 {
-                return Err(dev_err(o, format!("cannot access cuda:{ordinal}'s memory")));
-            }
-            match sys::cuCtxEnablePeerAccess(other.ctx.cu_ctx(), 0) {
-                sys::CUresult::CUDA_SUCCESS
-                | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => Ok(()),
-                err => Err(dev_err(
-                    o,
-                    format!("peer access to cuda:{ordinal}: {err:?}"),
-                )),
-            }
-        }
     }
 
     /// Zeroes the barrier, the failure word and the receive buffer; steps count from 0 again.
@@ -588,8 +571,7 @@ impl Side {
             )
             .map_err(|x| dev_err(o, x))?
             .max(0) as usize;
-        // (Beside the barrier's few bytes of static shared memory.)
-        if smem + 64 > optin {
+        if smem > optin {
             return Ok(None);
         }
         f.set_attribute(
@@ -667,7 +649,7 @@ impl Side {
                 .arg(&max_k);
             // SAFETY: the arguments match probe_step's parameters in order and type; the grid
             // is at most what the device holds at once (its barriers need every block resident);
-            // the buffers are this side's, the peer's receive buffer is mapped (connect) and
+            // the buffers are this side's, the peer's receive buffer is mapped (peer access) and
             // lives until both sides have passed the meeting after the run.
             unsafe { l.launch(cfg) }.map_err(e)?;
             this.step += 1;
