@@ -11,11 +11,11 @@ use crate::model_args::{parse_tokens, ModelArgs};
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Prompt text.
-    #[arg(long)]
+    /// Prompt text; it may start with a hyphen ("- item", "--- ACT I ---").
+    #[arg(long, allow_hyphen_values = true)]
     pub prompt: Option<String>,
     /// Prompt as token ids, comma separated.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub prompt_tokens: Option<String>,
     /// Tokens to generate at most.
     #[arg(long, default_value_t = 32)]
@@ -31,8 +31,9 @@ pub struct GenerateArgs {
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     pub ignore_eos: bool,
-    /// Print one JSON object: {"tokens": [...], "text": "..."} (the generated part only; "text"
-    /// is null for a model without a tokenizer).
+    /// Print one JSON object: {"tokens": [...], "text": "..."} (the generated part only, with the
+    /// space before its first word; "text" is null for a model without a tokenizer). Without it
+    /// the prompt (as typed, or the text of --prompt-tokens) is printed before the continuation.
     #[arg(long)]
     pub json: bool,
 }
@@ -69,8 +70,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if tessera_comm::process_rank() != 0 {
         return Ok(()); // under a multi-process launch only rank 0 prints
     }
+    // The new text as the whole sequence's text less the prompt's (a SentencePiece decoder drops
+    // the first space of ids decoded alone).
     let text = if model.tokenizer.is_some() {
-        Some(model.decode(&tokens)?)
+        Some(model.decode_continuation(&prompt, &tokens)?)
     } else {
         None
     };
@@ -78,7 +81,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         outln!("{}", serde_json::json!({ "tokens": tokens, "text": text }));
     } else {
         match text {
-            Some(t) => outln!("{}{t}", a.prompt.as_deref().unwrap_or("")),
+            // The prompt as typed, or the text of the prompt's ids, then the continuation.
+            Some(t) => match &a.prompt {
+                Some(p) => outln!("{p}{t}"),
+                None => outln!("{}{t}", model.decode(&prompt)?),
+            },
             None => outln!("{tokens:?}"),
         }
     }

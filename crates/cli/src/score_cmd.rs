@@ -11,10 +11,11 @@ pub struct ScoreArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Token ids, comma separated.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub tokens: Option<String>,
-    /// Text, tokenized with the model's tokenizer (BOS added as HF adds it).
-    #[arg(long)]
+    /// Text, tokenized with the model's tokenizer (BOS added as HF adds it); it may start with
+    /// a hyphen ("- item", "--- ACT I ---").
+    #[arg(long, allow_hyphen_values = true)]
     pub text: Option<String>,
     /// Print one JSON object: {"token_logprobs": [...], "sum_logprob": x}.
     #[arg(long)]

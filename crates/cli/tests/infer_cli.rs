@@ -518,6 +518,15 @@ fn bench_decode_times_one_rank_of_a_tp_group_alone() {
         (half / whole - 0.5).abs() < 0.06,
         "rank 0 of 2 holds {half} GB, tp 1 {whole} GB"
     );
+    // A zero names its own flag.
+    fails_with(
+        &[&args[..], &["--one-rank-of", "0"]].concat(),
+        "--one-rank-of must be at least 1",
+    );
+    fails_with(
+        &[&args[..], &["--tp", "2,0"]].concat(),
+        "--tp must be at least 1",
+    );
 }
 
 #[test]
@@ -547,4 +556,88 @@ fn generation_config_eos_stops_generation_as_hf_does() {
     assert_eq!(v["tokens"], serde_json::json!([first]));
     std::fs::write(dir.path().join("generation_config.json"), "{oops").unwrap();
     fails_with(&args, "generation_config.json");
+}
+
+/// A SentencePiece-style `tokenizer.json` (as Llama 2 and Mistral ship: "▁" for a space, a
+/// decoder that strips the first space of what it decodes) for the llama fixture's 320 ids:
+/// 0-2 special, every other id the word piece "▁w<id>".
+fn sentencepiece_tokenizer() -> String {
+    let special = |id: u32, s: &str| {
+        format!(
+            r#"{{"id": {id}, "content": "{s}", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}}"#
+        )
+    };
+    let mut vocab = vec![
+        r#""<s>": 0"#.to_string(),
+        r#""</s>": 1"#.into(),
+        r#""<pad>": 2"#.into(),
+    ];
+    vocab.extend((3..320).map(|i| format!("\"▁w{i}\": {i}")));
+    format!(
+        r#"{{"version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [{}, {}, {}],
+        "normalizer": {{"type": "Sequence", "normalizers": [
+            {{"type": "Prepend", "prepend": "▁"}},
+            {{"type": "Replace", "pattern": {{"String": " "}}, "content": "▁"}}]}},
+        "pre_tokenizer": null, "post_processor": null,
+        "decoder": {{"type": "Sequence", "decoders": [
+            {{"type": "Replace", "pattern": {{"String": "▁"}}, "content": " "}},
+            {{"type": "Fuse"}},
+            {{"type": "Strip", "content": " ", "start": 1, "stop": 0}}]}},
+        "model": {{"type": "BPE", "dropout": null, "unk_token": "<pad>",
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+            "byte_fallback": false, "vocab": {{{}}}, "merges": []}}}}"#,
+        special(0, "<s>"),
+        special(1, "</s>"),
+        special(2, "<pad>"),
+        vocab.join(", ")
+    )
+}
+
+/// With a SentencePiece-style tokenizer the generated text keeps the space before its first
+/// word (HF's `decode(prompt + new)` and vLLM's output text do; decoding the new ids alone drops
+/// it: "hello" + "world"), and the plain output is the prompt's text then that text.
+#[test]
+fn generated_text_keeps_the_space_before_its_first_word() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_model(&fixture("llama"), dir.path());
+    std::fs::remove_file(dir.path().join("tokenizer_config.json")).ok();
+    std::fs::write(dir.path().join("tokenizer.json"), sentencepiece_tokenizer()).unwrap();
+    let model = dir.path().to_str().unwrap();
+    let args = |json: bool| {
+        let mut v = vec![
+            "generate",
+            "--model",
+            model,
+            "--prompt-tokens",
+            "0,10,11",
+            "--max-tokens",
+            "6",
+            "--ignore-eos",
+        ];
+        if json {
+            v.push("--json");
+        }
+        v
+    };
+    let v = tessera_json(&args(true));
+    let want: String = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .filter(|&t| t >= 3)
+        .map(|t| format!(" w{t}"))
+        .collect();
+    assert!(!want.is_empty(), "{v}");
+    assert_eq!(v["text"].as_str().unwrap(), want, "{v}");
+    let (code, out, err) = tessera(&args(false));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim_end_matches('\n'), format!("w10 w11{want}"));
+    // A prompt that starts with a hyphen is a prompt, not a flag.
+    let (code, out, err) = tessera(&["generate", "--prompt", "- item", "--max-tokens", "2"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("- item"), "{out}");
+    let v = tessera_json(&["score", "--text", "--- ACT I ---", "--json"]);
+    assert!(v["sum_logprob"].as_f64().unwrap() < 0.0, "{v}");
 }

@@ -134,3 +134,51 @@ fn a_tp_that_does_not_match_the_ranks_is_one_clear_error() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `bench decode` under `tessera launch` times the tp group of the job's processes and prints
+/// its report once (rank 0); a --tp list with another size is refused before anything prints.
+#[test]
+fn bench_decode_under_launch_prints_once() {
+    let shape = [
+        "--steps",
+        "2",
+        "--layers",
+        "1",
+        "--hidden",
+        "128",
+        "--intermediate",
+        "256",
+        "--vocab",
+        "500",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+    ];
+    let mut args = vec![
+        "launch",
+        "--nproc-per-node",
+        "2",
+        "--",
+        "tessera",
+        "bench",
+        "decode",
+        "--tp",
+        "2",
+    ];
+    args.extend(shape);
+    let (code, out, err) = tessera(&args);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.matches("model:").count(), 1, "{out}");
+    assert_eq!(out.matches("ceiling:").count(), 1, "{out}");
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| l.trim_start().starts_with("2 "))
+        .collect();
+    assert_eq!(rows.len(), 1, "{out}");
+    args[8] = "1,2";
+    let (code, out, err) = tessera(&args);
+    assert_ne!(code, 0);
+    assert!(out.is_empty(), "{out}");
+    assert!(err.contains("2-process job but --tp lists 1"), "{err}");
+}

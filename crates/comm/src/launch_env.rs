@@ -154,6 +154,11 @@ impl LaunchEnv {
         if let Some(p) = port("TESSERA_MASTER_PORT")? {
             master_port = Some(p);
         }
+        // A job of one rank meets no one (`process_world` connects only when there are more):
+        // it needs no rendezvous address, as torchrun's own single-process runs do not.
+        let alone = world_size == 1;
+        let addr = addr.or_else(|| alone.then(|| "127.0.0.1".to_string()));
+        let master_port = master_port.or(alone.then_some(29500));
         let master_addr = get("TESSERA_MASTER_ADDR").or(addr).ok_or_else(|| {
             CommError::Setup(format!(
                 "bad launch environment: {launcher:?} gives no master address; set MASTER_ADDR \

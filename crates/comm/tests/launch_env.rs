@@ -180,3 +180,19 @@ fn bad_values_are_one_clear_error() {
     let err = parse(&[("TESSERA_RANK", "0")]).unwrap_err();
     assert!(err.contains("TESSERA_WORLD_SIZE is missing"), "{err}");
 }
+
+/// A job of one rank (`RANK=0 WORLD_SIZE=1`, or Slurm's one task on a node list it does not
+/// give) needs no rendezvous address: it meets no one. Two ranks still do.
+#[test]
+fn a_job_of_one_rank_needs_no_master_address() {
+    let e = parse(&[("RANK", "0"), ("WORLD_SIZE", "1")])
+        .unwrap()
+        .unwrap();
+    assert_eq!((e.rank, e.world_size), (0, 1));
+    let e = parse(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1")])
+        .unwrap()
+        .unwrap();
+    assert_eq!((e.launcher, e.world_size), (Launcher::Slurm, 1));
+    let err = parse(&[("RANK", "0"), ("WORLD_SIZE", "2")]).unwrap_err();
+    assert!(err.contains("no master address"), "{err}");
+}

@@ -1,8 +1,8 @@
 //! Scoring: the log-probability of each token given the ones before it, in one forward pass.
 
 use tessera_comm::Communicator;
-use tessera_model::{LlamaModel, Logits};
-use tessera_tensor::{ops, DType, Device};
+use tessera_model::LlamaModel;
+use tessera_tensor::{DType, Device};
 
 use crate::{run_tp, InferError, OpenModel};
 
@@ -58,11 +58,7 @@ pub fn score_on_rank(
     comm: &dyn Communicator,
 ) -> Result<ScoreOutput, InferError> {
     let mut cache = m.new_cache(tokens.len())?;
-    let logits = m.forward(tokens, &mut cache, Logits::All, comm)?;
-    let v = m.cfg.vocab_size;
-    let token_logprobs: Vec<f64> = (0..tokens.len() - 1)
-        .map(|i| ops::log_softmax(&logits[i * v..(i + 1) * v])[tokens[i + 1] as usize])
-        .collect();
+    let token_logprobs = m.forward_logprobs(tokens, &mut cache, comm)?;
     // A broken checkpoint (NaN weights, or values beyond the dtype's range) gives scores that are
     // not numbers: an error, not `null` in the output.
     if let Some(i) = token_logprobs.iter().position(|x| !x.is_finite()) {

@@ -133,4 +133,94 @@ impl OpenModel {
             .decode(ids, true)
             .map_err(|e| InferError::Tokenizer(e.to_string()))
     }
+
+    /// Text that `generated` adds after `prompt`: see [`continuation_text`].
+    pub fn decode_continuation(
+        &self,
+        prompt: &[u32],
+        generated: &[u32],
+    ) -> Result<String, InferError> {
+        continuation_text(self.tokenizer()?, prompt, generated)
+    }
+}
+
+/// The text `generated` adds after `prompt`, as HF's `decode(prompt + generated)` shows it and as
+/// vLLM returns it: the text of the whole sequence less the text of the prompt. Decoding the new
+/// ids alone loses what depends on the token before them: a SentencePiece decoder (Llama 2,
+/// Mistral) strips the leading space of the first piece, so "hello" + "▁world" would read
+/// "helloworld". Where the prompt's text is not a prefix of the whole (a byte sequence cut inside
+/// a character), the new ids are decoded alone.
+pub fn continuation_text(
+    tok: &Tokenizer,
+    prompt: &[u32],
+    generated: &[u32],
+) -> Result<String, InferError> {
+    let dec = |ids: &[u32]| {
+        tok.decode(ids, true)
+            .map_err(|e| InferError::Tokenizer(e.to_string()))
+    };
+    let all: Vec<u32> = prompt.iter().chain(generated).copied().collect();
+    let (head, whole) = (dec(prompt)?, dec(&all)?);
+    match whole.strip_prefix(head.as_str()) {
+        Some(rest) => Ok(rest.to_string()),
+        None => dec(generated),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+
+    use super::*;
+
+    /// A SentencePiece-style tokenizer (Llama 2 / Mistral's `tokenizer.json` layout: "▁" for a
+    /// space, a decoder that strips the first space).
+    fn sentencepiece() -> Tokenizer {
+        let vocab: Vec<String> = ["<unk>", "<s>", "</s>", "▁hello", "▁world", "▁", "h", "é"]
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("\"{t}\": {i}"))
+            .collect();
+        let json = format!(
+            r#"{{"version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [{{"id": 1, "content": "<s>", "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true}},
+                {{"id": 2, "content": "</s>", "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true}}],
+            "normalizer": {{"type": "Sequence", "normalizers": [
+                {{"type": "Prepend", "prepend": "▁"}},
+                {{"type": "Replace", "pattern": {{"String": " "}}, "content": "▁"}}]}},
+            "pre_tokenizer": null,
+            "post_processor": {{"type": "TemplateProcessing",
+                "single": [{{"SpecialToken": {{"id": "<s>", "type_id": 0}}}}, {{"Sequence": {{"id": "A", "type_id": 0}}}}],
+                "pair": [{{"Sequence": {{"id": "A", "type_id": 0}}}}, {{"Sequence": {{"id": "B", "type_id": 1}}}}],
+                "special_tokens": {{"<s>": {{"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}}}},
+            "decoder": {{"type": "Sequence", "decoders": [
+                {{"type": "Replace", "pattern": {{"String": "▁"}}, "content": " "}},
+                {{"type": "Fuse"}},
+                {{"type": "Strip", "content": " ", "start": 1, "stop": 0}}]}},
+            "model": {{"type": "BPE", "dropout": null, "unk_token": "<unk>",
+                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+                "byte_fallback": false, "vocab": {{{}}}, "merges": []}}}}"#,
+            vocab.join(", ")
+        );
+        Tokenizer::from_str(&json).unwrap()
+    }
+
+    #[test]
+    fn a_continuation_keeps_the_space_a_sentencepiece_decoder_strips_from_a_first_piece() {
+        let tok = sentencepiece();
+        // "<s> ▁hello" then "▁world": decoded alone the new piece would read "world".
+        assert_eq!(tok.decode(&[4], true).unwrap(), "world");
+        assert_eq!(continuation_text(&tok, &[1, 3], &[4]).unwrap(), " world");
+        assert_eq!(
+            continuation_text(&tok, &[1, 3], &[4, 3]).unwrap(),
+            " world hello"
+        );
+        // A piece that starts no word joins the one before it.
+        assert_eq!(continuation_text(&tok, &[1, 3], &[6]).unwrap(), "h");
+        // An end-of-sequence id (special) adds nothing.
+        assert_eq!(continuation_text(&tok, &[1, 3], &[4, 2]).unwrap(), " world");
+        assert_eq!(continuation_text(&tok, &[1, 3], &[]).unwrap(), "");
+    }
 }

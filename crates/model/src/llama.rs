@@ -37,6 +37,9 @@ fn check_lockstep(tokens: &[u32], cache: &KvCache) -> Result<(), ModelError> {
     Ok(())
 }
 
+/// Bytes of f32 logits [`LlamaModel::forward_logprobs`] holds at once (at least one row).
+pub const LOGPROB_CHUNK_BYTES: usize = 64 << 20;
+
 /// Which logits `forward` returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -245,6 +248,51 @@ impl LlamaModel {
             ));
         }
         self.run(tokens, 1, cache, logits, comm)
+    }
+
+    /// Runs `tokens` (appended to `cache`) and returns `log p(tokens[i + 1] | tokens[..=i])` for
+    /// each position but the last, in f64. The LM head runs over a bounded number of rows at a
+    /// time ([`LOGPROB_CHUNK_BYTES`] of f32 logits), so scoring a long sequence never holds its
+    /// `[tokens, vocab]` logits at once (32,000 tokens of a 128k vocabulary would be 16 GB).
+    pub fn forward_logprobs(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        comm: &dyn Communicator,
+    ) -> Result<Vec<f64>, ModelError> {
+        let rows = (LOGPROB_CHUNK_BYTES / (self.cfg.vocab_size * 4)).max(1);
+        self.forward_logprobs_by(tokens, cache, comm, rows)
+    }
+
+    /// [`Self::forward_logprobs`] with the LM head over `rows` positions at a time (every rank
+    /// must pass the same `rows`).
+    pub fn forward_logprobs_by(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        comm: &dyn Communicator,
+        rows: usize,
+    ) -> Result<Vec<f64>, ModelError> {
+        if cache.batch != 1 {
+            return Err(ModelError::Input(
+                "this cache holds a lockstep batch: use forward_lockstep".into(),
+            ));
+        }
+        let x = self.hidden(tokens, 1, cache, Logits::All, comm)?;
+        let v = self.cfg.vocab_size;
+        let n = tokens.len() - 1;
+        let rows = rows.max(1);
+        let mut out = Vec::with_capacity(n);
+        // Every rank takes the same chunks: the head's gather is a collective.
+        for a in (0..n).step_by(rows) {
+            let b = (a + rows).min(n);
+            let logits = self.head.forward(&x.rows(a, b)?, comm)?;
+            for i in a..b {
+                let row = &logits[(i - a) * v..(i - a + 1) * v];
+                out.push(ops::log_softmax(row)[tokens[i + 1] as usize]);
+            }
+        }
+        Ok(out)
     }
 
     /// An empty cache for `batch` sequences decoded in lockstep (all at the same position).

@@ -227,3 +227,52 @@ fn lockstep_batch_decode_equals_one_sequence_at_a_time() {
         );
     }
 }
+
+/// Scoring's log-probs, the LM head taken a few rows at a time (so a long sequence never holds
+/// its whole `[tokens, vocab]` logits), equal those of the whole logits, at tp 1 and 2.
+#[test]
+fn log_probs_by_chunks_of_rows_equal_those_of_the_whole_logits() {
+    use tessera_comm::LocalGroup;
+    use tessera_model::Logits;
+    let json = llama_config_json(97, 48, 80, 2, 6, 2, false);
+    let cfg = ModelConfig::from_json_str(&json).unwrap();
+    let bytes: &'static [u8] =
+        Box::leak(random_safetensors(&cfg, DType::F32, 5).into_boxed_slice());
+    let toks: [u32; 9] = [1, 5, 9, 2, 7, 96, 0, 41, 8];
+    for tp in [1, 2] {
+        let comms = LocalGroup::new(tp).into_comms();
+        std::thread::scope(|s| {
+            for (rank, comm) in comms.into_iter().enumerate() {
+                let cfg = cfg.clone();
+                s.spawn(move || {
+                    let ck = Checkpoint::from_static("mem", bytes).unwrap();
+                    let m = LlamaModel::from_checkpoint(
+                        &ck,
+                        cfg,
+                        TpRank { rank, size: tp },
+                        DType::F32,
+                    )
+                    .unwrap();
+                    let mut c = m.new_cache(9).unwrap();
+                    let logits = m.forward(&toks, &mut c, Logits::All, &comm).unwrap();
+                    let want: Vec<f64> = (0..8)
+                        .map(|i| {
+                            tessera_tensor::ops::log_softmax(&logits[i * 97..(i + 1) * 97])
+                                [toks[i + 1] as usize]
+                        })
+                        .collect();
+                    for rows in [0, 1, 3, 8, 100] {
+                        let mut c = m.new_cache(9).unwrap();
+                        let got = m.forward_logprobs_by(&toks, &mut c, &comm, rows).unwrap();
+                        assert_eq!(got.len(), 8);
+                        for (g, w) in got.iter().zip(&want) {
+                            assert!((g - w).abs() < 1e-5, "tp {tp} rows {rows}: {g} vs {w}");
+                        }
+                    }
+                    let mut c = m.new_cache(9).unwrap();
+                    assert_eq!(m.forward_logprobs(&toks, &mut c, &comm).unwrap().len(), 8);
+                });
+            }
+        });
+    }
+}

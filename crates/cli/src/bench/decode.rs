@@ -115,7 +115,37 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             bail!("--hold-us must be between 0 and 1000000, got {h}");
         }
     }
+    if a.one_rank_of == Some(0) {
+        bail!("--one-rank-of must be at least 1");
+    }
+    if a.tp.contains(&0) {
+        bail!("--tp must be at least 1");
+    }
     let tps = a.one_rank_of.map_or_else(|| a.tp.clone(), |n| vec![n]);
+    // Under a multi-process launch each process is one rank of every tp group timed: a tp other
+    // than the job's size is refused before anything is printed, and only rank 0 prints.
+    let launch = tessera_comm::LaunchEnv::from_env()?.filter(|e| e.world_size > 1);
+    if let Some(e) = &launch {
+        if a.one_rank_of.is_some() {
+            bail!("--one-rank-of times one process alone: run it without a multi-process launch");
+        }
+        if let Some(&tp) = tps.iter().find(|&&tp| tp != e.world_size) {
+            bail!(
+                "this process is rank {} of a {}-process job but --tp lists {tp}: pass --tp {}",
+                e.rank,
+                e.world_size,
+                e.world_size
+            );
+        }
+    }
+    let quiet = launch.is_some_and(|e| e.rank != 0);
+    macro_rules! say {
+        ($($t:tt)*) => {
+            if !quiet {
+                outln!($($t)*)
+            }
+        };
+    }
     for &tp in &tps {
         tessera_model::validate_tp(&cfg, tp)?;
         // --one-rank-of runs rank 0 alone, on the first device.
@@ -141,7 +171,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             );
         }
     }
-    outln!(
+    say!(
         "model: {} layers, hidden {}, {} heads / {} kv, vocab {}: {:.2}B params, {:.1} GB of {dtype} weights, random, on {device}",
         cfg.num_layers,
         cfg.hidden_size,
@@ -158,7 +188,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => unreachable!("ensure_available refused it"),
     };
-    outln!(
+    say!(
         "ceiling: {:.1} GB/s measured ({}); threads: {}",
         bw / 1e9,
         if shared {
@@ -168,7 +198,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         },
         rayon::current_num_threads()
     );
-    outln!(
+    say!(
         "\n{:>3} {:>6} {:>10} {:>10} {:>12} {:>16} {:>11}",
         "tp",
         "batch",
@@ -201,7 +231,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
                 let mut graph = if a.graph {
                     let g = m.capture_lockstep_greedy(&mut cache, comm)?;
                     if rank.rank == 0 {
-                        outln!("graph, batch {batch}: {}", g.stats()?);
+                        say!("graph, batch {batch}: {}", g.stats()?);
                     }
                     Some(g)
                 } else {
@@ -241,7 +271,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
                 .iter()
                 .map(|((m, n, k), name)| format!("{m}x{n}x{k} {name}"))
                 .collect();
-            outln!(
+            say!(
                 "GEMM kernels kept by the tuner (m x n x k): {}",
                 list.join(", ")
             );
@@ -259,7 +289,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             };
             let bytes = rank_bytes * sharing as f64;
             let roof = bw / bytes;
-            outln!(
+            say!(
                 "{:>3} {:>6} {:>10.2} {:>10.1} {:>12.2} {:>16.1} {:>11.1}",
                 match a.one_rank_of {
                     Some(n) => format!("1/{n}"),
