@@ -2,13 +2,24 @@
 # tessera's main job, end to end on one machine with nothing downloaded: tokenize the Shakespeare
 # slice kept in the repo, train a small Llama on it (ZeRO-1 over 2 data-parallel ranks), export the
 # checkpoint as an HF model directory, and generate from it. 5-10 minutes on 2 cores, build
-# included. WORK=dir puts the outputs elsewhere (default target/main-job).
+# included. WORK=dir puts the outputs elsewhere (default target/main-job): a new or empty
+# directory, or one an earlier run of this script made (it is replaced); anything else is refused.
 set -euo pipefail
+# WORK relative to where the script was started, before the cd below.
+W=${WORK:-}
+if [ -n "$W" ]; then
+    case "$W" in /*) ;; *) W="$PWD/$W" ;; esac
+fi
 cd "$(dirname "$0")/.."
+W=${W:-target/main-job}
+MARK=.tessera-main-job
+if [ "$W" != target/main-job ] && [ -e "$W" ] && [ -n "$(ls -A "$W" 2>/dev/null)" ] && [ ! -f "$W/$MARK" ]; then
+    echo "error: $W holds files this script did not write; give WORK a new or empty directory" >&2
+    exit 1
+fi
 cargo build --release -p tessera-cli
 T=target/release/tessera
-W=${WORK:-target/main-job}
-rm -rf "$W" && mkdir -p "$W"
+rm -rf "$W" && mkdir -p "$W" && touch "$W/$MARK"
 $T data prepare --input data/shakespeare/slice.txt --tokenizer tests/fixtures/hf/llama/tokenizer.json --out "$W/data"
 $T train --config tests/fixtures/train/shakespeare/ds_config.json --model-config tests/fixtures/train/shakespeare \
     --data "$W/data" --dp 2 --steps ${STEPS:-600} --seq-len 64 --eval-every 100 --save "$W/ck" --curve "$W/loss_curve.svg"

@@ -396,8 +396,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
             if !s.skipped && a.eval_every > 0 && s.step % a.eval_every == 0 && !at_end {
                 let v = t.eval(&eval_set)?;
                 out.val.push((s.step, v));
-                if rank0 && !a.json {
-                    if tty {
+                // On stderr with --json too (stdout then holds only the step objects).
+                if rank0 {
+                    if tty && !a.json {
                         eprintln!();
                     }
                     eprintln!("step {}: validation loss {v:.4}", s.step);

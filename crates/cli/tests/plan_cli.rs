@@ -38,7 +38,22 @@ fn plan_json_unfit(args: &[&str]) -> Value {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.starts_with("error: no layout fits: "), "{err}");
     assert!(err.contains("the closest"), "{err}");
-    serde_json::from_slice(&out.stdout).expect("--json prints one JSON object")
+    let v: Value = serde_json::from_slice(&out.stdout).expect("--json prints one JSON object");
+    // The layouts that do not fit come smallest footprint first, and the error line names the
+    // first as the closest.
+    let totals: Vec<f64> = v["layouts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["fits"] == false)
+        .map(|l| mem(l, "total"))
+        .collect();
+    assert!(!totals.is_empty());
+    assert!(
+        totals.windows(2).all(|w| w[0] <= w[1]),
+        "not smallest first: {totals:?}"
+    );
+    v
 }
 
 fn fixture(name: &str) -> PathBuf {
@@ -745,4 +760,25 @@ fn bad_input_is_one_line_and_a_non_zero_exit() {
             "{args:?}: {err:?} should mention {needle:?}"
         );
     }
+}
+
+/// 405B on 8 GPUs: no layout fits; the closest named is the smallest footprint (a ZeRO-3 or
+/// offloading layout, not the plain one that needs the most), the others after it in order.
+#[test]
+fn the_closest_layout_that_does_not_fit_is_the_smallest() {
+    let v = plan_json_unfit(&["train", "--model", "llama-3.1-405b", "--gpus", "8"]);
+    let first = v["layouts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["fits"] == false)
+        .unwrap();
+    let all_min = v["layouts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| mem(l, "total"))
+        .fold(f64::INFINITY, f64::min);
+    assert_eq!(mem(first, "total"), all_min);
+    assert!(mem(first, "total") < 300.0 * (1u64 << 30) as f64, "{first}");
 }

@@ -321,16 +321,22 @@ fn score_bucket(e: &Evaluated) -> i64 {
     (score(e).max(1e-12).ln() / 1.01f64.ln()).floor() as i64
 }
 
+/// Layouts that fit first, fastest first (ties as [`score_bucket`] says); then those that do not,
+/// smallest footprint first (the closest to fitting leads), the simpler layout on equal bytes.
 fn rank(layouts: &mut [Evaluated]) {
     layouts.sort_by_key(|e| {
-        let bucket = if e.fits { score_bucket(e) } else { 0 };
-        (
-            !e.fits,
-            bucket,
-            e.layout.offload != Offload::None,
-            e.layout.zero >= 2,
-            e.memory_total(),
-        )
+        let simpler = (e.layout.offload != Offload::None, e.layout.zero >= 2);
+        if e.fits {
+            (
+                false,
+                score_bucket(e),
+                simpler,
+                e.memory_total(),
+                (false, false),
+            )
+        } else {
+            (true, 0, (false, false), e.memory_total(), simpler)
+        }
     });
     for (i, e) in layouts.iter_mut().enumerate() {
         if e.fits {

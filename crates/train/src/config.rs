@@ -95,7 +95,9 @@ impl Default for ZeroConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
     pub train_batch_size: Option<usize>,
-    pub micro_batch: usize,
+    /// `train_micro_batch_size_per_gpu`; when absent, derived as DeepSpeed derives it (see
+    /// [`TrainConfig::batch_for`]).
+    pub micro_batch: Option<usize>,
     pub grad_accum: Option<usize>,
     /// Max global gradient norm; 0 disables clipping.
     pub gradient_clipping: f32,
@@ -115,7 +117,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             train_batch_size: None,
-            micro_batch: 1,
+            micro_batch: None,
             grad_accum: None,
             gradient_clipping: 0.0,
             precision: Precision::F32,
@@ -301,8 +303,7 @@ impl TrainConfig {
         c.micro_batch = at_least_one(
             "train_micro_batch_size_per_gpu",
             top.uint("train_micro_batch_size_per_gpu")?,
-        )?
-        .unwrap_or(1);
+        )?;
         c.grad_accum = at_least_one(
             "gradient_accumulation_steps",
             top.uint("gradient_accumulation_steps")?,
@@ -560,20 +561,27 @@ impl TrainConfig {
     }
 
     fn batch_for_unchecked(&self, dp: usize) -> Result<(usize, usize), TrainError> {
-        let m = self.micro_batch;
-        let Some(m_dp) = m.checked_mul(dp) else {
-            return Err(err(format!(
-                "train_micro_batch_size_per_gpu {m} x dp {dp} is too large"
-            )));
+        // DeepSpeed's rules (`_set_batch_related_parameters`): any two of the three give the
+        // third; train_batch_size alone means no accumulation; a micro batch alone, or nothing,
+        // means one step of accumulation, the micro batch defaulting to 1.
+        let too_large = || err(format!("the batch sizes x dp {dp} are too large"));
+        let divide = |tb: usize, by: usize, what: String| {
+            if by == 0 || !tb.is_multiple_of(by) {
+                Err(err(format!(
+                    "train_batch_size {tb} is not divisible by {what}"
+                )))
+            } else {
+                Ok(tb / by)
+            }
         };
-        match (self.train_batch_size, self.grad_accum) {
-            (Some(tb), ga) => {
-                if tb % m_dp != 0 {
-                    return Err(err(format!(
-                        "train_batch_size {tb} is not divisible by train_micro_batch_size_per_gpu {m} x dp {dp}"
-                    )));
-                }
-                let derived = tb / m_dp;
+        match (self.train_batch_size, self.micro_batch, self.grad_accum) {
+            (Some(tb), Some(m), ga) => {
+                let m_dp = m.checked_mul(dp).ok_or_else(too_large)?;
+                let derived = divide(
+                    tb,
+                    m_dp,
+                    format!("train_micro_batch_size_per_gpu {m} x dp {dp}"),
+                )?;
                 if let Some(g) = ga {
                     if g != derived {
                         return Err(err(format!(
@@ -583,7 +591,16 @@ impl TrainConfig {
                 }
                 Ok((m, derived))
             }
-            (None, ga) => Ok((m, ga.unwrap_or(1))),
+            (Some(tb), None, ga) => {
+                let g = ga.unwrap_or(1);
+                let g_dp = g.checked_mul(dp).ok_or_else(too_large)?;
+                let what = match ga {
+                    Some(g) => format!("gradient_accumulation_steps {g} x dp {dp}"),
+                    None => format!("dp {dp}"),
+                };
+                Ok((divide(tb, g_dp, what)?, g))
+            }
+            (None, m, ga) => Ok((m.unwrap_or(1), ga.unwrap_or(1))),
         }
     }
 
@@ -728,6 +745,29 @@ mod tests {
         assert!(huge("18446744073709551615", "1").is_err());
         assert!(huge("33554432", "1").is_err());
         assert_eq!(huge("4096", "4").unwrap(), (4, 1024));
+        // Any two of the three give the third, as DeepSpeed derives them; train_batch_size
+        // alone is one micro batch a rank, no accumulation.
+        let sizes = |json: &str, dp: usize| TrainConfig::from_json_str(json)?.batch_for(dp);
+        let tb_ga = r#"{"train_batch_size": 32, "gradient_accumulation_steps": 2}"#;
+        assert_eq!(sizes(tb_ga, 1).unwrap(), (16, 2));
+        assert_eq!(sizes(tb_ga, 2).unwrap(), (8, 2));
+        let e = sizes(tb_ga, 3).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "train_batch_size 32 is not divisible by gradient_accumulation_steps 2 x dp 3"
+            ),
+            "{e}"
+        );
+        assert_eq!(sizes(r#"{"train_batch_size": 32}"#, 2).unwrap(), (16, 1));
+        assert_eq!(
+            sizes(r#"{"train_micro_batch_size_per_gpu": 3}"#, 2).unwrap(),
+            (3, 1)
+        );
+        assert_eq!(
+            sizes(r#"{"gradient_accumulation_steps": 5}"#, 2).unwrap(),
+            (1, 5)
+        );
+        assert_eq!(sizes("{}", 4).unwrap(), (1, 1));
         assert_eq!(c.loss_scaler().scale, 256.0);
         assert_eq!(c.adamw.betas, (0.9, 0.95));
         assert_eq!(

@@ -182,6 +182,15 @@ impl Trainer {
     /// Mean loss over `batches` (this rank's share of the evaluation set; each `micro_batch`
     /// rows), reduced over ranks.
     pub fn eval(&mut self, batches: &[Vec<u32>]) -> Result<f64, TrainError> {
+        // The engine's communication counters are training's (bytes and calls an optimizer
+        // step): an evaluation's ZeRO-3 gathers and sums are left out of them.
+        let stats = self.engine.comm_stats.clone();
+        let r = self.eval_batches(batches);
+        self.engine.comm_stats = stats;
+        r
+    }
+
+    fn eval_batches(&mut self, batches: &[Vec<u32>]) -> Result<f64, TrainError> {
         let dims = self.dims();
         let dt = self.cfg.precision.dtype();
         let mut sum = 0.0;

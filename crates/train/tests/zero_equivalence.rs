@@ -83,3 +83,38 @@ fn zero_shrinks_per_rank_state_as_promised() {
     let m3 = mem(4, 3);
     assert!(m3.weights * 4 <= m0.weights + 4 * 4 * 64);
 }
+
+/// The engine's communication counters are training's: at ZeRO-3 over 2 ranks a step gathers
+/// the weights (forward and backward) and an evaluation, which gathers them again, adds nothing
+/// to the counters, so the per-step figures `tessera train` prints do not depend on how often
+/// or on how much it evaluates.
+#[test]
+fn evaluation_traffic_is_not_counted_as_training_communication() {
+    let model = common::tiny_model(false);
+    let cfg = common::config(3, "");
+    let data = common::tokens(4000);
+    let out = tessera_train::run_dp(2, |comm| {
+        let layout = tessera_model::ParamLayout::new(&model);
+        let init = tessera_model::grad::random_init(&layout, 0);
+        let mut t =
+            tessera_train::Trainer::new(comm, model.clone(), cfg.clone(), common::SEQ, init)?;
+        let mut loader = tessera_train::Loader::new(data.clone(), common::SEQ, 0)?;
+        let eval_set = loader.eval_batches(t.micro_batch, 4, t.dp(), t.rank());
+        common::train_steps(&mut t, &mut loader, 1)?;
+        let one = t.engine.comm_stats.clone();
+        let loss = t.eval(&eval_set)?;
+        let after_eval = t.engine.comm_stats.clone();
+        common::train_steps(&mut t, &mut loader, 1)?;
+        let two = t.engine.comm_stats.clone();
+        Ok((one, after_eval, two, loss))
+    })
+    .unwrap();
+    for (one, after_eval, two, loss) in out {
+        assert!(loss.is_finite());
+        assert!(one.all_gather_bytes > 0 && one.calls > 0, "{one:?}");
+        assert_eq!(after_eval.all_gather_bytes, one.all_gather_bytes);
+        assert_eq!(after_eval.calls, one.calls);
+        assert_eq!(two.all_gather_bytes, 2 * one.all_gather_bytes);
+        assert_eq!(two.calls, 2 * one.calls);
+    }
+}
