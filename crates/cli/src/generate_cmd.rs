@@ -4,10 +4,10 @@ use anyhow::{bail, Result};
 use tessera_infer::{generate_on, GenerateParams};
 use tessera_tensor::SamplingParams;
 
-use crate::model_args::{parse_tokens, ModelArgs};
+use crate::model_args::{parse_tokens, read_text_file, ModelArgs};
 
 #[derive(clap::Args, Debug)]
-#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompt_tokens"])))]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompt_tokens", "prompt_file"])))]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -17,6 +17,10 @@ pub struct GenerateArgs {
     /// Prompt as token ids, comma separated.
     #[arg(long, allow_hyphen_values = true)]
     pub prompt_tokens: Option<String>,
+    /// Prompt from a UTF-8 file (`-`: standard input), for prompts longer than a command line
+    /// holds.
+    #[arg(long)]
+    pub prompt_file: Option<std::path::PathBuf>,
     /// Tokens to generate at most.
     #[arg(long, default_value_t = 32)]
     pub max_tokens: usize,
@@ -49,7 +53,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         bail!("--max-tokens must be at least 1");
     }
     let (model, dtype, device) = a.model.open()?;
-    let prompt = match (&a.prompt_tokens, &a.prompt) {
+    let file_text = match &a.prompt_file {
+        Some(f) => Some(read_text_file(f, "--prompt-file")?),
+        None => None,
+    };
+    let prompt_text = a.prompt.as_deref().or(file_text.as_deref());
+    let prompt = match (&a.prompt_tokens, prompt_text) {
         (Some(t), _) => parse_tokens(t, "--prompt-tokens")?,
         (None, Some(text)) => model.encode(text)?,
         (None, None) => unreachable!("clap requires one"),
@@ -82,7 +91,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     } else {
         match text {
             // The prompt as typed, or the text of the prompt's ids, then the continuation.
-            Some(t) => match &a.prompt {
+            Some(t) => match prompt_text {
                 Some(p) => outln!("{p}{t}"),
                 None => outln!("{}{t}", model.decode(&prompt)?),
             },

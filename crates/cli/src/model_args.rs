@@ -57,3 +57,31 @@ pub fn parse_tokens(s: &str, flag: &str) -> Result<Vec<u32>> {
         })
         .collect()
 }
+
+/// The text of `--text-file` / `--prompt-file`: a UTF-8 file, or standard input for `-` (not
+/// under a multi-process launch, whose ranks would each need the same input).
+pub fn read_text_file(path: &std::path::Path, flag: &str) -> Result<String> {
+    use std::io::Read;
+    let bytes = if path.as_os_str() == "-" {
+        if tessera_comm::launched() {
+            bail!(
+                "{flag} - reads standard input, which the ranks of a multi-process job do not share: give a file"
+            );
+        }
+        let mut b = vec![];
+        std::io::stdin()
+            .lock()
+            .read_to_end(&mut b)
+            .context("cannot read standard input")?;
+        b
+    } else {
+        std::fs::read(path).with_context(|| format!("{flag}: cannot read {}", path.display()))?
+    };
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{flag} {}: not UTF-8 text (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })
+}

@@ -3,10 +3,10 @@
 use anyhow::{bail, Result};
 use tessera_infer::score_on;
 
-use crate::model_args::{parse_tokens, ModelArgs};
+use crate::model_args::{parse_tokens, read_text_file, ModelArgs};
 
 #[derive(clap::Args, Debug)]
-#[command(group(clap::ArgGroup::new("input").required(true).args(["tokens", "text"])))]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["tokens", "text", "text_file"])))]
 pub struct ScoreArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -17,6 +17,9 @@ pub struct ScoreArgs {
     /// a hyphen ("- item", "--- ACT I ---").
     #[arg(long, allow_hyphen_values = true)]
     pub text: Option<String>,
+    /// Text from a UTF-8 file (`-`: standard input), for inputs longer than a command line holds.
+    #[arg(long)]
+    pub text_file: Option<std::path::PathBuf>,
     /// Print one JSON object: {"token_logprobs": [...], "sum_logprob": x}.
     #[arg(long)]
     pub json: bool,
@@ -24,10 +27,11 @@ pub struct ScoreArgs {
 
 pub fn run(a: ScoreArgs) -> Result<()> {
     let (model, dtype, device) = a.model.open()?;
-    let tokens = match (&a.tokens, &a.text) {
-        (Some(t), _) => parse_tokens(t, "--tokens")?,
-        (None, Some(text)) => model.encode(text)?,
-        (None, None) => unreachable!("clap requires one"),
+    let tokens = match (&a.tokens, &a.text, &a.text_file) {
+        (Some(t), _, _) => parse_tokens(t, "--tokens")?,
+        (None, Some(text), _) => model.encode(text)?,
+        (None, None, Some(f)) => model.encode(&read_text_file(f, "--text-file")?)?,
+        (None, None, None) => unreachable!("clap requires one"),
     };
     if tokens.is_empty() {
         bail!("nothing to score: the input holds no tokens");

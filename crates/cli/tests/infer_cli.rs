@@ -641,3 +641,46 @@ fn generated_text_keeps_the_space_before_its_first_word() {
     let v = tessera_json(&["score", "--text", "--- ACT I ---", "--json"]);
     assert!(v["sum_logprob"].as_f64().unwrap() < 0.0, "{v}");
 }
+
+/// `--text-file` / `--prompt-file` (a file, or `-` for standard input) read what `--text` /
+/// `--prompt` take, for inputs longer than a command line holds; a file that is not UTF-8 is one
+/// line naming it.
+#[test]
+fn text_and_prompt_files_read_what_the_flags_take() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("p.txt");
+    std::fs::write(&f, "ROMEO: But soft").unwrap();
+    let f = f.to_str().unwrap();
+    let want = tessera_json(&["score", "--text", "ROMEO: But soft", "--json"]);
+    assert_eq!(tessera_json(&["score", "--text-file", f, "--json"]), want);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["score", "--text-file", "-", "--json"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"ROMEO: But soft")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got, want);
+    let gen =
+        |flag: &str, v: &str| tessera_json(&["generate", flag, v, "--max-tokens", "4", "--json"]);
+    assert_eq!(gen("--prompt-file", f), gen("--prompt", "ROMEO: But soft"));
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(&bad, b"ok \xff\xfe").unwrap();
+    fails_with(
+        &["score", "--text-file", bad.to_str().unwrap()],
+        "not UTF-8 text (invalid byte at offset 3)",
+    );
+    fails_with(
+        &["generate", "--prompt-file", "/nonexistent/p.txt"],
+        "--prompt-file: cannot read /nonexistent/p.txt",
+    );
+}
