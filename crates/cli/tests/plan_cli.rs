@@ -300,7 +300,9 @@ fn llama_70b_tp8_pp2_weights_by_hand() {
     let embedding = 129_024 * h / 8;
     let stage0 = 40 * layer + embedding;
     assert_eq!(l["stage"].as_u64(), Some(0));
-    assert_eq!(l["params_per_gpu"].as_u64(), Some(stage0));
+    // The busiest GPU's parameters (DP traffic, optimizer time) are the last stage's: the same
+    // layers, the LM head the size of the embedding, and the final norm.
+    assert_eq!(l["params_per_gpu"].as_u64(), Some(stage0 + h));
     assert_eq!(mem(l, "weights"), (2 * stage0) as f64);
     assert_eq!(mem(l, "gradients"), (2 * stage0) as f64);
     assert_eq!(mem(l, "optimizer"), (12 * stage0) as f64);
@@ -611,6 +613,23 @@ fn bad_input_is_one_line_and_a_non_zero_exit() {
             "but the cluster has 8 GPUs",
         ),
         (vec!["train", "--model", "llama-3-8b", "--tp", "3"], "tp=3"),
+        // Calls and bytes a step that a 64-bit count cannot hold: refused, not wrapped.
+        (
+            vec![
+                "train",
+                "--model",
+                "llama-3-70b",
+                "--global-batch",
+                "1e18",
+                "--dp",
+                "1",
+                "--tp",
+                "8",
+                "--pp",
+                "1",
+            ],
+            "beyond what the planner counts",
+        ),
         (
             vec![
                 "train",
@@ -781,4 +800,62 @@ fn the_closest_layout_that_does_not_fit_is_the_smallest() {
         .fold(f64::INFINITY, f64::min);
     assert_eq!(mem(first, "total"), all_min);
     assert!(mem(first, "total") < 300.0 * (1u64 << 30) as f64, "{first}");
+}
+
+/// One sequence of DeepSeek-V3 (top-8 of 256 routed experts, one shared) reads at least its
+/// active parameters a token: attention, router and shared expert every step, 8 routed experts.
+/// Only routed experts may go unread (the attention projections were once counted as experts).
+#[test]
+fn moe_decode_reads_at_least_the_active_parameters() {
+    let v = plan_json(&[
+        "infer",
+        "--model",
+        "deepseek-v3",
+        "--cluster",
+        "h200",
+        "--nodes",
+        "2",
+        "--seqs",
+        "1",
+        "--dp",
+        "1",
+        "--tp",
+        "8",
+        "--pp",
+        "2",
+    ]);
+    let l = &v["layouts"][0];
+    let comm: f64 = l["comm"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["seconds"].as_f64().unwrap())
+        .sum();
+    // A step is pp ticks, each the slowest stage's read plus the exchanges.
+    let read_s = l["inter_token_s"].as_f64().unwrap() - 2.0 * comm;
+    let active = v["model"]["active_params"].as_f64().unwrap();
+    let bw = v["cluster"]["hbm_bw"].as_f64().unwrap();
+    let floor = active * 2.0 / 8.0 / bw;
+    assert!(
+        read_s >= floor,
+        "{read_s} s of reads < {floor} s for the active parameters"
+    );
+    assert!(read_s < 1.5 * floor, "{read_s} s against {floor}");
+}
+
+/// `--params N` guesses a width of whole groups of 8 heads, so the search may use tp 2, 4 and 8
+/// (a guessed 70 heads once ruled out every tp but 1 and 2 for its own guess).
+#[test]
+fn a_guessed_shape_has_heads_that_tp_8_divides() {
+    for (p, nodes) in [("7.5e9", "2"), ("70e9", "2"), ("1e12", "64"), ("1e8", "2")] {
+        let v = plan_json(&["train", "--params", p, "--nodes", nodes]);
+        let heads = v["model"]["heads"].as_u64().unwrap();
+        assert_eq!(heads % 8, 0, "--params {p}: {heads} heads");
+        let rejected = v["rejected"].as_array().unwrap();
+        assert!(
+            !rejected.iter().any(|r| r["tp"].as_u64().unwrap() <= 8
+                && r["reason"].as_str().unwrap().contains("attention heads")),
+            "--params {p}: {rejected:?}"
+        );
+    }
 }

@@ -85,7 +85,8 @@ pub struct TrainMemory {
     pub bytes: MemoryBytes,
     pub buffers: Buffers,
     pub activations: StageActivations,
-    /// Parameters each GPU of that stage holds before ZeRO partitioning.
+    /// Parameters the GPUs of the stage holding the most hold, before ZeRO partitioning (what
+    /// DP traffic and the optimizer's time are counted on).
     pub params_per_gpu: u64,
     /// Total of every stage, first to last.
     pub stage_totals: Vec<u64>,
@@ -202,7 +203,11 @@ pub fn train_memory(
         cpu_per_node: per_node * stages.iter().map(|s| s.4.cpu_per_node).max().unwrap_or(0),
         nvme_per_node: per_node * stages.iter().map(|s| s.4.nvme_per_node).max().unwrap_or(0),
     };
-    let (bytes, buffers, activations, params_per_gpu, _) = stages[worst];
+    let (bytes, buffers, activations, _, _) = stages[worst];
+    // The busiest GPU's parameters (DP traffic, optimizer time): the stage holding the most, which
+    // is not always the one holding the most bytes (stage 0 keeps the most activations; the last
+    // may hold more layers and the LM head).
+    let params_per_gpu = stages.iter().map(|s| s.3).max().unwrap_or(0);
     TrainMemory {
         stage: worst as u64,
         bytes,

@@ -180,9 +180,9 @@ pub fn why_not_lines(p: &Plan) -> Vec<String> {
     let over: Vec<&Evaluated> = p.layouts.iter().filter(|e| !e.fits).collect();
     if let Some(closest) = over.first() {
         lines.push(format!(
-            "{} layout{} do not fit; the closest, {}, {}",
+            "{} layout{} not fit; the closest, {}, {}",
             over.len(),
-            if over.len() == 1 { "" } else { "s" },
+            if over.len() == 1 { " does" } else { "s do" },
             closest.layout.label(),
             closest.why_not.as_deref().unwrap_or("")
         ));

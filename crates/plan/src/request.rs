@@ -100,8 +100,12 @@ fn check_magnitudes(req: &Request) -> Result<(), PlanError> {
     let params = f(m.layers) * (2.0 * h * attn + 3.0 * h * mlp) + 2.0 * f(m.vocab) * h;
     let width = h.max(f(m.vocab)).max(mlp).max(attn);
     let work = match &req.job {
+        // A micro-batch's activations, and the step's calls and bytes (each layer's collectives
+        // every micro-batch of the global batch).
         Job::Train(t) => {
-            f(t.seq) * f(t.micro_batch) * (width * 64.0 + f(m.heads) * f(t.seq)) * f(m.layers)
+            (f(t.seq) * f(t.micro_batch) * (width * 64.0 + f(m.heads) * f(t.seq)) * f(m.layers))
+                .max(f(t.global_batch) * f(m.layers) * 64.0)
+                .max(f(t.global_batch) * f(t.seq) * h * f(m.layers) * 2.0)
         }
         Job::Infer(i) => {
             f(i.seqs) * f(i.context) * f(m.layers) * 2.0 * attn * 4.0

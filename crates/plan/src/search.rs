@@ -314,30 +314,43 @@ fn score(e: &Evaluated) -> f64 {
     }
 }
 
-/// Estimates within about 1% of each other are a tie: the estimate is not that exact, and then
-/// the simpler layout wins (no offload, then no per-micro-batch ZeRO-2/3 traffic), then the
-/// smaller footprint.
-fn score_bucket(e: &Evaluated) -> i64 {
-    (score(e).max(1e-12).ln() / 1.01f64.ln()).floor() as i64
-}
+/// How much slower than a group's fastest layout a layout may be and still tie with it: the
+/// estimate is not that exact.
+const TIE: f64 = 1.01;
 
-/// Layouts that fit first, fastest first (ties as [`score_bucket`] says); then those that do not,
-/// smallest footprint first (the closest to fitting leads), the simpler layout on equal bytes.
+/// Layouts that fit first, fastest first. Estimates within 1% are a tie: walking from the fastest,
+/// each group holds the layouts within 1% of its own fastest, and inside a group the simpler
+/// layout comes first (no offload, then no per-micro-batch ZeRO-2/3 traffic), then the smaller
+/// footprint, then the faster. Then the layouts that do not fit, smallest footprint first (the
+/// closest to fitting leads), the simpler on equal bytes.
 fn rank(layouts: &mut [Evaluated]) {
-    layouts.sort_by_key(|e| {
-        let simpler = (e.layout.offload != Offload::None, e.layout.zero >= 2);
-        if e.fits {
-            (
-                false,
-                score_bucket(e),
-                simpler,
-                e.memory_total(),
-                (false, false),
-            )
-        } else {
-            (true, 0, (false, false), e.memory_total(), simpler)
-        }
+    let simpler = |e: &Evaluated| (e.layout.offload != Offload::None, e.layout.zero >= 2);
+    layouts.sort_by(|a, b| {
+        b.fits
+            .cmp(&a.fits)
+            .then_with(|| match a.fits {
+                true => score(a).total_cmp(&score(b)),
+                false => a.memory_total().cmp(&b.memory_total()),
+            })
+            .then_with(|| simpler(a).cmp(&simpler(b)))
     });
+    let fit = layouts.iter().filter(|e| e.fits).count();
+    let mut start = 0;
+    while start < fit {
+        let limit = score(&layouts[start]) * TIE;
+        let end = start
+            + layouts[start..fit]
+                .iter()
+                .take_while(|e| score(e) <= limit)
+                .count();
+        layouts[start..end].sort_by(|a, b| {
+            simpler(a)
+                .cmp(&simpler(b))
+                .then_with(|| a.memory_total().cmp(&b.memory_total()))
+                .then_with(|| score(a).total_cmp(&score(b)))
+        });
+        start = end;
+    }
     for (i, e) in layouts.iter_mut().enumerate() {
         if e.fits {
             e.rank = Some(i as u64 + 1);
@@ -392,14 +405,20 @@ mod tests {
             .find(|e| e.layout.dp == 16 && e.layout.zero == 0)
             .unwrap();
         assert!(!plain.fits && plain.why_not.as_ref().unwrap().contains("GiB usable"));
-        // Ranked layouts come in order of step time (to 1%).
-        let steps: Vec<i64> = p
-            .layouts
-            .iter()
-            .filter(|e| e.fits)
-            .map(score_bucket)
-            .collect();
-        assert!(steps.windows(2).all(|w| w[0] <= w[1]));
+        // Ranked layouts come in order of step time, to 1%: none is more than 1% slower than
+        // one ranked after it, and within 1% the simpler comes first.
+        let fit: Vec<&Evaluated> = p.layouts.iter().filter(|e| e.fits).collect();
+        for (i, a) in fit.iter().enumerate() {
+            for b in &fit[i + 1..] {
+                assert!(score(a) <= score(b) * TIE * TIE, "{a:?} before {b:?}");
+                let within = score(a).max(score(b)) <= score(a).min(score(b)) * TIE;
+                let simple =
+                    |e: &Evaluated| (e.layout.offload != Offload::None, e.layout.zero >= 2);
+                if within && score(a) > score(b) {
+                    assert!(simple(a) <= simple(b), "{a:?} before {b:?}");
+                }
+            }
+        }
         // tp = 16 spans nodes: rejected with a reason.
         assert!(p
             .rejected

@@ -152,7 +152,9 @@ impl ModelShape {
 
     /// A GPT-style dense shape (LayerNorm, 4h GeLU MLP, dropout, tied embeddings, 128-wide heads)
     /// holding exactly `params` parameters, for `--params N`. Missing dimensions are guessed with
-    /// hidden = 128 × layers, the aspect ratio of GPT-3 175B; the vocabulary defaults to 51200.
+    /// hidden = 128 × layers, the aspect ratio of GPT-3 175B, rounded to a multiple of 1,024 (a
+    /// multiple of 8 heads) where neither the width nor the heads are given; the vocabulary
+    /// defaults to 51200.
     pub fn from_param_count(
         params: u64,
         layers: Option<u64>,
@@ -168,6 +170,7 @@ impl ModelShape {
             ));
         }
         let vocab = vocab.unwrap_or(51_200);
+        let guessed_width = hidden.is_none() && heads.is_none();
         let (layers, hidden) = match (layers, hidden) {
             (Some(l), Some(h)) => (l, h),
             (Some(l), None) => (l, (128 * l).max(128)),
@@ -183,6 +186,13 @@ impl ModelShape {
                 }
                 (l, 128 * l)
             }
+        };
+        // A guessed width is a whole number of 8 heads of 128 (1,024), as published models' are,
+        // so that tp 2, 4 and 8 divide its heads.
+        let hidden = if guessed_width {
+            (((hidden as f64 / 1024.0).round() as u64).max(1)) * 1024
+        } else {
+            hidden
         };
         let heads = heads.unwrap_or((hidden / 128).max(1));
         if layers == 0 || hidden == 0 || heads == 0 || vocab == 0 {
@@ -258,7 +268,7 @@ impl ModelShape {
     }
 
     /// Parameters of one MLP with intermediate size `f`: (split, replicated).
-    fn mlp_params(&self, f: u64) -> (u64, u64) {
+    pub(crate) fn mlp_params(&self, f: u64) -> (u64, u64) {
         let h = self.hidden;
         let mats = if self.gated_mlp { 3 } else { 2 };
         let mut split = mats * h * f;
@@ -435,7 +445,8 @@ mod tests {
     fn param_count_shape_is_exact() {
         let s = ModelShape::from_param_count(7_500_000_000, None, None, None, None).unwrap();
         assert_eq!(s.total_params(), 7_500_000_000);
-        assert_eq!(s.hidden, 128 * s.layers);
+        // h = 128 L = 4,224 rounded to whole groups of 8 heads of 128.
+        assert_eq!((s.layers, s.hidden, s.heads), (33, 4096, 32));
         let s =
             ModelShape::from_param_count(1_000_003, Some(3), Some(64), Some(4), Some(100)).unwrap();
         assert_eq!(s.total_params(), 1_000_003);

@@ -187,13 +187,13 @@ pub fn infer_time(
             let full = layout.layer_params_per_rank(model, i);
             weights += match &model.moe {
                 // Expected share of experts that b_mb tokens of top-k routing touch.
+                // Only routed experts go unread: attention, the router and the shared experts
+                // are read every step.
                 Some(moe) if model.is_moe_layer(i) => {
-                    let lp = model.layer_params(i);
                     let e = moe.experts as f64;
                     let touched = 1.0 - (1.0 - moe.top_k as f64 / e).powf(b_mb);
-                    let experts = lp.split as f64 * moe.experts as f64
-                        / (moe.experts + moe.shared_experts) as f64;
-                    full - ((1.0 - touched) * experts / layout.tp as f64) as u64
+                    let routed = (moe.experts * model.mlp_params(moe.expert_ffn).0) as f64;
+                    full - ((1.0 - touched) * routed / layout.tp as f64) as u64
                 }
                 _ => full,
             };
