@@ -98,7 +98,7 @@ fn prepare(a: PrepareArgs) -> Result<()> {
         vocab,
         Some(&a.tokenizer),
     )?;
-    eprintln!(
+    errln!(
         "wrote {}: {} train + {} val tokens ({}), vocabulary {}",
         a.out.display(),
         meta.train.tokens,

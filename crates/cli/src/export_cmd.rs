@@ -23,6 +23,6 @@ pub fn run(a: ExportArgs) -> Result<()> {
     let dtype: DType = a.dtype.parse()?;
     crate::out_paths::fresh_dir(&a.out, "--out")?;
     let out = tessera_train::checkpoint::export(&a.checkpoint, &a.out, dtype)?;
-    eprintln!("exported {} to {}", a.checkpoint.display(), out.display());
+    errln!("exported {} to {}", a.checkpoint.display(), out.display());
     Ok(())
 }

@@ -180,6 +180,7 @@ fn signal_name(sig: i32) -> &'static str {
         6 => " (SIGABRT)",
         9 => " (SIGKILL)",
         11 => " (SIGSEGV)",
+        13 => " (SIGPIPE)",
         15 => " (SIGTERM)",
         _ => "",
     }
@@ -305,6 +306,27 @@ pub fn run_job(spec: JobSpec) -> Result<()> {
         // alone, which passes them on.
         #[cfg(unix)]
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        // A launcher killed outright (SIGKILL, the OOM killer) cannot pass anything on: the
+        // kernel sends each rank SIGTERM when it dies (the rank itself, the leader of its group:
+        // a `tessera` rank ends; what a shell rank started lives on), so a job does not run on
+        // without its launcher.
+        #[cfg(target_os = "linux")]
+        {
+            let launcher = std::process::id() as libc::pid_t;
+            // SAFETY: between fork and exec only async-signal-safe calls (prctl, getppid, kill).
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The launcher died before the prctl: this process has another parent now.
+                    if libc::getppid() != launcher {
+                        libc::kill(libc::getpid(), libc::SIGTERM);
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {

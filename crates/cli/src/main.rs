@@ -19,6 +19,24 @@ macro_rules! out {
     };
 }
 
+/// `eprintln!` that does not panic where standard error cannot be written (its reader gone: a
+/// launcher killed, `2>&1 | head`): progress and messages are dropped, the work goes on.
+macro_rules! errln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
+/// `eprint!` likewise.
+macro_rules! err {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let mut e = std::io::stderr();
+        let _ = write!(e, $($t)*).and_then(|_| e.flush());
+    }};
+}
+
 mod bench;
 mod data_cmd;
 mod export_cmd;
@@ -64,13 +82,12 @@ enum Cmd {
 }
 
 fn main() {
-    // Output into a closed pipe (`tessera plan ... | head -1`) ends the process quietly, as it
-    // does for other command-line tools, instead of a panic of `println!`.
-    #[cfg(unix)]
-    // SAFETY: restores the default disposition of one signal before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    // SIGPIPE stays ignored (Rust's default): a write to a closed pipe or socket is an error to
+    // handle, not death. Output into a closed pipe (`tessera plan ... | head -1`) ends the process
+    // quietly (`write_stdout`), a rank whose peer died says so instead of being killed mid-abort
+    // by its write to the dead peer's socket, and a launcher whose stderr reader is gone goes on
+    // supervising its ranks. Children started by `tessera launch` get the default back (std
+    // resets it before exec).
     // While this process has one thread: NCCL reads its settings from the environment, and
     // setting a variable while another thread reads one is a data race in libc.
     #[cfg(feature = "cuda")]
@@ -86,7 +103,7 @@ fn main() {
                 e.exit();
             }
             // One line, as for every other user mistake; `--help` has the rest.
-            eprintln!("{} (see --help)", clap_one_line(&e.to_string()));
+            errln!("{} (see --help)", clap_one_line(&e.to_string()));
             std::process::exit(2);
         }
     };
@@ -101,7 +118,7 @@ fn main() {
         Cmd::Bench(a) => bench::run(a),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        errln!("error: {e:#}");
         // A launched job's failure: the failed rank's status (at least 1).
         let status = e
             .downcast_ref::<launch_cmd::JobFailed>()
@@ -123,9 +140,14 @@ pub(crate) fn write_stdout(args: std::fmt::Arguments) {
     }
 }
 
-/// One line and exit 1: what was asked for cannot be handed over.
+/// One line and exit 1: what was asked for cannot be handed over. Where the reader has gone (a
+/// closed pipe), quietly, with the status a shell reports for a process SIGPIPE ended (141), as
+/// other command-line tools end.
 fn stdout_failed(e: &std::io::Error) -> ! {
-    eprintln!("error: cannot write to standard output: {e}");
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(128 + 13);
+    }
+    errln!("error: cannot write to standard output: {e}");
     std::process::exit(1);
 }
 

@@ -167,7 +167,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     crate::out_paths::writable_file(&a.curve, "--curve")?;
     let mut cfg = TrainConfig::from_file(&a.config)?;
     for w in &cfg.warnings {
-        eprintln!("warning: {}: {w}", a.config.display());
+        errln!("warning: {}: {w}", a.config.display());
     }
     if let Some(s) = a.zero_stage {
         if s > 3 {
@@ -304,7 +304,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     drop(loader0);
     let params = layout.num_params();
     if !a.json {
-        eprintln!(
+        errln!(
             "training {params} parameters: dp {} x micro-batch {micro} x accumulation {ga} x {} tokens, ZeRO stage {}, {:?}",
             a.dp, a.seq_len, cfg.zero.stage, cfg.precision
         );
@@ -386,9 +386,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
                         if s.skipped { " (skipped: fp16 overflow)" } else { "" }
                     );
                     if tty {
-                        eprint!("\r{msg}\x1b[K");
+                        err!("\r{msg}\x1b[K");
                     } else if s.step % 10 == 0 || s.step == a.steps {
-                        eprintln!("{msg}");
+                        errln!("{msg}");
                     }
                 }
             }
@@ -399,9 +399,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 // On stderr with --json too (stdout then holds only the step objects).
                 if rank0 {
                     if tty && !a.json {
-                        eprintln!();
+                        errln!();
                     }
-                    eprintln!("step {}: validation loss {v:.4}", s.step);
+                    errln!("step {}: validation loss {v:.4}", s.step);
                 }
             }
             if let Some(root) = &a.save {
@@ -412,14 +412,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         out.secs = t0.elapsed().as_secs_f64();
         if rank0 && !a.json && tty {
-            eprintln!();
+            errln!();
         }
         let v = t.eval(&eval_set)?;
         out.val.push((t.progress.step, v));
         if let Some(root) = &a.save {
             let dir = checkpoint::save(&mut t, root, seed, &model_json, tokenizer.as_deref())?;
             if rank0 {
-                eprintln!("saved {}", dir.display());
+                errln!("saved {}", dir.display());
             }
         }
         out.memory = t.memory();
@@ -442,7 +442,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let plan = plan_bytes(&model_cfg, &cfg, dp, a.seq_len, micro, micro * ga * dp);
     let mb = |b: usize| b as f64 / 1e6;
     let steps = outcome.steps_run.max(1) as f64;
-    eprintln!(
+    errln!(
         "validation loss {val:.4} (unigram baseline {unigram:.4}); {:.0} train tokens/s over {} steps",
         outcome.tokens as f64 / outcome.secs.max(1e-9),
         outcome.steps_run
@@ -452,7 +452,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     } else {
         String::new()
     };
-    eprintln!(
+    errln!(
         "per-rank MB: weights {:.3} (+{:.3} gathered peak), gradients {:.3}, optimizer {:.3}{nvme}; `tessera plan` predicts {:.3} / {:.3} / {:.3} for dp {dp} ZeRO-{stage} (gradients here are accumulated in f32)",
         mb(m.weights),
         mb(m.gathered_peak),
@@ -463,7 +463,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         mb(plan.optimizer as usize)
     );
     let c = &outcome.comm;
-    eprintln!(
+    errln!(
         "communication per step (rank 0): all-reduce {:.3} MB, reduce-scatter {:.3} MB, all-gather {:.3} MB, {:.1} calls, {:.2} ms waiting",
         c.all_reduce_bytes as f64 / 1e6 / steps,
         c.reduce_scatter_bytes as f64 / 1e6 / steps,
@@ -471,9 +471,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
         c.calls as f64 / steps,
         c.wait_s * 1e3 / steps
     );
-    eprintln!("loss curve: {}", a.curve.display());
+    errln!("loss curve: {}", a.curve.display());
     if let Some(r) = &resume {
-        eprintln!("resumed from step {}", r.progress.step);
+        errln!("resumed from step {}", r.progress.step);
     }
     Ok(())
 }

@@ -684,3 +684,23 @@ fn text_and_prompt_files_read_what_the_flags_take() {
         "--prompt-file: cannot read /nonexistent/p.txt",
     );
 }
+
+/// Output into a pipe whose reader has gone (`tessera ... | head -1`) ends the command quietly,
+/// with the status a shell reports for a process SIGPIPE ended, and no panic.
+#[test]
+fn a_closed_standard_output_ends_the_command_quietly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["generate", "--prompt", "ROMEO:", "--max-tokens", "4"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(141));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -270,6 +270,10 @@ fn bad_launch_input_is_one_clear_line() {
     let mut c = bin();
     c.args(["launch", "--nproc-per-node", "2", "--", "/no/such/program"]);
     fails_with(c, "cannot start rank 0");
+    // Refused before any rank starts (one line, not a rank's and then the launcher's).
+    let mut c = bin();
+    c.args(["bench", "comm", "--backend", "tcp", "--nproc", "1"]);
+    fails_with(c, "needs at least 2 ranks");
     let timeout = |t: &str| launch_bench_comm(&["--nproc-per-node", "1", "--timeout", t]);
     fails_with(timeout("-3"), "--timeout");
     // A deadline the ranks would refuse, found by the launcher before it starts them.
@@ -500,4 +504,159 @@ fn a_signal_to_the_launcher_ends_every_rank() {
             "rank {pid} is still running: {stat}"
         );
     }
+}
+
+/// A rank whose peers finished and left says which one left and exits 1; it is not killed by
+/// SIGPIPE while it tells the others to stop (its write to a peer's closed socket), which once
+/// ended it silently with status 141 three times out of four.
+#[test]
+fn a_rank_left_alone_names_the_rank_that_left() {
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/hf/llama");
+    let script = format!(
+        "if [ $RANK = 1 ]; then t=8; else t=4; fi; exec {} generate --model {fixture} --prompt hi --max-tokens $t --tp 4",
+        env!("CARGO_BIN_EXE_tessera")
+    );
+    for _ in 0..3 {
+        let child = bin()
+            .args(["launch", "--nproc-per-node", "4", "--", "sh", "-c", &script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (code, err, _) = finish(child, Duration::from_secs(60));
+        assert_eq!(code, Some(1), "{err}");
+        assert!(
+            err.contains("rank 1: lost rank 0: rank 0 closed its connection"),
+            "{err}"
+        );
+        assert!(!err.contains("signal 13"), "{err}");
+    }
+}
+
+/// A launcher whose own stderr reader has gone (`tessera launch ... 2>&1 | head -1`) goes on
+/// supervising: its ranks run to their end and the job's status is theirs (it once died of
+/// SIGPIPE at its first line and left the ranks running).
+#[test]
+fn a_launcher_whose_stderr_reader_is_gone_still_waits_for_its_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let done = dir.path().join("done");
+    let script = format!(
+        "echo start $RANK >&2; sleep 1; echo $RANK >> {}",
+        done.display()
+    );
+    let mut child = two_shell_ranks(&script).spawn().unwrap();
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let mut ranks: Vec<String> = std::fs::read_to_string(&done)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    ranks.sort();
+    assert_eq!(ranks, ["0", "1"]);
+}
+
+/// A launcher killed outright (SIGKILL: it can pass nothing on) does not leave its ranks running:
+/// the kernel sends each SIGTERM when the launcher dies.
+#[cfg(target_os = "linux")]
+#[test]
+fn ranks_end_when_their_launcher_is_killed_outright() {
+    let mut child = bin()
+        .args(["launch", "--nproc-per-node", "2", "--", "sleep", "300"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let pids: Vec<u32> = loop {
+        let p: Vec<u32> = (0..2).filter_map(|r| rank_pid(child.id(), r)).collect();
+        if p.len() == 2 || start.elapsed() > Duration::from_secs(20) {
+            break p;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(pids.len(), 2, "the ranks did not start");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for pid in pids {
+        let start = Instant::now();
+        while !ended(&stat_fields(pid)) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "rank pid {pid} outlived its launcher"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Two nodes started with different --nnodes: the node whose job size is not rank 0's says so at
+/// once (it used to wait out the deadline for ranks that had connected and were dropped).
+#[test]
+fn nodes_of_different_job_sizes_are_named() {
+    let port = free_port().to_string();
+    let node = |nnodes: &str, node_rank: &str| {
+        bin()
+            .args([
+                "launch",
+                "--nnodes",
+                nnodes,
+                "--node-rank",
+                node_rank,
+                "--nproc-per-node",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                &port,
+                "--job-token",
+                "t",
+                "--timeout",
+                "5",
+                "--",
+                "tessera",
+                "bench",
+                "comm",
+                "--backend",
+                "tcp",
+                "--sizes",
+                "1K",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let n0 = node("2", "0");
+    let n1 = node("3", "1");
+    let (code, err, _) = finish(n1, Duration::from_secs(30));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("rank 0 runs a job of 2 ranks, this rank one of 3"),
+        "{err}"
+    );
+    let (code, err, _) = finish(n0, Duration::from_secs(30));
+    assert_ne!(code, Some(0), "{err}");
+}
+
+/// Something other than a tessera store on the master port is named as such, not as a store
+/// that turned the rank away for no reason.
+#[test]
+fn a_foreign_service_on_the_master_port_is_named() {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        // As an HTTP server does: read the request, answer, close.
+        if let Ok((mut s, _)) = listener.accept() {
+            let mut buf = [0u8; 4];
+            let _ = std::io::Read::read_exact(&mut s, &mut buf);
+            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        }
+    });
+    let mut c = as_rank(1, 2, port);
+    c.env("TESSERA_COMM_TIMEOUT_S", "5");
+    fails_with(c, "did not answer as a tessera rendezvous store");
+    server.join().unwrap();
 }

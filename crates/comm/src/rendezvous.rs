@@ -254,20 +254,35 @@ impl StoreClient {
         let _ = conn.set_nodelay(true);
         conn.set_read_timeout(Some(Duration::from_secs(10)))
             .map_err(io)?;
-        conn.write_all(MAGIC).map_err(io)?;
-        write_bytes(&mut conn, token.as_bytes()).map_err(io)?;
-        let mut status = [0u8; 1];
-        conn.read_exact(&mut status).map_err(|e| {
+        // A store reads the greeting before it answers: one that closes first is something else.
+        let hello = |e: std::io::Error| {
             CommError::Setup(format!(
-                "{what} did not answer ({e}); is something else listening on that port?"
+                "{what} did not answer as a tessera rendezvous store ({e}; is something else listening on that port?)"
             ))
-        })?;
-        if status[0] != 0 {
-            let why = read_bytes(&mut conn).unwrap_or_default();
-            return Err(CommError::Setup(format!(
-                "{what} turned this rank away: {}",
-                String::from_utf8_lossy(&why)
-            )));
+        };
+        conn.write_all(MAGIC).map_err(hello)?;
+        write_bytes(&mut conn, token.as_bytes()).map_err(hello)?;
+        let mut status = [0u8; 1];
+        conn.read_exact(&mut status).map_err(hello)?;
+        // 0: welcome; 1 and a reason: turned away; anything else is not a tessera store.
+        let not_a_store = || {
+            CommError::Setup(format!(
+                "{what} did not answer as a tessera rendezvous store (is something else listening on that port?)"
+            ))
+        };
+        match status[0] {
+            0 => {}
+            1 => {
+                let why = read_bytes(&mut conn).map_err(|_| not_a_store())?;
+                let why = String::from_utf8(why).map_err(|_| not_a_store())?;
+                if why.is_empty() {
+                    return Err(not_a_store());
+                }
+                return Err(CommError::Setup(format!(
+                    "{what} turned this rank away: {why}"
+                )));
+            }
+            _ => return Err(not_a_store()),
         }
         Ok(StoreClient { conn, what })
     }

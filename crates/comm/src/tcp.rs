@@ -538,6 +538,30 @@ impl TcpRank {
         };
         let mut client =
             StoreClient::connect(&cfg.master_addr, cfg.master_port, &cfg.job_token, left())?;
+        // Every rank's job has rank 0's size, or it leaves before taking a rank's place: nodes
+        // started with different --nnodes or --nproc-per-node would otherwise wait out the
+        // deadline for ranks that connect and are dropped, or overwrite each other's addresses.
+        if rank == 0 {
+            client.set("world_size", world.to_string().as_bytes())?;
+        } else {
+            match client.wait(&["world_size".to_string()], left())? {
+                Ok(v) if v[0] == world.to_string().as_bytes() => {}
+                Ok(v) => {
+                    return Err(CommError::Setup(format!(
+                        "rank {rank}: rank 0 runs a job of {} ranks, this rank one of {world}: start every node with the same --nnodes and --nproc-per-node (the same WORLD_SIZE)",
+                        String::from_utf8_lossy(&v[0])
+                    )))
+                }
+                Err(_) => {
+                    return Err(CommError::Setup(format!(
+                        "rank {rank}: rendezvous at {}:{} timed out after {:.1}s: rank 0 never joined",
+                        cfg.master_addr,
+                        cfg.master_port,
+                        cfg.timeout.as_secs_f64()
+                    )))
+                }
+            }
+        }
         let ip = client.local_ip()?;
         let listener = TcpListener::bind(SocketAddr::new(ip, 0))
             .map_err(|e| CommError::Setup(format!("rank {rank} cannot listen on {ip}: {e}")))?;

@@ -150,7 +150,11 @@ impl DecodeGraphs {
                 match m.capture_lockstep_greedy(cache, comm) {
                     Ok(g) => self.graph = Some(g),
                     Err(e) => {
-                        eprintln!("warning: decoding without a CUDA graph: {e}");
+                        use std::io::Write as _;
+                        let _ = writeln!(
+                            std::io::stderr(),
+                            "warning: decoding without a CUDA graph: {e}"
+                        );
                         self.refused = true;
                     }
                 }

@@ -62,7 +62,11 @@ pub fn with_rank_comm<R>(
             } else {
                 "off"
             };
-            eprintln!("collectives: NCCL; fused NVLink sum + norm {on}");
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "collectives: NCCL; fused NVLink sum + norm {on}"
+            );
         }
         let r = f(&nccl);
         if let Err(e) = &r {

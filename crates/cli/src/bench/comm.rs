@@ -164,7 +164,7 @@ fn dispatch<T: Element + Default>(a: &CommArgs, op: Op, sizes: &[usize]) -> Resu
                 bench_rank::<T>(&*world, a, op, sizes, ("one loopback TCP stream", ceiling))
             }
             None => {
-                if tessera_comm::LaunchEnv::from_env()?.is_some() {
+                if tessera_comm::LaunchEnv::from_env()?.is_some() || a.nproc < 2 {
                     bail!("bench comm --backend tcp needs at least 2 ranks");
                 }
                 // Start --nproc ranks of this very command; each sees the launch env and runs
