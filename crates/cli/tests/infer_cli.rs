@@ -307,15 +307,16 @@ fn bad_input_is_one_line_and_non_zero() {
         &["score", "--model", d, "--tokens", "1,2"],
         "the config implies [128, 64]",
     );
-    // Unknown architecture.
+    // Unknown architecture (model_type decides, as in transformers' Auto classes).
     std::fs::write(
         dir.path().join("config.json"),
-        cfg.replace("LlamaForCausalLM", "GPTNeoXForCausalLM"),
+        cfg.replace("LlamaForCausalLM", "GPTNeoXForCausalLM")
+            .replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt_neox\""),
     )
     .unwrap();
     fails_with(
         &["score", "--model", d, "--tokens", "1,2"],
-        "GPTNeoXForCausalLM",
+        "unsupported model_type \"gpt_neox\"",
     );
     // An activation other than the SiLU every supported architecture computes.
     std::fs::write(

@@ -19,6 +19,60 @@ pub struct OpenModel {
     pub config: ModelConfig,
     pub checkpoint: Checkpoint,
     pub tokenizer: Option<Tokenizer>,
+    /// `tokenizer_config.json`'s explicit `add_bos_token` / `add_eos_token` (none where it sets
+    /// neither): where set, they decide the special tokens around encoded text, as transformers'
+    /// tokenizers rebuild their post-processor from them.
+    pub add_special: Option<AddSpecial>,
+}
+
+/// What `tokenizer_config.json` says of BOS and EOS around encoded text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddSpecial {
+    /// `add_bos_token` / `add_eos_token`, where set.
+    pub bos: Option<bool>,
+    pub eos: Option<bool>,
+    /// Their tokens' ids (the config's `bos_token` / `eos_token`, else config.json's ids).
+    pub bos_id: Option<u32>,
+    pub eos_id: Option<u32>,
+}
+
+/// [`AddSpecial`] from `dir/tokenizer_config.json`; none where it is missing or sets neither flag.
+fn add_special(
+    dir: &std::path::Path,
+    tokenizer: Option<&Tokenizer>,
+    config: &ModelConfig,
+) -> Result<Option<AddSpecial>, InferError> {
+    let path = dir.join("tokenizer_config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| InferError::Request(format!("{}: not valid JSON: {e}", path.display())))?;
+    let token = |key: &str| -> Option<u32> {
+        let t = v.get(key)?;
+        let s = t.as_str().or_else(|| t.get("content")?.as_str())?;
+        tokenizer?.token_to_id(s)
+    };
+    let flag = |key: &str| -> Result<Option<bool>, InferError> {
+        match v.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::Bool(b)) => Ok(Some(*b)),
+            Some(x) => Err(InferError::Request(format!(
+                "{}: `{key}` must be true or false, got {x}",
+                path.display()
+            ))),
+        }
+    };
+    let (bos, eos) = (flag("add_bos_token")?, flag("add_eos_token")?);
+    if bos.is_none() && eos.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(AddSpecial {
+        bos,
+        eos,
+        bos_id: token("bos_token").or(config.bos_token_id),
+        eos_id: token("eos_token").or(config.eos_token_ids.first().copied()),
+    }))
 }
 
 impl ModelSource {
@@ -74,10 +128,12 @@ impl ModelSource {
                 } else {
                     None
                 };
+                let add_special = add_special(dir, tokenizer.as_ref(), &config)?;
                 Ok(OpenModel {
                     config,
                     checkpoint,
                     tokenizer,
+                    add_special,
                 })
             }
             ModelSource::Embedded => Ok(OpenModel {
@@ -87,6 +143,7 @@ impl ModelSource {
                     Tokenizer::from_bytes(default_model::TOKENIZER)
                         .map_err(|e| InferError::Tokenizer(e.to_string()))?,
                 ),
+                add_special: None,
             }),
         }
     }
@@ -118,13 +175,44 @@ impl OpenModel {
         })
     }
 
-    /// Token ids of `text`, with the tokenizer's special tokens (BOS) as HF adds them by default.
+    /// Token ids of `text`, with the special tokens (BOS) HF's tokenizer adds by default: the
+    /// post-processor of `tokenizer.json`, or where `tokenizer_config.json` sets `add_bos_token`
+    /// / `add_eos_token`, BOS and EOS as those say (transformers rebuilds the post-processor
+    /// from them).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, InferError> {
-        let enc = self
-            .tokenizer()?
-            .encode(text, true)
-            .map_err(|e| InferError::Tokenizer(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        let tok = self.tokenizer()?;
+        let enc = |special: bool| -> Result<Vec<u32>, InferError> {
+            Ok(tok
+                .encode(text, special)
+                .map_err(|e| InferError::Tokenizer(e.to_string()))?
+                .get_ids()
+                .to_vec())
+        };
+        let with = enc(true)?;
+        let Some(a) = self.add_special else {
+            return Ok(with);
+        };
+        let plain = enc(false)?;
+        let added = with.len() > plain.len();
+        // What the post-processor did, for the flag the config leaves unset.
+        let had_bos = added && a.bos_id.is_some() && with.first().copied() == a.bos_id;
+        let had_eos = added && a.eos_id.is_some() && with.last().copied() == a.eos_id;
+        let want = |flag: Option<bool>, had: bool, id: Option<u32>, what: &str| {
+            match (flag.unwrap_or(had), id) {
+                (false, _) => Ok(None),
+                (true, Some(id)) => Ok(Some(id)),
+                (true, None) => Err(InferError::Tokenizer(format!(
+                    "tokenizer_config.json sets add_{what}_token but names no {what} token this tokenizer knows"
+                ))),
+            }
+        };
+        let bos = want(a.bos, had_bos, a.bos_id, "bos")?;
+        let eos = want(a.eos, had_eos, a.eos_id, "eos")?;
+        let mut ids = Vec::with_capacity(plain.len() + 2);
+        ids.extend(bos);
+        ids.extend(plain);
+        ids.extend(eos);
+        Ok(ids)
     }
 
     /// Text of `ids`, special tokens skipped.
@@ -187,10 +275,9 @@ mod tests {
                 "rstrip": false, "normalized": false, "special": true}},
                 {{"id": 2, "content": "</s>", "single_word": false, "lstrip": false,
                 "rstrip": false, "normalized": false, "special": true}}],
-            "normalizer": {{"type": "Sequence", "normalizers": [
-                {{"type": "Prepend", "prepend": "▁"}},
-                {{"type": "Replace", "pattern": {{"String": " "}}, "content": "▁"}}]}},
-            "pre_tokenizer": null,
+            "normalizer": null,
+            "pre_tokenizer": {{"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always",
+                "split": true}},
             "post_processor": {{"type": "TemplateProcessing",
                 "single": [{{"SpecialToken": {{"id": "<s>", "type_id": 0}}}}, {{"Sequence": {{"id": "A", "type_id": 0}}}}],
                 "pair": [{{"Sequence": {{"id": "A", "type_id": 0}}}}, {{"Sequence": {{"id": "B", "type_id": 1}}}}],
@@ -199,12 +286,59 @@ mod tests {
                 {{"type": "Replace", "pattern": {{"String": "▁"}}, "content": " "}},
                 {{"type": "Fuse"}},
                 {{"type": "Strip", "content": " ", "start": 1, "stop": 0}}]}},
-            "model": {{"type": "BPE", "dropout": null, "unk_token": "<unk>",
-                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
-                "byte_fallback": false, "vocab": {{{}}}, "merges": []}}}}"#,
+            "model": {{"type": "WordLevel", "unk_token": "<unk>", "vocab": {{{}}}}}}}"#,
             vocab.join(", ")
         );
         Tokenizer::from_str(&json).unwrap()
+    }
+
+    /// `tokenizer_config.json`'s add_bos_token / add_eos_token decide BOS and EOS where set, as
+    /// transformers rebuilds the post-processor from them; the post-processor decides the rest.
+    #[test]
+    fn tokenizer_config_flags_decide_the_special_tokens_where_set() {
+        let mut m = ModelSource::open(&ModelSource::Embedded).unwrap();
+        m.tokenizer = Some(sentencepiece());
+        // The post-processor adds <s> (1).
+        assert_eq!(m.encode("hello").unwrap(), vec![1, 3]);
+        let dir = std::env::temp_dir().join(format!("tessera-addspecial-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let flags = |json: &str| {
+            std::fs::write(dir.join("tokenizer_config.json"), json).unwrap();
+            add_special(&dir, m.tokenizer.as_ref(), &m.config).unwrap()
+        };
+        let a = flags(
+            r#"{"add_bos_token": false, "add_eos_token": true, "bos_token": "<s>",
+                "eos_token": {"content": "</s>"}}"#,
+        );
+        assert_eq!(
+            a,
+            Some(AddSpecial {
+                bos: Some(false),
+                eos: Some(true),
+                bos_id: Some(1),
+                eos_id: Some(2)
+            })
+        );
+        assert_eq!(flags(r#"{"bos_token": "<s>"}"#), None);
+        m.add_special = a;
+        assert_eq!(m.encode("hello").unwrap(), vec![3, 2]);
+        m.add_special =
+            flags(r#"{"add_eos_token": true, "bos_token": "<s>", "eos_token": "</s>"}"#);
+        assert_eq!(m.encode("hello").unwrap(), vec![1, 3, 2]);
+        m.add_special = flags(r#"{"add_bos_token": false}"#);
+        assert_eq!(m.encode("hello world").unwrap(), vec![3, 4]);
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            r#"{"add_bos_token": "yes"}"#,
+        )
+        .unwrap();
+        let e = add_special(&dir, m.tokenizer.as_ref(), &m.config).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("`add_bos_token` must be true or false"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

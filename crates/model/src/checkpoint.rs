@@ -43,7 +43,8 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Opens `DIR/model.safetensors` or the shards of `DIR/model.safetensors.index.json`.
+    /// Opens `DIR/model.safetensors`, or where there is none the shards of
+    /// `DIR/model.safetensors.index.json`.
     pub fn open(dir: &Path) -> Result<Self, ModelError> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
@@ -57,7 +58,11 @@ impl Checkpoint {
                 },
             });
         }
-        let paths: Vec<PathBuf> = if index.exists() {
+        // The single file first, as transformers looks for it first (a directory may keep a
+        // stale index beside it).
+        let paths: Vec<PathBuf> = if single.exists() {
+            vec![single]
+        } else if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| ModelError::Io {
                 path: index.display().to_string(),
                 err: e,
@@ -88,8 +93,6 @@ impl Checkpoint {
             }
             files.sort();
             files.into_iter().map(|f| dir.join(f)).collect()
-        } else if single.exists() {
-            vec![single]
         } else {
             return Err(ModelError::Checkpoint {
                 path: dir.display().to_string(),

@@ -172,9 +172,33 @@ impl ModelConfig {
                 )))
             }
         }
-        let rope = rope_of(v)?;
-        let attention_bias = opt_bool(v, "attention_bias")?.unwrap_or(false);
-        let qkv_bias = attention_bias || arch == Arch::Qwen2;
+        let (rope, rope_context) = rope_of(v)?;
+        if let Some(f) = opt_f64(v, "partial_rotary_factor")? {
+            if f != 1.0 {
+                return Err(cfg_err(format!(
+                    "partial_rotary_factor {f} is not supported (RoPE over the whole head only)"
+                )));
+            }
+        }
+        // Biases as transformers builds each architecture: Llama from its flags, Mistral none,
+        // Qwen2 on q/k/v only (whatever the flags say).
+        let (qkv_bias, o_bias, mlp_bias) = match arch {
+            Arch::Llama => {
+                let a = opt_bool(v, "attention_bias")?.unwrap_or(false);
+                (a, a, opt_bool(v, "mlp_bias")?.unwrap_or(false))
+            }
+            Arch::Mistral => (false, false, false),
+            Arch::Qwen2 => (true, false, false),
+        };
+        // transformers' defaults where the key is missing.
+        let default_context = match arch {
+            Arch::Llama => 2048,
+            Arch::Mistral => 131_072,
+            Arch::Qwen2 => 32_768,
+        };
+        let max_position_embeddings = opt_usize(v, "max_position_embeddings")?
+            .unwrap_or(default_context)
+            .min(rope_context.unwrap_or(usize::MAX));
         let sliding_window = sliding_of(v, arch, num_layers)?;
         let eos_token_ids = match obj.get("eos_token_id") {
             None | Some(Value::Null) => vec![],
@@ -199,11 +223,11 @@ impl ModelConfig {
             head_dim,
             rms_norm_eps: opt_f64(v, "rms_norm_eps")?.unwrap_or(1e-6),
             rope,
-            max_position_embeddings: opt_usize(v, "max_position_embeddings")?.unwrap_or(4096),
+            max_position_embeddings,
             tie_word_embeddings: opt_bool(v, "tie_word_embeddings")?.unwrap_or(false),
             qkv_bias,
-            o_bias: attention_bias,
-            mlp_bias: opt_bool(v, "mlp_bias")?.unwrap_or(false),
+            o_bias,
+            mlp_bias,
             sliding_window,
             bos_token_id,
             eos_token_ids,
@@ -310,19 +334,25 @@ fn arch_of(v: &Value) -> Result<Arch, ModelError> {
             _ => None,
         }
     };
-    if let Some(archs) = v.get("architectures").and_then(|a| a.as_array()) {
-        if let Some(first) = archs.first().and_then(|a| a.as_str()) {
-            return from_name(first).ok_or_else(|| {
-                cfg_err(format!(
-                    "unsupported architecture {first:?} (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)"
-                ))
-            });
-        }
-    }
-    match v.get("model_type").and_then(|m| m.as_str()) {
-        Some(m) => from_name(m).ok_or_else(|| {
+    // `model_type` decides, as transformers' Auto classes decide; `architectures` where it is
+    // missing.
+    let first = v
+        .get("architectures")
+        .and_then(|a| a.as_array())
+        .and_then(|a| a.first())
+        .and_then(|a| a.as_str());
+    if let Some(m) = v.get("model_type").and_then(|m| m.as_str()) {
+        return from_name(m).ok_or_else(|| {
+            let named = first.map_or(String::new(), |a| format!(", architecture {a:?}"));
             cfg_err(format!(
-                "unsupported model_type {m:?} (supported: llama, mistral, qwen2)"
+                "unsupported model_type {m:?}{named} (supported: llama, mistral, qwen2)"
+            ))
+        });
+    }
+    match first {
+        Some(first) => from_name(first).ok_or_else(|| {
+            cfg_err(format!(
+                "unsupported architecture {first:?} (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)"
             ))
         }),
         None => Err(cfg_err(
@@ -331,7 +361,10 @@ fn arch_of(v: &Value) -> Result<Arch, ModelError> {
     }
 }
 
-fn rope_of(v: &Value) -> Result<RopeConfig, ModelError> {
+/// The RoPE settings, and for `dynamic` scaling the context up to which its frequencies are the
+/// unscaled ones (the positions tessera then serves: past them transformers rescales them with
+/// the sequence's length).
+fn rope_of(v: &Value) -> Result<(RopeConfig, Option<usize>), ModelError> {
     // transformers 5 nests everything under `rope_parameters`; older configs keep `rope_theta` at the
     // top and the scaling in `rope_scaling`.
     let params = v.get("rope_parameters").filter(|p| !p.is_null());
@@ -348,6 +381,7 @@ fn rope_of(v: &Value) -> Result<RopeConfig, ModelError> {
     if !positive(theta) {
         return Err(cfg_err(format!("rope_theta must be > 0, got {theta}")));
     }
+    let mut dynamic_context = None;
     let scaling = match scaling {
         None => RopeScaling::Default,
         Some(s) => {
@@ -368,6 +402,15 @@ fn rope_of(v: &Value) -> Result<RopeConfig, ModelError> {
             };
             match kind {
                 "default" => RopeScaling::Default,
+                // Dynamic NTK scaling leaves the frequencies alone up to the original context.
+                "dynamic" => {
+                    dynamic_context = Some(
+                        s.get("original_max_position_embeddings")
+                            .and_then(|x| x.as_u64())
+                            .map_or(usize::MAX, |x| x as usize),
+                    );
+                    RopeScaling::Default
+                }
                 "linear" => RopeScaling::Linear {
                     factor: num("factor")?,
                 },
@@ -379,8 +422,8 @@ fn rope_of(v: &Value) -> Result<RopeConfig, ModelError> {
                 },
                 other => {
                     return Err(cfg_err(format!(
-                        "unsupported rope type {other:?} (supported: default, linear, llama3)"
-                    )))
+                    "unsupported rope type {other:?} (supported: default, linear, llama3, dynamic)"
+                )))
                 }
             }
         }
@@ -407,7 +450,7 @@ fn rope_of(v: &Value) -> Result<RopeConfig, ModelError> {
             return Err(cfg_err("linear rope scaling needs factor > 0"));
         }
     }
-    Ok(RopeConfig { theta, scaling })
+    Ok((RopeConfig { theta, scaling }, dynamic_context))
 }
 
 fn sliding_of(v: &Value, arch: Arch, layers: usize) -> Result<Vec<Option<usize>>, ModelError> {
@@ -421,37 +464,47 @@ fn sliding_of(v: &Value, arch: Arch, layers: usize) -> Result<Vec<Option<usize>>
 }
 
 fn sliding_windows(v: &Value, arch: Arch, layers: usize) -> Result<Vec<Option<usize>>, ModelError> {
-    let window = opt_usize(v, "sliding_window")?;
-    if let Some(types) = v.get("layer_types").and_then(|t| t.as_array()) {
-        if types.len() != layers {
-            return Err(cfg_err(format!(
-                "layer_types has {} entries for {layers} layers",
-                types.len()
-            )));
+    // As transformers reads each architecture's config: Llama has no window; Mistral slides every
+    // layer (`sliding_window` 4096 when the key is missing, no window for null; `layer_types` is
+    // ignored); Qwen2 slides only with `use_sliding_window`, then the layers from
+    // `max_window_layers` (28 when missing) or those `layer_types` names, over `sliding_window`
+    // (4096 when missing).
+    let window = || -> Result<Option<usize>, ModelError> {
+        match v.get("sliding_window") {
+            None => Ok(Some(4096)),
+            Some(_) => opt_usize(v, "sliding_window"),
         }
-        return types
-            .iter()
-            .map(|t| match t.as_str() {
-                Some("full_attention") => Ok(None),
-                Some("sliding_attention") => window.map(Some).ok_or_else(|| {
-                    cfg_err("layer_types names sliding_attention but sliding_window is not set")
-                }),
-                _ => Err(cfg_err(format!("unsupported layer type {t}"))),
-            })
-            .collect();
-    }
-    let per_layer = match arch {
-        Arch::Mistral => vec![window; layers],
+    };
+    match arch {
+        Arch::Llama => Ok(vec![None; layers]),
+        Arch::Mistral => Ok(vec![window()?; layers]),
         Arch::Qwen2 => {
             let used = opt_bool(v, "use_sliding_window")?.unwrap_or(false);
-            let from = opt_usize(v, "max_window_layers")?.unwrap_or(layers);
-            (0..layers)
-                .map(|i| if used && i >= from { window } else { None })
-                .collect()
+            let window = if used { window()? } else { None };
+            if let Some(types) = v.get("layer_types").and_then(|t| t.as_array()) {
+                if types.len() != layers {
+                    return Err(cfg_err(format!(
+                        "layer_types has {} entries for {layers} layers",
+                        types.len()
+                    )));
+                }
+                return types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        Some("full_attention") => Ok(None),
+                        Some("sliding_attention") => window.map(Some).ok_or_else(|| {
+                            cfg_err("layer_types names sliding_attention but use_sliding_window is false or sliding_window is null")
+                        }),
+                        _ => Err(cfg_err(format!("unsupported layer type {t}"))),
+                    })
+                    .collect();
+            }
+            let from = opt_usize(v, "max_window_layers")?.unwrap_or(28);
+            Ok((0..layers)
+                .map(|i| if i >= from { window } else { None })
+                .collect())
         }
-        Arch::Llama => vec![None; layers],
-    };
-    Ok(per_layer)
+    }
 }
 
 fn token_id(x: &Value, key: &str) -> Result<u32, ModelError> {
@@ -606,6 +659,98 @@ mod tests {
         assert!(e.to_string().contains("sliding_window 0"), "{e}");
         let q = with(r#"{"architectures":["Qwen2ForCausalLM"],"sliding_window":0}"#).unwrap();
         assert_eq!(q.sliding_window, vec![None, None]);
+    }
+
+    /// Each architecture's config read as transformers reads it, where tessera once read it
+    /// otherwise (silently different numbers).
+    #[test]
+    fn each_architecture_reads_its_keys_as_transformers_does() {
+        let mistral = r#"{"architectures":["MistralForCausalLM"],"model_type":"mistral"}"#;
+        let with2 = |a: &str, b: &str| {
+            let mut v: Value = serde_json::from_str(BASE).unwrap();
+            for extra in [a, b] {
+                let e: Value = serde_json::from_str(extra).unwrap();
+                for (k, x) in e.as_object().unwrap() {
+                    v[k] = x.clone();
+                }
+            }
+            ModelConfig::from_json(&v)
+        };
+        // Mistral: a missing sliding_window is MistralConfig's 4096, null none; layer_types and
+        // the bias flags are not Mistral's (every layer slides; no biases).
+        assert_eq!(with(mistral).unwrap().sliding_window, vec![Some(4096); 2]);
+        assert_eq!(
+            with2(mistral, r#"{"sliding_window":null}"#)
+                .unwrap()
+                .sliding_window,
+            vec![None; 2]
+        );
+        let m = with2(
+            mistral,
+            r#"{"sliding_window":8,"layer_types":["full_attention","sliding_attention"],
+                "attention_bias":true,"mlp_bias":true}"#,
+        )
+        .unwrap();
+        assert_eq!(m.sliding_window, vec![Some(8); 2]);
+        assert!(!m.qkv_bias && !m.o_bias && !m.mlp_bias);
+        // Qwen2: q/k/v biases only; sliding only with use_sliding_window, from
+        // max_window_layers (28 when missing), over sliding_window (4096 when missing).
+        let qwen =
+            r#"{"architectures":["Qwen2ForCausalLM"],"model_type":"qwen2","num_hidden_layers":30}"#;
+        let q = with2(qwen, r#"{"attention_bias":true,"mlp_bias":true}"#).unwrap();
+        assert!(q.qkv_bias && !q.o_bias && !q.mlp_bias);
+        assert_eq!(q.sliding_window, vec![None; 30]);
+        let q = with2(qwen, r#"{"use_sliding_window":true}"#).unwrap();
+        let mut want = vec![None; 28];
+        want.extend([Some(4096), Some(4096)]);
+        assert_eq!(q.sliding_window, want);
+        let q = with2(
+            qwen,
+            r#"{"use_sliding_window":false,"sliding_window":64,"max_window_layers":0}"#,
+        )
+        .unwrap();
+        assert_eq!(q.sliding_window, vec![None; 30]);
+        let e = with2(
+            r#"{"architectures":["Qwen2ForCausalLM"],"model_type":"qwen2"}"#,
+            r#"{"sliding_window":64,"layer_types":["sliding_attention","full_attention"]}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("use_sliding_window is false"), "{e}");
+        let q = with2(
+            r#"{"architectures":["Qwen2ForCausalLM"],"model_type":"qwen2","use_sliding_window":true}"#,
+            r#"{"sliding_window":64,"layer_types":["sliding_attention","full_attention"]}"#,
+        )
+        .unwrap();
+        assert_eq!(q.sliding_window, vec![Some(64), None]);
+        // Llama: no window, whatever layer_types says.
+        let l =
+            with(r#"{"sliding_window":8,"layer_types":["sliding_attention","sliding_attention"]}"#)
+                .unwrap();
+        assert_eq!(l.sliding_window, vec![None; 2]);
+        // model_type decides over architectures, as AutoModelForCausalLM does.
+        let q = with(r#"{"model_type":"qwen2"}"#).unwrap();
+        assert_eq!(q.arch, Arch::Qwen2);
+        // The context transformers assumes where the key is missing.
+        assert_eq!(with("{}").unwrap().max_position_embeddings, 2048);
+        assert_eq!(with(mistral).unwrap().max_position_embeddings, 131_072);
+        assert_eq!(with(qwen).unwrap().max_position_embeddings, 32_768);
+        // partial_rotary_factor other than 1 is refused, not ignored.
+        assert!(with(r#"{"partial_rotary_factor":1.0}"#).is_ok());
+        let e = with(r#"{"partial_rotary_factor":0.5}"#).unwrap_err();
+        assert!(e.to_string().contains("partial_rotary_factor 0.5"), "{e}");
+        // Dynamic NTK RoPE: the unscaled frequencies, served up to its original context.
+        let d = with(
+            r#"{"max_position_embeddings":8192,"rope_scaling":{"type":"dynamic","factor":2.0}}"#,
+        )
+        .unwrap();
+        assert_eq!(d.rope.scaling, RopeScaling::Default);
+        assert_eq!(d.max_position_embeddings, 8192);
+        let d = with(
+            r#"{"max_position_embeddings":8192,"rope_scaling":{"rope_type":"dynamic","factor":2.0,
+                "original_max_position_embeddings":4096}}"#,
+        )
+        .unwrap();
+        assert_eq!(d.max_position_embeddings, 4096);
     }
 
     #[test]

@@ -133,9 +133,20 @@ fn bad_checkpoints_are_refused_by_name() {
     assert!(e.contains("tensor lm_head.weight is missing"), "{e}");
 
     // Unknown architecture, broken JSON.
+    // (`model_type` decides, as in transformers' Auto classes; `architectures` without it.)
     write_model(
         dir.path(),
-        &json.replace("LlamaForCausalLM", "FalconForCausalLM"),
+        &json
+            .replace("LlamaForCausalLM", "FalconForCausalLM")
+            .replace("\"llama\"", "\"falcon\""),
+        &good,
+    );
+    assert!(load(dir.path()).contains("unsupported model_type \"falcon\""));
+    write_model(
+        dir.path(),
+        &json
+            .replace("LlamaForCausalLM", "FalconForCausalLM")
+            .replace(",\"model_type\":\"llama\"", ""),
         &good,
     );
     assert!(load(dir.path()).contains("unsupported architecture \"FalconForCausalLM\""));
@@ -169,8 +180,8 @@ fn bad_checkpoints_are_refused_by_name() {
         "{e}"
     );
 
-    // And the good one loads.
-    std::fs::remove_file(dir.path().join("model.safetensors.index.json")).unwrap();
+    // And the good one loads: model.safetensors is read first, as transformers reads it, even
+    // beside an index (here a broken one).
     std::fs::rename(
         dir.path().join("a.safetensors"),
         dir.path().join("model.safetensors"),
