@@ -3,7 +3,7 @@
 #   scripts/gpu_build.sh            (puts the binaries in .gpu/)
 # then, on the GPU machine (the `device` tool, carrying .gpu):
 #   bash scripts/gpu_check.sh        (report in $OUT/gpu_report.txt, or ./gpu_report.txt)
-#   STEPS="tests tp2 cli" bash ...   (some steps only: tests bench tp2 long hf cli; default all)
+#   STEPS="tests tp2 cli" bash ...   (some steps only: tests bench tp2 long hf cli export; default all)
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/lib/x86_64-linux-gnu:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 export TESSERA_REQUIRE_GPU=1 TESSERA_FIXTURES=$PWD/tests/fixtures/hf NCCL_NVLS_ENABLE=0 RUST_BACKTRACE=1
@@ -175,6 +175,21 @@ for run in sys.argv[2:]:
     diff = max(abs(a - b) for a, b in zip(cpu, got))
     print(f"score cuda {run}: max |logprob - cpu| = {diff:.2e}", "OK" if diff < 1e-4 and len(got) == len(cpu) else "FAIL")
 PY
+  } 2>&1 | tee -a "$REPORT"
+fi
+if [[ $STEPS == all || $STEPS == *export* ]]; then
+  # What `tessera export` writes, loaded by transformers (here, where torch is): a small model
+  # trained here for 200 steps (CPU), exported in f32 and bf16; transformers' log-probs and greedy
+  # tokens against tessera's on each (scripts/check_export_hf.py).
+  {
+    echo "== export: a model trained here, exported, loaded by transformers"
+    W=$(mktemp -d)
+    .gpu/tessera data prepare --input data/shakespeare/slice.txt --tokenizer tests/fixtures/hf/llama/tokenizer.json --out $W/data 2>&1 | tail -1
+    .gpu/tessera train --config tests/fixtures/train/shakespeare/ds_config.json --model-config tests/fixtures/train/shakespeare \
+      --data $W/data --dp 1 --steps 200 --seq-len 64 --save $W/ck --curve $W/curve.svg 2>&1 | tail -1
+    for dt in f32 bf16; do .gpu/tessera export --checkpoint $W/ck --out $W/model_$dt --dtype $dt 2>&1; done
+    python3 scripts/check_export_hf.py .gpu/tessera $W/model_f32 $W/model_bf16 2>&1 | grep -v -e Warning -e "Loading weights"
+    rm -rf "$W"
   } 2>&1 | tee -a "$REPORT"
 fi
 # Issue 5's speed targets from this report (the default settings' graph steps, HF's best).
