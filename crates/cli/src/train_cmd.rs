@@ -362,11 +362,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
                         "grad_norm": s.grad_norm, "tokens_per_s": tps,
                     });
                     // A line that cannot be written (a full disk) ends the run with an error:
-                    // the curve asked for would otherwise have holes.
+                    // the curve asked for would otherwise have holes. A reader that has gone
+                    // (`| head -1`) ends it quietly, as any output into a closed pipe does.
                     let mut so = std::io::stdout().lock();
-                    writeln!(so, "{line}")
-                        .and_then(|_| so.flush())
-                        .map_err(tessera_train::TrainError::Stdout)?;
+                    if let Err(e) = writeln!(so, "{line}").and_then(|_| so.flush()) {
+                        if e.kind() == std::io::ErrorKind::BrokenPipe {
+                            crate::stdout_failed(&e);
+                        }
+                        return Err(tessera_train::TrainError::Stdout(e));
+                    }
                 } else {
                     let done = s.step.saturating_sub(start_step);
                     let left = a.steps.saturating_sub(s.step);

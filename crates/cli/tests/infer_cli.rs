@@ -655,8 +655,11 @@ fn text_and_prompt_files_read_what_the_flags_take() {
     let f = f.to_str().unwrap();
     let want = tessera_json(&["score", "--text", "ROMEO: But soft", "--json"]);
     assert_eq!(tessera_json(&["score", "--text-file", f, "--json"]), want);
+    // (In a launcher's environment of one rank, which is a single process: stdin is its own.)
     let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
         .args(["score", "--text-file", "-", "--json"])
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "1")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()

@@ -844,13 +844,23 @@ fn moe_decode_reads_at_least_the_active_parameters() {
 }
 
 /// `--params N` guesses a width of whole groups of 8 heads, so the search may use tp 2, 4 and 8
-/// (a guessed 70 heads once ruled out every tp but 1 and 2 for its own guess).
+/// (a guessed 70 heads once ruled out every tp but 1 and 2 for its own guess); a model too small
+/// for a 1,024 width keeps its guess (5e7 once became too small for its own embedding).
 #[test]
 fn a_guessed_shape_has_heads_that_tp_8_divides() {
-    for (p, nodes) in [("7.5e9", "2"), ("70e9", "2"), ("1e12", "64"), ("1e8", "2")] {
+    for p in ["5e7", "6e7", "1e8"] {
+        let v = plan_json(&["train", "--params", p, "--gpus", "1"]);
+        let (l, h) = (
+            v["model"]["layers"].as_u64().unwrap(),
+            v["model"]["hidden"].as_u64().unwrap(),
+        );
+        assert_eq!(h, 128 * l, "--params {p}");
+    }
+    for (p, nodes) in [("7.5e9", "2"), ("70e9", "2"), ("1e12", "64"), ("3e8", "2")] {
         let v = plan_json(&["train", "--params", p, "--nodes", nodes]);
         let heads = v["model"]["heads"].as_u64().unwrap();
         assert_eq!(heads % 8, 0, "--params {p}: {heads} heads");
+        assert_eq!(v["model"]["params"].as_f64(), p.parse::<f64>().ok());
         let rejected = v["rejected"].as_array().unwrap();
         assert!(
             !rejected.iter().any(|r| r["tp"].as_u64().unwrap() <= 8

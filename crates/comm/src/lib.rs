@@ -120,10 +120,10 @@ pub fn process_world() -> Result<Option<Arc<TcpComm>>, CommError> {
         .clone()
 }
 
-/// Whether this process was started as a rank of a multi-process job (whose ranks may span
-/// hosts: a check against this host's resources cannot speak for the job).
+/// Whether this process was started as a rank of a multi-process job of more than one rank (whose
+/// ranks may span hosts: a check against this host's resources cannot speak for the job).
 pub fn launched() -> bool {
-    LaunchEnv::from_env().is_ok_and(|e| e.is_some())
+    LaunchEnv::from_env().is_ok_and(|e| e.is_some_and(|e| e.world_size > 1))
 }
 
 /// This process's rank in its multi-process job, 0 when it runs alone. Only rank 0 prints results.

@@ -547,19 +547,21 @@ impl TcpRank {
             match client.wait(&["world_size".to_string()], left())? {
                 Ok(v) if v[0] == world.to_string().as_bytes() => {}
                 Ok(v) => {
+                    // Said in this rank's address slot too, so that the ranks waiting for it
+                    // (rank 0's job) name the mismatch instead of waiting out their deadline.
+                    let _ =
+                        client.set(&format!("addr/{rank}"), format!("world {world}").as_bytes());
                     return Err(CommError::Setup(format!(
                         "rank {rank}: rank 0 runs a job of {} ranks, this rank one of {world}: start every node with the same --nnodes and --nproc-per-node (the same WORLD_SIZE)",
                         String::from_utf8_lossy(&v[0])
-                    )))
+                    )));
                 }
-                Err(_) => {
-                    return Err(CommError::Setup(format!(
-                        "rank {rank}: rendezvous at {}:{} timed out after {:.1}s: rank 0 never joined",
-                        cfg.master_addr,
-                        cfg.master_port,
-                        cfg.timeout.as_secs_f64()
-                    )))
-                }
+                Err(_) => return Err(CommError::Setup(format!(
+                    "rank {rank}: rendezvous at {}:{} timed out after {:.1}s: rank 0 never joined",
+                    cfg.master_addr,
+                    cfg.master_port,
+                    cfg.timeout.as_secs_f64()
+                ))),
             }
         }
         let ip = client.local_ip()?;
@@ -573,8 +575,15 @@ impl TcpRank {
         let addrs: Vec<SocketAddr> = match client.wait(&keys, left())? {
             Ok(vals) => vals
                 .iter()
-                .map(|v| {
-                    String::from_utf8_lossy(v).parse().map_err(|_| {
+                .enumerate()
+                .map(|(r, v)| {
+                    let v = String::from_utf8_lossy(v);
+                    if let Some(w) = v.strip_prefix("world ") {
+                        return Err(CommError::Setup(format!(
+                            "rank {rank}: rank {r} runs a job of {w} ranks, this rank one of {world}: start every node with the same --nnodes and --nproc-per-node (the same WORLD_SIZE)"
+                        )));
+                    }
+                    v.parse().map_err(|_| {
                         CommError::Setup("the rendezvous store holds a bad address".into())
                     })
                 })

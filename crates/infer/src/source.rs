@@ -193,10 +193,18 @@ impl OpenModel {
             return Ok(with);
         };
         let plain = enc(false)?;
-        let added = with.len() > plain.len();
-        // What the post-processor did, for the flag the config leaves unset.
-        let had_bos = added && a.bos_id.is_some() && with.first().copied() == a.bos_id;
-        let had_eos = added && a.eos_id.is_some() && with.last().copied() == a.eos_id;
+        // What the post-processor did, for the flag the config leaves unset: what it put before
+        // and after the text's own ids (a special token typed in the text is the text's).
+        let (had_bos, had_eos) = match (0..=with.len().saturating_sub(plain.len()))
+            .find(|&k| with[k..k + plain.len()] == plain[..])
+        {
+            Some(k) => (
+                a.bos_id.is_some_and(|b| with[..k].contains(&b)),
+                a.eos_id
+                    .is_some_and(|e| with[k + plain.len()..].contains(&e)),
+            ),
+            None => (false, false),
+        };
         let want = |flag: Option<bool>, had: bool, id: Option<u32>, what: &str| {
             match (flag.unwrap_or(had), id) {
                 (false, _) => Ok(None),
@@ -327,6 +335,10 @@ mod tests {
         assert_eq!(m.encode("hello").unwrap(), vec![1, 3, 2]);
         m.add_special = flags(r#"{"add_bos_token": false}"#);
         assert_eq!(m.encode("hello world").unwrap(), vec![3, 4]);
+        // A special token typed in the text is the text's: not taken for the post-processor's.
+        m.add_special =
+            flags(r#"{"add_bos_token": true, "bos_token": "<s>", "eos_token": "</s>"}"#);
+        assert_eq!(m.encode("hello</s>").unwrap(), vec![1, 3, 2]);
         std::fs::write(
             dir.join("tokenizer_config.json"),
             r#"{"add_bos_token": "yes"}"#,

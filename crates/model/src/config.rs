@@ -173,7 +173,14 @@ impl ModelConfig {
             }
         }
         let (rope, rope_context) = rope_of(v)?;
-        if let Some(f) = opt_f64(v, "partial_rotary_factor")? {
+        // At the top (transformers 4) or inside `rope_parameters` (transformers 5).
+        let nested = v
+            .get("rope_parameters")
+            .filter(|p| p.is_object())
+            .map(|p| opt_f64(p, "partial_rotary_factor"))
+            .transpose()?
+            .flatten();
+        if let Some(f) = opt_f64(v, "partial_rotary_factor")?.or(nested) {
             if f != 1.0 {
                 return Err(cfg_err(format!(
                     "partial_rotary_factor {f} is not supported (RoPE over the whole head only)"
@@ -737,6 +744,12 @@ mod tests {
         // partial_rotary_factor other than 1 is refused, not ignored.
         assert!(with(r#"{"partial_rotary_factor":1.0}"#).is_ok());
         let e = with(r#"{"partial_rotary_factor":0.5}"#).unwrap_err();
+        assert!(e.to_string().contains("partial_rotary_factor 0.5"), "{e}");
+        let e = with(
+            r#"{"rope_parameters":{"rope_type":"default","rope_theta":10000.0,
+                "partial_rotary_factor":0.5}}"#,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("partial_rotary_factor 0.5"), "{e}");
         // Dynamic NTK RoPE: the unscaled frequencies, served up to its original context.
         let d = with(

@@ -152,9 +152,10 @@ impl ModelShape {
 
     /// A GPT-style dense shape (LayerNorm, 4h GeLU MLP, dropout, tied embeddings, 128-wide heads)
     /// holding exactly `params` parameters, for `--params N`. Missing dimensions are guessed with
-    /// hidden = 128 × layers, the aspect ratio of GPT-3 175B, rounded to a multiple of 1,024 (a
-    /// multiple of 8 heads) where neither the width nor the heads are given; the vocabulary
-    /// defaults to 51200.
+    /// hidden = 128 × layers, the aspect ratio of GPT-3 175B, rounded to the nearest multiple of
+    /// 1,024 (a multiple of 8 heads), or down to one, where neither the width nor the heads are
+    /// given and the layers' 12·h² still fit beside the embedding; the vocabulary defaults to
+    /// 51200.
     pub fn from_param_count(
         params: u64,
         layers: Option<u64>,
@@ -189,10 +190,14 @@ impl ModelShape {
         };
         // A guessed width is a whole number of 8 heads of 128 (1,024), as published models' are,
         // so that tp 2, 4 and 8 divide its heads.
-        let hidden = if guessed_width {
-            (((hidden as f64 / 1024.0).round() as u64).max(1)) * 1024
-        } else {
-            hidden
+        // Only where the rounded width still leaves the layers their 12·h² each beside the
+        // embedding: a small model keeps its guessed width.
+        let fits = |h: u64| vocab * h + 2 * h + 12 * layers * h * h <= params;
+        let nearest = ((hidden as f64 / 1024.0).round() as u64).max(1) * 1024;
+        let below = (hidden / 1024).max(1) * 1024;
+        let hidden = match [nearest, below].into_iter().find(|&h| fits(h)) {
+            Some(h) if guessed_width => h,
+            _ => hidden,
         };
         let heads = heads.unwrap_or((hidden / 128).max(1));
         if layers == 0 || hidden == 0 || heads == 0 || vocab == 0 {
