@@ -1,7 +1,7 @@
 //! `tessera generate`: continue a prompt, greedy or sampled.
 
 use anyhow::{bail, Result};
-use tessera_infer::{generate_on, GenerateParams};
+use tessera_infer::{generate_on, GenerateParams, SamplingDefaults};
 use tessera_tensor::SamplingParams;
 
 use crate::model_args::{parse_tokens, read_text_file, ModelArgs};
@@ -24,12 +24,16 @@ pub struct GenerateArgs {
     /// Tokens to generate at most.
     #[arg(long, default_value_t = 32)]
     pub max_tokens: usize,
-    /// 0 means greedy.
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
-    pub temperature: f32,
-    /// Nucleus sampling: keep the most likely tokens up to this probability mass.
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
-    pub top_p: f32,
+    /// 0 means greedy. With no sampling flag, the model's generation_config.json decides (its
+    /// temperature, top_p and top_k where it sets do_sample), else greedy.
+    #[arg(long, allow_negative_numbers = true)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass (default 1).
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_p: Option<f32>,
+    /// Keep the k most likely tokens before top-p (0, the default: all).
+    #[arg(long)]
+    pub top_k: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Keep generating past end-of-sequence tokens.
@@ -43,16 +47,36 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    if !(a.temperature.is_finite() && a.temperature >= 0.0) {
-        bail!("--temperature must be a number >= 0, got {}", a.temperature);
+    if let Some(t) = a.temperature.filter(|t| !(t.is_finite() && *t >= 0.0)) {
+        bail!("--temperature must be a number >= 0, got {t}");
     }
-    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
-        bail!("--top-p must be in (0, 1], got {}", a.top_p);
+    if let Some(p) = a.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+        bail!("--top-p must be in (0, 1], got {p}");
     }
     if a.max_tokens == 0 {
         bail!("--max-tokens must be at least 1");
     }
     let (model, dtype, device) = a.model.open()?;
+    // The flags given, else the model's generation_config.json where it samples (as
+    // transformers' generate and vLLM do), else greedy.
+    let flags = a.temperature.is_some() || a.top_p.is_some() || a.top_k.is_some();
+    let defaults = match model.sampling {
+        Some(d) if !flags => {
+            if tessera_comm::process_rank() == 0 {
+                errln!(
+                    "sampling as generation_config.json says (temperature {}, top_p {}, top_k {}); --temperature 0 for greedy",
+                    d.temperature.unwrap_or(1.0),
+                    d.top_p.unwrap_or(1.0),
+                    d.top_k.unwrap_or(0)
+                );
+            }
+            SamplingDefaults {
+                temperature: Some(d.temperature.unwrap_or(1.0)),
+                ..d
+            }
+        }
+        _ => SamplingDefaults::default(),
+    };
     let file_text = match &a.prompt_file {
         Some(f) => Some(read_text_file(f, "--prompt-file")?),
         None => None,
@@ -69,8 +93,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let params = GenerateParams {
         max_tokens: a.max_tokens,
         sampling: SamplingParams {
-            temperature: a.temperature,
-            top_p: a.top_p,
+            temperature: a.temperature.or(defaults.temperature).unwrap_or(0.0),
+            top_p: a.top_p.or(defaults.top_p).unwrap_or(1.0),
+            top_k: a.top_k.or(defaults.top_k).unwrap_or(0),
             seed: a.seed,
         },
         stop_at_eos: !a.ignore_eos,

@@ -708,3 +708,71 @@ fn a_closed_standard_output_ends_the_command_quietly() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A generation_config.json that samples (`do_sample: true`) gives `generate` its temperature,
+/// top_p and top_k where no sampling flag is given, as transformers' `generate` and vLLM use
+/// them; any flag, `--temperature 0` included, overrides them; out-of-range values are one line.
+#[test]
+fn generation_config_sampling_is_the_default_of_generate() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_model(&fixture("llama"), dir.path());
+    let d = dir.path().to_str().unwrap();
+    let gen = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            d,
+            "--prompt",
+            "hello",
+            "--max-tokens",
+            "12",
+            "--ignore-eos",
+            "--seed",
+            "3",
+            "--json",
+        ];
+        args.extend(extra);
+        let (code, out, err) = tessera(&args);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        (v["tokens"].clone(), err)
+    };
+    let (greedy, _) = gen(&[]);
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"do_sample": true, "temperature": 1.5, "top_p": 0.95, "top_k": 40, "eos_token_id": 1}"#,
+    )
+    .unwrap();
+    let (sampled, err) = gen(&[]);
+    assert!(
+        err.contains(
+            "sampling as generation_config.json says (temperature 1.5, top_p 0.95, top_k 40)"
+        ),
+        "{err}"
+    );
+    let (explicit, _) = gen(&["--temperature", "1.5", "--top-p", "0.95", "--top-k", "40"]);
+    assert_eq!(sampled, explicit);
+    assert_ne!(
+        sampled, greedy,
+        "a temperature of 1.5 over 12 tokens sampled the greedy ones"
+    );
+    let (zero, err) = gen(&["--temperature", "0"]);
+    assert_eq!(zero, greedy);
+    assert!(!err.contains("generation_config"), "{err}");
+    // do_sample false (transformers' default): greedy whatever else it says.
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"do_sample": false, "temperature": 1.5, "eos_token_id": 1}"#,
+    )
+    .unwrap();
+    assert_eq!(gen(&[]).0, greedy);
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"do_sample": true, "top_p": 1.5}"#,
+    )
+    .unwrap();
+    fails_with(
+        &["generate", "--model", d, "--prompt", "hello"],
+        "`top_p` 1.5 is out of range",
+    );
+}

@@ -556,12 +556,14 @@ impl TcpRank {
                         String::from_utf8_lossy(&v[0])
                     )));
                 }
-                Err(_) => return Err(CommError::Setup(format!(
+                Err(_) => {
+                    return Err(CommError::Setup(format!(
                     "rank {rank}: rendezvous at {}:{} timed out after {:.1}s: rank 0 never joined",
                     cfg.master_addr,
                     cfg.master_port,
                     cfg.timeout.as_secs_f64()
-                ))),
+                )))
+                }
             }
         }
         let ip = client.local_ip()?;

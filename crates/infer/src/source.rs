@@ -23,6 +23,54 @@ pub struct OpenModel {
     /// neither): where set, they decide the special tokens around encoded text, as transformers'
     /// tokenizers rebuild their post-processor from them.
     pub add_special: Option<AddSpecial>,
+    /// `generation_config.json`'s sampling where it sets `do_sample: true`: the defaults of
+    /// `generate` when no sampling flag is given (transformers' `generate` and vLLM use them).
+    pub sampling: Option<SamplingDefaults>,
+}
+
+/// The sampling settings a model's `generation_config.json` gives (each where it is set).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct SamplingDefaults {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+}
+
+/// [`SamplingDefaults`] of a `generation_config.json` that samples (`do_sample: true`); none for
+/// one that decodes greedily (transformers' default).
+fn sampling_defaults(
+    v: &serde_json::Value,
+    path: &std::path::Path,
+) -> Result<Option<SamplingDefaults>, InferError> {
+    if v.get("do_sample").and_then(|d| d.as_bool()) != Some(true) {
+        return Ok(None);
+    }
+    let bad = |key: &str, x: &serde_json::Value| {
+        InferError::Request(format!("{}: `{key}` {x} is out of range", path.display()))
+    };
+    let num = |key: &str| -> Result<Option<f64>, InferError> {
+        match v.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(x) => x.as_f64().map(Some).ok_or_else(|| bad(key, x)),
+        }
+    };
+    let temperature = num("temperature")?;
+    let top_p = num("top_p")?;
+    let top_k = num("top_k")?;
+    if temperature.is_some_and(|t| !(t.is_finite() && t >= 0.0)) {
+        return Err(bad("temperature", &v["temperature"]));
+    }
+    if top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+        return Err(bad("top_p", &v["top_p"]));
+    }
+    if top_k.is_some_and(|k| !(k >= 0.0 && k.fract() == 0.0 && k <= u32::MAX as f64)) {
+        return Err(bad("top_k", &v["top_k"]));
+    }
+    Ok(Some(SamplingDefaults {
+        temperature: temperature.map(|t| t as f32),
+        top_p: top_p.map(|p| p as f32),
+        top_k: top_k.map(|k| k as usize),
+    }))
 }
 
 /// What `tokenizer_config.json` says of BOS and EOS around encoded text.
@@ -94,6 +142,7 @@ impl ModelSource {
                 // HF's generate stops at generation_config.json's end-of-sequence ids, which may
                 // differ from config.json's (Llama 3 instruct lists several).
                 let gen = dir.join("generation_config.json");
+                let mut sampling = None;
                 if let Ok(text) = std::fs::read_to_string(&gen) {
                     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
                         InferError::Request(format!("{}: not valid JSON: {e}", gen.display()))
@@ -105,6 +154,7 @@ impl ModelSource {
                         Some(serde_json::Value::Null) | None => None,
                         Some(x) => Some(vec![x.as_u64()]),
                     };
+                    sampling = sampling_defaults(&v, &gen)?;
                     if let Some(ids) = ids {
                         config.eos_token_ids = ids
                             .into_iter()
@@ -134,6 +184,7 @@ impl ModelSource {
                     checkpoint,
                     tokenizer,
                     add_special,
+                    sampling,
                 })
             }
             ModelSource::Embedded => Ok(OpenModel {
@@ -144,6 +195,7 @@ impl ModelSource {
                         .map_err(|e| InferError::Tokenizer(e.to_string()))?,
                 ),
                 add_special: None,
+                sampling: None,
             }),
         }
     }

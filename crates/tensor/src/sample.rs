@@ -1,4 +1,5 @@
-//! Token sampling from logits: greedy, temperature and nucleus (top-p), reproducible from a seed.
+//! Token sampling from logits: greedy, temperature, top-k and nucleus (top-p), reproducible from a
+//! seed.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -9,6 +10,9 @@ pub struct SamplingParams {
     pub temperature: f32,
     /// Keep the smallest set of most likely tokens whose probability reaches `top_p` (1 = all).
     pub top_p: f32,
+    /// Keep the `top_k` most likely tokens first (0 = all), then top-p over what is left, as
+    /// transformers' warpers and vLLM apply them.
+    pub top_k: usize,
     pub seed: u64,
 }
 
@@ -17,6 +21,7 @@ impl Default for SamplingParams {
         SamplingParams {
             temperature: 0.0,
             top_p: 1.0,
+            top_k: 0,
             seed: 0,
         }
     }
@@ -47,8 +52,11 @@ impl Sampler {
             .enumerate()
             .map(|(i, &l)| (i as u32, ((l as f64 - max) * inv_t).exp()))
             .collect();
-        let total: f64 = probs.iter().map(|p| p.1).sum();
         probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if self.params.top_k > 0 {
+            probs.truncate(self.params.top_k);
+        }
+        let total: f64 = probs.iter().map(|p| p.1).sum();
         let top_p = self.params.top_p.clamp(0.0, 1.0) as f64;
         let mut kept = 0;
         let mut mass = 0.0;
@@ -96,6 +104,7 @@ mod tests {
         let mut s = Sampler::new(SamplingParams {
             temperature: 5.0,
             top_p: 0.01,
+            top_k: 0,
             seed: 3,
         });
         assert!((0..50).all(|_| s.sample(&logits) == 1));
@@ -103,6 +112,7 @@ mod tests {
         let p = SamplingParams {
             temperature: 2.0,
             top_p: 1.0,
+            top_k: 0,
             seed: 9,
         };
         let a: Vec<u32> = {
@@ -117,5 +127,31 @@ mod tests {
         for tok in 0..4 {
             assert!(a.contains(&tok), "token {tok} never sampled");
         }
+    }
+
+    /// top-k keeps the k most likely tokens, then top-p works over what is left (renormalised):
+    /// with k = 2 the two likeliest only; with k = 3 and top-p 0.5, of [0.4, 0.35, 0.25] (after k)
+    /// the first two reach 0.5.
+    #[test]
+    fn top_k_then_top_p() {
+        let logits = [0.0f32, 3.0, 2.9, -1.0, 2.5];
+        let draw = |top_k, top_p| {
+            let mut s = Sampler::new(SamplingParams {
+                temperature: 1.0,
+                top_p,
+                top_k,
+                seed: 1,
+            });
+            let mut seen: Vec<u32> = (0..2000).map(|_| s.sample(&logits)).collect();
+            seen.sort();
+            seen.dedup();
+            seen
+        };
+        assert_eq!(draw(2, 1.0), vec![1, 2]);
+        assert_eq!(draw(1, 1.0), vec![1]);
+        assert_eq!(draw(3, 1.0), vec![1, 2, 4]);
+        // Renormalised over k = 3: e^3, e^2.9, e^2.5 are 0.39, 0.35, 0.26 of their sum.
+        assert_eq!(draw(3, 0.5), vec![1, 2]);
+        assert_eq!(draw(0, 1.0), vec![0, 1, 2, 3, 4]);
     }
 }
