@@ -140,6 +140,10 @@ if [[ $STEPS == all || $STEPS == *cli* ]]; then
     echo "== CLI: score / generate on cuda vs cpu ($RUNS)"
     .gpu/tessera score --model $M --tokens $TOK --json > $OUTDIR/score_cpu.json
     a=$(.gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json)
+    # Sampled too (temperature, top-k, top-p from one seed): the host's sampler over the device's
+    # f32 logits draws the CPU's tokens.
+    SAMPLE="--temperature 0.8 --top-k 20 --top-p 0.9 --seed 5 --ignore-eos"
+    sa=$(.gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json $SAMPLE)
     for run in $RUNS; do
       case $run in
         tp1) L=""; T=1 ;;
@@ -151,6 +155,8 @@ if [[ $STEPS == all || $STEPS == *cli* ]]; then
       $L .gpu/tessera score --model $M --tokens $TOK --json --device cuda --tp $T > $OUTDIR/score_cuda_$run.json
       b=$($L .gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json --device cuda --tp $T)
       [ "$a" == "$b" ] && echo "generate cuda $run: identical to cpu OK" || echo "generate cuda $run: FAIL: $a vs $b"
+      sb=$($L .gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json --device cuda --tp $T $SAMPLE)
+      [ "$sa" == "$sb" ] && echo "generate cuda $run, sampled: identical to cpu OK" || echo "generate cuda $run, sampled: FAIL: $sa vs $sb"
     done
     # Bad input on the GPU path: an error line (the last), a non-zero exit, no panic.
     echo "== CLI: bad input on cuda"
