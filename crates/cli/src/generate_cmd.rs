@@ -2,6 +2,80 @@
 
 use anyhow::{bail, Result};
 use tessera_infer::{generate_on, GenerateParams, SamplingDefaults};
+
+/// Each sampling setting from its flag, else from the model's generation_config.json where that
+/// samples (transformers' reading: temperature 1, top_p 1 and top_k 50 where it leaves them out),
+/// else greedy; `--top-p` / `--top-k` without a temperature sample at 1 (asking for a sampling
+/// filter asks for sampling, as vLLM's default temperature of 1 does). Said on stderr where the
+/// flags alone do not decide it.
+fn sampling_params(a: &GenerateArgs, config: Option<SamplingDefaults>) -> Result<SamplingParams> {
+    let bad =
+        |key: &str, x: f64| anyhow::anyhow!("generation_config.json: `{key}` {x} is out of range");
+    let filters = a.top_p.is_some() || a.top_k.is_some();
+    let (temperature, top_p, top_k) = match config {
+        Some(d) => {
+            let t = match a.temperature {
+                Some(t) => t,
+                None => {
+                    let t = d.temperature.unwrap_or(1.0);
+                    if !(t.is_finite() && t >= 0.0) {
+                        return Err(bad("temperature", t));
+                    }
+                    t as f32
+                }
+            };
+            let p = match a.top_p {
+                Some(p) => p,
+                None => {
+                    let p = d.top_p.unwrap_or(1.0);
+                    if !(0.0..=1.0).contains(&p) {
+                        return Err(bad("top_p", p));
+                    }
+                    p as f32
+                }
+            };
+            let k = match a.top_k {
+                Some(k) => k,
+                None => {
+                    let k = d.top_k.unwrap_or(50.0);
+                    if !(k >= 0.0 && k.fract() == 0.0 && k <= u32::MAX as f64) {
+                        return Err(bad("top_k", k));
+                    }
+                    k as usize
+                }
+            };
+            if tessera_comm::process_rank() == 0 && a.temperature.is_none() {
+                if t > 0.0 {
+                    errln!(
+                        "sampling with generation_config.json's settings where no flag gives them: temperature {t}, top_p {p}, top_k {k} (--temperature 0 for greedy)"
+                    );
+                } else {
+                    errln!("greedy: generation_config.json's temperature is 0");
+                }
+            }
+            (t, p, k)
+        }
+        None => {
+            let t = match a.temperature {
+                Some(t) => t,
+                None if filters => {
+                    if tessera_comm::process_rank() == 0 {
+                        errln!("sampling at temperature 1: --top-p / --top-k given without --temperature");
+                    }
+                    1.0
+                }
+                None => 0.0,
+            };
+            (t, a.top_p.unwrap_or(1.0), a.top_k.unwrap_or(0))
+        }
+    };
+    Ok(SamplingParams {
+        temperature,
+        top_p,
+        top_k,
+        seed: a.seed,
+    })
+}
 use tessera_tensor::SamplingParams;
 
 use crate::model_args::{parse_tokens, read_text_file, ModelArgs};
@@ -57,26 +131,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         bail!("--max-tokens must be at least 1");
     }
     let (model, dtype, device) = a.model.open()?;
-    // The flags given, else the model's generation_config.json where it samples (as
-    // transformers' generate and vLLM do), else greedy.
-    let flags = a.temperature.is_some() || a.top_p.is_some() || a.top_k.is_some();
-    let defaults = match model.sampling {
-        Some(d) if !flags => {
-            if tessera_comm::process_rank() == 0 {
-                errln!(
-                    "sampling as generation_config.json says (temperature {}, top_p {}, top_k {}); --temperature 0 for greedy",
-                    d.temperature.unwrap_or(1.0),
-                    d.top_p.unwrap_or(1.0),
-                    d.top_k.unwrap_or(0)
-                );
-            }
-            SamplingDefaults {
-                temperature: Some(d.temperature.unwrap_or(1.0)),
-                ..d
-            }
-        }
-        _ => SamplingDefaults::default(),
-    };
+    let sampling = sampling_params(&a, model.sampling)?;
     let file_text = match &a.prompt_file {
         Some(f) => Some(read_text_file(f, "--prompt-file")?),
         None => None,
@@ -92,12 +147,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     let params = GenerateParams {
         max_tokens: a.max_tokens,
-        sampling: SamplingParams {
-            temperature: a.temperature.or(defaults.temperature).unwrap_or(0.0),
-            top_p: a.top_p.or(defaults.top_p).unwrap_or(1.0),
-            top_k: a.top_k.or(defaults.top_k).unwrap_or(0),
-            seed: a.seed,
-        },
+        sampling,
         stop_at_eos: !a.ignore_eos,
     };
     let tokens = generate_on(&model, &prompt, &params, a.model.tp, dtype, device)?;

@@ -709,9 +709,10 @@ fn a_closed_standard_output_ends_the_command_quietly() {
     );
 }
 
-/// A generation_config.json that samples (`do_sample: true`) gives `generate` its temperature,
-/// top_p and top_k where no sampling flag is given, as transformers' `generate` and vLLM use
-/// them; any flag, `--temperature 0` included, overrides them; out-of-range values are one line.
+/// A generation_config.json that samples (`do_sample: true`) gives `generate` each sampling
+/// setting no flag gives (transformers' reading: top_k 50 where it leaves it out); a flag
+/// overrides its own setting only, `--temperature 0` is greedy; `--top-p` / `--top-k` alone sample
+/// at temperature 1; a bad value there stops `generate` in one line, not `score`.
 #[test]
 fn generation_config_sampling_is_the_default_of_generate() {
     let dir = tempfile::tempdir().unwrap();
@@ -738,41 +739,45 @@ fn generation_config_sampling_is_the_default_of_generate() {
         (v["tokens"].clone(), err)
     };
     let (greedy, _) = gen(&[]);
-    std::fs::write(
-        dir.path().join("generation_config.json"),
-        r#"{"do_sample": true, "temperature": 1.5, "top_p": 0.95, "top_k": 40, "eos_token_id": 1}"#,
-    )
-    .unwrap();
+    let (filters_alone, err) = gen(&["--top-k", "40"]);
+    assert!(err.contains("sampling at temperature 1"), "{err}");
+    assert_eq!(
+        filters_alone,
+        gen(&["--temperature", "1", "--top-k", "40"]).0
+    );
+    let config = |json: &str| {
+        std::fs::write(dir.path().join("generation_config.json"), json).unwrap();
+    };
+    config(r#"{"do_sample": true, "temperature": 1.5, "top_p": 0.95, "eos_token_id": 1}"#);
     let (sampled, err) = gen(&[]);
     assert!(
-        err.contains(
-            "sampling as generation_config.json says (temperature 1.5, top_p 0.95, top_k 40)"
-        ),
+        err.contains("generation_config.json's settings where no flag gives them: temperature 1.5, top_p 0.95, top_k 50"),
         "{err}"
     );
-    let (explicit, _) = gen(&["--temperature", "1.5", "--top-p", "0.95", "--top-k", "40"]);
-    assert_eq!(sampled, explicit);
+    let explicit = ["--temperature", "1.5", "--top-p", "0.95", "--top-k", "50"];
+    assert_eq!(sampled, gen(&explicit).0);
     assert_ne!(
         sampled, greedy,
         "a temperature of 1.5 over 12 tokens sampled the greedy ones"
+    );
+    // One flag overrides its own setting only: the others still come from the config.
+    assert_eq!(
+        gen(&["--top-k", "7"]).0,
+        gen(&["--temperature", "1.5", "--top-p", "0.95", "--top-k", "7"]).0
     );
     let (zero, err) = gen(&["--temperature", "0"]);
     assert_eq!(zero, greedy);
     assert!(!err.contains("generation_config"), "{err}");
     // do_sample false (transformers' default): greedy whatever else it says.
-    std::fs::write(
-        dir.path().join("generation_config.json"),
-        r#"{"do_sample": false, "temperature": 1.5, "eos_token_id": 1}"#,
-    )
-    .unwrap();
+    config(r#"{"do_sample": false, "temperature": 1.5, "eos_token_id": 1}"#);
     assert_eq!(gen(&[]).0, greedy);
-    std::fs::write(
-        dir.path().join("generation_config.json"),
-        r#"{"do_sample": true, "top_p": 1.5}"#,
-    )
-    .unwrap();
+    // A value out of range stops generate where it is used, and nothing else.
+    config(r#"{"do_sample": true, "top_p": 1.5}"#);
     fails_with(
         &["generate", "--model", d, "--prompt", "hello"],
-        "`top_p` 1.5 is out of range",
+        "generation_config.json: `top_p` 1.5 is out of range",
     );
+    assert!(!gen(&["--top-p", "0.9"]).1.contains("out of range"));
+    let (code, _, err) = tessera(&["score", "--model", d, "--text", "hello world"]);
+    assert_eq!(code, 0, "{err}");
 }

@@ -613,6 +613,11 @@ fn bad_input_is_one_line_and_a_non_zero_exit() {
             "but the cluster has 8 GPUs",
         ),
         (vec!["train", "--model", "llama-3-8b", "--tp", "3"], "tp=3"),
+        // A guessed width of 128 × 16M layers: no overflow in the check of its size.
+        (
+            vec!["train", "--params", "1e9", "--layers", "16000000"],
+            "is too small for 16000000 layers",
+        ),
         // Calls and bytes a step that a 64-bit count cannot hold: refused, not wrapped.
         (
             vec![

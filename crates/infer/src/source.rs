@@ -28,49 +28,28 @@ pub struct OpenModel {
     pub sampling: Option<SamplingDefaults>,
 }
 
-/// The sampling settings a model's `generation_config.json` gives (each where it is set).
+/// The sampling settings a model's `generation_config.json` gives (each where it is set), as
+/// written: `generate` checks those it uses.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct SamplingDefaults {
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<usize>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<f64>,
 }
 
 /// [`SamplingDefaults`] of a `generation_config.json` that samples (`do_sample: true`); none for
-/// one that decodes greedily (transformers' default).
-fn sampling_defaults(
-    v: &serde_json::Value,
-    path: &std::path::Path,
-) -> Result<Option<SamplingDefaults>, InferError> {
+/// one that decodes greedily (transformers' default). Nothing is checked here: a value only
+/// `generate` uses must not stop `score`.
+fn sampling_defaults(v: &serde_json::Value) -> Option<SamplingDefaults> {
     if v.get("do_sample").and_then(|d| d.as_bool()) != Some(true) {
-        return Ok(None);
+        return None;
     }
-    let bad = |key: &str, x: &serde_json::Value| {
-        InferError::Request(format!("{}: `{key}` {x} is out of range", path.display()))
-    };
-    let num = |key: &str| -> Result<Option<f64>, InferError> {
-        match v.get(key) {
-            None | Some(serde_json::Value::Null) => Ok(None),
-            Some(x) => x.as_f64().map(Some).ok_or_else(|| bad(key, x)),
-        }
-    };
-    let temperature = num("temperature")?;
-    let top_p = num("top_p")?;
-    let top_k = num("top_k")?;
-    if temperature.is_some_and(|t| !(t.is_finite() && t >= 0.0)) {
-        return Err(bad("temperature", &v["temperature"]));
-    }
-    if top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
-        return Err(bad("top_p", &v["top_p"]));
-    }
-    if top_k.is_some_and(|k| !(k >= 0.0 && k.fract() == 0.0 && k <= u32::MAX as f64)) {
-        return Err(bad("top_k", &v["top_k"]));
-    }
-    Ok(Some(SamplingDefaults {
-        temperature: temperature.map(|t| t as f32),
-        top_p: top_p.map(|p| p as f32),
-        top_k: top_k.map(|k| k as usize),
-    }))
+    let num = |key: &str| v.get(key).and_then(|x| x.as_f64());
+    Some(SamplingDefaults {
+        temperature: num("temperature"),
+        top_p: num("top_p"),
+        top_k: num("top_k"),
+    })
 }
 
 /// What `tokenizer_config.json` says of BOS and EOS around encoded text.
@@ -79,7 +58,8 @@ pub struct AddSpecial {
     /// `add_bos_token` / `add_eos_token`, where set.
     pub bos: Option<bool>,
     pub eos: Option<bool>,
-    /// Their tokens' ids (the config's `bos_token` / `eos_token`, else config.json's ids).
+    /// Their tokens' ids (the config's `bos_token` / `eos_token`, none where the tokenizer lacks
+    /// the token it names; config.json's ids where it names none).
     pub bos_id: Option<u32>,
     pub eos_id: Option<u32>,
 }
@@ -96,10 +76,15 @@ fn add_special(
     };
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| InferError::Request(format!("{}: not valid JSON: {e}", path.display())))?;
-    let token = |key: &str| -> Option<u32> {
-        let t = v.get(key)?;
-        let s = t.as_str().or_else(|| t.get("content")?.as_str())?;
-        tokenizer?.token_to_id(s)
+    // The token the config names (none where the tokenizer lacks it), else config.json's id.
+    let token = |key: &str, fallback: Option<u32>| -> Option<u32> {
+        let Some(t) = v.get(key) else {
+            return fallback;
+        };
+        match t.as_str().or_else(|| t.get("content")?.as_str()) {
+            Some(s) => tokenizer?.token_to_id(s),
+            None => fallback,
+        }
     };
     let flag = |key: &str| -> Result<Option<bool>, InferError> {
         match v.get(key) {
@@ -118,8 +103,8 @@ fn add_special(
     Ok(Some(AddSpecial {
         bos,
         eos,
-        bos_id: token("bos_token").or(config.bos_token_id),
-        eos_id: token("eos_token").or(config.eos_token_ids.first().copied()),
+        bos_id: token("bos_token", config.bos_token_id),
+        eos_id: token("eos_token", config.eos_token_ids.first().copied()),
     }))
 }
 
@@ -154,7 +139,7 @@ impl ModelSource {
                         Some(serde_json::Value::Null) | None => None,
                         Some(x) => Some(vec![x.as_u64()]),
                     };
-                    sampling = sampling_defaults(&v, &gen)?;
+                    sampling = sampling_defaults(&v);
                     if let Some(ids) = ids {
                         config.eos_token_ids = ids
                             .into_iter()
@@ -247,15 +232,23 @@ impl OpenModel {
         let plain = enc(false)?;
         // What the post-processor did, for the flag the config leaves unset: what it put before
         // and after the text's own ids (a special token typed in the text is the text's).
-        let (had_bos, had_eos) = match (0..=with.len().saturating_sub(plain.len()))
-            .find(|&k| with[k..k + plain.len()] == plain[..])
-        {
-            Some(k) => (
-                a.bos_id.is_some_and(|b| with[..k].contains(&b)),
-                a.eos_id
-                    .is_some_and(|e| with[k + plain.len()..].contains(&e)),
-            ),
-            None => (false, false),
+        let (had_bos, had_eos) = if plain.is_empty() {
+            // Nothing of the text's own to place them by: first and last.
+            (
+                a.bos_id.is_some() && with.first().copied() == a.bos_id,
+                a.eos_id.is_some() && with.last().copied() == a.eos_id,
+            )
+        } else {
+            match (0..=with.len().saturating_sub(plain.len()))
+                .find(|&k| with[k..k + plain.len()] == plain[..])
+            {
+                Some(k) => (
+                    a.bos_id.is_some_and(|b| with[..k].contains(&b)),
+                    a.eos_id
+                        .is_some_and(|e| with[k + plain.len()..].contains(&e)),
+                ),
+                None => (false, false),
+            }
         };
         let want = |flag: Option<bool>, had: bool, id: Option<u32>, what: &str| {
             match (flag.unwrap_or(had), id) {
@@ -391,6 +384,14 @@ mod tests {
         m.add_special =
             flags(r#"{"add_bos_token": true, "bos_token": "<s>", "eos_token": "</s>"}"#);
         assert_eq!(m.encode("hello</s>").unwrap(), vec![1, 3, 2]);
+        // Empty text: the post-processor's BOS kept beside the EOS asked for.
+        m.add_special =
+            flags(r#"{"add_eos_token": true, "bos_token": "<s>", "eos_token": "</s>"}"#);
+        assert_eq!(m.encode("").unwrap(), vec![1, 2]);
+        // A token the tokenizer lacks is no token: asked for, an error.
+        m.add_special = flags(r#"{"add_bos_token": true, "bos_token": "<|begin|>"}"#);
+        let e = m.encode("hello").unwrap_err();
+        assert!(e.to_string().contains("names no bos token"), "{e}");
         std::fs::write(
             dir.join("tokenizer_config.json"),
             r#"{"add_bos_token": "yes"}"#,

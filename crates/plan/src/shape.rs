@@ -192,7 +192,10 @@ impl ModelShape {
         // so that tp 2, 4 and 8 divide its heads.
         // Only where the rounded width still leaves the layers their 12·h² each beside the
         // embedding: a small model keeps its guessed width.
-        let fits = |h: u64| vocab * h + 2 * h + 12 * layers * h * h <= params;
+        let fits = |h: u64| {
+            let (v, h, l) = (vocab as u128, h as u128, layers as u128);
+            v * h + 2 * h + 12 * l * h * h <= params as u128
+        };
         let nearest = ((hidden as f64 / 1024.0).round() as u64).max(1) * 1024;
         let below = (hidden / 1024).max(1) * 1024;
         let hidden = match [nearest, below].into_iter().find(|&h| fits(h)) {

@@ -53,8 +53,12 @@ impl Sampler {
             .map(|(i, &l)| (i as u32, ((l as f64 - max) * inv_t).exp()))
             .collect();
         probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if self.params.top_k > 0 {
-            probs.truncate(self.params.top_k);
+        // Top-k keeps every token as likely as the k-th (ties at the edge stay, as transformers'
+        // TopKLogitsWarper and vLLM remove only those below it).
+        if self.params.top_k > 0 && self.params.top_k < probs.len() {
+            let kth = probs[self.params.top_k - 1].1;
+            let keep = probs.iter().take_while(|p| p.1 >= kth).count();
+            probs.truncate(keep);
         }
         let total: f64 = probs.iter().map(|p| p.1).sum();
         let top_p = self.params.top_p.clamp(0.0, 1.0) as f64;
@@ -153,5 +157,18 @@ mod tests {
         // Renormalised over k = 3: e^3, e^2.9, e^2.5 are 0.39, 0.35, 0.26 of their sum.
         assert_eq!(draw(3, 0.5), vec![1, 2]);
         assert_eq!(draw(0, 1.0), vec![0, 1, 2, 3, 4]);
+        assert_eq!(draw(99, 1.0), vec![0, 1, 2, 3, 4]);
+        // Ties at the k-th value stay.
+        let tied = [1.0f32, 1.0, 1.0, 0.0];
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 1,
+            seed: 2,
+        });
+        let mut seen: Vec<u32> = (0..300).map(|_| s.sample(&tied)).collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen, vec![0, 1, 2]);
     }
 }
