@@ -5,74 +5,70 @@ use tessera_infer::{generate_on, GenerateParams, SamplingDefaults};
 
 /// Each sampling setting from its flag, else from the model's generation_config.json where that
 /// samples (transformers' reading: temperature 1, top_p 1 and top_k 50 where it leaves them out),
-/// else greedy; `--top-p` / `--top-k` without a temperature sample at 1 (asking for a sampling
-/// filter asks for sampling, as vLLM's default temperature of 1 does). Said on stderr where the
-/// flags alone do not decide it.
+/// else greedy; `--top-p` / `--top-k` without a temperature from a flag or the config sample at 1
+/// (asking for a sampling filter asks for sampling, as vLLM's default temperature of 1 does).
+/// Said on stderr where the flags alone do not decide it.
 fn sampling_params(a: &GenerateArgs, config: Option<SamplingDefaults>) -> Result<SamplingParams> {
-    let bad =
-        |key: &str, x: f64| anyhow::anyhow!("generation_config.json: `{key}` {x} is out of range");
-    let filters = a.top_p.is_some() || a.top_k.is_some();
-    let (temperature, top_p, top_k) = match config {
-        Some(d) => {
-            let t = match a.temperature {
-                Some(t) => t,
-                None => {
-                    let t = d.temperature.unwrap_or(1.0);
-                    if !(t.is_finite() && t >= 0.0) {
-                        return Err(bad("temperature", t));
-                    }
-                    t as f32
-                }
-            };
-            let p = match a.top_p {
-                Some(p) => p,
-                None => {
-                    let p = d.top_p.unwrap_or(1.0);
-                    if !(0.0..=1.0).contains(&p) {
-                        return Err(bad("top_p", p));
-                    }
-                    p as f32
-                }
-            };
-            let k = match a.top_k {
-                Some(k) => k,
-                None => {
-                    let k = d.top_k.unwrap_or(50.0);
-                    if !(k >= 0.0 && k.fract() == 0.0 && k <= u32::MAX as f64) {
-                        return Err(bad("top_k", k));
-                    }
-                    k as usize
-                }
-            };
-            if tessera_comm::process_rank() == 0 && a.temperature.is_none() {
-                if t > 0.0 {
-                    errln!(
-                        "sampling with generation_config.json's settings where no flag gives them: temperature {t}, top_p {p}, top_k {k} (--temperature 0 for greedy)"
-                    );
-                } else {
-                    errln!("greedy: generation_config.json's temperature is 0");
-                }
-            }
-            (t, p, k)
-        }
-        None => {
-            let t = match a.temperature {
-                Some(t) => t,
-                None if filters => {
-                    if tessera_comm::process_rank() == 0 {
-                        errln!("sampling at temperature 1: --top-p / --top-k given without --temperature");
-                    }
-                    1.0
-                }
-                None => 0.0,
-            };
-            (t, a.top_p.unwrap_or(1.0), a.top_k.unwrap_or(0))
+    // A setting of the config: its number, its default where unset; anything else one line.
+    let num = |key: &str, x: &Option<serde_json::Value>, default: f64, ok: &dyn Fn(f64) -> bool| {
+        match x {
+            None => Ok(default),
+            Some(v) => v.as_f64().filter(|n| ok(*n)).ok_or_else(|| {
+                anyhow::anyhow!("generation_config.json: `{key}` {v} is out of range")
+            }),
         }
     };
+    let filters = a.top_p.is_some() || a.top_k.is_some();
+    let Some(d) = config else {
+        let t = match a.temperature {
+            Some(t) => t,
+            None if filters => {
+                if tessera_comm::process_rank() == 0 {
+                    errln!(
+                        "sampling at temperature 1: --top-p / --top-k given without --temperature"
+                    );
+                }
+                1.0
+            }
+            None => 0.0,
+        };
+        return Ok(SamplingParams {
+            temperature: t,
+            top_p: a.top_p.unwrap_or(1.0),
+            top_k: a.top_k.unwrap_or(0),
+            seed: a.seed,
+        });
+    };
+    let t = match a.temperature {
+        Some(t) => t,
+        None => num("temperature", &d.temperature, 1.0, &|t| {
+            t.is_finite() && t >= 0.0
+        })? as f32,
+    };
+    let p = match a.top_p {
+        Some(p) => p,
+        None => num("top_p", &d.top_p, 1.0, &|p| (0.0..=1.0).contains(&p))? as f32,
+    };
+    let k = match a.top_k {
+        Some(k) => k,
+        None => num("top_k", &d.top_k, 50.0, &|k| {
+            k >= 0.0 && k.fract() == 0.0 && k <= u32::MAX as f64
+        })? as usize,
+    };
+    let from_config = a.temperature.is_none() || a.top_p.is_none() || a.top_k.is_none();
+    if tessera_comm::process_rank() == 0 && from_config {
+        if t > 0.0 {
+            errln!(
+                "sampling at temperature {t}, top_p {p}, top_k {k}: generation_config.json's settings where no flag gives them (--temperature 0 for greedy)"
+            );
+        } else if a.temperature.is_none() {
+            errln!("greedy: generation_config.json's temperature is 0");
+        }
+    }
     Ok(SamplingParams {
-        temperature,
-        top_p,
-        top_k,
+        temperature: t,
+        top_p: p,
+        top_k: k,
         seed: a.seed,
     })
 }
@@ -98,14 +94,16 @@ pub struct GenerateArgs {
     /// Tokens to generate at most.
     #[arg(long, default_value_t = 32)]
     pub max_tokens: usize,
-    /// 0 means greedy. With no sampling flag, the model's generation_config.json decides (its
-    /// temperature, top_p and top_k where it sets do_sample), else greedy.
+    /// 0 means greedy. Unset: the model's generation_config.json's where it samples (do_sample;
+    /// 1 where it gives none), else 1 with --top-p or --top-k, else greedy.
     #[arg(long, allow_negative_numbers = true)]
     pub temperature: Option<f32>,
-    /// Nucleus sampling: keep the most likely tokens up to this probability mass (default 1).
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass. Unset: the
+    /// sampling generation_config.json's, else 1 (all).
     #[arg(long, allow_negative_numbers = true)]
     pub top_p: Option<f32>,
-    /// Keep the k most likely tokens before top-p (0, the default: all).
+    /// Keep the k most likely tokens (and those tied with the k-th) before top-p; 0: all. Unset:
+    /// the sampling generation_config.json's (50 where it gives none), else 0.
     #[arg(long)]
     pub top_k: Option<usize>,
     #[arg(long, default_value_t = 0)]
@@ -131,7 +129,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         bail!("--max-tokens must be at least 1");
     }
     let (model, dtype, device) = a.model.open()?;
-    let sampling = sampling_params(&a, model.sampling)?;
+    let sampling = sampling_params(&a, model.sampling.clone())?;
     let file_text = match &a.prompt_file {
         Some(f) => Some(read_text_file(f, "--prompt-file")?),
         None => None,

@@ -751,7 +751,9 @@ fn generation_config_sampling_is_the_default_of_generate() {
     config(r#"{"do_sample": true, "temperature": 1.5, "top_p": 0.95, "eos_token_id": 1}"#);
     let (sampled, err) = gen(&[]);
     assert!(
-        err.contains("generation_config.json's settings where no flag gives them: temperature 1.5, top_p 0.95, top_k 50"),
+        err.contains(
+            "sampling at temperature 1.5, top_p 0.95, top_k 50: generation_config.json's settings"
+        ),
         "{err}"
     );
     let explicit = ["--temperature", "1.5", "--top-p", "0.95", "--top-k", "50"];
@@ -760,7 +762,16 @@ fn generation_config_sampling_is_the_default_of_generate() {
         sampled, greedy,
         "a temperature of 1.5 over 12 tokens sampled the greedy ones"
     );
-    // One flag overrides its own setting only: the others still come from the config.
+    // One flag overrides its own setting only: the others still come from the config, and say so.
+    let (one_flag, err) = gen(&["--temperature", "0.7"]);
+    assert!(
+        err.contains("sampling at temperature 0.7, top_p 0.95, top_k 50"),
+        "{err}"
+    );
+    assert_eq!(
+        one_flag,
+        gen(&["--temperature", "0.7", "--top-p", "0.95", "--top-k", "50"]).0
+    );
     assert_eq!(
         gen(&["--top-k", "7"]).0,
         gen(&["--temperature", "1.5", "--top-p", "0.95", "--top-k", "7"]).0
@@ -771,12 +782,20 @@ fn generation_config_sampling_is_the_default_of_generate() {
     // do_sample false (transformers' default): greedy whatever else it says.
     config(r#"{"do_sample": false, "temperature": 1.5, "eos_token_id": 1}"#);
     assert_eq!(gen(&[]).0, greedy);
-    // A value out of range stops generate where it is used, and nothing else.
+    // A value out of range, or not a number, stops generate where it is used, and nothing else.
     config(r#"{"do_sample": true, "top_p": 1.5}"#);
     fails_with(
         &["generate", "--model", d, "--prompt", "hello"],
         "generation_config.json: `top_p` 1.5 is out of range",
     );
+    config(r#"{"do_sample": true, "top_k": "40", "top_p": 1.5}"#);
+    fails_with(
+        &[
+            "generate", "--model", d, "--prompt", "hello", "--top-p", "0.9",
+        ],
+        "generation_config.json: `top_k` \"40\" is out of range",
+    );
+    config(r#"{"do_sample": true, "top_p": 1.5}"#);
     assert!(!gen(&["--top-p", "0.9"]).1.contains("out of range"));
     let (code, _, err) = tessera(&["score", "--model", d, "--text", "hello world"]);
     assert_eq!(code, 0, "{err}");

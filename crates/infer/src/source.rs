@@ -28,13 +28,13 @@ pub struct OpenModel {
     pub sampling: Option<SamplingDefaults>,
 }
 
-/// The sampling settings a model's `generation_config.json` gives (each where it is set), as
-/// written: `generate` checks those it uses.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+/// The sampling settings a model's `generation_config.json` gives (each where it is set, null as
+/// unset), as written: `generate` checks those it uses.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct SamplingDefaults {
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub top_k: Option<f64>,
+    pub temperature: Option<serde_json::Value>,
+    pub top_p: Option<serde_json::Value>,
+    pub top_k: Option<serde_json::Value>,
 }
 
 /// [`SamplingDefaults`] of a `generation_config.json` that samples (`do_sample: true`); none for
@@ -44,11 +44,11 @@ fn sampling_defaults(v: &serde_json::Value) -> Option<SamplingDefaults> {
     if v.get("do_sample").and_then(|d| d.as_bool()) != Some(true) {
         return None;
     }
-    let num = |key: &str| v.get(key).and_then(|x| x.as_f64());
+    let raw = |key: &str| v.get(key).filter(|x| !x.is_null()).cloned();
     Some(SamplingDefaults {
-        temperature: num("temperature"),
-        top_p: num("top_p"),
-        top_k: num("top_k"),
+        temperature: raw("temperature"),
+        top_p: raw("top_p"),
+        top_k: raw("top_k"),
     })
 }
 
@@ -233,11 +233,12 @@ impl OpenModel {
         // What the post-processor did, for the flag the config leaves unset: what it put before
         // and after the text's own ids (a special token typed in the text is the text's).
         let (had_bos, had_eos) = if plain.is_empty() {
-            // Nothing of the text's own to place them by: first and last.
-            (
-                a.bos_id.is_some() && with.first().copied() == a.bos_id,
-                a.eos_id.is_some() && with.last().copied() == a.eos_id,
-            )
+            // Nothing of the text's own to place them by: first and last (one token is not both).
+            let had_bos = a.bos_id.is_some() && with.first().copied() == a.bos_id;
+            let had_eos = a.eos_id.is_some()
+                && with.len() > usize::from(had_bos)
+                && with.last().copied() == a.eos_id;
+            (had_bos, had_eos)
         } else {
             match (0..=with.len().saturating_sub(plain.len()))
                 .find(|&k| with[k..k + plain.len()] == plain[..])
@@ -388,6 +389,9 @@ mod tests {
         m.add_special =
             flags(r#"{"add_eos_token": true, "bos_token": "<s>", "eos_token": "</s>"}"#);
         assert_eq!(m.encode("").unwrap(), vec![1, 2]);
+        // BOS and EOS the same token: the post-processor's one is the BOS, not both.
+        m.add_special = flags(r#"{"add_bos_token": true, "bos_token": "<s>", "eos_token": "<s>"}"#);
+        assert_eq!(m.encode("").unwrap(), vec![1]);
         // A token the tokenizer lacks is no token: asked for, an error.
         m.add_special = flags(r#"{"add_bos_token": true, "bos_token": "<|begin|>"}"#);
         let e = m.encode("hello").unwrap_err();
