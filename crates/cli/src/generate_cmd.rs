@@ -2,76 +2,6 @@
 
 use anyhow::{bail, Result};
 use tessera_infer::{generate_on, GenerateParams, SamplingDefaults};
-
-/// Each sampling setting from its flag, else from the model's generation_config.json where that
-/// samples (transformers' reading: temperature 1, top_p 1 and top_k 50 where it leaves them out),
-/// else greedy; `--top-p` / `--top-k` without a temperature from a flag or the config sample at 1
-/// (asking for a sampling filter asks for sampling, as vLLM's default temperature of 1 does).
-/// Said on stderr where the flags alone do not decide it.
-fn sampling_params(a: &GenerateArgs, config: Option<SamplingDefaults>) -> Result<SamplingParams> {
-    // A setting of the config: its number, its default where unset; anything else one line.
-    let num = |key: &str, x: &Option<serde_json::Value>, default: f64, ok: &dyn Fn(f64) -> bool| {
-        match x {
-            None => Ok(default),
-            Some(v) => v.as_f64().filter(|n| ok(*n)).ok_or_else(|| {
-                anyhow::anyhow!("generation_config.json: `{key}` {v} is out of range")
-            }),
-        }
-    };
-    let filters = a.top_p.is_some() || a.top_k.is_some();
-    let Some(d) = config else {
-        let t = match a.temperature {
-            Some(t) => t,
-            None if filters => {
-                if tessera_comm::process_rank() == 0 {
-                    errln!(
-                        "sampling at temperature 1: --top-p / --top-k given without --temperature"
-                    );
-                }
-                1.0
-            }
-            None => 0.0,
-        };
-        return Ok(SamplingParams {
-            temperature: t,
-            top_p: a.top_p.unwrap_or(1.0),
-            top_k: a.top_k.unwrap_or(0),
-            seed: a.seed,
-        });
-    };
-    let t = match a.temperature {
-        Some(t) => t,
-        None => num("temperature", &d.temperature, 1.0, &|t| {
-            t.is_finite() && t >= 0.0
-        })? as f32,
-    };
-    let p = match a.top_p {
-        Some(p) => p,
-        None => num("top_p", &d.top_p, 1.0, &|p| (0.0..=1.0).contains(&p))? as f32,
-    };
-    let k = match a.top_k {
-        Some(k) => k,
-        None => num("top_k", &d.top_k, 50.0, &|k| {
-            k >= 0.0 && k.fract() == 0.0 && k <= u32::MAX as f64
-        })? as usize,
-    };
-    let from_config = a.temperature.is_none() || a.top_p.is_none() || a.top_k.is_none();
-    if tessera_comm::process_rank() == 0 && from_config {
-        if t > 0.0 {
-            errln!(
-                "sampling at temperature {t}, top_p {p}, top_k {k}: generation_config.json's settings where no flag gives them (--temperature 0 for greedy)"
-            );
-        } else if a.temperature.is_none() {
-            errln!("greedy: generation_config.json's temperature is 0");
-        }
-    }
-    Ok(SamplingParams {
-        temperature: t,
-        top_p: p,
-        top_k: k,
-        seed: a.seed,
-    })
-}
 use tessera_tensor::SamplingParams;
 
 use crate::model_args::{parse_tokens, read_text_file, ModelArgs};
@@ -172,4 +102,74 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Each sampling setting from its flag, else from the model's generation_config.json where that
+/// samples (transformers' reading: temperature 1, top_p 1 and top_k 50 where it leaves them out),
+/// else greedy; `--top-p` / `--top-k` without a temperature from a flag or the config sample at 1
+/// (asking for a sampling filter asks for sampling, as vLLM's default temperature of 1 does).
+/// Said on stderr where the flags alone do not decide it.
+fn sampling_params(a: &GenerateArgs, config: Option<SamplingDefaults>) -> Result<SamplingParams> {
+    // A setting of the config: its number, its default where unset; anything else one line.
+    let num = |key: &str, x: &Option<serde_json::Value>, default: f64, ok: &dyn Fn(f64) -> bool| {
+        match x {
+            None => Ok(default),
+            Some(v) => v.as_f64().filter(|n| ok(*n)).ok_or_else(|| {
+                anyhow::anyhow!("generation_config.json: `{key}` {v} is out of range")
+            }),
+        }
+    };
+    let filters = a.top_p.is_some() || a.top_k.is_some();
+    let Some(d) = config else {
+        let t = match a.temperature {
+            Some(t) => t,
+            None if filters => {
+                if tessera_comm::process_rank() == 0 {
+                    errln!(
+                        "sampling at temperature 1: --top-p / --top-k given without --temperature"
+                    );
+                }
+                1.0
+            }
+            None => 0.0,
+        };
+        return Ok(SamplingParams {
+            temperature: t,
+            top_p: a.top_p.unwrap_or(1.0),
+            top_k: a.top_k.unwrap_or(0),
+            seed: a.seed,
+        });
+    };
+    let t = match a.temperature {
+        Some(t) => t,
+        None => num("temperature", &d.temperature, 1.0, &|t| {
+            t.is_finite() && t >= 0.0
+        })? as f32,
+    };
+    let p = match a.top_p {
+        Some(p) => p,
+        None => num("top_p", &d.top_p, 1.0, &|p| (0.0..=1.0).contains(&p))? as f32,
+    };
+    let k = match a.top_k {
+        Some(k) => k,
+        None => num("top_k", &d.top_k, 50.0, &|k| {
+            k >= 0.0 && k.fract() == 0.0 && k <= u32::MAX as f64
+        })? as usize,
+    };
+    let from_config = a.temperature.is_none() || a.top_p.is_none() || a.top_k.is_none();
+    if tessera_comm::process_rank() == 0 && from_config {
+        if t > 0.0 {
+            errln!(
+                "sampling at temperature {t}, top_p {p}, top_k {k}: generation_config.json's settings where no flag gives them (--temperature 0 for greedy)"
+            );
+        } else if a.temperature.is_none() {
+            errln!("greedy: generation_config.json's temperature is 0");
+        }
+    }
+    Ok(SamplingParams {
+        temperature: t,
+        top_p: p,
+        top_k: k,
+        seed: a.seed,
+    })
 }
