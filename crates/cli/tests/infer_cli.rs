@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+
 fn tessera(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
         .args(args)
@@ -693,14 +695,13 @@ fn text_and_prompt_files_read_what_the_flags_take() {
 /// with the status a shell reports for a process SIGPIPE ended, and no panic.
 #[test]
 fn a_closed_standard_output_ends_the_command_quietly() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(["generate", "--prompt", "ROMEO:", "--max-tokens", "4"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
+    let out = common::with_stdout_closed(Command::new(env!("CARGO_BIN_EXE_tessera")).args([
+        "generate",
+        "--prompt",
+        "ROMEO:",
+        "--max-tokens",
+        "4",
+    ]));
     assert_eq!(out.status.code(), Some(141));
     assert!(
         out.stderr.is_empty(),

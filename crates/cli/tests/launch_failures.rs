@@ -145,34 +145,25 @@ fn kill_9_of_a_rank_mid_all_reduce_ends_the_job_naming_it() {
 fn a_rank_that_never_joins_is_named() {
     // Two nodes of one rank each; node 1 is never started.
     let port = free_port().to_string();
-    let child = bin()
-        .args([
-            "launch",
-            "--nnodes",
-            "2",
-            "--node-rank",
-            "0",
-            "--nproc-per-node",
-            "1",
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            &port,
-            "--timeout",
-            "2",
-            "--",
-            "tessera",
-            "bench",
-            "comm",
-            "--backend",
-            "tcp",
-            "--sizes",
-            "1K",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = launch_bench_comm(&[
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "0",
+        "--nproc-per-node",
+        "1",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        &port,
+        "--timeout",
+        "2",
+    ])
+    .args(["--backend", "tcp", "--sizes", "1K"])
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     let (code, err, _) = finish(child, Duration::from_secs(60));
     assert_ne!(code, Some(0), "{err}");
     assert!(err.contains("rank(s) [1] never joined"), "{err}");
@@ -597,36 +588,27 @@ fn ranks_end_when_their_launcher_is_killed_outright() {
 fn nodes_of_different_job_sizes_are_named() {
     let port = free_port().to_string();
     let node = |nnodes: &str, node_rank: &str| {
-        bin()
-            .args([
-                "launch",
-                "--nnodes",
-                nnodes,
-                "--node-rank",
-                node_rank,
-                "--nproc-per-node",
-                "1",
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                &port,
-                "--job-token",
-                "t",
-                "--timeout",
-                "5",
-                "--",
-                "tessera",
-                "bench",
-                "comm",
-                "--backend",
-                "tcp",
-                "--sizes",
-                "1K",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+        launch_bench_comm(&[
+            "--nnodes",
+            nnodes,
+            "--node-rank",
+            node_rank,
+            "--nproc-per-node",
+            "1",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            &port,
+            "--job-token",
+            "t",
+            "--timeout",
+            "5",
+        ])
+        .args(["--backend", "tcp", "--sizes", "1K"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
     };
     let n0 = node("2", "0");
     let n1 = node("3", "1");

@@ -563,14 +563,7 @@ fn a_json_line_that_cannot_be_written_ends_the_run() {
     assert!(!dir.path().join("curve.svg").exists(), "the run stopped");
     // A reader that has gone (`train --json | head -1`): the run ends quietly, status 141, as
     // any output into a closed pipe ends.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(&args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
+    let out = common::with_stdout_closed(Command::new(env!("CARGO_BIN_EXE_tessera")).args(&args));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(141), "{err}");
     assert!(!err.contains("error"), "{err}");

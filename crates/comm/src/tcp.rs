@@ -551,10 +551,12 @@ impl TcpRank {
                     // (rank 0's job) name the mismatch instead of waiting out their deadline.
                     let _ =
                         client.set(&format!("addr/{rank}"), format!("world {world}").as_bytes());
-                    return Err(CommError::Setup(format!(
-                        "rank {rank}: rank 0 runs a job of {} ranks, this rank one of {world}: start every node with the same --nnodes and --nproc-per-node (the same WORLD_SIZE)",
-                        String::from_utf8_lossy(&v[0])
-                    )));
+                    return Err(world_mismatch(
+                        rank,
+                        0,
+                        &String::from_utf8_lossy(&v[0]),
+                        world,
+                    ));
                 }
                 Err(_) => {
                     return Err(CommError::Setup(format!(
@@ -581,9 +583,7 @@ impl TcpRank {
                 .map(|(r, v)| {
                     let v = String::from_utf8_lossy(v);
                     if let Some(w) = v.strip_prefix("world ") {
-                        return Err(CommError::Setup(format!(
-                            "rank {rank}: rank {r} runs a job of {w} ranks, this rank one of {world}: start every node with the same --nnodes and --nproc-per-node (the same WORLD_SIZE)"
-                        )));
+                        return Err(world_mismatch(rank, r, w, world));
                     }
                     v.parse().map_err(|_| {
                         CommError::Setup("the rendezvous store holds a bad address".into())
@@ -962,4 +962,11 @@ impl TcpRank {
         }
         Ok(())
     }
+}
+
+/// Rank `rank`'s error where rank `other` runs a job of `theirs` ranks and this rank one of `world`.
+fn world_mismatch(rank: usize, other: usize, theirs: &str, world: usize) -> CommError {
+    CommError::Setup(format!(
+        "rank {rank}: rank {other} runs a job of {theirs} ranks, this rank one of {world}: start every node with the same --nnodes and --nproc-per-node (the same WORLD_SIZE)"
+    ))
 }

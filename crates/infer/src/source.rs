@@ -271,9 +271,7 @@ impl OpenModel {
 
     /// Text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String, InferError> {
-        self.tokenizer()?
-            .decode(ids, true)
-            .map_err(|e| InferError::Tokenizer(e.to_string()))
+        decode_with(self.tokenizer()?, ids)
     }
 
     /// Text that `generated` adds after `prompt`: see [`continuation_text`].
@@ -284,6 +282,12 @@ impl OpenModel {
     ) -> Result<String, InferError> {
         continuation_text(self.tokenizer()?, prompt, generated)
     }
+}
+
+/// Text of `ids` by `tok`, special tokens skipped.
+fn decode_with(tok: &Tokenizer, ids: &[u32]) -> Result<String, InferError> {
+    tok.decode(ids, true)
+        .map_err(|e| InferError::Tokenizer(e.to_string()))
 }
 
 /// The text `generated` adds after `prompt`, as HF's `decode(prompt + generated)` shows it and as
@@ -297,10 +301,7 @@ pub fn continuation_text(
     prompt: &[u32],
     generated: &[u32],
 ) -> Result<String, InferError> {
-    let dec = |ids: &[u32]| {
-        tok.decode(ids, true)
-            .map_err(|e| InferError::Tokenizer(e.to_string()))
-    };
+    let dec = |ids: &[u32]| decode_with(tok, ids);
     let all: Vec<u32> = prompt.iter().chain(generated).copied().collect();
     let (head, whole) = (dec(prompt)?, dec(&all)?);
     match whole.strip_prefix(head.as_str()) {

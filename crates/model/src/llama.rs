@@ -37,6 +37,16 @@ fn check_lockstep(tokens: &[u32], cache: &KvCache) -> Result<(), ModelError> {
     Ok(())
 }
 
+/// Refuses a cache of a lockstep batch where one sequence's is wanted.
+fn check_single(cache: &KvCache) -> Result<(), ModelError> {
+    if cache.batch != 1 {
+        return Err(ModelError::Input(
+            "this cache holds a lockstep batch: use forward_lockstep".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Bytes of f32 logits [`LlamaModel::forward_logprobs`] holds at once (at least one row).
 pub const LOGPROB_CHUNK_BYTES: usize = 64 << 20;
 
@@ -242,11 +252,7 @@ impl LlamaModel {
         logits: Logits,
         comm: &dyn Communicator,
     ) -> Result<Vec<f32>, ModelError> {
-        if cache.batch != 1 {
-            return Err(ModelError::Input(
-                "this cache holds a lockstep batch: use forward_lockstep".into(),
-            ));
-        }
+        check_single(cache)?;
         self.run(tokens, 1, cache, logits, comm)
     }
 
@@ -273,11 +279,7 @@ impl LlamaModel {
         comm: &dyn Communicator,
         rows: usize,
     ) -> Result<Vec<f64>, ModelError> {
-        if cache.batch != 1 {
-            return Err(ModelError::Input(
-                "this cache holds a lockstep batch: use forward_lockstep".into(),
-            ));
-        }
+        check_single(cache)?;
         let x = self.hidden(tokens, 1, cache, Logits::All, comm)?;
         let v = self.cfg.vocab_size;
         let n = tokens.len() - 1;

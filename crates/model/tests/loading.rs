@@ -48,6 +48,14 @@ fn rope_frequencies_match_transformers() {
     }
 }
 
+/// The config of `json` and random weights for it (`seed`), as a checkpoint held for the test's
+/// whole run (`Checkpoint::from_static`).
+fn random_model(json: &str, dtype: DType, seed: u64) -> (ModelConfig, &'static [u8]) {
+    let cfg = ModelConfig::from_json_str(json).unwrap();
+    let bytes = Box::leak(random_safetensors(&cfg, dtype, seed).into_boxed_slice());
+    (cfg, bytes)
+}
+
 fn write_model(dir: &Path, cfg_json: &str, weights: &[u8]) {
     std::fs::write(dir.join("config.json"), cfg_json).unwrap();
     std::fs::write(dir.join("model.safetensors"), weights).unwrap();
@@ -55,10 +63,11 @@ fn write_model(dir: &Path, cfg_json: &str, weights: &[u8]) {
 
 #[test]
 fn a_rank_holds_one_tp_th_of_the_weights() {
-    let json = llama_config_json(1000, 256, 688, 2, 8, 4, false);
-    let cfg = ModelConfig::from_json_str(&json).unwrap();
-    let bytes: &'static [u8] =
-        Box::leak(random_safetensors(&cfg, DType::BF16, 1).into_boxed_slice());
+    let (cfg, bytes) = random_model(
+        &llama_config_json(1000, 256, 688, 2, 8, 4, false),
+        DType::BF16,
+        1,
+    );
     let ck = Checkpoint::from_static("mem", bytes).unwrap();
     let full = cfg.num_params() as f64 * 2.0;
     for tp in [1, 2, 4] {
@@ -194,10 +203,11 @@ fn bad_checkpoints_are_refused_by_name() {
 fn lockstep_batch_decode_equals_one_sequence_at_a_time() {
     use tessera_comm::LocalGroup;
     use tessera_model::Logits;
-    let json = llama_config_json(97, 48, 80, 2, 6, 2, false);
-    let cfg = ModelConfig::from_json_str(&json).unwrap();
-    let bytes: &'static [u8] =
-        Box::leak(random_safetensors(&cfg, DType::F32, 4).into_boxed_slice());
+    let (cfg, bytes) = random_model(
+        &llama_config_json(97, 48, 80, 2, 6, 2, false),
+        DType::F32,
+        4,
+    );
     let ck = Checkpoint::from_static("mem", bytes).unwrap();
     let m = LlamaModel::from_checkpoint(&ck, cfg, TpRank::single(), DType::F32).unwrap();
     let comm = LocalGroup::new(1).into_comms().pop().unwrap();
@@ -245,10 +255,11 @@ fn lockstep_batch_decode_equals_one_sequence_at_a_time() {
 fn log_probs_by_chunks_of_rows_equal_those_of_the_whole_logits() {
     use tessera_comm::LocalGroup;
     use tessera_model::Logits;
-    let json = llama_config_json(97, 48, 80, 2, 6, 2, false);
-    let cfg = ModelConfig::from_json_str(&json).unwrap();
-    let bytes: &'static [u8] =
-        Box::leak(random_safetensors(&cfg, DType::F32, 5).into_boxed_slice());
+    let (cfg, bytes) = random_model(
+        &llama_config_json(97, 48, 80, 2, 6, 2, false),
+        DType::F32,
+        5,
+    );
     let toks: [u32; 9] = [1, 5, 9, 2, 7, 96, 0, 41, 8];
     for tp in [1, 2] {
         let comms = LocalGroup::new(tp).into_comms();

@@ -42,3 +42,15 @@ pub fn mkfifo(path: &std::path::Path) {
     let made = Command::new("mkfifo").arg(path).status().unwrap();
     assert!(made.success(), "mkfifo {}", path.display());
 }
+
+/// Runs `cmd` with its standard output a pipe whose reader has gone (`tessera ... | head -1`
+/// once `head` has exited): the read end is closed before the command writes.
+pub fn with_stdout_closed(cmd: &mut Command) -> std::process::Output {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    child.wait_with_output().unwrap()
+}
