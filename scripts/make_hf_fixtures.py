@@ -21,13 +21,22 @@ What it makes (all deterministic: fixed seeds, CPU only):
   <out>/qwen2/    Qwen2ForCausalLM, f32, tied embeddings, q/k/v biases, 1 kv head,
                   rope theta 1e6, saved SHARDED (model.safetensors.index.json +
                   several model-0000x-of-0000y.safetensors).
+  <out>/qwen2_yarn/  Qwen2ForCausalLM, f32, YaRN RoPE (factor 4 from an original
+                  context of 256, theta 1e4, head_dim 32), config.json REWRITTEN into
+                  the Qwen2.5 hub style (top-level ``rope_theta``, ``rope_scaling``
+                  with ``"type": "yarn"``); an extra score case of 300 positions
+                  (past the original context).  Its reference.json's "rope" holds
+                  HF's inv_freq and attention scaling for the model and for a list
+                  of yarn probe configs (DeepSeek mscale, explicit attention_factor,
+                  truncate false, betas, a context other than factor x original).
 
   <out>/<model>/reference.json
       {"versions": {"torch", "transformers", "tokenizers"},
        "score":  [{"tokens", "token_logprobs", "sum_logprob", "bf16_token_logprobs"}],
        "text":   [{"text", "tokens", "token_logprobs", "sum_logprob"}],
        "greedy": [{"prompt_tokens", "max_new_tokens", "tokens", "min_margin"}],
-       "rope":   {...}   (llama only: HF's inv_freq, plus a llama3 probe)}
+       "rope":   {...}   (llama: HF's inv_freq, plus a llama3 probe;
+                          qwen2_yarn: inv_freq, attention_scaling, yarn probes)}
       token_logprobs[i] = log p(tokens[i+1] | tokens[0..=i]).
       References are computed on CPU in float64 (model.to(torch.float64),
       eager attention, no_grad) from the model as RELOADED from disk.  Note that
@@ -43,7 +52,7 @@ Every Linear/Embedding weight is re-drawn N(0, 0.15), every RMSNorm weight
 Requirements: torch, transformers (5.x), tokenizers, safetensors.
 Run (from the repo root):
 
-    python3 scripts/make_hf_fixtures.py --out tests/fixtures/hf
+    python3 scripts/make_hf_fixtures.py --out tests/fixtures/hf [--only qwen2_yarn]
 """
 
 import argparse
@@ -465,13 +474,128 @@ def make_qwen2(out, tokdir, bos, eos):
     write_json(os.path.join(d, "reference.json"), ref)
 
 
+YARN_SCALING = {"factor": 4.0, "original_max_position_embeddings": 256}
+
+# (head_dim, max_position_embeddings, rope_theta, yarn keys): each probe is HF's yarn
+# inv_freq and attention scaling for that config, as tessera must compute them.
+YARN_PROBES = [
+    # Qwen2.5's recipe: the original context equal to max_position_embeddings.
+    (128, 32768, 1000000.0, {"factor": 4.0, "original_max_position_embeddings": 32768}),
+    # No original context: max_position_embeddings is the one scaled.
+    (64, 4096, 10000.0, {"factor": 2.0}),
+    # A context that is not factor x original.
+    (128, 65536, 500000.0, {"factor": 4.0, "original_max_position_embeddings": 8192}),
+    # DeepSeek-V3: mscale and mscale_all_dim equal.
+    (64, 163840, 10000.0, {"factor": 40.0, "original_max_position_embeddings": 4096,
+                           "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),
+    # mscale and mscale_all_dim that differ.
+    (64, 16384, 10000.0, {"factor": 8.0, "original_max_position_embeddings": 2048,
+                          "mscale": 0.707, "mscale_all_dim": 1.0}),
+    # gpt-oss: truncate false, its own betas.
+    (64, 131072, 150000.0, {"factor": 32.0, "original_max_position_embeddings": 4096,
+                            "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}),
+    # Explicit attention_factor and other betas.
+    (32, 2048, 10000.0, {"factor": 8.0, "original_max_position_embeddings": 256,
+                         "attention_factor": 1.3, "beta_fast": 16, "beta_slow": 2}),
+    # A factor below 1 keeps the attention factor at 1.
+    (64, 2048, 10000.0, {"factor": 0.5, "original_max_position_embeddings": 4096}),
+]
+
+
+def yarn_probe(head_dim, max_pos, theta, keys):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    params = dict(rope_type="yarn", rope_theta=theta, **keys)
+    rec = {"head_dim": head_dim, "max_position_embeddings": max_pos, "rope_parameters": params}
+    try:
+        cfg = LlamaConfig(
+            hidden_size=head_dim * 4, num_attention_heads=4, head_dim=head_dim,
+            max_position_embeddings=max_pos, rope_parameters=dict(params),
+        )
+        inv, scale = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
+        rec["inv_freq"] = inv.tolist()
+        rec["attention_scaling"] = float(scale)
+    except Exception as e:  # recorded, so that tessera can be checked to refuse it too
+        rec["error"] = f"{type(e).__name__}: {e}"
+    log(f"[yarn probe] {rec['rope_parameters']} max_pos {max_pos} head_dim {head_dim}: "
+        f"{rec.get('attention_scaling', rec.get('error'))}")
+    return rec
+
+
+def make_qwen2_yarn(out, tokdir, bos, eos):
+    name, cls = "qwen2_yarn", Qwen2ForCausalLM
+    d = os.path.join(out, name)
+    cfg = Qwen2Config(
+        vocab_size=320,
+        hidden_size=128,
+        intermediate_size=200,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=1024,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, **YARN_SCALING),
+        use_sliding_window=False,
+        tie_word_embeddings=False,
+        bos_token_id=bos,
+        eos_token_id=eos,
+    )
+    model = cls(cfg)
+    model.set_attn_implementation("eager")
+    randomize(model, 1004)
+    model.eval()
+    inv0 = inv_freq_of(model)
+    scale0 = float(model.model.rotary_emb.attention_scaling)
+    model.save_pretrained(d)
+    copy_tokenizer(tokdir, d)
+
+    # Rewrite config.json as Qwen2.5's hub configs spell YaRN (transformers-4 style).
+    cpath = os.path.join(d, "config.json")
+    with open(cpath) as f:
+        written = json.load(f)
+    old = {}
+    for k, v in written.items():
+        if k == "rope_parameters":
+            old["rope_theta"] = 10000.0
+            old["rope_scaling"] = {"type": "yarn", **YARN_SCALING}
+        else:
+            old[k] = v
+    write_json(cpath, old)
+    with open(cpath) as f:
+        log(f"[{name}] config.json:\n{f.read()}")
+
+    re = load(cls, d, torch.float32)
+    inv1 = inv_freq_of(re)
+    scale1 = float(re.model.rotary_emb.attention_scaling)
+    assert torch.equal(inv0, inv1) and scale0 == scale1, (inv0, inv1, scale0, scale1)
+    state_equal(model, re)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    plain = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    assert not torch.equal(plain, inv1), "yarn left the frequencies unchanged"
+    assert scale1 != 1.0, "yarn left the attention scaling at 1"
+    log(f"[{name}] reloaded: rope_parameters {re.config.rope_parameters}; attention_scaling {scale1}; "
+        f"inv_freq {inv1.tolist()}")
+
+    ref, m64 = make_reference(name, cls, d, 320, eos, 2004, extra_score_lengths=(300,))
+    state_equal(model, m64)
+    ref["rope"] = {
+        "note": "inv_freq and attention_scaling as HF computes them (float32), for this model and yarn probes",
+        "inv_freq": inv1.tolist(),
+        "attention_scaling": scale1,
+        "default_inv_freq": plain.tolist(),
+        "probes": [yarn_probe(*p) for p in YARN_PROBES],
+    }
+    write_json(os.path.join(d, "reference.json"), ref)
+
+
 # --------------------------------------------------------------------------- main
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output directory, e.g. tests/fixtures/hf")
+    ap.add_argument("--only", nargs="*", choices=sorted(MAKERS), help="make only these models")
     args = ap.parse_args()
+    names = args.only or list(MAKERS)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
 
@@ -482,14 +606,12 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         tokdir, bos, eos = build_tokenizer(tmp)
-        for name in ("llama", "mistral", "qwen2"):
+        for name in names:
             d = os.path.join(out, name)
             if os.path.isdir(d):
                 shutil.rmtree(d)
             os.makedirs(d)
-        make_llama(out, tokdir, bos, eos)
-        make_mistral(out, tokdir, bos, eos)
-        make_qwen2(out, tokdir, bos, eos)
+            MAKERS[name](out, tokdir, bos, eos)
 
     total = 0
     log("files:")
@@ -500,7 +622,15 @@ def main():
             total += sz
             log(f"  {os.path.relpath(p, out):45s} {sz:>9d}")
     log(f"total {total} bytes")
-    assert total < 3_000_000, total
+    assert total < 3_500_000, total
+
+
+MAKERS = {
+    "llama": make_llama,
+    "mistral": make_mistral,
+    "qwen2": make_qwen2,
+    "qwen2_yarn": make_qwen2_yarn,
+}
 
 
 if __name__ == "__main__":

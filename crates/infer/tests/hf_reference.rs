@@ -62,10 +62,11 @@ fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
 const F32_TOL: f64 = 1e-4;
 
 /// bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.002 per op). HF's own bf16 run
-/// differs from its float64 run by up to 0.105 on these fixtures (recorded in reference.json), and
-/// our bf16 rounds at the same op boundaries but not bit-identically, so we require our bf16
-/// log-probs to sit within 0.15 of the float64 reference and, on average over all cases, no
-/// further from it than 2x HF's own bf16 error plus 0.01.
+/// differs from its float64 run by up to 0.105 on the first three fixtures and 0.302 on
+/// `qwen2_yarn` (twice their width; recorded in reference.json), and our bf16 rounds at the same
+/// op boundaries but not bit-identically, so we require our bf16 log-probs to sit within 0.15 of
+/// the float64 reference, or within HF's own largest bf16 error where that is larger, and, on
+/// average over all cases, no further from it than 2x HF's own bf16 error plus 0.01.
 const BF16_TOL: f64 = 0.15;
 
 fn check_model(name: &str, valid: &[usize]) {
@@ -115,13 +116,21 @@ fn check_model_on(name: &str, valid: &[usize], device: Device, max_tp: usize) {
         let d = max_abs_diff(&got.token_logprobs, &case.token_logprobs);
         assert!(d < F32_TOL, "{name} text: f32 max diff {d}");
     }
+    let hf_max = reference
+        .score
+        .iter()
+        .map(|c| max_abs_diff(&c.bf16_token_logprobs, &c.token_logprobs))
+        .fold(0.0, f64::max);
     for &tp in &[1, *valid.last().unwrap()] {
         let tp: usize = tp;
         let (mut ours, mut hf, mut n) = (0.0, 0.0, 0.0);
         for case in &reference.score {
             let got = score(&model, &case.tokens, tp, DType::BF16).unwrap();
             let d = max_abs_diff(&got.token_logprobs, &case.token_logprobs);
-            assert!(d < BF16_TOL, "{name} tp {tp} bf16 max diff {d}");
+            assert!(
+                d < BF16_TOL.max(hf_max),
+                "{name} tp {tp} bf16 max diff {d} (HF's own: {hf_max})"
+            );
             ours += got
                 .token_logprobs
                 .iter()
@@ -163,6 +172,14 @@ fn qwen2_bias_tied_sharded_matches_hf() {
     check_model("qwen2", &[1, 2, 4]);
 }
 
+#[test]
+fn qwen2_yarn_rope_matches_hf() {
+    // YaRN (factor 4 from 256 positions, Qwen2.5's config style) moves every log-prob: its
+    // frequencies and the attention factor (1.139, squared into the softmax scale). A score case
+    // of 300 positions runs past the original context. 4 heads, 2 kv heads: replicated at tp 4.
+    check_model("qwen2_yarn", &[1, 2, 4]);
+}
+
 /// The same checks on GPUs (built with `--features cuda`, run by `scripts/gpu_check.sh`): tp 1 and,
 /// where the machine has two GPUs, tp 2.
 #[cfg(feature = "cuda")]
@@ -195,6 +212,15 @@ mod cuda {
         let n = gpus();
         if n > 0 {
             check_model_on("mistral", &[1, 2, 4], Device::Cuda(0), n);
+        }
+    }
+
+    #[test]
+    fn qwen2_yarn_on_gpu_matches_hf() {
+        let _gpu = exclusive();
+        let n = gpus();
+        if n > 0 {
+            check_model_on("qwen2_yarn", &[1, 2, 4], Device::Cuda(0), n);
         }
     }
 

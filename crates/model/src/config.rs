@@ -51,6 +51,18 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// YaRN (Qwen2.5's long context, DeepSeek-V3, gpt-oss): frequencies ramped between the
+    /// original and the interpolated ones over the dimensions between `beta_fast` and `beta_slow`
+    /// rotations in the original context, and cos/sin scaled by `attention_factor` (resolved from
+    /// `mscale` / `mscale_all_dim` / `factor` as transformers does).
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        truncate: bool,
+        attention_factor: f64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -172,7 +184,15 @@ impl ModelConfig {
                 )))
             }
         }
-        let (rope, rope_context) = rope_of(v)?;
+        // transformers' defaults where the key is missing.
+        let default_context = match arch {
+            Arch::Llama => 2048,
+            Arch::Mistral => 131_072,
+            Arch::Qwen2 => 32_768,
+        };
+        let configured_context =
+            opt_usize(v, "max_position_embeddings")?.unwrap_or(default_context);
+        let (rope, max_position_embeddings) = rope_of(v, configured_context)?;
         // At the top (transformers 4) or inside `rope_parameters` (transformers 5).
         let nested = v
             .get("rope_parameters")
@@ -197,15 +217,6 @@ impl ModelConfig {
             Arch::Mistral => (false, false, false),
             Arch::Qwen2 => (true, false, false),
         };
-        // transformers' defaults where the key is missing.
-        let default_context = match arch {
-            Arch::Llama => 2048,
-            Arch::Mistral => 131_072,
-            Arch::Qwen2 => 32_768,
-        };
-        let max_position_embeddings = opt_usize(v, "max_position_embeddings")?
-            .unwrap_or(default_context)
-            .min(rope_context.unwrap_or(usize::MAX));
         let sliding_window = sliding_of(v, arch, num_layers)?;
         let eos_token_ids = match obj.get("eos_token_id") {
             None | Some(Value::Null) => vec![],
@@ -368,10 +379,12 @@ fn arch_of(v: &Value) -> Result<Arch, ModelError> {
     }
 }
 
-/// The RoPE settings, and for `dynamic` scaling the context up to which its frequencies are the
-/// unscaled ones (the positions tessera then serves: past them transformers rescales them with
-/// the sequence's length).
-fn rope_of(v: &Value) -> Result<(RopeConfig, Option<usize>), ModelError> {
+/// The RoPE settings and the context served, from `context` (`max_position_embeddings`): for
+/// `dynamic` scaling the context up to which its frequencies are the unscaled ones (past it
+/// transformers rescales them with the sequence's length), for `yarn` the original context times
+/// its factor where that is longer (as vLLM serves it: Qwen2.5's configs keep
+/// `max_position_embeddings` at the original 32,768 and ask for factor 4).
+fn rope_of(v: &Value, context: usize) -> Result<(RopeConfig, usize), ModelError> {
     // transformers 5 nests everything under `rope_parameters`; older configs keep `rope_theta` at the
     // top and the scaling in `rope_scaling`.
     let params = v.get("rope_parameters").filter(|p| !p.is_null());
@@ -388,7 +401,7 @@ fn rope_of(v: &Value) -> Result<(RopeConfig, Option<usize>), ModelError> {
     if !positive(theta) {
         return Err(cfg_err(format!("rope_theta must be > 0, got {theta}")));
     }
-    let mut dynamic_context = None;
+    let mut served = context;
     let scaling = match scaling {
         None => RopeScaling::Default,
         Some(s) => {
@@ -411,11 +424,12 @@ fn rope_of(v: &Value) -> Result<(RopeConfig, Option<usize>), ModelError> {
                 "default" => RopeScaling::Default,
                 // Dynamic NTK scaling leaves the frequencies alone up to the original context.
                 "dynamic" => {
-                    dynamic_context = Some(
-                        s.get("original_max_position_embeddings")
-                            .and_then(|x| x.as_u64())
-                            .map_or(usize::MAX, |x| x as usize),
-                    );
+                    if let Some(old) = s
+                        .get("original_max_position_embeddings")
+                        .and_then(|x| x.as_u64())
+                    {
+                        served = served.min(old as usize);
+                    }
                     RopeScaling::Default
                 }
                 "linear" => RopeScaling::Linear {
@@ -427,9 +441,27 @@ fn rope_of(v: &Value) -> Result<(RopeConfig, Option<usize>), ModelError> {
                     high_freq_factor: num("high_freq_factor")?,
                     original_max_position_embeddings: num("original_max_position_embeddings")?,
                 },
+                "yarn" => {
+                    let y = yarn_of(v, s, context)?;
+                    if let RopeScaling::Yarn {
+                        factor,
+                        original_max_position_embeddings: old,
+                        ..
+                    } = y
+                    {
+                        let extended = (old * factor).floor();
+                        if !extended.is_finite() || extended > MAX_POSITIONS as f64 {
+                            return Err(cfg_err(format!(
+                                "yarn's context (original_max_position_embeddings {old} x factor {factor}) is larger than {MAX_POSITIONS}"
+                            )));
+                        }
+                        served = served.max(extended as usize);
+                    }
+                    y
+                }
                 other => {
                     return Err(cfg_err(format!(
-                    "unsupported rope type {other:?} (supported: default, linear, llama3, dynamic)"
+                    "unsupported rope type {other:?} (supported: default, linear, llama3, dynamic, yarn)"
                 )))
                 }
             }
@@ -457,7 +489,93 @@ fn rope_of(v: &Value) -> Result<(RopeConfig, Option<usize>), ModelError> {
             return Err(cfg_err("linear rope scaling needs factor > 0"));
         }
     }
-    Ok((RopeConfig { theta, scaling }, dynamic_context))
+    Ok((RopeConfig { theta, scaling }, served))
+}
+
+/// YaRN's settings as transformers 5 reads them (`_compute_yarn_parameters` after
+/// `standardize_rope_params`): the original context from a top-level
+/// `original_max_position_embeddings` first, then the scaling's own, then `context`; a missing
+/// factor is the ratio of the two contexts; `beta_fast` / `beta_slow` of 0 or none are 32 / 1;
+/// `truncate` defaults to true; the attention factor is the given one, else
+/// `mscale(factor, mscale) / mscale(factor, mscale_all_dim)` where both are non-zero, else
+/// `mscale(factor)`, with `mscale(s, m) = 0.1 m ln s + 1` for `s > 1` and 1 otherwise.
+fn yarn_of(v: &Value, s: &Value, context: usize) -> Result<RopeScaling, ModelError> {
+    let num = |x: &Value, key: &str| -> Result<Option<f64>, ModelError> {
+        match x.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(n) => n
+                .as_f64()
+                .filter(|n| n.is_finite())
+                .map(Some)
+                .ok_or_else(|| {
+                    cfg_err(format!(
+                        "yarn rope scaling's `{key}` must be a number, got {n}"
+                    ))
+                }),
+        }
+    };
+    let old = match num(v, "original_max_position_embeddings")? {
+        Some(o) => o,
+        None => num(s, "original_max_position_embeddings")?.unwrap_or(context as f64),
+    };
+    if !positive(old) {
+        return Err(cfg_err(format!(
+            "yarn rope scaling needs original_max_position_embeddings > 0, got {old}"
+        )));
+    }
+    let factor = num(s, "factor")?.unwrap_or(context as f64 / old);
+    if !positive(factor) {
+        return Err(cfg_err(format!(
+            "yarn rope scaling needs factor > 0, got {factor}"
+        )));
+    }
+    let or = |x: Option<f64>, d: f64| x.filter(|&b| b != 0.0).unwrap_or(d);
+    let beta_fast = or(num(s, "beta_fast")?, 32.0);
+    let beta_slow = or(num(s, "beta_slow")?, 1.0);
+    if !(beta_fast > 0.0 && beta_slow > 0.0) {
+        return Err(cfg_err(format!(
+            "yarn rope scaling needs beta_fast and beta_slow > 0, got {beta_fast} and {beta_slow}"
+        )));
+    }
+    let truncate = match s.get("truncate") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(t) => {
+            return Err(cfg_err(format!(
+                "yarn rope scaling's `truncate` must be true or false, got {t}"
+            )))
+        }
+    };
+    let mscale = |scale: f64, m: f64| {
+        if scale <= 1.0 {
+            1.0
+        } else {
+            0.1 * m * scale.ln() + 1.0
+        }
+    };
+    let attention_factor = match num(s, "attention_factor")? {
+        Some(a) => a,
+        None => match (
+            num(s, "mscale")?.filter(|&m| m != 0.0),
+            num(s, "mscale_all_dim")?.filter(|&m| m != 0.0),
+        ) {
+            (Some(m), Some(all)) => mscale(factor, m) / mscale(factor, all),
+            _ => mscale(factor, 1.0),
+        },
+    };
+    if !(attention_factor > 0.0 && attention_factor.is_finite()) {
+        return Err(cfg_err(format!(
+            "yarn rope scaling's attention factor must be > 0, got {attention_factor}"
+        )));
+    }
+    Ok(RopeScaling::Yarn {
+        factor,
+        original_max_position_embeddings: old,
+        beta_fast,
+        beta_slow,
+        truncate,
+        attention_factor,
+    })
 }
 
 fn sliding_of(v: &Value, arch: Arch, layers: usize) -> Result<Vec<Option<usize>>, ModelError> {
@@ -597,8 +715,8 @@ mod tests {
             assert!(with(bad).is_err(), "{bad} was taken");
         }
         assert!(with(r#"{"hidden_act":"silu"}"#).is_ok());
-        let e = with(r#"{"rope_scaling":{"type":"yarn","factor":4.0}}"#).unwrap_err();
-        assert!(e.to_string().contains("yarn"), "{e}");
+        let e = with(r#"{"rope_scaling":{"type":"longrope","factor":4.0}}"#).unwrap_err();
+        assert!(e.to_string().contains("longrope"), "{e}");
         let e = with(r#"{"num_key_value_heads":3}"#).unwrap_err();
         assert!(e.to_string().contains("num_key_value_heads 3"), "{e}");
         let e = with(r#"{"hidden_size":"big"}"#).unwrap_err();
@@ -764,6 +882,107 @@ mod tests {
         )
         .unwrap();
         assert_eq!(d.max_position_embeddings, 4096);
+    }
+
+    #[test]
+    fn yarn_is_read_as_transformers_reads_it_and_served_to_its_extended_context() {
+        let yarn = |extra: &str| with(extra).map(|c| (c.rope.scaling, c.max_position_embeddings));
+        // Qwen2.5's recipe: max_position_embeddings stays the original; the served context is
+        // factor x original (vLLM's); betas 32 / 1, truncated, attention factor 0.1 ln 4 + 1.
+        let (s, ctx) = yarn(
+            r#"{"max_position_embeddings":32768,"rope_scaling":{"type":"yarn","factor":4.0,
+                "original_max_position_embeddings":32768}}"#,
+        )
+        .unwrap();
+        assert_eq!(ctx, 131_072);
+        assert_eq!(
+            s,
+            RopeScaling::Yarn {
+                factor: 4.0,
+                original_max_position_embeddings: 32768.0,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                truncate: true,
+                attention_factor: 0.1 * 4f64.ln() + 1.0,
+            }
+        );
+        // A longer max_position_embeddings is kept; a top-level original context wins over the
+        // scaling's (transformers' Phi-3 rule); with neither, max_position_embeddings is it.
+        let (s, ctx) = yarn(
+            r#"{"max_position_embeddings":65536,"original_max_position_embeddings":4096,
+                "rope_parameters":{"rope_type":"yarn","rope_theta":1e4,"factor":4.0,
+                "original_max_position_embeddings":8192}}"#,
+        )
+        .unwrap();
+        assert_eq!(ctx, 65536);
+        assert!(
+            matches!(s, RopeScaling::Yarn { original_max_position_embeddings: o, .. } if o == 4096.0)
+        );
+        let (s, _) = yarn(
+            r#"{"max_position_embeddings":4096,"rope_scaling":{"rope_type":"yarn","factor":2.0}}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(s, RopeScaling::Yarn { original_max_position_embeddings: o, .. } if o == 4096.0)
+        );
+        // No factor: the ratio of the contexts. Betas of 0 are the defaults; mscales both set
+        // give their ratio, one of them 0 the plain formula; truncate false is kept.
+        let (s, _) = yarn(
+            r#"{"max_position_embeddings":16384,"rope_scaling":{"type":"yarn",
+                "original_max_position_embeddings":2048,"beta_fast":0,"beta_slow":null,
+                "mscale":0.707,"mscale_all_dim":1.0,"truncate":false}}"#,
+        )
+        .unwrap();
+        let m = |s: f64, m: f64| 0.1 * m * s.ln() + 1.0;
+        assert_eq!(
+            s,
+            RopeScaling::Yarn {
+                factor: 8.0,
+                original_max_position_embeddings: 2048.0,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                truncate: false,
+                attention_factor: m(8.0, 0.707) / m(8.0, 1.0),
+            }
+        );
+        let (s, _) = yarn(
+            r#"{"rope_scaling":{"type":"yarn","factor":8.0,"mscale":0.707,"mscale_all_dim":0}}"#,
+        )
+        .unwrap();
+        assert!(matches!(s, RopeScaling::Yarn { attention_factor: a, .. } if a == m(8.0, 1.0)));
+        for (bad, named) in [
+            (
+                r#"{"rope_scaling":{"type":"yarn","factor":0}}"#,
+                "factor > 0",
+            ),
+            (
+                r#"{"rope_scaling":{"type":"yarn","factor":"4"}}"#,
+                "`factor`",
+            ),
+            (
+                r#"{"rope_scaling":{"type":"yarn","factor":4,"original_max_position_embeddings":0}}"#,
+                "original_max_position_embeddings > 0",
+            ),
+            (
+                r#"{"rope_scaling":{"type":"yarn","factor":4,"truncate":"no"}}"#,
+                "truncate",
+            ),
+            (
+                r#"{"rope_scaling":{"type":"yarn","factor":4,"attention_factor":-1}}"#,
+                "attention factor",
+            ),
+            (
+                r#"{"rope_scaling":{"type":"yarn","factor":4,"beta_fast":-2}}"#,
+                "beta_fast",
+            ),
+            (
+                r#"{"rope_scaling":{"type":"yarn","factor":1e300}}"#,
+                "yarn's context",
+            ),
+        ] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains(named), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -190,6 +190,7 @@ impl LlamaModel {
                 },
                 window: cfg.sliding_window[l],
                 inv_freq: inv_freq.clone(),
+                scale: crate::rope::softmax_scale(&cfg.rope, d),
             };
             let mlp = Mlp {
                 gate_up: col(2 * il, false, &mut rand)?,

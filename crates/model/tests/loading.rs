@@ -48,6 +48,119 @@ fn rope_frequencies_match_transformers() {
     }
 }
 
+/// YaRN as transformers 5 computes it: the fixture model's frequencies and attention factor, and
+/// for each probe config of `make_hf_fixtures.py` (Qwen2.5's recipe, no original context,
+/// DeepSeek-V3's mscales, gpt-oss's `truncate: false`, an explicit attention factor and betas, a
+/// factor below 1) the config read by tessera gives HF's frequencies within 2e-6 and its
+/// attention factor within 1e-12.
+#[test]
+fn yarn_frequencies_and_attention_factor_match_transformers() {
+    let text = std::fs::read_to_string(fixtures().join("qwen2_yarn/reference.json")).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let floats = |x: &serde_json::Value| -> Vec<f64> {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let check = |what: &str, cfg: &ModelConfig, rope: &serde_json::Value| {
+        let ours = tessera_model::rope::inv_freq(&cfg.rope, cfg.head_dim);
+        let want = floats(&rope["inv_freq"]);
+        assert_eq!(ours.len(), want.len(), "{what}");
+        for (i, (a, b)) in ours.iter().zip(&want).enumerate() {
+            assert!(
+                ((*a as f64) - b).abs() <= 2e-6 * b.abs(),
+                "{what}: inv_freq[{i}] {a} vs HF's {b}"
+            );
+        }
+        let m = tessera_model::rope::attention_scaling(&cfg.rope);
+        let want = rope["attention_scaling"].as_f64().unwrap();
+        assert!(
+            (m - want).abs() <= 1e-12,
+            "{what}: attention factor {m} vs HF's {want}"
+        );
+    };
+    let model = ModelConfig::from_dir(&fixtures().join("qwen2_yarn")).unwrap();
+    let default = floats(&r["rope"]["default_inv_freq"]);
+    let ours = tessera_model::rope::inv_freq(&model.rope, model.head_dim);
+    assert!(ours
+        .iter()
+        .zip(&default)
+        .any(|(a, b)| (*a as f64 - b).abs() > 1e-3 * b));
+    check("the fixture model", &model, &r["rope"]);
+    // Past the original 256 positions, to factor x original.
+    assert_eq!(model.max_position_embeddings, 1024);
+
+    let probes = r["rope"]["probes"].as_array().unwrap();
+    assert_eq!(probes.len(), 8);
+    for p in probes {
+        assert!(p.get("error").is_none(), "HF refused a probe: {p}");
+        let d = p["head_dim"].as_u64().unwrap();
+        let json = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "vocab_size": 320,
+            "hidden_size": d * 4, "head_dim": d, "num_attention_heads": 4,
+            "num_key_value_heads": 4, "intermediate_size": 64, "num_hidden_layers": 1,
+            "max_position_embeddings": p["max_position_embeddings"],
+            "rope_parameters": p["rope_parameters"],
+        });
+        let cfg = ModelConfig::from_json_str(&json.to_string()).unwrap();
+        check(&p["rope_parameters"].to_string(), &cfg, p);
+    }
+}
+
+/// Training's forward (its own attention, RoPE and softmax scale) on each HF fixture gives HF's
+/// float64 log-probs within 1e-4: YaRN's attention factor reaches the training path too.
+#[test]
+fn training_forward_matches_hf_log_probs() {
+    use tessera_model::grad::{load_checkpoint, BatchDims, FullParams, TrainModel};
+    for name in ["llama", "qwen2", "qwen2_yarn"] {
+        let dir = fixtures().join(name);
+        let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
+        let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let cfg = ModelConfig::from_dir(&dir).unwrap();
+        let vocab = cfg.vocab_size;
+        let m = TrainModel::new(cfg);
+        let ck = Checkpoint::open(&dir).unwrap();
+        let mut params = FullParams::new(load_checkpoint(&m.layout, &ck).unwrap());
+        for case in r["score"].as_array().unwrap() {
+            let tokens: Vec<u32> = case["tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_u64().unwrap() as u32)
+                .collect();
+            let dims = BatchDims {
+                batch: 1,
+                seq: tokens.len(),
+            };
+            let logits = m.logits(&mut params, &tokens, dims, DType::F32).unwrap();
+            for (i, want) in case["token_logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .enumerate()
+            {
+                let row = &logits[i * vocab..(i + 1) * vocab];
+                let max = row.iter().fold(f64::MIN, |a, &b| a.max(b as f64));
+                let lse = max
+                    + row
+                        .iter()
+                        .map(|&x| (x as f64 - max).exp())
+                        .sum::<f64>()
+                        .ln();
+                let got = row[tokens[i + 1] as usize] as f64 - lse;
+                let want = want.as_f64().unwrap();
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "{name} len {} position {i}: {got} vs HF's {want}",
+                    tokens.len()
+                );
+            }
+        }
+    }
+}
+
 /// The config of `json` and random weights for it (`seed`), as a checkpoint held for the test's
 /// whole run (`Checkpoint::from_static`).
 fn random_model(json: &str, dtype: DType, seed: u64) -> (ModelConfig, &'static [u8]) {

@@ -15,6 +15,8 @@ pub struct AttentionParams<'a> {
     pub shape: AttentionShape,
     pub window: Option<usize>,
     pub inv_freq: &'a [f32],
+    /// The softmax scale, YaRN's attention factor included (`rope::softmax_scale`).
+    pub scale: f32,
 }
 
 /// Saved for the backward: rotated q and k, v, the probabilities, the pre-o_proj output.
@@ -41,7 +43,7 @@ impl AttentionParams<'_> {
             seq: dims.seq,
             shape: self.shape,
             window: self.window,
-            scale: 1.0 / (self.shape.head_dim as f32).sqrt(),
+            scale: self.scale,
         }
     }
 

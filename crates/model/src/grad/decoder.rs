@@ -64,6 +64,7 @@ impl<'a> DecoderParams<'a> {
                 },
                 window: cfg.sliding_window[layer],
                 inv_freq,
+                scale: crate::rope::softmax_scale(&cfg.rope, d),
             },
             mlp: MlpParams {
                 gate: lin(s("gate_proj.weight"), o("gate_proj.bias"), i, h),

@@ -20,6 +20,8 @@ pub struct Attention {
     pub shape: AttentionShape,
     pub window: Option<usize>,
     pub inv_freq: Arc<Vec<f32>>,
+    /// The softmax scale, YaRN's attention factor included (`rope::softmax_scale`).
+    pub scale: f32,
 }
 
 impl Attention {
@@ -63,6 +65,7 @@ impl Attention {
             },
             window: cfg.sliding_window[layer],
             inv_freq,
+            scale: crate::rope::softmax_scale(&cfg.rope, d),
         })
     }
 
@@ -141,7 +144,7 @@ impl Attention {
             head_dim,
         };
         cache.reserve(start + t)?;
-        let scale = 1.0 / (head_dim as f32).sqrt();
+        let scale = self.scale;
         let a = if t == 1 {
             // A decode step: RoPE, the cache append and attention in one op.
             ops::decode_attention(
