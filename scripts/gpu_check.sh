@@ -144,6 +144,14 @@ if [[ $STEPS == all || $STEPS == *cli* ]]; then
     # f32 logits draws the CPU's tokens.
     SAMPLE="--temperature 0.8 --top-k 20 --top-p 0.9 --seed 5 --ignore-eos"
     sa=$(.gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json $SAMPLE)
+    # A repetition penalty (greedy over the host's logits, not the graph's argmax) and min-p.
+    PENAL="--repetition-penalty 1.3 --min-p 0.05 --temperature 0.9 --seed 7 --ignore-eos"
+    pa=$(.gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json $PENAL)
+    ga=$(.gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json --repetition-penalty 1.3 --ignore-eos)
+    # YaRN RoPE (its attention factor in the softmax scale of the decode and prefill kernels).
+    Y=tests/fixtures/hf/qwen2_yarn
+    .gpu/tessera score --model $Y --tokens $TOK --json > $OUTDIR/yarn_cpu.json
+    ya=$(.gpu/tessera generate --model $Y --prompt-tokens $TOK --max-tokens 24 --json --ignore-eos)
     for run in $RUNS; do
       case $run in
         tp1) L=""; T=1 ;;
@@ -157,6 +165,13 @@ if [[ $STEPS == all || $STEPS == *cli* ]]; then
       [ "$a" == "$b" ] && echo "generate cuda $run: identical to cpu OK" || echo "generate cuda $run: FAIL: $a vs $b"
       sb=$($L .gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json --device cuda --tp $T $SAMPLE)
       [ "$sa" == "$sb" ] && echo "generate cuda $run, sampled: identical to cpu OK" || echo "generate cuda $run, sampled: FAIL: $sa vs $sb"
+      pb=$($L .gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json --device cuda --tp $T $PENAL)
+      [ "$pa" == "$pb" ] && echo "generate cuda $run, repetition penalty + min-p sampled: identical to cpu OK" || echo "generate cuda $run, repetition penalty + min-p: FAIL: $pa vs $pb"
+      gb=$($L .gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json --device cuda --tp $T --repetition-penalty 1.3 --ignore-eos)
+      [ "$ga" == "$gb" ] && echo "generate cuda $run, greedy with repetition penalty: identical to cpu OK" || echo "generate cuda $run, greedy with repetition penalty: FAIL: $ga vs $gb"
+      $L .gpu/tessera score --model $Y --tokens $TOK --json --device cuda --tp $T > $OUTDIR/yarn_cuda_$run.json
+      yb=$($L .gpu/tessera generate --model $Y --prompt-tokens $TOK --max-tokens 24 --json --device cuda --tp $T --ignore-eos)
+      [ "$ya" == "$yb" ] && echo "generate cuda $run, yarn model: identical to cpu OK" || echo "generate cuda $run, yarn model: FAIL: $ya vs $yb"
     done
     # Bad input on the GPU path: an error line (the last), a non-zero exit, no panic.
     echo "== CLI: bad input on cuda"
@@ -175,11 +190,12 @@ if [[ $STEPS == all || $STEPS == *cli* ]]; then
     python3 - "$OUTDIR" $RUNS <<'PY'
 import json, sys
 d = sys.argv[1]
-cpu = json.load(open(f"{d}/score_cpu.json"))["token_logprobs"]
-for run in sys.argv[2:]:
-    got = json.load(open(f"{d}/score_cuda_{run}.json"))["token_logprobs"]
-    diff = max(abs(a - b) for a, b in zip(cpu, got))
-    print(f"score cuda {run}: max |logprob - cpu| = {diff:.2e}", "OK" if diff < 1e-4 and len(got) == len(cpu) else "FAIL")
+for model, cpu_file, cuda_file in (("", "score_cpu", "score_cuda"), (", yarn model", "yarn_cpu", "yarn_cuda")):
+    cpu = json.load(open(f"{d}/{cpu_file}.json"))["token_logprobs"]
+    for run in sys.argv[2:]:
+        got = json.load(open(f"{d}/{cuda_file}_{run}.json"))["token_logprobs"]
+        diff = max(abs(a - b) for a, b in zip(cpu, got))
+        print(f"score cuda {run}{model}: max |logprob - cpu| = {diff:.2e}", "OK" if diff < 1e-4 and len(got) == len(cpu) else "FAIL")
 PY
   } 2>&1 | tee -a "$REPORT"
 fi

@@ -35,6 +35,8 @@ What it makes (all deterministic: fixed seeds, CPU only):
        "score":  [{"tokens", "token_logprobs", "sum_logprob", "bf16_token_logprobs"}],
        "text":   [{"text", "tokens", "token_logprobs", "sum_logprob"}],
        "greedy": [{"prompt_tokens", "max_new_tokens", "tokens", "min_margin"}],
+       "greedy_repetition_penalty": [...]  (llama only: the greedy cases' prompts,
+                          generate(repetition_penalty=1.3), margins of the processed scores)
        "rope":   {...}   (llama: HF's inv_freq, plus a llama3 probe;
                           qwen2_yarn: inv_freq, attention_scaling, yarn probes)}
       token_logprobs[i] = log p(tokens[i+1] | tokens[0..=i]).
@@ -89,6 +91,8 @@ MAX_NEW_TOKENS = 12
 MIN_MARGIN = 1e-3
 SCORE_LENGTHS = [2, 9, 33]
 GREEDY_LENGTHS = [5, 11]
+
+REPETITION_PENALTY = 1.3
 
 LLAMA3_SCALING = {
     "rope_type": "llama3",
@@ -241,6 +245,30 @@ def greedy(model, prompt, eos_id):
     return gen, min(margins)
 
 
+def greedy_penalized(model, prompt, eos_id, penalty):
+    """HF's greedy generate with a repetition penalty (a logits processor: it applies greedy too);
+    the margin is over the processed scores."""
+    ids = torch.tensor([prompt], dtype=torch.long)
+    with torch.no_grad():
+        res = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            repetition_penalty=penalty,
+            max_new_tokens=MAX_NEW_TOKENS,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=eos_id,
+        )
+    gen = res.sequences[0, len(prompt):].tolist()
+    margins = []
+    for step, sc in enumerate(res.scores):
+        top2 = torch.topk(sc[0].to(torch.float64), 2).values
+        margins.append((top2[0] - top2[1]).item())
+        assert int(sc[0].argmax()) == gen[step], (step, gen)
+    return gen, min(margins)
+
+
 def make_reference(name, cls, path, vocab, eos_id, seed, extra_score_lengths=()):
     rng = random.Random(seed)
     m64 = load(cls, path, torch.float32).to(torch.float64)
@@ -367,7 +395,25 @@ def make_llama(out, tokdir, bos, eos):
     plain = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     assert not torch.equal(plain, inv1)
 
-    ref, _ = make_reference(name, cls, d, 320, eos, 2001, extra_score_lengths=(64,))
+    ref, m64 = make_reference(name, cls, d, 320, eos, 2001, extra_score_lengths=(64,))
+
+    # Greedy with a repetition penalty (transformers applies it greedy too), from the greedy
+    # cases' prompts: the tokens of one at least differ from the plain greedy ones.
+    ref["greedy_repetition_penalty"] = []
+    for case in ref["greedy"]:
+        gen, margin = greedy_penalized(m64, case["prompt_tokens"], eos, REPETITION_PENALTY)
+        assert margin >= MIN_MARGIN, margin
+        ref["greedy_repetition_penalty"].append({
+            "prompt_tokens": case["prompt_tokens"],
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "repetition_penalty": REPETITION_PENALTY,
+            "tokens": gen,
+            "min_margin": margin,
+        })
+        log(f"[llama] greedy, repetition penalty {REPETITION_PENALTY}: {gen} (plain {case['tokens']}), "
+            f"min_margin {margin:.4f}")
+    assert any(c["tokens"] != g["tokens"] for c, g in zip(ref["greedy_repetition_penalty"], ref["greedy"])), \
+        "the penalty changed nothing"
 
     # A llama3 rope probe with a larger head_dim so that all three frequency bands
     # (unchanged / smoothed / divided by factor) occur; head_dim 8 at theta 1e4 has no

@@ -36,6 +36,15 @@ pub struct GenerateArgs {
     /// the sampling generation_config.json's (50 where it gives none), else 0.
     #[arg(long)]
     pub top_k: Option<usize>,
+    /// After top-k and top-p, drop tokens less likely than this times the likeliest; 0: none.
+    /// Unset: the sampling generation_config.json's, else 0.
+    #[arg(long, allow_negative_numbers = true)]
+    pub min_p: Option<f32>,
+    /// Divide the positive logits of every token already in the prompt or output by this (and
+    /// multiply the negative ones), greedy or sampled; 1: off. Unset: generation_config.json's
+    /// (which transformers and vLLM apply whether or not it samples), else 1.
+    #[arg(long, allow_negative_numbers = true)]
+    pub repetition_penalty: Option<f32>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Keep generating past end-of-sequence tokens.
@@ -55,11 +64,24 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if let Some(p) = a.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
         bail!("--top-p must be in (0, 1], got {p}");
     }
+    if let Some(p) = a.min_p.filter(|p| !(*p >= 0.0 && *p <= 1.0)) {
+        bail!("--min-p must be in [0, 1], got {p}");
+    }
+    if let Some(r) = a
+        .repetition_penalty
+        .filter(|r| !(r.is_finite() && *r > 0.0))
+    {
+        bail!("--repetition-penalty must be a number > 0, got {r}");
+    }
     if a.max_tokens == 0 {
         bail!("--max-tokens must be at least 1");
     }
     let (model, dtype, device) = a.model.open()?;
-    let sampling = sampling_params(&a, model.sampling.clone())?;
+    if let Some(e) = &model.generation_config_error {
+        bail!("{e}");
+    }
+    let mut sampling = sampling_params(&a, model.sampling.clone())?;
+    sampling.repetition_penalty = repetition_penalty(&a, model.repetition_penalty.as_ref())?;
     let file_text = match &a.prompt_file {
         Some(f) => Some(read_text_file(f, "--prompt-file")?),
         None => None,
@@ -119,14 +141,14 @@ fn sampling_params(a: &GenerateArgs, config: Option<SamplingDefaults>) -> Result
             }),
         }
     };
-    let filters = a.top_p.is_some() || a.top_k.is_some();
+    let filters = a.top_p.is_some() || a.top_k.is_some() || a.min_p.is_some();
     let Some(d) = config else {
         let t = match a.temperature {
             Some(t) => t,
             None if filters => {
                 if tessera_comm::process_rank() == 0 {
                     errln!(
-                        "sampling at temperature 1: --top-p / --top-k given without --temperature"
+                        "sampling at temperature 1: --top-p / --top-k / --min-p given without --temperature"
                     );
                 }
                 1.0
@@ -137,7 +159,9 @@ fn sampling_params(a: &GenerateArgs, config: Option<SamplingDefaults>) -> Result
             temperature: t,
             top_p: a.top_p.unwrap_or(1.0),
             top_k: a.top_k.unwrap_or(0),
+            min_p: a.min_p.unwrap_or(0.0),
             seed: a.seed,
+            ..Default::default()
         });
     };
     let t = match a.temperature {
@@ -156,11 +180,23 @@ fn sampling_params(a: &GenerateArgs, config: Option<SamplingDefaults>) -> Result
             k >= 0.0 && k.fract() == 0.0 && k <= u32::MAX as f64
         })? as usize,
     };
-    let from_config = a.temperature.is_none() || a.top_p.is_none() || a.top_k.is_none();
+    let min_p = match a.min_p {
+        Some(m) => m,
+        None => num("min_p", &d.min_p, 0.0, &|m| (0.0..=1.0).contains(&m))? as f32,
+    };
+    let from_config = a.temperature.is_none()
+        || a.top_p.is_none()
+        || a.top_k.is_none()
+        || (a.min_p.is_none() && d.min_p.is_some());
     if tessera_comm::process_rank() == 0 && from_config {
         if t > 0.0 {
+            let min_p = if min_p > 0.0 {
+                format!(", min_p {min_p}")
+            } else {
+                String::new()
+            };
             errln!(
-                "sampling at temperature {t}, top_p {p}, top_k {k}: generation_config.json's settings where no flag gives them (--temperature 0 for greedy)"
+                "sampling at temperature {t}, top_p {p}, top_k {k}{min_p}: generation_config.json's settings where no flag gives them (--temperature 0 for greedy)"
             );
         } else if a.temperature.is_none() {
             errln!("greedy: generation_config.json's temperature is 0");
@@ -170,6 +206,30 @@ fn sampling_params(a: &GenerateArgs, config: Option<SamplingDefaults>) -> Result
         temperature: t,
         top_p: p,
         top_k: k,
+        min_p,
         seed: a.seed,
+        ..Default::default()
     })
+}
+
+/// `--repetition-penalty`, else generation_config.json's (said on stderr where it is not 1), else 1.
+fn repetition_penalty(a: &GenerateArgs, config: Option<&serde_json::Value>) -> Result<f32> {
+    if let Some(r) = a.repetition_penalty {
+        return Ok(r);
+    }
+    let Some(v) = config else {
+        return Ok(1.0);
+    };
+    let r = v
+        .as_f64()
+        .filter(|r| r.is_finite() && *r > 0.0)
+        .ok_or_else(|| {
+            anyhow::anyhow!("generation_config.json: `repetition_penalty` {v} is out of range")
+        })? as f32;
+    if r != 1.0 && tessera_comm::process_rank() == 0 {
+        errln!(
+            "repetition penalty {r}: generation_config.json's (--repetition-penalty 1 for none)"
+        );
+    }
+    Ok(r)
 }

@@ -801,3 +801,88 @@ fn generation_config_sampling_is_the_default_of_generate() {
     let (code, _, err) = tessera(&["score", "--model", d, "--text", "hello world"]);
     assert_eq!(code, 0, "{err}");
 }
+
+/// The repetition penalty and min-p, from their flags or generation_config.json: the penalty
+/// applies greedy too (as transformers' processors), from the config whether or not it samples,
+/// and gives HF's own tokens (`greedy_repetition_penalty` in the llama fixture's reference);
+/// min-p 1 keeps only the likeliest token, so sampling with it is greedy. A generation_config.json
+/// that is not JSON (a Python-written NaN) stops `generate` in one line and leaves `score` alone.
+#[test]
+fn repetition_penalty_and_min_p_as_transformers_applies_them() {
+    let r = reference("llama");
+    let dir = tempfile::tempdir().unwrap();
+    copy_model(&fixture("llama"), dir.path());
+    let d = dir.path().to_str().unwrap();
+    let config = |json: &str| {
+        std::fs::write(dir.path().join("generation_config.json"), json).unwrap();
+    };
+    let gen = |prompt: &str, extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            d,
+            "--prompt-tokens",
+            prompt,
+            "--max-tokens",
+            "12",
+            "--json",
+        ];
+        args.extend(extra);
+        let (code, out, err) = tessera(&args);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        (v["tokens"].clone(), err)
+    };
+    let cases = r["greedy_repetition_penalty"].as_array().unwrap();
+    let plains = r["greedy"].as_array().unwrap();
+    assert_eq!(cases.len(), 2);
+    // HF's penalty changed the first case's tokens (its 10th repeated the 2nd).
+    assert_ne!(cases[0]["tokens"], plains[0]["tokens"]);
+    for (case, plain) in cases.iter().zip(plains) {
+        let prompt = join(&case["prompt_tokens"]);
+        assert_eq!(case["repetition_penalty"], 1.3);
+        let (got, _) = gen(&prompt, &["--repetition-penalty", "1.3"]);
+        assert_eq!(got, case["tokens"], "greedy with --repetition-penalty 1.3");
+        // From generation_config.json, which does not sample: still applied, and said.
+        config(r#"{"repetition_penalty": 1.3, "eos_token_id": 1}"#);
+        let (got, err) = gen(&prompt, &[]);
+        assert_eq!(got, case["tokens"]);
+        assert!(
+            err.contains("repetition penalty 1.3: generation_config.json's"),
+            "{err}"
+        );
+        let (got, _) = gen(&prompt, &["--repetition-penalty", "1"]);
+        assert_eq!(got, plain["tokens"]);
+        std::fs::remove_file(dir.path().join("generation_config.json")).unwrap();
+        // min-p 1: sampling that keeps the likeliest token only.
+        let (got, err) = gen(&prompt, &["--min-p", "1", "--seed", "5"]);
+        assert_eq!(got, plain["tokens"]);
+        assert!(err.contains("sampling at temperature 1"), "{err}");
+        config(r#"{"do_sample": true, "temperature": 1.0, "min_p": 1.0, "eos_token_id": 1}"#);
+        let (got, err) = gen(&prompt, &["--seed", "5"]);
+        assert_eq!(got, plain["tokens"]);
+        assert!(err.contains("top_k 50, min_p 1:"), "{err}");
+        std::fs::remove_file(dir.path().join("generation_config.json")).unwrap();
+    }
+    let prompt = join(&cases[0]["prompt_tokens"]);
+    let base = ["generate", "--model", d, "--prompt-tokens", &prompt];
+    fails_with(
+        &[&base[..], &["--min-p", "1.5"]].concat(),
+        "--min-p must be in [0, 1], got 1.5",
+    );
+    fails_with(
+        &[&base[..], &["--repetition-penalty", "0"]].concat(),
+        "--repetition-penalty must be a number > 0, got 0",
+    );
+    config(r#"{"repetition_penalty": "high"}"#);
+    fails_with(
+        &base,
+        "generation_config.json: `repetition_penalty` \"high\" is out of range",
+    );
+    config(r#"{"do_sample": true, "min_p": 2}"#);
+    fails_with(&base, "generation_config.json: `min_p` 2 is out of range");
+    config(r#"{"do_sample": true, "temperature": NaN}"#);
+    fails_with(&base, "generation_config.json: not valid JSON");
+    let (code, _, err) = tessera(&["score", "--model", d, "--text", "hello world"]);
+    assert_eq!(code, 0, "{err}");
+}

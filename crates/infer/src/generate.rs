@@ -41,6 +41,10 @@ pub fn generate_on(
             "the prompt must hold at least one token".into(),
         ));
     }
+    // Its end-of-sequence ids are unknown.
+    if let Some(e) = &model.generation_config_error {
+        return Err(InferError::Request(e.clone()));
+    }
     // The KV cache is sized for the whole request up front (captured CUDA graphs read it in
     // place), so a request past the model's context is refused, as vLLM refuses it.
     let ctx = model.config.max_position_embeddings;
@@ -84,10 +88,12 @@ pub fn generate_on_rank(
     comm: &dyn Communicator,
 ) -> Result<Vec<u32>, InferError> {
     let mut sampler = Sampler::new(params.sampling);
+    sampler.observe(prompt);
     let mut cache = m.new_cache(prompt.len() + params.max_tokens)?;
     let mut out = Vec::with_capacity(params.max_tokens);
     let mut input = prompt.to_vec();
-    let greedy = params.sampling.temperature <= 0.0;
+    // Greedy on the raw logits keeps them on the device; a repetition penalty needs them here.
+    let greedy = params.sampling.plain_greedy();
     let mut graph = DecodeGraphs::default();
     while out.len() < params.max_tokens {
         let tok = if greedy {
@@ -110,6 +116,7 @@ pub fn generate_on_rank(
             msg[0] as u32
         };
         out.push(tok);
+        sampler.observe(&[tok]);
         if params.stop_at_eos && m.cfg.eos_token_ids.contains(&tok) {
             break;
         }

@@ -26,6 +26,13 @@ pub struct OpenModel {
     /// `generation_config.json`'s sampling where it sets `do_sample: true`: the defaults of
     /// `generate` when no sampling flag is given (transformers' `generate` and vLLM use them).
     pub sampling: Option<SamplingDefaults>,
+    /// `generation_config.json`'s `repetition_penalty` as written: transformers applies it
+    /// whether or not it samples.
+    pub repetition_penalty: Option<serde_json::Value>,
+    /// Why `generation_config.json` could not be used (not JSON, e.g. a Python-written `NaN`;
+    /// end-of-sequence ids that are not ids): `generate` stops with it, `score` (which uses
+    /// nothing of it) reads on.
+    pub generation_config_error: Option<String>,
 }
 
 /// The sampling settings a model's `generation_config.json` gives (each where it is set, null as
@@ -35,6 +42,7 @@ pub struct SamplingDefaults {
     pub temperature: Option<serde_json::Value>,
     pub top_p: Option<serde_json::Value>,
     pub top_k: Option<serde_json::Value>,
+    pub min_p: Option<serde_json::Value>,
 }
 
 /// [`SamplingDefaults`] of a `generation_config.json` that samples (`do_sample: true`); none for
@@ -49,6 +57,42 @@ fn sampling_defaults(v: &serde_json::Value) -> Option<SamplingDefaults> {
         temperature: raw("temperature"),
         top_p: raw("top_p"),
         top_k: raw("top_k"),
+        min_p: raw("min_p"),
+    })
+}
+
+/// What `generate` takes from a `generation_config.json`.
+struct GenerationConfig {
+    sampling: Option<SamplingDefaults>,
+    repetition_penalty: Option<serde_json::Value>,
+    eos_token_ids: Option<Vec<u32>>,
+}
+
+fn read_generation_config(text: &str) -> Result<GenerationConfig, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+    // HF's generate stops at generation_config.json's end-of-sequence ids, which may differ from
+    // config.json's (Llama 3 instruct lists several).
+    let ids: Option<Vec<Option<u64>>> = match v.get("eos_token_id") {
+        Some(serde_json::Value::Array(a)) => Some(a.iter().map(|x| x.as_u64()).collect()),
+        Some(serde_json::Value::Null) | None => None,
+        Some(x) => Some(vec![x.as_u64()]),
+    };
+    let eos_token_ids = ids
+        .map(|ids| {
+            ids.into_iter()
+                .map(|n| n.and_then(|n| u32::try_from(n).ok()))
+                .collect::<Option<Vec<u32>>>()
+                .ok_or("eos_token_id must hold token ids")
+        })
+        .transpose()?;
+    Ok(GenerationConfig {
+        sampling: sampling_defaults(&v),
+        repetition_penalty: v
+            .get("repetition_penalty")
+            .filter(|x| !x.is_null())
+            .cloned(),
+        eos_token_ids,
     })
 }
 
@@ -127,30 +171,18 @@ impl ModelSource {
                 // HF's generate stops at generation_config.json's end-of-sequence ids, which may
                 // differ from config.json's (Llama 3 instruct lists several).
                 let gen = dir.join("generation_config.json");
-                let mut sampling = None;
+                let (mut sampling, mut repetition_penalty, mut generation_config_error) =
+                    (None, None, None);
                 if let Ok(text) = std::fs::read_to_string(&gen) {
-                    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-                        InferError::Request(format!("{}: not valid JSON: {e}", gen.display()))
-                    })?;
-                    let ids: Option<Vec<Option<u64>>> = match v.get("eos_token_id") {
-                        Some(serde_json::Value::Array(a)) => {
-                            Some(a.iter().map(|x| x.as_u64()).collect())
+                    match read_generation_config(&text) {
+                        Ok(g) => {
+                            sampling = g.sampling;
+                            repetition_penalty = g.repetition_penalty;
+                            if let Some(ids) = g.eos_token_ids {
+                                config.eos_token_ids = ids;
+                            }
                         }
-                        Some(serde_json::Value::Null) | None => None,
-                        Some(x) => Some(vec![x.as_u64()]),
-                    };
-                    sampling = sampling_defaults(&v);
-                    if let Some(ids) = ids {
-                        config.eos_token_ids = ids
-                            .into_iter()
-                            .map(|n| n.and_then(|n| u32::try_from(n).ok()))
-                            .collect::<Option<Vec<u32>>>()
-                            .ok_or_else(|| {
-                                InferError::Request(format!(
-                                    "{}: eos_token_id must hold token ids",
-                                    gen.display()
-                                ))
-                            })?;
+                        Err(e) => generation_config_error = Some(format!("{}: {e}", gen.display())),
                     }
                 }
                 let checkpoint = Checkpoint::open(dir)?;
@@ -170,6 +202,8 @@ impl ModelSource {
                     tokenizer,
                     add_special,
                     sampling,
+                    repetition_penalty,
+                    generation_config_error,
                 })
             }
             ModelSource::Embedded => Ok(OpenModel {
@@ -181,6 +215,8 @@ impl ModelSource {
                 ),
                 add_special: None,
                 sampling: None,
+                repetition_penalty: None,
+                generation_config_error: None,
             }),
         }
     }

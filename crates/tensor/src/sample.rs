@@ -1,5 +1,5 @@
-//! Token sampling from logits: greedy, temperature, top-k and nucleus (top-p), reproducible from a
-//! seed.
+//! Token sampling from logits: a repetition penalty, then greedy, or temperature, top-k, nucleus
+//! (top-p) and min-p in transformers' order, reproducible from a seed.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -13,6 +13,13 @@ pub struct SamplingParams {
     /// Keep the `top_k` most likely tokens first (0 = all), then top-p over what is left, as
     /// transformers' warpers and vLLM apply them.
     pub top_k: usize,
+    /// After top-p, drop the tokens less likely than `min_p` times the likeliest (0 = none), as
+    /// transformers' `MinPLogitsWarper`.
+    pub min_p: f32,
+    /// Every token already seen (prompt and output, [`Sampler::observe`]) has its logit divided by
+    /// this where positive, multiplied where negative (1 = off), before greedy or sampling, as
+    /// transformers' `RepetitionPenaltyLogitsProcessor` and vLLM apply it.
+    pub repetition_penalty: f32,
     pub seed: u64,
 }
 
@@ -22,8 +29,17 @@ impl Default for SamplingParams {
             temperature: 0.0,
             top_p: 1.0,
             top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
             seed: 0,
         }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding on the raw logits: the argmax needs no logits on the host.
+    pub fn plain_greedy(&self) -> bool {
+        self.temperature <= 0.0 && self.repetition_penalty == 1.0
     }
 }
 
@@ -31,6 +47,8 @@ impl Default for SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
+    /// The tokens seen so far, for the repetition penalty (empty where it is off).
+    seen: Vec<bool>,
 }
 
 impl Sampler {
@@ -38,10 +56,37 @@ impl Sampler {
         Sampler {
             params,
             rng: ChaCha8Rng::seed_from_u64(params.seed),
+            seen: Vec::new(),
+        }
+    }
+
+    /// Marks `tokens` as seen (the prompt, then each token produced).
+    pub fn observe(&mut self, tokens: &[u32]) {
+        if self.params.repetition_penalty == 1.0 {
+            return;
+        }
+        for &t in tokens {
+            let t = t as usize;
+            if t >= self.seen.len() {
+                self.seen.resize(t + 1, false);
+            }
+            self.seen[t] = true;
         }
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let penalized;
+        let logits = if self.params.repetition_penalty != 1.0 {
+            let r = self.params.repetition_penalty;
+            let mut l = logits.to_vec();
+            for (x, _) in l.iter_mut().zip(&self.seen).filter(|(_, &s)| s) {
+                *x = if *x < 0.0 { *x * r } else { *x / r };
+            }
+            penalized = l;
+            &penalized
+        } else {
+            logits
+        };
         if self.params.temperature <= 0.0 {
             return argmax(logits);
         }
@@ -72,6 +117,11 @@ impl Sampler {
             }
         }
         probs.truncate(kept.max(1));
+        if self.params.min_p > 0.0 {
+            let floor = self.params.min_p as f64 * probs[0].1;
+            let keep = probs.iter().take_while(|p| p.1 >= floor).count();
+            probs.truncate(keep.max(1));
+        }
         let kept_total: f64 = probs.iter().map(|p| p.1).sum();
         let mut u = self.rng.random::<f64>() * kept_total;
         for p in &probs {
@@ -110,6 +160,7 @@ mod tests {
             top_p: 0.01,
             top_k: 0,
             seed: 3,
+            ..Default::default()
         });
         assert!((0..50).all(|_| s.sample(&logits) == 1));
         // Same seed, same stream; the full distribution reaches every token.
@@ -118,6 +169,7 @@ mod tests {
             top_p: 1.0,
             top_k: 0,
             seed: 9,
+            ..Default::default()
         };
         let a: Vec<u32> = {
             let mut s = Sampler::new(p);
@@ -145,6 +197,7 @@ mod tests {
                 top_p,
                 top_k,
                 seed: 1,
+                ..Default::default()
             });
             let mut seen: Vec<u32> = (0..2000).map(|_| s.sample(&logits)).collect();
             seen.sort();
@@ -165,10 +218,92 @@ mod tests {
             top_p: 1.0,
             top_k: 1,
             seed: 2,
+            ..Default::default()
         });
         let mut seen: Vec<u32> = (0..300).map(|_| s.sample(&tied)).collect();
         seen.sort();
         seen.dedup();
         assert_eq!(seen, vec![0, 1, 2]);
+    }
+
+    /// min-p drops what is less likely than min_p times the likeliest, after top-k / top-p: of
+    /// softmax([3, 2.9, 2.5, 0, -1]) = [0.39, 0.35, 0.24, 0.01, 0.005], min_p 0.5 keeps the first
+    /// three (0.24 >= 0.195), 0.7 the first two; with top_k 2 first, 0.95 keeps one (0.35 < 0.37).
+    #[test]
+    fn min_p_after_top_k_and_top_p() {
+        let logits = [0.0f32, 3.0, 2.9, -1.0, 2.5];
+        let draw = |min_p, top_k| {
+            let mut s = Sampler::new(SamplingParams {
+                temperature: 1.0,
+                min_p,
+                top_k,
+                seed: 4,
+                ..Default::default()
+            });
+            let mut seen: Vec<u32> = (0..2000).map(|_| s.sample(&logits)).collect();
+            seen.sort();
+            seen.dedup();
+            seen
+        };
+        assert_eq!(draw(0.5, 0), vec![1, 2, 4]);
+        assert_eq!(draw(0.7, 0), vec![1, 2]);
+        assert_eq!(draw(0.95, 2), vec![1]);
+        assert_eq!(draw(0.0, 0), vec![0, 1, 2, 3, 4]);
+        // Temperature first: at T = 10 every token is within 0.5 of the likeliest.
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 10.0,
+            min_p: 0.5,
+            seed: 5,
+            ..Default::default()
+        });
+        let mut seen: Vec<u32> = (0..2000).map(|_| s.sample(&logits)).collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen, vec![0, 1, 2, 3, 4]);
+    }
+
+    /// The repetition penalty divides seen tokens' positive logits and multiplies their negative
+    /// ones, greedy or sampled; unseen tokens and a penalty of 1 leave the logits alone.
+    #[test]
+    fn repetition_penalty_as_transformers_applies_it() {
+        let logits = [0.0f32, 3.0, 2.9, -1.0, 2.5];
+        let greedy = |penalty, seen: &[u32]| {
+            let mut s = Sampler::new(SamplingParams {
+                repetition_penalty: penalty,
+                ..Default::default()
+            });
+            s.observe(seen);
+            s.sample(&logits)
+        };
+        assert_eq!(greedy(1.0, &[1]), 1);
+        // 3.0 / 1.1 = 2.73 < 2.9.
+        assert_eq!(greedy(1.1, &[1]), 2);
+        // 3 / 1.5 = 2, 2.9 / 1.5 = 1.93: 4 (2.5, unseen) leads; ids past the logits are ignored.
+        assert_eq!(greedy(1.5, &[1, 2, 99]), 4);
+        // A penalty below 1 favours what was seen: 2.5 / 0.8 = 3.125.
+        assert_eq!(greedy(0.8, &[4]), 4);
+        // Negative logits are multiplied: -0.5 * 3 = -1.5 falls below the unseen -1.
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 3.0,
+            ..Default::default()
+        });
+        s.observe(&[1]);
+        assert_eq!(s.sample(&[-1.0, -0.5]), 0);
+        // Sampled: with tokens 1 and 2 penalised to ~0 and top_k 1, only 4 is drawn.
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 1,
+            repetition_penalty: 1e6,
+            seed: 6,
+            ..Default::default()
+        });
+        s.observe(&[1, 2]);
+        assert!((0..200).all(|_| s.sample(&logits) == 4));
+        assert!(SamplingParams::default().plain_greedy());
+        assert!(!SamplingParams {
+            repetition_penalty: 1.1,
+            ..Default::default()
+        }
+        .plain_greedy());
     }
 }
