@@ -148,10 +148,14 @@ if [[ $STEPS == all || $STEPS == *cli* ]]; then
     PENAL="--repetition-penalty 1.3 --min-p 0.05 --temperature 0.9 --seed 7 --ignore-eos"
     pa=$(.gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json $PENAL)
     ga=$(.gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json --repetition-penalty 1.3 --ignore-eos)
-    # YaRN RoPE (its attention factor in the softmax scale of the decode and prefill kernels).
-    Y=tests/fixtures/hf/qwen2_yarn
-    .gpu/tessera score --model $Y --tokens $TOK --json > $OUTDIR/yarn_cpu.json
-    ya=$(.gpu/tessera generate --model $Y --prompt-tokens $TOK --max-tokens 24 --json --ignore-eos)
+    # Other model paths: YaRN RoPE (its attention factor in the softmax scale of the decode and
+    # prefill kernels) and Qwen3 (the per-head q/k norm kernel).
+    OTHERS="qwen2_yarn qwen3"
+    declare -A oa
+    for o in $OTHERS; do
+      .gpu/tessera score --model tests/fixtures/hf/$o --tokens $TOK --json > $OUTDIR/${o}_cpu.json
+      oa[$o]=$(.gpu/tessera generate --model tests/fixtures/hf/$o --prompt-tokens $TOK --max-tokens 24 --json --ignore-eos)
+    done
     for run in $RUNS; do
       case $run in
         tp1) L=""; T=1 ;;
@@ -169,9 +173,11 @@ if [[ $STEPS == all || $STEPS == *cli* ]]; then
       [ "$pa" == "$pb" ] && echo "generate cuda $run, repetition penalty + min-p sampled: identical to cpu OK" || echo "generate cuda $run, repetition penalty + min-p: FAIL: $pa vs $pb"
       gb=$($L .gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json --device cuda --tp $T --repetition-penalty 1.3 --ignore-eos)
       [ "$ga" == "$gb" ] && echo "generate cuda $run, greedy with repetition penalty: identical to cpu OK" || echo "generate cuda $run, greedy with repetition penalty: FAIL: $ga vs $gb"
-      $L .gpu/tessera score --model $Y --tokens $TOK --json --device cuda --tp $T > $OUTDIR/yarn_cuda_$run.json
-      yb=$($L .gpu/tessera generate --model $Y --prompt-tokens $TOK --max-tokens 24 --json --device cuda --tp $T --ignore-eos)
-      [ "$ya" == "$yb" ] && echo "generate cuda $run, yarn model: identical to cpu OK" || echo "generate cuda $run, yarn model: FAIL: $ya vs $yb"
+      for o in $OTHERS; do
+        $L .gpu/tessera score --model tests/fixtures/hf/$o --tokens $TOK --json --device cuda --tp $T > $OUTDIR/${o}_cuda_$run.json
+        ob=$($L .gpu/tessera generate --model tests/fixtures/hf/$o --prompt-tokens $TOK --max-tokens 24 --json --device cuda --tp $T --ignore-eos)
+        [ "${oa[$o]}" == "$ob" ] && echo "generate cuda $run, $o: identical to cpu OK" || echo "generate cuda $run, $o: FAIL: ${oa[$o]} vs $ob"
+      done
     done
     # Bad input on the GPU path: an error line (the last), a non-zero exit, no panic.
     echo "== CLI: bad input on cuda"
@@ -190,7 +196,8 @@ if [[ $STEPS == all || $STEPS == *cli* ]]; then
     python3 - "$OUTDIR" $RUNS <<'PY'
 import json, sys
 d = sys.argv[1]
-for model, cpu_file, cuda_file in (("", "score_cpu", "score_cuda"), (", yarn model", "yarn_cpu", "yarn_cuda")):
+for model, cpu_file, cuda_file in (("", "score_cpu", "score_cuda"),
+                                   *((f", {o}", f"{o}_cpu", f"{o}_cuda") for o in ("qwen2_yarn", "qwen3"))):
     cpu = json.load(open(f"{d}/{cpu_file}.json"))["token_logprobs"]
     for run in sys.argv[2:]:
         got = json.load(open(f"{d}/{cuda_file}_{run}.json"))["token_logprobs"]

@@ -21,6 +21,9 @@ What it makes (all deterministic: fixed seeds, CPU only):
   <out>/qwen2/    Qwen2ForCausalLM, f32, tied embeddings, q/k/v biases, 1 kv head,
                   rope theta 1e6, saved SHARDED (model.safetensors.index.json +
                   several model-0000x-of-0000y.safetensors).
+  <out>/qwen3/    Qwen3ForCausalLM, f32: RMSNorm of each q and k head (q_norm /
+                  k_norm) before RoPE, explicit head_dim 32 (4 x 32 = 128 != hidden 96),
+                  2 kv heads, no biases, tied embeddings, rope theta 1e6.
   <out>/qwen2_yarn/  Qwen2ForCausalLM, f32, YaRN RoPE (factor 4 from an original
                   context of 256, theta 1e4, head_dim 32), config.json REWRITTEN into
                   the Qwen2.5 hub style (top-level ``rope_theta``, ``rope_scaling``
@@ -81,6 +84,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -633,6 +638,52 @@ def make_qwen2_yarn(out, tokdir, bos, eos):
     write_json(os.path.join(d, "reference.json"), ref)
 
 
+def make_qwen3(out, tokdir, bos, eos):
+    name, cls = "qwen3", Qwen3ForCausalLM
+    d = os.path.join(out, name)
+    cfg = Qwen3Config(
+        vocab_size=320,
+        hidden_size=96,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        use_sliding_window=False,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        bos_token_id=bos,
+        eos_token_id=eos,
+    )
+    model = cls(cfg)
+    model.set_attn_implementation("eager")
+    randomize(model, 1005)
+    model.eval()
+    attn = model.model.layers[0].self_attn
+    assert attn.q_norm.weight.shape == (32,) and attn.q_proj.bias is None, attn
+    assert not torch.equal(attn.q_norm.weight, attn.k_norm.weight)
+    model.save_pretrained(d)
+    copy_tokenizer(tokdir, d)
+    with open(os.path.join(d, "config.json")) as f:
+        log(f"[{name}] config.json:\n{f.read()}")
+    ref, m64 = make_reference(name, cls, d, 320, eos, 2005)
+    state_equal(model, m64)
+    # The head norms must matter: with their weights at 1 (still normalising) the log-probs move.
+    long = next(c for c in ref["score"] if len(c["tokens"]) == 33)
+    with torch.no_grad():
+        for layer in m64.model.layers:
+            layer.self_attn.q_norm.weight.fill_(1.0)
+            layer.self_attn.k_norm.weight.fill_(1.0)
+    ones, _ = token_logprobs(m64, long["tokens"])
+    diff = max(abs(a - b) for a, b in zip(long["token_logprobs"], ones))
+    assert diff > 1e-3, diff
+    log(f"[{name}] q/k norm weights matter: log-probs move by up to {diff:.3g} with them at 1")
+    write_json(os.path.join(d, "reference.json"), ref)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -676,6 +727,7 @@ MAKERS = {
     "mistral": make_mistral,
     "qwen2": make_qwen2,
     "qwen2_yarn": make_qwen2_yarn,
+    "qwen3": make_qwen3,
 }
 
 

@@ -173,6 +173,13 @@ fn qwen2_bias_tied_sharded_matches_hf() {
 }
 
 #[test]
+fn qwen3_qk_norm_explicit_head_dim_matches_hf() {
+    // An RMSNorm of each q and k head before RoPE; head_dim 32 with 4 heads over hidden 96;
+    // 2 kv heads: replicated at tp 4.
+    check_model("qwen3", &[1, 2, 4]);
+}
+
+#[test]
 fn qwen2_yarn_rope_matches_hf() {
     // YaRN (factor 4 from 256 positions, Qwen2.5's config style) moves every log-prob: its
     // frequencies and the attention factor (1.139, squared into the softmax scale). A score case
@@ -212,6 +219,15 @@ mod cuda {
         let n = gpus();
         if n > 0 {
             check_model_on("mistral", &[1, 2, 4], Device::Cuda(0), n);
+        }
+    }
+
+    #[test]
+    fn qwen3_on_gpu_matches_hf() {
+        let _gpu = exclusive();
+        let n = gpus();
+        if n > 0 {
+            check_model_on("qwen3", &[1, 2, 4], Device::Cuda(0), n);
         }
     }
 

@@ -19,12 +19,14 @@ use serde_json::Value;
 
 use crate::error::ModelError;
 
-/// The architectures tessera runs. All three share one layer structure; they differ in flags.
+/// The architectures tessera runs. All share one layer structure; they differ in flags (Qwen3:
+/// an RMSNorm of each q and k head before RoPE).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     Llama,
     Mistral,
     Qwen2,
+    Qwen3,
 }
 
 impl Arch {
@@ -33,6 +35,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
         }
     }
 }
@@ -92,6 +95,9 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// gate/up/down carry a bias (`mlp_bias: true`).
     pub mlp_bias: bool,
+    /// Each q and k head is RMS-normalised (weights `q_norm` / `k_norm` of `head_dim`) before
+    /// RoPE (Qwen3).
+    pub qk_norm: bool,
     /// Per layer: `Some(w)` when the layer attends to the last `w` positions only.
     pub sliding_window: Vec<Option<usize>>,
     pub bos_token_id: Option<u32>,
@@ -151,6 +157,8 @@ impl ModelConfig {
         }
         let head_dim = match opt_usize(v, "head_dim")? {
             Some(d) => d,
+            // Qwen3Config's default, whatever the width.
+            None if arch == Arch::Qwen3 => 128,
             None => {
                 if hidden_size % num_heads != 0 {
                     return Err(cfg_err(format!(
@@ -188,7 +196,7 @@ impl ModelConfig {
         let default_context = match arch {
             Arch::Llama => 2048,
             Arch::Mistral => 131_072,
-            Arch::Qwen2 => 32_768,
+            Arch::Qwen2 | Arch::Qwen3 => 32_768,
         };
         let configured_context =
             opt_usize(v, "max_position_embeddings")?.unwrap_or(default_context);
@@ -216,6 +224,11 @@ impl ModelConfig {
             }
             Arch::Mistral => (false, false, false),
             Arch::Qwen2 => (true, false, false),
+            // q/k/v and o from `attention_bias`, the MLP none.
+            Arch::Qwen3 => {
+                let a = opt_bool(v, "attention_bias")?.unwrap_or(false);
+                (a, a, false)
+            }
         };
         let sliding_window = sliding_of(v, arch, num_layers)?;
         let eos_token_ids = match obj.get("eos_token_id") {
@@ -246,6 +259,7 @@ impl ModelConfig {
             qkv_bias,
             o_bias,
             mlp_bias,
+            qk_norm: arch == Arch::Qwen3,
             sliding_window,
             bos_token_id,
             eos_token_ids,
@@ -319,6 +333,9 @@ impl ModelConfig {
         if self.mlp_bias {
             mlp = mlp.saturating_add(m(2, i)).saturating_add(h);
         }
+        if self.qk_norm {
+            attn = attn.saturating_add(m(2, self.head_dim as u64));
+        }
         let layer = attn.saturating_add(mlp).saturating_add(m(2, h));
         let embed = m(self.vocab_size as u64, h);
         let head = if self.tie_word_embeddings { 0 } else { embed };
@@ -349,6 +366,7 @@ fn arch_of(v: &Value) -> Result<Arch, ModelError> {
             "llama" | "LlamaForCausalLM" => Some(Arch::Llama),
             "mistral" | "MistralForCausalLM" => Some(Arch::Mistral),
             "qwen2" | "Qwen2ForCausalLM" => Some(Arch::Qwen2),
+            "qwen3" | "Qwen3ForCausalLM" => Some(Arch::Qwen3),
             _ => None,
         }
     };
@@ -363,14 +381,14 @@ fn arch_of(v: &Value) -> Result<Arch, ModelError> {
         return from_name(m).ok_or_else(|| {
             let named = first.map_or(String::new(), |a| format!(", architecture {a:?}"));
             cfg_err(format!(
-                "unsupported model_type {m:?}{named} (supported: llama, mistral, qwen2)"
+                "unsupported model_type {m:?}{named} (supported: llama, mistral, qwen2, qwen3)"
             ))
         });
     }
     match first {
         Some(first) => from_name(first).ok_or_else(|| {
             cfg_err(format!(
-                "unsupported architecture {first:?} (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)"
+                "unsupported architecture {first:?} (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)"
             ))
         }),
         None => Err(cfg_err(
@@ -603,7 +621,7 @@ fn sliding_windows(v: &Value, arch: Arch, layers: usize) -> Result<Vec<Option<us
     match arch {
         Arch::Llama => Ok(vec![None; layers]),
         Arch::Mistral => Ok(vec![window()?; layers]),
-        Arch::Qwen2 => {
+        Arch::Qwen2 | Arch::Qwen3 => {
             let used = opt_bool(v, "use_sliding_window")?.unwrap_or(false);
             let window = if used { window()? } else { None };
             if let Some(types) = v.get("layer_types").and_then(|t| t.as_array()) {
@@ -983,6 +1001,31 @@ mod tests {
             let e = with(bad).unwrap_err().to_string();
             assert!(e.contains(named), "{bad}: {e}");
         }
+    }
+
+    /// Qwen3 as transformers builds it: q/k norms, head_dim 128 where missing (whatever the
+    /// width), q/k/v and o biases from `attention_bias` (the MLP none), Qwen2's windows and
+    /// context; its parameters count the norms.
+    #[test]
+    fn qwen3_has_head_norms_and_its_own_defaults() {
+        let q = with(r#"{"model_type":"qwen3","tie_word_embeddings":true}"#).unwrap();
+        assert_eq!(q.arch, Arch::Qwen3);
+        assert!(q.qk_norm && !q.qkv_bias && !q.o_bias && !q.mlp_bias);
+        assert_eq!(q.head_dim, 128);
+        assert_eq!(q.max_position_embeddings, 32_768);
+        assert_eq!(q.sliding_window, vec![None, None]);
+        let b = with(
+            r#"{"model_type":"qwen3","head_dim":8,"attention_bias":true,"mlp_bias":true,
+                "use_sliding_window":true,"sliding_window":16,"max_window_layers":1}"#,
+        )
+        .unwrap();
+        assert!(b.qkv_bias && b.o_bias && !b.mlp_bias);
+        assert_eq!(b.head_dim, 8);
+        assert_eq!(b.sliding_window, vec![None, Some(16)]);
+        let mut plain = b.clone();
+        plain.qk_norm = false;
+        assert_eq!(b.num_params(), plain.num_params() + 2 * 2 * 8);
+        assert!(!with("{}").unwrap().qk_norm);
     }
 
     #[test]

@@ -191,6 +191,15 @@ impl LlamaModel {
                 window: cfg.sliding_window[l],
                 inv_freq: inv_freq.clone(),
                 scale: crate::rope::softmax_scale(&cfg.rope, d),
+                qk_norm: if cfg.qk_norm {
+                    Some(crate::layers::QkNorm {
+                        q: rand(vec![d])?,
+                        k: rand(vec![d])?,
+                        eps: cfg.rms_norm_eps,
+                    })
+                } else {
+                    None
+                },
             };
             let mlp = Mlp {
                 gate_up: col(2 * il, false, &mut rand)?,

@@ -35,6 +35,10 @@ pub fn tensor_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
         if cfg.o_bias {
             push("self_attn.o_proj.bias", vec![h]);
         }
+        if cfg.qk_norm {
+            push("self_attn.q_norm.weight", vec![d]);
+            push("self_attn.k_norm.weight", vec![d]);
+        }
         push("mlp.gate_proj.weight", vec![i, h]);
         push("mlp.up_proj.weight", vec![i, h]);
         push("mlp.down_proj.weight", vec![h, i]);

@@ -173,6 +173,18 @@ fn every_op_matches_the_cpu() {
             &ops::rms_norm(&x, &nw, 1e-5).unwrap(),
             tol(dt),
         );
+        // Qwen3's per-head q/k norm: rows of 4 q + 2 k + 2 v heads of 128 (v copied), and of
+        // heads of 48 (not a multiple of 32 threads).
+        for (hd, rows) in [(128, 3), (48, 2)] {
+            let qkv = rand_t(vec![rows, 8 * hd], dt, 40);
+            let (qw, kw) = (rand_t(vec![hd], dt, 41), rand_t(vec![hd], dt, 42));
+            close(
+                &format!("head_rms_norm {hd}"),
+                &ops::head_rms_norm(&g(&qkv), (4, 2), hd, &g(&qw), &g(&kw), 1e-6).unwrap(),
+                &ops::head_rms_norm(&qkv, (4, 2), hd, &qw, &kw, 1e-6).unwrap(),
+                tol(dt),
+            );
+        }
         let inv: Vec<f32> = (0..8)
             .map(|i| 1.0 / 10000f32.powf(i as f32 / 8.0))
             .collect();

@@ -22,6 +22,15 @@ pub struct Attention {
     pub inv_freq: Arc<Vec<f32>>,
     /// The softmax scale, YaRN's attention factor included (`rope::softmax_scale`).
     pub scale: f32,
+    /// Qwen3's RMSNorm of each q and k head before RoPE (replicated on every rank).
+    pub qk_norm: Option<QkNorm>,
+}
+
+/// The weights (`head_dim` each) of Qwen3's per-head q and k norms.
+pub struct QkNorm {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub eps: f64,
 }
 
 impl Attention {
@@ -66,6 +75,16 @@ impl Attention {
             window: cfg.sliding_window[layer],
             inv_freq,
             scale: crate::rope::softmax_scale(&cfg.rope, d),
+            qk_norm: if cfg.qk_norm {
+                let w = |n: &str| ck.read_rows(&format!("{prefix}.{n}.weight"), &[d], 0, d, dtype);
+                Some(QkNorm {
+                    q: w("q_norm")?,
+                    k: w("k_norm")?,
+                    eps: cfg.rms_norm_eps,
+                })
+            } else {
+                None
+            },
         })
     }
 
@@ -132,6 +151,15 @@ impl Attention {
             )));
         }
         let t = rows / batch;
+        let normed;
+        let qkv = match &self.qk_norm {
+            Some(n) => {
+                let heads = (self.shape.num_heads, self.shape.num_kv_heads);
+                normed = ops::head_rms_norm(qkv, heads, self.shape.head_dim, &n.q, &n.k, n.eps)?;
+                &normed
+            }
+            None => qkv,
+        };
         let AttentionShape {
             num_heads: heads_per_seq,
             num_kv_heads: kv_per_seq,
@@ -185,6 +213,10 @@ impl Attention {
     }
 
     pub fn weight_bytes(&self) -> usize {
-        self.qkv.weight_bytes() + self.o.weight_bytes()
+        let norms = self
+            .qk_norm
+            .as_ref()
+            .map_or(0, |n| n.q.size_in_bytes() + n.k.size_in_bytes());
+        self.qkv.weight_bytes() + self.o.weight_bytes() + norms
     }
 }

@@ -112,6 +112,10 @@ impl DecoderLayer {
         }
         f(&mut self.input_norm.weight)?;
         f(&mut self.post_attn_norm.weight)?;
+        if let Some(n) = a.qk_norm.as_mut() {
+            f(&mut n.q)?;
+            f(&mut n.k)?;
+        }
         Ok(())
     }
 

@@ -7,7 +7,7 @@ mod linear;
 mod mlp;
 mod norm;
 
-pub use attention::Attention;
+pub use attention::{Attention, QkNorm};
 pub use decoder::DecoderLayer;
 pub use embedding::{ParallelLmHead, VocabParallelEmbedding};
 pub use linear::{ColumnParallelLinear, RowParallelLinear};

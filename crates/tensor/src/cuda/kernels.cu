@@ -205,6 +205,30 @@ __device__ void add_rms_norm(T* x, const T* delta, const T* w, T* y, int h, floa
         st(yr, i, ld(w, i) * rnd(ld(xr, i) * inv, yr));
 }
 
+// Qwen3's RMSNorm of each q and k head: y = x with, in every row of `heads` heads of `hd`, heads
+// [0, hq) normalised by qw and [hq, hq + hk) by kw (as add_rms_norm rounds: normalise in f32,
+// round to T, scale by the weight); the other heads (v) copied. grid (rows, heads), one block of a
+// multiple of 32 threads a head.
+template <typename T>
+__device__ void head_rms_norm(const T* x, const T* qw, const T* kw, T* y, int hq, int hk, int heads, int hd, float eps) {
+    pdl_trigger();
+    pdl_wait();
+    int head = blockIdx.y;
+    long base = ((long)blockIdx.x * heads + head) * hd;
+    const T* xr = x + base;
+    T* yr = y + base;
+    if (head >= hq + hk) {
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) st(yr, i, ld(xr, i));
+        return;
+    }
+    const T* w = head < hq ? qw : kw;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) { float a = ld(xr, i); ss += a * a; }
+    ss = block_sum(ss);
+    float inv = rsqrtf(ss / hd + eps);
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) st(yr, i, ld(w, i) * rnd(ld(xr, i) * inv, yr));
+}
+
 // Rotate-half RoPE in place on x [t, heads, hd]; token i at position start + i. grid (t, heads).
 // `pos_ptr`, when not null, holds the start position on the device (CUDA-graph replays).
 template <typename T>
@@ -1471,6 +1495,7 @@ extern "C" __global__ void __launch_bounds__(512) rms_norm2_##S(const T* x, cons
 extern "C" __global__ void __launch_bounds__(512) add_rms_norm2_##S(T* x, const T* d, const T* w, T* y, int h, float eps) { add_rms_norm<T, true, 2>(x, d, w, y, h, eps); } \
 extern "C" __global__ void __launch_bounds__(512) rms_norm4_##S(const T* x, const T* w, T* y, int h, float eps) { add_rms_norm<T, false, 4>((T*)x, x, w, y, h, eps); } \
 extern "C" __global__ void __launch_bounds__(512) add_rms_norm4_##S(T* x, const T* d, const T* w, T* y, int h, float eps) { add_rms_norm<T, true, 4>(x, d, w, y, h, eps); } \
+extern "C" __global__ void head_rms_norm_##S(const T* x, const T* qw, const T* kw, T* y, int hq, int hk, int heads, int hd, float eps) { head_rms_norm(x, qw, kw, y, hq, hk, heads, hd, eps); } \
 extern "C" __global__ void rope_##S(T* x, const float* f, int heads, int hd, int start, const int* pp) { rope(x, f, heads, hd, start, pp); } \
 extern "C" __global__ void silu_mul_##S(const T* g, const T* u, T* o, long n) { silu_mul(g, u, o, n); } \
 extern "C" __global__ void silu_mul_halves_##S(const T* gu, T* o, long rows, int n) { silu_mul_halves(gu, o, rows, n); } \

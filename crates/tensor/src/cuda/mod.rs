@@ -33,7 +33,7 @@ use half::bf16;
 use crate::{DType, TensorError};
 
 const KERNELS: &str = include_str!("kernels.cu");
-const KERNEL_NAMES: [&str; 25] = [
+const KERNEL_NAMES: [&str; 26] = [
     "rms_norm1",
     "rms_norm2",
     "rms_norm4",
@@ -41,6 +41,7 @@ const KERNEL_NAMES: [&str; 25] = [
     "add_rms_norm2",
     "add_rms_norm4",
     "rope",
+    "head_rms_norm",
     "silu_mul",
     "silu_mul_halves",
     "add_inplace",

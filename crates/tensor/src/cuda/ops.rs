@@ -639,6 +639,45 @@ fn norm(
     Ok(y)
 }
 
+/// Qwen3's per-head RMSNorm of q and k: `x` is `rows` rows of `heads` heads of `hd`; heads
+/// `[0, hq)` normalised with `qw`, `[hq, hq + hk)` with `kw`, the rest copied. One kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn head_rms_norm(
+    x: &CudaBuf,
+    qw: &CudaBuf,
+    kw: &CudaBuf,
+    rows: usize,
+    (hq, hk, heads): (usize, usize, usize),
+    hd: usize,
+    eps: f32,
+) -> Result<CudaBuf, TensorError> {
+    same_dev(x, qw)?;
+    same_dev(x, kw)?;
+    let dev = x.dev.clone();
+    let y = CudaBuf::alloc(&dev, x.dtype(), rows * heads * hd)?;
+    if rows == 0 {
+        return Ok(y);
+    }
+    let (mut q, mut k, mut n, mut d, mut eps) =
+        (hq as i32, hk as i32, heads as i32, hd as i32, eps);
+    let mut ptrs: Vec<u64> = [x, qw, kw, &y].into_iter().map(dptr).collect();
+    let mut params = raw_params(&mut ptrs);
+    for v in [&mut q, &mut k, &mut n, &mut d] {
+        params.push((v as *mut i32).cast());
+    }
+    params.push((&mut eps as *mut f32).cast());
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, heads as u32, 1),
+        block_dim: (hd.div_ceil(32).clamp(1, 8) as u32 * 32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the parameters match head_rms_norm(x, qw, kw, y, hq, hk, heads, hd, eps) and outlive
+    // the call; x and y hold rows x heads x hd values, qw and kw hd (checked by the caller), of one
+    // dtype (same_dev).
+    unsafe { launch_pdl(&dev, dev.func("head_rms_norm", x.dtype()), cfg, &mut params)? };
+    Ok(y)
+}
+
 /// Rotates `x` `[t, heads, hd]` in place; token i at position `start + i`.
 pub fn rope(
     x: &CudaBuf,

@@ -28,7 +28,7 @@ pub use grad_norm::{rms_norm_backward, rms_norm_forward};
 pub use grad_rope::rope_rotate;
 pub use matmul::{matmul_t, matmul_t_gated, matmul_t_into};
 pub use matmul_nn::{bias_backward, linear_backward_input, linear_backward_weight, linear_forward};
-pub use norm::{add_rms_norm, norm_matmul_t, rms_norm};
+pub use norm::{add_rms_norm, head_rms_norm, norm_matmul_t, rms_norm};
 pub use rope::{apply_rope, qkv_rope_append};
 pub use round::round_slice;
 pub use softmax::{argmax_rows, log_softmax, softmax_inplace};

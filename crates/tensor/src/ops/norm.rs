@@ -35,6 +35,66 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor, TensorE
     Tensor::from_f32(x.shape().to_vec(), v, dt)
 }
 
+/// Qwen3's RMSNorm of each q and k head, before RoPE: `qkv` holds rows of `heads` heads of
+/// `head_dim` (this rank's q heads, then its k heads, then its v heads, per sequence of a
+/// lockstep batch); the first `q_heads` of each row are normalised with `q_weight`, the next
+/// `k_heads` with `k_weight` (rounded as [`rms_norm`]), the rest are copied.
+pub fn head_rms_norm(
+    qkv: &Tensor,
+    (q_heads, k_heads): (usize, usize),
+    head_dim: usize,
+    q_weight: &Tensor,
+    k_weight: &Tensor,
+    eps: f64,
+) -> Result<Tensor, TensorError> {
+    let width = *qkv.shape().last().unwrap_or(&0);
+    if head_dim == 0
+        || !width.is_multiple_of(head_dim)
+        || width / head_dim < q_heads + k_heads
+        || q_weight.elem_count() != head_dim
+        || k_weight.elem_count() != head_dim
+    {
+        return Err(shape_err(
+            "head_rms_norm",
+            format!(
+                "rows of {width} for {q_heads} + {k_heads} heads of {head_dim}, weights of {} and {}",
+                q_weight.elem_count(),
+                k_weight.elem_count()
+            ),
+        ));
+    }
+    #[cfg(feature = "cuda")]
+    if let (crate::Storage::Cuda(xb), crate::Storage::Cuda(qb), crate::Storage::Cuda(kb)) =
+        (qkv.storage(), q_weight.storage(), k_weight.storage())
+    {
+        let (heads, rows) = (width / head_dim, qkv.elem_count() / width.max(1));
+        let y = crate::cuda::head_rms_norm(
+            xb,
+            qb,
+            kb,
+            rows,
+            (q_heads, k_heads, heads),
+            head_dim,
+            eps as f32,
+        )?;
+        return Tensor::new(qkv.shape().to_vec(), crate::Storage::Cuda(y));
+    }
+    let dt = qkv.dtype();
+    let (qw, kw) = (q_weight.to_f32_vec(), k_weight.to_f32_vec());
+    let mut v = qkv.to_f32_vec();
+    v.par_chunks_mut(width.max(1)).for_each(|row| {
+        for (h, x) in row.chunks_mut(head_dim).enumerate().take(q_heads + k_heads) {
+            let w = if h < q_heads { &qw } else { &kw };
+            let ms = x.iter().map(|&a| (a as f64) * (a as f64)).sum::<f64>() / head_dim as f64;
+            let inv = (1.0 / (ms + eps).sqrt()) as f32;
+            for (a, &g) in x.iter_mut().zip(w) {
+                *a = g * dt.round(*a * inv);
+            }
+        }
+    });
+    Tensor::from_f32(qkv.shape().to_vec(), v, dt)
+}
+
 /// `x += delta` (rounded to x's dtype), then [`rms_norm`] of the new `x`: a decoder layer's
 /// residual add and the norm after it, one kernel on a GPU.
 pub fn add_rms_norm(
@@ -155,6 +215,28 @@ mod tests {
         for (a, b) in y.iter().zip(want) {
             assert!((a - b).abs() < 1e-6);
         }
+    }
+
+    /// Each q head by the q weight, each k head by the k weight, v copied; rows independent;
+    /// shapes that do not hold the heads are errors.
+    #[test]
+    fn head_norm_normalises_q_and_k_heads_only() {
+        let row = [3.0, 4.0, 1.0, -1.0, 6.0, 8.0, 5.0, 7.0];
+        let x = Tensor::from_f32(vec![2, 8], [row, row].concat(), DType::F32).unwrap();
+        let q = Tensor::from_f32(vec![2], vec![1.0, 2.0], DType::F32).unwrap();
+        let k = Tensor::from_f32(vec![2], vec![-1.0, 0.5], DType::F32).unwrap();
+        // Heads of 2: q, q, k, v.
+        let y = head_rms_norm(&x, (2, 1), 2, &q, &k, 0.0)
+            .unwrap()
+            .to_f32_vec();
+        let (r, s) = (12.5f32.sqrt(), 50f32.sqrt());
+        let want = [3.0 / r, 8.0 / r, 1.0, -2.0, -6.0 / s, 4.0 / s, 5.0, 7.0];
+        for (i, (a, b)) in y.iter().zip(want.iter().chain(&want)).enumerate() {
+            assert!((a - b).abs() < 1e-6, "{i}: {a} vs {b}");
+        }
+        assert!(head_rms_norm(&x, (3, 2), 2, &q, &k, 0.0).is_err());
+        assert!(head_rms_norm(&x, (1, 1), 3, &q, &k, 0.0).is_err());
+        assert!(head_rms_norm(&x, (1, 1), 4, &q, &k, 0.0).is_err());
     }
 
     #[test]
