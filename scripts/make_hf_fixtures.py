@@ -419,6 +419,41 @@ def make_llama(out, tokdir, bos, eos):
             f"min_margin {margin:.4f}")
     assert any(c["tokens"] != g["tokens"] for c, g in zip(ref["greedy_repetition_penalty"], ref["greedy"])), \
         "the penalty changed nothing"
+    # A case where the penalty over the PROMPT decides a token: BOS, a greedy prompt and part of
+    # its own plain continuation, redrawn until a penalty over the output alone (computed here
+    # step by step) gives other tokens than HF's (penalty over all of input_ids).
+    def output_only(prompt):
+        ids, out = list(prompt), []
+        for _ in range(MAX_NEW_TOKENS):
+            with torch.no_grad():
+                lg = m64(input_ids=torch.tensor([ids])).logits[0, -1].to(torch.float64)
+            for t in set(out):
+                lg[t] = lg[t] * REPETITION_PENALTY if lg[t] < 0 else lg[t] / REPETITION_PENALTY
+            out.append(int(lg.argmax()))
+            ids.append(out[-1])
+        return out
+    found = None
+    for case in ref["greedy"]:
+        for j in range(1, MAX_NEW_TOKENS):
+            prompt = [bos] + case["prompt_tokens"] + case["tokens"][:j]
+            gen, margin = greedy_penalized(m64, prompt, eos, REPETITION_PENALTY)
+            if margin >= MIN_MARGIN and gen != output_only(prompt):
+                found = (prompt, gen, margin)
+                break
+        if found:
+            break
+    assert found, "no prompt where the penalty over the prompt matters"
+    prompt, gen, margin = found
+    ref["greedy_repetition_penalty"].append({
+        "prompt_tokens": prompt,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "repetition_penalty": REPETITION_PENALTY,
+        "tokens": gen,
+        "min_margin": margin,
+        "output_only_tokens": output_only(prompt),
+    })
+    log(f"[llama] greedy, repetition penalty over the prompt too: {prompt} -> {gen} "
+        f"(over the output only: {output_only(prompt)}), min_margin {margin:.4f}")
 
     # A llama3 rope probe with a larger head_dim so that all three frequency bands
     # (unchanged / smoothed / divided by factor) occur; head_dim 8 at theta 1e4 has no

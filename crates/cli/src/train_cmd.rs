@@ -228,7 +228,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     if a.seq_len > model_cfg.max_position_embeddings {
         bail!(
-            "--seq-len {} exceeds the model's max_position_embeddings {}",
+            "--seq-len {} exceeds the model's context of {} positions",
             a.seq_len,
             model_cfg.max_position_embeddings
         );

@@ -835,9 +835,20 @@ fn repetition_penalty_and_min_p_as_transformers_applies_them() {
     };
     let cases = r["greedy_repetition_penalty"].as_array().unwrap();
     let plains = r["greedy"].as_array().unwrap();
-    assert_eq!(cases.len(), 2);
+    assert_eq!(cases.len(), 3);
     // HF's penalty changed the first case's tokens (its 10th repeated the 2nd).
     assert_ne!(cases[0]["tokens"], plains[0]["tokens"]);
+    // The third's prompt (BOS, a greedy prompt, 3 tokens of its plain continuation) decides its
+    // tokens: a penalty over the output alone gives others.
+    assert_ne!(cases[2]["tokens"], cases[2]["output_only_tokens"]);
+    let (got, _) = gen(
+        &join(&cases[2]["prompt_tokens"]),
+        &["--repetition-penalty", "1.3"],
+    );
+    assert_eq!(
+        got, cases[2]["tokens"],
+        "penalty over the prompt and output"
+    );
     for (case, plain) in cases.iter().zip(plains) {
         let prompt = join(&case["prompt_tokens"]);
         assert_eq!(case["repetition_penalty"], 1.3);
@@ -873,6 +884,22 @@ fn repetition_penalty_and_min_p_as_transformers_applies_them() {
     fails_with(
         &[&base[..], &["--repetition-penalty", "0"]].concat(),
         "--repetition-penalty must be a number > 0, got 0",
+    );
+    // An id past the vocabulary is the request's error, before any rank's sampler sizes itself
+    // by it.
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            d,
+            "--prompt-tokens",
+            "0,5,4294967295",
+            "--repetition-penalty",
+            "1.3",
+            "--tp",
+            "2",
+        ],
+        "token id 4294967295 is outside the vocabulary of 320",
     );
     config(r#"{"repetition_penalty": "high"}"#);
     fails_with(

@@ -334,7 +334,7 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
         ),
         (
             vec!["--config", s(&cfg), "--seq-len", "100000"],
-            "max_position_embeddings",
+            "exceeds the model's context of 128 positions",
         ),
         (
             vec!["--config", s(&cfg), "--init-from", "/nonexistent"],

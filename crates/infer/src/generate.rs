@@ -41,6 +41,8 @@ pub fn generate_on(
             "the prompt must hold at least one token".into(),
         ));
     }
+    // Before any rank (whose sampler marks the prompt's ids) starts.
+    model.config.check_tokens(prompt)?;
     // Its end-of-sequence ids are unknown.
     if let Some(e) = &model.generation_config_error {
         return Err(InferError::Request(e.clone()));
@@ -50,7 +52,7 @@ pub fn generate_on(
     let ctx = model.config.max_position_embeddings;
     if prompt.len().saturating_add(params.max_tokens) > ctx {
         return Err(InferError::Request(format!(
-            "the prompt's {} tokens and --max-tokens {} exceed the model's context of {ctx} positions (max_position_embeddings)",
+            "the prompt's {} tokens and --max-tokens {} exceed the model's context of {ctx} positions",
             prompt.len(),
             params.max_tokens
         )));

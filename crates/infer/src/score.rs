@@ -40,7 +40,7 @@ pub fn score_on(
     let ctx = model.config.max_position_embeddings;
     if tokens.len() > ctx {
         return Err(InferError::Request(format!(
-            "{} tokens exceed the model's context of {ctx} positions (max_position_embeddings)",
+            "{} tokens exceed the model's context of {ctx} positions",
             tokens.len()
         )));
     }

@@ -314,6 +314,17 @@ impl ModelConfig {
         Ok(cfg)
     }
 
+    /// Refuses token ids outside the vocabulary (a bad request, not a crash).
+    pub fn check_tokens(&self, tokens: &[u32]) -> Result<(), ModelError> {
+        match tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
+            Some(&bad) => Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.vocab_size
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Total parameter count (embedding and, when untied, the LM head included). Saturates rather
     /// than overflowing on absurd configs.
     pub fn num_params(&self) -> u64 {
@@ -400,14 +411,20 @@ fn arch_of(v: &Value) -> Result<Arch, ModelError> {
 /// The RoPE settings and the context served, from `context` (`max_position_embeddings`): for
 /// `dynamic` scaling the context up to which its frequencies are the unscaled ones (past it
 /// transformers rescales them with the sequence's length), for `yarn` the original context times
-/// its factor where that is longer (as vLLM serves it: Qwen2.5's configs keep
-/// `max_position_embeddings` at the original 32,768 and ask for factor 4).
+/// its factor where that is longer (vLLM serves that product: Qwen2.5's configs keep
+/// `max_position_embeddings` at the original 32,768 and ask for factor 4; transformers sets no
+/// limit), capped at [`MAX_POSITIONS`].
 fn rope_of(v: &Value, context: usize) -> Result<(RopeConfig, usize), ModelError> {
     // transformers 5 nests everything under `rope_parameters`; older configs keep `rope_theta` at the
-    // top and the scaling in `rope_scaling`.
-    let params = v.get("rope_parameters").filter(|p| !p.is_null());
-    let scaling = params.or_else(|| v.get("rope_scaling").filter(|p| !p.is_null()));
-    let theta = params
+    // top and the scaling in `rope_scaling`. As transformers converts them
+    // (`rope_scaling or rope_parameters`, theta from that dict, else the top level), a non-empty
+    // `rope_scaling` wins.
+    let given = |key: &str| {
+        v.get(key)
+            .filter(|p| !(p.is_null() || p.as_object().is_some_and(|o| o.is_empty())))
+    };
+    let scaling = given("rope_scaling").or_else(|| given("rope_parameters"));
+    let theta = scaling
         .and_then(|p| p.get("rope_theta"))
         .or_else(|| v.get("rope_theta"))
         .map(|t| {
@@ -467,12 +484,8 @@ fn rope_of(v: &Value, context: usize) -> Result<(RopeConfig, usize), ModelError>
                         ..
                     } = y
                     {
-                        let extended = (old * factor).floor();
-                        if !extended.is_finite() || extended > MAX_POSITIONS as f64 {
-                            return Err(cfg_err(format!(
-                                "yarn's context (original_max_position_embeddings {old} x factor {factor}) is larger than {MAX_POSITIONS}"
-                            )));
-                        }
+                        // Capped where the positions tessera serves end.
+                        let extended = (old * factor).floor().min(MAX_POSITIONS as f64);
                         served = served.max(extended as usize);
                     }
                     y
@@ -541,6 +554,11 @@ fn yarn_of(v: &Value, s: &Value, context: usize) -> Result<RopeScaling, ModelErr
             "yarn rope scaling needs original_max_position_embeddings > 0, got {old}"
         )));
     }
+    // A missing factor is refused (transformers: a required key); a null one is the ratio of the
+    // contexts.
+    if s.get("factor").is_none() {
+        return Err(cfg_err("yarn rope scaling needs a `factor`"));
+    }
     let factor = num(s, "factor")?.unwrap_or(context as f64 / old);
     if !positive(factor) {
         return Err(cfg_err(format!(
@@ -555,8 +573,10 @@ fn yarn_of(v: &Value, s: &Value, context: usize) -> Result<RopeScaling, ModelErr
             "yarn rope scaling needs beta_fast and beta_slow > 0, got {beta_fast} and {beta_slow}"
         )));
     }
+    // transformers reads `get("truncate", True)`: a null is falsy there.
     let truncate = match s.get("truncate") {
-        None | Some(Value::Null) => true,
+        None => true,
+        Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
         Some(t) => {
             return Err(cfg_err(format!(
@@ -943,10 +963,12 @@ mod tests {
         assert!(
             matches!(s, RopeScaling::Yarn { original_max_position_embeddings: o, .. } if o == 4096.0)
         );
-        // No factor: the ratio of the contexts. Betas of 0 are the defaults; mscales both set
-        // give their ratio, one of them 0 the plain formula; truncate false is kept.
+        // A null factor: the ratio of the contexts (a missing one is refused, as transformers
+        // requires the key). Betas of 0 are the defaults; mscales both set give their ratio, one
+        // of them 0 the plain formula; truncate false is kept, and a null one is false too
+        // (transformers' `get("truncate", True)` is falsy there).
         let (s, _) = yarn(
-            r#"{"max_position_embeddings":16384,"rope_scaling":{"type":"yarn",
+            r#"{"max_position_embeddings":16384,"rope_scaling":{"type":"yarn","factor":null,
                 "original_max_position_embeddings":2048,"beta_fast":0,"beta_slow":null,
                 "mscale":0.707,"mscale_all_dim":1.0,"truncate":false}}"#,
         )
@@ -968,6 +990,26 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(s, RopeScaling::Yarn { attention_factor: a, .. } if a == m(8.0, 1.0)));
+        let (s, _) =
+            yarn(r#"{"rope_scaling":{"type":"yarn","factor":8.0,"truncate":null}}"#).unwrap();
+        assert!(matches!(
+            s,
+            RopeScaling::Yarn {
+                truncate: false,
+                ..
+            }
+        ));
+        // rope_scaling wins over rope_parameters, and its own rope_theta over the top level's.
+        let c = with(
+            r#"{"rope_theta":10000.0,"rope_parameters":{"rope_type":"default","rope_theta":1e4},
+                "rope_scaling":{"type":"yarn","factor":4.0,"rope_theta":500000.0}}"#,
+        )
+        .unwrap();
+        assert!(matches!(c.rope.scaling, RopeScaling::Yarn { factor, .. } if factor == 4.0));
+        assert_eq!(c.rope.theta, 500000.0);
+        // An extended context past the positions tessera serves is capped there, not refused.
+        let (_, ctx) = yarn(r#"{"rope_scaling":{"type":"yarn","factor":1e300}}"#).unwrap();
+        assert_eq!(ctx, MAX_POSITIONS);
         for (bad, named) in [
             (
                 r#"{"rope_scaling":{"type":"yarn","factor":0}}"#,
@@ -993,10 +1035,7 @@ mod tests {
                 r#"{"rope_scaling":{"type":"yarn","factor":4,"beta_fast":-2}}"#,
                 "beta_fast",
             ),
-            (
-                r#"{"rope_scaling":{"type":"yarn","factor":1e300}}"#,
-                "yarn's context",
-            ),
+            (r#"{"rope_scaling":{"type":"yarn"}}"#, "needs a `factor`"),
         ] {
             let e = with(bad).unwrap_err().to_string();
             assert!(e.contains(named), "{bad}: {e}");

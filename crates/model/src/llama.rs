@@ -410,13 +410,7 @@ impl LlamaModel {
 
     /// Refuses token ids outside the vocabulary (a bad request, not a crash).
     fn check_tokens(&self, tokens: &[u32]) -> Result<(), ModelError> {
-        match tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            Some(&bad) => Err(ModelError::Input(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                self.cfg.vocab_size
-            ))),
-            None => Ok(()),
-        }
+        self.cfg.check_tokens(tokens)
     }
 
     /// Bytes of weights this rank holds.

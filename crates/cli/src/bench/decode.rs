@@ -44,8 +44,8 @@ pub struct DecodeArgs {
     /// cpu, or cuda (rank r on GPU r).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// A published shape (llama-3-8b, llama-3-70b) instead of the shape flags below (which it
-    /// cannot be combined with).
+    /// A published shape (llama-3-8b, llama-3-70b, qwen3-8b) instead of the shape flags below
+    /// (which it cannot be combined with).
     #[arg(long, conflicts_with_all = ["vocab", "hidden", "intermediate", "layers", "heads", "kv_heads"])]
     pub preset: Option<String>,
     /// Decode steps timed (after a prefill of --prompt-len tokens).
@@ -79,7 +79,18 @@ fn shape_json(a: &DecodeArgs) -> Result<String> {
         ),
         Some("llama-3-8b") => (128256, 4096, 14336, 32, 32, 8),
         Some("llama-3-70b") => (128256, 8192, 28672, 80, 64, 8),
-        Some(p) => bail!("unknown preset {p:?} (expected llama-3-8b or llama-3-70b)"),
+        // Qwen3-8B's published config.json (its per-head q/k norms included).
+        Some("qwen3-8b") => {
+            return Ok(
+                r#"{"architectures":["Qwen3ForCausalLM"],"model_type":"qwen3",
+                "vocab_size":151936,"hidden_size":4096,"intermediate_size":12288,
+                "num_hidden_layers":36,"num_attention_heads":32,"num_key_value_heads":8,
+                "head_dim":128,"rms_norm_eps":1e-6,"rope_theta":1000000.0,
+                "max_position_embeddings":40960,"tie_word_embeddings":false}"#
+                    .to_string(),
+            )
+        }
+        Some(p) => bail!("unknown preset {p:?} (expected llama-3-8b, llama-3-70b or qwen3-8b)"),
     };
     Ok(llama_config_json(v, h, i, l, heads, kv, false))
 }
