@@ -144,8 +144,9 @@ if [[ $STEPS == all || $STEPS == *cli* ]]; then
     # f32 logits draws the CPU's tokens.
     SAMPLE="--temperature 0.8 --top-k 20 --top-p 0.9 --seed 5 --ignore-eos"
     sa=$(.gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json $SAMPLE)
-    # A repetition penalty (greedy over the host's logits, not the graph's argmax) and min-p.
-    PENAL="--repetition-penalty 1.3 --min-p 0.05 --temperature 0.9 --seed 7 --ignore-eos"
+    # Repetition, presence and frequency penalties (greedy over the host's logits, not the graph's
+    # argmax) and min-p.
+    PENAL="--repetition-penalty 1.3 --presence-penalty 0.5 --frequency-penalty 0.3 --min-p 0.05 --temperature 0.9 --seed 7 --ignore-eos"
     pa=$(.gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json $PENAL)
     ga=$(.gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json --repetition-penalty 1.3 --ignore-eos)
     # Other model paths: YaRN RoPE (its attention factor in the softmax scale of the decode and

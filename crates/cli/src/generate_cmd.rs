@@ -45,6 +45,14 @@ pub struct GenerateArgs {
     /// (which transformers and vLLM apply whether or not it samples), else 1.
     #[arg(long, allow_negative_numbers = true)]
     pub repetition_penalty: Option<f32>,
+    /// Subtract this from the logit of every token the output already holds, in [-2, 2] (vLLM's
+    /// presence_penalty; 0: off). Applied greedy too, after the repetition penalty.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
+    /// Subtract this times its count in the output from every output token's logit, in [-2, 2]
+    /// (vLLM's frequency_penalty; 0: off).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Keep generating past end-of-sequence tokens.
@@ -73,6 +81,14 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     {
         bail!("--repetition-penalty must be a number > 0, got {r}");
     }
+    for (flag, v) in [
+        ("--presence-penalty", a.presence_penalty),
+        ("--frequency-penalty", a.frequency_penalty),
+    ] {
+        if !(-2.0..=2.0).contains(&v) {
+            bail!("{flag} must be in [-2, 2], got {v}");
+        }
+    }
     if a.max_tokens == 0 {
         bail!("--max-tokens must be at least 1");
     }
@@ -82,6 +98,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     let mut sampling = sampling_params(&a, model.sampling.clone())?;
     sampling.repetition_penalty = repetition_penalty(&a, model.repetition_penalty.as_ref())?;
+    sampling.presence_penalty = a.presence_penalty;
+    sampling.frequency_penalty = a.frequency_penalty;
     let file_text = match &a.prompt_file {
         Some(f) => Some(read_text_file(f, "--prompt-file")?),
         None => None,

@@ -876,7 +876,37 @@ fn repetition_penalty_and_min_p_as_transformers_applies_them() {
         std::fs::remove_file(dir.path().join("generation_config.json")).unwrap();
     }
     let prompt = join(&cases[0]["prompt_tokens"]);
+    // vLLM's presence / frequency penalties count the output: plain greedy repeats its 2nd token
+    // (100) as its 10th; a presence penalty of 2 makes the 10th another, the 9 before unchanged.
+    let plain: Vec<u64> = plains[0]["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    assert_eq!((plain[1], plain[9]), (100, 100));
+    let off = gen(
+        &prompt,
+        &["--presence-penalty", "0", "--frequency-penalty", "0"],
+    )
+    .0;
+    assert_eq!(off, plains[0]["tokens"]);
+    for flag in ["--presence-penalty", "--frequency-penalty"] {
+        let got = gen(&prompt, &[flag, "2"]).0;
+        let got: Vec<u64> = got
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap())
+            .collect();
+        assert_eq!(got[..9], plain[..9], "{flag}");
+        assert_ne!(got[9], 100, "{flag}: the output's token was not penalised");
+    }
     let base = ["generate", "--model", d, "--prompt-tokens", &prompt];
+    fails_with(
+        &[&base[..], &["--presence-penalty", "2.5"]].concat(),
+        "--presence-penalty must be in [-2, 2], got 2.5",
+    );
     fails_with(
         &[&base[..], &["--min-p", "1.5"]].concat(),
         "--min-p must be in [0, 1], got 1.5",

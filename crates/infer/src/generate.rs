@@ -118,7 +118,7 @@ pub fn generate_on_rank(
             msg[0] as u32
         };
         out.push(tok);
-        sampler.observe(&[tok]);
+        sampler.observe_output(tok);
         if params.stop_at_eos && m.cfg.eos_token_ids.contains(&tok) {
             break;
         }

@@ -20,6 +20,12 @@ pub struct SamplingParams {
     /// this where positive, multiplied where negative (1 = off), before greedy or sampling, as
     /// transformers' `RepetitionPenaltyLogitsProcessor` and vLLM apply it.
     pub repetition_penalty: f32,
+    /// Subtracted from the logit of every token the output already holds (0 = off), after the
+    /// repetition penalty, as vLLM's `presence_penalty`.
+    pub presence_penalty: f32,
+    /// Subtracted from the logit of every token the output already holds, times its count there
+    /// (0 = off), as vLLM's `frequency_penalty`.
+    pub frequency_penalty: f32,
     pub seed: u64,
 }
 
@@ -31,6 +37,8 @@ impl Default for SamplingParams {
             top_k: 0,
             min_p: 0.0,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
@@ -39,7 +47,13 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Greedy decoding on the raw logits: the argmax needs no logits on the host.
     pub fn plain_greedy(&self) -> bool {
-        self.temperature <= 0.0 && self.repetition_penalty == 1.0
+        self.temperature <= 0.0 && !self.penalised()
+    }
+
+    fn penalised(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
     }
 }
 
@@ -47,8 +61,10 @@ impl SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
-    /// The tokens seen so far, for the repetition penalty (empty where it is off).
+    /// The tokens seen so far (prompt and output), for the repetition penalty, and how often
+    /// each is in the output, for the presence and frequency penalties (empty where they are off).
     seen: Vec<bool>,
+    output_counts: Vec<u32>,
 }
 
 impl Sampler {
@@ -57,12 +73,13 @@ impl Sampler {
             params,
             rng: ChaCha8Rng::seed_from_u64(params.seed),
             seen: Vec::new(),
+            output_counts: Vec::new(),
         }
     }
 
-    /// Marks `tokens` as seen (the prompt, then each token produced).
+    /// Marks the prompt's `tokens` as seen (the repetition penalty's context).
     pub fn observe(&mut self, tokens: &[u32]) {
-        if self.params.repetition_penalty == 1.0 {
+        if !self.params.penalised() {
             return;
         }
         for &t in tokens {
@@ -74,13 +91,36 @@ impl Sampler {
         }
     }
 
+    /// Marks a token produced: seen, and counted in the output.
+    pub fn observe_output(&mut self, token: u32) {
+        if !self.params.penalised() {
+            return;
+        }
+        self.observe(&[token]);
+        let t = token as usize;
+        if t >= self.output_counts.len() {
+            self.output_counts.resize(t + 1, 0);
+        }
+        self.output_counts[t] += 1;
+    }
+
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let penalized;
-        let logits = if self.params.repetition_penalty != 1.0 {
-            let r = self.params.repetition_penalty;
+        let logits = if self.params.penalised() {
+            let p = &self.params;
             let mut l = logits.to_vec();
-            for (x, _) in l.iter_mut().zip(&self.seen).filter(|(_, &s)| s) {
-                *x = if *x < 0.0 { *x * r } else { *x / r };
+            if p.repetition_penalty != 1.0 {
+                let r = p.repetition_penalty;
+                for (x, _) in l.iter_mut().zip(&self.seen).filter(|(_, &s)| s) {
+                    *x = if *x < 0.0 { *x * r } else { *x / r };
+                }
+            }
+            for (x, &c) in l
+                .iter_mut()
+                .zip(&self.output_counts)
+                .filter(|(_, &c)| c > 0)
+            {
+                *x -= p.frequency_penalty * c as f32 + p.presence_penalty;
             }
             penalized = l;
             &penalized
@@ -302,6 +342,40 @@ mod tests {
         assert!(SamplingParams::default().plain_greedy());
         assert!(!SamplingParams {
             repetition_penalty: 1.1,
+            ..Default::default()
+        }
+        .plain_greedy());
+    }
+
+    /// Presence and frequency penalties (vLLM's): subtracted from the tokens of the output only
+    /// (the prompt's are untouched), the frequency one per occurrence.
+    #[test]
+    fn presence_and_frequency_penalties_count_the_output_only() {
+        let logits = [0.0f32, 3.0, 2.9, -1.0, 2.5];
+        let greedy = |presence, frequency, prompt: &[u32], output: &[u32]| {
+            let mut s = Sampler::new(SamplingParams {
+                presence_penalty: presence,
+                frequency_penalty: frequency,
+                ..Default::default()
+            });
+            s.observe(prompt);
+            for &t in output {
+                s.observe_output(t);
+            }
+            s.sample(&logits)
+        };
+        assert_eq!(greedy(0.0, 0.0, &[], &[1, 1]), 1);
+        // 3 - 0.2 = 2.8 < 2.9.
+        assert_eq!(greedy(0.2, 0.0, &[], &[1]), 2);
+        // In the prompt only: untouched.
+        assert_eq!(greedy(0.2, 0.0, &[1], &[]), 1);
+        // Frequency counts: 3 - 0.06 x 2 = 2.88 < 2.9, one occurrence (2.94) is not enough.
+        assert_eq!(greedy(0.0, 0.06, &[], &[1, 1]), 2);
+        assert_eq!(greedy(0.0, 0.06, &[], &[1]), 1);
+        // Negative values reward repeats: 2.5 + 1 = 3.5 leads.
+        assert_eq!(greedy(-1.0, 0.0, &[], &[4]), 4);
+        assert!(!SamplingParams {
+            presence_penalty: 0.5,
             ..Default::default()
         }
         .plain_greedy());
