@@ -187,12 +187,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
     }
     let (model_json, model_cfg) = read_model_config(&a.model_config)?;
-    if model_cfg.qk_norm {
-        bail!(
-            "training a {} model (an RMSNorm of each q and k head) is not supported: tessera serves it (score, generate) but trains llama, mistral and qwen2 models",
-            model_cfg.arch.name()
-        );
-    }
     // A model whose training state cannot fit in this host's memory is refused here, before its
     // weights are made, rather than aborting in an allocation: at least 16-bit weights (2 bytes a
     // parameter), f32 gradients (4) and Adam's two f32 moments (8) unless they go to NVMe, each

@@ -110,11 +110,12 @@ fn yarn_frequencies_and_attention_factor_match_transformers() {
 }
 
 /// Training's forward (its own attention, RoPE and softmax scale) on each HF fixture gives HF's
-/// float64 log-probs within 1e-4: YaRN's attention factor reaches the training path too.
+/// float64 log-probs within 1e-4: YaRN's attention factor and Qwen3's head norms reach the
+/// training path too.
 #[test]
 fn training_forward_matches_hf_log_probs() {
     use tessera_model::grad::{load_checkpoint, BatchDims, FullParams, TrainModel};
-    for name in ["llama", "qwen2", "qwen2_yarn"] {
+    for name in ["llama", "qwen2", "qwen2_yarn", "qwen3"] {
         let dir = fixtures().join(name);
         let text = std::fs::read_to_string(dir.join("reference.json")).unwrap();
         let r: serde_json::Value = serde_json::from_str(&text).unwrap();

@@ -1,5 +1,5 @@
-//! Self-attention's training forward and backward: q/k/v projections, RoPE, causal attention with
-//! grouped KV heads, o_proj. The forward keeps what the backward needs in [`AttentionActs`].
+//! Self-attention's training forward and backward: q/k/v projections, Qwen3's per-head q/k norms
+//! where the model has them, RoPE, causal attention with grouped KV heads, o_proj. The forward keeps what the backward needs in [`AttentionActs`].
 
 use tessera_tensor::ops::{self, AttentionShape, TrainAttention};
 use tessera_tensor::DType;
@@ -17,12 +17,19 @@ pub struct AttentionParams<'a> {
     pub inv_freq: &'a [f32],
     /// The softmax scale, YaRN's attention factor included (`rope::softmax_scale`).
     pub scale: f32,
+    /// Qwen3's q and k norm weights (`head_dim` each) and their epsilon.
+    pub qk_norm: Option<(&'a [f32], &'a [f32], f64)>,
 }
 
-/// Saved for the backward: rotated q and k, v, the probabilities, the pre-o_proj output.
+/// Saved for the backward: rotated q and k, v, the probabilities, the pre-o_proj output; with
+/// q/k norms, q and k before them and their inverse RMS a head (empty otherwise).
 pub struct AttentionActs {
     pub q: Vec<f32>,
     pub k: Vec<f32>,
+    pub q_pre: Vec<f32>,
+    pub k_pre: Vec<f32>,
+    pub q_inv: Vec<f32>,
+    pub k_inv: Vec<f32>,
     pub v: Vec<f32>,
     pub probs: Vec<f32>,
     pub att: Vec<f32>,
@@ -34,6 +41,8 @@ pub struct AttentionGrads<'a> {
     pub k: (&'a mut [f32], Option<&'a mut [f32]>),
     pub v: (&'a mut [f32], Option<&'a mut [f32]>),
     pub o: (&'a mut [f32], Option<&'a mut [f32]>),
+    /// The q and k norm weights' gradients, where the model has them.
+    pub qk_norm: Option<(&'a mut [f32], &'a mut [f32])>,
 }
 
 impl AttentionParams<'_> {
@@ -53,6 +62,16 @@ impl AttentionParams<'_> {
         let mut q = self.q.forward(xn, dt);
         let mut k = self.k.forward(xn, dt);
         let v = self.v.forward(xn, dt);
+        let (mut q_pre, mut k_pre, mut q_inv, mut k_inv) = (vec![], vec![], vec![], vec![]);
+        if let Some((qw, kw, eps)) = self.qk_norm {
+            // Rows of head_dim: every head by the same weight.
+            let (mut qn, qi) = ops::rms_norm_forward(&q, qw, eps);
+            let (mut kn, ki) = ops::rms_norm_forward(&k, kw, eps);
+            ops::round_slice(dt, &mut qn);
+            ops::round_slice(dt, &mut kn);
+            (q_pre, k_pre) = (std::mem::replace(&mut q, qn), std::mem::replace(&mut k, kn));
+            (q_inv, k_inv) = (qi, ki);
+        }
         ops::rope_rotate(
             &mut q,
             self.shape.num_heads,
@@ -77,6 +96,10 @@ impl AttentionParams<'_> {
             AttentionActs {
                 q,
                 k,
+                q_pre,
+                k_pre,
+                q_inv,
+                k_inv,
                 v,
                 probs,
                 att,
@@ -117,6 +140,10 @@ impl AttentionParams<'_> {
             self.inv_freq,
             true,
         );
+        if let (Some((qw, kw, _)), Some((dqw, dkw))) = (self.qk_norm, g.qk_norm) {
+            dq = ops::rms_norm_backward(&acts.q_pre, qw, &acts.q_inv, &dq, dqw);
+            dk = ops::rms_norm_backward(&acts.k_pre, kw, &acts.k_inv, &dk, dkw);
+        }
         let mut dxn = self.q.backward(xn, &dq, g.q.0, g.q.1);
         for (d, e) in dxn.iter_mut().zip(self.k.backward(xn, &dk, g.k.0, g.k.1)) {
             *d += e;

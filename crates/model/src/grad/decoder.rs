@@ -65,6 +65,13 @@ impl<'a> DecoderParams<'a> {
                 window: cfg.sliding_window[layer],
                 inv_freq,
                 scale: crate::rope::softmax_scale(&cfg.rope, d),
+                qk_norm: cfg.qk_norm.then(|| {
+                    (
+                        s("self_attn.q_norm.weight"),
+                        s("self_attn.k_norm.weight"),
+                        cfg.rms_norm_eps,
+                    )
+                }),
             },
             mlp: MlpParams {
                 gate: lin(s("gate_proj.weight"), o("gate_proj.bias"), i, h),
@@ -113,6 +120,8 @@ impl<'a> DecoderParams<'a> {
             let i = g.iter().position(|(n, _)| n.ends_with(suffix))?;
             Some(g.swap_remove(i).1)
         };
+        let q_norm = take("self_attn.q_norm.weight");
+        let qk_norm = q_norm.zip(take("self_attn.k_norm.weight"));
         let mut pair = |n: &str| {
             let w = take(&format!("{n}.weight")).expect("layout has every weight");
             (w, take(&format!("{n}.bias")))
@@ -127,6 +136,7 @@ impl<'a> DecoderParams<'a> {
             k: pair("k_proj"),
             v: pair("v_proj"),
             o: pair("o_proj"),
+            qk_norm,
         };
         let dnorm1 = take("input_layernorm.weight").expect("layout has input_layernorm");
         let dnorm2 = take("post_attention_layernorm.weight").expect("layout has post norm");

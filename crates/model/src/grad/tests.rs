@@ -104,6 +104,19 @@ fn gradients_match_finite_differences_tied_with_biases() {
 }
 
 #[test]
+fn gradients_match_finite_differences_qwen3_head_norms() {
+    // Qwen3: an RMSNorm of each q and k head before RoPE; their weights get gradients too.
+    // Heads of 4 (of 2, the norm of a pair is too curved for the finite differences' step).
+    let mut cfg = config(r#","attention_bias":true,"head_dim":4"#, true);
+    cfg.arch = crate::Arch::Qwen3;
+    cfg.qk_norm = true;
+    let m = TrainModel::new(cfg.clone());
+    assert!(m.layout.units[1].entry("self_attn.q_norm.weight").is_some());
+    check(cfg.clone(), false);
+    check(cfg, true);
+}
+
+#[test]
 fn gradients_match_finite_differences_sliding_window_recomputed() {
     let mut cfg = config("", false);
     cfg.sliding_window = vec![Some(2), None];
