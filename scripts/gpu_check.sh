@@ -219,6 +219,14 @@ if [[ $STEPS == all || $STEPS == *export* ]]; then
       --data $W/data --dp 1 --steps 200 --seq-len 64 --save $W/ck --curve $W/curve.svg 2>&1 | tail -1
     for dt in f32 bf16; do .gpu/tessera export --checkpoint $W/ck --out $W/model_$dt --dtype $dt 2>&1; done
     python3 scripts/check_export_hf.py .gpu/tessera $W/model_f32 $W/model_bf16 2>&1 | grep -v -e Warning -e "Loading weights"
+    # The same model as Qwen3 (per-head q/k norms, trained and exported with them).
+    echo "== export: the same model as Qwen3 (q/k norms), trained here, exported, loaded by transformers"
+    mkdir -p $W/qwen3
+    python3 -c "import json,sys; c=json.load(open('tests/fixtures/train/shakespeare/config.json')); c.update(architectures=['Qwen3ForCausalLM'], model_type='qwen3', head_dim=c['hidden_size']//c['num_attention_heads']); json.dump(c, open('$W/qwen3/config.json','w'))"
+    .gpu/tessera train --config tests/fixtures/train/shakespeare/ds_config.json --model-config $W/qwen3 \
+      --data $W/data --dp 2 --zero-stage 3 --steps 200 --seq-len 64 --save $W/ck3 --curve $W/curve3.svg 2>&1 | tail -1
+    .gpu/tessera export --checkpoint $W/ck3 --out $W/qwen3_f32 --dtype f32 2>&1
+    python3 scripts/check_export_hf.py .gpu/tessera $W/qwen3_f32 2>&1 | grep -v -e Warning -e "Loading weights"
     rm -rf "$W"
   } 2>&1 | tee -a "$REPORT"
 fi

@@ -157,8 +157,14 @@ impl ModelConfig {
         }
         let head_dim = match opt_usize(v, "head_dim")? {
             Some(d) => d,
-            // Qwen3Config's default, whatever the width.
-            None if arch == Arch::Qwen3 => 128,
+            // Qwen3Config's default, whatever the width, where the key is missing (a null one
+            // transformers cannot build).
+            None if arch == Arch::Qwen3 => {
+                if v.get("head_dim").is_some() {
+                    return Err(cfg_err("head_dim must be a number for qwen3, got null"));
+                }
+                128
+            }
             None => {
                 if hidden_size % num_heads != 0 {
                     return Err(cfg_err(format!(
@@ -1065,6 +1071,8 @@ mod tests {
         plain.qk_norm = false;
         assert_eq!(b.num_params(), plain.num_params() + 2 * 2 * 8);
         assert!(!with("{}").unwrap().qk_norm);
+        let e = with(r#"{"model_type":"qwen3","head_dim":null}"#).unwrap_err();
+        assert!(e.to_string().contains("head_dim must be a number"), "{e}");
     }
 
     #[test]

@@ -71,6 +71,7 @@ pub fn model(name: &str) -> Result<ModelShape, PlanError> {
             attention: Attention::Gqa {
                 qkv_bias: true,
                 o_bias: true,
+                qk_norm: false,
             },
             learned_positions: 2048,
             tied_embeddings: true,

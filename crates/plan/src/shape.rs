@@ -25,8 +25,13 @@ use crate::PlanError;
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Attention {
     /// Multi-head or grouped-query attention: q has `heads × head_dim` features, k and v
-    /// `kv_heads × head_dim` each.
-    Gqa { qkv_bias: bool, o_bias: bool },
+    /// `kv_heads × head_dim` each; `qk_norm`: an RMSNorm weight of `head_dim` for q and one for
+    /// k (Qwen3), replicated on every rank.
+    Gqa {
+        qkv_bias: bool,
+        o_bias: bool,
+        qk_norm: bool,
+    },
     /// DeepSeek's multi-head latent attention: K and V come out of a `kv_lora_rank` latent that,
     /// with the shared rotary key, is all the KV cache holds. `q_lora_rank == 0` means q is a plain
     /// projection.
@@ -136,6 +141,7 @@ impl ModelShape {
             attention: Attention::Gqa {
                 qkv_bias: c.qkv_bias,
                 o_bias: c.o_bias,
+                qk_norm: c.qk_norm,
             },
             learned_positions: 0,
             tied_embeddings: c.tie_word_embeddings,
@@ -234,6 +240,7 @@ impl ModelShape {
             attention: Attention::Gqa {
                 qkv_bias: true,
                 o_bias: true,
+                qk_norm: false,
             },
             learned_positions: 0,
             tied_embeddings: true,
@@ -307,12 +314,17 @@ impl ModelShape {
             ..Default::default()
         };
         match &self.attention {
-            Attention::Gqa { qkv_bias, o_bias } => {
+            Attention::Gqa {
+                qkv_bias,
+                o_bias,
+                qk_norm,
+            } => {
                 let q = self.heads * self.head_dim;
                 let kv = self.kv_heads * self.head_dim;
                 p.split += 2 * h * q + if *qkv_bias { q } else { 0 };
                 p.kv += 2 * h * kv + if *qkv_bias { 2 * kv } else { 0 };
                 p.replicated += if *o_bias { h } else { 0 };
+                p.replicated += if *qk_norm { 2 * self.head_dim } else { 0 };
             }
             Attention::Mla {
                 q_lora_rank,
@@ -440,6 +452,7 @@ mod tests {
             r#","tie_word_embeddings":true"#,
             r#","attention_bias":true,"mlp_bias":true"#,
             r#","architectures":["Qwen2ForCausalLM"]"#,
+            r#","model_type":"qwen3","head_dim":8,"attention_bias":true"#,
         ] {
             let c = llama(extra);
             let s = ModelShape::from_config("t", &c);

@@ -62,9 +62,10 @@ pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
     /// The tokens seen so far (prompt and output), for the repetition penalty, and how often
-    /// each is in the output, for the presence and frequency penalties (empty where they are off).
-    seen: Vec<bool>,
-    output_counts: Vec<u32>,
+    /// each is in the output, for the presence and frequency penalties (empty where they are off;
+    /// by id, so an id past the vocabulary costs nothing but an entry).
+    seen: std::collections::BTreeSet<u32>,
+    output_counts: std::collections::BTreeMap<u32, u32>,
 }
 
 impl Sampler {
@@ -72,8 +73,8 @@ impl Sampler {
         Sampler {
             params,
             rng: ChaCha8Rng::seed_from_u64(params.seed),
-            seen: Vec::new(),
-            output_counts: Vec::new(),
+            seen: Default::default(),
+            output_counts: Default::default(),
         }
     }
 
@@ -82,13 +83,7 @@ impl Sampler {
         if !self.params.penalised() {
             return;
         }
-        for &t in tokens {
-            let t = t as usize;
-            if t >= self.seen.len() {
-                self.seen.resize(t + 1, false);
-            }
-            self.seen[t] = true;
-        }
+        self.seen.extend(tokens);
     }
 
     /// Marks a token produced: seen, and counted in the output.
@@ -97,11 +92,7 @@ impl Sampler {
             return;
         }
         self.observe(&[token]);
-        let t = token as usize;
-        if t >= self.output_counts.len() {
-            self.output_counts.resize(t + 1, 0);
-        }
-        self.output_counts[t] += 1;
+        *self.output_counts.entry(token).or_default() += 1;
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
@@ -111,16 +102,16 @@ impl Sampler {
             let mut l = logits.to_vec();
             if p.repetition_penalty != 1.0 {
                 let r = p.repetition_penalty;
-                for (x, _) in l.iter_mut().zip(&self.seen).filter(|(_, &s)| s) {
-                    *x = if *x < 0.0 { *x * r } else { *x / r };
+                for &t in &self.seen {
+                    if let Some(x) = l.get_mut(t as usize) {
+                        *x = if *x < 0.0 { *x * r } else { *x / r };
+                    }
                 }
             }
-            for (x, &c) in l
-                .iter_mut()
-                .zip(&self.output_counts)
-                .filter(|(_, &c)| c > 0)
-            {
-                *x -= p.frequency_penalty * c as f32 + p.presence_penalty;
+            for (&t, &c) in &self.output_counts {
+                if let Some(x) = l.get_mut(t as usize) {
+                    *x -= p.frequency_penalty * c as f32 + p.presence_penalty;
+                }
             }
             penalized = l;
             &penalized
@@ -320,6 +311,8 @@ mod tests {
         assert_eq!(greedy(1.1, &[1]), 2);
         // 3 / 1.5 = 2, 2.9 / 1.5 = 1.93: 4 (2.5, unseen) leads; ids past the logits are ignored.
         assert_eq!(greedy(1.5, &[1, 2, 99]), 4);
+        // The largest id costs one entry (a dense table of seen ids would take 4 GiB).
+        assert_eq!(greedy(1.5, &[1, 2, u32::MAX]), 4);
         // A penalty below 1 favours what was seen: 2.5 / 0.8 = 3.125.
         assert_eq!(greedy(0.8, &[4]), 4);
         // Negative logits are multiplied: -0.5 * 3 = -1.5 falls below the unseen -1.
