@@ -46,11 +46,13 @@ fn per_token_terms(model: &ModelShape, i: u64, tp: u64, a: f64) -> (f64, f64, f6
     // Inputs of the two norms and of the two blocks, and the two dropout masks after them.
     let mut whole = 4.0 * a * h + 2.0 * mask * h;
     let mut share = match &model.attention {
-        Attention::Gqa { .. } => {
+        Attention::Gqa { qk_norm, .. } => {
             let q = (model.heads * model.head_dim) as f64 / t;
             let kv = (model.kv_heads.div_ceil(tp) * model.head_dim) as f64;
-            // Q, K, V and the input of the output projection.
-            a * (2.0 * q + 2.0 * kv)
+            // Q, K, V and the input of the output projection; with Qwen3's q/k norms, their
+            // inputs too.
+            let norms = if *qk_norm { a * (q + kv) } else { 0.0 };
+            a * (2.0 * q + 2.0 * kv) + norms
         }
         Attention::Mla {
             q_lora_rank,
@@ -282,5 +284,16 @@ mod tests {
         // whole: 4 tensors of h; share: Q (4096) + K, V (1024 each) + out (4096) + 3 × 14336.
         let expect = s * 2.0 * (4.0 * h + 2.0 * 4096.0 + 2.0 * 1024.0 + 3.0 * 14336.0);
         close(layer_bytes(&m, 0, &TrainJob::default(), 1), expect);
+        // With Qwen3's q/k norms, their inputs (q and k) as well.
+        let mut q3 = m.clone();
+        q3.attention = Attention::Gqa {
+            qkv_bias: false,
+            o_bias: false,
+            qk_norm: true,
+        };
+        close(
+            layer_bytes(&q3, 0, &TrainJob::default(), 1),
+            expect + s * 2.0 * (4096.0 + 1024.0),
+        );
     }
 }

@@ -80,10 +80,9 @@ impl Sampler {
 
     /// Marks the prompt's `tokens` as seen (the repetition penalty's context).
     pub fn observe(&mut self, tokens: &[u32]) {
-        if !self.params.penalised() {
-            return;
+        if self.params.repetition_penalty != 1.0 {
+            self.seen.extend(tokens);
         }
-        self.seen.extend(tokens);
     }
 
     /// Marks a token produced: seen, and counted in the output.
@@ -108,9 +107,11 @@ impl Sampler {
                     }
                 }
             }
+            // As vLLM: the frequency term, then the presence term.
             for (&t, &c) in &self.output_counts {
                 if let Some(x) = l.get_mut(t as usize) {
-                    *x -= p.frequency_penalty * c as f32 + p.presence_penalty;
+                    *x -= p.frequency_penalty * c as f32;
+                    *x -= p.presence_penalty;
                 }
             }
             penalized = l;
