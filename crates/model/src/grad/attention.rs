@@ -66,18 +66,8 @@ impl AttentionParams<'_> {
         if let Some((qw, kw, eps)) = self.qk_norm {
             // Rows of head_dim, every head by the same weight, rounded as inference and
             // transformers' Qwen3RMSNorm round them: normalise, round, scale, round.
-            let norm = |x: &[f32], w: &[f32]| {
-                let ones = vec![1.0f32; w.len()];
-                let (mut n, inv) = ops::rms_norm_forward(x, &ones, eps);
-                ops::round_slice(dt, &mut n);
-                for (a, g) in n.iter_mut().zip(w.iter().cycle()) {
-                    *a *= g;
-                }
-                ops::round_slice(dt, &mut n);
-                (n, inv)
-            };
-            let (qn, qi) = norm(&q, qw);
-            let (kn, ki) = norm(&k, kw);
+            let (qn, qi) = super::rms_norm_rounded(&q, qw, eps, dt);
+            let (kn, ki) = super::rms_norm_rounded(&k, kw, eps, dt);
             (q_pre, k_pre) = (std::mem::replace(&mut q, qn), std::mem::replace(&mut k, kn));
             (q_inv, k_inv) = (qi, ki);
         }

@@ -83,13 +83,11 @@ impl<'a> DecoderParams<'a> {
     }
 
     pub fn forward(&self, x: Vec<f32>, dims: BatchDims, dt: DType) -> (Vec<f32>, DecoderActs) {
-        let (mut xn1, r1) = ops::rms_norm_forward(&x, self.input_norm, self.eps);
-        ops::round_slice(dt, &mut xn1);
+        let (xn1, r1) = super::rms_norm_rounded(&x, self.input_norm, self.eps, dt);
         let (a, attn) = self.attn.forward(&xn1, dims, dt);
         let mut h: Vec<f32> = x.iter().zip(&a).map(|(p, q)| p + q).collect();
         ops::round_slice(dt, &mut h);
-        let (mut xn2, r2) = ops::rms_norm_forward(&h, self.post_norm, self.eps);
-        ops::round_slice(dt, &mut xn2);
+        let (xn2, r2) = super::rms_norm_rounded(&h, self.post_norm, self.eps, dt);
         let (m, mlp) = self.mlp.forward(&xn2, dt);
         let mut y: Vec<f32> = h.iter().zip(&m).map(|(p, q)| p + q).collect();
         ops::round_slice(dt, &mut y);

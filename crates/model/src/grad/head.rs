@@ -32,8 +32,7 @@ impl HeadParams<'_> {
         dweight: &mut [f32],
     ) -> HeadOut {
         let h = self.norm.len();
-        let (mut xn, r) = ops::rms_norm_forward(x, self.norm, self.eps);
-        ops::round_slice(dt, &mut xn);
+        let (xn, r) = super::rms_norm_rounded(x, self.norm, self.eps, dt);
         let m = targets.len();
         let mut logits = ops::linear_forward(&xn, self.weight, m, h, self.vocab);
         ops::round_slice(dt, &mut logits);
@@ -48,8 +47,7 @@ impl HeadParams<'_> {
     /// Logits `[tokens, vocab]` only (evaluation).
     pub fn logits(&self, x: &[f32], dt: DType) -> Vec<f32> {
         let h = self.norm.len();
-        let (mut xn, _) = ops::rms_norm_forward(x, self.norm, self.eps);
-        ops::round_slice(dt, &mut xn);
+        let (xn, _) = super::rms_norm_rounded(x, self.norm, self.eps, dt);
         let mut logits = ops::linear_forward(&xn, self.weight, x.len() / h, h, self.vocab);
         ops::round_slice(dt, &mut logits);
         logits

@@ -157,3 +157,22 @@ fn bad_tokens_and_shapes_are_errors() {
         .forward_backward(&mut src, &[1, 2, 99], dims, opts)
         .is_err());
 }
+
+/// Training's norm rounds as inference's `ops::rms_norm` (and transformers): bit for bit in bf16
+/// and f16, rows of 8 with a weight of 8.
+#[test]
+fn training_norm_rounds_as_inference() {
+    let x: Vec<f32> = (0..24)
+        .map(|i| ((i * 7) as f32 * 0.37).sin() * 3.0)
+        .collect();
+    let w: Vec<f32> = (0..8).map(|i| 1.0 + (i as f32 * 0.9).cos() * 0.3).collect();
+    for dt in [DType::BF16, DType::F16, DType::F32] {
+        let xt = tessera_tensor::Tensor::from_f32(vec![3, 8], x.clone(), dt).unwrap();
+        let wt = tessera_tensor::Tensor::from_f32(vec![8], w.clone(), dt).unwrap();
+        let want = tessera_tensor::ops::rms_norm(&xt, &wt, 1e-5)
+            .unwrap()
+            .to_f32_vec();
+        let (got, _) = super::rms_norm_rounded(&xt.to_f32_vec(), &wt.to_f32_vec(), 1e-5, dt);
+        assert_eq!(got, want, "{dt:?}");
+    }
+}
