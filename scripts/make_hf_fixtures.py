@@ -176,6 +176,30 @@ def randomize(model, seed):
                     m.bias.copy_(0.1 * torch.randn_like(m.bias))
 
 
+def new_model(cls, cfg, seed):
+    """A model of `cfg` with eager attention and randomized weights (`randomize`), in eval mode."""
+    model = cls(cfg)
+    model.set_attn_implementation("eager")
+    randomize(model, seed)
+    model.eval()
+    return model
+
+
+def to_old_style(cpath, rope):
+    """Rewrites config.json at `cpath` in the transformers-4 style: `rope_parameters` replaced, in
+    place, by the keys of `rope` (e.g. top-level ``rope_theta`` and ``rope_scaling``)."""
+    with open(cpath) as f:
+        written = json.load(f)
+    old = {}
+    for k, v in written.items():
+        if k == "rope_parameters":
+            old.update(rope)
+        else:
+            old[k] = v
+    write_json(cpath, old)
+    return written, old
+
+
 def load(cls, path, dtype):
     m = cls.from_pretrained(path, dtype=dtype, attn_implementation="eager")
     m.eval()
@@ -367,27 +391,15 @@ def make_llama(out, tokdir, bos, eos):
         bos_token_id=bos,
         eos_token_id=eos,
     )
-    model = cls(cfg)
-    model.set_attn_implementation("eager")
-    randomize(model, 1001)
-    model.eval()
+    model = new_model(cls, cfg, 1001)
     inv0 = inv_freq_of(model)
     model.save_pretrained(d)
     copy_tokenizer(tokdir, d)
 
-    cpath = os.path.join(d, "config.json")
-    with open(cpath) as f:
-        written = json.load(f)
+    written, old = to_old_style(
+        os.path.join(d, "config.json"), {"rope_scaling": dict(LLAMA3_SCALING), "rope_theta": 10000.0})
     log(f"[llama] config.json as written by transformers:\n{json.dumps(written, indent=1)}")
-    old = {}
-    for k, v in written.items():
-        if k == "rope_parameters":
-            old["rope_scaling"] = dict(LLAMA3_SCALING)
-            old["rope_theta"] = 10000.0
-        else:
-            old[k] = v
     assert "rope_parameters" not in old and "rope_scaling" in old
-    write_json(cpath, old)
 
     re = load(cls, d, torch.float32)
     inv1 = inv_freq_of(re)
@@ -500,10 +512,7 @@ def make_mistral(out, tokdir, bos, eos):
         bos_token_id=bos,
         eos_token_id=eos,
     )
-    model = cls(cfg)
-    model.set_attn_implementation("eager")
-    randomize(model, 1002)
-    model.eval()
+    model = new_model(cls, cfg, 1002)
     model = model.to(torch.bfloat16)
     model.save_pretrained(d)
     copy_tokenizer(tokdir, d)
@@ -543,10 +552,7 @@ def make_qwen2(out, tokdir, bos, eos):
         bos_token_id=bos,
         eos_token_id=eos,
     )
-    model = cls(cfg)
-    model.set_attn_implementation("eager")
-    randomize(model, 1003)
-    model.eval()
+    model = new_model(cls, cfg, 1003)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert model.model.layers[0].self_attn.q_proj.bias is not None
     model.save_pretrained(d, max_shard_size="100KB")
@@ -625,10 +631,7 @@ def make_qwen2_yarn(out, tokdir, bos, eos):
         bos_token_id=bos,
         eos_token_id=eos,
     )
-    model = cls(cfg)
-    model.set_attn_implementation("eager")
-    randomize(model, 1004)
-    model.eval()
+    model = new_model(cls, cfg, 1004)
     inv0 = inv_freq_of(model)
     scale0 = float(model.model.rotary_emb.attention_scaling)
     model.save_pretrained(d)
@@ -636,16 +639,7 @@ def make_qwen2_yarn(out, tokdir, bos, eos):
 
     # Rewrite config.json as Qwen2.5's hub configs spell YaRN (transformers-4 style).
     cpath = os.path.join(d, "config.json")
-    with open(cpath) as f:
-        written = json.load(f)
-    old = {}
-    for k, v in written.items():
-        if k == "rope_parameters":
-            old["rope_theta"] = 10000.0
-            old["rope_scaling"] = {"type": "yarn", **YARN_SCALING}
-        else:
-            old[k] = v
-    write_json(cpath, old)
+    to_old_style(cpath, {"rope_theta": 10000.0, "rope_scaling": {"type": "yarn", **YARN_SCALING}})
     with open(cpath) as f:
         log(f"[{name}] config.json:\n{f.read()}")
 
@@ -693,10 +687,7 @@ def make_qwen3(out, tokdir, bos, eos):
         bos_token_id=bos,
         eos_token_id=eos,
     )
-    model = cls(cfg)
-    model.set_attn_implementation("eager")
-    randomize(model, 1005)
-    model.eval()
+    model = new_model(cls, cfg, 1005)
     attn = model.model.layers[0].self_attn
     assert attn.q_norm.weight.shape == (32,) and attn.q_proj.bias is None, attn
     assert not torch.equal(attn.q_norm.weight, attn.k_norm.weight)

@@ -150,15 +150,6 @@ pub fn run(a: GenerateArgs) -> Result<()> {
 /// (asking for a sampling filter asks for sampling, as vLLM's default temperature of 1 does).
 /// Said on stderr where the flags alone do not decide it.
 fn sampling_params(a: &GenerateArgs, config: Option<SamplingDefaults>) -> Result<SamplingParams> {
-    // A setting of the config: its number, its default where unset; anything else one line.
-    let num = |key: &str, x: &Option<serde_json::Value>, default: f64, ok: &dyn Fn(f64) -> bool| {
-        match x {
-            None => Ok(default),
-            Some(v) => v.as_f64().filter(|n| ok(*n)).ok_or_else(|| {
-                anyhow::anyhow!("generation_config.json: `{key}` {v} is out of range")
-            }),
-        }
-    };
     let filters = a.top_p.is_some() || a.top_k.is_some() || a.min_p.is_some();
     let Some(d) = config else {
         let t = match a.temperature {
@@ -184,23 +175,27 @@ fn sampling_params(a: &GenerateArgs, config: Option<SamplingDefaults>) -> Result
     };
     let t = match a.temperature {
         Some(t) => t,
-        None => num("temperature", &d.temperature, 1.0, &|t| {
+        None => config_number("temperature", d.temperature.as_ref(), 1.0, &|t| {
             t.is_finite() && t >= 0.0
         })? as f32,
     };
     let p = match a.top_p {
         Some(p) => p,
-        None => num("top_p", &d.top_p, 1.0, &|p| (0.0..=1.0).contains(&p))? as f32,
+        None => config_number("top_p", d.top_p.as_ref(), 1.0, &|p| {
+            (0.0..=1.0).contains(&p)
+        })? as f32,
     };
     let k = match a.top_k {
         Some(k) => k,
-        None => num("top_k", &d.top_k, 50.0, &|k| {
+        None => config_number("top_k", d.top_k.as_ref(), 50.0, &|k| {
             k >= 0.0 && k.fract() == 0.0 && k <= u32::MAX as f64
         })? as usize,
     };
     let min_p = match a.min_p {
         Some(m) => m,
-        None => num("min_p", &d.min_p, 0.0, &|m| (0.0..=1.0).contains(&m))? as f32,
+        None => config_number("min_p", d.min_p.as_ref(), 0.0, &|m| {
+            (0.0..=1.0).contains(&m)
+        })? as f32,
     };
     let from_config = a.temperature.is_none()
         || a.top_p.is_none()
@@ -235,19 +230,30 @@ fn repetition_penalty(a: &GenerateArgs, config: Option<&serde_json::Value>) -> R
     if let Some(r) = a.repetition_penalty {
         return Ok(r);
     }
-    let Some(v) = config else {
-        return Ok(1.0);
-    };
-    let r = v
-        .as_f64()
-        .filter(|r| r.is_finite() && *r > 0.0)
-        .ok_or_else(|| {
-            anyhow::anyhow!("generation_config.json: `repetition_penalty` {v} is out of range")
-        })? as f32;
+    let r = config_number("repetition_penalty", config, 1.0, &|r| {
+        r.is_finite() && r > 0.0
+    })? as f32;
     if r != 1.0 && tessera_comm::process_rank() == 0 {
         errln!(
             "repetition penalty {r}: generation_config.json's (--repetition-penalty 1 for none)"
         );
     }
     Ok(r)
+}
+
+/// A setting of the model's generation_config.json: its number, `default` where unset; anything
+/// else (not a number, or not `ok`) one line.
+fn config_number(
+    key: &str,
+    x: Option<&serde_json::Value>,
+    default: f64,
+    ok: &dyn Fn(f64) -> bool,
+) -> Result<f64> {
+    match x {
+        None => Ok(default),
+        Some(v) => v
+            .as_f64()
+            .filter(|n| ok(*n))
+            .ok_or_else(|| anyhow::anyhow!("generation_config.json: `{key}` {v} is out of range")),
+    }
 }

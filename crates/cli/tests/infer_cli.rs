@@ -20,9 +20,14 @@ fn tessera(args: &[&str]) -> (i32, String, String) {
 
 /// A command that succeeds and prints one JSON document: that document.
 fn tessera_json(args: &[&str]) -> serde_json::Value {
+    tessera_json_err(args).0
+}
+
+/// As [`tessera_json`], with what the command wrote on stderr.
+fn tessera_json_err(args: &[&str]) -> (serde_json::Value, String) {
     let (code, out, err) = tessera(args);
     assert_eq!(code, 0, "{args:?}: {err}");
-    serde_json::from_str(out.trim()).unwrap()
+    (serde_json::from_str(out.trim()).unwrap(), err)
 }
 
 fn fixture(name: &str) -> PathBuf {
@@ -734,9 +739,7 @@ fn generation_config_sampling_is_the_default_of_generate() {
             "--json",
         ];
         args.extend(extra);
-        let (code, out, err) = tessera(&args);
-        assert_eq!(code, 0, "{err}");
-        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        let (v, err) = tessera_json_err(&args);
         (v["tokens"].clone(), err)
     };
     let (greedy, _) = gen(&[]);
@@ -828,9 +831,7 @@ fn repetition_penalty_and_min_p_as_transformers_applies_them() {
             "--json",
         ];
         args.extend(extra);
-        let (code, out, err) = tessera(&args);
-        assert_eq!(code, 0, "{err}");
-        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        let (v, err) = tessera_json_err(&args);
         (v["tokens"].clone(), err)
     };
     let cases = r["greedy_repetition_penalty"].as_array().unwrap();

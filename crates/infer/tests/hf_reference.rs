@@ -193,59 +193,41 @@ fn qwen2_yarn_rope_matches_hf() {
 mod cuda {
     use super::*;
 
-    fn gpus() -> usize {
-        tessera_tensor::cuda::test_gpus(2)
-    }
-
     /// A CUDA graph capture (greedy generate) needs its GPUs to itself: these tests take turns.
     static GPU: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-    fn exclusive() -> std::sync::MutexGuard<'static, ()> {
-        GPU.lock().unwrap_or_else(|e| e.into_inner())
+    /// [`check_model_on`] over this machine's GPUs (up to two), one test at a time; nothing
+    /// without a GPU.
+    fn check_on_gpus(name: &str, valid: &[usize]) {
+        let _gpu = GPU.lock().unwrap_or_else(|e| e.into_inner());
+        let n = tessera_tensor::cuda::test_gpus(2);
+        if n > 0 {
+            check_model_on(name, valid, Device::Cuda(0), n);
+        }
     }
 
     #[test]
     fn llama_on_gpu_matches_hf() {
-        let _gpu = exclusive();
-        let n = gpus();
-        if n > 0 {
-            check_model_on("llama", &[1, 2, 4, 8], Device::Cuda(0), n);
-        }
+        check_on_gpus("llama", &[1, 2, 4, 8]);
     }
 
     #[test]
     fn mistral_on_gpu_matches_hf() {
-        let _gpu = exclusive();
-        let n = gpus();
-        if n > 0 {
-            check_model_on("mistral", &[1, 2, 4], Device::Cuda(0), n);
-        }
+        check_on_gpus("mistral", &[1, 2, 4]);
     }
 
     #[test]
     fn qwen3_on_gpu_matches_hf() {
-        let _gpu = exclusive();
-        let n = gpus();
-        if n > 0 {
-            check_model_on("qwen3", &[1, 2, 4], Device::Cuda(0), n);
-        }
+        check_on_gpus("qwen3", &[1, 2, 4]);
     }
 
     #[test]
     fn qwen2_yarn_on_gpu_matches_hf() {
-        let _gpu = exclusive();
-        let n = gpus();
-        if n > 0 {
-            check_model_on("qwen2_yarn", &[1, 2, 4], Device::Cuda(0), n);
-        }
+        check_on_gpus("qwen2_yarn", &[1, 2, 4]);
     }
 
     #[test]
     fn qwen2_on_gpu_matches_hf() {
-        let _gpu = exclusive();
-        let n = gpus();
-        if n > 0 {
-            check_model_on("qwen2", &[1, 2, 4], Device::Cuda(0), n);
-        }
+        check_on_gpus("qwen2", &[1, 2, 4]);
     }
 }

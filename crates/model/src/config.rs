@@ -483,17 +483,8 @@ fn rope_of(v: &Value, context: usize) -> Result<(RopeConfig, usize), ModelError>
                     original_max_position_embeddings: num("original_max_position_embeddings")?,
                 },
                 "yarn" => {
-                    let y = yarn_of(v, s, context)?;
-                    if let RopeScaling::Yarn {
-                        factor,
-                        original_max_position_embeddings: old,
-                        ..
-                    } = y
-                    {
-                        // Capped where the positions tessera serves end.
-                        let extended = (old * factor).floor().min(MAX_POSITIONS as f64);
-                        served = served.max(extended as usize);
-                    }
+                    let (y, extended) = yarn_of(v, s, context)?;
+                    served = served.max(extended);
                     y
                 }
                 other => {
@@ -535,8 +526,10 @@ fn rope_of(v: &Value, context: usize) -> Result<(RopeConfig, usize), ModelError>
 /// factor is the ratio of the two contexts; `beta_fast` / `beta_slow` of 0 or none are 32 / 1;
 /// `truncate` defaults to true; the attention factor is the given one, else
 /// `mscale(factor, mscale) / mscale(factor, mscale_all_dim)` where both are non-zero, else
-/// `mscale(factor)`, with `mscale(s, m) = 0.1 m ln s + 1` for `s > 1` and 1 otherwise.
-fn yarn_of(v: &Value, s: &Value, context: usize) -> Result<RopeScaling, ModelError> {
+/// `mscale(factor)`, with `mscale(s, m) = 0.1 m ln s + 1` for `s > 1` and 1 otherwise. Also
+/// returns the extended context, original × factor, capped where the positions tessera serves
+/// end.
+fn yarn_of(v: &Value, s: &Value, context: usize) -> Result<(RopeScaling, usize), ModelError> {
     let num = |x: &Value, key: &str| -> Result<Option<f64>, ModelError> {
         match x.get(key) {
             None | Some(Value::Null) => Ok(None),
@@ -612,14 +605,16 @@ fn yarn_of(v: &Value, s: &Value, context: usize) -> Result<RopeScaling, ModelErr
             "yarn rope scaling's attention factor must be > 0, got {attention_factor}"
         )));
     }
-    Ok(RopeScaling::Yarn {
+    let extended = (old * factor).floor().min(MAX_POSITIONS as f64) as usize;
+    let scaling = RopeScaling::Yarn {
         factor,
         original_max_position_embeddings: old,
         beta_fast,
         beta_slow,
         truncate,
         attention_factor,
-    })
+    };
+    Ok((scaling, extended))
 }
 
 fn sliding_of(v: &Value, arch: Arch, layers: usize) -> Result<Vec<Option<usize>>, ModelError> {

@@ -181,6 +181,14 @@ pub fn argmax(logits: &[f32]) -> u32 {
 mod tests {
     use super::*;
 
+    /// The distinct tokens of `n` draws, sorted.
+    fn distinct(s: &mut Sampler, logits: &[f32], n: usize) -> Vec<u32> {
+        let mut seen: Vec<u32> = (0..n).map(|_| s.sample(logits)).collect();
+        seen.sort();
+        seen.dedup();
+        seen
+    }
+
     #[test]
     fn greedy_top_p_and_seeds() {
         let logits = [0.0f32, 3.0, 2.9, -1.0];
@@ -231,10 +239,7 @@ mod tests {
                 seed: 1,
                 ..Default::default()
             });
-            let mut seen: Vec<u32> = (0..2000).map(|_| s.sample(&logits)).collect();
-            seen.sort();
-            seen.dedup();
-            seen
+            distinct(&mut s, &logits, 2000)
         };
         assert_eq!(draw(2, 1.0), vec![1, 2]);
         assert_eq!(draw(1, 1.0), vec![1]);
@@ -252,9 +257,7 @@ mod tests {
             seed: 2,
             ..Default::default()
         });
-        let mut seen: Vec<u32> = (0..300).map(|_| s.sample(&tied)).collect();
-        seen.sort();
-        seen.dedup();
+        let seen = distinct(&mut s, &tied, 300);
         assert_eq!(seen, vec![0, 1, 2]);
     }
 
@@ -272,10 +275,7 @@ mod tests {
                 seed: 4,
                 ..Default::default()
             });
-            let mut seen: Vec<u32> = (0..2000).map(|_| s.sample(&logits)).collect();
-            seen.sort();
-            seen.dedup();
-            seen
+            distinct(&mut s, &logits, 2000)
         };
         assert_eq!(draw(0.5, 0), vec![1, 2, 4]);
         assert_eq!(draw(0.7, 0), vec![1, 2]);
@@ -288,9 +288,7 @@ mod tests {
             seed: 5,
             ..Default::default()
         });
-        let mut seen: Vec<u32> = (0..2000).map(|_| s.sample(&logits)).collect();
-        seen.sort();
-        seen.dedup();
+        let seen = distinct(&mut s, &logits, 2000);
         assert_eq!(seen, vec![0, 1, 2, 3, 4]);
     }
 

@@ -25,14 +25,19 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor, TensorE
     let dt = x.dtype();
     let w = weight.to_f32_vec();
     let mut v = x.to_f32_vec();
-    v.par_chunks_mut(h.max(1)).for_each(|row| {
-        let ms = row.iter().map(|&a| (a as f64) * (a as f64)).sum::<f64>() / h as f64;
-        let inv = (1.0 / (ms + eps).sqrt()) as f32;
-        for (a, &g) in row.iter_mut().zip(&w) {
-            *a = g * dt.round(*a * inv);
-        }
-    });
+    v.par_chunks_mut(h.max(1))
+        .for_each(|row| norm_row(row, &w, eps, dt));
     Tensor::from_f32(x.shape().to_vec(), v, dt)
+}
+
+/// One row normalised in place, rounded as HF rounds it: normalise in f32, round to `dt`, scale
+/// by the weight (the caller rounds the result when it stores it in `dt`).
+fn norm_row(row: &mut [f32], w: &[f32], eps: f64, dt: crate::DType) {
+    let ms = row.iter().map(|&a| (a as f64) * (a as f64)).sum::<f64>() / row.len() as f64;
+    let inv = (1.0 / (ms + eps).sqrt()) as f32;
+    for (a, &g) in row.iter_mut().zip(w) {
+        *a = g * dt.round(*a * inv);
+    }
 }
 
 /// Qwen3's RMSNorm of each q and k head, before RoPE: `qkv` holds rows of `heads` heads of
@@ -84,12 +89,7 @@ pub fn head_rms_norm(
     let mut v = qkv.to_f32_vec();
     v.par_chunks_mut(width.max(1)).for_each(|row| {
         for (h, x) in row.chunks_mut(head_dim).enumerate().take(q_heads + k_heads) {
-            let w = if h < q_heads { &qw } else { &kw };
-            let ms = x.iter().map(|&a| (a as f64) * (a as f64)).sum::<f64>() / head_dim as f64;
-            let inv = (1.0 / (ms + eps).sqrt()) as f32;
-            for (a, &g) in x.iter_mut().zip(w) {
-                *a = g * dt.round(*a * inv);
-            }
+            norm_row(x, if h < q_heads { &qw } else { &kw }, eps, dt);
         }
     });
     Tensor::from_f32(qkv.shape().to_vec(), v, dt)
