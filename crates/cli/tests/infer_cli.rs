@@ -537,6 +537,50 @@ fn bench_decode_times_one_rank_of_a_tp_group_alone() {
     );
 }
 
+/// `bench sample` times the sampler beside a full sort of the same logits (and checks both keep
+/// the same tokens); `bench decode --sample` samples every step as `generate` does, at tp 1 and 2.
+#[test]
+fn bench_sample_and_sampled_decode_run() {
+    let (code, out, err) = tessera(&["bench", "sample", "--vocab", "3000", "--runs", "2"]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| l.trim_end().ends_with('x'))
+        .collect();
+    assert_eq!(rows.len(), 10, "{out}");
+    // The top-k 50 rows keep 50 tokens; temperature alone keeps the whole vocabulary.
+    let kept = |setting: &str| -> Vec<usize> {
+        rows.iter()
+            .filter_map(|r| {
+                // logits, the setting's words, kept, ms, full sort ms, faster.
+                let w: Vec<&str> = r.split_whitespace().collect();
+                (w[1..w.len() - 4].join(" ") == setting).then(|| w[w.len() - 4].parse().unwrap())
+            })
+            .collect()
+    };
+    assert_eq!(kept("top-k 50"), vec![50, 50], "{out}");
+    assert_eq!(kept("temperature 1"), vec![3000, 3000], "{out}");
+    fails_with(&["bench", "sample", "--vocab", "1"], "--vocab takes 2 to");
+    fails_with(
+        &["bench", "sample", "--runs", "0"],
+        "--runs takes 1 to 10000",
+    );
+    let args = ["bench", "decode", "--steps", "2", "--prompt-len", "2"];
+    let (code, out, err) =
+        tessera(&[&args[..], &["--sample", "--tp", "1,2", "--batch", "1,3"]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("tokens sampled on the host"), "{out}");
+    let rows = out
+        .lines()
+        .filter(|l| matches!(l.split_whitespace().next(), Some("1" | "2")))
+        .count();
+    assert_eq!(rows, 4, "{out}");
+    fails_with(
+        &[&args[..], &["--sample", "--graph"]].concat(),
+        "cannot be used with",
+    );
+}
+
 #[test]
 fn generation_config_eos_stops_generation_as_hf_does() {
     let r = reference("llama");

@@ -122,48 +122,150 @@ impl Sampler {
         if self.params.temperature <= 0.0 {
             return argmax(logits);
         }
-        let inv_t = 1.0 / self.params.temperature as f64;
-        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let mut probs: Vec<(u32, f64)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, ((l as f64 - max) * inv_t).exp()))
-            .collect();
-        probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        // Top-k keeps every token as likely as the k-th (ties at the edge stay, as transformers'
-        // TopKLogitsWarper and vLLM remove only those below it).
-        if self.params.top_k > 0 && self.params.top_k < probs.len() {
-            let kth = probs[self.params.top_k - 1].1;
-            let keep = probs.iter().take_while(|p| p.1 >= kth).count();
-            probs.truncate(keep);
-        }
-        let total: f64 = probs.iter().map(|p| p.1).sum();
-        let top_p = self.params.top_p.clamp(0.0, 1.0) as f64;
-        let mut kept = 0;
-        let mut mass = 0.0;
-        for p in &probs {
-            kept += 1;
-            mass += p.1 / total;
-            if mass >= top_p {
-                break;
-            }
-        }
-        probs.truncate(kept.max(1));
-        if self.params.min_p > 0.0 {
-            let floor = self.params.min_p as f64 * probs[0].1;
-            let keep = probs.iter().take_while(|p| p.1 >= floor).count();
-            probs.truncate(keep.max(1));
-        }
-        let kept_total: f64 = probs.iter().map(|p| p.1).sum();
+        let kept = self.kept(logits);
+        let kept_total: f64 = kept.iter().map(|p| p.1).sum();
         let mut u = self.rng.random::<f64>() * kept_total;
-        for p in &probs {
+        for p in &kept {
             if u < p.1 {
                 return p.0;
             }
             u -= p.1;
         }
-        probs.last().map_or(0, |p| p.0)
+        kept.last().map_or(0, |p| p.0)
     }
+
+    /// The tokens a draw chooses among: those left after temperature, top-k, top-p and min-p
+    /// (penalties are [`Self::sample`]'s, before this), each with its unnormalised probability
+    /// `exp((logit - max) / T)`, in no particular order.
+    ///
+    /// Linear in the vocabulary, nothing sorted: top-k takes its k-th value by selection; top-p
+    /// finds the tokens surely in its nucleus by binning the probabilities by their bits, then
+    /// how many of the bin on its edge it needs by selection. (A full sort of a 128k vocabulary,
+    /// as this did before, took 8 ms on a GPU host, twice a decode step of an 8B model there, and
+    /// a sort of a flat distribution's nucleus almost as long: `tessera bench sample`.)
+    pub fn kept(&self, logits: &[f32]) -> Vec<(u32, f64)> {
+        use rayon::prelude::*;
+        let inv_t = 1.0 / self.params.temperature as f64;
+        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        // The exponentials are most of the work: over the host's threads for a large vocabulary.
+        let mut probs: Vec<(u32, f64)> = logits
+            .par_iter()
+            .with_min_len(16_384)
+            .enumerate()
+            .map(|(i, &l)| (i as u32, ((l as f64 - max) * inv_t).exp()))
+            .collect();
+        // Top-k keeps every token as likely as the k-th (ties at the edge stay, as transformers'
+        // TopKLogitsWarper and vLLM remove only those below it).
+        let k = self.params.top_k;
+        if k > 0 && k < probs.len() {
+            let mut values: Vec<f64> = probs.iter().map(|p| p.1).collect();
+            let (_, &mut kth, _) = values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+            probs.retain(|p| p.1 >= kth);
+        }
+        // Top-p (skipped at 1, as transformers skips it): the fewest likeliest tokens whose share
+        // of what is left reaches top_p.
+        let top_p = self.params.top_p.clamp(0.0, 1.0) as f64;
+        if top_p < 1.0 {
+            probs = nucleus(probs, top_p);
+        }
+        if self.params.min_p > 0.0 {
+            let top = probs.iter().map(|p| p.1).fold(0.0, f64::max);
+            // The likeliest always stays.
+            let floor = (self.params.min_p as f64 * top).min(top);
+            probs.retain(|p| p.1 >= floor);
+        }
+        probs
+    }
+}
+
+/// The smallest set of likeliest tokens of `probs` whose share of the whole mass reaches `top_p`
+/// (ties at its edge taken lower id first).
+///
+/// Probabilities are positive finite f64s, whose bits order them: binned by exponent and the top
+/// 8 bits of the mantissa, every token of a bin before the one where the mass is reached is in
+/// the nucleus and none after it is. Of that edge bin (a few tokens, or a few thousandths of a
+/// flat vocabulary) selection finds how many are needed.
+fn nucleus(probs: Vec<(u32, f64)>, top_p: f64) -> Vec<(u32, f64)> {
+    let mut mass_of = vec![0.0f64; BINS];
+    for p in &probs {
+        mass_of[bin(p.1)] += p.1;
+    }
+    let total: f64 = mass_of.iter().sum();
+    let reached = |mass: f64| mass / total >= top_p;
+    let mut cum = 0.0;
+    // Rounding may leave the running sum short of the total: then the last bin.
+    let edge = mass_of
+        .iter()
+        .position(|&m| {
+            cum += m;
+            reached(cum)
+        })
+        .unwrap_or(BINS - 1);
+    let (mut kept, mut at_edge) = (Vec::new(), Vec::new());
+    for &p in &probs {
+        match bin(p.1).cmp(&edge) {
+            std::cmp::Ordering::Less => kept.push(p),
+            std::cmp::Ordering::Equal => at_edge.push(p),
+            std::cmp::Ordering::Greater => {}
+        }
+    }
+    let mut below: f64 = kept.iter().map(|p| p.1).sum();
+    let edge_mass: f64 = at_edge.iter().map(|p| p.1).sum();
+    // Where rounding of the bins' sums left the edge bin short, the bins after it decide.
+    if !reached(below + edge_mass) {
+        below += edge_mass;
+        kept.append(&mut at_edge);
+        at_edge = probs.into_iter().filter(|p| bin(p.1) > edge).collect();
+    }
+    let n = take_likeliest(&mut at_edge, below, &reached);
+    kept.extend_from_slice(&at_edge[..n]);
+    kept
+}
+
+/// Bins of probabilities in (0, 1], in descending order: 256 for each binary order of magnitude
+/// down to 2^-62, by the top 8 bits of the mantissa, then one for everything smaller (zero
+/// included), whose mantissas do not order it.
+const BINS: usize = 63 * 256 + 1;
+
+fn bin(p: f64) -> usize {
+    let bits = p.to_bits();
+    let magnitude = 1023 - ((bits >> 52) & 0x7ff) as i64;
+    if !(0..63).contains(&magnitude) {
+        // Under 2^-62 (or 1 exactly, whose magnitude is 0: not here).
+        return if magnitude < 0 { 0 } else { BINS - 1 };
+    }
+    magnitude as usize * 256 + 255 - ((bits >> 44) & 0xff) as usize
+}
+
+/// How many of the likeliest of `probs` reach `reached` beside a mass `below` of likelier tokens
+/// (all of them where even all fall short), those first in `probs`: narrowed by halving the count,
+/// each round selecting the likeliest half of the undecided ones (linear time in all).
+fn take_likeliest(
+    probs: &mut [(u32, f64)],
+    mut below: f64,
+    reached: &dyn Fn(f64) -> bool,
+) -> usize {
+    let (mut lo, mut hi) = (0, probs.len());
+    if !reached(below + probs.iter().map(|p| p.1).sum::<f64>()) {
+        return hi;
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        probs[lo..hi].select_nth_unstable_by(mid - lo, likelier);
+        let m: f64 = probs[lo..mid].iter().map(|p| p.1).sum();
+        if reached(below + m) {
+            hi = mid;
+        } else {
+            below += m;
+            lo = mid;
+        }
+    }
+    hi
+}
+
+/// Descending probability, the lower id first among equals (a total order).
+fn likelier(a: &(u32, f64), b: &(u32, f64)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
 }
 
 /// Index of the largest logit; the lowest index wins a tie.
@@ -290,6 +392,107 @@ mod tests {
         });
         let seen = distinct(&mut s, &logits, 2000);
         assert_eq!(seen, vec![0, 1, 2, 3, 4]);
+    }
+
+    /// The kept tokens as the straightforward way finds them: a full sort of the vocabulary, then
+    /// top-k, top-p and min-p cutting it (top-p skipped at 1), sorted by id.
+    fn kept_by_full_sort(p: &SamplingParams, logits: &[f32]) -> Vec<(u32, f64)> {
+        let inv_t = 1.0 / p.temperature as f64;
+        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let mut probs: Vec<(u32, f64)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, ((l as f64 - max) * inv_t).exp()))
+            .collect();
+        probs.sort_by(likelier);
+        if p.top_k > 0 && p.top_k < probs.len() {
+            let kth = probs[p.top_k - 1].1;
+            probs.retain(|q| q.1 >= kth);
+        }
+        if p.top_p < 1.0 {
+            let total: f64 = probs.iter().map(|q| q.1).sum();
+            let mut mass = 0.0;
+            let kept = probs
+                .iter()
+                .position(|q| {
+                    mass += q.1 / total;
+                    mass >= p.top_p as f64
+                })
+                .map_or(probs.len(), |i| i + 1);
+            probs.truncate(kept);
+        }
+        let floor = p.min_p as f64 * probs[0].1;
+        probs.retain(|q| q.1 >= floor);
+        probs.sort_by_key(|q| q.0);
+        probs
+    }
+
+    /// The sampler's kept tokens (by selection and a sorted prefix) are those of a full sort, with
+    /// the same probabilities, over peaked, flat and tied logits and every kind of cut; and a draw
+    /// lands on each kept token at its share of their mass.
+    #[test]
+    fn the_kept_tokens_are_those_of_a_full_sort_and_draws_follow_their_shares() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for vocab in [1usize, 2, 5, 200, 3000] {
+            // Peaked, flat, tied, all equal, and far apart (most probabilities then underflow).
+            for (spread, ties) in [
+                (12.0f32, false),
+                (0.05, false),
+                (3.0, true),
+                (0.0, false),
+                (3000.0, false),
+            ] {
+                let logits: Vec<f32> = (0..vocab)
+                    .map(|_| {
+                        let l = (rng.random::<f32>() - 0.5) * spread;
+                        if ties {
+                            l.round()
+                        } else {
+                            l
+                        }
+                    })
+                    .collect();
+                for temperature in [0.3f32, 1.0, 2.5] {
+                    for top_k in [0, 1, 3, 64, vocab.saturating_sub(1), vocab + 5] {
+                        for top_p in [1.0f32, 0.95, 0.5, 0.01] {
+                            for min_p in [0.0f32, 0.05, 0.6] {
+                                let p = SamplingParams {
+                                    temperature,
+                                    top_k,
+                                    top_p,
+                                    min_p,
+                                    ..Default::default()
+                                };
+                                let mut kept = Sampler::new(p).kept(&logits);
+                                kept.sort_by_key(|q| q.0);
+                                assert_eq!(kept, kept_by_full_sort(&p, &logits), "{p:?} {vocab}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // exp(l) of [0, ln 2, ln 3, ln 4] is 1 : 2 : 3 : 4; with top-p 0.95 the walk is in
+        // descending order, without in id order: the shares are the same.
+        let logits = [0.0f32, 2f32.ln(), 3f32.ln(), 4f32.ln()];
+        for top_p in [1.0, 0.95] {
+            let mut s = Sampler::new(SamplingParams {
+                temperature: 1.0,
+                top_p,
+                seed: 12,
+                ..Default::default()
+            });
+            let n = 40_000;
+            let mut counts = [0usize; 4];
+            for _ in 0..n {
+                counts[s.sample(&logits) as usize] += 1;
+            }
+            for (i, &c) in counts.iter().enumerate() {
+                let share = c as f64 / n as f64;
+                let want = (i + 1) as f64 / 10.0;
+                assert!((share - want).abs() < 0.01, "top_p {top_p}: {counts:?}");
+            }
+        }
     }
 
     /// The repetition penalty divides seen tokens' positive logits and multiplies their negative

@@ -7,11 +7,11 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use tessera_comm::{CommError, Communicator, ElemKind, ReduceOp};
+use tessera_comm::{CommError, CommExt, Communicator, ElemKind, ReduceOp};
 use tessera_infer::{device_of_rank, run_tp, with_rank_comm, InferError};
 use tessera_model::synthetic::llama_config_json;
 use tessera_model::{LlamaModel, ModelConfig, TpRank};
-use tessera_tensor::{DType, Device, Tensor};
+use tessera_tensor::{DType, Device, Sampler, SamplingParams, Tensor};
 
 use super::ceiling;
 
@@ -25,6 +25,12 @@ pub struct DecodeArgs {
     /// Replay each decode step as a captured CUDA graph (cuda only).
     #[arg(long)]
     pub graph: bool,
+    /// Sample each step's tokens as `generate` does (eager steps; every rank's logits gathered to
+    /// the host, rank 0 samples each sequence at Llama 3's settings, temperature 0.6 and top-p
+    /// 0.9, and broadcasts the tokens) instead of greedy on the device. Random weights give flat
+    /// distributions, whose nuclei are the largest to sort.
+    #[arg(long, conflicts_with = "graph")]
+    pub sample: bool,
     /// Time one rank's share of a tp-N step on one device, every collective skipped (rank 0's
     /// layer shapes; no communication, so the tokens are not the model's): the compute a tp-N
     /// step cannot go below, on a machine with fewer devices than N. Replaces --tp.
@@ -209,6 +215,9 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         },
         rayon::current_num_threads()
     );
+    if a.sample {
+        say!("tokens sampled on the host at temperature 0.6, top-p 0.9 (eager steps)");
+    }
     say!(
         "\n{:>3} {:>6} {:>10} {:>10} {:>12} {:>16} {:>11}",
         "tp",
@@ -248,9 +257,28 @@ pub fn run(a: DecodeArgs) -> Result<()> {
                 } else {
                     None
                 };
+                // One sampler a sequence, as `generate` has one a request.
+                let mut samplers: Vec<Sampler> = (0..batch as u64)
+                    .filter(|_| a.sample)
+                    .map(|seed| {
+                        Sampler::new(SamplingParams {
+                            temperature: 0.6,
+                            top_p: 0.9,
+                            seed,
+                            ..Default::default()
+                        })
+                    })
+                    .collect();
+                // Seconds of the sampled steps to the logits on the host, and drawing.
+                let mut parts = [0.0f64; 2];
                 comm.barrier()?;
                 let start = Instant::now();
                 for _ in 0..a.steps {
+                    if a.sample {
+                        toks =
+                            sampled_step(&m, &toks, &mut cache, comm, &mut samplers, &mut parts)?;
+                        continue;
+                    }
                     // Greedy on the device: only the chosen tokens come back to the host, and
                     // every rank gets the same ones from the gathered (value, index) pairs.
                     #[cfg(feature = "cuda")]
@@ -261,6 +289,14 @@ pub fn run(a: DecodeArgs) -> Result<()> {
                     toks = m.forward_lockstep_greedy(&toks, &mut cache, comm)?;
                 }
                 let secs = start.elapsed().as_secs_f64();
+                if a.sample && rank.rank == 0 {
+                    let ms = |x: f64| x * 1e3 / a.steps as f64;
+                    say!(
+                        "batch {batch}, rank 0: {:.2} ms a step to the logits on the host (the forward pass included), {:.2} to draw the tokens",
+                        ms(parts[0]),
+                        ms(parts[1])
+                    );
+                }
                 let kv = cache.size_in_bytes();
                 rows.push((batch, secs, m.weight_bytes(), kv));
             }
@@ -316,6 +352,37 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One lockstep step sampled as `generate` samples: the logits of every sequence on the host,
+/// rank 0 draws each sequence's token (the sequences in parallel) and broadcasts them. Adds the
+/// seconds to the logits on the host (the forward pass included) and of the draws to `parts`.
+fn sampled_step(
+    m: &LlamaModel,
+    toks: &[u32],
+    cache: &mut tessera_model::KvCache,
+    comm: &dyn Communicator,
+    samplers: &mut [Sampler],
+    parts: &mut [f64; 2],
+) -> Result<Vec<u32>, InferError> {
+    let t = Instant::now();
+    let logits = m.forward_lockstep(toks, cache, comm)?;
+    parts[0] += t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let v = m.cfg.vocab_size;
+    // Token ids travel as i32 (below 2^24, as every vocabulary is).
+    let mut msg = vec![0i32; toks.len()];
+    if comm.rank() == 0 {
+        use rayon::prelude::*;
+        // The sequences' draws are independent: over the host's threads.
+        msg.par_iter_mut()
+            .zip(samplers.par_iter_mut())
+            .zip(logits.par_chunks(v))
+            .for_each(|((t, s), row)| *t = s.sample(row) as i32);
+    }
+    comm.broadcast(&mut msg, 0)?;
+    parts[1] += t.elapsed().as_secs_f64();
+    Ok(msg.into_iter().map(|t| t as u32).collect())
 }
 
 /// Rank 0 of a group of `world` with every collective skipped (`--one-rank-of`): sums leave the

@@ -10,6 +10,7 @@ mod gemm;
 mod gemv;
 mod matmul;
 mod persistent;
+mod sample;
 mod shapes;
 
 use anyhow::Result;
@@ -39,6 +40,9 @@ pub enum BenchCmd {
     /// grid barrier at each dependency (and NVLink exchanges on two GPUs), beside the copy
     /// bandwidth.
     Persistent(persistent::PersistentArgs),
+    /// Sampling one token from a vocabulary's logits on the host (temperature, top-k, top-p,
+    /// min-p), beside a full sort of the vocabulary measured in the same run.
+    Sample(sample::SampleArgs),
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -50,6 +54,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchCmd::Gemm(g) => gemm::run(g),
         BenchCmd::Attention(x) => attention::run(x),
         BenchCmd::Persistent(p) => persistent::run(p),
+        BenchCmd::Sample(s) => sample::run(s),
     }
 }
 

@@ -1,0 +1,151 @@
+//! `tessera bench sample`: the time to sample one token from a vocabulary's logits on the host
+//! (what `generate` does every step when it samples), beside the straightforward way measured in
+//! the same run: a full sort of the vocabulary by probability, then the same cuts.
+
+use anyhow::{bail, Result};
+use rand::{Rng, SeedableRng};
+use tessera_tensor::{Sampler, SamplingParams};
+
+use super::median_secs;
+
+#[derive(clap::Args, Debug)]
+pub struct SampleArgs {
+    /// Vocabulary size (Llama 3's by default).
+    #[arg(long, default_value_t = 128_256)]
+    pub vocab: usize,
+    /// Timed samples of each setting (the median is printed).
+    #[arg(long, default_value_t = 21)]
+    pub runs: usize,
+}
+
+/// The largest vocabulary taken (published models stay under 2^18).
+const MAX_VOCAB: usize = 1 << 24;
+
+/// (name, logits): a flat step (normal logits, σ 2: the nucleus of top-p 0.9 holds most of the
+/// vocabulary) and a confident one (the same with a few tokens far ahead, as most steps of a
+/// trained model are).
+fn profiles(vocab: usize) -> Vec<(&'static str, Vec<f32>)> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let flat: Vec<f32> = (0..vocab)
+        .map(|_| {
+            // Box-Muller.
+            let (u, v): (f64, f64) = (rng.random_range(1e-12..1.0), rng.random());
+            (2.0 * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+        })
+        .collect();
+    let mut peaked = flat.clone();
+    for (i, lead) in [(17usize, 16.0f32), (4242, 15.0), (99, 14.0), (31337, 13.0)] {
+        if let Some(l) = peaked.get_mut(i % vocab) {
+            *l += lead;
+        }
+    }
+    vec![("flat", flat), ("confident", peaked)]
+}
+
+/// The same cuts after a full sort of the vocabulary: every token's probability, sorted, then
+/// top-k, top-p and min-p cut the sorted list. Returns how many tokens are kept and the token
+/// drawn at `u` (in [0, 1)) of their mass.
+fn full_sort(p: &SamplingParams, logits: &[f32], u: f64) -> (usize, u32) {
+    let inv_t = 1.0 / p.temperature as f64;
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let mut probs: Vec<(u32, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, ((l as f64 - max) * inv_t).exp()))
+        .collect();
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if p.top_k > 0 && p.top_k < probs.len() {
+        let kth = probs[p.top_k - 1].1;
+        probs.retain(|q| q.1 >= kth);
+    }
+    if p.top_p < 1.0 {
+        let total: f64 = probs.iter().map(|q| q.1).sum();
+        let mut mass = 0.0;
+        let kept = probs
+            .iter()
+            .position(|q| {
+                mass += q.1 / total;
+                mass >= p.top_p as f64
+            })
+            .map_or(probs.len(), |i| i + 1);
+        probs.truncate(kept);
+    }
+    let floor = p.min_p as f64 * probs[0].1;
+    probs.retain(|q| q.1 >= floor);
+    let mut left = u * probs.iter().map(|q| q.1).sum::<f64>();
+    for q in &probs {
+        if left < q.1 {
+            return (probs.len(), q.0);
+        }
+        left -= q.1;
+    }
+    (probs.len(), probs.last().map_or(0, |q| q.0))
+}
+
+pub fn run(a: SampleArgs) -> Result<()> {
+    if !(2..=MAX_VOCAB).contains(&a.vocab) {
+        bail!("--vocab takes 2 to {MAX_VOCAB}, got {}", a.vocab);
+    }
+    if !(1..=10_000).contains(&a.runs) {
+        bail!("--runs takes 1 to 10000, got {}", a.runs);
+    }
+    let settings: [(&str, SamplingParams); 5] = [
+        ("temperature 1", params(1.0, 1.0, 0, 0.0)),
+        ("top-k 50", params(1.0, 1.0, 50, 0.0)),
+        ("T 0.6 top-p 0.9", params(0.6, 0.9, 0, 0.0)),
+        ("top-p 0.95 top-k 50", params(1.0, 0.95, 50, 0.0)),
+        ("min-p 0.05", params(1.0, 1.0, 0, 0.05)),
+    ];
+    outln!(
+        "one token sampled from {} logits on the host, median of {} ({} threads here)",
+        a.vocab,
+        a.runs,
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    outln!(
+        "{:>10} {:>20} {:>8} {:>10} {:>14} {:>8}",
+        "logits",
+        "setting",
+        "kept",
+        "ms",
+        "full sort ms",
+        "faster"
+    );
+    for (name, logits) in profiles(a.vocab) {
+        for (what, p) in &settings {
+            let s = Sampler::new(*p);
+            let kept = s.kept(&logits).len();
+            let (sorted_kept, _) = full_sort(p, &logits, 0.5);
+            if kept != sorted_kept {
+                bail!("{name}, {what}: the sampler kept {kept} tokens, a full sort {sorted_kept}");
+            }
+            let mut sampler = Sampler::new(*p);
+            let ours = median_secs(a.runs, || {
+                std::hint::black_box(sampler.sample(&logits));
+            });
+            let peer = median_secs(a.runs, || {
+                std::hint::black_box(full_sort(p, &logits, 0.5));
+            });
+            outln!(
+                "{:>10} {:>20} {:>8} {:>10.3} {:>14.3} {:>7.1}x",
+                name,
+                what,
+                kept,
+                ours * 1e3,
+                peer * 1e3,
+                peer / ours
+            );
+        }
+    }
+    Ok(())
+}
+
+fn params(temperature: f32, top_p: f32, top_k: usize, min_p: f32) -> SamplingParams {
+    SamplingParams {
+        temperature,
+        top_p,
+        top_k,
+        min_p,
+        ..Default::default()
+    }
+}
