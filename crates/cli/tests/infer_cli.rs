@@ -581,6 +581,25 @@ fn bench_sample_and_sampled_decode_run() {
     );
 }
 
+/// `bench score` times the vocab-parallel log-probs beside the logits gathered to the host, and
+/// the two agree (the last column) at tp 1 and 2.
+#[test]
+fn bench_score_agrees_with_the_gathered_logits() {
+    let (code, out, err) = tessera(&[
+        "bench", "score", "--tokens", "24", "--tp", "1,2", "--runs", "1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let diffs: Vec<f64> = out
+        .lines()
+        .filter(|l| matches!(l.split_whitespace().next(), Some("1" | "2")))
+        .map(|l| l.split_whitespace().last().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(diffs.len(), 2, "{out}");
+    assert!(diffs.iter().all(|&d| d < 1e-9), "{out}");
+    fails_with(&["bench", "score", "--tokens", "1"], "--tokens takes 2 to");
+    fails_with(&["bench", "score", "--tp", "3"], "tp 3 does not divide");
+}
+
 #[test]
 fn generation_config_eos_stops_generation_as_hf_does() {
     let r = reference("llama");

@@ -269,7 +269,9 @@ impl LlamaModel {
     /// Runs `tokens` (appended to `cache`) and returns `log p(tokens[i + 1] | tokens[..=i])` for
     /// each position but the last, in f64. The LM head runs over a bounded number of rows at a
     /// time ([`LOGPROB_CHUNK_BYTES`] of f32 logits), so scoring a long sequence never holds its
-    /// `[tokens, vocab]` logits at once (32,000 tokens of a 128k vocabulary would be 16 GB).
+    /// `[tokens, vocab]` logits at once (32,000 tokens of a 128k vocabulary would be 16 GB), and
+    /// its logits never leave the ranks' devices: vocab-parallel log-softmax
+    /// ([`ParallelLmHead::logprobs`](crate::layers::ParallelLmHead::logprobs)).
     pub fn forward_logprobs(
         &self,
         tokens: &[u32],
@@ -291,18 +293,19 @@ impl LlamaModel {
     ) -> Result<Vec<f64>, ModelError> {
         check_single(cache)?;
         let x = self.hidden(tokens, 1, cache, Logits::All, comm)?;
-        let v = self.cfg.vocab_size;
         let n = tokens.len() - 1;
         let rows = rows.max(1);
         let mut out = Vec::with_capacity(n);
-        // Every rank takes the same chunks: the head's gather is a collective.
+        // Every rank takes the same chunks: the head's exchange is a collective.
         for a in (0..n).step_by(rows) {
             let b = (a + rows).min(n);
-            let logits = self.head.forward(&x.rows(a, b)?, comm)?;
-            for i in a..b {
-                let row = &logits[(i - a) * v..(i - a + 1) * v];
-                out.push(ops::log_softmax(row)[tokens[i + 1] as usize]);
-            }
+            let x = x.rows(a, b)?;
+            out.extend(self.head.logprobs(
+                &x,
+                &tokens[a + 1..b + 1],
+                comm,
+                self.shard.vocab.start,
+            )?);
         }
         Ok(out)
     }

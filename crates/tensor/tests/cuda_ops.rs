@@ -511,6 +511,18 @@ fn every_op_matches_the_cpu() {
             ops::argmax_rows(&logits).unwrap(),
             "argmax_rows"
         );
+        // The log-sum-exp of each row on the device (f32, one block a row) against the CPU's
+        // f64, and the target's value exactly; a row with no target gets none.
+        let targets = [Some(70000), None, Some(123)];
+        let on_gpu = ops::logsumexp_rows(&g(&logits), &targets).unwrap();
+        let on_cpu = ops::logsumexp_rows(&logits, &targets).unwrap();
+        for (r, (a, b)) in on_gpu.iter().zip(&on_cpu).enumerate() {
+            assert!(
+                (a.0 - b.0).abs() < 2e-6 * b.0.abs().max(1.0),
+                "lse row {r}: {a:?} {b:?}"
+            );
+            assert_eq!(a.1, b.1, "target row {r}");
+        }
         // Rows of a device tensor stay on the device.
         close(
             "rows",

@@ -74,15 +74,25 @@ pub struct DecodeArgs {
 }
 
 fn shape_json(a: &DecodeArgs) -> Result<String> {
-    let (v, h, i, l, heads, kv) = match a.preset.as_deref() {
-        None => (
-            a.vocab,
-            a.hidden,
-            a.intermediate,
-            a.layers,
-            a.heads,
-            a.kv_heads,
-        ),
+    let shape = (
+        a.vocab,
+        a.hidden,
+        a.intermediate,
+        a.layers,
+        a.heads,
+        a.kv_heads,
+    );
+    preset_json(a.preset.as_deref(), shape)
+}
+
+/// The config.json of a published shape (`preset`), or of `shape` (vocab, hidden, intermediate,
+/// layers, heads, KV heads) where there is none.
+pub fn preset_json(
+    preset: Option<&str>,
+    shape: (usize, usize, usize, usize, usize, usize),
+) -> Result<String> {
+    let (v, h, i, l, heads, kv) = match preset {
+        None => shape,
         Some("llama-3-8b") => (128256, 4096, 14336, 32, 32, 8),
         Some("llama-3-70b") => (128256, 8192, 28672, 80, 64, 8),
         // Qwen3-8B's published config.json (its per-head q/k norms included).

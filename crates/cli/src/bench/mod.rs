@@ -11,6 +11,7 @@ mod gemv;
 mod matmul;
 mod persistent;
 mod sample;
+mod score;
 mod shapes;
 
 use anyhow::Result;
@@ -43,6 +44,9 @@ pub enum BenchCmd {
     /// Sampling one token from a vocabulary's logits on the host (temperature, top-k, top-p,
     /// min-p), beside a full sort of the vocabulary measured in the same run.
     Sample(sample::SampleArgs),
+    /// The log-probabilities of a sequence (`tessera score`), vocab-parallel on the ranks'
+    /// devices, beside every logit gathered to the host measured in the same run.
+    Score(score::ScoreArgs),
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -55,6 +59,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         BenchCmd::Attention(x) => attention::run(x),
         BenchCmd::Persistent(p) => persistent::run(p),
         BenchCmd::Sample(s) => sample::run(s),
+        BenchCmd::Score(s) => score::run(s),
     }
 }
 

@@ -110,6 +110,67 @@ impl ParallelLmHead {
         Ok(out)
     }
 
+    /// `log p(targets[i])` of each row of `x`, in f64, without the logits leaving a rank: each
+    /// rank takes the log-sum-exp of its own vocab rows (on its device) and, where it holds the
+    /// target, the target's logit; the ranks exchange those (three f64 a row) instead of the
+    /// logits. The logits are rounded to the compute dtype first, as HF's are.
+    pub fn logprobs(
+        &self,
+        x: &Tensor,
+        targets: &[u32],
+        comm: &dyn Communicator,
+        vocab_start: usize,
+    ) -> Result<Vec<f64>, ModelError> {
+        let local = ops::matmul_t(x, &self.weight, None)?;
+        let rows = self.weight.dim(0);
+        let mine: Vec<Option<usize>> = targets
+            .iter()
+            .map(|&t| (t as usize).checked_sub(vocab_start).filter(|&j| j < rows))
+            .collect();
+        let parts = ops::logsumexp_rows(&local, &mine)?;
+        if self.tp_size == 1 {
+            return Ok(parts
+                .into_iter()
+                .map(|(lse, t)| t.unwrap_or(f64::NAN) - lse)
+                .collect());
+        }
+        // A row's (log-sum-exp, target logit, 1 where this rank holds the target), as bytes.
+        let send: Vec<u8> = parts
+            .iter()
+            .flat_map(|&(lse, t)| [lse, t.unwrap_or(0.0), t.map_or(0.0, |_| 1.0)])
+            .flat_map(f64::to_le_bytes)
+            .collect();
+        let mut recv = vec![0u8; send.len() * self.tp_size];
+        comm.all_gather_bytes(&send, &mut recv)?;
+        let all: Vec<f64> = recv
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect();
+        let n = parts.len();
+        Ok((0..n)
+            .map(|r| {
+                let of = |k: usize| &all[(k * n + r) * 3..(k * n + r) * 3 + 3];
+                let max = (0..self.tp_size)
+                    .map(|k| of(k)[0])
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let lse = max
+                    + (0..self.tp_size)
+                        .map(|k| (of(k)[0] - max).exp())
+                        .sum::<f64>()
+                        .ln();
+                // Exactly one rank holds each target (it is in the vocabulary).
+                let t = (0..self.tp_size)
+                    .find(|&k| of(k)[2] == 1.0)
+                    .map_or(f64::NAN, |k| of(k)[1]);
+                // A NaN anywhere stays NaN (max would skip it).
+                if (0..self.tp_size).any(|k| of(k)[0].is_nan()) {
+                    return f64::NAN;
+                }
+                t - lse
+            })
+            .collect())
+    }
+
     /// The greedy token of each row of `x`: each rank takes the argmax of its own vocab rows on its
     /// device, and the ranks exchange one (value, index) pair per row instead of the logits.
     pub fn greedy(

@@ -1003,6 +1003,41 @@ __device__ void argmax_rows(const T* x, const float* src_val, const int* src_idx
     }
 }
 
+// A running (max, sum of exp(x - max)) pair taking in another one.
+__device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
+    if (m2 > m) { s = s * expf(m - m2) + s2; m = m2; }
+    else if (m2 != NEG_INF) { s += s2 * expf(m2 - m); }
+}
+// Per row of x [rows, n]: its largest value m, sum of exp(x - m) s, and the value at column
+// targets[row] (NaN where that is outside [0, n): another rank's vocabulary), in one pass with a
+// running max a thread, in f32 (the log-probabilities of `score`, the row never leaving the
+// device). One block a row.
+template <typename T>
+__device__ void lse_rows(const T* x, const int* targets, int n, float* out_m, float* out_s, float* out_t) {
+    __shared__ float sm[32], ss[32];
+    long row = blockIdx.x;
+    float m = NEG_INF, s = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = ld(x, row * n + i);
+        if (v > m) { s = s * expf(m - v) + 1.f; m = v; }
+        else if (v != NEG_INF) { s += expf(v - m); }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        lse_merge(m, s, m2, s2);
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) { sm[warp] = m; ss[warp] = s; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++) lse_merge(m, s, sm[w], ss[w]);
+        int t = targets[row];
+        out_m[row] = m;
+        out_s[row] = s;
+        out_t[row] = (t >= 0 && t < n) ? ld(x, row * n + t) : __int_as_float(0x7fc00000);
+    }
+}
+
 // A 16-byte weight load that bypasses L1 (weights are read once; x stays cached).
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
     uint4 v;
@@ -1513,6 +1548,7 @@ extern "C" __global__ void __launch_bounds__(512, 1) all_reduce_add_rms_norm2_##
 extern "C" __global__ void __launch_bounds__(512, 1) all_reduce_add_rms_norm4_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed, unsigned hold, unsigned long long* st, int opts) { all_reduce_add_rms_norm<T, 4>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed, hold, st, opts); } \
 extern "C" __global__ void attention_combine_##S(const float* pm, const float* pl, const float* pa, T* o, int splits, int hd) { attention_combine(pm, pl, pa, o, splits, hd); } \
 extern "C" __global__ void qkv_rope_append_##S(const T* qkv, T* q, T* kc, T* vc, const float* f, int batch, int hq, int hkv, int hd, int start, const int* pp) { qkv_rope_append(qkv, q, kc, vc, f, batch, hq, hkv, hd, start, pp); } \
+extern "C" __global__ void lse_rows_##S(const T* x, const int* t, int n, float* m, float* s, float* v) { lse_rows(x, t, n, m, s, v); } \
 extern "C" __global__ void argmax_rows_##S(const T* x, const float* sv, const int* si, int n, int per, float* v, int* i) { argmax_rows(x, sv, si, n, per, v, i); } \
 extern "C" __global__ void fill_random_##S(T* x, long n, unsigned long long seed, float scale, float offset) { fill_random(x, n, seed, scale, offset); }
 

@@ -33,7 +33,7 @@ use half::bf16;
 use crate::{DType, TensorError};
 
 const KERNELS: &str = include_str!("kernels.cu");
-const KERNEL_NAMES: [&str; 26] = [
+const KERNEL_NAMES: [&str; 27] = [
     "rms_norm1",
     "rms_norm2",
     "rms_norm4",
@@ -50,6 +50,7 @@ const KERNEL_NAMES: [&str; 26] = [
     "attention",
     "fill_random",
     "argmax_rows",
+    "lse_rows",
     "qkv_rope_append",
     "decode_attention",
     "decode_attention_gqa1",

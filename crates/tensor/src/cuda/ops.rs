@@ -1170,6 +1170,45 @@ pub fn argmax_rows(x: &CudaBuf, rows: usize, n: usize) -> Result<Vec<(f32, u32)>
     Ok(v.into_iter().zip(i).map(|(v, i)| (v, i as u32)).collect())
 }
 
+/// Per row of `x` `[rows, n]`: (largest value m, sum of exp(x - m), the value at column
+/// `targets[row]`, NaN where that is outside `[0, n)`), in f32, one block a row: only these
+/// leave the device.
+pub fn lse_rows(
+    x: &CudaBuf,
+    rows: usize,
+    n: usize,
+    targets: &[i32],
+) -> Result<Vec<(f32, f32, f32)>, TensorError> {
+    let dev = x.dev.clone();
+    let e = |err| dev_err(dev.ordinal, err);
+    if targets.len() != rows || rows == 0 {
+        return Err(dev_err(dev.ordinal, "lse_rows: one target a row"));
+    }
+    let t = dev.stream.clone_htod(targets).map_err(e)?;
+    let m = dev.stream.alloc_zeros::<f32>(rows).map_err(e)?;
+    let s = dev.stream.alloc_zeros::<f32>(rows).map_err(e)?;
+    let v = dev.stream.alloc_zeros::<f32>(rows).map_err(e)?;
+    let nn = n as i32;
+    let mut l = dev.stream.launch_builder(dev.func("lse_rows", x.dtype()));
+    push(&mut l, x);
+    l.arg(&t).arg(&nn).arg(&m).arg(&s).arg(&v);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launched(&dev, unsafe { l.launch(cfg) })?;
+    let m = dev.stream.clone_dtoh(&m).map_err(e)?;
+    let s = dev.stream.clone_dtoh(&s).map_err(e)?;
+    let v = dev.stream.clone_dtoh(&v).map_err(e)?;
+    dev.stream.synchronize().map_err(e)?;
+    Ok(m.into_iter()
+        .zip(s)
+        .zip(v)
+        .map(|((m, s), v)| (m, s, v))
+        .collect())
+}
+
 /// The attention inputs of a step from the fused projection `qkv` `[rows, hq + 2 hkv, hd]` (row r:
 /// token r / batch of sequence r % batch): RoPE on q into a new `[rows, hq, hd]`, RoPE on k into the
 /// K cache and v into the V cache (`[position, batch, hkv, hd]`) at positions `start..` (during a

@@ -31,4 +31,4 @@ pub use matmul_nn::{bias_backward, linear_backward_input, linear_backward_weight
 pub use norm::{add_rms_norm, head_rms_norm, norm_matmul_t, rms_norm};
 pub use rope::{apply_rope, qkv_rope_append};
 pub use round::round_slice;
-pub use softmax::{argmax_rows, log_softmax, softmax_inplace};
+pub use softmax::{argmax_rows, log_softmax, logsumexp_rows, softmax_inplace};

@@ -24,6 +24,44 @@ pub fn argmax_rows(x: &crate::Tensor) -> Result<Vec<(f32, u32)>, crate::TensorEr
         .collect())
 }
 
+/// Per row of the 2-D `x`: `log Σ_j exp(x_j)` and, where `targets[row]` is `Some(j)`, `x_j`
+/// (`targets` one entry a row, each `j` below the row's length). On the CPU in f64 (rows in
+/// parallel); on a GPU one block a row in f32 (its max, and the sum of exp(x - max), combined
+/// here in f64), only these leaving the device: a row of log-probabilities over a vocabulary
+/// shard without the row itself.
+pub fn logsumexp_rows(
+    x: &crate::Tensor,
+    targets: &[Option<usize>],
+) -> Result<Vec<(f64, Option<f64>)>, crate::TensorError> {
+    let bad = |what: String| Err(crate::error::shape_err("logsumexp_rows", what));
+    if x.shape().len() != 2 || targets.len() != x.dim(0) || x.dim(1) == 0 {
+        return bad(format!("x {:?}, {} targets", x.shape(), targets.len()));
+    }
+    let n = x.dim(1);
+    if let Some(j) = targets.iter().flatten().find(|&&j| j >= n) {
+        return bad(format!("target {j} of a row of {n}"));
+    }
+    #[cfg(feature = "cuda")]
+    if let crate::Storage::Cuda(b) = x.storage() {
+        let t: Vec<i32> = targets.iter().map(|t| t.map_or(-1, |j| j as i32)).collect();
+        return Ok(crate::cuda::lse_rows(b, x.dim(0), n, &t)?
+            .into_iter()
+            .zip(targets)
+            .map(|((m, s, v), t)| (m as f64 + (s as f64).ln(), t.map(|_| v as f64)))
+            .collect());
+    }
+    use rayon::prelude::*;
+    let v = x.to_f32_vec();
+    Ok(v.par_chunks(n)
+        .zip(targets)
+        .map(|(row, t)| {
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+            (max + sum.ln(), t.map(|j| row[j] as f64))
+        })
+        .collect())
+}
+
 /// In place, in f32 (sums in f64).
 pub fn softmax_inplace(row: &mut [f32]) {
     let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -56,6 +94,23 @@ pub fn log_softmax(row: &[f32]) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The log-sum-exp and the target's value give log_softmax's entry; no target, none.
+    #[test]
+    fn logsumexp_rows_give_log_softmax_entries() {
+        let rows = [[1.0f32, 2.0, 3.0, 1000.0], [-5.0, 0.5, 0.25, -0.125]];
+        let x = crate::Tensor::from_f32(vec![2, 4], rows.concat(), crate::DType::F32).unwrap();
+        let got = logsumexp_rows(&x, &[Some(3), None]).unwrap();
+        assert_eq!(got[0].1, Some(1000.0));
+        assert!((got[0].1.unwrap() - got[0].0 - log_softmax(&rows[0])[3]).abs() < 1e-12);
+        let lse1 = log_softmax(&rows[1])
+            .iter()
+            .map(|l| 0.5 - l)
+            .collect::<Vec<_>>()[1];
+        assert!((got[1].0 - lse1).abs() < 1e-12 && got[1].1.is_none());
+        assert!(logsumexp_rows(&x, &[Some(4), None]).is_err());
+        assert!(logsumexp_rows(&x, &[Some(0)]).is_err());
+    }
 
     #[test]
     fn softmax_sums_to_one_and_log_softmax_agrees() {

@@ -1,0 +1,152 @@
+//! `tessera bench score`: the log-probabilities of a sequence (what `tessera score` computes) with
+//! a random-weight model, timed two ways in the same run: vocab-parallel on the ranks' devices
+//! (each rank's log-sum-exp over its own vocabulary rows; three numbers a position exchanged), as
+//! `score` does, and the straightforward way it replaces (every position's logits gathered to
+//! every rank's host, then a log-softmax of each row there). Both must give the same numbers.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use tessera_comm::Communicator;
+use tessera_infer::{device_of_rank, run_tp, with_rank_comm, InferError};
+use tessera_model::{LlamaModel, Logits, ModelConfig, TpRank};
+use tessera_tensor::{ops, DType, Device};
+
+#[derive(clap::Args, Debug)]
+pub struct ScoreArgs {
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    pub tp: Vec<usize>,
+    /// Tokens of the sequence scored.
+    #[arg(long, default_value_t = 512)]
+    pub tokens: usize,
+    /// Timed runs of each way (the median is printed).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// A published shape (llama-3-8b, llama-3-70b, qwen3-8b); without it a 0.2B Llama (vocab
+    /// 32,000, hidden 1,024, 12 layers).
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Weight and activation dtype.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// cpu, or cuda (rank r on GPU r).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub fn run(a: ScoreArgs) -> Result<()> {
+    let dtype: DType = a.dtype.parse()?;
+    let device: Device = a.device.parse()?;
+    let small = (32000, 1024, 2816, 12, 16, 4);
+    let cfg = ModelConfig::from_json_str(&super::decode::preset_json(a.preset.as_deref(), small)?)?;
+    if !(2..=cfg.max_position_embeddings).contains(&a.tokens) {
+        bail!(
+            "--tokens takes 2 to the shape's context of {}, got {}",
+            cfg.max_position_embeddings,
+            a.tokens
+        );
+    }
+    if !(1..=100).contains(&a.runs) {
+        bail!("--runs takes 1 to 100, got {}", a.runs);
+    }
+    for &tp in &a.tp {
+        if tp == 0 {
+            bail!("--tp must be at least 1");
+        }
+        tessera_model::validate_tp(&cfg, tp)?;
+        for r in 0..tp {
+            device_of_rank(device, r).ensure_available()?;
+        }
+    }
+    // The gathered logits: every rank holds all of them, on the host.
+    let logits = (a.tokens * cfg.vocab_size * 4) as f64;
+    let most = a.tp.iter().copied().max().unwrap_or(1) as f64;
+    let weights = cfg.num_params() as f64 * dtype.size_in_bytes() as f64;
+    let host = logits * most + if device == Device::Cpu { weights } else { 0.0 };
+    if let Some(total) = tessera_tensor::device::exceeds_host_memory(host) {
+        bail!(
+            "the gathered logits of {} tokens (and on the CPU the weights) take {:.1} GB, more than this host's {:.1} GB: fewer --tokens",
+            a.tokens,
+            host / 1e9,
+            total / 1e9
+        );
+    }
+    outln!(
+        "model: {} layers, hidden {}, vocab {}: {:.2}B params, {dtype}, random, on {device}; {} tokens scored, median of {}",
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.vocab_size,
+        cfg.num_params() as f64 / 1e9,
+        a.tokens,
+        a.runs
+    );
+    outln!(
+        "{:>3} {:>16} {:>12} {:>18} {:>12} {:>8} {:>14}",
+        "tp",
+        "vocab-parallel",
+        "tok/s",
+        "logits to host",
+        "tok/s",
+        "faster",
+        "largest diff"
+    );
+    let tokens: Vec<u32> = (0..a.tokens as u64)
+        .map(|i| (i * 7919 % cfg.vocab_size as u64) as u32)
+        .collect();
+    for &tp in &a.tp {
+        let body = |comm: &dyn Communicator, rank: TpRank| -> Result<_, InferError> {
+            let m = LlamaModel::random(
+                cfg.clone(),
+                rank,
+                dtype,
+                device_of_rank(device, rank.rank),
+                7,
+            )?;
+            let mut ours = Vec::new();
+            let (mut t_ours, mut t_host) = (Vec::new(), Vec::new());
+            let mut host = Vec::new();
+            for _ in 0..a.runs {
+                comm.barrier()?;
+                let t = Instant::now();
+                let mut cache = m.new_cache(tokens.len())?;
+                ours = m.forward_logprobs(&tokens, &mut cache, comm)?;
+                t_ours.push(t.elapsed().as_secs_f64());
+                comm.barrier()?;
+                let t = Instant::now();
+                let mut cache = m.new_cache(tokens.len())?;
+                let all = m.forward(&tokens, &mut cache, Logits::All, comm)?;
+                let v = cfg.vocab_size;
+                host = (0..tokens.len() - 1)
+                    .map(|i| ops::log_softmax(&all[i * v..(i + 1) * v])[tokens[i + 1] as usize])
+                    .collect();
+                t_host.push(t.elapsed().as_secs_f64());
+            }
+            let diff = ours
+                .iter()
+                .zip(&host)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            Ok((median(t_ours), median(t_host), diff))
+        };
+        let (ours, host, diff) = run_tp(tp, |comm, rank| {
+            with_rank_comm(device, comm, |comm| body(comm, rank))
+        })?;
+        let n = (a.tokens - 1) as f64;
+        outln!(
+            "{:>3} {:>13.2} ms {:>12.0} {:>15.2} ms {:>12.0} {:>7.1}x {:>14.2e}",
+            tp,
+            ours * 1e3,
+            n / ours,
+            host * 1e3,
+            n / host,
+            host / ours,
+            diff
+        );
+    }
+    Ok(())
+}
+
+fn median(mut t: Vec<f64>) -> f64 {
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
