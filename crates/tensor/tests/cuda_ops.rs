@@ -380,6 +380,50 @@ fn every_op_matches_the_cpu() {
         )
         .unwrap();
         close("attention over 2500 keys", &gpu, &cpu, tol(dt));
+        // Prefills of 16 queries or more run the tiled kernel: head dims that fill 8, 16 and 32
+        // dims a thread (72: not a multiple of 8), query counts off the 64 of a tile, the queries
+        // at the end of a longer cache or the whole of it, with and without a window.
+        for (hq, hkv, hd, t, kv_len, window) in [
+            (6, 2, 32, 100, 300, None),
+            (6, 2, 32, 100, 300, Some(37)),
+            (4, 1, 128, 70, 70, None),
+            (4, 1, 128, 70, 70, Some(20)),
+            (2, 2, 256, 20, 45, None),
+            (3, 3, 72, 33, 33, Some(64)),
+        ] {
+            let shape = AttentionShape {
+                num_heads: hq,
+                num_kv_heads: hkv,
+                head_dim: hd,
+            };
+            let seed = (hd + t + window.unwrap_or(0)) as u64;
+            let kc = rand_t(vec![kv_len, hkv, hd], dt, seed);
+            let vc = rand_t(vec![kv_len, hkv, hd], dt, seed + 1);
+            let q = rand_t(vec![t, hq, hd], dt, seed + 2);
+            let pos: Vec<usize> = (kv_len - t..kv_len).collect();
+            let scale = 1.0 / (hd as f32).sqrt();
+            let run = |q: &Tensor, k: &Tensor, v: &Tensor| {
+                ops::causal_attention(
+                    q,
+                    k.storage(),
+                    v.storage(),
+                    kv_len,
+                    shape,
+                    &pos,
+                    window,
+                    scale,
+                )
+                .unwrap()
+            };
+            close(
+                &format!(
+                    "tiled attention {hq}/{hkv} heads of {hd}, {t} of {kv_len}, window {window:?}"
+                ),
+                &run(&g(&q), &g(&kc), &g(&vc)),
+                &run(&q, &kc, &vc),
+                tol(dt),
+            );
+        }
         // Decode attention over 700 positions, split over blocks and joined (flash decoding), with
         // and without a window, and over 30 (one split): the vectorised kernel with every query
         // head of a KV head in a block (g = 2, g = 8 with g hd at its limit of 1024, g = 12 in

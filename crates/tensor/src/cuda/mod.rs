@@ -33,7 +33,7 @@ use half::bf16;
 use crate::{DType, TensorError};
 
 const KERNELS: &str = include_str!("kernels.cu");
-const KERNEL_NAMES: [&str; 27] = [
+const KERNEL_NAMES: [&str; 30] = [
     "rms_norm1",
     "rms_norm2",
     "rms_norm4",
@@ -48,6 +48,9 @@ const KERNEL_NAMES: [&str; 27] = [
     "add_bias",
     "embedding",
     "attention",
+    "attention_tiled8",
+    "attention_tiled16",
+    "attention_tiled32",
     "fill_random",
     "argmax_rows",
     "lse_rows",
@@ -128,7 +131,7 @@ pub(crate) fn env_flag(var: &str, v: Option<&str>, default: bool) -> Result<bool
 /// The 1/0 switches this backend reads, with their defaults: cuBLASLt's tuned GEMMs, the norm
 /// inside the GEMV, programmatic dependent launch, the fused NVLink all-reduce + norm between
 /// in-process tp ranks, and that path's measurement aids (pushing GEMVs, a fence, its stats).
-pub const FLAG_SWITCHES: [(&str, bool); 7] = [
+pub const FLAG_SWITCHES: [(&str, bool); 8] = [
     ("TESSERA_CUBLASLT", true),
     ("TESSERA_FUSED_NORM", true),
     ("TESSERA_PDL", true),
@@ -136,6 +139,7 @@ pub const FLAG_SWITCHES: [(&str, bool); 7] = [
     ("TESSERA_P2P_PUSH", false),
     ("TESSERA_P2P_FENCE", false),
     ("TESSERA_P2P_STATS", false),
+    ("TESSERA_TILED_ATTENTION", true),
 ];
 
 /// A 1/0 switch of [`FLAG_SWITCHES`] as the environment sets it (unset: its default).
@@ -382,6 +386,9 @@ pub struct GpuDevice {
     /// a block), and the kernel that adds its split-K partial sums.
     pub(crate) skinny_fns: Vec<Option<CudaFunction>>,
     pub(crate) skinny_reduce: CudaFunction,
+    /// The dynamic shared memory the tiled prefill attention may take a block (0: not used, the
+    /// kernel a query at a time runs instead).
+    pub(crate) tiled_attention_smem: usize,
     /// The first kernel of the probe of cuBLASLt's kernels (`pdl_probe`).
     pub(crate) pdl_probe: CudaFunction,
     /// Which bf16 GEMMs run on the skinny GEMM (`TESSERA_SKINNY`).
@@ -522,6 +529,30 @@ impl GpuDevice {
             };
             skinny_fns.push((fits && set().is_ok()).then_some(f));
         }
+        // The tiled prefill attention where its shared memory at the largest head dim can be had
+        // (`TESSERA_TILED_ATTENTION=0`: the kernel a query at a time, for measurements).
+        let tiled_attention_smem = {
+            let want = ops::attention_tiled_smem(ops::ATTN_MAX_HD);
+            let set = || {
+                ["attention_tiled8", "attention_tiled16", "attention_tiled32"]
+                    .iter()
+                    .flat_map(|&n| [DType::F32, DType::BF16].map(|dt| (n, dt)))
+                    .all(|key| {
+                        funcs[&key]
+                            .set_attribute(
+                                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                want as i32,
+                            )
+                            .is_ok()
+                    })
+            };
+            let on = flag_switch("TESSERA_TILED_ATTENTION").map_err(|e| err(&e))?;
+            if on && want <= smem_optin && set() {
+                want
+            } else {
+                0
+            }
+        };
         let skinny_reduce = load("skinny_reduce")?;
         let pdl_probe = load("pdl_probe_delay")?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| err(&e))?;
@@ -547,6 +578,7 @@ impl GpuDevice {
             funcs,
             skinny_fns,
             skinny_reduce,
+            tiled_attention_smem,
             pdl_probe,
             skinny: SkinnyUse::from_env().map_err(|e| err(&e))?,
             gemv,

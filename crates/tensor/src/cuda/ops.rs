@@ -1035,7 +1035,7 @@ pub(crate) fn decode_plan(
 }
 
 /// The largest head_dim the attention kernels hold (`ATTN_MAX_HD`).
-const ATTN_MAX_HD: usize = 256;
+pub(crate) const ATTN_MAX_HD: usize = 256;
 
 fn check_head_dim(dev: &GpuDevice, hd: usize) -> Result<(), TensorError> {
     if hd > ATTN_MAX_HD {
@@ -1073,6 +1073,35 @@ pub fn attention(
         start as i32,
         window.unwrap_or(0) as i32,
     );
+    // A prefill (not a captured decode step) of enough queries to fill a tile: the tiled kernel.
+    let smem = attention_tiled_smem(hd);
+    if t >= TILED_MIN_QUERIES && io.is_none() && smem <= dev.tiled_attention_smem {
+        let name = match hd.div_ceil(8) {
+            0..=8 => "attention_tiled8",
+            9..=16 => "attention_tiled16",
+            _ => "attention_tiled32",
+        };
+        let tt = t as i32;
+        let mut l = dev.stream.launch_builder(dev.func(name, q.dtype()));
+        push(&mut l, q);
+        push(&mut l, k);
+        push(&mut l, v);
+        push(&mut l, &out);
+        l.arg(&tt)
+            .arg(&a)
+            .arg(&b)
+            .arg(&c)
+            .arg(&s)
+            .arg(&w)
+            .arg(&scale);
+        let cfg = LaunchConfig {
+            grid_dim: (t.div_ceil(FA_BQ) as u32, hq as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        launched(&dev, unsafe { l.launch(cfg) })?;
+        return Ok(out);
+    }
     let mut l = dev.stream.launch_builder(dev.func("attention", q.dtype()));
     push(&mut l, q);
     push(&mut l, k);
@@ -1087,6 +1116,20 @@ pub fn attention(
     };
     launched(&dev, unsafe { l.launch(cfg) })?;
     Ok(out)
+}
+
+/// Queries a block of the tiled prefill attention takes, and keys a tile (`FA_BQ`, `FA_BK` in
+/// `kernels.cu`).
+const FA_BQ: usize = 64;
+const FA_BK: usize = 32;
+/// Queries from which a prefill's attention runs tiled (fewer fill too little of a tile: the
+/// kernel a query at a time).
+pub const TILED_MIN_QUERIES: usize = 16;
+
+/// Bytes of shared memory a block of the tiled prefill attention takes at head dim `hd`: the
+/// query tile and the key tile in padded rows, the value tile, the tile's weights.
+pub(crate) fn attention_tiled_smem(hd: usize) -> usize {
+    4 * (FA_BQ * (hd + 1) + FA_BK * (hd + 1) + FA_BK * hd + FA_BQ * (FA_BK + 1))
 }
 
 /// Random values `offset + uniform(-scale, scale)`, made on the device from `seed`.
