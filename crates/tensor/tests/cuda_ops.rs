@@ -380,15 +380,19 @@ fn every_op_matches_the_cpu() {
         )
         .unwrap();
         close("attention over 2500 keys", &gpu, &cpu, tol(dt));
-        // Prefills of 16 queries or more run the tiled kernel: head dims that fill 8, 16 and 32
-        // dims a thread (72: not a multiple of 8), query counts off the 64 of a tile, the queries
-        // at the end of a longer cache or the whole of it, with and without a window.
+        // Prefills of 16 queries or more run the tiled kernels (in bf16 at head dims 64 and 128 on
+        // tensor cores): head dims that fill 8, 16 and 32 dims a thread (72: not a multiple of
+        // 8), query counts off the 64 of a tile, several key tiles, the queries at the end of a
+        // longer cache or the whole of it, with and without a window.
         for (hq, hkv, hd, t, kv_len, window) in [
             (6, 2, 32, 100, 300, None),
             (6, 2, 32, 100, 300, Some(37)),
             (4, 1, 128, 70, 70, None),
             (4, 1, 128, 70, 70, Some(20)),
             (2, 2, 256, 20, 45, None),
+            (8, 2, 64, 150, 200, None),
+            (8, 2, 64, 150, 200, Some(100)),
+            (4, 2, 128, 300, 300, None),
             (3, 3, 72, 33, 33, Some(64)),
         ] {
             let shape = AttentionShape {

@@ -81,15 +81,28 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         a.runs
     );
     outln!(
-        "{:>3} {:>16} {:>12} {:>18} {:>12} {:>8} {:>14}",
+        "{:>3} {:>16} {:>12} {:>14} {:>18} {:>12} {:>8} {:>14}",
         "tp",
         "vocab-parallel",
         "tok/s",
+        "TFLOP/s a rank",
         "logits to host",
         "tok/s",
         "faster",
         "largest diff"
     );
+    // The work of a pass: two FLOPs a weight a token (the embedding table is looked up, not
+    // multiplied), and causal attention's q.k and p.v over every pair of a query and a key it
+    // sees.
+    let n = a.tokens as f64;
+    let embed = if cfg.tie_word_embeddings {
+        0.0
+    } else {
+        (cfg.vocab_size * cfg.hidden_size) as f64
+    };
+    let pairs = n * (n + 1.0) / 2.0;
+    let flops = 2.0 * (cfg.num_params() as f64 - embed) * n
+        + 4.0 * (cfg.head_dim * cfg.num_heads * cfg.num_layers) as f64 * pairs;
     let tokens: Vec<u32> = (0..a.tokens as u64)
         .map(|i| (i * 7919 % cfg.vocab_size as u64) as u32)
         .collect();
@@ -131,14 +144,15 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         let (ours, host, diff) = run_tp(tp, |comm, rank| {
             with_rank_comm(device, comm, |comm| body(comm, rank))
         })?;
-        let n = (a.tokens - 1) as f64;
+        let scored = (a.tokens - 1) as f64;
         outln!(
-            "{:>3} {:>13.2} ms {:>12.0} {:>15.2} ms {:>12.0} {:>7.1}x {:>14.2e}",
+            "{:>3} {:>13.2} ms {:>12.0} {:>14.1} {:>15.2} ms {:>12.0} {:>7.1}x {:>14.2e}",
             tp,
             ours * 1e3,
-            n / ours,
+            scored / ours,
+            flops / tp as f64 / ours / 1e12,
             host * 1e3,
-            n / host,
+            scored / host,
             host / ours,
             diff
         );

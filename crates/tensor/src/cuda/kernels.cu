@@ -1603,6 +1603,155 @@ __device__ void skinny_gemm(const bf16_t* x, const bf16_t* w, bf16_t* y, float* 
 #endif
 }
 
+// Prefill attention on tensor cores (bf16; flash attention 2's arithmetic): a block of 4 warps
+// takes 64 consecutive queries of one head, 16 a warp, and walks the keys they see 64 at a time
+// through shared memory (the K and V tiles, rows padded by 8 values so that a fragment's loads
+// fall in distinct banks). A warp's scores of its 16 queries against a tile are 8 n-blocks of
+// mma m16n8k16 over the head dim (the queries held as A fragments from the start), its running
+// max and sum per row live in the 4 lanes of a row's fragment, and the tile's weights, rounded to
+// bf16, are the A fragments of the product with V (the score accumulators' layout is that of A),
+// accumulated in f32. Same inputs, masks and results as `attention` but for that rounding of
+// the weights (as flash attention rounds them). sm_80 and later; the host launches it only there,
+// for bf16 at head dims 64 and 128 (`TESSERA_MMA_ATTENTION=0`: the CUDA-core tiled kernel).
+// grid (ceil(t / 64), hq); block 128; dynamic shared memory 2 * 64 * (HD + 8) bf16.
+#define FM_BQ 64
+#define FM_BK 64
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    return bf16_bits(lo) | (bf16_bits(hi) << 16);
+}
+template <int HD>
+__device__ void attention_mma(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* out, int t,
+                              int hq, int hkv, int start, int window, float scale) {
+#if __CUDA_ARCH__ >= 800
+    constexpr int KS = HD + 8, NB = HD / 8, KC = HD / 16, UPR = HD / 8;
+    extern __shared__ uint4 fm[];
+    bf16_t* ks = (bf16_t*)fm;
+    bf16_t* vs = ks + FM_BK * KS;
+    pdl_trigger();
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+    int q0 = blockIdx.x * FM_BQ, h = blockIdx.y, kvh = h / (hq / hkv);
+    long krow = (long)hkv * HD;
+    int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+    unsigned qa[KC][4];
+#pragma unroll
+    for (int c = 0; c < KC; c++) {
+        int col = c * 16 + tq * 2;
+        const bf16_t* x0 = q + ((long)r0 * hq + h) * HD + col;
+        const bf16_t* x1 = q + ((long)r1 * hq + h) * HD + col;
+        qa[c][0] = r0 < t ? *(const unsigned*)x0 : 0u;
+        qa[c][1] = r1 < t ? *(const unsigned*)x1 : 0u;
+        qa[c][2] = r0 < t ? *(const unsigned*)(x0 + 8) : 0u;
+        qa[c][3] = r1 < t ? *(const unsigned*)(x1 + 8) : 0u;
+    }
+    float o[NB][4];
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+    int p0 = start + r0, p1 = start + r1;
+    int last = start + min(q0 + FM_BQ, t) - 1;
+    int first = window > 0 ? max(0, start + q0 + 1 - window) : 0;
+    for (int j0 = first; j0 <= last; j0 += FM_BK) {
+        __syncthreads();
+        for (int i = tid; i < FM_BK * UPR; i += blockDim.x) {
+            int r = i / UPR, u = i - r * UPR;
+            int kp = j0 + r;
+            uint4 kv = make_uint4(0u, 0u, 0u, 0u), vv = kv;
+            if (kp <= last) {
+                long at = (long)kp * krow + (long)kvh * HD + u * 8;
+                kv = *(const uint4*)(k + at);
+                vv = *(const uint4*)(v + at);
+            }
+            *(uint4*)(ks + r * KS + u * 8) = kv;
+            *(uint4*)(vs + r * KS + u * 8) = vv;
+        }
+        __syncthreads();
+        float s[8][4];
+#pragma unroll
+        for (int nb = 0; nb < 8; nb++) {
+            s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
+            const bf16_t* kr = ks + (nb * 8 + g) * KS + tq * 2;
+#pragma unroll
+            for (int c = 0; c < KC; c++)
+                mma_bf16(s[nb], qa[c][0], qa[c][1], qa[c][2], qa[c][3], *(const unsigned*)(kr + c * 16),
+                         *(const unsigned*)(kr + c * 16 + 8));
+        }
+        float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+        for (int nb = 0; nb < 8; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int kp = j0 + nb * 8 + tq * 2 + (e & 1);
+                int qp = e < 2 ? p0 : p1;
+                bool ok = (e < 2 ? r0 : r1) < t && kp <= qp && (window <= 0 || kp > qp - window);
+                float x = ok ? s[nb][e] * scale : NEG_INF;
+                s[nb][e] = x;
+                if (e < 2) mx0 = fmaxf(mx0, x);
+                else mx1 = fmaxf(mx1, x);
+            }
+        for (int w = 1; w < 4; w <<= 1) {
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, w));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, w));
+        }
+        float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        float al0 = mn0 == NEG_INF ? 1.f : expf(m0 - mn0), al1 = mn1 == NEG_INF ? 1.f : expf(m1 - mn1);
+        float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+        for (int nb = 0; nb < 8; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float mn = e < 2 ? mn0 : mn1;
+                float x = mn == NEG_INF ? 0.f : expf(s[nb][e] - mn);
+                s[nb][e] = x;
+                if (e < 2) sum0 += x;
+                else sum1 += x;
+            }
+        l0 = l0 * al0 + sum0;
+        l1 = l1 * al1 + sum1;
+        m0 = mn0;
+        m1 = mn1;
+#pragma unroll
+        for (int nb = 0; nb < NB; nb++) {
+            o[nb][0] *= al0;
+            o[nb][1] *= al0;
+            o[nb][2] *= al1;
+            o[nb][3] *= al1;
+        }
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            unsigned a0 = pack_bf16(s[2 * c][0], s[2 * c][1]), a1 = pack_bf16(s[2 * c][2], s[2 * c][3]);
+            unsigned a2 = pack_bf16(s[2 * c + 1][0], s[2 * c + 1][1]);
+            unsigned a3 = pack_bf16(s[2 * c + 1][2], s[2 * c + 1][3]);
+#pragma unroll
+            for (int nb = 0; nb < NB; nb++) {
+                const bf16_t* vr = vs + (c * 16 + tq * 2) * KS + nb * 8 + g;
+                unsigned b0 = (unsigned)vr[0] | ((unsigned)vr[KS] << 16);
+                unsigned b1 = (unsigned)vr[8 * KS] | ((unsigned)vr[9 * KS] << 16);
+                mma_bf16(o[nb], a0, a1, a2, a3, b0, b1);
+            }
+        }
+    }
+    for (int w = 1; w < 4; w <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, w);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, w);
+    }
+    float i0 = 1.f / l0, i1 = 1.f / l1;
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) {
+        int col = nb * 8 + tq * 2;
+        if (r0 < t) {
+            st(out, ((long)r0 * hq + h) * HD + col, o[nb][0] * i0);
+            st(out, ((long)r0 * hq + h) * HD + col + 1, o[nb][1] * i0);
+        }
+        if (r1 < t) {
+            st(out, ((long)r1 * hq + h) * HD + col, o[nb][2] * i1);
+            st(out, ((long)r1 * hq + h) * HD + col + 1, o[nb][3] * i1);
+        }
+    }
+#endif
+}
+extern "C" __global__ void __launch_bounds__(128) attention_mma64(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int start, int window, float scale) { attention_mma<64>(q, k, v, o, t, hq, hkv, start, window, scale); }
+extern "C" __global__ void __launch_bounds__(128) attention_mma128(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int start, int window, float scale) { attention_mma<128>(q, k, v, o, t, hq, hkv, start, window, scale); }
+
 // One instance `skinny_<NAME>`; the host appends one line of this for each of SKINNY_VARIANTS.
 #define SKINNY(NAME, MT, WR, NWARP, NW, KC) \
 extern "C" __global__ void __launch_bounds__(NWARP * 32) skinny_##NAME(const bf16_t* x, const bf16_t* w, bf16_t* y, float* p, int m, int n, int k, int kper) { skinny_gemm<MT, WR, NWARP, NW, KC>(x, w, y, p, m, n, k, kper); }

@@ -131,7 +131,7 @@ pub(crate) fn env_flag(var: &str, v: Option<&str>, default: bool) -> Result<bool
 /// The 1/0 switches this backend reads, with their defaults: cuBLASLt's tuned GEMMs, the norm
 /// inside the GEMV, programmatic dependent launch, the fused NVLink all-reduce + norm between
 /// in-process tp ranks, and that path's measurement aids (pushing GEMVs, a fence, its stats).
-pub const FLAG_SWITCHES: [(&str, bool); 8] = [
+pub const FLAG_SWITCHES: [(&str, bool); 9] = [
     ("TESSERA_CUBLASLT", true),
     ("TESSERA_FUSED_NORM", true),
     ("TESSERA_PDL", true),
@@ -140,6 +140,7 @@ pub const FLAG_SWITCHES: [(&str, bool); 8] = [
     ("TESSERA_P2P_FENCE", false),
     ("TESSERA_P2P_STATS", false),
     ("TESSERA_TILED_ATTENTION", true),
+    ("TESSERA_MMA_ATTENTION", true),
 ];
 
 /// A 1/0 switch of [`FLAG_SWITCHES`] as the environment sets it (unset: its default).
@@ -389,6 +390,8 @@ pub struct GpuDevice {
     /// The dynamic shared memory the tiled prefill attention may take a block (0: not used, the
     /// kernel a query at a time runs instead).
     pub(crate) tiled_attention_smem: usize,
+    /// The tensor-core prefill attention at head dims 64 and 128 (bf16), where it runs.
+    pub(crate) mma_attention: Option<[CudaFunction; 2]>,
     /// The first kernel of the probe of cuBLASLt's kernels (`pdl_probe`).
     pub(crate) pdl_probe: CudaFunction,
     /// Which bf16 GEMMs run on the skinny GEMM (`TESSERA_SKINNY`).
@@ -553,6 +556,13 @@ impl GpuDevice {
                 0
             }
         };
+        // The tensor-core prefill attention (bf16, head dims 64 and 128) from sm_80, unless
+        // `TESSERA_MMA_ATTENTION=0` (or the tiled kernels are off).
+        let mma_attention = (tiled_attention_smem > 0
+            && major >= 8
+            && flag_switch("TESSERA_MMA_ATTENTION").map_err(|e| err(&e))?)
+        .then(|| Ok::<_, TensorError>([load("attention_mma64")?, load("attention_mma128")?]))
+        .transpose()?;
         let skinny_reduce = load("skinny_reduce")?;
         let pdl_probe = load("pdl_probe_delay")?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| err(&e))?;
@@ -579,6 +589,7 @@ impl GpuDevice {
             skinny_fns,
             skinny_reduce,
             tiled_attention_smem,
+            mma_attention,
             pdl_probe,
             skinny: SkinnyUse::from_env().map_err(|e| err(&e))?,
             gemv,

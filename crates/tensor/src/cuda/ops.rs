@@ -1075,7 +1075,30 @@ pub fn attention(
     );
     // A prefill (not a captured decode step) of enough queries to fill a tile: the tiled kernel.
     let smem = attention_tiled_smem(hd);
-    if t >= TILED_MIN_QUERIES && io.is_none() && smem <= dev.tiled_attention_smem {
+    let prefill = t >= TILED_MIN_QUERIES && io.is_none();
+    let mma = match (&dev.mma_attention, hd, q.dtype()) {
+        (Some(f), 64, crate::DType::BF16) => Some(&f[0]),
+        (Some(f), 128, crate::DType::BF16) => Some(&f[1]),
+        _ => None,
+    };
+    if let (true, Some(f)) = (prefill, mma) {
+        let tt = t as i32;
+        let mut l = dev.stream.launch_builder(f);
+        push(&mut l, q);
+        push(&mut l, k);
+        push(&mut l, v);
+        push(&mut l, &out);
+        l.arg(&tt).arg(&a).arg(&b).arg(&s).arg(&w).arg(&scale);
+        let cfg = LaunchConfig {
+            grid_dim: (t.div_ceil(FA_BQ) as u32, hq as u32, 1),
+            block_dim: (128, 1, 1),
+            // The K and V tiles of 64 rows, padded by 8 values.
+            shared_mem_bytes: (2 * 64 * (hd + 8) * 2) as u32,
+        };
+        launched(&dev, unsafe { l.launch(cfg) })?;
+        return Ok(out);
+    }
+    if prefill && smem <= dev.tiled_attention_smem {
         let name = match hd.div_ceil(8) {
             0..=8 => "attention_tiled8",
             9..=16 => "attention_tiled16",
