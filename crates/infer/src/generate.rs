@@ -104,9 +104,10 @@ pub fn generate_on_rank(
             graph.greedy_step(m, &input, &mut cache, comm)?
         } else {
             let logits = m.forward(&input, &mut cache, Logits::Last, comm)?;
-            // -1: the logits hold NaN (every rank stops with the same error).
+            // -1: the logits hold NaN or +inf (no distribution to draw from; every rank stops
+            // with the same error).
             let mut msg = [-1i32; 1];
-            if comm.rank() == 0 && !logits.iter().any(|l| l.is_nan()) {
+            if comm.rank() == 0 && !logits.iter().any(|l| l.is_nan() || *l == f32::INFINITY) {
                 msg[0] = sampler.sample(&logits) as i32;
             }
             comm.broadcast(&mut msg, 0)?;

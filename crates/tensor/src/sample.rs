@@ -131,7 +131,12 @@ impl Sampler {
             }
             u -= p.1;
         }
-        kept.last().map_or(0, |p| p.0)
+        // Rounding left u past the last weight: the last token of any weight.
+        kept.iter()
+            .rev()
+            .find(|p| p.1 > 0.0)
+            .or(kept.last())
+            .map_or(0, |p| p.0)
     }
 
     /// The tokens a draw chooses among: those left after temperature, top-k, top-p and min-p
@@ -191,7 +196,8 @@ fn nucleus(probs: Vec<(u32, f64)>, top_p: f64) -> Vec<(u32, f64)> {
         mass_of[bin(p.1)] += p.1;
     }
     let total: f64 = mass_of.iter().sum();
-    let reached = |mass: f64| mass / total >= top_p;
+    // Some mass is needed: at top_p 0 the likeliest token alone.
+    let reached = |mass: f64| mass > 0.0 && mass / total >= top_p;
     let mut cum = 0.0;
     // Rounding may leave the running sum short of the total: then the last bin.
     let edge = mass_of
@@ -404,19 +410,20 @@ mod tests {
             .enumerate()
             .map(|(i, &l)| (i as u32, ((l as f64 - max) * inv_t).exp()))
             .collect();
-        probs.sort_by(likelier);
+        // Descending probability, the lower id first among equals.
+        probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if p.top_k > 0 && p.top_k < probs.len() {
             let kth = probs[p.top_k - 1].1;
             probs.retain(|q| q.1 >= kth);
         }
         if p.top_p < 1.0 {
             let total: f64 = probs.iter().map(|q| q.1).sum();
-            let mut mass = 0.0;
+            let mut cum = 0.0;
             let kept = probs
                 .iter()
                 .position(|q| {
-                    mass += q.1 / total;
-                    mass >= p.top_p as f64
+                    cum += q.1;
+                    cum / total >= p.top_p as f64
                 })
                 .map_or(probs.len(), |i| i + 1);
             probs.truncate(kept);
@@ -454,7 +461,7 @@ mod tests {
                     .collect();
                 for temperature in [0.3f32, 1.0, 2.5] {
                     for top_k in [0, 1, 3, 64, vocab.saturating_sub(1), vocab + 5] {
-                        for top_p in [1.0f32, 0.95, 0.5, 0.01] {
+                        for top_p in [1.0f32, 0.95, 0.5, 0.01, 0.0] {
                             for min_p in [0.0f32, 0.05, 0.6] {
                                 let p = SamplingParams {
                                     temperature,

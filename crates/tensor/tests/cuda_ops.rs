@@ -571,6 +571,18 @@ fn every_op_matches_the_cpu() {
             );
             assert_eq!(a.1, b.1, "target row {r}");
         }
+        // A NaN anywhere in a row makes its log-sum-exp NaN (here one of a thread's columns, in
+        // a row shorter than a block: no other lane's merge may drop it), as on the CPU.
+        let mut nan_row = rand_t(vec![2, 1000], DType::F32, 65).to_f32_vec();
+        nan_row[16] = f32::NAN;
+        let nan_row = Tensor::from_f32(vec![2, 1000], nan_row, dt).unwrap();
+        for x in [g(&nan_row), nan_row.clone()] {
+            let got = ops::logsumexp_rows(&x, &[None, Some(3)]).unwrap();
+            assert!(
+                got[0].0.is_nan() && got[1].0.is_finite(),
+                "NaN row: {got:?}"
+            );
+        }
         // Rows of a device tensor stay on the device.
         close(
             "rows",

@@ -28,7 +28,7 @@ pub struct DecodeArgs {
     /// Sample each step's tokens as `generate` does (eager steps; every rank's logits gathered to
     /// the host, rank 0 samples each sequence at Llama 3's settings, temperature 0.6 and top-p
     /// 0.9, and broadcasts the tokens) instead of greedy on the device. Random weights give flat
-    /// distributions, whose nuclei are the largest to sort.
+    /// distributions, whose nuclei are the largest (the slow end of sampling).
     #[arg(long, conflicts_with = "graph")]
     pub sample: bool,
     /// Time one rank's share of a tp-N step on one device, every collective skipped (rank 0's

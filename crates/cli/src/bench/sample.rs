@@ -1,6 +1,8 @@
 //! `tessera bench sample`: the time to sample one token from a vocabulary's logits on the host
 //! (what `generate` does every step when it samples), beside the straightforward way measured in
-//! the same run: a full sort of the vocabulary by probability, then the same cuts.
+//! the same run (what tessera's sampler did before, with its exponentials also over the host's
+//! threads): a full sort of the vocabulary by probability, then the same cuts. Both must keep the
+//! same tokens.
 
 use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
@@ -43,29 +45,33 @@ fn profiles(vocab: usize) -> Vec<(&'static str, Vec<f32>)> {
 }
 
 /// The same cuts after a full sort of the vocabulary: every token's probability, sorted, then
-/// top-k, top-p and min-p cut the sorted list. Returns how many tokens are kept and the token
+/// top-k, top-p and min-p cut the sorted list. Returns the ids kept (in order) and the token
 /// drawn at `u` (in [0, 1)) of their mass.
-fn full_sort(p: &SamplingParams, logits: &[f32], u: f64) -> (usize, u32) {
+fn full_sort(p: &SamplingParams, logits: &[f32], u: f64) -> (Vec<u32>, u32) {
     let inv_t = 1.0 / p.temperature as f64;
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    // As the sampler: the exponentials over the host's threads.
+    use rayon::prelude::*;
     let mut probs: Vec<(u32, f64)> = logits
-        .iter()
+        .par_iter()
+        .with_min_len(16_384)
         .enumerate()
         .map(|(i, &l)| (i as u32, ((l as f64 - max) * inv_t).exp()))
         .collect();
-    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    // A total order, so an unstable sort gives the one result.
+    probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     if p.top_k > 0 && p.top_k < probs.len() {
         let kth = probs[p.top_k - 1].1;
         probs.retain(|q| q.1 >= kth);
     }
     if p.top_p < 1.0 {
         let total: f64 = probs.iter().map(|q| q.1).sum();
-        let mut mass = 0.0;
+        let mut cum = 0.0;
         let kept = probs
             .iter()
             .position(|q| {
-                mass += q.1 / total;
-                mass >= p.top_p as f64
+                cum += q.1;
+                cum / total >= p.top_p as f64
             })
             .map_or(probs.len(), |i| i + 1);
         probs.truncate(kept);
@@ -73,13 +79,17 @@ fn full_sort(p: &SamplingParams, logits: &[f32], u: f64) -> (usize, u32) {
     let floor = p.min_p as f64 * probs[0].1;
     probs.retain(|q| q.1 >= floor);
     let mut left = u * probs.iter().map(|q| q.1).sum::<f64>();
+    let mut drawn = probs.last().map_or(0, |q| q.0);
     for q in &probs {
         if left < q.1 {
-            return (probs.len(), q.0);
+            drawn = q.0;
+            break;
         }
         left -= q.1;
     }
-    (probs.len(), probs.last().map_or(0, |q| q.0))
+    let mut ids: Vec<u32> = probs.iter().map(|q| q.0).collect();
+    ids.sort_unstable();
+    (ids, drawn)
 }
 
 pub fn run(a: SampleArgs) -> Result<()> {
@@ -114,11 +124,17 @@ pub fn run(a: SampleArgs) -> Result<()> {
     for (name, logits) in profiles(a.vocab) {
         for (what, p) in &settings {
             let s = Sampler::new(*p);
-            let kept = s.kept(&logits).len();
-            let (sorted_kept, _) = full_sort(p, &logits, 0.5);
-            if kept != sorted_kept {
-                bail!("{name}, {what}: the sampler kept {kept} tokens, a full sort {sorted_kept}");
+            let mut ids: Vec<u32> = s.kept(&logits).iter().map(|q| q.0).collect();
+            ids.sort_unstable();
+            let (sorted_ids, _) = full_sort(p, &logits, 0.5);
+            if ids != sorted_ids {
+                bail!(
+                    "{name}, {what}: the sampler kept {} tokens, a full sort {} (not the same ones)",
+                    ids.len(),
+                    sorted_ids.len()
+                );
             }
+            let kept = ids.len();
             let mut sampler = Sampler::new(*p);
             let ours = median_secs(a.runs, || {
                 std::hint::black_box(sampler.sample(&logits));

@@ -1116,13 +1116,16 @@ __device__ void argmax_rows(const T* x, const float* src_val, const int* src_idx
 
 // A running (max, sum of exp(x - max)) pair taking in another one.
 __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
+    // A NaN anywhere stays (its sum is NaN).
+    if (s != s) return;
+    if (s2 != s2) { s = s2; return; }
     if (m2 > m) { s = s * expf(m - m2) + s2; m = m2; }
     else if (m2 != NEG_INF) { s += s2 * expf(m2 - m); }
 }
-// Per row of x [rows, n]: its largest value m, sum of exp(x - m) s, and the value at column
-// targets[row] (NaN where that is outside [0, n): another rank's vocabulary), in one pass with a
-// running max a thread, in f32 (the log-probabilities of `score`, the row never leaving the
-// device). One block a row.
+// Per row of x [rows, n]: its largest value m, sum of exp(x - m) s (NaN where the row holds a
+// NaN), and the value at column targets[row] (NaN where that is outside [0, n): another rank's
+// vocabulary), in one pass with a running max a thread, in f32 (the log-probabilities of
+// `score`, the row never leaving the device). One block of 1024 a row.
 template <typename T>
 __device__ void lse_rows(const T* x, const int* targets, int n, float* out_m, float* out_s, float* out_t) {
     __shared__ float sm[32], ss[32];
@@ -1130,7 +1133,8 @@ __device__ void lse_rows(const T* x, const int* targets, int n, float* out_m, fl
     float m = NEG_INF, s = 0.f;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         float v = ld(x, row * n + i);
-        if (v > m) { s = s * expf(m - v) + 1.f; m = v; }
+        if (v != v) s = v;  // NaN: the sum stays NaN whatever follows
+        else if (v > m) { s = s * expf(m - v) + 1.f; m = v; }
         else if (v != NEG_INF) { s += expf(v - m); }
     }
     for (int o = 16; o > 0; o >>= 1) {
@@ -1811,7 +1815,7 @@ extern "C" __global__ void qkv_rope_append_##S(const T* qkv, T* q, T* kc, T* vc,
 extern "C" __global__ void __launch_bounds__(256) attention_tiled8_##S(const T* q, const T* k, const T* v, T* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_tiled<T, 8>(q, k, v, o, t, hq, hkv, hd, start, window, scale); } \
 extern "C" __global__ void __launch_bounds__(256) attention_tiled16_##S(const T* q, const T* k, const T* v, T* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_tiled<T, 16>(q, k, v, o, t, hq, hkv, hd, start, window, scale); } \
 extern "C" __global__ void __launch_bounds__(256) attention_tiled32_##S(const T* q, const T* k, const T* v, T* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_tiled<T, 32>(q, k, v, o, t, hq, hkv, hd, start, window, scale); } \
-extern "C" __global__ void lse_rows_##S(const T* x, const int* t, int n, float* m, float* s, float* v) { lse_rows(x, t, n, m, s, v); } \
+extern "C" __global__ void __launch_bounds__(1024) lse_rows_##S(const T* x, const int* t, int n, float* m, float* s, float* v) { lse_rows(x, t, n, m, s, v); } \
 extern "C" __global__ void argmax_rows_##S(const T* x, const float* sv, const int* si, int n, int per, float* v, int* i) { argmax_rows(x, sv, si, n, per, v, i); } \
 extern "C" __global__ void fill_random_##S(T* x, long n, unsigned long long seed, float scale, float offset) { fill_random(x, n, seed, scale, offset); }
 

@@ -532,33 +532,34 @@ impl GpuDevice {
             };
             skinny_fns.push((fits && set().is_ok()).then_some(f));
         }
-        // The tiled prefill attention where its shared memory at the largest head dim can be had
-        // (`TESSERA_TILED_ATTENTION=0`: the kernel a query at a time, for measurements).
-        let tiled_attention_smem = {
-            let want = ops::attention_tiled_smem(ops::ATTN_MAX_HD);
-            let set = || {
-                ["attention_tiled8", "attention_tiled16", "attention_tiled32"]
-                    .iter()
-                    .flat_map(|&n| [DType::F32, DType::BF16].map(|dt| (n, dt)))
-                    .all(|key| {
-                        funcs[&key]
-                            .set_attribute(
-                                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                want as i32,
-                            )
-                            .is_ok()
-                    })
-            };
-            let on = flag_switch("TESSERA_TILED_ATTENTION").map_err(|e| err(&e))?;
-            if on && want <= smem_optin && set() {
+        // The tiled prefill attention with the shared memory the device lends a block (each call
+        // checks its head dim's need against it: 140 KB at head dim 256, 74 KB at 128), and the
+        // tensor-core one (34 KB at most) from sm_80; `TESSERA_TILED_ATTENTION=0` turns both off
+        // (the kernel a query at a time), `TESSERA_MMA_ATTENTION=0` the tensor-core one.
+        let tiled = flag_switch("TESSERA_TILED_ATTENTION").map_err(|e| err(&e))?;
+        let tiled_attention_smem = if tiled {
+            let want = ops::attention_tiled_smem(ops::ATTN_MAX_HD).min(smem_optin);
+            let set = ["attention_tiled8", "attention_tiled16", "attention_tiled32"]
+                .iter()
+                .flat_map(|&n| [DType::F32, DType::BF16].map(|dt| (n, dt)))
+                .all(|key| {
+                    funcs[&key]
+                        .set_attribute(
+                            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            want as i32,
+                        )
+                        .is_ok()
+                });
+            // Without the opt-in, what every block gets.
+            if set {
                 want
             } else {
-                0
+                48 << 10
             }
+        } else {
+            0
         };
-        // The tensor-core prefill attention (bf16, head dims 64 and 128) from sm_80, unless
-        // `TESSERA_MMA_ATTENTION=0` (or the tiled kernels are off).
-        let mma_attention = (tiled_attention_smem > 0
+        let mma_attention = (tiled
             && major >= 8
             && flag_switch("TESSERA_MMA_ATTENTION").map_err(|e| err(&e))?)
         .then(|| Ok::<_, TensorError>([load("attention_mma64")?, load("attention_mma128")?]))

@@ -109,6 +109,10 @@ mod tests {
             .collect::<Vec<_>>()[1];
         assert!((got[1].0 - lse1).abs() < 1e-12 && got[1].1.is_none());
         assert!(logsumexp_rows(&x, &[Some(4), None]).is_err());
+        // A NaN in a row: its log-sum-exp is NaN.
+        let y = crate::Tensor::from_f32(vec![1, 3], vec![0.5, f32::NAN, 2.0], crate::DType::F32)
+            .unwrap();
+        assert!(logsumexp_rows(&y, &[Some(0)]).unwrap()[0].0.is_nan());
         assert!(logsumexp_rows(&x, &[Some(0)]).is_err());
     }
 
