@@ -66,6 +66,9 @@ pub struct Sampler {
     /// by id, so an id past the vocabulary costs nothing but an entry).
     seen: std::collections::BTreeSet<u32>,
     output_counts: std::collections::BTreeMap<u32, u32>,
+    /// The last draw's candidates, their memory reused by the next (a vocabulary's worth: asking
+    /// the system for it afresh every token cost page faults).
+    scratch: Vec<(u32, f64)>,
 }
 
 impl Sampler {
@@ -75,6 +78,7 @@ impl Sampler {
             rng: ChaCha8Rng::seed_from_u64(params.seed),
             seen: Default::default(),
             output_counts: Default::default(),
+            scratch: Vec::new(),
         }
     }
 
@@ -122,10 +126,19 @@ impl Sampler {
         if self.params.temperature <= 0.0 {
             return argmax(logits);
         }
-        let kept = self.kept(logits);
+        let mut kept = std::mem::take(&mut self.scratch);
+        self.kept_into(logits, &mut kept);
+        let token = self.draw(&kept);
+        // Kept for the next draw: its memory is not asked of the system again.
+        self.scratch = kept;
+        token
+    }
+
+    /// A token of `kept`, each at its share of their weight.
+    fn draw(&mut self, kept: &[(u32, f64)]) -> u32 {
         let kept_total: f64 = kept.iter().map(|p| p.1).sum();
         let mut u = self.rng.random::<f64>() * kept_total;
-        for p in &kept {
+        for p in kept {
             if u < p.1 {
                 return p.0;
             }
@@ -149,16 +162,25 @@ impl Sampler {
     /// as this did before, took 8 ms on a GPU host, twice a decode step of an 8B model there, and
     /// a sort of a flat distribution's nucleus almost as long: `tessera bench sample`.)
     pub fn kept(&self, logits: &[f32]) -> Vec<(u32, f64)> {
+        let mut probs = Vec::new();
+        self.kept_into(logits, &mut probs);
+        probs
+    }
+
+    /// [`Self::kept`] into `probs` (its memory reused).
+    fn kept_into(&self, logits: &[f32], probs: &mut Vec<(u32, f64)>) {
         use rayon::prelude::*;
         let inv_t = 1.0 / self.params.temperature as f64;
         let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
         // The exponentials are most of the work: over the host's threads for a large vocabulary.
-        let mut probs: Vec<(u32, f64)> = logits
-            .par_iter()
-            .with_min_len(16_384)
-            .enumerate()
-            .map(|(i, &l)| (i as u32, ((l as f64 - max) * inv_t).exp()))
-            .collect();
+        probs.clear();
+        probs.par_extend(
+            logits
+                .par_iter()
+                .with_min_len(16_384)
+                .enumerate()
+                .map(|(i, &l)| (i as u32, ((l as f64 - max) * inv_t).exp())),
+        );
         // Top-k keeps every token as likely as the k-th (ties at the edge stay, as transformers'
         // TopKLogitsWarper and vLLM remove only those below it).
         let k = self.params.top_k;
@@ -171,7 +193,7 @@ impl Sampler {
         // of what is left reaches top_p.
         let top_p = self.params.top_p.clamp(0.0, 1.0) as f64;
         if top_p < 1.0 {
-            probs = nucleus(probs, top_p);
+            nucleus(probs, top_p);
         }
         if self.params.min_p > 0.0 {
             let top = probs.iter().map(|p| p.1).fold(0.0, f64::max);
@@ -179,20 +201,19 @@ impl Sampler {
             let floor = (self.params.min_p as f64 * top).min(top);
             probs.retain(|p| p.1 >= floor);
         }
-        probs
     }
 }
 
-/// The smallest set of likeliest tokens of `probs` whose share of the whole mass reaches `top_p`
-/// (ties at its edge taken lower id first).
+/// Leaves in `probs` the smallest set of its likeliest tokens whose share of the whole mass
+/// reaches `top_p` (ties at its edge taken lower id first).
 ///
 /// Probabilities are positive finite f64s, whose bits order them: binned by exponent and the top
 /// 8 bits of the mantissa, every token of a bin before the one where the mass is reached is in
 /// the nucleus and none after it is. Of that edge bin (a few tokens, or a few thousandths of a
 /// flat vocabulary) selection finds how many are needed.
-fn nucleus(probs: Vec<(u32, f64)>, top_p: f64) -> Vec<(u32, f64)> {
+fn nucleus(probs: &mut Vec<(u32, f64)>, top_p: f64) {
     let mut mass_of = vec![0.0f64; BINS];
-    for p in &probs {
+    for p in probs.iter() {
         mass_of[bin(p.1)] += p.1;
     }
     let total: f64 = mass_of.iter().sum();
@@ -208,7 +229,7 @@ fn nucleus(probs: Vec<(u32, f64)>, top_p: f64) -> Vec<(u32, f64)> {
         })
         .unwrap_or(BINS - 1);
     let (mut kept, mut at_edge) = (Vec::new(), Vec::new());
-    for &p in &probs {
+    for &p in probs.iter() {
         match bin(p.1).cmp(&edge) {
             std::cmp::Ordering::Less => kept.push(p),
             std::cmp::Ordering::Equal => at_edge.push(p),
@@ -221,11 +242,13 @@ fn nucleus(probs: Vec<(u32, f64)>, top_p: f64) -> Vec<(u32, f64)> {
     if !reached(below + edge_mass) {
         below += edge_mass;
         kept.append(&mut at_edge);
-        at_edge = probs.into_iter().filter(|p| bin(p.1) > edge).collect();
+        at_edge = probs.iter().filter(|p| bin(p.1) > edge).copied().collect();
     }
     let n = take_likeliest(&mut at_edge, below, &reached);
     kept.extend_from_slice(&at_edge[..n]);
-    kept
+    // In place: the caller's memory stays for its next draw.
+    probs.clear();
+    probs.extend_from_slice(&kept);
 }
 
 /// Bins of probabilities in (0, 1], in descending order: 256 for each binary order of magnitude
