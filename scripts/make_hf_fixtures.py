@@ -247,54 +247,35 @@ def token_logprobs(model, tokens):
     return out, logits
 
 
-def greedy(model, prompt, eos_id):
+def greedy(model, prompt, eos_id, penalty=None):
+    """HF's greedy generate and its smallest margin between the two likeliest tokens. Plain: over
+    the raw logits, cross-checked against one full forward. With a repetition `penalty` (a logits
+    processor: it applies greedy too): over the processed scores."""
     ids = torch.tensor([prompt], dtype=torch.long)
+    plain = penalty is None
     with torch.no_grad():
         res = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             do_sample=False,
             max_new_tokens=MAX_NEW_TOKENS,
-            output_logits=True,
             return_dict_in_generate=True,
             pad_token_id=eos_id,
+            **({"output_logits": True} if plain else {"repetition_penalty": penalty, "output_scores": True}),
         )
     gen = res.sequences[0, len(prompt):].tolist()
     margins = []
-    for step, lg in enumerate(res.logits):
+    for step, lg in enumerate(res.logits if plain else res.scores):
         top2 = torch.topk(lg[0].to(torch.float64), 2).values
         margins.append((top2[0] - top2[1]).item())
         assert int(lg[0].argmax()) == gen[step], (step, gen)
-    # Cross-check the KV-cached generation against a single full forward.
-    full = prompt + gen
-    _, logits = token_logprobs(model, full)
-    for step in range(len(gen)):
-        pos = len(prompt) - 1 + step
-        assert int(logits[pos].argmax()) == gen[step], ("full-forward argmax differs", step)
-    return gen, min(margins)
-
-
-def greedy_penalized(model, prompt, eos_id, penalty):
-    """HF's greedy generate with a repetition penalty (a logits processor: it applies greedy too);
-    the margin is over the processed scores."""
-    ids = torch.tensor([prompt], dtype=torch.long)
-    with torch.no_grad():
-        res = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            repetition_penalty=penalty,
-            max_new_tokens=MAX_NEW_TOKENS,
-            output_scores=True,
-            return_dict_in_generate=True,
-            pad_token_id=eos_id,
-        )
-    gen = res.sequences[0, len(prompt):].tolist()
-    margins = []
-    for step, sc in enumerate(res.scores):
-        top2 = torch.topk(sc[0].to(torch.float64), 2).values
-        margins.append((top2[0] - top2[1]).item())
-        assert int(sc[0].argmax()) == gen[step], (step, gen)
+    if plain:
+        # Cross-check the KV-cached generation against a single full forward.
+        full = prompt + gen
+        _, logits = token_logprobs(model, full)
+        for step in range(len(gen)):
+            pos = len(prompt) - 1 + step
+            assert int(logits[pos].argmax()) == gen[step], ("full-forward argmax differs", step)
     return gen, min(margins)
 
 
@@ -418,7 +399,7 @@ def make_llama(out, tokdir, bos, eos):
     # cases' prompts: the tokens of one at least differ from the plain greedy ones.
     ref["greedy_repetition_penalty"] = []
     for case in ref["greedy"]:
-        gen, margin = greedy_penalized(m64, case["prompt_tokens"], eos, REPETITION_PENALTY)
+        gen, margin = greedy(m64, case["prompt_tokens"], eos, REPETITION_PENALTY)
         assert margin >= MIN_MARGIN, margin
         ref["greedy_repetition_penalty"].append({
             "prompt_tokens": case["prompt_tokens"],
@@ -448,7 +429,7 @@ def make_llama(out, tokdir, bos, eos):
     for case in ref["greedy"]:
         for j in range(1, MAX_NEW_TOKENS):
             prompt = [bos] + case["prompt_tokens"] + case["tokens"][:j]
-            gen, margin = greedy_penalized(m64, prompt, eos, REPETITION_PENALTY)
+            gen, margin = greedy(m64, prompt, eos, REPETITION_PENALTY)
             if margin >= MIN_MARGIN and gen != output_only(prompt):
                 found = (prompt, gen, margin)
                 break
