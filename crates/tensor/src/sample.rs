@@ -297,6 +297,45 @@ fn likelier(a: &(u32, f64), b: &(u32, f64)) -> std::cmp::Ordering {
     b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
 }
 
+/// The tokens [`Sampler::kept`] keeps, found the straightforward way (as the sampler did before):
+/// every token's probability, a full sort (descending, the lower id first among equals), then
+/// top-k, top-p (a running sum) and min-p cutting the sorted list; in that order. The reference
+/// of the sampler's tests and the peer of `tessera bench sample`, written apart from the sampler's
+/// own ordering and binning.
+pub fn kept_by_full_sort(p: &SamplingParams, logits: &[f32]) -> Vec<(u32, f64)> {
+    use rayon::prelude::*;
+    let inv_t = 1.0 / p.temperature as f64;
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    // As the sampler: the exponentials over the host's threads.
+    let mut probs: Vec<(u32, f64)> = logits
+        .par_iter()
+        .with_min_len(16_384)
+        .enumerate()
+        .map(|(i, &l)| (i as u32, ((l as f64 - max) * inv_t).exp()))
+        .collect();
+    // A total order, so an unstable sort gives the one result.
+    probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if p.top_k > 0 && p.top_k < probs.len() {
+        let kth = probs[p.top_k - 1].1;
+        probs.retain(|q| q.1 >= kth);
+    }
+    if p.top_p < 1.0 {
+        let total: f64 = probs.iter().map(|q| q.1).sum();
+        let mut cum = 0.0;
+        let kept = probs
+            .iter()
+            .position(|q| {
+                cum += q.1;
+                cum / total >= p.top_p as f64
+            })
+            .map_or(probs.len(), |i| i + 1);
+        probs.truncate(kept);
+    }
+    let floor = p.min_p as f64 * probs[0].1;
+    probs.retain(|q| q.1 >= floor);
+    probs
+}
+
 /// Index of the largest logit; the lowest index wins a tie.
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -423,40 +462,6 @@ mod tests {
         assert_eq!(seen, vec![0, 1, 2, 3, 4]);
     }
 
-    /// The kept tokens as the straightforward way finds them: a full sort of the vocabulary, then
-    /// top-k, top-p and min-p cutting it (top-p skipped at 1), sorted by id.
-    fn kept_by_full_sort(p: &SamplingParams, logits: &[f32]) -> Vec<(u32, f64)> {
-        let inv_t = 1.0 / p.temperature as f64;
-        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let mut probs: Vec<(u32, f64)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, ((l as f64 - max) * inv_t).exp()))
-            .collect();
-        // Descending probability, the lower id first among equals.
-        probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if p.top_k > 0 && p.top_k < probs.len() {
-            let kth = probs[p.top_k - 1].1;
-            probs.retain(|q| q.1 >= kth);
-        }
-        if p.top_p < 1.0 {
-            let total: f64 = probs.iter().map(|q| q.1).sum();
-            let mut cum = 0.0;
-            let kept = probs
-                .iter()
-                .position(|q| {
-                    cum += q.1;
-                    cum / total >= p.top_p as f64
-                })
-                .map_or(probs.len(), |i| i + 1);
-            probs.truncate(kept);
-        }
-        let floor = p.min_p as f64 * probs[0].1;
-        probs.retain(|q| q.1 >= floor);
-        probs.sort_by_key(|q| q.0);
-        probs
-    }
-
     /// The sampler's kept tokens (by selection and a sorted prefix) are those of a full sort, with
     /// the same probabilities, over peaked, flat and tied logits and every kind of cut; and a draw
     /// lands on each kept token at its share of their mass.
@@ -495,7 +500,9 @@ mod tests {
                                 };
                                 let mut kept = Sampler::new(p).kept(&logits);
                                 kept.sort_by_key(|q| q.0);
-                                assert_eq!(kept, kept_by_full_sort(&p, &logits), "{p:?} {vocab}");
+                                let mut want = kept_by_full_sort(&p, &logits);
+                                want.sort_by_key(|q| q.0);
+                                assert_eq!(kept, want, "{p:?} {vocab}");
                             }
                         }
                     }

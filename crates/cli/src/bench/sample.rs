@@ -44,40 +44,11 @@ fn profiles(vocab: usize) -> Vec<(&'static str, Vec<f32>)> {
     vec![("flat", flat), ("confident", peaked)]
 }
 
-/// The same cuts after a full sort of the vocabulary: every token's probability, sorted, then
-/// top-k, top-p and min-p cut the sorted list. Returns the ids kept (in order) and the token
-/// drawn at `u` (in [0, 1)) of their mass.
+/// The same cuts after a full sort of the vocabulary
+/// ([`tessera_tensor::sample::kept_by_full_sort`]), then a draw as the sampler's. Returns the ids
+/// kept (in order) and the token drawn at `u` (in [0, 1)) of their mass.
 fn full_sort(p: &SamplingParams, logits: &[f32], u: f64) -> (Vec<u32>, u32) {
-    let inv_t = 1.0 / p.temperature as f64;
-    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    // As the sampler: the exponentials over the host's threads.
-    use rayon::prelude::*;
-    let mut probs: Vec<(u32, f64)> = logits
-        .par_iter()
-        .with_min_len(16_384)
-        .enumerate()
-        .map(|(i, &l)| (i as u32, ((l as f64 - max) * inv_t).exp()))
-        .collect();
-    // A total order, so an unstable sort gives the one result.
-    probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    if p.top_k > 0 && p.top_k < probs.len() {
-        let kth = probs[p.top_k - 1].1;
-        probs.retain(|q| q.1 >= kth);
-    }
-    if p.top_p < 1.0 {
-        let total: f64 = probs.iter().map(|q| q.1).sum();
-        let mut cum = 0.0;
-        let kept = probs
-            .iter()
-            .position(|q| {
-                cum += q.1;
-                cum / total >= p.top_p as f64
-            })
-            .map_or(probs.len(), |i| i + 1);
-        probs.truncate(kept);
-    }
-    let floor = p.min_p as f64 * probs[0].1;
-    probs.retain(|q| q.1 >= floor);
+    let probs = tessera_tensor::sample::kept_by_full_sort(p, logits);
     let mut left = u * probs.iter().map(|q| q.1).sum::<f64>();
     let mut drawn = probs.last().map_or(0, |q| q.0);
     for q in &probs {
