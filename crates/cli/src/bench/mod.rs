@@ -66,13 +66,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
 /// Median of `runs` timings of `f`, in seconds, after one warm-up.
 pub fn median_secs(runs: usize, mut f: impl FnMut()) -> f64 {
     f();
-    let mut t: Vec<f64> = (0..runs.max(1))
+    let t: Vec<f64> = (0..runs.max(1))
         .map(|_| {
             let s = std::time::Instant::now();
             f();
             s.elapsed().as_secs_f64()
         })
         .collect();
+    median(t)
+}
+
+/// The median of timings (the upper one of an even count).
+pub fn median(mut t: Vec<f64>) -> f64 {
     t.sort_by(f64::total_cmp);
     t[t.len() / 2]
 }

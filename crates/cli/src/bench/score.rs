@@ -12,6 +12,8 @@ use tessera_infer::{device_of_rank, run_tp, with_rank_comm, InferError};
 use tessera_model::{LlamaModel, Logits, ModelConfig, TpRank};
 use tessera_tensor::{ops, DType, Device};
 
+use super::median;
+
 #[derive(clap::Args, Debug)]
 pub struct ScoreArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
@@ -158,9 +160,4 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn median(mut t: Vec<f64>) -> f64 {
-    t.sort_by(f64::total_cmp);
-    t[t.len() / 2]
 }

@@ -54,11 +54,7 @@ pub fn logsumexp_rows(
     let v = x.to_f32_vec();
     Ok(v.par_chunks(n)
         .zip(targets)
-        .map(|(row, t)| {
-            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
-            (max + sum.ln(), t.map(|j| row[j] as f64))
-        })
+        .map(|(row, t)| (logsumexp(row), t.map(|j| row[j] as f64)))
         .collect())
 }
 
@@ -79,15 +75,19 @@ pub fn softmax_inplace(row: &mut [f32]) {
     }
 }
 
+/// `log Σ exp(row)` in f64, the max subtracted first.
+fn logsumexp(row: &[f32]) -> f64 {
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    max + row
+        .iter()
+        .map(|&x| (x as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+}
+
 /// `log_softmax(row)` in f64, for exact log-probabilities.
 pub fn log_softmax(row: &[f32]) -> Vec<f64> {
-    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = max
-        + row
-            .iter()
-            .map(|&x| (x as f64 - max).exp())
-            .sum::<f64>()
-            .ln();
+    let lse = logsumexp(row);
     row.iter().map(|&x| x as f64 - lse).collect()
 }
 
