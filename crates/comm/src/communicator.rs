@@ -76,6 +76,13 @@ pub trait Communicator: Send + Sync {
     fn all_reduce_tensor(&self, t: &mut Tensor, op: ReduceOp) -> Result<(), CommError> {
         all_reduce_tensor_via_host(self, t, op)
     }
+    /// Every rank's `t` (the same shape and dtype on every rank) stacked in rank order,
+    /// `[world_size, ..t's shape]`, on `t`'s device. The default carries it through host memory
+    /// (correct, not fast, for device tensors); a device backend (`NcclComm`) gathers device
+    /// memory where it lies, queued on the device's stream without waiting.
+    fn all_gather_tensor(&self, t: &Tensor) -> Result<Tensor, CommError> {
+        all_gather_tensor_via_host(self, t)
+    }
     /// `x += ` the sum over the group of `part` (a row-parallel projection's output), then the
     /// RMSNorm of every row of the new `x` with scale `w`: what a decoder layer does after its
     /// o and down projections, in one step where the backend fuses it (`NcclComm` over NVLink,
@@ -126,6 +133,44 @@ pub fn all_reduce_tensor_via_host<C: Communicator + ?Sized>(
             Ok(())
         }
     }
+}
+
+/// [`Communicator::all_gather_tensor`] through host memory.
+pub fn all_gather_tensor_via_host<C: Communicator + ?Sized>(
+    comm: &C,
+    t: &Tensor,
+) -> Result<Tensor, CommError> {
+    fn gathered<T: Element + Default + Clone, C: Communicator + ?Sized>(
+        comm: &C,
+        v: &[T],
+    ) -> Result<Vec<T>, CommError> {
+        let mut all = vec![T::default(); v.len() * comm.world_size()];
+        comm.all_gather(v, &mut all)?;
+        Ok(all)
+    }
+    let device_err = |e: tessera_tensor::TensorError| CommError::Device {
+        rank: comm.rank(),
+        msg: e.to_string(),
+    };
+    let storage = match t.storage() {
+        Storage::F32(v) => Storage::F32(gathered(comm, v)?),
+        Storage::BF16(v) => Storage::BF16(gathered(comm, v)?),
+        Storage::F16(v) => Storage::F16(gathered(comm, v)?),
+        #[allow(unreachable_patterns)]
+        other => {
+            // Device memory: through f32 on the host (exact: the values are the dtype's).
+            let mut host = vec![0.0f32; other.len()];
+            other.read_f32(0, &mut host);
+            let all = gathered(comm, &host)?;
+            let mut s =
+                Storage::zeros_on(other.dtype(), all.len(), other.device()).map_err(device_err)?;
+            s.write_f32(0, &all);
+            s
+        }
+    };
+    let mut shape = vec![comm.world_size()];
+    shape.extend_from_slice(t.shape());
+    Tensor::new(shape, storage).map_err(device_err)
 }
 
 /// An asynchronous typed collective in flight; [`Pending::wait`] returns its output.
@@ -263,6 +308,35 @@ mod tests {
     use super::*;
     use crate::LocalGroup;
     use tessera_tensor::DType;
+
+    /// The default tensor all-gather stacks every rank's tensor in rank order, in its own dtype.
+    #[test]
+    fn tensor_all_gather_through_the_host() {
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            let comms = LocalGroup::new(3).into_comms();
+            let value = |r: usize, i: usize| dt.round(0.37 * i as f32 - r as f32 * 1.1);
+            let out: Vec<Tensor> = std::thread::scope(|s| {
+                let hs: Vec<_> = comms
+                    .into_iter()
+                    .map(|c| {
+                        s.spawn(move || {
+                            let v = (0..6).map(|i| value(c.rank(), i)).collect();
+                            let t = Tensor::from_f32(vec![2, 3], v, dt).unwrap();
+                            c.all_gather_tensor(&t).unwrap()
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let want: Vec<f32> = (0..3)
+                .flat_map(|r| (0..6).map(move |i| value(r, i)))
+                .collect();
+            for g in &out {
+                assert_eq!((g.shape(), g.dtype()), (&[3, 2, 3][..], dt));
+                assert_eq!(g.to_f32_vec(), want);
+            }
+        }
+    }
 
     /// The default tensor all-reduce equals the typed host all-reduce of the same values, in the
     /// tensor's own dtype.

@@ -47,7 +47,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub use check::check_mode_from_env;
-pub use communicator::{all_reduce_tensor_via_host, CommExt, Communicator, Pending, ReduceOp};
+pub use communicator::{
+    all_gather_tensor_via_host, all_reduce_tensor_via_host, CommExt, Communicator, Pending,
+    ReduceOp,
+};
 pub use element::{ElemKind, Element, OwnedBuf};
 pub use error::CommError;
 pub use launch_env::{LaunchEnv, Launcher};

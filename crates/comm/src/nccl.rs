@@ -20,7 +20,7 @@ use tessera_tensor::cuda::nccl::{self, Cancel, DeviceComm, NcclFailure, Reduce, 
 use tessera_tensor::cuda::p2p::P2pAllReduce;
 use tessera_tensor::{Storage, Tensor};
 
-use crate::communicator::all_reduce_tensor_via_host;
+use crate::communicator::{all_gather_tensor_via_host, all_reduce_tensor_via_host};
 use crate::{args, CommError, Communicator, ElemKind, ReduceOp};
 
 enum Host<'a> {
@@ -365,6 +365,19 @@ impl Communicator for NcclComm<'_> {
         self.dev
             .all_reduce_storage(t.storage_mut(), reduce(op))
             .map_err(|e| self.device_error(e))
+    }
+
+    fn all_gather_tensor(&self, t: &Tensor) -> Result<Tensor, CommError> {
+        if !matches!(t.storage(), Storage::Cuda(_)) {
+            return all_gather_tensor_via_host(self, t);
+        }
+        let gathered = self
+            .dev
+            .all_gather_storage(t.storage())
+            .map_err(|e| self.device_error(e))?;
+        let mut shape = vec![self.world_size()];
+        shape.extend_from_slice(t.shape());
+        Tensor::new(shape, gathered).map_err(|e| self.device_error(e))
     }
 
     fn all_reduce_add_rms_norm(

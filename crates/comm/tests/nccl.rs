@@ -162,6 +162,24 @@ fn every_collective_gives_the_expected_values() {
                 assert!(matches!(t.storage(), Storage::Cuda(_)), "left the GPU");
                 assert_eq!(t.to_f32_vec(), sum, "all_reduce_tensor {dt}");
             }
+            // Gathered where they lie, stacked in rank order, in their own dtype.
+            let every: Vec<f32> = (0..world)
+                .flat_map(|r| (0..n).map(move |i| value(r, i)))
+                .collect();
+            for dt in [DType::F32, DType::BF16] {
+                let t = Tensor::from_f32(vec![3, n / 3], mine.clone(), dt)
+                    .unwrap()
+                    .to_device(Device::Cuda(rank))
+                    .unwrap();
+                let g = c.all_gather_tensor(&t).unwrap();
+                assert!(matches!(g.storage(), Storage::Cuda(_)), "left the GPU");
+                assert_eq!(g.shape(), [world, 3, n / 3]);
+                assert_eq!((g.dtype(), g.to_f32_vec()), (dt, every.clone()));
+            }
+            let g = c
+                .all_gather_tensor(&Tensor::from_f32(vec![n], mine.clone(), DType::F32).unwrap())
+                .unwrap();
+            assert_eq!(g.to_f32_vec(), every, "all_gather_tensor of a host tensor");
             // A host tensor goes through the host path of the same communicator.
             let mut t = Tensor::from_f32(vec![n], mine.clone(), DType::F32).unwrap();
             c.all_reduce_tensor(&mut t, ReduceOp::Sum).unwrap();

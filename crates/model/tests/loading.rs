@@ -3,8 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+use tessera_comm::LocalGroup;
 use tessera_model::synthetic::{llama_config_json, random_safetensors};
-use tessera_model::{Checkpoint, LlamaModel, ModelConfig, RopeConfig, RopeScaling, TpRank};
+use tessera_model::{Checkpoint, LlamaModel, Logits, ModelConfig, RopeConfig, RopeScaling, TpRank};
 use tessera_tensor::DType;
 
 fn fixtures() -> PathBuf {
@@ -192,6 +193,63 @@ fn a_rank_holds_one_tp_th_of_the_weights() {
                 (share - 1.0 / tp as f64).abs() < 0.01,
                 "tp {tp} rank {rank}: {share}"
             );
+        }
+    }
+}
+
+/// The full logits the vocab-parallel head gathers (a prefill's every row, then a decode step's
+/// last row) are the single rank's at tp 2 and 3, where the vocabulary of 1,001 does not split
+/// evenly (shards of 501 / 500 and 334 / 334 / 333 rows): each in its place, none lost.
+#[test]
+fn gathered_logits_at_every_tp_are_the_single_ranks() {
+    let (cfg, bytes) = random_model(
+        &llama_config_json(1001, 48, 64, 2, 6, 6, false),
+        DType::F32,
+        3,
+    );
+    let logits = |tp: usize| -> Vec<Vec<f32>> {
+        let comms = LocalGroup::new(tp).into_comms();
+        let out: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .into_iter()
+                .enumerate()
+                .map(|(rank, comm)| {
+                    let cfg = cfg.clone();
+                    s.spawn(move || {
+                        let ck = Checkpoint::from_static("mem", bytes).unwrap();
+                        let m = LlamaModel::from_checkpoint(
+                            &ck,
+                            cfg,
+                            TpRank { rank, size: tp },
+                            DType::F32,
+                        )
+                        .unwrap();
+                        let mut c = m.new_cache(8).unwrap();
+                        let all = m.forward(&[5, 999, 1000, 0], &mut c, Logits::All, &comm);
+                        let last = m.forward(&[500], &mut c, Logits::Last, &comm);
+                        vec![all.unwrap(), last.unwrap()]
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(
+            out.iter().all(|o| *o == out[0]),
+            "tp {tp}: the ranks' logits differ"
+        );
+        out.into_iter().next().unwrap()
+    };
+    let one = logits(1);
+    assert_eq!((one[0].len(), one[1].len()), (4 * 1001, 1001));
+    for tp in [2, 3] {
+        for (got, want) in logits(tp).iter().zip(&one) {
+            assert_eq!(got.len(), want.len());
+            for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                    "tp {tp} logit {i}: {g} vs {w}"
+                );
+            }
         }
     }
 }

@@ -404,7 +404,7 @@ fn sampled_step(
 /// (`all_reduce_add_rms_norm`; with `TESSERA_P2P_PUSH=1` after the GEMV that would push to the
 /// peers at batch 1) set up for a group of one: its own kernel and launch in the step, without the exchange (no peer to
 /// push to or wait for), so the step shows what the fused path's kernels cost apart from NVLink.
-struct SkipComm {
+pub(super) struct SkipComm {
     world: usize,
     #[cfg(feature = "cuda")]
     fused: Option<tessera_tensor::cuda::p2p::P2pAllReduce>,
@@ -490,7 +490,7 @@ impl SkipComm {
         })
     }
 
-    fn new(world: usize, device: Device, hold_us: Option<f64>) -> Result<Self> {
+    pub(super) fn new(world: usize, device: Device, hold_us: Option<f64>) -> Result<Self> {
         #[cfg(feature = "cuda")]
         let off = !tessera_comm::nvlink_wanted().map_err(anyhow::Error::msg)?;
         #[cfg(feature = "cuda")]

@@ -3,6 +3,8 @@
 //! (each rank's log-sum-exp over its own vocabulary rows; three numbers a position exchanged), as
 //! `score` does, and the straightforward way it replaces (every position's logits gathered to
 //! every rank's host, then a log-softmax of each row there). Both must give the same numbers.
+//! Beside them, the layers alone (the same pass with the head over the last row only), so that
+//! what the head and its exchange cost shows.
 
 use std::time::Instant;
 
@@ -34,6 +36,10 @@ pub struct ScoreArgs {
     /// cpu, or cuda (rank r on GPU r).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Rank 0 of a tp group of N alone, its collectives skipped (instead of --tp): the compute
+    /// a rank's share of the pass cannot go below. Its log-probs are not the model's.
+    #[arg(long)]
+    pub one_rank_of: Option<usize>,
 }
 
 pub fn run(a: ScoreArgs) -> Result<()> {
@@ -51,18 +57,20 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     if !(1..=100).contains(&a.runs) {
         bail!("--runs takes 1 to 100, got {}", a.runs);
     }
-    for &tp in &a.tp {
+    let tps = a.one_rank_of.map_or_else(|| a.tp.clone(), |n| vec![n]);
+    for &tp in &tps {
         if tp == 0 {
-            bail!("--tp must be at least 1");
+            bail!("--tp and --one-rank-of must be at least 1");
         }
         tessera_model::validate_tp(&cfg, tp)?;
-        for r in 0..tp {
+        // --one-rank-of runs rank 0 alone, on the first device.
+        for r in 0..if a.one_rank_of.is_some() { 1 } else { tp } {
             device_of_rank(device, r).ensure_available()?;
         }
     }
     // The gathered logits: every rank holds all of them, on the host.
     let logits = (a.tokens * cfg.vocab_size * 4) as f64;
-    let most = a.tp.iter().copied().max().unwrap_or(1) as f64;
+    let most = tps.iter().copied().max().unwrap_or(1) as f64;
     let weights = cfg.num_params() as f64 * dtype.size_in_bytes() as f64;
     let host = logits * most + if device == Device::Cpu { weights } else { 0.0 };
     if let Some(total) = tessera_tensor::device::exceeds_host_memory(host) {
@@ -83,11 +91,12 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         a.runs
     );
     outln!(
-        "{:>3} {:>16} {:>12} {:>14} {:>18} {:>12} {:>8} {:>14}",
+        "{:>3} {:>16} {:>12} {:>14} {:>15} {:>18} {:>12} {:>8} {:>14}",
         "tp",
         "vocab-parallel",
         "tok/s",
         "TFLOP/s a rank",
+        "layers alone",
         "logits to host",
         "tok/s",
         "faster",
@@ -108,7 +117,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     let tokens: Vec<u32> = (0..a.tokens as u64)
         .map(|i| (i * 7919 % cfg.vocab_size as u64) as u32)
         .collect();
-    for &tp in &a.tp {
+    for &tp in &tps {
         let body = |comm: &dyn Communicator, rank: TpRank| -> Result<_, InferError> {
             let m = LlamaModel::random(
                 cfg.clone(),
@@ -118,9 +127,15 @@ pub fn run(a: ScoreArgs) -> Result<()> {
                 7,
             )?;
             let mut ours = Vec::new();
-            let (mut t_ours, mut t_host) = (Vec::new(), Vec::new());
+            let (mut t_ours, mut t_host, mut t_layers) = (Vec::new(), Vec::new(), Vec::new());
             let mut host = Vec::new();
             for _ in 0..a.runs {
+                // The layers alone: the same pass with the head over the last row only.
+                comm.barrier()?;
+                let t = Instant::now();
+                let mut cache = m.new_cache(tokens.len())?;
+                m.forward_greedy(&tokens, &mut cache, comm)?;
+                t_layers.push(t.elapsed().as_secs_f64());
                 comm.barrier()?;
                 let t = Instant::now();
                 let mut cache = m.new_cache(tokens.len())?;
@@ -141,18 +156,29 @@ pub fn run(a: ScoreArgs) -> Result<()> {
                 .zip(&host)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0, f64::max);
-            Ok((median(t_ours), median(t_host), diff))
+            Ok((median(t_ours), median(t_host), median(t_layers), diff))
         };
-        let (ours, host, diff) = run_tp(tp, |comm, rank| {
-            with_rank_comm(device, comm, |comm| body(comm, rank))
-        })?;
+        let (ours, host, layers, diff) = match a.one_rank_of {
+            Some(_) => body(
+                &super::decode::SkipComm::new(tp, device, None)?,
+                TpRank { rank: 0, size: tp },
+            )?,
+            None => run_tp(tp, |comm, rank| {
+                with_rank_comm(device, comm, |comm| body(comm, rank))
+            })?,
+        };
         let scored = (a.tokens - 1) as f64;
+        let label = match a.one_rank_of {
+            Some(_) => format!("1/{tp}"),
+            None => tp.to_string(),
+        };
         outln!(
-            "{:>3} {:>13.2} ms {:>12.0} {:>14.1} {:>15.2} ms {:>12.0} {:>7.1}x {:>14.2e}",
-            tp,
+            "{:>3} {:>13.2} ms {:>12.0} {:>14.1} {:>12.2} ms {:>15.2} ms {:>12.0} {:>7.1}x {:>14.2e}",
+            label,
             ours * 1e3,
             scored / ours,
             flops / tp as f64 / ours / 1e12,
+            layers * 1e3,
             host * 1e3,
             scored / host,
             host / ours,

@@ -371,6 +371,11 @@ __device__ void attention(const T* q, const T* k, const T* v, T* out, int hq, in
 // grid (ceil(t / FA_BQ), hq); block 256; dynamic shared memory `attention_tiled_smem`.
 #define FA_BQ 64
 #define FA_BK 32
+// The keys (x: first, y: last position) that the queries q0 .. q0 + bq - 1 (those below t) of a
+// prefill block see: up to its last query (causal), from its first query's window.
+__device__ __forceinline__ int2 block_keys(int start, int q0, int bq, int t, int window) {
+    return make_int2(window > 0 ? max(0, start + q0 + 1 - window) : 0, start + min(q0 + bq, t) - 1);
+}
 template <typename T, int NJ>
 __device__ void attention_tiled(const T* q, const T* k, const T* v, T* out, int t, int hq, int hkv,
                                 int hd, int start, int window, float scale) {
@@ -392,9 +397,9 @@ __device__ void attention_tiled(const T* q, const T* k, const T* v, T* out, int 
     float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.f, 0.f}, acc[2][NJ];
 #pragma unroll
     for (int j = 0; j < NJ; j++) { acc[0][j] = 0.f; acc[1][j] = 0.f; }
-    int last = start + min(q0 + FA_BQ, t) - 1;
-    int first = window > 0 ? max(0, start + q0 + 1 - window) : 0;
-    for (int j0 = first; j0 <= last; j0 += FA_BK) {
+    const int2 keys = block_keys(start, q0, FA_BQ, t, window);
+    const int last = keys.y;
+    for (int j0 = keys.x; j0 <= last; j0 += FA_BK) {
         __syncthreads();
         for (int i = tid; i < FA_BK * hd; i += blockDim.x) {
             int r = i / hd, d = i - r * hd;
@@ -1617,7 +1622,8 @@ __device__ void skinny_gemm(const bf16_t* x, const bf16_t* w, bf16_t* y, float* 
 // accumulated in f32. Same inputs, masks and results as `attention` but for that rounding of
 // the weights (as flash attention rounds them). sm_80 and later; the host launches it only there,
 // for bf16 at head dims 64 and 128 (`TESSERA_MMA_ATTENTION=0`: the CUDA-core tiled kernel).
-// grid (ceil(t / 64), hq); block 128; dynamic shared memory 2 * 64 * (HD + 8) bf16.
+// grid (ceil(t / 64), hq); block 128; dynamic shared memory 2 * 64 * (HD + 8) bf16. The
+// launch's `hd` (HD) is not read: the arguments are the CUDA-core tiled kernel's.
 #define FM_BQ 64
 #define FM_BK 64
 __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
@@ -1652,9 +1658,9 @@ __device__ void attention_mma(const bf16_t* q, const bf16_t* k, const bf16_t* v,
     for (int nb = 0; nb < NB; nb++) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.f;
     float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
     int p0 = start + r0, p1 = start + r1;
-    int last = start + min(q0 + FM_BQ, t) - 1;
-    int first = window > 0 ? max(0, start + q0 + 1 - window) : 0;
-    for (int j0 = first; j0 <= last; j0 += FM_BK) {
+    const int2 keys = block_keys(start, q0, FM_BQ, t, window);
+    const int last = keys.y;
+    for (int j0 = keys.x; j0 <= last; j0 += FM_BK) {
         __syncthreads();
         for (int i = tid; i < FM_BK * UPR; i += blockDim.x) {
             int r = i / UPR, u = i - r * UPR;
@@ -1753,8 +1759,8 @@ __device__ void attention_mma(const bf16_t* q, const bf16_t* k, const bf16_t* v,
     }
 #endif
 }
-extern "C" __global__ void __launch_bounds__(128) attention_mma64(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int start, int window, float scale) { attention_mma<64>(q, k, v, o, t, hq, hkv, start, window, scale); }
-extern "C" __global__ void __launch_bounds__(128) attention_mma128(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int start, int window, float scale) { attention_mma<128>(q, k, v, o, t, hq, hkv, start, window, scale); }
+extern "C" __global__ void __launch_bounds__(128) attention_mma64(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_mma<64>(q, k, v, o, t, hq, hkv, start, window, scale); }
+extern "C" __global__ void __launch_bounds__(128) attention_mma128(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_mma<128>(q, k, v, o, t, hq, hkv, start, window, scale); }
 
 // One instance `skinny_<NAME>`; the host appends one line of this for each of SKINNY_VARIANTS.
 #define SKINNY(NAME, MT, WR, NWARP, NW, KC) \

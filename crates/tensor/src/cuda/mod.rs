@@ -1003,9 +1003,12 @@ impl CudaBuf {
                     .memcpy_dtoh(&s.slice(offset..offset + n), &mut h)
                     .and_then(|_| stream.synchronize())
                     .map(|_| {
-                        for (d, x) in dst.iter_mut().zip(&h) {
-                            *d = x.to_f32();
-                        }
+                        use rayon::prelude::*;
+                        // A vocabulary's logits (millions of values at a batch) over the threads.
+                        dst.par_iter_mut()
+                            .zip(h.par_iter())
+                            .with_min_len(1 << 14)
+                            .for_each(|(d, x)| *d = x.to_f32());
                     })
             }
         }

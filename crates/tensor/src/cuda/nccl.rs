@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use cudarc::driver::{CudaSlice, DevicePtr};
 use cudarc::nccl::{result, sys};
 
-use super::{dev_err, CudaData, GpuDevice};
+use super::{dev_err, CudaBuf, CudaData, GpuDevice};
 use crate::{Storage, TensorError};
 
 /// Element types of the collectives on host bytes.
@@ -450,21 +450,7 @@ impl DeviceComm {
     /// Reduces a tensor's device storage in place across the group, in its own dtype. Queued on
     /// the GPU's stream; returns without waiting (later work on the stream sees the result).
     pub fn all_reduce_storage(&self, s: &mut Storage, op: Reduce) -> Result<(), TensorError> {
-        let Storage::Cuda(b) = s else {
-            return Err(dev_err(
-                self.dev.ordinal,
-                "NCCL reduces device buffers; this tensor is in host memory",
-            ));
-        };
-        if b.dev.ordinal != self.dev.ordinal {
-            return Err(dev_err(
-                self.dev.ordinal,
-                format!(
-                    "the tensor is on {:?}, not on this communicator's GPU",
-                    b.dev
-                ),
-            ));
-        }
+        let b = self.own(s)?;
         let n = b.len();
         if n == 0 {
             return Ok(());
@@ -489,6 +475,55 @@ impl DeviceComm {
                 )
             }
         })
+    }
+
+    /// Every rank's device buffer `s` (the same length and dtype on every rank) concatenated in
+    /// rank order, in a new buffer on this GPU. Queued on the GPU's stream; returns without
+    /// waiting (later work on the stream sees the result).
+    pub fn all_gather_storage(&self, s: &Storage) -> Result<Storage, TensorError> {
+        let b = self.own(s)?;
+        let n = b.len();
+        let out = CudaBuf::alloc(&b.dev, b.dtype(), n * self.world)?;
+        if n == 0 {
+            return Ok(Storage::Cuda(out));
+        }
+        let stream = &self.dev.stream;
+        let (src, dst, ty) = match (&b.data, &out.data) {
+            (CudaData::F32(x), CudaData::F32(y)) => {
+                (x.device_ptr(stream).0, y.device_ptr(stream).0, Wire::F32)
+            }
+            (CudaData::BF16(x), CudaData::BF16(y)) => {
+                (x.device_ptr(stream).0, y.device_ptr(stream).0, Wire::BF16)
+            }
+            _ => unreachable!("allocated in the input's dtype"),
+        };
+        self.with_comm("all_gather", |comm, st| {
+            // SAFETY: `src` addresses `n` elements of `ty` and `dst` `world * n` of them, on this
+            // communicator's GPU; both live until the gather, queued on the stream every later
+            // use of them is on, has run (the output is returned, the input borrowed here).
+            unsafe { result::all_gather(src as *const _, dst as *mut _, n, ty.nccl(), comm, st) }
+        })?;
+        Ok(Storage::Cuda(out))
+    }
+
+    /// `s`'s buffer, if it lies on this communicator's GPU.
+    fn own<'a>(&self, s: &'a Storage) -> Result<&'a CudaBuf, TensorError> {
+        let Storage::Cuda(b) = s else {
+            return Err(dev_err(
+                self.dev.ordinal,
+                "NCCL moves device buffers; this tensor is in host memory",
+            ));
+        };
+        if b.dev.ordinal != self.dev.ordinal {
+            return Err(dev_err(
+                self.dev.ordinal,
+                format!(
+                    "the tensor is on {:?}, not on this communicator's GPU",
+                    b.dev
+                ),
+            ));
+        }
+        Ok(b)
     }
 
     fn stage(&self, bytes: &[u8]) -> Result<Staged, TensorError> {

@@ -1081,31 +1081,22 @@ pub fn attention(
         (Some(f), 128, crate::DType::BF16) => Some(&f[1]),
         _ => None,
     };
-    if let (true, Some(f)) = (prefill, mma) {
+    // The kernel, its threads and its shared memory: on tensor cores (the K and V tiles of 64
+    // rows, padded by 8 values), else on CUDA cores where the head dim's tiles fit.
+    let tiled = match mma {
+        Some(f) => Some((f, 128, 2 * 64 * (hd + 8) * 2)),
+        None => (smem <= dev.tiled_attention_smem).then(|| {
+            let name = match hd.div_ceil(8) {
+                0..=8 => "attention_tiled8",
+                9..=16 => "attention_tiled16",
+                _ => "attention_tiled32",
+            };
+            (dev.func(name, q.dtype()), 256, smem)
+        }),
+    };
+    if let (true, Some((f, threads, smem))) = (prefill, tiled) {
         let tt = t as i32;
         let mut l = dev.stream.launch_builder(f);
-        push(&mut l, q);
-        push(&mut l, k);
-        push(&mut l, v);
-        push(&mut l, &out);
-        l.arg(&tt).arg(&a).arg(&b).arg(&s).arg(&w).arg(&scale);
-        let cfg = LaunchConfig {
-            grid_dim: (t.div_ceil(FA_BQ) as u32, hq as u32, 1),
-            block_dim: (128, 1, 1),
-            // The K and V tiles of 64 rows, padded by 8 values.
-            shared_mem_bytes: (2 * 64 * (hd + 8) * 2) as u32,
-        };
-        launched(&dev, unsafe { l.launch(cfg) })?;
-        return Ok(out);
-    }
-    if prefill && smem <= dev.tiled_attention_smem {
-        let name = match hd.div_ceil(8) {
-            0..=8 => "attention_tiled8",
-            9..=16 => "attention_tiled16",
-            _ => "attention_tiled32",
-        };
-        let tt = t as i32;
-        let mut l = dev.stream.launch_builder(dev.func(name, q.dtype()));
         push(&mut l, q);
         push(&mut l, k);
         push(&mut l, v);
@@ -1119,7 +1110,7 @@ pub fn attention(
             .arg(&scale);
         let cfg = LaunchConfig {
             grid_dim: (t.div_ceil(FA_BQ) as u32, hq as u32, 1),
-            block_dim: (256, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         launched(&dev, unsafe { l.launch(cfg) })?;
