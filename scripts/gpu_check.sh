@@ -39,6 +39,8 @@ variant_env() {
     .gpu/tessera bench sample 2>&1
     echo "== tessera bench score, Llama-3-8B shape, 2048 tokens (vocab-parallel log-probs beside the logits gathered to the host)"
     .gpu/tessera bench score --device cuda --preset llama-3-8b --tp ${TP:-1,2} --tokens 2048 2>&1
+    echo "== the same, rank 0 of tp 2 alone (collectives skipped: what a rank's share of the pass cannot go below)"
+    .gpu/tessera bench score --device cuda --preset llama-3-8b --one-rank-of 2 --tokens 2048 2>&1 | tail -1
     # Where a captured step's intermediates live (auto: the graph's arena up to batch 32, the pool
     # above): both forced, same binary and call.
     for a in 1 0; do

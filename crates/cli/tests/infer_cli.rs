@@ -600,7 +600,14 @@ fn bench_score_agrees_with_the_gathered_logits() {
     fails_with(&["bench", "score", "--tp", "3"], "tp 3 does not divide");
     // One rank of a tp-2 group alone: a row of its own, its layers timed apart.
     let (code, out, err) = tessera(&[
-        "bench", "score", "--tokens", "24", "--one-rank-of", "2", "--runs", "1",
+        "bench",
+        "score",
+        "--tokens",
+        "24",
+        "--one-rank-of",
+        "2",
+        "--runs",
+        "1",
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(out.lines().any(|l| l.starts_with("1/2 ")), "{out}");

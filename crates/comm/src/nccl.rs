@@ -6,6 +6,8 @@
 //! - [`Communicator::all_reduce_tensor`] on a device tensor reduces it where it lies, queued on
 //!   the GPU's stream without waiting (stream-ordered and asynchronous: the next kernel on the
 //!   stream sees the sum, and a CUDA graph capture records the all-reduce into the graph);
+//! - [`Communicator::all_gather_tensor`] on a device tensor gathers it into a new buffer on the
+//!   same GPU, queued the same way;
 //! - the collectives on host bytes stage them through device memory and wait for the result with
 //!   the group's deadline (a peer that never joins is a [`CommError::Timeout`], the communicator
 //!   is then aborted so the GPU is not left running a collective that cannot finish).
