@@ -33,7 +33,7 @@ variant_env() {
     .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp ${TP:-1,2} --batch 1,8,32,64 --steps 32 2>&1
     echo "== tessera bench decode, Llama-3-8B shape, CUDA graphs"
     .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp ${TP:-1,2} --batch 1,2,8,16,32,64 --steps 32 --graph 2>&1
-    echo "== tessera bench decode, Llama-3-8B shape, sampled on the host as generate samples (T 0.6, top-p 0.9)"
+    echo "== tessera bench decode, Llama-3-8B shape, sampled on the host as generate samples (T 0.6, top-p 0.9, top-k 50)"
     .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp ${TP:-1,2} --batch 1,32 --steps 32 --sample 2>&1 | tail -5
     echo "== tessera bench sample (the sampler on this host's CPU, beside a full sort)"
     .gpu/tessera bench sample 2>&1

@@ -10,8 +10,9 @@ pub struct SamplingParams {
     pub temperature: f32,
     /// Keep the smallest set of most likely tokens whose probability reaches `top_p` (1 = all).
     pub top_p: f32,
-    /// Keep the `top_k` most likely tokens first (0 = all), then top-p over what is left, as
-    /// transformers' warpers and vLLM apply them.
+    /// Keep the `top_k` most likely tokens first (0 = all; every token whose logit equals the
+    /// k-th largest stays, as transformers' `TopKLogitsWarper` compares logits), then top-p over
+    /// what is left, as transformers' warpers and vLLM apply them.
     pub top_k: usize,
     /// After top-p, drop the tokens less likely than `min_p` times the likeliest (0 = none), as
     /// transformers' `MinPLogitsWarper`.
@@ -156,7 +157,8 @@ impl Sampler {
     /// (penalties are [`Self::sample`]'s, before this), each with its unnormalised probability
     /// `exp((logit - max) / T)`, in no particular order.
     ///
-    /// Linear in the vocabulary, nothing sorted: top-k takes its k-th value by selection; top-p
+    /// Linear in the vocabulary, nothing sorted: top-k takes the k-th largest logit in one pass
+    /// (a heap of k) and the exponentials of those tokens only; top-p
     /// finds the tokens surely in its nucleus by binning the probabilities by their bits, then
     /// how many of the bin on its edge it needs by selection. (A full sort of a 128k vocabulary,
     /// as this did before, took 8 ms on a GPU host, twice a decode step of an 8B model there, and
@@ -172,22 +174,31 @@ impl Sampler {
         use rayon::prelude::*;
         let inv_t = 1.0 / self.params.temperature as f64;
         let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        // The exponentials are most of the work: over the host's threads for a large vocabulary.
+        let weight = |l: f32| ((l as f64 - max) * inv_t).exp();
         probs.clear();
-        probs.par_extend(
-            logits
-                .par_iter()
-                .with_min_len(16_384)
-                .enumerate()
-                .map(|(i, &l)| (i as u32, ((l as f64 - max) * inv_t).exp())),
-        );
-        // Top-k keeps every token as likely as the k-th (ties at the edge stay, as transformers'
-        // TopKLogitsWarper and vLLM remove only those below it).
         let k = self.params.top_k;
-        if k > 0 && k < probs.len() {
-            let mut values: Vec<f64> = probs.iter().map(|p| p.1).collect();
-            let (_, &mut kth, _) = values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-            probs.retain(|p| p.1 >= kth);
+        if k > 0 && k < logits.len() {
+            // Top-k on the logits, as transformers' TopKLogitsWarper compares them: every token
+            // at least as large as the k-th largest (ties at the edge stay); only those tokens'
+            // exponentials are taken (50 instead of a vocabulary's).
+            let kth = kth_largest(logits, k);
+            probs.extend(
+                logits
+                    .iter()
+                    .enumerate()
+                    .filter(|&(_, &l)| l >= kth)
+                    .map(|(i, &l)| (i as u32, weight(l))),
+            );
+        } else {
+            // The exponentials are most of the work: over the host's threads for a large
+            // vocabulary.
+            probs.par_extend(
+                logits
+                    .par_iter()
+                    .with_min_len(16_384)
+                    .enumerate()
+                    .map(|(i, &l)| (i as u32, weight(l))),
+            );
         }
         // Top-p (skipped at 1, as transformers skips it): the fewest likeliest tokens whose share
         // of what is left reaches top_p.
@@ -202,6 +213,42 @@ impl Sampler {
             probs.retain(|p| p.1 >= floor);
         }
     }
+}
+
+/// The `k`-th largest of `logits` (`0 < k < logits.len()`; in `f32::total_cmp`'s order), in one
+/// pass keeping the k largest so far in a heap: linear in the vocabulary for any k far below it.
+fn kth_largest(logits: &[f32], k: usize) -> f32 {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    /// A logit in `total_cmp`'s order.
+    #[derive(Clone, Copy)]
+    struct Total(f32);
+    impl PartialEq for Total {
+        fn eq(&self, o: &Self) -> bool {
+            self.0.total_cmp(&o.0).is_eq()
+        }
+    }
+    impl Eq for Total {}
+    impl PartialOrd for Total {
+        fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+            Some(self.cmp(o))
+        }
+    }
+    impl Ord for Total {
+        fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+            self.0.total_cmp(&o.0)
+        }
+    }
+    // The smallest of the k largest on top.
+    let mut heap: BinaryHeap<Reverse<Total>> =
+        logits[..k].iter().map(|&l| Reverse(Total(l))).collect();
+    for &l in &logits[k..] {
+        let mut top = heap.peek_mut().expect("k > 0");
+        if l.total_cmp(&top.0 .0).is_gt() {
+            *top = Reverse(Total(l));
+        }
+    }
+    heap.peek().expect("k > 0").0 .0
 }
 
 /// Leaves in `probs` the smallest set of its likeliest tokens whose share of the whole mass
@@ -299,7 +346,8 @@ fn likelier(a: &(u32, f64), b: &(u32, f64)) -> std::cmp::Ordering {
 
 /// The tokens [`Sampler::kept`] keeps, found the straightforward way (as the sampler did before):
 /// every token's probability, a full sort (descending, the lower id first among equals), then
-/// top-k, top-p (a running sum) and min-p cutting the sorted list; in that order. The reference
+/// top-k (by a sorted copy of the logits), top-p (a running sum) and min-p cutting the sorted
+/// list; in that order. The reference
 /// of the sampler's tests and the peer of `tessera bench sample`, written apart from the sampler's
 /// own ordering and binning.
 pub fn kept_by_full_sort(p: &SamplingParams, logits: &[f32]) -> Vec<(u32, f64)> {
@@ -316,8 +364,11 @@ pub fn kept_by_full_sort(p: &SamplingParams, logits: &[f32]) -> Vec<(u32, f64)> 
     // A total order, so an unstable sort gives the one result.
     probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     if p.top_k > 0 && p.top_k < probs.len() {
-        let kth = probs[p.top_k - 1].1;
-        probs.retain(|q| q.1 >= kth);
+        // On the logits, as transformers' TopKLogitsWarper: the k-th largest, ties kept.
+        let mut sorted = logits.to_vec();
+        sorted.sort_unstable_by(|a, b| b.total_cmp(a));
+        let kth = sorted[p.top_k - 1];
+        probs.retain(|q| logits[q.0 as usize] >= kth);
     }
     if p.top_p < 1.0 {
         let total: f64 = probs.iter().map(|q| q.1).sum();

@@ -26,9 +26,9 @@ pub struct DecodeArgs {
     #[arg(long)]
     pub graph: bool,
     /// Sample each step's tokens as `generate` does (eager steps; every rank's logits gathered to
-    /// the host, rank 0 samples each sequence at Llama 3's settings, temperature 0.6 and top-p
-    /// 0.9, and broadcasts the tokens) instead of greedy on the device. Random weights give flat
-    /// distributions, whose nuclei are the largest (the slow end of sampling).
+    /// the host, rank 0 samples each sequence as `generate` does with Llama 3's
+    /// generation_config.json: temperature 0.6, top-p 0.9 and transformers' top-k of 50 where the
+    /// file gives none; then broadcasts the tokens) instead of greedy on the device.
     #[arg(long, conflicts_with = "graph")]
     pub sample: bool,
     /// Time one rank's share of a tp-N step on one device, every collective skipped (rank 0's
@@ -226,7 +226,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         rayon::current_num_threads()
     );
     if a.sample {
-        say!("tokens sampled on the host at temperature 0.6, top-p 0.9 (eager steps)");
+        say!("tokens sampled on the host at temperature 0.6, top-p 0.9, top-k 50 (eager steps)");
     }
     say!(
         "\n{:>3} {:>6} {:>10} {:>10} {:>12} {:>16} {:>11}",
@@ -274,6 +274,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
                         Sampler::new(SamplingParams {
                             temperature: 0.6,
                             top_p: 0.9,
+                            top_k: 50,
                             seed,
                             ..Default::default()
                         })
