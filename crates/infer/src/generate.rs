@@ -103,7 +103,7 @@ pub fn generate_on_rank(
             // logits stay on the device.
             graph.greedy_step(m, &input, &mut cache, comm)?
         } else {
-            let logits = m.forward(&input, &mut cache, Logits::Last, comm)?;
+            let logits = graph.logits_step(m, &input, &mut cache, comm)?;
             // -1: the logits hold NaN or +inf (no distribution to draw from; every rank stops
             // with the same error).
             let mut msg = [-1i32; 1];
@@ -128,12 +128,14 @@ pub fn generate_on_rank(
     Ok(out)
 }
 
-/// Greedy decode steps on a GPU replayed as one captured CUDA graph: the prompt and the first decode
-/// step run eager (kernels compiled, tables uploaded), the next step captures the graph, and every
-/// later step replays it (the same tokens as eager steps, one launch instead of hundreds). Where a
-/// capture is refused, decode stays eager (with a warning). On the CPU every step is eager. The
-/// captured attention covers the cache's whole capacity (prompt + max_tokens) in splits of 256
-/// positions; the ones past the current position are empty and add exact zeros.
+/// Decode steps on a GPU replayed as one captured CUDA graph: the prompt and the first decode step
+/// run eager (kernels compiled, tables uploaded), the next step captures the graph, and every later
+/// step replays it (the same tokens, or logits, as eager steps, one launch instead of hundreds).
+/// Greedy steps capture the argmax too; sampled ones stop at each rank's logits, which are then
+/// gathered and drawn from on the host. Where a capture is refused, decode stays eager (with a
+/// warning). On the CPU every step is eager. The captured attention covers the cache's whole
+/// capacity (prompt + max_tokens) in splits of 256 positions; the ones past the current position
+/// are empty and add exact zeros.
 #[derive(Default)]
 struct DecodeGraphs {
     /// An eager decode step has run (kernels compiled, tables uploaded): a capture may follow.
@@ -154,26 +156,62 @@ impl DecodeGraphs {
         comm: &dyn Communicator,
     ) -> Result<u32, InferError> {
         #[cfg(feature = "cuda")]
-        if input.len() == 1 && matches!(m.device, Device::Cuda(_)) && !self.refused {
-            if self.graph.is_none() && self.warmed {
-                // A refused capture leaves the stream usable; decode goes on eager.
-                match m.capture_lockstep_greedy(cache, comm) {
-                    Ok(g) => self.graph = Some(g),
-                    Err(e) => {
-                        use std::io::Write as _;
-                        let _ = writeln!(
-                            std::io::stderr(),
-                            "warning: decoding without a CUDA graph: {e}"
-                        );
-                        self.refused = true;
-                    }
-                }
-            }
-            if let Some(g) = self.graph.as_mut() {
-                return Ok(m.step_lockstep_graph(g, input, cache, comm)?[0]);
-            }
-            self.warmed = true;
+        if let Some(g) = self.graph_for(m, input, cache, comm, LlamaModel::capture_lockstep_greedy)
+        {
+            return Ok(m.step_lockstep_graph(g, input, cache, comm)?[0]);
         }
         Ok(m.forward_greedy(input, cache, comm)?)
+    }
+
+    /// The last position's logits (on every rank's host).
+    fn logits_step(
+        &mut self,
+        m: &LlamaModel,
+        input: &[u32],
+        cache: &mut tessera_model::KvCache,
+        comm: &dyn Communicator,
+    ) -> Result<Vec<f32>, InferError> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = self.graph_for(m, input, cache, comm, LlamaModel::capture_lockstep_logits)
+        {
+            return Ok(m.step_lockstep_graph_logits(g, input, cache, comm)?);
+        }
+        Ok(m.forward(input, cache, Logits::Last, comm)?)
+    }
+
+    /// The graph to replay this step through, captured by `capture` if this is the step to
+    /// capture it; `None`: an eager step.
+    #[cfg(feature = "cuda")]
+    fn graph_for(
+        &mut self,
+        m: &LlamaModel,
+        input: &[u32],
+        cache: &mut tessera_model::KvCache,
+        comm: &dyn Communicator,
+        capture: impl FnOnce(
+            &LlamaModel,
+            &mut tessera_model::KvCache,
+            &dyn Communicator,
+        ) -> Result<tessera_model::LockstepGraph, tessera_model::ModelError>,
+    ) -> Option<&mut tessera_model::LockstepGraph> {
+        if input.len() != 1 || !matches!(m.device, Device::Cuda(_)) || self.refused {
+            return None;
+        }
+        if self.graph.is_none() && self.warmed {
+            // A refused capture leaves the stream usable; decode goes on eager.
+            match capture(m, cache, comm) {
+                Ok(g) => self.graph = Some(g),
+                Err(e) => {
+                    use std::io::Write as _;
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "warning: decoding without a CUDA graph: {e}"
+                    );
+                    self.refused = true;
+                }
+            }
+        }
+        self.warmed = true;
+        self.graph.as_mut()
     }
 }

@@ -438,6 +438,10 @@ impl LlamaModel {
 #[cfg(feature = "cuda")]
 pub struct LockstepGraph {
     graph: tessera_tensor::cuda::graph::DecodeGraph,
+    /// Where a step captured for its logits ([`LlamaModel::capture_lockstep_logits`]) leaves this
+    /// rank's `[batch, vocab rows]`: outside the graph's arena, read after each replay. `None`:
+    /// a greedy step's graph.
+    logits: Option<Tensor>,
 }
 
 #[cfg(feature = "cuda")]
@@ -458,6 +462,42 @@ impl LlamaModel {
         cache: &mut KvCache,
         comm: &dyn Communicator,
     ) -> Result<LockstepGraph, ModelError> {
+        let graph =
+            self.capture_lockstep(cache, comm, |x| self.head.local_argmax(x).map(|_| ()))?;
+        Ok(LockstepGraph {
+            graph,
+            logits: None,
+        })
+    }
+
+    /// Captures one decode step of `cache`'s lockstep batch up to this rank's logits, for steps
+    /// that sample ([`Self::step_lockstep_graph_logits`]); as
+    /// [`Self::capture_lockstep_greedy`] otherwise.
+    pub fn capture_lockstep_logits(
+        &self,
+        cache: &mut KvCache,
+        comm: &dyn Communicator,
+    ) -> Result<LockstepGraph, ModelError> {
+        let rows = cache.batch * self.head.weight.dim(0);
+        let mut out = tessera_tensor::Storage::zeros_on(self.dtype, rows, self.device)?;
+        let graph = self.capture_lockstep(cache, comm, |x| {
+            // Copied out of the graph's intermediates into memory the graph does not own.
+            Ok(out.copy_from(0, self.head.local_logits(x)?.storage())?)
+        })?;
+        let shape = vec![cache.batch, self.head.weight.dim(0)];
+        Ok(LockstepGraph {
+            graph,
+            logits: Some(Tensor::new(shape, out)?),
+        })
+    }
+
+    /// Records a lockstep decode step whose last hidden states go to `head`.
+    fn capture_lockstep(
+        &self,
+        cache: &mut KvCache,
+        comm: &dyn Communicator,
+        mut head: impl FnMut(&Tensor) -> Result<(), ModelError>,
+    ) -> Result<tessera_tensor::cuda::graph::DecodeGraph, ModelError> {
         let Device::Cuda(ordinal) = self.device else {
             return Err(ModelError::Input(
                 "CUDA graphs need a model on a CUDA device".into(),
@@ -472,11 +512,11 @@ impl LlamaModel {
         let graph = tessera_tensor::cuda::graph::DecodeGraph::capture(ordinal, batch, || {
             cache.set_len(len);
             let x = self.hidden(&tokens, batch, cache, Logits::All, comm)?;
-            self.head.local_argmax(&x).map(|_| ())
+            head(&x)
         });
         // Capturing records the step without running it.
         cache.set_len(len);
-        Ok(LockstepGraph { graph: graph? })
+        graph
     }
 
     /// A captured step cannot grow the cache: it needs a free position.
@@ -499,10 +539,37 @@ impl LlamaModel {
         cache: &mut KvCache,
         comm: &dyn Communicator,
     ) -> Result<Vec<u32>, ModelError> {
+        if g.logits.is_some() {
+            return Err(ModelError::Input(
+                "a step captured for its logits replayed as a greedy one".into(),
+            ));
+        }
         Self::room_for_a_captured_step(cache)?;
         self.check_tokens(tokens)?;
         let local = g.graph.replay(tokens, cache.len())?;
         cache.advance(1);
         self.head.pick(local, comm, self.shard.vocab.start)
+    }
+
+    /// One decode step through a graph of [`Self::capture_lockstep_logits`]: the logits
+    /// `[batch, vocab]` on the host, as [`Self::forward_lockstep`] gives them, with one launch
+    /// instead of hundreds (then the ranks' gather).
+    pub fn step_lockstep_graph_logits(
+        &self,
+        g: &mut LockstepGraph,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        comm: &dyn Communicator,
+    ) -> Result<Vec<f32>, ModelError> {
+        let Some(local) = &g.logits else {
+            return Err(ModelError::Input(
+                "a greedy step's graph replayed for its logits".into(),
+            ));
+        };
+        Self::room_for_a_captured_step(cache)?;
+        self.check_tokens(tokens)?;
+        g.graph.launch(tokens, cache.len())?;
+        cache.advance(1);
+        self.head.gather(local, comm)
     }
 }

@@ -1,5 +1,5 @@
-//! A decode step replayed as a CUDA graph gives exactly the eager step's tokens, at tp 1 and (with
-//! two GPUs) tp 2. Built with `--features cuda`; run by `scripts/gpu_check.sh`.
+//! A decode step replayed as a CUDA graph gives exactly the eager step's tokens (or logits), at
+//! tp 1 and (with two GPUs) tp 2. Built with `--features cuda`; run by `scripts/gpu_check.sh`.
 #![cfg(feature = "cuda")]
 
 use tessera_comm::{Communicator, LocalGroup, NcclComm};
@@ -118,6 +118,89 @@ fn graph_replay_equals_eager_decode() {
     }
     tessera_tensor::cuda::force_decode_kernel(None);
     force_graph_arena(None);
+}
+
+/// A step captured up to each rank's logits (what sampled decoding replays) gives the eager step's
+/// gathered logits bit for bit, at tp 1 and (with two GPUs) tp 2, at batch 1 (GEMVs) and 4
+/// (skinny GEMMs); a graph of one kind replayed as the other is refused.
+#[test]
+fn logits_graph_replay_equals_eager_logits() {
+    let n = gpus();
+    let cfg =
+        ModelConfig::from_json_str(&llama_config_json(1000, 256, 512, 3, 8, 2, false)).unwrap();
+    for (tp, batch) in (1..=n).flat_map(|tp| [1, 4].map(|b| (tp, b))) {
+        let comms = LocalGroup::new(tp).into_comms();
+        std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .into_iter()
+                .enumerate()
+                .map(|(rank, host)| {
+                    let cfg = cfg.clone();
+                    s.spawn(move || {
+                        let nccl = (tp > 1).then(|| NcclComm::new(&host, rank).unwrap());
+                        let comm: &dyn Communicator = match &nccl {
+                            Some(n) => n,
+                            None => &host,
+                        };
+                        let m = LlamaModel::random(
+                            cfg,
+                            TpRank { rank, size: tp },
+                            DType::BF16,
+                            Device::Cuda(rank),
+                            5,
+                        )
+                        .unwrap();
+                        let mut eager = m.new_cache_batch(32, batch).unwrap();
+                        let mut graphed = m.new_cache_batch(300, batch).unwrap();
+                        let prompt: Vec<u32> =
+                            (0..batch as u32).map(|i| (7 + 31 * i) % 1000).collect();
+                        let mut toks = m
+                            .forward_lockstep_greedy(&prompt, &mut eager, comm)
+                            .unwrap();
+                        m.forward_lockstep_greedy(&prompt, &mut graphed, comm)
+                            .unwrap();
+                        let mut g = m.capture_lockstep_logits(&mut graphed, comm).unwrap();
+                        let e = m
+                            .step_lockstep_graph(&mut g, &toks, &mut graphed, comm)
+                            .unwrap_err()
+                            .to_string();
+                        assert!(e.contains("captured for its logits"), "{e}");
+                        let mut distinct = std::collections::BTreeSet::new();
+                        for step in 0..8 {
+                            let want = m.forward_lockstep(&toks, &mut eager, comm).unwrap();
+                            let got = m
+                                .step_lockstep_graph_logits(&mut g, &toks, &mut graphed, comm)
+                                .unwrap();
+                            assert_eq!(want.len(), batch * 1000);
+                            assert!(
+                                want == got,
+                                "tp {tp} batch {batch} rank {rank} step {step}: logits differ"
+                            );
+                            // The next tokens: each row's argmax (the same on every rank).
+                            toks = want
+                                .chunks(1000)
+                                .map(tessera_tensor::sample::argmax)
+                                .collect();
+                            distinct.insert(toks.clone());
+                        }
+                        assert!(distinct.len() > 1, "tp {tp}: degenerate decode");
+                        assert_eq!(eager.len(), graphed.len());
+                        let mut greedy = m.capture_lockstep_greedy(&mut graphed, comm).unwrap();
+                        let e = m
+                            .step_lockstep_graph_logits(&mut greedy, &toks, &mut graphed, comm)
+                            .unwrap_err()
+                            .to_string();
+                        assert!(e.contains("greedy step's graph"), "{e}");
+                        comm_barrier(comm);
+                    })
+                })
+                .collect();
+            for h in hs {
+                h.join().unwrap();
+            }
+        });
+        eprintln!("tp {tp}, batch {batch}: 8 logits graph steps equal the eager steps");
+    }
 }
 
 fn comm_barrier(c: &dyn tessera_comm::Communicator) {

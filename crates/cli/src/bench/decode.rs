@@ -25,11 +25,12 @@ pub struct DecodeArgs {
     /// Replay each decode step as a captured CUDA graph (cuda only).
     #[arg(long)]
     pub graph: bool,
-    /// Sample each step's tokens as `generate` does (eager steps; every rank's logits gathered to
-    /// the host, rank 0 samples each sequence as `generate` does with Llama 3's
-    /// generation_config.json: temperature 0.6, top-p 0.9 and transformers' top-k of 50 where the
-    /// file gives none; then broadcasts the tokens) instead of greedy on the device.
-    #[arg(long, conflicts_with = "graph")]
+    /// Sample each step's tokens as `generate` does (every rank's logits gathered to the host,
+    /// rank 0 samples each sequence as `generate` does with Llama 3's generation_config.json:
+    /// temperature 0.6, top-p 0.9 and transformers' top-k of 50 where the file gives none; then
+    /// broadcasts the tokens) instead of greedy on the device. With --graph the steps up to each
+    /// rank's logits replay a captured graph, as `generate`'s do.
+    #[arg(long)]
     pub sample: bool,
     /// Time one rank's share of a tp-N step on one device, every collective skipped (rank 0's
     /// layer shapes; no communication, so the tokens are not the model's): the compute a tp-N
@@ -226,7 +227,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         rayon::current_num_threads()
     );
     if a.sample {
-        say!("tokens sampled on the host at temperature 0.6, top-p 0.9, top-k 50 (eager steps)");
+        say!("tokens sampled on the host at temperature 0.6, top-p 0.9, top-k 50");
     }
     say!(
         "\n{:>3} {:>6} {:>10} {:>10} {:>12} {:>16} {:>11}",
@@ -259,7 +260,11 @@ pub fn run(a: DecodeArgs) -> Result<()> {
                 toks = m.forward_lockstep_greedy(&toks, &mut cache, comm)?;
                 #[cfg(feature = "cuda")]
                 let mut graph = if a.graph {
-                    let g = m.capture_lockstep_greedy(&mut cache, comm)?;
+                    let g = if a.sample {
+                        m.capture_lockstep_logits(&mut cache, comm)?
+                    } else {
+                        m.capture_lockstep_greedy(&mut cache, comm)?
+                    };
                     if rank.rank == 0 {
                         say!("graph, batch {batch}: {}", g.stats()?);
                     }
@@ -286,8 +291,18 @@ pub fn run(a: DecodeArgs) -> Result<()> {
                 let start = Instant::now();
                 for _ in 0..a.steps {
                     if a.sample {
-                        toks =
-                            sampled_step(&m, &toks, &mut cache, comm, &mut samplers, &mut parts)?;
+                        let t = Instant::now();
+                        #[cfg(feature = "cuda")]
+                        let logits = match graph.as_mut() {
+                            Some(g) => m.step_lockstep_graph_logits(g, &toks, &mut cache, comm)?,
+                            None => m.forward_lockstep(&toks, &mut cache, comm)?,
+                        };
+                        #[cfg(not(feature = "cuda"))]
+                        let logits = m.forward_lockstep(&toks, &mut cache, comm)?;
+                        parts[0] += t.elapsed().as_secs_f64();
+                        let t = Instant::now();
+                        toks = draw(&m, &logits, comm, &mut samplers)?;
+                        parts[1] += t.elapsed().as_secs_f64();
                         continue;
                     }
                     // Greedy on the device: only the chosen tokens come back to the host, and
@@ -365,24 +380,17 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     Ok(())
 }
 
-/// One lockstep step sampled as `generate` samples: the logits of every sequence on the host,
-/// rank 0 draws each sequence's token (the sequences in parallel) and broadcasts them. Adds the
-/// seconds to the logits on the host (the forward pass included) and of the draws to `parts`.
-fn sampled_step(
+/// Rank 0 draws each sequence's token from its row of `logits` as `generate` samples (the
+/// sequences in parallel) and broadcasts them.
+fn draw(
     m: &LlamaModel,
-    toks: &[u32],
-    cache: &mut tessera_model::KvCache,
+    logits: &[f32],
     comm: &dyn Communicator,
     samplers: &mut [Sampler],
-    parts: &mut [f64; 2],
 ) -> Result<Vec<u32>, InferError> {
-    let t = Instant::now();
-    let logits = m.forward_lockstep(toks, cache, comm)?;
-    parts[0] += t.elapsed().as_secs_f64();
-    let t = Instant::now();
     let v = m.cfg.vocab_size;
     // Token ids travel as i32 (below 2^24, as every vocabulary is).
-    let mut msg = vec![0i32; toks.len()];
+    let mut msg = vec![0i32; samplers.len()];
     if comm.rank() == 0 {
         use rayon::prelude::*;
         // The sequences' draws are independent: over the host's threads.
@@ -392,7 +400,6 @@ fn sampled_step(
             .for_each(|((t, s), row)| *t = s.sample(row) as i32);
     }
     comm.broadcast(&mut msg, 0)?;
-    parts[1] += t.elapsed().as_secs_f64();
     Ok(msg.into_iter().map(|t| t as u32).collect())
 }
 

@@ -87,8 +87,18 @@ impl ParallelLmHead {
 
     /// Logits `[tokens, vocab]` as f32 (rounded to the compute dtype first, as HF's are).
     pub fn forward(&self, x: &Tensor, comm: &dyn Communicator) -> Result<Vec<f32>, ModelError> {
-        let t = x.dim(0);
-        let local = ops::matmul_t(x, &self.weight, None)?;
+        self.gather(&self.local_logits(x)?, comm)
+    }
+
+    /// This rank's logits `[tokens, its vocab rows]`, where `x` lies, in the compute dtype.
+    pub fn local_logits(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(ops::matmul_t(x, &self.weight, None)?)
+    }
+
+    /// The full logits `[tokens, vocab]` as f32 on the host, from every rank's
+    /// [`Self::local_logits`].
+    pub fn gather(&self, local: &Tensor, comm: &dyn Communicator) -> Result<Vec<f32>, ModelError> {
+        let t = local.dim(0);
         if self.tp_size == 1 {
             return Ok(local.to_f32_vec());
         }

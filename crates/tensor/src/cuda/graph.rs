@@ -313,6 +313,19 @@ impl DecodeGraph {
     /// Runs the captured step for `tokens` at position `pos`; returns each row's greedy (value,
     /// index) pair of this device's vocab shard.
     pub fn replay(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<(f32, u32)>, TensorError> {
+        self.launch(tokens, pos)?;
+        let e = |x| dev_err(self.dev.ordinal, x);
+        let stream = &self.dev.stream;
+        let v = stream.clone_dtoh(&self.io.vals).map_err(e)?;
+        let i = stream.clone_dtoh(&self.io.idx).map_err(e)?;
+        stream.synchronize().map_err(e)?;
+        Ok(v.into_iter().zip(i).map(|(v, i)| (v, i as u32)).collect())
+    }
+
+    /// Queues the captured step for `tokens` at position `pos` on the device's stream, without
+    /// waiting: later work on the stream sees what it wrote (a step that leaves its outputs in
+    /// memory it does not own, rather than greedy pairs).
+    pub fn launch(&mut self, tokens: &[u32], pos: usize) -> Result<(), TensorError> {
         let e = |x| dev_err(self.dev.ordinal, x);
         let io = Arc::get_mut(&mut self.io).ok_or_else(|| {
             e(cudarc::driver::DriverError(
@@ -332,11 +345,7 @@ impl DecodeGraph {
         let stream = &self.dev.stream;
         stream.memcpy_htod(tokens, &mut io.tokens).map_err(e)?;
         stream.memcpy_htod(&[pos as i32], &mut io.pos).map_err(e)?;
-        self.graph.launch().map_err(e)?;
-        let v = stream.clone_dtoh(&io.vals).map_err(e)?;
-        let i = stream.clone_dtoh(&io.idx).map_err(e)?;
-        stream.synchronize().map_err(e)?;
-        Ok(v.into_iter().zip(i).map(|(v, i)| (v, i as u32)).collect())
+        self.graph.launch().map_err(e)
     }
 }
 
