@@ -67,6 +67,7 @@ pub struct TrainArgs {
 
 /// What rank 0 brings back from the run.
 struct Outcome {
+    /// Every logged loss, a resumed run's checkpoint's included.
     curve: Vec<(u64, f64)>,
     val: Vec<(u64, f64)>,
     tokens: u64,
@@ -74,6 +75,16 @@ struct Outcome {
     memory: MemoryStats,
     comm: CommStats,
     steps_run: u64,
+}
+
+impl Outcome {
+    /// The losses logged so far, for a checkpoint.
+    fn history(&self) -> checkpoint::LogHistory {
+        checkpoint::LogHistory {
+            train: self.curve.clone(),
+            val: self.val.clone(),
+        }
+    }
 }
 
 fn read_model_config(p: &Path) -> Result<(serde_json::Value, ModelConfig)> {
@@ -312,16 +323,19 @@ pub fn run(a: TrainArgs) -> Result<()> {
 
     let outcome = run_dp(a.dp, |comm| {
         let mut t = Trainer::new(comm, model_cfg.clone(), cfg.clone(), a.seq_len, init.clone())?;
+        // A resumed run's curve goes on from the losses its checkpoint logged.
+        let mut history = checkpoint::LogHistory::default();
         if let Some(p) = &a.resume {
             let ck = checkpoint::load(p, &t.model.layout)?;
+            history = ck.meta.history.clone();
             checkpoint::restore(&mut t, ck)?;
         }
         let rank0 = t.rank() == 0;
         let mut loader = Loader::new(train_tokens.clone(), a.seq_len, seed)?;
         let eval_set = val_loader.eval_batches(t.micro_batch, a.eval_batches, t.dp(), t.rank());
         let mut out = Outcome {
-            curve: vec![],
-            val: vec![],
+            curve: history.train,
+            val: history.val,
             tokens: 0,
             secs: 0.0,
             memory: t.memory(),
@@ -410,7 +424,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
             }
             if let Some(root) = &a.save {
                 if !s.skipped && a.save_every > 0 && s.step % a.save_every == 0 && !at_end {
-                    checkpoint::save(&mut t, root, seed, &model_json, tokenizer.as_deref())?;
+                    let logged = out.history();
+                    checkpoint::save(&mut t, root, seed, &model_json, tokenizer.as_deref(), &logged)?;
                 }
             }
         }
@@ -421,7 +436,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
         let v = t.eval(&eval_set)?;
         out.val.push((t.progress.step, v));
         if let Some(root) = &a.save {
-            let dir = checkpoint::save(&mut t, root, seed, &model_json, tokenizer.as_deref())?;
+            let logged = out.history();
+            let dir =
+                checkpoint::save(&mut t, root, seed, &model_json, tokenizer.as_deref(), &logged)?;
             if rank0 {
                 errln!("saved {}", dir.display());
             }

@@ -186,6 +186,22 @@ fn train_json_crash_resume_at_another_layout_and_export() {
         assert_eq!(a.0, b.0);
         assert!((a.1 - b.1).abs() / a.1 < 1e-5, "{a:?} vs {b:?}");
     }
+    // Its checkpoint logs every step's loss, the first run's two included (its curve starts at
+    // step 1), and the validation loss at its end.
+    let meta = std::fs::read_to_string(ck.join("step_00000006/trainer.json")).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&meta).unwrap();
+    let logged: Vec<(u64, f64)> = meta["history"]["train"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+        .collect();
+    assert_eq!(logged.len(), 6, "{meta}");
+    for (a, b) in whole.iter().zip(&logged) {
+        assert_eq!(a.0, b.0);
+        assert!((a.1 - b.1).abs() / a.1 < 1e-5, "{a:?} vs {b:?}");
+    }
+    assert_eq!(meta["history"]["val"][0][0], 6, "{meta}");
 
     // Resuming the finished run with the same --steps: nothing to train, refused (the run's
     // checkpoint and curve stay as they are).

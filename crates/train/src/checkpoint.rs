@@ -45,6 +45,23 @@ pub struct CheckpointMeta {
     /// The layout it was saved from (informative: any layout can load it).
     pub saved_dp: usize,
     pub saved_zero_stage: u8,
+    /// The losses the run logged up to this save, so that a resumed run's curve starts at step 1
+    /// (absent in checkpoints of earlier versions: empty).
+    #[serde(default)]
+    pub history: LogHistory,
+}
+
+/// The losses a run has logged (as transformers' `log_history` in `trainer_state.json`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LogHistory {
+    /// `(step, training loss)` of every step that updated the weights.
+    pub train: Vec<(u64, f64)>,
+    /// `(step, validation loss)`.
+    pub val: Vec<(u64, f64)>,
+}
+
+fn finite(points: &[(u64, f64)]) -> Vec<(u64, f64)> {
+    points.iter().copied().filter(|p| p.1.is_finite()).collect()
 }
 
 fn ck_err(path: &Path, msg: impl Into<String>) -> TrainError {
@@ -75,14 +92,15 @@ fn maybe_crash(file: &mut File, bytes: &[u8]) {
     }
 }
 
-/// Saves the trainer's state under `root` (a collective: every rank calls it; rank 0 writes).
-/// Returns the step directory.
+/// Saves the trainer's state under `root` (a collective: every rank calls it; rank 0 writes),
+/// with the losses logged so far. Returns the step directory.
 pub fn save(
     trainer: &mut Trainer,
     root: &Path,
     seed: u64,
     model_config: &serde_json::Value,
     tokenizer: Option<&Path>,
+    history: &LogHistory,
 ) -> Result<PathBuf, TrainError> {
     let (master, m, v) = trainer.engine.gather_full()?;
     let name = format!("step_{:08}", trainer.progress.step);
@@ -130,6 +148,11 @@ pub fn save(
         model_config: model_config.clone(),
         saved_dp: trainer.dp(),
         saved_zero_stage: trainer.engine.stage,
+        // JSON has no NaN or infinity: such a loss (none is logged today) is left out.
+        history: LogHistory {
+            train: finite(&history.train),
+            val: finite(&history.val),
+        },
     };
     let json = serde_json::to_vec_pretty(&meta).expect("meta serialises");
     write_atomic(&tmp.join("trainer.json"), &json)?;
@@ -581,5 +604,42 @@ fn check_range<T: Copy + Into<f32>>(
                 vals[i]
             ),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A trainer.json written before the losses were logged in it loads with an empty history;
+    /// one with them gives them back.
+    #[test]
+    fn history_is_optional_in_trainer_json() {
+        let meta = CheckpointMeta {
+            format: FORMAT.into(),
+            progress: Progress {
+                step: 4,
+                iteration: 5,
+                samples: 32,
+                scaler: crate::LossScaler::none(),
+            },
+            seed: 1,
+            seq: 16,
+            model_config: serde_json::json!({"vocab_size": 8}),
+            saved_dp: 2,
+            saved_zero_stage: 1,
+            history: LogHistory {
+                train: vec![(1, 3.5), (2, 3.25)],
+                val: vec![(2, 3.0)],
+            },
+        };
+        let json = serde_json::to_value(&meta).unwrap();
+        let back: CheckpointMeta = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back, meta);
+        let mut old = json;
+        old.as_object_mut().unwrap().remove("history");
+        let back: CheckpointMeta = serde_json::from_value(old).unwrap();
+        assert_eq!(back.history, LogHistory::default());
+        assert_eq!(back.progress, meta.progress);
     }
 }

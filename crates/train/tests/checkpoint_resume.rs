@@ -41,7 +41,7 @@ fn segment(
         let mut loader = Loader::new(data.clone(), SEQ, 0)?;
         let stats = train_steps(&mut t, &mut loader, steps)?;
         if let Some(p) = to {
-            save(&mut t, p, 0, &model_json, None)?;
+            save(&mut t, p, 0, &model_json, None, &Default::default())?;
         }
         Ok(stats)
     })
@@ -284,10 +284,19 @@ fn a_failed_save_leaves_no_temporary_directory_and_clears_those_of_dead_runs() {
     std::fs::create_dir_all(dir.path().join(".step_00000004.tmp-1")).unwrap();
     // The save fails after its state file is written: the tokenizer to copy is not there.
     let missing = dir.path().join("no-tokenizer.json");
-    let e = with_fresh_trainer(|t, model_json| save(t, dir.path(), 0, model_json, Some(&missing)))
-        .err()
-        .unwrap()
-        .to_string();
+    let e = with_fresh_trainer(|t, model_json| {
+        save(
+            t,
+            dir.path(),
+            0,
+            model_json,
+            Some(&missing),
+            &Default::default(),
+        )
+    })
+    .err()
+    .unwrap()
+    .to_string();
     assert!(e.contains("no-tokenizer.json"), "{e}");
     assert_eq!(
         temp_dirs(dir.path()),
@@ -302,9 +311,9 @@ fn a_failed_save_leaves_no_temporary_directory_and_clears_those_of_dead_runs() {
 fn a_step_saved_again_replaces_the_old_one_whole() {
     let dir = tempfile::tempdir().unwrap();
     let saved = with_fresh_trainer(|t, model_json| {
-        let first = save(t, dir.path(), 0, model_json, None)?;
+        let first = save(t, dir.path(), 0, model_json, None, &Default::default())?;
         std::fs::write(first.join("marker"), "old").unwrap();
-        save(t, dir.path(), 0, model_json, None)
+        save(t, dir.path(), 0, model_json, None, &Default::default())
     })
     .unwrap();
     assert!(
@@ -339,7 +348,10 @@ fn a_step_moved_aside_by_a_killed_save_is_read_and_put_back() {
     let aside = dir
         .path()
         .join(format!(".step_00000000.old-{}", std::process::id()));
-    with_fresh_trainer(|t, model_json| save(t, dir.path(), 0, model_json, None)).unwrap();
+    with_fresh_trainer(|t, model_json| {
+        save(t, dir.path(), 0, model_json, None, &Default::default())
+    })
+    .unwrap();
     std::fs::write(step0.join("marker"), "the step").unwrap();
     std::fs::rename(&step0, &aside).unwrap();
     let unfinished = dir.path().join(format!(".step_00000000.tmp-{dead}"));
@@ -355,7 +367,7 @@ fn a_step_moved_aside_by_a_killed_save_is_read_and_put_back() {
     // The next save (of another step) renames the old copy back first.
     with_fresh_trainer(|t, model_json| {
         t.progress.step = 1;
-        save(t, dir.path(), 0, model_json, None)
+        save(t, dir.path(), 0, model_json, None, &Default::default())
     })
     .unwrap();
     assert_eq!(
@@ -379,7 +391,7 @@ fn a_step_moved_aside_by_a_killed_save_is_read_and_put_back() {
     .unwrap();
     with_fresh_trainer(|t, model_json| {
         t.progress.step = 2;
-        save(t, dir.path(), 0, model_json, None)
+        save(t, dir.path(), 0, model_json, None, &Default::default())
     })
     .unwrap();
     assert!(!leftover.exists());
