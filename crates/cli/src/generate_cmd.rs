@@ -100,6 +100,20 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     sampling.repetition_penalty = repetition_penalty(&a, model.repetition_penalty.as_ref())?;
     sampling.presence_penalty = a.presence_penalty;
     sampling.frequency_penalty = a.frequency_penalty;
+    // Settings of the file that transformers' generate would apply and this one does not: said,
+    // not silently dropped (those of sampling only where this run samples).
+    let unapplied: Vec<String> = model
+        .unapplied
+        .iter()
+        .filter(|u| !u.sampling_only || sampling.temperature > 0.0)
+        .map(|u| format!("{} {}", u.key, u.value))
+        .collect();
+    if !unapplied.is_empty() && tessera_comm::process_rank() == 0 {
+        errln!(
+            "warning: generation_config.json sets {}, which tessera does not apply (transformers' generate would)",
+            unapplied.join(", ")
+        );
+    }
     let file_text = match &a.prompt_file {
         Some(f) => Some(read_text_file(f, "--prompt-file")?),
         None => None,

@@ -868,6 +868,26 @@ fn generation_config_sampling_is_the_default_of_generate() {
     // do_sample false (transformers' default): greedy whatever else it says.
     config(r#"{"do_sample": false, "temperature": 1.5, "eos_token_id": 1}"#);
     assert_eq!(gen(&[]).0, greedy);
+    // Settings that transformers' generate would apply and tessera does not are named on stderr
+    // (at their defaults they do nothing and are not); those of sampling only where it samples.
+    config(
+        r#"{"do_sample": true, "typical_p": 0.9, "no_repeat_ngram_size": 3, "num_beams": 1,
+            "bad_words_ids": null, "suppress_tokens": [], "eos_token_id": 1}"#,
+    );
+    let (_, err) = gen(&[]);
+    let warning = "warning: generation_config.json sets typical_p 0.9, no_repeat_ngram_size 3, \
+        which tessera does not apply (transformers' generate would)";
+    assert_eq!(err.matches("warning:").count(), 1, "{err}");
+    assert!(err.contains(warning), "{err}");
+    let (_, err) = gen(&["--temperature", "0"]);
+    assert!(
+        err.contains("sets no_repeat_ngram_size 3, which tessera"),
+        "{err}"
+    );
+    config(r#"{"do_sample": false, "typical_p": 0.9, "eos_token_id": 1}"#);
+    let (tokens, err) = gen(&[]);
+    assert_eq!(tokens, greedy);
+    assert!(!err.contains("warning"), "{err}");
     // A value out of range, or not a number, stops generate where it is used, and nothing else.
     config(r#"{"do_sample": true, "top_p": 1.5}"#);
     fails_with(

@@ -19,7 +19,9 @@ mod spmd;
 pub use error::InferError;
 pub use generate::{generate, generate_on, GenerateParams};
 pub use score::{score, score_on, ScoreOutput};
-pub use source::{continuation_text, AddSpecial, ModelSource, OpenModel, SamplingDefaults};
+pub use source::{
+    continuation_text, AddSpecial, ModelSource, OpenModel, SamplingDefaults, Unapplied,
+};
 pub use spmd::run_tp;
 
 /// The device of tensor-parallel rank `rank` when the job runs on `base`: GPUs are numbered from

@@ -33,6 +33,19 @@ pub struct OpenModel {
     /// end-of-sequence ids that are not ids): `generate` stops with it, `score` (which uses
     /// nothing of it) reads on.
     pub generation_config_error: Option<String>,
+    /// `generation_config.json`'s settings that change what transformers' `generate` outputs and
+    /// that `generate` here does not apply, each with its value and whether it acts only when
+    /// sampling (`typical_p`, ...); `generate` warns of them.
+    pub unapplied: Vec<Unapplied>,
+}
+
+/// A `generation_config.json` setting [`OpenModel::unapplied`] lists.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unapplied {
+    pub key: String,
+    pub value: serde_json::Value,
+    /// It changes sampled tokens only (greedy decoding ignores it).
+    pub sampling_only: bool,
 }
 
 /// The sampling settings a model's `generation_config.json` gives (each where it is set, null as
@@ -66,6 +79,48 @@ struct GenerationConfig {
     sampling: Option<SamplingDefaults>,
     repetition_penalty: Option<serde_json::Value>,
     eos_token_ids: Option<Vec<u32>>,
+    unapplied: Vec<Unapplied>,
+}
+
+/// transformers' `GenerationConfig` settings that change `generate`'s tokens and that tessera
+/// does not apply, each with whether it acts only when sampling and whether a value is the
+/// default (no effect there).
+type Inert = fn(&serde_json::Value) -> bool;
+const UNAPPLIED: [(&str, bool, Inert); 16] = [
+    ("typical_p", true, |v| v.as_f64() == Some(1.0)),
+    ("epsilon_cutoff", true, |v| v.as_f64() == Some(0.0)),
+    ("eta_cutoff", true, |v| v.as_f64() == Some(0.0)),
+    ("no_repeat_ngram_size", false, |v| v.as_f64() == Some(0.0)),
+    ("num_beams", false, |v| v.as_f64() == Some(1.0)),
+    ("penalty_alpha", false, |v| v.as_f64() == Some(0.0)),
+    ("min_length", false, |v| v.as_f64() == Some(0.0)),
+    ("min_new_tokens", false, |v| v.as_f64() == Some(0.0)),
+    ("bad_words_ids", false, empty),
+    ("force_words_ids", false, empty),
+    ("suppress_tokens", false, empty),
+    ("begin_suppress_tokens", false, empty),
+    ("sequence_bias", false, empty),
+    ("forced_bos_token_id", false, |_| false),
+    ("forced_eos_token_id", false, |_| false),
+    ("exponential_decay_length_penalty", false, |_| false),
+];
+
+fn empty(v: &serde_json::Value) -> bool {
+    v.as_array().is_some_and(|a| a.is_empty()) || v.as_object().is_some_and(|o| o.is_empty())
+}
+
+fn unapplied(v: &serde_json::Value) -> Vec<Unapplied> {
+    UNAPPLIED
+        .iter()
+        .filter_map(|&(key, sampling_only, inert)| {
+            let value = v.get(key).filter(|x| !x.is_null() && !inert(x))?;
+            Some(Unapplied {
+                key: key.into(),
+                value: value.clone(),
+                sampling_only,
+            })
+        })
+        .collect()
 }
 
 fn read_generation_config(text: &str) -> Result<GenerationConfig, String> {
@@ -93,6 +148,7 @@ fn read_generation_config(text: &str) -> Result<GenerationConfig, String> {
             .filter(|x| !x.is_null())
             .cloned(),
         eos_token_ids,
+        unapplied: unapplied(&v),
     })
 }
 
@@ -173,11 +229,13 @@ impl ModelSource {
                 let gen = dir.join("generation_config.json");
                 let (mut sampling, mut repetition_penalty, mut generation_config_error) =
                     (None, None, None);
+                let mut unapplied = vec![];
                 if let Ok(text) = std::fs::read_to_string(&gen) {
                     match read_generation_config(&text) {
                         Ok(g) => {
                             sampling = g.sampling;
                             repetition_penalty = g.repetition_penalty;
+                            unapplied = g.unapplied;
                             if let Some(ids) = g.eos_token_ids {
                                 config.eos_token_ids = ids;
                             }
@@ -204,6 +262,7 @@ impl ModelSource {
                     sampling,
                     repetition_penalty,
                     generation_config_error,
+                    unapplied,
                 })
             }
             ModelSource::Embedded => Ok(OpenModel {
@@ -217,6 +276,7 @@ impl ModelSource {
                 sampling: None,
                 repetition_penalty: None,
                 generation_config_error: None,
+                unapplied: vec![],
             }),
         }
     }
