@@ -79,7 +79,7 @@ pub trait Communicator: Send + Sync {
     /// Every rank's `t` (the same shape and dtype on every rank) stacked in rank order,
     /// `[world_size, ..t's shape]`, on `t`'s device. The default carries it through host memory
     /// (correct, not fast, for device tensors); a device backend (`NcclComm`) gathers device
-    /// memory where it lies, queued on the device's stream without waiting.
+    /// memory where it lies (and waits for it within the group's deadline).
     fn all_gather_tensor(&self, t: &Tensor) -> Result<Tensor, CommError> {
         all_gather_tensor_via_host(self, t)
     }

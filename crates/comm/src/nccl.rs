@@ -7,7 +7,7 @@
 //!   the GPU's stream without waiting (stream-ordered and asynchronous: the next kernel on the
 //!   stream sees the sum, and a CUDA graph capture records the all-reduce into the graph);
 //! - [`Communicator::all_gather_tensor`] on a device tensor gathers it into a new buffer on the
-//!   same GPU, queued the same way;
+//!   same GPU, then waits for it with the group's deadline (its callers read it at once);
 //! - the collectives on host bytes stage them through device memory and wait for the result with
 //!   the group's deadline (a peer that never joins is a [`CommError::Timeout`], the communicator
 //!   is then aborted so the GPU is not left running a collective that cannot finish).
@@ -377,6 +377,11 @@ impl Communicator for NcclComm<'_> {
             .dev
             .all_gather_storage(t.storage())
             .map_err(|e| self.device_error(e))?;
+        // Waited for with the group's deadline, as the byte collectives are: its caller reads it
+        // at once, and a peer that failed before its part must end this wait, not hang it.
+        self.dev
+            .drain(&self.wait())
+            .map_err(|f| self.fail("all_gather", f))?;
         let mut shape = vec![self.world_size()];
         shape.extend_from_slice(t.shape());
         Tensor::new(shape, gathered).map_err(|e| self.device_error(e))

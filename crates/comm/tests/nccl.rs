@@ -189,6 +189,36 @@ fn every_collective_gives_the_expected_values() {
     }
 }
 
+/// The host default of `all_gather_tensor` (a communicator with no device path) on device tensors:
+/// through the host, the result on the tensor's GPU, in its dtype.
+#[test]
+fn host_gather_of_device_tensors() {
+    if gpus() == 0 {
+        return;
+    }
+    let comms = LocalGroup::new(2).into_comms();
+    std::thread::scope(|s| {
+        for c in comms {
+            s.spawn(move || {
+                for dt in [DType::F32, DType::BF16] {
+                    let mine: Vec<f32> = (0..6).map(|i| value(c.rank(), i)).collect();
+                    let t = Tensor::from_f32(vec![2, 3], mine, dt)
+                        .unwrap()
+                        .to_device(Device::Cuda(0))
+                        .unwrap();
+                    let g = c.all_gather_tensor(&t).unwrap();
+                    assert!(matches!(g.storage(), Storage::Cuda(_)), "left the GPU");
+                    assert_eq!((g.shape(), g.dtype()), (&[2, 2, 3][..], dt));
+                    let want: Vec<f32> = (0..2)
+                        .flat_map(|r| (0..6).map(move |i| value(r, i)))
+                        .collect();
+                    assert_eq!(g.to_f32_vec(), want, "{dt}");
+                }
+            });
+        }
+    });
+}
+
 #[test]
 fn a_peer_that_never_joins_is_a_timeout() {
     if !two_gpus() {

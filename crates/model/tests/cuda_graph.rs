@@ -121,14 +121,23 @@ fn graph_replay_equals_eager_decode() {
 }
 
 /// A step captured up to each rank's logits (what sampled decoding replays) gives the eager step's
-/// gathered logits bit for bit, at tp 1 and (with two GPUs) tp 2, at batch 1 (GEMVs) and 4
-/// (skinny GEMMs); a graph of one kind replayed as the other is refused.
+/// gathered logits bit for bit, at tp 1 and (with two GPUs) tp 2 over a vocabulary that does not
+/// split evenly (501 / 500 rows), at batch 1 (GEMVs) and 4 (skinny GEMMs) with the intermediates
+/// in the graph's arena, and at batch 4 from the pool; a graph of one kind replayed as the other
+/// is refused.
 #[test]
 fn logits_graph_replay_equals_eager_logits() {
+    use tessera_tensor::cuda::graph::{force_graph_arena, GraphArena};
+    const V: usize = 1001;
     let n = gpus();
-    let cfg =
-        ModelConfig::from_json_str(&llama_config_json(1000, 256, 512, 3, 8, 2, false)).unwrap();
-    for (tp, batch) in (1..=n).flat_map(|tp| [1, 4].map(|b| (tp, b))) {
+    let cfg = ModelConfig::from_json_str(&llama_config_json(V, 256, 512, 3, 8, 2, false)).unwrap();
+    let layouts = [
+        (1, GraphArena::Auto),
+        (4, GraphArena::Auto),
+        (4, GraphArena::Never),
+    ];
+    for (tp, (batch, arena)) in (1..=n).flat_map(|tp| layouts.map(|l| (tp, l))) {
+        force_graph_arena(Some(arena));
         let comms = LocalGroup::new(tp).into_comms();
         std::thread::scope(|s| {
             let hs: Vec<_> = comms
@@ -153,7 +162,7 @@ fn logits_graph_replay_equals_eager_logits() {
                         let mut eager = m.new_cache_batch(32, batch).unwrap();
                         let mut graphed = m.new_cache_batch(300, batch).unwrap();
                         let prompt: Vec<u32> =
-                            (0..batch as u32).map(|i| (7 + 31 * i) % 1000).collect();
+                            (0..batch as u32).map(|i| (7 + 31 * i) % V as u32).collect();
                         let mut toks = m
                             .forward_lockstep_greedy(&prompt, &mut eager, comm)
                             .unwrap();
@@ -171,16 +180,13 @@ fn logits_graph_replay_equals_eager_logits() {
                             let got = m
                                 .step_lockstep_graph_logits(&mut g, &toks, &mut graphed, comm)
                                 .unwrap();
-                            assert_eq!(want.len(), batch * 1000);
+                            assert_eq!(want.len(), batch * V);
                             assert!(
                                 want == got,
                                 "tp {tp} batch {batch} rank {rank} step {step}: logits differ"
                             );
                             // The next tokens: each row's argmax (the same on every rank).
-                            toks = want
-                                .chunks(1000)
-                                .map(tessera_tensor::sample::argmax)
-                                .collect();
+                            toks = want.chunks(V).map(tessera_tensor::sample::argmax).collect();
                             distinct.insert(toks.clone());
                         }
                         assert!(distinct.len() > 1, "tp {tp}: degenerate decode");
@@ -199,8 +205,11 @@ fn logits_graph_replay_equals_eager_logits() {
                 h.join().unwrap();
             }
         });
-        eprintln!("tp {tp}, batch {batch}: 8 logits graph steps equal the eager steps");
+        eprintln!(
+            "tp {tp}, batch {batch}, arena {arena:?}: 8 logits graph steps equal the eager steps"
+        );
     }
+    force_graph_arena(None);
 }
 
 fn comm_barrier(c: &dyn tessera_comm::Communicator) {

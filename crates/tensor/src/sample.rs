@@ -583,6 +583,68 @@ mod tests {
         }
     }
 
+    /// Seeded draws over fixed logits at several settings are the tokens recorded here: those of
+    /// the sampler before top-k moved to the logits (commit 1ac07fa gave the same), so a change of
+    /// the cuts' semantics or of the walk's order shows (the full-sort reference changes with them).
+    #[test]
+    fn seeded_draws_are_those_recorded() {
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        let logits: Vec<f32> = (0..1000)
+            .map(|_| (rng.random::<f32>() - 0.5) * 8.0)
+            .collect();
+        // (temperature, top_p, top_k, min_p)
+        let cases = [
+            (1.0f32, 1.0f32, 0usize, 0.0f32),
+            (0.7, 0.9, 0, 0.0),
+            (1.0, 1.0, 40, 0.0),
+            (0.6, 0.9, 50, 0.0),
+            (1.2, 0.95, 20, 0.05),
+            (0.3, 1.0, 3, 0.0),
+        ];
+        let got: Vec<Vec<u32>> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, &(temperature, top_p, top_k, min_p))| {
+                let mut s = Sampler::new(SamplingParams {
+                    temperature,
+                    top_p,
+                    top_k,
+                    min_p,
+                    seed: 100 + i as u64,
+                    ..Default::default()
+                });
+                (0..24).map(|_| s.sample(&logits)).collect()
+            })
+            .collect();
+        let recorded: Vec<Vec<u32>> = vec![
+            vec![
+                552, 691, 299, 950, 764, 181, 892, 691, 109, 269, 17, 670, 722, 295, 222, 886, 950,
+                636, 972, 668, 918, 894, 697, 492,
+            ],
+            vec![
+                264, 193, 562, 8, 439, 2, 892, 39, 338, 417, 141, 119, 491, 631, 491, 668, 39, 207,
+                546, 77, 242, 704, 752, 668,
+            ],
+            vec![
+                242, 727, 109, 748, 886, 972, 631, 295, 24, 248, 133, 918, 166, 24, 417, 295, 12,
+                248, 24, 191, 439, 972, 191, 495,
+            ],
+            vec![
+                901, 39, 592, 166, 727, 191, 691, 592, 141, 562, 119, 242, 748, 373, 373, 12, 24,
+                449, 248, 631, 668, 495, 39, 727,
+            ],
+            vec![
+                592, 242, 894, 495, 752, 668, 495, 901, 543, 39, 417, 166, 752, 894, 39, 191, 166,
+                152, 752, 166, 439, 543, 295, 133,
+            ],
+            vec![
+                894, 894, 894, 901, 901, 191, 894, 894, 191, 191, 191, 894, 191, 191, 894, 894,
+                901, 901, 901, 894, 901, 191, 191, 894,
+            ],
+        ];
+        assert_eq!(got, recorded);
+    }
+
     /// The repetition penalty divides seen tokens' positive logits and multiplies their negative
     /// ones, greedy or sampled; unseen tokens and a penalty of 1 leave the logits alone.
     #[test]

@@ -463,6 +463,23 @@ impl Communicator for SkipComm {
     fn all_reduce_tensor(&self, _: &mut Tensor, _: ReduceOp) -> Result<(), CommError> {
         Ok(())
     }
+    /// This rank's part repeated, where it lies (a device copy each, as a device gather writes
+    /// them; not through the host).
+    fn all_gather_tensor(&self, t: &Tensor) -> Result<Tensor, CommError> {
+        let err = |e: tessera_tensor::TensorError| CommError::Invalid {
+            rank: 0,
+            msg: e.to_string(),
+        };
+        let n = t.elem_count();
+        let mut all = tessera_tensor::Storage::zeros_on(t.dtype(), n * self.world, t.device())
+            .map_err(err)?;
+        for r in 0..self.world {
+            all.copy_from(r * n, t.storage()).map_err(err)?;
+        }
+        let mut shape = vec![self.world];
+        shape.extend_from_slice(t.shape());
+        Tensor::new(shape, all).map_err(err)
+    }
     #[cfg(feature = "cuda")]
     fn all_reduce_add_rms_norm(
         &self,

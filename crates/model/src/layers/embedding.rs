@@ -106,11 +106,14 @@ impl ParallelLmHead {
         // first. Gathered where the logits lie (over NVLink between GPUs), in the compute
         // dtype, then one copy to the host.
         let chunk = t * self.padded;
-        let mut send = Storage::zeros_on(local.dtype(), chunk, local.device())?;
-        send.copy_from(0, local.storage())?;
-        let all = comm
-            .all_gather_tensor(&Tensor::new(vec![chunk], send)?)?
-            .to_f32_vec();
+        let padded = || -> Result<Tensor, tessera_tensor::TensorError> {
+            let mut send = Storage::zeros_on(local.dtype(), chunk, local.device())?;
+            send.copy_from(0, local.storage())?;
+            Tensor::new(vec![chunk], send)
+        };
+        // A rank that cannot take its part (out of memory) stops the others' gather at once.
+        let send = padded().inspect_err(|e| comm.abort(&format!("rank {}: {e}", comm.rank())))?;
+        let all = comm.all_gather_tensor(&send)?.to_f32_vec();
         // Rank r's rows of each position into place, the positions over the host's threads (a
         // batch's logits are tens of MB: one thread took 2-3 ms at 32 positions of 128k).
         let mut out = vec![0.0f32; t * self.vocab];
