@@ -100,17 +100,18 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     sampling.repetition_penalty = repetition_penalty(&a, model.repetition_penalty.as_ref())?;
     sampling.presence_penalty = a.presence_penalty;
     sampling.frequency_penalty = a.frequency_penalty;
-    // Settings of the file that transformers' generate would apply and this one does not: said,
-    // not silently dropped (those of sampling only where this run samples).
+    // Settings of the file that transformers' generate may apply and this one does not: said,
+    // not silently dropped (those of sampling only where this run samples, of greedy decoding
+    // only where it does not).
     let unapplied: Vec<String> = model
         .unapplied
         .iter()
-        .filter(|u| !u.sampling_only || sampling.temperature > 0.0)
+        .filter(|u| u.acts.when(sampling.temperature > 0.0))
         .map(|u| format!("{} {}", u.key, u.value))
         .collect();
     if !unapplied.is_empty() && tessera_comm::process_rank() == 0 {
         errln!(
-            "warning: generation_config.json sets {}, which tessera does not apply (transformers' generate would)",
+            "warning: generation_config.json sets {}, which tessera does not apply (transformers' generate may)",
             unapplied.join(", ")
         );
     }

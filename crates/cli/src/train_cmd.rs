@@ -327,7 +327,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         let mut history = checkpoint::LogHistory::default();
         if let Some(p) = &a.resume {
             let ck = checkpoint::load(p, &t.model.layout)?;
-            history = ck.meta.history.clone();
+            history = ck.meta.history.clone().up_to(ck.meta.progress.step);
             checkpoint::restore(&mut t, ck)?;
         }
         let rank0 = t.rank() == 0;

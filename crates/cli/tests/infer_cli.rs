@@ -872,16 +872,18 @@ fn generation_config_sampling_is_the_default_of_generate() {
     // (at their defaults they do nothing and are not); those of sampling only where it samples.
     config(
         r#"{"do_sample": true, "typical_p": 0.9, "no_repeat_ngram_size": 3, "num_beams": 1,
-            "bad_words_ids": null, "suppress_tokens": [], "eos_token_id": 1}"#,
+            "penalty_alpha": 0.6, "bad_words_ids": null, "suppress_tokens": [],
+            "eos_token_id": 1}"#,
     );
     let (_, err) = gen(&[]);
     let warning = "warning: generation_config.json sets typical_p 0.9, no_repeat_ngram_size 3, \
-        which tessera does not apply (transformers' generate would)";
+        which tessera does not apply (transformers' generate may)";
     assert_eq!(err.matches("warning:").count(), 1, "{err}");
     assert!(err.contains(warning), "{err}");
+    // Greedy: contrastive search's penalty_alpha acts, typical_p does not.
     let (_, err) = gen(&["--temperature", "0"]);
     assert!(
-        err.contains("sets no_repeat_ngram_size 3, which tessera"),
+        err.contains("sets penalty_alpha 0.6, no_repeat_ngram_size 3, which tessera"),
         "{err}"
     );
     config(r#"{"do_sample": false, "typical_p": 0.9, "eos_token_id": 1}"#);

@@ -20,7 +20,7 @@ pub use error::InferError;
 pub use generate::{generate, generate_on, GenerateParams};
 pub use score::{score, score_on, ScoreOutput};
 pub use source::{
-    continuation_text, AddSpecial, ModelSource, OpenModel, SamplingDefaults, Unapplied,
+    continuation_text, Acts, AddSpecial, ModelSource, OpenModel, SamplingDefaults, Unapplied,
 };
 pub use spmd::run_tp;
 

@@ -33,9 +33,9 @@ pub struct OpenModel {
     /// end-of-sequence ids that are not ids): `generate` stops with it, `score` (which uses
     /// nothing of it) reads on.
     pub generation_config_error: Option<String>,
-    /// `generation_config.json`'s settings that change what transformers' `generate` outputs and
-    /// that `generate` here does not apply, each with its value and whether it acts only when
-    /// sampling (`typical_p`, ...); `generate` warns of them.
+    /// `generation_config.json`'s settings that can change what transformers' `generate` outputs
+    /// and that `generate` here does not apply, each with its value and when it acts (`typical_p`
+    /// when sampling, ...); `generate` warns of them.
     pub unapplied: Vec<Unapplied>,
 }
 
@@ -44,8 +44,29 @@ pub struct OpenModel {
 pub struct Unapplied {
     pub key: String,
     pub value: serde_json::Value,
-    /// It changes sampled tokens only (greedy decoding ignores it).
-    pub sampling_only: bool,
+    /// The decoding it acts in.
+    pub acts: Acts,
+}
+
+/// When transformers' `generate` applies a setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acts {
+    /// Sampling only (`typical_p`, ...).
+    Sampling,
+    /// Greedy only (`penalty_alpha`: contrastive search).
+    Greedy,
+    Always,
+}
+
+impl Acts {
+    /// Whether it acts in a decoding that samples (`true`) or is greedy.
+    pub fn when(self, sampling: bool) -> bool {
+        match self {
+            Acts::Sampling => sampling,
+            Acts::Greedy => !sampling,
+            Acts::Always => true,
+        }
+    }
 }
 
 /// The sampling settings a model's `generation_config.json` gives (each where it is set, null as
@@ -82,27 +103,38 @@ struct GenerationConfig {
     unapplied: Vec<Unapplied>,
 }
 
-/// transformers' `GenerationConfig` settings that change `generate`'s tokens and that tessera
-/// does not apply, each with whether it acts only when sampling and whether a value is the
-/// default (no effect there).
+/// transformers' `GenerationConfig` settings that can change `generate`'s tokens and that tessera
+/// does not apply, each with when it acts and which values do nothing (its defaults).
 type Inert = fn(&serde_json::Value) -> bool;
-const UNAPPLIED: [(&str, bool, Inert); 16] = [
-    ("typical_p", true, |v| v.as_f64() == Some(1.0)),
-    ("epsilon_cutoff", true, |v| v.as_f64() == Some(0.0)),
-    ("eta_cutoff", true, |v| v.as_f64() == Some(0.0)),
-    ("no_repeat_ngram_size", false, |v| v.as_f64() == Some(0.0)),
-    ("num_beams", false, |v| v.as_f64() == Some(1.0)),
-    ("penalty_alpha", false, |v| v.as_f64() == Some(0.0)),
-    ("min_length", false, |v| v.as_f64() == Some(0.0)),
-    ("min_new_tokens", false, |v| v.as_f64() == Some(0.0)),
-    ("bad_words_ids", false, empty),
-    ("force_words_ids", false, empty),
-    ("suppress_tokens", false, empty),
-    ("begin_suppress_tokens", false, empty),
-    ("sequence_bias", false, empty),
-    ("forced_bos_token_id", false, |_| false),
-    ("forced_eos_token_id", false, |_| false),
-    ("exponential_decay_length_penalty", false, |_| false),
+const UNAPPLIED: [(&str, Acts, Inert); 20] = [
+    ("typical_p", Acts::Sampling, |v| v.as_f64() == Some(1.0)),
+    ("epsilon_cutoff", Acts::Sampling, |v| {
+        v.as_f64() == Some(0.0)
+    }),
+    ("eta_cutoff", Acts::Sampling, |v| v.as_f64() == Some(0.0)),
+    ("top_h", Acts::Sampling, |_| false),
+    ("penalty_alpha", Acts::Greedy, |v| v.as_f64() == Some(0.0)),
+    ("no_repeat_ngram_size", Acts::Always, |v| {
+        v.as_f64() == Some(0.0)
+    }),
+    ("encoder_no_repeat_ngram_size", Acts::Always, |v| {
+        v.as_f64() == Some(0.0)
+    }),
+    ("encoder_repetition_penalty", Acts::Always, |v| {
+        v.as_f64() == Some(1.0)
+    }),
+    ("guidance_scale", Acts::Always, |v| v.as_f64() == Some(1.0)),
+    ("num_beams", Acts::Always, |v| v.as_f64() == Some(1.0)),
+    ("min_length", Acts::Always, |v| v.as_f64() == Some(0.0)),
+    ("min_new_tokens", Acts::Always, |v| v.as_f64() == Some(0.0)),
+    ("bad_words_ids", Acts::Always, empty),
+    ("force_words_ids", Acts::Always, empty),
+    ("suppress_tokens", Acts::Always, empty),
+    ("begin_suppress_tokens", Acts::Always, empty),
+    ("sequence_bias", Acts::Always, empty),
+    ("forced_bos_token_id", Acts::Always, |_| false),
+    ("forced_eos_token_id", Acts::Always, |_| false),
+    ("exponential_decay_length_penalty", Acts::Always, |_| false),
 ];
 
 fn empty(v: &serde_json::Value) -> bool {
@@ -112,12 +144,12 @@ fn empty(v: &serde_json::Value) -> bool {
 fn unapplied(v: &serde_json::Value) -> Vec<Unapplied> {
     UNAPPLIED
         .iter()
-        .filter_map(|&(key, sampling_only, inert)| {
+        .filter_map(|&(key, acts, inert)| {
             let value = v.get(key).filter(|x| !x.is_null() && !inert(x))?;
             Some(Unapplied {
                 key: key.into(),
                 value: value.clone(),
-                sampling_only,
+                acts,
             })
         })
         .collect()

@@ -8,18 +8,58 @@ use crate::TensorError;
 /// The host's memory in bytes when `bytes` would take more than 90% of it (`None` where it fits or
 /// the host does not say): what the CPU backend's weights, caches and training state share, for
 /// refusing in one line a size that could never fit instead of aborting in an allocation (or
-/// being killed by a container's limit). The memory is `MemTotal` of /proc/meminfo, or the
-/// container's limit where one is set and lower (cgroup v2 `memory.max`, v1
-/// `memory.limit_in_bytes`).
+/// being killed by a container's limit). The memory is `MemTotal` of /proc/meminfo, or the lowest
+/// cgroup limit over this process's cgroup and its ancestors where one is set and lower (v2
+/// `memory.max`, v1 `memory.limit_in_bytes`, at their usual mount points).
 pub fn exceeds_host_memory(bytes: f64) -> Option<f64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let limits = [
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let limits: Vec<String> = cgroup_limit_files(&own)
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .collect();
+    let total = memory_limit(&info, limits.iter().map(String::as_str))?;
+    (bytes > 0.9 * total).then_some(total)
+}
+
+/// The memory-limit files of the cgroups of a /proc/self/cgroup text and of all their ancestors,
+/// under the usual mount points: v2 (`0::PATH`) at /sys/fs/cgroup (or /sys/fs/cgroup/unified of
+/// a hybrid layout), v1's memory controller at /sys/fs/cgroup/memory; the roots always (a
+/// container's own cgroup is its root). Files that are not there are skipped by the reader.
+fn cgroup_limit_files(own: &str) -> Vec<std::path::PathBuf> {
+    use std::path::Path;
+    let mut out: Vec<std::path::PathBuf> = [
         "/sys/fs/cgroup/memory.max",
         "/sys/fs/cgroup/memory/memory.limit_in_bytes",
     ]
-    .map(|p| std::fs::read_to_string(p).ok());
-    let total = memory_limit(&info, limits.iter().flatten().map(String::as_str))?;
-    (bytes > 0.9 * total).then_some(total)
+    .iter()
+    .map(|&p| p.into())
+    .collect();
+    for line in own.lines() {
+        let mut f = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let (roots, file): (&[&str], &str) = if id == "0" && controllers.is_empty() {
+            (&["/sys/fs/cgroup", "/sys/fs/cgroup/unified"], "memory.max")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            (&["/sys/fs/cgroup/memory"], "memory.limit_in_bytes")
+        } else {
+            continue;
+        };
+        for root in roots {
+            let mut at = Some(Path::new(path.trim()));
+            while let Some(p) = at {
+                let rel = p.strip_prefix("/").unwrap_or(p);
+                let file = Path::new(root).join(rel).join(file);
+                if !out.contains(&file) {
+                    out.push(file);
+                }
+                at = p.parent();
+            }
+        }
+    }
+    out
 }
 
 /// `MemTotal` of a /proc/meminfo text in bytes, lowered to any cgroup limit given (`max`, or v1's
@@ -104,5 +144,41 @@ mod tests {
             Some(4294967296.0)
         );
         assert_eq!(memory_limit("MemFree: 1 kB\n", ["4096"]), None);
+    }
+
+    /// A process's own cgroup and its ancestors, v1 and v2, under the usual mount points.
+    #[test]
+    fn cgroup_limit_files_walk_up_to_the_root() {
+        let names = |own: &str| -> Vec<String> {
+            super::cgroup_limit_files(own)
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect()
+        };
+        let roots = [
+            "/sys/fs/cgroup/memory.max",
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        ];
+        assert_eq!(names(""), roots);
+        assert_eq!(
+            names("0::/\n"),
+            [&roots[..], &["/sys/fs/cgroup/unified/memory.max"]].concat()
+        );
+        let v1 = names("4:memory:/job/42\n3:cpu,cpuacct:/job/42\n");
+        assert_eq!(
+            v1,
+            [
+                &roots[..],
+                &[
+                    "/sys/fs/cgroup/memory/job/42/memory.limit_in_bytes",
+                    "/sys/fs/cgroup/memory/job/memory.limit_in_bytes",
+                ]
+            ]
+            .concat()
+        );
+        let v2 = names("0::/user.slice/run.scope\n");
+        assert!(v2.contains(&"/sys/fs/cgroup/user.slice/run.scope/memory.max".to_string()));
+        assert!(v2.contains(&"/sys/fs/cgroup/user.slice/memory.max".to_string()));
+        assert!(v2.contains(&"/sys/fs/cgroup/unified/user.slice/memory.max".to_string()));
     }
 }

@@ -12,7 +12,7 @@
 //! ```text
 //! CKPT/latest                      "step_00000200"
 //! CKPT/step_00000200/state.safetensors   NAME, NAME.exp_avg, NAME.exp_avg_sq (f32)
-//! CKPT/step_00000200/trainer.json        progress, seed, seq, model config
+//! CKPT/step_00000200/trainer.json        progress, seed, seq, model config, losses logged
 //! CKPT/step_00000200/tokenizer.json      when the data had one
 //! ```
 
@@ -46,8 +46,8 @@ pub struct CheckpointMeta {
     pub saved_dp: usize,
     pub saved_zero_stage: u8,
     /// The losses the run logged up to this save, so that a resumed run's curve starts at step 1
-    /// (absent in checkpoints of earlier versions: empty).
-    #[serde(default)]
+    /// (absent or null in checkpoints of earlier versions: empty).
+    #[serde(default, deserialize_with = "null_as_default")]
     pub history: LogHistory,
 }
 
@@ -55,9 +55,32 @@ pub struct CheckpointMeta {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LogHistory {
     /// `(step, training loss)` of every step that updated the weights.
+    #[serde(default, deserialize_with = "null_as_default")]
     pub train: Vec<(u64, f64)>,
     /// `(step, validation loss)`.
+    #[serde(default, deserialize_with = "null_as_default")]
     pub val: Vec<(u64, f64)>,
+}
+
+impl LogHistory {
+    /// What a run resumed at `step` goes on from: the points up to it, in step order, one a step
+    /// (a history edited or copied from elsewhere may hold others).
+    pub fn up_to(mut self, step: u64) -> Self {
+        for points in [&mut self.train, &mut self.val] {
+            points.retain(|p| p.0 <= step);
+            points.sort_by_key(|p| p.0);
+            points.dedup_by_key(|p| p.0);
+        }
+        self
+    }
+}
+
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 fn finite(points: &[(u64, f64)]) -> Vec<(u64, f64)> {
@@ -638,8 +661,33 @@ mod tests {
         assert_eq!(back, meta);
         let mut old = json;
         old.as_object_mut().unwrap().remove("history");
-        let back: CheckpointMeta = serde_json::from_value(old).unwrap();
+        let back: CheckpointMeta = serde_json::from_value(old.clone()).unwrap();
         assert_eq!(back.history, LogHistory::default());
         assert_eq!(back.progress, meta.progress);
+        // Null, or a part missing or null: what there is.
+        for (history, train) in [
+            (serde_json::json!(null), vec![]),
+            (serde_json::json!({"train": [[1, 3.5]]}), vec![(1, 3.5)]),
+            (
+                serde_json::json!({"train": [[1, 3.5]], "val": null}),
+                vec![(1, 3.5)],
+            ),
+        ] {
+            old["history"] = history;
+            let back: CheckpointMeta = serde_json::from_value(old.clone()).unwrap();
+            assert_eq!((back.history.train, back.history.val), (train, vec![]));
+        }
+    }
+
+    /// A resumed run goes on from the points up to its step, in order, one a step.
+    #[test]
+    fn history_up_to_a_step() {
+        let h = LogHistory {
+            train: vec![(2, 2.0), (1, 1.0), (2, 2.5), (5, 5.0)],
+            val: vec![(4, 4.0), (2, 2.0)],
+        };
+        let h = h.up_to(4);
+        assert_eq!(h.train, vec![(1, 1.0), (2, 2.0)]);
+        assert_eq!(h.val, vec![(2, 2.0), (4, 4.0)]);
     }
 }
