@@ -141,7 +141,7 @@ impl ParallelLmHead {
         comm: &dyn Communicator,
         vocab_start: usize,
     ) -> Result<Vec<f64>, ModelError> {
-        let local = ops::matmul_t(x, &self.weight, None)?;
+        let local = self.local_logits(x)?;
         let rows = self.weight.dim(0);
         let mine: Vec<Option<usize>> = targets
             .iter()
@@ -205,7 +205,7 @@ impl ParallelLmHead {
 
     /// Each row's (largest logit, index) among this rank's vocab rows.
     pub fn local_argmax(&self, x: &Tensor) -> Result<Vec<(f32, u32)>, ModelError> {
-        Ok(ops::argmax_rows(&ops::matmul_t(x, &self.weight, None)?)?)
+        Ok(ops::argmax_rows(&self.local_logits(x)?)?)
     }
 
     /// The global greedy tokens from every rank's local (value, index) pairs.
