@@ -42,64 +42,37 @@ fn graph_replay_equals_eager_decode() {
     for ((tp, grouped), (batch, arena)) in runs.flat_map(|r| layouts.map(|l| (r, l))) {
         tessera_tensor::cuda::force_decode_kernel(grouped);
         force_graph_arena(Some(arena));
-        let comms = LocalGroup::new(tp).into_comms();
-        let results: Vec<(Steps, Steps)> = std::thread::scope(|s| {
-            let hs: Vec<_> = comms
-                .into_iter()
-                .enumerate()
-                .map(|(rank, host)| {
-                    let cfg = cfg.clone();
-                    s.spawn(move || {
-                        // tp 2 all-reduces through NCCL, as the inference ranks do.
-                        let nccl = (tp > 1).then(|| NcclComm::new(&host, rank).unwrap());
-                        let comm: &dyn Communicator = match &nccl {
-                            Some(n) => n,
-                            None => &host,
-                        };
-                        let m = LlamaModel::random(
-                            cfg,
-                            TpRank { rank, size: tp },
-                            DType::BF16,
-                            Device::Cuda(rank),
-                            3,
-                        )
-                        .unwrap();
-                        let mut eager = m.new_cache_batch(32, batch).unwrap();
-                        // A cache of 600 positions: the captured decode attention covers it in
-                        // 3 splits joined by a second kernel; the empty ones add exact zeros, so
-                        // the tokens still equal the eager (one-split) ones bit for bit.
-                        let mut graphed = m.new_cache_batch(600, batch).unwrap();
-                        let prompt: Vec<u32> =
-                            (0..batch as u32).map(|i| (5 + 97 * i) % 1000).collect();
-                        let mut te = m
-                            .forward_lockstep_greedy(&prompt, &mut eager, comm)
-                            .unwrap();
-                        let mut tg = m
-                            .forward_lockstep_greedy(&prompt, &mut graphed, comm)
-                            .unwrap();
-                        let mut g = m.capture_lockstep_greedy(&mut graphed, comm).unwrap();
-                        // The intermediates are where the choice puts them: in an arena, no
-                        // allocation node between the kernels.
-                        let st = g.stats().unwrap();
-                        let in_arena = arena.used_for(batch);
-                        assert_eq!(st.arena_bytes > 0, in_arena, "{st}");
-                        assert_eq!(st.allocs == 0, in_arena, "{st}");
-                        let (mut a, mut b) = (Vec::new(), Vec::new());
-                        for _ in 0..12 {
-                            te = m.forward_lockstep_greedy(&te, &mut eager, comm).unwrap();
-                            tg = m
-                                .step_lockstep_graph(&mut g, &tg, &mut graphed, comm)
-                                .unwrap();
-                            a.push(te.clone());
-                            b.push(tg.clone());
-                        }
-                        assert_eq!(eager.len(), graphed.len());
-                        comm_barrier(comm);
-                        (a, b)
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        let results: Vec<(Steps, Steps)> = on_gpu_ranks(tp, &cfg, 3, |_, m, comm| {
+            let mut eager = m.new_cache_batch(32, batch).unwrap();
+            // A cache of 600 positions: the captured decode attention covers it in
+            // 3 splits joined by a second kernel; the empty ones add exact zeros, so
+            // the tokens still equal the eager (one-split) ones bit for bit.
+            let mut graphed = m.new_cache_batch(600, batch).unwrap();
+            let prompt: Vec<u32> = (0..batch as u32).map(|i| (5 + 97 * i) % 1000).collect();
+            let mut te = m
+                .forward_lockstep_greedy(&prompt, &mut eager, comm)
+                .unwrap();
+            let mut tg = m
+                .forward_lockstep_greedy(&prompt, &mut graphed, comm)
+                .unwrap();
+            let mut g = m.capture_lockstep_greedy(&mut graphed, comm).unwrap();
+            // The intermediates are where the choice puts them: in an arena, no
+            // allocation node between the kernels.
+            let st = g.stats().unwrap();
+            let in_arena = arena.used_for(batch);
+            assert_eq!(st.arena_bytes > 0, in_arena, "{st}");
+            assert_eq!(st.allocs == 0, in_arena, "{st}");
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for _ in 0..12 {
+                te = m.forward_lockstep_greedy(&te, &mut eager, comm).unwrap();
+                tg = m
+                    .step_lockstep_graph(&mut g, &tg, &mut graphed, comm)
+                    .unwrap();
+                a.push(te.clone());
+                b.push(tg.clone());
+            }
+            assert_eq!(eager.len(), graphed.len());
+            (a, b)
         });
         for (rank, (eager, graphed)) in results.iter().enumerate() {
             assert_eq!(
@@ -138,72 +111,44 @@ fn logits_graph_replay_equals_eager_logits() {
     ];
     for (tp, (batch, arena)) in (1..=n).flat_map(|tp| layouts.map(|l| (tp, l))) {
         force_graph_arena(Some(arena));
-        let comms = LocalGroup::new(tp).into_comms();
-        std::thread::scope(|s| {
-            let hs: Vec<_> = comms
-                .into_iter()
-                .enumerate()
-                .map(|(rank, host)| {
-                    let cfg = cfg.clone();
-                    s.spawn(move || {
-                        let nccl = (tp > 1).then(|| NcclComm::new(&host, rank).unwrap());
-                        let comm: &dyn Communicator = match &nccl {
-                            Some(n) => n,
-                            None => &host,
-                        };
-                        let m = LlamaModel::random(
-                            cfg,
-                            TpRank { rank, size: tp },
-                            DType::BF16,
-                            Device::Cuda(rank),
-                            5,
-                        )
-                        .unwrap();
-                        let mut eager = m.new_cache_batch(32, batch).unwrap();
-                        let mut graphed = m.new_cache_batch(300, batch).unwrap();
-                        let prompt: Vec<u32> =
-                            (0..batch as u32).map(|i| (7 + 31 * i) % V as u32).collect();
-                        let mut toks = m
-                            .forward_lockstep_greedy(&prompt, &mut eager, comm)
-                            .unwrap();
-                        m.forward_lockstep_greedy(&prompt, &mut graphed, comm)
-                            .unwrap();
-                        let mut g = m.capture_lockstep_logits(&mut graphed, comm).unwrap();
-                        let e = m
-                            .step_lockstep_graph(&mut g, &toks, &mut graphed, comm)
-                            .unwrap_err()
-                            .to_string();
-                        assert!(e.contains("captured for its logits"), "{e}");
-                        let mut distinct = std::collections::BTreeSet::new();
-                        for step in 0..8 {
-                            let want = m.forward_lockstep(&toks, &mut eager, comm).unwrap();
-                            let got = m
-                                .step_lockstep_graph_logits(&mut g, &toks, &mut graphed, comm)
-                                .unwrap();
-                            assert_eq!(want.len(), batch * V);
-                            assert!(
-                                want == got,
-                                "tp {tp} batch {batch} rank {rank} step {step}: logits differ"
-                            );
-                            // The next tokens: each row's argmax (the same on every rank).
-                            toks = want.chunks(V).map(tessera_tensor::sample::argmax).collect();
-                            distinct.insert(toks.clone());
-                        }
-                        assert!(distinct.len() > 1, "tp {tp}: degenerate decode");
-                        assert_eq!(eager.len(), graphed.len());
-                        let mut greedy = m.capture_lockstep_greedy(&mut graphed, comm).unwrap();
-                        let e = m
-                            .step_lockstep_graph_logits(&mut greedy, &toks, &mut graphed, comm)
-                            .unwrap_err()
-                            .to_string();
-                        assert!(e.contains("greedy step's graph"), "{e}");
-                        comm_barrier(comm);
-                    })
-                })
-                .collect();
-            for h in hs {
-                h.join().unwrap();
+        on_gpu_ranks(tp, &cfg, 5, |rank, m, comm| {
+            let mut eager = m.new_cache_batch(32, batch).unwrap();
+            let mut graphed = m.new_cache_batch(300, batch).unwrap();
+            let prompt: Vec<u32> = (0..batch as u32).map(|i| (7 + 31 * i) % V as u32).collect();
+            let mut toks = m
+                .forward_lockstep_greedy(&prompt, &mut eager, comm)
+                .unwrap();
+            m.forward_lockstep_greedy(&prompt, &mut graphed, comm)
+                .unwrap();
+            let mut g = m.capture_lockstep_logits(&mut graphed, comm).unwrap();
+            let e = m
+                .step_lockstep_graph(&mut g, &toks, &mut graphed, comm)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("captured for its logits"), "{e}");
+            let mut distinct = std::collections::BTreeSet::new();
+            for step in 0..8 {
+                let want = m.forward_lockstep(&toks, &mut eager, comm).unwrap();
+                let got = m
+                    .step_lockstep_graph_logits(&mut g, &toks, &mut graphed, comm)
+                    .unwrap();
+                assert_eq!(want.len(), batch * V);
+                assert!(
+                    want == got,
+                    "tp {tp} batch {batch} rank {rank} step {step}: logits differ"
+                );
+                // The next tokens: each row's argmax (the same on every rank).
+                toks = want.chunks(V).map(tessera_tensor::sample::argmax).collect();
+                distinct.insert(toks.clone());
             }
+            assert!(distinct.len() > 1, "tp {tp}: degenerate decode");
+            assert_eq!(eager.len(), graphed.len());
+            let mut greedy = m.capture_lockstep_greedy(&mut graphed, comm).unwrap();
+            let e = m
+                .step_lockstep_graph_logits(&mut greedy, &toks, &mut graphed, comm)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("greedy step's graph"), "{e}");
         });
         eprintln!(
             "tp {tp}, batch {batch}, arena {arena:?}: 8 logits graph steps equal the eager steps"
@@ -212,6 +157,37 @@ fn logits_graph_replay_equals_eager_logits() {
     force_graph_arena(None);
 }
 
-fn comm_barrier(c: &dyn tessera_comm::Communicator) {
-    c.barrier().unwrap();
+/// `body`'s result on each rank of a tp-`tp` group (rank r on GPU r, all-reducing through NCCL at
+/// tp 2 as the inference ranks do), each holding its shard of random bf16 weights of `cfg` made
+/// from `seed`, in rank order; the ranks meet at a barrier after `body`.
+fn on_gpu_ranks<R: Send>(
+    tp: usize,
+    cfg: &ModelConfig,
+    seed: u64,
+    body: impl Fn(usize, &LlamaModel, &dyn Communicator) -> R + Sync,
+) -> Vec<R> {
+    let comms = LocalGroup::new(tp).into_comms();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, host)| {
+                let (cfg, body) = (cfg.clone(), &body);
+                s.spawn(move || {
+                    let nccl = (tp > 1).then(|| NcclComm::new(&host, rank).unwrap());
+                    let comm: &dyn Communicator = match &nccl {
+                        Some(n) => n,
+                        None => &host,
+                    };
+                    let shard = TpRank { rank, size: tp };
+                    let m = LlamaModel::random(cfg, shard, DType::BF16, Device::Cuda(rank), seed)
+                        .unwrap();
+                    let out = body(rank, &m, comm);
+                    comm.barrier().unwrap();
+                    out
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
 }

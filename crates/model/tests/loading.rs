@@ -208,30 +208,11 @@ fn gathered_logits_at_every_tp_are_the_single_ranks() {
         3,
     );
     let logits = |tp: usize| -> Vec<Vec<f32>> {
-        let comms = LocalGroup::new(tp).into_comms();
-        let out: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
-            let hs: Vec<_> = comms
-                .into_iter()
-                .enumerate()
-                .map(|(rank, comm)| {
-                    let cfg = cfg.clone();
-                    s.spawn(move || {
-                        let ck = Checkpoint::from_static("mem", bytes).unwrap();
-                        let m = LlamaModel::from_checkpoint(
-                            &ck,
-                            cfg,
-                            TpRank { rank, size: tp },
-                            DType::F32,
-                        )
-                        .unwrap();
-                        let mut c = m.new_cache(8).unwrap();
-                        let all = m.forward(&[5, 999, 1000, 0], &mut c, Logits::All, &comm);
-                        let last = m.forward(&[500], &mut c, Logits::Last, &comm);
-                        vec![all.unwrap(), last.unwrap()]
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        let out = on_ranks(tp, &cfg, bytes, |m, comm| {
+            let mut c = m.new_cache(8).unwrap();
+            let all = m.forward(&[5, 999, 1000, 0], &mut c, Logits::All, comm);
+            let last = m.forward(&[500], &mut c, Logits::Last, comm);
+            vec![all.unwrap(), last.unwrap()]
         });
         assert!(
             out.iter().all(|o| *o == out[0]),
@@ -418,8 +399,6 @@ fn lockstep_batch_decode_equals_one_sequence_at_a_time() {
 /// its whole `[tokens, vocab]` logits), equal those of the whole logits, at tp 1 and 2.
 #[test]
 fn log_probs_by_chunks_of_rows_equal_those_of_the_whole_logits() {
-    use tessera_comm::LocalGroup;
-    use tessera_model::Logits;
     let (cfg, bytes) = random_model(
         &llama_config_json(97, 48, 80, 2, 6, 2, false),
         DType::F32,
@@ -427,39 +406,52 @@ fn log_probs_by_chunks_of_rows_equal_those_of_the_whole_logits() {
     );
     let toks: [u32; 9] = [1, 5, 9, 2, 7, 96, 0, 41, 8];
     for tp in [1, 2] {
-        let comms = LocalGroup::new(tp).into_comms();
-        std::thread::scope(|s| {
-            for (rank, comm) in comms.into_iter().enumerate() {
-                let cfg = cfg.clone();
-                s.spawn(move || {
-                    let ck = Checkpoint::from_static("mem", bytes).unwrap();
-                    let m = LlamaModel::from_checkpoint(
-                        &ck,
-                        cfg,
-                        TpRank { rank, size: tp },
-                        DType::F32,
-                    )
-                    .unwrap();
-                    let mut c = m.new_cache(9).unwrap();
-                    let logits = m.forward(&toks, &mut c, Logits::All, &comm).unwrap();
-                    let want: Vec<f64> = (0..8)
-                        .map(|i| {
-                            tessera_tensor::ops::log_softmax(&logits[i * 97..(i + 1) * 97])
-                                [toks[i + 1] as usize]
-                        })
-                        .collect();
-                    for rows in [0, 1, 3, 8, 100] {
-                        let mut c = m.new_cache(9).unwrap();
-                        let got = m.forward_logprobs_by(&toks, &mut c, &comm, rows).unwrap();
-                        assert_eq!(got.len(), 8);
-                        for (g, w) in got.iter().zip(&want) {
-                            assert!((g - w).abs() < 1e-5, "tp {tp} rows {rows}: {g} vs {w}");
-                        }
-                    }
-                    let mut c = m.new_cache(9).unwrap();
-                    assert_eq!(m.forward_logprobs(&toks, &mut c, &comm).unwrap().len(), 8);
-                });
+        on_ranks(tp, &cfg, bytes, |m, comm| {
+            let mut c = m.new_cache(9).unwrap();
+            let logits = m.forward(&toks, &mut c, Logits::All, comm).unwrap();
+            let want: Vec<f64> = (0..8)
+                .map(|i| {
+                    tessera_tensor::ops::log_softmax(&logits[i * 97..(i + 1) * 97])
+                        [toks[i + 1] as usize]
+                })
+                .collect();
+            for rows in [0, 1, 3, 8, 100] {
+                let mut c = m.new_cache(9).unwrap();
+                let got = m.forward_logprobs_by(&toks, &mut c, comm, rows).unwrap();
+                assert_eq!(got.len(), 8);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() < 1e-5, "tp {tp} rows {rows}: {g} vs {w}");
+                }
             }
+            let mut c = m.new_cache(9).unwrap();
+            assert_eq!(m.forward_logprobs(&toks, &mut c, comm).unwrap().len(), 8);
         });
     }
+}
+
+/// `body`'s result on each rank of a tp-`tp` group of host threads, each holding its shard of
+/// the f32 checkpoint `bytes` of `cfg`, in rank order.
+fn on_ranks<R: Send>(
+    tp: usize,
+    cfg: &ModelConfig,
+    bytes: &'static [u8],
+    body: impl Fn(&LlamaModel, &dyn tessera_comm::Communicator) -> R + Sync,
+) -> Vec<R> {
+    let comms = LocalGroup::new(tp).into_comms();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, comm)| {
+                let (cfg, body) = (cfg.clone(), &body);
+                s.spawn(move || {
+                    let ck = Checkpoint::from_static("mem", bytes).unwrap();
+                    let rank = TpRank { rank, size: tp };
+                    let m = LlamaModel::from_checkpoint(&ck, cfg, rank, DType::F32).unwrap();
+                    body(&m, &comm)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
 }
