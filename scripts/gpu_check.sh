@@ -3,7 +3,7 @@
 #   scripts/gpu_build.sh            (puts the binaries in .gpu/)
 # then, on the GPU machine (the `device` tool, carrying .gpu):
 #   bash scripts/gpu_check.sh        (report in $OUT/gpu_report.txt, or ./gpu_report.txt)
-#   STEPS="tests tp2 cli" bash ...   (some steps only: tests bench tp2 long hf cli export; default all)
+#   STEPS="tests tp2 cli" bash ...   (some steps only: tests bench tp2 sample long hf cli export; default all)
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/lib/x86_64-linux-gnu:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 export TESSERA_REQUIRE_GPU=1 TESSERA_FIXTURES=$PWD/tests/fixtures/hf NCCL_NVLS_ENABLE=0 RUST_BACKTRACE=1
@@ -25,8 +25,11 @@ variant_env() {
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   if [[ $STEPS == all || $STEPS == *tests* ]]; then
     for t in .gpu/test-*; do
-      echo "== $t"; timeout 240 "$t" --test-threads=1 --nocapture 2>&1 | grep -E "test |relative error|bf16 mean|graph steps|captured step|one GPU|fused|device sums|panicked|assert|result" | tail -40
+      echo "== $t"; timeout 240 "$t" --test-threads=1 --nocapture 2>&1 | grep -E "test |relative error|bf16 mean|graph steps|captured step|one GPU|fused|device sums|draws|panicked|assert|result" | tail -40
     done
+    # Small host bytes through NCCL's staging (the default takes the host communicator).
+    echo "== .gpu/test-nccl, TESSERA_NCCL_HOST_BYTES=0"
+    TESSERA_NCCL_HOST_BYTES=0 timeout 240 .gpu/test-nccl --test-threads=1 2>&1 | grep -E "panicked|assert|result" | tail -10
   fi
   if [[ $STEPS == all || $STEPS == *bench* ]]; then
     echo "== tessera bench decode, Llama-3-8B shape, eager"
@@ -122,6 +125,24 @@ variant_env() {
     else
       echo "(one GPU: the tp 2 benchmarks are skipped)"
     fi
+  fi
+  # Sampled decode (Llama 3's settings): the ranks' top-k candidates gathered from the devices
+  # beside every rank's whole logits gathered to the host, eager and through CUDA graphs, with
+  # greedy steps of the same call for reference.
+  # At tp 2 also with the small host bytes (the greedy step's pairs, the sampled token) through
+  # NCCL's staging instead of the host communicator.
+  if [[ $STEPS == all || $STEPS == *sample* ]]; then
+    for g in --graph ""; do
+      echo "== tessera bench decode, Llama-3-8B shape, greedy on the devices ${g:-(eager)}"
+      .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp ${TP:-1,2} --batch 1,8,32 --steps 32 $g 2>&1 | grep -E "^ *[0-9]+ +[0-9]+ "
+      [ -z "${TP:-}" ] && [ -n "$g" ] && { echo "== the same, tp 2, TESSERA_NCCL_HOST_BYTES=0"; TESSERA_NCCL_HOST_BYTES=0 .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 2 --batch 1,8,32 --steps 32 $g 2>&1 | grep -E "^ *[0-9]+ +[0-9]+ "; }
+      for f in "" --full-logits; do
+        echo "== tessera bench decode, Llama-3-8B shape, sampled ${g:-(eager)} ${f:-(top-k candidates)}"
+        .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp ${TP:-1,2} --batch 1,8,32 --steps 32 --sample $g $f 2>&1 | grep -E "^ *[0-9]+ +[0-9]+ |rank 0:"
+        [ -z "${TP:-}" ] && [ -n "$g" ] && [ -z "$f" ] && { echo "== the same, tp 2, TESSERA_NCCL_HOST_BYTES=0"; TESSERA_NCCL_HOST_BYTES=0 .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 2 --batch 1,8,32 --steps 32 --sample $g 2>&1 | grep -E "^ *[0-9]+ +[0-9]+ |rank 0:"; }
+      done
+      [ -z "$g" ] || [ -n "${SAMPLE_EAGER:-}" ] || break
+    done
   fi
   if [[ $STEPS == all || $STEPS == *long* ]]; then
     # A 2,048-position cache: the decode attention as the shape picks it against the first

@@ -4,6 +4,7 @@
 # NCCL, compiled with torch's NVLink all-reduce) at tp 1 and 2, the 70B shape at tp 2, then
 # scripts/targets_summary.py (~7 minutes).
 #   bash scripts/gpu_targets.sh      (report in $OUT/targets_report.txt, or ./targets_report.txt)
+#   QUICK=1 bash scripts/gpu_targets.sh   (without the compiled PyTorch peers: ~4 minutes)
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/lib/x86_64-linux-gnu:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 export NCCL_NVLS_ENABLE=0
@@ -22,8 +23,10 @@ echo "== PyTorch tensor-parallel peer (scripts/bench_torch_tp_decode.py)"
 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore timeout 150 python3 scripts/bench_torch_tp_decode.py --tp 1,2 --batch 1,64 --steps 64 2>&1 | grep -E "^(torch|compiled)|failed|^  "
 # The same compiled by Inductor as gpt-fast does (~45 s of compilation a tp and batch), its tp 2 sums
 # through torch's symmetric-memory one-shot all-reduce over NVLink (as vLLM's and SGLang's are).
-PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore timeout 200 python3 scripts/bench_torch_tp_decode.py --compile --tp 1 --batch 1,64 --steps 64 2>&1 | grep -E "^(torch|compiled)|failed|^  "
-PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore timeout 170 python3 scripts/bench_torch_tp_decode.py --compile --allreduce symm --tp 2 --batch 1,64 --steps 64 2>&1 | grep -E "^(torch|compiled)|failed|^  "
+if [ -z "${QUICK:-}" ]; then
+  PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore timeout 200 python3 scripts/bench_torch_tp_decode.py --compile --tp 1 --batch 1,64 --steps 64 2>&1 | grep -E "^(torch|compiled)|failed|^  "
+  PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore timeout 170 python3 scripts/bench_torch_tp_decode.py --compile --allreduce symm --tp 2 --batch 1,64 --steps 64 2>&1 | grep -E "^(torch|compiled)|failed|^  "
+fi
 echo "== tessera bench decode, Llama-3-70B shape, tp 2, CUDA graphs"
 timeout 200 .gpu/tessera bench decode --device cuda --preset llama-3-70b --tp 2 --batch 1,32 --steps 16 --graph 2>&1 | grep -E "^ +2 |rror"
 date -u

@@ -35,6 +35,20 @@ pub struct NcclComm<'a> {
     host: Host<'a>,
     dev: DeviceComm,
     timeout: Duration,
+    /// Gathers and broadcasts of host bytes up to [`HOST_BYTES_MAX`] go through the host
+    /// communicator ([`host_bytes_wanted`]).
+    small_via_host: bool,
+}
+
+/// Host bytes a gather or broadcast moves through the host communicator at most (where
+/// [`host_bytes_wanted`]): a sampled token, the greedy step's (value, index) pairs, a score's
+/// log-sum-exps. NCCL would copy them to the device, run the collective and copy them back.
+pub const HOST_BYTES_MAX: usize = 64 << 10;
+
+/// Whether small gathers and broadcasts of host bytes go through the host communicator: yes
+/// unless `TESSERA_NCCL_HOST_BYTES` is `0` (NCCL's collective on a staging buffer, as before).
+pub fn host_bytes_wanted() -> Result<bool, String> {
+    tessera_tensor::cuda::flag_switch("TESSERA_NCCL_HOST_BYTES")
 }
 
 impl<'a> NcclComm<'a> {
@@ -62,10 +76,12 @@ impl<'a> NcclComm<'a> {
         let rank = h.rank();
         // A bad switch stops this rank before anything collective, and the host group tells the
         // others (who would otherwise wait for it in their NCCL init).
-        let wanted = nvlink_wanted().map_err(|msg| {
-            h.abort(&format!("rank {rank}: {msg}"));
-            CommError::Invalid { rank, msg }
-        })?;
+        let (wanted, small_via_host) = nvlink_wanted()
+            .and_then(|w| Ok((w, host_bytes_wanted()?)))
+            .map_err(|msg| {
+                h.abort(&format!("rank {rank}: {msg}"));
+                CommError::Invalid { rank, msg }
+            })?;
         let mut id = [0u8; 128];
         if rank == 0 {
             match nccl::unique_id() {
@@ -119,7 +135,12 @@ impl<'a> NcclComm<'a> {
         if h.world_size() > 1 && wanted {
             setup_p2p(h, &dev, ordinal)?;
         }
-        Ok(NcclComm { host, dev, timeout })
+        Ok(NcclComm {
+            host,
+            dev,
+            timeout,
+            small_via_host,
+        })
     }
 
     /// The same communicator with another deadline for its waits.
@@ -303,6 +324,9 @@ impl Communicator for NcclComm<'_> {
 
     fn all_gather_bytes(&self, send: &[u8], recv: &mut [u8]) -> Result<(), CommError> {
         args::all_gather(send.len(), recv.len(), self.world_size()).map_err(|m| self.invalid(m))?;
+        if self.small_via_host && recv.len() <= HOST_BYTES_MAX {
+            return self.host().all_gather_bytes(send, recv);
+        }
         self.dev
             .all_gather_host(send, recv, &self.wait())
             .map_err(|f| self.fail("all_gather", f))
@@ -310,6 +334,9 @@ impl Communicator for NcclComm<'_> {
 
     fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<(), CommError> {
         args::rank("root", root, self.world_size()).map_err(|m| self.invalid(m))?;
+        if self.small_via_host && buf.len() <= HOST_BYTES_MAX {
+            return self.host().broadcast_bytes(buf, root);
+        }
         self.dev
             .broadcast_host(buf, root, &self.wait())
             .map_err(|f| self.fail("broadcast", f))

@@ -2,7 +2,7 @@
 //! and broadcasts each token, so every rank feeds the same token to the next step.
 
 use tessera_comm::{CommExt, Communicator};
-use tessera_model::{LlamaModel, Logits};
+use tessera_model::{DrawLogits, LlamaModel};
 use tessera_tensor::{DType, Device, Sampler, SamplingParams};
 
 use crate::{run_tp, InferError, OpenModel};
@@ -103,12 +103,21 @@ pub fn generate_on_rank(
             // logits stay on the device.
             graph.greedy_step(m, &input, &mut cache, comm)?
         } else {
-            let logits = graph.logits_step(m, &input, &mut cache, comm)?;
+            // With a top-k and no penalty only the candidates of the draw leave the devices.
+            let top_k = sampler.top_k_for(m.cfg.vocab_size);
+            let logits = graph.draw_step(m, &input, &mut cache, top_k, comm)?;
             // -1: the logits hold NaN or +inf (no distribution to draw from; every rank stops
-            // with the same error).
+            // with the same error). Candidates are only given where they hold neither.
             let mut msg = [-1i32; 1];
-            if comm.rank() == 0 && !logits.iter().any(|l| l.is_nan() || *l == f32::INFINITY) {
-                msg[0] = sampler.sample(&logits) as i32;
+            if comm.rank() == 0 {
+                match &logits {
+                    DrawLogits::Top(rows) => msg[0] = sampler.sample_top(&rows[0]) as i32,
+                    DrawLogits::Full(l) => {
+                        if !l.iter().any(|l| l.is_nan() || *l == f32::INFINITY) {
+                            msg[0] = sampler.sample(l) as i32;
+                        }
+                    }
+                }
             }
             comm.broadcast(&mut msg, 0)?;
             if msg[0] < 0 {
@@ -131,8 +140,8 @@ pub fn generate_on_rank(
 /// Decode steps on a GPU replayed as one captured CUDA graph: the prompt and the first decode step
 /// run eager (kernels compiled, tables uploaded), the next step captures the graph, and every later
 /// step replays it (the same tokens, or logits, as eager steps, one launch instead of hundreds).
-/// Greedy steps capture the argmax too; sampled ones stop at each rank's logits, which are then
-/// gathered and drawn from on the host. Where a capture is refused, decode stays eager (with a
+/// Greedy steps capture the argmax too; sampled ones stop at each rank's logits, whose top-k
+/// candidates (or, without a top-k, the logits) are then gathered and drawn from on the host. Where a capture is refused, decode stays eager (with a
 /// warning). On the CPU every step is eager. The captured attention covers the cache's whole
 /// capacity (prompt + max_tokens) in splits of 256 positions; the ones past the current position
 /// are empty and add exact zeros.
@@ -163,20 +172,21 @@ impl DecodeGraphs {
         Ok(m.forward_greedy(input, cache, comm)?)
     }
 
-    /// The last position's logits (on every rank's host).
-    fn logits_step(
+    /// The last position's logits (on every rank's host) as a draw at top-k `top_k` needs them.
+    fn draw_step(
         &mut self,
         m: &LlamaModel,
         input: &[u32],
         cache: &mut tessera_model::KvCache,
+        top_k: Option<usize>,
         comm: &dyn Communicator,
-    ) -> Result<Vec<f32>, InferError> {
+    ) -> Result<DrawLogits, InferError> {
         #[cfg(feature = "cuda")]
         if let Some(g) = self.graph_for(m, input, cache, comm, LlamaModel::capture_lockstep_logits)
         {
-            return Ok(m.step_lockstep_graph_logits(g, input, cache, comm)?);
+            return Ok(m.step_lockstep_graph_for_draw(g, input, cache, top_k, comm)?);
         }
-        Ok(m.forward(input, cache, Logits::Last, comm)?)
+        Ok(m.forward_for_draw(input, cache, top_k, comm)?)
     }
 
     /// The graph to replay this step through, captured by `capture` if this is the step to

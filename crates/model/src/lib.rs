@@ -17,6 +17,7 @@ pub use config::{Arch, ModelConfig, RopeConfig, RopeScaling};
 pub use error::ModelError;
 pub use grad::{BatchDims, ParamLayout, TrainModel, TrainOptions, UnitSource};
 pub use kv_cache::KvCache;
+pub use layers::DrawLogits;
 #[cfg(feature = "cuda")]
 pub use llama::LockstepGraph;
 pub use llama::{LlamaModel, Logits};

@@ -10,7 +10,7 @@ use tessera_tensor::{ops, DType, Device, Tensor, TensorError};
 
 use crate::checkpoint::Checkpoint;
 use crate::kv_cache::KvCache;
-use crate::layers::{DecoderLayer, ParallelLmHead, RmsNorm, VocabParallelEmbedding};
+use crate::layers::{DecoderLayer, DrawLogits, ParallelLmHead, RmsNorm, VocabParallelEmbedding};
 use crate::tp::{TpRank, TpShard};
 use crate::{ModelConfig, ModelError};
 
@@ -344,6 +344,27 @@ impl LlamaModel {
         self.head.greedy(&x, comm, self.shard.vocab.start)
     }
 
+    /// The last position's logits of each sequence of `cache` after `tokens` (appended to it), as
+    /// draws at top-k `top_k` need them ([`ParallelLmHead::for_draw`]): with a top-k only each
+    /// row's candidates leave the devices. One sequence takes any number of tokens; a lockstep
+    /// batch one a sequence.
+    pub fn forward_for_draw(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        top_k: Option<usize>,
+        comm: &dyn Communicator,
+    ) -> Result<DrawLogits, ModelError> {
+        let x = if cache.batch == 1 {
+            self.hidden(tokens, 1, cache, Logits::Last, comm)?
+        } else {
+            check_lockstep(tokens, cache)?;
+            self.hidden(tokens, cache.batch, cache, Logits::All, comm)?
+        };
+        self.head
+            .for_draw(&self.head.local_logits(&x)?, top_k, comm)
+    }
+
     /// The greedy next token after `tokens` (appended to `cache`).
     pub fn forward_greedy(
         &self,
@@ -561,6 +582,31 @@ impl LlamaModel {
         cache: &mut KvCache,
         comm: &dyn Communicator,
     ) -> Result<Vec<f32>, ModelError> {
+        let local = self.replay_to_logits(g, tokens, cache)?;
+        self.head.gather(local, comm)
+    }
+
+    /// One decode step through a graph of [`Self::capture_lockstep_logits`], its logits as draws
+    /// at top-k `top_k` need them: as [`Self::forward_for_draw`] gives them.
+    pub fn step_lockstep_graph_for_draw(
+        &self,
+        g: &mut LockstepGraph,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        top_k: Option<usize>,
+        comm: &dyn Communicator,
+    ) -> Result<DrawLogits, ModelError> {
+        let local = self.replay_to_logits(g, tokens, cache)?;
+        self.head.for_draw(local, top_k, comm)
+    }
+
+    /// Replays a logits graph `g` for `tokens`: this rank's logits, on its device.
+    fn replay_to_logits<'g>(
+        &self,
+        g: &'g mut LockstepGraph,
+        tokens: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<&'g Tensor, ModelError> {
         let Some(local) = &g.logits else {
             return Err(ModelError::Input(
                 "a greedy step's graph replayed for its logits".into(),
@@ -570,6 +616,6 @@ impl LlamaModel {
         self.check_tokens(tokens)?;
         g.graph.launch(tokens, cache.len())?;
         cache.advance(1);
-        self.head.gather(local, comm)
+        Ok(local)
     }
 }

@@ -157,6 +157,77 @@ fn logits_graph_replay_equals_eager_logits() {
     force_graph_arena(None);
 }
 
+/// A sampled step on the GPUs, its top-k candidates found on each rank's device and gathered
+/// (`forward_for_draw`, and through a captured graph), draws the tokens a draw from the whole
+/// gathered logits gives (seeded, step after step), at tp 1 and (with two GPUs) tp 2, batch 1 and
+/// 3, k 1, 50 and 700 (past a shard's 500 rows), over bf16 logits whose ties sit at the k-th
+/// largest; the graph's candidates are the eager step's.
+#[test]
+fn draws_from_the_gpus_top_k_candidates_are_those_from_the_whole_logits() {
+    use tessera_model::DrawLogits;
+    use tessera_tensor::{Sampler, SamplingParams};
+    const V: usize = 1001;
+    let n = gpus();
+    let cfg = ModelConfig::from_json_str(&llama_config_json(V, 256, 512, 3, 8, 2, false)).unwrap();
+    for (tp, batch, k) in
+        (1..=n).flat_map(|tp| [(tp, 1, 50), (tp, 3, 1), (tp, 3, 50), (tp, 1, 700)])
+    {
+        let out = on_gpu_ranks(tp, &cfg, 9, |_, m, comm| {
+            let p = |seed| SamplingParams {
+                temperature: 1.1,
+                top_p: 0.97,
+                top_k: k,
+                seed,
+                ..Default::default()
+            };
+            let mut whole: Vec<Sampler> = (0..batch as u64).map(|s| Sampler::new(p(s))).collect();
+            let mut from_top: Vec<Sampler> =
+                (0..batch as u64).map(|s| Sampler::new(p(s))).collect();
+            let top_k = from_top[0].top_k_for(V);
+            let mut full = m.new_cache_batch(40, batch).unwrap();
+            let mut eager = m.new_cache_batch(40, batch).unwrap();
+            let mut graphed = m.new_cache_batch(40, batch).unwrap();
+            let prompt: Vec<u32> = (0..batch as u32).map(|i| (3 + 17 * i) % V as u32).collect();
+            let mut toks = m.forward_lockstep_greedy(&prompt, &mut full, comm).unwrap();
+            m.forward_lockstep_greedy(&prompt, &mut eager, comm)
+                .unwrap();
+            m.forward_lockstep_greedy(&prompt, &mut graphed, comm)
+                .unwrap();
+            let mut g = m.capture_lockstep_logits(&mut graphed, comm).unwrap();
+            let mut drawn = Vec::new();
+            for step in 0..10 {
+                let logits = m.forward_lockstep(&toks, &mut full, comm).unwrap();
+                let DrawLogits::Top(top) =
+                    m.forward_for_draw(&toks, &mut eager, top_k, comm).unwrap()
+                else {
+                    panic!("tp {tp} batch {batch} k {k}: the whole logits where candidates fit")
+                };
+                let from_graph = m
+                    .step_lockstep_graph_for_draw(&mut g, &toks, &mut graphed, top_k, comm)
+                    .unwrap();
+                assert_eq!(from_graph, DrawLogits::Top(top.clone()), "step {step}");
+                toks = (0..batch)
+                    .map(|b| {
+                        let t = from_top[b].sample_top(&top[b]);
+                        let w = whole[b].sample(&logits[b * V..(b + 1) * V]);
+                        assert_eq!(t, w, "tp {tp} batch {batch} k {k} step {step} row {b}");
+                        t
+                    })
+                    .collect();
+                drawn.push(toks.clone());
+            }
+            drawn
+        });
+        assert!(
+            out.iter().all(|d| *d == out[0]),
+            "tp {tp}: the ranks' draws differ"
+        );
+        let distinct: std::collections::BTreeSet<_> = out[0].iter().collect();
+        assert!(distinct.len() > 3, "tp {tp}: degenerate draws");
+        eprintln!("tp {tp}, batch {batch}, top-k {k}: 10 steps' draws from the candidates equal the whole logits'");
+    }
+}
+
 /// `body`'s result on each rank of a tp-`tp` group (rank r on GPU r, all-reducing through NCCL at
 /// tp 2 as the inference ranks do), each holding its shard of random bf16 weights of `cfg` made
 /// from `seed`, in rank order; the ranks meet at a barrier after `body`.

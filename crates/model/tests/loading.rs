@@ -429,6 +429,178 @@ fn log_probs_by_chunks_of_rows_equal_those_of_the_whole_logits() {
     }
 }
 
+/// A sampled step's top-k candidates, found on each rank and gathered (`forward_for_draw`), are
+/// every token of the whole logits at least the row's k-th largest, and a seeded draw from them
+/// is the draw from the whole row, for one sequence (a prefill's last row, then decode steps) and
+/// a lockstep batch, at tp 1, 2 and 3 over a vocabulary of 1,001 (uneven shards), k 1 to past a
+/// shard's rows. Without a top-k the step gives the whole logits.
+#[test]
+fn draws_from_the_gathered_top_k_candidates_are_those_from_the_whole_logits() {
+    use tessera_model::DrawLogits;
+    use tessera_tensor::{Sampler, SamplingParams};
+    let (cfg, bytes) = random_model(
+        &llama_config_json(1001, 48, 64, 2, 6, 6, false),
+        DType::F32,
+        6,
+    );
+    let v = 1001;
+    // `top` holds every token of `row` at least its k-th largest, each with its logit, by id (at
+    // tp > 1 other ranks' candidates below it too, at most k a rank).
+    let check = |top: &[(u32, f32)], row: &[f32], k: usize, tp: usize| {
+        let mut s = row.to_vec();
+        s.sort_by(|a, b| b.total_cmp(a));
+        let kth = s[k - 1];
+        let kept: Vec<(u32, f32)> = top.iter().copied().filter(|p| p.1 >= kth).collect();
+        let want: Vec<(u32, f32)> = row
+            .iter()
+            .enumerate()
+            .filter(|p| *p.1 >= kth)
+            .map(|(j, &l)| (j as u32, l))
+            .collect();
+        assert_eq!(kept, want, "tp {tp} k {k}");
+        assert!(top.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(top.iter().all(|&(j, l)| row[j as usize] == l));
+        assert!(top.len() <= want.len().max(k * tp), "tp {tp} k {k}");
+        if tp == 1 {
+            assert_eq!(top.len(), want.len());
+        }
+    };
+    for tp in [1, 2, 3] {
+        for k in [1, 50, 400] {
+            let p = SamplingParams {
+                temperature: 0.9,
+                top_p: 0.95,
+                top_k: k,
+                seed: 7,
+                ..Default::default()
+            };
+            let out = on_ranks(tp, &cfg, bytes, |m, comm| {
+                let (mut whole, mut from_top) = (Sampler::new(p), Sampler::new(p));
+                let top_k = from_top.top_k_for(v);
+                assert_eq!(top_k, Some(k));
+                // One sequence: the prompt, then steps fed the drawn tokens.
+                let (mut c1, mut c2) = (m.new_cache(12).unwrap(), m.new_cache(12).unwrap());
+                let mut input = vec![5u32, 999, 1000, 0];
+                let mut drawn = Vec::new();
+                for _ in 0..6 {
+                    let logits = m.forward(&input, &mut c1, Logits::Last, comm).unwrap();
+                    let DrawLogits::Top(top) =
+                        m.forward_for_draw(&input, &mut c2, top_k, comm).unwrap()
+                    else {
+                        panic!("tp {tp} k {k}: the whole logits where candidates fit");
+                    };
+                    assert_eq!(top.len(), 1);
+                    check(&top[0], &logits, k, tp);
+                    let t = from_top.sample_top(&top[0]);
+                    assert_eq!(t, whole.sample(&logits), "tp {tp} k {k}");
+                    drawn.push(t);
+                    input = vec![t];
+                }
+                // A lockstep batch of 3: every row's candidates.
+                let (mut b1, mut b2) = (
+                    m.new_cache_batch(4, 3).unwrap(),
+                    m.new_cache_batch(4, 3).unwrap(),
+                );
+                for toks in [[1u32, 500, 1000], [7, 7, 2]] {
+                    let logits = m.forward_lockstep(&toks, &mut b1, comm).unwrap();
+                    let DrawLogits::Top(top) =
+                        m.forward_for_draw(&toks, &mut b2, top_k, comm).unwrap()
+                    else {
+                        panic!("tp {tp} k {k}: the whole logits of a batch");
+                    };
+                    for (r, row) in top.iter().enumerate() {
+                        check(row, &logits[r * v..(r + 1) * v], k, tp);
+                    }
+                }
+                // Without a top-k: the whole logits, as forward gives them.
+                let mut c3 = m.new_cache(4).unwrap();
+                let mut c4 = m.new_cache(4).unwrap();
+                let want = m.forward(&[3, 4], &mut c3, Logits::Last, comm).unwrap();
+                let got = m.forward_for_draw(&[3, 4], &mut c4, None, comm).unwrap();
+                assert_eq!(got, DrawLogits::Full(want));
+                drawn
+            });
+            assert!(
+                out.iter().all(|d| *d == out[0]),
+                "tp {tp} k {k}: ranks differ"
+            );
+        }
+    }
+}
+
+/// Where a row's candidates pass their room (many equal logits at the k-th largest) or the row
+/// holds a NaN or +inf, every rank falls back to the whole logits together, at tp 1 and 2.
+#[test]
+fn rows_whose_candidates_do_not_fit_fall_back_to_the_whole_logits_on_every_rank() {
+    use tessera_model::layers::{top_k_room, ParallelLmHead};
+    use tessera_model::DrawLogits;
+    use tessera_tensor::Tensor;
+    let vocab = 400;
+    let k = 3;
+    assert!(top_k_room(k) < 150);
+    let rows: Vec<Vec<f32>> = vec![
+        // 300 equal logits at the top: all are candidates, more than the room of each rank.
+        (0..vocab)
+            .map(|j| if j < 300 { 1.0 } else { -(j as f32) })
+            .collect(),
+        (0..vocab)
+            .map(|j| if j == 399 { f32::NAN } else { j as f32 })
+            .collect(),
+        (0..vocab)
+            .map(|j| if j == 0 { f32::INFINITY } else { j as f32 })
+            .collect(),
+        (0..vocab).map(|j| (j % 37) as f32).collect(),
+    ];
+    for tp in [1, 2] {
+        let comms = LocalGroup::new(tp).into_comms();
+        std::thread::scope(|s| {
+            for (rank, comm) in comms.into_iter().enumerate() {
+                let rows = &rows;
+                s.spawn(move || {
+                    let range = tessera_model::tp::split_range(vocab, tp, rank);
+                    let head = ParallelLmHead {
+                        weight: std::sync::Arc::new(
+                            Tensor::from_f32(
+                                vec![range.len(), 4],
+                                vec![0.0; range.len() * 4],
+                                DType::F32,
+                            )
+                            .unwrap(),
+                        ),
+                        vocab,
+                        padded: vocab.div_ceil(tp),
+                        tp_size: tp,
+                    };
+                    for (i, row) in rows.iter().enumerate() {
+                        let local = Tensor::from_f32(
+                            vec![1, range.len()],
+                            row[range.clone()].to_vec(),
+                            DType::F32,
+                        )
+                        .unwrap();
+                        let got = head.for_draw(&local, Some(k), &comm).unwrap();
+                        if i == 3 {
+                            // The 3 largest are 36 (ids 36, 73, ...): 10 of them, all in.
+                            let DrawLogits::Top(top) = got else {
+                                panic!("tp {tp}")
+                            };
+                            let ids: Vec<u32> = (0..10).map(|j| 36 + 37 * j).collect();
+                            assert_eq!(top[0].iter().map(|p| p.0).collect::<Vec<_>>(), ids);
+                        } else {
+                            let DrawLogits::Full(l) = got else {
+                                panic!("tp {tp} row {i}: candidates")
+                            };
+                            let bits =
+                                |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                            assert_eq!(bits(&l), bits(row), "tp {tp} row {i}");
+                        }
+                    }
+                });
+            }
+        });
+    }
+}
+
 /// `body`'s result on each rank of a tp-`tp` group of host threads, each holding its shard of
 /// the f32 checkpoint `bytes` of `cfg`, in rank order.
 fn on_ranks<R: Send>(

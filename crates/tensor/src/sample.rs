@@ -135,6 +135,35 @@ impl Sampler {
         token
     }
 
+    /// The top-k of a draw from a vocabulary of `vocab` that [`Self::sample_top`] can take from a
+    /// row's candidates alone (`ops::top_k_rows`): sampling with `0 < top_k < vocab` and no
+    /// penalty. `None`: [`Self::sample`] needs the whole row.
+    pub fn top_k_for(&self, vocab: usize) -> Option<usize> {
+        let p = &self.params;
+        let k = p.top_k;
+        (p.temperature > 0.0 && !p.penalised() && k > 0 && k < vocab).then_some(k)
+    }
+
+    /// The token [`Self::sample`] draws from a whole row (the same one, and the same random
+    /// stream after it), from `top`: the row's (id, logit) of every logit at least its k-th
+    /// largest (k of [`Self::top_k_for`]) and finite or -inf, by id (tokens below that may be
+    /// there too). The sampler's top-k keeps exactly those, and its maximum is among them.
+    pub fn sample_top(&mut self, top: &[(u32, f32)]) -> u32 {
+        let values: Vec<f32> = top.iter().map(|p| p.1).collect();
+        let k = self.params.top_k.clamp(1, values.len().max(1));
+        let max = values.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let mut kept = std::mem::take(&mut self.scratch);
+        kept.clear();
+        if !values.is_empty() {
+            let kth = kth_largest(&values, k);
+            self.weigh_at_least(top.iter().copied(), kth, max, &mut kept);
+        }
+        self.cut(&mut kept);
+        let token = self.draw(&kept);
+        self.scratch = kept;
+        token
+    }
+
     /// A token of `kept`, each at its share of their weight.
     fn draw(&mut self, kept: &[(u32, f64)]) -> u32 {
         let kept_total: f64 = kept.iter().map(|p| p.1).sum();
@@ -172,9 +201,7 @@ impl Sampler {
     /// [`Self::kept`] into `probs` (its memory reused).
     fn kept_into(&self, logits: &[f32], probs: &mut Vec<(u32, f64)>) {
         use rayon::prelude::*;
-        let inv_t = 1.0 / self.params.temperature as f64;
-        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let weight = |l: f32| ((l as f64 - max) * inv_t).exp();
+        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         probs.clear();
         let k = self.params.top_k;
         if k > 0 && k < logits.len() {
@@ -182,16 +209,12 @@ impl Sampler {
             // at least as large as the k-th largest (ties at the edge stay); only those tokens'
             // exponentials are taken (50 instead of a vocabulary's).
             let kth = kth_largest(logits, k);
-            probs.extend(
-                logits
-                    .iter()
-                    .enumerate()
-                    .filter(|&(_, &l)| l >= kth)
-                    .map(|(i, &l)| (i as u32, weight(l))),
-            );
+            let row = logits.iter().enumerate().map(|(i, &l)| (i as u32, l));
+            self.weigh_at_least(row, kth, max, probs);
         } else {
             // The exponentials are most of the work: over the host's threads for a large
             // vocabulary.
+            let weight = self.weight(max);
             probs.par_extend(
                 logits
                     .par_iter()
@@ -200,6 +223,31 @@ impl Sampler {
                     .map(|(i, &l)| (i as u32, weight(l))),
             );
         }
+        self.cut(probs);
+    }
+
+    /// A logit's unnormalised probability `exp((logit - max) / T)`.
+    fn weight(&self, max: f32) -> impl Fn(f32) -> f64 + Sync {
+        let inv_t = 1.0 / self.params.temperature as f64;
+        let max = max as f64;
+        move |l: f32| ((l as f64 - max) * inv_t).exp()
+    }
+
+    /// Into `probs`, in `row`'s order, each (id, logit) of `row` whose logit is at least `kth`
+    /// with its weight ([`Self::weight`] of the row's `max`).
+    fn weigh_at_least(
+        &self,
+        row: impl Iterator<Item = (u32, f32)>,
+        kth: f32,
+        max: f32,
+        probs: &mut Vec<(u32, f64)>,
+    ) {
+        let weight = self.weight(max);
+        probs.extend(row.filter(|p| p.1 >= kth).map(|(i, l)| (i, weight(l))));
+    }
+
+    /// Top-p, then min-p, on the weighed tokens `probs`.
+    fn cut(&self, probs: &mut Vec<(u32, f64)>) {
         // Top-p (skipped at 1, as transformers skips it): the fewest likeliest tokens whose share
         // of what is left reaches top_p.
         let top_p = self.params.top_p.clamp(0.0, 1.0) as f64;
@@ -581,6 +629,87 @@ mod tests {
                 assert!((share - want).abs() < 0.01, "top_p {top_p}: {counts:?}");
             }
         }
+    }
+
+    /// A draw from a row's top-k candidates (`ops::top_k_rows`, over the whole row or over
+    /// uneven parts of it as tensor-parallel ranks hold a vocabulary, merged) is the draw from the
+    /// whole row, token for token over a run of steps (the random streams stay together), at
+    /// bf16-rounded logits whose ties often sit at the k-th largest; and where `top_k_for` says
+    /// no, the row is needed.
+    #[test]
+    fn a_draw_from_the_top_k_candidates_is_the_draw_from_the_whole_row() {
+        use crate::{ops, DType, Tensor};
+        let mut rng = ChaCha8Rng::seed_from_u64(31);
+        let vocab = 3001;
+        let settings = [
+            (0.6f32, 0.9f32, 50usize, 0.0f32),
+            (1.0, 1.0, 5, 0.1),
+            (0.8, 0.5, 1, 0.0),
+            (1.3, 0.99, 200, 0.02),
+        ];
+        for (temperature, top_p, top_k, min_p) in settings {
+            let p = SamplingParams {
+                temperature,
+                top_p,
+                top_k,
+                min_p,
+                seed: top_k as u64,
+                ..Default::default()
+            };
+            let (mut whole, mut from_top) = (Sampler::new(p), Sampler::new(p));
+            assert_eq!(from_top.top_k_for(vocab), Some(top_k));
+            for step in 0..40 {
+                // Coarse logits (bf16 of a few units): many equal values.
+                let spread = [4.0f32, 30.0, 0.5][step % 3];
+                let v: Vec<f32> = (0..vocab)
+                    .map(|_| (rng.random::<f32>() - 0.5) * spread)
+                    .collect();
+                let row = Tensor::from_f32(vec![1, vocab], v, DType::BF16).unwrap();
+                let logits = row.to_f32_vec();
+                // Ranks' shares: the whole row, or three uneven parts.
+                let parts: &[(usize, usize)] = if step % 2 == 0 {
+                    &[(0, vocab)]
+                } else {
+                    &[(0, 1000), (1000, 2900), (2900, vocab)]
+                };
+                let mut top = Vec::new();
+                for &(a, b) in parts {
+                    let part = Tensor::from_f32(vec![1, b - a], logits[a..b].to_vec(), DType::F32)
+                        .unwrap();
+                    let cap = b - a;
+                    let packed = ops::top_k_rows(&part, top_k.min(b - a), cap).unwrap();
+                    let r = &ops::unpack_top_k(&packed.to_f32_vec(), cap)[0];
+                    assert!(r.complete());
+                    top.extend(r.entries.iter().map(|&(j, l)| (j + a as u32, l)));
+                }
+                assert_eq!(
+                    from_top.sample_top(&top),
+                    whole.sample(&logits),
+                    "{p:?} step {step}"
+                );
+            }
+        }
+        let needs_row = |p: SamplingParams| Sampler::new(p).top_k_for(100).is_none();
+        let base = SamplingParams {
+            temperature: 0.7,
+            top_k: 10,
+            ..Default::default()
+        };
+        assert!(!needs_row(base));
+        assert!(needs_row(SamplingParams { top_k: 0, ..base }));
+        assert!(needs_row(SamplingParams { top_k: 100, ..base }));
+        assert!(needs_row(SamplingParams {
+            temperature: 0.0,
+            ..base
+        }));
+        assert!(needs_row(SamplingParams {
+            repetition_penalty: 1.1,
+            ..base
+        }));
+        assert!(needs_row(SamplingParams {
+            presence_penalty: 0.5,
+            ..base
+        }));
     }
 
     /// Seeded draws over fixed logits at several settings are the tokens recorded here: those of

@@ -53,6 +53,62 @@ fn tol(dt: DType) -> f64 {
     }
 }
 
+/// A draw's top-k candidates found on the GPU (`ops::top_k_rows`: radix selection of the k-th
+/// largest, one block a row) are the CPU's, read back: the same count, flags and (column, value)
+/// pairs, at f32 and bf16 (whose rounding puts many ties at the k-th largest), over a vocabulary
+/// of 128,256 and of a tp-2 shard, k from 1 to past the room (the count then says so), negative
+/// and positive values, -inf, and rows with a NaN or +inf flagged.
+#[test]
+fn top_k_candidates_on_the_gpu_are_the_cpus() {
+    let Some((dev, _held)) = gpu() else { return };
+    for dt in [DType::F32, DType::BF16] {
+        for (rows, n) in [(1, 128_256), (3, 64_128), (2, 1000), (4, 7)] {
+            let mut v: Vec<f32> = rand_t(vec![rows, n], DType::F32, 90 + n as u64)
+                .to_f32_vec()
+                .iter()
+                .map(|x| x * 12.0 - 2.0)
+                .collect();
+            if n > 1000 {
+                v[5] = f32::NEG_INFINITY;
+                v[n / 2] = 0.0;
+            }
+            if rows >= 3 {
+                v[2 * n + n / 2] = f32::NAN;
+                v[n + 3] = f32::INFINITY;
+            }
+            let x = Tensor::from_f32(vec![rows, n], v, dt).unwrap();
+            let xg = x.to_device(dev).unwrap();
+            for k in [1, 5, 50, 64, 300] {
+                let k = k.min(n);
+                let cap = 2 * k + 64;
+                let got = ops::top_k_rows(&xg, k, cap).unwrap();
+                assert!(matches!(got.storage(), Storage::Cuda(_)));
+                let got = ops::unpack_top_k(&got.to_f32_vec(), cap);
+                let want =
+                    ops::unpack_top_k(&ops::top_k_rows(&x, k, cap).unwrap().to_f32_vec(), cap);
+                for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let name = format!("{dt} [{rows}, {n}] k {k} row {r}");
+                    assert_eq!((g.count, g.non_finite), (w.count, w.non_finite), "{name}");
+                    if w.complete() {
+                        assert_eq!(g.entries, w.entries, "{name}");
+                    } else {
+                        // Past the room either keeps some `cap` of them.
+                        assert_eq!(g.entries.len(), w.entries.len().min(cap), "{name}");
+                    }
+                }
+            }
+        }
+    }
+    // Every value equal: all n are candidates; past the room, the count says so.
+    let x = Tensor::from_f32(vec![1, 5000], vec![0.5; 5000], DType::BF16).unwrap();
+    let got = ops::top_k_rows(&x.to_device(dev).unwrap(), 50, 164).unwrap();
+    let got = &ops::unpack_top_k(&got.to_f32_vec(), 164)[0];
+    assert_eq!(
+        (got.count, got.entries.len(), got.complete()),
+        (5000, 164, false)
+    );
+}
+
 #[test]
 fn every_op_matches_the_cpu() {
     let Some((dev, _held)) = gpu() else { return };

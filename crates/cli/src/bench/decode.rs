@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 use tessera_comm::{CommError, CommExt, Communicator, ElemKind, ReduceOp};
 use tessera_infer::{device_of_rank, run_tp, with_rank_comm, InferError};
 use tessera_model::synthetic::llama_config_json;
-use tessera_model::{LlamaModel, ModelConfig, TpRank};
+use tessera_model::{DrawLogits, LlamaModel, ModelConfig, TpRank};
 use tessera_tensor::{DType, Device, Sampler, SamplingParams, Tensor};
 
 use super::ceiling;
@@ -25,13 +25,18 @@ pub struct DecodeArgs {
     /// Replay each decode step as a captured CUDA graph (cuda only).
     #[arg(long)]
     pub graph: bool,
-    /// Sample each step's tokens as `generate` does (every rank's logits gathered to the host,
-    /// rank 0 samples each sequence as `generate` does with Llama 3's generation_config.json:
-    /// temperature 0.6, top-p 0.9 and transformers' top-k of 50 where the file gives none; then
-    /// broadcasts the tokens) instead of greedy on the device. With --graph the steps up to each
-    /// rank's logits replay a captured graph, as `generate`'s do.
+    /// Sample each step's tokens as `generate` does (each rank finds its top-k candidates on its
+    /// device, the ranks gather them to the host, rank 0 draws each sequence's token as
+    /// `generate` does with Llama 3's generation_config.json: temperature 0.6, top-p 0.9 and
+    /// transformers' top-k of 50 where the file gives none; then broadcasts the tokens) instead
+    /// of greedy on the device. With --graph the steps up to each rank's logits replay a
+    /// captured graph, as `generate`'s do.
     #[arg(long)]
     pub sample: bool,
+    /// With --sample: gather every rank's whole logits to the host and draw from those (as
+    /// `generate` does without a top-k, and did before the candidates), to compare.
+    #[arg(long, requires = "sample")]
+    pub full_logits: bool,
     /// Time one rank's share of a tp-N step on one device, every collective skipped (rank 0's
     /// layer shapes; no communication, so the tokens are not the model's): the compute a tp-N
     /// step cannot go below, on a machine with fewer devices than N. Replaces --tp.
@@ -227,7 +232,14 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         rayon::current_num_threads()
     );
     if a.sample {
-        say!("tokens sampled on the host at temperature 0.6, top-p 0.9, top-k 50");
+        say!(
+            "tokens sampled on the host at temperature 0.6, top-p 0.9, top-k 50, from {}",
+            if a.full_logits {
+                "every rank's whole logits"
+            } else {
+                "the ranks' top-k candidates"
+            }
+        );
     }
     say!(
         "\n{:>3} {:>6} {:>10} {:>10} {:>12} {:>16} {:>11}",
@@ -292,13 +304,19 @@ pub fn run(a: DecodeArgs) -> Result<()> {
                 for _ in 0..a.steps {
                     if a.sample {
                         let t = Instant::now();
+                        // As `generate`: only the top-k candidates leave the devices.
+                        let top_k = samplers[0]
+                            .top_k_for(cfg.vocab_size)
+                            .filter(|_| !a.full_logits);
                         #[cfg(feature = "cuda")]
                         let logits = match graph.as_mut() {
-                            Some(g) => m.step_lockstep_graph_logits(g, &toks, &mut cache, comm)?,
-                            None => m.forward_lockstep(&toks, &mut cache, comm)?,
+                            Some(g) => {
+                                m.step_lockstep_graph_for_draw(g, &toks, &mut cache, top_k, comm)?
+                            }
+                            None => m.forward_for_draw(&toks, &mut cache, top_k, comm)?,
                         };
                         #[cfg(not(feature = "cuda"))]
-                        let logits = m.forward_lockstep(&toks, &mut cache, comm)?;
+                        let logits = m.forward_for_draw(&toks, &mut cache, top_k, comm)?;
                         parts[0] += t.elapsed().as_secs_f64();
                         let t = Instant::now();
                         toks = draw(&m, &logits, comm, &mut samplers)?;
@@ -384,7 +402,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
 /// sequences in parallel) and broadcasts them.
 fn draw(
     m: &LlamaModel,
-    logits: &[f32],
+    logits: &DrawLogits,
     comm: &dyn Communicator,
     samplers: &mut [Sampler],
 ) -> Result<Vec<u32>, InferError> {
@@ -394,10 +412,15 @@ fn draw(
     if comm.rank() == 0 {
         use rayon::prelude::*;
         // The sequences' draws are independent: over the host's threads.
-        msg.par_iter_mut()
-            .zip(samplers.par_iter_mut())
-            .zip(logits.par_chunks(v))
-            .for_each(|((t, s), row)| *t = s.sample(row) as i32);
+        let draws = msg.par_iter_mut().zip(samplers.par_iter_mut());
+        match logits {
+            DrawLogits::Top(rows) => draws
+                .zip(rows.par_iter())
+                .for_each(|((t, s), top)| *t = s.sample_top(top) as i32),
+            DrawLogits::Full(l) => draws
+                .zip(l.par_chunks(v))
+                .for_each(|((t, s), row)| *t = s.sample(row) as i32),
+        }
     }
     comm.broadcast(&mut msg, 0)?;
     Ok(msg.into_iter().map(|t| t as u32).collect())

@@ -50,6 +50,25 @@ impl VocabParallelEmbedding {
     }
 }
 
+/// The logits a step's draws need, as [`ParallelLmHead::for_draw`] gives them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DrawLogits {
+    /// Per row, (id, logit) of every token whose logit is at least the row's k-th largest (ties
+    /// at the edge included), and at tp > 1 some below it (each rank's own k largest), by id:
+    /// what `Sampler::sample_top` draws from.
+    Top(Vec<Vec<(u32, f32)>>),
+    /// Every row's logits `[rows, vocab]` (no top-k asked for, or a row whose candidates passed
+    /// their room or held a NaN or +inf).
+    Full(Vec<f32>),
+}
+
+/// Room for a row's candidates on each rank at top-k `k`: ties at the k-th largest (common among
+/// bf16 logits) stay within it unless far more than usual are equal; past it the step falls back
+/// to the whole rows.
+pub fn top_k_room(k: usize) -> usize {
+    2 * k + 64
+}
+
 pub struct ParallelLmHead {
     pub weight: Arc<Tensor>,
     pub vocab: usize,
@@ -128,6 +147,49 @@ impl ParallelLmHead {
                 }
             });
         Ok(out)
+    }
+
+    /// What a step's draws at top-k `top_k` need of this rank's logits `local` (`[rows, its
+    /// vocab rows]`, as [`Self::local_logits`] gives them), on every rank. With a top-k, each rank
+    /// finds on its device every logit of its own rows at least their k-th largest
+    /// (`ops::top_k_rows`), and the ranks gather those (a few KB) instead of the logits: the
+    /// vocabulary's k-th largest is at least each rank's own, so the union holds every token the
+    /// draw keeps. Where some row's candidates passed their room ([`top_k_room`]) or held a NaN or
+    /// +inf, every rank sees it in the gathered candidates and all fall back to
+    /// [`Self::gather`] together. Without a top-k: [`Self::gather`].
+    pub fn for_draw(
+        &self,
+        local: &Tensor,
+        top_k: Option<usize>,
+        comm: &dyn Communicator,
+    ) -> Result<DrawLogits, ModelError> {
+        let Some(k) = top_k.filter(|&k| k > 0) else {
+            return Ok(DrawLogits::Full(self.gather(local, comm)?));
+        };
+        let (t, n) = (local.dim(0), local.dim(1));
+        let cap = top_k_room(k);
+        let packed = ops::top_k_rows(local, k.min(n), cap);
+        let all = if self.tp_size == 1 {
+            packed?.to_f32_vec()
+        } else {
+            // A rank that cannot take its part stops the others' gather at once.
+            let packed =
+                packed.inspect_err(|e| comm.abort(&format!("rank {}: {e}", comm.rank())))?;
+            comm.all_gather_tensor(&packed)?.to_f32_vec()
+        };
+        let per_rank = t * ops::top_k_row_len(cap);
+        let mut rows = vec![Vec::new(); t];
+        for (r, part) in all.chunks_exact(per_rank).enumerate() {
+            let start = crate::tp::split_range(self.vocab, self.tp_size, r).start as u32;
+            for (row, got) in rows.iter_mut().zip(ops::unpack_top_k(part, cap)) {
+                if !got.complete() {
+                    return Ok(DrawLogits::Full(self.gather(local, comm)?));
+                }
+                // Ranks hold ascending ranges: the row stays by id.
+                row.extend(got.entries.iter().map(|&(j, l)| (j + start, l)));
+            }
+        }
+        Ok(DrawLogits::Top(rows))
     }
 
     /// `log p(targets[i])` of each row of `x`, in f64, without the logits leaving a rank: each

@@ -9,7 +9,7 @@ mod norm;
 
 pub use attention::{Attention, QkNorm};
 pub use decoder::DecoderLayer;
-pub use embedding::{ParallelLmHead, VocabParallelEmbedding};
+pub use embedding::{top_k_room, DrawLogits, ParallelLmHead, VocabParallelEmbedding};
 pub use linear::{ColumnParallelLinear, RowParallelLinear};
 pub use mlp::Mlp;
 pub use norm::RmsNorm;

@@ -1119,6 +1119,88 @@ __device__ void argmax_rows(const T* x, const float* src_val, const int* src_idx
     }
 }
 
+// f32::total_cmp's order as unsigned bits: a larger value, a larger key (NaNs at the ends).
+__device__ __forceinline__ unsigned order_key(float v) {
+    unsigned b = __float_as_uint(v);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+__device__ __forceinline__ float key_value(unsigned k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+// Per row of x [rows, n]: every value at least the row's k-th largest (1 <= k <= n, ranked by
+// order_key, compared with >=), out[row] = [count, 1 where the row holds a NaN or +inf, then up
+// to cap (value, column) pairs in no order] in f32. The k-th largest's key is selected 8 bits at a
+// time, most significant first: a histogram of the next 8 bits of the keys that share the bits
+// chosen so far (lanes of a warp with the same bin add once), then the bin where the count from
+// the top reaches k. Four passes over the row (from L2), then one writing. One block of 1024 a row.
+template <typename T>
+__device__ void top_k_rows(const T* x, int n, int k, int cap, float* out) {
+    __shared__ unsigned hist[256];
+    __shared__ unsigned pick[2];
+    __shared__ unsigned count;
+    __shared__ int bad_row;
+    const T* r = x + (long)blockIdx.x * n;
+    float* o = out + (long)blockIdx.x * (2 + 2 * (long)cap);
+    int lane = threadIdx.x & 31;
+    unsigned prefix = 0, mask = 0, want = k;
+    bool bad = false;
+    if (threadIdx.x == 0) { count = 0; bad_row = 0; }
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        // Every lane of a warp goes round as often (the match below takes the whole warp).
+        for (int base = 0; base < n; base += blockDim.x) {
+            int i = base + threadIdx.x;
+            unsigned bin = 256;
+            if (i < n) {
+                float v = ld(r, i);
+                if (shift == 24 && (v != v || v == __int_as_float(0x7f800000))) bad = true;
+                unsigned key = order_key(v);
+                if ((key & mask) == prefix) bin = (key >> shift) & 255u;
+            }
+            unsigned peers = __match_any_sync(0xffffffffu, bin);
+            if (bin < 256 && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], (unsigned)__popc(peers));
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) {
+            // Lane l sums bins 255 - 8l down to 248 - 8l; the lane whose running count from the
+            // top reaches `want` finds the bin.
+            unsigned c[8], sum = 0;
+            for (int j = 0; j < 8; j++) { c[j] = hist[255 - 8 * lane - j]; sum += c[j]; }
+            unsigned incl = sum;
+            for (int d = 1; d < 32; d <<= 1) {
+                unsigned t = __shfl_up_sync(0xffffffffu, incl, d);
+                if (lane >= d) incl += t;
+            }
+            unsigned acc = incl - sum;
+            if (acc < want && want <= incl) {
+                int j = 0;
+                for (; j < 7; j++) {
+                    if (acc + c[j] >= want) break;
+                    acc += c[j];
+                }
+                pick[0] = prefix | ((unsigned)(255 - 8 * lane - j) << shift);
+                pick[1] = want - acc;
+            }
+        }
+        __syncthreads();
+        prefix = pick[0];
+        want = pick[1];
+        mask |= 255u << shift;
+    }
+    float kth = key_value(prefix);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = ld(r, i);
+        if (v >= kth) {
+            unsigned p = atomicAdd(&count, 1u);
+            if (p < (unsigned)cap) { o[2 + 2 * p] = v; o[3 + 2 * p] = (float)i; }
+        }
+    }
+    if (bad) bad_row = 1;
+    __syncthreads();
+    if (threadIdx.x == 0) { o[0] = (float)count; o[1] = bad_row ? 1.f : 0.f; }
+}
+
 // A running (max, sum of exp(x - max)) pair taking in another one.
 __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
     // A NaN anywhere stays (its sum is NaN).
@@ -1822,6 +1904,7 @@ extern "C" __global__ void __launch_bounds__(256) attention_tiled8_##S(const T* 
 extern "C" __global__ void __launch_bounds__(256) attention_tiled16_##S(const T* q, const T* k, const T* v, T* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_tiled<T, 16>(q, k, v, o, t, hq, hkv, hd, start, window, scale); } \
 extern "C" __global__ void __launch_bounds__(256) attention_tiled32_##S(const T* q, const T* k, const T* v, T* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_tiled<T, 32>(q, k, v, o, t, hq, hkv, hd, start, window, scale); } \
 extern "C" __global__ void __launch_bounds__(1024) lse_rows_##S(const T* x, const int* t, int n, float* m, float* s, float* v) { lse_rows(x, t, n, m, s, v); } \
+extern "C" __global__ void __launch_bounds__(1024) top_k_rows_##S(const T* x, int n, int k, int cap, float* o) { top_k_rows(x, n, k, cap, o); } \
 extern "C" __global__ void argmax_rows_##S(const T* x, const float* sv, const int* si, int n, int per, float* v, int* i) { argmax_rows(x, sv, si, n, per, v, i); } \
 extern "C" __global__ void fill_random_##S(T* x, long n, unsigned long long seed, float scale, float offset) { fill_random(x, n, seed, scale, offset); }
 

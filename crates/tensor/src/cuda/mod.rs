@@ -33,7 +33,7 @@ use half::bf16;
 use crate::{DType, TensorError};
 
 const KERNELS: &str = include_str!("kernels.cu");
-const KERNEL_NAMES: [&str; 30] = [
+const KERNEL_NAMES: [&str; 31] = [
     "rms_norm1",
     "rms_norm2",
     "rms_norm4",
@@ -53,6 +53,7 @@ const KERNEL_NAMES: [&str; 30] = [
     "attention_tiled32",
     "fill_random",
     "argmax_rows",
+    "top_k_rows",
     "lse_rows",
     "qkv_rope_append",
     "decode_attention",
@@ -130,8 +131,10 @@ pub(crate) fn env_flag(var: &str, v: Option<&str>, default: bool) -> Result<bool
 
 /// The 1/0 switches this backend reads, with their defaults: cuBLASLt's tuned GEMMs, the norm
 /// inside the GEMV, programmatic dependent launch, the fused NVLink all-reduce + norm between
-/// in-process tp ranks, and that path's measurement aids (pushing GEMVs, a fence, its stats).
-pub const FLAG_SWITCHES: [(&str, bool); 9] = [
+/// in-process tp ranks, and that path's measurement aids (pushing GEMVs, a fence, its stats), the
+/// prefill attention kernels, and whether NCCL ranks move small host bytes through their host
+/// communicator.
+pub const FLAG_SWITCHES: [(&str, bool); 10] = [
     ("TESSERA_CUBLASLT", true),
     ("TESSERA_FUSED_NORM", true),
     ("TESSERA_PDL", true),
@@ -141,6 +144,7 @@ pub const FLAG_SWITCHES: [(&str, bool); 9] = [
     ("TESSERA_P2P_STATS", false),
     ("TESSERA_TILED_ATTENTION", true),
     ("TESSERA_MMA_ATTENTION", true),
+    ("TESSERA_NCCL_HOST_BYTES", true),
 ];
 
 /// A 1/0 switch of [`FLAG_SWITCHES`] as the environment sets it (unset: its default).
@@ -1224,6 +1228,7 @@ mod tests {
         assert_eq!(default("TESSERA_P2P_ALLREDUCE"), Ok(true));
         assert_eq!(default("TESSERA_P2P_PUSH"), Ok(false));
         assert_eq!(default("TESSERA_P2P_STATS"), Ok(false));
+        assert_eq!(default("TESSERA_NCCL_HOST_BYTES"), Ok(true));
         assert_eq!(ops::parse_decode_kernel(None), Ok(None));
         assert_eq!(p2p::parse_trigger(None), Ok(0));
         assert_eq!(p2p::parse_trigger(Some("pushed")), Ok(1));

@@ -1227,6 +1227,39 @@ pub fn argmax_rows(x: &CudaBuf, rows: usize, n: usize) -> Result<Vec<(f32, u32)>
     Ok(v.into_iter().zip(i).map(|(v, i)| (v, i as u32)).collect())
 }
 
+/// `ops::top_k_rows` on the GPU: one block of 1024 threads a row (see `top_k_rows` in
+/// `kernels.cu`), its output `[rows, 2 + 2 cap]` f32 on the device.
+pub fn top_k_rows(
+    x: &CudaBuf,
+    rows: usize,
+    n: usize,
+    k: usize,
+    cap: usize,
+) -> Result<CudaBuf, TensorError> {
+    let dev = x.dev.clone();
+    if x.len() != rows * n || k == 0 || k > n || n >= 1 << 24 {
+        return Err(dev_err(
+            dev.ordinal,
+            format!("top_k_rows: k {k} of {} values as [{rows}, {n}]", x.len()),
+        ));
+    }
+    let out = CudaBuf::alloc(&dev, crate::DType::F32, rows * (2 + 2 * cap))?;
+    let (nn, kk, cc) = (n as i32, k as i32, cap as i32);
+    let mut l = dev.stream.launch_builder(dev.func("top_k_rows", x.dtype()));
+    push(&mut l, x);
+    l.arg(&nn).arg(&kk).arg(&cc);
+    push(&mut l, &out);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match top_k_rows(x, n, k, cap, out); x holds rows x n values (checked
+    // above), out rows x (2 + 2 cap) f32.
+    launched(&dev, unsafe { l.launch(cfg) })?;
+    Ok(out)
+}
+
 /// Per row of `x` `[rows, n]`: (largest value m, sum of exp(x - m), the value at column
 /// `targets[row]`, NaN where that is outside `[0, n)`), in f32, one block a row: only these
 /// leave the device.

@@ -16,6 +16,7 @@ mod norm;
 mod rope;
 mod round;
 mod softmax;
+mod top_k;
 
 pub use activation::{silu, silu_mul, silu_mul_halves};
 pub use attention::{causal_attention, decode_attention, AttentionShape};
@@ -32,3 +33,4 @@ pub use norm::{add_rms_norm, head_rms_norm, norm_matmul_t, rms_norm};
 pub use rope::{apply_rope, qkv_rope_append};
 pub use round::round_slice;
 pub use softmax::{argmax_rows, log_softmax, logsumexp_rows, softmax_inplace};
+pub use top_k::{top_k_row_len, top_k_rows, unpack_top_k, TopRow};
