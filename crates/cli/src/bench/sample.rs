@@ -2,7 +2,9 @@
 //! (what `generate` does every step when it samples), beside the straightforward way measured in
 //! the same run (what tessera's sampler did before, with its exponentials also over the host's
 //! threads): a full sort of the vocabulary by probability, then the same cuts. Both must keep the
-//! same tokens.
+//! same tokens. With a top-k, also the draw from the row's candidates alone
+//! (`Sampler::sample_top`, what a sampled decode step does once the devices have found them),
+//! which must draw the whole row's tokens.
 
 use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
@@ -84,13 +86,14 @@ pub fn run(a: SampleArgs) -> Result<()> {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     outln!(
-        "{:>10} {:>20} {:>8} {:>10} {:>14} {:>8}",
+        "{:>10} {:>20} {:>8} {:>10} {:>14} {:>8} {:>17}",
         "logits",
         "setting",
         "kept",
         "ms",
         "full sort ms",
-        "faster"
+        "faster",
+        "from top-k ms"
     );
     for (name, logits) in profiles(a.vocab) {
         for (what, p) in &settings {
@@ -113,18 +116,53 @@ pub fn run(a: SampleArgs) -> Result<()> {
             let peer = median_secs(a.runs, || {
                 std::hint::black_box(full_sort(p, &logits, 0.5));
             });
+            let from_top = match Sampler::new(*p).top_k_for(a.vocab) {
+                Some(k) => format!(
+                    "{:.4}",
+                    from_top_k(p, k, &logits, a.runs, name, what)? * 1e3
+                ),
+                None => "-".into(),
+            };
             outln!(
-                "{:>10} {:>20} {:>8} {:>10.3} {:>14.3} {:>7.1}x",
+                "{:>10} {:>20} {:>8} {:>10.3} {:>14.3} {:>7.1}x {:>17}",
                 name,
                 what,
                 kept,
                 ours * 1e3,
                 peer * 1e3,
-                peer / ours
+                peer / ours,
+                from_top
             );
         }
     }
     Ok(())
+}
+
+/// Median seconds of a draw from the top-`k` candidates of `logits` (found once, as a device
+/// would find them), after checking that 50 seeded draws from them are the whole row's.
+fn from_top_k(
+    p: &SamplingParams,
+    k: usize,
+    logits: &[f32],
+    runs: usize,
+    name: &str,
+    what: &str,
+) -> Result<f64> {
+    use tessera_tensor::{ops, DType, Tensor};
+    let row = Tensor::from_f32(vec![1, logits.len()], logits.to_vec(), DType::F32)?;
+    let cap = 2 * k + 64;
+    let got = ops::unpack_top_k(&ops::top_k_rows(&row, k, cap)?.to_f32_vec(), cap);
+    let top = &got[0].entries;
+    let (mut whole, mut from_top) = (Sampler::new(*p), Sampler::new(*p));
+    for i in 0..50 {
+        let (a, b) = (whole.sample(logits), from_top.sample_top(top));
+        if a != b {
+            bail!("{name}, {what}: draw {i} from the top-k candidates gave {b}, the row {a}");
+        }
+    }
+    Ok(median_secs(runs, || {
+        std::hint::black_box(from_top.sample_top(top));
+    }))
 }
 
 fn params(temperature: f32, top_p: f32, top_k: usize, min_p: f32) -> SamplingParams {
