@@ -2,13 +2,15 @@
 //!
 //! An [`NcclComm`] is made collectively over a host communicator (in-process threads or TCP
 //! processes), which stays its control plane: rank 0 makes the NCCL unique id and broadcasts it
-//! there, and sub-groups are formed there. Everything else runs on NCCL:
+//! there, sub-groups are formed there, and gathers and broadcasts of host bytes up to
+//! [`HOST_BYTES_MAX`] go through it (with its deadline; `TESSERA_NCCL_HOST_BYTES=0`: on NCCL as
+//! below). Everything else runs on NCCL:
 //! - [`Communicator::all_reduce_tensor`] on a device tensor reduces it where it lies, queued on
 //!   the GPU's stream without waiting (stream-ordered and asynchronous: the next kernel on the
 //!   stream sees the sum, and a CUDA graph capture records the all-reduce into the graph);
 //! - [`Communicator::all_gather_tensor`] on a device tensor gathers it into a new buffer on the
 //!   same GPU, then waits for it with the group's deadline (its callers read it at once);
-//! - the collectives on host bytes stage them through device memory and wait for the result with
+//! - the other collectives on host bytes stage them through device memory and wait for the result with
 //!   the group's deadline (a peer that never joins is a [`CommError::Timeout`], the communicator
 //!   is then aborted so the GPU is not left running a collective that cannot finish).
 //!
@@ -47,6 +49,10 @@ pub const HOST_BYTES_MAX: usize = 64 << 10;
 
 /// Whether small gathers and broadcasts of host bytes go through the host communicator: yes
 /// unless `TESSERA_NCCL_HOST_BYTES` is `0` (NCCL's collective on a staging buffer, as before).
+/// Every rank must take the same path (else one waits in NCCL for a peer waiting in the host
+/// group): the ranks compare their switches when the communicator is made and refuse a
+/// difference by name. Such calls wait with the host group's deadline, not
+/// [`NcclComm::with_timeout`]'s.
 pub fn host_bytes_wanted() -> Result<bool, String> {
     tessera_tensor::cuda::flag_switch("TESSERA_NCCL_HOST_BYTES")
 }
@@ -82,19 +88,33 @@ impl<'a> NcclComm<'a> {
                 h.abort(&format!("rank {rank}: {msg}"));
                 CommError::Invalid { rank, msg }
             })?;
-        let mut id = [0u8; 128];
+        // NCCL's unique id, then rank 0's TESSERA_NCCL_HOST_BYTES: small host bytes take the
+        // host group or NCCL on every rank alike, or none starts.
+        let mut id = [0u8; 129];
         if rank == 0 {
             match nccl::unique_id() {
-                Ok(v) => id = v,
+                Ok(v) => id[..128].copy_from_slice(&v),
                 Err(e) => {
                     let msg = e.to_string();
                     h.abort(&msg);
                     return Err(CommError::Device { rank, msg });
                 }
             }
+            id[128] = small_via_host as u8;
         }
         // Every rank needs the id (a plain broadcast skips a group of one).
         h.broadcast_bytes(&mut id, 0)?;
+        if id[128] != small_via_host as u8 {
+            let msg = format!(
+                "TESSERA_NCCL_HOST_BYTES differs between the ranks ({} on rank 0, {} on rank {rank})",
+                id[128], small_via_host as u8
+            );
+            // The others would wait for this rank in their NCCL init.
+            h.abort(&msg);
+            return Err(CommError::Invalid { rank, msg });
+        }
+        let mut nccl_id = [0u8; 128];
+        nccl_id.copy_from_slice(&id[..128]);
         // The init waits for every rank, within the deadline and while the host group stands.
         struct HostCancel<'h>(&'h dyn Communicator);
         impl Cancel for HostCancel<'_> {
@@ -107,7 +127,7 @@ impl<'a> NcclComm<'a> {
             cancel: &HostCancel(h),
         };
         let world = h.world_size();
-        let dev = DeviceComm::new(ordinal, rank, world, id, &wait).map_err(|f| {
+        let dev = DeviceComm::new(ordinal, rank, world, nccl_id, &wait).map_err(|f| {
             let (msg, err) = match f {
                 NcclFailure::TimedOut => {
                     let msg = format!("NCCL init timed out after {:.1}s", timeout.as_secs_f64());

@@ -269,7 +269,8 @@ fn a_peer_that_never_starts_the_init_is_a_timeout() {
         let mut it = comms.into_iter();
         let (h0, h1) = (it.next().unwrap(), it.next().unwrap());
         s.spawn(move || {
-            let mut id = [0u8; 128];
+            // NCCL's id and rank 0's TESSERA_NCCL_HOST_BYTES, as a joining rank receives them.
+            let mut id = [0u8; 129];
             h1.broadcast_bytes(&mut id, 0).unwrap();
             let _ = rx.recv_timeout(Duration::from_secs(120));
         });

@@ -99,6 +99,40 @@ fn top_k_candidates_on_the_gpu_are_the_cpus() {
             }
         }
     }
+    // Rows whose k-th largest is negative (keys with the top bit clear), ±0 tied at the edge,
+    // -inf (most of a row), and k = n over a long row.
+    let n = 40_000;
+    let negative: Vec<f32> = rand_t(vec![n], DType::F32, 97)
+        .to_f32_vec()
+        .iter()
+        .map(|x| x * 5.0 - 6.0)
+        .collect();
+    let mut zeros = negative.clone();
+    for (j, z) in zeros.iter_mut().enumerate().filter(|(j, _)| j % 997 == 0) {
+        *z = if j % 2 == 0 { 0.0 } else { -0.0 };
+    }
+    let mut infs = vec![f32::NEG_INFINITY; n];
+    infs[..30].copy_from_slice(&negative[..30]);
+    let rows = [negative, zeros, infs].concat();
+    for dt in [DType::F32, DType::BF16] {
+        let x = Tensor::from_f32(vec![3, n], rows.clone(), dt).unwrap();
+        let xg = x.to_device(dev).unwrap();
+        for (k, cap) in [(1, 64), (20, 104), (41, 146), (50, 164), (n, n)] {
+            let got = ops::top_k_rows(&xg, k, cap).unwrap();
+            let got = ops::unpack_top_k(&got.to_f32_vec(), cap);
+            let want = ops::unpack_top_k(&ops::top_k_rows(&x, k, cap).unwrap().to_f32_vec(), cap);
+            for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+                let name = format!("{dt} edge rows, k {k}, row {r}");
+                assert_eq!((g.count, g.non_finite), (w.count, w.non_finite), "{name}");
+                if w.complete() {
+                    let bits = |e: &[(u32, f32)]| {
+                        e.iter().map(|p| (p.0, p.1.to_bits())).collect::<Vec<_>>()
+                    };
+                    assert_eq!(bits(&g.entries), bits(&w.entries), "{name}");
+                }
+            }
+        }
+    }
     // Every value equal: all n are candidates; past the room, the count says so.
     let x = Tensor::from_f32(vec![1, 5000], vec![0.5; 5000], DType::BF16).unwrap();
     let got = ops::top_k_rows(&x.to_device(dev).unwrap(), 50, 164).unwrap();

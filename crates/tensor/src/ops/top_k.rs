@@ -26,8 +26,8 @@ pub fn top_k_rows(x: &Tensor, k: usize, cap: usize) -> Result<Tensor, TensorErro
         return bad(format!("x {:?}", x.shape()));
     }
     let (rows, n) = (x.dim(0), x.dim(1));
-    if k == 0 || k > n || n >= 1 << 24 || cap == 0 || cap >= 1 << 24 {
-        return bad(format!("k {k}, cap {cap} of rows of {n}"));
+    if rows == 0 || k == 0 || k > n || n >= 1 << 24 || cap == 0 || cap >= 1 << 24 {
+        return bad(format!("k {k}, cap {cap} of {rows} rows of {n}"));
     }
     let len = top_k_row_len(cap);
     #[cfg(feature = "cuda")]
@@ -177,5 +177,7 @@ mod tests {
         for (k, cap) in [(0, 4), (6, 4), (2, 0)] {
             assert!(top_k_rows(&t, k, cap).is_err(), "k {k} cap {cap}");
         }
+        let empty = Tensor::from_f32(vec![0, 5], Vec::new(), DType::F32).unwrap();
+        assert!(top_k_rows(&empty, 1, 4).is_err());
     }
 }
