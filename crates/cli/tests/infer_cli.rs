@@ -543,23 +543,29 @@ fn bench_decode_times_one_rank_of_a_tp_group_alone() {
 fn bench_sample_and_sampled_decode_run() {
     let (code, out, err) = tessera(&["bench", "sample", "--vocab", "3000", "--runs", "2"]);
     assert_eq!(code, 0, "{err}");
-    let rows: Vec<&str> = out
+    // logits, the setting's words, kept, ms, full sort ms, faster ("..x"), from top-k ms.
+    let rows: Vec<Vec<&str>> = out
         .lines()
-        .filter(|l| l.trim_end().ends_with('x'))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| w.len() > 6 && w[w.len() - 2].ends_with('x'))
         .collect();
     assert_eq!(rows.len(), 10, "{out}");
-    // The top-k 50 rows keep 50 tokens; temperature alone keeps the whole vocabulary.
-    let kept = |setting: &str| -> Vec<usize> {
+    // The top-k 50 rows keep 50 tokens and time a draw from their candidates; temperature alone
+    // keeps the whole vocabulary and has no candidates.
+    let of = |setting: &str| -> Vec<(usize, &str)> {
         rows.iter()
-            .filter_map(|r| {
-                // logits, the setting's words, kept, ms, full sort ms, faster.
-                let w: Vec<&str> = r.split_whitespace().collect();
-                (w[1..w.len() - 4].join(" ") == setting).then(|| w[w.len() - 4].parse().unwrap())
-            })
+            .filter(|w| w[1..w.len() - 5].join(" ") == setting)
+            .map(|w| (w[w.len() - 5].parse().unwrap(), w[w.len() - 1]))
             .collect()
     };
-    assert_eq!(kept("top-k 50"), vec![50, 50], "{out}");
-    assert_eq!(kept("temperature 1"), vec![3000, 3000], "{out}");
+    let top_k = of("top-k 50");
+    assert_eq!(
+        top_k.iter().map(|r| r.0).collect::<Vec<_>>(),
+        vec![50, 50],
+        "{out}"
+    );
+    assert!(top_k.iter().all(|r| r.1.parse::<f64>().is_ok()), "{out}");
+    assert_eq!(of("temperature 1"), vec![(3000, "-"), (3000, "-")], "{out}");
     fails_with(&["bench", "sample", "--vocab", "1"], "--vocab takes 2 to");
     fails_with(
         &["bench", "sample", "--runs", "0"],
