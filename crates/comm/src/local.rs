@@ -9,6 +9,7 @@
 //! through per-pair mailboxes; sub-groups are found in a registry shared by the whole world.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -36,7 +37,15 @@ struct Shared {
     size: usize,
     state: Mutex<State>,
     cv: Condvar,
+    /// `State::generation`, readable without the lock (a waiting rank polls it briefly before it
+    /// sleeps on `cv`).
+    generation: AtomicU64,
 }
+
+/// How long a rank waiting in a collective polls for the last rank's arrival before it sleeps on
+/// the condition variable: a collective's ranks mostly arrive within microseconds of each other,
+/// and waking a sleeping thread takes tens of them.
+const SPIN: Duration = Duration::from_micros(100);
 
 impl Shared {
     fn new(size: usize) -> Arc<Self> {
@@ -50,6 +59,7 @@ impl Shared {
                 ..State::default()
             }),
             cv: Condvar::new(),
+            generation: AtomicU64::new(0),
         })
     }
 }
@@ -179,8 +189,22 @@ impl LocalRank {
             st.arrived.iter_mut().for_each(|a| *a = false);
             st.descs.iter_mut().for_each(|d| *d = None);
             st.generation += 1;
+            self.shared
+                .generation
+                .store(st.generation, Ordering::Release);
             self.shared.cv.notify_all();
         } else {
+            // Polled without the lock first (no later collective can complete before this rank
+            // joins it, so the generation moves at most once meanwhile), yielding the CPU to
+            // any rank that still has to arrive.
+            drop(st);
+            let spin_end = Instant::now() + SPIN;
+            while self.shared.generation.load(Ordering::Acquire) == my_gen
+                && Instant::now() < spin_end
+            {
+                std::thread::yield_now();
+            }
+            st = self.lock();
             let deadline = Instant::now() + self.timeout;
             while st.generation == my_gen {
                 if let Some(reason) = &st.aborted {

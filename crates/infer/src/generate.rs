@@ -141,8 +141,9 @@ pub fn generate_on_rank(
 /// run eager (kernels compiled, tables uploaded), the next step captures the graph, and every later
 /// step replays it (the same tokens, or logits, as eager steps, one launch instead of hundreds).
 /// Greedy steps capture the argmax too; sampled ones stop at each rank's logits, whose top-k
-/// candidates (or, without a top-k, the logits) are then gathered and drawn from on the host. Where a capture is refused, decode stays eager (with a
-/// warning). On the CPU every step is eager. The captured attention covers the cache's whole
+/// candidates (or, without a top-k or with a penalty, the logits) are then gathered and drawn
+/// from on the host. Where a capture is refused, decode stays eager (with a warning). On the CPU
+/// every step is eager. The captured attention covers the cache's whole
 /// capacity (prompt + max_tokens) in splits of 256 positions; the ones past the current position
 /// are empty and add exact zeros.
 #[derive(Default)]
