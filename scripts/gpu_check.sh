@@ -127,12 +127,13 @@ variant_env() {
     fi
   fi
   # Sampled decode (Llama 3's settings): the ranks' top-k candidates gathered from the devices
-  # beside every rank's whole logits gathered to the host, eager and through CUDA graphs, with
-  # greedy steps of the same call for reference.
+  # beside every rank's whole logits gathered to the host, through CUDA graphs (SAMPLE_EAGER=1:
+  # eager steps too), with greedy steps of the same call for reference.
   # At tp 2 also with the small host bytes (the greedy step's pairs, the sampled token) through
   # NCCL's staging instead of the host communicator.
   if [[ $STEPS == all || $STEPS == *sample* ]]; then
-    for g in --graph ""; do
+    GRAPHS=(--graph); [ -n "${SAMPLE_EAGER:-}" ] && GRAPHS+=("")
+    for g in "${GRAPHS[@]}"; do
       echo "== tessera bench decode, Llama-3-8B shape, greedy on the devices ${g:-(eager)}"
       .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp ${TP:-1,2} --batch 1,8,32 --steps 32 $g 2>&1 | grep -E "^ *[0-9]+ +[0-9]+ "
       [ -z "${TP:-}" ] && [ -n "$g" ] && { echo "== the same, tp 2, TESSERA_NCCL_HOST_BYTES=0"; TESSERA_NCCL_HOST_BYTES=0 .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 2 --batch 1,8,32 --steps 32 $g 2>&1 | grep -E "^ *[0-9]+ +[0-9]+ "; }
@@ -141,7 +142,6 @@ variant_env() {
         .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp ${TP:-1,2} --batch 1,8,32 --steps 32 --sample $g $f 2>&1 | grep -E "^ *[0-9]+ +[0-9]+ |rank 0:"
         [ -z "${TP:-}" ] && [ -n "$g" ] && [ -z "$f" ] && { echo "== the same, tp 2, TESSERA_NCCL_HOST_BYTES=0"; TESSERA_NCCL_HOST_BYTES=0 .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 2 --batch 1,8,32 --steps 32 --sample $g 2>&1 | grep -E "^ *[0-9]+ +[0-9]+ |rank 0:"; }
       done
-      [ -z "$g" ] || [ -n "${SAMPLE_EAGER:-}" ] || break
     done
   fi
   if [[ $STEPS == all || $STEPS == *long* ]]; then

@@ -26,18 +26,15 @@ fn two_gpus() -> bool {
 
 /// Runs `f(nccl communicator)` on `world` threads, rank r on GPU r.
 fn on_ranks<R: Send>(world: usize, f: impl Fn(NcclComm) -> R + Sync) -> Vec<R> {
-    let comms = LocalGroup::new(world).into_comms();
-    std::thread::scope(|s| {
-        let hs: Vec<_> = comms
-            .into_iter()
-            .enumerate()
-            .map(|(rank, host)| {
-                let f = &f;
-                s.spawn(move || f(NcclComm::new(&host, rank).unwrap()))
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    })
+    let ranks = tessera_comm::spmd::run_threads(
+        LocalGroup::new(world).into_comms(),
+        |rank, host| Ok(f(NcclComm::new(&host, rank).unwrap())),
+        |rank, msg| format!("rank {rank} panicked: {msg}"),
+    );
+    ranks
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e: String| panic!("{e}")))
+        .collect()
 }
 
 /// Progress of a rank through the steps (`TESSERA_TEST_TRACE=1`), to see where one stops.

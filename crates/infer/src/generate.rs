@@ -96,6 +96,8 @@ pub fn generate_on_rank(
     let mut input = prompt.to_vec();
     // Greedy on the raw logits keeps them on the device; a repetition penalty needs them here.
     let greedy = params.sampling.plain_greedy();
+    // With a top-k and no penalty only the candidates of a draw leave the devices.
+    let top_k = sampler.top_k_for(m.cfg.vocab_size);
     let mut graph = DecodeGraphs::default();
     while out.len() < params.max_tokens {
         let tok = if greedy {
@@ -103,8 +105,6 @@ pub fn generate_on_rank(
             // logits stay on the device.
             graph.greedy_step(m, &input, &mut cache, comm)?
         } else {
-            // With a top-k and no penalty only the candidates of the draw leave the devices.
-            let top_k = sampler.top_k_for(m.cfg.vocab_size);
             let logits = graph.draw_step(m, &input, &mut cache, top_k, comm)?;
             // -1: the logits hold NaN or +inf (no distribution to draw from; every rank stops
             // with the same error). Candidates are only given where they hold neither.

@@ -237,28 +237,25 @@ fn on_gpu_ranks<R: Send>(
     seed: u64,
     body: impl Fn(usize, &LlamaModel, &dyn Communicator) -> R + Sync,
 ) -> Vec<R> {
-    let comms = LocalGroup::new(tp).into_comms();
-    std::thread::scope(|s| {
-        let hs: Vec<_> = comms
-            .into_iter()
-            .enumerate()
-            .map(|(rank, host)| {
-                let (cfg, body) = (cfg.clone(), &body);
-                s.spawn(move || {
-                    let nccl = (tp > 1).then(|| NcclComm::new(&host, rank).unwrap());
-                    let comm: &dyn Communicator = match &nccl {
-                        Some(n) => n,
-                        None => &host,
-                    };
-                    let shard = TpRank { rank, size: tp };
-                    let m = LlamaModel::random(cfg, shard, DType::BF16, Device::Cuda(rank), seed)
-                        .unwrap();
-                    let out = body(rank, &m, comm);
-                    comm.barrier().unwrap();
-                    out
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    })
+    let ranks = tessera_comm::spmd::run_threads(
+        LocalGroup::new(tp).into_comms(),
+        |rank, host| {
+            let nccl = (tp > 1).then(|| NcclComm::new(&host, rank).unwrap());
+            let comm: &dyn Communicator = match &nccl {
+                Some(n) => n,
+                None => &host,
+            };
+            let shard = TpRank { rank, size: tp };
+            let m = LlamaModel::random(cfg.clone(), shard, DType::BF16, Device::Cuda(rank), seed)
+                .unwrap();
+            let out = body(rank, &m, comm);
+            comm.barrier().unwrap();
+            Ok(out)
+        },
+        |rank, msg| format!("rank {rank} panicked: {msg}"),
+    );
+    ranks
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e: String| panic!("{e}")))
+        .collect()
 }

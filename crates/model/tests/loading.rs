@@ -616,21 +616,18 @@ fn on_ranks<R: Send>(
     bytes: &'static [u8],
     body: impl Fn(&LlamaModel, &dyn tessera_comm::Communicator) -> R + Sync,
 ) -> Vec<R> {
-    let comms = LocalGroup::new(tp).into_comms();
-    std::thread::scope(|s| {
-        let hs: Vec<_> = comms
-            .into_iter()
-            .enumerate()
-            .map(|(rank, comm)| {
-                let (cfg, body) = (cfg.clone(), &body);
-                s.spawn(move || {
-                    let ck = Checkpoint::from_static("mem", bytes).unwrap();
-                    let rank = TpRank { rank, size: tp };
-                    let m = LlamaModel::from_checkpoint(&ck, cfg, rank, DType::F32).unwrap();
-                    body(&m, &comm)
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    })
+    let ranks = tessera_comm::spmd::run_threads(
+        LocalGroup::new(tp).into_comms(),
+        |rank, comm| {
+            let ck = Checkpoint::from_static("mem", bytes).unwrap();
+            let rank = TpRank { rank, size: tp };
+            let m = LlamaModel::from_checkpoint(&ck, cfg.clone(), rank, DType::F32).unwrap();
+            Ok(body(&m, &comm))
+        },
+        |rank, msg| format!("rank {rank} panicked: {msg}"),
+    );
+    ranks
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e: String| panic!("{e}")))
+        .collect()
 }

@@ -263,9 +263,9 @@ impl Sampler {
     }
 }
 
-/// The `k`-th largest of `logits` (`0 < k < logits.len()`; in `f32::total_cmp`'s order), in one
+/// The `k`-th largest of `logits` (`0 < k <= logits.len()`; in `f32::total_cmp`'s order), in one
 /// pass keeping the k largest so far in a heap: linear in the vocabulary for any k far below it.
-fn kth_largest(logits: &[f32], k: usize) -> f32 {
+pub(crate) fn kth_largest(logits: &[f32], k: usize) -> f32 {
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;
     /// A logit in `total_cmp`'s order.

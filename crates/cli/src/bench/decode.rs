@@ -297,6 +297,11 @@ pub fn run(a: DecodeArgs) -> Result<()> {
                         })
                     })
                     .collect();
+                // As `generate`: only the top-k candidates leave the devices.
+                let top_k = samplers
+                    .first()
+                    .and_then(|s| s.top_k_for(cfg.vocab_size))
+                    .filter(|_| !a.full_logits);
                 // Seconds of the sampled steps to the logits on the host, and drawing.
                 let mut parts = [0.0f64; 2];
                 comm.barrier()?;
@@ -304,10 +309,6 @@ pub fn run(a: DecodeArgs) -> Result<()> {
                 for _ in 0..a.steps {
                     if a.sample {
                         let t = Instant::now();
-                        // As `generate`: only the top-k candidates leave the devices.
-                        let top_k = samplers[0]
-                            .top_k_for(cfg.vocab_size)
-                            .filter(|_| !a.full_logits);
                         #[cfg(feature = "cuda")]
                         let logits = match graph.as_mut() {
                             Some(g) => {

@@ -150,7 +150,7 @@ fn from_top_k(
 ) -> Result<f64> {
     use tessera_tensor::{ops, DType, Tensor};
     let row = Tensor::from_f32(vec![1, logits.len()], logits.to_vec(), DType::F32)?;
-    let cap = 2 * k + 64;
+    let cap = tessera_model::layers::top_k_room(k);
     let got = ops::unpack_top_k(&ops::top_k_rows(&row, k, cap)?.to_f32_vec(), cap);
     let top = &got[0].entries;
     let (mut whole, mut from_top) = (Sampler::new(*p), Sampler::new(*p));

@@ -42,9 +42,7 @@ pub fn top_k_rows(x: &Tensor, k: usize, cap: usize) -> Result<Tensor, TensorErro
         .zip(v.par_chunks(n))
         .for_each(|(o, row)| {
             let non_finite = row.iter().any(|l| l.is_nan() || *l == f32::INFINITY);
-            let mut sorted = row.to_vec();
-            let (_, kth, _) = sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-            let kth = *kth;
+            let kth = crate::sample::kth_largest(row, k);
             let mut count = 0usize;
             for (j, &l) in row.iter().enumerate() {
                 if l >= kth {
