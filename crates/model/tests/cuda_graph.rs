@@ -20,14 +20,15 @@ fn graph_replay_equals_eager_decode() {
     let cfg =
         ModelConfig::from_json_str(&llama_config_json(1000, 256, 512, 3, 8, 2, false)).unwrap();
     // Every decode attention kernel: the one the shape picks, the grouped and one-head-a-block
-    // forms of the vectorised kernel, and the per-head kernel; captured splits cover the whole
-    // cache.
+    // forms of the vectorised kernel, the per-head kernel and the one-pass kernel; captured
+    // splits cover the whole cache.
     use tessera_tensor::cuda::DecodeKernel;
     let kernels = [
         None,
         Some(DecodeKernel::Grouped),
         Some(DecodeKernel::ByHead),
         Some(DecodeKernel::PerHead),
+        Some(DecodeKernel::Flash),
     ];
     // Batch 1 (a chain of GEMVs), batch 4 (skinny GEMMs) and batch 20 (cuBLASLt GEMMs), all with
     // the intermediates in the graph's arena by default, and batch 4 from the pool (forced).

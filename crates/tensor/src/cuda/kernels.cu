@@ -1306,6 +1306,246 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 #endif
 }
+// 2^x by the hardware's approximation (relative error below 2^-22; 2^-inf = 0).
+__device__ __forceinline__ float ex2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+// The attention over the cache of decode_attention_gqa in one pass (flash decoding within the
+// block), its K and V rows streamed through shared memory. Each group of hd / 8 lanes takes
+// positions jb + u ngrp + grp (u < UN) of each tile jb, as the gqa kernel does; a thread copies
+// its own 8-value chunks of those rows' K and V (`cp.async`, no registers held) into its own
+// slots of a two-stage ring, the next tile's while it works on this one, and keeps a running
+// softmax (max, sum, unnormalised output a query head) instead of writing every score to shared
+// memory and reading the V rows after a second barrier. A thread reads back only what it copied,
+// so the ring needs no barrier. Scores are kept in base-2 units (scale log2 e folded in) and
+// exponentiated by ex2.approx. The groups' states are joined at the end (shared memory, over the
+// ring's bytes). Same arguments, outputs and split layout as decode_attention_gqa; GM <= 4.
+// grid (splits, batch hkv g / gb); block 128; dynamic shared memory (`flash_smem` on the host):
+// (gb hd + 2 hd) floats rounded up to 16 bytes, then 32 KB of ring (the join's
+// (2 ngrp gb + ngrp gb hd) floats, ngrp = 128 / (hd / 8), fit in it).
+template <typename T, int GM>
+__device__ void decode_attention_flash(const T* qkv, T* kc, T* vc, T* out, float* part_m,
+                                       float* part_l, float* part_acc, const float* inv_freq,
+                                       int batch, int hq, int hkv, int hd, int start, int window,
+                                       float scale, int per, int gb, const int* pos_ptr) {
+    // Positions a thread takes a tile (16 KB of K and V a stage for the block in either dtype),
+    // and the 16-byte copies of a chunk.
+    constexpr int UN = sizeof(T) == 2 ? 4 : 2, CW = 8 * sizeof(T) / 16;
+    constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
+    const float scale2 = scale * LOG2E;
+    extern __shared__ float sm[];
+    pdl_trigger();
+    int p = pos_ptr ? pos_ptr[0] : start;
+    int split = blockIdx.x, splits = gridDim.x;
+    int g = hq / hkv, ng = g / gb;
+    int hb = blockIdx.y % ng, kvi = blockIdx.y / ng;
+    int b = kvi / hkv, kl = kvi % hkv;
+    int h0 = kl * g + hb * gb;
+    long KVH = (long)b * hkv + kl, krow = (long)batch * hkv * hd;
+    int L = hd >> 3, sub = threadIdx.x % L, grp = threadIdx.x / L, ngrp = blockDim.x / L;
+    const int tid = threadIdx.x, nt = blockDim.x;
+    float* qs = sm;                      // [gb, hd]
+    float* ks = qs + gb * hd;            // [hd]
+    float* vs = ks + hd;                 // [hd]
+    // The ring: [stage][K, V][u][thread] chunks of CW 16-byte words.
+    uint4* ring = (uint4*)(sm + ((gb * hd + 2 * hd + 3) & ~3));
+    const T* row = qkv + (long)b * (hq + 2 * hkv) * hd;
+    int half = hd / 2;
+    int lo = window > 0 ? max(0, p + 1 - window) : 0;
+    int j0 = lo + split * per;
+    int n = max(0, min(per, p + 1 - j0));
+    const T* kbase = kc + KVH * hd + sub * 8;
+    const T* vbase = vc + KVH * hd + sub * 8;
+    const int tile = UN * ngrp;
+    // Copies tile t's chunks of this thread into ring stage t & 1 (rows past n and the step's own
+    // position p are not copied: p's are in shared memory), then commits the group (empty or not:
+    // every thread's groups stay counted alike).
+    auto issue = [&](int t) {
+        const int stage = t & 1;
+#pragma unroll
+        for (int u = 0; u < UN; u++) {
+            int j = t * tile + u * ngrp + grp, pj = j0 + j;
+            if (j < n && pj != p) {
+                long off = (long)pj * krow;
+                uint4* sk = ring + (((stage * 2 + 0) * UN + u) * nt + tid) * CW;
+                uint4* sv = ring + (((stage * 2 + 1) * UN + u) * nt + tid) * CW;
+#pragma unroll
+                for (int w = 0; w < CW; w++) {
+                    cp_async16(sk + w, (const uint4*)(kbase + off) + w);
+                    cp_async16(sv + w, (const uint4*)(vbase + off) + w);
+                }
+            }
+        }
+        cp_async_commit();
+    };
+    // The first tile: rows of earlier steps, copied before the wait for the QKV projection (as in
+    // decode_attention_gqa).
+    if (n > 0) issue(0);
+    int d = threadIdx.x;
+    float c = 0.f, s = 0.f;
+    if (d < half) rope_angle(inv_freq, d, (double)p, c, s);
+    pdl_wait();
+    if (d < half) {
+        float x0[GM + 1], x1[GM + 1];
+#pragma unroll
+        for (int h = 0; h <= GM; h++) {
+            if (h <= gb) {
+                long src = (long)(h < gb ? h0 + h : hq + kl) * hd;
+                x0[h] = ld(row, src + d);
+                x1[h] = ld(row, src + d + half);
+            }
+        }
+        long vsrc = (long)(hq + hkv + kl) * hd;
+        float v0 = ld(row, vsrc + d), v1 = ld(row, vsrc + d + half);
+#pragma unroll
+        for (int h = 0; h <= GM; h++) {
+            if (h <= gb) {
+                float* dst = h < gb ? qs + h * hd : ks;
+                dst[d] = rnd(rope_lo(x0[h], x1[h], c, s), out);
+                dst[d + half] = rnd(rope_hi(x0[h], x1[h], c, s), out);
+            }
+        }
+        vs[d] = v0;
+        vs[d + half] = v1;
+    }
+    __syncthreads();
+    if (split == 0 && hb == 0) {
+        long dst = (long)p * krow + KVH * hd;
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) { st(kc, dst + d, ks[d]); st(vc, dst + d, vs[d]); }
+    }
+    float qr[GM][8], m[GM], l[GM], acc[GM][8];
+#pragma unroll
+    for (int h = 0; h < GM; h++) {
+        m[h] = NEG_INF;
+        l[h] = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            qr[h][e] = h < gb ? qs[h * hd + sub * 8 + e] : 0.f;
+            acc[h][e] = 0.f;
+        }
+    }
+    // The loop bounds are the same for every thread, so each warp's shuffles are complete.
+    for (int t = 0; t * tile < n; t++) {
+        const int stage = t & 1, jb = t * tile;
+        // The next tile on its way, then this one's copies awaited (all but the newest group).
+        if (jb + tile < n) {
+            issue(t + 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        float sc[GM][UN];
+#pragma unroll
+        for (int u = 0; u < UN; u++) {
+            int j = jb + u * ngrp + grp, pj = j0 + j;
+            float kf[8];
+            if (j < n && pj != p) {
+                Raw8<T> r = *(const Raw8<T>*)(ring + (((stage * 2 + 0) * UN + u) * nt + tid) * CW);
+                unraw8(r, kf);
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; e++) kf[e] = j < n ? ks[sub * 8 + e] : 0.f;
+            }
+#pragma unroll
+            for (int h = 0; h < GM; h++) {
+                float a = 0.f;
+#pragma unroll
+                for (int e = 0; e < 8; e++) a += qr[h][e] * kf[e];
+                sc[h][u] = a;
+            }
+        }
+        for (int o = L >> 1; o > 0; o >>= 1)
+#pragma unroll
+            for (int h = 0; h < GM; h++)
+                if (h < gb)  // the same for every thread
+#pragma unroll
+                    for (int u = 0; u < UN; u++) sc[h][u] += __shfl_xor_sync(0xffffffffu, sc[h][u], o);
+        // The running softmax of each query head over this group's positions so far.
+#pragma unroll
+        for (int h = 0; h < GM; h++) {
+            if (h >= gb) continue;
+            float mx = m[h];
+#pragma unroll
+            for (int u = 0; u < UN; u++) {
+                int j = jb + u * ngrp + grp;
+                sc[h][u] = j < n ? sc[h][u] * scale2 : NEG_INF;
+                mx = fmaxf(mx, sc[h][u]);
+            }
+            if (mx == NEG_INF) {
+#pragma unroll
+                for (int u = 0; u < UN; u++) sc[h][u] = 0.f;
+                continue;
+            }
+            float corr = ex2_approx(m[h] - mx);
+            m[h] = mx;
+            l[h] *= corr;
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[h][e] *= corr;
+#pragma unroll
+            for (int u = 0; u < UN; u++) {
+                float w = ex2_approx(sc[h][u] - mx);
+                sc[h][u] = w;
+                l[h] += w;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UN; u++) {
+            int j = jb + u * ngrp + grp, pj = j0 + j;
+            if (j >= n) continue;
+            float vf[8];
+            if (pj != p) {
+                Raw8<T> r = *(const Raw8<T>*)(ring + (((stage * 2 + 1) * UN + u) * nt + tid) * CW);
+                unraw8(r, vf);
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; e++) vf[e] = vs[sub * 8 + e];
+            }
+#pragma unroll
+            for (int h = 0; h < GM; h++)
+                if (h < gb)
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc[h][e] += sc[h][u] * vf[e];
+        }
+    }
+    // The groups' states joined (over the ring, once every thread is done with it): the block's
+    // max, then each group's sum and output scaled to it.
+    float* gst = (float*)ring;           // max [ngrp, gb], then sum [ngrp, gb]
+    float* gacc = gst + 2 * ngrp * gb;   // [ngrp, gb, hd]
+    __syncthreads();
+    if (sub == 0)
+#pragma unroll
+        for (int h = 0; h < GM; h++)
+            if (h < gb) { gst[grp * gb + h] = m[h]; gst[(ngrp + grp) * gb + h] = l[h]; }
+#pragma unroll
+    for (int h = 0; h < GM; h++)
+        if (h < gb)
+#pragma unroll
+            for (int e = 0; e < 8; e++) gacc[(grp * gb + h) * hd + sub * 8 + e] = acc[h][e];
+    __syncthreads();
+    for (int x = threadIdx.x; x < gb * hd; x += blockDim.x) {
+        int h = x / hd, dd = x % hd;
+        float M = NEG_INF;
+        for (int q = 0; q < ngrp; q++) M = fmaxf(M, gst[q * gb + h]);
+        float Ls = 0.f, a = 0.f;
+        if (M != NEG_INF)
+            for (int q = 0; q < ngrp; q++) {
+                float w = ex2_approx(gst[q * gb + h] - M);
+                Ls += gst[(ngrp + q) * gb + h] * w;
+                a += gacc[(q * gb + h) * hd + dd] * w;
+            }
+        long H = (long)b * hq + h0 + h;
+        long slot = H * splits + split;
+        if (splits > 1) {
+            part_acc[slot * hd + dd] = a;
+            // attention_combine takes natural-log maxima.
+            if (dd == 0) { part_m[slot] = M * LN2; part_l[slot] = Ls; }
+        } else {
+            st(out, H * hd + dd, a * (1.f / Ls));
+        }
+    }
+}
 template <int R, int U, bool GATED, bool NOL1, int KS, int NORM, bool PUSH = false, int PF = 0>
 __device__ void gemv1p(const bf16_t* x, const bf16_t* delta, const bf16_t* nw, bf16_t* xo, float eps,
                        const bf16_t* w, bf16_t* y, int n, int k, GemvPush push = GemvPush{}) {
@@ -1895,6 +2135,9 @@ extern "C" __global__ void decode_attention_gqa1_##S(const T* qkv, T* kc, T* vc,
 extern "C" __global__ void decode_attention_gqa2_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 2>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
 extern "C" __global__ void __launch_bounds__(128, 6) decode_attention_gqa4_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 4>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
 extern "C" __global__ void decode_attention_gqa8_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_gqa<T, 8>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
+extern "C" __global__ void decode_attention_flash1_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_flash<T, 1>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
+extern "C" __global__ void decode_attention_flash2_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_flash<T, 2>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
+extern "C" __global__ void decode_attention_flash4_##S(const T* qkv, T* kc, T* vc, T* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_flash<T, 4>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, hd, start, window, scale, per, gb, pp); } \
 extern "C" __global__ void __launch_bounds__(512, 2) all_reduce_add_rms_norm1_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed, unsigned hold, unsigned long long* st, int opts) { all_reduce_add_rms_norm<T, 1>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed, hold, st, opts); } \
 extern "C" __global__ void __launch_bounds__(512, 1) all_reduce_add_rms_norm2_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed, unsigned hold, unsigned long long* st, int opts) { all_reduce_add_rms_norm<T, 2>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed, hold, st, opts); } \
 extern "C" __global__ void __launch_bounds__(512, 1) all_reduce_add_rms_norm4_##S(const T* p, T* x, const T* w, T* y, int h, float eps, const unsigned long long* ll, long sl, unsigned* c, int rank, int world, unsigned* word, unsigned long long tns, int pushed, unsigned hold, unsigned long long* st, int opts) { all_reduce_add_rms_norm<T, 4>(p, x, w, y, h, eps, ll, sl, c, rank, world, word, tns, pushed, hold, st, opts); } \

@@ -33,7 +33,7 @@ use half::bf16;
 use crate::{DType, TensorError};
 
 const KERNELS: &str = include_str!("kernels.cu");
-const KERNEL_NAMES: [&str; 31] = [
+const KERNEL_NAMES: [&str; 34] = [
     "rms_norm1",
     "rms_norm2",
     "rms_norm4",
@@ -61,6 +61,9 @@ const KERNEL_NAMES: [&str; 31] = [
     "decode_attention_gqa2",
     "decode_attention_gqa4",
     "decode_attention_gqa8",
+    "decode_attention_flash1",
+    "decode_attention_flash2",
+    "decode_attention_flash4",
     "attention_combine",
     "all_reduce_add_rms_norm1",
     "all_reduce_add_rms_norm2",
@@ -1164,7 +1167,7 @@ mod tests {
         for v in ["wait", "pushed", "end"] {
             assert_eq!(with(&[("TESSERA_P2P_TRIGGER", v)]), Ok(()));
         }
-        for v in ["auto", "grouped", "by_head", "per_head"] {
+        for v in ["auto", "grouped", "by_head", "per_head", "flash"] {
             assert_eq!(with(&[("TESSERA_DECODE_ATTENTION", v)]), Ok(()));
         }
         // One misspelt value among good ones: an error naming it and what it takes.
@@ -1189,7 +1192,7 @@ mod tests {
             (
                 "TESSERA_DECODE_ATTENTION",
                 "group",
-                "TESSERA_DECODE_ATTENTION=group: expected auto, grouped, by_head or per_head",
+                "TESSERA_DECODE_ATTENTION=group: expected auto, grouped, by_head, per_head or flash",
             ),
             (
                 "TESSERA_GRAPH_ARENA",
@@ -1357,22 +1360,28 @@ mod tests {
         let p = |gb, per| DecodePlan {
             heads_per_block: gb,
             per,
+            one_pass: false,
+        };
+        // The shape's choice of whole groups of 2-4 heads runs in one pass.
+        let f = |gb, per| DecodePlan {
+            one_pass: true,
+            ..p(gb, per)
         };
         // Llama-3-8B at tp 1 (32 / 8 heads of 128): batch 64 gives 132 SMs two blocks each with
         // whole groups over a short cache, batch 32 and 8 only with one query head a block (and
         // one rank of tp 2, 16 / 4 heads, at batch 64 too), batch 1 never (one head a block, one
         // split for a short cache, 256-position splits for a long one); over a long cache one
         // block a multiprocessor is enough for whole groups.
-        assert_eq!(plan(48, 64, 32, 8, 128, None), p(Some(4), 256));
+        assert_eq!(plan(48, 64, 32, 8, 128, None), f(Some(4), 256));
         assert_eq!(plan(48, 32, 32, 8, 128, None), p(Some(1), 256));
         assert_eq!(plan(48, 64, 16, 4, 128, None), p(Some(1), 256));
-        assert_eq!(plan(2048, 8, 16, 4, 128, None), p(Some(4), 256));
+        assert_eq!(plan(2048, 8, 16, 4, 128, None), f(Some(4), 256));
         assert_eq!(plan(48, 8, 32, 8, 128, None), p(Some(1), 256));
         assert_eq!(plan(512, 8, 32, 8, 128, None), p(Some(1), 256));
         assert_eq!(plan(48, 1, 32, 8, 128, None), p(Some(1), 64));
         assert_eq!(plan(200, 1, 32, 8, 128, None), p(Some(1), 64));
         assert_eq!(plan(2048, 1, 32, 8, 128, None), p(Some(1), 256));
-        assert_eq!(plan(2048, 32, 32, 8, 128, None), p(Some(4), 256));
+        assert_eq!(plan(2048, 32, 32, 8, 128, None), f(Some(4), 256));
         // Forced: whole groups take shorter splits first; the per-head kernel keeps its 256.
         let grouped = Some(DecodeKernel::Grouped);
         assert_eq!(plan(2048, 1, 32, 8, 128, grouped), p(Some(4), 64));
@@ -1390,6 +1399,17 @@ mod tests {
         assert_eq!(plan(700, 64, 12, 1, 32, grouped), p(Some(6), 256));
         assert_eq!(plan(700, 64, 8, 1, 256, grouped), p(Some(4), 256));
         assert_eq!(plan(700, 64, 6, 2, 48, None), p(None, 256));
+        // The one-pass kernel: the shape's choice, with at most 4 heads a block (g = 8: blocks
+        // of 4; g = 12: of 4, not 6); hd 48: the per-head kernel.
+        let flash = Some(DecodeKernel::Flash);
+        assert_eq!(plan(48, 64, 32, 8, 128, flash), f(Some(4), 256));
+        assert_eq!(plan(48, 64, 16, 4, 128, flash), f(Some(1), 256));
+        assert_eq!(plan(2048, 32, 32, 8, 128, flash), f(Some(4), 256));
+        assert_eq!(plan(700, 64, 8, 1, 128, flash), f(Some(4), 256));
+        assert_eq!(plan(700, 64, 12, 1, 32, flash), f(Some(4), 256));
+        assert_eq!(plan(700, 64, 6, 2, 48, flash), p(None, 256));
+        // The shape's choice of 8 heads a block (g = 8) keeps the two-pass kernel.
+        assert_eq!(plan(2048, 8, 64, 8, 128, None), p(Some(8), 256));
     }
 
     #[test]

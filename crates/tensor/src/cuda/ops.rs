@@ -881,8 +881,8 @@ const ATTN_CHUNK: usize = 1024;
 /// Positions one split of the decode attention takes (flash decoding: a long cache is spread
 /// over many blocks, each scoring at most this many keys).
 const DECODE_SPLIT: usize = 256;
-/// The decode attention kernels (`TESSERA_DECODE_ATTENTION=grouped|by_head|per_head` forces one
-/// at start-up, for measuring them against each other; by default the shape decides).
+/// The decode attention kernels (`TESSERA_DECODE_ATTENTION=grouped|by_head|per_head|flash` forces
+/// one at start-up, for measuring them against each other; by default the shape decides).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecodeKernel {
     /// The vectorised kernel with all query heads of a KV head in one block (each cached K/V row
@@ -892,10 +892,14 @@ pub enum DecodeKernel {
     ByHead,
     /// The first kernel: one query head a block, one position at a time.
     PerHead,
+    /// The vectorised kernel in one pass over the cache (a running softmax, each position's K
+    /// and V rows loaded together), heads a block and splits chosen as the shape chooses them
+    /// for the vectorised kernel, at most `FLASH_MAX_G` heads a block.
+    Flash,
 }
 
 impl DecodeKernel {
-    pub const ALL: [DecodeKernel; 3] = [Self::Grouped, Self::ByHead, Self::PerHead];
+    pub const ALL: [DecodeKernel; 4] = [Self::Grouped, Self::ByHead, Self::PerHead, Self::Flash];
 
     /// Its name in `TESSERA_DECODE_ATTENTION` and `tessera bench attention`.
     pub fn name(self) -> &'static str {
@@ -903,6 +907,7 @@ impl DecodeKernel {
             Self::Grouped => "grouped",
             Self::ByHead => "by_head",
             Self::PerHead => "per_head",
+            Self::Flash => "flash",
         }
     }
 }
@@ -926,13 +931,15 @@ pub fn force_decode_kernel(choice: Option<DecodeKernel>) {
     );
 }
 
-/// `TESSERA_DECODE_ATTENTION=auto|grouped|by_head|per_head` (unset: `auto`, the shape decides).
+/// `TESSERA_DECODE_ATTENTION=auto|grouped|by_head|per_head|flash` (unset: `auto`, the shape
+/// decides).
 pub(crate) fn parse_decode_kernel(v: Option<&str>) -> Result<Option<DecodeKernel>, String> {
     let names = [
         ("auto", None),
         ("grouped", Some(DecodeKernel::Grouped)),
         ("by_head", Some(DecodeKernel::ByHead)),
         ("per_head", Some(DecodeKernel::PerHead)),
+        ("flash", Some(DecodeKernel::Flash)),
     ];
     super::env_choice("TESSERA_DECODE_ATTENTION", v, &names)
 }
@@ -956,13 +963,18 @@ pub(crate) fn decode_kernel_choice() -> Option<DecodeKernel> {
 /// Query heads a block of the vectorised decode attention may take (the largest `GM` of
 /// `decode_attention_gqa` in `kernels.cu`).
 const GQA_MAX_G: usize = 8;
+/// Query heads a block of the one-pass kernel may take (the largest `GM` of
+/// `decode_attention_flash`: its running state a head is held in registers).
+const FLASH_MAX_G: usize = 4;
 
 /// How one decode attention call runs: the vectorised kernel with `heads_per_block` query heads a
-/// block (`None`: the per-head kernel), each split taking `per` positions.
+/// block (`None`: the per-head kernel), each split taking `per` positions, in one pass over the
+/// cache (`decode_attention_flash`) when `one_pass`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct DecodePlan {
     pub heads_per_block: Option<usize>,
     pub per: usize,
+    pub one_pass: bool,
 }
 
 /// Picks the decode attention kernel for `keys` cached positions of `batch` sequences with `hq`
@@ -977,7 +989,8 @@ pub(crate) struct DecodePlan {
 /// graphs over ~50 positions, 2026-11-29 11:25 UTC: one rank of tp 2 at batch 64, 256 blocks of 4
 /// heads against 1,024 of 1, 3.02 / 3.02 against 2.95 / 2.92 ms; tp 1 batch 32, 256 against
 /// 1,024, 4.90 / 4.85 against 4.80 / 4.84; tp 1 batch 64, 512 of 4 heads against 2,048 of 1,
-/// 5.00 / 5.01 against 5.19 / 5.19.)
+/// 5.00 / 5.01 against 5.19 / 5.19.) Whole groups of up to 4 heads then run in one pass
+/// (`decode_attention_flash`), unless a kernel is forced.
 pub(crate) fn decode_plan(
     keys: usize,
     batch: usize,
@@ -991,12 +1004,15 @@ pub(crate) fn decode_plan(
     let per_head = DecodePlan {
         heads_per_block: None,
         per: DECODE_SPLIT,
+        one_pass: false,
     };
+    let one_pass = forced == Some(DecodeKernel::Flash);
+    let max_g = if one_pass { FLASH_MAX_G } else { GQA_MAX_G };
     let vectorised = hd.is_multiple_of(8) && (hd / 8).is_power_of_two() && hd <= ATTN_MAX_HD;
     // Heads a block may take: the largest divisor of g (every block the same) within the
     // accumulators and the shared-memory partial sums (gb hd <= 1024), or one. (Two heads a block
     // measured slower than both, alone and in a batch-32 step.)
-    let most = (1..=g.min(GQA_MAX_G))
+    let most = (1..=g.min(max_g))
         .rev()
         .find(|&d| g.is_multiple_of(d) && d * hd <= 1024)
         .unwrap_or(1);
@@ -1004,8 +1020,8 @@ pub(crate) fn decode_plan(
         Some(DecodeKernel::PerHead) => return per_head,
         Some(DecodeKernel::Grouped) => vec![most],
         Some(DecodeKernel::ByHead) => vec![1],
-        None if most > 1 => vec![most, 1],
-        None => vec![1],
+        None | Some(DecodeKernel::Flash) if most > 1 => vec![most, 1],
+        None | Some(DecodeKernel::Flash) => vec![1],
     };
     if !vectorised || candidates.is_empty() {
         return per_head;
@@ -1014,24 +1030,37 @@ pub(crate) fn decode_plan(
     // Blocks a choice must give: two a multiprocessor for whole groups over a short cache (when
     // the shape decides), else one.
     let need = |gb: usize| {
-        if forced.is_none() && gb > 1 && keys <= DECODE_SPLIT {
+        if (forced.is_none() || one_pass) && gb > 1 && keys <= DECODE_SPLIT {
             2 * sms
         } else {
             sms
         }
     };
+    // Chosen by the shape, whole groups of 2-4 heads run in one pass (`decode_attention_flash`):
+    // faster than the two-pass kernel at every grouped shape measured, 1.2-1.8x from 512 positions
+    // (`tessera bench attention`, BENCHMARKS.md); one head a block keeps the two-pass kernel (the
+    // two are within ~1 µs of each other there).
+    let plan = |gb: usize, per| DecodePlan {
+        heads_per_block: Some(gb),
+        per,
+        one_pass: one_pass || (forced.is_none() && (2..=FLASH_MAX_G).contains(&gb)),
+    };
     for per in [DECODE_SPLIT, DECODE_SPLIT / 2, DECODE_SPLIT / 4] {
         if let Some(&gb) = candidates.iter().find(|&&gb| blocks(gb, per) >= need(gb)) {
-            return DecodePlan {
-                heads_per_block: Some(gb),
-                per,
-            };
+            return plan(gb, per);
         }
     }
-    DecodePlan {
-        heads_per_block: candidates.last().copied(),
-        per: DECODE_SPLIT / 4,
-    }
+    plan(candidates.last().copied().unwrap_or(1), DECODE_SPLIT / 4)
+}
+
+/// Shared memory a block of the one-pass decode attention takes (`decode_attention_flash`): q, k
+/// and v of its heads as floats (rounded up to 16 bytes), then a ring of two stages of 16 KB (K
+/// and V chunks) that the join of its lane groups reuses
+/// (`(2 + hd) gb` floats for each of `128 / (hd / 8)` groups: at most 20 KB).
+pub(crate) fn flash_smem(gb: usize, hd: usize) -> usize {
+    const RING: usize = 2 * 16 * 1024;
+    let groups = 128 / (hd / 8);
+    (gb * hd + 2 * hd).next_multiple_of(4) * 4 + RING.max(groups * gb * (hd + 2) * 4)
 }
 
 /// The largest head_dim the attention kernels hold (`ATTN_MAX_HD`).
@@ -1384,6 +1413,7 @@ pub fn decode_attention(
         ));
     }
     let smem = match plan.heads_per_block {
+        Some(gb) if plan.one_pass => flash_smem(gb, hd),
         Some(gb) => (gb * hd + 2 * hd + gb * per + 4 * gb * hd + 2 * gb) * 4,
         None => (3 * hd + per) * 4,
     };
@@ -1405,6 +1435,9 @@ pub fn decode_attention(
         None
     };
     let kernel = match plan.heads_per_block {
+        Some(1) if plan.one_pass => "decode_attention_flash1",
+        Some(2) if plan.one_pass => "decode_attention_flash2",
+        Some(_) if plan.one_pass => "decode_attention_flash4",
         Some(1) => "decode_attention_gqa1",
         Some(2) => "decode_attention_gqa2",
         Some(3 | 4) => "decode_attention_gqa4",
