@@ -17,11 +17,12 @@ type Steps = Vec<Vec<u32>>;
 #[test]
 fn graph_replay_equals_eager_decode() {
     let n = gpus();
+    // Head dim 64: every decode attention kernel applies, the tensor-core one included.
     let cfg =
-        ModelConfig::from_json_str(&llama_config_json(1000, 256, 512, 3, 8, 2, false)).unwrap();
+        ModelConfig::from_json_str(&llama_config_json(1000, 512, 512, 3, 8, 2, false)).unwrap();
     // Every decode attention kernel: the one the shape picks, the grouped and one-head-a-block
-    // forms of the vectorised kernel, the per-head kernel and the one-pass kernel; captured
-    // splits cover the whole cache.
+    // forms of the vectorised kernel, the per-head kernel and the one-pass kernel on CUDA cores
+    // and on tensor cores; captured splits cover the whole cache.
     use tessera_tensor::cuda::DecodeKernel;
     let kernels = [
         None,
@@ -29,6 +30,7 @@ fn graph_replay_equals_eager_decode() {
         Some(DecodeKernel::ByHead),
         Some(DecodeKernel::PerHead),
         Some(DecodeKernel::Flash),
+        Some(DecodeKernel::Mma),
     ];
     // Batch 1 (a chain of GEMVs), batch 4 (skinny GEMMs) and batch 20 (cuBLASLt GEMMs), all with
     // the intermediates in the graph's arena by default, and batch 4 from the pool (forced).

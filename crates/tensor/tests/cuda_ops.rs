@@ -524,7 +524,8 @@ fn every_op_matches_the_cpu() {
         // blocks of 6), with one a block, and as the shape picks, and the per-query-head kernel it
         // falls back to (hd 48: hd / 8 not a power of two), at batch 1 and 3.
         // The one-pass kernel over the same shapes (at most 4 heads a block: g = 8 and 12 in
-        // blocks of 4, g = 3 with one masked off).
+        // blocks of 4, g = 3 with one masked off), and on tensor cores (bf16 at head dims 64 and
+        // 128: g = 1, 2, 3, 7 and 8 as rows of its m16 tiles; elsewhere the one-pass kernel).
         // Also: one query head a KV head (g = 1), g = 3 and 7 (heads masked off in the 4- and
         // 8-head kernels), head dims 256 and 16 (256 and 16 lanes a row), and batch 16, where the
         // grouped kernel's splits grow to 128 (2 KV heads) or 256 positions (8 KV heads).
@@ -583,6 +584,7 @@ fn every_op_matches_the_cpu() {
                     Some(DecodeKernel::ByHead),
                     Some(DecodeKernel::PerHead),
                     Some(DecodeKernel::Flash),
+                    Some(DecodeKernel::Mma),
                     None,
                 ] {
                     tessera_tensor::cuda::force_decode_kernel(choice);

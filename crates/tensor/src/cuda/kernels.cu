@@ -2081,6 +2081,244 @@ __device__ void attention_mma(const bf16_t* q, const bf16_t* k, const bf16_t* v,
     }
 #endif
 }
+// Decode attention on tensor cores for a KV head's query heads (bf16, head dims 64 and 128,
+// sm_80 and later): the block's gb <= 16 query heads are the rows of an m16n8k16 product (rows
+// past gb zero), as attention_mma's 16 queries are. Same blocks, splits, arguments and outputs as
+// decode_attention_flash. Each of the 4 warps takes 16 of every 64 positions of its split: it
+// copies their K and V rows (`cp.async`) into its own two-stage ring of 16-row tiles (rows padded
+// by 8 values), the next tile's while it works on this one (the row of this step's position
+// written from shared memory, rows past the split zeroed), scores them against the query heads
+// (2 n-blocks of mma over the head dim), keeps a running softmax per head in base-2 units in the
+// 4 lanes of a row's fragment, and adds the weights (rounded to bf16, as attention_mma and flash
+// attention round them) times V (HD / 8 n-blocks of mma). The warps' states are joined at the end
+// in shared memory over the rings.
+// grid (splits, batch hkv g / gb); block 128; dynamic shared memory (`mma_decode_smem` on the
+// host): (gb HD + 2 HD) floats rounded up to 16 bytes, then 4 x 2 x 2 tiles of 16 x (HD + 8) bf16.
+template <int HD>
+__device__ void decode_attention_mma(const bf16_t* qkv, bf16_t* kc, bf16_t* vc, bf16_t* out,
+                                     float* part_m, float* part_l, float* part_acc,
+                                     const float* inv_freq, int batch, int hq, int hkv, int start,
+                                     int window, float scale, int per, int gb, const int* pos_ptr) {
+#if __CUDA_ARCH__ >= 800
+    constexpr int KS = HD + 8, NB = HD / 8, KC = HD / 16, CPR = HD / 8;
+    constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
+    const float scale2 = scale * LOG2E;
+    extern __shared__ float sm[];
+    pdl_trigger();
+    int p = pos_ptr ? pos_ptr[0] : start;
+    int split = blockIdx.x, splits = gridDim.x;
+    int g = hq / hkv, ng = g / gb;
+    int hb = blockIdx.y % ng, kvi = blockIdx.y / ng;
+    int b = kvi / hkv, kl = kvi % hkv;
+    int h0 = kl * g + hb * gb;
+    long KVH = (long)b * hkv + kl, krow = (long)batch * hkv * HD;
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+    float* qs = sm;                // [gb, HD]
+    float* ks = qs + gb * HD;      // [HD]
+    float* vs = ks + HD;           // [HD]
+    bf16_t* ring = (bf16_t*)(sm + ((gb * HD + 2 * HD + 3) & ~3));
+    const bf16_t* row = qkv + (long)b * (hq + 2 * hkv) * HD;
+    int half = HD / 2;
+    int lo = window > 0 ? max(0, p + 1 - window) : 0;
+    int j0 = lo + split * per;
+    int n = max(0, min(per, p + 1 - j0));
+    // This warp's K tile of tile t (its V tile follows): positions t 64 + warp 16 + r, r < 16.
+    auto ktile = [&](int t) { return ring + (warp * 2 + (t & 1)) * 2 * 16 * KS; };
+    // The row of this step's position p into tile t, where this warp holds it (from shared memory:
+    // p's k and v are not in the cache yet).
+    auto put_p = [&](int t) {
+        int r = p - j0 - t * 64 - warp * 16;
+        if (r < 0 || r >= 16 || p - j0 >= n) return;
+        bf16_t* kt = ktile(t);
+        for (int d = lane; d < HD; d += 32) {
+            kt[r * KS + d] = (bf16_t)bf16_bits(ks[d]);
+            kt[(16 + r) * KS + d] = (bf16_t)bf16_bits(vs[d]);
+        }
+    };
+    // Copies this warp's rows of tile t (rows past n zeroed, p's left to put_p), then commits the
+    // group (empty or not: every lane's groups stay counted alike).
+    auto issue = [&](int t) {
+        bf16_t* kt = ktile(t);
+        for (int i = lane; i < 16 * CPR; i += 32) {
+            int r = i / CPR, u = i - r * CPR;
+            int j = t * 64 + warp * 16 + r, pj = j0 + j;
+            bf16_t* kd = kt + r * KS + u * 8;
+            bf16_t* vd = kd + 16 * KS;
+            if (j >= n) {
+                *(uint4*)kd = make_uint4(0u, 0u, 0u, 0u);
+                *(uint4*)vd = make_uint4(0u, 0u, 0u, 0u);
+            } else if (pj != p) {
+                long at = (long)pj * krow + KVH * HD + u * 8;
+                cp_async16(kd, kc + at);
+                cp_async16(vd, vc + at);
+            }
+        }
+        cp_async_commit();
+    };
+    const int tiles = (n + 63) / 64;
+    // The first tile: rows of earlier steps, copied before the wait for the QKV projection (as in
+    // decode_attention_gqa).
+    if (tiles > 0) issue(0);
+    int d = tid;
+    float c = 0.f, s = 0.f;
+    if (d < half) rope_angle(inv_freq, d, (double)p, c, s);
+    pdl_wait();
+    for (int h = 0; h <= gb; h++) {
+        if (d >= half) break;
+        long src = (long)(h < gb ? h0 + h : hq + kl) * HD;
+        float x0 = ld(row, src + d), x1 = ld(row, src + d + half);
+        float* dst = h < gb ? qs + h * HD : ks;
+        dst[d] = rnd(rope_lo(x0, x1, c, s), out);
+        dst[d + half] = rnd(rope_hi(x0, x1, c, s), out);
+    }
+    if (d < half) {
+        long vsrc = (long)(hq + hkv + kl) * HD;
+        vs[d] = ld(row, vsrc + d);
+        vs[d + half] = ld(row, vsrc + d + half);
+    }
+    __syncthreads();
+    if (split == 0 && hb == 0) {
+        long dst = (long)p * krow + KVH * HD;
+        for (int d = tid; d < HD; d += blockDim.x) { st(kc, dst + d, ks[d]); st(vc, dst + d, vs[d]); }
+    }
+    if (tiles > 0) put_p(0);
+    // The query heads as A fragments: rows gq and gq + 8 of each 16 columns of the head dim.
+    unsigned qa[KC][4];
+    const int r0 = gq, r1 = gq + 8;
+#pragma unroll
+    for (int cc = 0; cc < KC; cc++) {
+        int col = cc * 16 + tq * 2;
+        qa[cc][0] = r0 < gb ? pack_bf16(qs[r0 * HD + col], qs[r0 * HD + col + 1]) : 0u;
+        qa[cc][1] = r1 < gb ? pack_bf16(qs[r1 * HD + col], qs[r1 * HD + col + 1]) : 0u;
+        qa[cc][2] = r0 < gb ? pack_bf16(qs[r0 * HD + col + 8], qs[r0 * HD + col + 9]) : 0u;
+        qa[cc][3] = r1 < gb ? pack_bf16(qs[r1 * HD + col + 8], qs[r1 * HD + col + 9]) : 0u;
+    }
+    float o[NB][4];
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+    for (int t = 0; t < tiles; t++) {
+        if (t + 1 < tiles) {
+            issue(t + 1);
+            put_p(t + 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncwarp();
+        const bf16_t* kt = ktile(t);
+        const bf16_t* vt = kt + 16 * KS;
+        float sc[2][4];
+#pragma unroll
+        for (int nb = 0; nb < 2; nb++) {
+            sc[nb][0] = sc[nb][1] = sc[nb][2] = sc[nb][3] = 0.f;
+            const bf16_t* kr = kt + (nb * 8 + gq) * KS + tq * 2;
+#pragma unroll
+            for (int cc = 0; cc < KC; cc++)
+                mma_bf16(sc[nb], qa[cc][0], qa[cc][1], qa[cc][2], qa[cc][3], *(const unsigned*)(kr + cc * 16),
+                         *(const unsigned*)(kr + cc * 16 + 8));
+        }
+        float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+        for (int nb = 0; nb < 2; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int j = t * 64 + warp * 16 + nb * 8 + tq * 2 + (e & 1);
+                float x = j < n ? sc[nb][e] * scale2 : NEG_INF;
+                sc[nb][e] = x;
+                if (e < 2) mx0 = fmaxf(mx0, x);
+                else mx1 = fmaxf(mx1, x);
+            }
+        for (int w = 1; w < 4; w <<= 1) {
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, w));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, w));
+        }
+        float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        float al0 = mn0 == NEG_INF ? 1.f : ex2_approx(m0 - mn0);
+        float al1 = mn1 == NEG_INF ? 1.f : ex2_approx(m1 - mn1);
+        float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+        for (int nb = 0; nb < 2; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float mn = e < 2 ? mn0 : mn1;
+                float x = mn == NEG_INF ? 0.f : ex2_approx(sc[nb][e] - mn);
+                sc[nb][e] = x;
+                if (e < 2) sum0 += x;
+                else sum1 += x;
+            }
+        l0 = l0 * al0 + sum0;
+        l1 = l1 * al1 + sum1;
+        m0 = mn0;
+        m1 = mn1;
+#pragma unroll
+        for (int nb = 0; nb < NB; nb++) {
+            o[nb][0] *= al0;
+            o[nb][1] *= al0;
+            o[nb][2] *= al1;
+            o[nb][3] *= al1;
+        }
+        unsigned a0 = pack_bf16(sc[0][0], sc[0][1]), a1 = pack_bf16(sc[0][2], sc[0][3]);
+        unsigned a2 = pack_bf16(sc[1][0], sc[1][1]), a3 = pack_bf16(sc[1][2], sc[1][3]);
+#pragma unroll
+        for (int nb = 0; nb < NB; nb++) {
+            const bf16_t* vr = vt + (tq * 2) * KS + nb * 8 + gq;
+            unsigned b0 = (unsigned)vr[0] | ((unsigned)vr[KS] << 16);
+            unsigned b1 = (unsigned)vr[8 * KS] | ((unsigned)vr[9 * KS] << 16);
+            mma_bf16(o[nb], a0, a1, a2, a3, b0, b1);
+        }
+        // Every lane done with this stage before the copies of tile t + 2 overwrite it.
+        __syncwarp();
+    }
+    for (int w = 1; w < 4; w <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, w);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, w);
+    }
+    // The warps' states joined (over the rings, once every warp is done with its own).
+    float* wm = (float*)ring;   // max [4 warps][16 rows], base 2
+    float* wl = wm + 64;        // sums [4][16]
+    float* wo = wl + 64;        // outputs [4][16][HD]
+    __syncthreads();
+    if (tq == 0) {
+        wm[warp * 16 + r0] = m0;
+        wm[warp * 16 + r1] = m1;
+        wl[warp * 16 + r0] = l0;
+        wl[warp * 16 + r1] = l1;
+    }
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) {
+        int col = nb * 8 + tq * 2;
+        wo[(warp * 16 + r0) * HD + col] = o[nb][0];
+        wo[(warp * 16 + r0) * HD + col + 1] = o[nb][1];
+        wo[(warp * 16 + r1) * HD + col] = o[nb][2];
+        wo[(warp * 16 + r1) * HD + col + 1] = o[nb][3];
+    }
+    __syncthreads();
+    for (int x = tid; x < gb * HD; x += blockDim.x) {
+        int h = x / HD, dd = x - h * HD;
+        float M = NEG_INF;
+        for (int w = 0; w < 4; w++) M = fmaxf(M, wm[w * 16 + h]);
+        float Ls = 0.f, a = 0.f;
+        if (M != NEG_INF)
+            for (int w = 0; w < 4; w++) {
+                float f = ex2_approx(wm[w * 16 + h] - M);
+                Ls += wl[w * 16 + h] * f;
+                a += wo[(w * 16 + h) * HD + dd] * f;
+            }
+        long H = (long)b * hq + h0 + h;
+        long slot = H * splits + split;
+        if (splits > 1) {
+            part_acc[slot * HD + dd] = a;
+            // attention_combine takes natural-log maxima.
+            if (dd == 0) { part_m[slot] = M * LN2; part_l[slot] = Ls; }
+        } else {
+            st(out, H * HD + dd, a * (1.f / Ls));
+        }
+    }
+#endif
+}
+extern "C" __global__ void __launch_bounds__(128) decode_attention_mma64(const bf16_t* qkv, bf16_t* kc, bf16_t* vc, bf16_t* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_mma<64>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, start, window, scale, per, gb, pp); }
+extern "C" __global__ void __launch_bounds__(128) decode_attention_mma128(const bf16_t* qkv, bf16_t* kc, bf16_t* vc, bf16_t* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_mma<128>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, start, window, scale, per, gb, pp); }
 extern "C" __global__ void __launch_bounds__(128) attention_mma64(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_mma<64>(q, k, v, o, t, hq, hkv, start, window, scale); }
 extern "C" __global__ void __launch_bounds__(128) attention_mma128(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_mma<128>(q, k, v, o, t, hq, hkv, start, window, scale); }
 

@@ -399,6 +399,9 @@ pub struct GpuDevice {
     pub(crate) tiled_attention_smem: usize,
     /// The tensor-core prefill attention at head dims 64 and 128 (bf16), where it runs.
     pub(crate) mma_attention: Option<[CudaFunction; 2]>,
+    /// The tensor-core decode attention at head dims 64 and 128 (bf16), where the device has
+    /// bf16 mma (sm_80) and lends the shared memory its 16 heads a block take.
+    pub(crate) mma_decode: Option<[CudaFunction; 2]>,
     /// The first kernel of the probe of cuBLASLt's kernels (`pdl_probe`).
     pub(crate) pdl_probe: CudaFunction,
     /// Which bf16 GEMMs run on the skinny GEMM (`TESSERA_SKINNY`).
@@ -417,6 +420,8 @@ pub struct GpuDevice {
     pub(crate) has_pdl: bool,
     /// Streaming multiprocessors (sizes the splits of decode attention).
     pub(crate) sms: usize,
+    /// Shared memory a multiprocessor holds (bytes): how many blocks of a kernel fit at once.
+    pub(crate) smem_per_sm: usize,
     /// Small constant tables (RoPE inverse frequencies) uploaded once, keyed by their contents.
     tables: Mutex<HashMap<Vec<u32>, Arc<CudaSlice<f32>>>>,
     /// While a decode step is being captured: the device buffers its kernels read their inputs
@@ -571,6 +576,24 @@ impl GpuDevice {
             && flag_switch("TESSERA_MMA_ATTENTION").map_err(|e| err(&e))?)
         .then(|| Ok::<_, TensorError>([load("attention_mma64")?, load("attention_mma128")?]))
         .transpose()?;
+        let mma_decode = if major >= 8 {
+            let fs = [
+                load("decode_attention_mma64")?,
+                load("decode_attention_mma128")?,
+            ];
+            let set = fs.iter().zip([64, 128]).all(|(f, hd)| {
+                let want = ops::mma_decode_smem(16, hd);
+                want <= smem_optin
+                    && f.set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        want as i32,
+                    )
+                    .is_ok()
+            });
+            set.then_some(fs)
+        } else {
+            None
+        };
         let skinny_reduce = load("skinny_reduce")?;
         let pdl_probe = load("pdl_probe_delay")?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| err(&e))?;
@@ -586,8 +609,13 @@ impl GpuDevice {
             )
             .map_err(|e| err(&e))?
             .max(1) as usize;
+        let smem_per_sm = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
+            .map_err(|e| err(&e))?
+            .max(0) as usize;
         Ok(GpuDevice {
             sms,
+            smem_per_sm,
             ordinal,
             ctx,
             stream,
@@ -598,6 +626,7 @@ impl GpuDevice {
             skinny_reduce,
             tiled_attention_smem,
             mma_attention,
+            mma_decode,
             pdl_probe,
             skinny: SkinnyUse::from_env().map_err(|e| err(&e))?,
             gemv,
@@ -1167,7 +1196,7 @@ mod tests {
         for v in ["wait", "pushed", "end"] {
             assert_eq!(with(&[("TESSERA_P2P_TRIGGER", v)]), Ok(()));
         }
-        for v in ["auto", "grouped", "by_head", "per_head", "flash"] {
+        for v in ["auto", "grouped", "by_head", "per_head", "flash", "mma"] {
             assert_eq!(with(&[("TESSERA_DECODE_ATTENTION", v)]), Ok(()));
         }
         // One misspelt value among good ones: an error naming it and what it takes.
@@ -1192,7 +1221,7 @@ mod tests {
             (
                 "TESSERA_DECODE_ATTENTION",
                 "group",
-                "TESSERA_DECODE_ATTENTION=group: expected auto, grouped, by_head, per_head or flash",
+                "TESSERA_DECODE_ATTENTION=group: expected auto, grouped, by_head, per_head, flash or mma",
             ),
             (
                 "TESSERA_GRAPH_ARENA",
@@ -1361,6 +1390,7 @@ mod tests {
             heads_per_block: gb,
             per,
             one_pass: false,
+            tensor_cores: false,
         };
         // The shape's choice of whole groups of 2-4 heads runs in one pass.
         let f = |gb, per| DecodePlan {
@@ -1410,6 +1440,16 @@ mod tests {
         assert_eq!(plan(700, 64, 6, 2, 48, flash), p(None, 256));
         // The shape's choice of 8 heads a block (g = 8) keeps the two-pass kernel.
         assert_eq!(plan(2048, 8, 64, 8, 128, None), p(Some(8), 256));
+        // On tensor cores: up to 16 heads a block, past the two-pass kernel's gb hd <= 1024.
+        let mma = Some(DecodeKernel::Mma);
+        let t = |gb, per| DecodePlan {
+            tensor_cores: true,
+            ..f(gb, per)
+        };
+        assert_eq!(plan(2048, 8, 64, 8, 128, mma), t(Some(8), 256));
+        assert_eq!(plan(700, 64, 16, 1, 128, mma), t(Some(16), 256));
+        assert_eq!(plan(700, 64, 8, 1, 256, mma), t(Some(8), 256));
+        assert_eq!(plan(48, 64, 16, 4, 128, mma), t(Some(1), 256));
     }
 
     #[test]

@@ -896,10 +896,19 @@ pub enum DecodeKernel {
     /// and V rows loaded together), heads a block and splits chosen as the shape chooses them
     /// for the vectorised kernel, at most `FLASH_MAX_G` heads a block.
     Flash,
+    /// The one-pass kernel on tensor cores (bf16, head dims 64 and 128, sm_80 and later; else
+    /// `Flash`): a KV head's query heads (up to 16) as the rows of an mma product.
+    Mma,
 }
 
 impl DecodeKernel {
-    pub const ALL: [DecodeKernel; 4] = [Self::Grouped, Self::ByHead, Self::PerHead, Self::Flash];
+    pub const ALL: [DecodeKernel; 5] = [
+        Self::Grouped,
+        Self::ByHead,
+        Self::PerHead,
+        Self::Flash,
+        Self::Mma,
+    ];
 
     /// Its name in `TESSERA_DECODE_ATTENTION` and `tessera bench attention`.
     pub fn name(self) -> &'static str {
@@ -908,6 +917,7 @@ impl DecodeKernel {
             Self::ByHead => "by_head",
             Self::PerHead => "per_head",
             Self::Flash => "flash",
+            Self::Mma => "mma",
         }
     }
 }
@@ -931,7 +941,7 @@ pub fn force_decode_kernel(choice: Option<DecodeKernel>) {
     );
 }
 
-/// `TESSERA_DECODE_ATTENTION=auto|grouped|by_head|per_head|flash` (unset: `auto`, the shape
+/// `TESSERA_DECODE_ATTENTION=auto|grouped|by_head|per_head|flash|mma` (unset: `auto`, the shape
 /// decides).
 pub(crate) fn parse_decode_kernel(v: Option<&str>) -> Result<Option<DecodeKernel>, String> {
     let names = [
@@ -940,6 +950,7 @@ pub(crate) fn parse_decode_kernel(v: Option<&str>) -> Result<Option<DecodeKernel
         ("by_head", Some(DecodeKernel::ByHead)),
         ("per_head", Some(DecodeKernel::PerHead)),
         ("flash", Some(DecodeKernel::Flash)),
+        ("mma", Some(DecodeKernel::Mma)),
     ];
     super::env_choice("TESSERA_DECODE_ATTENTION", v, &names)
 }
@@ -966,6 +977,8 @@ const GQA_MAX_G: usize = 8;
 /// Query heads a block of the one-pass kernel may take (the largest `GM` of
 /// `decode_attention_flash`: its running state a head is held in registers).
 const FLASH_MAX_G: usize = 4;
+/// Query heads a block of the tensor-core kernel may take (the rows of an m16 tile).
+const MMA_MAX_G: usize = 16;
 
 /// How one decode attention call runs: the vectorised kernel with `heads_per_block` query heads a
 /// block (`None`: the per-head kernel), each split taking `per` positions, in one pass over the
@@ -975,6 +988,9 @@ pub(crate) struct DecodePlan {
     pub heads_per_block: Option<usize>,
     pub per: usize,
     pub one_pass: bool,
+    /// On tensor cores (`decode_attention_mma`, one pass), where the dtype, head dim and device
+    /// allow it (else the one-pass kernel on CUDA cores).
+    pub tensor_cores: bool,
 }
 
 /// Picks the decode attention kernel for `keys` cached positions of `batch` sequences with `hq`
@@ -1005,23 +1021,29 @@ pub(crate) fn decode_plan(
         heads_per_block: None,
         per: DECODE_SPLIT,
         one_pass: false,
+        tensor_cores: false,
     };
-    let one_pass = forced == Some(DecodeKernel::Flash);
-    let max_g = if one_pass { FLASH_MAX_G } else { GQA_MAX_G };
+    let tensor_cores = forced == Some(DecodeKernel::Mma);
+    let one_pass = forced == Some(DecodeKernel::Flash) || tensor_cores;
+    let max_g = match forced {
+        Some(DecodeKernel::Mma) => MMA_MAX_G,
+        Some(DecodeKernel::Flash) => FLASH_MAX_G,
+        _ => GQA_MAX_G,
+    };
     let vectorised = hd.is_multiple_of(8) && (hd / 8).is_power_of_two() && hd <= ATTN_MAX_HD;
     // Heads a block may take: the largest divisor of g (every block the same) within the
     // accumulators and the shared-memory partial sums (gb hd <= 1024), or one. (Two heads a block
     // measured slower than both, alone and in a batch-32 step.)
     let most = (1..=g.min(max_g))
         .rev()
-        .find(|&d| g.is_multiple_of(d) && d * hd <= 1024)
+        .find(|&d| g.is_multiple_of(d) && (tensor_cores || d * hd <= 1024))
         .unwrap_or(1);
     let candidates: Vec<usize> = match forced {
         Some(DecodeKernel::PerHead) => return per_head,
         Some(DecodeKernel::Grouped) => vec![most],
         Some(DecodeKernel::ByHead) => vec![1],
-        None | Some(DecodeKernel::Flash) if most > 1 => vec![most, 1],
-        None | Some(DecodeKernel::Flash) => vec![1],
+        None | Some(DecodeKernel::Flash | DecodeKernel::Mma) if most > 1 => vec![most, 1],
+        None | Some(DecodeKernel::Flash | DecodeKernel::Mma) => vec![1],
     };
     if !vectorised || candidates.is_empty() {
         return per_head;
@@ -1044,6 +1066,7 @@ pub(crate) fn decode_plan(
         heads_per_block: Some(gb),
         per,
         one_pass: one_pass || (forced.is_none() && (2..=FLASH_MAX_G).contains(&gb)),
+        tensor_cores,
     };
     for per in [DECODE_SPLIT, DECODE_SPLIT / 2, DECODE_SPLIT / 4] {
         if let Some(&gb) = candidates.iter().find(|&&gb| blocks(gb, per) >= need(gb)) {
@@ -1061,6 +1084,28 @@ pub(crate) fn flash_smem(gb: usize, hd: usize) -> usize {
     const RING: usize = 2 * 16 * 1024;
     let groups = 128 / (hd / 8);
     (gb * hd + 2 * hd).next_multiple_of(4) * 4 + RING.max(groups * gb * (hd + 2) * 4)
+}
+
+/// Whether the shape's choice of whole groups in one pass runs on tensor cores
+/// (`decode_attention_mma`) rather than CUDA cores (`decode_attention_flash`): over caches of at
+/// least 2,048 positions, where its grid of `blocks` fills the GPU in one wave or in at least
+/// two (its ~70 KB of shared memory a block leave 3 blocks a multiprocessor on an H200, and a
+/// grid of 1-2 waves waits on its last). `tessera bench attention` on one H200 (µs, one pass on
+/// CUDA cores / on tensor cores, BENCHMARKS.md): 8B heads at tp 1, batch 64 over 2,048
+/// positions 236 / 212 and over 8,192 892 / 776; batch 8 over 2,048 at tp 2 (one wave) 33 / 20,
+/// at tp 1 (1.3 waves) 37 / 40; batch 64 over 512 at tp 2 (1.3 waves) 35 / 40.
+fn mma_decode_pays(dev: &GpuDevice, keys: usize, blocks: usize, gb: usize, hd: usize) -> bool {
+    // The driver keeps 1 KB a block of a multiprocessor's shared memory for itself.
+    let resident = dev.smem_per_sm / (mma_decode_smem(gb, hd) + 1024);
+    let slots = dev.sms * resident.max(1);
+    keys >= 2048 && (blocks <= slots || blocks >= 2 * slots)
+}
+
+/// Shared memory a block of the tensor-core decode attention takes (`decode_attention_mma`): q, k
+/// and v of its `gb` heads as floats (rounded up to 16 bytes), then each of 4 warps' two stages
+/// of a K and a V tile of 16 rows of `hd + 8` bf16 values.
+pub(crate) fn mma_decode_smem(gb: usize, hd: usize) -> usize {
+    (gb * hd + 2 * hd).next_multiple_of(4) * 4 + 4 * 2 * 2 * 16 * (hd + 8) * 2
 }
 
 /// The largest head_dim the attention kernels hold (`ATTN_MAX_HD`).
@@ -1401,7 +1446,26 @@ pub fn decode_attention(
     };
     let keys = window.map_or(keys, |w| keys.min(w));
     let g = hq / hkv;
-    let plan = decode_plan(keys, batch, hq, hkv, hd, dev.sms, decode_kernel_choice());
+    let forced = decode_kernel_choice();
+    let mut plan = decode_plan(keys, batch, hq, hkv, hd, dev.sms, forced);
+    let mma = match (&dev.mma_decode, hd, qkv.dtype()) {
+        (Some(f), 64, crate::DType::BF16) => Some(&f[0]),
+        (Some(f), 128, crate::DType::BF16) => Some(&f[1]),
+        _ => None,
+    };
+    if plan.tensor_cores && mma.is_none() {
+        // No tensor-core kernel for this dtype, head dim or device: the one-pass kernel.
+        plan = decode_plan(keys, batch, hq, hkv, hd, dev.sms, Some(DecodeKernel::Flash));
+    }
+    if let (None, Some(_), true, Some(gb)) = (forced, mma, plan.one_pass, plan.heads_per_block) {
+        plan.tensor_cores = mma_decode_pays(
+            &dev,
+            keys,
+            keys.div_ceil(plan.per) * batch * hkv * (hq / hkv / gb),
+            gb,
+            hd,
+        );
+    }
     let per = plan.per;
     let splits = keys.div_ceil(per).max(1);
     if batch * hq > 65535 {
@@ -1413,6 +1477,7 @@ pub fn decode_attention(
         ));
     }
     let smem = match plan.heads_per_block {
+        Some(gb) if plan.tensor_cores => mma_decode_smem(gb, hd),
         Some(gb) if plan.one_pass => flash_smem(gb, hd),
         Some(gb) => (gb * hd + 2 * hd + gb * per + 4 * gb * hd + 2 * gb) * 4,
         None => (3 * hd + per) * 4,
@@ -1453,7 +1518,10 @@ pub fn decode_attention(
         block_dim: (128, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    let f_kernel = dev.func(kernel, qkv.dtype());
+    let f_kernel = match (plan.tensor_cores, mma) {
+        (true, Some(f)) => f,
+        _ => dev.func(kernel, qkv.dtype()),
+    };
     // Both kernels start with programmatic dependent launch: the vectorised one loads its cached
     // K/V rows and computes its RoPE angles while the QKV projection before it finishes, and
     // waits for that kernel (`pdl_wait`) only before it reads this step's q, k, v; the per-head
