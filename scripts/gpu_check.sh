@@ -146,9 +146,9 @@ variant_env() {
   fi
   if [[ $STEPS == all || $STEPS == *long* ]]; then
     # A 2,048-position cache: the decode attention as the shape picks it (whole groups in one
-    # pass, on tensor cores here) against the one pass on CUDA cores, the two-pass grouped kernel
-    # and the first per-query-head kernel, same binary, same call.
-    for m in per_head grouped flash auto; do
+    # pass on CUDA cores) against the one pass on tensor cores, the two-pass grouped kernel and
+    # the first per-query-head kernel, same binary, same call.
+    for m in per_head grouped mma auto; do
       echo "== tessera bench decode, Llama-3-8B shape, 2048-position cache, CUDA graphs, decode attention $m"
       TESSERA_DECODE_ATTENTION=$m .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 1 --batch 1,32,64 --steps 32 --prompt-len 2048 --graph 2>&1 | tail -6
     done

@@ -420,8 +420,6 @@ pub struct GpuDevice {
     pub(crate) has_pdl: bool,
     /// Streaming multiprocessors (sizes the splits of decode attention).
     pub(crate) sms: usize,
-    /// Shared memory a multiprocessor holds (bytes): how many blocks of a kernel fit at once.
-    pub(crate) smem_per_sm: usize,
     /// Small constant tables (RoPE inverse frequencies) uploaded once, keyed by their contents.
     tables: Mutex<HashMap<Vec<u32>, Arc<CudaSlice<f32>>>>,
     /// While a decode step is being captured: the device buffers its kernels read their inputs
@@ -609,13 +607,8 @@ impl GpuDevice {
             )
             .map_err(|e| err(&e))?
             .max(1) as usize;
-        let smem_per_sm = ctx
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
-            .map_err(|e| err(&e))?
-            .max(0) as usize;
         Ok(GpuDevice {
             sms,
-            smem_per_sm,
             ordinal,
             ctx,
             stream,
@@ -1429,18 +1422,22 @@ mod tests {
         assert_eq!(plan(700, 64, 12, 1, 32, grouped), p(Some(6), 256));
         assert_eq!(plan(700, 64, 8, 1, 256, grouped), p(Some(4), 256));
         assert_eq!(plan(700, 64, 6, 2, 48, None), p(None, 256));
-        // The one-pass kernel: the shape's choice, with at most 4 heads a block (g = 8: blocks
-        // of 4; g = 12: of 4, not 6); hd 48: the per-head kernel.
+        // The one-pass kernel forced: whole groups at every shape, at most 4 heads a block (g =
+        // 8 and 12: blocks of 4); hd 48: the per-head kernel.
         let flash = Some(DecodeKernel::Flash);
         assert_eq!(plan(48, 64, 32, 8, 128, flash), f(Some(4), 256));
-        assert_eq!(plan(48, 64, 16, 4, 128, flash), f(Some(1), 256));
+        assert_eq!(plan(48, 64, 16, 4, 128, flash), f(Some(4), 256));
+        assert_eq!(plan(48, 1, 16, 4, 128, flash), f(Some(4), 64));
         assert_eq!(plan(2048, 32, 32, 8, 128, flash), f(Some(4), 256));
         assert_eq!(plan(700, 64, 8, 1, 128, flash), f(Some(4), 256));
         assert_eq!(plan(700, 64, 12, 1, 32, flash), f(Some(4), 256));
         assert_eq!(plan(700, 64, 6, 2, 48, flash), p(None, 256));
-        // The shape's choice of 8 heads a block (g = 8) keeps the two-pass kernel.
+        // The shape's choice of 8 heads a block (g = 8) keeps the two-pass kernel, and so do
+        // groups of 2 (g = 2) until the one-pass kernel's masked forms have run on a GPU.
         assert_eq!(plan(2048, 8, 64, 8, 128, None), p(Some(8), 256));
-        // On tensor cores: up to 16 heads a block, past the two-pass kernel's gb hd <= 1024.
+        assert_eq!(plan(2048, 32, 16, 8, 128, None), p(Some(2), 256));
+        // On tensor cores, forced: whole groups of up to 16 heads, past the two-pass kernel's
+        // gb hd <= 1024.
         let mma = Some(DecodeKernel::Mma);
         let t = |gb, per| DecodePlan {
             tensor_cores: true,
@@ -1448,8 +1445,8 @@ mod tests {
         };
         assert_eq!(plan(2048, 8, 64, 8, 128, mma), t(Some(8), 256));
         assert_eq!(plan(700, 64, 16, 1, 128, mma), t(Some(16), 256));
-        assert_eq!(plan(700, 64, 8, 1, 256, mma), t(Some(8), 256));
-        assert_eq!(plan(48, 64, 16, 4, 128, mma), t(Some(1), 256));
+        assert_eq!(plan(48, 64, 16, 4, 128, mma), t(Some(4), 256));
+        assert_eq!(plan(30, 3, 7, 1, 128, mma), t(Some(7), 64));
     }
 
     #[test]

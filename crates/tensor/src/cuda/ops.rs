@@ -897,7 +897,10 @@ pub enum DecodeKernel {
     /// for the vectorised kernel, at most `FLASH_MAX_G` heads a block.
     Flash,
     /// The one-pass kernel on tensor cores (bf16, head dims 64 and 128, sm_80 and later; else
-    /// `Flash`): a KV head's query heads (up to 16) as the rows of an mma product.
+    /// `Flash`): a KV head's query heads (up to 16) as the rows of an mma product. Forced only:
+    /// faster than `Flash` over long caches (BENCHMARKS.md), but its whole-group form has not
+    /// yet run against the CPU (`cuda_ops`'s decode attention test forces it since), so the
+    /// shape does not choose it yet.
     Mma,
 }
 
@@ -1005,7 +1008,7 @@ pub(crate) struct DecodePlan {
 /// graphs over ~50 positions, 2026-11-29 11:25 UTC: one rank of tp 2 at batch 64, 256 blocks of 4
 /// heads against 1,024 of 1, 3.02 / 3.02 against 2.95 / 2.92 ms; tp 1 batch 32, 256 against
 /// 1,024, 4.90 / 4.85 against 4.80 / 4.84; tp 1 batch 64, 512 of 4 heads against 2,048 of 1,
-/// 5.00 / 5.01 against 5.19 / 5.19.) Whole groups of up to 4 heads then run in one pass
+/// 5.00 / 5.01 against 5.19 / 5.19.) Whole groups of 4 heads then run in one pass
 /// (`decode_attention_flash`), unless a kernel is forced.
 pub(crate) fn decode_plan(
     keys: usize,
@@ -1040,10 +1043,12 @@ pub(crate) fn decode_plan(
         .unwrap_or(1);
     let candidates: Vec<usize> = match forced {
         Some(DecodeKernel::PerHead) => return per_head,
-        Some(DecodeKernel::Grouped) => vec![most],
+        // Forced, the grouped kernels take whole groups at every shape (what they are measured
+        // and tested on); chosen by the shape, whole groups only where they fill the GPU.
+        Some(DecodeKernel::Grouped | DecodeKernel::Flash | DecodeKernel::Mma) => vec![most],
         Some(DecodeKernel::ByHead) => vec![1],
-        None | Some(DecodeKernel::Flash | DecodeKernel::Mma) if most > 1 => vec![most, 1],
-        None | Some(DecodeKernel::Flash | DecodeKernel::Mma) => vec![1],
+        None if most > 1 => vec![most, 1],
+        None => vec![1],
     };
     if !vectorised || candidates.is_empty() {
         return per_head;
@@ -1052,20 +1057,21 @@ pub(crate) fn decode_plan(
     // Blocks a choice must give: two a multiprocessor for whole groups over a short cache (when
     // the shape decides), else one.
     let need = |gb: usize| {
-        if (forced.is_none() || one_pass) && gb > 1 && keys <= DECODE_SPLIT {
+        if forced.is_none() && gb > 1 && keys <= DECODE_SPLIT {
             2 * sms
         } else {
             sms
         }
     };
-    // Chosen by the shape, whole groups of 2-4 heads run in one pass (`decode_attention_flash`):
+    // Chosen by the shape, whole groups of 4 heads run in one pass (`decode_attention_flash`):
     // faster than the two-pass kernel at every grouped shape measured, 1.2-1.8x from 512 positions
-    // (`tessera bench attention`, BENCHMARKS.md); one head a block keeps the two-pass kernel (the
-    // two are within ~1 µs of each other there).
+    // (`tessera bench attention`, BENCHMARKS.md). Groups of 2 or 3 keep the two-pass kernel until
+    // the one-pass kernel's masked forms have run against the CPU (the GPU tests force them since);
+    // one head a block keeps it too (the two are within ~1 µs of each other there).
     let plan = |gb: usize, per| DecodePlan {
         heads_per_block: Some(gb),
         per,
-        one_pass: one_pass || (forced.is_none() && (2..=FLASH_MAX_G).contains(&gb)),
+        one_pass: one_pass || (forced.is_none() && gb == FLASH_MAX_G),
         tensor_cores,
     };
     for per in [DECODE_SPLIT, DECODE_SPLIT / 2, DECODE_SPLIT / 4] {
@@ -1084,21 +1090,6 @@ pub(crate) fn flash_smem(gb: usize, hd: usize) -> usize {
     const RING: usize = 2 * 16 * 1024;
     let groups = 128 / (hd / 8);
     (gb * hd + 2 * hd).next_multiple_of(4) * 4 + RING.max(groups * gb * (hd + 2) * 4)
-}
-
-/// Whether the shape's choice of whole groups in one pass runs on tensor cores
-/// (`decode_attention_mma`) rather than CUDA cores (`decode_attention_flash`): over caches of at
-/// least 2,048 positions, where its grid of `blocks` fills the GPU in one wave or in at least
-/// two (its ~70 KB of shared memory a block leave 3 blocks a multiprocessor on an H200, and a
-/// grid of 1-2 waves waits on its last). `tessera bench attention` on one H200 (µs, one pass on
-/// CUDA cores / on tensor cores, BENCHMARKS.md): 8B heads at tp 1, batch 64 over 2,048
-/// positions 236 / 212 and over 8,192 892 / 776; batch 8 over 2,048 at tp 2 (one wave) 33 / 20,
-/// at tp 1 (1.3 waves) 37 / 40; batch 64 over 512 at tp 2 (1.3 waves) 35 / 40.
-fn mma_decode_pays(dev: &GpuDevice, keys: usize, blocks: usize, gb: usize, hd: usize) -> bool {
-    // The driver keeps 1 KB a block of a multiprocessor's shared memory for itself.
-    let resident = dev.smem_per_sm / (mma_decode_smem(gb, hd) + 1024);
-    let slots = dev.sms * resident.max(1);
-    keys >= 2048 && (blocks <= slots || blocks >= 2 * slots)
 }
 
 /// Shared memory a block of the tensor-core decode attention takes (`decode_attention_mma`): q, k
@@ -1456,15 +1447,6 @@ pub fn decode_attention(
     if plan.tensor_cores && mma.is_none() {
         // No tensor-core kernel for this dtype, head dim or device: the one-pass kernel.
         plan = decode_plan(keys, batch, hq, hkv, hd, dev.sms, Some(DecodeKernel::Flash));
-    }
-    if let (None, Some(_), true, Some(gb)) = (forced, mma, plan.one_pass, plan.heads_per_block) {
-        plan.tensor_cores = mma_decode_pays(
-            &dev,
-            keys,
-            keys.div_ceil(plan.per) * batch * hkv * (hq / hkv / gb),
-            gb,
-            hd,
-        );
     }
     let per = plan.per;
     let splits = keys.div_ceil(per).max(1);
