@@ -893,8 +893,8 @@ pub enum DecodeKernel {
     /// The first kernel: one query head a block, one position at a time.
     PerHead,
     /// The vectorised kernel in one pass over the cache (a running softmax, each position's K
-    /// and V rows loaded together), heads a block and splits chosen as the shape chooses them
-    /// for the vectorised kernel, at most `FLASH_MAX_G` heads a block.
+    /// and V rows loaded together): forced, whole groups of at most `FLASH_MAX_G` heads a block
+    /// at every shape, as `Grouped` takes them; the shape chooses it for groups of 4.
     Flash,
     /// The one-pass kernel on tensor cores (bf16, head dims 64 and 128, sm_80 and later; else
     /// `Flash`): a KV head's query heads (up to 16) as the rows of an mma product. Forced only:
