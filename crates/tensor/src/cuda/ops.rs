@@ -881,8 +881,8 @@ const ATTN_CHUNK: usize = 1024;
 /// Positions one split of the decode attention takes (flash decoding: a long cache is spread
 /// over many blocks, each scoring at most this many keys).
 const DECODE_SPLIT: usize = 256;
-/// The decode attention kernels (`TESSERA_DECODE_ATTENTION=grouped|by_head|per_head|flash` forces
-/// one at start-up, for measuring them against each other; by default the shape decides).
+/// The decode attention kernels (`TESSERA_DECODE_ATTENTION=grouped|by_head|per_head|flash|mma`
+/// forces one at start-up, for measuring them against each other; by default the shape decides).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecodeKernel {
     /// The vectorised kernel with all query heads of a KV head in one block (each cached K/V row
