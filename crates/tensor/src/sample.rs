@@ -317,6 +317,9 @@ fn nucleus(probs: &mut Vec<(u32, f64)>, top_p: f64) {
     thread_local! {
         static MASS: std::cell::RefCell<Vec<f64>> = std::cell::RefCell::new(vec![0.0; BINS]);
     }
+    // Whether `mass` of `total` reaches top_p. Some mass is needed: at top_p 0 the likeliest
+    // token alone.
+    let reaches = |mass: f64, total: f64| mass > 0.0 && mass / total >= top_p;
     let (total, edge) = MASS.with_borrow_mut(|mass_of| {
         let (mut first, mut last) = (BINS, 0);
         for p in probs.iter() {
@@ -326,15 +329,13 @@ fn nucleus(probs: &mut Vec<(u32, f64)>, top_p: f64) {
         }
         let used = &mass_of[first..=last];
         let total: f64 = used.iter().sum();
-        // Some mass is needed: at top_p 0 the likeliest token alone.
-        let reached = |mass: f64| mass > 0.0 && mass / total >= top_p;
         let mut cum = 0.0;
         // Rounding may leave the running sum short of the total: then the last bin.
         let edge = used
             .iter()
             .position(|&m| {
                 cum += m;
-                reached(cum)
+                reaches(cum, total)
             })
             .map_or(BINS - 1, |i| first + i);
         for p in probs.iter() {
@@ -342,7 +343,7 @@ fn nucleus(probs: &mut Vec<(u32, f64)>, top_p: f64) {
         }
         (total, edge)
     });
-    let reached = |mass: f64| mass > 0.0 && mass / total >= top_p;
+    let reached = |mass: f64| reaches(mass, total);
     let (mut kept, mut at_edge) = (Vec::new(), Vec::new());
     for &p in probs.iter() {
         match bin(p.1).cmp(&edge) {

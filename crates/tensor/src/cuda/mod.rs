@@ -1385,7 +1385,7 @@ mod tests {
             one_pass: false,
             tensor_cores: false,
         };
-        // The shape's choice of whole groups of 2-4 heads runs in one pass.
+        // The shape's choice of whole groups of 4 heads runs in one pass.
         let f = |gb, per| DecodePlan {
             one_pass: true,
             ..p(gb, per)

@@ -1437,17 +1437,17 @@ pub fn decode_attention(
     };
     let keys = window.map_or(keys, |w| keys.min(w));
     let g = hq / hkv;
-    let forced = decode_kernel_choice();
-    let mut plan = decode_plan(keys, batch, hq, hkv, hd, dev.sms, forced);
     let mma = match (&dev.mma_decode, hd, qkv.dtype()) {
         (Some(f), 64, crate::DType::BF16) => Some(&f[0]),
         (Some(f), 128, crate::DType::BF16) => Some(&f[1]),
         _ => None,
     };
-    if plan.tensor_cores && mma.is_none() {
+    let forced = match decode_kernel_choice() {
         // No tensor-core kernel for this dtype, head dim or device: the one-pass kernel.
-        plan = decode_plan(keys, batch, hq, hkv, hd, dev.sms, Some(DecodeKernel::Flash));
-    }
+        Some(DecodeKernel::Mma) if mma.is_none() => Some(DecodeKernel::Flash),
+        f => f,
+    };
+    let plan = decode_plan(keys, batch, hq, hkv, hd, dev.sms, forced);
     let per = plan.per;
     let splits = keys.div_ceil(per).max(1);
     if batch * hq > 65535 {
