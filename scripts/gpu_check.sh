@@ -145,13 +145,20 @@ variant_env() {
     done
   fi
   if [[ $STEPS == all || $STEPS == *long* ]]; then
-    # A 2,048-position cache: the decode attention as the shape picks it (whole groups in one
-    # pass on CUDA cores) against the one pass on tensor cores, the two-pass grouped kernel and
-    # the first per-query-head kernel, same binary, same call.
-    for m in per_head grouped mma auto; do
+    # A 2,048-position cache: the decode attention as the shape picks it (one pass, on tensor
+    # cores where its grid fills the GPU) against the one pass on CUDA cores and on tensor cores
+    # forced, the two-pass grouped kernel and the first per-query-head kernel, same binary, same
+    # call; then the 70B shape at tp 2 (g = 8: the two-pass kernel against the shape's choice).
+    for m in per_head grouped flash mma auto; do
       echo "== tessera bench decode, Llama-3-8B shape, 2048-position cache, CUDA graphs, decode attention $m"
       TESSERA_DECODE_ATTENTION=$m .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 1 --batch 1,32,64 --steps 32 --prompt-len 2048 --graph 2>&1 | tail -6
     done
+    if [ -z "${TP:-}" ]; then
+      for m in grouped auto; do
+        echo "== tessera bench decode, Llama-3-70B shape, tp 2, 2048-position cache, CUDA graphs, decode attention $m"
+        TESSERA_DECODE_ATTENTION=$m timeout 200 .gpu/tessera bench decode --device cuda --preset llama-3-70b --tp 2 --batch 8,32 --steps 16 --prompt-len 2048 --graph 2>&1 | tail -2
+      done
+    fi
   fi
   if [[ $STEPS == all || $STEPS == *hf* ]]; then
     echo "== HF transformers baseline"

@@ -420,6 +420,8 @@ pub struct GpuDevice {
     pub(crate) has_pdl: bool,
     /// Streaming multiprocessors (sizes the splits of decode attention).
     pub(crate) sms: usize,
+    /// Shared memory a multiprocessor holds (bytes): how many blocks of a kernel fit at once.
+    pub(crate) smem_per_sm: usize,
     /// Small constant tables (RoPE inverse frequencies) uploaded once, keyed by their contents.
     tables: Mutex<HashMap<Vec<u32>, Arc<CudaSlice<f32>>>>,
     /// While a decode step is being captured: the device buffers its kernels read their inputs
@@ -607,8 +609,13 @@ impl GpuDevice {
             )
             .map_err(|e| err(&e))?
             .max(1) as usize;
+        let smem_per_sm = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
+            .map_err(|e| err(&e))?
+            .max(0) as usize;
         Ok(GpuDevice {
             sms,
+            smem_per_sm,
             ordinal,
             ctx,
             stream,
@@ -1385,7 +1392,7 @@ mod tests {
             one_pass: false,
             tensor_cores: false,
         };
-        // The shape's choice of whole groups of 4 heads runs in one pass.
+        // The shape's choice of whole groups of 2-4 heads runs in one pass.
         let f = |gb, per| DecodePlan {
             one_pass: true,
             ..p(gb, per)
@@ -1432,10 +1439,11 @@ mod tests {
         assert_eq!(plan(700, 64, 8, 1, 128, flash), f(Some(4), 256));
         assert_eq!(plan(700, 64, 12, 1, 32, flash), f(Some(4), 256));
         assert_eq!(plan(700, 64, 6, 2, 48, flash), p(None, 256));
-        // The shape's choice of 8 heads a block (g = 8) keeps the two-pass kernel, and so do
-        // groups of 2 (g = 2) until the one-pass kernel's masked forms have run on a GPU.
+        // The shape's choice of 8 heads a block (g = 8) keeps the two-pass kernel; groups of 2
+        // and 3 run in one pass.
         assert_eq!(plan(2048, 8, 64, 8, 128, None), p(Some(8), 256));
-        assert_eq!(plan(2048, 32, 16, 8, 128, None), p(Some(2), 256));
+        assert_eq!(plan(2048, 32, 16, 8, 128, None), f(Some(2), 256));
+        assert_eq!(plan(2048, 32, 24, 8, 128, None), f(Some(3), 256));
         // On tensor cores, forced: whole groups of up to 16 heads, past the two-pass kernel's
         // gb hd <= 1024.
         let mma = Some(DecodeKernel::Mma);
@@ -1447,6 +1455,55 @@ mod tests {
         assert_eq!(plan(700, 64, 16, 1, 128, mma), t(Some(16), 256));
         assert_eq!(plan(48, 64, 16, 4, 128, mma), t(Some(4), 256));
         assert_eq!(plan(30, 3, 7, 1, 128, mma), t(Some(7), 64));
+    }
+
+    #[test]
+    fn tensor_cores_take_long_caches_in_one_wave_or_in_two_or_more() {
+        use super::ops::mma_decode_pays;
+        // An H200: 132 multiprocessors of 228 KB, 3 blocks of 4 heads of 128 each (396 slots).
+        let h200 = (132, 233_472);
+        assert!(mma_decode_pays(h200, 2048, 4096, 4, 128));
+        assert!(mma_decode_pays(h200, 2048, 256, 4, 128));
+        assert!(mma_decode_pays(h200, 2048, 396, 4, 128));
+        assert!(mma_decode_pays(h200, 8192, 792, 4, 128));
+        // 1.3 waves, or a short cache: the one-pass kernel on CUDA cores.
+        assert!(!mma_decode_pays(h200, 2048, 512, 4, 128));
+        assert!(!mma_decode_pays(h200, 2047, 4096, 4, 128));
+        // Smaller tiles at head dim 64: 5 blocks a multiprocessor, so 660 blocks are one wave.
+        assert!(mma_decode_pays(h200, 2048, 660, 2, 64));
+    }
+
+    #[test]
+    fn the_shape_takes_tensor_cores_for_whole_groups_over_long_caches() {
+        use super::ops::{decode_plan, with_tensor_cores, DecodePlan};
+        let h200 = (132, 233_472);
+        let choose = |keys, batch, hq, hkv, hd| {
+            let plan = decode_plan(keys, batch, hq, hkv, hd, 132, None);
+            with_tensor_cores(plan, h200, keys, batch, hq, hkv, hd)
+        };
+        let t = |gb, per| DecodePlan {
+            heads_per_block: Some(gb),
+            per,
+            one_pass: true,
+            tensor_cores: true,
+        };
+        // 8B at tp 1, batch 64 over 2,048 positions: 4,096 blocks of 4 heads (>= 2 waves).
+        assert_eq!(choose(2048, 64, 32, 8, 128), t(4, 256));
+        // tp 1 batch 8: 512 blocks, 1.3 waves: the one-pass kernel on CUDA cores.
+        let cuda_cores = choose(2048, 8, 32, 8, 128);
+        assert!(cuda_cores.one_pass && !cuda_cores.tensor_cores);
+        // 70B at tp 2 (32 / 4 heads, g = 8): the two-pass kernel's whole groups move to tensor
+        // cores at batch 8 (256 blocks, one wave) and 32 (1,024, >= 2 waves), not over a short
+        // cache.
+        assert_eq!(choose(2048, 8, 32, 4, 128), t(8, 256));
+        assert_eq!(choose(2048, 32, 32, 4, 128), t(8, 256));
+        let short = choose(512, 32, 32, 4, 128);
+        assert!(!short.one_pass && !short.tensor_cores);
+        // One head a block (batch 1) and groups split in parts (g = 16 in blocks of 8) stay off.
+        assert!(!choose(4096, 1, 32, 8, 128).tensor_cores);
+        let parts = choose(4096, 32, 64, 4, 128);
+        assert_eq!(parts.heads_per_block, Some(8));
+        assert!(!parts.tensor_cores);
     }
 
     #[test]

@@ -894,13 +894,12 @@ pub enum DecodeKernel {
     PerHead,
     /// The vectorised kernel in one pass over the cache (a running softmax, each position's K
     /// and V rows loaded together): forced, whole groups of at most `FLASH_MAX_G` heads a block
-    /// at every shape, as `Grouped` takes them; the shape chooses it for groups of 4.
+    /// at every shape, as `Grouped` takes them; the shape chooses it for groups of 2-4.
     Flash,
     /// The one-pass kernel on tensor cores (bf16, head dims 64 and 128, sm_80 and later; else
-    /// `Flash`): a KV head's query heads (up to 16) as the rows of an mma product. Forced only:
-    /// faster than `Flash` over long caches (BENCHMARKS.md), but its whole-group form has not
-    /// yet run against the CPU (`cuda_ops`'s decode attention test forces it since), so the
-    /// shape does not choose it yet.
+    /// `Flash`): a KV head's query heads (up to 16) as the rows of an mma product. The shape
+    /// chooses it in place of `Flash` over caches of at least 2,048 positions where its grid
+    /// fills the GPU in one wave or in two or more (`mma_decode_pays`).
     Mma,
 }
 
@@ -1008,7 +1007,7 @@ pub(crate) struct DecodePlan {
 /// graphs over ~50 positions, 2026-11-29 11:25 UTC: one rank of tp 2 at batch 64, 256 blocks of 4
 /// heads against 1,024 of 1, 3.02 / 3.02 against 2.95 / 2.92 ms; tp 1 batch 32, 256 against
 /// 1,024, 4.90 / 4.85 against 4.80 / 4.84; tp 1 batch 64, 512 of 4 heads against 2,048 of 1,
-/// 5.00 / 5.01 against 5.19 / 5.19.) Whole groups of 4 heads then run in one pass
+/// 5.00 / 5.01 against 5.19 / 5.19.) Whole groups of 2-4 heads then run in one pass
 /// (`decode_attention_flash`), unless a kernel is forced.
 pub(crate) fn decode_plan(
     keys: usize,
@@ -1063,15 +1062,15 @@ pub(crate) fn decode_plan(
             sms
         }
     };
-    // Chosen by the shape, whole groups of 4 heads run in one pass (`decode_attention_flash`):
+    // Chosen by the shape, whole groups of 2-4 heads run in one pass (`decode_attention_flash`):
     // faster than the two-pass kernel at every grouped shape measured, 1.2-1.8x from 512 positions
-    // (`tessera bench attention`, BENCHMARKS.md). Groups of 2 or 3 keep the two-pass kernel until
-    // the one-pass kernel's masked forms have run against the CPU (the GPU tests force them since);
-    // one head a block keeps it too (the two are within ~1 µs of each other there).
+    // (`tessera bench attention`, BENCHMARKS.md). One head a block keeps the two-pass kernel (the
+    // two are within ~1 µs of each other there), and so do groups of more than 4 (the one-pass
+    // kernel holds at most 4 heads' running state in registers).
     let plan = |gb: usize, per| DecodePlan {
         heads_per_block: Some(gb),
         per,
-        one_pass: one_pass || (forced.is_none() && gb == FLASH_MAX_G),
+        one_pass: one_pass || (forced.is_none() && (2..=FLASH_MAX_G).contains(&gb)),
         tensor_cores,
     };
     for per in [DECODE_SPLIT, DECODE_SPLIT / 2, DECODE_SPLIT / 4] {
@@ -1090,6 +1089,61 @@ pub(crate) fn flash_smem(gb: usize, hd: usize) -> usize {
     const RING: usize = 2 * 16 * 1024;
     let groups = 128 / (hd / 8);
     (gb * hd + 2 * hd).next_multiple_of(4) * 4 + RING.max(groups * gb * (hd + 2) * 4)
+}
+
+/// Whether the shape's choice of whole groups in one pass runs on tensor cores
+/// (`decode_attention_mma`) rather than CUDA cores (`decode_attention_flash`): over caches of at
+/// least 2,048 positions, where its grid of `blocks` fills the GPU in one wave or in at least
+/// two (its ~70 KB of shared memory a block leave 3 blocks a multiprocessor on an H200, and a
+/// grid of 1-2 waves waits on its last). `tessera bench attention` on one H200 (µs, one pass on
+/// CUDA cores / on tensor cores, BENCHMARKS.md): 8B heads at tp 1, batch 64 over 2,048
+/// positions 236 / 212 and over 8,192 892 / 776; batch 8 over 2,048 at tp 2 (one wave) 33 / 20,
+/// at tp 1 (1.3 waves) 37 / 40; batch 64 over 512 at tp 2 (1.3 waves) 35 / 40. `gpu`: the
+/// device's multiprocessors and shared memory a multiprocessor (bytes).
+pub(crate) fn mma_decode_pays(
+    (sms, smem_per_sm): (usize, usize),
+    keys: usize,
+    blocks: usize,
+    gb: usize,
+    hd: usize,
+) -> bool {
+    // The driver keeps 1 KB a block of a multiprocessor's shared memory for itself.
+    let resident = smem_per_sm / (mma_decode_smem(gb, hd) + 1024);
+    let slots = sms * resident.max(1);
+    keys >= 2048 && (blocks <= slots || blocks >= 2 * slots)
+}
+
+/// The shape's plan with the tensor-core kernel chosen where it pays (`mma_decode_pays`): for
+/// its whole groups of 2-4 heads in one pass, and for whole groups of more heads (g = 8: Llama 3
+/// 70B, 64 / 8 heads) that the two-pass kernel takes (the one-pass kernel on CUDA cores holds at
+/// most 4). `gpu`: the device's multiprocessors and shared memory a multiprocessor. (70B at tp 2
+/// over a 2,048-position cache, decode steps through graphs, two-pass / tensor cores: batch 8
+/// 25.17 / 20.40 ms, batch 32 34.15 / 25.81, BENCHMARKS.md.)
+pub(crate) fn with_tensor_cores(
+    plan: DecodePlan,
+    gpu: (usize, usize),
+    keys: usize,
+    batch: usize,
+    hq: usize,
+    hkv: usize,
+    hd: usize,
+) -> DecodePlan {
+    let g = hq / hkv;
+    match plan.heads_per_block {
+        Some(gb) if gb > 1 && (plan.one_pass || gb == g) => {
+            let blocks = keys.div_ceil(plan.per) * batch * hkv * (g / gb);
+            if mma_decode_pays(gpu, keys, blocks, gb, hd) {
+                DecodePlan {
+                    one_pass: true,
+                    tensor_cores: true,
+                    ..plan
+                }
+            } else {
+                plan
+            }
+        }
+        _ => plan,
+    }
 }
 
 /// Shared memory a block of the tensor-core decode attention takes (`decode_attention_mma`): q, k
@@ -1447,7 +1501,10 @@ pub fn decode_attention(
         Some(DecodeKernel::Mma) if mma.is_none() => Some(DecodeKernel::Flash),
         f => f,
     };
-    let plan = decode_plan(keys, batch, hq, hkv, hd, dev.sms, forced);
+    let mut plan = decode_plan(keys, batch, hq, hkv, hd, dev.sms, forced);
+    if forced.is_none() && mma.is_some() {
+        plan = with_tensor_cores(plan, (dev.sms, dev.smem_per_sm), keys, batch, hq, hkv, hd);
+    }
     let per = plan.per;
     let splits = keys.div_ceil(per).max(1);
     if batch * hq > 65535 {
