@@ -567,6 +567,83 @@ __device__ __forceinline__ void load_rows(Raw8<T> (&r)[UN], const T* base, long 
     }
 }
 
+// Where a block of the grouped decode attention kernels (decode_attention_gqa, _flash, _mma)
+// sits in their grid (splits, batch hkv g / gb): query heads h0 .. h0 + gb (slice hb of the g of
+// KV head kl) of sequence b, the n positions from j0 of split blockIdx.x (of `per` each, from the
+// window's first position), p this step's position (read on the device when a graph replays the
+// kernel); KVH = b hkv + kl, krow the elements of a cached position.
+struct DecodeBlock {
+    int p, b, kl, hb, h0, j0, n;
+    long KVH, krow;
+};
+
+__device__ __forceinline__ DecodeBlock decode_block(int batch, int hq, int hkv, int hd, int start,
+                                                    int window, int per, int gb, const int* pos_ptr) {
+    DecodeBlock k;
+    k.p = pos_ptr ? pos_ptr[0] : start;
+    int g = hq / hkv, ng = g / gb, kvi = blockIdx.y / ng;
+    k.hb = blockIdx.y % ng;
+    k.b = kvi / hkv;
+    k.kl = kvi % hkv;
+    k.h0 = k.kl * g + k.hb * gb;
+    k.KVH = (long)k.b * hkv + k.kl;
+    k.krow = (long)batch * hkv * hd;
+    int lo = window > 0 ? max(0, k.p + 1 - window) : 0;
+    k.j0 = lo + blockIdx.x * per;
+    k.n = max(0, min(per, k.p + 1 - k.j0));
+    return k;
+}
+
+// The step's own rows for a block of the grouped decode attention kernels, once its first cached
+// rows are on their way: RoPE on its gb query heads and its key into qs [gb, hd] and ks [hd]
+// (the arithmetic of qkv_rope_append, rounded to T), v into vs [hd], one dimension pair a thread
+// (hd <= 256 and 128 threads). The angle needs nothing of the kernel before (the QKV projection,
+// still running under programmatic dependent launch): the kernel waits for it only after the
+// angle, then loads every value before the first use (GM >= gb: the registers they take). Ends
+// with a barrier, after which the block of the first split and head slice writes k and v to the
+// cache at p (every other block reads p's rows from shared memory).
+template <typename T, int GM>
+__device__ __forceinline__ void decode_own_rows(const T* qkv, T* kc, T* vc, const float* inv_freq,
+                                                const DecodeBlock& k, int hq, int hkv, int hd,
+                                                int gb, float* qs, float* ks, float* vs) {
+    const T* row = qkv + (long)k.b * (hq + 2 * hkv) * hd;
+    int half = hd / 2, d = threadIdx.x;
+    float c = 0.f, s = 0.f;
+    if (d < half) rope_angle(inv_freq, d, (double)k.p, c, s);
+    pdl_wait();
+    if (d < half) {
+        float x0[GM + 1], x1[GM + 1];
+#pragma unroll
+        for (int h = 0; h <= GM; h++) {
+            if (h <= gb) {
+                long src = (long)(h < gb ? k.h0 + h : hq + k.kl) * hd;
+                x0[h] = ld(row, src + d);
+                x1[h] = ld(row, src + d + half);
+            }
+        }
+        long vsrc = (long)(hq + hkv + k.kl) * hd;
+        float v0 = ld(row, vsrc + d), v1 = ld(row, vsrc + d + half);
+#pragma unroll
+        for (int h = 0; h <= GM; h++) {
+            if (h <= gb) {
+                float* dst = h < gb ? qs + h * hd : ks;
+                dst[d] = rnd(rope_lo(x0[h], x1[h], c, s), qkv);
+                dst[d + half] = rnd(rope_hi(x0[h], x1[h], c, s), qkv);
+            }
+        }
+        vs[d] = v0;
+        vs[d + half] = v1;
+    }
+    __syncthreads();
+    if (blockIdx.x == 0 && k.hb == 0) {
+        long dst = (long)k.p * k.krow + k.KVH * hd;
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+            st(kc, dst + i, ks[i]);
+            st(vc, dst + i, vs[i]);
+        }
+    }
+}
+
 // decode_attention with 16-byte loads and many rows in flight, one block per (split, sequence b,
 // KV head, slice of its query heads): the block takes gb of the KV head's g = hq / hkv query heads
 // (gb divides g; gb = g reads each cached K and V row once per split, gb = 1 gives g times more
@@ -588,13 +665,10 @@ __device__ void decode_attention_gqa(const T* qkv, T* kc, T* vc, T* out, float* 
     constexpr int UN = GM <= 2 ? 8 : 4;
     extern __shared__ float sm[];
     pdl_trigger();
-    int p = pos_ptr ? pos_ptr[0] : start;
-    int split = blockIdx.x, splits = gridDim.x;
-    int g = hq / hkv, ng = g / gb;
-    int hb = blockIdx.y % ng, kvi = blockIdx.y / ng;
-    int b = kvi / hkv, kl = kvi % hkv;
-    int h0 = kl * g + hb * gb;  // the block's first query head within the sequence
-    long KVH = (long)b * hkv + kl, krow = (long)batch * hkv * hd;
+    const DecodeBlock blk = decode_block(batch, hq, hkv, hd, start, window, per, gb, pos_ptr);
+    const int p = blk.p, split = blockIdx.x, splits = gridDim.x, b = blk.b, h0 = blk.h0;
+    const int j0 = blk.j0, n = blk.n;
+    const long KVH = blk.KVH, krow = blk.krow;
     int nwarps = blockDim.x >> 5, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     float* qs = sm;                        // [gb, hd]
     float* ks = qs + gb * hd;              // [hd]
@@ -602,11 +676,6 @@ __device__ void decode_attention_gqa(const T* qkv, T* kc, T* vc, T* out, float* 
     float* scores = vs + hd;               // [gb, per]
     float* red = scores + gb * per;        // [nwarps, gb, hd]
     float* stat = red + nwarps * gb * hd;  // max [gb], sum [gb]
-    const T* row = qkv + (long)b * (hq + 2 * hkv) * hd;
-    int half = hd / 2;
-    int lo = window > 0 ? max(0, p + 1 - window) : 0;
-    int j0 = lo + split * per;
-    int n = max(0, min(per, p + 1 - j0));
     int L = hd >> 3, sub = threadIdx.x % L, grp = threadIdx.x / L, ngrp = blockDim.x / L;
     const T* kbase = kc + KVH * hd + sub * 8;
     const T* vbase = vc + KVH * hd + sub * 8;
@@ -622,42 +691,8 @@ __device__ void decode_attention_gqa(const T* qkv, T* kc, T* vc, T* out, float* 
         load_rows(kr, kbase, krow, j0, 0, ngrp, grp, n, p);
         load_rows(vr, vbase, krow, j0, 0, ngrp, grp, n, p);
     }
-    // RoPE on the block's query heads and its key (the arithmetic of qkv_rope_append), one angle
-    // per dimension pair (hd <= 256: one pair a thread). The angle and the cached rows above need
-    // nothing of the kernel before this one (the QKV projection, with programmatic dependent
-    // launch still running): wait for it only here, then load every value before the first use.
-    int d = threadIdx.x;
-    float c = 0.f, s = 0.f;
-    if (d < half) rope_angle(inv_freq, d, (double)p, c, s);
-    pdl_wait();
-    if (d < half) {
-        float x0[GM + 1], x1[GM + 1];
-#pragma unroll
-        for (int h = 0; h <= GM; h++) {
-            if (h <= gb) {
-                long src = (long)(h < gb ? h0 + h : hq + kl) * hd;
-                x0[h] = ld(row, src + d);
-                x1[h] = ld(row, src + d + half);
-            }
-        }
-        long vsrc = (long)(hq + hkv + kl) * hd;
-        float v0 = ld(row, vsrc + d), v1 = ld(row, vsrc + d + half);
-#pragma unroll
-        for (int h = 0; h <= GM; h++) {
-            if (h <= gb) {
-                float* dst = h < gb ? qs + h * hd : ks;
-                dst[d] = rnd(rope_lo(x0[h], x1[h], c, s), out);
-                dst[d + half] = rnd(rope_hi(x0[h], x1[h], c, s), out);
-            }
-        }
-        vs[d] = v0;
-        vs[d + half] = v1;
-    }
-    __syncthreads();
-    if (split == 0 && hb == 0) {
-        long dst = (long)p * krow + KVH * hd;
-        for (int d = threadIdx.x; d < hd; d += blockDim.x) { st(kc, dst + d, ks[d]); st(vc, dst + d, vs[d]); }
-    }
+    // The step's q, k, v (RoPE'd) into shared memory, waiting for the QKV projection only there.
+    decode_own_rows<T, GM>(qkv, kc, vc, inv_freq, blk, hq, hkv, hd, gb, qs, ks, vs);
     // Scores. The loop bounds are the same for every thread, so each warp's shuffles are complete.
     {
         float qr[GM][8];
@@ -1337,13 +1372,10 @@ __device__ void decode_attention_flash(const T* qkv, T* kc, T* vc, T* out, float
     const float scale2 = scale * LOG2E;
     extern __shared__ float sm[];
     pdl_trigger();
-    int p = pos_ptr ? pos_ptr[0] : start;
-    int split = blockIdx.x, splits = gridDim.x;
-    int g = hq / hkv, ng = g / gb;
-    int hb = blockIdx.y % ng, kvi = blockIdx.y / ng;
-    int b = kvi / hkv, kl = kvi % hkv;
-    int h0 = kl * g + hb * gb;
-    long KVH = (long)b * hkv + kl, krow = (long)batch * hkv * hd;
+    const DecodeBlock blk = decode_block(batch, hq, hkv, hd, start, window, per, gb, pos_ptr);
+    const int p = blk.p, split = blockIdx.x, splits = gridDim.x, b = blk.b, h0 = blk.h0;
+    const int j0 = blk.j0, n = blk.n;
+    const long KVH = blk.KVH, krow = blk.krow;
     int L = hd >> 3, sub = threadIdx.x % L, grp = threadIdx.x / L, ngrp = blockDim.x / L;
     const int tid = threadIdx.x, nt = blockDim.x;
     float* qs = sm;                      // [gb, hd]
@@ -1351,11 +1383,6 @@ __device__ void decode_attention_flash(const T* qkv, T* kc, T* vc, T* out, float
     float* vs = ks + hd;                 // [hd]
     // The ring: [stage][K, V][u][thread] chunks of CW 16-byte words.
     uint4* ring = (uint4*)(sm + ((gb * hd + 2 * hd + 3) & ~3));
-    const T* row = qkv + (long)b * (hq + 2 * hkv) * hd;
-    int half = hd / 2;
-    int lo = window > 0 ? max(0, p + 1 - window) : 0;
-    int j0 = lo + split * per;
-    int n = max(0, min(per, p + 1 - j0));
     const T* kbase = kc + KVH * hd + sub * 8;
     const T* vbase = vc + KVH * hd + sub * 8;
     const int tile = UN * ngrp;
@@ -1383,38 +1410,7 @@ __device__ void decode_attention_flash(const T* qkv, T* kc, T* vc, T* out, float
     // The first tile: rows of earlier steps, copied before the wait for the QKV projection (as in
     // decode_attention_gqa).
     if (n > 0) issue(0);
-    int d = threadIdx.x;
-    float c = 0.f, s = 0.f;
-    if (d < half) rope_angle(inv_freq, d, (double)p, c, s);
-    pdl_wait();
-    if (d < half) {
-        float x0[GM + 1], x1[GM + 1];
-#pragma unroll
-        for (int h = 0; h <= GM; h++) {
-            if (h <= gb) {
-                long src = (long)(h < gb ? h0 + h : hq + kl) * hd;
-                x0[h] = ld(row, src + d);
-                x1[h] = ld(row, src + d + half);
-            }
-        }
-        long vsrc = (long)(hq + hkv + kl) * hd;
-        float v0 = ld(row, vsrc + d), v1 = ld(row, vsrc + d + half);
-#pragma unroll
-        for (int h = 0; h <= GM; h++) {
-            if (h <= gb) {
-                float* dst = h < gb ? qs + h * hd : ks;
-                dst[d] = rnd(rope_lo(x0[h], x1[h], c, s), out);
-                dst[d + half] = rnd(rope_hi(x0[h], x1[h], c, s), out);
-            }
-        }
-        vs[d] = v0;
-        vs[d + half] = v1;
-    }
-    __syncthreads();
-    if (split == 0 && hb == 0) {
-        long dst = (long)p * krow + KVH * hd;
-        for (int d = threadIdx.x; d < hd; d += blockDim.x) { st(kc, dst + d, ks[d]); st(vc, dst + d, vs[d]); }
-    }
+    decode_own_rows<T, GM>(qkv, kc, vc, inv_freq, blk, hq, hkv, hd, gb, qs, ks, vs);
     float qr[GM][8], m[GM], l[GM], acc[GM][8];
 #pragma unroll
     for (int h = 0; h < GM; h++) {
@@ -2105,23 +2101,15 @@ __device__ void decode_attention_mma(const bf16_t* qkv, bf16_t* kc, bf16_t* vc, 
     const float scale2 = scale * LOG2E;
     extern __shared__ float sm[];
     pdl_trigger();
-    int p = pos_ptr ? pos_ptr[0] : start;
-    int split = blockIdx.x, splits = gridDim.x;
-    int g = hq / hkv, ng = g / gb;
-    int hb = blockIdx.y % ng, kvi = blockIdx.y / ng;
-    int b = kvi / hkv, kl = kvi % hkv;
-    int h0 = kl * g + hb * gb;
-    long KVH = (long)b * hkv + kl, krow = (long)batch * hkv * HD;
+    const DecodeBlock blk = decode_block(batch, hq, hkv, HD, start, window, per, gb, pos_ptr);
+    const int p = blk.p, split = blockIdx.x, splits = gridDim.x, b = blk.b, h0 = blk.h0;
+    const int j0 = blk.j0, n = blk.n;
+    const long KVH = blk.KVH, krow = blk.krow;
     int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
     float* qs = sm;                // [gb, HD]
     float* ks = qs + gb * HD;      // [HD]
     float* vs = ks + HD;           // [HD]
     bf16_t* ring = (bf16_t*)(sm + ((gb * HD + 2 * HD + 3) & ~3));
-    const bf16_t* row = qkv + (long)b * (hq + 2 * hkv) * HD;
-    int half = HD / 2;
-    int lo = window > 0 ? max(0, p + 1 - window) : 0;
-    int j0 = lo + split * per;
-    int n = max(0, min(per, p + 1 - j0));
     // This warp's K tile of tile t (its V tile follows): positions t 64 + warp 16 + r, r < 16.
     auto ktile = [&](int t) { return ring + (warp * 2 + (t & 1)) * 2 * 16 * KS; };
     // The row of this step's position p into tile t, where this warp holds it (from shared memory:
@@ -2159,28 +2147,7 @@ __device__ void decode_attention_mma(const bf16_t* qkv, bf16_t* kc, bf16_t* vc, 
     // The first tile: rows of earlier steps, copied before the wait for the QKV projection (as in
     // decode_attention_gqa).
     if (tiles > 0) issue(0);
-    int d = tid;
-    float c = 0.f, s = 0.f;
-    if (d < half) rope_angle(inv_freq, d, (double)p, c, s);
-    pdl_wait();
-    for (int h = 0; h <= gb; h++) {
-        if (d >= half) break;
-        long src = (long)(h < gb ? h0 + h : hq + kl) * HD;
-        float x0 = ld(row, src + d), x1 = ld(row, src + d + half);
-        float* dst = h < gb ? qs + h * HD : ks;
-        dst[d] = rnd(rope_lo(x0, x1, c, s), out);
-        dst[d + half] = rnd(rope_hi(x0, x1, c, s), out);
-    }
-    if (d < half) {
-        long vsrc = (long)(hq + hkv + kl) * HD;
-        vs[d] = ld(row, vsrc + d);
-        vs[d + half] = ld(row, vsrc + d + half);
-    }
-    __syncthreads();
-    if (split == 0 && hb == 0) {
-        long dst = (long)p * krow + KVH * HD;
-        for (int d = tid; d < HD; d += blockDim.x) { st(kc, dst + d, ks[d]); st(vc, dst + d, vs[d]); }
-    }
+    decode_own_rows<bf16_t, 16>(qkv, kc, vc, inv_freq, blk, hq, hkv, HD, gb, qs, ks, vs);
     if (tiles > 0) put_p(0);
     // The query heads as A fragments: rows gq and gq + 8 of each 16 columns of the head dim.
     unsigned qa[KC][4];
