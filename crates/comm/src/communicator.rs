@@ -168,9 +168,14 @@ pub fn all_gather_tensor_via_host<C: Communicator + ?Sized>(
             s
         }
     };
-    let mut shape = vec![comm.world_size()];
-    shape.extend_from_slice(t.shape());
-    Tensor::new(shape, storage).map_err(device_err)
+    Tensor::new(gathered_shape(comm.world_size(), t), storage).map_err(device_err)
+}
+
+/// The shape of an all-gather of `t` over `world` ranks: `[world, ..t.shape()]`.
+pub fn gathered_shape(world: usize, t: &Tensor) -> Vec<usize> {
+    std::iter::once(world)
+        .chain(t.shape().iter().copied())
+        .collect()
 }
 
 /// An asynchronous typed collective in flight; [`Pending::wait`] returns its output.

@@ -48,8 +48,8 @@ use std::time::Duration;
 
 pub use check::check_mode_from_env;
 pub use communicator::{
-    all_gather_tensor_via_host, all_reduce_tensor_via_host, CommExt, Communicator, Pending,
-    ReduceOp,
+    all_gather_tensor_via_host, all_reduce_tensor_via_host, gathered_shape, CommExt, Communicator,
+    Pending, ReduceOp,
 };
 pub use element::{ElemKind, Element, OwnedBuf};
 pub use error::CommError;

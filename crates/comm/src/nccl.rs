@@ -24,7 +24,7 @@ use tessera_tensor::cuda::nccl::{self, Cancel, DeviceComm, NcclFailure, Reduce, 
 use tessera_tensor::cuda::p2p::P2pAllReduce;
 use tessera_tensor::{Storage, Tensor};
 
-use crate::communicator::{all_gather_tensor_via_host, all_reduce_tensor_via_host};
+use crate::communicator::{all_gather_tensor_via_host, all_reduce_tensor_via_host, gathered_shape};
 use crate::{args, CommError, Communicator, ElemKind, ReduceOp};
 
 enum Host<'a> {
@@ -429,9 +429,8 @@ impl Communicator for NcclComm<'_> {
         self.dev
             .drain(&self.wait())
             .map_err(|f| self.fail("all_gather", f))?;
-        let mut shape = vec![self.world_size()];
-        shape.extend_from_slice(t.shape());
-        Tensor::new(shape, gathered).map_err(|e| self.device_error(e))
+        Tensor::new(gathered_shape(self.world_size(), t), gathered)
+            .map_err(|e| self.device_error(e))
     }
 
     fn all_reduce_add_rms_norm(

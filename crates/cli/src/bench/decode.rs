@@ -500,9 +500,7 @@ impl Communicator for SkipComm {
         for r in 0..self.world {
             all.copy_from(r * n, t.storage()).map_err(err)?;
         }
-        let mut shape = vec![self.world];
-        shape.extend_from_slice(t.shape());
-        Tensor::new(shape, all).map_err(err)
+        Tensor::new(tessera_comm::gathered_shape(self.world, t), all).map_err(err)
     }
     #[cfg(feature = "cuda")]
     fn all_reduce_add_rms_norm(
