@@ -525,7 +525,8 @@ fn every_op_matches_the_cpu() {
         // falls back to (hd 48: hd / 8 not a power of two), at batch 1 and 3.
         // The one-pass kernel over the same shapes (at most 4 heads a block: g = 8 and 12 in
         // blocks of 4, g = 3 with one masked off), and on tensor cores (bf16 at head dims 64 and
-        // 128: g = 1, 2, 3, 7 and 8 as rows of its m16 tiles; elsewhere the one-pass kernel).
+        // 128: g = 1, 2, 3, 4, 7 and 8 as rows of its m16 tiles; elsewhere the one-pass kernel;
+        // g = 4 at head dim 128 is Llama 3 8B's and Qwen3's shape).
         // Also: one query head a KV head (g = 1), g = 3 and 7 (heads masked off in the 4- and
         // 8-head kernels), head dims 256 and 16 (256 and 16 lanes a row), and batch 16, where the
         // grouped kernel's splits grow to 128 (2 KV heads) or 256 positions (8 KV heads).
@@ -537,6 +538,7 @@ fn every_op_matches_the_cpu() {
             (8, 8, 64),
             (6, 2, 128),
             (7, 1, 128),
+            (16, 4, 128),
             (8, 2, 256),
             (4, 2, 16),
         ] {
@@ -555,6 +557,9 @@ fn every_op_matches_the_cpu() {
                 (16, None, 700),
                 (2, None, 30),
                 (64, None, 30),
+                // Past 2,048 positions in one wave: where the shape picks the tensor-core kernel
+                // (bf16, head dims 64 and 128, whole groups of 2 or more).
+                (8, None, 2100),
             ] {
                 let qkv = rand_t(vec![batch, (hq + 2 * hkv) * hd], dt, 83);
                 let (mut kcc, mut vcc) = (

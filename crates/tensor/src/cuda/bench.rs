@@ -275,7 +275,7 @@ pub fn bench_decode_attention(
     ordinal: usize,
     (batch, hq, hkv, hd, keys): (usize, usize, usize, usize, usize),
 ) -> Result<Vec<AttentionTiming>, TensorError> {
-    use super::ops::{decode_plan, force_decode_kernel, DecodeKernel};
+    use super::ops::{device_decode_plan, force_decode_kernel, DecodeKernel};
     let dev = GpuDevice::get(ordinal)?;
     if keys == 0 || hkv == 0 || !hq.is_multiple_of(hkv) {
         return Err(dev_err(
@@ -303,12 +303,10 @@ pub fn bench_decode_attention(
     let mut out = Vec::new();
     for forced in kernels {
         let kernel = forced.map_or("auto", DecodeKernel::name);
-        let p = decode_plan(keys, batch, hq, hkv, hd, dev.sms, forced);
-        let plan = match p.heads_per_block {
-            Some(gb) => format!("{gb} heads/block, {} split(s)", keys.div_ceil(p.per)),
-            None => format!("per head, {} split(s)", keys.div_ceil(p.per)),
-        };
         force_decode_kernel(forced);
+        // The plan the call below runs (a forced kernel that does not apply falls back).
+        let (p, _) = device_decode_plan(&dev, DType::BF16, keys, batch, hq, hkv, hd);
+        let plan = format!("{}, {} split(s)", p.run.label(), keys.div_ceil(p.per));
         let secs = mean_secs(&dev, copies, &mut |c| {
             let (k, v) = &caches[c];
             super::ops::decode_attention(

@@ -1144,6 +1144,75 @@ pub fn copy_bandwidth(ordinal: usize) -> Result<f64, TensorError> {
 
 #[cfg(test)]
 mod tests {
+    /// Parses `source` after `host_check.h` with a host C++ compiler (`$CXX`, else `c++`, `g++`,
+    /// `clang++`), every template the entry points use instantiated: Err(the compiler's first
+    /// lines) where it does not compile; Ok(None) where no compiler is found.
+    fn host_compile(source: &str, tag: &str) -> Result<Option<()>, String> {
+        let dir =
+            std::env::temp_dir().join(format!("tessera-kernels-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let file = dir.join("kernels.cpp");
+        let text = format!(
+            "{}\n#line 1 \"kernels.cu\"\n{source}",
+            include_str!("host_check.h")
+        );
+        std::fs::write(&file, text).map_err(|e| e.to_string())?;
+        let env = std::env::var("CXX").ok();
+        let compilers = env
+            .iter()
+            .map(String::as_str)
+            .chain(["c++", "g++", "clang++"]);
+        let mut result = Ok(None);
+        for cxx in compilers {
+            let out = std::process::Command::new(cxx)
+                .args(["-std=c++17", "-fsyntax-only", "-w"])
+                .arg(&file)
+                .output();
+            let Ok(out) = out else { continue };
+            result = if out.status.success() {
+                Ok(Some(()))
+            } else {
+                let err = String::from_utf8_lossy(&out.stderr);
+                Err(err.lines().take(40).collect::<Vec<_>>().join("\n"))
+            };
+            break;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
+    /// The kernels compile with NVRTC only on a GPU (at start-up), so a typo in `kernels.cu`
+    /// would first show there: a host C++ compiler parses the source NVRTC gets (the skinny GEMM
+    /// instances included) with CUDA's built-ins declared as stubs (`host_check.h`), checking
+    /// names, types, overloads and every kernel template the entry points instantiate (not PTX,
+    /// inline assembly or device limits: NVRTC's part). The check is shown to catch an error
+    /// only an instantiation reveals. `TESSERA_SKIP_KERNEL_CHECK=1` skips it on a machine without
+    /// a C++ compiler.
+    #[test]
+    fn the_kernels_parse_and_instantiate_on_a_host_compiler() {
+        if std::env::var_os("TESSERA_SKIP_KERNEL_CHECK").is_some() {
+            eprintln!("TESSERA_SKIP_KERNEL_CHECK: the host check of kernels.cu skipped");
+            return;
+        }
+        let found = host_compile(&super::kernel_source(), "ok")
+            .unwrap_or_else(|e| panic!("kernels.cu does not compile:\n{e}"));
+        assert!(
+            found.is_some(),
+            "no host C++ compiler (c++, g++, clang++ or $CXX) to check kernels.cu; \
+             TESSERA_SKIP_KERNEL_CHECK=1 skips the check"
+        );
+        let broken = format!(
+            "{}\ntemplate <int N> __device__ void never() {{ static_assert(N < 0, \"instantiated\"); }}\n\
+             extern \"C\" __global__ void uses_never() {{ never<3>(); }}\n",
+            super::kernel_source()
+        );
+        let err = host_compile(&broken, "broken").expect_err("an instantiation error passed");
+        assert!(
+            err.contains("kernels.cu:") && err.contains("instantiated"),
+            "{err}"
+        );
+    }
+
     use super::*;
 
     #[test]
@@ -1383,19 +1452,18 @@ mod tests {
 
     #[test]
     fn decode_attention_takes_the_most_heads_a_block_that_still_fills_the_gpu() {
-        use super::ops::{decode_plan, DecodeKernel, DecodePlan};
+        use super::ops::{decode_plan, DecodeKernel, DecodePlan, DecodeRun};
         let plan =
             |keys, batch, hq, hkv, hd, forced| decode_plan(keys, batch, hq, hkv, hd, 132, forced);
-        let p = |gb, per| DecodePlan {
-            heads_per_block: gb,
+        // The two-pass kernel with gb heads a block (None: the per-head kernel).
+        let p = |gb: Option<usize>, per| DecodePlan {
+            run: gb.map_or(DecodeRun::PerHead, DecodeRun::TwoPass),
             per,
-            one_pass: false,
-            tensor_cores: false,
         };
         // The shape's choice of whole groups of 2-4 heads runs in one pass.
-        let f = |gb, per| DecodePlan {
-            one_pass: true,
-            ..p(gb, per)
+        let f = |gb: Option<usize>, per| DecodePlan {
+            run: DecodeRun::OnePass(gb.unwrap()),
+            per,
         };
         // Llama-3-8B at tp 1 (32 / 8 heads of 128): batch 64 gives 132 SMs two blocks each with
         // whole groups over a short cache, batch 32 and 8 only with one query head a block (and
@@ -1447,9 +1515,9 @@ mod tests {
         // On tensor cores, forced: whole groups of up to 16 heads, past the two-pass kernel's
         // gb hd <= 1024.
         let mma = Some(DecodeKernel::Mma);
-        let t = |gb, per| DecodePlan {
-            tensor_cores: true,
-            ..f(gb, per)
+        let t = |gb: Option<usize>, per| DecodePlan {
+            run: DecodeRun::TensorCores(gb.unwrap()),
+            per,
         };
         assert_eq!(plan(2048, 8, 64, 8, 128, mma), t(Some(8), 256));
         assert_eq!(plan(700, 64, 16, 1, 128, mma), t(Some(16), 256));
@@ -1469,41 +1537,68 @@ mod tests {
         // 1.3 waves, or a short cache: the one-pass kernel on CUDA cores.
         assert!(!mma_decode_pays(h200, 2048, 512, 4, 128));
         assert!(!mma_decode_pays(h200, 2047, 4096, 4, 128));
-        // Smaller tiles at head dim 64: 5 blocks a multiprocessor, so 660 blocks are one wave.
-        assert!(mma_decode_pays(h200, 2048, 660, 2, 64));
+        // Smaller tiles at head dim 64: 6 blocks a multiprocessor of 2 heads (38,912 bytes and
+        // the driver's 1 KB each), so 792 blocks are one wave and 1,000 are 1.3.
+        assert!(mma_decode_pays(h200, 2048, 792, 2, 64));
+        assert!(!mma_decode_pays(h200, 2048, 1000, 2, 64));
     }
 
     #[test]
     fn the_shape_takes_tensor_cores_for_whole_groups_over_long_caches() {
-        use super::ops::{decode_plan, with_tensor_cores, DecodePlan};
+        use super::ops::{decode_plan, with_tensor_cores, DecodePlan, DecodeRun};
         let h200 = (132, 233_472);
         let choose = |keys, batch, hq, hkv, hd| {
             let plan = decode_plan(keys, batch, hq, hkv, hd, 132, None);
             with_tensor_cores(plan, h200, keys, batch, hq, hkv, hd)
         };
         let t = |gb, per| DecodePlan {
-            heads_per_block: Some(gb),
+            run: DecodeRun::TensorCores(gb),
             per,
-            one_pass: true,
-            tensor_cores: true,
         };
         // 8B at tp 1, batch 64 over 2,048 positions: 4,096 blocks of 4 heads (>= 2 waves).
         assert_eq!(choose(2048, 64, 32, 8, 128), t(4, 256));
         // tp 1 batch 8: 512 blocks, 1.3 waves: the one-pass kernel on CUDA cores.
-        let cuda_cores = choose(2048, 8, 32, 8, 128);
-        assert!(cuda_cores.one_pass && !cuda_cores.tensor_cores);
+        assert_eq!(choose(2048, 8, 32, 8, 128).run, DecodeRun::OnePass(4));
         // 70B at tp 2 (32 / 4 heads, g = 8): the two-pass kernel's whole groups move to tensor
         // cores at batch 8 (256 blocks, one wave) and 32 (1,024, >= 2 waves), not over a short
         // cache.
         assert_eq!(choose(2048, 8, 32, 4, 128), t(8, 256));
         assert_eq!(choose(2048, 32, 32, 4, 128), t(8, 256));
-        let short = choose(512, 32, 32, 4, 128);
-        assert!(!short.one_pass && !short.tensor_cores);
-        // One head a block (batch 1) and groups split in parts (g = 16 in blocks of 8) stay off.
-        assert!(!choose(4096, 1, 32, 8, 128).tensor_cores);
-        let parts = choose(4096, 32, 64, 4, 128);
-        assert_eq!(parts.heads_per_block, Some(8));
-        assert!(!parts.tensor_cores);
+        assert_eq!(choose(512, 32, 32, 4, 128).run, DecodeRun::TwoPass(8));
+        // One head a block (batch 1) and groups split in parts (g = 16 in blocks of 8, g = 9 in
+        // one-pass blocks of 3) stay off.
+        assert_eq!(choose(4096, 1, 32, 8, 128).run, DecodeRun::TwoPass(1));
+        assert_eq!(choose(4096, 32, 64, 4, 128).run, DecodeRun::TwoPass(8));
+        assert_eq!(choose(4096, 32, 36, 4, 128).run, DecodeRun::OnePass(3));
+    }
+
+    #[test]
+    fn each_plan_launches_the_kernel_instance_that_holds_its_heads() {
+        use super::ops::DecodeRun::*;
+        // The vectorised kernels' instances hold 1, 2, 4 or 8 heads (one pass: up to 4); a
+        // group of 3 runs in the 4-head instance, 5-8 in the 8-head one.
+        let cases = [
+            (PerHead, "decode_attention"),
+            (TwoPass(1), "decode_attention_gqa1"),
+            (TwoPass(2), "decode_attention_gqa2"),
+            (TwoPass(3), "decode_attention_gqa4"),
+            (TwoPass(4), "decode_attention_gqa4"),
+            (TwoPass(6), "decode_attention_gqa8"),
+            (TwoPass(8), "decode_attention_gqa8"),
+            (OnePass(1), "decode_attention_flash1"),
+            (OnePass(2), "decode_attention_flash2"),
+            (OnePass(3), "decode_attention_flash4"),
+            (OnePass(4), "decode_attention_flash4"),
+            (TensorCores(8), "decode_attention_mma"),
+        ];
+        for (run, kernel) in cases {
+            assert_eq!(run.kernel(), kernel, "{run:?}");
+            let launched = kernel != "decode_attention_mma";
+            assert_eq!(super::KERNEL_NAMES.contains(&kernel), launched, "{kernel}");
+        }
+        assert_eq!(TwoPass(3).heads_per_block(), Some(3));
+        assert_eq!(PerHead.heads_per_block(), None);
+        assert_eq!(TensorCores(8).label(), "tensor cores, 8 heads/block");
     }
 
     #[test]

@@ -982,17 +982,63 @@ const FLASH_MAX_G: usize = 4;
 /// Query heads a block of the tensor-core kernel may take (the rows of an m16 tile).
 const MMA_MAX_G: usize = 16;
 
-/// How one decode attention call runs: the vectorised kernel with `heads_per_block` query heads a
-/// block (`None`: the per-head kernel), each split taking `per` positions, in one pass over the
-/// cache (`decode_attention_flash`) when `one_pass`.
+/// Which decode attention kernel a call runs, and with how many query heads a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DecodeRun {
+    /// `decode_attention`: one query head a block, a position at a time.
+    PerHead,
+    /// `decode_attention_gqa*`: the vectorised kernel, scores then P V, with this many heads.
+    TwoPass(usize),
+    /// `decode_attention_flash*`: one pass on CUDA cores.
+    OnePass(usize),
+    /// `decode_attention_mma*`: one pass on tensor cores (bf16, head dims 64 and 128, sm_80+).
+    TensorCores(usize),
+}
+
+impl DecodeRun {
+    /// Query heads a block of the vectorised kernels takes (`None`: the per-head kernel).
+    pub fn heads_per_block(self) -> Option<usize> {
+        match self {
+            Self::PerHead => None,
+            Self::TwoPass(gb) | Self::OnePass(gb) | Self::TensorCores(gb) => Some(gb),
+        }
+    }
+
+    /// In words, for `tessera bench attention`'s table.
+    pub fn label(self) -> String {
+        match self {
+            Self::PerHead => "per head".into(),
+            Self::TwoPass(gb) => format!("two-pass, {gb} heads/block"),
+            Self::OnePass(gb) => format!("one pass, {gb} heads/block"),
+            Self::TensorCores(gb) => format!("tensor cores, {gb} heads/block"),
+        }
+    }
+
+    /// The `kernels.cu` instance it launches (before the dtype's suffix; the tensor-core
+    /// kernel's instance is the head dim's, `decode_attention_mma64` / `128`, loaded apart): the
+    /// vectorised kernels' GM, the most heads a block, rounded up to an instance (3 heads run in
+    /// the 4-head one with the fourth masked off).
+    pub fn kernel(self) -> &'static str {
+        match self {
+            Self::PerHead => "decode_attention",
+            Self::TwoPass(1) => "decode_attention_gqa1",
+            Self::TwoPass(2) => "decode_attention_gqa2",
+            Self::TwoPass(3 | 4) => "decode_attention_gqa4",
+            Self::TwoPass(_) => "decode_attention_gqa8",
+            Self::OnePass(1) => "decode_attention_flash1",
+            Self::OnePass(2) => "decode_attention_flash2",
+            Self::OnePass(_) => "decode_attention_flash4",
+            Self::TensorCores(_) => "decode_attention_mma",
+        }
+    }
+}
+
+/// How one decode attention call runs: the kernel (and heads a block), each split taking `per`
+/// positions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct DecodePlan {
-    pub heads_per_block: Option<usize>,
+    pub run: DecodeRun,
     pub per: usize,
-    pub one_pass: bool,
-    /// On tensor cores (`decode_attention_mma`, one pass), where the dtype, head dim and device
-    /// allow it (else the one-pass kernel on CUDA cores).
-    pub tensor_cores: bool,
 }
 
 /// Picks the decode attention kernel for `keys` cached positions of `batch` sequences with `hq`
@@ -1020,10 +1066,8 @@ pub(crate) fn decode_plan(
 ) -> DecodePlan {
     let g = hq / hkv;
     let per_head = DecodePlan {
-        heads_per_block: None,
+        run: DecodeRun::PerHead,
         per: DECODE_SPLIT,
-        one_pass: false,
-        tensor_cores: false,
     };
     let tensor_cores = forced == Some(DecodeKernel::Mma);
     let one_pass = forced == Some(DecodeKernel::Flash) || tensor_cores;
@@ -1068,10 +1112,14 @@ pub(crate) fn decode_plan(
     // two are within ~1 µs of each other there), and so do groups of more than 4 (the one-pass
     // kernel holds at most 4 heads' running state in registers).
     let plan = |gb: usize, per| DecodePlan {
-        heads_per_block: Some(gb),
+        run: if tensor_cores {
+            DecodeRun::TensorCores(gb)
+        } else if one_pass || (forced.is_none() && (2..=FLASH_MAX_G).contains(&gb)) {
+            DecodeRun::OnePass(gb)
+        } else {
+            DecodeRun::TwoPass(gb)
+        },
         per,
-        one_pass: one_pass || (forced.is_none() && (2..=FLASH_MAX_G).contains(&gb)),
-        tensor_cores,
     };
     for per in [DECODE_SPLIT, DECODE_SPLIT / 2, DECODE_SPLIT / 4] {
         if let Some(&gb) = candidates.iter().find(|&&gb| blocks(gb, per) >= need(gb)) {
@@ -1116,7 +1164,8 @@ pub(crate) fn mma_decode_pays(
 /// The shape's plan with the tensor-core kernel chosen where it pays (`mma_decode_pays`): for
 /// its whole groups of 2-4 heads in one pass, and for whole groups of more heads (g = 8: Llama 3
 /// 70B, 64 / 8 heads) that the two-pass kernel takes (the one-pass kernel on CUDA cores holds at
-/// most 4). `gpu`: the device's multiprocessors and shared memory a multiprocessor. (70B at tp 2
+/// most 4). Whole groups only: a KV head's group split over blocks (g = 9 in blocks of 3) is
+/// the form forced runs never take, so never the GPU tests either. `gpu`: the device's multiprocessors and shared memory a multiprocessor. (70B at tp 2
 /// over a 2,048-position cache, decode steps through graphs, two-pass / tensor cores: batch 8
 /// 25.17 / 20.40 ms, batch 32 34.15 / 25.81, BENCHMARKS.md.)
 pub(crate) fn with_tensor_cores(
@@ -1129,13 +1178,12 @@ pub(crate) fn with_tensor_cores(
     hd: usize,
 ) -> DecodePlan {
     let g = hq / hkv;
-    match plan.heads_per_block {
-        Some(gb) if gb > 1 && (plan.one_pass || gb == g) => {
-            let blocks = keys.div_ceil(plan.per) * batch * hkv * (g / gb);
+    match plan.run {
+        DecodeRun::TwoPass(gb) | DecodeRun::OnePass(gb) if gb > 1 && gb == g => {
+            let blocks = keys.div_ceil(plan.per) * batch * hkv;
             if mma_decode_pays(gpu, keys, blocks, gb, hd) {
                 DecodePlan {
-                    one_pass: true,
-                    tensor_cores: true,
+                    run: DecodeRun::TensorCores(gb),
                     ..plan
                 }
             } else {
@@ -1460,6 +1508,39 @@ pub fn qkv_rope_append(
     Ok(q)
 }
 
+/// The plan `decode_attention` runs on `dev` for `keys` positions in `dtype`: the forced kernel's
+/// (`TESSERA_DECODE_ATTENTION`; the tensor-core kernel where none is loaded for this dtype, head
+/// dim or device: the one-pass one), else the shape's (`decode_plan`, then `with_tensor_cores`
+/// where the kernel is loaded); with the tensor-core kernel's function when the plan takes it.
+pub(crate) fn device_decode_plan(
+    dev: &GpuDevice,
+    dtype: crate::DType,
+    keys: usize,
+    batch: usize,
+    hq: usize,
+    hkv: usize,
+    hd: usize,
+) -> (DecodePlan, Option<&cudarc::driver::CudaFunction>) {
+    let mma = match (&dev.mma_decode, hd, dtype) {
+        (Some(f), 64, crate::DType::BF16) => Some(&f[0]),
+        (Some(f), 128, crate::DType::BF16) => Some(&f[1]),
+        _ => None,
+    };
+    let forced = match decode_kernel_choice() {
+        Some(DecodeKernel::Mma) if mma.is_none() => Some(DecodeKernel::Flash),
+        f => f,
+    };
+    let mut plan = decode_plan(keys, batch, hq, hkv, hd, dev.sms, forced);
+    if forced.is_none() && mma.is_some() {
+        plan = with_tensor_cores(plan, (dev.sms, dev.smem_per_sm), keys, batch, hq, hkv, hd);
+    }
+    let f = match plan.run {
+        DecodeRun::TensorCores(_) => mma,
+        _ => None,
+    };
+    (plan, f)
+}
+
 /// One decode step's attention from the fused projection `qkv` `[batch, hq + 2 hkv, hd]` (`hq`,
 /// `hkv`: one sequence's heads) at position `start` (during a capture, the graph's position):
 /// RoPE, the K/V append and attention in one kernel. Returns `[batch hq, hd]`.
@@ -1491,20 +1572,7 @@ pub fn decode_attention(
     };
     let keys = window.map_or(keys, |w| keys.min(w));
     let g = hq / hkv;
-    let mma = match (&dev.mma_decode, hd, qkv.dtype()) {
-        (Some(f), 64, crate::DType::BF16) => Some(&f[0]),
-        (Some(f), 128, crate::DType::BF16) => Some(&f[1]),
-        _ => None,
-    };
-    let forced = match decode_kernel_choice() {
-        // No tensor-core kernel for this dtype, head dim or device: the one-pass kernel.
-        Some(DecodeKernel::Mma) if mma.is_none() => Some(DecodeKernel::Flash),
-        f => f,
-    };
-    let mut plan = decode_plan(keys, batch, hq, hkv, hd, dev.sms, forced);
-    if forced.is_none() && mma.is_some() {
-        plan = with_tensor_cores(plan, (dev.sms, dev.smem_per_sm), keys, batch, hq, hkv, hd);
-    }
+    let (plan, mma) = device_decode_plan(&dev, qkv.dtype(), keys, batch, hq, hkv, hd);
     let per = plan.per;
     let splits = keys.div_ceil(per).max(1);
     if batch * hq > 65535 {
@@ -1515,11 +1583,11 @@ pub fn decode_attention(
             ),
         ));
     }
-    let smem = match plan.heads_per_block {
-        Some(gb) if plan.tensor_cores => mma_decode_smem(gb, hd),
-        Some(gb) if plan.one_pass => flash_smem(gb, hd),
-        Some(gb) => (gb * hd + 2 * hd + gb * per + 4 * gb * hd + 2 * gb) * 4,
-        None => (3 * hd + per) * 4,
+    let smem = match plan.run {
+        DecodeRun::TensorCores(gb) => mma_decode_smem(gb, hd),
+        DecodeRun::OnePass(gb) => flash_smem(gb, hd),
+        DecodeRun::TwoPass(gb) => (gb * hd + 2 * hd + gb * per + 4 * gb * hd + 2 * gb) * 4,
+        DecodeRun::PerHead => (3 * hd + per) * 4,
     };
     let out = CudaBuf::alloc(&dev, qkv.dtype(), batch * hq * hd)?;
     let f = dev.table(inv_freq)?;
@@ -1538,17 +1606,7 @@ pub fn decode_attention(
     } else {
         None
     };
-    let kernel = match plan.heads_per_block {
-        Some(1) if plan.one_pass => "decode_attention_flash1",
-        Some(2) if plan.one_pass => "decode_attention_flash2",
-        Some(_) if plan.one_pass => "decode_attention_flash4",
-        Some(1) => "decode_attention_gqa1",
-        Some(2) => "decode_attention_gqa2",
-        Some(3 | 4) => "decode_attention_gqa4",
-        Some(_) => "decode_attention_gqa8",
-        None => "decode_attention",
-    };
-    let rows = match plan.heads_per_block {
+    let rows = match plan.run.heads_per_block() {
         Some(gb) => batch * hkv * (g / gb),
         None => heads,
     };
@@ -1557,9 +1615,9 @@ pub fn decode_attention(
         block_dim: (128, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    let f_kernel = match (plan.tensor_cores, mma) {
-        (true, Some(f)) => f,
-        _ => dev.func(kernel, qkv.dtype()),
+    let f_kernel = match mma {
+        Some(f) => f,
+        None => dev.func(plan.run.kernel(), qkv.dtype()),
     };
     // Both kernels start with programmatic dependent launch: the vectorised one loads its cached
     // K/V rows and computes its RoPE angles while the QKV projection before it finishes, and
@@ -1584,7 +1642,7 @@ pub fn decode_attention(
     let mut pos = io.as_ref().map_or(0, |io| io.pos.device_ptr(st).0);
     let mut scale = scale;
     let mut per = per as i32;
-    let mut gb = plan.heads_per_block.map(|g| g as i32);
+    let mut gb = plan.run.heads_per_block().map(|g| g as i32);
     let mut params = raw_params(&mut ptrs);
     params.extend(raw_params(&mut ints));
     params.push((&mut scale as *mut f32).cast());
