@@ -275,7 +275,7 @@ pub fn bench_decode_attention(
     ordinal: usize,
     (batch, hq, hkv, hd, keys): (usize, usize, usize, usize, usize),
 ) -> Result<Vec<AttentionTiming>, TensorError> {
-    use super::ops::{device_decode_plan, force_decode_kernel, DecodeKernel};
+    use super::ops::{device_decode_plan, force_decode_kernel, DecodeKernel, DecodeRun};
     let dev = GpuDevice::get(ordinal)?;
     if keys == 0 || hkv == 0 || !hq.is_multiple_of(hkv) {
         return Err(dev_err(
@@ -306,7 +306,11 @@ pub fn bench_decode_attention(
         force_decode_kernel(forced);
         // The plan the call below runs (a forced kernel that does not apply falls back).
         let (p, _) = device_decode_plan(&dev, DType::BF16, keys, batch, hq, hkv, hd);
-        let plan = format!("{}, {} split(s)", p.run.label(), keys.div_ceil(p.per));
+        let mut plan = format!("{}, {} split(s)", p.run.label(), keys.div_ceil(p.per));
+        if let DecodeRun::TensorCores(gb) = p.run {
+            let r = dev.mma_decode_resident(hd, gb);
+            plan.push_str(&format!(", {r} blocks/SM"));
+        }
         let secs = mean_secs(&dev, copies, &mut |c| {
             let (k, v) = &caches[c];
             super::ops::decode_attention(

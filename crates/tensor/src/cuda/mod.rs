@@ -420,8 +420,10 @@ pub struct GpuDevice {
     pub(crate) has_pdl: bool,
     /// Streaming multiprocessors (sizes the splits of decode attention).
     pub(crate) sms: usize,
-    /// Shared memory a multiprocessor holds (bytes): how many blocks of a kernel fit at once.
-    pub(crate) smem_per_sm: usize,
+    /// Blocks of the tensor-core decode attention a multiprocessor holds at once, at head dims 64
+    /// and 128, by heads a block (1-16): the driver's occupancy (shared memory and registers),
+    /// else shared memory alone (`ops::mma_resident_by_smem`); zeros without the kernel.
+    mma_decode_resident: [[usize; 16]; 2],
     /// Small constant tables (RoPE inverse frequencies) uploaded once, keyed by their contents.
     tables: Mutex<HashMap<Vec<u32>, Arc<CudaSlice<f32>>>>,
     /// While a decode step is being captured: the device buffers its kernels read their inputs
@@ -445,6 +447,20 @@ pub(crate) fn dev_err(ordinal: usize, e: impl std::fmt::Display) -> TensorError 
 static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<GpuDevice>>>> = OnceLock::new();
 
 impl GpuDevice {
+    /// Blocks of the tensor-core decode attention with `gb` heads of `hd` (64 or 128) a
+    /// multiprocessor holds at once (0 without the kernel or for other shapes).
+    pub(crate) fn mma_decode_resident(&self, hd: usize, gb: usize) -> usize {
+        let row = match hd {
+            64 => 0,
+            128 => 1,
+            _ => return 0,
+        };
+        gb.checked_sub(1)
+            .and_then(|i| self.mma_decode_resident[row].get(i))
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// The device `ordinal`, initialised (kernels compiled) on first use and shared afterwards.
     pub fn get(ordinal: usize) -> Result<Arc<GpuDevice>, TensorError> {
         let map = DEVICES.get_or_init(|| Mutex::new(HashMap::new()));
@@ -613,9 +629,21 @@ impl GpuDevice {
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
             .map_err(|e| err(&e))?
             .max(0) as usize;
+        let mut mma_decode_resident = [[0; 16]; 2];
+        if let Some(fs) = &mma_decode {
+            for ((f, hd), row) in fs.iter().zip([64, 128]).zip(&mut mma_decode_resident) {
+                for (i, r) in row.iter_mut().enumerate() {
+                    let smem = ops::mma_decode_smem(i + 1, hd);
+                    *r = match f.occupancy_max_active_blocks_per_multiprocessor(128, smem, None) {
+                        Ok(n) if n > 0 => n as usize,
+                        _ => ops::mma_resident_by_smem(smem_per_sm, i + 1, hd),
+                    };
+                }
+            }
+        }
         Ok(GpuDevice {
             sms,
-            smem_per_sm,
+            mma_decode_resident,
             ordinal,
             ctx,
             stream,
@@ -1527,29 +1555,38 @@ mod tests {
 
     #[test]
     fn tensor_cores_take_long_caches_in_one_wave_or_in_two_or_more() {
-        use super::ops::mma_decode_pays;
-        // An H200: 132 multiprocessors of 228 KB, 3 blocks of 4 heads of 128 each (396 slots).
-        let h200 = (132, 233_472);
-        assert!(mma_decode_pays(h200, 2048, 4096, 4, 128));
-        assert!(mma_decode_pays(h200, 2048, 256, 4, 128));
-        assert!(mma_decode_pays(h200, 2048, 396, 4, 128));
-        assert!(mma_decode_pays(h200, 8192, 792, 4, 128));
+        use super::ops::{mma_decode_pays, mma_resident_by_smem};
+        // An H200 by shared memory alone: 132 multiprocessors of 228 KB, 3 blocks of 4 heads of
+        // 128 each (396 slots).
+        let pays = |keys, blocks, gb, hd| {
+            mma_decode_pays(132, mma_resident_by_smem(233_472, gb, hd), keys, blocks)
+        };
+        assert!(pays(2048, 4096, 4, 128));
+        assert!(pays(2048, 256, 4, 128));
+        assert!(pays(2048, 396, 4, 128));
+        assert!(pays(8192, 792, 4, 128));
         // 1.3 waves, or a short cache: the one-pass kernel on CUDA cores.
-        assert!(!mma_decode_pays(h200, 2048, 512, 4, 128));
-        assert!(!mma_decode_pays(h200, 2047, 4096, 4, 128));
+        assert!(!pays(2048, 512, 4, 128));
+        assert!(!pays(2047, 4096, 4, 128));
         // Smaller tiles at head dim 64: 6 blocks a multiprocessor of 2 heads (38,912 bytes and
         // the driver's 1 KB each), so 792 blocks are one wave and 1,000 are 1.3.
-        assert!(mma_decode_pays(h200, 2048, 792, 2, 64));
-        assert!(!mma_decode_pays(h200, 2048, 1000, 2, 64));
+        assert!(pays(2048, 792, 2, 64));
+        assert!(!pays(2048, 1000, 2, 64));
+        // Registers holding 2 blocks where shared memory would hold 3: 512 blocks are then two
+        // waves (264 slots), not 1.3.
+        assert!(mma_decode_pays(132, 2, 2048, 528));
+        assert!(!mma_decode_pays(132, 3, 2048, 528));
     }
 
     #[test]
     fn the_shape_takes_tensor_cores_for_whole_groups_over_long_caches() {
-        use super::ops::{decode_plan, with_tensor_cores, DecodePlan, DecodeRun};
-        let h200 = (132, 233_472);
+        use super::ops::{
+            decode_plan, mma_resident_by_smem, with_tensor_cores, DecodePlan, DecodeRun,
+        };
+        let resident = |gb| mma_resident_by_smem(233_472, gb, 128);
         let choose = |keys, batch, hq, hkv, hd| {
             let plan = decode_plan(keys, batch, hq, hkv, hd, 132, None);
-            with_tensor_cores(plan, h200, keys, batch, hq, hkv, hd)
+            with_tensor_cores(plan, 132, &resident, keys, batch, hq, hkv)
         };
         let t = |gb, per| DecodePlan {
             run: DecodeRun::TensorCores(gb),

@@ -1146,42 +1146,43 @@ pub(crate) fn flash_smem(gb: usize, hd: usize) -> usize {
 /// grid of 1-2 waves waits on its last). `tessera bench attention` on one H200 (µs, one pass on
 /// CUDA cores / on tensor cores, BENCHMARKS.md): 8B heads at tp 1, batch 64 over 2,048
 /// positions 236 / 212 and over 8,192 892 / 776; batch 8 over 2,048 at tp 2 (one wave) 33 / 20,
-/// at tp 1 (1.3 waves) 37 / 40; batch 64 over 512 at tp 2 (1.3 waves) 35 / 40. `gpu`: the
-/// device's multiprocessors and shared memory a multiprocessor (bytes).
-pub(crate) fn mma_decode_pays(
-    (sms, smem_per_sm): (usize, usize),
-    keys: usize,
-    blocks: usize,
-    gb: usize,
-    hd: usize,
-) -> bool {
-    // The driver keeps 1 KB a block of a multiprocessor's shared memory for itself.
-    let resident = smem_per_sm / (mma_decode_smem(gb, hd) + 1024);
+/// at tp 1 (1.3 waves) 37 / 40; batch 64 over 512 at tp 2 (1.3 waves) 35 / 40. `sms`: the
+/// device's multiprocessors; `resident`: the blocks of the kernel one holds at once.
+pub(crate) fn mma_decode_pays(sms: usize, resident: usize, keys: usize, blocks: usize) -> bool {
     let slots = sms * resident.max(1);
     keys >= 2048 && (blocks <= slots || blocks >= 2 * slots)
+}
+
+/// Blocks of the tensor-core decode attention (`gb` heads of `hd`) a multiprocessor of
+/// `smem_per_sm` bytes of shared memory holds by shared memory alone (the driver keeps 1 KB a
+/// block for itself): the device's figure where the driver's occupancy query (which counts
+/// registers too) does not answer, and the unit tests' H200.
+pub(crate) fn mma_resident_by_smem(smem_per_sm: usize, gb: usize, hd: usize) -> usize {
+    (smem_per_sm / (mma_decode_smem(gb, hd) + 1024)).max(1)
 }
 
 /// The shape's plan with the tensor-core kernel chosen where it pays (`mma_decode_pays`): for
 /// its whole groups of 2-4 heads in one pass, and for whole groups of more heads (g = 8: Llama 3
 /// 70B, 64 / 8 heads) that the two-pass kernel takes (the one-pass kernel on CUDA cores holds at
 /// most 4). Whole groups only: a KV head's group split over blocks (g = 9 in blocks of 3) is
-/// the form forced runs never take, so never the GPU tests either. `gpu`: the device's multiprocessors and shared memory a multiprocessor. (70B at tp 2
+/// the form forced runs never take, so never the GPU tests either. `sms`: the device's
+/// multiprocessors; `resident(gb)`: the blocks of `gb` heads one holds at once. (70B at tp 2
 /// over a 2,048-position cache, decode steps through graphs, two-pass / tensor cores: batch 8
 /// 25.17 / 20.40 ms, batch 32 34.15 / 25.81, BENCHMARKS.md.)
 pub(crate) fn with_tensor_cores(
     plan: DecodePlan,
-    gpu: (usize, usize),
+    sms: usize,
+    resident: &dyn Fn(usize) -> usize,
     keys: usize,
     batch: usize,
     hq: usize,
     hkv: usize,
-    hd: usize,
 ) -> DecodePlan {
     let g = hq / hkv;
     match plan.run {
         DecodeRun::TwoPass(gb) | DecodeRun::OnePass(gb) if gb > 1 && gb == g => {
             let blocks = keys.div_ceil(plan.per) * batch * hkv;
-            if mma_decode_pays(gpu, keys, blocks, gb, hd) {
+            if mma_decode_pays(sms, resident(gb), keys, blocks) {
                 DecodePlan {
                     run: DecodeRun::TensorCores(gb),
                     ..plan
@@ -1532,7 +1533,8 @@ pub(crate) fn device_decode_plan(
     };
     let mut plan = decode_plan(keys, batch, hq, hkv, hd, dev.sms, forced);
     if forced.is_none() && mma.is_some() {
-        plan = with_tensor_cores(plan, (dev.sms, dev.smem_per_sm), keys, batch, hq, hkv, hd);
+        let resident = |gb: usize| dev.mma_decode_resident(hd, gb);
+        plan = with_tensor_cores(plan, dev.sms, &resident, keys, batch, hq, hkv);
     }
     let f = match plan.run {
         DecodeRun::TensorCores(_) => mma,
