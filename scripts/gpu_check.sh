@@ -149,6 +149,10 @@ variant_env() {
     # cores where its grid fills the GPU) against the one pass on CUDA cores and on tensor cores
     # forced, the two-pass grouped kernel and the first per-query-head kernel, same binary, same
     # call; then the 70B shape at tp 2 (g = 8: the two-pass kernel against the shape's choice).
+    # The kernels alone over such caches; the tensor-core rows print the blocks a multiprocessor
+    # holds (the driver's occupancy figure the shape's wave rule counts with).
+    echo "== tessera bench attention, Llama-3-8B heads, 2,048 and 8,192 positions"
+    .gpu/tessera bench attention --tp 1 --batch 8,64 --keys 2048,8192 2>&1
     for m in per_head grouped flash mma auto; do
       echo "== tessera bench decode, Llama-3-8B shape, 2048-position cache, CUDA graphs, decode attention $m"
       TESSERA_DECODE_ATTENTION=$m .gpu/tessera bench decode --device cuda --preset llama-3-8b --tp 1 --batch 1,32,64 --steps 32 --prompt-len 2048 --graph 2>&1 | tail -6
