@@ -33,7 +33,7 @@ fn run_cuda(a: AttentionArgs) -> Result<()> {
         "tp {t}: {hq} query / {hkv} KV heads of {hd} a rank"
     ))?;
     outln!(
-        "\n{:>5} {:>5} {:>9} {:>52} {:>9} {:>9} {:>9}",
+        "\n{:>5} {:>5} {:>9} {:>72} {:>9} {:>9} {:>9}",
         "batch",
         "keys",
         "kernel",
@@ -48,7 +48,7 @@ fn run_cuda(a: AttentionArgs) -> Result<()> {
             let best = fastest(rows.iter().map(|r| r.micros));
             for r in rows {
                 outln!(
-                    "{:>5} {:>5} {:>9} {:>52} {}{}",
+                    "{:>5} {:>5} {:>9} {:>72} {}{}",
                     b,
                     k,
                     r.kernel,

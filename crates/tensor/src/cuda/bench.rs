@@ -309,7 +309,11 @@ pub fn bench_decode_attention(
         let mut plan = format!("{}, {} split(s)", p.run.label(), keys.div_ceil(p.per));
         if let DecodeRun::TensorCores(gb) = p.run {
             let r = dev.mma_decode_resident(hd, gb);
-            plan.push_str(&format!(", {r} blocks/SM"));
+            let by = match dev.mma_resident_by_driver {
+                true => "driver",
+                false => "shared memory",
+            };
+            plan.push_str(&format!(", {r} blocks/SM ({by})"));
         }
         let secs = mean_secs(&dev, copies, &mut |c| {
             let (k, v) = &caches[c];

@@ -424,6 +424,9 @@ pub struct GpuDevice {
     /// and 128, by heads a block (1-16): the driver's occupancy (shared memory and registers),
     /// else shared memory alone (`ops::mma_resident_by_smem`); zeros without the kernel.
     mma_decode_resident: [[usize; 16]; 2],
+    /// Whether the driver gave every figure of `mma_decode_resident` (else shared memory alone
+    /// gave some).
+    pub(crate) mma_resident_by_driver: bool,
     /// Small constant tables (RoPE inverse frequencies) uploaded once, keyed by their contents.
     tables: Mutex<HashMap<Vec<u32>, Arc<CudaSlice<f32>>>>,
     /// While a decode step is being captured: the device buffers its kernels read their inputs
@@ -630,13 +633,17 @@ impl GpuDevice {
             .map_err(|e| err(&e))?
             .max(0) as usize;
         let mut mma_decode_resident = [[0; 16]; 2];
+        let mut mma_resident_by_driver = true;
         if let Some(fs) = &mma_decode {
             for ((f, hd), row) in fs.iter().zip([64, 128]).zip(&mut mma_decode_resident) {
                 for (i, r) in row.iter_mut().enumerate() {
                     let smem = ops::mma_decode_smem(i + 1, hd);
                     *r = match f.occupancy_max_active_blocks_per_multiprocessor(128, smem, None) {
                         Ok(n) if n > 0 => n as usize,
-                        _ => ops::mma_resident_by_smem(smem_per_sm, i + 1, hd),
+                        _ => {
+                            mma_resident_by_driver = false;
+                            ops::mma_resident_by_smem(smem_per_sm, i + 1, hd)
+                        }
                     };
                 }
             }
@@ -644,6 +651,7 @@ impl GpuDevice {
         Ok(GpuDevice {
             sms,
             mma_decode_resident,
+            mma_resident_by_driver,
             ordinal,
             ctx,
             stream,
@@ -1568,8 +1576,9 @@ mod tests {
         // 1.3 waves, or a short cache: the one-pass kernel on CUDA cores.
         assert!(!pays(2048, 512, 4, 128));
         assert!(!pays(2047, 4096, 4, 128));
-        // Smaller tiles at head dim 64: 6 blocks a multiprocessor of 2 heads (38,912 bytes and
-        // the driver's 1 KB each), so 792 blocks are one wave and 1,000 are 1.3.
+        // Smaller tiles at head dim 64: by shared memory alone 6 blocks a multiprocessor of 2
+        // heads (38,912 bytes and the driver's 1 KB each), so 792 blocks are one wave and 1,000
+        // are 1.3 (registers may hold fewer: the device asks the driver).
         assert!(pays(2048, 792, 2, 64));
         assert!(!pays(2048, 1000, 2, 64));
         // Registers holding 2 blocks where shared memory would hold 3: 512 blocks are then two
