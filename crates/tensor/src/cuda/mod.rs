@@ -1226,6 +1226,10 @@ mod tests {
     /// a C++ compiler.
     #[test]
     fn the_kernels_parse_and_instantiate_on_a_host_compiler() {
+        // `scripts/nvrtc_check.sh` takes the source NVRTC gets from here.
+        if let Some(path) = std::env::var_os("TESSERA_KERNEL_SOURCE_OUT") {
+            std::fs::write(&path, super::kernel_source()).expect("TESSERA_KERNEL_SOURCE_OUT");
+        }
         if std::env::var_os("TESSERA_SKIP_KERNEL_CHECK").is_some() {
             eprintln!("TESSERA_SKIP_KERNEL_CHECK: the host check of kernels.cu skipped");
             return;
