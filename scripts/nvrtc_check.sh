@@ -5,13 +5,15 @@
 # Not part of CI (a download); run it before a GPU call that carries kernel changes.
 #   bash scripts/nvrtc_check.sh              (sm_90, the H200's)
 #   ARCH=sm_80 bash scripts/nvrtc_check.sh
+# Exit 1: the kernels do not compile; 2: the wheels could not be installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ARCH=${ARCH:-sm_90}
 V=${NVRTC_VENV:-.nvrtc}
 if [ ! -x "$V/bin/python" ] || ! "$V/bin/python" -c "import nvidia.cu13" 2>/dev/null; then
-  python3 -m venv "$V"
-  "$V/bin/pip" install -q "nvidia-cuda-nvrtc==13.0.*" "nvidia-cuda-nvcc==13.0.*"
+  # Exit 2: no compiler to check with (no network to PyPI, no python3 venv), not a kernel error.
+  { python3 -m venv "$V" && "$V/bin/pip" install -q "nvidia-cuda-nvrtc==13.0.*" "nvidia-cuda-nvcc==13.0.*"; } ||
+    { echo "nvrtc_check: could not install NVIDIA's NVRTC wheels into $V"; exit 2; }
 fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
