@@ -1347,6 +1347,49 @@ __device__ __forceinline__ float ex2_approx(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
+// One step of a running softmax over scores held in m16n8 mma accumulator fragments: each lane
+// holds rows r and r + 8 of the tile (elements 0-1 and 2-3 of each of NS n-blocks), a row spread
+// over the 4 lanes of a quad. From this step's masked scores s and the lane's maxima of them (mx0,
+// mx1): the rows' new maxima m0, m1 (over the quad), the weights exp(s - max) written back into s,
+// the sums l0, l1 and the NB output fragments o rescaled to the new maxima. B2: scores in base-2
+// units (ex2.approx), else natural ones (expf).
+template <bool B2, int NS, int NB>
+__device__ __forceinline__ void softmax_step_frag(float (&s)[NS][4], float mx0, float mx1, float& m0,
+                                                  float& m1, float& l0, float& l1, float (&o)[NB][4]) {
+    auto ex = [](float x) {
+        if constexpr (B2) return ex2_approx(x);
+        else return expf(x);
+    };
+    for (int w = 1; w < 4; w <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, w));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, w));
+    }
+    float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    float al0 = mn0 == NEG_INF ? 1.f : ex(m0 - mn0);
+    float al1 = mn1 == NEG_INF ? 1.f : ex(m1 - mn1);
+    float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+    for (int nb = 0; nb < NS; nb++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float mn = e < 2 ? mn0 : mn1;
+            float x = mn == NEG_INF ? 0.f : ex(s[nb][e] - mn);
+            s[nb][e] = x;
+            if (e < 2) sum0 += x;
+            else sum1 += x;
+        }
+    l0 = l0 * al0 + sum0;
+    l1 = l1 * al1 + sum1;
+    m0 = mn0;
+    m1 = mn1;
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) {
+        o[nb][0] *= al0;
+        o[nb][1] *= al0;
+        o[nb][2] *= al1;
+        o[nb][3] *= al1;
+    }
+}
 // The attention over the cache of decode_attention_gqa in one pass (flash decoding within the
 // block), its K and V rows streamed through shared memory. Each group of hd / 8 lanes takes
 // positions jb + u ngrp + grp (u < UN) of each tile jb, as the gqa kernel does; a thread copies
@@ -2016,34 +2059,7 @@ __device__ void attention_mma(const bf16_t* q, const bf16_t* k, const bf16_t* v,
                 if (e < 2) mx0 = fmaxf(mx0, x);
                 else mx1 = fmaxf(mx1, x);
             }
-        for (int w = 1; w < 4; w <<= 1) {
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, w));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, w));
-        }
-        float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-        float al0 = mn0 == NEG_INF ? 1.f : expf(m0 - mn0), al1 = mn1 == NEG_INF ? 1.f : expf(m1 - mn1);
-        float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-        for (int nb = 0; nb < 8; nb++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float mn = e < 2 ? mn0 : mn1;
-                float x = mn == NEG_INF ? 0.f : expf(s[nb][e] - mn);
-                s[nb][e] = x;
-                if (e < 2) sum0 += x;
-                else sum1 += x;
-            }
-        l0 = l0 * al0 + sum0;
-        l1 = l1 * al1 + sum1;
-        m0 = mn0;
-        m1 = mn1;
-#pragma unroll
-        for (int nb = 0; nb < NB; nb++) {
-            o[nb][0] *= al0;
-            o[nb][1] *= al0;
-            o[nb][2] *= al1;
-            o[nb][3] *= al1;
-        }
+        softmax_step_frag<false>(s, mx0, mx1, m0, m1, l0, l1, o);
 #pragma unroll
         for (int c = 0; c < 4; c++) {
             unsigned a0 = pack_bf16(s[2 * c][0], s[2 * c][1]), a1 = pack_bf16(s[2 * c][2], s[2 * c][3]);
@@ -2196,35 +2212,7 @@ __device__ void decode_attention_mma(const bf16_t* qkv, bf16_t* kc, bf16_t* vc, 
                 if (e < 2) mx0 = fmaxf(mx0, x);
                 else mx1 = fmaxf(mx1, x);
             }
-        for (int w = 1; w < 4; w <<= 1) {
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, w));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, w));
-        }
-        float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-        float al0 = mn0 == NEG_INF ? 1.f : ex2_approx(m0 - mn0);
-        float al1 = mn1 == NEG_INF ? 1.f : ex2_approx(m1 - mn1);
-        float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-        for (int nb = 0; nb < 2; nb++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float mn = e < 2 ? mn0 : mn1;
-                float x = mn == NEG_INF ? 0.f : ex2_approx(sc[nb][e] - mn);
-                sc[nb][e] = x;
-                if (e < 2) sum0 += x;
-                else sum1 += x;
-            }
-        l0 = l0 * al0 + sum0;
-        l1 = l1 * al1 + sum1;
-        m0 = mn0;
-        m1 = mn1;
-#pragma unroll
-        for (int nb = 0; nb < NB; nb++) {
-            o[nb][0] *= al0;
-            o[nb][1] *= al0;
-            o[nb][2] *= al1;
-            o[nb][3] *= al1;
-        }
+        softmax_step_frag<true>(sc, mx0, mx1, m0, m1, l0, l1, o);
         unsigned a0 = pack_bf16(sc[0][0], sc[0][1]), a1 = pack_bf16(sc[0][2], sc[0][3]);
         unsigned a2 = pack_bf16(sc[1][0], sc[1][1]), a3 = pack_bf16(sc[1][2], sc[1][3]);
 #pragma unroll
