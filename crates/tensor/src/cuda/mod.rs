@@ -1501,8 +1501,8 @@ mod tests {
             per,
         };
         // The shape's choice of whole groups of 2-4 heads runs in one pass.
-        let f = |gb: Option<usize>, per| DecodePlan {
-            run: DecodeRun::OnePass(gb.unwrap()),
+        let f = |gb, per| DecodePlan {
+            run: DecodeRun::OnePass(gb),
             per,
         };
         // Llama-3-8B at tp 1 (32 / 8 heads of 128): batch 64 gives 132 SMs two blocks each with
@@ -1510,16 +1510,16 @@ mod tests {
         // one rank of tp 2, 16 / 4 heads, at batch 64 too), batch 1 never (one head a block, one
         // split for a short cache, 256-position splits for a long one); over a long cache one
         // block a multiprocessor is enough for whole groups.
-        assert_eq!(plan(48, 64, 32, 8, 128, None), f(Some(4), 256));
+        assert_eq!(plan(48, 64, 32, 8, 128, None), f(4, 256));
         assert_eq!(plan(48, 32, 32, 8, 128, None), p(Some(1), 256));
         assert_eq!(plan(48, 64, 16, 4, 128, None), p(Some(1), 256));
-        assert_eq!(plan(2048, 8, 16, 4, 128, None), f(Some(4), 256));
+        assert_eq!(plan(2048, 8, 16, 4, 128, None), f(4, 256));
         assert_eq!(plan(48, 8, 32, 8, 128, None), p(Some(1), 256));
         assert_eq!(plan(512, 8, 32, 8, 128, None), p(Some(1), 256));
         assert_eq!(plan(48, 1, 32, 8, 128, None), p(Some(1), 64));
         assert_eq!(plan(200, 1, 32, 8, 128, None), p(Some(1), 64));
         assert_eq!(plan(2048, 1, 32, 8, 128, None), p(Some(1), 256));
-        assert_eq!(plan(2048, 32, 32, 8, 128, None), f(Some(4), 256));
+        assert_eq!(plan(2048, 32, 32, 8, 128, None), f(4, 256));
         // Forced: whole groups take shorter splits first; the per-head kernel keeps its 256.
         let grouped = Some(DecodeKernel::Grouped);
         assert_eq!(plan(2048, 1, 32, 8, 128, grouped), p(Some(4), 64));
@@ -1540,29 +1540,29 @@ mod tests {
         // The one-pass kernel forced: whole groups at every shape, at most 4 heads a block (g =
         // 8 and 12: blocks of 4); hd 48: the per-head kernel.
         let flash = Some(DecodeKernel::Flash);
-        assert_eq!(plan(48, 64, 32, 8, 128, flash), f(Some(4), 256));
-        assert_eq!(plan(48, 64, 16, 4, 128, flash), f(Some(4), 256));
-        assert_eq!(plan(48, 1, 16, 4, 128, flash), f(Some(4), 64));
-        assert_eq!(plan(2048, 32, 32, 8, 128, flash), f(Some(4), 256));
-        assert_eq!(plan(700, 64, 8, 1, 128, flash), f(Some(4), 256));
-        assert_eq!(plan(700, 64, 12, 1, 32, flash), f(Some(4), 256));
+        assert_eq!(plan(48, 64, 32, 8, 128, flash), f(4, 256));
+        assert_eq!(plan(48, 64, 16, 4, 128, flash), f(4, 256));
+        assert_eq!(plan(48, 1, 16, 4, 128, flash), f(4, 64));
+        assert_eq!(plan(2048, 32, 32, 8, 128, flash), f(4, 256));
+        assert_eq!(plan(700, 64, 8, 1, 128, flash), f(4, 256));
+        assert_eq!(plan(700, 64, 12, 1, 32, flash), f(4, 256));
         assert_eq!(plan(700, 64, 6, 2, 48, flash), p(None, 256));
         // The shape's choice of 8 heads a block (g = 8) keeps the two-pass kernel; groups of 2
         // and 3 run in one pass.
         assert_eq!(plan(2048, 8, 64, 8, 128, None), p(Some(8), 256));
-        assert_eq!(plan(2048, 32, 16, 8, 128, None), f(Some(2), 256));
-        assert_eq!(plan(2048, 32, 24, 8, 128, None), f(Some(3), 256));
+        assert_eq!(plan(2048, 32, 16, 8, 128, None), f(2, 256));
+        assert_eq!(plan(2048, 32, 24, 8, 128, None), f(3, 256));
         // On tensor cores, forced: whole groups of up to 16 heads, past the two-pass kernel's
         // gb hd <= 1024.
         let mma = Some(DecodeKernel::Mma);
-        let t = |gb: Option<usize>, per| DecodePlan {
-            run: DecodeRun::TensorCores(gb.unwrap()),
+        let t = |gb, per| DecodePlan {
+            run: DecodeRun::TensorCores(gb),
             per,
         };
-        assert_eq!(plan(2048, 8, 64, 8, 128, mma), t(Some(8), 256));
-        assert_eq!(plan(700, 64, 16, 1, 128, mma), t(Some(16), 256));
-        assert_eq!(plan(48, 64, 16, 4, 128, mma), t(Some(4), 256));
-        assert_eq!(plan(30, 3, 7, 1, 128, mma), t(Some(7), 64));
+        assert_eq!(plan(2048, 8, 64, 8, 128, mma), t(8, 256));
+        assert_eq!(plan(700, 64, 16, 1, 128, mma), t(16, 256));
+        assert_eq!(plan(48, 64, 16, 4, 128, mma), t(4, 256));
+        assert_eq!(plan(30, 3, 7, 1, 128, mma), t(7, 64));
     }
 
     #[test]
