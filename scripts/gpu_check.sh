@@ -146,11 +146,11 @@ variant_env() {
   fi
   if [[ $STEPS == all || $STEPS == *long* ]]; then
     # A 2,048-position cache: the decode attention as the shape picks it (one pass, on tensor
-    # cores where its grid fills the GPU) against the one pass on CUDA cores and on tensor cores
+    # cores from 2,048 positions) against the one pass on CUDA cores and on tensor cores
     # forced, the two-pass grouped kernel and the first per-query-head kernel, same binary, same
     # call; then the 70B shape at tp 2 (g = 8: the two-pass kernel against the shape's choice).
     # The kernels alone over such caches; the tensor-core rows print the blocks a multiprocessor
-    # holds (the driver's occupancy figure the shape's wave rule counts with).
+    # holds (the driver's occupancy figure).
     echo "== tessera bench attention, Llama-3-8B heads, 2,048 and 8,192 positions"
     .gpu/tessera bench attention --tp 1 --batch 8,64 --keys 2048,8192 2>&1
     for m in per_head grouped flash mma auto; do

@@ -50,6 +50,8 @@ unsigned __shfl_up_sync(unsigned, unsigned, int, int = 32);
 unsigned __match_any_sync(unsigned, int);
 unsigned __match_any_sync(unsigned, unsigned);
 unsigned __ballot_sync(unsigned, int);
+int __any_sync(unsigned, int);
+int __all_sync(unsigned, int);
 unsigned __activemask();
 int __popc(unsigned);
 int __ffs(int);

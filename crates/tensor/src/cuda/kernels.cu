@@ -1352,8 +1352,12 @@ __device__ __forceinline__ float ex2_approx(float x) {
 // over the 4 lanes of a quad. From this step's masked scores s and the lane's maxima of them (mx0,
 // mx1): the rows' new maxima m0, m1 (over the quad), the weights exp(s - max) written back into s,
 // the sums l0, l1 and the NB output fragments o rescaled to the new maxima. B2: scores in base-2
-// units (ex2.approx), else natural ones (expf).
-template <bool B2, int NS, int NB>
+// units (ex2.approx), else natural ones (expf). HI: rows 8-15 hold queries; without, only rows
+// 0-7 are kept (their weights zeroed, their state and outputs left alone: the decode kernel's
+// groups of at most 8 heads). The outputs are rescaled only when some row's maximum moved in the
+// warp (a factor of exactly 1 otherwise: the same values, without the NB x 4 products that are
+// most of a step's work once the maxima settle over a long cache).
+template <bool B2, bool HI, int NS, int NB>
 __device__ __forceinline__ void softmax_step_frag(float (&s)[NS][4], float mx0, float mx1, float& m0,
                                                   float& m1, float& l0, float& l1, float (&o)[NB][4]) {
     auto ex = [](float x) {
@@ -1362,16 +1366,20 @@ __device__ __forceinline__ void softmax_step_frag(float (&s)[NS][4], float mx0, 
     };
     for (int w = 1; w < 4; w <<= 1) {
         mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, w));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, w));
+        if constexpr (HI) mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, w));
     }
-    float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    float mn0 = fmaxf(m0, mx0), mn1 = HI ? fmaxf(m1, mx1) : m1;
     float al0 = mn0 == NEG_INF ? 1.f : ex(m0 - mn0);
-    float al1 = mn1 == NEG_INF ? 1.f : ex(m1 - mn1);
+    float al1 = !HI || mn1 == NEG_INF ? 1.f : ex(m1 - mn1);
     float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
     for (int nb = 0; nb < NS; nb++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
+            if (!HI && e >= 2) {
+                s[nb][e] = 0.f;
+                continue;
+            }
             float mn = e < 2 ? mn0 : mn1;
             float x = mn == NEG_INF ? 0.f : ex(s[nb][e] - mn);
             s[nb][e] = x;
@@ -1379,16 +1387,42 @@ __device__ __forceinline__ void softmax_step_frag(float (&s)[NS][4], float mx0, 
             else sum1 += x;
         }
     l0 = l0 * al0 + sum0;
-    l1 = l1 * al1 + sum1;
     m0 = mn0;
-    m1 = mn1;
-#pragma unroll
-    for (int nb = 0; nb < NB; nb++) {
-        o[nb][0] *= al0;
-        o[nb][1] *= al0;
-        o[nb][2] *= al1;
-        o[nb][3] *= al1;
+    if constexpr (HI) {
+        l1 = l1 * al1 + sum1;
+        m1 = mn1;
     }
+    if (__any_sync(0xffffffffu, al0 != 1.f || al1 != 1.f)) {
+#pragma unroll
+        for (int nb = 0; nb < NB; nb++) {
+            o[nb][0] *= al0;
+            o[nb][1] *= al0;
+            if constexpr (HI) {
+                o[nb][2] *= al1;
+                o[nb][3] *= al1;
+            }
+        }
+    }
+}
+// Four 8 x 8 matrices of 16-bit values from shared memory into mma fragments (`ldmatrix`): lanes
+// 8i-8i+7 give the addresses of matrix i's 8 rows (16 bytes each, 16-byte aligned), and register
+// i of each lane gets its part of matrix i as an mma operand takes it: row lane / 4, columns
+// 2 (lane % 4) and the next (TR: transposed, column lane / 4, rows 2 (lane % 4) and the next).
+template <bool TR>
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* p) {
+#if __CUDA_ARCH__ >= 800
+    unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    if constexpr (TR)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a)
+                     : "memory");
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a)
+                     : "memory");
+#endif
 }
 // The attention over the cache of decode_attention_gqa in one pass (flash decoding within the
 // block), its K and V rows streamed through shared memory. Each group of hd / 8 lanes takes
@@ -2059,7 +2093,7 @@ __device__ void attention_mma(const bf16_t* q, const bf16_t* k, const bf16_t* v,
                 if (e < 2) mx0 = fmaxf(mx0, x);
                 else mx1 = fmaxf(mx1, x);
             }
-        softmax_step_frag<false>(s, mx0, mx1, m0, m1, l0, l1, o);
+        softmax_step_frag<false, true>(s, mx0, mx1, m0, m1, l0, l1, o);
 #pragma unroll
         for (int c = 0; c < 4; c++) {
             unsigned a0 = pack_bf16(s[2 * c][0], s[2 * c][1]), a1 = pack_bf16(s[2 * c][2], s[2 * c][3]);
@@ -2102,12 +2136,15 @@ __device__ void attention_mma(const bf16_t* q, const bf16_t* k, const bf16_t* v,
 // written from shared memory, rows past the split zeroed), scores them against the query heads
 // (2 n-blocks of mma over the head dim), keeps a running softmax per head in base-2 units in the
 // 4 lanes of a row's fragment, and adds the weights (rounded to bf16, as attention_mma and flash
-// attention round them) times V (HD / 8 n-blocks of mma). The warps' states are joined at the end
-// in shared memory over the rings.
+// attention round them) times V (HD / 8 n-blocks of mma). K and V reach the mma operands through
+// `ldmatrix` (V transposed), four 8 x 8 matrices an instruction. HI: more than 8 heads, rows 8-15
+// in use (`decode_attention_mma64w` / `128w`); without, a row's softmax state is kept for rows
+// 0-7 alone (`decode_attention_mma64` / `128`: Llama 3 8B's and 70B's groups of 4 and 8). The
+// warps' states are joined at the end in shared memory over the rings.
 // grid (splits, batch hkv g / gb); block 128; dynamic shared memory (`mma_decode_smem` on the
 // host): (gb HD + 2 HD) floats rounded up to 16 bytes, then 4 x 2 x 2 tiles of 16 x (HD + 8) bf16.
-template <int HD>
-__device__ void decode_attention_mma(const bf16_t* qkv, bf16_t* kc, bf16_t* vc, bf16_t* out,
+template <int HD, bool HI>
+__device__ __forceinline__ void decode_attention_mma(const bf16_t* qkv, bf16_t* kc, bf16_t* vc, bf16_t* out,
                                      float* part_m, float* part_l, float* part_acc,
                                      const float* inv_freq, int batch, int hq, int hkv, int start,
                                      int window, float scale, int per, int gb, const int* pos_ptr) {
@@ -2172,9 +2209,9 @@ __device__ void decode_attention_mma(const bf16_t* qkv, bf16_t* kc, bf16_t* vc, 
     for (int cc = 0; cc < KC; cc++) {
         int col = cc * 16 + tq * 2;
         qa[cc][0] = r0 < gb ? pack_bf16(qs[r0 * HD + col], qs[r0 * HD + col + 1]) : 0u;
-        qa[cc][1] = r1 < gb ? pack_bf16(qs[r1 * HD + col], qs[r1 * HD + col + 1]) : 0u;
+        qa[cc][1] = HI && r1 < gb ? pack_bf16(qs[r1 * HD + col], qs[r1 * HD + col + 1]) : 0u;
         qa[cc][2] = r0 < gb ? pack_bf16(qs[r0 * HD + col + 8], qs[r0 * HD + col + 9]) : 0u;
-        qa[cc][3] = r1 < gb ? pack_bf16(qs[r1 * HD + col + 8], qs[r1 * HD + col + 9]) : 0u;
+        qa[cc][3] = HI && r1 < gb ? pack_bf16(qs[r1 * HD + col + 8], qs[r1 * HD + col + 9]) : 0u;
     }
     float o[NB][4];
 #pragma unroll
@@ -2193,13 +2230,16 @@ __device__ void decode_attention_mma(const bf16_t* qkv, bf16_t* kc, bf16_t* vc, 
         const bf16_t* vt = kt + 16 * KS;
         float sc[2][4];
 #pragma unroll
-        for (int nb = 0; nb < 2; nb++) {
-            sc[nb][0] = sc[nb][1] = sc[nb][2] = sc[nb][3] = 0.f;
-            const bf16_t* kr = kt + (nb * 8 + gq) * KS + tq * 2;
+        for (int nb = 0; nb < 2; nb++) sc[nb][0] = sc[nb][1] = sc[nb][2] = sc[nb][3] = 0.f;
+        // K as the B operand: matrices (positions 0-7 | 8-15) x (columns cc 16 + 0-7 | 8-15), row
+        // (lane & 7) of matrix lane / 8 from this lane: b0, b1 of n-block 0, then of n-block 1.
+        const bf16_t* kl = kt + ((lane >> 4) * 8 + (lane & 7)) * KS + ((lane >> 3) & 1) * 8;
 #pragma unroll
-            for (int cc = 0; cc < KC; cc++)
-                mma_bf16(sc[nb], qa[cc][0], qa[cc][1], qa[cc][2], qa[cc][3], *(const unsigned*)(kr + cc * 16),
-                         *(const unsigned*)(kr + cc * 16 + 8));
+        for (int cc = 0; cc < KC; cc++) {
+            unsigned kb[4];
+            ldsm_x4<false>(kb, kl + cc * 16);
+            mma_bf16(sc[0], qa[cc][0], qa[cc][1], qa[cc][2], qa[cc][3], kb[0], kb[1]);
+            mma_bf16(sc[1], qa[cc][0], qa[cc][1], qa[cc][2], qa[cc][3], kb[2], kb[3]);
         }
         float mx0 = NEG_INF, mx1 = NEG_INF;
 #pragma unroll
@@ -2212,15 +2252,18 @@ __device__ void decode_attention_mma(const bf16_t* qkv, bf16_t* kc, bf16_t* vc, 
                 if (e < 2) mx0 = fmaxf(mx0, x);
                 else mx1 = fmaxf(mx1, x);
             }
-        softmax_step_frag<true>(sc, mx0, mx1, m0, m1, l0, l1, o);
-        unsigned a0 = pack_bf16(sc[0][0], sc[0][1]), a1 = pack_bf16(sc[0][2], sc[0][3]);
-        unsigned a2 = pack_bf16(sc[1][0], sc[1][1]), a3 = pack_bf16(sc[1][2], sc[1][3]);
+        softmax_step_frag<true, HI>(sc, mx0, mx1, m0, m1, l0, l1, o);
+        unsigned a0 = pack_bf16(sc[0][0], sc[0][1]), a1 = HI ? pack_bf16(sc[0][2], sc[0][3]) : 0u;
+        unsigned a2 = pack_bf16(sc[1][0], sc[1][1]), a3 = HI ? pack_bf16(sc[1][2], sc[1][3]) : 0u;
+        // V as the B operand, transposed: matrices (positions 0-7 | 8-15) x (columns nb 8 + 0-7 |
+        // nb 8 + 8-15): b0, b1 of n-block nb, then of nb + 1.
+        const bf16_t* vl = vt + (((lane >> 3) & 1) * 8 + (lane & 7)) * KS + (lane >> 4) * 8;
 #pragma unroll
-        for (int nb = 0; nb < NB; nb++) {
-            const bf16_t* vr = vt + (tq * 2) * KS + nb * 8 + gq;
-            unsigned b0 = (unsigned)vr[0] | ((unsigned)vr[KS] << 16);
-            unsigned b1 = (unsigned)vr[8 * KS] | ((unsigned)vr[9 * KS] << 16);
-            mma_bf16(o[nb], a0, a1, a2, a3, b0, b1);
+        for (int nb = 0; nb < NB; nb += 2) {
+            unsigned vb[4];
+            ldsm_x4<true>(vb, vl + nb * 8);
+            mma_bf16(o[nb], a0, a1, a2, a3, vb[0], vb[1]);
+            mma_bf16(o[nb + 1], a0, a1, a2, a3, vb[2], vb[3]);
         }
         // Every lane done with this stage before the copies of tile t + 2 overwrite it.
         __syncwarp();
@@ -2245,8 +2288,10 @@ __device__ void decode_attention_mma(const bf16_t* qkv, bf16_t* kc, bf16_t* vc, 
         int col = nb * 8 + tq * 2;
         wo[(warp * 16 + r0) * HD + col] = o[nb][0];
         wo[(warp * 16 + r0) * HD + col + 1] = o[nb][1];
-        wo[(warp * 16 + r1) * HD + col] = o[nb][2];
-        wo[(warp * 16 + r1) * HD + col + 1] = o[nb][3];
+        if constexpr (HI) {
+            wo[(warp * 16 + r1) * HD + col] = o[nb][2];
+            wo[(warp * 16 + r1) * HD + col + 1] = o[nb][3];
+        }
     }
     __syncthreads();
     for (int x = tid; x < gb * HD; x += blockDim.x) {
@@ -2272,8 +2317,10 @@ __device__ void decode_attention_mma(const bf16_t* qkv, bf16_t* kc, bf16_t* vc, 
     }
 #endif
 }
-extern "C" __global__ void __launch_bounds__(128) decode_attention_mma64(const bf16_t* qkv, bf16_t* kc, bf16_t* vc, bf16_t* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_mma<64>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, start, window, scale, per, gb, pp); }
-extern "C" __global__ void __launch_bounds__(128) decode_attention_mma128(const bf16_t* qkv, bf16_t* kc, bf16_t* vc, bf16_t* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_mma<128>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, start, window, scale, per, gb, pp); }
+extern "C" __global__ void __launch_bounds__(128) decode_attention_mma64(const bf16_t* qkv, bf16_t* kc, bf16_t* vc, bf16_t* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_mma<64, false>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, start, window, scale, per, gb, pp); }
+extern "C" __global__ void __launch_bounds__(128) decode_attention_mma64w(const bf16_t* qkv, bf16_t* kc, bf16_t* vc, bf16_t* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_mma<64, true>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, start, window, scale, per, gb, pp); }
+extern "C" __global__ void __launch_bounds__(128) decode_attention_mma128(const bf16_t* qkv, bf16_t* kc, bf16_t* vc, bf16_t* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_mma<128, false>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, start, window, scale, per, gb, pp); }
+extern "C" __global__ void __launch_bounds__(128) decode_attention_mma128w(const bf16_t* qkv, bf16_t* kc, bf16_t* vc, bf16_t* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_mma<128, true>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, start, window, scale, per, gb, pp); }
 extern "C" __global__ void __launch_bounds__(128) attention_mma64(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_mma<64>(q, k, v, o, t, hq, hkv, start, window, scale); }
 extern "C" __global__ void __launch_bounds__(128) attention_mma128(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_mma<128>(q, k, v, o, t, hq, hkv, start, window, scale); }
 

@@ -399,9 +399,10 @@ pub struct GpuDevice {
     pub(crate) tiled_attention_smem: usize,
     /// The tensor-core prefill attention at head dims 64 and 128 (bf16), where it runs.
     pub(crate) mma_attention: Option<[CudaFunction; 2]>,
-    /// The tensor-core decode attention at head dims 64 and 128 (bf16), where the device has
-    /// bf16 mma (sm_80) and lends the shared memory its 16 heads a block take.
-    pub(crate) mma_decode: Option<[CudaFunction; 2]>,
+    /// The tensor-core decode attention at head dims 64 and 128 (bf16) for at most 8 heads a
+    /// block, then for 9-16 (`decode_attention_mma64`, `128`, `64w`, `128w`), where the device
+    /// has bf16 mma (sm_80) and lends the shared memory 16 heads a block take.
+    pub(crate) mma_decode: Option<[CudaFunction; 4]>,
     /// The first kernel of the probe of cuBLASLt's kernels (`pdl_probe`).
     pub(crate) pdl_probe: CudaFunction,
     /// Which bf16 GEMMs run on the skinny GEMM (`TESSERA_SKINNY`).
@@ -422,7 +423,9 @@ pub struct GpuDevice {
     pub(crate) sms: usize,
     /// Blocks of the tensor-core decode attention a multiprocessor holds at once, at head dims 64
     /// and 128, by heads a block (1-16): the driver's occupancy (shared memory and registers),
-    /// else shared memory alone (`ops::mma_resident_by_smem`); zeros without the kernel.
+    /// else shared memory alone (`ops::mma_resident_by_smem`); zeros without the kernel. Printed
+    /// by `tessera bench attention` (the plan no longer counts waves with it: the kernel pays
+    /// at grids of 1-2 waves too, `ops::mma_decode_pays`).
     mma_decode_resident: [[usize; 16]; 2],
     /// Whether the driver gave every figure of `mma_decode_resident` (else shared memory alone
     /// gave some).
@@ -447,9 +450,27 @@ pub(crate) fn dev_err(ordinal: usize, e: impl std::fmt::Display) -> TensorError 
     TensorError::Device(format!("cuda:{ordinal}"), e.to_string())
 }
 
+/// Where the tensor-core decode attention for `gb` heads of `hd` a block sits in
+/// `GpuDevice::mma_decode`: head dim 64 or 128, at most 8 heads or more.
+fn mma_decode_index(hd: usize, gb: usize) -> Option<usize> {
+    let wide = if gb > 8 { 2 } else { 0 };
+    match hd {
+        64 => Some(wide),
+        128 => Some(1 + wide),
+        _ => None,
+    }
+}
+
 static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<GpuDevice>>>> = OnceLock::new();
 
 impl GpuDevice {
+    /// The tensor-core decode attention kernel for `gb` heads of `hd` a block (None without it,
+    /// or for other head dims).
+    pub(crate) fn mma_decode_fn(&self, hd: usize, gb: usize) -> Option<&CudaFunction> {
+        let fs = self.mma_decode.as_ref()?;
+        mma_decode_index(hd, gb).map(|i| &fs[i])
+    }
+
     /// Blocks of the tensor-core decode attention with `gb` heads of `hd` (64 or 128) a
     /// multiprocessor holds at once (0 without the kernel or for other shapes).
     pub(crate) fn mma_decode_resident(&self, hd: usize, gb: usize) -> usize {
@@ -599,8 +620,10 @@ impl GpuDevice {
             let fs = [
                 load("decode_attention_mma64")?,
                 load("decode_attention_mma128")?,
+                load("decode_attention_mma64w")?,
+                load("decode_attention_mma128w")?,
             ];
-            let set = fs.iter().zip([64, 128]).all(|(f, hd)| {
+            let set = fs.iter().zip([64, 128, 64, 128]).all(|(f, hd)| {
                 let want = ops::mma_decode_smem(16, hd);
                 want <= smem_optin
                     && f.set_attribute(
@@ -635,8 +658,11 @@ impl GpuDevice {
         let mut mma_decode_resident = [[0; 16]; 2];
         let mut mma_resident_by_driver = true;
         if let Some(fs) = &mma_decode {
-            for ((f, hd), row) in fs.iter().zip([64, 128]).zip(&mut mma_decode_resident) {
+            for (hd, row) in [64, 128].into_iter().zip(&mut mma_decode_resident) {
                 for (i, r) in row.iter_mut().enumerate() {
+                    let Some(f) = mma_decode_index(hd, i + 1).map(|k| &fs[k]) else {
+                        continue;
+                    };
                     let smem = ops::mma_decode_smem(i + 1, hd);
                     *r = match f.occupancy_max_active_blocks_per_multiprocessor(128, smem, None) {
                         Ok(n) if n > 0 => n as usize,
@@ -1566,40 +1592,24 @@ mod tests {
     }
 
     #[test]
-    fn tensor_cores_take_long_caches_in_one_wave_or_in_two_or_more() {
+    fn tensor_cores_take_caches_of_2048_positions_or_more() {
         use super::ops::{mma_decode_pays, mma_resident_by_smem};
-        // An H200 by shared memory alone: 132 multiprocessors of 228 KB, 3 blocks of 4 heads of
-        // 128 each (396 slots).
-        let pays = |keys, blocks, gb, hd| {
-            mma_decode_pays(132, mma_resident_by_smem(233_472, gb, hd), keys, blocks)
-        };
-        assert!(pays(2048, 4096, 4, 128));
-        assert!(pays(2048, 256, 4, 128));
-        assert!(pays(2048, 396, 4, 128));
-        assert!(pays(8192, 792, 4, 128));
-        // 1.3 waves, or a short cache: the one-pass kernel on CUDA cores.
-        assert!(!pays(2048, 512, 4, 128));
-        assert!(!pays(2047, 4096, 4, 128));
-        // Smaller tiles at head dim 64: by shared memory alone 6 blocks a multiprocessor of 2
-        // heads (38,912 bytes and the driver's 1 KB each), so 792 blocks are one wave and 1,000
-        // are 1.3 (registers may hold fewer: the device asks the driver).
-        assert!(pays(2048, 792, 2, 64));
-        assert!(!pays(2048, 1000, 2, 64));
-        // Registers holding 2 blocks where shared memory would hold 3: 512 blocks are then two
-        // waves (264 slots), not 1.3.
-        assert!(mma_decode_pays(132, 2, 2048, 528));
-        assert!(!mma_decode_pays(132, 3, 2048, 528));
+        assert!(mma_decode_pays(2048));
+        assert!(mma_decode_pays(8192));
+        assert!(!mma_decode_pays(2047));
+        // An H200 by shared memory alone (what bench attention prints where the driver does not
+        // answer): 132 multiprocessors of 228 KB, 3 blocks of 4 heads of 128, 6 of 2 heads of 64
+        // (38,912 bytes and the driver's 1 KB each).
+        assert_eq!(mma_resident_by_smem(233_472, 4, 128), 3);
+        assert_eq!(mma_resident_by_smem(233_472, 2, 64), 6);
     }
 
     #[test]
     fn the_shape_takes_tensor_cores_for_whole_groups_over_long_caches() {
-        use super::ops::{
-            decode_plan, mma_resident_by_smem, with_tensor_cores, DecodePlan, DecodeRun,
-        };
-        let resident = |gb| mma_resident_by_smem(233_472, gb, 128);
+        use super::ops::{decode_plan, with_tensor_cores, DecodePlan, DecodeRun};
         let choose = |keys, batch, hq, hkv, hd| {
             let plan = decode_plan(keys, batch, hq, hkv, hd, 132, None);
-            with_tensor_cores(plan, 132, &resident, keys, batch, hq, hkv)
+            with_tensor_cores(plan, keys, hq, hkv)
         };
         let t = |gb, per| DecodePlan {
             run: DecodeRun::TensorCores(gb),
@@ -1607,8 +1617,10 @@ mod tests {
         };
         // 8B at tp 1, batch 64 over 2,048 positions: 4,096 blocks of 4 heads (>= 2 waves).
         assert_eq!(choose(2048, 64, 32, 8, 128), t(4, 256));
-        // tp 1 batch 8: 512 blocks, 1.3 waves: the one-pass kernel on CUDA cores.
-        assert_eq!(choose(2048, 8, 32, 8, 128).run, DecodeRun::OnePass(4));
+        // tp 1 batch 8: 512 blocks, 1.3 waves of 3 blocks a multiprocessor: tensor cores too.
+        assert_eq!(choose(2048, 8, 32, 8, 128), t(4, 256));
+        // A cache of fewer than 2,048 positions: the one-pass kernel on CUDA cores.
+        assert_eq!(choose(2047, 64, 32, 8, 128).run, DecodeRun::OnePass(4));
         // 70B at tp 2 (32 / 4 heads, g = 8): the two-pass kernel's whole groups move to tensor
         // cores at batch 8 (256 blocks, one wave) and 32 (1,024, >= 2 waves), not over a short
         // cache.
@@ -1649,6 +1661,17 @@ mod tests {
         assert_eq!(TwoPass(3).heads_per_block(), Some(3));
         assert_eq!(PerHead.heads_per_block(), None);
         assert_eq!(TensorCores(8).label(), "tensor cores, 8 heads/block");
+    }
+
+    #[test]
+    fn the_tensor_core_decode_kernel_is_the_head_dims_and_for_more_than_8_heads_the_wide_one() {
+        // [mma64, mma128, mma64w, mma128w]: rows 8-15 of the m16 tiles only in the wide ones.
+        assert_eq!(super::mma_decode_index(64, 1), Some(0));
+        assert_eq!(super::mma_decode_index(128, 4), Some(1));
+        assert_eq!(super::mma_decode_index(128, 8), Some(1));
+        assert_eq!(super::mma_decode_index(64, 9), Some(2));
+        assert_eq!(super::mma_decode_index(128, 16), Some(3));
+        assert_eq!(super::mma_decode_index(96, 4), None);
     }
 
     #[test]

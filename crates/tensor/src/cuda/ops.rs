@@ -898,8 +898,8 @@ pub enum DecodeKernel {
     Flash,
     /// The one-pass kernel on tensor cores (bf16, head dims 64 and 128, sm_80 and later; else
     /// `Flash`): a KV head's query heads (up to 16) as the rows of an mma product. The shape
-    /// chooses it in place of `Flash` over caches of at least 2,048 positions where its grid
-    /// fills the GPU in one wave or in two or more (`mma_decode_pays`).
+    /// chooses it in place of `Flash` over caches of at least 2,048 positions
+    /// (`mma_decode_pays`).
     Mma,
 }
 
@@ -1015,7 +1015,8 @@ impl DecodeRun {
     }
 
     /// The `kernels.cu` instance it launches (before the dtype's suffix; the tensor-core
-    /// kernel's instance is the head dim's, `decode_attention_mma64` / `128`, loaded apart): the
+    /// kernel's instance is the head dim's, `decode_attention_mma64` / `128`, with a `w` for more
+    /// than 8 heads, loaded apart: `GpuDevice::mma_decode_fn`): the
     /// vectorised kernels' GM, the most heads a block, rounded up to an instance (3 heads run in
     /// the 4-head one with the fourth masked off).
     pub fn kernel(self) -> &'static str {
@@ -1141,22 +1142,21 @@ pub(crate) fn flash_smem(gb: usize, hd: usize) -> usize {
 
 /// Whether the shape's choice of whole groups in one pass runs on tensor cores
 /// (`decode_attention_mma`) rather than CUDA cores (`decode_attention_flash`): over caches of at
-/// least 2,048 positions, where its grid of `blocks` fills the GPU in one wave or in at least
-/// two (its ~70 KB of shared memory a block leave 3 blocks a multiprocessor on an H200, and a
-/// grid of 1-2 waves waits on its last). `tessera bench attention` on one H200 (µs, one pass on
-/// CUDA cores / on tensor cores, BENCHMARKS.md): 8B heads at tp 1, batch 64 over 2,048
-/// positions 236 / 212 and over 8,192 892 / 776; batch 8 over 2,048 at tp 2 (one wave) 33 / 20,
-/// at tp 1 (1.3 waves) 37 / 40; batch 64 over 512 at tp 2 (1.3 waves) 35 / 40. `sms`: the
-/// device's multiprocessors; `resident`: the blocks of the kernel one holds at once.
-pub(crate) fn mma_decode_pays(sms: usize, resident: usize, keys: usize, blocks: usize) -> bool {
-    let slots = sms * resident.max(1);
-    keys >= 2048 && (blocks <= slots || blocks >= 2 * slots)
+/// least 2,048 positions, at any grid. `tessera bench attention` on one H200, 8B heads at tp 1
+/// (µs, one pass on CUDA cores / on tensor cores, BENCHMARKS.md, since the kernel reads K and V
+/// through `ldmatrix`): over 2,048 positions batch 6 (one wave of its 3 blocks a multiprocessor)
+/// 29.8 / 21.4, batch 7, 8, 10 and 12 (1.1-1.9 waves) 33.9 / 32.2, 36.8 / 32.8, 54.7 / 35.1 and
+/// 56.5 / 40.4, batch 64 236 / 167; over 4,096 batch 4 and 5 (1.3, 1.6 waves) 39.9 / 33.5 and
+/// 55.4 / 37.5; over 8,192 batch 64 890 / 614. (Before, a grid of 1-2 waves waited on its last
+/// and the rule left those to CUDA cores.)
+pub(crate) fn mma_decode_pays(keys: usize) -> bool {
+    keys >= 2048
 }
 
 /// Blocks of the tensor-core decode attention (`gb` heads of `hd`) a multiprocessor of
 /// `smem_per_sm` bytes of shared memory holds by shared memory alone (the driver keeps 1 KB a
 /// block for itself): the device's figure where the driver's occupancy query (which counts
-/// registers too) does not answer, and the unit tests' H200.
+/// registers too) does not answer. `tessera bench attention` prints the figure.
 pub(crate) fn mma_resident_by_smem(smem_per_sm: usize, gb: usize, hd: usize) -> usize {
     (smem_per_sm / (mma_decode_smem(gb, hd) + 1024)).max(1)
 }
@@ -1165,30 +1165,23 @@ pub(crate) fn mma_resident_by_smem(smem_per_sm: usize, gb: usize, hd: usize) -> 
 /// its whole groups of 2-4 heads in one pass, and for whole groups of more heads (g = 8: Llama 3
 /// 70B, 64 / 8 heads) that the two-pass kernel takes (the one-pass kernel on CUDA cores holds at
 /// most 4). Whole groups only: a KV head's group split over blocks (g = 9 in blocks of 3) is
-/// the form forced runs never take, so never the GPU tests either. `sms`: the device's
-/// multiprocessors; `resident(gb)`: the blocks of `gb` heads one holds at once. (70B at tp 2
-/// over a 2,048-position cache, decode steps through graphs, two-pass / tensor cores: batch 8
-/// 25.17 / 20.40 ms, batch 32 34.15 / 25.81, BENCHMARKS.md.)
+/// the form forced runs never take, so never the GPU tests either. (70B at tp 2 over a
+/// 2,048-position cache, decode steps through graphs, two-pass / tensor cores: batch 8 25.17 /
+/// 20.40 ms, batch 32 34.15 / 25.81, BENCHMARKS.md.)
 pub(crate) fn with_tensor_cores(
     plan: DecodePlan,
-    sms: usize,
-    resident: &dyn Fn(usize) -> usize,
     keys: usize,
-    batch: usize,
     hq: usize,
     hkv: usize,
 ) -> DecodePlan {
     let g = hq / hkv;
     match plan.run {
-        DecodeRun::TwoPass(gb) | DecodeRun::OnePass(gb) if gb > 1 && gb == g => {
-            let blocks = keys.div_ceil(plan.per) * batch * hkv;
-            if mma_decode_pays(sms, resident(gb), keys, blocks) {
-                DecodePlan {
-                    run: DecodeRun::TensorCores(gb),
-                    ..plan
-                }
-            } else {
-                plan
+        DecodeRun::TwoPass(gb) | DecodeRun::OnePass(gb)
+            if gb > 1 && gb == g && mma_decode_pays(keys) =>
+        {
+            DecodePlan {
+                run: DecodeRun::TensorCores(gb),
+                ..plan
             }
         }
         _ => plan,
@@ -1522,22 +1515,17 @@ pub(crate) fn device_decode_plan(
     hkv: usize,
     hd: usize,
 ) -> (DecodePlan, Option<&cudarc::driver::CudaFunction>) {
-    let mma = match (&dev.mma_decode, hd, dtype) {
-        (Some(f), 64, crate::DType::BF16) => Some(&f[0]),
-        (Some(f), 128, crate::DType::BF16) => Some(&f[1]),
-        _ => None,
-    };
+    let mma = dtype == crate::DType::BF16 && dev.mma_decode_fn(hd, 1).is_some();
     let forced = match decode_kernel_choice() {
-        Some(DecodeKernel::Mma) if mma.is_none() => Some(DecodeKernel::Flash),
+        Some(DecodeKernel::Mma) if !mma => Some(DecodeKernel::Flash),
         f => f,
     };
     let mut plan = decode_plan(keys, batch, hq, hkv, hd, dev.sms, forced);
-    if forced.is_none() && mma.is_some() {
-        let resident = |gb: usize| dev.mma_decode_resident(hd, gb);
-        plan = with_tensor_cores(plan, dev.sms, &resident, keys, batch, hq, hkv);
+    if forced.is_none() && mma {
+        plan = with_tensor_cores(plan, keys, hq, hkv);
     }
     let f = match plan.run {
-        DecodeRun::TensorCores(_) => mma,
+        DecodeRun::TensorCores(gb) => dev.mma_decode_fn(hd, gb),
         _ => None,
     };
     (plan, f)
