@@ -96,6 +96,53 @@ fn graph_replay_equals_eager_decode() {
     force_graph_arena(None);
 }
 
+/// Over a cache of 2,100 positions, a step outside a graph gives the captured step's logits bit
+/// for bit: both plan the decode attention for the cache's capacity (at batch 32 the tensor-core
+/// kernel, whole groups of 4 heads of 64, where a plan for the position, 2-7, takes the two-pass
+/// kernel a head a block, which rounds differently), the step outside the graph launching only
+/// the splits its position reaches. At tp 1 and (with two GPUs) tp 2.
+#[test]
+fn over_a_long_cache_eager_steps_give_the_graphs_logits() {
+    const V: usize = 1001;
+    let n = gpus();
+    // Head dim 64, 8 / 2 heads (tp 2: 4 / 1 a rank).
+    let cfg = ModelConfig::from_json_str(&llama_config_json(V, 512, 512, 3, 8, 2, false)).unwrap();
+    let batch = 32;
+    for tp in 1..=n {
+        on_gpu_ranks(tp, &cfg, 9, |rank, m, comm| {
+            let mut eager = m.new_cache_batch(2100, batch).unwrap();
+            let mut graphed = m.new_cache_batch(2100, batch).unwrap();
+            let prompt: Vec<u32> = (0..batch as u32)
+                .map(|i| (11 + 37 * i) % V as u32)
+                .collect();
+            let mut toks = m
+                .forward_lockstep_greedy(&prompt, &mut eager, comm)
+                .unwrap();
+            m.forward_lockstep_greedy(&prompt, &mut graphed, comm)
+                .unwrap();
+            let mut g = m.capture_lockstep_logits(&mut graphed, comm).unwrap();
+            let mut distinct = std::collections::BTreeSet::new();
+            for step in 0..6 {
+                let want = m.forward_lockstep(&toks, &mut eager, comm).unwrap();
+                let got = m
+                    .step_lockstep_graph_logits(&mut g, &toks, &mut graphed, comm)
+                    .unwrap();
+                assert_eq!(want.len(), batch * V);
+                assert!(
+                    want == got,
+                    "tp {tp} rank {rank} step {step}: logits differ"
+                );
+                toks = want.chunks(V).map(tessera_tensor::sample::argmax).collect();
+                distinct.insert(toks.clone());
+            }
+            assert!(distinct.len() > 1, "tp {tp}: degenerate decode");
+        });
+        eprintln!(
+            "tp {tp}, batch {batch} over a 2,100-position cache: 6 logits graph steps equal the eager steps"
+        );
+    }
+}
+
 /// A step captured up to each rank's logits (what sampled decoding replays) gives the eager step's
 /// gathered logits bit for bit, at tp 1 and (with two GPUs) tp 2 over a vocabulary that does not
 /// split evenly (501 / 500 rows), at batch 1 (GEMVs) and 4 (skinny GEMMs) with the intermediates

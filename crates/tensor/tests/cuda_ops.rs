@@ -525,8 +525,9 @@ fn every_op_matches_the_cpu() {
         // falls back to (hd 48: hd / 8 not a power of two), at batch 1 and 3.
         // The one-pass kernel over the same shapes (at most 4 heads a block: g = 8 and 12 in
         // blocks of 4, g = 3 with one masked off), and on tensor cores (bf16 at head dims 64 and
-        // 128: g = 1, 2, 3, 4, 7 and 8 as rows 0-7 of its m16 tiles, g = 12 at head dim 64 as
-        // rows 0-15 (the kernel's form for more than 8 heads); elsewhere the one-pass kernel;
+        // 128: g = 1, 2, 3, 4, 7 and 8 as rows 0-7 of its m16 tiles, g = 12 at head dim 64 and
+        // g = 16 at 128 as rows 0-15 (the wide forms, for more than 8 heads); elsewhere the
+        // one-pass kernel;
         // g = 4 at head dim 128 is Llama 3 8B's and Qwen3's shape).
         // Also: one query head a KV head (g = 1), g = 3 and 7 (heads masked off in the 4- and
         // 8-head kernels), head dims 256 and 16 (256 and 16 lanes a row), and batch 16, where the
@@ -541,6 +542,7 @@ fn every_op_matches_the_cpu() {
             (7, 1, 128),
             (16, 4, 128),
             (12, 1, 64),
+            (16, 1, 128),
             (8, 2, 256),
             (4, 2, 16),
         ] {
@@ -559,9 +561,8 @@ fn every_op_matches_the_cpu() {
                 (16, None, 700),
                 (2, None, 30),
                 (64, None, 30),
-                // Past 2,048 positions in one wave (at most 144 blocks: one even at 2 blocks an
-                // SM): where the shape picks the tensor-core kernel (bf16, head dims 64 and 128,
-                // whole groups of 2 or more).
+                // Past 2,048 positions: where the shape picks the tensor-core kernel (bf16, head
+                // dims 64 and 128, whole groups of 2-8).
                 (4, None, 2100),
             ] {
                 let qkv = rand_t(vec![batch, (hq + 2 * hkv) * hd], dt, 83);

@@ -2255,8 +2255,8 @@ __device__ __forceinline__ void decode_attention_mma(const bf16_t* qkv, bf16_t* 
         softmax_step_frag<true, HI>(sc, mx0, mx1, m0, m1, l0, l1, o);
         unsigned a0 = pack_bf16(sc[0][0], sc[0][1]), a1 = HI ? pack_bf16(sc[0][2], sc[0][3]) : 0u;
         unsigned a2 = pack_bf16(sc[1][0], sc[1][1]), a3 = HI ? pack_bf16(sc[1][2], sc[1][3]) : 0u;
-        // V as the B operand, transposed: matrices (positions 0-7 | 8-15) x (columns nb 8 + 0-7 |
-        // nb 8 + 8-15): b0, b1 of n-block nb, then of nb + 1.
+        // V as the B operand, transposed: matrices (columns nb 8 + 0-7 | nb 8 + 8-15) x
+        // (positions 0-7 | 8-15), positions varying fastest: b0, b1 of n-block nb, then of nb + 1.
         const bf16_t* vl = vt + (((lane >> 3) & 1) * 8 + (lane & 7)) * KS + (lane >> 4) * 8;
 #pragma unroll
         for (int nb = 0; nb < NB; nb += 2) {

@@ -453,6 +453,10 @@ pub(crate) fn dev_err(ordinal: usize, e: impl std::fmt::Display) -> TensorError 
 /// Where the tensor-core decode attention for `gb` heads of `hd` a block sits in
 /// `GpuDevice::mma_decode`: head dim 64 or 128, at most 8 heads or more.
 fn mma_decode_index(hd: usize, gb: usize) -> Option<usize> {
+    debug_assert!(
+        gb <= 16,
+        "the tensor-core decode attention holds at most 16 heads a block"
+    );
     let wide = if gb > 8 { 2 } else { 0 };
     match hd {
         64 => Some(wide),
@@ -1627,6 +1631,13 @@ mod tests {
         assert_eq!(choose(2048, 8, 32, 4, 128), t(8, 256));
         assert_eq!(choose(2048, 32, 32, 4, 128), t(8, 256));
         assert_eq!(choose(512, 32, 32, 4, 128).run, DecodeRun::TwoPass(8));
+        // cuda_graph's long-cache test (head dim 64, g = 4, batch 32 over a 2,100-position cache,
+        // tp 1 and 2): tensor cores for the capacity, where a plan for its positions (2-7) takes
+        // the two-pass kernel a head a block.
+        assert_eq!(choose(2100, 32, 8, 2, 64).run, DecodeRun::TensorCores(4));
+        assert_eq!(choose(2100, 32, 4, 1, 64).run, DecodeRun::TensorCores(4));
+        assert_eq!(choose(7, 32, 8, 2, 64).run, DecodeRun::TwoPass(1));
+        assert_eq!(choose(7, 32, 4, 1, 64).run, DecodeRun::TwoPass(1));
         // One head a block (batch 1) and groups split in parts (g = 16 in blocks of 8, g = 9 in
         // one-pass blocks of 3) stay off.
         assert_eq!(choose(4096, 1, 32, 8, 128).run, DecodeRun::TwoPass(1));
@@ -1661,6 +1672,24 @@ mod tests {
         assert_eq!(TwoPass(3).heads_per_block(), Some(3));
         assert_eq!(PerHead.heads_per_block(), None);
         assert_eq!(TensorCores(8).label(), "tensor cores, 8 heads/block");
+    }
+
+    #[test]
+    fn a_step_outside_a_graph_launches_the_splits_its_position_reaches_of_the_captured_plan() {
+        use super::ops::decode_splits;
+        // Captured: every split of the cache.
+        assert_eq!(decode_splits(600, None, 256), 3);
+        assert_eq!(decode_splits(2100, None, 512), 5);
+        // Outside a graph: those the position reaches, at least two where the captured step
+        // joins several (so the call joins too), at most the cache's.
+        assert_eq!(decode_splits(600, Some(13), 256), 2);
+        assert_eq!(decode_splits(600, Some(300), 256), 2);
+        assert_eq!(decode_splits(600, Some(513), 256), 3);
+        assert_eq!(decode_splits(2100, Some(1100), 512), 3);
+        assert_eq!(decode_splits(2100, Some(2100), 512), 5);
+        // A cache of one split: one, written without the join, in both.
+        assert_eq!(decode_splits(200, Some(13), 256), 1);
+        assert_eq!(decode_splits(200, None, 256), 1);
     }
 
     #[test]

@@ -1148,7 +1148,8 @@ pub(crate) fn flash_smem(gb: usize, hd: usize) -> usize {
 /// 29.8 / 21.4, batch 7, 8, 10 and 12 (1.1-1.9 waves) 33.9 / 32.2, 36.8 / 32.8, 54.7 / 35.1 and
 /// 56.5 / 40.4, batch 64 236 / 167; over 4,096 batch 4 and 5 (1.3, 1.6 waves) 39.9 / 33.5 and
 /// 55.4 / 37.5; over 8,192 batch 64 890 / 614. (Before, a grid of 1-2 waves waited on its last
-/// and the rule left those to CUDA cores.)
+/// and the rule left those to CUDA cores. Measured at g = 4, head dim 128; g = 8 and head dim 64
+/// follow the rule unmeasured at 1-2 waves.)
 pub(crate) fn mma_decode_pays(keys: usize) -> bool {
     keys >= 2048
 }
@@ -1167,7 +1168,8 @@ pub(crate) fn mma_resident_by_smem(smem_per_sm: usize, gb: usize, hd: usize) -> 
 /// most 4). Whole groups only: a KV head's group split over blocks (g = 9 in blocks of 3) is
 /// the form forced runs never take, so never the GPU tests either. (70B at tp 2 over a
 /// 2,048-position cache, decode steps through graphs, two-pass / tensor cores: batch 8 25.17 /
-/// 20.40 ms, batch 32 34.15 / 25.81, BENCHMARKS.md.)
+/// 20.40 ms, batch 32 34.15 / 25.81; since the kernel reads K and V through `ldmatrix`, 20.16
+/// and 24.80, BENCHMARKS.md.)
 pub(crate) fn with_tensor_cores(
     plan: DecodePlan,
     keys: usize,
@@ -1531,6 +1533,21 @@ pub(crate) fn device_decode_plan(
     (plan, f)
 }
 
+/// The splits of `per` positions a decode attention call launches over a cache of `capacity`
+/// positions (within the window): in a captured step (`keys` None) all of them; outside one,
+/// those its `keys` positions reach, and at least two where the captured step has several. A
+/// split past the position adds exact zeros to the join (`attention_combine`: a maximum of -inf,
+/// a sum and an output of 0), and a call of one split writes its output without the join, so a
+/// step outside a graph then joins too: the same values as the captured step, bit for bit.
+pub(crate) fn decode_splits(capacity: usize, keys: Option<usize>, per: usize) -> usize {
+    let all = capacity.div_ceil(per).max(1);
+    match keys {
+        None => all,
+        Some(_) if all == 1 => 1,
+        Some(k) => k.div_ceil(per).clamp(2, all),
+    }
+}
+
 /// One decode step's attention from the fused projection `qkv` `[batch, hq + 2 hkv, hd]` (`hq`,
 /// `hkv`: one sequence's heads) at position `start` (during a capture, the graph's position):
 /// RoPE, the K/V append and attention in one kernel. Returns `[batch hq, hd]`.
@@ -1554,17 +1571,17 @@ pub fn decode_attention(
     let dev = qkv.dev.clone();
     check_head_dim(&dev, hd)?;
     let io = dev.capturing();
-    // A captured step reads its position on the device: its splits must cover the whole cache.
-    let keys = if io.is_some() {
-        kc.len() / (batch * hkv * hd)
-    } else {
-        start + 1
-    };
-    let keys = window.map_or(keys, |w| keys.min(w));
+    // The plan is the cache's (its capacity, within the window), in a captured step and outside
+    // one alike: a captured step reads its position on the device, so its splits cover the whole
+    // cache; a step outside a graph runs the same kernel and split boundaries over the splits its
+    // position reaches (`decode_splits`), so both give the same values bit for bit.
+    let capacity = kc.len() / (batch * hkv * hd);
+    let capacity = window.map_or(capacity, |w| capacity.min(w));
+    let keys = window.map_or(start + 1, |w| (start + 1).min(w));
     let g = hq / hkv;
-    let (plan, mma) = device_decode_plan(&dev, qkv.dtype(), keys, batch, hq, hkv, hd);
+    let (plan, mma) = device_decode_plan(&dev, qkv.dtype(), capacity, batch, hq, hkv, hd);
     let per = plan.per;
-    let splits = keys.div_ceil(per).max(1);
+    let splits = decode_splits(capacity, (io.is_none()).then_some(keys), per);
     if batch * hq > 65535 {
         return Err(dev_err(
             dev.ordinal,
