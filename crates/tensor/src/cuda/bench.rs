@@ -307,9 +307,12 @@ pub fn bench_decode_attention(
         // The plan the call below runs (a forced kernel that does not apply falls back).
         let (p, _) = device_decode_plan(&dev, DType::BF16, keys, batch, hq, hkv, hd);
         let mut plan = format!("{}, {} split(s)", p.run.label(), keys.div_ceil(p.per));
-        if let DecodeRun::TensorCores(gb) = p.run {
-            let r = dev.mma_decode_resident(hd, gb);
-            let by = match dev.mma_resident_by_driver {
+        let resident = match p.run {
+            DecodeRun::TensorCores(gb) => dev.mma_decode_resident(hd, gb),
+            _ => None,
+        };
+        if let Some((r, by_driver)) = resident {
+            let by = match by_driver {
                 true => "driver",
                 false => "shared memory",
             };

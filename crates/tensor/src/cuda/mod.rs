@@ -421,15 +421,6 @@ pub struct GpuDevice {
     pub(crate) has_pdl: bool,
     /// Streaming multiprocessors (sizes the splits of decode attention).
     pub(crate) sms: usize,
-    /// Blocks of the tensor-core decode attention a multiprocessor holds at once, at head dims 64
-    /// and 128, by heads a block (1-16): the driver's occupancy (shared memory and registers),
-    /// else shared memory alone (`ops::mma_resident_by_smem`); zeros without the kernel. Printed
-    /// by `tessera bench attention` (the plan no longer counts waves with it: the kernel pays
-    /// at grids of 1-2 waves too, `ops::mma_decode_pays`).
-    mma_decode_resident: [[usize; 16]; 2],
-    /// Whether the driver gave every figure of `mma_decode_resident` (else shared memory alone
-    /// gave some).
-    pub(crate) mma_resident_by_driver: bool,
     /// Small constant tables (RoPE inverse frequencies) uploaded once, keyed by their contents.
     tables: Mutex<HashMap<Vec<u32>, Arc<CudaSlice<f32>>>>,
     /// While a decode step is being captured: the device buffers its kernels read their inputs
@@ -475,18 +466,26 @@ impl GpuDevice {
         mma_decode_index(hd, gb).map(|i| &fs[i])
     }
 
-    /// Blocks of the tensor-core decode attention with `gb` heads of `hd` (64 or 128) a
-    /// multiprocessor holds at once (0 without the kernel or for other shapes).
-    pub(crate) fn mma_decode_resident(&self, hd: usize, gb: usize) -> usize {
-        let row = match hd {
-            64 => 0,
-            128 => 1,
-            _ => return 0,
-        };
-        gb.checked_sub(1)
-            .and_then(|i| self.mma_decode_resident[row].get(i))
-            .copied()
-            .unwrap_or(0)
+    /// Blocks of the tensor-core decode attention with `gb` heads of `hd` a block that a
+    /// multiprocessor holds at once, and whether the driver's occupancy query (registers too)
+    /// gave the figure, else shared memory alone (`ops::mma_resident_by_smem`); None without the
+    /// kernel. For `tessera bench attention`'s plan column: the plan does not count waves
+    /// (`ops::mma_decode_pays`), so nothing asks for it at start-up.
+    pub(crate) fn mma_decode_resident(&self, hd: usize, gb: usize) -> Option<(usize, bool)> {
+        let f = self.mma_decode_fn(hd, gb)?;
+        let smem = ops::mma_decode_smem(gb, hd);
+        let by_driver = self
+            .ctx
+            .bind_to_thread()
+            .and_then(|()| f.occupancy_max_active_blocks_per_multiprocessor(128, smem, None));
+        Some(match by_driver {
+            Ok(n) if n > 0 => (n as usize, true),
+            _ => {
+                use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR as SMEM;
+                let per_sm = self.ctx.attribute(SMEM).map_or(0, |v| v.max(0) as usize);
+                (ops::mma_resident_by_smem(per_sm, gb, hd), false)
+            }
+        })
     }
 
     /// The device `ordinal`, initialised (kernels compiled) on first use and shared afterwards.
@@ -655,33 +654,8 @@ impl GpuDevice {
             )
             .map_err(|e| err(&e))?
             .max(1) as usize;
-        let smem_per_sm = ctx
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
-            .map_err(|e| err(&e))?
-            .max(0) as usize;
-        let mut mma_decode_resident = [[0; 16]; 2];
-        let mut mma_resident_by_driver = true;
-        if let Some(fs) = &mma_decode {
-            for (hd, row) in [64, 128].into_iter().zip(&mut mma_decode_resident) {
-                for (i, r) in row.iter_mut().enumerate() {
-                    let Some(f) = mma_decode_index(hd, i + 1).map(|k| &fs[k]) else {
-                        continue;
-                    };
-                    let smem = ops::mma_decode_smem(i + 1, hd);
-                    *r = match f.occupancy_max_active_blocks_per_multiprocessor(128, smem, None) {
-                        Ok(n) if n > 0 => n as usize,
-                        _ => {
-                            mma_resident_by_driver = false;
-                            ops::mma_resident_by_smem(smem_per_sm, i + 1, hd)
-                        }
-                    };
-                }
-            }
-        }
         Ok(GpuDevice {
             sms,
-            mma_decode_resident,
-            mma_resident_by_driver,
             ordinal,
             ctx,
             stream,
