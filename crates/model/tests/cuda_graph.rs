@@ -4,7 +4,7 @@
 
 use tessera_comm::{Communicator, LocalGroup, NcclComm};
 use tessera_model::synthetic::llama_config_json;
-use tessera_model::{LlamaModel, ModelConfig, TpRank};
+use tessera_model::{KvCache, LlamaModel, LockstepGraph, ModelConfig, TpRank};
 use tessera_tensor::{DType, Device};
 
 fn gpus() -> usize {
@@ -115,32 +115,51 @@ fn over_a_long_cache_eager_steps_give_the_graphs_logits() {
             let prompt: Vec<u32> = (0..batch as u32)
                 .map(|i| (11 + 37 * i) % V as u32)
                 .collect();
-            let mut toks = m
+            let toks = m
                 .forward_lockstep_greedy(&prompt, &mut eager, comm)
                 .unwrap();
             m.forward_lockstep_greedy(&prompt, &mut graphed, comm)
                 .unwrap();
             let mut g = m.capture_lockstep_logits(&mut graphed, comm).unwrap();
-            let mut distinct = std::collections::BTreeSet::new();
-            for step in 0..6 {
-                let want = m.forward_lockstep(&toks, &mut eager, comm).unwrap();
-                let got = m
-                    .step_lockstep_graph_logits(&mut g, &toks, &mut graphed, comm)
-                    .unwrap();
-                assert_eq!(want.len(), batch * V);
-                assert!(
-                    want == got,
-                    "tp {tp} rank {rank} step {step}: logits differ"
-                );
-                toks = want.chunks(V).map(tessera_tensor::sample::argmax).collect();
-                distinct.insert(toks.clone());
-            }
-            assert!(distinct.len() > 1, "tp {tp}: degenerate decode");
+            let what = format!("tp {tp} rank {rank}");
+            let steps = (&mut eager, &mut graphed, &mut g);
+            logits_steps_agree(m, comm, steps, toks, V, 6, &what);
         });
         eprintln!(
             "tp {tp}, batch {batch} over a 2,100-position cache: 6 logits graph steps equal the eager steps"
         );
     }
+}
+
+/// `steps` decode steps of `toks` (one a sequence), eagerly into `eager` and by replaying `g`
+/// (captured for the logits) into `graphed`, each step's tokens the argmax of its logits (the
+/// same on every rank): the two give the same `[batch, vocab]` logits bit for bit at every step,
+/// and the tokens change. Returns the last step's tokens.
+fn logits_steps_agree(
+    m: &LlamaModel,
+    comm: &dyn Communicator,
+    (eager, graphed, g): (&mut KvCache, &mut KvCache, &mut LockstepGraph),
+    mut toks: Vec<u32>,
+    vocab: usize,
+    steps: usize,
+    what: &str,
+) -> Vec<u32> {
+    let mut distinct = std::collections::BTreeSet::new();
+    for step in 0..steps {
+        let want = m.forward_lockstep(&toks, eager, comm).unwrap();
+        let got = m
+            .step_lockstep_graph_logits(g, &toks, graphed, comm)
+            .unwrap();
+        assert_eq!(want.len(), toks.len() * vocab);
+        assert!(want == got, "{what} step {step}: logits differ");
+        toks = want
+            .chunks(vocab)
+            .map(tessera_tensor::sample::argmax)
+            .collect();
+        distinct.insert(toks.clone());
+    }
+    assert!(distinct.len() > 1, "{what}: degenerate decode");
+    toks
 }
 
 /// A step captured up to each rank's logits (what sampled decoding replays) gives the eager step's
@@ -165,7 +184,7 @@ fn logits_graph_replay_equals_eager_logits() {
             let mut eager = m.new_cache_batch(32, batch).unwrap();
             let mut graphed = m.new_cache_batch(300, batch).unwrap();
             let prompt: Vec<u32> = (0..batch as u32).map(|i| (7 + 31 * i) % V as u32).collect();
-            let mut toks = m
+            let toks = m
                 .forward_lockstep_greedy(&prompt, &mut eager, comm)
                 .unwrap();
             m.forward_lockstep_greedy(&prompt, &mut graphed, comm)
@@ -176,22 +195,9 @@ fn logits_graph_replay_equals_eager_logits() {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("captured for its logits"), "{e}");
-            let mut distinct = std::collections::BTreeSet::new();
-            for step in 0..8 {
-                let want = m.forward_lockstep(&toks, &mut eager, comm).unwrap();
-                let got = m
-                    .step_lockstep_graph_logits(&mut g, &toks, &mut graphed, comm)
-                    .unwrap();
-                assert_eq!(want.len(), batch * V);
-                assert!(
-                    want == got,
-                    "tp {tp} batch {batch} rank {rank} step {step}: logits differ"
-                );
-                // The next tokens: each row's argmax (the same on every rank).
-                toks = want.chunks(V).map(tessera_tensor::sample::argmax).collect();
-                distinct.insert(toks.clone());
-            }
-            assert!(distinct.len() > 1, "tp {tp}: degenerate decode");
+            let what = format!("tp {tp} batch {batch} rank {rank}");
+            let steps = (&mut eager, &mut graphed, &mut g);
+            let toks = logits_steps_agree(m, comm, steps, toks, V, 8, &what);
             assert_eq!(eager.len(), graphed.len());
             let mut greedy = m.capture_lockstep_greedy(&mut graphed, comm).unwrap();
             let e = m
