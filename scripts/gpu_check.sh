@@ -185,10 +185,13 @@ if [[ $STEPS == all || $STEPS == *cli* ]]; then
     # f32 logits draws the CPU's tokens.
     SAMPLE="--temperature 0.8 --top-k 20 --top-p 0.9 --seed 5 --ignore-eos"
     sa=$(.gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json $SAMPLE)
-    # Repetition, presence and frequency penalties (greedy over the host's logits, not the graph's
-    # argmax) and min-p.
+    # Repetition, presence and frequency penalties and min-p: without a top-k over the whole
+    # logits on the host; with one (and greedy) from the devices' candidates and the penalised
+    # tokens' logits read there.
     PENAL="--repetition-penalty 1.3 --presence-penalty 0.5 --frequency-penalty 0.3 --min-p 0.05 --temperature 0.9 --seed 7 --ignore-eos"
     pa=$(.gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json $PENAL)
+    PENALK="--repetition-penalty 1.2 --presence-penalty -0.4 --frequency-penalty 0.2 --top-k 30 --top-p 0.95 --temperature 1.1 --seed 9 --ignore-eos"
+    ka=$(.gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json $PENALK)
     ga=$(.gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json --repetition-penalty 1.3 --ignore-eos)
     # Other model paths: YaRN RoPE (its attention factor in the softmax scale of the decode and
     # prefill kernels) and Qwen3 (the per-head q/k norm kernel).
@@ -213,6 +216,8 @@ if [[ $STEPS == all || $STEPS == *cli* ]]; then
       [ "$sa" == "$sb" ] && echo "generate cuda $run, sampled: identical to cpu OK" || echo "generate cuda $run, sampled: FAIL: $sa vs $sb"
       pb=$($L .gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json --device cuda --tp $T $PENAL)
       [ "$pa" == "$pb" ] && echo "generate cuda $run, repetition penalty + min-p sampled: identical to cpu OK" || echo "generate cuda $run, repetition penalty + min-p: FAIL: $pa vs $pb"
+      kb=$($L .gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json --device cuda --tp $T $PENALK)
+      [ "$ka" == "$kb" ] && echo "generate cuda $run, penalties + top-k sampled: identical to cpu OK" || echo "generate cuda $run, penalties + top-k: FAIL: $ka vs $kb"
       gb=$($L .gpu/tessera generate --model $M --prompt-tokens $TOK --max-tokens 24 --json --device cuda --tp $T --repetition-penalty 1.3 --ignore-eos)
       [ "$ga" == "$gb" ] && echo "generate cuda $run, greedy with repetition penalty: identical to cpu OK" || echo "generate cuda $run, greedy with repetition penalty: FAIL: $ga vs $gb"
       for o in $OTHERS; do

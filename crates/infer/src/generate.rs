@@ -3,7 +3,7 @@
 
 use tessera_comm::{CommExt, Communicator};
 use tessera_model::{DrawLogits, LlamaModel};
-use tessera_tensor::{DType, Device, Sampler, SamplingParams};
+use tessera_tensor::{Candidates, DType, Device, Sampler, SamplingParams};
 
 use crate::{run_tp, InferError, OpenModel};
 
@@ -94,10 +94,8 @@ pub fn generate_on_rank(
     let mut cache = m.new_cache(prompt.len() + params.max_tokens)?;
     let mut out = Vec::with_capacity(params.max_tokens);
     let mut input = prompt.to_vec();
-    // Greedy on the raw logits keeps them on the device; a repetition penalty needs them here.
+    // Greedy on the raw logits keeps them on the device (the argmax found there).
     let greedy = params.sampling.plain_greedy();
-    // With a top-k and no penalty only the candidates of a draw leave the devices.
-    let top_k = sampler.top_k_for(m.cfg.vocab_size);
     let mut graph = DecodeGraphs::default();
     while out.len() < params.max_tokens {
         let tok = if greedy {
@@ -105,7 +103,12 @@ pub fn generate_on_rank(
             // logits stay on the device.
             graph.greedy_step(m, &input, &mut cache, comm)?
         } else {
-            let logits = graph.draw_step(m, &input, &mut cache, top_k, comm)?;
+            // With a top-k (or greedy with a penalty) only the candidates of a draw and the
+            // logits of the tokens a penalty moves leave the devices; the penalised set grows
+            // with the output, so it is asked for anew each step.
+            let ask = sampler.candidates_for(m.cfg.vocab_size);
+            let asks = ask.as_ref().map(std::slice::from_ref);
+            let logits = graph.draw_step(m, &input, &mut cache, asks, comm)?;
             // -1: the logits hold NaN or +inf (no distribution to draw from; every rank stops
             // with the same error). Candidates are only given where they hold neither.
             let mut msg = [-1i32; 1];
@@ -141,8 +144,8 @@ pub fn generate_on_rank(
 /// run eager (kernels compiled, tables uploaded), the next step captures the graph, and every later
 /// step replays it (the same tokens, or logits, as eager steps, one launch instead of hundreds).
 /// Greedy steps capture the argmax too; sampled ones stop at each rank's logits, whose top-k
-/// candidates (or, without a top-k or with a penalty, the logits) are then gathered and drawn
-/// from on the host. Where a capture is refused, decode stays eager (with a warning). On the CPU
+/// candidates and penalised tokens' logits (or, without a top-k, the logits) are then gathered
+/// and drawn from on the host. Where a capture is refused, decode stays eager (with a warning). On the CPU
 /// every step is eager. The captured attention covers the cache's whole
 /// capacity (prompt + max_tokens) in splits of 256 positions; the ones past the current position
 /// are empty and add exact zeros.
@@ -173,21 +176,21 @@ impl DecodeGraphs {
         Ok(m.forward_greedy(input, cache, comm)?)
     }
 
-    /// The last position's logits (on every rank's host) as a draw at top-k `top_k` needs them.
+    /// The last position's logits (on every rank's host) as a draw asking `asks` needs them.
     fn draw_step(
         &mut self,
         m: &LlamaModel,
         input: &[u32],
         cache: &mut tessera_model::KvCache,
-        top_k: Option<usize>,
+        asks: Option<&[Candidates]>,
         comm: &dyn Communicator,
     ) -> Result<DrawLogits, InferError> {
         #[cfg(feature = "cuda")]
         if let Some(g) = self.graph_for(m, input, cache, comm, LlamaModel::capture_lockstep_logits)
         {
-            return Ok(m.step_lockstep_graph_for_draw(g, input, cache, top_k, comm)?);
+            return Ok(m.step_lockstep_graph_for_draw(g, input, cache, asks, comm)?);
         }
-        Ok(m.forward_for_draw(input, cache, top_k, comm)?)
+        Ok(m.forward_for_draw(input, cache, asks, comm)?)
     }
 
     /// The graph to replay this step through, captured by `capture` if this is the step to

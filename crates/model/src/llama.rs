@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tessera_comm::Communicator;
-use tessera_tensor::{ops, DType, Device, Tensor, TensorError};
+use tessera_tensor::{ops, Candidates, DType, Device, Tensor, TensorError};
 
 use crate::checkpoint::Checkpoint;
 use crate::kv_cache::KvCache;
@@ -345,14 +345,14 @@ impl LlamaModel {
     }
 
     /// The last position's logits of each sequence of `cache` after `tokens` (appended to it), as
-    /// draws at top-k `top_k` need them ([`ParallelLmHead::for_draw`]): with a top-k only each
-    /// row's candidates leave the devices. One sequence takes any number of tokens; a lockstep
-    /// batch one a sequence.
+    /// draws asking `asks` need them ([`ParallelLmHead::for_draw`]): with candidates asked for,
+    /// only each row's candidates leave the devices. One sequence takes any number of tokens; a
+    /// lockstep batch one a sequence.
     pub fn forward_for_draw(
         &self,
         tokens: &[u32],
         cache: &mut KvCache,
-        top_k: Option<usize>,
+        asks: Option<&[Candidates]>,
         comm: &dyn Communicator,
     ) -> Result<DrawLogits, ModelError> {
         let x = if cache.batch == 1 {
@@ -361,8 +361,7 @@ impl LlamaModel {
             check_lockstep(tokens, cache)?;
             self.hidden(tokens, cache.batch, cache, Logits::All, comm)?
         };
-        self.head
-            .for_draw(&self.head.local_logits(&x)?, top_k, comm)
+        self.head.for_draw(&self.head.local_logits(&x)?, asks, comm)
     }
 
     /// The greedy next token after `tokens` (appended to `cache`).
@@ -587,17 +586,17 @@ impl LlamaModel {
     }
 
     /// One decode step through a graph of [`Self::capture_lockstep_logits`], its logits as draws
-    /// at top-k `top_k` need them: as [`Self::forward_for_draw`] gives them.
+    /// asking `asks` need them: as [`Self::forward_for_draw`] gives them.
     pub fn step_lockstep_graph_for_draw(
         &self,
         g: &mut LockstepGraph,
         tokens: &[u32],
         cache: &mut KvCache,
-        top_k: Option<usize>,
+        asks: Option<&[Candidates]>,
         comm: &dyn Communicator,
     ) -> Result<DrawLogits, ModelError> {
         let local = self.replay_to_logits(g, tokens, cache)?;
-        self.head.for_draw(local, top_k, comm)
+        self.head.for_draw(local, asks, comm)
     }
 
     /// Replays a logits graph `g` for `tokens`: this rank's logits, on its device.

@@ -217,29 +217,51 @@ fn logits_graph_replay_equals_eager_logits() {
 /// (`forward_for_draw`, and through a captured graph), draws the tokens a draw from the whole
 /// gathered logits gives (seeded, step after step), at tp 1 and (with two GPUs) tp 2, batch 1 and
 /// 3, k 1, 50 and 700 (past a shard's 500 rows), over bf16 logits whose ties sit at the k-th
-/// largest; the graph's candidates are the eager step's.
+/// largest; the graph's candidates are the eager step's. With a repetition penalty (and
+/// presence / frequency terms) over each row's own prompt and output, the penalised tokens'
+/// logits are read on the devices beside the candidates (`ops::gather_values`), and the
+/// draws, sampled and greedy, are still the whole logits'.
 #[test]
 fn draws_from_the_gpus_top_k_candidates_are_those_from_the_whole_logits() {
     use tessera_model::DrawLogits;
-    use tessera_tensor::{Sampler, SamplingParams};
+    use tessera_tensor::{Candidates, Sampler, SamplingParams};
     const V: usize = 1001;
     let n = gpus();
     let cfg = ModelConfig::from_json_str(&llama_config_json(V, 256, 512, 3, 8, 2, false)).unwrap();
-    for (tp, batch, k) in
-        (1..=n).flat_map(|tp| [(tp, 1, 50), (tp, 3, 1), (tp, 3, 50), (tp, 1, 700)])
-    {
+    // (tp, batch, top-k, temperature, repetition penalty, presence penalty)
+    for (tp, batch, k, temperature, rep, presence) in (1..=n).flat_map(|tp| {
+        [
+            (tp, 1, 50, 1.1, 1.0, 0.0),
+            (tp, 3, 1, 1.1, 1.0, 0.0),
+            (tp, 3, 50, 1.1, 1.0, 0.0),
+            (tp, 1, 700, 1.1, 1.0, 0.0),
+            (tp, 3, 20, 1.1, 1.3, 0.0),
+            (tp, 1, 40, 0.9, 0.7, 0.5),
+            (tp, 3, 0, 0.0, 1.5, 0.0),
+        ]
+    }) {
         let out = on_gpu_ranks(tp, &cfg, 9, |_, m, comm| {
             let p = |seed| SamplingParams {
-                temperature: 1.1,
+                temperature,
                 top_p: 0.97,
                 top_k: k,
+                repetition_penalty: rep,
+                presence_penalty: presence,
+                frequency_penalty: presence / 2.0,
                 seed,
                 ..Default::default()
             };
             let mut whole: Vec<Sampler> = (0..batch as u64).map(|s| Sampler::new(p(s))).collect();
             let mut from_top: Vec<Sampler> =
                 (0..batch as u64).map(|s| Sampler::new(p(s))).collect();
-            let top_k = from_top[0].top_k_for(V);
+            // Each row's own "prompt" for the repetition penalty.
+            for (r, (w, f)) in whole.iter_mut().zip(&mut from_top).enumerate() {
+                let seen: Vec<u32> = (0..6 + 5 * r as u32)
+                    .map(|i| (i * 389 + 2) % V as u32)
+                    .collect();
+                w.observe(&seen);
+                f.observe(&seen);
+            }
             let mut full = m.new_cache_batch(40, batch).unwrap();
             let mut eager = m.new_cache_batch(40, batch).unwrap();
             let mut graphed = m.new_cache_batch(40, batch).unwrap();
@@ -252,21 +274,38 @@ fn draws_from_the_gpus_top_k_candidates_are_those_from_the_whole_logits() {
             let mut g = m.capture_lockstep_logits(&mut graphed, comm).unwrap();
             let mut drawn = Vec::new();
             for step in 0..10 {
+                let asks: Vec<Candidates> = from_top
+                    .iter()
+                    .map(|s| s.candidates_for(V).expect("candidates"))
+                    .collect();
+                assert_eq!(asks[0].ids.is_empty(), rep == 1.0 && presence == 0.0);
                 let logits = m.forward_lockstep(&toks, &mut full, comm).unwrap();
-                let DrawLogits::Top(top) =
-                    m.forward_for_draw(&toks, &mut eager, top_k, comm).unwrap()
+                let DrawLogits::Top(top) = m
+                    .forward_for_draw(&toks, &mut eager, Some(&asks), comm)
+                    .unwrap()
                 else {
                     panic!("tp {tp} batch {batch} k {k}: the whole logits where candidates fit")
                 };
                 let from_graph = m
-                    .step_lockstep_graph_for_draw(&mut g, &toks, &mut graphed, top_k, comm)
+                    .step_lockstep_graph_for_draw(&mut g, &toks, &mut graphed, Some(&asks), comm)
                     .unwrap();
                 assert_eq!(from_graph, DrawLogits::Top(top.clone()), "step {step}");
                 toks = (0..batch)
                     .map(|b| {
+                        let row = &logits[b * V..(b + 1) * V];
+                        // Every asked id, with its logit of the whole row.
+                        for id in &asks[b].ids {
+                            let at = top[b].binary_search_by_key(id, |p| p.0).expect("asked id");
+                            assert_eq!(top[b][at].1.to_bits(), row[*id as usize].to_bits());
+                        }
                         let t = from_top[b].sample_top(&top[b]);
-                        let w = whole[b].sample(&logits[b * V..(b + 1) * V]);
-                        assert_eq!(t, w, "tp {tp} batch {batch} k {k} step {step} row {b}");
+                        let w = whole[b].sample(row);
+                        assert_eq!(
+                            t, w,
+                            "tp {tp} batch {batch} k {k} rep {rep} step {step} row {b}"
+                        );
+                        from_top[b].observe_output(t);
+                        whole[b].observe_output(t);
                         t
                     })
                     .collect();
@@ -280,7 +319,7 @@ fn draws_from_the_gpus_top_k_candidates_are_those_from_the_whole_logits() {
         );
         let distinct: std::collections::BTreeSet<_> = out[0].iter().collect();
         assert!(distinct.len() > 3, "tp {tp}: degenerate draws");
-        eprintln!("tp {tp}, batch {batch}, top-k {k}: 10 steps' draws from the candidates equal the whole logits'");
+        eprintln!("tp {tp}, batch {batch}, top-k {k}, T {temperature}, repetition penalty {rep}, presence {presence}: 10 steps' draws from the candidates equal the whole logits'");
     }
 }
 

@@ -437,7 +437,7 @@ fn log_probs_by_chunks_of_rows_equal_those_of_the_whole_logits() {
 #[test]
 fn draws_from_the_gathered_top_k_candidates_are_those_from_the_whole_logits() {
     use tessera_model::DrawLogits;
-    use tessera_tensor::{Sampler, SamplingParams};
+    use tessera_tensor::{Candidates, Sampler, SamplingParams};
     let (cfg, bytes) = random_model(
         &llama_config_json(1001, 48, 64, 2, 6, 6, false),
         DType::F32,
@@ -483,8 +483,9 @@ fn draws_from_the_gathered_top_k_candidates_are_those_from_the_whole_logits() {
             };
             let out = on_ranks(tp, &cfg, bytes, |m, comm| {
                 let (mut whole, mut from_top) = (Sampler::new(p), Sampler::new(p));
-                let top_k = from_top.top_k_for(v);
-                assert_eq!(top_k, Some(k));
+                let ask = from_top.candidates_for(v).expect("candidates");
+                assert_eq!(ask, Candidates { k, ids: vec![] });
+                let asks = Some(std::slice::from_ref(&ask));
                 // One sequence: the prompt, then steps fed the drawn tokens.
                 let (mut c1, mut c2) = (m.new_cache(12).unwrap(), m.new_cache(12).unwrap());
                 let mut input = vec![5u32, 999, 1000, 0];
@@ -492,7 +493,7 @@ fn draws_from_the_gathered_top_k_candidates_are_those_from_the_whole_logits() {
                 for _ in 0..6 {
                     let logits = m.forward(&input, &mut c1, Logits::Last, comm).unwrap();
                     let DrawLogits::Top(top) =
-                        m.forward_for_draw(&input, &mut c2, top_k, comm).unwrap()
+                        m.forward_for_draw(&input, &mut c2, asks, comm).unwrap()
                     else {
                         panic!("tp {tp} k {k}: the whole logits where candidates fit");
                     };
@@ -508,10 +509,12 @@ fn draws_from_the_gathered_top_k_candidates_are_those_from_the_whole_logits() {
                     m.new_cache_batch(4, 3).unwrap(),
                     m.new_cache_batch(4, 3).unwrap(),
                 );
+                let three = vec![ask.clone(); 3];
                 for toks in [[1u32, 500, 1000], [7, 7, 2]] {
                     let logits = m.forward_lockstep(&toks, &mut b1, comm).unwrap();
-                    let DrawLogits::Top(top) =
-                        m.forward_for_draw(&toks, &mut b2, top_k, comm).unwrap()
+                    let DrawLogits::Top(top) = m
+                        .forward_for_draw(&toks, &mut b2, Some(&three), comm)
+                        .unwrap()
                     else {
                         panic!("tp {tp} k {k}: the whole logits of a batch");
                     };
@@ -531,6 +534,141 @@ fn draws_from_the_gathered_top_k_candidates_are_those_from_the_whole_logits() {
                 out.iter().all(|d| *d == out[0]),
                 "tp {tp} k {k}: ranks differ"
             );
+        }
+    }
+}
+
+/// Penalised draws from the devices' candidates (each row's top k + its penalised ids' count,
+/// and the logits of those ids, gathered from the ranks that hold them) are the draws from the
+/// whole logits with the penalties applied there: a sequence (prefill, then decode steps fed
+/// the drawn tokens) and a lockstep batch of 3 whose rows saw different tokens, at tp 1, 2 and
+/// 3 over a vocabulary of 1,001 (uneven shards), sampled with repetition penalties above and
+/// below 1 and presence / frequency terms, and greedy with a repetition penalty; the candidates
+/// hold every asked id with its raw logit. A row asked for an id past the vocabulary is an
+/// error.
+#[test]
+fn penalised_draws_from_the_candidates_are_those_from_the_whole_logits() {
+    use tessera_model::DrawLogits;
+    use tessera_tensor::{Candidates, Sampler, SamplingParams};
+    let (cfg, bytes) = random_model(
+        &llama_config_json(1001, 48, 64, 2, 6, 6, false),
+        DType::F32,
+        8,
+    );
+    let v = 1001;
+    // (temperature, top_k, repetition, presence, frequency)
+    let settings = [
+        (0.9f32, 20usize, 1.3f32, 0.0f32, 0.0f32),
+        (1.1, 5, 0.6, 0.4, 0.2),
+        (0.0, 0, 1.5, 0.0, 0.0),
+    ];
+    // Every asked id is in the row with its raw logit, and the row is by id.
+    let holds = |top: &[(u32, f32)], row: &[f32], ask: &Candidates| {
+        assert!(top.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(top
+            .iter()
+            .all(|&(j, l)| row[j as usize].to_bits() == l.to_bits()));
+        let ids: std::collections::BTreeSet<u32> = top.iter().map(|p| p.0).collect();
+        assert!(ask.ids.iter().all(|id| ids.contains(id)));
+    };
+    for tp in [1, 2, 3] {
+        for (temperature, top_k, rep, presence, frequency) in settings {
+            let p = |seed| SamplingParams {
+                temperature,
+                top_p: 0.95,
+                top_k,
+                repetition_penalty: rep,
+                presence_penalty: presence,
+                frequency_penalty: frequency,
+                seed,
+                ..Default::default()
+            };
+            let name = format!("tp {tp} {:?}", p(0));
+            let out = on_ranks(tp, &cfg, bytes, |m, comm| {
+                let (mut whole, mut from_top) = (Sampler::new(p(3)), Sampler::new(p(3)));
+                let prompt = [5u32, 999, 1000, 0, 5, 77, 300];
+                whole.observe(&prompt);
+                from_top.observe(&prompt);
+                let (mut c1, mut c2) = (m.new_cache(16).unwrap(), m.new_cache(16).unwrap());
+                let mut input = prompt.to_vec();
+                let mut drawn = Vec::new();
+                for step in 0..8 {
+                    let ask = from_top.candidates_for(v).expect("candidates");
+                    assert!(ask.ids.len() >= 6, "{name}: {ask:?}");
+                    let logits = m.forward(&input, &mut c1, Logits::Last, comm).unwrap();
+                    let got = m
+                        .forward_for_draw(&input, &mut c2, Some(std::slice::from_ref(&ask)), comm)
+                        .unwrap();
+                    let DrawLogits::Top(top) = got else {
+                        panic!("{name}: the whole logits where candidates fit");
+                    };
+                    holds(&top[0], &logits, &ask);
+                    let t = from_top.sample_top(&top[0]);
+                    assert_eq!(t, whole.sample(&logits), "{name} step {step}");
+                    whole.observe_output(t);
+                    from_top.observe_output(t);
+                    drawn.push(t);
+                    input = vec![t];
+                }
+                // A lockstep batch of 3, each row its own sampler and seen tokens.
+                let mut wholes: Vec<Sampler> = (0..3).map(|s| Sampler::new(p(s))).collect();
+                let mut tops: Vec<Sampler> = (0..3).map(|s| Sampler::new(p(s))).collect();
+                for (r, (w, f)) in wholes.iter_mut().zip(&mut tops).enumerate() {
+                    let seen: Vec<u32> = (0..5 + 4 * r as u32)
+                        .map(|i| (i * 131 + 9) % 1001)
+                        .collect();
+                    w.observe(&seen);
+                    f.observe(&seen);
+                }
+                let (mut b1, mut b2) = (
+                    m.new_cache_batch(6, 3).unwrap(),
+                    m.new_cache_batch(6, 3).unwrap(),
+                );
+                let mut toks = vec![1u32, 500, 1000];
+                for step in 0..4 {
+                    let asks: Vec<Candidates> =
+                        tops.iter().map(|s| s.candidates_for(v).unwrap()).collect();
+                    let logits = m.forward_lockstep(&toks, &mut b1, comm).unwrap();
+                    let DrawLogits::Top(top) = m
+                        .forward_for_draw(&toks, &mut b2, Some(&asks), comm)
+                        .unwrap()
+                    else {
+                        panic!("{name}: the whole logits of a batch");
+                    };
+                    for r in 0..3 {
+                        let row = &logits[r * v..(r + 1) * v];
+                        holds(&top[r], row, &asks[r]);
+                        let t = tops[r].sample_top(&top[r]);
+                        assert_eq!(t, wholes[r].sample(row), "{name} batch step {step} row {r}");
+                        tops[r].observe_output(t);
+                        wholes[r].observe_output(t);
+                        toks[r] = t;
+                    }
+                    drawn.extend(&toks);
+                }
+                // An id past the vocabulary is refused (before any collective: every rank).
+                let bad = [Candidates {
+                    k: 3,
+                    ids: vec![1001],
+                }];
+                let mut c3 = m.new_cache(4).unwrap();
+                let err = m
+                    .forward_for_draw(&[3], &mut c3, Some(&bad), comm)
+                    .unwrap_err();
+                assert!(err.to_string().contains("token 1001"), "{err}");
+                let unordered = [Candidates {
+                    k: 3,
+                    ids: vec![9, 2],
+                }];
+                let err = m
+                    .forward_for_draw(&[3], &mut c3, Some(&unordered), comm)
+                    .unwrap_err();
+                assert!(err.to_string().contains("ascending"), "{err}");
+                drawn
+            });
+            assert!(out.iter().all(|d| *d == out[0]), "{name}: ranks differ");
+            let distinct: std::collections::BTreeSet<_> = out[0].iter().collect();
+            assert!(distinct.len() > 2, "{name}: degenerate draws {:?}", out[0]);
         }
     }
 }
@@ -585,7 +723,8 @@ fn rows_whose_candidates_do_not_fit_fall_back_to_the_whole_logits_on_every_rank(
                             DType::F32,
                         )
                         .unwrap();
-                        let got = head.for_draw(&local, Some(k), &comm).unwrap();
+                        let ask = [tessera_tensor::Candidates { k, ids: vec![] }];
+                        let got = head.for_draw(&local, Some(&ask), &comm).unwrap();
                         if i == 3 {
                             // The 3 largest are 36 (ids 36, 73, ...): 10 of them, all in.
                             let DrawLogits::Top(top) = got else {

@@ -23,5 +23,5 @@ pub mod cuda;
 pub use device::Device;
 pub use dtype::DType;
 pub use error::TensorError;
-pub use sample::{Sampler, SamplingParams};
+pub use sample::{Candidates, Sampler, SamplingParams};
 pub use tensor::{Storage, Tensor};

@@ -58,6 +58,15 @@ impl SamplingParams {
     }
 }
 
+/// What a draw needs of a row's logits where they lie ([`Sampler::candidates_for`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidates {
+    /// Every logit at least the row's `k`-th largest.
+    pub k: usize,
+    /// And the logits of these tokens, by id, whatever their value (those a penalty moves).
+    pub ids: Vec<u32>,
+}
+
 /// A sampler with its own seeded random stream (ChaCha8: the same on every platform and version).
 pub struct Sampler {
     params: SamplingParams,
@@ -102,21 +111,10 @@ impl Sampler {
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let penalized;
         let logits = if self.params.penalised() {
-            let p = &self.params;
             let mut l = logits.to_vec();
-            if p.repetition_penalty != 1.0 {
-                let r = p.repetition_penalty;
-                for &t in &self.seen {
-                    if let Some(x) = l.get_mut(t as usize) {
-                        *x = if *x < 0.0 { *x * r } else { *x / r };
-                    }
-                }
-            }
-            // As vLLM: the frequency term, then the presence term.
-            for (&t, &c) in &self.output_counts {
+            for t in self.penalised_ids() {
                 if let Some(x) = l.get_mut(t as usize) {
-                    *x -= p.frequency_penalty * c as f32;
-                    *x -= p.presence_penalty;
+                    *x = self.penalise(t, *x);
                 }
             }
             penalized = l;
@@ -135,20 +133,79 @@ impl Sampler {
         token
     }
 
-    /// The top-k of a draw from a vocabulary of `vocab` that [`Self::sample_top`] can take from a
-    /// row's candidates alone (`ops::top_k_rows`): sampling with `0 < top_k < vocab` and no
-    /// penalty. `None`: [`Self::sample`] needs the whole row.
-    pub fn top_k_for(&self, vocab: usize) -> Option<usize> {
+    /// The tokens a penalty moves (seen, or in the output), by id: none where penalties are off.
+    pub fn penalised_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.seen.iter().copied().collect();
+        ids.extend(self.output_counts.keys().filter(|t| !self.seen.contains(t)));
+        ids.sort_unstable();
+        ids
+    }
+
+    /// `logit` of token `id` after the penalties, as [`Self::sample`] applies them: the
+    /// repetition penalty where `id` was seen, then the frequency and presence terms where the
+    /// output holds it.
+    fn penalise(&self, id: u32, mut logit: f32) -> f32 {
         let p = &self.params;
-        let k = p.top_k;
-        (p.temperature > 0.0 && !p.penalised() && k > 0 && k < vocab).then_some(k)
+        if p.repetition_penalty != 1.0 && self.seen.contains(&id) {
+            let r = p.repetition_penalty;
+            logit = if logit < 0.0 { logit * r } else { logit / r };
+        }
+        // As vLLM: the frequency term, then the presence term.
+        if let Some(&c) = self.output_counts.get(&id) {
+            logit -= p.frequency_penalty * c as f32;
+            logit -= p.presence_penalty;
+        }
+        logit
+    }
+
+    /// What [`Self::sample_top`] needs of a row of a vocabulary of `vocab` to draw the token
+    /// [`Self::sample`] draws from the whole row, where the logits lie: `None` where that is the
+    /// whole row (no top-k at a temperature above 0, or a top-k near the vocabulary's size).
+    ///
+    /// With penalties, the row's raw logits of the `ids` the penalties move (their penalised
+    /// values are known from those alone) and every logit at least the row's `k`-th largest, `k`
+    /// the draw's top-k (1 when greedy) plus the count of those ids: at most that many of the
+    /// tokens above an unpenalised token are penalised ones, so every unpenalised token the draw
+    /// can keep is among them, whichever way a penalty moves a logit.
+    pub fn candidates_for(&self, vocab: usize) -> Option<Candidates> {
+        let p = &self.params;
+        let draw_k = if p.temperature <= 0.0 { 1 } else { p.top_k };
+        if draw_k == 0 || draw_k >= vocab {
+            return None;
+        }
+        let mut ids = self.penalised_ids();
+        ids.retain(|&t| (t as usize) < vocab);
+        let k = draw_k + ids.len();
+        (k < vocab).then_some(Candidates { k, ids })
     }
 
     /// The token [`Self::sample`] draws from a whole row (the same one, and the same random
-    /// stream after it), from `top`: the row's (id, logit) of every logit at least its k-th
-    /// largest (k of [`Self::top_k_for`]) and finite or -inf, by id (tokens below that may be
-    /// there too). The sampler's top-k keeps exactly those, and its maximum is among them.
+    /// stream after it), from `top`: the row's raw (id, logit), by id, of every logit at least
+    /// its k-th largest and of every id a penalty moves (k and the ids of
+    /// [`Self::candidates_for`]), all finite or -inf (tokens below the k-th largest may be there
+    /// too). The penalties are applied to those ids here; the sampler's top-k then keeps exactly
+    /// what it keeps of the whole row, and the row's maximum is among them.
     pub fn sample_top(&mut self, top: &[(u32, f32)]) -> u32 {
+        let penalised;
+        let top = if self.params.penalised() {
+            penalised = top
+                .iter()
+                .map(|&(t, l)| (t, self.penalise(t, l)))
+                .collect::<Vec<_>>();
+            &penalised[..]
+        } else {
+            top
+        };
+        if self.params.temperature <= 0.0 {
+            // As [`argmax`] of the whole row: the first (lowest id) of the largest.
+            let mut best: Option<(u32, f32)> = None;
+            for &(t, l) in top {
+                if best.is_none_or(|b| l > b.1) {
+                    best = Some((t, l));
+                }
+            }
+            return best.map_or(0, |b| b.0);
+        }
         let values: Vec<f32> = top.iter().map(|p| p.1).collect();
         let k = self.params.top_k.clamp(1, values.len().max(1));
         let max = values.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -652,34 +709,58 @@ mod tests {
         }
     }
 
-    /// A draw from a row's top-k candidates (`ops::top_k_rows`, over the whole row or over
-    /// uneven parts of it as tensor-parallel ranks hold a vocabulary, merged) is the draw from the
-    /// whole row, token for token over a run of steps (the random streams stay together), at
-    /// bf16-rounded logits whose ties often sit at the k-th largest; and where `top_k_for` says
-    /// no, the row is needed.
+    /// A draw from a row's candidates (`ops::top_k_rows`, over the whole row or over uneven parts
+    /// of it as tensor-parallel ranks hold a vocabulary, merged with the raw logits of the ids a
+    /// penalty moves) is the draw from the whole row, token for token over a run of steps (the
+    /// random streams stay together, the penalised set grows with the output), at bf16-rounded
+    /// logits whose ties often sit at the k-th largest; with repetition penalties above and below
+    /// 1, presence and frequency penalties of either sign, and greedy with a penalty; and where
+    /// `candidates_for` says no, the row is needed.
     #[test]
     fn a_draw_from_the_top_k_candidates_is_the_draw_from_the_whole_row() {
         use crate::{ops, DType, Tensor};
         let mut rng = ChaCha8Rng::seed_from_u64(31);
         let vocab = 3001;
+        // (temperature, top_p, top_k, min_p, repetition, presence, frequency)
         let settings = [
-            (0.6f32, 0.9f32, 50usize, 0.0f32),
-            (1.0, 1.0, 5, 0.1),
-            (0.8, 0.5, 1, 0.0),
-            (1.3, 0.99, 200, 0.02),
+            (0.6f32, 0.9f32, 50usize, 0.0f32, 1.0f32, 0.0f32, 0.0f32),
+            (1.0, 1.0, 5, 0.1, 1.0, 0.0, 0.0),
+            (0.8, 0.5, 1, 0.0, 1.0, 0.0, 0.0),
+            (1.3, 0.99, 200, 0.02, 1.0, 0.0, 0.0),
+            (0.7, 0.8, 20, 0.0, 1.05, 0.0, 0.0),
+            (1.0, 1.0, 3, 0.0, 2.5, 0.0, 0.0),
+            (0.9, 0.95, 40, 0.0, 0.5, 0.0, 0.0),
+            (1.0, 0.9, 30, 0.05, 1.0, 0.8, 0.3),
+            (1.0, 1.0, 10, 0.0, 1.2, -2.0, -0.5),
+            (0.0, 1.0, 0, 0.0, 1.3, 0.0, 0.0),
+            (0.0, 1.0, 0, 0.0, 0.7, 0.5, 1.0),
         ];
-        for (temperature, top_p, top_k, min_p) in settings {
+        for (temperature, top_p, top_k, min_p, rep, presence, frequency) in settings {
             let p = SamplingParams {
                 temperature,
                 top_p,
                 top_k,
                 min_p,
+                repetition_penalty: rep,
+                presence_penalty: presence,
+                frequency_penalty: frequency,
                 seed: top_k as u64,
-                ..Default::default()
             };
             let (mut whole, mut from_top) = (Sampler::new(p), Sampler::new(p));
-            assert_eq!(from_top.top_k_for(vocab), Some(top_k));
+            // A prompt: some ids twice, one past the vocabulary (it costs nothing).
+            let prompt: Vec<u32> = (0..40u32)
+                .map(|i| (i * 97) % 1500)
+                .chain([7, 7, 5000])
+                .collect();
+            whole.observe(&prompt);
+            from_top.observe(&prompt);
+            let mut distinct = std::collections::BTreeSet::new();
             for step in 0..40 {
+                let ask = from_top.candidates_for(vocab).expect("candidates");
+                let draw_k = if temperature > 0.0 { top_k } else { 1 };
+                assert_eq!(ask.k, draw_k + ask.ids.len());
+                assert!(ask.ids.windows(2).all(|w| w[0] < w[1]));
+                assert!(ask.ids.iter().all(|&t| (t as usize) < vocab));
                 // Coarse logits (bf16 of a few units): many equal values.
                 let spread = [4.0f32, 30.0, 0.5][step % 3];
                 let v: Vec<f32> = (0..vocab)
@@ -693,24 +774,27 @@ mod tests {
                 } else {
                     &[(0, 1000), (1000, 2900), (2900, vocab)]
                 };
-                let mut top = Vec::new();
+                let mut top = std::collections::BTreeMap::new();
                 for &(a, b) in parts {
                     let part = Tensor::from_f32(vec![1, b - a], logits[a..b].to_vec(), DType::F32)
                         .unwrap();
                     let cap = b - a;
-                    let packed = ops::top_k_rows(&part, top_k.min(b - a), cap).unwrap();
+                    let packed = ops::top_k_rows(&part, ask.k.min(b - a), cap).unwrap();
                     let r = &ops::unpack_top_k(&packed.to_f32_vec(), cap)[0];
                     assert!(r.complete());
                     top.extend(r.entries.iter().map(|&(j, l)| (j + a as u32, l)));
                 }
-                assert_eq!(
-                    from_top.sample_top(&top),
-                    whole.sample(&logits),
-                    "{p:?} step {step}"
-                );
+                top.extend(ask.ids.iter().map(|&t| (t, logits[t as usize])));
+                let top: Vec<(u32, f32)> = top.into_iter().collect();
+                let t = from_top.sample_top(&top);
+                assert_eq!(t, whole.sample(&logits), "{p:?} step {step}");
+                distinct.insert(t);
+                whole.observe_output(t);
+                from_top.observe_output(t);
             }
+            assert!(distinct.len() > 1 || top_k == 1, "{p:?}: one token drawn");
         }
-        let needs_row = |p: SamplingParams| Sampler::new(p).top_k_for(100).is_none();
+        let needs_row = |p: SamplingParams| Sampler::new(p).candidates_for(100).is_none();
         let base = SamplingParams {
             temperature: 0.7,
             top_k: 10,
@@ -719,18 +803,47 @@ mod tests {
         assert!(!needs_row(base));
         assert!(needs_row(SamplingParams { top_k: 0, ..base }));
         assert!(needs_row(SamplingParams { top_k: 100, ..base }));
-        assert!(needs_row(SamplingParams {
+        // Greedy asks for the largest, penalised or not.
+        let greedy = SamplingParams {
             temperature: 0.0,
             ..base
-        }));
-        assert!(needs_row(SamplingParams {
+        };
+        assert_eq!(
+            Sampler::new(greedy).candidates_for(100),
+            Some(Candidates { k: 1, ids: vec![] })
+        );
+        // A penalty adds its ids to the top-k; past the vocabulary, the row.
+        let mut s = Sampler::new(SamplingParams {
             repetition_penalty: 1.1,
-            ..base
-        }));
-        assert!(needs_row(SamplingParams {
             presence_penalty: 0.5,
             ..base
-        }));
+        });
+        s.observe(&[9, 3, 3, 400]);
+        s.observe_output(5);
+        assert_eq!(
+            s.candidates_for(100),
+            Some(Candidates {
+                k: 13,
+                ids: vec![3, 5, 9]
+            })
+        );
+        s.observe(&(0..95).collect::<Vec<_>>());
+        assert_eq!(s.candidates_for(100), None);
+        // Presence alone: the output's ids only.
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 0.5,
+            ..base
+        });
+        s.observe(&[1, 2]);
+        s.observe_output(8);
+        s.observe_output(8);
+        assert_eq!(
+            s.candidates_for(100),
+            Some(Candidates {
+                k: 11,
+                ids: vec![8]
+            })
+        );
     }
 
     /// Seeded draws over fixed logits at several settings are the tokens recorded here: those of

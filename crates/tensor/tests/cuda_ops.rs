@@ -53,6 +53,34 @@ fn tol(dt: DType) -> f64 {
     }
 }
 
+/// The logits a penalised draw needs beside its candidates (`ops::gather_values`) are the CPU's,
+/// at f32 and bf16, over rows of a vocabulary of 128,256 (indices past 2^24 of the flat
+/// tensor), repeated and out-of-order picks; a pick past the tensor is an error, not a read.
+#[test]
+fn gathered_values_on_the_gpu_are_the_cpus() {
+    let Some((dev, _held)) = gpu() else { return };
+    let (rows, n) = (3, 128_256);
+    let v: Vec<f32> = rand_t(vec![rows, n], DType::F32, 71)
+        .to_f32_vec()
+        .iter()
+        .map(|x| x * 12.0 - 2.0)
+        .collect();
+    let picks: Vec<(usize, usize)> = (0..700)
+        .map(|i| ((i * 7) % rows, (i * 7919 + 13) % n))
+        .chain([(2, n - 1), (0, 0), (2, n - 1)])
+        .collect();
+    for dt in [DType::F32, DType::BF16] {
+        let x = Tensor::from_f32(vec![rows, n], v.clone(), dt).unwrap();
+        let xg = x.to_device(dev).unwrap();
+        let got = ops::gather_values(&xg, &picks).unwrap();
+        let want = ops::gather_values(&x, &picks).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want), "{dt}");
+        assert!(ops::gather_values(&xg, &[]).unwrap().is_empty());
+        assert!(ops::gather_values(&xg, &[(rows, 0)]).is_err());
+    }
+}
+
 /// A draw's top-k candidates found on the GPU (`ops::top_k_rows`: radix selection of the k-th
 /// largest, one block a row) are the CPU's, read back: the same count, flags and (column, value)
 /// pairs, at f32 and bf16 (whose rounding puts many ties at the k-th largest), over a vocabulary

@@ -37,6 +37,11 @@ pub struct DecodeArgs {
     /// `generate` does without a top-k, and did before the candidates), to compare.
     #[arg(long, requires = "sample")]
     pub full_logits: bool,
+    /// With --sample: a repetition penalty over the prompt's and the output's tokens (as Qwen's
+    /// generation_config.json asks, 1.05): each draw then also needs the logits of those tokens
+    /// (gathered beside the candidates), or the whole logits with --full-logits.
+    #[arg(long, requires = "sample", default_value_t = 1.0)]
+    pub repetition_penalty: f32,
     /// Time one rank's share of a tp-N step on one device, every collective skipped (rank 0's
     /// layer shapes; no communication, so the tokens are not the model's): the compute a tp-N
     /// step cannot go below, on a machine with fewer devices than N. Replaces --tp.
@@ -231,9 +236,19 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         },
         rayon::current_num_threads()
     );
+    if !(a.repetition_penalty.is_finite() && a.repetition_penalty > 0.0) {
+        bail!(
+            "--repetition-penalty must be a positive number, got {}",
+            a.repetition_penalty
+        );
+    }
     if a.sample {
         say!(
-            "tokens sampled on the host at temperature 0.6, top-p 0.9, top-k 50, from {}",
+            "tokens sampled on the host at temperature 0.6, top-p 0.9, top-k 50{}, from {}",
+            match a.repetition_penalty {
+                1.0 => String::new(),
+                r => format!(", repetition penalty {r} over the prompt and output"),
+            },
             if a.full_logits {
                 "every rank's whole logits"
             } else {
@@ -292,16 +307,15 @@ pub fn run(a: DecodeArgs) -> Result<()> {
                             temperature: 0.6,
                             top_p: 0.9,
                             top_k: 50,
+                            repetition_penalty: a.repetition_penalty,
                             seed,
                             ..Default::default()
                         })
                     })
                     .collect();
-                // As `generate`: only the top-k candidates leave the devices.
-                let top_k = samplers
-                    .first()
-                    .and_then(|s| s.top_k_for(cfg.vocab_size))
-                    .filter(|_| !a.full_logits);
+                for s in &mut samplers {
+                    s.observe(&prompt);
+                }
                 // Seconds of the sampled steps to the logits on the host, and drawing.
                 let mut parts = [0.0f64; 2];
                 comm.barrier()?;
@@ -309,18 +323,29 @@ pub fn run(a: DecodeArgs) -> Result<()> {
                 for _ in 0..a.steps {
                     if a.sample {
                         let t = Instant::now();
+                        // As `generate`: only the candidates (and the logits of the tokens the
+                        // penalty moves) leave the devices.
+                        let asks: Option<Vec<_>> = samplers
+                            .iter()
+                            .map(|s| s.candidates_for(cfg.vocab_size))
+                            .collect::<Option<_>>()
+                            .filter(|_| !a.full_logits);
+                        let asks = asks.as_deref();
                         #[cfg(feature = "cuda")]
                         let logits = match graph.as_mut() {
                             Some(g) => {
-                                m.step_lockstep_graph_for_draw(g, &toks, &mut cache, top_k, comm)?
+                                m.step_lockstep_graph_for_draw(g, &toks, &mut cache, asks, comm)?
                             }
-                            None => m.forward_for_draw(&toks, &mut cache, top_k, comm)?,
+                            None => m.forward_for_draw(&toks, &mut cache, asks, comm)?,
                         };
                         #[cfg(not(feature = "cuda"))]
-                        let logits = m.forward_for_draw(&toks, &mut cache, top_k, comm)?;
+                        let logits = m.forward_for_draw(&toks, &mut cache, asks, comm)?;
                         parts[0] += t.elapsed().as_secs_f64();
                         let t = Instant::now();
                         toks = draw(&m, &logits, comm, &mut samplers)?;
+                        for (s, &t) in samplers.iter_mut().zip(&toks) {
+                            s.observe_output(t);
+                        }
                         parts[1] += t.elapsed().as_secs_f64();
                         continue;
                     }

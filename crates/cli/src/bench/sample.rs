@@ -116,12 +116,12 @@ pub fn run(a: SampleArgs) -> Result<()> {
             let peer = median_secs(a.runs, || {
                 std::hint::black_box(full_sort(p, &logits, 0.5));
             });
-            let from_top = match Sampler::new(*p).top_k_for(a.vocab) {
-                Some(k) => format!(
+            let from_top = match Sampler::new(*p).candidates_for(a.vocab) {
+                Some(c) if p.temperature > 0.0 => format!(
                     "{:.4}",
-                    from_top_k(p, k, &logits, a.runs, name, what)? * 1e3
+                    from_top_k(p, c.k, &logits, a.runs, name, what)? * 1e3
                 ),
-                None => "-".into(),
+                _ => "-".into(),
             };
             outln!(
                 "{:>10} {:>20} {:>8} {:>10.3} {:>14.3} {:>7.1}x {:>17}",

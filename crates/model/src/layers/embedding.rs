@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use tessera_comm::{CommExt, Communicator, ReduceOp};
-use tessera_tensor::{ops, DType, Storage, Tensor};
+use tessera_tensor::{ops, Candidates, DType, Storage, Tensor};
 
 use crate::checkpoint::Checkpoint;
 use crate::tp::TpShard;
@@ -54,12 +54,32 @@ impl VocabParallelEmbedding {
 #[derive(Debug, Clone, PartialEq)]
 pub enum DrawLogits {
     /// Per row, (id, logit) of every token whose logit is at least the row's k-th largest (ties
-    /// at the edge included), and at tp > 1 some below it (each rank's own k largest), by id:
-    /// what `Sampler::sample_top` draws from.
+    /// at the edge included), and at tp > 1 some below it (each rank's own k largest), and of
+    /// every id the row's draw asked for, by id: what `Sampler::sample_top` draws from.
     Top(Vec<Vec<(u32, f32)>>),
     /// Every row's logits `[rows, vocab]` (no top-k asked for, or a row whose candidates passed
     /// their room or held a NaN or +inf).
     Full(Vec<f32>),
+}
+
+/// `a` and `b` (each by id, its ids distinct) as one list by id, an id in both once (from `a`).
+fn merge_by_id(a: &[(u32, f32)], b: impl Iterator<Item = (u32, f32)>) -> Vec<(u32, f32)> {
+    let mut out = Vec::with_capacity(a.len() + b.size_hint().0);
+    let mut a = a.iter().copied().peekable();
+    for q in b {
+        while let Some(&p) = a.peek() {
+            if p.0 > q.0 {
+                break;
+            }
+            out.push(p);
+            a.next();
+        }
+        if out.last().is_none_or(|p| p.0 != q.0) {
+            out.push(q);
+        }
+    }
+    out.extend(a);
+    out
 }
 
 /// Room for a row's candidates on each rank at top-k `k`: ties at the k-th largest (common among
@@ -149,33 +169,101 @@ impl ParallelLmHead {
         Ok(out)
     }
 
-    /// What a step's draws at top-k `top_k` need of this rank's logits `local` (`[rows, its
-    /// vocab rows]`, as [`Self::local_logits`] gives them), on every rank. With a top-k, each rank
+    /// What a step's draws need of this rank's logits `local` (`[rows, its vocab rows]`, as
+    /// [`Self::local_logits`] gives them), on every rank: `asks` holds a row's
+    /// [`Candidates`] (`Sampler::candidates_for`), one a row, the same on every rank. Each rank
     /// finds on its device every logit of its own rows at least their k-th largest
-    /// (`ops::top_k_rows`), and the ranks gather those (a few KB) instead of the logits: the
+    /// (`ops::top_k_rows`, k the largest asked) and reads the logits of the asked ids it holds
+    /// (`ops::gather_values`), and the ranks gather those (a few KB) instead of the logits: the
     /// vocabulary's k-th largest is at least each rank's own, so the union holds every token the
-    /// draw keeps. Where some row's candidates passed their room ([`top_k_room`]) or held a NaN or
-    /// +inf, every rank sees it in the gathered candidates and all fall back to
-    /// [`Self::gather`] together. Without a top-k: [`Self::gather`].
+    /// draw keeps. Where some row's candidates passed their room ([`top_k_room`]) or held a NaN
+    /// or +inf, every rank sees it in the gathered candidates and all fall back to
+    /// [`Self::gather`] together. Without `asks` (or one asking for no candidates):
+    /// [`Self::gather`].
     pub fn for_draw(
         &self,
         local: &Tensor,
-        top_k: Option<usize>,
+        asks: Option<&[Candidates]>,
         comm: &dyn Communicator,
     ) -> Result<DrawLogits, ModelError> {
-        let Some(k) = top_k.filter(|&k| k > 0) else {
+        let (t, n) = (local.dim(0), local.dim(1));
+        let Some(asks) = asks.filter(|a| a.iter().all(|c| c.k > 0)) else {
             return Ok(DrawLogits::Full(self.gather(local, comm)?));
         };
-        let (t, n) = (local.dim(0), local.dim(1));
+        if asks.len() != t {
+            return Err(ModelError::Input(format!(
+                "{} draws' candidates asked of {t} rows of logits",
+                asks.len()
+            )));
+        }
+        if let Some(id) = asks
+            .iter()
+            .flat_map(|c| &c.ids)
+            .find(|&&id| id as usize >= self.vocab)
+        {
+            return Err(ModelError::Input(format!(
+                "a draw asked for token {id}'s logit of a vocabulary of {}",
+                self.vocab
+            )));
+        }
+        if asks.iter().any(|c| c.ids.windows(2).any(|w| w[0] >= w[1])) {
+            return Err(ModelError::Input(
+                "a draw's asked ids are not in ascending order".into(),
+            ));
+        }
+        let k = asks.iter().map(|c| c.k).max().unwrap_or(1);
         let cap = top_k_room(k);
-        let packed = ops::top_k_rows(local, k.min(n), cap);
-        let all = if self.tp_size == 1 {
-            packed?.to_f32_vec()
+        // A rank that cannot take its part (out of memory) stops the others' gather at once.
+        let stop = |e: &tessera_tensor::TensorError| {
+            if self.tp_size > 1 {
+                comm.abort(&format!("rank {}: {e}", comm.rank()))
+            }
+        };
+        let packed = ops::top_k_rows(local, k.min(n), cap).inspect_err(stop)?;
+        // The asked ids' logits this rank holds (a row's ids are in its own vocabulary range).
+        let mine = crate::tp::split_range(self.vocab, self.tp_size, comm.rank());
+        let asked: Vec<(usize, u32)> = asks
+            .iter()
+            .enumerate()
+            .flat_map(|(r, c)| c.ids.iter().map(move |&id| (r, id)))
+            .collect();
+        let picks: Vec<(usize, usize)> = asked
+            .iter()
+            .filter(|p| mine.contains(&(p.1 as usize)))
+            .map(|&(r, id)| (r, id as usize - mine.start))
+            .collect();
+        let held = ops::gather_values(local, &picks).inspect_err(stop)?;
+        let (all, asked_values) = if self.tp_size == 1 {
+            (packed.to_f32_vec(), held)
         } else {
-            // A rank that cannot take its part stops the others' gather at once.
-            let packed =
-                packed.inspect_err(|e| comm.abort(&format!("rank {}: {e}", comm.rank())))?;
-            comm.all_gather_tensor(&packed)?.to_f32_vec()
+            let all = comm.all_gather_tensor(&packed)?.to_f32_vec();
+            // Each asked id's logit from the rank that holds it: every rank sends a value for
+            // each (its own, or 0), in the order of `asked`.
+            let mut values = vec![0.0f32; asked.len()];
+            if !asked.is_empty() {
+                let mut held = held.into_iter();
+                let send: Vec<u8> = asked
+                    .iter()
+                    .map(|p| match mine.contains(&(p.1 as usize)) {
+                        true => held.next().expect("one value a pick"),
+                        false => 0.0,
+                    })
+                    .flat_map(f32::to_le_bytes)
+                    .collect();
+                let mut recv = vec![0u8; send.len() * self.tp_size];
+                comm.all_gather_bytes(&send, &mut recv)?;
+                for (j, (v, &(_, id))) in values.iter_mut().zip(&asked).enumerate() {
+                    let owner = (0..self.tp_size)
+                        .find(|&r| {
+                            crate::tp::split_range(self.vocab, self.tp_size, r)
+                                .contains(&(id as usize))
+                        })
+                        .expect("an asked id is in the vocabulary");
+                    let at = (owner * asked.len() + j) * 4;
+                    *v = f32::from_le_bytes(recv[at..at + 4].try_into().expect("4 bytes"));
+                }
+            }
+            (all, values)
         };
         let per_rank = t * ops::top_k_row_len(cap);
         let mut rows = vec![Vec::new(); t];
@@ -188,6 +276,25 @@ impl ParallelLmHead {
                 // Ranks hold ascending ranges: the row stays by id.
                 row.extend(got.entries.iter().map(|&(j, l)| (j + start, l)));
             }
+        }
+        if !asked.is_empty() {
+            // Each row's asked (id, logit) pairs, by id as asked, merged into its candidates
+            // (by id) in one pass, the rows over the host's threads; a candidate that is also
+            // asked for is the same logit, kept once.
+            let mut at = 0;
+            let asked_rows: Vec<&[f32]> = asks
+                .iter()
+                .map(|c| {
+                    at += c.ids.len();
+                    &asked_values[at - c.ids.len()..at]
+                })
+                .collect();
+            rows.par_iter_mut()
+                .zip(asks.par_iter().zip(asked_rows))
+                .for_each(|(row, (c, values))| {
+                    let top = std::mem::take(row);
+                    *row = merge_by_id(&top, c.ids.iter().copied().zip(values.iter().copied()));
+                });
         }
         Ok(DrawLogits::Top(rows))
     }
@@ -309,5 +416,24 @@ impl ParallelLmHead {
                 Ok(best.1)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_by_id;
+
+    #[test]
+    fn merged_by_id_once_each() {
+        let a = [(1u32, 1.0f32), (4, 4.0), (9, 9.0)];
+        let b = [(0u32, 0.5f32), (4, 4.0), (5, 5.0), (12, 12.0)];
+        let got = merge_by_id(&a, b.iter().copied());
+        let ids: Vec<u32> = got.iter().map(|p| p.0).collect();
+        assert_eq!(ids, [0, 1, 4, 5, 9, 12]);
+        assert!(got
+            .iter()
+            .all(|p| p.1 == if p.0 == 0 { 0.5 } else { p.0 as f32 }));
+        assert_eq!(merge_by_id(&a, std::iter::empty()), a);
+        assert_eq!(merge_by_id(&[], b.iter().copied()), b);
     }
 }

@@ -1275,6 +1275,14 @@ __device__ void lse_rows(const T* x, const int* targets, int n, float* out_m, fl
     }
 }
 
+// The values of x at the flat indices `at` (m of them), as f32: the logits a draw needs beside a
+// row's top-k candidates. grid ceil(m / 256); block 256.
+template <typename T>
+__device__ void gather_values(const T* x, const long long* at, int m, float* out) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < m) out[i] = ld(x, (long)at[i]);
+}
+
 // A 16-byte weight load that bypasses L1 (weights are read once; x stays cached).
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
     uint4 v;
@@ -2388,6 +2396,7 @@ extern "C" __global__ void __launch_bounds__(256) attention_tiled16_##S(const T*
 extern "C" __global__ void __launch_bounds__(256) attention_tiled32_##S(const T* q, const T* k, const T* v, T* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_tiled<T, 32>(q, k, v, o, t, hq, hkv, hd, start, window, scale); } \
 extern "C" __global__ void __launch_bounds__(1024) lse_rows_##S(const T* x, const int* t, int n, float* m, float* s, float* v) { lse_rows(x, t, n, m, s, v); } \
 extern "C" __global__ void __launch_bounds__(1024) top_k_rows_##S(const T* x, int n, int k, int cap, float* o) { top_k_rows(x, n, k, cap, o); } \
+extern "C" __global__ void gather_values_##S(const T* x, const long long* at, int m, float* o) { gather_values(x, at, m, o); } \
 extern "C" __global__ void argmax_rows_##S(const T* x, const float* sv, const int* si, int n, int per, float* v, int* i) { argmax_rows(x, sv, si, n, per, v, i); } \
 extern "C" __global__ void fill_random_##S(T* x, long n, unsigned long long seed, float scale, float offset) { fill_random(x, n, seed, scale, offset); }
 

@@ -33,7 +33,7 @@ use half::bf16;
 use crate::{DType, TensorError};
 
 const KERNELS: &str = include_str!("kernels.cu");
-const KERNEL_NAMES: [&str; 34] = [
+const KERNEL_NAMES: [&str; 35] = [
     "rms_norm1",
     "rms_norm2",
     "rms_norm4",
@@ -54,6 +54,7 @@ const KERNEL_NAMES: [&str; 34] = [
     "fill_random",
     "argmax_rows",
     "top_k_rows",
+    "gather_values",
     "lse_rows",
     "qkv_rope_append",
     "decode_attention",

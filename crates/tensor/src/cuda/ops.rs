@@ -1423,6 +1423,41 @@ pub fn top_k_rows(
     Ok(out)
 }
 
+/// `ops::gather_values` on the GPU: the values of `x` at the flat indices `at` (checked here
+/// against its length), as f32 on the host; one thread an index.
+pub fn gather_values(x: &CudaBuf, at: &[i64]) -> Result<Vec<f32>, TensorError> {
+    let dev = x.dev.clone();
+    let e = |err| dev_err(dev.ordinal, err);
+    if at.iter().any(|&i| i < 0 || i as usize >= x.len()) || at.len() >= 1 << 31 {
+        return Err(dev_err(
+            dev.ordinal,
+            format!("gather_values: an index past {} values", x.len()),
+        ));
+    }
+    if at.is_empty() {
+        return Ok(Vec::new());
+    }
+    let idx = dev.stream.clone_htod(at).map_err(e)?;
+    let out = dev.stream.alloc_zeros::<f32>(at.len()).map_err(e)?;
+    let m = at.len() as i32;
+    let mut l = dev
+        .stream
+        .launch_builder(dev.func("gather_values", x.dtype()));
+    push(&mut l, x);
+    l.arg(&idx).arg(&m).arg(&out);
+    let cfg = LaunchConfig {
+        grid_dim: (at.len().div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match gather_values(x, at, m, out); every index is within x (checked
+    // above), out holds m f32.
+    launched(&dev, unsafe { l.launch(cfg) })?;
+    let v = dev.stream.clone_dtoh(&out).map_err(e)?;
+    dev.stream.synchronize().map_err(e)?;
+    Ok(v)
+}
+
 /// Per row of `x` `[rows, n]`: (largest value m, sum of exp(x - m), the value at column
 /// `targets[row]`, NaN where that is outside `[0, n)`), in f32, one block a row: only these
 /// leave the device.

@@ -33,4 +33,4 @@ pub use norm::{add_rms_norm, head_rms_norm, norm_matmul_t, rms_norm};
 pub use rope::{apply_rope, qkv_rope_append};
 pub use round::round_slice;
 pub use softmax::{argmax_rows, log_softmax, logsumexp_rows, softmax_inplace};
-pub use top_k::{top_k_row_len, top_k_rows, unpack_top_k, TopRow};
+pub use top_k::{gather_values, top_k_row_len, top_k_rows, unpack_top_k, TopRow};

@@ -79,8 +79,10 @@ impl TopRow {
 
 /// The rows of [`top_k_rows`]' output `packed` (on the host), each row's entries by column.
 pub fn unpack_top_k(packed: &[f32], cap: usize) -> Vec<TopRow> {
+    use rayon::prelude::*;
+    // The rows over the host's threads: a penalised batch's rows hold hundreds of entries each.
     packed
-        .chunks_exact(top_k_row_len(cap))
+        .par_chunks_exact(top_k_row_len(cap))
         .map(|o| {
             let count = o[0] as usize;
             let mut entries: Vec<(u32, f32)> = o[2..2 + 2 * count.min(cap)]
@@ -95,6 +97,35 @@ pub fn unpack_top_k(packed: &[f32], cap: usize) -> Vec<TopRow> {
             }
         })
         .collect()
+}
+
+/// The values of the 2-D `x` `[rows, n]` at `picks` (row, column), as f32 on the host: what a
+/// draw needs of a row beside its top-k candidates (the logits of the tokens a penalty moves).
+/// On a GPU one thread a pick, and only those values leave the device.
+pub fn gather_values(x: &Tensor, picks: &[(usize, usize)]) -> Result<Vec<f32>, TensorError> {
+    if x.shape().len() != 2 {
+        return Err(crate::error::shape_err(
+            "gather_values",
+            format!("x {:?}", x.shape()),
+        ));
+    }
+    let (rows, n) = (x.dim(0), x.dim(1));
+    if let Some(&(r, c)) = picks.iter().find(|&&(r, c)| r >= rows || c >= n) {
+        return Err(crate::error::shape_err(
+            "gather_values",
+            format!("({r}, {c}) of [{rows}, {n}]"),
+        ));
+    }
+    if picks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let at: Vec<i64> = picks.iter().map(|&(r, c)| (r * n + c) as i64).collect();
+    #[cfg(feature = "cuda")]
+    if let crate::Storage::Cuda(b) = x.storage() {
+        return crate::cuda::gather_values(b, &at);
+    }
+    let v = x.to_f32_vec();
+    Ok(at.iter().map(|&i| v[i as usize]).collect())
 }
 
 #[cfg(test)]
@@ -124,6 +155,24 @@ mod tests {
                 ((s >> 33) as f32 / (1u64 << 31) as f32) * 20.0 - 10.0
             })
             .collect()
+    }
+
+    #[test]
+    fn gathered_values_are_the_picked_ones_and_bad_picks_are_refused() {
+        let v = lcg(5, 12);
+        for dt in [DType::F32, DType::BF16] {
+            let x = Tensor::from_f32(vec![3, 4], v.clone(), dt).unwrap();
+            let all = x.to_f32_vec();
+            let picks = [(0, 0), (2, 3), (1, 2), (2, 3), (0, 3)];
+            let got = gather_values(&x, &picks).unwrap();
+            let want: Vec<f32> = picks.iter().map(|&(r, c)| all[r * 4 + c]).collect();
+            assert_eq!(got, want, "{dt}");
+            assert!(gather_values(&x, &[]).unwrap().is_empty());
+            assert!(gather_values(&x, &[(3, 0)]).is_err());
+            assert!(gather_values(&x, &[(0, 4)]).is_err());
+        }
+        let flat = Tensor::from_f32(vec![12], v, DType::F32).unwrap();
+        assert!(gather_values(&flat, &[(0, 0)]).is_err());
     }
 
     #[test]
