@@ -355,6 +355,9 @@ impl LlamaModel {
         asks: Option<&[Candidates]>,
         comm: &dyn Communicator,
     ) -> Result<DrawLogits, ModelError> {
+        if let Some(a) = asks {
+            self.head.check_asks(a, cache.batch)?;
+        }
         let x = if cache.batch == 1 {
             self.hidden(tokens, 1, cache, Logits::Last, comm)?
         } else {
@@ -595,6 +598,9 @@ impl LlamaModel {
         asks: Option<&[Candidates]>,
         comm: &dyn Communicator,
     ) -> Result<DrawLogits, ModelError> {
+        if let Some(a) = asks {
+            self.head.check_asks(a, cache.batch)?;
+        }
         let local = self.replay_to_logits(g, tokens, cache)?;
         self.head.for_draw(local, asks, comm)
     }

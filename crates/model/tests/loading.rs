@@ -664,6 +664,8 @@ fn penalised_draws_from_the_candidates_are_those_from_the_whole_logits() {
                     .forward_for_draw(&[3], &mut c3, Some(&unordered), comm)
                     .unwrap_err();
                 assert!(err.to_string().contains("ascending"), "{err}");
+                // Refused before the step ran: the cache holds nothing yet.
+                assert_eq!(c3.len(), 0);
                 drawn
             });
             assert!(out.iter().all(|d| *d == out[0]), "{name}: ranks differ");
@@ -674,7 +676,8 @@ fn penalised_draws_from_the_candidates_are_those_from_the_whole_logits() {
 }
 
 /// Where a row's candidates pass their room (many equal logits at the k-th largest) or the row
-/// holds a NaN or +inf, every rank falls back to the whole logits together, at tp 1 and 2.
+/// holds a NaN or +inf, every rank falls back to the whole logits together, at tp 1 and 2, with
+/// penalised ids asked for or not (their logits gathered first).
 #[test]
 fn rows_whose_candidates_do_not_fit_fall_back_to_the_whole_logits_on_every_rank() {
     use tessera_model::layers::{top_k_room, ParallelLmHead};
@@ -716,22 +719,35 @@ fn rows_whose_candidates_do_not_fit_fall_back_to_the_whole_logits_on_every_rank(
                         padded: vocab.div_ceil(tp),
                         tp_size: tp,
                     };
-                    for (i, row) in rows.iter().enumerate() {
+                    // Without and with penalised ids asked for (their logits gathered from
+                    // the ranks holding them before the fallback).
+                    let cases = rows
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(i, row)| [(i, row, vec![]), (i, row, vec![5u32, 399])]);
+                    for (i, row, asked) in cases {
                         let local = Tensor::from_f32(
                             vec![1, range.len()],
                             row[range.clone()].to_vec(),
                             DType::F32,
                         )
                         .unwrap();
-                        let ask = [tessera_tensor::Candidates { k, ids: vec![] }];
+                        let ask = [tessera_tensor::Candidates {
+                            k: k + asked.len(),
+                            ids: asked.clone(),
+                        }];
                         let got = head.for_draw(&local, Some(&ask), &comm).unwrap();
                         if i == 3 {
-                            // The 3 largest are 36 (ids 36, 73, ...): 10 of them, all in.
+                            // The 3 (or 5) largest are 36 (ids 36, 73, ...): 10 of them, all
+                            // in, and the asked ids with their logits.
                             let DrawLogits::Top(top) = got else {
                                 panic!("tp {tp}")
                             };
-                            let ids: Vec<u32> = (0..10).map(|j| 36 + 37 * j).collect();
+                            let mut ids: Vec<u32> = (0..10).map(|j| 36 + 37 * j).collect();
+                            ids.extend(&asked);
+                            ids.sort_unstable();
                             assert_eq!(top[0].iter().map(|p| p.0).collect::<Vec<_>>(), ids);
+                            assert!(top[0].iter().all(|p| p.1 == row[p.0 as usize]));
                         } else {
                             let DrawLogits::Full(l) = got else {
                                 panic!("tp {tp} row {i}: candidates")

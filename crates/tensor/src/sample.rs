@@ -166,7 +166,8 @@ impl Sampler {
     /// values are known from those alone) and every logit at least the row's `k`-th largest, `k`
     /// the draw's top-k (1 when greedy) plus the count of those ids: at most that many of the
     /// tokens above an unpenalised token are penalised ones, so every unpenalised token the draw
-    /// can keep is among them, whichever way a penalty moves a logit.
+    /// can keep is among them, whichever way a penalty moves a logit. `None` too where more than
+    /// an eighth of the vocabulary is penalised (the candidates would outweigh the row).
     pub fn candidates_for(&self, vocab: usize) -> Option<Candidates> {
         let p = &self.params;
         let draw_k = if p.temperature <= 0.0 { 1 } else { p.top_k };
@@ -175,8 +176,10 @@ impl Sampler {
         }
         let mut ids = self.penalised_ids();
         ids.retain(|&t| (t as usize) < vocab);
+        // Past an eighth of the vocabulary the candidates (8 bytes each, in a room of twice
+        // their count) would weigh more than the bf16 row they stand for.
         let k = draw_k + ids.len();
-        (k < vocab).then_some(Candidates { k, ids })
+        (k < vocab && ids.len() <= vocab / 8).then_some(Candidates { k, ids })
     }
 
     /// The token [`Self::sample`] draws from a whole row (the same one, and the same random
@@ -829,6 +832,15 @@ mod tests {
         );
         s.observe(&(0..95).collect::<Vec<_>>());
         assert_eq!(s.candidates_for(100), None);
+        // Penalised ids past an eighth of the vocabulary: the row.
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 1.1,
+            ..base
+        });
+        s.observe(&(0..125).collect::<Vec<_>>());
+        assert_eq!(s.candidates_for(1000).map(|c| c.k), Some(135));
+        s.observe(&[125]);
+        assert_eq!(s.candidates_for(1000), None);
         // Presence alone: the output's ids only.
         let mut s = Sampler::new(SamplingParams {
             presence_penalty: 0.5,

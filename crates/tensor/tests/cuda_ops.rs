@@ -54,8 +54,9 @@ fn tol(dt: DType) -> f64 {
 }
 
 /// The logits a penalised draw needs beside its candidates (`ops::gather_values`) are the CPU's,
-/// at f32 and bf16, over rows of a vocabulary of 128,256 (indices past 2^24 of the flat
-/// tensor), repeated and out-of-order picks; a pick past the tensor is an error, not a read.
+/// at f32 and bf16, over 3 rows of a vocabulary of 128,256 (384,768 values), repeated and
+/// out-of-order picks; a pick past the tensor is an error, not a read (in `ops` and in the
+/// CUDA wrapper's own check).
 #[test]
 fn gathered_values_on_the_gpu_are_the_cpus() {
     let Some((dev, _held)) = gpu() else { return };
@@ -78,6 +79,16 @@ fn gathered_values_on_the_gpu_are_the_cpus() {
         assert_eq!(bits(&got), bits(&want), "{dt}");
         assert!(ops::gather_values(&xg, &[]).unwrap().is_empty());
         assert!(ops::gather_values(&xg, &[(rows, 0)]).is_err());
+        let Storage::Cuda(b) = xg.storage() else {
+            panic!("on the device")
+        };
+        let len = (rows * n) as i64;
+        assert!(tessera_tensor::cuda::gather_values(b, &[len]).is_err());
+        assert!(tessera_tensor::cuda::gather_values(b, &[-1]).is_err());
+        assert_eq!(
+            tessera_tensor::cuda::gather_values(b, &[len - 1]).unwrap(),
+            want[want.len() - 1..]
+        );
     }
 }
 

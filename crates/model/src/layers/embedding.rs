@@ -169,6 +169,34 @@ impl ParallelLmHead {
         Ok(out)
     }
 
+    /// Refuses `asks` that [`Self::for_draw`] cannot take for `rows` rows of logits (one a row,
+    /// asked ids within the vocabulary and ascending): checked before a step runs, so a refused
+    /// request leaves the KV cache as it was, on every rank alike (before any collective).
+    pub fn check_asks(&self, asks: &[Candidates], rows: usize) -> Result<(), ModelError> {
+        if asks.len() != rows {
+            return Err(ModelError::Input(format!(
+                "{} draws' candidates asked of {rows} rows of logits",
+                asks.len()
+            )));
+        }
+        if let Some(id) = asks
+            .iter()
+            .flat_map(|c| &c.ids)
+            .find(|&&id| id as usize >= self.vocab)
+        {
+            return Err(ModelError::Input(format!(
+                "a draw asked for token {id}'s logit of a vocabulary of {}",
+                self.vocab
+            )));
+        }
+        if asks.iter().any(|c| c.ids.windows(2).any(|w| w[0] >= w[1])) {
+            return Err(ModelError::Input(
+                "a draw's asked ids are not in ascending order".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// What a step's draws need of this rank's logits `local` (`[rows, its vocab rows]`, as
     /// [`Self::local_logits`] gives them), on every rank: `asks` holds a row's
     /// [`Candidates`] (`Sampler::candidates_for`), one a row, the same on every rank. Each rank
@@ -190,27 +218,7 @@ impl ParallelLmHead {
         let Some(asks) = asks.filter(|a| a.iter().all(|c| c.k > 0)) else {
             return Ok(DrawLogits::Full(self.gather(local, comm)?));
         };
-        if asks.len() != t {
-            return Err(ModelError::Input(format!(
-                "{} draws' candidates asked of {t} rows of logits",
-                asks.len()
-            )));
-        }
-        if let Some(id) = asks
-            .iter()
-            .flat_map(|c| &c.ids)
-            .find(|&&id| id as usize >= self.vocab)
-        {
-            return Err(ModelError::Input(format!(
-                "a draw asked for token {id}'s logit of a vocabulary of {}",
-                self.vocab
-            )));
-        }
-        if asks.iter().any(|c| c.ids.windows(2).any(|w| w[0] >= w[1])) {
-            return Err(ModelError::Input(
-                "a draw's asked ids are not in ascending order".into(),
-            ));
-        }
+        self.check_asks(asks, t)?;
         let k = asks.iter().map(|c| c.k).max().unwrap_or(1);
         let cap = top_k_room(k);
         // A rank that cannot take its part (out of memory) stops the others' gather at once.

@@ -1588,7 +1588,7 @@ mod tests {
         use super::ops::{decode_plan, with_tensor_cores, DecodePlan, DecodeRun};
         let choose = |keys, batch, hq, hkv, hd| {
             let plan = decode_plan(keys, batch, hq, hkv, hd, 132, None);
-            with_tensor_cores(plan, keys, hq, hkv)
+            with_tensor_cores(plan, keys, batch, (hq, hkv, hd), 132)
         };
         let t = |gb, per| DecodePlan {
             run: DecodeRun::TensorCores(gb),
@@ -1613,11 +1613,24 @@ mod tests {
         assert_eq!(choose(2100, 32, 4, 1, 64).run, DecodeRun::TensorCores(4));
         assert_eq!(choose(7, 32, 8, 2, 64).run, DecodeRun::TwoPass(1));
         assert_eq!(choose(7, 32, 4, 1, 64).run, DecodeRun::TwoPass(1));
-        // One head a block (batch 1) and groups split in parts (g = 16 in blocks of 8, g = 9 in
-        // one-pass blocks of 3) stay off.
-        assert_eq!(choose(4096, 1, 32, 8, 128).run, DecodeRun::TwoPass(1));
+        // Grids too small for whole groups at 256 positions a split, where the shape's plan
+        // takes one head a block: whole groups on tensor cores over shorter splits (8B at tp 1
+        // batch 1 over 2,048 positions: 8 x 16 blocks of 128; 70B at tp 2 batch 1 over 8,192:
+        // 4 x 64 of 128; batch 4 over 2,048: 16 x 16 of 128).
+        assert_eq!(
+            decode_plan(2048, 1, 32, 8, 128, 132, None).run,
+            DecodeRun::TwoPass(1)
+        );
+        assert_eq!(choose(2048, 1, 32, 8, 128), t(4, 64));
+        assert_eq!(choose(4096, 1, 32, 8, 128), t(4, 128));
+        assert_eq!(choose(8192, 1, 32, 4, 128), t(8, 128));
+        assert_eq!(choose(2048, 4, 32, 4, 128), t(8, 128));
+        assert_eq!(choose(2048, 1, 32, 4, 128), t(8, 64));
+        // Groups split in parts (g = 16 in blocks of 8, g = 9 in one-pass blocks of 3) and one
+        // head a KV head stay off.
         assert_eq!(choose(4096, 32, 64, 4, 128).run, DecodeRun::TwoPass(8));
         assert_eq!(choose(4096, 32, 36, 4, 128).run, DecodeRun::OnePass(3));
+        assert_eq!(choose(4096, 1, 32, 32, 128).run, DecodeRun::TwoPass(1));
     }
 
     #[test]

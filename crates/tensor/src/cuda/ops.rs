@@ -1148,8 +1148,9 @@ pub(crate) fn flash_smem(gb: usize, hd: usize) -> usize {
 /// 29.8 / 21.4, batch 7, 8, 10 and 12 (1.1-1.9 waves) 33.9 / 32.2, 36.8 / 32.8, 54.7 / 35.1 and
 /// 56.5 / 40.4, batch 64 236 / 167; over 4,096 batch 4 and 5 (1.3, 1.6 waves) 39.9 / 33.5 and
 /// 55.4 / 37.5; over 8,192 batch 64 890 / 614. (Before, a grid of 1-2 waves waited on its last
-/// and the rule left those to CUDA cores. Measured at g = 4, head dim 128; g = 8 and head dim 64
-/// follow the rule unmeasured at 1-2 waves.)
+/// and the rule left those to CUDA cores.) At g = 8 (70B heads, tp 1 and 2, batch 2-32 over
+/// 2,048 positions and 2-8 over 4,096) tensor cores were the fastest or within 0.4% of it at
+/// every grid (2026-12-01); head dim 64 follows the rule unmeasured at 1-2 waves.
 pub(crate) fn mma_decode_pays(keys: usize) -> bool {
     keys >= 2048
 }
@@ -1163,30 +1164,33 @@ pub(crate) fn mma_resident_by_smem(smem_per_sm: usize, gb: usize, hd: usize) -> 
 }
 
 /// The shape's plan with the tensor-core kernel chosen where it pays (`mma_decode_pays`): for
-/// its whole groups of 2-4 heads in one pass, and for whole groups of more heads (g = 8: Llama 3
-/// 70B, 64 / 8 heads) that the two-pass kernel takes (the one-pass kernel on CUDA cores holds at
-/// most 4). Whole groups only: a KV head's group split over blocks (g = 9 in blocks of 3) is
-/// the form forced runs never take, so never the GPU tests either. (70B at tp 2 over a
-/// 2,048-position cache, decode steps through graphs, two-pass / tensor cores: batch 8 25.17 /
-/// 20.40 ms, batch 32 34.15 / 25.81; since the kernel reads K and V through `ldmatrix`, 20.16
-/// and 24.80, BENCHMARKS.md.)
+/// groups of 2-8 query heads a KV head (Llama 3 8B's 4, 70B's 8), whole groups a block, the
+/// cache split as a forced run splits it (the longest splits that give every multiprocessor a
+/// block, else 64 positions). Groups of more heads keep the shape's plan (a group split over
+/// blocks, g = 16 in blocks of 8, or g = 9 in one-pass blocks of 3: the forms the wide
+/// instances were not measured against). Where the shape's plan took one head a block (a grid
+/// of whole groups too small for the GPU at its longest splits: batch 1-4), tensor cores over
+/// more, shorter splits are faster at every such shape measured (`tessera bench attention`, one
+/// H200, µs, the shape's plan / tensor cores, BENCHMARKS.md): 8B heads at tp 1 over 2,048
+/// positions, batch 1 18.49 / 15.16, batch 2 20.75 / 14.20; 70B heads at tp 2, batch 1 over
+/// 2,048 17.98 / 15.01, over 8,192 40.92 / 24.68, batch 2 and 4 over 2,048 19.91 / 16.30 and
+/// 35.86 / 15.50; 70B at tp 1, batch 1 and 2 over 2,048 20.02 / 16.16 and 35.86 / 15.12.
+/// Where the shape's plan already took whole groups the plan is the same kernel and split as
+/// before (70B at tp 2 over a 2,048-position cache, decode steps through graphs, two-pass /
+/// tensor cores: batch 8 25.17 / 20.40 ms, batch 32 34.15 / 25.81; since the kernel reads K and
+/// V through `ldmatrix`, 20.16 and 24.80).
 pub(crate) fn with_tensor_cores(
     plan: DecodePlan,
     keys: usize,
-    hq: usize,
-    hkv: usize,
+    batch: usize,
+    (hq, hkv, hd): (usize, usize, usize),
+    sms: usize,
 ) -> DecodePlan {
     let g = hq / hkv;
-    match plan.run {
-        DecodeRun::TwoPass(gb) | DecodeRun::OnePass(gb)
-            if gb > 1 && gb == g && mma_decode_pays(keys) =>
-        {
-            DecodePlan {
-                run: DecodeRun::TensorCores(gb),
-                ..plan
-            }
-        }
-        _ => plan,
+    if hq.is_multiple_of(hkv) && (2..=GQA_MAX_G).contains(&g) && mma_decode_pays(keys) {
+        decode_plan(keys, batch, hq, hkv, hd, sms, Some(DecodeKernel::Mma))
+    } else {
+        plan
     }
 }
 
@@ -1559,7 +1563,7 @@ pub(crate) fn device_decode_plan(
     };
     let mut plan = decode_plan(keys, batch, hq, hkv, hd, dev.sms, forced);
     if forced.is_none() && mma {
-        plan = with_tensor_cores(plan, keys, hq, hkv);
+        plan = with_tensor_cores(plan, keys, batch, (hq, hkv, hd), dev.sms);
     }
     let f = match plan.run {
         DecodeRun::TensorCores(gb) => dev.mma_decode_fn(hd, gb),
