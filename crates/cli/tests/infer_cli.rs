@@ -581,6 +581,33 @@ fn bench_sample_and_sampled_decode_run() {
         .filter(|l| matches!(l.split_whitespace().next(), Some("1" | "2")))
         .count();
     assert_eq!(rows, 4, "{out}");
+    // With a repetition penalty over the prompt and output (candidates and the penalised
+    // tokens' logits, at tp 2 gathered from both ranks); a penalty that is not a positive
+    // number is refused.
+    let (code, out, err) = tessera(
+        &[
+            &args[..],
+            &[
+                "--sample",
+                "--tp",
+                "2",
+                "--batch",
+                "2",
+                "--repetition-penalty",
+                "1.05",
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("repetition penalty 1.05"), "{out}");
+    for bad in ["0", "-1", "nan", "inf"] {
+        let flag = format!("--repetition-penalty={bad}");
+        fails_with(
+            &[&args[..], &["--sample", &flag]].concat(),
+            "--repetition-penalty must be a positive number",
+        );
+    }
     // Sampled steps replay a graph on GPUs only.
     fails_with(
         &[&args[..], &["--sample", "--graph"]].concat(),
