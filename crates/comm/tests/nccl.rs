@@ -117,6 +117,25 @@ fn every_collective_gives_the_expected_values() {
                 "broadcast"
             );
 
+            step(rank, world, "host bytes past the host communicator's 64 KB");
+            // Gathers and broadcasts of host bytes past 64 KB go through NCCL on staging
+            // buffers (below it, through the host communicator): 80 KB a rank.
+            let big = 20_000;
+            let mut mine_big: Vec<f32> = (0..big).map(|i| value(rank, i % 4099)).collect();
+            let mut all = vec![0.0f32; big * world];
+            c.all_gather_bytes(bytes_mut(&mut mine_big), bytes_mut(&mut all))
+                .unwrap();
+            let want: Vec<f32> = (0..world)
+                .flat_map(|r| (0..big).map(move |i| value(r, i % 4099)))
+                .collect();
+            assert_eq!(all, want, "all_gather of 80 KB a rank");
+            c.broadcast_bytes(bytes_mut(&mut mine_big), root).unwrap();
+            assert_eq!(
+                mine_big,
+                (0..big).map(|i| value(root, i % 4099)).collect::<Vec<_>>(),
+                "broadcast of 80 KB"
+            );
+
             step(rank, world, "reduce_scatter");
             // reduce_scatter of world chunks of 3: rank r gets the sum of chunk r.
             let send: Vec<f32> = (0..3 * world).map(|i| value(rank, i)).collect();
