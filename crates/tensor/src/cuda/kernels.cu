@@ -1445,6 +1445,39 @@ __device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* p) {
 // grid (splits, batch hkv g / gb); block 128; dynamic shared memory (`flash_smem` on the host):
 // (gb hd + 2 hd) floats rounded up to 16 bytes, then 32 KB of ring (the join's
 // (2 ngrp gb + ngrp gb hd) floats, ngrp = 128 / (hd / 8), fit in it).
+// The end of a one-pass decode attention block (decode_attention_flash, decode_attention_mma):
+// `ng` partial states of each of its `gb` query heads, each a running max in base 2
+// (`gm[q * stride + h]`), a sum (`gl[...]`) and unnormalised outputs
+// (`go[(q * stride + h) * hd + d]`), joined: the block's max, then each state's sum and outputs
+// scaled to it. With several splits the block writes its part for attention_combine (whose
+// maxima are natural logs), with one the output of query head `H0 + h`.
+template <typename T>
+__device__ __forceinline__ void decode_join_states(const float* gm, const float* gl, const float* go,
+                                                   int ng, int stride, int gb, int hd, long H0,
+                                                   int split, int splits, float* part_m,
+                                                   float* part_l, float* part_acc, T* out) {
+    constexpr float LN2 = 0.6931471805599453f;
+    for (int x = threadIdx.x; x < gb * hd; x += blockDim.x) {
+        int h = x / hd, dd = x - h * hd;
+        float M = NEG_INF;
+        for (int q = 0; q < ng; q++) M = fmaxf(M, gm[q * stride + h]);
+        float Ls = 0.f, a = 0.f;
+        if (M != NEG_INF)
+            for (int q = 0; q < ng; q++) {
+                float w = ex2_approx(gm[q * stride + h] - M);
+                Ls += gl[q * stride + h] * w;
+                a += go[(q * stride + h) * hd + dd] * w;
+            }
+        long H = H0 + h;
+        long slot = H * splits + split;
+        if (splits > 1) {
+            part_acc[slot * hd + dd] = a;
+            if (dd == 0) { part_m[slot] = M * LN2; part_l[slot] = Ls; }
+        } else {
+            st(out, H * hd + dd, a * (1.f / Ls));
+        }
+    }
+}
 template <typename T, int GM>
 __device__ void decode_attention_flash(const T* qkv, T* kc, T* vc, T* out, float* part_m,
                                        float* part_l, float* part_acc, const float* inv_freq,
@@ -1453,7 +1486,7 @@ __device__ void decode_attention_flash(const T* qkv, T* kc, T* vc, T* out, float
     // Positions a thread takes a tile (16 KB of K and V a stage for the block in either dtype),
     // and the 16-byte copies of a chunk.
     constexpr int UN = sizeof(T) == 2 ? 4 : 2, CW = 8 * sizeof(T) / 16;
-    constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
+    constexpr float LOG2E = 1.4426950408889634f;
     const float scale2 = scale * LOG2E;
     extern __shared__ float sm[];
     pdl_trigger();
@@ -1605,27 +1638,8 @@ __device__ void decode_attention_flash(const T* qkv, T* kc, T* vc, T* out, float
 #pragma unroll
             for (int e = 0; e < 8; e++) gacc[(grp * gb + h) * hd + sub * 8 + e] = acc[h][e];
     __syncthreads();
-    for (int x = threadIdx.x; x < gb * hd; x += blockDim.x) {
-        int h = x / hd, dd = x % hd;
-        float M = NEG_INF;
-        for (int q = 0; q < ngrp; q++) M = fmaxf(M, gst[q * gb + h]);
-        float Ls = 0.f, a = 0.f;
-        if (M != NEG_INF)
-            for (int q = 0; q < ngrp; q++) {
-                float w = ex2_approx(gst[q * gb + h] - M);
-                Ls += gst[(ngrp + q) * gb + h] * w;
-                a += gacc[(q * gb + h) * hd + dd] * w;
-            }
-        long H = (long)b * hq + h0 + h;
-        long slot = H * splits + split;
-        if (splits > 1) {
-            part_acc[slot * hd + dd] = a;
-            // attention_combine takes natural-log maxima.
-            if (dd == 0) { part_m[slot] = M * LN2; part_l[slot] = Ls; }
-        } else {
-            st(out, H * hd + dd, a * (1.f / Ls));
-        }
-    }
+    decode_join_states(gst, gst + ngrp * gb, gacc, ngrp, gb, gb, hd, (long)b * hq + h0, split, splits,
+                       part_m, part_l, part_acc, out);
 }
 template <int R, int U, bool GATED, bool NOL1, int KS, int NORM, bool PUSH = false, int PF = 0>
 __device__ void gemv1p(const bf16_t* x, const bf16_t* delta, const bf16_t* nw, bf16_t* xo, float eps,
@@ -2158,7 +2172,7 @@ __device__ __forceinline__ void decode_attention_mma(const bf16_t* qkv, bf16_t* 
                                      int window, float scale, int per, int gb, const int* pos_ptr) {
 #if __CUDA_ARCH__ >= 800
     constexpr int KS = HD + 8, NB = HD / 8, KC = HD / 16, CPR = HD / 8;
-    constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
+    constexpr float LOG2E = 1.4426950408889634f;
     const float scale2 = scale * LOG2E;
     extern __shared__ float sm[];
     pdl_trigger();
@@ -2302,27 +2316,8 @@ __device__ __forceinline__ void decode_attention_mma(const bf16_t* qkv, bf16_t* 
         }
     }
     __syncthreads();
-    for (int x = tid; x < gb * HD; x += blockDim.x) {
-        int h = x / HD, dd = x - h * HD;
-        float M = NEG_INF;
-        for (int w = 0; w < 4; w++) M = fmaxf(M, wm[w * 16 + h]);
-        float Ls = 0.f, a = 0.f;
-        if (M != NEG_INF)
-            for (int w = 0; w < 4; w++) {
-                float f = ex2_approx(wm[w * 16 + h] - M);
-                Ls += wl[w * 16 + h] * f;
-                a += wo[(w * 16 + h) * HD + dd] * f;
-            }
-        long H = (long)b * hq + h0 + h;
-        long slot = H * splits + split;
-        if (splits > 1) {
-            part_acc[slot * HD + dd] = a;
-            // attention_combine takes natural-log maxima.
-            if (dd == 0) { part_m[slot] = M * LN2; part_l[slot] = Ls; }
-        } else {
-            st(out, H * HD + dd, a * (1.f / Ls));
-        }
-    }
+    decode_join_states(wm, wl, wo, 4, 16, gb, HD, (long)b * hq + h0, split, splits, part_m, part_l,
+                       part_acc, out);
 #endif
 }
 extern "C" __global__ void __launch_bounds__(128) decode_attention_mma64(const bf16_t* qkv, bf16_t* kc, bf16_t* vc, bf16_t* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_mma<64, false>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, start, window, scale, per, gb, pp); }
