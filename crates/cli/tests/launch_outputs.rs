@@ -108,6 +108,37 @@ fn generate_is_identical_under_launch() {
             "--ignore-eos",
         ],
     );
+    // Penalties with a top-k: each rank's candidates and the penalised tokens' logits it holds,
+    // gathered over TCP between launched ranks, over threads in-process; the tokens of tp 1.
+    let penalised = [
+        "generate",
+        "--model",
+        &llama,
+        "--prompt-tokens",
+        "1,5,9,5,77,5",
+        "--max-tokens",
+        "16",
+        "--temperature",
+        "1.1",
+        "--top-k",
+        "30",
+        "--top-p",
+        "0.95",
+        "--repetition-penalty",
+        "1.3",
+        "--presence-penalty",
+        "0.5",
+        "--frequency-penalty",
+        "0.2",
+        "--seed",
+        "11",
+        "--ignore-eos",
+        "--json",
+    ];
+    let at2 = same_under_launch(2, &penalised);
+    let (code, at1, err) = tessera(&[&penalised[..], &["--tp", "1"]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(at1, at2, "penalised draws at tp 1 and 2");
 }
 
 #[test]
