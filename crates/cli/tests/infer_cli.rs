@@ -608,6 +608,24 @@ fn bench_sample_and_sampled_decode_run() {
             "--repetition-penalty must be a positive number",
         );
     }
+    // A long prompt's cache filled at random instead of fed: the same rows.
+    let (code, out, err) = tessera(&[
+        "bench",
+        "decode",
+        "--steps",
+        "2",
+        "--prompt-len",
+        "300",
+        "--fill-cache",
+        "--tp",
+        "1,2",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let rows = out
+        .lines()
+        .filter(|l| matches!(l.split_whitespace().next(), Some("1" | "2")))
+        .count();
+    assert_eq!(rows, 2, "{out}");
     // Sampled steps replay a graph on GPUs only.
     fails_with(
         &[&args[..], &["--sample", "--graph"]].concat(),

@@ -98,6 +98,42 @@ impl KvCache {
         self.len = n;
     }
 
+    /// Fills the first `positions` positions of every layer's K and V with `uniform(-1, 1)`
+    /// values from `seed` (where the cache lies) and makes them the cached positions, as if a
+    /// prompt of that length had run: a benchmark's long cache without the steps that would
+    /// write it (a decode step's time depends on the length, not the values). Refused past the
+    /// capacity.
+    pub fn fill_random(&mut self, positions: usize, seed: u64) -> Result<(), TensorError> {
+        if positions > self.capacity() {
+            return Err(TensorError::Device(
+                self.layers
+                    .first()
+                    .map_or_else(String::new, |l| l.k.device().to_string()),
+                format!(
+                    "a cache of {} positions cannot hold {positions}",
+                    self.capacity()
+                ),
+            ));
+        }
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let n = l.row * positions;
+            for (j, s) in [&mut l.k, &mut l.v].into_iter().enumerate() {
+                let seed = seed ^ ((2 * i + j) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let r = tessera_tensor::Tensor::random_on(
+                    vec![n],
+                    s.dtype(),
+                    s.device(),
+                    seed,
+                    1.0,
+                    0.0,
+                )?;
+                s.copy_from(0, r.storage())?;
+            }
+        }
+        self.len = positions;
+        Ok(())
+    }
+
     /// Positions the cache holds without growing.
     pub fn capacity(&self) -> usize {
         self.layers.first().map_or(0, |l| l.k.len() / l.row.max(1))
@@ -105,5 +141,33 @@ impl KvCache {
 
     pub fn size_in_bytes(&self) -> usize {
         self.layers.iter().map(LayerKv::size_in_bytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod fill_tests {
+    use super::*;
+
+    #[test]
+    fn a_randomly_filled_cache_holds_its_positions_and_refuses_past_its_capacity() {
+        let f32s = |s: &Storage| match s {
+            Storage::F32(v) => v.clone(),
+            _ => panic!("an f32 cache"),
+        };
+        let mut c = KvCache::new(2, 6, 10, DType::F32, Device::Cpu).unwrap();
+        c.fill_random(7, 3).unwrap();
+        assert_eq!(c.len(), 7);
+        for l in &c.layers {
+            let (k, v) = (f32s(&l.k), f32s(&l.v));
+            assert!(k[..42]
+                .iter()
+                .chain(&v[..42])
+                .all(|x| x.abs() <= 1.0 && *x != 0.0));
+            assert!(k[42..].iter().chain(&v[42..]).all(|&x| x == 0.0));
+            assert_ne!(k[..42], v[..42]);
+        }
+        assert_ne!(f32s(&c.layers[0].k), f32s(&c.layers[1].k));
+        assert!(c.fill_random(11, 3).is_err());
+        assert_eq!(c.len(), 7);
     }
 }

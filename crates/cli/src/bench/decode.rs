@@ -70,6 +70,11 @@ pub struct DecodeArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 16)]
     pub prompt_len: usize,
+    /// Fill the prompt's cache positions with random K/V instead of running a step for each
+    /// prompt token (the timed steps cost the same: attention reads the cache whatever it holds);
+    /// seconds instead of minutes at long prompts.
+    #[arg(long)]
+    pub fill_cache: bool,
     #[arg(long, default_value_t = 32000)]
     pub vocab: usize,
     #[arg(long, default_value_t = 1024)]
@@ -278,11 +283,18 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             let mut rows = Vec::new();
             for &batch in &a.batch {
                 let mut cache = m.new_cache_batch(prompt.len() + a.steps + 2, batch)?;
-                // The prompt, fed in lockstep (untimed), then one untimed step so that lazy
-                // initialisation stays out of the figures.
+                // The prompt, fed in lockstep (untimed) or its positions filled at random
+                // (--fill-cache), then one untimed step so that lazy initialisation stays out of
+                // the figures.
                 let mut toks = vec![0u32; batch];
-                for &p in &prompt {
-                    toks = m.forward_lockstep_greedy(&vec![p; batch], &mut cache, comm)?;
+                if a.fill_cache {
+                    cache
+                        .fill_random(prompt.len(), 11 + rank.rank as u64)
+                        .map_err(tessera_model::ModelError::from)?;
+                } else {
+                    for &p in &prompt {
+                        toks = m.forward_lockstep_greedy(&vec![p; batch], &mut cache, comm)?;
+                    }
                 }
                 toks = m.forward_lockstep_greedy(&toks, &mut cache, comm)?;
                 #[cfg(feature = "cuda")]
