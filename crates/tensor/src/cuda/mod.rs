@@ -1614,18 +1614,20 @@ mod tests {
         assert_eq!(choose(7, 32, 8, 2, 64).run, DecodeRun::TwoPass(1));
         assert_eq!(choose(7, 32, 4, 1, 64).run, DecodeRun::TwoPass(1));
         // Grids too small for whole groups at 256 positions a split, where the shape's plan
-        // takes one head a block: whole groups on tensor cores over shorter splits (8B at tp 1
-        // batch 1 over 2,048 positions: 8 x 16 blocks of 128; 70B at tp 2 batch 1 over 8,192:
-        // 4 x 64 of 128; batch 4 over 2,048: 16 x 16 of 128).
+        // takes one head a block: groups of 8 take whole groups on tensor cores over shorter
+        // splits (70B at tp 2 batch 1 over 8,192 positions: 4 x 64 blocks of 128 positions;
+        // batch 4 over 2,048: 16 x 16; batch 1 over 2,048: 4 x 32 of 64), groups of 4 stay.
         assert_eq!(
-            decode_plan(2048, 1, 32, 8, 128, 132, None).run,
+            decode_plan(2048, 1, 32, 4, 128, 132, None).run,
             DecodeRun::TwoPass(1)
         );
-        assert_eq!(choose(2048, 1, 32, 8, 128), t(4, 64));
-        assert_eq!(choose(4096, 1, 32, 8, 128), t(4, 128));
         assert_eq!(choose(8192, 1, 32, 4, 128), t(8, 128));
         assert_eq!(choose(2048, 4, 32, 4, 128), t(8, 128));
         assert_eq!(choose(2048, 1, 32, 4, 128), t(8, 64));
+        assert_eq!(choose(6018, 1, 32, 4, 128), t(8, 128));
+        assert_eq!(choose(6018, 1, 64, 8, 128), t(8, 256));
+        assert_eq!(choose(2048, 1, 32, 8, 128).run, DecodeRun::TwoPass(1));
+        assert_eq!(choose(4018, 1, 32, 8, 128).run, DecodeRun::TwoPass(1));
         // Groups split in parts (g = 16 in blocks of 8, g = 9 in one-pass blocks of 3) and one
         // head a KV head stay off.
         assert_eq!(choose(4096, 32, 64, 4, 128).run, DecodeRun::TwoPass(8));

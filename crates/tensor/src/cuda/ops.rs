@@ -1163,22 +1163,22 @@ pub(crate) fn mma_resident_by_smem(smem_per_sm: usize, gb: usize, hd: usize) -> 
     (smem_per_sm / (mma_decode_smem(gb, hd) + 1024)).max(1)
 }
 
-/// The shape's plan with the tensor-core kernel chosen where it pays (`mma_decode_pays`): for
-/// groups of 2-8 query heads a KV head (Llama 3 8B's 4, 70B's 8), whole groups a block, the
-/// cache split as a forced run splits it (the longest splits that give every multiprocessor a
-/// block, else 64 positions). Groups of more heads keep the shape's plan (a group split over
-/// blocks, g = 16 in blocks of 8, or g = 9 in one-pass blocks of 3: the forms the wide
-/// instances were not measured against). Where the shape's plan took one head a block (a grid
-/// of whole groups too small for the GPU at its longest splits: batch 1-4), tensor cores over
-/// more, shorter splits are faster at every such shape measured (`tessera bench attention`, one
-/// H200, µs, the shape's plan / tensor cores, BENCHMARKS.md): 8B heads at tp 1 over 2,048
-/// positions, batch 1 18.49 / 15.16, batch 2 20.75 / 14.20; 70B heads at tp 2, batch 1 over
-/// 2,048 17.98 / 15.01, over 8,192 40.92 / 24.68, batch 2 and 4 over 2,048 19.91 / 16.30 and
-/// 35.86 / 15.50; 70B at tp 1, batch 1 and 2 over 2,048 20.02 / 16.16 and 35.86 / 15.12.
-/// Where the shape's plan already took whole groups the plan is the same kernel and split as
-/// before (70B at tp 2 over a 2,048-position cache, decode steps through graphs, two-pass /
-/// tensor cores: batch 8 25.17 / 20.40 ms, batch 32 34.15 / 25.81; since the kernel reads K and
-/// V through `ldmatrix`, 20.16 and 24.80).
+/// The shape's plan with the tensor-core kernel chosen where it pays (`mma_decode_pays`): where
+/// the shape took whole groups of 2-8 query heads a KV head (Llama 3 8B's 4, 70B's 8), the same
+/// split on tensor cores; and for groups of 5-8, where the shape took one head a block (a grid of
+/// whole groups too small for the GPU at its longest splits: batch 1-4), whole groups on tensor
+/// cores split as a forced run splits (the longest splits that give every multiprocessor a block).
+/// Measured (one H200, BENCHMARKS.md, 2026-12-01): alone (`tessera bench attention`, µs, one head
+/// a block / tensor cores) 70B heads at tp 2, batch 1 over 2,048 17.98 / 15.01, over 8,192 40.92 /
+/// 24.68, batch 4 over 2,048 35.86 / 15.50; in decode steps through graphs, one rank of 70B tp 2
+/// batch 1 over 6,000 positions 19.04 / 17.78 ms. Groups of up to 4 stay with one head a block
+/// there: alone tensor cores were faster too (8B heads, batch 1 over 2,048 18.49 / 15.16 µs), but
+/// not in steps (8B tp 1 batch 1 over 4,000 positions 4.41 / 4.46 ms, over 2,048 4.32-4.34 /
+/// 4.32), where the next GEMV's early weight stream (PDL) covers the attention. Groups of more
+/// than 8 keep the shape's plan (a group split over blocks: the forms the wide instances were not
+/// measured against). (Where the shape took whole groups: 70B at tp 2 over a 2,048-position cache,
+/// decode steps through graphs, two-pass / tensor cores: batch 8 25.17 / 20.40 ms, batch 32 34.15
+/// / 25.81; since the kernel reads K and V through `ldmatrix`, 20.16 and 24.80.)
 pub(crate) fn with_tensor_cores(
     plan: DecodePlan,
     keys: usize,
@@ -1187,10 +1187,21 @@ pub(crate) fn with_tensor_cores(
     sms: usize,
 ) -> DecodePlan {
     let g = hq / hkv;
-    if hq.is_multiple_of(hkv) && (2..=GQA_MAX_G).contains(&g) && mma_decode_pays(keys) {
-        decode_plan(keys, batch, hq, hkv, hd, sms, Some(DecodeKernel::Mma))
-    } else {
-        plan
+    if !hq.is_multiple_of(hkv) || !mma_decode_pays(keys) {
+        return plan;
+    }
+    match plan.run {
+        // Whole groups, as the shape chose them.
+        DecodeRun::TwoPass(gb) | DecodeRun::OnePass(gb) if gb > 1 && gb == g => DecodePlan {
+            run: DecodeRun::TensorCores(gb),
+            ..plan
+        },
+        // One head a block, for groups of 5-8 (more than the one-pass CUDA-core kernel holds):
+        // whole groups over shorter splits instead.
+        _ if (FLASH_MAX_G + 1..=GQA_MAX_G).contains(&g) => {
+            decode_plan(keys, batch, hq, hkv, hd, sms, Some(DecodeKernel::Mma))
+        }
+        _ => plan,
     }
 }
 
