@@ -355,7 +355,8 @@ impl LlamaModel {
         asks: Option<&[Candidates]>,
         comm: &dyn Communicator,
     ) -> Result<DrawLogits, ModelError> {
-        if let Some(a) = asks {
+        // Asks `for_draw` takes (none asking for no candidates), checked before the step.
+        if let Some(a) = asks.filter(|a| a.iter().all(|c| c.k > 0)) {
             self.head.check_asks(a, cache.batch)?;
         }
         let x = if cache.batch == 1 {
@@ -598,7 +599,8 @@ impl LlamaModel {
         asks: Option<&[Candidates]>,
         comm: &dyn Communicator,
     ) -> Result<DrawLogits, ModelError> {
-        if let Some(a) = asks {
+        // Asks `for_draw` takes (none asking for no candidates), checked before the step.
+        if let Some(a) = asks.filter(|a| a.iter().all(|c| c.k > 0)) {
             self.head.check_asks(a, cache.batch)?;
         }
         let local = self.replay_to_logits(g, tokens, cache)?;

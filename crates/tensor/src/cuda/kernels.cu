@@ -1432,19 +1432,6 @@ __device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* p) {
                      : "memory");
 #endif
 }
-// The attention over the cache of decode_attention_gqa in one pass (flash decoding within the
-// block), its K and V rows streamed through shared memory. Each group of hd / 8 lanes takes
-// positions jb + u ngrp + grp (u < UN) of each tile jb, as the gqa kernel does; a thread copies
-// its own 8-value chunks of those rows' K and V (`cp.async`, no registers held) into its own
-// slots of a two-stage ring, the next tile's while it works on this one, and keeps a running
-// softmax (max, sum, unnormalised output a query head) instead of writing every score to shared
-// memory and reading the V rows after a second barrier. A thread reads back only what it copied,
-// so the ring needs no barrier. Scores are kept in base-2 units (scale log2 e folded in) and
-// exponentiated by ex2.approx. The groups' states are joined at the end (shared memory, over the
-// ring's bytes). Same arguments, outputs and split layout as decode_attention_gqa; GM <= 4.
-// grid (splits, batch hkv g / gb); block 128; dynamic shared memory (`flash_smem` on the host):
-// (gb hd + 2 hd) floats rounded up to 16 bytes, then 32 KB of ring (the join's
-// (2 ngrp gb + ngrp gb hd) floats, ngrp = 128 / (hd / 8), fit in it).
 // The end of a one-pass decode attention block (decode_attention_flash, decode_attention_mma):
 // `ng` partial states of each of its `gb` query heads, each a running max in base 2
 // (`gm[q * stride + h]`), a sum (`gl[...]`) and unnormalised outputs
@@ -1478,6 +1465,19 @@ __device__ __forceinline__ void decode_join_states(const float* gm, const float*
         }
     }
 }
+// The attention over the cache of decode_attention_gqa in one pass (flash decoding within the
+// block), its K and V rows streamed through shared memory. Each group of hd / 8 lanes takes
+// positions jb + u ngrp + grp (u < UN) of each tile jb, as the gqa kernel does; a thread copies
+// its own 8-value chunks of those rows' K and V (`cp.async`, no registers held) into its own
+// slots of a two-stage ring, the next tile's while it works on this one, and keeps a running
+// softmax (max, sum, unnormalised output a query head) instead of writing every score to shared
+// memory and reading the V rows after a second barrier. A thread reads back only what it copied,
+// so the ring needs no barrier. Scores are kept in base-2 units (scale log2 e folded in) and
+// exponentiated by ex2.approx. The groups' states are joined at the end (shared memory, over the
+// ring's bytes). Same arguments, outputs and split layout as decode_attention_gqa; GM <= 4.
+// grid (splits, batch hkv g / gb); block 128; dynamic shared memory (`flash_smem` on the host):
+// (gb hd + 2 hd) floats rounded up to 16 bytes, then 32 KB of ring (the join's
+// (2 ngrp gb + ngrp gb hd) floats, ngrp = 128 / (hd / 8), fit in it).
 template <typename T, int GM>
 __device__ void decode_attention_flash(const T* qkv, T* kc, T* vc, T* out, float* part_m,
                                        float* part_l, float* part_acc, const float* inv_freq,

@@ -898,8 +898,9 @@ pub enum DecodeKernel {
     Flash,
     /// The one-pass kernel on tensor cores (bf16, head dims 64 and 128, sm_80 and later; else
     /// `Flash`): a KV head's query heads (up to 16) as the rows of an mma product. The shape
-    /// chooses it in place of `Flash` over caches of at least 2,048 positions
-    /// (`mma_decode_pays`).
+    /// chooses it over caches of at least 2,048 positions (`mma_decode_pays`) in place of the
+    /// whole groups it would run on CUDA cores, and for groups of 5-8 in place of one head a
+    /// block (`with_tensor_cores`).
     Mma,
 }
 
