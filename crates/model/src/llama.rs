@@ -355,10 +355,8 @@ impl LlamaModel {
         asks: Option<&[Candidates]>,
         comm: &dyn Communicator,
     ) -> Result<DrawLogits, ModelError> {
-        // Asks `for_draw` takes (none asking for no candidates), checked before the step.
-        if let Some(a) = asks.filter(|a| a.iter().all(|c| c.k > 0)) {
-            self.head.check_asks(a, cache.batch)?;
-        }
+        // Checked before the step, so a refused ask leaves the cache as it was.
+        self.head.check_asks(asks, cache.batch)?;
         let x = if cache.batch == 1 {
             self.hidden(tokens, 1, cache, Logits::Last, comm)?
         } else {
@@ -599,10 +597,8 @@ impl LlamaModel {
         asks: Option<&[Candidates]>,
         comm: &dyn Communicator,
     ) -> Result<DrawLogits, ModelError> {
-        // Asks `for_draw` takes (none asking for no candidates), checked before the step.
-        if let Some(a) = asks.filter(|a| a.iter().all(|c| c.k > 0)) {
-            self.head.check_asks(a, cache.batch)?;
-        }
+        // Checked before the step, so a refused ask leaves the cache as it was.
+        self.head.check_asks(asks, cache.batch)?;
         let local = self.replay_to_logits(g, tokens, cache)?;
         self.head.for_draw(local, asks, comm)
     }

@@ -110,17 +110,11 @@ fn over_a_long_cache_eager_steps_give_the_graphs_logits() {
     let batch = 32;
     for tp in 1..=n {
         on_gpu_ranks(tp, &cfg, 9, |rank, m, comm| {
-            let mut eager = m.new_cache_batch(2100, batch).unwrap();
-            let mut graphed = m.new_cache_batch(2100, batch).unwrap();
             let prompt: Vec<u32> = (0..batch as u32)
                 .map(|i| (11 + 37 * i) % V as u32)
                 .collect();
-            let toks = m
-                .forward_lockstep_greedy(&prompt, &mut eager, comm)
-                .unwrap();
-            m.forward_lockstep_greedy(&prompt, &mut graphed, comm)
-                .unwrap();
-            let mut g = m.capture_lockstep_logits(&mut graphed, comm).unwrap();
+            let (mut eager, mut graphed, mut g, toks) =
+                prompted_pair(m, comm, &prompt, (2100, 2100));
             let what = format!("tp {tp} rank {rank}");
             let steps = (&mut eager, &mut graphed, &mut g);
             logits_steps_agree(m, comm, steps, toks, V, 6, &what);
@@ -129,6 +123,24 @@ fn over_a_long_cache_eager_steps_give_the_graphs_logits() {
             "tp {tp}, batch {batch} over a 2,100-position cache: 6 logits graph steps equal the eager steps"
         );
     }
+}
+
+/// Two lockstep caches of `prompt.len()` sequences (capacities `caps`: eager, graphed), each
+/// after the greedy step of `prompt`, and a logits graph captured on the second: (eager cache,
+/// graphed cache, graph, the step's tokens).
+fn prompted_pair(
+    m: &LlamaModel,
+    comm: &dyn Communicator,
+    prompt: &[u32],
+    caps: (usize, usize),
+) -> (KvCache, KvCache, LockstepGraph, Vec<u32>) {
+    let mut eager = m.new_cache_batch(caps.0, prompt.len()).unwrap();
+    let mut graphed = m.new_cache_batch(caps.1, prompt.len()).unwrap();
+    let toks = m.forward_lockstep_greedy(prompt, &mut eager, comm).unwrap();
+    m.forward_lockstep_greedy(prompt, &mut graphed, comm)
+        .unwrap();
+    let g = m.capture_lockstep_logits(&mut graphed, comm).unwrap();
+    (eager, graphed, g, toks)
 }
 
 /// `steps` decode steps of `toks` (one a sequence), eagerly into `eager` and by replaying `g`
@@ -181,15 +193,8 @@ fn logits_graph_replay_equals_eager_logits() {
     for (tp, (batch, arena)) in (1..=n).flat_map(|tp| layouts.map(|l| (tp, l))) {
         force_graph_arena(Some(arena));
         on_gpu_ranks(tp, &cfg, 5, |rank, m, comm| {
-            let mut eager = m.new_cache_batch(32, batch).unwrap();
-            let mut graphed = m.new_cache_batch(300, batch).unwrap();
             let prompt: Vec<u32> = (0..batch as u32).map(|i| (7 + 31 * i) % V as u32).collect();
-            let toks = m
-                .forward_lockstep_greedy(&prompt, &mut eager, comm)
-                .unwrap();
-            m.forward_lockstep_greedy(&prompt, &mut graphed, comm)
-                .unwrap();
-            let mut g = m.capture_lockstep_logits(&mut graphed, comm).unwrap();
+            let (mut eager, mut graphed, mut g, toks) = prompted_pair(m, comm, &prompt, (32, 300));
             let e = m
                 .step_lockstep_graph(&mut g, &toks, &mut graphed, comm)
                 .unwrap_err()

@@ -62,6 +62,12 @@ pub enum DrawLogits {
     Full(Vec<f32>),
 }
 
+/// The asks [`ParallelLmHead::for_draw`] finds candidates for: `None` where none are given or one
+/// asks for no candidates (the whole logits then).
+fn taken(asks: Option<&[Candidates]>) -> Option<&[Candidates]> {
+    asks.filter(|a| a.iter().all(|c| c.k > 0))
+}
+
 /// `a` and `b` (each by id, its ids distinct) as one list by id, an id in both once (from `a`).
 fn merge_by_id(a: &[(u32, f32)], b: impl Iterator<Item = (u32, f32)>) -> Vec<(u32, f32)> {
     let mut out = Vec::with_capacity(a.len() + b.size_hint().0);
@@ -170,9 +176,13 @@ impl ParallelLmHead {
     }
 
     /// Refuses `asks` that [`Self::for_draw`] cannot take for `rows` rows of logits (one a row,
-    /// asked ids within the vocabulary and ascending): checked before a step runs, so a refused
-    /// request leaves the KV cache as it was, on every rank alike (before any collective).
-    pub fn check_asks(&self, asks: &[Candidates], rows: usize) -> Result<(), ModelError> {
+    /// asked ids within the vocabulary and ascending; asks it answers with the whole logits pass):
+    /// checked before a step runs, so a refused request leaves the KV cache as it was, on every
+    /// rank alike (before any collective).
+    pub fn check_asks(&self, asks: Option<&[Candidates]>, rows: usize) -> Result<(), ModelError> {
+        let Some(asks) = taken(asks) else {
+            return Ok(());
+        };
         if asks.len() != rows {
             return Err(ModelError::Input(format!(
                 "{} draws' candidates asked of {rows} rows of logits",
@@ -215,10 +225,10 @@ impl ParallelLmHead {
         comm: &dyn Communicator,
     ) -> Result<DrawLogits, ModelError> {
         let (t, n) = (local.dim(0), local.dim(1));
-        let Some(asks) = asks.filter(|a| a.iter().all(|c| c.k > 0)) else {
+        self.check_asks(asks, t)?;
+        let Some(asks) = taken(asks) else {
             return Ok(DrawLogits::Full(self.gather(local, comm)?));
         };
-        self.check_asks(asks, t)?;
         let k = asks.iter().map(|c| c.k).max().unwrap_or(1);
         let cap = top_k_room(k);
         // A rank that cannot take its part (out of memory) stops the others' gather at once.
