@@ -358,6 +358,17 @@ fn bad_input_is_one_line_and_non_zero() {
     fails_with(&["bench", "gemv", "--tp", "3"], "--tp 3");
     #[cfg(not(feature = "cuda"))]
     fails_with(&["bench", "gemv"], "without CUDA");
+    // The prefill attention benchmark: prompts of 1 to 131,072 tokens.
+    fails_with(
+        &["bench", "attention", "--prefill", "2048,0"],
+        "--prefill take sizes of at least 1",
+    );
+    fails_with(
+        &["bench", "attention", "--prefill", "1000000"],
+        "at most 131072 tokens",
+    );
+    #[cfg(not(feature = "cuda"))]
+    fails_with(&["bench", "attention", "--prefill", "2048"], "without CUDA");
     // The persistent-step probe: one GPU, or two at tp 2; sizes of at least 1.
     fails_with(
         &["bench", "persistent", "--gpus", "2"],

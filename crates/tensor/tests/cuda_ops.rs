@@ -512,7 +512,8 @@ fn every_op_matches_the_cpu() {
         // Prefills of 16 queries or more run the tiled kernels (in bf16 at head dims 64 and 128 on
         // tensor cores): head dims that fill 8, 16 and 32 dims a thread (72: not a multiple of
         // 8), query counts off the 64 of a tile, several key tiles, the queries at the end of a
-        // longer cache or the whole of it, with and without a window.
+        // longer cache or the whole of it, with and without a window (the tensor-core kernel's
+        // ring of key tiles over 9 tiles, its unmasked and skipped tiles).
         for (hq, hkv, hd, t, kv_len, window) in [
             (6, 2, 32, 100, 300, None),
             (6, 2, 32, 100, 300, Some(37)),
@@ -523,6 +524,12 @@ fn every_op_matches_the_cpu() {
             (8, 2, 64, 150, 200, Some(100)),
             (4, 2, 128, 300, 300, None),
             (3, 3, 72, 33, 33, Some(64)),
+            // Key tiles off the query tiles (a cache of 320 before the queries), whole tiles
+            // unmasked beside masked ones, tiles before a warp's window skipped, and a last block
+            // of 8 queries (warps with none).
+            (4, 2, 128, 200, 520, Some(130)),
+            (8, 2, 128, 264, 264, None),
+            (4, 1, 64, 130, 451, Some(70)),
         ] {
             let shape = AttentionShape {
                 num_heads: hq,
@@ -548,14 +555,23 @@ fn every_op_matches_the_cpu() {
                 )
                 .unwrap()
             };
-            close(
-                &format!(
-                    "tiled attention {hq}/{hkv} heads of {hd}, {t} of {kv_len}, window {window:?}"
-                ),
-                &run(&g(&q), &g(&kc), &g(&vc)),
-                &run(&q, &kc, &vc),
-                tol(dt),
-            );
+            let cpu = run(&q, &kc, &vc);
+            // On tensor cores (bf16 at head dims 64 and 128), 16 and 32 queries a warp, each
+            // forced (the length alone would take 16 at these sizes).
+            for mt in [1, 2] {
+                tessera_tensor::cuda::force_prefill_tiles(Some(mt));
+                let gpu = run(&g(&q), &g(&kc), &g(&vc));
+                tessera_tensor::cuda::force_prefill_tiles(None);
+                close(
+                    &format!(
+                        "tiled attention {hq}/{hkv} heads of {hd}, {t} of {kv_len}, window {window:?}, {} queries a warp on tensor cores",
+                        16 * mt
+                    ),
+                    &gpu,
+                    &cpu,
+                    tol(dt),
+                );
+            }
         }
         // Decode attention over 700 positions, split over blocks and joined (flash decoding), with
         // and without a window, and over 30 (one split): the vectorised kernel with every query

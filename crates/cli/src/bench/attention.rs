@@ -1,6 +1,8 @@
 //! `tessera bench attention`: the decode attention kernels (RoPE, the K/V append and attention
 //! over the cache in one kernel) at the head shapes of a Llama decode step, over a range of batch
 //! sizes and cache lengths, beside the GPU's measured copy bandwidth (the K/V bytes a call reads).
+//! With `--prefill`: the prefill attention of one prompt of each length (causal over itself),
+//! beside the GPU's bf16 GEMM rate measured in the same run.
 
 use anyhow::{bail, Result};
 
@@ -12,22 +14,67 @@ pub struct AttentionArgs {
     /// Cached positions each sequence attends to.
     #[arg(long, value_delimiter = ',', default_value = "16,48,512,2048")]
     pub keys: Vec<usize>,
+    /// Instead of decode: the prefill attention of a prompt of each of these lengths (tokens).
+    #[arg(long, value_delimiter = ',')]
+    pub prefill: Vec<usize>,
     #[command(flatten)]
     pub shapes: super::shapes::LayerShapes,
 }
 
 pub fn run(a: AttentionArgs) -> Result<()> {
     a.shapes.check("attention")?;
-    if a.batch.contains(&0) || a.keys.contains(&0) {
-        bail!("--batch and --keys take sizes of at least 1");
+    if a.batch.contains(&0) || a.keys.contains(&0) || a.prefill.contains(&0) {
+        bail!("--batch, --keys and --prefill take sizes of at least 1");
+    }
+    if a.prefill.iter().any(|&t| t > MAX_PREFILL) {
+        bail!("--prefill takes prompts of at most {MAX_PREFILL} tokens");
     }
     run_cuda(a)
+}
+
+/// The longest prompt `--prefill` times (its q, k and v: 1 GB at the 8B shape's heads).
+const MAX_PREFILL: usize = 131_072;
+
+/// The prefill attention at each length, beside cuBLAS's bf16 GEMM rate.
+#[cfg(feature = "cuda")]
+fn run_prefill(a: &AttentionArgs, (hq, hkv, hd): (usize, usize, usize)) -> Result<()> {
+    let t = a.shapes.tp;
+    let rate = tessera_tensor::cuda::gemm_rate(0, 8192)?;
+    outln!(
+        "ceiling: {:.0} TFLOP/s measured (cuBLAS bf16 GEMM, 8192 x 8192 x 8192); tp {t}: {hq} query / {hkv} KV heads of {hd} a rank",
+        rate / 1e12
+    );
+    outln!(
+        "\n{:>7} {:>24} {:>24} {:>10} {:>9} {:>9}",
+        "tokens",
+        "kernel",
+        "plan",
+        "µs",
+        "TFLOP/s",
+        "% GEMM"
+    );
+    let rows = tessera_tensor::cuda::bench_prefill_attention(0, &a.prefill, (hq, hkv, hd))?;
+    for r in rows {
+        outln!(
+            "{:>7} {:>24} {:>24} {:>10.1} {:>9.1} {:>9.1}",
+            r.tokens,
+            r.kernel,
+            r.plan,
+            r.micros,
+            r.flops_per_sec / 1e12,
+            100.0 * r.flops_per_sec / rate
+        );
+    }
+    Ok(())
 }
 
 #[cfg(feature = "cuda")]
 fn run_cuda(a: AttentionArgs) -> Result<()> {
     let t = a.shapes.tp;
     let (hq, hkv, hd) = (a.shapes.hidden / 128 / t, a.shapes.kv_heads / t, 128);
+    if !a.prefill.is_empty() {
+        return run_prefill(&a, (hq, hkv, hd));
+    }
     use super::shapes::{copy_ceiling, fastest, speed};
     let bw = copy_ceiling(&format!(
         "tp {t}: {hq} query / {hkv} KV heads of {hd} a rank"

@@ -346,3 +346,92 @@ pub fn bench_decode_attention(
     }
     Ok(out)
 }
+
+/// The prefill attention of one sequence at one length, and the GPU's bf16 GEMM rate beside it.
+pub struct PrefillTiming {
+    /// Queries (and keys: a prompt attends causally to itself).
+    pub tokens: usize,
+    /// The kernel: `auto` (as the length takes it), or on tensor cores with 16 or 32 queries a
+    /// warp forced (`tensor cores, 16 a warp`).
+    pub kernel: String,
+    /// What `auto` ran: `tensor cores, N a warp`, `CUDA cores` (the tiled kernel) or `a query at
+    /// a time`.
+    pub plan: String,
+    pub micros: f64,
+    /// FLOPs of causal attention a second: 4 hd per query-key pair a query head (q·k and p·v),
+    /// over the pairs the causal mask keeps (t (t + 1) / 2 a head), as flash attention counts.
+    pub flops_per_sec: f64,
+}
+
+/// Times the prefill attention (`ops::attention`, bf16, causal from position 0) of `t` tokens
+/// with `hq` query and `hkv` KV heads of `hd`, for each `t` of `tokens`: as the length takes it,
+/// then with the tensor-core kernel's 16 and 32 queries a warp forced (where it runs).
+pub fn bench_prefill_attention(
+    ordinal: usize,
+    tokens: &[usize],
+    (hq, hkv, hd): (usize, usize, usize),
+) -> Result<Vec<PrefillTiming>, TensorError> {
+    use super::ops::{force_prefill_tiles, prefill_tiles, TILED_MIN_QUERIES};
+    let dev = GpuDevice::get(ordinal)?;
+    if hkv == 0 || !hq.is_multiple_of(hkv) || hd > super::ops::ATTN_MAX_HD {
+        return Err(dev_err(
+            ordinal,
+            "bench attention --prefill: hq a multiple of hkv, head dim at most 256",
+        ));
+    }
+    let mut out = Vec::new();
+    for &t in tokens {
+        let q = super::random(&dev, DType::BF16, t * hq * hd, 3, 1.0, 0.0)?;
+        let k = super::random(&dev, DType::BF16, t * hkv * hd, 5, 1.0, 0.0)?;
+        let v = super::random(&dev, DType::BF16, t * hkv * hd, 9, 1.0, 0.0)?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let tensor_cores = dev.mma_attention.is_some() && matches!(hd, 64 | 128);
+        let plan = match t {
+            t if t < TILED_MIN_QUERIES => "a query at a time".to_string(),
+            _ if tensor_cores => format!(
+                "tensor cores, {} a warp",
+                16 * prefill_tiles(t, hq, dev.sms)
+            ),
+            _ if super::ops::attention_tiled_smem(hd) <= dev.tiled_attention_smem => {
+                "CUDA cores".to_string()
+            }
+            _ => "a query at a time".to_string(),
+        };
+        let forced = match tensor_cores && t >= TILED_MIN_QUERIES {
+            true => vec![None, Some(1), Some(2)],
+            false => vec![None],
+        };
+        let pairs = (t * (t + 1) / 2) as f64;
+        for mt in forced {
+            force_prefill_tiles(mt);
+            let secs = mean_secs(&dev, 2, &mut |_| {
+                super::ops::attention(&q, &k, &v, t, hq, hkv, hd, 0, None, scale).map(drop)
+            });
+            force_prefill_tiles(None);
+            let secs = secs?;
+            out.push(PrefillTiming {
+                tokens: t,
+                kernel: mt.map_or("auto".into(), |m| {
+                    format!("tensor cores, {} a warp", 16 * m)
+                }),
+                plan: plan.clone(),
+                micros: secs * 1e6,
+                flops_per_sec: 4.0 * (hd * hq) as f64 * pairs / secs,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The GPU's bf16 GEMM rate (FLOP/s): cuBLAS at `m = n = k = size` over random values, the
+/// ceiling of a compute-bound kernel in the same run.
+pub fn gemm_rate(ordinal: usize, size: usize) -> Result<f64, TensorError> {
+    let dev = GpuDevice::get(ordinal)?;
+    let a = super::random(&dev, DType::BF16, size * size, 13, 1.0, 0.0)?;
+    let b = super::random(&dev, DType::BF16, size * size, 17, 0.03, 0.0)?;
+    let mut c = CudaBuf::alloc(&dev, DType::BF16, size * size)?;
+    let secs = mean_secs(&dev, 1, &mut |_| {
+        super::ops::cublas_gemm(&dev, &a, &b, &mut c, (size, size, size))
+    })?;
+    Ok(2.0 * (size as f64).powi(3) / secs)
+}

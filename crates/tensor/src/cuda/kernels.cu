@@ -2030,121 +2030,199 @@ __device__ void skinny_gemm(const bf16_t* x, const bf16_t* w, bf16_t* y, float* 
 }
 
 // Prefill attention on tensor cores (bf16; flash attention 2's arithmetic): a block of 4 warps
-// takes 64 consecutive queries of one head, 16 a warp, and walks the keys they see 64 at a time
-// through shared memory (the K and V tiles, rows padded by 8 values so that a fragment's loads
-// fall in distinct banks). A warp's scores of its 16 queries against a tile are 8 n-blocks of
-// mma m16n8k16 over the head dim (the queries held as A fragments from the start), its running
-// max and sum per row live in the 4 lanes of a row's fragment, and the tile's weights, rounded to
-// bf16, are the A fragments of the product with V (the score accumulators' layout is that of A),
-// accumulated in f32. Same inputs, masks and results as `attention` but for that rounding of
-// the weights (as flash attention rounds them). sm_80 and later; the host launches it only there,
-// for bf16 at head dims 64 and 128 (`TESSERA_MMA_ATTENTION=0`: the CUDA-core tiled kernel).
-// grid (ceil(t / 64), hq); block 128; dynamic shared memory 2 * 64 * (HD + 8) bf16. The
-// launch's `hd` (HD) is not read: the arguments are the CUDA-core tiled kernel's.
-#define FM_BQ 64
+// takes 64 MT consecutive queries of one head, 16 MT a warp (MT m16 tiles), and walks the keys
+// they see 64 at a time through a two-stage ring in shared memory: the next tile's K and V rows
+// are copied (`cp.async`) while the warps work on this one, one barrier a tile. The block's
+// queries wait in shared memory too, and each tile's A fragments come from there through
+// `ldmatrix`, so that a warp reads each K and V fragment once for its MT tiles (MT = 2 halves the
+// shared-memory reads a product; MT = 1 makes twice the blocks for short prompts). A warp's
+// scores of its queries against a tile are 8 n-blocks of mma m16n8k16 over the head dim a tile of
+// queries (K through `ldmatrix`), in base-2 units (scale log2 e folded in, ex2.approx); its
+// running max and sum per row live in the 4 lanes of a row's fragment; and the tile's weights,
+// rounded to bf16, are the A fragments of the product with V (V through `ldmatrix.trans`),
+// accumulated in f32. The masks (causal, window, past the last key) are applied only to the
+// tiles that cross them for the warp; a warp skips a tile none of its queries sees. The blocks of
+// the latest queries, which see the most keys, go first. Same inputs, masks and results as
+// `attention` but for that rounding of the weights (as flash attention rounds them). sm_80 and
+// later; the host launches it only there, for bf16 at head dims 64 and 128
+// (`TESSERA_MMA_ATTENTION=0`: the CUDA-core tiled kernel).
+// grid (ceil(t / (64 MT)), hq); block 128; dynamic shared memory `mma_prefill_smem` on the host:
+// the queries (64 MT rows), then two stages of a K and a V tile of 64 rows, rows of HD + 8 bf16
+// (padded so that `ldmatrix`'s eight rows fall in distinct banks). The launch's `hd` (HD) is not
+// read: the arguments are the CUDA-core tiled kernel's.
 #define FM_BK 64
+// Two floats as bf16 in one word, lo in the low half: round to nearest even, as bf16_bits (NaN
+// aside: the hardware's canonical NaN), in one instruction (`cvt.rn.bf16x2.f32`, sm_80).
 __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+#if __CUDA_ARCH__ >= 800
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
     return bf16_bits(lo) | (bf16_bits(hi) << 16);
+#endif
 }
-template <int HD>
+template <int HD, int MT>
 __device__ void attention_mma(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* out, int t,
                               int hq, int hkv, int start, int window, float scale) {
 #if __CUDA_ARCH__ >= 800
-    constexpr int KS = HD + 8, NB = HD / 8, KC = HD / 16, UPR = HD / 8;
+    constexpr int KS = HD + 8, NB = HD / 8, KC = HD / 16, CPR = HD / 8, BQ = 64 * MT;
+    constexpr int STAGE = 2 * FM_BK * KS;
+    constexpr float LOG2E = 1.4426950408889634f;
+    const float scale2 = scale * LOG2E;
     extern __shared__ uint4 fm[];
-    bf16_t* ks = (bf16_t*)fm;
-    bf16_t* vs = ks + FM_BK * KS;
+    bf16_t* qs = (bf16_t*)fm;      // [BQ][KS]
+    bf16_t* ring = qs + BQ * KS;   // [stage][K, V][FM_BK][KS]
     pdl_trigger();
     int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
-    int q0 = blockIdx.x * FM_BQ, h = blockIdx.y, kvh = h / (hq / hkv);
-    long krow = (long)hkv * HD;
-    int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
-    unsigned qa[KC][4];
-#pragma unroll
-    for (int c = 0; c < KC; c++) {
-        int col = c * 16 + tq * 2;
-        const bf16_t* x0 = q + ((long)r0 * hq + h) * HD + col;
-        const bf16_t* x1 = q + ((long)r1 * hq + h) * HD + col;
-        qa[c][0] = r0 < t ? *(const unsigned*)x0 : 0u;
-        qa[c][1] = r1 < t ? *(const unsigned*)x1 : 0u;
-        qa[c][2] = r0 < t ? *(const unsigned*)(x0 + 8) : 0u;
-        qa[c][3] = r1 < t ? *(const unsigned*)(x1 + 8) : 0u;
+    int q0 = (gridDim.x - 1 - blockIdx.x) * BQ, h = blockIdx.y, kvh = h / (hq / hkv);
+    const long krow = (long)hkv * HD;
+    const bf16_t* kh = k + (long)kvh * HD;
+    const bf16_t* vh = v + (long)kvh * HD;
+    const int2 keys = block_keys(start, q0, BQ, t, window);
+    const int first = keys.x, last = keys.y, tiles = (last - first) / FM_BK + 1;
+    // The block's queries (rows past t zeroed), in the first copy group with tile 0.
+    for (int x = tid; x < BQ * CPR; x += blockDim.x) {
+        int r = x / CPR, u = x - r * CPR;
+        bf16_t* d = qs + r * KS + u * 8;
+        if (q0 + r < t) cp_async16(d, q + ((long)(q0 + r) * hq + h) * HD + u * 8);
+        else *(uint4*)d = make_uint4(0u, 0u, 0u, 0u);
     }
-    float o[NB][4];
-#pragma unroll
-    for (int nb = 0; nb < NB; nb++) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.f;
-    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
-    int p0 = start + r0, p1 = start + r1;
-    const int2 keys = block_keys(start, q0, FM_BQ, t, window);
-    const int last = keys.y;
-    for (int j0 = keys.x; j0 <= last; j0 += FM_BK) {
-        __syncthreads();
-        for (int i = tid; i < FM_BK * UPR; i += blockDim.x) {
-            int r = i / UPR, u = i - r * UPR;
-            int kp = j0 + r;
-            uint4 kv = make_uint4(0u, 0u, 0u, 0u), vv = kv;
+    // Copies tile i's K and V rows into stage i & 1 (rows past the last key zeroed: their weights
+    // are 0, and 0 times a stale value could be a NaN), then commits the group.
+    auto issue = [&](int i) {
+        bf16_t* kd0 = ring + (i & 1) * STAGE;
+        const int j0 = first + i * FM_BK;
+        for (int x = tid; x < FM_BK * CPR; x += blockDim.x) {
+            int r = x / CPR, u = x - r * CPR, kp = j0 + r;
+            bf16_t* kd = kd0 + r * KS + u * 8;
+            bf16_t* vd = kd + FM_BK * KS;
             if (kp <= last) {
-                long at = (long)kp * krow + (long)kvh * HD + u * 8;
-                kv = *(const uint4*)(k + at);
-                vv = *(const uint4*)(v + at);
+                long at = (long)kp * krow + u * 8;
+                cp_async16(kd, kh + at);
+                cp_async16(vd, vh + at);
+            } else {
+                *(uint4*)kd = make_uint4(0u, 0u, 0u, 0u);
+                *(uint4*)vd = make_uint4(0u, 0u, 0u, 0u);
             }
-            *(uint4*)(ks + r * KS + u * 8) = kv;
-            *(uint4*)(vs + r * KS + u * 8) = vv;
         }
+        cp_async_commit();
+    };
+    issue(0);
+    // The warp's rows: qw + mt 16 + g and + 8 of its tile mt.
+    const int qw = q0 + warp * 16 * MT;
+    float o[MT][NB][4], m0[MT], m1[MT], l0[MT], l1[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+        m0[mt] = m1[mt] = NEG_INF;
+        l0[mt] = l1[mt] = 0.f;
+#pragma unroll
+        for (int nb = 0; nb < NB; nb++) o[mt][nb][0] = o[mt][nb][1] = o[mt][nb][2] = o[mt][nb][3] = 0.f;
+    }
+    // The warp's first and last query positions (the last below the first when none of its rows
+    // is a query).
+    const int qlo = start + qw, qhi = start + min(qw + 16 * MT, t) - 1;
+    // The lanes' ldmatrix rows: the queries as A (matrices: rows 0-7 | 8-15 x columns 0-7 | 8-15
+    // of 16), K as the B operand of the scores (keys 0-7 | 8-15 of a pair of n-blocks x columns
+    // 0-7 | 8-15 of 16), V transposed as the B operand of the outputs (keys 0-7 | 8-15 of 16 x
+    // columns 0-7 | 8-15 of a pair of n-blocks).
+    const int ql = (warp * 16 * MT + (lane & 7) + ((lane >> 3) & 1) * 8) * KS + (lane >> 4) * 8;
+    const int kl = ((lane >> 4) * 8 + (lane & 7)) * KS + ((lane >> 3) & 1) * 8;
+    const int vl = (((lane >> 3) & 1) * 8 + (lane & 7)) * KS + (lane >> 4) * 8;
+    for (int i = 0; i < tiles; i++) {
+        // Tile i (and the queries) landed for every thread, and every warp done with tile i - 1,
+        // whose stage the copies of tile i + 1 take.
+        cp_async_wait<0>();
         __syncthreads();
-        float s[8][4];
+        if (i + 1 < tiles) issue(i + 1);
+        const int j0 = first + i * FM_BK;
+        // None of the warp's queries sees the tile: causally after the last, or before the first
+        // one's window.
+        if (j0 > qhi || (window > 0 && j0 + FM_BK - 1 <= qlo - window)) continue;
+        const bf16_t* kt = ring + (i & 1) * STAGE;
+        const bf16_t* vt = kt + FM_BK * KS;
+        float s[MT][8][4];
 #pragma unroll
-        for (int nb = 0; nb < 8; nb++) {
-            s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
-            const bf16_t* kr = ks + (nb * 8 + g) * KS + tq * 2;
+        for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-            for (int c = 0; c < KC; c++)
-                mma_bf16(s[nb], qa[c][0], qa[c][1], qa[c][2], qa[c][3], *(const unsigned*)(kr + c * 16),
-                         *(const unsigned*)(kr + c * 16 + 8));
-        }
-        float mx0 = NEG_INF, mx1 = NEG_INF;
+            for (int nb = 0; nb < 8; nb++) s[mt][nb][0] = s[mt][nb][1] = s[mt][nb][2] = s[mt][nb][3] = 0.f;
 #pragma unroll
-        for (int nb = 0; nb < 8; nb++)
+        for (int c = 0; c < KC; c++) {
+            unsigned qa[MT][4];
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int kp = j0 + nb * 8 + tq * 2 + (e & 1);
-                int qp = e < 2 ? p0 : p1;
-                bool ok = (e < 2 ? r0 : r1) < t && kp <= qp && (window <= 0 || kp > qp - window);
-                float x = ok ? s[nb][e] * scale : NEG_INF;
-                s[nb][e] = x;
-                if (e < 2) mx0 = fmaxf(mx0, x);
-                else mx1 = fmaxf(mx1, x);
+            for (int mt = 0; mt < MT; mt++) ldsm_x4<false>(qa[mt], qs + ql + mt * 16 * KS + c * 16);
+#pragma unroll
+            for (int np = 0; np < 4; np++) {
+                unsigned kb[4];
+                ldsm_x4<false>(kb, kt + kl + np * 16 * KS + c * 16);
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    mma_bf16(s[mt][2 * np], qa[mt][0], qa[mt][1], qa[mt][2], qa[mt][3], kb[0], kb[1]);
+                    mma_bf16(s[mt][2 * np + 1], qa[mt][0], qa[mt][1], qa[mt][2], qa[mt][3], kb[2], kb[3]);
+                }
             }
-        softmax_step_frag<false, true>(s, mx0, mx1, m0, m1, l0, l1, o);
+        }
+        // Every query of the warp sees every key of the tile: no mask (keys past the last are
+        // after the first query, so such a tile is masked).
+        const bool whole = j0 + FM_BK - 1 <= qlo && (window <= 0 || j0 > qhi - window);
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            const int p0 = start + qw + mt * 16 + g, p1 = p0 + 8;
+            float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+            for (int nb = 0; nb < 8; nb++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    float x = s[mt][nb][e] * scale2;
+                    if (!whole) {
+                        int kp = j0 + nb * 8 + tq * 2 + (e & 1);
+                        int qp = e < 2 ? p0 : p1;
+                        if (kp > qp || (window > 0 && kp <= qp - window)) x = NEG_INF;
+                    }
+                    s[mt][nb][e] = x;
+                    if (e < 2) mx0 = fmaxf(mx0, x);
+                    else mx1 = fmaxf(mx1, x);
+                }
+            softmax_step_frag<true, true>(s[mt], mx0, mx1, m0[mt], m1[mt], l0[mt], l1[mt], o[mt]);
+        }
 #pragma unroll
         for (int c = 0; c < 4; c++) {
-            unsigned a0 = pack_bf16(s[2 * c][0], s[2 * c][1]), a1 = pack_bf16(s[2 * c][2], s[2 * c][3]);
-            unsigned a2 = pack_bf16(s[2 * c + 1][0], s[2 * c + 1][1]);
-            unsigned a3 = pack_bf16(s[2 * c + 1][2], s[2 * c + 1][3]);
+            unsigned a[MT][4];
 #pragma unroll
-            for (int nb = 0; nb < NB; nb++) {
-                const bf16_t* vr = vs + (c * 16 + tq * 2) * KS + nb * 8 + g;
-                unsigned b0 = (unsigned)vr[0] | ((unsigned)vr[KS] << 16);
-                unsigned b1 = (unsigned)vr[8 * KS] | ((unsigned)vr[9 * KS] << 16);
-                mma_bf16(o[nb], a0, a1, a2, a3, b0, b1);
+            for (int mt = 0; mt < MT; mt++) {
+                a[mt][0] = pack_bf16(s[mt][2 * c][0], s[mt][2 * c][1]);
+                a[mt][1] = pack_bf16(s[mt][2 * c][2], s[mt][2 * c][3]);
+                a[mt][2] = pack_bf16(s[mt][2 * c + 1][0], s[mt][2 * c + 1][1]);
+                a[mt][3] = pack_bf16(s[mt][2 * c + 1][2], s[mt][2 * c + 1][3]);
+            }
+#pragma unroll
+            for (int nb = 0; nb < NB; nb += 2) {
+                unsigned vb[4];
+                ldsm_x4<true>(vb, vt + vl + c * 16 * KS + nb * 8);
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    mma_bf16(o[mt][nb], a[mt][0], a[mt][1], a[mt][2], a[mt][3], vb[0], vb[1]);
+                    mma_bf16(o[mt][nb + 1], a[mt][0], a[mt][1], a[mt][2], a[mt][3], vb[2], vb[3]);
+                }
             }
         }
     }
-    for (int w = 1; w < 4; w <<= 1) {
-        l0 += __shfl_xor_sync(0xffffffffu, l0, w);
-        l1 += __shfl_xor_sync(0xffffffffu, l1, w);
-    }
-    float i0 = 1.f / l0, i1 = 1.f / l1;
 #pragma unroll
-    for (int nb = 0; nb < NB; nb++) {
-        int col = nb * 8 + tq * 2;
-        if (r0 < t) {
-            st(out, ((long)r0 * hq + h) * HD + col, o[nb][0] * i0);
-            st(out, ((long)r0 * hq + h) * HD + col + 1, o[nb][1] * i0);
+    for (int mt = 0; mt < MT; mt++) {
+        float L0 = l0[mt], L1 = l1[mt];
+        for (int w = 1; w < 4; w <<= 1) {
+            L0 += __shfl_xor_sync(0xffffffffu, L0, w);
+            L1 += __shfl_xor_sync(0xffffffffu, L1, w);
         }
-        if (r1 < t) {
-            st(out, ((long)r1 * hq + h) * HD + col, o[nb][2] * i1);
-            st(out, ((long)r1 * hq + h) * HD + col + 1, o[nb][3] * i1);
+        const float i0 = 1.f / L0, i1 = 1.f / L1;
+        const int r0 = qw + mt * 16 + g, r1 = r0 + 8;
+#pragma unroll
+        for (int nb = 0; nb < NB; nb++) {
+            int col = nb * 8 + tq * 2;
+            if (r0 < t)
+                *(unsigned*)(out + ((long)r0 * hq + h) * HD + col) = pack_bf16(o[mt][nb][0] * i0, o[mt][nb][1] * i0);
+            if (r1 < t)
+                *(unsigned*)(out + ((long)r1 * hq + h) * HD + col) = pack_bf16(o[mt][nb][2] * i1, o[mt][nb][3] * i1);
         }
     }
 #endif
@@ -2324,8 +2402,10 @@ extern "C" __global__ void __launch_bounds__(128) decode_attention_mma64(const b
 extern "C" __global__ void __launch_bounds__(128) decode_attention_mma64w(const bf16_t* qkv, bf16_t* kc, bf16_t* vc, bf16_t* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_mma<64, true>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, start, window, scale, per, gb, pp); }
 extern "C" __global__ void __launch_bounds__(128) decode_attention_mma128(const bf16_t* qkv, bf16_t* kc, bf16_t* vc, bf16_t* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_mma<128, false>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, start, window, scale, per, gb, pp); }
 extern "C" __global__ void __launch_bounds__(128) decode_attention_mma128w(const bf16_t* qkv, bf16_t* kc, bf16_t* vc, bf16_t* o, float* pm, float* pl, float* pa, const float* f, int batch, int hq, int hkv, int hd, int start, int window, float scale, int per, int gb, const int* pp) { decode_attention_mma<128, true>(qkv, kc, vc, o, pm, pl, pa, f, batch, hq, hkv, start, window, scale, per, gb, pp); }
-extern "C" __global__ void __launch_bounds__(128) attention_mma64(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_mma<64>(q, k, v, o, t, hq, hkv, start, window, scale); }
-extern "C" __global__ void __launch_bounds__(128) attention_mma128(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_mma<128>(q, k, v, o, t, hq, hkv, start, window, scale); }
+extern "C" __global__ void __launch_bounds__(128) attention_mma64_r16(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_mma<64, 1>(q, k, v, o, t, hq, hkv, start, window, scale); }
+extern "C" __global__ void __launch_bounds__(128) attention_mma64_r32(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_mma<64, 2>(q, k, v, o, t, hq, hkv, start, window, scale); }
+extern "C" __global__ void __launch_bounds__(128) attention_mma128_r16(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_mma<128, 1>(q, k, v, o, t, hq, hkv, start, window, scale); }
+extern "C" __global__ void __launch_bounds__(128) attention_mma128_r32(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_mma<128, 2>(q, k, v, o, t, hq, hkv, start, window, scale); }
 
 // One instance `skinny_<NAME>`; the host appends one line of this for each of SKINNY_VARIANTS.
 #define SKINNY(NAME, MT, WR, NWARP, NW, KC) \

@@ -15,8 +15,8 @@ mod pdl_probe;
 mod persistent_probe;
 
 pub use bench::{
-    bench_decode_attention, bench_gemm, bench_gemv, probe_gemm_kernels, AttentionTiming, GemmProbe,
-    GemmTiming, GemvTiming,
+    bench_decode_attention, bench_gemm, bench_gemv, bench_prefill_attention, gemm_rate,
+    probe_gemm_kernels, AttentionTiming, GemmProbe, GemmTiming, GemvTiming, PrefillTiming,
 };
 pub use ops::*;
 pub use persistent_probe::{
@@ -399,7 +399,8 @@ pub struct GpuDevice {
     /// kernel a query at a time runs instead).
     pub(crate) tiled_attention_smem: usize,
     /// The tensor-core prefill attention at head dims 64 and 128 (bf16), where it runs.
-    pub(crate) mma_attention: Option<[CudaFunction; 2]>,
+    /// The tensor-core prefill attention at head dims 64 and 128, 16 queries a warp, then 32.
+    pub(crate) mma_attention: Option<[CudaFunction; 4]>,
     /// The tensor-core decode attention at head dims 64 and 128 (bf16) for at most 8 heads a
     /// block, then for 9-16 (`decode_attention_mma64`, `128`, `64w`, `128w`), where the device
     /// has bf16 mma (sm_80) and lends the shared memory 16 heads a block take.
@@ -590,7 +591,7 @@ impl GpuDevice {
         }
         // The tiled prefill attention with the shared memory the device lends a block (each call
         // checks its head dim's need against it: 140 KB at head dim 256, 74 KB at 128), and the
-        // tensor-core one (34 KB at most) from sm_80; `TESSERA_TILED_ATTENTION=0` turns both off
+        // tensor-core one (102 KB at most) from sm_80; `TESSERA_TILED_ATTENTION=0` turns both off
         // (the kernel a query at a time), `TESSERA_MMA_ATTENTION=0` the tensor-core one.
         let tiled = flag_switch("TESSERA_TILED_ATTENTION").map_err(|e| err(&e))?;
         let tiled_attention_smem = if tiled {
@@ -615,11 +616,32 @@ impl GpuDevice {
         } else {
             0
         };
-        let mma_attention = (tiled
+        // The tensor-core prefill attention where the device lends a block its queries and two
+        // stages of K and V tiles (102 KB at head dim 128, 32 queries a warp); else the CUDA-core
+        // tiled kernel.
+        let mma_attention = if tiled
             && major >= 8
-            && flag_switch("TESSERA_MMA_ATTENTION").map_err(|e| err(&e))?)
-        .then(|| Ok::<_, TensorError>([load("attention_mma64")?, load("attention_mma128")?]))
-        .transpose()?;
+            && flag_switch("TESSERA_MMA_ATTENTION").map_err(|e| err(&e))?
+        {
+            let fs = [
+                load("attention_mma64_r16")?,
+                load("attention_mma128_r16")?,
+                load("attention_mma64_r32")?,
+                load("attention_mma128_r32")?,
+            ];
+            let set = fs.iter().zip([(64, 1), (128, 1), (64, 2), (128, 2)]).all(|(f, (hd, mt))| {
+                let want = ops::mma_prefill_smem(hd, mt);
+                want <= smem_optin
+                    && f.set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        want as i32,
+                    )
+                    .is_ok()
+            });
+            set.then_some(fs)
+        } else {
+            None
+        };
         let mma_decode = if major >= 8 {
             let fs = [
                 load("decode_attention_mma64")?,
@@ -1581,6 +1603,28 @@ mod tests {
         // (38,912 bytes and the driver's 1 KB each).
         assert_eq!(mma_resident_by_smem(233_472, 4, 128), 3);
         assert_eq!(mma_resident_by_smem(233_472, 2, 64), 6);
+    }
+
+    #[test]
+    fn a_prefill_takes_32_queries_a_warp_where_its_blocks_fill_half_the_gpu() {
+        use ops::{force_prefill_tiles, mma_prefill_smem, prefill_tiles};
+        // An H200's 132 multiprocessors, Llama-3-8B's 32 query heads (16 a rank at tp 2).
+        assert_eq!(prefill_tiles(512, 16, 132), 1);
+        assert_eq!(prefill_tiles(512, 32, 132), 2);
+        assert_eq!(prefill_tiles(1024, 16, 132), 2);
+        assert_eq!(prefill_tiles(2048, 32, 132), 2);
+        assert_eq!(prefill_tiles(16, 32, 132), 1);
+        force_prefill_tiles(Some(2));
+        assert_eq!(prefill_tiles(16, 1, 132), 2);
+        force_prefill_tiles(Some(1));
+        assert_eq!(prefill_tiles(1 << 20, 64, 132), 1);
+        force_prefill_tiles(None);
+        assert_eq!(prefill_tiles(1 << 20, 64, 132), 2);
+        // The queries, then two stages of K and V tiles of 64 rows of hd + 8 bf16: within the
+        // 227 KB a block of an sm_90 device may take.
+        assert_eq!(mma_prefill_smem(128, 2), 104_448);
+        assert_eq!(mma_prefill_smem(64, 1), 46_080);
+        assert!(mma_prefill_smem(128, 2) <= 227 << 10);
     }
 
     #[test]
