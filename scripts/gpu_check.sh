@@ -76,6 +76,15 @@ variant_env() {
     for t in 1 2; do
       .gpu/tessera bench attention --tp $t 2>&1
     done
+    # The prefill attention (one prompt, causal) beside cuBLAS's GEMM rate, then torch's
+    # scaled_dot_product_attention backends (flash attention 2, cuDNN) at the same heads.
+    echo "== tessera bench attention --prefill, Llama-3-8B heads, tp 1 and 2"
+    for t in 1 2; do
+      .gpu/tessera bench attention --tp $t --prefill 512,2048,8192 2>&1
+    done
+    echo "== torch scaled_dot_product_attention, the same prompts (scripts/bench_torch_prefill_attention.py)"
+    PYTHONWARNINGS=ignore timeout 120 python3 scripts/bench_torch_prefill_attention.py --tokens 512,2048,8192 2>&1
+    PYTHONWARNINGS=ignore timeout 120 python3 scripts/bench_torch_prefill_attention.py --tokens 512,2048,8192 --heads 16 --kv-heads 4 2>&1 | tail -9
   fi
   # The tp 2 measurements alone (`STEPS=tp2`: the few minutes that matter when a two-GPU machine
   # is lent): NVLink tests, the collectives' latency, NCCL against the fused path, 70B.

@@ -32,7 +32,8 @@ pub fn run(a: AttentionArgs) -> Result<()> {
     run_cuda(a)
 }
 
-/// The longest prompt `--prefill` times (its q, k and v: 1 GB at the 8B shape's heads).
+/// The longest prompt `--prefill` times (at the 8B shape's heads its q alone is 1 GiB, k and v
+/// 256 MiB each, the output 1 GiB).
 const MAX_PREFILL: usize = 131_072;
 
 /// The prefill attention at each length, beside cuBLAS's bf16 GEMM rate.
@@ -45,7 +46,7 @@ fn run_prefill(a: &AttentionArgs, (hq, hkv, hd): (usize, usize, usize)) -> Resul
         rate / 1e12
     );
     outln!(
-        "\n{:>7} {:>24} {:>24} {:>10} {:>9} {:>9}",
+        "\n{:>7} {:>18} {:>32} {:>10} {:>9} {:>9}",
         "tokens",
         "kernel",
         "plan",
@@ -56,7 +57,7 @@ fn run_prefill(a: &AttentionArgs, (hq, hkv, hd): (usize, usize, usize)) -> Resul
     let rows = tessera_tensor::cuda::bench_prefill_attention(0, &a.prefill, (hq, hkv, hd))?;
     for r in rows {
         outln!(
-            "{:>7} {:>24} {:>24} {:>10.1} {:>9.1} {:>9.1}",
+            "{:>7} {:>18} {:>32} {:>10.1} {:>9.1} {:>9.1}",
             r.tokens,
             r.kernel,
             r.plan,

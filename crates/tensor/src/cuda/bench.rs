@@ -352,10 +352,10 @@ pub struct PrefillTiming {
     /// Queries (and keys: a prompt attends causally to itself).
     pub tokens: usize,
     /// The kernel: `auto` (as the length takes it), or on tensor cores with 16 or 32 queries a
-    /// warp forced (`tensor cores, 16 a warp`).
+    /// warp forced (`16 queries a warp`; where the 32 form is not loaded it runs 16).
     pub kernel: String,
-    /// What `auto` ran: `tensor cores, N a warp`, `CUDA cores` (the tiled kernel) or `a query at
-    /// a time`.
+    /// What `auto` ran (`ops::prefill_attention_plan`): `tensor cores, N queries a warp`, `CUDA
+    /// cores` (the tiled kernel) or `a query at a time`.
     pub plan: String,
     pub micros: f64,
     /// FLOPs of causal attention a second: 4 hd per query-key pair a query head (q·k and p·v),
@@ -371,7 +371,7 @@ pub fn bench_prefill_attention(
     tokens: &[usize],
     (hq, hkv, hd): (usize, usize, usize),
 ) -> Result<Vec<PrefillTiming>, TensorError> {
-    use super::ops::{force_prefill_tiles, prefill_tiles, TILED_MIN_QUERIES};
+    use super::ops::force_prefill_tiles;
     let dev = GpuDevice::get(ordinal)?;
     if hkv == 0 || !hq.is_multiple_of(hkv) || hd > super::ops::ATTN_MAX_HD {
         return Err(dev_err(
@@ -385,19 +385,8 @@ pub fn bench_prefill_attention(
         let k = super::random(&dev, DType::BF16, t * hkv * hd, 5, 1.0, 0.0)?;
         let v = super::random(&dev, DType::BF16, t * hkv * hd, 9, 1.0, 0.0)?;
         let scale = 1.0 / (hd as f32).sqrt();
-        let tensor_cores = dev.mma_attention.is_some() && matches!(hd, 64 | 128);
-        let plan = match t {
-            t if t < TILED_MIN_QUERIES => "a query at a time".to_string(),
-            _ if tensor_cores => format!(
-                "tensor cores, {} a warp",
-                16 * prefill_tiles(t, hq, dev.sms)
-            ),
-            _ if super::ops::attention_tiled_smem(hd) <= dev.tiled_attention_smem => {
-                "CUDA cores".to_string()
-            }
-            _ => "a query at a time".to_string(),
-        };
-        let forced = match tensor_cores && t >= TILED_MIN_QUERIES {
+        let plan = super::ops::prefill_attention_plan(ordinal, t, hq, hd, DType::BF16)?;
+        let forced = match plan.starts_with("tensor cores") {
             true => vec![None, Some(1), Some(2)],
             false => vec![None],
         };

@@ -2119,8 +2119,7 @@ __device__ void attention_mma(const bf16_t* q, const bf16_t* k, const bf16_t* v,
 #pragma unroll
         for (int nb = 0; nb < NB; nb++) o[mt][nb][0] = o[mt][nb][1] = o[mt][nb][2] = o[mt][nb][3] = 0.f;
     }
-    // The warp's first and last query positions (the last below the first when none of its rows
-    // is a query).
+    // The warp's first and last query positions (for a warp with a query: qw < t).
     const int qlo = start + qw, qhi = start + min(qw + 16 * MT, t) - 1;
     // The lanes' ldmatrix rows: the queries as A (matrices: rows 0-7 | 8-15 x columns 0-7 | 8-15
     // of 16), K as the B operand of the scores (keys 0-7 | 8-15 of a pair of n-blocks x columns
@@ -2136,9 +2135,9 @@ __device__ void attention_mma(const bf16_t* q, const bf16_t* k, const bf16_t* v,
         __syncthreads();
         if (i + 1 < tiles) issue(i + 1);
         const int j0 = first + i * FM_BK;
-        // None of the warp's queries sees the tile: causally after the last, or before the first
-        // one's window.
-        if (j0 > qhi || (window > 0 && j0 + FM_BK - 1 <= qlo - window)) continue;
+        // None of the warp's queries sees the tile: the warp has none (its rows past t), or the
+        // tile is causally after the last, or before the first one's window.
+        if (qw >= t || j0 > qhi || (window > 0 && j0 + FM_BK - 1 <= qlo - window)) continue;
         const bf16_t* kt = ring + (i & 1) * STAGE;
         const bf16_t* vt = kt + FM_BK * KS;
         float s[MT][8][4];

@@ -398,9 +398,9 @@ pub struct GpuDevice {
     /// The dynamic shared memory the tiled prefill attention may take a block (0: not used, the
     /// kernel a query at a time runs instead).
     pub(crate) tiled_attention_smem: usize,
-    /// The tensor-core prefill attention at head dims 64 and 128 (bf16), where it runs.
-    /// The tensor-core prefill attention at head dims 64 and 128, 16 queries a warp, then 32.
-    pub(crate) mma_attention: Option<[CudaFunction; 4]>,
+    /// The tensor-core prefill attention (bf16): head dim 64 and 128 with 16 queries a warp, then both
+    /// with 32; each where the device lends a block its shared memory (`ops::prefill_kernel`).
+    pub(crate) mma_attention: [Option<CudaFunction>; 4],
     /// The tensor-core decode attention at head dims 64 and 128 (bf16) for at most 8 heads a
     /// block, then for 9-16 (`decode_attention_mma64`, `128`, `64w`, `128w`), where the device
     /// has bf16 mma (sm_80) and lends the shared memory 16 heads a block take.
@@ -616,32 +616,30 @@ impl GpuDevice {
         } else {
             0
         };
-        // The tensor-core prefill attention where the device lends a block its queries and two
-        // stages of K and V tiles (102 KB at head dim 128, 32 queries a warp); else the CUDA-core
+        // The tensor-core prefill attention, each form where the device lends a block its
+        // queries and two stages of K and V tiles (at head dim 128: 85 KB with 16 queries a warp,
+        // 102 KB with 32, more than the 99 KB of sm_86 / sm_89, which keep 16); else the CUDA-core
         // tiled kernel.
-        let mma_attention = if tiled
-            && major >= 8
-            && flag_switch("TESSERA_MMA_ATTENTION").map_err(|e| err(&e))?
-        {
-            let fs = [
-                load("attention_mma64_r16")?,
-                load("attention_mma128_r16")?,
-                load("attention_mma64_r32")?,
-                load("attention_mma128_r32")?,
+        let mut mma_attention: [Option<CudaFunction>; 4] = [None, None, None, None];
+        if tiled && major >= 8 && flag_switch("TESSERA_MMA_ATTENTION").map_err(|e| err(&e))? {
+            let forms = [
+                ("attention_mma64_r16", 64, 1),
+                ("attention_mma128_r16", 128, 1),
+                ("attention_mma64_r32", 64, 2),
+                ("attention_mma128_r32", 128, 2),
             ];
-            let set = fs.iter().zip([(64, 1), (128, 1), (64, 2), (128, 2)]).all(|(f, (hd, mt))| {
+            for (slot, (name, hd, mt)) in mma_attention.iter_mut().zip(forms) {
+                let f = load(name)?;
                 let want = ops::mma_prefill_smem(hd, mt);
-                want <= smem_optin
+                let set = want <= smem_optin
                     && f.set_attribute(
                         cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                         want as i32,
                     )
-                    .is_ok()
-            });
-            set.then_some(fs)
-        } else {
-            None
-        };
+                    .is_ok();
+                *slot = set.then_some(f);
+            }
+        }
         let mma_decode = if major >= 8 {
             let fs = [
                 load("decode_attention_mma64")?,

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
-use cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, LaunchArgs, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use super::{dev_err, CudaBuf, CudaData, GpuDevice};
@@ -1249,6 +1249,74 @@ pub fn force_prefill_tiles(mt: Option<usize>) {
     PREFILL_TILES.store(code, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The prefill attention kernel a prompt of `t` queries takes (outside a captured step).
+pub(crate) enum PrefillKernel {
+    /// On tensor cores (bf16 at head dims 64 and 128, sm_80+), `mt` m16 tiles of queries a warp.
+    TensorCores(CudaFunction, usize),
+    /// Tiled on CUDA cores.
+    CudaCores(CudaFunction),
+    /// A query at a time (fewer than `TILED_MIN_QUERIES`, or the tiles do not fit).
+    QueryAtATime,
+}
+
+pub(crate) fn prefill_kernel(
+    dev: &GpuDevice,
+    t: usize,
+    hq: usize,
+    hd: usize,
+    dt: crate::DType,
+) -> PrefillKernel {
+    if t < TILED_MIN_QUERIES {
+        return PrefillKernel::QueryAtATime;
+    }
+    // `mma_attention`: [hd 64, 16 a warp; hd 128, 16; hd 64, 32; hd 128, 32], each where the
+    // device lends a block its shared memory; 32 a warp where the rule takes it and it loaded.
+    let col = match (hd, dt) {
+        (64, crate::DType::BF16) => Some(0),
+        (128, crate::DType::BF16) => Some(1),
+        _ => None,
+    };
+    if let Some(col) = col {
+        let mt = prefill_tiles(t, hq, dev.sms);
+        let fs = &dev.mma_attention;
+        let pick = match (&fs[2 + col], &fs[col]) {
+            (Some(f), _) if mt == 2 => Some((f, 2)),
+            (_, Some(f)) => Some((f, 1)),
+            _ => None,
+        };
+        if let Some((f, mt)) = pick {
+            return PrefillKernel::TensorCores(f.clone(), mt);
+        }
+    }
+    if attention_tiled_smem(hd) <= dev.tiled_attention_smem {
+        let name = match hd.div_ceil(8) {
+            0..=8 => "attention_tiled8",
+            9..=16 => "attention_tiled16",
+            _ => "attention_tiled32",
+        };
+        return PrefillKernel::CudaCores(dev.func(name, dt).clone());
+    }
+    PrefillKernel::QueryAtATime
+}
+
+/// What the prefill attention of `t` queries with `hq` heads of `hd` in `dt` runs on GPU
+/// `ordinal` (outside a captured step): `tensor cores, N queries a warp`, `CUDA cores` or `a query
+/// at a time` (`bench attention --prefill` prints it; the GPU tests assert it).
+pub fn prefill_attention_plan(
+    ordinal: usize,
+    t: usize,
+    hq: usize,
+    hd: usize,
+    dt: crate::DType,
+) -> Result<String, TensorError> {
+    let dev = GpuDevice::get(ordinal)?;
+    Ok(match prefill_kernel(&dev, t, hq, hd, dt) {
+        PrefillKernel::TensorCores(_, mt) => format!("tensor cores, {} queries a warp", 16 * mt),
+        PrefillKernel::CudaCores(_) => "CUDA cores".into(),
+        PrefillKernel::QueryAtATime => "a query at a time".into(),
+    })
+}
+
 /// The largest head_dim the attention kernels hold (`ATTN_MAX_HD`).
 pub(crate) const ATTN_MAX_HD: usize = 256;
 
@@ -1288,33 +1356,17 @@ pub fn attention(
         start as i32,
         window.unwrap_or(0) as i32,
     );
-    // A prefill (not a captured decode step) of enough queries to fill a tile: the tiled kernel.
-    let smem = attention_tiled_smem(hd);
-    let prefill = t >= TILED_MIN_QUERIES && io.is_none();
-    // On tensor cores: 16 or 32 queries a warp (`prefill_tiles`).
-    let mt = prefill_tiles(t, hq, dev.sms);
-    let mma = match (&dev.mma_attention, hd, q.dtype()) {
-        (Some(f), 64, crate::DType::BF16) => Some(&f[2 * (mt - 1)]),
-        (Some(f), 128, crate::DType::BF16) => Some(&f[2 * (mt - 1) + 1]),
-        _ => None,
-    };
-    // The kernel, its queries a block, threads and shared memory: on tensor cores (the queries,
-    // then two stages of the K and V tiles of 64 rows, padded by 8 values), else on CUDA cores
-    // where the head dim's tiles fit.
-    let tiled = match mma {
-        Some(f) => Some((f, 64 * mt, 128, mma_prefill_smem(hd, mt))),
-        None => (smem <= dev.tiled_attention_smem).then(|| {
-            let name = match hd.div_ceil(8) {
-                0..=8 => "attention_tiled8",
-                9..=16 => "attention_tiled16",
-                _ => "attention_tiled32",
-            };
-            (dev.func(name, q.dtype()), FA_BQ, 256, smem)
-        }),
+    // A prefill (not a captured decode step) of enough queries to fill a tile: a tiled kernel,
+    // with its queries a block, threads and shared memory.
+    let prefill = io.is_none();
+    let tiled = match prefill_kernel(&dev, t, hq, hd, q.dtype()) {
+        PrefillKernel::TensorCores(f, mt) => Some((f, 64 * mt, 128, mma_prefill_smem(hd, mt))),
+        PrefillKernel::CudaCores(f) => Some((f, FA_BQ, 256, attention_tiled_smem(hd))),
+        PrefillKernel::QueryAtATime => None,
     };
     if let (true, Some((f, bq, threads, smem))) = (prefill, tiled) {
         let tt = t as i32;
-        let mut l = dev.stream.launch_builder(f);
+        let mut l = dev.stream.launch_builder(&f);
         push(&mut l, q);
         push(&mut l, k);
         push(&mut l, v);
