@@ -2041,12 +2041,13 @@ __device__ void skinny_gemm(const bf16_t* x, const bf16_t* w, bf16_t* y, float* 
 // running max and sum per row live in the 4 lanes of a row's fragment; and the tile's weights,
 // rounded to bf16, are the A fragments of the product with V (V through `ldmatrix.trans`),
 // accumulated in f32. The masks (causal, window, past the last key) are applied only to the
-// tiles that cross them for the warp; a warp skips a tile none of its queries sees. The blocks of
-// the latest queries, which see the most keys, go first. Same inputs, masks and results as
-// `attention` but for that rounding of the weights (as flash attention rounds them). sm_80 and
-// later; the host launches it only there, for bf16 at head dims 64 and 128
+// tiles that cross them for the warp; a warp skips a tile none of its queries sees. The grid runs
+// the heads fastest and the query tiles from the last, so that every head's latest queries (which
+// see the most keys) go first: the longest blocks start in the first wave. Same inputs, masks and
+// results as `attention` but for that rounding of the weights (as flash attention rounds them).
+// sm_80 and later; the host launches it only there, for bf16 at head dims 64 and 128
 // (`TESSERA_MMA_ATTENTION=0`: the CUDA-core tiled kernel).
-// grid (ceil(t / (64 MT)), hq); block 128; dynamic shared memory `mma_prefill_smem` on the host:
+// grid (hq, ceil(t / (64 MT))); block 128; dynamic shared memory `mma_prefill_smem` on the host:
 // the queries (64 MT rows), then two stages of a K and a V tile of 64 rows, rows of HD + 8 bf16
 // (padded so that `ldmatrix`'s eight rows fall in distinct banks). The launch's `hd` (HD) is not
 // read: the arguments are the CUDA-core tiled kernel's.
@@ -2075,7 +2076,7 @@ __device__ void attention_mma(const bf16_t* q, const bf16_t* k, const bf16_t* v,
     bf16_t* ring = qs + BQ * KS;   // [stage][K, V][FM_BK][KS]
     pdl_trigger();
     int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
-    int q0 = (gridDim.x - 1 - blockIdx.x) * BQ, h = blockIdx.y, kvh = h / (hq / hkv);
+    int q0 = (gridDim.y - 1 - blockIdx.y) * BQ, h = blockIdx.x, kvh = h / (hq / hkv);
     const long krow = (long)hkv * HD;
     const bf16_t* kh = k + (long)kvh * HD;
     const bf16_t* vh = v + (long)kvh * HD;

@@ -1359,12 +1359,20 @@ pub fn attention(
     // A prefill (not a captured decode step) of enough queries to fill a tile: a tiled kernel,
     // with its queries a block, threads and shared memory.
     let prefill = io.is_none();
+    // Grids: on tensor cores (heads, query tiles), the latest tiles of every head first; on CUDA
+    // cores (query tiles, heads).
     let tiled = match prefill_kernel(&dev, t, hq, hd, q.dtype()) {
-        PrefillKernel::TensorCores(f, mt) => Some((f, 64 * mt, 128, mma_prefill_smem(hd, mt))),
-        PrefillKernel::CudaCores(f) => Some((f, FA_BQ, 256, attention_tiled_smem(hd))),
+        PrefillKernel::TensorCores(f, mt) => {
+            let grid = (hq as u32, t.div_ceil(64 * mt) as u32, 1);
+            Some((f, grid, 128, mma_prefill_smem(hd, mt)))
+        }
+        PrefillKernel::CudaCores(f) => {
+            let grid = (t.div_ceil(FA_BQ) as u32, hq as u32, 1);
+            Some((f, grid, 256, attention_tiled_smem(hd)))
+        }
         PrefillKernel::QueryAtATime => None,
     };
-    if let (true, Some((f, bq, threads, smem))) = (prefill, tiled) {
+    if let (true, Some((f, grid_dim, threads, smem))) = (prefill, tiled) {
         let tt = t as i32;
         let mut l = dev.stream.launch_builder(&f);
         push(&mut l, q);
@@ -1379,7 +1387,7 @@ pub fn attention(
             .arg(&w)
             .arg(&scale);
         let cfg = LaunchConfig {
-            grid_dim: (t.div_ceil(bq) as u32, hq as u32, 1),
+            grid_dim,
             block_dim: (threads, 1, 1),
             shared_mem_bytes: smem as u32,
         };
