@@ -400,9 +400,7 @@ pub fn bench_prefill_attention(
             let secs = secs?;
             out.push(PrefillTiming {
                 tokens: t,
-                kernel: mt.map_or("auto".into(), |m| {
-                    format!("tensor cores, {} a warp", 16 * m)
-                }),
+                kernel: mt.map_or("auto".into(), |m| format!("{} queries a warp", 16 * m)),
                 plan: plan.clone(),
                 micros: secs * 1e6,
                 flops_per_sec: 4.0 * (hd * hq) as f64 * pairs / secs,

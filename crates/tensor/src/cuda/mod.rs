@@ -1623,6 +1623,10 @@ mod tests {
         assert_eq!(mma_prefill_smem(128, 2), 104_448);
         assert_eq!(mma_prefill_smem(64, 1), 46_080);
         assert!(mma_prefill_smem(128, 2) <= 227 << 10);
+        // The grid's 65,535 rows of query tiles: 4,194,240 queries at 16 a warp, twice at 32.
+        use ops::prefill_grid_fits;
+        assert!(prefill_grid_fits(4_194_240, 1) && !prefill_grid_fits(4_194_241, 1));
+        assert!(prefill_grid_fits(8_388_480, 2) && !prefill_grid_fits(8_388_481, 2));
     }
 
     #[test]

@@ -1226,7 +1226,8 @@ pub(crate) fn mma_prefill_smem(hd: usize, mt: usize) -> usize {
 /// for a short prompt). Measured on an H200 (132 multiprocessors, Llama-3-8B's heads, one prompt,
 /// `bench attention --prefill`): 32 queries a warp 1.09-1.42x faster from 1,024 tokens at tp 1
 /// and tp 2 (128 blocks of 128 at tp 2), even at 512 at tp 1 (128 blocks), 16 a warp 1.15x
-/// faster at 512 at tp 2 (64 blocks). `force_prefill_tiles` overrides it.
+/// faster at 512 at tp 2 (64 blocks); measured before the grid put every head's longest blocks
+/// first, not since. `force_prefill_tiles` overrides it.
 pub(crate) fn prefill_tiles(t: usize, hq: usize, sms: usize) -> usize {
     match PREFILL_TILES.load(std::sync::atomic::Ordering::Relaxed) {
         1 => 1,
@@ -1259,6 +1260,11 @@ pub(crate) enum PrefillKernel {
     QueryAtATime,
 }
 
+/// The prefill attention kernel a prompt of `t` queries with `hq` heads of `hd` in `dt` takes on
+/// `dev` (outside a captured step): tensor cores where a form for the head dim loaded (32 queries
+/// a warp where `prefill_tiles` takes it and that form loaded, else 16) and its grid's query tiles
+/// fit CUDA's 65,535 rows; else the CUDA-core tiled kernel where its tiles fit the shared memory;
+/// else a query at a time.
 pub(crate) fn prefill_kernel(
     dev: &GpuDevice,
     t: usize,
@@ -1283,7 +1289,8 @@ pub(crate) fn prefill_kernel(
             (Some(f), _) if mt == 2 => Some((f, 2)),
             (_, Some(f)) => Some((f, 1)),
             _ => None,
-        };
+        }
+        .filter(|&(_, mt)| prefill_grid_fits(t, mt));
         if let Some((f, mt)) = pick {
             return PrefillKernel::TensorCores(f.clone(), mt);
         }
@@ -1297,6 +1304,21 @@ pub(crate) fn prefill_kernel(
         return PrefillKernel::CudaCores(dev.func(name, dt).clone());
     }
     PrefillKernel::QueryAtATime
+}
+
+/// Which forms of the tensor-core prefill attention GPU `ordinal` loaded: [head dim 64, 16 queries
+/// a warp; 128, 16; 64, 32; 128, 32] (a form is left out where the device cannot lend a block its
+/// shared memory, before sm_80, or under `TESSERA_MMA_ATTENTION=0` / `TESSERA_TILED_ATTENTION=0`).
+pub fn prefill_attention_forms(ordinal: usize) -> Result<[bool; 4], TensorError> {
+    let dev = GpuDevice::get(ordinal)?;
+    Ok(dev.mma_attention.each_ref().map(Option::is_some))
+}
+
+/// Whether the tensor-core prefill attention's grid holds `t` queries at `mt` m16 tiles a warp:
+/// its query tiles are the grid's rows, at most 65,535 (4,194,240 queries at 16 a warp; past that
+/// the CUDA-core tiled kernel, whose tiles are the grid's columns, takes the prompt).
+pub(crate) fn prefill_grid_fits(t: usize, mt: usize) -> bool {
+    t.div_ceil(64 * mt) <= 65_535
 }
 
 /// What the prefill attention of `t` queries with `hq` heads of `hd` in `dt` runs on GPU
