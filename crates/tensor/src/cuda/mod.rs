@@ -1627,6 +1627,21 @@ mod tests {
         use ops::prefill_grid_fits;
         assert!(prefill_grid_fits(4_194_240, 1) && !prefill_grid_fits(4_194_241, 1));
         assert!(prefill_grid_fits(8_388_480, 2) && !prefill_grid_fits(8_388_481, 2));
+        // The form that runs: 32 a warp where asked and loaded; 16 where 32 did not load (sm_86 /
+        // sm_89 at head dim 128) or was not asked; none where neither loaded or the grid is too
+        // short for the prompt (the CUDA-core kernel then).
+        use ops::prefill_form;
+        let all = [true; 4];
+        let sm89 = [true, true, true, false];
+        assert_eq!(prefill_form(all, 1, 2, 8192), Some(2));
+        assert_eq!(prefill_form(all, 1, 1, 8192), Some(1));
+        assert_eq!(prefill_form(sm89, 1, 2, 8192), Some(1));
+        assert_eq!(prefill_form(sm89, 0, 2, 8192), Some(2));
+        assert_eq!(prefill_form([false; 4], 0, 2, 8192), None);
+        assert_eq!(prefill_form([false, false, true, true], 1, 1, 8192), None);
+        assert_eq!(prefill_form(all, 0, 2, 8_388_480), Some(2));
+        assert_eq!(prefill_form(all, 0, 2, 8_388_481), None);
+        assert_eq!(prefill_form(sm89, 1, 2, 4_194_241), None);
     }
 
     #[test]

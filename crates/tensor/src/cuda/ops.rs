@@ -1283,16 +1283,12 @@ pub(crate) fn prefill_kernel(
         _ => None,
     };
     if let Some(col) = col {
-        let mt = prefill_tiles(t, hq, dev.sms);
         let fs = &dev.mma_attention;
-        let pick = match (&fs[2 + col], &fs[col]) {
-            (Some(f), _) if mt == 2 => Some((f, 2)),
-            (_, Some(f)) => Some((f, 1)),
-            _ => None,
-        }
-        .filter(|&(_, mt)| prefill_grid_fits(t, mt));
-        if let Some((f, mt)) = pick {
-            return PrefillKernel::TensorCores(f.clone(), mt);
+        let loaded = fs.each_ref().map(Option::is_some);
+        if let Some(mt) = prefill_form(loaded, col, prefill_tiles(t, hq, dev.sms), t) {
+            if let Some(f) = &fs[2 * (mt - 1) + col] {
+                return PrefillKernel::TensorCores(f.clone(), mt);
+            }
         }
     }
     if attention_tiled_smem(hd) <= dev.tiled_attention_smem {
@@ -1312,6 +1308,18 @@ pub(crate) fn prefill_kernel(
 pub fn prefill_attention_forms(ordinal: usize) -> Result<[bool; 4], TensorError> {
     let dev = GpuDevice::get(ordinal)?;
     Ok(dev.mma_attention.each_ref().map(Option::is_some))
+}
+
+/// The m16 tiles of queries a warp the tensor-core prefill attention runs with, of the `loaded`
+/// forms ([hd 64, 16 a warp; 128, 16; 64, 32; 128, 32]) at head-dim column `col` (0: 64, 1: 128),
+/// where the rule asked for `mt`: 32 a warp where asked and loaded, else 16 where loaded; none
+/// (CUDA cores) where neither loaded or the grid cannot hold `t` queries.
+pub(crate) fn prefill_form(loaded: [bool; 4], col: usize, mt: usize, t: usize) -> Option<usize> {
+    [2, 1]
+        .into_iter()
+        .filter(|&m| m <= mt)
+        .find(|&m| loaded[2 * (m - 1) + col])
+        .filter(|&m| prefill_grid_fits(t, m))
 }
 
 /// Whether the tensor-core prefill attention's grid holds `t` queries at `mt` m16 tiles a warp:
