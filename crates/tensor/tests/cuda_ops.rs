@@ -27,7 +27,8 @@ fn rand_t(shape: Vec<usize>, dt: DType, seed: u64) -> Tensor {
 }
 
 /// ‖a − b‖ / ‖b‖ (b the CPU result), asserted under `tol`.
-fn close(name: &str, gpu: &Tensor, cpu: &Tensor, tol: f64) {
+/// The GPU's and the CPU's values (as f32) after the checks, for callers that check more.
+fn close(name: &str, gpu: &Tensor, cpu: &Tensor, tol: f64) -> (Vec<f32>, Vec<f32>) {
     assert_eq!(gpu.shape(), cpu.shape(), "{name}");
     assert!(
         matches!(gpu.storage(), Storage::Cuda(_)),
@@ -44,14 +45,14 @@ fn close(name: &str, gpu: &Tensor, cpu: &Tensor, tol: f64) {
     let rel = (num / den.max(1e-30)).sqrt();
     eprintln!("{name}: relative error {rel:.2e}");
     assert!(rel < tol, "{name}: relative error {rel} >= {tol}");
+    (a, b)
 }
 
 /// As `close`, and each row of `len` values within `row_tol` of the CPU's too (relative L2 over
 /// the row): a fault confined to a few rows (a mask letting one key through) hides in the whole
 /// tensor's error but not in its row's.
 fn close_rows(name: &str, gpu: &Tensor, cpu: &Tensor, len: usize, tol: f64, row_tol: f64) {
-    close(name, gpu, cpu, tol);
-    let (a, b) = (gpu.to_f32_vec(), cpu.to_f32_vec());
+    let (a, b) = close(name, gpu, cpu, tol);
     let (worst, row) = a
         .chunks(len)
         .zip(b.chunks(len))

@@ -580,14 +580,8 @@ impl GpuDevice {
         let mut skinny_fns = Vec::new();
         for v in SKINNY_VARIANTS {
             let f = load(&format!("skinny_{}", v.name))?;
-            let fits = major >= 8 && v.smem() <= smem_optin;
-            let set = || {
-                f.set_attribute(
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    v.smem() as i32,
-                )
-            };
-            skinny_fns.push((fits && set().is_ok()).then_some(f));
+            let set = major >= 8 && lend_smem(&f, v.smem(), smem_optin);
+            skinny_fns.push(set.then_some(f));
         }
         // The tiled prefill attention with the shared memory the device lends a block (each call
         // checks its head dim's need against it: 140 KB at head dim 256, 74 KB at 128), and the
@@ -599,14 +593,7 @@ impl GpuDevice {
             let set = ["attention_tiled8", "attention_tiled16", "attention_tiled32"]
                 .iter()
                 .flat_map(|&n| [DType::F32, DType::BF16].map(|dt| (n, dt)))
-                .all(|key| {
-                    funcs[&key]
-                        .set_attribute(
-                            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                            want as i32,
-                        )
-                        .is_ok()
-                });
+                .all(|key| lend_smem(&funcs[&key], want, smem_optin));
             // Without the opt-in, what every block gets.
             if set {
                 want
@@ -630,14 +617,7 @@ impl GpuDevice {
             ];
             for (slot, (name, hd, mt)) in mma_attention.iter_mut().zip(forms) {
                 let f = load(name)?;
-                let want = ops::mma_prefill_smem(hd, mt);
-                let set = want <= smem_optin
-                    && f.set_attribute(
-                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        want as i32,
-                    )
-                    .is_ok();
-                *slot = set.then_some(f);
+                *slot = lend_smem(&f, ops::mma_prefill_smem(hd, mt), smem_optin).then_some(f);
             }
         }
         let mma_decode = if major >= 8 {
@@ -647,15 +627,10 @@ impl GpuDevice {
                 load("decode_attention_mma64w")?,
                 load("decode_attention_mma128w")?,
             ];
-            let set = fs.iter().zip([64, 128, 64, 128]).all(|(f, hd)| {
-                let want = ops::mma_decode_smem(16, hd);
-                want <= smem_optin
-                    && f.set_attribute(
-                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        want as i32,
-                    )
-                    .is_ok()
-            });
+            let set = fs
+                .iter()
+                .zip([64, 128, 64, 128])
+                .all(|(f, hd)| lend_smem(f, ops::mma_decode_smem(16, hd), smem_optin));
             set.then_some(fs)
         } else {
             None
@@ -1201,6 +1176,17 @@ pub fn copy_bandwidth(ordinal: usize) -> Result<f64, TensorError> {
     }
     times.sort_by(f64::total_cmp);
     Ok(2.0 * (n * 4) as f64 / times[times.len() / 2])
+}
+
+/// Lets `f`'s blocks take `bytes` of dynamic shared memory where the device lends a block that
+/// much (`optin`, its opt-in maximum): whether they may now.
+fn lend_smem(f: &CudaFunction, bytes: usize, optin: usize) -> bool {
+    bytes <= optin
+        && f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .is_ok()
 }
 
 #[cfg(test)]

@@ -1283,10 +1283,9 @@ pub(crate) fn prefill_kernel(
         _ => None,
     };
     if let Some(col) = col {
-        let fs = &dev.mma_attention;
-        let loaded = fs.each_ref().map(Option::is_some);
+        let loaded = dev.mma_attention.each_ref().map(Option::is_some);
         if let Some(mt) = prefill_form(loaded, col, prefill_tiles(t, hq, dev.sms), t) {
-            if let Some(f) = &fs[2 * (mt - 1) + col] {
+            if let Some(f) = &dev.mma_attention[2 * (mt - 1) + col] {
                 return PrefillKernel::TensorCores(f.clone(), mt);
             }
         }
@@ -1387,22 +1386,23 @@ pub fn attention(
         window.unwrap_or(0) as i32,
     );
     // A prefill (not a captured decode step) of enough queries to fill a tile: a tiled kernel,
-    // with its queries a block, threads and shared memory.
-    let prefill = io.is_none();
-    // Grids: on tensor cores (heads, query tiles), the latest tiles of every head first; on CUDA
-    // cores (query tiles, heads).
-    let tiled = match prefill_kernel(&dev, t, hq, hd, q.dtype()) {
-        PrefillKernel::TensorCores(f, mt) => {
+    // with its grid, threads and shared memory. Grids: on tensor cores (heads, query tiles), the
+    // latest tiles of every head first; on CUDA cores (query tiles, heads).
+    let tiled = match io
+        .is_none()
+        .then(|| prefill_kernel(&dev, t, hq, hd, q.dtype()))
+    {
+        Some(PrefillKernel::TensorCores(f, mt)) => {
             let grid = (hq as u32, t.div_ceil(64 * mt) as u32, 1);
             Some((f, grid, 128, mma_prefill_smem(hd, mt)))
         }
-        PrefillKernel::CudaCores(f) => {
+        Some(PrefillKernel::CudaCores(f)) => {
             let grid = (t.div_ceil(FA_BQ) as u32, hq as u32, 1);
             Some((f, grid, 256, attention_tiled_smem(hd)))
         }
-        PrefillKernel::QueryAtATime => None,
+        Some(PrefillKernel::QueryAtATime) | None => None,
     };
-    if let (true, Some((f, grid_dim, threads, smem))) = (prefill, tiled) {
+    if let Some((f, grid_dim, threads, smem)) = tiled {
         let tt = t as i32;
         let mut l = dev.stream.launch_builder(&f);
         push(&mut l, q);
