@@ -1,6 +1,7 @@
 //! Rendezvous: a small key-value store on the master address, through which the ranks of a job
 //! find each other and share what a backend needs (each rank's data address now; the NCCL unique
-//! id later). Rank 0 hosts it; every rank (rank 0 too) is a client.
+//! id later). `tessera launch` hosts it in node 0's launcher, rank 0 under other launchers; every
+//! rank (rank 0 too) is a client.
 //!
 //! Protocol (TCP, little-endian, length-prefixed): the client opens with `"TSS1"`, then the job
 //! token; the server answers `0` (welcome) or `1` + a reason and closes, so a rank of another job
@@ -65,7 +66,8 @@ struct Table {
     items: HashMap<Vec<u8>, Vec<u8>>,
 }
 
-/// The store, hosted by rank 0; it stops when dropped.
+/// The store, hosted by node 0's launcher (or rank 0 under other launchers); it stops when
+/// dropped.
 pub struct StoreServer {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
@@ -83,8 +85,8 @@ impl StoreServer {
         };
         let listener = TcpListener::bind(bind).map_err(|e| {
             CommError::Setup(format!(
-                "rank 0 cannot host the rendezvous store on {bind}: {e} (is another job using \
-                 this port? pick another --master-port)"
+                "cannot host the rendezvous store on {bind}: {e} (is another job using this \
+                 port? pick another --master-port)"
             ))
         })?;
         let addr = listener
