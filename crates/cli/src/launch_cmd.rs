@@ -406,8 +406,11 @@ fn forward_stderr(rank: usize, err: impl std::io::Read, last: &Mutex<String>) {
     }
 }
 
-/// How long the other ranks get to exit on their own (with their own message) after one fails.
-const GRACE: Duration = Duration::from_secs(3);
+/// How long the other ranks get to exit on their own (with their own message) after one fails:
+/// a rank's abort takes up to 2.3 s (2 s to pass its word to its peers, 0.3 s before it closes
+/// its connections) and a loaded machine can slow it a few seconds more; only a hung rank waits
+/// this long.
+const GRACE: Duration = Duration::from_secs(10);
 
 fn supervise(mut ranks: Vec<Rank>, adoption: &signals::Adoption) -> Result<()> {
     let mut first_failure: Option<(Instant, Failure)> = None;

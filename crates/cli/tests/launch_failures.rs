@@ -677,7 +677,10 @@ fn the_launcher_hosts_the_store() {
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
-    assert!(lines.iter().all(|l| l.starts_with("hosted=1 port=")), "{text}");
+    assert!(
+        lines.iter().all(|l| l.starts_with("hosted=1 port=")),
+        "{text}"
+    );
     assert_eq!(lines[0], lines[1], "{text}");
     assert!(!lines[0].ends_with("port=0"), "{text}");
 }

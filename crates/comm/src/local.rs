@@ -517,14 +517,25 @@ mod tests {
 
     #[test]
     fn a_rank_that_never_joins_times_out_with_its_name() {
-        let out = run(3, Duration::from_millis(200), |c| {
+        // Rank 2 holds its handle without joining until the others have given up (a barrier,
+        // not a sleep: were it to leave first, they would say it left instead of naming it as
+        // missing). One second: ranks 0 and 1 must both be waiting before the deadline.
+        let gave_up = std::sync::Barrier::new(3);
+        let out = run(3, Duration::from_secs(1), |c| {
             if c.rank() == 2 {
-                // Holds its handle without joining until the others have given up.
-                std::thread::sleep(Duration::from_millis(600));
+                gave_up.wait();
                 return String::new();
             }
             let mut v = vec![1.0f32];
-            c.all_reduce(&mut v, ReduceOp::Sum).unwrap_err().to_string()
+            // No unwrap before the barrier: a panic here would leave the others waiting on it.
+            let e = format!(
+                "{:?}",
+                c.all_reduce(&mut v, ReduceOp::Sum)
+                    .err()
+                    .map(|e| e.to_string())
+            );
+            gave_up.wait();
+            e
         });
         assert!(
             out[0].contains("rank(s) [2]") || out[0].contains("waiting for rank(s) [2]"),

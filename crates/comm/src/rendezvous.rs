@@ -388,11 +388,12 @@ mod tests {
 
     #[test]
     fn an_unreachable_store_fails_within_the_deadline() {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // A port below Linux's ephemeral range (32768 up), so that no test's outgoing
+        // connection or port-0 listener can be on it by the time the client tries it.
+        let port = (20000..32000)
+            .rev()
+            .find(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok())
+            .unwrap();
         let err = StoreClient::connect("127.0.0.1", port, "t", Duration::from_millis(300))
             .err()
             .unwrap()

@@ -47,15 +47,23 @@ fn async_and_blocking_operations_complete_in_issue_order() {
 
 #[test]
 fn an_async_failure_is_reported_by_wait() {
+    // Rank 1 holds its handle until rank 0 has its error (were it to leave first, rank 0 would
+    // say it left instead of naming it as missing).
+    let gave_up = std::sync::Barrier::new(2);
     let out = on_each(
         LocalGroup::with_timeout(2, Duration::from_millis(200)).into_comms(),
         |c| {
             if c.rank() == 1 {
-                std::thread::sleep(Duration::from_millis(500));
+                gave_up.wait();
                 return String::new();
             }
-            let p = c.all_reduce_async(vec![1.0f32], ReduceOp::Sum).unwrap();
-            p.wait().unwrap_err().to_string()
+            // No unwrap before the barrier: a panic here would leave rank 1 waiting on it.
+            let e = match c.all_reduce_async(vec![1.0f32], ReduceOp::Sum) {
+                Ok(p) => format!("{:?}", p.wait().err().map(|e| e.to_string())),
+                Err(e) => format!("issue failed: {e}"),
+            };
+            gave_up.wait();
+            e
         },
     );
     assert!(out[0].contains("waiting for rank(s) [1]"), "{}", out[0]);

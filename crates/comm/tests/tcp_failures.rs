@@ -36,7 +36,7 @@ fn a_rank_that_leaves_mid_job_is_named_at_once() {
 fn a_rank_that_never_joins_is_named() {
     let port = free_port();
     let cfgs: Vec<_> = (0..2)
-        .map(|r| config(r, 3, port, Duration::from_millis(800)))
+        .map(|r| config(r, 3, port, Duration::from_secs(3)))
         .collect();
     let out = on_each(cfgs, |cfg| {
         TcpComm::connect(&cfg).err().unwrap().to_string()
@@ -84,14 +84,20 @@ fn check_mode_names_the_first_mismatch_on_every_rank() {
 
 #[test]
 fn check_mode_names_a_rank_that_never_issues_the_collective() {
+    // Rank 1 holds its connections until the others have their errors (were it to leave first,
+    // they would say they lost it instead of naming it as missing).
+    let gave_up = std::sync::Barrier::new(3);
     let out = on_each(
-        tcp_job(3, Duration::from_millis(1500), |c| c.check = true),
+        tcp_job(3, Duration::from_secs(3), |c| c.check = true),
         |c| {
             if c.rank() == 1 {
-                std::thread::sleep(Duration::from_millis(2500));
+                gave_up.wait();
                 return String::new();
             }
-            c.barrier().unwrap_err().to_string()
+            // No unwrap before the barrier: a panic here would leave the others waiting on it.
+            let e = format!("{:?}", c.barrier().err().map(|e| e.to_string()));
+            gave_up.wait();
+            e
         },
     );
     assert!(out[0].contains("[1]"), "{}", out[0]);
