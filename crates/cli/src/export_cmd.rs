@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use tessera_tensor::DType;
 
 #[derive(clap::Args, Debug)]
@@ -22,6 +22,18 @@ pub struct ExportArgs {
 pub fn run(a: ExportArgs) -> Result<()> {
     let dtype: DType = a.dtype.parse()?;
     crate::out_paths::fresh_dir(&a.out, "--out")?;
+    // The tokenizer is copied as it is: one that does not load would make a model directory
+    // that nothing loads.
+    let step = tessera_train::checkpoint::resolve(&a.checkpoint)?;
+    let tok = step.join("tokenizer.json");
+    if tok.exists() {
+        if let Err(e) = tokenizers::Tokenizer::from_file(&tok) {
+            bail!(
+                "{}: not a tokenizer the exported model could load: {e} (nothing was written)",
+                tok.display()
+            );
+        }
+    }
     let out = tessera_train::checkpoint::export(&a.checkpoint, &a.out, dtype)?;
     errln!("exported {} to {}", a.checkpoint.display(), out.display());
     Ok(())

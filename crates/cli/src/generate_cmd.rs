@@ -166,6 +166,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
 /// Said on stderr where the flags alone do not decide it.
 fn sampling_params(a: &GenerateArgs, config: Option<SamplingDefaults>) -> Result<SamplingParams> {
     let filters = a.top_p.is_some() || a.top_k.is_some() || a.min_p.is_some();
+    if a.temperature == Some(0.0) && filters && tessera_comm::process_rank() == 0 {
+        errln!("greedy at --temperature 0: --top-p / --top-k / --min-p do nothing");
+    }
     let Some(d) = config else {
         let t = match a.temperature {
             Some(t) => t,

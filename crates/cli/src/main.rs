@@ -96,10 +96,17 @@ fn main() {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind::*;
-            if matches!(
-                e.kind(),
-                DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand
-            ) {
+            if matches!(e.kind(), DisplayHelp | DisplayVersion) {
+                // Asked for, on standard output: a failed write is said, as for any output.
+                let printed = e
+                    .print()
+                    .and_then(|_| std::io::Write::flush(&mut std::io::stdout()));
+                if let Err(err) = printed {
+                    stdout_failed(&err);
+                }
+                std::process::exit(0);
+            }
+            if e.kind() == DisplayHelpOnMissingArgumentOrSubcommand {
                 e.exit();
             }
             // One line, as for every other user mistake; `--help` has the rest.

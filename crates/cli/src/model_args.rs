@@ -47,10 +47,15 @@ impl ModelArgs {
 
 /// Parses `1,2,3` into token ids.
 pub fn parse_tokens(s: &str, flag: &str) -> Result<Vec<u32>> {
+    if s.trim().is_empty() {
+        return Ok(Vec::new());
+    }
     s.split(',')
         .map(|t| t.trim())
-        .filter(|t| !t.is_empty())
         .map(|t| {
+            if t.is_empty() {
+                bail!("{flag}: an empty entry between commas in {s:?} (expected e.g. 1,2,3)");
+            }
             t.parse::<u32>().map_err(|_| {
                 anyhow::anyhow!("{flag}: {t:?} is not a token id (expected e.g. 1,2,3)")
             })

@@ -111,6 +111,35 @@ pub fn checkpoint_root(root: &Path, resumes_from: Option<&Path>) -> Result<()> {
     )
 }
 
+/// A run resumed from step `from` and saving into `root`: `root` holds no step past `from`, which
+/// this run's saves would replace (a run resumed from an earlier step, say to lower the learning
+/// rate after a divergence, would otherwise overwrite the later steps of the run it left).
+pub fn no_later_steps(root: &Path, from: u64) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(());
+    };
+    let mut later: Vec<u64> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            name.to_str()?.strip_prefix("step_")?.parse::<u64>().ok()
+        })
+        .filter(|&s| s > from)
+        .collect();
+    later.sort_unstable();
+    if let Some(first) = later.first() {
+        bail!(
+            "--save {} holds step {first}{} past the step resumed from ({from}), which this run's saves would replace; save it elsewhere (nothing was written)",
+            root.display(),
+            match later.len() {
+                1 => String::new(),
+                n => format!(" and {} more", n - 1),
+            }
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,5 +197,25 @@ mod tests {
         std::fs::write(&f, "x").unwrap();
         assert!(checkpoint_root(&f, None).is_err());
         checkpoint_root(&other, None).unwrap();
+    }
+
+    #[test]
+    fn a_resumed_run_does_not_replace_later_steps() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        no_later_steps(&root.join("none"), 0).unwrap();
+        for s in ["step_00000002", "step_00000004", "step_00000006", "step_x"] {
+            std::fs::create_dir_all(root.join(s)).unwrap();
+        }
+        std::fs::write(root.join("latest"), "step_00000006").unwrap();
+        no_later_steps(root, 6).unwrap();
+        no_later_steps(root, 9).unwrap();
+        let e = no_later_steps(root, 4).unwrap_err().to_string();
+        assert!(
+            e.contains("holds step 6 past the step resumed from (4)"),
+            "{e}"
+        );
+        let e = no_later_steps(root, 2).unwrap_err().to_string();
+        assert!(e.contains("holds step 4 and 1 more past"), "{e}");
     }
 }

@@ -31,9 +31,10 @@ pub struct TrainArgs {
     /// Optimizer steps of the whole run (a resumed run continues up to this many).
     #[arg(long, default_value_t = 100)]
     pub steps: u64,
-    /// Seed of the initial weights and the data order.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Seed of the initial weights and the data order [default: 0; a resumed run: the
+    /// checkpoint's].
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Tokens per training sequence.
     #[arg(long, default_value_t = 64)]
     pub seq_len: usize,
@@ -41,7 +42,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub zero_stage: Option<u8>,
     /// Start from the weights of this HF model directory instead of random ones.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     pub init_from: Option<PathBuf>,
     /// Checkpoint root to save into (at the end, and every --save-every steps).
     #[arg(long)]
@@ -176,6 +177,17 @@ pub fn run(a: TrainArgs) -> Result<()> {
         crate::out_paths::checkpoint_root(root, a.resume.as_deref())?;
     }
     crate::out_paths::writable_file(&a.curve, "--curve")?;
+    if !a.config.is_file() {
+        bail!(
+            "--config {} {}",
+            a.config.display(),
+            if a.config.exists() {
+                "is not a file (give the training config, DeepSpeed's JSON)"
+            } else {
+                "does not exist"
+            }
+        );
+    }
     let mut cfg = TrainConfig::from_file(&a.config)?;
     for w in &cfg.warnings {
         errln!("warning: {}: {w}", a.config.display());
@@ -251,7 +263,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let val_tokens = ds.tokens("val")?;
     let tokenizer = ds.meta.tokenizer.as_ref().map(|t| ds.dir.join(t));
     let layout = ParamLayout::new(&model_cfg);
-    let mut seed = a.seed;
+    let mut seed = a.seed.unwrap_or(0);
     let resume: Option<CheckpointMeta> = match &a.resume {
         Some(p) => {
             let dir = checkpoint::resolve(p)?;
@@ -287,6 +299,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
                     meta.progress.step,
                     a.steps
                 );
+            }
+            if a.seed.is_some_and(|s| s != meta.seed) {
+                bail!(
+                    "the checkpoint was trained with --seed {}; resume with the same, or without --seed",
+                    meta.seed
+                );
+            }
+            if let Some(root) = &a.save {
+                crate::out_paths::no_later_steps(root, meta.progress.step)?;
             }
             seed = meta.seed;
             Some(meta)

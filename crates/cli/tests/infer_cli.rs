@@ -172,6 +172,11 @@ fn bad_input_is_one_line_and_non_zero() {
         &["score", "--model", m, "--tokens", "1,x"],
         "\"x\" is not a token id",
     );
+    // An empty entry is a typo, not a separator to skip.
+    fails_with(
+        &["generate", "--model", m, "--prompt-tokens", "1,,2"],
+        "--prompt-tokens: an empty entry between commas",
+    );
     fails_with(
         &["score", "--model", m, "--tokens", "1,5000"],
         "token id 5000 is outside the vocabulary of 320",
@@ -356,6 +361,7 @@ fn bad_input_is_one_line_and_non_zero() {
     // The GEMV benchmark measures CUDA kernels only, at a tp that divides its shapes.
     fails_with(&["bench", "gemv", "--device", "cpu"], "--device cuda");
     fails_with(&["bench", "gemv", "--tp", "3"], "--tp 3");
+    fails_with(&["bench", "gemv", "--tp", "0"], "--tp must be at least 1");
     #[cfg(not(feature = "cuda"))]
     fails_with(&["bench", "gemv"], "without CUDA");
     // The prefill attention benchmark: prompts of 1 to 131,072 tokens.
@@ -510,8 +516,45 @@ fn absurd_sizes_and_broken_weights_are_refused_in_one_line() {
     std::fs::write(dir.path().join("model.safetensors"), &w).unwrap();
     fails_with(
         &["score", "--model", d, "--tokens", "1,2,3", "--json"],
-        "are not numbers",
+        "are not finite",
     );
+    // Greedy decoding takes no token from broken logits either (it once printed tokens and exited
+    // 0): +inf in one element of the final norm (an overflow's logits), and NaN in one element of
+    // one row of the head, a vocab id far from the first (an argmax skipping NaN took another).
+    let original = std::fs::read(llama.join("model.safetensors")).unwrap();
+    let poke = |tensor: &str, elem: usize, value: f32| {
+        let mut w = original.clone();
+        let t = header.info(tensor).unwrap();
+        assert_eq!(t.dtype, safetensors::Dtype::F32);
+        let at = 8 + n + t.data_offsets.0 + 4 * elem;
+        w[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        std::fs::write(dir.path().join("model.safetensors"), &w).unwrap();
+    };
+    let greedy = |tp: &'static str| {
+        [
+            "generate",
+            "--model",
+            d,
+            "--prompt-tokens",
+            "5,6",
+            "--max-tokens",
+            "3",
+            "--tp",
+            tp,
+        ]
+    };
+    // A weight beyond f16's range, loaded as f16: refused at load, not inf in every logit.
+    poke("model.norm.weight", 0, 1e6);
+    fails_with(
+        &[&greedy("1")[..], &["--dtype", "f16"]].concat(),
+        "model.norm.weight holds 1000000 at element 0, beyond the range of f16",
+    );
+    poke("model.norm.weight", 0, f32::INFINITY);
+    fails_with(&greedy("1"), "are not finite");
+    poke("lm_head.weight", 200 * 64 + 3, f32::NAN);
+    for tp in ["1", "2"] {
+        fails_with(&greedy(tp), "are not finite");
+    }
 }
 
 /// `bench decode --one-rank-of 2` times rank 0's half of every layer alone, collectives skipped:
@@ -678,6 +721,11 @@ fn bench_score_agrees_with_the_gathered_logits() {
     fails_with(
         &["bench", "score", "--one-rank-of", "0"],
         "--tp and --one-rank-of must be at least 1",
+    );
+    // --one-rank-of replaces --tp: both given is one clear error, not --tp ignored.
+    fails_with(
+        &["bench", "score", "--one-rank-of", "2", "--tp", "2"],
+        "'--one-rank-of <ONE_RANK_OF>' cannot be used with '--tp <TP>'",
     );
 }
 
@@ -969,6 +1017,22 @@ fn generation_config_sampling_is_the_default_of_generate() {
     assert!(!gen(&["--top-p", "0.9"]).1.contains("out of range"));
     let (code, _, err) = tessera(&["score", "--model", d, "--text", "hello world"]);
     assert_eq!(code, 0, "{err}");
+    // A `do_sample` transformers would read as true ("yes", 1) is not greedy here: refused, as
+    // is a file that is not an object.
+    for (json, says) in [
+        (
+            r#"{"do_sample": "yes"}"#,
+            "`do_sample` must be true or false, got \"yes\"",
+        ),
+        (
+            r#"{"do_sample": 1}"#,
+            "`do_sample` must be true or false, got 1",
+        ),
+        ("[1]", "generation_config.json: must be a JSON object"),
+    ] {
+        config(json);
+        fails_with(&["generate", "--model", d, "--prompt", "hello"], says);
+    }
 }
 
 /// The repetition penalty and min-p, from their flags or generation_config.json: the penalty

@@ -753,12 +753,23 @@ fn bad_input_is_one_line_and_a_non_zero_exit() {
             .write(true)
             .open("/dev/full")
             .unwrap();
-        for json in [false, true] {
+        // The help asked for too (it once exited 0 with nothing written).
+        for args in [
+            &["plan", "infer", "--model", "llama-3-8b", "--gpus", "1"][..],
+            &[
+                "plan",
+                "infer",
+                "--model",
+                "llama-3-8b",
+                "--gpus",
+                "1",
+                "--json",
+            ],
+            &["--help"],
+            &["plan", "--help"],
+        ] {
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_tessera"));
-            cmd.args(["plan", "infer", "--model", "llama-3-8b", "--gpus", "1"]);
-            if json {
-                cmd.arg("--json");
-            }
+            cmd.args(args);
             let out = cmd.stdout(full.try_clone().unwrap()).output().unwrap();
             let err = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(1), "{err}");

@@ -231,12 +231,55 @@ fn train_json_crash_resume_at_another_layout_and_export() {
         "{err}"
     );
 
+    // Resuming an earlier step into the same root would replace the later steps the first run
+    // left: refused, step 6 kept byte for byte.
+    let state6 = std::fs::read(ck.join("step_00000006/state.safetensors")).unwrap();
+    let step2 = ck.join("step_00000002");
+    let args = train_args(
+        &paths,
+        8,
+        &curve,
+        &["--resume", s(&step2), "--save", s(&ck)],
+    );
+    let (code, _, err) = tessera(&strs(&args));
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("holds step 6 past the step resumed from (2)"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(ck.join("step_00000006/state.safetensors")).unwrap(),
+        state6
+    );
+    // Another seed than the checkpoint's, or weights to start from besides it: refused, not
+    // silently ignored.
+    let args = train_args(&paths, 8, &curve, &["--resume", s(&ck), "--seed", "7"]);
+    let (code, _, err) = tessera(&strs(&args));
+    assert_ne!(code, 0);
+    assert!(err.contains("trained with --seed 0"), "{err}");
+    let args = train_args(&paths, 8, &curve, &["--resume", s(&ck), "--init-from", "x"]);
+    let (code, _, err) = tessera(&strs(&args));
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot be used with"), "{err}");
+
     // Export, then score and generate with the exported model.
     let hf = dir.path().join("hf");
     let (code, _, err) = tessera(&["export", "--checkpoint", s(&ck), "--out", s(&hf)]);
     assert_eq!(code, 0, "{err}");
     assert!(hf.join("tokenizer.json").exists());
     serves(&hf);
+    // A checkpoint whose tokenizer.json does not load: refused before anything is written (it
+    // once exported a model directory that nothing could load).
+    std::fs::write(ck.join("step_00000006/tokenizer.json"), "{oops").unwrap();
+    let hf2 = dir.path().join("hf2");
+    let (code, _, err) = tessera(&["export", "--checkpoint", s(&ck), "--out", s(&hf2)]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("not a tokenizer the exported model could load"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(!hf2.exists());
 }
 
 /// An exported model `score`s a text and `generate`s from a prompt.
@@ -374,7 +417,11 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
     std::fs::write(&bad_cfg, r#"{"zero_optimization": {"stage": 7}}"#).unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--config", s(&bad_cfg)], "zero_optimization.stage"),
-        (vec!["--config", "/nonexistent.json"], "nonexistent"),
+        (
+            vec!["--config", "/nonexistent.json"],
+            "--config /nonexistent.json does not exist",
+        ),
+        (vec!["--config", "/"], "--config / is not a file"),
         (vec!["--config", s(&cfg), "--dp", "0"], "--dp"),
         (vec!["--config", s(&cfg), "--dp", "3"], "divisible"),
         (

@@ -158,6 +158,17 @@ fn unapplied(v: &serde_json::Value) -> Vec<Unapplied> {
 fn read_generation_config(text: &str) -> Result<GenerationConfig, String> {
     let v: serde_json::Value =
         serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+    if !v.is_object() {
+        return Err("must be a JSON object".into());
+    }
+    // transformers samples where `do_sample` is truthy: anything but true, false or null would
+    // be read another way here than there.
+    if let Some(d) = v
+        .get("do_sample")
+        .filter(|d| !d.is_null() && !d.is_boolean())
+    {
+        return Err(format!("`do_sample` must be true or false, got {d}"));
+    }
     // HF's generate stops at generation_config.json's end-of-sequence ids, which may differ from
     // config.json's (Llama 3 instruct lists several).
     let ids: Option<Vec<Option<u64>>> = match v.get("eos_token_id") {

@@ -60,7 +60,9 @@ impl Checkpoint {
         }
         // The single file first, as transformers looks for it first (a directory may keep a
         // stale index beside it).
-        let paths: Vec<PathBuf> = if single.exists() {
+        let paths: Vec<PathBuf> = if single.is_dir() {
+            return Err(ck_err(&single, "is a directory, not a safetensors file"));
+        } else if single.exists() {
             vec![single]
         } else if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| ModelError::Io {
@@ -206,7 +208,7 @@ impl Checkpoint {
         let mut out_shape = shape.to_vec();
         out_shape[0] = r1 - r0;
         let mut dst = Storage::zeros(dtype, (r1 - r0) * cols);
-        self.copy_elems(e, r0 * cols, (r1 - r0) * cols, &mut dst, 0);
+        self.copy_elems(name, e, r0 * cols, (r1 - r0) * cols, &mut dst, 0)?;
         Ok(Tensor::new(out_shape, dst)?)
     }
 
@@ -225,13 +227,23 @@ impl Checkpoint {
         let w = c1 - c0;
         let mut dst = Storage::zeros(dtype, rows * w);
         for r in 0..rows {
-            self.copy_elems(e, r * cols + c0, w, &mut dst, r * w);
+            self.copy_elems(name, e, r * cols + c0, w, &mut dst, r * w)?;
         }
         Ok(Tensor::new(vec![rows, w], dst)?)
     }
 
-    /// Copies `n` elements starting at element `from` of `e` into `dst[at..]`, converting dtype.
-    fn copy_elems(&self, e: &Entry, from: usize, n: usize, dst: &mut Storage, at: usize) {
+    /// Copies `n` elements starting at element `from` of `e` (the tensor `name`) into `dst[at..]`,
+    /// converting dtype. A number beyond what f16 holds (|x| > 65504, which would become inf and
+    /// the logits NaN) is refused, naming the tensor and the dtypes that hold it.
+    fn copy_elems(
+        &self,
+        name: &str,
+        e: &Entry,
+        from: usize,
+        n: usize,
+        dst: &mut Storage,
+        at: usize,
+    ) -> Result<(), ModelError> {
         let size = e.dtype.size_in_bytes();
         let bytes = &self.files[e.file].1[e.start + from * size..e.start + (from + n) * size];
         match (e.dtype, dst) {
@@ -254,9 +266,24 @@ impl Checkpoint {
                         DType::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
                     };
                 }
+                if matches!(d, Storage::F16(_)) {
+                    let too_big = |x: &f32| x.is_finite() && half::f16::from_f32(*x).is_infinite();
+                    if let Some(i) = buf.iter().position(too_big) {
+                        return Err(ck_err(
+                            &self.files[e.file].0,
+                            format!(
+                                "{name} holds {} at element {}, beyond the range of f16; load it \
+                                 as bf16 or f32 (--dtype)",
+                                buf[i],
+                                from + i
+                            ),
+                        ));
+                    }
+                }
                 d.write_f32(at, &buf);
             }
         }
+        Ok(())
     }
 }
 

@@ -465,6 +465,10 @@ fn rope_of(v: &Value, context: usize) -> Result<(RopeConfig, usize), ModelError>
                 "default" => RopeScaling::Default,
                 // Dynamic NTK scaling leaves the frequencies alone up to the original context.
                 "dynamic" => {
+                    // transformers reads the factor (when the context passes the original one).
+                    if !positive(num("factor")?) {
+                        return Err(cfg_err("dynamic rope scaling needs factor > 0"));
+                    }
                     if let Some(old) = s
                         .get("original_max_position_embeddings")
                         .and_then(|x| x.as_u64())
@@ -645,7 +649,16 @@ fn sliding_windows(v: &Value, arch: Arch, layers: usize) -> Result<Vec<Option<us
         Arch::Qwen2 | Arch::Qwen3 => {
             let used = opt_bool(v, "use_sliding_window")?.unwrap_or(false);
             let window = if used { window()? } else { None };
-            if let Some(types) = v.get("layer_types").and_then(|t| t.as_array()) {
+            let types = match v.get("layer_types") {
+                None | Some(Value::Null) => None,
+                Some(Value::Array(t)) => Some(t),
+                Some(t) => {
+                    return Err(cfg_err(format!(
+                        "layer_types must be a list of layer types, got {t}"
+                    )))
+                }
+            };
+            if let Some(types) = types {
                 if types.len() != layers {
                     return Err(cfg_err(format!(
                         "layer_types has {} entries for {layers} layers",
@@ -880,6 +893,9 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("use_sliding_window is false"), "{e}");
+        // layer_types that is not a list: refused, not ignored.
+        let e = with2(qwen, r#"{"layer_types":"x"}"#).unwrap_err();
+        assert!(e.to_string().contains("layer_types must be a list"), "{e}");
         let q = with2(
             r#"{"architectures":["Qwen2ForCausalLM"],"model_type":"qwen2","use_sliding_window":true}"#,
             r#"{"sliding_window":64,"layer_types":["sliding_attention","full_attention"]}"#,
@@ -921,6 +937,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(d.max_position_embeddings, 4096);
+        // Its factor as transformers reads it: a positive number.
+        for f in ["\"x\"", "0", "-2"] {
+            let e = with(&format!(
+                r#"{{"rope_scaling":{{"type":"dynamic","factor":{f}}}}}"#
+            ))
+            .unwrap_err();
+            assert!(e.to_string().contains("dynamic"), "{f}: {e}");
+        }
     }
 
     #[test]

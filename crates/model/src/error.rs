@@ -17,7 +17,7 @@ pub enum ModelError {
     Layout(String),
     /// The weights or the input made the model compute NaN (a broken checkpoint, or a training
     /// run that diverged): no token can be chosen.
-    #[error("the model's logits are not numbers (NaN) {0}; its weights are likely broken")]
+    #[error("the model's logits are not finite (NaN or +inf) {0}; its weights are likely broken")]
     NotANumber(String),
     #[error(transparent)]
     Tensor(#[from] tessera_tensor::TensorError),

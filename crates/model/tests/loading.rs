@@ -255,6 +255,11 @@ fn bad_checkpoints_are_refused_by_name() {
         "{}",
         load(dir.path())
     );
+    // A directory in the weights' place.
+    std::fs::create_dir(dir.path().join("model.safetensors")).unwrap();
+    let e = load(dir.path());
+    assert!(e.contains("is a directory, not a safetensors file"), "{e}");
+    std::fs::remove_dir(dir.path().join("model.safetensors")).unwrap();
 
     // Truncated file.
     write_model(dir.path(), &json, &good[..good.len() - 10]);

@@ -517,10 +517,14 @@ pub fn kept_by_full_sort(p: &SamplingParams, logits: &[f32]) -> Vec<(u32, f64)> 
     probs
 }
 
-/// Index of the largest logit; the lowest index wins a tie.
+/// Index of the largest logit; the lowest index wins a tie. A NaN counts as larger than any
+/// number (as torch.argmax takes it): the first NaN's index, so a broken row is seen, not skipped.
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &l) in logits.iter().enumerate() {
+        if l.is_nan() {
+            return i as u32;
+        }
         if l > logits[best] {
             best = i;
         }
@@ -531,6 +535,17 @@ pub fn argmax(logits: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn argmax_takes_the_lowest_of_ties_and_the_first_nan() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
+        assert_eq!(argmax(&[1.0, 3.0, f32::NAN, 9.0, f32::NAN]), 2);
+        assert_eq!(argmax(&[f32::NAN, 3.0]), 0);
+        assert_eq!(
+            argmax(&[f32::NEG_INFINITY, f32::INFINITY, f32::INFINITY]),
+            1
+        );
+    }
 
     /// The distinct tokens of `n` draws, sorted.
     fn distinct(s: &mut Sampler, logits: &[f32], n: usize) -> Vec<u32> {

@@ -763,11 +763,37 @@ fn every_op_matches_the_cpu() {
         let mut v = rand_t(vec![3, 70001], DType::F32, 64).to_f32_vec();
         v[70001 + 123] = 5.0;
         v[70001 + 60000] = 5.0;
-        let logits = Tensor::from_f32(vec![3, 70001], v, dt).unwrap();
+        let logits = Tensor::from_f32(vec![3, 70001], v.clone(), dt).unwrap();
         assert_eq!(
             ops::argmax_rows(&g(&logits)).unwrap(),
             ops::argmax_rows(&logits).unwrap(),
             "argmax_rows"
+        );
+        // A NaN counts as larger than any number (as torch.argmax): the row's first NaN, in
+        // another column slice than the maximum, so that a broken row is seen, not skipped.
+        v[2 * 70001 + 65000] = f32::NAN;
+        v[2 * 70001 + 50000] = f32::NAN;
+        let broken = Tensor::from_f32(vec![3, 70001], v, dt).unwrap();
+        let (on_gpu, on_cpu) = (
+            ops::argmax_rows(&g(&broken)).unwrap(),
+            ops::argmax_rows(&broken).unwrap(),
+        );
+        let bits = |r: &[(f32, u32)]| -> Vec<(bool, u32, u32)> {
+            r.iter()
+                .map(|p| {
+                    (
+                        p.0.is_nan(),
+                        if p.0.is_nan() { 0 } else { p.0.to_bits() },
+                        p.1,
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(bits(&on_gpu), bits(&on_cpu), "argmax_rows with NaN");
+        assert!(
+            on_cpu[2].0.is_nan() && on_cpu[2].1 == 50000,
+            "{:?}",
+            on_cpu[2]
         );
         // The log-sum-exp of each row on the device (f32, one block a row) against the CPU's
         // f64, and the target's value exactly; a row with no target gets none.

@@ -161,9 +161,13 @@ struct Obj<'a> {
 
 impl<'a> Obj<'a> {
     fn new(path: &str, v: &'a Value) -> Result<Self, TrainError> {
-        let map = v
-            .as_object()
-            .ok_or_else(|| err(format!("`{path}` must be a JSON object")))?;
+        let map = v.as_object().ok_or_else(|| {
+            err(if path.is_empty() {
+                "the config must be a JSON object".to_string()
+            } else {
+                format!("`{path}` must be a JSON object")
+            })
+        })?;
         Ok(Obj {
             path: path.to_string(),
             map,
@@ -743,6 +747,8 @@ mod tests {
             .and_then(|c| c.batch_for(1))
         };
         assert!(huge("18446744073709551615", "1").is_err());
+        let e = TrainConfig::from_json_str("[1]").unwrap_err().to_string();
+        assert!(e.contains("the config must be a JSON object"), "{e}");
         assert!(huge("33554432", "1").is_err());
         assert_eq!(huge("4096", "4").unwrap(), (4, 1024));
         // Any two of the three give the third, as DeepSpeed derives them; train_batch_size

@@ -45,7 +45,7 @@ pub struct DecodeArgs {
     /// Time one rank's share of a tp-N step on one device, every collective skipped (rank 0's
     /// layer shapes; no communication, so the tokens are not the model's): the compute a tp-N
     /// step cannot go below, on a machine with fewer devices than N. Replaces --tp.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "tp")]
     pub one_rank_of: Option<usize>,
     /// With --one-rank-of on cuda: each fused all-reduce + norm holds the step this many µs
     /// after the kernel before it ends, as its exchange over NVLink would (a stand-in, to measure

@@ -38,7 +38,7 @@ pub struct ScoreArgs {
     pub device: String,
     /// Rank 0 of a tp group of N alone, its collectives skipped (instead of --tp): the compute
     /// a rank's share of the pass cannot go below. Its log-probs are not the model's.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "tp")]
     pub one_rank_of: Option<usize>,
 }
 

@@ -36,8 +36,10 @@ impl LayerShapes {
             bail!("bench {what} measures the CUDA kernels: --device cuda");
         }
         let t = self.tp;
-        if t == 0
-            || !self.hidden.is_multiple_of(128 * t)
+        if t == 0 {
+            bail!("--tp must be at least 1");
+        }
+        if !self.hidden.is_multiple_of(128 * t)
             || !self.intermediate.is_multiple_of(t)
             || !self.kv_heads.is_multiple_of(t)
         {

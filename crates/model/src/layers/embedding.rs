@@ -402,12 +402,15 @@ impl ParallelLmHead {
         comm: &dyn Communicator,
         vocab_start: usize,
     ) -> Result<Vec<u32>, ModelError> {
+        // A NaN or +inf logit leaves no greedy token to take (an overflow's +inf would win
+        // every row at its lowest index): an error, as a draw gives.
         let nan = |row: usize| ModelError::NotANumber(format!("at row {row}"));
+        let broken = |v: f32| v.is_nan() || v == f32::INFINITY;
         if self.tp_size == 1 {
             return local
                 .into_iter()
                 .enumerate()
-                .map(|(r, (v, i))| if v.is_nan() { Err(nan(r)) } else { Ok(i) })
+                .map(|(r, (v, i))| if broken(v) { Err(nan(r)) } else { Ok(i) })
                 .collect();
         }
         // Indices travel as f32: exact below 2^24, far above any vocabulary.
@@ -424,7 +427,7 @@ impl ParallelLmHead {
                 let mut best = (f32::NEG_INFINITY, 0u32);
                 for k in 0..self.tp_size {
                     let (v, i) = (recv[k * 2 * rows + 2 * r], recv[k * 2 * rows + 2 * r + 1]);
-                    if v.is_nan() {
+                    if broken(v) {
                         return Err(nan(r));
                     }
                     if v > best.0 {

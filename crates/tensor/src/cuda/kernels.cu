@@ -1121,9 +1121,11 @@ __device__ void fill_random(T* x, long n, unsigned long long seed, float scale, 
     }
 }
 
-// (value, index) pairs: keep the larger value, the lower index on a tie.
+// (value, index) pairs: keep the larger value, the lower index on a tie. A NaN counts as larger
+// than any number (as torch.argmax takes it), so a row holding one gives a NaN, never a token.
 __device__ __forceinline__ void better(float& best, int& bi, float v, int i) {
-    if (v > best || (v == best && i < bi)) { best = v; bi = i; }
+    bool vn = v != v, bn = best != best;
+    if (vn != bn ? vn : (v > best || ((v == best || vn) && i < bi))) { best = v; bi = i; }
 }
 // Per row of x [rows, n], per column slice blockIdx.y of `per` columns: the largest value and its
 // index, written to out_val/out_idx [rows, gridDim.y]. With src_val/src_idx (not null) the inputs

@@ -1545,7 +1545,7 @@ pub fn top_k_rows(
     cap: usize,
 ) -> Result<CudaBuf, TensorError> {
     let dev = x.dev.clone();
-    if x.len() != rows * n || k == 0 || k > n || n >= 1 << 24 {
+    if x.len() != rows * n || k == 0 || k > n || n > 1 << 24 {
         return Err(dev_err(
             dev.ordinal,
             format!("top_k_rows: k {k} of {} values as [{rows}, {n}]", x.len()),

@@ -15,8 +15,8 @@ pub fn top_k_row_len(cap: usize) -> usize {
 /// top-k compares them, so ties at the edge are all in). Packed where `x` lies as f32 `[rows,
 /// top_k_row_len(cap)]`: the row's count of such values, 1 where the row holds a NaN or +inf
 /// (else 0), then up to `cap` (value, column) pairs in no particular order (the count may pass
-/// `cap`: then only `cap` of them are there). Columns travel as f32: exact below 2^24, which `n`
-/// must be. [`unpack_top_k`] reads it.
+/// `cap`: then only `cap` of them are there). Columns and counts travel as f32: exact up to 2^24,
+/// which `n` and `cap` may be at most (the largest vocabulary a config may give). [`unpack_top_k`] reads it.
 ///
 /// On a GPU one block a row selects the k-th largest by its bits, 8 at a time (four passes over
 /// the row, which stays in L2), then writes the values at least it.
@@ -26,7 +26,7 @@ pub fn top_k_rows(x: &Tensor, k: usize, cap: usize) -> Result<Tensor, TensorErro
         return bad(format!("x {:?}", x.shape()));
     }
     let (rows, n) = (x.dim(0), x.dim(1));
-    if rows == 0 || k == 0 || k > n || n >= 1 << 24 || cap == 0 || cap >= 1 << 24 {
+    if rows == 0 || k == 0 || k > n || n > 1 << 24 || cap == 0 || cap > 1 << 24 {
         return bad(format!("k {k}, cap {cap} of {rows} rows of {n}"));
     }
     let len = top_k_row_len(cap);
@@ -226,5 +226,25 @@ mod tests {
         }
         let empty = Tensor::from_f32(vec![0, 5], Vec::new(), DType::F32).unwrap();
         assert!(top_k_rows(&empty, 1, 4).is_err());
+    }
+
+    /// The largest vocabulary a config may give, 2^24: its last columns and its count are exact
+    /// in f32 (it was refused by one).
+    #[test]
+    fn a_row_of_two_to_the_24_columns() {
+        let n = 1usize << 24;
+        let mut v = vec![0.0f32; n];
+        v[n - 1] = 3.0;
+        v[n - 2] = 2.0;
+        v[7] = 1.0;
+        let x = Tensor::from_f32(vec![1, n], v, DType::F32).unwrap();
+        let r = unpack_top_k(&top_k_rows(&x, 3, 50).unwrap().to_f32_vec(), 50);
+        let last = (n - 1) as u32;
+        assert_eq!(r[0].entries, vec![(7, 1.0), (last - 1, 2.0), (last, 3.0)]);
+        assert!(r[0].complete());
+        let all = unpack_top_k(&top_k_rows(&x, n, n).unwrap().to_f32_vec(), n);
+        assert_eq!((all[0].count, all[0].entries.len()), (n, n));
+        let wide = Tensor::from_f32(vec![1, n + 1], vec![0.0; n + 1], DType::F32).unwrap();
+        assert!(top_k_rows(&wide, 1, 4).is_err());
     }
 }
