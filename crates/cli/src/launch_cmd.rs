@@ -2,10 +2,7 @@
 //!
 //! Each rank is a child process with `TESSERA_RANK`, `TESSERA_WORLD_SIZE`, `TESSERA_LOCAL_RANK`,
 //! `TESSERA_MASTER_ADDR`, `TESSERA_MASTER_PORT` and `TESSERA_JOB_TOKEN` set (and torchrun's names
-//! for programs that read those). The launcher of node 0 hosts the rendezvous store, bound before
-//! any rank starts (on one node without --master-port, on a port the system picks, which no other
-//! job can take between choosing and binding it), and tells its ranks so with
-//! `TESSERA_STORE_HOSTED=1`; rank 0 hosts it only under other launchers. The children's stderr comes
+//! for programs that read those). Rank 0 hosts the rendezvous store. The children's stderr comes
 //! through with a `[rank i]` prefix; stdout is passed through untouched (only rank 0 prints
 //! results). When a rank fails (non-zero exit or killed by a signal), the others get a few seconds
 //! to notice and exit with their own message, then are killed; the launcher exits naming the rank
@@ -32,13 +29,14 @@ pub struct LaunchArgs {
     /// Nodes in the job; start `tessera launch` on each, with its --node-rank.
     #[arg(long, default_value_t = 1)]
     pub nnodes: usize,
-    /// This node's index, 0..nnodes; node 0's launcher hosts the rendezvous store.
+    /// This node's index, 0..nnodes; node 0 runs rank 0, which hosts the rendezvous store.
     #[arg(long, default_value_t = 0)]
     pub node_rank: usize,
     /// Host of node 0 as every node sees it. Default on one node: 127.0.0.1.
     #[arg(long)]
     pub master_addr: Option<String>,
-    /// Port of the rendezvous store on node 0. Default: a free port on one node, 29500 across nodes.
+    /// Port of the rendezvous store on node 0. Default: a free port on one node (below the
+    /// ephemeral range), 29500 across nodes.
     #[arg(long)]
     pub master_port: Option<u16>,
     /// Deadline in seconds of every rendezvous and collective wait (sets TESSERA_COMM_TIMEOUT_S).
@@ -63,8 +61,6 @@ pub struct JobSpec {
     pub nnodes: usize,
     pub node_rank: usize,
     pub master_addr: String,
-    /// Port of the rendezvous store on node 0; 0 on node 0: any free port (the store's launcher
-    /// binds it, so no other job can take it first).
     pub master_port: u16,
     pub job_token: String,
     pub extra_env: Vec<(String, String)>,
@@ -106,7 +102,7 @@ pub fn run(a: LaunchArgs) -> Result<()> {
     let master_port = match (a.master_port, a.nnodes) {
         (Some(0), _) => bail!("--master-port must be a port number from 1 to 65535"),
         (Some(p), _) => p,
-        (None, 1) => 0,
+        (None, 1) => tessera_comm::rendezvous::free_port()?,
         (None, _) => 29500,
     };
     let mut extra_env = Vec::new();
@@ -268,21 +264,6 @@ pub fn run_job(spec: JobSpec) -> Result<()> {
     } else {
         program.into()
     };
-    if spec.master_port == 0 && spec.node_rank != 0 {
-        bail!("--master-port is needed on every node but node 0");
-    }
-    // Node 0's store lives as long as the job, in the launcher: bound before any rank starts, it
-    // cannot lose its port to another job, and a port in use is said once, before anything runs.
-    let store = if spec.node_rank == 0 {
-        Some(tessera_comm::rendezvous::StoreServer::start(
-            &spec.master_addr,
-            spec.master_port,
-            &spec.job_token,
-        )?)
-    } else {
-        None
-    };
-    let master_port = store.as_ref().map_or(spec.master_port, |s| s.port());
     signals::catch();
     // Until it is dropped (the job's end, or a failed start).
     let adoption = signals::Adoption::start();
@@ -300,7 +281,7 @@ pub fn run_job(spec: JobSpec) -> Result<()> {
             ("LOCAL_RANK", local.to_string()),
             ("LOCAL_WORLD_SIZE", spec.nproc_per_node.to_string()),
             ("MASTER_ADDR", spec.master_addr.clone()),
-            ("MASTER_PORT", master_port.to_string()),
+            ("MASTER_PORT", spec.master_port.to_string()),
             ("JOB_TOKEN", spec.job_token.clone()),
         ];
         for (k, v) in &vars {
@@ -308,9 +289,6 @@ pub fn run_job(spec: JobSpec) -> Result<()> {
             if *k != "JOB_TOKEN" {
                 cmd.env(k, v);
             }
-        }
-        if store.is_some() {
-            cmd.env("TESSERA_STORE_HOSTED", "1");
         }
         for (k, v) in &spec.extra_env {
             cmd.env(k, v);

@@ -111,20 +111,27 @@ pub fn checkpoint_root(root: &Path, resumes_from: Option<&Path>) -> Result<()> {
     )
 }
 
-/// A run resumed from step `from` and saving into `root`: `root` holds no step past `from`, which
-/// this run's saves would replace (a run resumed from an earlier step, say to lower the learning
-/// rate after a divergence, would otherwise overwrite the later steps of the run it left).
+/// A run resumed from step `from` and saving into `root`: `root` holds no published step past
+/// `from` (up to the one `latest` names), which this run's saves would replace (a run resumed from
+/// an earlier step, say to lower the learning rate after a divergence, would otherwise overwrite
+/// the later steps of the run it left). A step past `latest` was never published: a save killed
+/// between renaming its directory in and writing `latest` left it, and the resumed run saves it
+/// again.
 pub fn no_later_steps(root: &Path, from: u64) -> Result<()> {
     let Ok(entries) = std::fs::read_dir(root) else {
         return Ok(());
     };
+    let step_of = |name: &str| name.trim().strip_prefix("step_")?.parse::<u64>().ok();
+    let Some(latest) = std::fs::read_to_string(root.join("latest"))
+        .ok()
+        .and_then(|l| step_of(&l))
+    else {
+        return Ok(());
+    };
     let mut later: Vec<u64> = entries
         .flatten()
-        .filter_map(|e| {
-            let name = e.file_name();
-            name.to_str()?.strip_prefix("step_")?.parse::<u64>().ok()
-        })
-        .filter(|&s| s > from)
+        .filter_map(|e| step_of(e.file_name().to_str()?))
+        .filter(|&s| s > from && s <= latest)
         .collect();
     later.sort_unstable();
     if let Some(first) = later.first() {
@@ -217,5 +224,11 @@ mod tests {
         );
         let e = no_later_steps(root, 2).unwrap_err().to_string();
         assert!(e.contains("holds step 4 and 1 more past"), "{e}");
+        // Past `latest`: a killed save's step, saved again by the resumed run.
+        std::fs::write(root.join("latest"), "step_00000004").unwrap();
+        no_later_steps(root, 4).unwrap();
+        assert!(no_later_steps(root, 2).is_err());
+        std::fs::remove_file(root.join("latest")).unwrap();
+        no_later_steps(root, 2).unwrap();
     }
 }

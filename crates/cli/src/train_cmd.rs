@@ -177,12 +177,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
         crate::out_paths::checkpoint_root(root, a.resume.as_deref())?;
     }
     crate::out_paths::writable_file(&a.curve, "--curve")?;
-    if !a.config.is_file() {
+    // A pipe (`--config <(jq ...)`, /dev/stdin) reads as a file does.
+    if !a.config.exists() || a.config.is_dir() {
         bail!(
             "--config {} {}",
             a.config.display(),
             if a.config.exists() {
-                "is not a file (give the training config, DeepSpeed's JSON)"
+                "is a directory (give the training config, DeepSpeed's JSON)"
             } else {
                 "does not exist"
             }

@@ -421,7 +421,7 @@ fn bad_input_is_one_clear_line_and_a_nonzero_exit() {
             vec!["--config", "/nonexistent.json"],
             "--config /nonexistent.json does not exist",
         ),
-        (vec!["--config", "/"], "--config / is not a file"),
+        (vec!["--config", "/"], "--config / is a directory"),
         (vec!["--config", s(&cfg), "--dp", "0"], "--dp"),
         (vec!["--config", s(&cfg), "--dp", "3"], "divisible"),
         (

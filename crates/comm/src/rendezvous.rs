@@ -1,7 +1,6 @@
 //! Rendezvous: a small key-value store on the master address, through which the ranks of a job
 //! find each other and share what a backend needs (each rank's data address now; the NCCL unique
-//! id later). `tessera launch` hosts it in node 0's launcher, rank 0 under other launchers; every
-//! rank (rank 0 too) is a client.
+//! id later). Rank 0 hosts it; every rank (rank 0 too) is a client.
 //!
 //! Protocol (TCP, little-endian, length-prefixed): the client opens with `"TSS1"`, then the job
 //! token; the server answers `0` (welcome) or `1` + a reason and closes, so a rank of another job
@@ -61,13 +60,46 @@ pub(crate) fn resolve(host: &str, port: u16) -> Result<SocketAddr, CommError> {
         .ok_or_else(|| CommError::Setup(format!("master address {host:?} has no IP address")))
 }
 
+/// A free TCP port on this host for a one-node job's rendezvous store, below the system's
+/// ephemeral range (`net.ipv4.ip_local_port_range`, 32768 up by default) where it can: ports in
+/// that range are handed to outgoing connections, so one probed free there may be some
+/// connection's local port by the time rank 0 binds it (a CI run once failed so). Random, so that
+/// jobs started at once rarely probe the same port; the system's pick where no port below the
+/// range is free.
+pub fn free_port() -> Result<u16, CommError> {
+    use std::hash::{BuildHasher, Hasher};
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    // Up to 12,000 ports just below the range, above the well-known and registered low ones.
+    let first = low.saturating_sub(12_000).max(10_000);
+    if low > first {
+        for _ in 0..200 {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u32(std::process::id());
+            let port = first + (h.finish() % u64::from(low - first)) as u16;
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| {
+            CommError::Setup(format!(
+                "cannot find a free port for the rendezvous store: {e}"
+            ))
+        })
+}
+
 #[derive(Default)]
 struct Table {
     items: HashMap<Vec<u8>, Vec<u8>>,
 }
 
-/// The store, hosted by node 0's launcher (or rank 0 under other launchers); it stops when
-/// dropped.
+/// The store, hosted by rank 0; it stops when dropped.
 pub struct StoreServer {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
@@ -85,8 +117,8 @@ impl StoreServer {
         };
         let listener = TcpListener::bind(bind).map_err(|e| {
             CommError::Setup(format!(
-                "cannot host the rendezvous store on {bind}: {e} (is another job using this \
-                 port? pick another --master-port)"
+                "rank 0 cannot host the rendezvous store on {bind}: {e} (is another job using \
+                 this port? pick another --master-port)"
             ))
         })?;
         let addr = listener
@@ -388,16 +420,31 @@ mod tests {
 
     #[test]
     fn an_unreachable_store_fails_within_the_deadline() {
-        // A port below Linux's ephemeral range (32768 up), so that no test's outgoing
-        // connection or port-0 listener can be on it by the time the client tries it.
-        let port = (20000..32000)
-            .rev()
-            .find(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok())
-            .unwrap();
+        // A port below the ephemeral range, so that no test's outgoing connection or port-0
+        // listener can be on it by the time the client tries it.
+        let port = free_port().unwrap();
         let err = StoreClient::connect("127.0.0.1", port, "t", Duration::from_millis(300))
             .err()
             .unwrap()
             .to_string();
         assert!(err.contains("cannot reach the rendezvous store"), "{err}");
+    }
+
+    #[test]
+    fn a_free_port_is_below_the_ephemeral_range() {
+        let Some(low) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        else {
+            return; // not Linux: the system's pick
+        };
+        for _ in 0..20 {
+            let p = free_port().unwrap();
+            assert!(
+                p < low || low <= 10_000,
+                "port {p}, ephemeral range from {low}"
+            );
+            assert!(p >= 1024, "{p}");
+        }
     }
 }

@@ -1,7 +1,6 @@
 //! The TCP backend: one process per rank, a full mesh of TCP connections, ring collectives.
 //!
-//! - **Setup.** Rank 0 hosts the rendezvous store ([`crate::rendezvous`]) unless the launcher
-//!   does (`tessera launch`); every rank listens on a
+//! - **Setup.** Rank 0 hosts the rendezvous store ([`crate::rendezvous`]); every rank listens on a
 //!   free port, publishes `ip:port` there, waits for every other rank's (naming the ranks that
 //!   never came), then connects to each other rank and accepts a connection from each: one
 //!   connection per direction, as both directions of one socket would take turns in the kernel.
@@ -67,9 +66,6 @@ pub struct TcpConfig {
     /// Check mode: compare every collective's description across all ranks before running it.
     pub check: bool,
     pub chunk_bytes: usize,
-    /// Rank 0 hosts the rendezvous store (false where the launcher hosts it: `tessera launch`
-    /// says so with `TESSERA_STORE_HOSTED=1`).
-    pub rank0_hosts_store: bool,
 }
 
 impl TcpConfig {
@@ -98,8 +94,6 @@ impl TcpConfig {
             timeout: crate::timeout_from_env()?,
             check: crate::check::check_mode_from_env()?,
             chunk_bytes,
-            rank0_hosts_store: !(env.launcher == crate::Launcher::Tessera
-                && std::env::var("TESSERA_STORE_HOSTED").is_ok_and(|v| v.trim() == "1")),
         })
     }
 }
@@ -533,7 +527,7 @@ impl TcpRank {
         let start = Instant::now();
         let deadline = start + cfg.timeout;
         let left = || deadline.saturating_duration_since(Instant::now());
-        let store = if rank == 0 && cfg.rank0_hosts_store {
+        let store = if rank == 0 {
             Some(StoreServer::start(
                 &cfg.master_addr,
                 cfg.master_port,

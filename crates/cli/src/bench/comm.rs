@@ -176,7 +176,7 @@ fn dispatch<T: Element + Default>(a: &CommArgs, op: Op, sizes: &[usize]) -> Resu
                     nnodes: 1,
                     node_rank: 0,
                     master_addr: "127.0.0.1".into(),
-                    master_port: 0,
+                    master_port: tessera_comm::rendezvous::free_port()?,
                     job_token: format!("bench-{:016x}", rand::random::<u64>()),
                     extra_env: Vec::new(),
                     cmd,

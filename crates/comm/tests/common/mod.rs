@@ -3,25 +3,13 @@
 
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::time::Duration;
 
 use tessera_comm::{CommError, TcpComm, TcpConfig};
 
-/// A free port below Linux's ephemeral range (32768 up): ports there are handed to outgoing
-/// connections, so one probed free can be some other test's client port by the time a rank binds
-/// it. Random, so that tests running at once rarely probe the same one.
+/// A free port below the ephemeral range (see [`tessera_comm::rendezvous::free_port`]).
 pub fn free_port() -> u16 {
-    use std::hash::{BuildHasher, Hasher};
-    for _ in 0..1000 {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u32(std::process::id());
-        let port = 20000 + (h.finish() % 12000) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port from 20000 to 31999");
+    tessera_comm::rendezvous::free_port().unwrap()
 }
 
 pub fn config(rank: usize, n: usize, port: u16, timeout: Duration) -> TcpConfig {
@@ -34,7 +22,6 @@ pub fn config(rank: usize, n: usize, port: u16, timeout: Duration) -> TcpConfig 
         timeout,
         check: false,
         chunk_bytes: 1024,
-        rank0_hosts_store: true,
     }
 }
 
