@@ -111,6 +111,65 @@ pub fn checkpoint_root(root: &Path, resumes_from: Option<&Path>) -> Result<()> {
     )
 }
 
+/// A checkpoint root held by one run for its life: a second run saving into it at the same time
+/// (whose saves would replace the first's steps) is refused. Dropped at the run's end; a root this
+/// made and nothing was saved into is removed again.
+pub struct RootLock {
+    _file: std::fs::File,
+    root: std::path::PathBuf,
+    made_root: bool,
+}
+
+/// The name of the lock file in a checkpoint root.
+pub const ROOT_LOCK: &str = ".tessera-lock";
+
+/// Takes `root`'s lock (`--save`), making the directory where it is missing; `None` where `root`
+/// is not a directory (refused by [`checkpoint_root`]).
+pub fn lock_root(root: &Path) -> Result<Option<RootLock>> {
+    if root.exists() && !root.is_dir() {
+        return Ok(None);
+    }
+    let made_root = !root.exists();
+    std::fs::create_dir_all(root)
+        .map_err(|e| anyhow::anyhow!("cannot make --save {}: {e}", root.display()))?;
+    let path = root.join(ROOT_LOCK);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "--save {} is in use by another run saving into it now; save elsewhere (nothing was written)",
+            root.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            bail!("cannot lock {}: {e}", path.display())
+        }
+    }
+    Ok(Some(RootLock {
+        _file: file,
+        root: root.to_path_buf(),
+        made_root,
+    }))
+}
+
+impl Drop for RootLock {
+    fn drop(&mut self) {
+        // A root this run made and never saved into (a refused or failed start): gone again.
+        if self.made_root {
+            let only_lock = std::fs::read_dir(&self.root)
+                .is_ok_and(|d| d.flatten().all(|e| e.file_name() == ROOT_LOCK));
+            if only_lock {
+                let _ = std::fs::remove_file(self.root.join(ROOT_LOCK));
+                let _ = std::fs::remove_dir(&self.root);
+            }
+        }
+    }
+}
+
 /// A run resumed from step `from` and saving into `root`: `root` holds no published step past
 /// `from` (up to the one `latest` names), which this run's saves would replace (a run resumed from
 /// an earlier step, say to lower the learning rate after a divergence, would otherwise overwrite
@@ -122,18 +181,23 @@ pub fn no_later_steps(root: &Path, from: u64) -> Result<()> {
         return Ok(());
     };
     let step_of = |name: &str| name.trim().strip_prefix("step_")?.parse::<u64>().ok();
-    let Some(latest) = std::fs::read_to_string(root.join("latest"))
-        .ok()
-        .and_then(|l| step_of(&l))
-    else {
-        return Ok(());
-    };
     let mut later: Vec<u64> = entries
         .flatten()
         .filter_map(|e| step_of(e.file_name().to_str()?))
-        .filter(|&s| s > from && s <= latest)
+        .filter(|&s| s > from)
         .collect();
     later.sort_unstable();
+    // One step past `latest` is what a killed save leaves (its directory renamed in, `latest` not
+    // yet written): the resumed run saves it again. Two or more, or no readable `latest`, are not.
+    let latest = std::fs::read_to_string(root.join("latest"))
+        .ok()
+        .and_then(|l| step_of(&l));
+    if let Some(latest) = latest {
+        let past: Vec<u64> = later.iter().copied().filter(|&s| s > latest).collect();
+        if past.len() == 1 {
+            later.retain(|&s| s != past[0]);
+        }
+    }
     if let Some(first) = later.first() {
         bail!(
             "--save {} holds step {first}{} past the step resumed from ({from}), which this run's saves would replace; save it elsewhere (nothing was written)",
@@ -224,11 +288,37 @@ mod tests {
         );
         let e = no_later_steps(root, 2).unwrap_err().to_string();
         assert!(e.contains("holds step 4 and 1 more past"), "{e}");
-        // Past `latest`: a killed save's step, saved again by the resumed run.
+        // One step past `latest`: a killed save's, saved again by the resumed run.
         std::fs::write(root.join("latest"), "step_00000004").unwrap();
         no_later_steps(root, 4).unwrap();
         assert!(no_later_steps(root, 2).is_err());
+        // Two past it, or no readable `latest`: not a killed save's; refused.
+        std::fs::write(root.join("latest"), "step_00000002").unwrap();
+        assert!(no_later_steps(root, 2).is_err());
+        for broken in ["", "garbage"] {
+            std::fs::write(root.join("latest"), broken).unwrap();
+            assert!(no_later_steps(root, 2).is_err(), "{broken:?}");
+        }
         std::fs::remove_file(root.join("latest")).unwrap();
-        no_later_steps(root, 2).unwrap();
+        assert!(no_later_steps(root, 2).is_err());
+        no_later_steps(root, 6).unwrap();
+    }
+
+    #[test]
+    fn a_root_is_saved_into_by_one_run_at_a_time() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("ck");
+        let held = lock_root(&root).unwrap().unwrap();
+        let e = lock_root(&root).err().unwrap().to_string();
+        assert!(e.contains("is in use by another run"), "{e}");
+        // Made by the lock and never saved into: removed with it.
+        drop(held);
+        assert!(!root.exists());
+        std::fs::create_dir_all(root.join("step_00000001")).unwrap();
+        drop(lock_root(&root).unwrap().unwrap());
+        assert!(root.join("step_00000001").exists());
+        let f = t.path().join("afile");
+        std::fs::write(&f, "x").unwrap();
+        assert!(lock_root(&f).unwrap().is_none());
     }
 }

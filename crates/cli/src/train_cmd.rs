@@ -172,7 +172,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
         bail!("--eval-batches must be at least 1");
     }
     // What the run writes, checked before it trains: checkpoints of another run are not
-    // overwritten, and the loss curve's directory exists.
+    // overwritten (nor those of a run saving into the same root now: it holds the root's lock
+    // until it ends), and the loss curve's directory exists.
+    let _root_lock = match &a.save {
+        Some(root) if tessera_comm::process_rank() == 0 => crate::out_paths::lock_root(root)?,
+        _ => None,
+    };
     if let Some(root) = &a.save {
         crate::out_paths::checkpoint_root(root, a.resume.as_deref())?;
     }
@@ -263,6 +268,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let train_tokens = ds.tokens("train")?;
     let val_tokens = ds.tokens("val")?;
     let tokenizer = ds.meta.tokenizer.as_ref().map(|t| ds.dir.join(t));
+    // Saved into every checkpoint and exported with it: one that does not load is refused now,
+    // not found out by `export` after the run.
+    if let (Some(t), Some(_)) = (&tokenizer, &a.save) {
+        if let Err(e) = tokenizers::Tokenizer::from_file(t) {
+            bail!(
+                "the dataset's tokenizer {} does not load: {e}; the run's checkpoints could not be exported",
+                t.display()
+            );
+        }
+    }
     let layout = ParamLayout::new(&model_cfg);
     let mut seed = a.seed.unwrap_or(0);
     let resume: Option<CheckpointMeta> = match &a.resume {
@@ -369,7 +384,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         let tty = std::io::stderr().is_terminal();
         let mut skipped_in_a_row = 0;
         while t.progress.step < a.steps {
-            let b = loader.rank_batches(t.progress.samples, t.micro_batch, t.grad_accum, t.dp(), t.rank());
+            let b = loader.try_rank_batches(t.progress.samples, t.micro_batch, t.grad_accum, t.dp(), t.rank())?;
             let s = t.train_step(&b)?;
             skipped_in_a_row = if s.skipped { skipped_in_a_row + 1 } else { 0 };
             if skipped_in_a_row >= 50 {

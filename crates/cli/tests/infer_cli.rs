@@ -722,6 +722,35 @@ fn bench_score_agrees_with_the_gathered_logits() {
         &["bench", "score", "--one-rank-of", "0"],
         "--tp and --one-rank-of must be at least 1",
     );
+    // A batch whose logits alone pass the host's memory (4,096 rows of an 8M vocabulary): one
+    // line, not an aborted allocation.
+    fails_with(
+        &[
+            "bench",
+            "decode",
+            "--tp",
+            "1",
+            "--vocab",
+            "8000000",
+            "--hidden",
+            "64",
+            "--heads",
+            "1",
+            "--kv-heads",
+            "1",
+            "--intermediate",
+            "64",
+            "--layers",
+            "1",
+            "--batch",
+            "4096",
+            "--steps",
+            "1",
+            "--prompt-len",
+            "1",
+        ],
+        "a step's logits (196.6 GB)",
+    );
     // --one-rank-of replaces --tp: both given is one clear error, not --tp ignored.
     fails_with(
         &["bench", "score", "--one-rank-of", "2", "--tp", "2"],

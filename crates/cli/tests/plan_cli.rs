@@ -613,10 +613,67 @@ fn bad_input_is_one_line_and_a_non_zero_exit() {
             "but the cluster has 8 GPUs",
         ),
         (vec!["train", "--model", "llama-3-8b", "--tp", "3"], "tp=3"),
-        // A guessed width of 128 × 16M layers: no overflow in the check of its size.
+        // A guessed width of 128 × 64Ki layers: no overflow in the check of its size.
+        (
+            vec!["train", "--params", "1e9", "--layers", "65536"],
+            "is too small for 65536 layers",
+        ),
+        // More layers than the planner walks in a second or so: refused at once, given or
+        // guessed from --params and --hidden (these once ran for a minute and more).
         (
             vec!["train", "--params", "1e9", "--layers", "16000000"],
-            "is too small for 16000000 layers",
+            "--layers must be at most 65536, got 16000000",
+        ),
+        (
+            vec!["infer", "--params", "1e15", "--hidden", "64", "--seqs", "7"],
+            "--params 1000000000000000 with --hidden 64 means 20345052083 layers, more than the 65536",
+        ),
+        (
+            vec!["train", "--params", "1e11", "--hidden", "7", "--seq", "7"],
+            "with --hidden 7 means 170068027 layers",
+        ),
+        (
+            vec!["infer", "--params", "1e13", "--hidden", "64"],
+            "give a wider --hidden or --layers",
+        ),
+        // KV blocks of absurd size: refused with the range, not an overflow panic.
+        (
+            vec!["infer", "--model", "llama-3-8b", "--block-size", "1e18"],
+            "--block-size must be from 1 to 65536 tokens",
+        ),
+        (
+            vec!["infer", "--model", "llama-3-70b", "--block-size", "1e15"],
+            "--block-size must be from 1 to 65536 tokens",
+        ),
+        (
+            vec![
+                "infer",
+                "--model",
+                "gpt-3-175b",
+                "--gpus",
+                "1",
+                "--block-size",
+                "1e12",
+            ],
+            "got 1000000000000",
+        ),
+        (
+            vec!["infer", "--model", "llama-3-8b", "--block-size", "65537"],
+            "--block-size must be from 1 to 65536 tokens",
+        ),
+        // The largest block, the smallest context and a context near the bound: rounding the
+        // context up to a whole block is counted, not wrapped.
+        (
+            vec![
+                "infer",
+                "--model",
+                "llama-3-8b",
+                "--block-size",
+                "65536",
+                "--context",
+                "1e18",
+            ],
+            "beyond what the planner counts",
         ),
         // Calls and bytes a step that a 64-bit count cannot hold: refused, not wrapped.
         (

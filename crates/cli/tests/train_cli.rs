@@ -725,11 +725,8 @@ fn a_full_disk_leaves_nothing_behind_and_a_retry_succeeds() {
     let refs = strs(&args);
     let (code, err) = tessera_on_full_disk(&refs, 100_000);
     assert_eq!(code, 1, "{err}");
-    assert!(
-        common::entries(&ck).is_empty(),
-        "{:?}",
-        common::entries(&ck)
-    );
+    // The root the run made, with nothing saved in it, is gone with its lock.
+    assert!(!ck.exists(), "{:?}", common::entries(&ck));
 
     // The retry saves; its loss curve goes through a symlink, which stays one.
     let real = dir.path().join("real.svg");
@@ -758,4 +755,138 @@ fn a_full_disk_leaves_nothing_behind_and_a_retry_succeeds() {
         common::entries(&hf),
         ["config.json", "model.safetensors", "tokenizer.json"]
     );
+}
+
+/// Bad data input is one error line and exit 1: ids past u16 are kept (u32 shards, a vocabulary
+/// above every id), devices are not read without end, and a meta.json listing one shard many
+/// times is refused rather than loaded many times.
+#[cfg(unix)]
+#[test]
+fn data_prepare_keeps_wide_ids_and_refuses_unbounded_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let one_error = |err: &str, want: &str| {
+        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{err}");
+        assert!(errors[0].contains(want), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    };
+
+    // A WordLevel vocabulary of 3 entries with ids {0, 1, 70000}.
+    let tok = dir.path().join("tok_wl.json");
+    std::fs::write(
+        &tok,
+        r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null, "model": {"type": "WordLevel",
+        "vocab": {"[UNK]": 0, "hello": 1, "world": 70000}, "unk_token": "[UNK]"}}"#,
+    )
+    .unwrap();
+    let input = dir.path().join("hw.txt");
+    std::fs::write(&input, "hello world hello\n".repeat(100)).unwrap();
+    let data = dir.path().join("wide");
+    let (code, _, err) = tessera(&[
+        "data",
+        "prepare",
+        "--input",
+        s(&input),
+        "--tokenizer",
+        s(&tok),
+        "--out",
+        s(&data),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["dtype"], "u32", "{meta}");
+    assert_eq!(meta["vocab_size"], 70001, "{meta}");
+    let bytes = std::fs::read(data.join("train_00000.bin")).unwrap();
+    let ids: Vec<u32> = bytes
+        .chunks(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(&ids[..3], [1, 70000, 1]);
+
+    // Devices and directories are refused, as input and as tokenizer.
+    for (inp, t) in [
+        ("/dev/zero", s(&tok)),
+        ("/dev/urandom", s(&tok)),
+        (s(&input), "/dev/zero"),
+        (s(dir.path()), s(&tok)),
+    ] {
+        let out = dir.path().join("never");
+        let (code, _, err) = tessera(&[
+            "data",
+            "prepare",
+            "--input",
+            inp,
+            "--tokenizer",
+            t,
+            "--out",
+            s(&out),
+        ]);
+        assert_eq!(code, 1, "{err}");
+        one_error(&err, "is not a regular file");
+        assert!(!out.exists());
+    }
+
+    // The wide dataset does not fit the fixture model's 300 ids: said before training.
+    let paths = setup(dir.path());
+    let curve = dir.path().join("curve.svg");
+    let wide = (data.clone(), paths.1.clone(), paths.2.clone());
+    let (code, _, err) = tessera(&strs(&train_args(&wide, 1, &curve, &[])));
+    assert_eq!(code, 1, "{err}");
+    one_error(
+        &err,
+        "vocabulary (70001) is larger than the model's vocab_size (300)",
+    );
+
+    // One shard listed 100,000 times, with the token count to match.
+    let meta_path = paths.0.join("meta.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    let shard = meta["train"]["shards"][0].clone();
+    let tokens = meta["train"]["tokens"].as_u64().unwrap();
+    meta["train"]["shards"] = serde_json::Value::Array(vec![shard; 100_000]);
+    meta["train"]["tokens"] = (tokens * 100_000).into();
+    std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+    let (code, _, err) = tessera(&strs(&train_args(&paths, 1, &curve, &[])));
+    assert_eq!(code, 1, "{err}");
+    one_error(&err, "more than once");
+}
+
+/// A run saving checkpoints from a dataset whose tokenizer does not load is refused at its start
+/// (each checkpoint carries it, and `export` would refuse them all after the run), and a second
+/// run saving into a root another is saving into now is refused (its saves would replace the
+/// first's): a lock held for the run's life.
+#[test]
+fn what_a_save_needs_is_checked_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = setup(dir.path());
+    let curve = dir.path().join("curve.svg");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(paths.0.join("meta.json")).unwrap()).unwrap();
+    let tok = paths.0.join(meta["tokenizer"].as_str().unwrap());
+    let good = std::fs::read(&tok).unwrap();
+    std::fs::write(&tok, "{oops").unwrap();
+    let ck = dir.path().join("ck");
+    let args = train_args(&paths, 2, &curve, &["--save", s(&ck)]);
+    let (code, _, err) = tessera(&strs(&args));
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("tokenizer") && err.contains("does not load"),
+        "{err}"
+    );
+    assert!(!ck.exists());
+    std::fs::write(&tok, good).unwrap();
+    // The root's lock taken as a running save holds it.
+    std::fs::create_dir_all(&ck).unwrap();
+    let lock = std::fs::File::create(ck.join(".tessera-lock")).unwrap();
+    lock.lock().unwrap();
+    let (code, _, err) = tessera(&strs(&args));
+    assert_ne!(code, 0);
+    assert!(err.contains("is in use by another run"), "{err}");
+    drop(lock);
+    let (code, _, err) = tessera(&strs(&args));
+    assert_eq!(code, 0, "{err}");
+    assert!(ck.join("step_00000002").exists());
 }

@@ -96,13 +96,22 @@ impl LaunchEnv {
             // torchrun's agent serves its own store on MASTER_PORT; take the next one.
             let agent_store =
                 get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true"));
-            master_port = p.map(|p| {
-                if agent_store {
-                    p.wrapping_add(1).max(1)
-                } else {
-                    p
-                }
-            });
+            master_port = match p {
+                Some(p) if agent_store => match p.checked_add(1) {
+                    Some(next) => Some(next),
+                    // TESSERA_MASTER_PORT, read below, gives it.
+                    None if get("TESSERA_MASTER_PORT").is_some() => None,
+                    None => {
+                        return Err(CommError::Setup(
+                            "bad launch environment: torchrun's agent store holds MASTER_PORT \
+                             65535, which leaves no next port for tessera's; set \
+                             TESSERA_MASTER_PORT"
+                                .into(),
+                        ))
+                    }
+                },
+                p => p,
+            };
             token = get("TORCHELASTIC_RUN_ID").map(|id| format!("torchrun-{id}"));
         } else if get("OMPI_COMM_WORLD_RANK").is_some() {
             launcher = Launcher::OpenMpi;

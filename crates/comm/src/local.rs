@@ -226,9 +226,10 @@ impl LocalRank {
                         missing: missing.clone(),
                     };
                     st.aborted = Some(format!(
-                        "rank {} timed out in {} waiting for rank(s) {missing:?}",
+                        "rank {} timed out in {} waiting for rank(s) {}",
                         self.rank,
-                        desc.code.name()
+                        desc.code.name(),
+                        crate::error::rank_list(&missing)
                     ));
                     self.shared.cv.notify_all();
                     return Err(err);

@@ -592,11 +592,12 @@ impl TcpRank {
                 .collect::<Result<_, _>>()?,
             Err(missing) => {
                 return Err(CommError::Setup(format!(
-                    "rank {rank}: rendezvous at {}:{} timed out after {:.1}s: rank(s) {missing:?} \
+                    "rank {rank}: rendezvous at {}:{} timed out after {:.1}s: rank(s) {} \
                      never joined",
                     cfg.master_addr,
                     cfg.master_port,
-                    cfg.timeout.as_secs_f64()
+                    cfg.timeout.as_secs_f64(),
+                    crate::error::rank_list(&missing)
                 )))
             }
         };
@@ -662,7 +663,8 @@ impl TcpRank {
                     if Instant::now() >= deadline {
                         let missing = unconnected(&incoming);
                         return Err(CommError::Setup(format!(
-                            "rank {rank}: rank(s) {missing:?} did not connect within {:.1}s",
+                            "rank {rank}: rank(s) {} did not connect within {:.1}s",
+                            crate::error::rank_list(&missing),
                             cfg.timeout.as_secs_f64()
                         )));
                     }

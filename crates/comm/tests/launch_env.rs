@@ -66,6 +66,14 @@ fn torchrun() {
     let mut v = vars.to_vec();
     v.push(("TORCHELASTIC_USE_AGENT_STORE", "True"));
     assert_eq!(parse(&v).unwrap().unwrap().master_port, 29501);
+    // MASTER_PORT 65535 has no next port: an error, not port 1 (unless TESSERA_MASTER_PORT
+    // gives one).
+    let mut top = v.clone();
+    top[4] = ("MASTER_PORT", "65535");
+    let e = parse(&top).unwrap_err().to_string();
+    assert!(e.contains("leaves no next port"), "{e}");
+    top.push(("TESSERA_MASTER_PORT", "40000"));
+    assert_eq!(parse(&top).unwrap().unwrap().master_port, 40000);
     // TESSERA_MASTER_PORT overrides.
     v.push(("TESSERA_MASTER_PORT", "40000"));
     assert_eq!(parse(&v).unwrap().unwrap().master_port, 40000);

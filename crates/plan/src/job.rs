@@ -144,12 +144,15 @@ pub struct InferJob {
     pub precision: Precision,
     /// KV cache format. Default: as the weights.
     pub kv_dtype: Precision,
-    /// Tokens per KV block. Default 16.
+    /// Tokens per KV block, 1 to [`MAX_BLOCK_SIZE`]. Default 16.
     pub block_size: u64,
     /// Token budget of one scheduler step (chunked prefill), which sets the activation peak.
     /// Default 8192.
     pub max_batched_tokens: u64,
 }
+
+/// The largest KV block the planner takes, in tokens (vLLM's are 8 to 128).
+pub const MAX_BLOCK_SIZE: u64 = 65_536;
 
 impl Default for InferJob {
     fn default() -> Self {
@@ -203,6 +206,12 @@ impl InferJob {
             if v == 0 {
                 return Err(PlanError::Input(format!("--{name} must be > 0")));
             }
+        }
+        if self.block_size > MAX_BLOCK_SIZE {
+            return Err(PlanError::Input(format!(
+                "--block-size must be from 1 to {MAX_BLOCK_SIZE} tokens (vLLM uses 8 to 128), got {}",
+                self.block_size
+            )));
         }
         Ok(())
     }

@@ -244,22 +244,25 @@ pub fn infer_memory(
     usable: u64,
 ) -> InferMemory {
     let seqs = layout.seqs_per_replica(job);
-    let ctx = job.context.next_multiple_of(job.block_size);
+    let block = job.block_size.max(1);
+    let ctx = job.context.div_ceil(block).saturating_mul(block);
     let a = job.precision.bytes().max(2);
     let mut stages = vec![];
     for stage in 0..layout.pp {
         let layers = layout.stage_layers(model, stage);
         let per_token_layer = model.kv_elems_per_token_layer(layout.tp) * job.kv_dtype.bytes();
-        let kv_token: u64 = layers.clone().map(|_| per_token_layer).sum();
-        let kv_needed: u64 = layers
+        // Saturating: `request::validate` bounds these products far below 2^64, so a saturated
+        // sum is a size no GPU holds (a layout that does not fit), never a panic.
+        let kv_token = per_token_layer.saturating_mul(layers.clone().count() as u64);
+        let kv_needed = layers
             .map(|i| {
                 let held = model
                     .window(i)
-                    .map_or(ctx, |w| w.next_multiple_of(job.block_size).min(ctx));
-                per_token_layer * held
+                    .map_or(ctx, |w| w.div_ceil(block).saturating_mul(block).min(ctx));
+                per_token_layer.saturating_mul(held)
             })
-            .sum::<u64>()
-            * seqs;
+            .fold(0u64, u64::saturating_add)
+            .saturating_mul(seqs);
         let params = layout.stage_params(model, stage);
         let tokens = job.max_batched_tokens;
         let last = stage == layout.pp - 1;
@@ -283,7 +286,7 @@ pub fn infer_memory(
         .unwrap_or(0);
     let kv_blocks = stages
         .iter()
-        .map(|&(_, _, kv_token, free)| free / (kv_token * job.block_size).max(1))
+        .map(|&(_, _, kv_token, free)| free / kv_token.saturating_mul(block).max(1))
         .min()
         .unwrap_or(0);
     let (bytes, params_per_gpu, kv_token, free) = stages[worst];
@@ -294,7 +297,7 @@ pub fn infer_memory(
         kv_bytes_per_token: kv_token,
         kv_free_bytes: free,
         kv_blocks,
-        max_concurrent_tokens: kv_blocks * job.block_size,
+        max_concurrent_tokens: kv_blocks.saturating_mul(block),
         stage_totals: stages.iter().map(|s| s.0.total).collect(),
     }
 }

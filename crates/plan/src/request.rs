@@ -5,7 +5,7 @@
 use crate::job::Job;
 use crate::layout::Offload;
 use crate::presets::Cluster;
-use crate::shape::ModelShape;
+use crate::shape::{ModelShape, MAX_LAYERS};
 use crate::PlanError;
 
 /// Parts of the layout the user fixed; the rest is searched.
@@ -71,9 +71,9 @@ pub(crate) fn validate(req: &Request) -> Result<(), PlanError> {
             return Err(PlanError::Input(format!("{name} must be > 0")));
         }
     }
-    check_magnitudes(req)?;
+    // The job's own checks first: the magnitudes below round the context to whole KV blocks.
     match &req.job {
-        Job::Train(t) => t.validate(),
+        Job::Train(t) => t.validate()?,
         Job::Infer(i) => {
             if req.fixed.zero.is_some_and(|z| z > 0)
                 || req.fixed.offload.is_some_and(|o| o != Offload::None)
@@ -82,14 +82,21 @@ pub(crate) fn validate(req: &Request) -> Result<(), PlanError> {
                     "--zero and --offload apply to `train` only".into(),
                 ));
             }
-            i.validate()
+            i.validate()?
         }
     }
+    check_magnitudes(req)
 }
 
 /// Refuses sizes so large that byte counts could overflow 64 bits (no real job comes near).
 fn check_magnitudes(req: &Request) -> Result<(), PlanError> {
     let m = &req.model;
+    if m.layers > MAX_LAYERS {
+        return Err(PlanError::Input(format!(
+            "{} has {} layers, more than the {MAX_LAYERS} the planner takes",
+            m.name, m.layers
+        )));
+    }
     let f = |x: u64| x as f64;
     let h = f(m.hidden);
     let mlp = match &m.moe {
@@ -107,8 +114,10 @@ fn check_magnitudes(req: &Request) -> Result<(), PlanError> {
                 .max(f(t.global_batch) * f(m.layers) * 64.0)
                 .max(f(t.global_batch) * f(t.seq) * h * f(m.layers) * 2.0)
         }
+        // The KV cache holds the context rounded up to whole blocks, and a replica's blocks.
         Job::Infer(i) => {
-            f(i.seqs) * f(i.context) * f(m.layers) * 2.0 * attn * 4.0
+            let ctx = f(i.context.div_ceil(i.block_size.max(1))) * f(i.block_size);
+            f(i.seqs) * ctx * f(m.layers) * 2.0 * attn * 4.0
                 + f(i.max_batched_tokens) * width * 64.0
         }
     };

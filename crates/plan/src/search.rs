@@ -393,6 +393,35 @@ mod tests {
     }
 
     #[test]
+    fn block_size_is_bounded_and_rounding_to_it_is_counted() {
+        for block_size in [
+            0,
+            crate::job::MAX_BLOCK_SIZE + 1,
+            1 << 40,
+            1_000_000_000_000_000_000,
+        ] {
+            let job = InferJob {
+                block_size,
+                ..InferJob::default()
+            };
+            let e = plan(req("llama-3-8b", 1, Job::Infer(job)))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--block-size"), "{block_size}: {e}");
+        }
+        // The largest block rounds a one-token context up to 65,536 tokens: counted, fits or not.
+        for (context, seqs) in [(1, 64), (1, 1 << 20), (1 << 40, 1)] {
+            let job = InferJob {
+                block_size: crate::job::MAX_BLOCK_SIZE,
+                context,
+                seqs,
+                ..InferJob::default()
+            };
+            let _ = plan(req("llama-3-8b", 1, Job::Infer(job)));
+        }
+    }
+
+    #[test]
     fn llama_70b_training_on_16_gpus_ranks_fitting_layouts_first() {
         let p = plan(req("llama-3-70b", 2, Job::Train(TrainJob::default()))).unwrap();
         let best = &p.layouts[0];

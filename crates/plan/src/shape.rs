@@ -20,6 +20,12 @@ use tessera_model::ModelConfig;
 
 use crate::PlanError;
 
+/// The most width, heads or vocabulary `--params` takes, given or guessed (2^24).
+pub const MAX_DIM: u64 = 1 << 24;
+/// The most layers the planner takes, given, guessed or read (2^16; published models have under
+/// 200). The search walks every layer of every stage of every layout, so this bounds its time.
+pub const MAX_LAYERS: u64 = 1 << 16;
+
 /// How a layer attends.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -169,7 +175,12 @@ impl ModelShape {
         heads: Option<u64>,
         vocab: Option<u64>,
     ) -> Result<Self, PlanError> {
-        let too_big = |d: &Option<u64>| d.is_some_and(|d| d > 1 << 24);
+        if let Some(l) = layers.filter(|&l| l > MAX_LAYERS) {
+            return Err(PlanError::Input(format!(
+                "--layers must be at most {MAX_LAYERS}, got {l}"
+            )));
+        }
+        let too_big = |d: &Option<u64>| d.is_some_and(|d| d > MAX_DIM);
         if [layers, hidden, heads, vocab].iter().any(too_big) || params > 1 << 56 {
             return Err(PlanError::Input(
                 "--params, --layers, --hidden, --heads or --vocab is beyond any model the planner counts"
@@ -223,6 +234,17 @@ impl ModelShape {
         if params < outside + layers {
             return Err(PlanError::Input(format!(
                 "--params {params} is too small for {layers} layers of width {hidden} with a {vocab}-token vocabulary (the embedding alone holds {outside}); give --layers, --hidden and --vocab"
+            )));
+        }
+        // A guessed layer count or width has the cap a given one has.
+        if layers > MAX_LAYERS {
+            return Err(PlanError::Input(format!(
+                "--params {params} with --hidden {hidden} means {layers} layers, more than the {MAX_LAYERS} the planner takes; give a wider --hidden or --layers"
+            )));
+        }
+        if hidden > MAX_DIM {
+            return Err(PlanError::Input(format!(
+                "--params {params} with --layers {layers} means a width of {hidden}, more than the {MAX_DIM} the planner takes; give --hidden"
             )));
         }
         Ok(ModelShape {
@@ -472,6 +494,32 @@ mod tests {
             ModelShape::from_param_count(1_000_003, Some(3), Some(64), Some(4), Some(100)).unwrap();
         assert_eq!(s.total_params(), 1_000_003);
         assert!(ModelShape::from_param_count(1000, None, None, None, None).is_err());
+    }
+
+    #[test]
+    fn guessed_layers_have_the_cap_given_ones_have() {
+        // 1e13 / (12 · 64²) ≈ 2e8 layers guessed from --hidden 64: refused, as --layers 2e8 is.
+        let e = ModelShape::from_param_count(10_000_000_000_000, None, Some(64), None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("means 203450521 layers, more than the 65536"),
+            "{e}"
+        );
+        let e = ModelShape::from_param_count(
+            10_000_000_000_000,
+            Some(MAX_LAYERS + 1),
+            None,
+            None,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--layers must be at most 65536"), "{e}");
+        // At the cap: taken.
+        let s = ModelShape::from_param_count(1 << 40, Some(MAX_LAYERS), Some(64), None, Some(64))
+            .unwrap();
+        assert_eq!(s.layers, MAX_LAYERS);
     }
 
     #[test]

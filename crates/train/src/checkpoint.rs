@@ -324,7 +324,7 @@ pub fn resolve(path: &Path) -> Result<PathBuf, TrainError> {
         )
     })?;
     let name = name.trim();
-    if name.is_empty() || !stays_in_dir(name) {
+    if name.is_empty() || name.contains(['\n', '\r']) || !stays_in_dir(name) {
         return Err(ck_err(
             &latest,
             format!("names {name:?}, not a step directory"),
@@ -506,6 +506,34 @@ pub fn read_meta(dir: &Path) -> Result<CheckpointMeta, TrainError> {
                 ),
             ));
         }
+    }
+    // The layout it was saved at and how far it got, within what a run can reach: an edited or
+    // corrupt file is refused here, not read as a data position past any epoch's (or as a
+    // dp of 0).
+    let pr = &meta.progress;
+    let max_samples = pr
+        .iteration
+        .max(pr.step)
+        .saturating_mul(crate::config::MAX_SAMPLES_PER_STEP as u64);
+    if pr.samples > max_samples {
+        return Err(ck_err(
+            &p,
+            format!(
+                "invalid trainer.json: progress of {} step(s) in {} iteration(s) over {} sample(s) cannot be",
+                pr.step, pr.iteration, pr.samples
+            ),
+        ));
+    }
+    if !(1..=tessera_comm::MAX_WORLD_SIZE).contains(&meta.saved_dp) || meta.saved_zero_stage > 3 {
+        return Err(ck_err(
+            &p,
+            format!(
+                "invalid trainer.json: saved at dp {} and ZeRO stage {} (dp 1 to {}, stage 0 to 3)",
+                meta.saved_dp,
+                meta.saved_zero_stage,
+                tessera_comm::MAX_WORLD_SIZE
+            ),
+        ));
     }
     let sc = &meta.progress.scaler;
     if !(sc.scale.is_finite() && sc.scale > 0.0 && sc.min_scale.is_finite() && sc.min_scale >= 0.0)

@@ -55,18 +55,28 @@ pub fn write_dataset(
     vocab_size: usize,
     tokenizer: Option<&Path>,
 ) -> Result<DatasetMeta, TrainError> {
-    let mut files = NewFiles::create(dir)?;
+    // The width is set by the vocabulary, which must hold every id written: an id past it is an
+    // error, never a truncated token.
+    if let Some(&bad) = train.iter().chain(val).find(|&&t| t as usize >= vocab_size) {
+        return Err(data_err(format!(
+            "token id {bad} is outside the vocabulary of {vocab_size}"
+        )));
+    }
     let wide = vocab_size > u16::MAX as usize + 1;
+    let mut files = NewFiles::create(dir)?;
     let mut write_split = |name: &str, toks: &[u32]| -> Result<SplitMeta, TrainError> {
         let mut shards = vec![];
         for (i, chunk) in toks.chunks(SHARD_TOKENS).enumerate() {
             let file = format!("{name}_{i:05}.bin");
-            let mut bytes = Vec::with_capacity(chunk.len() * 4);
+            let mut bytes = Vec::with_capacity(chunk.len() * if wide { 4 } else { 2 });
             for &t in chunk {
                 if wide {
                     bytes.extend_from_slice(&t.to_le_bytes());
                 } else {
-                    bytes.extend_from_slice(&(t as u16).to_le_bytes());
+                    let t = u16::try_from(t).map_err(|_| {
+                        data_err(format!("token id {t} does not fit the u16 shards"))
+                    })?;
+                    bytes.extend_from_slice(&t.to_le_bytes());
                 }
             }
             files.write(&dir.join(&file), &bytes)?;
@@ -131,6 +141,21 @@ impl Dataset {
                 dir.display()
             )));
         }
+        // A shard listed twice (in one split or in both) would be loaded twice: refused, so a
+        // meta.json naming one file many times cannot multiply what is read into memory.
+        let mut seen = std::collections::HashSet::new();
+        for f in meta.train.shards.iter().chain(&meta.val.shards) {
+            let norm: PathBuf = Path::new(f)
+                .components()
+                .filter(|c| !matches!(c, std::path::Component::CurDir))
+                .collect();
+            if !seen.insert(norm) {
+                return Err(data_err(format!(
+                    "{}: meta.json lists shard {f:?} more than once",
+                    dir.display()
+                )));
+            }
+        }
         // The tokenizer a checkpoint copies when it is saved: found now, not after training.
         if let Some(t) = &meta.tokenizer {
             if !stays_in_dir(t) || !dir.join(t).is_file() {
@@ -154,12 +179,37 @@ impl Dataset {
             _ => return Err(data_err(format!("no split {split:?}"))),
         };
         let width = if self.meta.dtype == "u32" { 4 } else { 2 };
-        // Sized by the shards read, not by meta.json's count, which may be anything.
-        let mut out = Vec::new();
+        // Sized by the shards' files, not by meta.json's count, which may be anything: the files
+        // are measured (and must be regular files, not a device that reads forever) before any is
+        // read, and what they hold must fit the host's memory.
+        let mut total: u64 = 0;
         for f in &s.shards {
             if !stays_in_dir(f) {
                 return Err(data_err(format!("shard name {f:?} leaves the directory")));
             }
+            let p = self.dir.join(f);
+            let md = std::fs::metadata(&p).map_err(|e| TrainError::io(&p, e))?;
+            if !md.is_file() {
+                return Err(data_err(format!(
+                    "{}: shard is not a regular file",
+                    p.display()
+                )));
+            }
+            if md.len() % width as u64 != 0 {
+                return Err(data_err(format!("{}: truncated shard", p.display())));
+            }
+            total = total.saturating_add(md.len() / width as u64);
+        }
+        if total != s.tokens {
+            return Err(data_err(format!(
+                "{}: {split} holds {total} tokens, meta.json says {}",
+                self.dir.display(),
+                s.tokens
+            )));
+        }
+        check_fits_memory(&self.dir, split, total, available_memory())?;
+        let mut out = Vec::new();
+        for f in &s.shards {
             let p = self.dir.join(f);
             let bytes = std::fs::read(&p).map_err(|e| TrainError::io(&p, e))?;
             if bytes.len() % width != 0 {
@@ -191,6 +241,36 @@ impl Dataset {
         }
         Ok(out)
     }
+}
+
+/// The host memory available now (`MemAvailable` of /proc/meminfo), when it can be read.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Loading `tokens` tokens (4 bytes each, and the training loop holds copies of them) must leave
+/// room: their bytes may take at most half of the available host memory.
+fn check_fits_memory(
+    dir: &Path,
+    split: &str,
+    tokens: u64,
+    available: Option<u64>,
+) -> Result<(), TrainError> {
+    let need = tokens.saturating_mul(4);
+    if let Some(avail) = available {
+        if need > avail / 2 {
+            return Err(data_err(format!(
+                "{}: the {split} split holds {tokens} tokens ({:.1} GiB as u32), more than half of the {:.1} GiB of host memory available; use a smaller dataset",
+                dir.display(),
+                need as f64 / (1u64 << 30) as f64,
+                avail as f64 / (1u64 << 30) as f64
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Deterministic samples of `seq + 1` tokens, shuffled per epoch.
@@ -242,6 +322,8 @@ impl Loader {
 
     /// Rank `rank`'s `grad_accum` micro-batches of the global batch that starts at sample `start`
     /// (`micro * grad_accum * dp` samples: rank r takes micro-batches `r*grad_accum ..`).
+    /// A data position past `u64::MAX` (a damaged checkpoint's sample count) gives no
+    /// micro-batches, which `Trainer::train_step` refuses; [`Loader::try_rank_batches`] says why.
     pub fn rank_batches(
         &mut self,
         start: u64,
@@ -250,8 +332,32 @@ impl Loader {
         dp: usize,
         rank: usize,
     ) -> Vec<Vec<u32>> {
+        self.try_rank_batches(start, micro, grad_accum, dp, rank)
+            .unwrap_or_default()
+    }
+
+    /// [`Loader::rank_batches`], with an error when the batch's sample positions overflow.
+    pub fn try_rank_batches(
+        &mut self,
+        start: u64,
+        micro: usize,
+        grad_accum: usize,
+        dp: usize,
+        rank: usize,
+    ) -> Result<Vec<Vec<u32>>, TrainError> {
         debug_assert!(rank < dp);
-        (0..grad_accum)
+        let overflow = || {
+            data_err(format!(
+                "data position {start} (samples consumed) plus a batch of {micro} x {grad_accum} x {dp} samples overflows; the progress it came from is damaged"
+            ))
+        };
+        // The last sample of the whole global batch must be addressable.
+        let span = micro
+            .checked_mul(grad_accum)
+            .and_then(|n| n.checked_mul(dp))
+            .ok_or_else(overflow)?;
+        start.checked_add(span as u64).ok_or_else(overflow)?;
+        Ok((0..grad_accum)
             .map(|j| {
                 let first = start + ((rank * grad_accum + j) * micro) as u64;
                 let mut mb = Vec::with_capacity(micro * (self.seq + 1));
@@ -260,7 +366,7 @@ impl Loader {
                 }
                 mb
             })
-            .collect()
+            .collect())
     }
 
     /// Evaluation micro-batches in order (no shuffle): rank `rank`'s share of the first
@@ -381,5 +487,101 @@ mod tests {
         std::fs::create_dir(&dir).unwrap();
         assert!(write_dataset(&dir, &[1, 2, 3], &[4], 300, Some(&missing)).is_err());
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    }
+
+    /// Ids past u16 are written as u32, never truncated; an id past the vocabulary is an error.
+    #[test]
+    fn the_width_holds_every_id_and_the_vocabulary_exceeds_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("wide");
+        let meta = write_dataset(&d, &[0, 1, 70000, 1], &[70000], 70001, None).unwrap();
+        assert_eq!(meta.dtype, "u32");
+        let ds = Dataset::open(&d).unwrap();
+        assert_eq!(ds.tokens("train").unwrap(), vec![0, 1, 70000, 1]);
+        assert_eq!(ds.tokens("val").unwrap(), vec![70000]);
+        // A vocabulary of 3 entries (ids with gaps) cannot hold id 70000.
+        let d = dir.path().join("gap");
+        let e = write_dataset(&d, &[0, 1, 70000], &[1], 3, None).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("token id 70000 is outside the vocabulary of 3"),
+            "{e}"
+        );
+        assert!(!d.exists());
+        let d = dir.path().join("narrow");
+        let meta = write_dataset(&d, &[0, 65535], &[1], 65536, None).unwrap();
+        assert_eq!(meta.dtype, "u16");
+        assert_eq!(
+            Dataset::open(&d).unwrap().tokens("train").unwrap(),
+            vec![0, 65535]
+        );
+    }
+
+    /// One shard listed many times (with a token count to match) is refused when the dataset is
+    /// opened; a split larger than the host's memory is refused before it is read.
+    #[test]
+    fn repeated_shards_and_splits_past_memory_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = write_dataset(dir.path(), &[1, 2, 3, 299], &[4, 5], 300, None).unwrap();
+        let write_meta = |m: &DatasetMeta| {
+            let json = serde_json::to_vec(m).unwrap();
+            std::fs::write(dir.path().join("meta.json"), json).unwrap();
+        };
+        let mut m = meta.clone();
+        m.train.shards = vec!["train_00000.bin".into(); 100_000];
+        m.train.tokens = 400_000;
+        write_meta(&m);
+        let e = Dataset::open(dir.path()).err().unwrap().to_string();
+        assert!(
+            e.contains("lists shard \"train_00000.bin\" more than once"),
+            "{e}"
+        );
+        let mut m = meta.clone();
+        m.val.shards = vec!["./train_00000.bin".into()];
+        write_meta(&m);
+        assert!(Dataset::open(dir.path()).is_err());
+        // A shard that is not a regular file is not read.
+        let mut m = meta.clone();
+        m.val.shards = vec!["sub".into()];
+        write_meta(&m);
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let e = Dataset::open(dir.path())
+            .unwrap()
+            .tokens("val")
+            .unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        write_meta(&meta);
+        assert!(check_fits_memory(dir.path(), "train", 1 << 40, Some(1 << 33)).is_err());
+        assert!(check_fits_memory(dir.path(), "train", u64::MAX, Some(1 << 33)).is_err());
+        assert!(check_fits_memory(dir.path(), "train", 1 << 20, Some(1 << 33)).is_ok());
+        assert!(check_fits_memory(dir.path(), "train", 1 << 40, None).is_ok());
+        assert_eq!(
+            Dataset::open(dir.path())
+                .unwrap()
+                .tokens("train")
+                .unwrap()
+                .len(),
+            4
+        );
+    }
+
+    /// A data position near u64::MAX (a damaged checkpoint's sample count) is an error, not an
+    /// overflow panic.
+    #[test]
+    fn a_data_position_past_u64_is_an_error() {
+        let mut l = Loader::new((0..1000).collect(), 9, 7).unwrap();
+        for start in [u64::MAX, u64::MAX - 3] {
+            let e = l
+                .try_rank_batches(start, 2, 2, 2, 1)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("overflows"), "{e}");
+            assert!(l.rank_batches(start, 2, 2, 2, 1).is_empty());
+        }
+        // The last whole batch below the limit is still served.
+        let b = l.try_rank_batches(u64::MAX - 8, 2, 2, 2, 1).unwrap();
+        assert_eq!(b.len(), 2);
+        assert_eq!(b, l.rank_batches(u64::MAX - 8, 2, 2, 2, 1));
+        assert!(l.try_rank_batches(0, usize::MAX, 2, 2, 0).is_err());
     }
 }

@@ -136,6 +136,16 @@ fn a_checkpoint_holding_nan_or_a_zero_loss_scale_is_refused() {
     std::fs::write(&meta, serde_json::to_vec(&v).unwrap()).unwrap();
     let e = load(dir.path(), &layout).err().unwrap().to_string();
     assert!(e.contains("loss scale 0"), "{e}");
+    // `latest` of two lines: one line naming it, not a path with a line break in an error.
+    let latest = dir.path().join("latest");
+    let was = std::fs::read(&latest).unwrap();
+    std::fs::write(&latest, "step_00000002\nstep_00000004").unwrap();
+    let e = load(dir.path(), &layout).err().unwrap().to_string();
+    assert!(
+        e.contains("not a step directory") && !e.contains('\n'),
+        "{e}"
+    );
+    std::fs::write(&latest, was).unwrap();
 }
 
 /// A checkpoint whose parts disagree: a negative second moment (a sum of squares), a progress
@@ -170,6 +180,25 @@ fn a_checkpoint_that_disagrees_with_itself_is_refused() {
         e.contains("progress.step 0 in the directory of step 2"),
         "{e}"
     );
+    // A data position past what its iterations could consume (it overflowed the loader once),
+    // a dp of 0 and ZeRO stage 9: refused, naming what is wrong.
+    for (key, value, says) in [
+        ("samples", serde_json::json!(u64::MAX), "cannot be"),
+        ("samples", serde_json::json!(1u64 << 40), "cannot be"),
+    ] {
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["progress"][key] = value;
+        std::fs::write(&meta, serde_json::to_vec(&v).unwrap()).unwrap();
+        let e = load(dir.path(), &layout).err().unwrap().to_string();
+        assert!(e.contains(says), "{key}: {e}");
+    }
+    for (key, value) in [("saved_dp", 0u64), ("saved_zero_stage", 9)] {
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v[key] = serde_json::json!(value);
+        std::fs::write(&meta, serde_json::to_vec(&v).unwrap()).unwrap();
+        let e = load(dir.path(), &layout).err().unwrap().to_string();
+        assert!(e.contains("stage 0 to 3"), "{key}: {e}");
+    }
     // A model of one layer fewer than the state's: export refuses, writing nothing.
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["model_config"]["num_hidden_layers"] = serde_json::json!(1);

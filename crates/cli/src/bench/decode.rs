@@ -205,11 +205,15 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         let batch = a.batch.iter().copied().max().unwrap_or(1) as f64;
         let kv =
             cfg.kv_bytes_per_token(dtype.size_in_bytes()) as f64 * positions as f64 * batch / share;
-        if let Some(total) = tessera_tensor::device::exceeds_host_memory(weights + kv) {
+        // A step's logits: every rank's shard in the dtype, and the f32 rows a draw or a
+        // greedy pick reads on the host (batch 4096 by a 2M vocabulary: 33 GB).
+        let logits = batch * cfg.vocab_size as f64 * (dtype.size_in_bytes() as f64 / share + 4.0);
+        if let Some(total) = tessera_tensor::device::exceeds_host_memory(weights + kv + logits) {
             bail!(
-                "the shape's {dtype} weights ({:.1} GB) and KV cache ({:.1} GB) take more than this host's {:.1} GB of memory",
+                "the shape's {dtype} weights ({:.1} GB), KV cache ({:.1} GB) and a step's logits ({:.1} GB) take more than this host's {:.1} GB of memory",
                 weights / 1e9,
                 kv / 1e9,
+                logits / 1e9,
                 total / 1e9
             );
         }
