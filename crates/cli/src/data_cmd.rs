@@ -170,8 +170,9 @@ impl<'a> Pieces<'a> {
             ids: Vec::new(),
             last_file: None,
             largest: 0,
-            max_ids: tessera_train::data::available_memory()
-                .map_or(usize::MAX, |m| usize::try_from(m / 8).unwrap_or(usize::MAX)),
+            max_ids: tessera_train::data::available_memory().map_or(usize::MAX, |m| {
+                usize::try_from(tessera_train::data::token_room(m)).unwrap_or(usize::MAX)
+            }),
         }
     }
 

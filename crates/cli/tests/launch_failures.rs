@@ -650,10 +650,7 @@ fn a_foreign_service_on_the_master_port_is_named() {
 /// rank 0 binds it (a CI run once failed so, "Address already in use").
 #[test]
 fn an_automatic_master_port_is_below_the_ephemeral_range() {
-    let Some(low) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-    else {
+    let Some(low) = tessera_comm::rendezvous::ephemeral_port_start() else {
         return;
     };
     let out = bin()

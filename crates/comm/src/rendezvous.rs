@@ -60,6 +60,14 @@ pub(crate) fn resolve(host: &str, port: u16) -> Result<SocketAddr, CommError> {
         .ok_or_else(|| CommError::Setup(format!("master address {host:?} has no IP address")))
 }
 
+/// The first port of the system's ephemeral range (`net.ipv4.ip_local_port_range`), where it can
+/// be read (Linux).
+pub fn ephemeral_port_start() -> Option<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+}
+
 /// A free TCP port on this host for a one-node job's rendezvous store, below the system's
 /// ephemeral range (`net.ipv4.ip_local_port_range`, 32768 up by default) where it can: ports in
 /// that range are handed to outgoing connections, so one probed free there may be some
@@ -68,10 +76,7 @@ pub(crate) fn resolve(host: &str, port: u16) -> Result<SocketAddr, CommError> {
 /// range is free.
 pub fn free_port() -> Result<u16, CommError> {
     use std::hash::{BuildHasher, Hasher};
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
+    let low = ephemeral_port_start().unwrap_or(32768);
     // Up to 12,000 ports just below the range, above the well-known and registered low ones.
     let first = low.saturating_sub(12_000).max(10_000);
     if low > first {
@@ -432,10 +437,7 @@ mod tests {
 
     #[test]
     fn a_free_port_is_below_the_ephemeral_range() {
-        let Some(low) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        else {
+        let Some(low) = ephemeral_port_start() else {
             return; // not Linux: the system's pick
         };
         for _ in 0..20 {

@@ -20,11 +20,13 @@ use tessera_model::ModelConfig;
 
 use crate::PlanError;
 
-/// The most width, heads or vocabulary `--params` takes, given or guessed (2^24).
-pub const MAX_DIM: u64 = 1 << 24;
-/// The most layers the planner takes, given, guessed or read (2^16; published models have under
-/// 200). The search walks every layer of every stage of every layout, so this bounds its time.
-pub const MAX_LAYERS: u64 = 1 << 16;
+/// The most width, heads or vocabulary `--params` takes, given or guessed: a config's
+/// ([`tessera_model::config::MAX_DIM`], 2^24).
+pub const MAX_DIM: u64 = tessera_model::config::MAX_DIM as u64;
+/// The most layers the planner takes, given, guessed or read: a config's
+/// ([`tessera_model::config::MAX_LAYERS`], 2^16; published models have under 200). The search
+/// walks every layer of every stage of every layout, so this bounds its time.
+pub const MAX_LAYERS: u64 = tessera_model::config::MAX_LAYERS as u64;
 
 /// How a layer attends.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -251,8 +251,14 @@ pub fn available_memory() -> Option<u64> {
     kib.checked_mul(1024)
 }
 
-/// Loading `tokens` tokens (4 bytes each, and the training loop holds copies of them) must leave
-/// room: their bytes may take at most half of the available host memory.
+/// The most tokens (4 bytes each as u32) a process may hold with `available` bytes of host memory:
+/// half of it, room left for the rest (the training loop holds copies; the tokenizer works
+/// beside them). `data prepare` and [`Dataset::tokens`] both bound what they hold by it.
+pub fn token_room(available: u64) -> u64 {
+    available / 8
+}
+
+/// Loading `tokens` tokens must leave room: at most [`token_room`] of the memory available.
 fn check_fits_memory(
     dir: &Path,
     split: &str,
@@ -261,7 +267,7 @@ fn check_fits_memory(
 ) -> Result<(), TrainError> {
     let need = tokens.saturating_mul(4);
     if let Some(avail) = available {
-        if need > avail / 2 {
+        if tokens > token_room(avail) {
             return Err(data_err(format!(
                 "{}: the {split} split holds {tokens} tokens ({:.1} GiB as u32), more than half of the {:.1} GiB of host memory available; use a smaller dataset",
                 dir.display(),
@@ -449,16 +455,18 @@ mod tests {
         assert!(Dataset::open(&dir.path().join("nope")).is_err());
     }
 
+    /// Replaces `dir`'s meta.json with `m` (a damaged one, for the tests).
+    fn write_meta(dir: &Path, m: &DatasetMeta) {
+        std::fs::write(dir.join("meta.json"), serde_json::to_vec(m).unwrap()).unwrap();
+    }
+
     /// A damaged meta.json: a token count far past its shards is an error, not an allocation of
     /// that many tokens; a tokenizer that is not there is found when the dataset is opened.
     #[test]
     fn meta_json_is_not_trusted_past_its_files() {
         let dir = tempfile::tempdir().unwrap();
         let meta = write_dataset(dir.path(), &[1, 2, 3, 299], &[4, 5], 300, None).unwrap();
-        let write_meta = |m: &DatasetMeta| {
-            let json = serde_json::to_vec(m).unwrap();
-            std::fs::write(dir.path().join("meta.json"), json).unwrap();
-        };
+        let write_meta = |m: &DatasetMeta| write_meta(dir.path(), m);
         let mut m = meta.clone();
         m.train.tokens = 1 << 62;
         write_meta(&m);
@@ -523,10 +531,7 @@ mod tests {
     fn repeated_shards_and_splits_past_memory_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let meta = write_dataset(dir.path(), &[1, 2, 3, 299], &[4, 5], 300, None).unwrap();
-        let write_meta = |m: &DatasetMeta| {
-            let json = serde_json::to_vec(m).unwrap();
-            std::fs::write(dir.path().join("meta.json"), json).unwrap();
-        };
+        let write_meta = |m: &DatasetMeta| write_meta(dir.path(), m);
         let mut m = meta.clone();
         m.train.shards = vec!["train_00000.bin".into(); 100_000];
         m.train.tokens = 400_000;
