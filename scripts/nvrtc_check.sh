@@ -3,12 +3,12 @@
 # errors a GPU call would first show, and each kernel's registers and spills (what limits its
 # occupancy). Installs NVIDIA's NVRTC and nvcc wheels (~130 MB, from PyPI) into .nvrtc once.
 # Not part of CI (a download); run it before a GPU call that carries kernel changes.
-#   bash scripts/nvrtc_check.sh              (sm_90, the H200's)
+#   bash scripts/nvrtc_check.sh              (sm_90a, what the H200 compiles)
 #   ARCH=sm_80 bash scripts/nvrtc_check.sh
 # Exit 1: the kernels do not compile; 2: the wheels could not be installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ARCH=${ARCH:-sm_90}
+ARCH=${ARCH:-sm_90a}
 V=${NVRTC_VENV:-.nvrtc}
 if [ ! -x "$V/bin/python" ] || ! "$V/bin/python" -c "import nvidia.cu13" 2>/dev/null; then
   # Exit 2: no compiler to check with (no network to PyPI, no python3 venv), not a kernel error.

@@ -47,8 +47,14 @@ fn check_single(cache: &KvCache) -> Result<(), ModelError> {
     Ok(())
 }
 
-/// Bytes of f32 logits [`LlamaModel::forward_logprobs`] holds at once (at least one row).
+/// Bytes of f32 logits [`LlamaModel::forward_logprobs`] holds at once on the CPU (at least one
+/// row).
 pub const LOGPROB_CHUNK_BYTES: usize = 64 << 20;
+
+/// The same on a GPU. Each chunk reads the whole LM head again (1 GB for Llama-3-8B's), so chunks
+/// of 64 MB (130 rows of a 128k vocabulary) made the head of 2,048 positions read 16 GB; 1 GiB
+/// takes 2,048 positions of a 128k vocabulary at once, a small share of a GPU's memory.
+pub const LOGPROB_CHUNK_BYTES_GPU: usize = 1 << 30;
 
 /// Which logits `forward` returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,7 +274,7 @@ impl LlamaModel {
 
     /// Runs `tokens` (appended to `cache`) and returns `log p(tokens[i + 1] | tokens[..=i])` for
     /// each position but the last, in f64. The LM head runs over a bounded number of rows at a
-    /// time ([`LOGPROB_CHUNK_BYTES`] of f32 logits), so scoring a long sequence never holds its
+    /// time ([`LOGPROB_CHUNK_BYTES`] of f32 logits, [`LOGPROB_CHUNK_BYTES_GPU`] on a GPU), so scoring a long sequence never holds its
     /// `[tokens, vocab]` logits at once (32,000 tokens of a 128k vocabulary would be 16 GB), and
     /// its logits never leave the ranks' devices: vocab-parallel log-softmax
     /// ([`ParallelLmHead::logprobs`](crate::layers::ParallelLmHead::logprobs)).
@@ -278,7 +284,11 @@ impl LlamaModel {
         cache: &mut KvCache,
         comm: &dyn Communicator,
     ) -> Result<Vec<f64>, ModelError> {
-        let rows = (LOGPROB_CHUNK_BYTES / (self.cfg.vocab_size * 4)).max(1);
+        let budget = match self.device {
+            Device::Cpu => LOGPROB_CHUNK_BYTES,
+            _ => LOGPROB_CHUNK_BYTES_GPU,
+        };
+        let rows = (budget / (self.cfg.vocab_size * 4)).max(1);
         self.forward_logprobs_by(tokens, cache, comm, rows)
     }
 

@@ -365,7 +365,8 @@ pub struct PrefillTiming {
 
 /// Times the prefill attention (`ops::attention`, bf16, causal from position 0) of `t` tokens
 /// with `hq` query and `hkv` KV heads of `hd`, for each `t` of `tokens`: as the length takes it,
-/// then with the tensor-core kernel's 16 and 32 queries a warp forced (where it runs).
+/// then with the tensor-core kernel's 16 and 32 queries a warp forced (where it runs), and the
+/// warpgroup kernel where it loaded (head dim 128 on sm_90).
 pub fn bench_prefill_attention(
     ordinal: usize,
     tokens: &[usize],
@@ -386,9 +387,13 @@ pub fn bench_prefill_attention(
         let v = super::random(&dev, DType::BF16, t * hkv * hd, 9, 1.0, 0.0)?;
         let scale = 1.0 / (hd as f32).sqrt();
         let plan = super::ops::prefill_attention_plan(ordinal, t, hq, hd, DType::BF16)?;
-        let forced = match plan.starts_with("tensor cores") {
-            true => vec![None, Some(1), Some(2)],
-            false => vec![None],
+        let forced = match (
+            plan.contains("tensor cores"),
+            dev.wg_attention.is_some() && hd == 128,
+        ) {
+            (true, true) => vec![None, Some(1), Some(2), Some(3), Some(4)],
+            (true, false) => vec![None, Some(1), Some(2)],
+            (false, _) => vec![None],
         };
         let pairs = (t * (t + 1) / 2) as f64;
         for mt in forced {
@@ -400,7 +405,11 @@ pub fn bench_prefill_attention(
             let secs = secs?;
             out.push(PrefillTiming {
                 tokens: t,
-                kernel: mt.map_or("auto".into(), |m| format!("{} queries a warp", 16 * m)),
+                kernel: match mt {
+                    None => "auto".into(),
+                    Some(m @ (3 | 4)) => format!("warpgroup, {} a block", 64 * (m - 2)),
+                    Some(m) => format!("{} queries a warp", 16 * m),
+                },
                 plan: plan.clone(),
                 micros: secs * 1e6,
                 flops_per_sec: 4.0 * (hd * hq) as f64 * pairs / secs,

@@ -2229,6 +2229,185 @@ __device__ void attention_mma(const bf16_t* q, const bf16_t* k, const bf16_t* v,
     }
 #endif
 }
+// Prefill attention on Hopper's warpgroup tensor cores (`wgmma`, sm_90a; bf16 at head dim 128):
+// attention_mma's arithmetic and masks (the weights rounded to bf16 for the product with V, f32
+// sums, base-2 online softmax), with a block of NWG warpgroups (4 warps, 16 queries each) taking
+// 64 NWG consecutive queries of one head, the warpgroups sharing each K and V tile (a warpgroup
+// skips a tile none of its queries sees). Each key tile of 64 is scored in one m64n64 product per 16
+// dims (Q and K both read by the tensor cores from shared memory through descriptors), and its
+// weights, left in the registers in the layout of wgmma's A fragments, multiply the tile's V in
+// one m64n128 product per 16 keys (V read from shared memory, transposed by the instruction), so
+// no `ldmatrix` is issued. Q, K and V tiles sit in shared memory in the 128-byte-swizzled layout
+// the instruction reads (a row of 64 dims is 128 bytes; 16-byte chunk c of row r at c ^ (r & 7);
+// the head dim in two halves of 64 rows x 128 bytes), written by `cp.async` in a two-stage ring
+// as attention_mma's. Same grid order (every head's latest queries first), inputs and results as
+// attention_mma at 16 queries a warp, but for the order of the sums inside the products.
+// grid (hq, ceil(t / (64 NWG))); block 128 NWG; dynamic shared memory `wg_prefill_smem` on the
+// host: 1 KB of alignment, the queries' NWG tiles, then two stages of a K and a V tile, each tile
+// 16 KB. (Flash attention 3's order inside a warpgroup, tile i's product with V overlapped with
+// tile i + 1's scores and softmax, measured slower at 2 and at 1 block a multiprocessor: the
+// registers it holds more spill or halve the blocks; BENCHMARKS.md.)
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define WG_ATTENTION 1
+// A shared-memory matrix descriptor, 128-byte swizzle: address, leading and stride byte offsets.
+__device__ __forceinline__ unsigned long long wg_desc(unsigned addr, unsigned lbo, unsigned sbo) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
+           ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// Ties registers to this point of the program: their uses stay after a wgmma wait.
+template <int N>
+__device__ __forceinline__ void wg_hold(float (&d)[N][4]) {
+#pragma unroll
+    for (int j = 0; j < N; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) asm volatile("" : "+f"(d[j][e])::"memory");
+}
+// d[64 x 64] += A[64 x 16] B[64 x 16]^T, both K-major in shared memory.
+__device__ __forceinline__ void wg_m64n64k16_ss(float (&d)[8][4], unsigned long long a, unsigned long long b) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, 1, 1, 1, 0, 0;"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+                 : "l"(a), "l"(b));
+}
+// d[64 x 128] += A[64 x 16] (registers, mma's A fragment layout per warp) B[16 x 128] (shared
+// memory, the 128 columns contiguous: transposed by the instruction).
+__device__ __forceinline__ void wg_m64n128k16_rs(float (&d)[16][4], const unsigned (&a)[4], unsigned long long b) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, 1, 1, 1, 1;"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+}
+#endif
+#define WG_TILE (64 * 128 * 2)
+template <int NWG>
+__device__ void attention_wg128_body(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* out, int t,
+                                     int hq, int hkv, int start, int window, float scale) {
+#if defined(WG_ATTENTION)
+    constexpr int HD = 128, NB = HD / 8, CPR = HD / 8, BQ = 64 * NWG;
+    constexpr float LOG2E = 1.4426950408889634f;
+    const float scale2 = scale * LOG2E;
+    extern __shared__ uint4 fm[];
+    const unsigned raw = (unsigned)__cvta_generic_to_shared(fm);
+    const unsigned base = (raw + 1023u) & ~1023u;  // the swizzle's 1 KB atoms
+    char* const sb = (char*)fm + (base - raw);
+    pdl_trigger();
+    int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3, wg = warp >> 2;
+    int q0 = (gridDim.y - 1 - blockIdx.y) * BQ, h = blockIdx.x, kvh = h / (hq / hkv);
+    const long krow = (long)hkv * HD;
+    const bf16_t* kh = k + (long)kvh * HD;
+    const bf16_t* vh = v + (long)kvh * HD;
+    const int2 keys = block_keys(start, q0, BQ, t, window);
+    const int first = keys.x, last = keys.y, tiles = (last - first) / 64 + 1;
+    // Byte offset of 16-byte chunk u (of 16) of row r in a swizzled tile.
+    auto sw = [](int r, int u) { return (u >> 3) * (64 * 128) + r * 128 + (((u & 7) ^ (r & 7)) << 4); };
+    // The queries, a tile a warpgroup.
+    for (int x = tid; x < BQ * CPR; x += blockDim.x) {
+        int r = x / CPR, u = x - r * CPR;
+        char* d = sb + (r >> 6) * WG_TILE + sw(r & 63, u);
+        if (q0 + r < t) cp_async16(d, q + ((long)(q0 + r) * hq + h) * HD + u * 8);
+        else *(uint4*)d = make_uint4(0u, 0u, 0u, 0u);
+    }
+    auto issue = [&](int i) {
+        char* kd0 = sb + (NWG + (i & 1) * 2) * WG_TILE;
+        const int j0 = first + i * 64;
+        for (int x = tid; x < 64 * CPR; x += blockDim.x) {
+            int r = x / CPR, u = x - r * CPR, kp = j0 + r;
+            char* kd = kd0 + sw(r, u);
+            char* vd = kd + WG_TILE;
+            if (kp <= last) {
+                long at = (long)kp * krow + u * 8;
+                cp_async16(kd, kh + at);
+                cp_async16(vd, vh + at);
+            } else {
+                *(uint4*)kd = make_uint4(0u, 0u, 0u, 0u);
+                *(uint4*)vd = make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
+        cp_async_commit();
+    };
+    issue(0);
+    // The warp's 16 rows from qw; its warpgroup's 64 from wq (positions wlo to whi).
+    const int wq = q0 + wg * 64, qw = wq + (warp & 3) * 16;
+    const int wlo = start + wq, whi = start + min(wq + 64, t) - 1;
+    const unsigned qt = base + wg * WG_TILE;
+    float o[NB][4], m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.f;
+    const int qlo = start + qw, qhi = start + min(qw + 16, t) - 1;
+    for (int i = 0; i < tiles; i++) {
+        // Tile i (and the queries) landed, made visible to the tensor cores' reads, and every
+        // thread done with tile i - 1 (its products waited for), whose stage tile i + 1 takes.
+        cp_async_wait<0>();
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        __syncthreads();
+        if (i + 1 < tiles) issue(i + 1);
+        const int j0 = first + i * 64;
+        // None of the warpgroup's queries sees the tile: it has none (rows past t), or the tile
+        // is causally after the last, or before the first one's window.
+        if (wq >= t || j0 > whi || (window > 0 && j0 + 63 <= wlo - window)) continue;
+        const unsigned kt = base + (NWG + (i & 1) * 2) * WG_TILE, vt = kt + WG_TILE;
+        float s[8][4];
+#pragma unroll
+        for (int nb = 0; nb < 8; nb++) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
+        wg_fence();
+#pragma unroll
+        for (int c = 0; c < HD / 16; c++) {
+            const unsigned off = (c >> 2) * (64 * 128) + (c & 3) * 32;
+            wg_m64n64k16_ss(s, wg_desc(qt + off, 16, 1024), wg_desc(kt + off, 16, 1024));
+        }
+        wg_commit();
+        wg_wait0();
+        wg_hold(s);
+        // The warp's rows see every key of the tile: no mask.
+        const bool whole = j0 + 63 <= qlo && (window <= 0 || j0 > qhi - window);
+        const int p0 = start + qw + g, p1 = p0 + 8;
+        float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+        for (int nb = 0; nb < 8; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float x = s[nb][e] * scale2;
+                if (!whole) {
+                    int kp = j0 + nb * 8 + tq * 2 + (e & 1);
+                    int qp = e < 2 ? p0 : p1;
+                    if (kp > qp || (window > 0 && kp <= qp - window)) x = NEG_INF;
+                }
+                s[nb][e] = x;
+                if (e < 2) mx0 = fmaxf(mx0, x);
+                else mx1 = fmaxf(mx1, x);
+            }
+        softmax_step_frag<true, true>(s, mx0, mx1, m0, m1, l0, l1, o);
+        unsigned a[4][4];
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            a[c][0] = pack_bf16(s[2 * c][0], s[2 * c][1]);
+            a[c][1] = pack_bf16(s[2 * c][2], s[2 * c][3]);
+            a[c][2] = pack_bf16(s[2 * c + 1][0], s[2 * c + 1][1]);
+            a[c][3] = pack_bf16(s[2 * c + 1][2], s[2 * c + 1][3]);
+        }
+        wg_fence();
+#pragma unroll
+        for (int c = 0; c < 4; c++) wg_m64n128k16_rs(o, a[c], wg_desc(vt + c * 16 * 128, 64 * 128, 1024));
+        wg_commit();
+        wg_wait0();
+        wg_hold(o);
+    }
+    float L0 = l0, L1 = l1;
+    for (int w = 1; w < 4; w <<= 1) {
+        L0 += __shfl_xor_sync(0xffffffffu, L0, w);
+        L1 += __shfl_xor_sync(0xffffffffu, L1, w);
+    }
+    const float i0 = 1.f / L0, i1 = 1.f / L1;
+    const int r0 = qw + g, r1 = r0 + 8;
+#pragma unroll
+    for (int nb = 0; nb < NB; nb++) {
+        int col = nb * 8 + tq * 2;
+        if (r0 < t) *(unsigned*)(out + ((long)r0 * hq + h) * HD + col) = pack_bf16(o[nb][0] * i0, o[nb][1] * i0);
+        if (r1 < t) *(unsigned*)(out + ((long)r1 * hq + h) * HD + col) = pack_bf16(o[nb][2] * i1, o[nb][3] * i1);
+    }
+#endif
+}
 // Decode attention on tensor cores for a KV head's query heads (bf16, head dims 64 and 128,
 // sm_80 and later): the block's gb <= 16 query heads are the rows of an m16n8k16 product (rows
 // past gb zero), as attention_mma's 16 queries are. Same blocks, splits, arguments and outputs as
@@ -2408,6 +2587,8 @@ extern "C" __global__ void __launch_bounds__(128) attention_mma64_r16(const bf16
 extern "C" __global__ void __launch_bounds__(128) attention_mma64_r32(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_mma<64, 2>(q, k, v, o, t, hq, hkv, start, window, scale); }
 extern "C" __global__ void __launch_bounds__(128) attention_mma128_r16(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_mma<128, 1>(q, k, v, o, t, hq, hkv, start, window, scale); }
 extern "C" __global__ void __launch_bounds__(128) attention_mma128_r32(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_mma<128, 2>(q, k, v, o, t, hq, hkv, start, window, scale); }
+extern "C" __global__ void __launch_bounds__(128) attention_wg128_q64(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_wg128_body<1>(q, k, v, o, t, hq, hkv, start, window, scale); }
+extern "C" __global__ void __launch_bounds__(256, 2) attention_wg128_q128(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_wg128_body<2>(q, k, v, o, t, hq, hkv, start, window, scale); }
 
 // One instance `skinny_<NAME>`; the host appends one line of this for each of SKINNY_VARIANTS.
 #define SKINNY(NAME, MT, WR, NWARP, NW, KC) \

@@ -138,7 +138,7 @@ pub(crate) fn env_flag(var: &str, v: Option<&str>, default: bool) -> Result<bool
 /// in-process tp ranks, and that path's measurement aids (pushing GEMVs, a fence, its stats), the
 /// prefill attention kernels, and whether NCCL ranks move small host bytes through their host
 /// communicator.
-pub const FLAG_SWITCHES: [(&str, bool); 10] = [
+pub const FLAG_SWITCHES: [(&str, bool); 11] = [
     ("TESSERA_CUBLASLT", true),
     ("TESSERA_FUSED_NORM", true),
     ("TESSERA_PDL", true),
@@ -148,6 +148,7 @@ pub const FLAG_SWITCHES: [(&str, bool); 10] = [
     ("TESSERA_P2P_STATS", false),
     ("TESSERA_TILED_ATTENTION", true),
     ("TESSERA_MMA_ATTENTION", true),
+    ("TESSERA_WG_ATTENTION", true),
     ("TESSERA_NCCL_HOST_BYTES", true),
 ];
 
@@ -401,6 +402,10 @@ pub struct GpuDevice {
     /// The tensor-core prefill attention (bf16): head dim 64 and 128 with 16 queries a warp, then both
     /// with 32; each where the device lends a block its shared memory (`ops::prefill_kernel`).
     pub(crate) mma_attention: [Option<CudaFunction>; 4],
+    /// The prefill attention on warpgroup tensor cores (bf16 at head dim 128, sm_90 compiled as
+    /// sm_90a): 64 and 128 queries a block (`attention_wg128_q64`, `_q128`), where the device
+    /// lends a block its shared memory.
+    pub(crate) wg_attention: Option<[CudaFunction; 2]>,
     /// The tensor-core decode attention at head dims 64 and 128 (bf16) for at most 8 heads a
     /// block, then for 9-16 (`decode_attention_mma64`, `128`, `64w`, `128w`), where the device
     /// has bf16 mma (sm_80) and lends the shared memory 16 heads a block take.
@@ -522,7 +527,10 @@ impl GpuDevice {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| err(&e))?;
         let (major, minor) = ctx.compute_capability().map_err(|e| err(&e))?;
-        let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+        // sm_90 as sm_90a: its architecture-specific instructions (`wgmma`, for the prefill
+        // attention) run only on sm_90 devices, which this is.
+        let feat = if (major, minor) == (9, 0) { "a" } else { "" };
+        let arch: &'static str = Box::leak(format!("sm_{major}{minor}{feat}").into_boxed_str());
         let opts = cudarc::nvrtc::CompileOptions {
             arch: Some(arch),
             options: vec!["--std=c++17".into()],
@@ -620,6 +628,18 @@ impl GpuDevice {
                 *slot = lend_smem(&f, ops::mma_prefill_smem(hd, mt), smem_optin).then_some(f);
             }
         }
+        // The warpgroup one (sm_90a) from the same switches and `TESSERA_WG_ATTENTION`.
+        let wg_attention = if (major, minor) == (9, 0)
+            && mma_attention[1].is_some()
+            && flag_switch("TESSERA_WG_ATTENTION").map_err(|e| err(&e))?
+        {
+            let fs = [load("attention_wg128_q64")?, load("attention_wg128_q128")?];
+            let set = (fs.iter().zip([1, 2]))
+                .all(|(f, n)| lend_smem(f, ops::wg_prefill_smem(n), smem_optin));
+            set.then_some(fs)
+        } else {
+            None
+        };
         let mma_decode = if major >= 8 {
             let fs = [
                 load("decode_attention_mma64")?,
@@ -662,6 +682,7 @@ impl GpuDevice {
             skinny_reduce,
             tiled_attention_smem,
             mma_attention,
+            wg_attention,
             mma_decode,
             pdl_probe,
             skinny: SkinnyUse::from_env().map_err(|e| err(&e))?,
@@ -1609,6 +1630,18 @@ mod tests {
         assert_eq!(mma_prefill_smem(128, 2), 104_448);
         assert_eq!(mma_prefill_smem(64, 1), 46_080);
         assert!(mma_prefill_smem(128, 2) <= 227 << 10);
+        // The warpgroup kernel: 1 KB of alignment, the queries and two stages of K and V, each
+        // 64 x 128 bf16; two blocks fit an SM's 228 KB.
+        assert_eq!(ops::wg_prefill_smem(1), 82_944);
+        assert_eq!(ops::wg_prefill_smem(2), 99_328);
+        assert!(2 * (ops::wg_prefill_smem(2) + 1024) <= 228 << 10);
+        // Forcing 3 or 4 (the warpgroup kernel's 64 or 128 queries a block) takes 16 or 32
+        // queries a warp where that kernel did not load.
+        force_prefill_tiles(Some(3));
+        assert_eq!(prefill_tiles(1 << 20, 64, 132), 1);
+        force_prefill_tiles(Some(4));
+        assert_eq!(prefill_tiles(16, 1, 132), 2);
+        force_prefill_tiles(None);
         // The grid's 65,535 rows of query tiles: 4,194,240 queries at 16 a warp, twice at 32.
         use ops::prefill_grid_fits;
         assert!(prefill_grid_fits(4_194_240, 1) && !prefill_grid_fits(4_194_241, 1));

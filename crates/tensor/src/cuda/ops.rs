@@ -1220,6 +1220,14 @@ pub(crate) fn mma_prefill_smem(hd: usize, mt: usize) -> usize {
     (64 * mt + 2 * 2 * 64) * (hd + 8) * 2
 }
 
+/// Shared memory a block of `nwg` warpgroups of the warpgroup prefill attention takes
+/// (`attention_wg128_q64` / `_q128`): 1 KB to align its tiles to the 128-byte swizzle's 1 KB
+/// atoms, its 64 `nwg` queries, then two stages of a K and a V tile of 64 rows, each tile 64 x 128
+/// bf16 (82,944 and 99,328 bytes).
+pub(crate) fn wg_prefill_smem(nwg: usize) -> usize {
+    1024 + (nwg + 4) * 64 * 128 * 2
+}
+
 /// m16 tiles of queries a warp of the tensor-core prefill attention takes: 2 (a block of 128
 /// queries; each K and V fragment read from shared memory serves two tiles) where there are
 /// blocks of 128 for at least half the multiprocessors, else 1 (blocks of 64: twice the blocks
@@ -1230,8 +1238,8 @@ pub(crate) fn mma_prefill_smem(hd: usize, mt: usize) -> usize {
 /// first, not since. `force_prefill_tiles` overrides it.
 pub(crate) fn prefill_tiles(t: usize, hq: usize, sms: usize) -> usize {
     match PREFILL_TILES.load(std::sync::atomic::Ordering::Relaxed) {
-        1 => 1,
-        2 => 2,
+        1 | 3 => 1,
+        2 | 4 => 2,
         _ if 2 * t.div_ceil(128) * hq >= sms => 2,
         _ => 1,
     }
@@ -1240,11 +1248,14 @@ pub(crate) fn prefill_tiles(t: usize, hq: usize, sms: usize) -> usize {
 static PREFILL_TILES: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// Forces the tensor-core prefill attention's m16 tiles of queries a warp (1 or 2) for this
-/// process; `None` lets the prompt's length decide (`bench attention --prefill` times both).
+/// process, or with 3 and 4 the warpgroup kernel's 64 and 128 queries a block where it loaded
+/// (else as 1 and 2); `None` lets the shape decide (`bench attention --prefill` times each).
 pub fn force_prefill_tiles(mt: Option<usize>) {
     let code = match mt {
         Some(1) => 1,
         Some(2) => 2,
+        Some(3) => 3,
+        Some(4) => 4,
         _ => 0,
     };
     PREFILL_TILES.store(code, std::sync::atomic::Ordering::Relaxed);
@@ -1252,6 +1263,9 @@ pub fn force_prefill_tiles(mt: Option<usize>) {
 
 /// The prefill attention kernel a prompt of `t` queries takes (outside a captured step).
 pub(crate) enum PrefillKernel {
+    /// On warpgroup tensor cores (`wgmma`: bf16 at head dim 128, sm_90), `nwg` warpgroups of 64
+    /// queries a block.
+    Warpgroup(CudaFunction, usize),
     /// On tensor cores (bf16 at head dims 64 and 128, sm_80+), `mt` m16 tiles of queries a warp.
     TensorCores(CudaFunction, usize),
     /// Tiled on CUDA cores.
@@ -1282,6 +1296,15 @@ pub(crate) fn prefill_kernel(
         (128, crate::DType::BF16) => Some(1),
         _ => None,
     };
+    // The warpgroup kernel where it loaded (blocks of 64 or 128 queries as `prefill_tiles`
+    // takes 16 or 32 a warp), unless 16 or 32 queries a warp are forced.
+    let forced = PREFILL_TILES.load(std::sync::atomic::Ordering::Relaxed);
+    if let (Some(1), Some(fs), 0 | 3 | 4) = (col, &dev.wg_attention, forced) {
+        let nwg = prefill_tiles(t, hq, dev.sms);
+        if prefill_grid_fits(t, nwg) {
+            return PrefillKernel::Warpgroup(fs[nwg - 1].clone(), nwg);
+        }
+    }
     if let Some(col) = col {
         let loaded = dev.mma_attention.each_ref().map(Option::is_some);
         if let Some(mt) = prefill_form(loaded, col, prefill_tiles(t, hq, dev.sms), t) {
@@ -1307,6 +1330,12 @@ pub(crate) fn prefill_kernel(
 pub fn prefill_attention_forms(ordinal: usize) -> Result<[bool; 4], TensorError> {
     let dev = GpuDevice::get(ordinal)?;
     Ok(dev.mma_attention.each_ref().map(Option::is_some))
+}
+
+/// Whether GPU `ordinal` loaded the warpgroup prefill attention (`attention_wg128`: an sm_90
+/// device, bf16 at head dim 128, unless `TESSERA_WG_ATTENTION=0` or the tensor-core switches).
+pub fn prefill_attention_wg(ordinal: usize) -> Result<bool, TensorError> {
+    Ok(GpuDevice::get(ordinal)?.wg_attention.is_some())
 }
 
 /// The m16 tiles of queries a warp the tensor-core prefill attention runs with, of the `loaded`
@@ -1340,6 +1369,9 @@ pub fn prefill_attention_plan(
 ) -> Result<String, TensorError> {
     let dev = GpuDevice::get(ordinal)?;
     Ok(match prefill_kernel(&dev, t, hq, hd, dt) {
+        PrefillKernel::Warpgroup(_, nwg) => {
+            format!("warpgroup tensor cores, {} queries a block", 64 * nwg)
+        }
         PrefillKernel::TensorCores(_, mt) => format!("tensor cores, {} queries a warp", 16 * mt),
         PrefillKernel::CudaCores(_) => "CUDA cores".into(),
         PrefillKernel::QueryAtATime => "a query at a time".into(),
@@ -1392,6 +1424,10 @@ pub fn attention(
         .is_none()
         .then(|| prefill_kernel(&dev, t, hq, hd, q.dtype()))
     {
+        Some(PrefillKernel::Warpgroup(f, nwg)) => {
+            let grid = (hq as u32, t.div_ceil(64 * nwg) as u32, 1);
+            Some((f, grid, 128 * nwg as u32, wg_prefill_smem(nwg)))
+        }
         Some(PrefillKernel::TensorCores(f, mt)) => {
             let grid = (hq as u32, t.div_ceil(64 * mt) as u32, 1);
             Some((f, grid, 128, mma_prefill_smem(hd, mt)))
