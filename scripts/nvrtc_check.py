@@ -63,9 +63,10 @@ def main() -> None:
     if out.returncode != 0:
         print(out.stderr)
         sys.exit("ptxas could not assemble the PTX")
-    # ptxas's warnings (e.g. wgmma serialised where it cannot prove the registers untouched).
+    # ptxas's warnings and its notes of lost performance (C7510-C7515: wgmma serialised where it
+    # cannot prove the registers untouched).
     for line in out.stderr.splitlines():
-        if "warning" in line.lower():
+        if "warning" in line.lower() or "Potential Performance Loss" in line or "(C75" in line:
             print(line)
     # ptxas -v: "Compiling entry function 'NAME' for 'sm_90'", then "N bytes stack frame, N bytes
     # spill stores, N bytes spill loads" and "Used N registers, ... N bytes smem ...".

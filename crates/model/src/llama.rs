@@ -51,9 +51,11 @@ fn check_single(cache: &KvCache) -> Result<(), ModelError> {
 /// row).
 pub const LOGPROB_CHUNK_BYTES: usize = 64 << 20;
 
-/// The same on a GPU. Each chunk reads the whole LM head again (1 GB for Llama-3-8B's), so chunks
-/// of 64 MB (130 rows of a 128k vocabulary) made the head of 2,048 positions read 16 GB; 1 GiB
-/// takes 2,048 positions of a 128k vocabulary at once, a small share of a GPU's memory.
+/// The same on a GPU, at most an eighth of its free memory. Each chunk reads the whole LM head
+/// again (1 GB for Llama-3-8B's), so chunks of 64 MB (130 rows of a 128k vocabulary) made the head
+/// of 2,048 positions read 16 GB; 1 GiB takes 2,048 positions of a 128k vocabulary at once.
+/// Counted as f32 logits of the whole vocabulary, as on the CPU: a rank's logits are its shard's,
+/// in the compute dtype (about 0.5 GiB at tp 1 in bf16).
 pub const LOGPROB_CHUNK_BYTES_GPU: usize = 1 << 30;
 
 /// Which logits `forward` returns.
@@ -284,11 +286,29 @@ impl LlamaModel {
         cache: &mut KvCache,
         comm: &dyn Communicator,
     ) -> Result<Vec<f64>, ModelError> {
-        let budget = match self.device {
-            Device::Cpu => LOGPROB_CHUNK_BYTES,
-            _ => LOGPROB_CHUNK_BYTES_GPU,
+        let rows = |budget: usize| (budget / (self.cfg.vocab_size * 4)).max(1);
+        let rows = match self.device {
+            Device::Cpu => rows(LOGPROB_CHUNK_BYTES),
+            d => {
+                // What each rank's GPU has free now: the ranks take the fewest rows any of them
+                // can hold (the head's exchange is a collective, every rank the same chunks).
+                let free = d
+                    .free_memory()
+                    .map_or(LOGPROB_CHUNK_BYTES as u64, |f| f / 8);
+                let mine =
+                    rows(LOGPROB_CHUNK_BYTES_GPU.min(usize::try_from(free).unwrap_or(usize::MAX)));
+                if comm.world_size() == 1 {
+                    mine
+                } else {
+                    let mut all = vec![0u8; 8 * comm.world_size()];
+                    comm.all_gather_bytes(&(mine as u64).to_le_bytes(), &mut all)?;
+                    all.chunks_exact(8)
+                        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+                        .min()
+                        .unwrap_or(mine)
+                }
+            }
         };
-        let rows = (budget / (self.cfg.vocab_size * 4)).max(1);
         self.forward_logprobs_by(tokens, cache, comm, rows)
     }
 

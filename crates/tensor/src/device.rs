@@ -22,6 +22,51 @@ pub fn exceeds_host_memory(bytes: f64) -> Option<f64> {
     (bytes > 0.9 * total).then_some(total)
 }
 
+/// The host memory available now, in bytes: `MemAvailable` of /proc/meminfo, lowered to what is
+/// left under each cgroup limit over this process's cgroup and its ancestors where one is set (the
+/// limit less the cgroup's usage: v2 `memory.max` less `memory.current`, v1
+/// `memory.limit_in_bytes` less `memory.usage_in_bytes`). `None` where the host does not say.
+/// What a bound on memory taken now (a dataset read into memory) is measured against; a container
+/// with a limit below the host's free memory is bounded by its limit.
+pub fn available_host_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let pairs: Vec<(String, String)> = cgroup_limit_files(&own)
+        .iter()
+        .filter_map(|limit| {
+            let usage = match limit.file_name()?.to_str()? {
+                "memory.max" => limit.with_file_name("memory.current"),
+                _ => limit.with_file_name("memory.usage_in_bytes"),
+            };
+            let l = std::fs::read_to_string(limit).ok()?;
+            let u = std::fs::read_to_string(usage).ok()?;
+            Some((l, u))
+        })
+        .collect();
+    memory_available(&info, pairs.iter().map(|(l, u)| (l.as_str(), u.as_str())))
+}
+
+/// `MemAvailable` of a /proc/meminfo text in bytes, lowered to each cgroup's room (its limit less
+/// its usage, at least 0) where both read as numbers: v2's `max` is none, and v1's ~2^63 "no
+/// limit" leaves a room past any host's memory.
+fn memory_available<'a>(
+    meminfo: &str,
+    cgroups: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(
+        cgroups
+            .into_iter()
+            .filter_map(|(limit, usage)| {
+                let limit: u64 = limit.trim().parse().ok()?;
+                let usage: u64 = usage.trim().parse().ok()?;
+                Some(limit.saturating_sub(usage))
+            })
+            .fold(kib.saturating_mul(1024), u64::min),
+    )
+}
+
 /// The memory-limit files of the cgroups of a /proc/self/cgroup text and of all their ancestors,
 /// under the usual mount points: v2 (`0::PATH`) at /sys/fs/cgroup (or /sys/fs/cgroup/unified of
 /// a hybrid layout), v1's memory controller at /sys/fs/cgroup/memory; the roots always (a
@@ -83,6 +128,20 @@ pub enum Device {
 }
 
 impl Device {
+    /// The device's free memory in bytes where it has its own (a GPU's, as its driver says now);
+    /// `None` for the CPU, or where it cannot be read.
+    pub fn free_memory(self) -> Option<u64> {
+        match self {
+            Device::Cpu => None,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(i) => crate::cuda::memory_info(i)
+                .ok()
+                .map(|(free, _)| free as u64),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => None,
+        }
+    }
+
     /// Checks that this device can be used by this build on this machine.
     pub fn ensure_available(self) -> Result<(), TensorError> {
         match self {
@@ -127,7 +186,37 @@ impl FromStr for Device {
 
 #[cfg(test)]
 mod tests {
-    use super::memory_limit;
+    use super::{memory_available, memory_limit};
+
+    /// The memory available now is MemAvailable, or what a cgroup's limit leaves over its usage
+    /// where less; "max", v1's "no limit" and unreadable values leave MemAvailable, and a cgroup
+    /// past its limit leaves none.
+    #[test]
+    fn memory_available_takes_what_a_containers_limit_leaves() {
+        let info = "MemTotal:       24683652 kB\nMemAvailable:   20000000 kB\n";
+        let avail = 20_000_000u64 * 1024;
+        assert_eq!(memory_available(info, []), Some(avail));
+        assert_eq!(memory_available(info, [("max\n", "123\n")]), Some(avail));
+        assert_eq!(
+            memory_available(info, [("9223372036854771712\n", "4096\n")]),
+            Some(avail)
+        );
+        assert_eq!(
+            memory_available(info, [("8589934592\n", "1073741824\n")]),
+            Some(8589934592 - 1073741824)
+        );
+        // The lowest room over the cgroup and its ancestors.
+        assert_eq!(
+            memory_available(
+                info,
+                [("8589934592\n", "0\n"), ("4294967296\n", "4294967000\n")]
+            ),
+            Some(296)
+        );
+        assert_eq!(memory_available(info, [("1000\n", "5000\n")]), Some(0));
+        assert_eq!(memory_available(info, [("1000\n", "many\n")]), Some(avail));
+        assert_eq!(memory_available("MemTotal: 5 kB\n", []), None);
+    }
 
     /// The host's memory is MemTotal, or a container's cgroup limit where lower; "max" and v1's
     /// "no limit" leave MemTotal.

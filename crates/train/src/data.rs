@@ -243,12 +243,10 @@ impl Dataset {
     }
 }
 
-/// The host memory available now (`MemAvailable` of /proc/meminfo), when it can be read.
+/// The host memory available now, when it can be read: `MemAvailable`, lowered to what a
+/// container's cgroup limit leaves ([`tessera_tensor::device::available_host_memory`]).
 pub fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
+    tessera_tensor::device::available_host_memory()
 }
 
 /// The most tokens (4 bytes each as u32) a process may hold with `available` bytes of host memory:

@@ -2257,7 +2257,8 @@ __device__ __forceinline__ unsigned long long wg_desc(unsigned addr, unsigned lb
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
-// Ties registers to this point of the program: their uses stay after a wgmma wait.
+// Ties registers to this point of the program: their uses stay after a wgmma wait, and their
+// writes before a wgmma fence.
 template <int N>
 __device__ __forceinline__ void wg_hold(float (&d)[N][4]) {
 #pragma unroll
@@ -2347,9 +2348,12 @@ __device__ void attention_wg128_body(const bf16_t* q, const bf16_t* k, const bf1
         // is causally after the last, or before the first one's window.
         if (wq >= t || j0 > whi || (window > 0 && j0 + 63 <= wlo - window)) continue;
         const unsigned kt = base + (NWG + (i & 1) * 2) * WG_TILE, vt = kt + WG_TILE;
+        // The scores' accumulators zeroed before the fence (wgmma must see no register written
+        // after it): tied to this point, ahead of the fence, by wg_hold.
         float s[8][4];
 #pragma unroll
         for (int nb = 0; nb < 8; nb++) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
+        wg_hold(s);
         wg_fence();
 #pragma unroll
         for (int c = 0; c < HD / 16; c++) {
@@ -2386,6 +2390,7 @@ __device__ void attention_wg128_body(const bf16_t* q, const bf16_t* k, const bf1
             a[c][2] = pack_bf16(s[2 * c + 1][0], s[2 * c + 1][1]);
             a[c][3] = pack_bf16(s[2 * c + 1][2], s[2 * c + 1][3]);
         }
+        wg_hold(o);
         wg_fence();
 #pragma unroll
         for (int c = 0; c < 4; c++) wg_m64n128k16_rs(o, a[c], wg_desc(vt + c * 16 * 128, 64 * 128, 1024));

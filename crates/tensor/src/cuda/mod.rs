@@ -1175,6 +1175,13 @@ pub fn ensure_device(ordinal: usize) -> Result<(), TensorError> {
     GpuDevice::get(ordinal).map(|_| ())
 }
 
+/// Free and total memory of GPU `ordinal` in bytes, as the driver says now.
+pub fn memory_info(ordinal: usize) -> Result<(usize, usize), TensorError> {
+    let dev = GpuDevice::get(ordinal)?;
+    dev.ctx.bind_to_thread().map_err(|e| dev_err(ordinal, e))?;
+    cudarc::driver::result::mem_get_info().map_err(|e| dev_err(ordinal, e))
+}
+
 /// Device-to-device copy bandwidth of `ordinal` in bytes/s (bytes read + written), median of 10
 /// copies of 1 GiB after a warm-up: the ceiling of memory-bound kernels.
 pub fn copy_bandwidth(ordinal: usize) -> Result<f64, TensorError> {
@@ -1637,11 +1644,20 @@ mod tests {
         assert!(2 * (ops::wg_prefill_smem(2) + 1024) <= 228 << 10);
         // Forcing 3 or 4 (the warpgroup kernel's 64 or 128 queries a block) takes 16 or 32
         // queries a warp where that kernel did not load.
+        use ops::prefill_warpgroups;
         force_prefill_tiles(Some(3));
         assert_eq!(prefill_tiles(1 << 20, 64, 132), 1);
+        assert_eq!(prefill_warpgroups(1 << 20, 64, 132), 1);
         force_prefill_tiles(Some(4));
         assert_eq!(prefill_tiles(16, 1, 132), 2);
+        assert_eq!(prefill_warpgroups(16, 1, 132), 2);
         force_prefill_tiles(None);
+        // The warpgroup kernel's blocks of 128 queries where they are 2 a multiprocessor: 8B's
+        // heads at 2,048 tokens at tp 1 (512 blocks), not at tp 2 (256).
+        assert_eq!(prefill_warpgroups(2048, 32, 132), 2);
+        assert_eq!(prefill_warpgroups(2048, 16, 132), 1);
+        assert_eq!(prefill_warpgroups(8192, 16, 132), 2);
+        assert_eq!(prefill_warpgroups(512, 32, 132), 1);
         // The grid's 65,535 rows of query tiles: 4,194,240 queries at 16 a warp, twice at 32.
         use ops::prefill_grid_fits;
         assert!(prefill_grid_fits(4_194_240, 1) && !prefill_grid_fits(4_194_241, 1));

@@ -1247,6 +1247,21 @@ pub(crate) fn prefill_tiles(t: usize, hq: usize, sms: usize) -> usize {
 
 static PREFILL_TILES: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
+/// Warpgroups of 64 queries a block of the warpgroup prefill attention: 2 (blocks of 128, each K
+/// and V tile serving both) where those blocks are at least 2 a multiprocessor (the blocks two
+/// fit), else 1 (twice the blocks). Measured on an H200 (132 multiprocessors, Llama-3-8B's heads,
+/// `bench attention --prefill`, three calls): 128 a block 1.3x faster from 2,048 tokens at tp 1
+/// (512 blocks) and at 8,192 at tp 2; 64 a block 5% faster at 2,048 at tp 2 (256 blocks of 128)
+/// and 10% at 512 (64). `force_prefill_tiles(Some(3 | 4))` overrides it.
+pub(crate) fn prefill_warpgroups(t: usize, hq: usize, sms: usize) -> usize {
+    match PREFILL_TILES.load(std::sync::atomic::Ordering::Relaxed) {
+        3 => 1,
+        4 => 2,
+        _ if t.div_ceil(128) * hq >= 2 * sms => 2,
+        _ => 1,
+    }
+}
+
 /// Forces the tensor-core prefill attention's m16 tiles of queries a warp (1 or 2) for this
 /// process, or with 3 and 4 the warpgroup kernel's 64 and 128 queries a block where it loaded
 /// (else as 1 and 2); `None` lets the shape decide (`bench attention --prefill` times each).
@@ -1296,11 +1311,11 @@ pub(crate) fn prefill_kernel(
         (128, crate::DType::BF16) => Some(1),
         _ => None,
     };
-    // The warpgroup kernel where it loaded (blocks of 64 or 128 queries as `prefill_tiles`
-    // takes 16 or 32 a warp), unless 16 or 32 queries a warp are forced.
+    // The warpgroup kernel where it loaded ([`prefill_warpgroups`] a block), unless 16 or 32
+    // queries a warp are forced.
     let forced = PREFILL_TILES.load(std::sync::atomic::Ordering::Relaxed);
     if let (Some(1), Some(fs), 0 | 3 | 4) = (col, &dev.wg_attention, forced) {
-        let nwg = prefill_tiles(t, hq, dev.sms);
+        let nwg = prefill_warpgroups(t, hq, dev.sms);
         if prefill_grid_fits(t, nwg) {
             return PrefillKernel::Warpgroup(fs[nwg - 1].clone(), nwg);
         }
