@@ -373,6 +373,24 @@ fn bad_input_is_one_line_and_non_zero() {
         &["bench", "attention", "--prefill", "1000000"],
         "at most 131072 tokens",
     );
+    // Head dims of 8 to 256 in steps of 8, splitting --hidden into whole groups of KV heads.
+    fails_with(
+        &["bench", "attention", "--head-dim", "12", "--prefill", "64"],
+        "--head-dim takes a multiple of 8 from 8 to 256, not 12",
+    );
+    fails_with(
+        &[
+            "bench",
+            "attention",
+            "--head-dim",
+            "64",
+            "--kv-heads",
+            "7",
+            "--prefill",
+            "64",
+        ],
+        "does not split into whole query heads a rank",
+    );
     #[cfg(not(feature = "cuda"))]
     fails_with(&["bench", "attention", "--prefill", "2048"], "without CUDA");
     // The persistent-step probe: one GPU, or two at tp 2; sizes of at least 1.

@@ -17,6 +17,10 @@ pub struct AttentionArgs {
     /// Instead of decode: the prefill attention of a prompt of each of these lengths (tokens).
     #[arg(long, value_delimiter = ',')]
     pub prefill: Vec<usize>,
+    /// Each head's dimension: the query heads are --hidden / this, the KV heads --kv-heads (64:
+    /// Llama 3.2 1B's and Qwen2.5 0.5B's heads).
+    #[arg(long, default_value_t = 128)]
+    pub head_dim: usize,
     #[command(flatten)]
     pub shapes: super::shapes::LayerShapes,
 }
@@ -28,6 +32,20 @@ pub fn run(a: AttentionArgs) -> Result<()> {
     }
     if a.prefill.iter().any(|&t| t > MAX_PREFILL) {
         bail!("--prefill takes prompts of at most {MAX_PREFILL} tokens");
+    }
+    let (hd, t) = (a.head_dim, a.shapes.tp);
+    if !(8..=256).contains(&hd) || !hd.is_multiple_of(8) {
+        bail!("--head-dim takes a multiple of 8 from 8 to 256, not {hd}");
+    }
+    if !a.shapes.hidden.is_multiple_of(hd * t)
+        || a.shapes.kv_heads == 0
+        || !(a.shapes.hidden / hd).is_multiple_of(a.shapes.kv_heads)
+    {
+        bail!(
+            "--head-dim {hd} at --tp {t}: --hidden {} does not split into whole query heads a rank, in groups of --kv-heads {}",
+            a.shapes.hidden,
+            a.shapes.kv_heads
+        );
     }
     run_cuda(a)
 }
@@ -72,7 +90,8 @@ fn run_prefill(a: &AttentionArgs, (hq, hkv, hd): (usize, usize, usize)) -> Resul
 #[cfg(feature = "cuda")]
 fn run_cuda(a: AttentionArgs) -> Result<()> {
     let t = a.shapes.tp;
-    let (hq, hkv, hd) = (a.shapes.hidden / 128 / t, a.shapes.kv_heads / t, 128);
+    let hd = a.head_dim;
+    let (hq, hkv) = (a.shapes.hidden / hd / t, a.shapes.kv_heads / t);
     if !a.prefill.is_empty() {
         return run_prefill(&a, (hq, hkv, hd));
     }

@@ -366,7 +366,8 @@ pub struct PrefillTiming {
 /// Times the prefill attention (`ops::attention`, bf16, causal from position 0) of `t` tokens
 /// with `hq` query and `hkv` KV heads of `hd`, for each `t` of `tokens`: as the length takes it,
 /// then with the tensor-core kernel's 16 and 32 queries a warp forced (where it runs), and the
-/// warpgroup kernel where it loaded (head dim 128 on sm_90).
+/// warpgroup kernel's 64 and 128 queries a block where it loaded (sm_90); each row with the plan
+/// that ran.
 pub fn bench_prefill_attention(
     ordinal: usize,
     tokens: &[usize],
@@ -387,10 +388,8 @@ pub fn bench_prefill_attention(
         let v = super::random(&dev, DType::BF16, t * hkv * hd, 9, 1.0, 0.0)?;
         let scale = 1.0 / (hd as f32).sqrt();
         let plan = super::ops::prefill_attention_plan(ordinal, t, hq, hd, DType::BF16)?;
-        let forced = match (
-            plan.contains("tensor cores"),
-            dev.wg_attention.is_some() && hd == 128,
-        ) {
+        let wg = dev.wg_attention.is_some() && (hd == 64 || hd == 128);
+        let forced = match (plan.contains("tensor cores"), wg) {
             (true, true) => vec![None, Some(1), Some(2), Some(3), Some(4)],
             (true, false) => vec![None, Some(1), Some(2)],
             (false, _) => vec![None],
@@ -398,11 +397,13 @@ pub fn bench_prefill_attention(
         let pairs = (t * (t + 1) / 2) as f64;
         for mt in forced {
             force_prefill_tiles(mt);
+            // The plan that runs under the force (the row's own, not the length's).
+            let plan = super::ops::prefill_attention_plan(ordinal, t, hq, hd, DType::BF16);
             let secs = mean_secs(&dev, 2, &mut |_| {
                 super::ops::attention(&q, &k, &v, t, hq, hkv, hd, 0, None, scale).map(drop)
             });
             force_prefill_tiles(None);
-            let secs = secs?;
+            let (plan, secs) = (plan?, secs?);
             out.push(PrefillTiming {
                 tokens: t,
                 kernel: match mt {
@@ -410,7 +411,7 @@ pub fn bench_prefill_attention(
                     Some(m @ (3 | 4)) => format!("warpgroup, {} a block", 64 * (m - 2)),
                     Some(m) => format!("{} queries a warp", 16 * m),
                 },
-                plan: plan.clone(),
+                plan,
                 micros: secs * 1e6,
                 flops_per_sec: 4.0 * (hd * hq) as f64 * pairs / secs,
             });

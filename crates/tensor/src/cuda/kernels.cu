@@ -2229,24 +2229,24 @@ __device__ void attention_mma(const bf16_t* q, const bf16_t* k, const bf16_t* v,
     }
 #endif
 }
-// Prefill attention on Hopper's warpgroup tensor cores (`wgmma`, sm_90a; bf16 at head dim 128):
-// attention_mma's arithmetic and masks (the weights rounded to bf16 for the product with V, f32
+// Prefill attention on Hopper's warpgroup tensor cores (`wgmma`, sm_90a; bf16 at head dims HD 64
+// and 128): attention_mma's arithmetic and masks (the weights rounded to bf16 for the product with V, f32
 // sums, base-2 online softmax), with a block of NWG warpgroups (4 warps, 16 queries each) taking
 // 64 NWG consecutive queries of one head, the warpgroups sharing each K and V tile (a warpgroup
 // skips a tile none of its queries sees). Each key tile of 64 is scored in one m64n64 product per 16
 // dims (Q and K both read by the tensor cores from shared memory through descriptors), and its
 // weights, left in the registers in the layout of wgmma's A fragments, multiply the tile's V in
-// one m64n128 product per 16 keys (V read from shared memory, transposed by the instruction), so
+// one m64n(HD) product per 16 keys (V read from shared memory, transposed by the instruction), so
 // no `ldmatrix` is issued. Q, K and V tiles sit in shared memory in the 128-byte-swizzled layout
 // the instruction reads (a row of 64 dims is 128 bytes; 16-byte chunk c of row r at c ^ (r & 7);
-// the head dim in two halves of 64 rows x 128 bytes), written by `cp.async` in a two-stage ring
+// at head dim 128 in two halves of 64 rows x 128 bytes), written by `cp.async` in a two-stage ring
 // as attention_mma's. Same grid order (every head's latest queries first), inputs and results as
 // attention_mma at 16 queries a warp, but for the order of the sums inside the products.
 // grid (hq, ceil(t / (64 NWG))); block 128 NWG; dynamic shared memory `wg_prefill_smem` on the
 // host: 1 KB of alignment, the queries' NWG tiles, then two stages of a K and a V tile, each tile
-// 16 KB. (Flash attention 3's order inside a warpgroup, tile i's product with V overlapped with
-// tile i + 1's scores and softmax, measured slower at 2 and at 1 block a multiprocessor: the
-// registers it holds more spill or halve the blocks; BENCHMARKS.md.)
+// 64 HD bf16 (16 KB at head dim 128). (Flash attention 3's order inside a warpgroup, tile i's
+// product with V overlapped with tile i + 1's scores and softmax, measured slower at 2 and at 1
+// block a multiprocessor: the registers it holds more spill or halve the blocks; BENCHMARKS.md.)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define WG_ATTENTION 1
 // A shared-memory matrix descriptor, 128-byte swizzle: address, leading and stride byte offsets.
@@ -2279,13 +2279,25 @@ __device__ __forceinline__ void wg_m64n128k16_rs(float (&d)[16][4], const unsign
                  : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
 }
+// d[64 x 64] += A[64 x 16] (registers) B[16 x 64] (shared memory, transposed by the instruction).
+__device__ __forceinline__ void wg_m64n64k16_rs(float (&d)[8][4], const unsigned (&a)[4], unsigned long long b) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, 1, 1, 1, 1;"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+}
+// O += P V for the head dim: one m64n(HD) product.
+template <int HD>
+__device__ __forceinline__ void wg_pv(float (&d)[HD / 8][4], const unsigned (&a)[4], unsigned long long b) {
+    if constexpr (HD == 128) wg_m64n128k16_rs(d, a, b);
+    else wg_m64n64k16_rs(d, a, b);
+}
 #endif
-#define WG_TILE (64 * 128 * 2)
-template <int NWG>
-__device__ void attention_wg128_body(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* out, int t,
+template <int HD, int NWG>
+__device__ void attention_wg_body(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* out, int t,
                                      int hq, int hkv, int start, int window, float scale) {
 #if defined(WG_ATTENTION)
-    constexpr int HD = 128, NB = HD / 8, CPR = HD / 8, BQ = 64 * NWG;
+    // A tile: 64 rows of HD bf16 (two halves of 64 dims at HD 128).
+    constexpr int NB = HD / 8, CPR = HD / 8, BQ = 64 * NWG, WG_TILE = 64 * HD * 2;
     constexpr float LOG2E = 1.4426950408889634f;
     const float scale2 = scale * LOG2E;
     extern __shared__ uint4 fm[];
@@ -2393,7 +2405,7 @@ __device__ void attention_wg128_body(const bf16_t* q, const bf16_t* k, const bf1
         wg_hold(o);
         wg_fence();
 #pragma unroll
-        for (int c = 0; c < 4; c++) wg_m64n128k16_rs(o, a[c], wg_desc(vt + c * 16 * 128, 64 * 128, 1024));
+        for (int c = 0; c < 4; c++) wg_pv<HD>(o, a[c], wg_desc(vt + c * 16 * 128, 64 * 128, 1024));
         wg_commit();
         wg_wait0();
         wg_hold(o);
@@ -2592,8 +2604,10 @@ extern "C" __global__ void __launch_bounds__(128) attention_mma64_r16(const bf16
 extern "C" __global__ void __launch_bounds__(128) attention_mma64_r32(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_mma<64, 2>(q, k, v, o, t, hq, hkv, start, window, scale); }
 extern "C" __global__ void __launch_bounds__(128) attention_mma128_r16(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_mma<128, 1>(q, k, v, o, t, hq, hkv, start, window, scale); }
 extern "C" __global__ void __launch_bounds__(128) attention_mma128_r32(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_mma<128, 2>(q, k, v, o, t, hq, hkv, start, window, scale); }
-extern "C" __global__ void __launch_bounds__(128) attention_wg128_q64(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_wg128_body<1>(q, k, v, o, t, hq, hkv, start, window, scale); }
-extern "C" __global__ void __launch_bounds__(256, 2) attention_wg128_q128(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_wg128_body<2>(q, k, v, o, t, hq, hkv, start, window, scale); }
+extern "C" __global__ void __launch_bounds__(128) attention_wg64_q64(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_wg_body<64, 1>(q, k, v, o, t, hq, hkv, start, window, scale); }
+extern "C" __global__ void __launch_bounds__(256, 2) attention_wg64_q128(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_wg_body<64, 2>(q, k, v, o, t, hq, hkv, start, window, scale); }
+extern "C" __global__ void __launch_bounds__(128) attention_wg128_q64(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_wg_body<128, 1>(q, k, v, o, t, hq, hkv, start, window, scale); }
+extern "C" __global__ void __launch_bounds__(256, 2) attention_wg128_q128(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16_t* o, int t, int hq, int hkv, int hd, int start, int window, float scale) { attention_wg_body<128, 2>(q, k, v, o, t, hq, hkv, start, window, scale); }
 
 // One instance `skinny_<NAME>`; the host appends one line of this for each of SKINNY_VARIANTS.
 #define SKINNY(NAME, MT, WR, NWARP, NW, KC) \

@@ -402,10 +402,10 @@ pub struct GpuDevice {
     /// The tensor-core prefill attention (bf16): head dim 64 and 128 with 16 queries a warp, then both
     /// with 32; each where the device lends a block its shared memory (`ops::prefill_kernel`).
     pub(crate) mma_attention: [Option<CudaFunction>; 4],
-    /// The prefill attention on warpgroup tensor cores (bf16 at head dim 128, sm_90 compiled as
-    /// sm_90a): 64 and 128 queries a block (`attention_wg128_q64`, `_q128`), where the device
-    /// lends a block its shared memory.
-    pub(crate) wg_attention: Option<[CudaFunction; 2]>,
+    /// The prefill attention on warpgroup tensor cores (bf16, sm_90 compiled as sm_90a): head dim
+    /// 64 with 64 and 128 queries a block, then 128 (`attention_wg64_q64`, `_q128`,
+    /// `attention_wg128_q64`, `_q128`), where the device lends a block its shared memory.
+    pub(crate) wg_attention: Option<[CudaFunction; 4]>,
     /// The tensor-core decode attention at head dims 64 and 128 (bf16) for at most 8 heads a
     /// block, then for 9-16 (`decode_attention_mma64`, `128`, `64w`, `128w`), where the device
     /// has bf16 mma (sm_80) and lends the shared memory 16 heads a block take.
@@ -630,12 +630,18 @@ impl GpuDevice {
         }
         // The warpgroup one (sm_90a) from the same switches and `TESSERA_WG_ATTENTION`.
         let wg_attention = if (major, minor) == (9, 0)
+            && mma_attention[0].is_some()
             && mma_attention[1].is_some()
             && flag_switch("TESSERA_WG_ATTENTION").map_err(|e| err(&e))?
         {
-            let fs = [load("attention_wg128_q64")?, load("attention_wg128_q128")?];
-            let set = (fs.iter().zip([1, 2]))
-                .all(|(f, n)| lend_smem(f, ops::wg_prefill_smem(n), smem_optin));
+            let fs = [
+                load("attention_wg64_q64")?,
+                load("attention_wg64_q128")?,
+                load("attention_wg128_q64")?,
+                load("attention_wg128_q128")?,
+            ];
+            let set = (fs.iter().zip([(64, 1), (64, 2), (128, 1), (128, 2)]))
+                .all(|(f, (hd, n))| lend_smem(f, ops::wg_prefill_smem(hd, n), smem_optin));
             set.then_some(fs)
         } else {
             None
@@ -1639,9 +1645,10 @@ mod tests {
         assert!(mma_prefill_smem(128, 2) <= 227 << 10);
         // The warpgroup kernel: 1 KB of alignment, the queries and two stages of K and V, each
         // 64 x 128 bf16; two blocks fit an SM's 228 KB.
-        assert_eq!(ops::wg_prefill_smem(1), 82_944);
-        assert_eq!(ops::wg_prefill_smem(2), 99_328);
-        assert!(2 * (ops::wg_prefill_smem(2) + 1024) <= 228 << 10);
+        assert_eq!(ops::wg_prefill_smem(128, 1), 82_944);
+        assert_eq!(ops::wg_prefill_smem(128, 2), 99_328);
+        assert_eq!(ops::wg_prefill_smem(64, 2), 50_176);
+        assert!(2 * (ops::wg_prefill_smem(128, 2) + 1024) <= 228 << 10);
         // Forcing 3 or 4 (the warpgroup kernel's 64 or 128 queries a block) takes 16 or 32
         // queries a warp where that kernel did not load.
         use ops::prefill_warpgroups;

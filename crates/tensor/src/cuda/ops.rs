@@ -1220,12 +1220,12 @@ pub(crate) fn mma_prefill_smem(hd: usize, mt: usize) -> usize {
     (64 * mt + 2 * 2 * 64) * (hd + 8) * 2
 }
 
-/// Shared memory a block of `nwg` warpgroups of the warpgroup prefill attention takes
-/// (`attention_wg128_q64` / `_q128`): 1 KB to align its tiles to the 128-byte swizzle's 1 KB
-/// atoms, its 64 `nwg` queries, then two stages of a K and a V tile of 64 rows, each tile 64 x 128
-/// bf16 (82,944 and 99,328 bytes).
-pub(crate) fn wg_prefill_smem(nwg: usize) -> usize {
-    1024 + (nwg + 4) * 64 * 128 * 2
+/// Shared memory a block of `nwg` warpgroups of the warpgroup prefill attention at head dim `hd`
+/// takes (`attention_wg{hd}_q64` / `_q128`): 1 KB to align its tiles to the 128-byte swizzle's
+/// 1 KB atoms, its 64 `nwg` queries, then two stages of a K and a V tile of 64 rows, each tile 64
+/// x `hd` bf16 (82,944 and 99,328 bytes at head dim 128).
+pub(crate) fn wg_prefill_smem(hd: usize, nwg: usize) -> usize {
+    1024 + (nwg + 4) * 64 * hd * 2
 }
 
 /// m16 tiles of queries a warp of the tensor-core prefill attention takes: 2 (a block of 128
@@ -1278,9 +1278,9 @@ pub fn force_prefill_tiles(mt: Option<usize>) {
 
 /// The prefill attention kernel a prompt of `t` queries takes (outside a captured step).
 pub(crate) enum PrefillKernel {
-    /// On warpgroup tensor cores (`wgmma`: bf16 at head dim 128, sm_90), `nwg` warpgroups of 64
-    /// queries a block.
-    Warpgroup(CudaFunction, usize),
+    /// On warpgroup tensor cores (`wgmma`: bf16 at head dims 64 and 128, sm_90), `nwg`
+    /// warpgroups of 64 queries a block, at head dim `hd`.
+    Warpgroup(CudaFunction, usize, usize),
     /// On tensor cores (bf16 at head dims 64 and 128, sm_80+), `mt` m16 tiles of queries a warp.
     TensorCores(CudaFunction, usize),
     /// Tiled on CUDA cores.
@@ -1314,10 +1314,10 @@ pub(crate) fn prefill_kernel(
     // The warpgroup kernel where it loaded ([`prefill_warpgroups`] a block), unless 16 or 32
     // queries a warp are forced.
     let forced = PREFILL_TILES.load(std::sync::atomic::Ordering::Relaxed);
-    if let (Some(1), Some(fs), 0 | 3 | 4) = (col, &dev.wg_attention, forced) {
+    if let (Some(col), Some(fs), 0 | 3 | 4) = (col, &dev.wg_attention, forced) {
         let nwg = prefill_warpgroups(t, hq, dev.sms);
         if prefill_grid_fits(t, nwg) {
-            return PrefillKernel::Warpgroup(fs[nwg - 1].clone(), nwg);
+            return PrefillKernel::Warpgroup(fs[2 * col + nwg - 1].clone(), nwg, hd);
         }
     }
     if let Some(col) = col {
@@ -1347,8 +1347,9 @@ pub fn prefill_attention_forms(ordinal: usize) -> Result<[bool; 4], TensorError>
     Ok(dev.mma_attention.each_ref().map(Option::is_some))
 }
 
-/// Whether GPU `ordinal` loaded the warpgroup prefill attention (`attention_wg128`: an sm_90
-/// device, bf16 at head dim 128, unless `TESSERA_WG_ATTENTION=0` or the tensor-core switches).
+/// Whether GPU `ordinal` loaded the warpgroup prefill attention (`attention_wg*`: an sm_90
+/// device, bf16 at head dims 64 and 128, unless `TESSERA_WG_ATTENTION=0` or the tensor-core
+/// switches).
 pub fn prefill_attention_wg(ordinal: usize) -> Result<bool, TensorError> {
     Ok(GpuDevice::get(ordinal)?.wg_attention.is_some())
 }
@@ -1384,7 +1385,7 @@ pub fn prefill_attention_plan(
 ) -> Result<String, TensorError> {
     let dev = GpuDevice::get(ordinal)?;
     Ok(match prefill_kernel(&dev, t, hq, hd, dt) {
-        PrefillKernel::Warpgroup(_, nwg) => {
+        PrefillKernel::Warpgroup(_, nwg, _) => {
             format!("warpgroup tensor cores, {} queries a block", 64 * nwg)
         }
         PrefillKernel::TensorCores(_, mt) => format!("tensor cores, {} queries a warp", 16 * mt),
@@ -1439,9 +1440,9 @@ pub fn attention(
         .is_none()
         .then(|| prefill_kernel(&dev, t, hq, hd, q.dtype()))
     {
-        Some(PrefillKernel::Warpgroup(f, nwg)) => {
+        Some(PrefillKernel::Warpgroup(f, nwg, hd)) => {
             let grid = (hq as u32, t.div_ceil(64 * nwg) as u32, 1);
-            Some((f, grid, 128 * nwg as u32, wg_prefill_smem(nwg)))
+            Some((f, grid, 128 * nwg as u32, wg_prefill_smem(hd, nwg)))
         }
         Some(PrefillKernel::TensorCores(f, mt)) => {
             let grid = (hq as u32, t.div_ceil(64 * mt) as u32, 1);
