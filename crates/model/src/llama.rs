@@ -58,6 +58,20 @@ pub const LOGPROB_CHUNK_BYTES: usize = 64 << 20;
 /// in the compute dtype (about 0.5 GiB at tp 1 in bf16).
 pub const LOGPROB_CHUNK_BYTES_GPU: usize = 1 << 30;
 
+/// The fewest of every rank's `mine` over `comm` (every rank gets the same answer; a collective).
+fn fewest_over_ranks(comm: &dyn Communicator, mine: usize) -> Result<usize, ModelError> {
+    if comm.world_size() == 1 {
+        return Ok(mine);
+    }
+    let mut all = vec![0u8; 8 * comm.world_size()];
+    comm.all_gather_bytes(&(mine as u64).to_le_bytes(), &mut all)?;
+    Ok(all
+        .chunks_exact(8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+        .min()
+        .unwrap_or(mine))
+}
+
 /// Which logits `forward` returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -297,16 +311,7 @@ impl LlamaModel {
                     .map_or(LOGPROB_CHUNK_BYTES as u64, |f| f / 8);
                 let mine =
                     rows(LOGPROB_CHUNK_BYTES_GPU.min(usize::try_from(free).unwrap_or(usize::MAX)));
-                if comm.world_size() == 1 {
-                    mine
-                } else {
-                    let mut all = vec![0u8; 8 * comm.world_size()];
-                    comm.all_gather_bytes(&(mine as u64).to_le_bytes(), &mut all)?;
-                    all.chunks_exact(8)
-                        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
-                        .min()
-                        .unwrap_or(mine)
-                }
+                fewest_over_ranks(comm, mine)?
             }
         };
         self.forward_logprobs_by(tokens, cache, comm, rows)
@@ -650,5 +655,27 @@ impl LlamaModel {
         g.graph.launch(tokens, cache.len())?;
         cache.advance(1);
         Ok(local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every rank gets the fewest of the ranks' values (score's head chunks agree across ranks).
+    #[test]
+    fn the_ranks_agree_on_the_fewest_rows() {
+        for tp in [1, 2, 3] {
+            let got = tessera_comm::spmd::run_threads(
+                tessera_comm::LocalGroup::new(tp).into_comms(),
+                |rank, comm| {
+                    super::fewest_over_ranks(&comm, [700, 130, 2093][rank])
+                        .map_err(|e| e.to_string())
+                },
+                |rank, msg| format!("rank {rank} panicked: {msg}"),
+            );
+            let want = [700, 130, 130][tp - 1];
+            for r in got {
+                assert_eq!(r.unwrap(), want, "tp {tp}");
+            }
+        }
     }
 }
