@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use tessera_comm::Communicator;
+use tessera_comm::{CommExt, Communicator};
 use tessera_tensor::{ops, Candidates, DType, Device, Tensor, TensorError};
 
 use crate::checkpoint::Checkpoint;
@@ -59,17 +59,15 @@ pub const LOGPROB_CHUNK_BYTES: usize = 64 << 20;
 pub const LOGPROB_CHUNK_BYTES_GPU: usize = 1 << 30;
 
 /// The fewest of every rank's `mine` over `comm` (every rank gets the same answer; a collective).
+/// Counts past `i32::MAX` are taken as `i32::MAX` (a chunk's rows stay below 2^28).
 fn fewest_over_ranks(comm: &dyn Communicator, mine: usize) -> Result<usize, ModelError> {
     if comm.world_size() == 1 {
         return Ok(mine);
     }
-    let mut all = vec![0u8; 8 * comm.world_size()];
-    comm.all_gather_bytes(&(mine as u64).to_le_bytes(), &mut all)?;
-    Ok(all
-        .chunks_exact(8)
-        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
-        .min()
-        .unwrap_or(mine))
+    let mine = i32::try_from(mine).unwrap_or(i32::MAX);
+    let mut all = vec![0i32; comm.world_size()];
+    comm.all_gather(&[mine], &mut all)?;
+    Ok(all.into_iter().min().unwrap_or(mine) as usize)
 }
 
 /// Which logits `forward` returns.
@@ -290,8 +288,8 @@ impl LlamaModel {
 
     /// Runs `tokens` (appended to `cache`) and returns `log p(tokens[i + 1] | tokens[..=i])` for
     /// each position but the last, in f64. The LM head runs over a bounded number of rows at a
-    /// time ([`LOGPROB_CHUNK_BYTES`] of f32 logits, [`LOGPROB_CHUNK_BYTES_GPU`] on a GPU), so scoring a long sequence never holds its
-    /// `[tokens, vocab]` logits at once (32,000 tokens of a 128k vocabulary would be 16 GB), and
+    /// time ([`LOGPROB_CHUNK_BYTES`] of f32 logits, [`LOGPROB_CHUNK_BYTES_GPU`] on a GPU), so
+    /// scoring a long sequence never holds its `[tokens, vocab]` logits at once (32,000 tokens of a 128k vocabulary would be 16 GB), and
     /// its logits never leave the ranks' devices: vocab-parallel log-softmax
     /// ([`ParallelLmHead::logprobs`](crate::layers::ParallelLmHead::logprobs)).
     pub fn forward_logprobs(

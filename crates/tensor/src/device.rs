@@ -46,6 +46,12 @@ pub fn available_host_memory() -> Option<u64> {
     memory_available(&info, pairs.iter().map(|(l, u)| (l.as_str(), u.as_str())))
 }
 
+/// The value of the /proc/meminfo line starting with `key` (`"MemTotal:"`), in its unit (kB).
+fn meminfo_kib(meminfo: &str, key: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with(key))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// `MemAvailable` of a /proc/meminfo text in bytes, lowered to each cgroup's room (its limit less
 /// its usage, at least 0) where both read as numbers: v2's `max` is none, and v1's ~2^63 "no
 /// limit" leaves a room past any host's memory.
@@ -53,8 +59,7 @@ fn memory_available<'a>(
     meminfo: &str,
     cgroups: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) -> Option<u64> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    let kib = meminfo_kib(meminfo, "MemAvailable:")?;
     Some(
         cgroups
             .into_iter()
@@ -110,8 +115,7 @@ fn cgroup_limit_files(own: &str) -> Vec<std::path::PathBuf> {
 /// `MemTotal` of a /proc/meminfo text in bytes, lowered to any cgroup limit given (`max`, or v1's
 /// "no limit" of ~2^63, leave it).
 fn memory_limit<'a>(meminfo: &str, cgroup: impl IntoIterator<Item = &'a str>) -> Option<f64> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    let kb = meminfo_kib(meminfo, "MemTotal:")? as f64;
     Some(
         cgroup
             .into_iter()
